@@ -1,0 +1,168 @@
+"""The approximate-cache index: which earlier prompts are cached, per tenant, and which to evict.
+
+An entry is one generated prompt and the levels K whose intermediate latents it holds; the
+latent bytes live elsewhere (the latent store), under the keys the entry names. Every tenant
+has its own vector index, so a lookup can only ever return the asking tenant's entries.
+
+Eviction (capacity counted in entries, across tenants):
+
+* ``lcbfu``, the published policy: score = hits x K / N, lowest out. An entry holds several
+  levels, so its score adds K / N for every hit at level K (the sum of the published score
+  over its levels); ties go to the least recently used.
+* ``lru``: least recently used out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from promptserve.cache.vectors import AutoVectors, ExactVectors, Vectors
+
+EvictionPolicy = Literal["lcbfu", "lru"]
+
+
+@dataclass
+class CacheEntry:
+    id: int
+    tenant: str
+    prompt: str
+    levels: tuple[int, ...]  # K values whose latents this entry holds
+    latent_keys: dict[int, str]  # K -> key in the latent store
+    inserted_s: float
+    last_used_s: float
+    hits: int = 0
+    score: float = 0.0  # LCBFU score: the sum over hits of K / total_steps
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    entry: CacheEntry
+    similarity: float  # cosine similarity of the query to the entry's prompt
+
+
+@dataclass
+class InsertResult:
+    entry: CacheEntry
+    evicted: list[CacheEntry] = field(default_factory=list)
+
+
+def tenant_namespace(tenant: str) -> str:
+    """A fixed-length hex name for a tenant: no user string reaches a file path."""
+    return hashlib.sha256(tenant.encode("utf-8")).hexdigest()[:16]
+
+
+def latent_key(tenant: str, entry_id: int, k: int) -> str:
+    return f"{tenant_namespace(tenant)}/{entry_id:012d}-k{k:02d}"
+
+
+class CacheIndex:
+    def __init__(
+        self,
+        dim: int,
+        capacity: int = 1_500_000,
+        total_steps: int = 50,
+        eviction: EvictionPolicy = "lcbfu",
+        vectors: Callable[[int], Vectors] | None = None,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"cache capacity must be >= 1 entry, got {capacity}")
+        if eviction not in ("lcbfu", "lru"):
+            raise ValueError(f"eviction {eviction!r} is not 'lcbfu' or 'lru'")
+        self.dim = dim
+        self.capacity = capacity
+        self.total_steps = total_steps
+        self.eviction = eviction
+        self._make_vectors = vectors or (lambda d: AutoVectors(d))
+        self._tenants: dict[str, Vectors] = {}
+        self._entries: dict[int, CacheEntry] = {}
+        self._heap: list[tuple[float, float, int]] = []
+        self._next_id = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[CacheEntry]:
+        return iter(self._entries.values())
+
+    def get(self, entry_id: int) -> CacheEntry | None:
+        return self._entries.get(entry_id)
+
+    def insert(
+        self, tenant: str, prompt: str, embedding: np.ndarray, levels: Sequence[int], now_s: float
+    ) -> InsertResult:
+        """Add a generated prompt; evicts first when the cache is full."""
+        evicted = self._evict(len(self._entries) + 1 - self.capacity)
+        entry_id = self._next_id
+        self._next_id += 1
+        entry = CacheEntry(
+            id=entry_id,
+            tenant=tenant,
+            prompt=prompt,
+            levels=tuple(levels),
+            latent_keys={k: latent_key(tenant, entry_id, k) for k in levels},
+            inserted_s=now_s,
+            last_used_s=now_s,
+        )
+        self._entries[entry_id] = entry
+        vecs = self._tenants.get(tenant)
+        if vecs is None:
+            vecs = self._tenants[tenant] = self._make_vectors(self.dim)
+        vecs.add(np.array([entry_id], dtype=np.int64), np.asarray(embedding, np.float32)[None, :])
+        self._push(entry)
+        return InsertResult(entry, evicted)
+
+    def nearest(self, tenant: str, embedding: np.ndarray) -> Match | None:
+        """The tenant's most similar entry, or None when the tenant has none."""
+        sims, ids = self.nearest_many(tenant, np.asarray(embedding, np.float32)[None, :])
+        return None if ids[0] < 0 else Match(self._entries[int(ids[0])], float(sims[0]))
+
+    def nearest_many(self, tenant: str, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Similarity and entry id of each row's nearest entry (NaN and -1 when none)."""
+        vecs = self._tenants.get(tenant)
+        if vecs is None:
+            vecs = ExactVectors(self.dim)
+        return vecs.search(np.asarray(embeddings, np.float32))
+
+    def record_hit(self, entry_id: int, k: int, now_s: float) -> None:
+        """A request was served from this entry's level-K latent."""
+        entry = self._entries.get(entry_id)
+        if entry is None:
+            return
+        entry.hits += 1
+        entry.score += k / self.total_steps
+        entry.last_used_s = now_s
+        self._push(entry)
+
+    def remove(self, entry_id: int) -> CacheEntry | None:
+        entry = self._entries.pop(entry_id, None)
+        if entry is not None:
+            self._tenants[entry.tenant].remove(np.array([entry_id], dtype=np.int64))
+        return entry
+
+    def _key(self, entry: CacheEntry) -> tuple[float, float, int]:
+        if self.eviction == "lru":
+            return (entry.last_used_s, 0.0, entry.id)
+        return (entry.score, entry.last_used_s, entry.id)
+
+    def _push(self, entry: CacheEntry) -> None:
+        heapq.heappush(self._heap, self._key(entry))
+        if len(self._heap) > 4 * len(self._entries) + 64:
+            self._heap = [self._key(e) for e in self._entries.values()]
+            heapq.heapify(self._heap)
+
+    def _evict(self, count: int) -> list[CacheEntry]:
+        evicted: list[CacheEntry] = []
+        while len(evicted) < count and self._heap:
+            key = heapq.heappop(self._heap)
+            entry = self._entries.get(key[2])
+            if entry is None or self._key(entry) != key:
+                continue  # stale heap item: the entry changed or left since it was pushed
+            self.remove(entry.id)
+            evicted.append(entry)
+        return evicted

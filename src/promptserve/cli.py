@@ -1,0 +1,218 @@
+"""The ``promptserve`` command. Commands translate flags into calls; they decide nothing."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from promptserve.errors import InputError
+
+app = typer.Typer(help="Prompt-aware text-to-image serving.", no_args_is_help=True)
+workload_app = typer.Typer(
+    help="Inspect workloads: arrivals and prompt mixes.", no_args_is_help=True
+)
+thresholds_app = typer.Typer(help="Similarity -> K thresholds per embedder.", no_args_is_help=True)
+app.add_typer(workload_app, name="workload")
+app.add_typer(thresholds_app, name="thresholds")
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def user_errors(fn: F) -> F:
+    """Bad input ends the command with one line naming the problem and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return fn(*args, **kwargs)
+        except InputError as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+def embed_with_progress(embedder_name: str, prompts: list[str], cache_dir: Path) -> np.ndarray:
+    from promptserve.cache.embed import make_embedder
+
+    embedder = make_embedder(embedder_name, cache_dir)
+    chunks = [prompts[i : i + 256] for i in range(0, len(prompts), 256)]
+    with progress() as bar:
+        task = bar.add_task(f"embedding ({embedder_name})", total=len(prompts))
+        out = []
+        for chunk in chunks:
+            out.append(embedder.embed(chunk))
+            bar.advance(task, len(chunk))
+    return np.concatenate(out) if out else np.zeros((0, embedder.dim), np.float32)
+
+
+PromptsOpt = Annotated[
+    Path,
+    typer.Option(
+        "--prompts", help="Prompt file: .txt one a line, or .tsv/.csv with a Prompt column."
+    ),
+]
+ArrivalsOpt = Annotated[
+    str, typer.Option("--arrivals", help="poisson | argus | trace:PATH | rates:PATH")
+]
+RateOpt = Annotated[
+    float | None, typer.Option("--rate", help="Mean rate (queries/minute) of poisson and trace:.")
+]
+MinutesOpt = Annotated[
+    float | None, typer.Option("--minutes", help="Length of the workload in minutes.")
+]
+TimeScaleOpt = Annotated[
+    float, typer.Option("--time-scale", help="Compress argus/rates: timelines by this factor.")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
+CacheDirOpt = Annotated[
+    Path, typer.Option("--cache-dir", help="Folder for on-disk caches (embeddings).")
+]
+
+
+@workload_app.command("inspect")
+@user_errors
+def workload_inspect(
+    prompts: PromptsOpt,
+    arrivals: ArrivalsOpt = "poisson",
+    rate: RateOpt = None,
+    minutes: MinutesOpt = None,
+    time_scale: TimeScaleOpt = 1.0,
+    seed: SeedOpt = 0,
+    embedder: Annotated[
+        str, typer.Option(help="minilm (real) or hashing (tests only).")
+    ] = "minilm",
+    thresholds: Annotated[
+        str, typer.Option(help="Shipped table name or a thresholds JSON file.")
+    ] = "",
+    cache_dir: CacheDirOpt = Path(".promptserve"),
+    out: Annotated[Path, typer.Option(help="Where to write the PNG plot.")] = Path("workload.png"),
+) -> None:
+    """Print the arrival rate over time and the K_opt mix of a workload; write a PNG plot."""
+    from promptserve.cache.index import CacheIndex
+    from promptserve.cache.replay import replay
+    from promptserve.cache.thresholds import kopt_mix, load_thresholds
+    from promptserve.quality import PUBLISHED_KOPT_MIX
+    from promptserve.workload import generate_arrivals, load_prompts, parse_arrival_spec
+    from promptserve.workload.inspect import plot_workload, rate_per_minute
+
+    spec = parse_arrival_spec(arrivals)
+    table = load_thresholds(thresholds or ("minilm" if embedder == "minilm" else embedder))
+    texts = load_prompts(prompts)
+    times = generate_arrivals(
+        spec, rate_qpm=rate, minutes=minutes, time_scale=time_scale, seed=seed
+    )
+    qpm = rate_per_minute(times)
+    used = [texts[i % len(texts)] for i in range(len(times))] if len(times) else texts
+    unique_needed = list(dict.fromkeys(used))
+    vecs = embed_with_progress(embedder, unique_needed, cache_dir)
+    row_of = {p: i for i, p in enumerate(unique_needed)}
+    embeddings = vecs[[row_of[p] for p in used]]
+    index = CacheIndex(dim=embeddings.shape[1])
+    with progress() as bar:
+        task = bar.add_task("replaying through the cache", total=len(used))
+        result = replay(used, embeddings, table, index, on_step=lambda _i: bar.advance(task))
+    mix = kopt_mix(result.k_opt.tolist(), (0, *table.levels))
+
+    summary = Table(title=f"arrivals: {arrivals} ({len(times)} requests)")
+    for col in ("minutes", "mean qpm", "p50 qpm", "max qpm", "max / mean"):
+        summary.add_column(col, justify="right")
+    mean = float(qpm.mean()) if len(qpm) else 0.0
+    summary.add_row(
+        f"{len(qpm)}",
+        f"{mean:.1f}",
+        f"{np.median(qpm) if len(qpm) else 0:.1f}",
+        f"{qpm.max() if len(qpm) else 0:.0f}",
+        f"{(qpm.max() / mean) if mean else 0:.2f}",
+    )
+    console.print(summary)
+    mix_table = Table(
+        title=f"optimal K mix ({embedder} embeddings, {table.embedder} thresholds, online cache)"
+    )
+    mix_table.add_column("K_opt")
+    mix_table.add_column("this workload", justify="right")
+    mix_table.add_column("published", justify="right")
+    for k in sorted(mix, reverse=True):
+        label = "miss (0)" if k == 0 else str(k)
+        mix_table.add_row(
+            label, f"{100 * mix[k]:.1f}%", f"{100 * PUBLISHED_KOPT_MIX.get(k, 0):.1f}%"
+        )
+    console.print(mix_table)
+    plot_workload(out, qpm, mix, PUBLISHED_KOPT_MIX, f"{arrivals}: {len(times)} requests")
+    console.print(f"plot written to {out}")
+
+
+@thresholds_app.command("show")
+@user_errors
+def thresholds_show(
+    name: Annotated[
+        str, typer.Argument(help="minilm, clip, or a thresholds JSON file.")
+    ] = "minilm",
+) -> None:
+    """Print a thresholds table and where its numbers come from."""
+    from promptserve.cache.thresholds import load_thresholds
+
+    table = load_thresholds(name)
+    out = Table(title=f"thresholds for {table.embedder}")
+    out.add_column("K", justify="right")
+    out.add_column("min similarity", justify="right")
+    for k, s in zip(table.levels, table.min_similarity, strict=True):
+        out.add_row(str(k), f"{s:.3f}")
+    console.print(out)
+    console.print(table.provenance, highlight=False)
+
+
+@thresholds_app.command("refit")
+@user_errors
+def thresholds_refit(
+    pairs: Annotated[
+        Path, typer.Option(help="CSV/TSV with columns prompt, neighbour, reference_similarity.")
+    ],
+    embedder: Annotated[
+        str, typer.Option(help="Embedder to fit thresholds for: minilm or hashing.")
+    ] = "minilm",
+    reference: Annotated[
+        str, typer.Option(help="Thresholds the reference similarity belongs to.")
+    ] = "clip",
+    cache_dir: CacheDirOpt = Path(".promptserve"),
+    out: Annotated[Path, typer.Option(help="Where to write the fitted thresholds JSON.")] = Path(
+        "thresholds.json"
+    ),
+) -> None:
+    """Translate reference thresholds onto another embedder from logged neighbour pairs."""
+    from promptserve.cache.thresholds import load_thresholds, read_pairs, refit_from_pairs
+
+    ref = load_thresholds(reference)
+    left, right, ref_sim = read_pairs(pairs)
+    vecs = embed_with_progress(embedder, left + right, cache_dir)
+    a, b = vecs[: len(left)], vecs[len(left) :]
+    fitted = refit_from_pairs(np.sum(a * b, axis=1), np.asarray(ref_sim), ref, embedder)
+    out.write_text(json.dumps(fitted.to_json(), indent=2) + "\n")
+    thresholds_show(str(out))
+    console.print(f"written to {out}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

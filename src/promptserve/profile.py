@@ -1,0 +1,217 @@
+"""Latency and throughput per approximation level and batch size.
+
+A level is identified by K, the number of the model's denoising steps it skips by starting
+from a cached latent (K = 0 is full generation). Planner, dispatcher and simulator all ask
+one question of a profile: ``batch_latency(k, batch)`` in seconds.
+
+Two sources:
+
+* the published SDXL reference (``data/reference_profile_sdxl.json``): unbatched
+  throughput per level and a 1.65x factor for batched execution. We turn them into an
+  affine batch curve, ``latency(K, b) = latency(K, 1) * (1 + c * (b - 1))``: a batch costs a
+  share that does not grow with the batch (weights read once per step) plus a share per
+  image. ``c`` is set so that batch 8 gives the stated 1.65x throughput (c = 0.55); the
+  curve then gives 1.29x at 2, 1.51x at 4, 1.73x at 16 and at most 1/c = 1.82x. The
+  reference does not say at which batch size 1.65x holds; 8 is the middle of the sizes
+  DiffServe plans over (1 to 32) and where SDXL at 1024 px is compute-bound on one GPU.
+* a measured profile (format ``promptserve-profile/1``, written by ``promptserve profile``):
+  latency per level and batch size, interpolated linearly between measured sizes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from promptserve.errors import InputError
+from promptserve.paths import data_file
+
+PROFILE_FORMAT = "promptserve-profile/1"
+REFERENCE_BATCH_FOR_FACTOR = 8
+REFERENCE_BATCH_SIZES = (1, 2, 4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One device type running one model."""
+
+    name: str
+    total_steps: int
+    levels: tuple[int, ...]  # K values, ascending, levels[0] == 0
+    quality: tuple[float, ...]  # relative quality (percent of K = 0) per level
+    batch_sizes: tuple[int, ...]  # ascending, starts at 1
+    latency_s: tuple[tuple[float, ...], ...]  # [level index][batch-size index], seconds
+    model_load_s: float = 0.0  # seconds to load the model onto a device
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch_sizes[-1]
+
+    def level_index(self, k: int) -> int:
+        try:
+            return self.levels.index(k)
+        except ValueError:
+            raise InputError(f"level K={k} is not in profile {self.name!r} {self.levels}") from None
+
+    def batch_latency(self, k: int, batch: int) -> float:
+        """Seconds to run one batch of ``batch`` images at level K."""
+        if not 1 <= batch <= self.max_batch:
+            raise ValueError(f"batch {batch} outside 1..{self.max_batch}")
+        row = self.latency_s[self.level_index(k)]
+        j = bisect.bisect_left(self.batch_sizes, batch)
+        if self.batch_sizes[j] == batch:
+            return row[j]
+        b0, b1 = self.batch_sizes[j - 1], self.batch_sizes[j]
+        return row[j - 1] + (row[j] - row[j - 1]) * (batch - b0) / (b1 - b0)
+
+    def throughput_qpm(self, k: int, batch: int = 1) -> float:
+        """Images per minute of one device running full batches of ``batch`` at level K."""
+        return 60.0 * batch / self.batch_latency(k, batch)
+
+    def level_quality(self, k: int) -> float:
+        return self.quality[self.level_index(k)]
+
+
+def reference_profile(path: str | Path | None = None) -> Profile:
+    """The published SDXL figures as a profile (see the module docstring for the curve)."""
+    path = Path(path) if path else data_file("reference_profile_sdxl.json")
+    raw = _read_json(path)
+    try:
+        ref = _ReferenceFile.model_validate(raw)
+    except ValidationError as exc:
+        raise InputError(_first_error(path, exc)) from None
+    return _from_reference(ref, path.stem)
+
+
+def load_profile(path: str | Path) -> Profile:
+    """A measured profile file, or the published reference format."""
+    path = Path(path)
+    raw = _read_json(path)
+    if isinstance(raw, dict) and "throughput_per_gpu_qpm_unbatched" in raw:
+        return reference_profile(path)
+    try:
+        measured = MeasuredProfile.model_validate(raw)
+    except ValidationError as exc:
+        raise InputError(_first_error(path, exc)) from None
+    return measured.to_profile()
+
+
+def batch_coefficient(factor: float, at_batch: int) -> float:
+    """``c`` of the affine curve for which batch ``at_batch`` runs ``factor`` x faster per image."""
+    return (at_batch / factor - 1.0) / (at_batch - 1)
+
+
+def _from_reference(ref: _ReferenceFile, name: str) -> Profile:
+    c = batch_coefficient(ref.batched_throughput_factor, REFERENCE_BATCH_FOR_FACTOR)
+    rows = tuple(
+        tuple(60.0 / t * (1.0 + c * (b - 1)) for b in REFERENCE_BATCH_SIZES)
+        for t in ref.throughput_per_gpu_qpm_unbatched
+    )
+    return Profile(
+        name=name,
+        total_steps=ref.total_steps,
+        levels=tuple(ref.skip_levels_K),
+        quality=tuple(ref.relative_quality_percent),
+        batch_sizes=REFERENCE_BATCH_SIZES,
+        latency_s=rows,
+        model_load_s=ref.model_load_seconds.get("SDXL (5.14 GB)", 0.0),
+    )
+
+
+class _ReferenceFile(BaseModel):
+    total_steps: int = Field(ge=1)
+    skip_levels_K: list[int] = Field(min_length=1)
+    throughput_per_gpu_qpm_unbatched: list[float] = Field(min_length=1)
+    batched_throughput_factor: float = Field(ge=1.0)
+    relative_quality_percent: list[float] = Field(min_length=1)
+    model_load_seconds: dict[str, float] = {}
+
+    @model_validator(mode="after")
+    def _aligned(self) -> _ReferenceFile:
+        n = len(self.skip_levels_K)
+        if (
+            len(self.throughput_per_gpu_qpm_unbatched) != n
+            or len(self.relative_quality_percent) != n
+        ):
+            raise ValueError("per-level lists must have one value per skip_levels_K entry")
+        return self
+
+
+class MeasuredProfile(BaseModel):
+    """The measured profile file (``promptserve-profile/1``); ``promptserve profile`` writes it.
+
+    ``batch_latency_s[i][j]`` is the seconds one batch of ``batch_sizes[j]`` images takes at
+    level ``levels[i]``. ``quality_percent`` may be left out: the published relative quality
+    of each K is used then.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["promptserve-profile/1"]
+    model: str = Field(min_length=1)
+    device: str = "unknown"
+    measured_at: str | None = None
+    total_steps: int = Field(ge=1, le=1000)
+    levels: list[int] = Field(min_length=1)
+    batch_sizes: list[int] = Field(min_length=1)
+    batch_latency_s: list[list[float]]
+    quality_percent: list[float] | None = None
+    model_load_s: float = Field(default=0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MeasuredProfile:
+        if self.levels[0] != 0 or any(b <= a for a, b in zip(self.levels, self.levels[1:])):
+            raise ValueError("levels must start at 0 and increase")
+        if self.levels[-1] >= self.total_steps:
+            raise ValueError("levels must be below total_steps")
+        if self.batch_sizes[0] != 1 or any(
+            b <= a for a, b in zip(self.batch_sizes, self.batch_sizes[1:])
+        ):
+            raise ValueError("batch_sizes must start at 1 and increase")
+        if len(self.batch_latency_s) != len(self.levels) or any(
+            len(row) != len(self.batch_sizes) for row in self.batch_latency_s
+        ):
+            raise ValueError("batch_latency_s must be one row per level, one value per batch size")
+        if any(not v > 0 for row in self.batch_latency_s for v in row):
+            raise ValueError("batch_latency_s values must be > 0 seconds")
+        if self.quality_percent is not None and len(self.quality_percent) != len(self.levels):
+            raise ValueError("quality_percent must have one value per level")
+        return self
+
+    def to_profile(self) -> Profile:
+        quality = self.quality_percent
+        if quality is None:
+            ref = reference_profile()
+            missing = [k for k in self.levels if k not in ref.levels]
+            if missing:
+                raise InputError(f"quality_percent is required for levels {missing}")
+            quality = [ref.level_quality(k) for k in self.levels]
+        return Profile(
+            name=f"{self.model}@{self.device}",
+            total_steps=self.total_steps,
+            levels=tuple(self.levels),
+            quality=tuple(quality),
+            batch_sizes=tuple(self.batch_sizes),
+            latency_s=tuple(tuple(row) for row in self.batch_latency_s),
+            model_load_s=self.model_load_s,
+        )
+
+
+def _read_json(path: Path) -> object:
+    if not path.is_file():
+        raise InputError(f"profile {str(path)!r} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"profile {str(path)!r} is not valid JSON ({exc})") from None
+
+
+def _first_error(path: Path, exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(file)"
+    return f"profile {str(path)!r}: field {where}: {err['msg']}"

@@ -1,0 +1,94 @@
+import json
+import re
+
+import numpy as np
+from typer.testing import CliRunner
+
+from promptserve.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def test_help_lists_the_commands():
+    out = run("--help")
+    assert out.exit_code == 0
+    assert "workload" in out.output and "thresholds" in out.output
+
+
+def test_workload_inspect_prints_rate_and_mix_and_writes_a_plot(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox in snow\na red fox in the snow\na tax form\na red fox in snow\n")
+    png = tmp_path / "w.png"
+    out = run(
+        "workload",
+        "inspect",
+        "--prompts",
+        str(prompts),
+        "--arrivals",
+        "poisson",
+        "--rate",
+        "30",
+        "--minutes",
+        "2",
+        "--embedder",
+        "hashing",
+        "--thresholds",
+        "clip",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out",
+        str(png),
+    )
+    assert out.exit_code == 0, out.output
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "optimal K mix" in out.output and "published" in out.output
+    shares = [float(x) for x in re.findall(r"(\d+\.\d)%", out.output)]
+    assert abs(sum(shares[0::2]) - 100) < 0.5  # this workload's column sums to 100%
+
+
+def test_bad_spec_is_one_line_and_exit_2(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("x\n")
+    out = run("workload", "inspect", "--prompts", str(prompts), "--arrivals", "gamma")
+    assert out.exit_code == 2
+    assert "arrival spec 'gamma'" in out.output and "Traceback" not in out.output
+
+
+def test_missing_prompts_file_is_exit_2(tmp_path):
+    out = run("workload", "inspect", "--prompts", str(tmp_path / "none.txt"), "--rate", "5")
+    assert out.exit_code == 2 and "does not exist" in out.output
+
+
+def test_thresholds_show_and_refit(tmp_path):
+    out = run("thresholds", "show", "minilm")
+    assert out.exit_code == 0 and "0.973" in out.output
+    rng = np.random.default_rng(0)
+    words = ["cat", "dog", "castle", "forest", "robot", "ship", "storm", "portrait"]
+    rows = ["prompt,neighbour,reference_similarity"]
+    for _ in range(60):
+        a = " ".join(rng.choice(words, 4))
+        b = " ".join(rng.choice(words, 4))
+        rows.append(f"{a},{b},{rng.uniform(0.6, 1.0):.3f}")
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("\n".join(rows) + "\n")
+    target = tmp_path / "t.json"
+    out = run(
+        "thresholds",
+        "refit",
+        "--pairs",
+        str(pairs),
+        "--embedder",
+        "hashing",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out",
+        str(target),
+    )
+    assert out.exit_code == 0, out.output
+    fitted = json.loads(target.read_text())
+    sims = [row["min_similarity"] for row in fitted["levels"]]
+    assert fitted["embedder"] == "hashing" and sims == sorted(sims, reverse=True)

@@ -138,4 +138,5 @@ def test_requests_pair_prompts_in_order_and_wrap():
     reqs = make_requests(["a", "b"], np.array([0.0, 1.0, 2.5]), slo_s=21.0, tenant="t")
     assert [r.prompt for r in reqs] == ["a", "b", "a"]
     assert [r.id for r in reqs] == [0, 1, 2]
-    assert reqs[2].deadline_s == 23.5 and reqs[2].slo_s == 21.0 and reqs[2].tenant == "t"
+    assert reqs[2].deadline_s == 23.5 and reqs[2].slo_s == 21.0
+    assert [r.tenant for r in reqs] == ["t", "t", "t/pass2"]

@@ -216,3 +216,124 @@ def thresholds_refit(
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+
+
+@app.command("simulate")
+@user_errors
+def simulate_cmd(
+    policies: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated: clipper-ha, clipper-ht, nirvana, proteus, argus, promptserve."
+        ),
+    ] = "clipper-ha,clipper-ht,nirvana,proteus,argus,promptserve",
+    prompts: PromptsOpt = Path("data/diffusiondb_prompts_4k.txt"),
+    arrivals: ArrivalsOpt = "argus",
+    rate: RateOpt = None,
+    minutes: MinutesOpt = None,
+    time_scale: TimeScaleOpt = 1.0,
+    gpus: Annotated[int, typer.Option(help="Number of GPUs (workers).", min=1, max=4096)] = 8,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="Profile JSON (measured or reference format); default: the SDXL reference."
+        ),
+    ] = None,
+    slo: Annotated[
+        float | None,
+        typer.Option(
+            "--slo", help="Latency SLO in seconds; default 5x the profile's full-quality latency."
+        ),
+    ] = None,
+    quality_penalty: Annotated[
+        str, typer.Option(help="Penalty shape above K_opt: mild or steep.")
+    ] = "mild",
+    embedder: Annotated[
+        str, typer.Option(help="minilm (real) or hashing (tests only).")
+    ] = "minilm",
+    warm: Annotated[
+        int,
+        typer.Option(help="Prompts from the top of the file to pre-load into the cache.", min=0),
+    ] = 0,
+    seed: SeedOpt = 0,
+    cache_dir: CacheDirOpt = Path(".promptserve"),
+    out: Annotated[
+        Path, typer.Option(help="Folder for report.json, report.md and timeline.png.")
+    ] = Path("out/simulate"),
+) -> None:
+    """Run policies side by side on one workload and bound them with the offline oracle."""
+    from promptserve.cache.thresholds import shipped_thresholds
+    from promptserve.policy import parse_policies
+    from promptserve.profile import load_profile, reference_profile
+    from promptserve.sim.compare import CompareConfig, compare, config_dict, default_slo
+    from promptserve.sim.report import COLUMNS, write_report
+    from promptserve.workload import (
+        generate_arrivals,
+        load_prompts,
+        make_requests,
+        parse_arrival_spec,
+    )
+
+    chosen = parse_policies(policies)
+    if quality_penalty not in ("mild", "steep"):
+        raise InputError(f"--quality-penalty {quality_penalty!r} is not mild or steep")
+    prof = load_profile(profile) if profile else reference_profile()
+    slo_s = slo if slo is not None else default_slo(prof)
+    if slo_s <= 0:
+        raise InputError(f"--slo must be > 0 seconds, got {slo_s}")
+    spec = parse_arrival_spec(arrivals)
+    texts = load_prompts(prompts)
+    times = generate_arrivals(
+        spec, rate_qpm=rate, minutes=minutes, time_scale=time_scale, seed=seed
+    )
+    if len(times) == 0:
+        raise InputError("the arrival spec produced no requests")
+    requests = make_requests(texts, times, slo_s)
+    distinct = list(dict.fromkeys([r.prompt for r in requests] + texts[:warm]))
+    vecs = embed_with_progress(embedder, distinct, cache_dir)
+    row = {p: i for i, p in enumerate(distinct)}
+    embeddings = vecs[[row[r.prompt] for r in requests]]
+    warm_pair = (texts[:warm], vecs[[row[p] for p in texts[:warm]]]) if warm else None
+    thresholds = shipped_thresholds("minilm" if embedder == "minilm" else "clip")
+    config = CompareConfig(gpus, slo_s, quality_penalty, seed, warm)  # type: ignore[arg-type]
+    with progress() as bar:
+        tasks = {p.name: bar.add_task(f"simulating {p.name}", total=len(requests)) for p in chosen}
+        rows, oracle, timelines, _ = compare(
+            chosen,
+            requests,
+            embeddings,
+            prof,
+            thresholds,
+            config,
+            warm_pair,
+            on_progress=lambda name, n: bar.advance(tasks[name], n),
+        )
+    extra = {
+        "prompts": str(prompts),
+        "arrivals": arrivals,
+        "rate_qpm": rate,
+        "minutes": minutes,
+        "time_scale": time_scale,
+        "profile": prof.name,
+        "embedder": embedder,
+        "requests": len(requests),
+    }
+    write_report(out, config_dict(config, **extra), rows, oracle, timelines)
+    table = Table(
+        title=f"{len(requests)} requests, {gpus} GPUs, SLO {slo_s} s, penalty {quality_penalty}"
+    )
+    table.add_column("policy")
+    shown = COLUMNS[:8]
+    for col in shown:
+        table.add_column(col.replace("_", " "), justify="right")
+    for name, r in rows.items():
+        table.add_row(name, *(str(r[c]) for c in shown))
+    table.add_row(
+        "oracle bound",
+        str(oracle["effective_quality_upper_bound"]),
+        "",
+        str(oracle["slo_violation_ratio_lower_bound"]),
+        *[""] * 5,
+    )
+    console.print(table)
+    console.print(f"report written to {out}/report.json, report.md, timeline.png")

@@ -28,13 +28,21 @@ def make_requests(
 ) -> list[Request]:
     """Pair arrivals with prompts in file order (the order caching feeds on).
 
-    When there are more arrivals than prompts, the prompts repeat from the top.
+    When there are more arrivals than prompts, the prompts repeat from the top under a new
+    tenant per pass (``tenant``, ``tenant/pass2``, ...): a pass then meets the file's own mix of
+    near-duplicates instead of exact repeats of the previous pass.
     """
     if not prompts:
         raise ValueError("no prompts")
     n = len(prompts)
     return [
-        Request(i, float(t), prompts[i % n], tenant, float(t) + slo_s)
+        Request(
+            i,
+            float(t),
+            prompts[i % n],
+            tenant if i < n else f"{tenant}/pass{i // n + 1}",
+            float(t) + slo_s,
+        )
         for i, t in enumerate(arrivals_s)
     ]
 

@@ -1,0 +1,33 @@
+"""The policy core: pure code, no clock of its own, no I/O. Simulator and server both drive it."""
+
+from promptserve.policy.admission import admit
+from promptserve.policy.aligner import align
+from promptserve.policy.allocation import allocate
+from promptserve.policy.dispatcher import DispatchConfig, Dispatcher
+from promptserve.policy.estimator import LoadEstimator
+from promptserve.policy.joint import plan_joint
+from promptserve.policy.policies import POLICIES, Policy, Setting, get_policy, parse_policies
+from promptserve.policy.router import route
+from promptserve.policy.types import Demand, Dispatch, Job, Outcome, Plan, Status
+
+__all__ = [
+    "POLICIES",
+    "Demand",
+    "Dispatch",
+    "DispatchConfig",
+    "Dispatcher",
+    "Job",
+    "LoadEstimator",
+    "Outcome",
+    "Plan",
+    "Policy",
+    "Setting",
+    "Status",
+    "admit",
+    "align",
+    "allocate",
+    "get_policy",
+    "parse_policies",
+    "plan_joint",
+    "route",
+]

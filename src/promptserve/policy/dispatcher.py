@@ -1,0 +1,188 @@
+"""The dispatcher: one queue per level, batches per level, earliest deadline first.
+
+A step machine driven by whoever owns the clock: ``enqueue(job)``, ``step(now)`` hands batches
+to idle GPUs, ``on_batch_done(now, dispatch)`` turns a finished batch into outcomes. The
+simulator and the server call the same methods.
+
+Batching: the head of a level's queue has the earliest deadline; the batch is the largest
+(up to ``max_batch``) whose predicted latency still meets that deadline. A job that can no
+longer meet its deadline at its level is moved to a faster level that can still make it
+(``late="escalate"``) or dropped when none can. The published baselines have no deadline
+logic: with ``late="expire"`` they run a job unless its deadline has already passed (its client
+has given up: running it would only delay the others), with ``late="serve"`` they run
+everything. A job whose neighbour holds no latent (``k_max`` below its
+level) runs at ``k_max`` in a batch of its own kind.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from promptserve.policy.types import Dispatch, Job, Outcome, Status
+from promptserve.profile import Profile
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+    max_batch: int = 8
+    late: Literal["serve", "expire", "escalate"] = "escalate"
+    pinned: bool = True  # False: any idle GPU takes the most urgent work of any level
+
+
+@dataclass
+class GpuState:
+    profile: Profile
+    level: int | None  # pinned level; None takes any
+    busy_until: float = 0.0
+    ready_at: float = 0.0  # a GPU loading a model variant is not ready before this
+    running: Dispatch | None = None
+
+
+@dataclass
+class Dispatcher:
+    gpus: list[GpuState]
+    config: DispatchConfig
+    queues: dict[int, list[tuple[float, int, Job]]] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, profiles: Sequence[Profile], config: DispatchConfig) -> Dispatcher:
+        return cls([GpuState(p, None) for p in profiles], config)
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        return self.gpus[0].profile.levels
+
+    def set_levels(
+        self, now: float, gpu_levels: Sequence[int | None], switch_s: float = 0.0
+    ) -> None:
+        """Apply a plan; a GPU whose level changes is unavailable for ``switch_s`` seconds."""
+        for gpu, level in zip(self.gpus, gpu_levels, strict=True):
+            if gpu.level != level and switch_s > 0:
+                gpu.ready_at = max(now, gpu.busy_until) + switch_s
+            gpu.level = level
+        serving = self.serving_levels()
+        for level in [k for k, q in self.queues.items() if q and k not in serving]:
+            stranded, self.queues[level] = self.queues[level], []
+            for _, _, job in stranded:
+                self.enqueue(job)
+
+    def enqueue(self, job: Job) -> None:
+        """Queue a job; a job routed to a level no GPU serves goes to the nearest served level."""
+        serving = self.serving_levels()
+        if job.level not in serving and serving:
+            job = replace(job, level=min(serving, key=lambda k: (abs(k - job.level), k)))
+        heapq.heappush(self.queues.setdefault(job.level, []), (job.deadline_s, job.id, job))
+
+    def queue_len(self, level: int) -> int:
+        return len(self.queues.get(level, ()))
+
+    def pending(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def serving_levels(self) -> set[int]:
+        if not self.config.pinned:
+            return set(self.levels)
+        return {g.level for g in self.gpus if g.level is not None}
+
+    def predicted_finish(self, level: int, now: float) -> float:
+        """When a job joining ``level``'s queue now would finish (seconds), by the profile."""
+        gpus = [g for g in self.gpus if not self.config.pinned or g.level == level]
+        if not gpus:
+            return float("inf")
+        free = sorted(max(g.busy_until, g.ready_at, now) for g in gpus)
+        profile = gpus[0].profile
+        batch = min(self.config.max_batch, profile.max_batch)
+        ahead = self.queue_len(level) if self.config.pinned else self.pending()
+        rounds, slot = divmod(ahead, batch * len(gpus))
+        waves = slot // batch
+        start = free[min(waves, len(free) - 1)] + rounds * profile.batch_latency(level, batch)
+        return start + profile.batch_latency(level, min(slot % batch + 1, batch))
+
+    def step(self, now: float) -> tuple[list[Dispatch], list[Outcome]]:
+        """Hand a batch to every idle GPU that has work; report jobs given up on."""
+        dispatches: list[Dispatch] = []
+        outcomes: list[Outcome] = []
+        for index, gpu in enumerate(self.gpus):
+            if gpu.running is not None or gpu.ready_at > now:
+                continue
+            level = gpu.level if self.config.pinned else self._most_urgent_level()
+            if level is None:
+                continue
+            outcomes.extend(self._shed_late(level, gpu.profile, now))
+            dispatch = self._form_batch(index, gpu, level, now)
+            if dispatch is not None:
+                gpu.running, gpu.busy_until = dispatch, dispatch.end_s
+                dispatches.append(dispatch)
+        return dispatches, outcomes
+
+    def on_batch_done(self, now: float, dispatch: Dispatch) -> list[Outcome]:
+        gpu = self.gpus[dispatch.gpu]
+        gpu.running = None
+        gpu.busy_until = now
+        return [Outcome(job, Status.SERVED, now, dispatch.level) for job in dispatch.jobs]
+
+    def fail_gpu(self, now: float, gpu_index: int) -> list[Job]:
+        """A worker died: its running jobs go back to their queues (none is lost)."""
+        gpu = self.gpus[gpu_index]
+        jobs = list(gpu.running.jobs) if gpu.running else []
+        gpu.running, gpu.busy_until = None, now
+        for job in jobs:
+            self.enqueue(job)
+        return jobs
+
+    def _most_urgent_level(self) -> int | None:
+        heads = [(q[0][0], level) for level, q in self.queues.items() if q]
+        return min(heads)[1] if heads else None
+
+    def _shed_late(self, level: int, profile: Profile, now: float) -> list[Outcome]:
+        if self.config.late == "serve":
+            return []
+        queue = self.queues.get(level, [])
+        out: list[Outcome] = []
+        while queue and self.config.late == "expire" and queue[0][0] < now:
+            out.append(Outcome(heapq.heappop(queue)[2], Status.DROPPED, now))
+        while queue and self.config.late == "escalate":
+            deadline, _, job = queue[0]
+            run_level = min(level, job.k_max)
+            if now + profile.batch_latency(run_level, 1) <= deadline:
+                break
+            heapq.heappop(queue)
+            faster = self._faster_level(job, level, profile, now)
+            if faster is None:
+                out.append(Outcome(job, Status.DROPPED, now))
+            else:
+                self.enqueue(replace(job, level=faster))
+        return out
+
+    def _faster_level(self, job: Job, level: int, profile: Profile, now: float) -> int | None:
+        for k in sorted(self.serving_levels()):
+            if level < k <= job.k_max and self.predicted_finish(k, now) <= job.deadline_s:
+                return k
+        return None
+
+    def _form_batch(self, index: int, gpu: GpuState, level: int, now: float) -> Dispatch | None:
+        queue = self.queues.get(level)
+        if not queue:
+            return None
+        head = queue[0][2]
+        run_level = min(level, head.k_max)
+        limit = min(self.config.max_batch, gpu.profile.max_batch, len(queue))
+        size = 1
+        for b in range(limit, 0, -1):
+            if now + gpu.profile.batch_latency(run_level, b) <= head.deadline_s:
+                size = b
+                break
+        else:
+            size = 1 if self.config.late == "escalate" else limit
+        jobs, skipped = [], []
+        while queue and len(jobs) < size:
+            item = heapq.heappop(queue)
+            (jobs if min(level, item[2].k_max) == run_level else skipped).append(item)
+        for item in skipped:
+            heapq.heappush(queue, item)
+        batch = tuple(j for _, _, j in jobs)
+        latency = gpu.profile.batch_latency(run_level, len(batch))
+        return Dispatch(index, run_level, batch, now, now + latency)

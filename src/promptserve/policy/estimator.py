@@ -1,0 +1,43 @@
+"""Short-horizon load estimate for re-planning.
+
+The rate is the larger of the rate over a short window and over a long one: a burst shows in
+the short window within seconds and is planned for at once, while a lull has to last the long
+window before capacity is taken away. The K_opt mix comes from the long window.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from promptserve.policy.types import Demand
+
+
+@dataclass
+class LoadEstimator:
+    levels: tuple[int, ...]
+    short_s: float = 10.0
+    long_s: float = 60.0
+    _seen: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def observe(self, now: float, k_opt: int) -> None:
+        self._seen.append((now, k_opt))
+        while self._seen and self._seen[0][0] < now - self.long_s:
+            self._seen.popleft()
+
+    def estimate(self, now: float, start_s: float = 0.0) -> Demand:
+        """Demand in queries/minute; ``start_s`` is when observation began (short early windows)."""
+        while self._seen and self._seen[0][0] < now - self.long_s:
+            self._seen.popleft()
+        long_span = max(min(self.long_s, now - start_s), 1.0)
+        short_span = max(min(self.short_s, now - start_s), 1.0)
+        n_long = len(self._seen)
+        n_short = sum(1 for t, _ in self._seen if t >= now - self.short_s)
+        rate = 60.0 * max(n_long / long_span, n_short / short_span)
+        counts = np.zeros(len(self.levels))
+        for _, k in self._seen:
+            counts[self.levels.index(k)] += 1
+        mix = counts / counts.sum() if counts.sum() else np.eye(len(self.levels))[0]
+        return Demand(rate, tuple(float(x) for x in mix))

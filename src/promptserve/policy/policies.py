@@ -1,0 +1,194 @@
+"""The policies, selectable by name. Each says how to plan, how to dispatch, when to re-plan.
+
+* ``clipper-ha``: every request at K = 0 (full quality).
+* ``clipper-ht``: every request at K = 25 (the fastest level).
+* ``nirvana``: each request at its own K_opt; any idle GPU takes the most urgent batch; no plan.
+* ``proteus``: accuracy scaling blind to the prompt: the Argus allocation on per-level average
+  quality, requests spread over levels in proportion to planned load whatever their K_opt, and
+  a GPU that changes variant pays the model-load time of the profile.
+* ``argus``: the published method: exact allocation on per-level quality with batched
+  throughput (1.65x, batch 8), then the distribution aligner; re-planned each minute from the
+  last minute's load.
+* ``promptserve``: the joint MILP of ``joint.py`` under the SLO, re-planned every 5 s from the
+  short-horizon estimate, deadline-aware batching with escalation and admission control.
+
+The baselines have no deadline logic: they run every job whose deadline has not yet passed
+(late ones finish late) and drop the rest; ``promptserve`` moves work to a faster level or
+refuses it at admission.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from promptserve.errors import InputError
+from promptserve.policy.aligner import align
+from promptserve.policy.allocation import allocate
+from promptserve.policy.dispatcher import DispatchConfig
+from promptserve.policy.estimator import LoadEstimator
+from promptserve.policy.joint import plan_joint
+from promptserve.policy.types import Demand, Plan
+from promptserve.profile import Profile
+
+BASELINE_BATCH = 8  # the batch the Argus artifact's 1.65x refers to in our profile
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every policy plans against."""
+
+    profiles: tuple[Profile, ...]  # one per GPU
+    quality: np.ndarray  # q[K_opt index, K index], percent
+    slo_s: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str
+    dispatch: DispatchConfig
+    replan_s: float | None  # None: plan once
+    short_s: float  # load-estimate windows (seconds)
+    long_s: float
+    admission: bool = False
+    switch_s_from_profile: bool = False  # a level change costs the model-load time
+
+    def estimator(self, levels: tuple[int, ...]) -> LoadEstimator:
+        return LoadEstimator(levels, self.short_s, self.long_s)
+
+    def plan(
+        self, demand: Demand, setting: Setting, current: Sequence[int | None] | None = None
+    ) -> Plan:
+        return PLANNERS[self.name](demand, setting, current)
+
+
+def _fixed(level_index: int):
+    def planner(demand: Demand, setting: Setting, current) -> Plan:
+        levels = setting.profiles[0].levels
+        m = len(levels)
+        index = level_index % m
+        k = levels[index]
+        row = tuple(float(j == index) for j in range(m))
+        q = float(np.dot(demand.mix, setting.quality[:, index]))
+        cap = tuple(
+            len(setting.profiles)
+            * setting.profiles[0].throughput_qpm(k, BASELINE_BATCH)
+            * (j == index)
+            for j in range(m)
+        )
+        return Plan(levels, tuple(k for _ in setting.profiles), (row,) * m, (0.0,) * m, cap, q)
+
+    return planner
+
+
+def _nirvana(demand: Demand, setting: Setting, current) -> Plan:
+    levels = setting.profiles[0].levels
+    m = len(levels)
+    eye = tuple(tuple(float(i == j) for j in range(m)) for i in range(m))
+    q = float(np.dot(demand.mix, np.diag(setting.quality)))
+    return Plan(levels, tuple(None for _ in setting.profiles), eye, (0.0,) * m, (0.0,) * m, q)
+
+
+def _argus_allocation(demand: Demand, setting: Setting):
+    profile = setting.profiles[0]
+    levels = profile.levels
+    throughput = [profile.throughput_qpm(k, BASELINE_BATCH) for k in levels]
+    level_quality = list(profile.quality)
+    return allocate(len(setting.profiles), throughput, level_quality, demand.rate_qpm), throughput
+
+
+def _spread(counts: Sequence[int], levels: tuple[int, ...], n: int, current) -> tuple[int, ...]:
+    from promptserve.policy.joint import assign_levels
+
+    groups = [(None, list(range(n)))]
+    return assign_levels(groups, np.array([counts]), levels, current)  # type: ignore[arg-type]
+
+
+def _argus(demand: Demand, setting: Setting, current) -> Plan:
+    alloc, throughput = _argus_allocation(demand, setting)
+    levels = setting.profiles[0].levels
+    route = align(alloc.load_qpm, demand.per_class_qpm())
+    q = float(
+        (demand.per_class_qpm()[:, None] * route * setting.quality).sum()
+        / max(demand.rate_qpm, 1e-9)
+    )
+    cap = tuple(c * t for c, t in zip(alloc.counts, throughput, strict=True))
+    return Plan(
+        levels,
+        _spread(alloc.counts, levels, len(setting.profiles), current),
+        tuple(tuple(float(v) for v in row) for row in route),
+        (0.0,) * len(levels),
+        cap,
+        q,
+    )
+
+
+def _proteus(demand: Demand, setting: Setting, current) -> Plan:
+    alloc, throughput = _argus_allocation(demand, setting)
+    levels = setting.profiles[0].levels
+    loads = np.asarray(alloc.load_qpm)
+    share = (
+        loads / loads.sum()
+        if loads.sum() > 0
+        else np.asarray(alloc.counts, float) / sum(alloc.counts)
+    )
+    route = np.tile(share, (len(levels), 1))
+    q = float(
+        (demand.per_class_qpm()[:, None] * route * setting.quality).sum()
+        / max(demand.rate_qpm, 1e-9)
+    )
+    cap = tuple(c * t for c, t in zip(alloc.counts, throughput, strict=True))
+    return Plan(
+        levels,
+        _spread(alloc.counts, levels, len(setting.profiles), current),
+        tuple(tuple(float(v) for v in row) for row in route),
+        (0.0,) * len(levels),
+        cap,
+        q,
+    )
+
+
+def _promptserve(demand: Demand, setting: Setting, current) -> Plan:
+    return plan_joint(
+        demand, setting.profiles, setting.quality, setting.slo_s, max_batch=32, current=current
+    )
+
+
+PLANNERS = {
+    "clipper-ha": _fixed(0),
+    "clipper-ht": _fixed(-1),
+    "nirvana": _nirvana,
+    "proteus": _proteus,
+    "argus": _argus,
+    "promptserve": _promptserve,
+}
+
+_BASELINE = DispatchConfig(max_batch=BASELINE_BATCH, late="expire")
+POLICIES: dict[str, Policy] = {
+    "clipper-ha": Policy("clipper-ha", _BASELINE, None, 60.0, 60.0),
+    "clipper-ht": Policy("clipper-ht", _BASELINE, None, 60.0, 60.0),
+    "nirvana": Policy(
+        "nirvana", DispatchConfig(BASELINE_BATCH, "expire", pinned=False), None, 60.0, 60.0
+    ),
+    "proteus": Policy("proteus", _BASELINE, 60.0, 60.0, 60.0, switch_s_from_profile=True),
+    "argus": Policy("argus", _BASELINE, 60.0, 60.0, 60.0),
+    "promptserve": Policy(
+        "promptserve", DispatchConfig(32, "escalate"), 5.0, 10.0, 60.0, admission=True
+    ),
+}
+
+
+def get_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]
+    except KeyError:
+        raise InputError(f"policy {name!r} is not one of: {', '.join(POLICIES)}") from None
+
+
+def parse_policies(text: str) -> list[Policy]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise InputError("--policies is empty")
+    return [get_policy(n) for n in names]

@@ -1,0 +1,79 @@
+"""What the policy core takes and gives: frozen data, no clocks, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+
+class Status(IntEnum):
+    """Ordered: everything from SERVED on is final."""
+
+    QUEUED = 0
+    RUNNING = 1
+    SERVED = 2  # answered (in time or late: compare finish time with the deadline)
+    REFUSED = 3  # turned away at admission (HTTP 429)
+    DROPPED = 4  # accepted, then given up because no level could meet its deadline
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """Offered load to plan for."""
+
+    rate_qpm: float  # queries per minute, all classes together
+    mix: tuple[
+        float, ...
+    ]  # share of requests per K_opt class, over the profile's levels (sums to 1)
+    backlog: tuple[int, ...] = ()  # requests waiting per level now (optional)
+
+    def per_class_qpm(self) -> np.ndarray:
+        return self.rate_qpm * np.asarray(self.mix, dtype=float)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A level per GPU and how each K_opt class is spread over the levels."""
+
+    levels: tuple[int, ...]  # the profile's K values, ascending
+    gpu_levels: tuple[int | None, ...]  # K per GPU; None: the GPU takes work of any level
+    route: tuple[tuple[float, ...], ...]  # P[k_opt index][level index]; each row sums to 1
+    refuse: tuple[float, ...]  # per K_opt class: share to refuse at admission
+    capacity_qpm: tuple[float, ...]  # planned capacity per level (queries/minute)
+    expected_quality: float  # planned mean effective quality, percent (refused count 0)
+    batch: tuple[int, ...] = field(default=())  # planned batch size per level (0: no GPUs)
+
+    def gpus_at(self, k: int) -> int:
+        return sum(1 for g in self.gpu_levels if g == k)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A request inside the dispatcher."""
+
+    id: int
+    arrival_s: float
+    deadline_s: float
+    k_opt: int  # the level its similarity tolerates
+    k_max: int  # the highest level it can be served at (its neighbour's cached levels; 0: none)
+    level: int  # the level it was routed to
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """A batch handed to a worker."""
+
+    gpu: int
+    level: int
+    jobs: tuple[Job, ...]
+    start_s: float
+    end_s: float  # predicted by the profile
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    job: Job
+    status: Status
+    time_s: float  # when it ended
+    level: int = -1  # the level it was served at; -1 when not served

@@ -1,0 +1,77 @@
+"""Tables, JSON, Markdown and the timeline plot of a simulated comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+COLUMNS = (
+    "effective_quality",
+    "mean_quality",
+    "slo_violation_ratio",
+    "served_in_slo",
+    "served_late",
+    "refused",
+    "dropped",
+    "goodput_qpm",
+    "p50_latency_s",
+    "p99_latency_s",
+    "planner_ms_p50",
+)
+
+
+def write_report(
+    out: Path, config: dict, policies: dict[str, dict], oracle: dict, timelines: dict[str, dict]
+) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"config": config, "policies": policies, "oracle": oracle}
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    plot_timeline(out / "timeline.png", timelines, config.get("slo_s"))
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Simulated comparison", "", "```", json.dumps(report["config"]), "```", ""]
+    lines.append("| policy | " + " | ".join(COLUMNS) + " |")
+    lines.append("|---" * (len(COLUMNS) + 1) + "|")
+    for name, row in report["policies"].items():
+        lines.append(f"| {name} | " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
+    o = report["oracle"]
+    lines += [
+        "",
+        f"Oracle (offline LP bound): effective quality <= {o['effective_quality_upper_bound']}, "
+        f"SLO-violation ratio >= {o['slo_violation_ratio_lower_bound']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot_timeline(path: Path, timelines: dict[str, dict], slo_s: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True)
+    first = next(iter(timelines.values()), None)
+    if first is not None:
+        axes[0].plot(first["offered_qpm"], color="black", lw=1.5, label="offered")
+    for name, tl in timelines.items():
+        x = np.arange(len(tl["goodput_qpm"]))
+        axes[0].plot(x, tl["goodput_qpm"], lw=1, label=name)
+        axes[1].plot(x, tl["mean_quality"], lw=1, label=name)
+        axes[2].plot(x, tl["violations"], lw=1, label=name)
+        axes[3].plot(x, np.cumsum(tl["violations"]), lw=1, label=name)
+    axes[0].set_ylabel("queries/minute\n(offered, goodput)")
+    axes[1].set_ylabel("mean quality of\nanswered (%)")
+    axes[2].set_ylabel("SLO violations\nper minute")
+    axes[3].set_ylabel("cumulative\nviolations")
+    axes[3].set_xlabel("minute of arrival")
+    axes[0].legend(fontsize=8, ncol=4)
+    axes[0].set_title(f"policies side by side (SLO {slo_s} s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

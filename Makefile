@@ -32,6 +32,9 @@ simulate: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/promptserve simulate --arrivals argus --time-scale 10 --gpus 8 --out out/simulate
 
 bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_planner.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_sim.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_policies.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_cache.py
 
 clean:

@@ -92,3 +92,58 @@ def test_thresholds_show_and_refit(tmp_path):
     fitted = json.loads(target.read_text())
     sims = [row["min_similarity"] for row in fitted["levels"]]
     assert fitted["embedder"] == "hashing" and sims == sorted(sims, reverse=True)
+
+
+def test_simulate_writes_the_report_files(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(
+        "\n".join(
+            f"a {w} in the {v}" for w in ("cat", "dog", "fox") for v in ("snow", "rain", "sun")
+        )
+        + "\n"
+    )
+    out_dir = tmp_path / "sim"
+    out = run(
+        "simulate",
+        "--policies",
+        "argus,promptserve",
+        "--prompts",
+        str(prompts),
+        "--arrivals",
+        "poisson",
+        "--rate",
+        "40",
+        "--minutes",
+        "3",
+        "--embedder",
+        "hashing",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out",
+        str(out_dir),
+    )
+    assert out.exit_code == 0, out.output
+    report = json.loads((out_dir / "report.json").read_text())
+    assert set(report["policies"]) == {"argus", "promptserve"}
+    assert set(report["oracle"]) == {
+        "effective_quality_upper_bound",
+        "slo_violation_ratio_lower_bound",
+    }
+    row = report["policies"]["promptserve"]
+    assert (
+        row["served_in_slo"] + row["served_late"] + row["refused"] + row["dropped"]
+        == row["requests"]
+    )
+    assert (out_dir / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| promptserve |" in (out_dir / "report.md").read_text()
+
+
+def test_simulate_rejects_bad_flags(tmp_path):
+    out = run("simulate", "--policies", "argus,magic", "--embedder", "hashing")
+    assert out.exit_code == 2 and "policy 'magic'" in out.output
+    out = run("simulate", "--quality-penalty", "harsh", "--embedder", "hashing")
+    assert out.exit_code == 2 and "--quality-penalty" in out.output
+    bad = tmp_path / "p.json"
+    bad.write_text("{}")
+    out = run("simulate", "--profile", str(bad), "--embedder", "hashing")
+    assert out.exit_code == 2 and "field format" in out.output

@@ -88,6 +88,9 @@ class FaissIVFVectors:
     def __len__(self) -> int:
         return int(self._index.ntotal)
 
+    def set_nprobe(self, nprobe: int) -> None:
+        self._index.nprobe = nprobe
+
     def add(self, ids: np.ndarray, vecs: np.ndarray) -> None:
         self._index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), ids.astype(np.int64))
 

@@ -29,7 +29,7 @@ from promptserve.policy.aligner import align
 from promptserve.policy.allocation import allocate
 from promptserve.policy.dispatcher import DispatchConfig
 from promptserve.policy.estimator import LoadEstimator
-from promptserve.policy.joint import plan_joint
+from promptserve.policy.joint import assign_levels, plan_joint
 from promptserve.policy.types import Demand, Plan
 from promptserve.profile import Profile
 
@@ -99,55 +99,40 @@ def _argus_allocation(demand: Demand, setting: Setting):
     return allocate(len(setting.profiles), throughput, level_quality, demand.rate_qpm), throughput
 
 
-def _spread(counts: Sequence[int], levels: tuple[int, ...], n: int, current) -> tuple[int, ...]:
-    from promptserve.policy.joint import assign_levels
+def _allocation_plan(demand: Demand, setting: Setting, current, router) -> Plan:
+    """An Argus-style allocation, routed by ``router(allocation) -> P[k_opt][level]``."""
+    alloc, throughput = _argus_allocation(demand, setting)
+    levels = setting.profiles[0].levels
+    route = router(alloc, demand)
+    rate = demand.per_class_qpm()[:, None]
+    q = float((rate * route * setting.quality).sum() / max(demand.rate_qpm, 1e-9))
+    groups = [(setting.profiles[0], list(range(len(setting.profiles))))]
+    return Plan(
+        levels,
+        assign_levels(groups, np.array([alloc.counts]), levels, current),
+        tuple(tuple(float(v) for v in row) for row in route),
+        (0.0,) * len(levels),
+        tuple(c * t for c, t in zip(alloc.counts, throughput, strict=True)),
+        q,
+    )
 
-    groups = [(None, list(range(n)))]
-    return assign_levels(groups, np.array([counts]), levels, current)  # type: ignore[arg-type]
+
+def _aligned(alloc, demand: Demand) -> np.ndarray:
+    return align(alloc.load_qpm, demand.per_class_qpm())
+
+
+def _prompt_blind(alloc, demand: Demand) -> np.ndarray:
+    loads = np.asarray(alloc.load_qpm)
+    weights = loads if loads.sum() > 0 else np.asarray(alloc.counts, float)
+    return np.tile(weights / weights.sum(), (len(loads), 1))
 
 
 def _argus(demand: Demand, setting: Setting, current) -> Plan:
-    alloc, throughput = _argus_allocation(demand, setting)
-    levels = setting.profiles[0].levels
-    route = align(alloc.load_qpm, demand.per_class_qpm())
-    q = float(
-        (demand.per_class_qpm()[:, None] * route * setting.quality).sum()
-        / max(demand.rate_qpm, 1e-9)
-    )
-    cap = tuple(c * t for c, t in zip(alloc.counts, throughput, strict=True))
-    return Plan(
-        levels,
-        _spread(alloc.counts, levels, len(setting.profiles), current),
-        tuple(tuple(float(v) for v in row) for row in route),
-        (0.0,) * len(levels),
-        cap,
-        q,
-    )
+    return _allocation_plan(demand, setting, current, _aligned)
 
 
 def _proteus(demand: Demand, setting: Setting, current) -> Plan:
-    alloc, throughput = _argus_allocation(demand, setting)
-    levels = setting.profiles[0].levels
-    loads = np.asarray(alloc.load_qpm)
-    share = (
-        loads / loads.sum()
-        if loads.sum() > 0
-        else np.asarray(alloc.counts, float) / sum(alloc.counts)
-    )
-    route = np.tile(share, (len(levels), 1))
-    q = float(
-        (demand.per_class_qpm()[:, None] * route * setting.quality).sum()
-        / max(demand.rate_qpm, 1e-9)
-    )
-    cap = tuple(c * t for c, t in zip(alloc.counts, throughput, strict=True))
-    return Plan(
-        levels,
-        _spread(alloc.counts, levels, len(setting.profiles), current),
-        tuple(tuple(float(v) for v in row) for row in route),
-        (0.0,) * len(levels),
-        cap,
-        q,
-    )
+    return _allocation_plan(demand, setting, current, _prompt_blind)
 
 
 def _promptserve(demand: Demand, setting: Setting, current) -> Plan:

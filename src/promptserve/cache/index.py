@@ -83,6 +83,7 @@ class CacheIndex:
         self._entries: dict[int, CacheEntry] = {}
         self._heap: list[tuple[float, float, int]] = []
         self._next_id = 0
+        self.version = 0  # bumped by every insert and removal: a lookup made at one version holds until the next
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -110,6 +111,7 @@ class CacheIndex:
             last_used_s=now_s,
         )
         self._entries[entry_id] = entry
+        self.version += 1
         vecs = self._tenants.get(tenant)
         if vecs is None:
             vecs = self._tenants[tenant] = self._make_vectors(self.dim)
@@ -142,6 +144,7 @@ class CacheIndex:
     def remove(self, entry_id: int) -> CacheEntry | None:
         entry = self._entries.pop(entry_id, None)
         if entry is not None:
+            self.version += 1
             self._tenants[entry.tenant].remove(np.array([entry_id], dtype=np.int64))
         return entry
 

@@ -9,11 +9,14 @@ throughput times a utilisation cap (headroom for Poisson variance; queueing dela
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from promptserve.profile import Profile
 
 UTILISATION_CAP = 0.85
 
 
+@lru_cache(maxsize=4096)
 def slo_batch(profile: Profile, k: int, slo_s: float, max_batch: int) -> int:
     """Largest batch whose two latencies fit the SLO; 0 when even a batch of 1 does not."""
     best = 0
@@ -23,6 +26,7 @@ def slo_batch(profile: Profile, k: int, slo_s: float, max_batch: int) -> int:
     return best
 
 
+@lru_cache(maxsize=4096)
 def slo_capacity_qpm(
     profile: Profile, k: int, slo_s: float, max_batch: int, cap: float = UTILISATION_CAP
 ) -> float:

@@ -41,3 +41,17 @@ class LoadEstimator:
             counts[self.levels.index(k)] += 1
         mix = counts / counts.sum() if counts.sum() else np.eye(len(self.levels))[0]
         return Demand(rate, tuple(float(x) for x in mix))
+
+
+def demand_changed(
+    old: Demand | None, new: Demand, rate_tol: float = 0.1, mix_tol: float = 0.1
+) -> bool:
+    """Whether a re-plan is worth solving: the rate moved by more than ``rate_tol`` (relative,
+    or 1 query/minute) or the mix by more than ``mix_tol`` (L1). Plans are deterministic in the
+    demand, so an unchanged demand would give the same plan. The 10% tolerances sit inside the
+    planner's utilisation headroom (15%) and above the noise of a 10 s rate estimate."""
+    if old is None:
+        return True
+    if abs(new.rate_qpm - old.rate_qpm) > max(rate_tol * old.rate_qpm, 1.0):
+        return True
+    return float(np.abs(np.asarray(new.mix) - np.asarray(old.mix)).sum()) > mix_tol

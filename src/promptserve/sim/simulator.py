@@ -31,6 +31,7 @@ from promptserve.policy import (
     admit,
     route,
 )
+from promptserve.policy.estimator import demand_changed
 from promptserve.policy.types import Dispatch
 from promptserve.quality import QualityModel
 from promptserve.sim.records import Records
@@ -94,6 +95,10 @@ class _Run:
         self.planner_ms: list[float] = []
         self.plans: list[tuple[float, Plan]] = []
         self.plan: Plan | None = None
+        self.planned_for: Demand | None = None
+        self.prefetched: dict[
+            int, tuple[int, float, int]
+        ] = {}  # request -> (index version, similarity, entry)
         self.done = 0
         self.switch_s = profiles[0].model_load_s if policy.switch_s_from_profile else 0.0
 
@@ -136,6 +141,9 @@ class _Run:
             self.index.insert(tenant, prompt, vec, self.cache_levels, now_s=0.0)
 
     def _apply_plan(self, now: float, demand: Demand) -> None:
+        if not demand_changed(self.planned_for, demand):
+            return  # the same demand gives the same plan
+        self.planned_for = demand
         current = [g.level for g in self.dispatcher.gpus]
         t0 = time.perf_counter()
         plan = self.policy.plan(demand, self.inputs.setting, current)
@@ -150,12 +158,11 @@ class _Run:
 
     def _arrive(self, now: float, i: int) -> None:
         req = self.inputs.requests[i]
-        vec = self.inputs.embeddings[i]
-        found = self.index.nearest(req.tenant, vec)
-        k_opt = self.inputs.thresholds.k_opt(found.similarity if found else None)
-        k_max = self.levels[-1] if found else 0
-        if found is not None:
-            self.match[i] = (found.entry.id, found.similarity)
+        similarity, entry_id = self._lookup(i)
+        k_opt = self.inputs.thresholds.k_opt(similarity if entry_id >= 0 else None)
+        k_max = self.levels[-1] if entry_id >= 0 else 0
+        if entry_id >= 0:
+            self.match[i] = (entry_id, similarity)
         self.records.k_opt[i] = k_opt
         self.estimator.observe(now, k_opt)
         assert self.plan is not None
@@ -168,6 +175,36 @@ class _Run:
                 return
             job = admitted
         self.dispatcher.enqueue(job)
+
+    def _lookup(self, i: int) -> tuple[float, int]:
+        """Nearest cached entry of request i's tenant: (similarity, entry id or -1).
+
+        The index only changes when a batch finishes, so the arrivals before the next finish
+        are looked up together in one call; a finish in between (the index version moved)
+        makes the next arrival look up again.
+        """
+        done = self.prefetched.pop(i, None)
+        if done is not None and done[0] == self.index.version:
+            return done[1], done[2]
+        reqs = self.inputs.requests
+        next_finish = min(
+            (g.busy_until for g in self.dispatcher.gpus if g.running), default=float("inf")
+        )
+        ids = [i]
+        j = i + 1
+        while (
+            j < len(reqs)
+            and len(ids) < 256
+            and reqs[j].arrival_s < next_finish
+            and reqs[j].tenant == reqs[i].tenant
+        ):
+            ids.append(j)
+            j += 1
+        sims, entries = self.index.nearest_many(reqs[i].tenant, self.inputs.embeddings[ids])
+        version = self.index.version
+        for k, sim, entry in zip(ids[1:], sims[1:], entries[1:], strict=True):
+            self.prefetched[k] = (version, float(sim), int(entry))
+        return float(sims[0]), int(entries[0])
 
     def _finish(self, now: float, dispatch: Dispatch) -> None:
         for outcome in self.dispatcher.on_batch_done(now, dispatch):

@@ -142,7 +142,9 @@ def main() -> None:
         help="entries in the usearch index (HNSW builds slowly on 2 cores)",
     )
     parser.add_argument("--queries", type=int, default=10_000)
-    parser.add_argument("--nprobe", type=int, default=32)
+    parser.add_argument(
+        "--nprobe", type=int, default=16, help="IVF lists scanned per query (the serving default)"
+    )
     parser.add_argument("--cache-dir", default=str(ROOT / ".promptserve"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -2,9 +2,13 @@
 
 ``ExactVectors`` scans every row (numpy); ``FaissIVFVectors`` is faiss's inverted-file index
 (approximate, trained on the vectors it holds); ``USearchVectors`` is usearch's HNSW graph.
-``AutoVectors`` is exact below a size and moves to IVF above it, which is what the cache uses:
-``benchmarks/bench_cache.py`` measured both ANN libraries and the closing note of issue 2 says
-why IVF won.
+``AutoVectors`` is exact below a size and moves to IVF above it, which is what the cache uses.
+Why IVF (``benchmarks/bench_cache.py``, 2-core machine, near-duplicate data built on MiniLM
+embeddings of the project's prompts): at 100k entries usearch HNSW answered faster (p99 0.66 ms
+against 1.19 ms) but missed more (recall@1 0.984 against 0.9996; K_opt agreement 0.990 against
+0.9998, under the 99% serving needs), built 6x slower (24 s against 4 s) and inserted one at a
+time 11x slower; at 1M entries IVF-4096 builds in 73 s and, at nprobe 16, answers at p99 1.8 ms
+with K_opt agreement 0.9999.
 """
 
 from __future__ import annotations
@@ -146,7 +150,7 @@ def ivf_nlist(n: int) -> int:
 class AutoVectors:
     """Exact search up to ``ann_threshold`` vectors; faiss IVF above, rebuilt at 4x its size."""
 
-    def __init__(self, dim: int, ann_threshold: int = 50_000, nprobe: int = 32) -> None:
+    def __init__(self, dim: int, ann_threshold: int = 50_000, nprobe: int = 16) -> None:
         self.dim = dim
         self.ann_threshold = ann_threshold
         self.nprobe = nprobe

@@ -17,7 +17,19 @@ import numpy as np
 
 from promptserve.policy.solver import maximise
 
-HEADROOM_WEIGHT = 1e-4  # among equal-quality allocations, prefer the one with more capacity
+
+def spare_to_fastest(counts: np.ndarray, loads: np.ndarray, throughput: np.ndarray) -> np.ndarray:
+    """Move GPUs that carry no planned load to the fastest level.
+
+    Quality is decided by the loads alone, so this keeps the optimum and, among the
+    allocations with that quality, leaves the most capacity for a burst (the planned load
+    keeps the fewest GPUs it needs: ``ceil(load / throughput)`` per level).
+    """
+    need = np.where(throughput > 0, np.ceil(loads / np.maximum(throughput, 1e-12) - 1e-9), 0)
+    need = np.minimum(np.maximum(need, 0), counts).astype(int)
+    out = need.copy()
+    out[int(np.argmax(throughput))] += int(counts.sum() - need.sum())
+    return out
 
 
 @dataclass(frozen=True)
@@ -38,7 +50,7 @@ def allocate(
     t = np.asarray(throughput, dtype=float)
     target = min(load_qpm, gpus * float(t.max()))
     # variables: n_0..n_{m-1}, y_0..y_{m-1}
-    c = np.concatenate([HEADROOM_WEIGHT * t, np.asarray(quality, dtype=float)])
+    c = np.concatenate([np.zeros(m), np.asarray(quality, dtype=float)])
     a_ub = np.hstack([-np.diag(t), np.eye(m)])  # y_l - T_l n_l <= 0
     a_eq = np.vstack(
         [np.concatenate([np.ones(m), np.zeros(m)]), np.concatenate([np.zeros(m), np.ones(m)])]
@@ -46,6 +58,8 @@ def allocate(
     sol = maximise(
         c, a_ub, np.zeros(m), a_eq, np.array([gpus, target]), np.r_[np.ones(m), np.zeros(m)]
     )
-    counts = tuple(int(round(v)) for v in sol.x[:m])
-    loads = tuple(float(v) for v in sol.x[m:])
-    return Allocation(counts, loads, float(np.dot(loads, quality)))
+    loads = sol.x[m:]
+    counts = spare_to_fastest(np.rint(sol.x[:m]).astype(int), loads, t)
+    return Allocation(
+        tuple(int(c) for c in counts), tuple(float(v) for v in loads), float(np.dot(loads, quality))
+    )

@@ -2,7 +2,7 @@
 
 One MILP over GPU groups p (GPUs with the same profile), levels l and K_opt classes i:
 
-    maximise   sum_{i,l} q[i,l] x[i,l]  +  eps * sum_{p,l} T[p,l] n[p,l]
+    maximise   sum_{i,l} q[i,l] x[i,l]
     s.t.       sum_l n[p,l] = G_p                          (every GPU gets one level)
                sum_l x[i,l] + r[i] = lambda_i               (each class is served or refused)
                sum_i x[i,l] <= sum_p T[p,l] n[p,l]          (level capacity under the SLO)
@@ -11,8 +11,8 @@ One MILP over GPU groups p (GPUs with the same profile), levels l and K_opt clas
 q is the per-prompt quality model (a class served above its K_opt pays its own penalty), not a
 per-level average; T is the SLO capacity of ``capacity.py`` (batching and queueing delay
 included), so a level that cannot meet the SLO gets nothing; r (refusal, quality 0) is used
-only when no allocation can serve the load in time. The eps term prefers, among plans of equal
-quality, the one with more headroom. Grouping identical GPUs keeps the problem the same size
+only when no allocation can serve the load in time. GPUs that carry no planned load then move to
+their group's fastest level: the same quality with the most headroom for a burst. Grouping identical GPUs keeps the problem the same size
 at 8 or 512 GPUs.
 """
 
@@ -22,12 +22,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from promptserve.policy.allocation import spare_to_fastest
 from promptserve.policy.capacity import slo_batch, slo_capacity_qpm
 from promptserve.policy.solver import maximise
 from promptserve.policy.types import Demand, Plan
 from promptserve.profile import Profile
-
-HEADROOM_WEIGHT = 1e-3
 
 
 def group_gpus(profiles: Sequence[Profile]) -> list[tuple[Profile, list[int]]]:
@@ -55,7 +54,6 @@ def plan_joint(
     x0, r0 = n_vars, n_vars + m * m
     size = r0 + m
     c = np.zeros(size)
-    c[:n_vars] = HEADROOM_WEIGHT * t.ravel()
     c[x0:r0] = np.asarray(quality, dtype=float).ravel()
     a_eq = np.zeros((len(groups) + m, size))
     b_eq = np.zeros(len(groups) + m)
@@ -76,6 +74,7 @@ def plan_joint(
     sol = maximise(c, a_ub, np.zeros(m), a_eq, b_eq, integer)
     counts = np.rint(sol.x[:n_vars]).astype(int).reshape(len(groups), m)
     flows = sol.x[x0:r0].reshape(m, m)
+    counts = _spare_to_fastest(counts, flows.sum(axis=0), t)
     refused = sol.x[r0:]
     gpu_levels = assign_levels(groups, counts, levels, current)
     cap = (t * counts).sum(axis=0)
@@ -91,6 +90,18 @@ def plan_joint(
         expected_quality=served_q / total if total > 0 else 100.0,
         batch=tuple(max(slo_batch(groups[0][0], k, slo_s, max_batch), 1) for k in levels),
     )
+
+
+def _spare_to_fastest(counts: np.ndarray, level_load: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """GPUs that carry no planned load go to their group's fastest level (more headroom, same
+    quality). Groups are filled in order of their capacity at each level."""
+    out = np.zeros_like(counts)
+    left = level_load.astype(float).copy()
+    for g in np.argsort(-t.max(axis=1)):
+        share = np.minimum(left, counts[g] * t[g])
+        out[g] = spare_to_fastest(counts[g], share, t[g])
+        left -= np.minimum(share, out[g] * t[g])
+    return out
 
 
 def route_rows(

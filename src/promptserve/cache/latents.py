@@ -1,0 +1,124 @@
+"""The latent store: one ``safetensors`` file per cache entry and level, in a cache folder.
+
+Crash safety: a file is written to a temporary name in its final folder, fsynced, then renamed
+over its final name (rename is atomic on POSIX), so a reader sees the whole file or none. Each
+file carries the SHA-256 of its tensor bytes in its metadata and a read verifies it: a corrupt
+file is deleted, counted, and reported as absent, never served. Temporary files left by a crash
+are removed when the store opens.
+
+Keys come from ``promptserve.cache.index.latent_key`` (a tenant digest and a number): a key of
+any other shape is refused, so no user string reaches the file system.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+KEY = re.compile(r"^[0-9a-f]{16}/[0-9]{12}-k[0-9]{2}$")
+SUFFIX = ".safetensors"
+TMP_SUFFIX = ".tmp"
+
+
+@dataclass
+class StoreStats:
+    writes: int = 0
+    reads: int = 0
+    corrupt_dropped: int = 0
+    write_errors: int = 0
+    orphans_removed: int = 0
+
+
+class LatentStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.stats = StoreStats()
+        self._remove_temporaries()
+
+    def path(self, key: str) -> Path:
+        if not KEY.match(key):
+            raise ValueError(f"latent key {key!r} is not of the form <16 hex>/<12 digits>-kNN")
+        return self.root / f"{key}{SUFFIX}"
+
+    def put(self, key: str, latent: np.ndarray) -> int:
+        """Write atomically; returns the bytes written."""
+        final = self.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        data = np.ascontiguousarray(latent)
+        tmp = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
+        save_file({"latent": data}, str(tmp), metadata={"sha256": _digest(data)})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        self.stats.writes += 1
+        return final.stat().st_size
+
+    def get(self, key: str) -> np.ndarray | None:
+        """The latent, or None when absent or corrupt (a corrupt file is dropped and counted)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as fh:
+                expected = (fh.metadata() or {}).get("sha256")
+            latent = load_file(str(path))["latent"]
+        except Exception:  # a truncated or garbled file: safetensors raises several kinds
+            latent, expected = None, None
+        if latent is None or expected != _digest(latent):
+            self.stats.corrupt_dropped += 1
+            path.unlink(missing_ok=True)
+            return None
+        self.stats.reads += 1
+        return latent
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+    def keys(self) -> set[str]:
+        out = set()
+        for path in self.root.glob(f"*/*{SUFFIX}"):
+            key = f"{path.parent.name}/{path.name[: -len(SUFFIX)]}"
+            if KEY.match(key):
+                out.add(key)
+        return out
+
+    def bytes_used(self) -> int:
+        return sum(p.stat().st_size for p in self.root.glob(f"*/*{SUFFIX}"))
+
+    def remove_orphans(self, known: set[str]) -> int:
+        """Delete files no index entry names (left by a crash between file and manifest)."""
+        orphans = self.keys() - known
+        for key in orphans:
+            self.delete(key)
+        self.stats.orphans_removed += len(orphans)
+        return len(orphans)
+
+    def _remove_temporaries(self) -> None:
+        for tmp in self.root.glob(f"*/*{TMP_SUFFIX}"):
+            tmp.unlink(missing_ok=True)
+
+
+def _digest(array: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(str(array.dtype).encode())
+    h.update(str(array.shape).encode())
+    h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,92 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from promptserve.cache.index import latent_key
+from promptserve.cache.latents import LatentStore
+
+
+def test_put_get_round_trip_and_bytes(tmp_path):
+    store = LatentStore(tmp_path)
+    x = np.random.default_rng(0).standard_normal((4, 8, 8)).astype(np.float16)
+    key = latent_key("alice", 3, 10)
+    assert store.put(key, x) > x.nbytes
+    assert np.array_equal(store.get(key), x)
+    assert store.keys() == {key}
+    assert store.get(latent_key("alice", 4, 10)) is None
+
+
+def test_corrupt_file_is_never_served(tmp_path):
+    store = LatentStore(tmp_path)
+    key = latent_key("bob", 1, 5)
+    store.put(key, np.ones((4, 8, 8), np.float32))
+    path = store.path(key)
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0xFF  # flip bits in the tensor bytes
+    path.write_bytes(bytes(raw))
+    assert store.get(key) is None
+    assert store.stats.corrupt_dropped == 1 and not path.exists()
+    store.put(key, np.ones((4, 8, 8), np.float32))
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    assert store.get(key) is None and store.stats.corrupt_dropped == 2
+
+
+@pytest.mark.parametrize(
+    "key", ["../etc/passwd", "alice/1-k05", "0123456789abcdef/../../x-k05", ""]
+)
+def test_keys_of_other_shapes_are_refused(tmp_path, key):
+    with pytest.raises(ValueError, match="latent key"):
+        LatentStore(tmp_path).put(key, np.zeros(3))
+
+
+def test_orphans_and_temporaries_are_cleaned(tmp_path):
+    store = LatentStore(tmp_path)
+    keep, orphan = latent_key("t", 1, 5), latent_key("t", 2, 5)
+    store.put(keep, np.zeros(4))
+    store.put(orphan, np.zeros(4))
+    (store.path(keep).parent / "x.safetensors.123.tmp").write_bytes(b"half")
+    reopened = LatentStore(tmp_path)
+    assert not list(tmp_path.glob("*/*.tmp"))
+    assert reopened.remove_orphans({keep}) == 1
+    assert reopened.keys() == {keep}
+
+
+WRITER = """
+import sys, numpy as np
+from promptserve.cache.index import latent_key
+from promptserve.cache.latents import LatentStore
+store = LatentStore(sys.argv[1])
+rng = np.random.default_rng(0)
+i = 0
+while True:
+    store.put(latent_key("t", i, 5), rng.standard_normal((4, 64, 64)).astype(np.float32))
+    print(i, flush=True)
+    i += 1
+"""
+
+
+def test_a_writer_killed_mid_stream_leaves_no_torn_entry(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    written = 0
+    deadline = time.monotonic() + 60
+    while written < 30 and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        written = int(line) + 1 if line else written
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert written >= 30
+    store = LatentStore(tmp_path)
+    keys = store.keys()
+    assert len(keys) >= written  # every acknowledged write is there
+    for key in keys:
+        latent = store.get(key)
+        assert latent is not None and latent.shape == (4, 64, 64)
+    assert store.stats.corrupt_dropped == 0
+    assert not list(tmp_path.glob("*/*.tmp"))

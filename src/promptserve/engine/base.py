@@ -1,0 +1,44 @@
+"""The engine interface: run a batch of requests, each from its own starting latent and level."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class GenerationItem:
+    """One image to make.
+
+    ``k`` is the number of denoising steps skipped; ``start_latent`` is the latent after ``k``
+    steps (a cached neighbour's) and must be given when ``k`` > 0; at ``k`` = 0 the run starts
+    from noise drawn with ``seed``. Items of one batch may have different ``k``: engines run
+    each level's items together (the interface leaves room for step-level batching).
+    """
+
+    prompt: str
+    k: int = 0
+    start_latent: np.ndarray | None = None
+    seed: int = 0
+
+
+@dataclass
+class GenerationResult:
+    png: bytes
+    k: int
+    latents: dict[int, np.ndarray] = field(
+        default_factory=dict
+    )  # level -> latent after that many steps
+    final_latent: np.ndarray | None = None
+    placeholder: bool = False  # True when the image is not a real rendering (tiny or modelled)
+
+
+class Engine(Protocol):
+    name: str
+    total_steps: int
+    levels: tuple[int, ...]  # the cache levels K it captures and can resume from (0 included)
+
+    def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]: ...

@@ -1,0 +1,36 @@
+"""No compute: waits the profile's batch latency and returns a placeholder image. For load tests
+of the server and the cluster without a GPU."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.profile import Profile
+
+# A 1x1 grey PNG: the placeholder every modelled result carries.
+PLACEHOLDER_PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d49484452000000010000000108000000003a7e9b55"
+    "0000000a4944415478da63680000008200815ba6b3a30000000049454e44ae426082"
+)
+
+
+class ModeledEngine:
+    def __init__(
+        self, profile: Profile, sleep: Callable[[float], None] = time.sleep, speedup: float = 1.0
+    ) -> None:
+        self.profile = profile
+        self.name = f"modeled:{profile.name}"
+        self.total_steps = profile.total_steps
+        self.levels = profile.levels
+        self._sleep = sleep
+        self._speedup = speedup  # > 1 runs faster than the profile (load tests on a short clock)
+
+    def generate(self, items: Sequence[GenerationItem], on_step=None) -> list[GenerationResult]:
+        for k in sorted({it.k for it in items}):
+            n = sum(1 for it in items if it.k == k)
+            self._sleep(
+                self.profile.batch_latency(k, min(n, self.profile.max_batch)) / self._speedup
+            )
+        return [GenerationResult(PLACEHOLDER_PNG, it.k, placeholder=True) for it in items]

@@ -1,0 +1,165 @@
+"""A tiny Stable-Diffusion-shaped model with random weights, built from configs in well under a
+second: the CPU default for demos and tests. Its images are noise (every surface that shows
+one says so); its latents, timesteps and cache behaviour are those of the real thing.
+
+Tokenizer: byte-level (UTF-8 bytes, 77 positions). The real CLIP BPE vocabulary is not on
+these machines; the tiny model's random text encoder gives the tokens no meaning either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.engine.denoise import Components, decode_png, denoise, initial_noise
+
+MAX_TOKENS = 77
+BOS, EOS, PAD = 256, 257, 258
+
+
+class ByteTokenizer:
+    def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        ids = np.full((len(texts), MAX_TOKENS), PAD, dtype=np.int64)
+        for row, text in enumerate(texts):
+            tokens = [BOS, *list(text.encode("utf-8"))[: MAX_TOKENS - 2], EOS]
+            ids[row, : len(tokens)] = tokens
+        return {"input_ids": ids}
+
+
+def build_tiny(seed: int = 0, size: int = 64) -> Components:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if size % 8:
+        raise ValueError(f"tiny model size must be a multiple of 8, got {size}")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=size // 8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=size,
+    )
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=260,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
+    for module in (unet, vae, text):
+        module.eval()
+    return Components(
+        unet, vae, text, ByteTokenizer(), scheduler, 0.18215, (4, size // 8, size // 8)
+    )
+
+
+class DenoisingEngine:
+    """Runs batches on diffusers components; the tiny model and real SD 1.x/2.x weights alike."""
+
+    def __init__(
+        self,
+        components: Components,
+        name: str,
+        total_steps: int,
+        levels: Sequence[int],
+        guidance: float = 7.5,
+    ) -> None:
+        self.c = components
+        self.name = name
+        self.total_steps = total_steps
+        self.levels = tuple(levels)
+        self.guidance = guidance
+        self.placeholder = name == "tiny"
+
+    def generate(self, items: Sequence[GenerationItem], on_step=None) -> list[GenerationResult]:
+        results: list[GenerationResult | None] = [None] * len(items)
+        for k in sorted({it.k for it in items}):
+            idx = [i for i, it in enumerate(items) if it.k == k]
+            for i, res in zip(
+                idx, self._run_level(k, [items[i] for i in idx], on_step), strict=True
+            ):
+                results[i] = res
+        return results  # type: ignore[return-value]
+
+    def _run_level(
+        self, k: int, items: Sequence[GenerationItem], on_step
+    ) -> list[GenerationResult]:
+        if k not in self.levels:
+            raise ValueError(f"level K={k} is not one of {self.levels}")
+        starts = []
+        for it in items:
+            if k == 0:
+                starts.append(initial_noise(self.c, it.seed))
+            elif it.start_latent is None:
+                raise ValueError(f"level K={k} needs a start latent")
+            else:
+                starts.append(
+                    torch.as_tensor(it.start_latent, dtype=self.c.dtype, device=self.c.device)[None]
+                )
+        capture = [lv for lv in self.levels if lv > k]
+        final, captured = denoise(
+            self.c,
+            torch.cat(starts),
+            [it.prompt for it in items],
+            k,
+            self.total_steps,
+            capture,
+            self.guidance,
+            on_step,
+        )
+        pngs = decode_png(self.c, final)
+        return [
+            GenerationResult(
+                png=pngs[j],
+                k=k,
+                latents={lv: captured[lv][j].float().cpu().numpy() for lv in captured},
+                final_latent=final[j].float().cpu().numpy(),
+                placeholder=self.placeholder,
+            )
+            for j in range(len(items))
+        ]
+
+
+def tiny_engine(
+    total_steps: int = 20,
+    levels: Sequence[int] = (0, 2, 4, 6, 8, 10),
+    seed: int = 0,
+    size: int = 64,
+) -> DenoisingEngine:
+    """The tiny model with 20 steps and six levels: the reference's 50 steps and K in
+    {0, 5, ..., 25} scaled down, so a resumed run skips the same fractions."""
+    return DenoisingEngine(build_tiny(seed, size), "tiny", total_steps, levels)

@@ -1,0 +1,80 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from promptserve.engine import GenerationItem, make_engine
+from promptserve.engine.modeled import ModeledEngine
+from promptserve.errors import InputError
+from promptserve.profile import reference_profile
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return make_engine("tiny")
+
+
+@pytest.fixture(scope="module")
+def full_run(engine):
+    return engine.generate([GenerationItem("a red fox in the snow", 0, seed=7)])[0]
+
+
+def test_full_run_captures_every_cache_level(engine, full_run):
+    assert sorted(full_run.latents) == [k for k in engine.levels if k > 0]
+    assert full_run.placeholder  # the tiny model's images are noise and say so
+    img = Image.open(io.BytesIO(full_run.png))
+    assert img.size == (64, 64) and img.format == "PNG"
+
+
+@pytest.mark.parametrize("k", [2, 6, 10])
+def test_resuming_from_its_own_latent_reproduces_the_full_run(engine, full_run, k):
+    resumed = engine.generate([GenerationItem("a red fox in the snow", k, full_run.latents[k])])[0]
+    assert np.abs(resumed.final_latent - full_run.final_latent).max() <= 1e-5
+    assert sorted(resumed.latents) == [lv for lv in engine.levels if lv > k]
+
+
+def test_a_mixed_batch_equals_the_requests_run_one_by_one(engine, full_run):
+    items = [
+        GenerationItem("a red fox in the snow", 0, seed=7),
+        GenerationItem("a blue cat on a roof", 4, full_run.latents[4]),
+        GenerationItem("a red fox in the rain", 4, full_run.latents[4]),
+        GenerationItem("castle", 0, seed=1),
+    ]
+    together = engine.generate(items)
+    for item, got in zip(items, together):
+        alone = engine.generate([item])[0]
+        assert got.k == item.k
+        assert np.abs(got.final_latent - alone.final_latent).max() <= 1e-4
+
+
+def test_resuming_from_another_prompts_latent_gives_a_valid_image(engine, full_run):
+    res = engine.generate([GenerationItem("a lighthouse at dusk", 6, full_run.latents[6])])[0]
+    assert np.isfinite(res.final_latent).all()
+    assert np.abs(res.final_latent - full_run.final_latent).max() > 1e-3  # the new prompt steers it
+    assert Image.open(io.BytesIO(res.png)).size == (64, 64)
+
+
+def test_levels_above_zero_need_a_start_latent(engine):
+    with pytest.raises(ValueError, match="needs a start latent"):
+        engine.generate([GenerationItem("x", 4)])
+    with pytest.raises(ValueError, match="not one of"):
+        engine.generate([GenerationItem("x", 3, np.zeros((4, 8, 8), np.float32))])
+
+
+def test_modeled_engine_waits_the_profile_latency():
+    slept = []
+    profile = reference_profile()
+    eng = ModeledEngine(profile, sleep=slept.append)
+    out = eng.generate(
+        [GenerationItem("a", 25, None), GenerationItem("b", 25, None), GenerationItem("c", 0)]
+    )
+    assert slept == [profile.batch_latency(0, 1), profile.batch_latency(25, 2)]
+    assert all(r.placeholder and r.png.startswith(b"\x89PNG") for r in out)
+
+
+def test_unknown_backend_and_missing_model():
+    with pytest.raises(InputError, match="backend 'onnx'"):
+        make_engine("tiny", backend="onnx")
+    with pytest.raises(InputError, match="cannot load diffusers model"):
+        make_engine("/no/such/model/folder")

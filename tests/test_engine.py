@@ -78,3 +78,23 @@ def test_unknown_backend_and_missing_model():
         make_engine("tiny", backend="onnx")
     with pytest.raises(InputError, match="cannot load diffusers model"):
         make_engine("/no/such/model/folder")
+
+
+def test_profile_command_writes_a_profile_the_simulator_loads(tmp_path):
+    from typer.testing import CliRunner
+
+    from promptserve.cli import app
+    from promptserve.profile import load_profile
+
+    out = tmp_path / "tiny.json"
+    res = CliRunner().invoke(
+        app, ["profile", "--levels", "0,10", "--batch-sizes", "1,2", "--out", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    prof = load_profile(out)
+    assert prof.levels == (0, 10) and prof.batch_sizes == (1, 2) and prof.total_steps == 20
+    # skipping half the steps must be faster than running them all
+    assert prof.batch_latency(10, 1) < prof.batch_latency(0, 1)
+    assert prof.level_quality(10) == reference_profile().level_quality(25)
+    bad = CliRunner().invoke(app, ["profile", "--levels", "0,3", "--out", str(out)])
+    assert bad.exit_code == 2 and "--levels" in bad.output

@@ -337,3 +337,57 @@ def simulate_cmd(
     )
     console.print(table)
     console.print(f"report written to {out}/report.json, report.md, timeline.png")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{flag} {text!r} is not a comma-separated list of integers") from None
+    if not values or any(v < 0 for v in values):
+        raise InputError(f"{flag} {text!r} needs at least one integer >= 0")
+    return values
+
+
+@app.command("profile")
+@user_errors
+def profile_cmd(
+    model: Annotated[
+        str, typer.Option(help="tiny (built in) or a diffusers folder / hub id.")
+    ] = "tiny",
+    levels: Annotated[str, typer.Option(help="Levels K to measure; default: the model's.")] = "",
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes to measure.")] = "1,2,4,8",
+    repeats: Annotated[int, typer.Option(help="Timed runs per point.", min=1, max=100)] = 1,
+    device: Annotated[str, typer.Option(help="cpu, cuda or mps.")] = "cpu",
+    out: Annotated[Path, typer.Option(help="Where to write the measured profile JSON.")] = Path(
+        "profile.json"
+    ),
+) -> None:
+    """Measure batch latency per level and batch size on this device; write a profile file."""
+    from promptserve.engine import make_engine
+    from promptserve.engine.profiling import measure
+
+    sizes = sorted(set(_int_list(batch_sizes, "--batch-sizes")))
+    if sizes[0] != 1:
+        raise InputError("--batch-sizes must include 1")
+    engine = make_engine(model, device=device)
+    chosen = sorted(set(_int_list(levels, "--levels"))) if levels else list(engine.levels)
+    bad = [k for k in chosen if k not in engine.levels]
+    if bad or chosen[0] != 0:
+        raise InputError(
+            f"--levels must start at 0 and be among the model's levels {engine.levels}"
+        )
+    with progress() as bar:
+        task = bar.add_task(f"profiling {model}", total=len(chosen) * len(sizes))
+        measured = measure(
+            engine, model, chosen, sizes, repeats, on_point=lambda *_: bar.advance(task)
+        )
+    out.write_text(measured.model_dump_json(indent=2) + "\n")
+    table = Table(title=f"batch latency (s), {model} on {device}")
+    table.add_column("K")
+    for b in sizes:
+        table.add_column(f"batch {b}", justify="right")
+    for k, row in zip(chosen, measured.batch_latency_s, strict=True):
+        table.add_row(str(k), *(f"{v:.3f}" for v in row))
+    console.print(table)
+    console.print(f"profile written to {out}")

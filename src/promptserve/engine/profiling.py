@@ -1,0 +1,62 @@
+"""Measure an engine's batch latency per level on this device and write a measured profile."""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import time
+from collections.abc import Callable, Sequence
+
+from promptserve.engine.base import Engine, GenerationItem
+from promptserve.profile import MeasuredProfile, reference_profile
+
+
+def reference_quality(levels: Sequence[int], total_steps: int) -> list[float]:
+    """The published quality of the reference level that skips the same fraction of steps."""
+    ref = reference_profile()
+    out = []
+    for k in levels:
+        scaled = k * ref.total_steps / total_steps
+        nearest = min(ref.levels, key=lambda r: abs(r - scaled))
+        out.append(ref.level_quality(nearest))
+    return out
+
+
+def measure(
+    engine: Engine,
+    model: str,
+    levels: Sequence[int],
+    batch_sizes: Sequence[int],
+    repeats: int = 1,
+    on_point: Callable[[int, int, float], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> MeasuredProfile:
+    """Median-free and simple: the mean of ``repeats`` timed batches after one warm-up run."""
+    seed_run = engine.generate([GenerationItem("a photograph of a lighthouse", 0, seed=0)])[0]
+    rows = []
+    for k in levels:
+        row = []
+        for b in batch_sizes:
+            items = [
+                GenerationItem(f"prompt {i}", k, seed_run.latents.get(k), seed=i) for i in range(b)
+            ]
+            times = []
+            for _ in range(repeats):
+                t0 = clock()
+                engine.generate(items)
+                times.append(clock() - t0)
+            row.append(sum(times) / len(times))
+            if on_point is not None:
+                on_point(k, b, row[-1])
+        rows.append(row)
+    return MeasuredProfile(
+        format="promptserve-profile/1",
+        model=model,
+        device=f"cpu:{platform.processor() or platform.machine()}",
+        measured_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        total_steps=engine.total_steps,
+        levels=list(levels),
+        batch_sizes=list(batch_sizes),
+        batch_latency_s=rows,
+        quality_percent=reference_quality(levels, engine.total_steps),
+    )

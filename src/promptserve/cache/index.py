@@ -94,13 +94,32 @@ class CacheIndex:
     def get(self, entry_id: int) -> CacheEntry | None:
         return self._entries.get(entry_id)
 
+    def reserve_id(self) -> int:
+        """The id the next insert will take (its latent keys can be written before it)."""
+        return self._next_id
+
+    def evict(self, count: int = 1) -> list[CacheEntry]:
+        """Evict ``count`` entries by the policy (for a byte quota kept outside the index)."""
+        return self._evict(count)
+
     def insert(
-        self, tenant: str, prompt: str, embedding: np.ndarray, levels: Sequence[int], now_s: float
+        self,
+        tenant: str,
+        prompt: str,
+        embedding: np.ndarray,
+        levels: Sequence[int],
+        now_s: float,
+        entry_id: int | None = None,
+        hits: int = 0,
+        score: float = 0.0,
     ) -> InsertResult:
-        """Add a generated prompt; evicts first when the cache is full."""
+        """Add a generated prompt; evicts first when the cache is full.
+
+        ``entry_id``, ``hits`` and ``score`` restore an entry read back from disk.
+        """
         evicted = self._evict(len(self._entries) + 1 - self.capacity)
-        entry_id = self._next_id
-        self._next_id += 1
+        entry_id = self._next_id if entry_id is None else entry_id
+        self._next_id = max(self._next_id, entry_id + 1)
         entry = CacheEntry(
             id=entry_id,
             tenant=tenant,
@@ -109,6 +128,8 @@ class CacheIndex:
             latent_keys={k: latent_key(tenant, entry_id, k) for k in levels},
             inserted_s=now_s,
             last_used_s=now_s,
+            hits=hits,
+            score=score,
         )
         self._entries[entry_id] = entry
         self.version += 1

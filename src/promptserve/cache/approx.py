@@ -1,0 +1,170 @@
+"""The approximate cache as a server uses it: the index, the latent files and a manifest.
+
+Order of a write: latent files (each atomic), then the manifest row (one SQLite transaction),
+then the in-memory index. A crash before the row leaves orphan files, removed when the cache
+reopens; a crash after it leaves a whole entry. On open, rows whose files are missing are
+dropped and the index is rebuilt from the rest, so the cache survives restarts. A latent that
+fails its checksum when read drops its entry. A byte quota evicts by the index's policy; a
+failed write (a full disk) skips the entry, is counted, and is logged once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from promptserve.cache.index import CacheEntry, CacheIndex, EvictionPolicy, latent_key
+from promptserve.cache.latents import LatentStore
+from promptserve.cache.thresholds import Thresholds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    entry: CacheEntry
+    similarity: float
+    k_opt: int  # the largest level the similarity tolerates (0: none)
+
+
+class ApproxCache:
+    def __init__(
+        self,
+        root: str | Path,
+        dim: int,
+        thresholds: Thresholds,
+        capacity: int = 100_000,
+        quota_bytes: int | None = None,
+        eviction: EvictionPolicy = "lcbfu",
+        total_steps: int = 50,
+    ) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.thresholds = thresholds
+        self.quota_bytes = quota_bytes
+        self.store = LatentStore(self.root / "latents")
+        self.index = CacheIndex(dim, capacity, total_steps, eviction)
+        self.skipped_writes = 0
+        self._db = sqlite3.connect(str(self.root / "manifest.sqlite"))
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY, tenant TEXT, prompt TEXT,"
+            " levels TEXT, embedding BLOB, inserted_s REAL, hits INTEGER, score REAL)"
+        )
+        self._bytes = 0
+        self._reopen()
+
+    def lookup(self, tenant: str, embedding: np.ndarray) -> CacheHit | None:
+        match = self.index.nearest(tenant, embedding)
+        if match is None:
+            return None
+        return CacheHit(match.entry, match.similarity, self.thresholds.k_opt(match.similarity))
+
+    def latent(self, entry: CacheEntry, k: int) -> np.ndarray | None:
+        """The entry's level-K latent; a corrupt or missing file drops the whole entry."""
+        key = entry.latent_keys.get(k)
+        latent = self.store.get(key) if key else None
+        if latent is None and key is not None:
+            self._drop(entry.id)
+        return latent
+
+    def insert(
+        self,
+        tenant: str,
+        prompt: str,
+        embedding: np.ndarray,
+        latents: dict[int, np.ndarray],
+        now_s: float,
+    ) -> CacheEntry | None:
+        if not latents:
+            return None
+        entry_id = self.index.reserve_id()
+        written = 0
+        try:
+            for k, latent in latents.items():
+                written += self.store.put(latent_key(tenant, entry_id, k), latent)
+        except OSError as exc:
+            for k in latents:
+                self.store.delete(latent_key(tenant, entry_id, k))
+            if self.skipped_writes == 0:
+                log.error("latent cache write failed, entries are skipped until it works: %s", exc)
+            self.skipped_writes += 1
+            return None
+        levels = tuple(sorted(latents))
+        with self._db:
+            self._db.execute(
+                "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, 0, 0.0)",
+                (
+                    entry_id,
+                    tenant,
+                    prompt,
+                    json.dumps(levels),
+                    np.asarray(embedding, np.float32).tobytes(),
+                    now_s,
+                ),
+            )
+        result = self.index.insert(tenant, prompt, embedding, levels, now_s, entry_id=entry_id)
+        self._bytes += written
+        for gone in result.evicted:
+            self._forget(gone)
+        while (
+            self.quota_bytes is not None and self._bytes > self.quota_bytes and len(self.index) > 1
+        ):
+            for gone in self.index.evict(1):
+                self._forget(gone)
+        return result.entry
+
+    def record_hit(self, entry_id: int, k: int, now_s: float) -> None:
+        self.index.record_hit(entry_id, k, now_s)
+        entry = self.index.get(entry_id)
+        if entry is not None:
+            with self._db:
+                self._db.execute(
+                    "UPDATE entries SET hits = ?, score = ? WHERE id = ?",
+                    (entry.hits, entry.score, entry_id),
+                )
+
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _drop(self, entry_id: int) -> None:
+        entry = self.index.remove(entry_id)
+        if entry is not None:
+            self._forget(entry)
+
+    def _forget(self, entry: CacheEntry) -> None:
+        for key in entry.latent_keys.values():
+            path = self.store.path(key)
+            if path.exists():
+                self._bytes -= path.stat().st_size
+            self.store.delete(key)
+        with self._db:
+            self._db.execute("DELETE FROM entries WHERE id = ?", (entry.id,))
+
+    def _reopen(self) -> None:
+        on_disk = self.store.keys()
+        rows = self._db.execute(
+            "SELECT id, tenant, prompt, levels, embedding, inserted_s, hits, score FROM entries ORDER BY id"
+        ).fetchall()
+        known: set[str] = set()
+        for entry_id, tenant, prompt, levels_json, blob, inserted_s, hits, score in rows:
+            levels = tuple(json.loads(levels_json))
+            keys = {latent_key(tenant, entry_id, k) for k in levels}
+            if not keys <= on_disk:
+                with self._db:
+                    self._db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+                continue
+            vec = np.frombuffer(blob, dtype=np.float32)
+            self.index.insert(
+                tenant, prompt, vec, levels, inserted_s, entry_id=entry_id, hits=hits, score=score
+            )
+            known |= keys
+        self.store.remove_orphans(known)
+        self._bytes = sum(self.store.path(k).stat().st_size for k in known)

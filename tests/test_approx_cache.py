@@ -1,0 +1,83 @@
+import numpy as np
+
+from promptserve.cache.approx import ApproxCache
+from promptserve.cache.embed import HashingEmbedder
+from promptserve.cache.thresholds import shipped_thresholds
+
+EMB = HashingEmbedder()
+CLIP = shipped_thresholds("clip")
+
+
+def latents(seed, levels=(5, 10, 25)):
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal((4, 8, 8)).astype(np.float32) for k in levels}
+
+
+def vec(text):
+    return EMB.embed([text])[0]
+
+
+def test_insert_lookup_and_reopen_after_restart(tmp_path):
+    cache = ApproxCache(tmp_path, EMB.dim, CLIP)
+    stored = latents(0)
+    entry = cache.insert(
+        "alice", "a red fox in the snow", vec("a red fox in the snow"), stored, 1.0
+    )
+    cache.record_hit(entry.id, 25, 2.0)
+    cache.close()
+    again = ApproxCache(tmp_path, EMB.dim, CLIP)
+    hit = again.lookup("alice", vec("a red fox in the snow"))
+    assert hit is not None and hit.k_opt == 25 and hit.entry.prompt == "a red fox in the snow"
+    assert hit.entry.hits == 1 and hit.entry.score == 0.5
+    assert np.array_equal(again.latent(hit.entry, 10), stored[10])
+    assert again.lookup("bob", vec("a red fox in the snow")) is None  # tenants do not share
+
+
+def test_a_corrupt_latent_drops_its_entry(tmp_path):
+    cache = ApproxCache(tmp_path, EMB.dim, CLIP)
+    entry = cache.insert("t", "castle", vec("castle"), latents(1), 0.0)
+    path = cache.store.path(entry.latent_keys[5])
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert cache.latent(entry, 5) is None
+    assert cache.lookup("t", vec("castle")) is None
+    cache.close()
+    assert ApproxCache(tmp_path, EMB.dim, CLIP).lookup("t", vec("castle")) is None
+
+
+def test_byte_quota_evicts_by_lcbfu_and_deletes_files(tmp_path):
+    one = ApproxCache(tmp_path / "probe", EMB.dim, CLIP)
+    one.insert("t", "x", vec("x"), latents(9), 0.0)
+    size = one.bytes_used()
+    cache = ApproxCache(tmp_path / "c", EMB.dim, CLIP, quota_bytes=int(size * 2.5))
+    a = cache.insert("t", "a lighthouse", vec("a lighthouse"), latents(2), 0.0)
+    b = cache.insert("t", "a dragon", vec("a dragon"), latents(3), 1.0)
+    cache.record_hit(a.id, 25, 2.0)
+    cache.insert("t", "a robot", vec("a robot"), latents(4), 3.0)
+    assert cache.bytes_used() <= size * 2.5
+    prompts = {e.prompt for e in cache.index}
+    assert "a lighthouse" in prompts and "a dragon" not in prompts
+    assert not any(cache.store.path(k).exists() for k in b.latent_keys.values())
+
+
+def test_orphan_files_from_a_crash_are_removed_on_open(tmp_path):
+    cache = ApproxCache(tmp_path, EMB.dim, CLIP)
+    cache.insert("t", "kept", vec("kept"), latents(5), 0.0)
+    cache.store.put("0123456789abcdef/000000000099-k05", np.zeros(3, np.float32))  # no manifest row
+    cache.close()
+    again = ApproxCache(tmp_path, EMB.dim, CLIP)
+    assert again.store.stats.orphans_removed == 1
+    assert len(again.index) == 1
+
+
+def test_a_failed_write_skips_the_entry_and_answers_go_on(tmp_path, monkeypatch):
+    cache = ApproxCache(tmp_path, EMB.dim, CLIP)
+
+    def full_disk(key, latent):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache.store, "put", full_disk)
+    assert cache.insert("t", "p", vec("p"), latents(6), 0.0) is None
+    assert cache.insert("t", "q", vec("q"), latents(7), 0.0) is None
+    assert cache.skipped_writes == 2 and len(cache.index) == 0

@@ -98,3 +98,71 @@ def test_profile_command_writes_a_profile_the_simulator_loads(tmp_path):
     assert prof.level_quality(10) == reference_profile().level_quality(25)
     bad = CliRunner().invoke(app, ["profile", "--levels", "0,3", "--out", str(out)])
     assert bad.exit_code == 2 and "--levels" in bad.output
+
+
+def test_calibration_fit_keeps_the_model_shape():
+    from promptserve.engine.calibrate import Sample, fit
+
+    samples = [
+        Sample(0.99, 10, 2, 99.0),
+        Sample(0.99, 10, 6, 97.0),
+        Sample(0.99, 10, 10, 98.0),
+        Sample(0.7, 2, 2, 96.0),
+        Sample(0.7, 2, 6, 90.0),
+        Sample(0.7, 2, 10, 86.0),
+    ]
+    f = fit(samples, (0, 2, 6, 10))
+    assert f.level_quality[0] == 100.0
+    assert all(b <= a for a, b in zip(f.level_quality, f.level_quality[1:]))  # never rises with K
+    assert f.level_quality[3] == 97.0  # 98 at K=10 is clipped to the K=6 figure
+    # above K_opt = 2: K=6 is one level up (Q[6] = 97, scored 90), K=10 two up (97 - 86) / 2
+    assert f.per_level == pytest.approx(((97 - 90) + (97 - 86) / 2) / 2)
+    assert f.cap == pytest.approx(88.0)
+
+
+def test_calibrate_command_measures_pairs_on_the_tiny_model(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from promptserve.cli import app
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(
+        "a red fox in the snow\na red fox in deep snow\na lighthouse at dusk\nrobot\n"
+    )
+    out = tmp_path / "fit.json"
+    res = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            "--prompts",
+            str(prompts),
+            "--embedder",
+            "hashing",
+            "--pairs",
+            "2",
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    fitted = json.loads(out.read_text())
+    assert fitted["levels"] == [0, 2, 4, 6, 8, 10] and fitted["level_quality"][0] == 100.0
+    q = fitted["level_quality"]
+    assert all(b <= a for a, b in zip(q, q[1:])) and all(0 <= v <= 100 for v in q)
+    assert fitted["per_level"] >= 0
+    bad = CliRunner().invoke(app, ["calibrate", "--prompts", str(prompts), "--scorer", "vibes"])
+    assert bad.exit_code == 2 and "scorer 'vibes'" in bad.output
+
+
+def test_fidelity_scorer_is_100_for_the_same_image_and_lower_otherwise(full_run, engine):
+    from promptserve.engine.scoring import FidelityScorer
+
+    other = engine.generate([GenerationItem("castle", 0, seed=99)])[0]
+    scores = FidelityScorer().relative(
+        ["a", "b"], [full_run.png, other.png], [full_run.png, full_run.png]
+    )
+    assert scores[0] == 100.0 and scores[1] < 100.0

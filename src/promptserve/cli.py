@@ -391,3 +391,85 @@ def profile_cmd(
         table.add_row(str(k), *(f"{v:.3f}" for v in row))
     console.print(table)
     console.print(f"profile written to {out}")
+
+
+@app.command("calibrate")
+@user_errors
+def calibrate_cmd(
+    prompts: PromptsOpt,
+    model: Annotated[
+        str, typer.Option(help="tiny (built in) or a diffusers folder / hub id.")
+    ] = "tiny",
+    scorer: Annotated[
+        str, typer.Option(help="fidelity, or clip:FOLDER (CLIP weights in a local folder).")
+    ] = "fidelity",
+    pairs: Annotated[
+        int,
+        typer.Option(help="Neighbour pairs to measure, spread over similarity.", min=1, max=10_000),
+    ] = 20,
+    embedder: Annotated[
+        str, typer.Option(help="minilm (real) or hashing (tests only).")
+    ] = "minilm",
+    thresholds: Annotated[
+        str, typer.Option(help="Shipped table name or a thresholds JSON file.")
+    ] = "",
+    device: Annotated[str, typer.Option(help="cpu, cuda or mps.")] = "cpu",
+    cache_dir: CacheDirOpt = Path(".promptserve"),
+    out: Annotated[Path, typer.Option(help="Where to write the fitted constants (JSON).")] = Path(
+        "quality_fit.json"
+    ),
+) -> None:
+    """Measure q(s, K) on neighbour pairs and fit the quality model's constants."""
+    from promptserve.cache.index import CacheIndex
+    from promptserve.cache.replay import replay
+    from promptserve.cache.thresholds import load_thresholds
+    from promptserve.engine import make_engine
+    from promptserve.engine.calibrate import fit, measure_pairs
+    from promptserve.engine.scoring import make_scorer
+    from promptserve.workload import load_prompts
+
+    judge = make_scorer(scorer)
+    table = load_thresholds(thresholds or ("minilm" if embedder == "minilm" else "clip"))
+    texts = list(dict.fromkeys(load_prompts(prompts)))
+    vecs = embed_with_progress(embedder, texts, cache_dir)
+    index = CacheIndex(dim=vecs.shape[1])
+    result = replay(texts, vecs, table, index)
+    with_neighbour = [
+        i for i in np.argsort(result.similarity) if not np.isnan(result.similarity[i])
+    ]
+    if not with_neighbour:
+        raise InputError("the prompts file needs at least two prompts to form a pair")
+    chosen = [
+        with_neighbour[int(j)]
+        for j in np.linspace(0, len(with_neighbour) - 1, min(pairs, len(with_neighbour)))
+    ]
+    triples = []
+    for i in chosen:  # the neighbour the replay saw: the most similar earlier prompt
+        j = int(np.argmax(vecs[: int(i)] @ vecs[i]))
+        triples.append((texts[i], texts[j], float(result.similarity[i])))
+    engine = make_engine(model, device=device)
+    with progress() as bar:
+        task = bar.add_task(f"calibrating ({judge.name})", total=len(triples))
+        samples = measure_pairs(engine, judge, triples, table, on_pair=lambda: bar.advance(task))
+    fitted = fit(samples, engine.levels)
+    out.write_text(
+        json.dumps({"model": model, "scorer": judge.name, **fitted.to_json()}, indent=2) + "\n"
+    )
+    view = Table(title=f"q(s, K) measured on {fitted.pairs} pairs ({judge.name}; {model})")
+    view.add_column("K", justify="right")
+    view.add_column("fitted Q[K]", justify="right")
+    view.add_column("tolerated pairs: mean", justify="right")
+    view.add_column("above K_opt: mean", justify="right")
+    for k, q in zip(fitted.levels, fitted.level_quality, strict=True):
+        ok = [s.quality for s in samples if s.k == k and s.k <= s.k_opt]
+        bad = [s.quality for s in samples if s.k == k and s.k > s.k_opt]
+        view.add_row(
+            str(k),
+            f"{q:.2f}",
+            f"{np.mean(ok):.2f}" if ok else "-",
+            f"{np.mean(bad):.2f}" if bad else "-",
+        )
+    console.print(view)
+    console.print(
+        f"per level above K_opt: {fitted.per_level:.3f} points; cap {fitted.cap:.2f}; written to {out}"
+    )

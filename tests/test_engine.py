@@ -166,3 +166,39 @@ def test_fidelity_scorer_is_100_for_the_same_image_and_lower_otherwise(full_run,
         ["a", "b"], [full_run.png, other.png], [full_run.png, full_run.png]
     )
     assert scores[0] == 100.0 and scores[1] < 100.0
+
+
+def test_a_similar_prompt_resumes_from_the_cached_latent_and_survives_restart(engine, tmp_path):
+    from promptserve.cache.approx import ApproxCache
+    from promptserve.cache.embed import HashingEmbedder
+    from promptserve.cache.thresholds import shipped_thresholds
+    from promptserve.engine.runner import generate_with_cache
+
+    emb = HashingEmbedder()
+    cache = ApproxCache(
+        tmp_path, emb.dim, shipped_thresholds("clip"), total_steps=engine.total_steps
+    )
+    (first,) = generate_with_cache(
+        engine, cache, emb, "alice", ["a red fox in the snow at dawn"], 0.0
+    )
+    assert first.k == 0 and first.similarity is None
+    (second,) = generate_with_cache(
+        engine, cache, emb, "alice", ["a red fox in the snow at dawn!"], 1.0
+    )
+    # similarity 0.92 tolerates K = 20 of 50 steps: level 8 of the tiny model's 20
+    assert second.similarity > 0.9 and second.k == 8
+    assert second.result.k == 8 and sorted(second.result.latents) == [10]
+    (other,) = generate_with_cache(
+        engine, cache, emb, "bob", ["a red fox in the snow at dawn!"], 2.0
+    )
+    assert other.k == 0  # another tenant does not see alice's entries
+    cache.close()
+    reopened = ApproxCache(
+        tmp_path, emb.dim, shipped_thresholds("clip"), total_steps=engine.total_steps
+    )
+    assert len(reopened.index) == 3
+    hit = reopened.lookup("alice", emb.embed(["a red fox in the snow at dawn"])[0])
+    assert hit is not None and reopened.latent(hit.entry, 10) is not None
+    assert (
+        len(reopened.store.keys()) == 5 + 2 + 5
+    )  # alice's miss, alice's resumed run (8, 10), bob's miss

@@ -17,6 +17,7 @@ import numpy as np
 
 from promptserve.cache.thresholds import Thresholds
 from promptserve.engine.base import Engine, GenerationItem
+from promptserve.engine.runner import engine_level
 from promptserve.engine.scoring import Scorer
 
 
@@ -64,18 +65,11 @@ def measure_pairs(
         scores = scorer.relative(
             [prompt] * len(levels), [a.png for a in approx], [ref.png] * len(levels)
         )
-        k_opt = _scaled_k_opt(thresholds, sim, engine)
+        k_opt = engine_level(thresholds.k_opt(sim), engine)
         samples.extend(Sample(sim, k_opt, k, float(q)) for k, q in zip(levels, scores, strict=True))
         if on_pair is not None:
             on_pair()
     return samples
-
-
-def _scaled_k_opt(thresholds: Thresholds, sim: float, engine: Engine) -> int:
-    """The thresholds speak of the reference's 50-step levels; map K_opt onto the engine's."""
-    k_ref = thresholds.k_opt(sim)
-    fraction = k_ref / 50.0
-    return max((k for k in engine.levels if k / engine.total_steps <= fraction + 1e-9), default=0)
 
 
 def fit(samples: Sequence[Sample], levels: Sequence[int]) -> Fit:

@@ -1,0 +1,66 @@
+"""Approximate caching end to end on one engine: look up, resume, capture, insert.
+
+The thresholds speak of the reference's levels (K of 50 steps); an engine with other step
+counts resumes at its level that skips the same or a smaller fraction of its steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from promptserve.cache.approx import ApproxCache, CacheHit
+from promptserve.cache.embed import Embedder
+from promptserve.engine.base import Engine, GenerationItem, GenerationResult
+
+REFERENCE_STEPS = 50
+
+
+def engine_level(k_reference: int, engine: Engine) -> int:
+    """The engine's largest level that skips no larger a fraction than ``k_reference`` of 50."""
+    fraction = k_reference / REFERENCE_STEPS
+    return max((k for k in engine.levels if k / engine.total_steps <= fraction + 1e-9), default=0)
+
+
+@dataclass(frozen=True)
+class Served:
+    prompt: str
+    k: int  # the engine level it ran from
+    similarity: float | None  # to the cached neighbour it started from (None: no neighbour)
+    result: GenerationResult
+
+
+def generate_with_cache(
+    engine: Engine,
+    cache: ApproxCache,
+    embedder: Embedder,
+    tenant: str,
+    prompts: Sequence[str],
+    now_s: float,
+    choose: Callable[[CacheHit | None], int] | None = None,
+    seed: int = 0,
+) -> list[Served]:
+    """Serve ``prompts`` as one batch. ``choose`` maps a cache hit to a reference level K (the
+    router's decision); by default each prompt runs at its own K_opt."""
+    vecs = embedder.embed(list(prompts))
+    items, hits = [], []
+    for i, (prompt, vec) in enumerate(zip(prompts, vecs, strict=True)):
+        hit = cache.lookup(tenant, vec)
+        k_ref = choose(hit) if choose else (hit.k_opt if hit else 0)
+        k = engine_level(k_ref, engine) if hit else 0
+        latent = cache.latent(hit.entry, k) if hit and k > 0 else None
+        if latent is None:
+            k = 0
+        items.append(GenerationItem(prompt, k, latent, seed=seed + i))
+        hits.append(hit)
+    results = engine.generate(items)
+    served = []
+    for item, hit, vec, res in zip(items, hits, vecs, results, strict=True):
+        if hit is not None and item.k > 0:
+            cache.record_hit(hit.entry.id, item.k, now_s)
+        keep = dict(res.latents)
+        if item.k > 0 and item.start_latent is not None:
+            keep[item.k] = item.start_latent  # the level it started from stands for it too
+        cache.insert(tenant, item.prompt, vec, keep, now_s)
+        served.append(Served(item.prompt, item.k, hit.similarity if hit else None, res))
+    return served

@@ -35,6 +35,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_planner.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_sim.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_policies.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_engine.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_cache.py
 
 clean:

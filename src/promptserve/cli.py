@@ -87,6 +87,10 @@ TimeScaleOpt = Annotated[
     float, typer.Option("--time-scale", help="Compress argus/rates: timelines by this factor.")
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
+EmbedderOpt = Annotated[str, typer.Option(help="minilm (real) or hashing (tests only).")]
+ModelOpt = Annotated[str, typer.Option(help="tiny (built in) or a diffusers folder / hub id.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or mps.")]
+ThresholdsOpt = Annotated[str, typer.Option(help="Shipped table name or a thresholds JSON file.")]
 CacheDirOpt = Annotated[
     Path, typer.Option("--cache-dir", help="Folder for on-disk caches (embeddings).")
 ]
@@ -101,12 +105,8 @@ def workload_inspect(
     minutes: MinutesOpt = None,
     time_scale: TimeScaleOpt = 1.0,
     seed: SeedOpt = 0,
-    embedder: Annotated[
-        str, typer.Option(help="minilm (real) or hashing (tests only).")
-    ] = "minilm",
-    thresholds: Annotated[
-        str, typer.Option(help="Shipped table name or a thresholds JSON file.")
-    ] = "",
+    embedder: EmbedderOpt = "minilm",
+    thresholds: ThresholdsOpt = "",
     cache_dir: CacheDirOpt = Path(".promptserve"),
     out: Annotated[Path, typer.Option(help="Where to write the PNG plot.")] = Path("workload.png"),
 ) -> None:
@@ -248,9 +248,7 @@ def simulate_cmd(
     quality_penalty: Annotated[
         str, typer.Option(help="Penalty shape above K_opt: mild or steep.")
     ] = "mild",
-    embedder: Annotated[
-        str, typer.Option(help="minilm (real) or hashing (tests only).")
-    ] = "minilm",
+    embedder: EmbedderOpt = "minilm",
     warm: Annotated[
         int,
         typer.Option(help="Prompts from the top of the file to pre-load into the cache.", min=0),
@@ -352,13 +350,11 @@ def _int_list(text: str, flag: str) -> list[int]:
 @app.command("profile")
 @user_errors
 def profile_cmd(
-    model: Annotated[
-        str, typer.Option(help="tiny (built in) or a diffusers folder / hub id.")
-    ] = "tiny",
+    model: ModelOpt = "tiny",
     levels: Annotated[str, typer.Option(help="Levels K to measure; default: the model's.")] = "",
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes to measure.")] = "1,2,4,8",
     repeats: Annotated[int, typer.Option(help="Timed runs per point.", min=1, max=100)] = 1,
-    device: Annotated[str, typer.Option(help="cpu, cuda or mps.")] = "cpu",
+    device: DeviceOpt = "cpu",
     out: Annotated[Path, typer.Option(help="Where to write the measured profile JSON.")] = Path(
         "profile.json"
     ),
@@ -397,9 +393,7 @@ def profile_cmd(
 @user_errors
 def calibrate_cmd(
     prompts: PromptsOpt,
-    model: Annotated[
-        str, typer.Option(help="tiny (built in) or a diffusers folder / hub id.")
-    ] = "tiny",
+    model: ModelOpt = "tiny",
     scorer: Annotated[
         str, typer.Option(help="fidelity, or clip:FOLDER (CLIP weights in a local folder).")
     ] = "fidelity",
@@ -407,13 +401,9 @@ def calibrate_cmd(
         int,
         typer.Option(help="Neighbour pairs to measure, spread over similarity.", min=1, max=10_000),
     ] = 20,
-    embedder: Annotated[
-        str, typer.Option(help="minilm (real) or hashing (tests only).")
-    ] = "minilm",
-    thresholds: Annotated[
-        str, typer.Option(help="Shipped table name or a thresholds JSON file.")
-    ] = "",
-    device: Annotated[str, typer.Option(help="cpu, cuda or mps.")] = "cpu",
+    embedder: EmbedderOpt = "minilm",
+    thresholds: ThresholdsOpt = "",
+    device: DeviceOpt = "cpu",
     cache_dir: CacheDirOpt = Path(".promptserve"),
     out: Annotated[Path, typer.Option(help="Where to write the fitted constants (JSON).")] = Path(
         "quality_fit.json"

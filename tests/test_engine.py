@@ -202,3 +202,69 @@ def test_a_similar_prompt_resumes_from_the_cached_latent_and_survives_restart(en
     assert (
         len(reopened.store.keys()) == 5 + 2 + 5
     )  # alice's miss, alice's resumed run (8, 10), bob's miss
+
+
+def tiny_xl_engine():
+    """SDXL-shaped components from configs: two text encoders, pooled + time-id conditioning."""
+    import dataclasses
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from promptserve.engine.tiny import (
+        BOS,
+        EOS,
+        MAX_TOKENS,
+        PAD,
+        ByteTokenizer,
+        DenoisingEngine,
+        build_tiny,
+    )
+
+    base = build_tiny(seed=1)
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8,
+    ).eval()
+    second = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=260,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            projection_dim=32,
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            pad_token_id=PAD,
+        )
+    ).eval()
+    comps = dataclasses.replace(
+        base, unet=unet, text_encoder_2=second, tokenizer_2=ByteTokenizer(), image_size=64
+    )
+    return DenoisingEngine(comps, "tiny-xl", 10, (0, 2, 4))
+
+
+def test_sdxl_conditioning_runs_and_resumes_exactly():
+    xl = tiny_xl_engine()
+    full = xl.generate([GenerationItem("a castle on a hill", 0, seed=2)])[0]
+    resumed = xl.generate([GenerationItem("a castle on a hill", 4, full.latents[4])])[0]
+    assert np.abs(resumed.final_latent - full.final_latent).max() <= 1e-5
+    other = xl.generate([GenerationItem("a submarine", 4, full.latents[4])])[0]
+    assert (
+        np.abs(other.final_latent - full.final_latent).max() > 1e-4
+    )  # the second encoder steers it

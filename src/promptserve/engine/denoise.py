@@ -25,13 +25,30 @@ class Components:
     latent_shape: tuple[int, int, int]  # channels, height, width
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    # SDXL: a second text encoder and tokenizer (with projection); their pooled output and the
+    # size/crop time ids condition the UNet as ``added_cond_kwargs``.
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: object | None = None
+    image_size: int = 0
 
 
-def encode(c: Components, prompts: Sequence[str]) -> torch.Tensor:
-    ids = c.tokenizer(list(prompts))["input_ids"]
-    ids = torch.as_tensor(np.asarray(ids), device=c.device)
+def encode(c: Components, prompts: Sequence[str]) -> tuple[torch.Tensor, dict | None]:
+    """Text context for the UNet, and SDXL's extra conditioning (None for SD 1.x/2.x)."""
+    ids = torch.as_tensor(np.asarray(c.tokenizer(list(prompts))["input_ids"]), device=c.device)
     with torch.no_grad():
-        return c.text_encoder(ids)[0].to(c.dtype)
+        if c.text_encoder_2 is None:
+            return c.text_encoder(ids)[0].to(c.dtype), None
+        ids_2 = torch.as_tensor(
+            np.asarray(c.tokenizer_2(list(prompts))["input_ids"]), device=c.device
+        )
+        first = c.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        second = c.text_encoder_2(ids_2, output_hidden_states=True)
+    context = torch.cat([first, second.hidden_states[-2]], dim=-1).to(c.dtype)
+    size = c.image_size
+    time_ids = torch.tensor(
+        [[size, size, 0, 0, size, size]] * len(prompts), device=c.device, dtype=c.dtype
+    )
+    return context, {"text_embeds": second.text_embeds.to(c.dtype), "time_ids": time_ids}
 
 
 def initial_noise(c: Components, seed: int) -> torch.Tensor:
@@ -56,15 +73,20 @@ def denoise(
     latents after that many steps.
     """
     c.scheduler.set_timesteps(total_steps, device=c.device)
-    cond = encode(c, prompts)
-    uncond = encode(c, [""] * len(prompts))
+    cond, cond_extra = encode(c, prompts)
+    uncond, uncond_extra = encode(c, [""] * len(prompts))
     context = torch.cat([uncond, cond])
+    extra = None
+    if cond_extra is not None and uncond_extra is not None:
+        extra = {key: torch.cat([uncond_extra[key], cond_extra[key]]) for key in cond_extra}
     captured: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for step in range(start_step, total_steps):
             t = c.scheduler.timesteps[step]
             model_in = c.scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            noise = c.unet(model_in, t, encoder_hidden_states=context).sample
+            noise = c.unet(
+                model_in, t, encoder_hidden_states=context, added_cond_kwargs=extra
+            ).sample
             uncond_noise, cond_noise = noise.chunk(2)
             guided = uncond_noise + guidance * (cond_noise - uncond_noise)
             latents = c.scheduler.step(guided, t, latents).prev_sample

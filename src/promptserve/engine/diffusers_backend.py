@@ -1,8 +1,10 @@
-"""Real Stable Diffusion 1.x/2.x weights through diffusers, run by the same resumable loop.
+"""Real Stable Diffusion weights (1.x/2.x and SDXL) through diffusers, run by the same
+resumable loop.
 
-Loads a pipeline folder (or a hub id the user has cached) and keeps its UNet, VAE, text encoder
-and tokenizer, with a DDIM scheduler built from the pipeline's scheduler config. SDXL needs the
-extra conditioning (pooled text embeddings, time ids) and is not wired yet.
+Loads a pipeline folder (or a hub id the user has cached) with ``DiffusionPipeline`` and keeps
+its UNet, VAE, text encoder(s) and tokenizer(s), with a DDIM scheduler built from the pipeline's
+scheduler config. An SDXL pipeline brings a second text encoder; the loop then passes the pooled
+embeddings and size time ids the SDXL UNet expects.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class _Tokenizer:
 
 
 def load_diffusers(model: str, device: str = "cpu", dtype: str = "float32") -> Components:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, DiffusionPipeline
 
     torch_dtype = {
         "float32": torch.float32,
@@ -41,11 +43,16 @@ def load_diffusers(model: str, device: str = "cpu", dtype: str = "float32") -> C
     if torch_dtype is None:
         raise InputError(f"dtype {dtype!r} is not float32, float16 or bfloat16")
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model, dtype=torch_dtype)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load diffusers model {model!r}: {exc}") from None
+    if not all(hasattr(pipe, part) for part in ("unet", "vae", "text_encoder", "tokenizer")):
+        raise InputError(
+            f"{model!r} is not a Stable Diffusion pipeline (UNet, VAE, CLIP text encoder)"
+        )
     pipe = pipe.to(device)
     size = pipe.unet.config.sample_size
+    second = getattr(pipe, "text_encoder_2", None)
     return Components(
         unet=pipe.unet,
         vae=pipe.vae,
@@ -56,6 +63,9 @@ def load_diffusers(model: str, device: str = "cpu", dtype: str = "float32") -> C
         latent_shape=(pipe.unet.config.in_channels, size, size),
         device=device,
         dtype=torch_dtype,
+        text_encoder_2=second,
+        tokenizer_2=_Tokenizer(pipe.tokenizer_2) if second is not None else None,
+        image_size=size * 2 ** (len(pipe.vae.config.block_out_channels) - 1),
     )
 
 

@@ -463,3 +463,49 @@ def calibrate_cmd(
     console.print(
         f"per level above K_opt: {fitted.per_level:.3f} points; cap {fitted.cap:.2f}; written to {out}"
     )
+
+
+@app.command("serve")
+@user_errors
+def serve_cmd(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8000,
+    model: ModelOpt = "tiny",
+    backend: Annotated[
+        str | None, typer.Option(help="tiny, diffusers or modeled; default from --model.")
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(help="Engine workers (one per GPU; on the CPU, a number).", min=1, max=64)
+    ] = 1,
+    slo: Annotated[
+        float | None,
+        typer.Option(
+            "--slo",
+            help="Default deadline in seconds; default 5x full-quality latency, at least 30.",
+        ),
+    ] = None,
+    policy: Annotated[
+        str, typer.Option(help="Policy driving admission, routing and batching.")
+    ] = "promptserve",
+    embedder: EmbedderOpt = "minilm",
+    device: DeviceOpt = "cpu",
+    cache_dir: CacheDirOpt = Path(".promptserve"),
+) -> None:
+    """Serve the OpenAI Images API on the live policy core (default: tiny model on the CPU)."""
+    import uvicorn
+
+    from promptserve.policy import get_policy
+    from promptserve.server import ServerConfig, build_app
+
+    get_policy(policy)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise InputError("API keys are not implemented yet: the server binds to localhost only")
+    config = ServerConfig(model, backend, workers, cache_dir, slo, policy, embedder, device)
+    console.print(f"promptserve: loading {model} ({backend or 'auto'}) with {workers} worker(s)…")
+    app_ = build_app(config)
+    console.print(
+        "[yellow]the tiny model has random weights: its images are noise[/yellow]"
+        if model == "tiny"
+        else ""
+    )
+    uvicorn.run(app_, host=host, port=port, log_level="info")

@@ -108,3 +108,16 @@ def quality_model(
 ) -> QualityModel:
     """The calibrated preset for a profile's levels (the published mix uses the SDXL levels)."""
     return calibrate(profile_levels, profile_quality, shape)
+
+
+REFERENCE_LEVELS = (0, 5, 10, 15, 20, 25)
+REFERENCE_QUALITY = (100.0, 97.046, 95.808, 94.378, 93.235, 91.52)
+
+
+def model_for_levels(
+    levels: Sequence[int], level_quality: Sequence[float], shape: PenaltyShape = "mild"
+) -> QualityModel:
+    """A model on another engine's levels (the tiny model's 0..10 of 20 steps, say) that keeps
+    the penalty constants calibrated on the reference levels."""
+    ref = calibrate(REFERENCE_LEVELS, REFERENCE_QUALITY, shape)
+    return QualityModel(tuple(levels), tuple(level_quality), ref.per_level, ref.cap, shape)

@@ -50,7 +50,8 @@ class ApproxCache:
         self.store = LatentStore(self.root / "latents")
         self.index = CacheIndex(dim, capacity, total_steps, eviction)
         self.skipped_writes = 0
-        self._db = sqlite3.connect(str(self.root / "manifest.sqlite"))
+        # built on one thread, used from the server's event loop thread: one connection, in turn
+        self._db = sqlite3.connect(str(self.root / "manifest.sqlite"), check_same_thread=False)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY, tenant TEXT, prompt TEXT,"
             " levels TEXT, embedding BLOB, inserted_s REAL, hits INTEGER, score REAL)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -92,12 +93,18 @@ class DiskCachedEmbedder:
         self.name = inner.name
         self.dim = inner.dim
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path))
+        # the server embeds in a worker thread: one connection, used under a lock
+        self._db = sqlite3.connect(str(path), check_same_thread=False)
+        self._lock = threading.Lock()
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS emb (model TEXT, key BLOB, vec BLOB, PRIMARY KEY (model, key))"
         )
 
     def embed(self, prompts: Sequence[str]) -> np.ndarray:
+        with self._lock:
+            return self._embed(prompts)
+
+    def _embed(self, prompts: Sequence[str]) -> np.ndarray:
         keys = [hashlib.sha256(p.encode("utf-8")).digest() for p in prompts]
         found = self._lookup(set(keys))
         todo = list(dict.fromkeys(k for k in keys if k not in found))

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from promptserve.engine.base import Engine, GenerationItem
-from promptserve.profile import MeasuredProfile, reference_profile
+from promptserve.profile import MeasuredProfile, Profile, batch_coefficient, reference_profile
 
 
 def reference_quality(levels: Sequence[int], total_steps: int) -> list[float]:
@@ -59,4 +59,29 @@ def measure(
         batch_sizes=list(batch_sizes),
         batch_latency_s=rows,
         quality_percent=reference_quality(levels, engine.total_steps),
+    )
+
+
+def quick_profile(engine: Engine, max_batch: int = 8) -> Profile:
+    """A profile from one timed full run: latency linear in the steps left, and the reference's
+    affine batch curve. Enough for a server to plan with; ``promptserve profile`` measures more."""
+    if hasattr(engine, "profile"):
+        return engine.profile  # the modelled engine runs by a profile already
+    engine.generate([GenerationItem("warm-up", 0, seed=0)])
+    t0 = time.perf_counter()
+    engine.generate([GenerationItem("a photograph of a lighthouse", 0, seed=1)])
+    per_step = (time.perf_counter() - t0) / engine.total_steps
+    c = batch_coefficient(1.65, 8)
+    sizes = tuple(b for b in (1, 2, 4, 8, 16, 32) if b <= max_batch)
+    levels = tuple(engine.levels)
+    return Profile(
+        name=f"{engine.name}@quick",
+        total_steps=engine.total_steps,
+        levels=levels,
+        quality=tuple(reference_quality(levels, engine.total_steps)),
+        batch_sizes=sizes,
+        latency_s=tuple(
+            tuple(per_step * (engine.total_steps - k) * (1 + c * (b - 1)) for b in sizes)
+            for k in levels
+        ),
     )

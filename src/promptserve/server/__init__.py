@@ -1,0 +1,54 @@
+"""The HTTP server: an OpenAI-compatible images API on the live policy core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from promptserve.cache.approx import ApproxCache
+from promptserve.cache.embed import make_embedder
+from promptserve.cache.thresholds import shipped_thresholds
+from promptserve.engine import make_engine
+from promptserve.engine.profiling import quick_profile
+from promptserve.policy import Setting, get_policy
+from promptserve.quality import model_for_levels
+from promptserve.server.app import create_app
+from promptserve.server.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str = "tiny"
+    backend: str | None = None
+    workers: int = 1
+    cache_dir: Path = Path(".promptserve")
+    slo_s: float | None = None  # default: 5x the full-quality latency, at least 30 s on a CPU
+    policy: str = "promptserve"
+    embedder: str = "minilm"
+    device: str = "cpu"
+
+
+def build_app(config: ServerConfig) -> FastAPI:
+    engine = make_engine(config.model, config.backend, config.device)
+    profile = quick_profile(engine)
+    slo_s = config.slo_s or max(5.0 * profile.batch_latency(0, 1), 30.0)
+    qm = model_for_levels(profile.levels, profile.quality)
+    embedder = make_embedder(config.embedder, config.cache_dir)
+    table = shipped_thresholds("minilm" if config.embedder == "minilm" else "clip")
+    cache = ApproxCache(
+        config.cache_dir / "cache", embedder.dim, table, total_steps=engine.total_steps
+    )
+    setting = Setting(tuple(profile for _ in range(config.workers)), qm.matrix(), slo_s)
+    runtime = Runtime(engine, cache, embedder, get_policy(config.policy), setting, qm)
+    size = f"{engine_size(engine)}x{engine_size(engine)}"
+    return create_app(runtime, slo_s, size)
+
+
+def engine_size(engine) -> int:
+    comps = getattr(engine, "c", None)
+    return comps.latent_shape[1] * 8 if comps is not None else 1024
+
+
+__all__ = ["ServerConfig", "build_app"]

@@ -1,0 +1,209 @@
+"""The FastAPI app: the OpenAI Images API on the live runtime, plus health and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+import uuid
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from promptserve.server.runtime import Dropped, Refused, Runtime
+from promptserve.server.schemas import ImageData, ImageMeta, ImageRequest, ImagesResponse
+
+IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
+KEPT_IMAGES = 512  # url-format images kept in memory, oldest out
+IMAGE_TTL_S = 600.0
+
+
+def error(
+    status: int, message: str, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    body = {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error" if status < 500 else "server_error",
+            "param": param,
+        }
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "promptserve_requests",
+            "Images requested, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "promptserve_latency_seconds",
+            "End-to-end latency of served images",
+            registry=self.registry,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 21, 30, 60, 120),
+        )
+        self.queue = Gauge(
+            "promptserve_queue_length", "Jobs waiting per level", ["level"], registry=self.registry
+        )
+        self.gpus = Gauge(
+            "promptserve_workers_per_level", "Workers per level", ["level"], registry=self.registry
+        )
+        self.quality = Gauge(
+            "promptserve_mean_predicted_quality",
+            "Mean predicted quality of served images (percent)",
+            registry=self.registry,
+        )
+        self.hit_ratio = Gauge(
+            "promptserve_cache_hit_ratio",
+            "Share of lookups served from a cached latent",
+            registry=self.registry,
+        )
+        self.planner = Gauge(
+            "promptserve_planner_ms_last", "Time of the last plan (ms)", registry=self.registry
+        )
+        self._q_sum = 0.0
+        self._q_n = 0
+
+    def observe_served(self, quality: float, latency_s: float, late: bool) -> None:
+        self.requests.labels("late" if late else "served").inc()
+        self.latency.observe(latency_s)
+        self._q_sum += quality
+        self._q_n += 1
+        self.quality.set(self._q_sum / self._q_n)
+
+
+def create_app(runtime: Runtime, slo_s: float, size: str) -> FastAPI:
+    metrics = Metrics()
+    images: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        runtime.start()
+        yield
+        await runtime.stop()
+
+    app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+        return error(422, f"{field}: {first['msg']}", field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse)
+    async def generations(req: ImageRequest, request: Request):
+        if req.size is not None and req.size != size:
+            return error(400, f"size {req.size!r} is not supported (supported: {size})", "size")
+        deadline_s = req.deadline_ms / 1000.0 if req.deadline_ms else slo_s
+        tenant = "default"
+        start = time.monotonic()
+        outcomes = await asyncio.gather(
+            *(runtime.submit(req.prompt, tenant, deadline_s) for _ in range(req.n)),
+            return_exceptions=True,
+        )
+        for exc in outcomes:
+            if isinstance(exc, Refused):
+                metrics.requests.labels("refused").inc()
+                return error(
+                    429, str(exc), None, {"Retry-After": str(int(exc.retry_after_s + 0.999))}
+                )
+            if isinstance(exc, Dropped):
+                metrics.requests.labels("dropped").inc()
+                return error(503, str(exc), None, {"Retry-After": "1"})
+            if isinstance(exc, BaseException):
+                metrics.requests.labels("failed").inc()
+                return error(500, f"generation failed: {exc}")
+        served = outcomes
+        data = []
+        for s in served:
+            late = (s.queue_s + s.compute_s) > deadline_s
+            metrics.observe_served(s.quality, time.monotonic() - start, late)
+            meta = ImageMeta(
+                level_k=s.level,
+                similarity=s.similarity,
+                predicted_quality=round(s.quality, 3),
+                queue_ms=round(s.queue_s * 1e3, 1),
+                compute_ms=round(s.compute_s * 1e3, 1),
+                placeholder=s.result.placeholder,
+            )
+            if req.response_format == "url":
+                image_id = uuid.uuid4().hex
+                images[image_id] = (time.monotonic(), s.result.png)
+                while len(images) > KEPT_IMAGES:
+                    images.popitem(last=False)
+                data.append(
+                    ImageData(
+                        url=str(request.url_for("image", image_id=image_id)), promptserve=meta
+                    )
+                )
+            else:
+                data.append(
+                    ImageData(b64_json=base64.b64encode(s.result.png).decode(), promptserve=meta)
+                )
+        return ImagesResponse(created=int(time.time()), data=data)
+
+    @app.get("/v1/images/{image_id}", name="image")
+    async def image(image_id: str):
+        if not IMAGE_ID.match(image_id):
+            return error(400, "image id must be 32 hex characters", "image_id")
+        kept = images.get(image_id)
+        if kept is None or time.monotonic() - kept[0] > IMAGE_TTL_S:
+            images.pop(image_id, None)
+            return error(404, f"image {image_id} not found or expired", "image_id")
+        return Response(kept[1], media_type="image/png")
+
+    @app.get("/v1/models")
+    async def models():
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": runtime.engine.name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "promptserve",
+                }
+            ],
+        }
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        return {"status": "ready", "workers": len(runtime.dispatcher.gpus)}
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        for k, n in runtime.queue_lengths().items():
+            metrics.queue.labels(str(k)).set(n)
+        for k, n in runtime.gpus_per_level().items():
+            metrics.gpus.labels(str(k)).set(n)
+        c = runtime.counters
+        metrics.hit_ratio.set(c.cache_hits / c.lookups if c.lookups else 0.0)
+        metrics.planner.set(c.planner_ms[-1] if c.planner_ms else 0.0)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,239 @@
+"""The live runtime: the policy core driven by the wall clock, real queues and real workers.
+
+Translation only: admission, routing, batching and planning are the objects of
+``promptserve.policy`` that the simulator drives too; this module feeds them the time, runs the
+batches they hand out on the engine (in a thread, so the event loop stays responsive), and
+answers each request's future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from promptserve.cache.approx import ApproxCache, CacheHit
+from promptserve.cache.embed import Embedder
+from promptserve.engine.base import Engine, GenerationItem, GenerationResult
+from promptserve.engine.runner import engine_level
+from promptserve.policy import Dispatcher, Job, Policy, Setting, admit, route
+from promptserve.policy.estimator import demand_changed
+from promptserve.policy.types import Demand, Dispatch
+from promptserve.quality import QualityModel
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """Admission refused the request: no level can meet its deadline now."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"overloaded: retry after {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+
+class Dropped(Exception):
+    """Accepted, then given up: it could no longer meet its deadline."""
+
+
+@dataclass(frozen=True)
+class Served:
+    result: GenerationResult
+    level: int
+    similarity: float | None
+    quality: float
+    queue_s: float
+    compute_s: float
+
+
+@dataclass
+class _Pending:
+    prompt: str
+    tenant: str
+    embedding: np.ndarray
+    hit: CacheHit | None
+    future: asyncio.Future
+    arrival: float
+    seed: int
+
+
+@dataclass
+class Counters:
+    by_outcome: dict[str, int] = field(
+        default_factory=lambda: {"served": 0, "late": 0, "refused": 0, "dropped": 0}
+    )
+    cache_hits: int = 0
+    lookups: int = 0
+    planner_ms: list[float] = field(default_factory=list)
+
+
+class Runtime:
+    def __init__(
+        self,
+        engine: Engine,
+        cache: ApproxCache,
+        embedder: Embedder,
+        policy: Policy,
+        setting: Setting,
+        quality: QualityModel,
+        clock: Callable[[], float] = time.monotonic,
+        seed: int = 0,
+    ) -> None:
+        self.engine, self.cache, self.embedder = engine, cache, embedder
+        self.policy, self.setting, self.quality = policy, setting, quality
+        self.clock = clock
+        self.levels = setting.profiles[0].levels
+        self.dispatcher = Dispatcher.create(setting.profiles, policy.dispatch)
+        self.estimator = policy.estimator(self.levels)
+        self.rng = np.random.default_rng(seed)
+        self.pending: dict[int, _Pending] = {}
+        self.ids = itertools.count()
+        self.counters = Counters()
+        self.started = clock()
+        self.planned_for: Demand | None = None
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._plan(Demand(1.0, tuple(float(i == 0) for i in range(len(self.levels)))))
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._schedule()), asyncio.create_task(self._replan())]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def submit(self, prompt: str, tenant: str, slo_s: float) -> Served:
+        now = self.clock()
+        vec = (await asyncio.to_thread(self.embedder.embed, [prompt]))[0]
+        hit = self.cache.lookup(tenant, vec)
+        self.counters.lookups += 1
+        k_opt = engine_level(hit.k_opt, self.engine) if hit else 0
+        k_max = self.levels[-1] if hit else 0
+        self.estimator.observe(now, k_opt)
+        job_id = next(self.ids)
+        level = route(self.plan, k_opt, float(self.rng.random()))
+        job = Job(job_id, now, now + slo_s, k_opt, k_max, level)
+        if self.policy.admission:
+            admitted = admit(self.dispatcher, job, now)
+            if admitted is None:
+                self.counters.by_outcome["refused"] += 1
+                raise Refused(retry_after_s=max(1.0, self._backlog_s(now)))
+            job = admitted
+        future = asyncio.get_running_loop().create_future()
+        self.pending[job_id] = _Pending(prompt, tenant, vec, hit, future, now, job_id)
+        self.dispatcher.enqueue(job)
+        self._wake.set()
+        return await future
+
+    def queue_lengths(self) -> dict[int, int]:
+        return {k: self.dispatcher.queue_len(k) for k in self.levels}
+
+    def gpus_per_level(self) -> dict[int, int]:
+        return {k: sum(1 for g in self.dispatcher.gpus if g.level == k) for k in self.levels}
+
+    def _backlog_s(self, now: float) -> float:
+        return min(
+            (
+                self.dispatcher.predicted_finish(k, now) - now
+                for k in self.dispatcher.serving_levels()
+            ),
+            default=1.0,
+        )
+
+    def _plan(self, demand: Demand) -> None:
+        if not demand_changed(self.planned_for, demand):
+            return
+        self.planned_for = demand
+        t0 = time.perf_counter()
+        self.plan = self.policy.plan(demand, self.setting, [g.level for g in self.dispatcher.gpus])
+        self.counters.planner_ms.append((time.perf_counter() - t0) * 1e3)
+        self.dispatcher.set_levels(self.clock(), self.plan.gpu_levels)
+
+    async def _replan(self) -> None:
+        period = self.policy.replan_s or 5.0
+        while True:
+            await asyncio.sleep(period)
+            self._plan(self.estimator.estimate(self.clock(), self.started))
+            self._wake.set()
+
+    async def _schedule(self) -> None:
+        while True:
+            dispatches, outcomes = self.dispatcher.step(self.clock())
+            for outcome in outcomes:
+                self._fail(outcome.job.id, Dropped("the deadline can no longer be met"))
+                self.counters.by_outcome["dropped"] += 1
+            for d in dispatches:
+                asyncio.create_task(self._run(d))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=0.05)
+
+    async def _run(self, dispatch: Dispatch) -> None:
+        items = []
+        for job in dispatch.jobs:
+            p = self.pending[job.id]
+            latent = (
+                self.cache.latent(p.hit.entry, dispatch.level)
+                if p.hit and dispatch.level > 0
+                else None
+            )
+            items.append(
+                GenerationItem(
+                    p.prompt, dispatch.level if latent is not None else 0, latent, seed=p.seed
+                )
+            )
+        started = self.clock()
+        try:
+            results = await asyncio.to_thread(self.engine.generate, items)
+        except Exception as exc:  # a worker failure: these requests fail explicitly, once
+            self.dispatcher.on_batch_done(self.clock(), dispatch)
+            for job in dispatch.jobs:
+                self._fail(job.id, exc)
+            self._wake.set()
+            return
+        now = self.clock()
+        for outcome, item, result in zip(
+            self.dispatcher.on_batch_done(now, dispatch), items, results, strict=True
+        ):
+            p = self.pending.pop(outcome.job.id)
+            try:
+                self._remember(p, item, result, now)
+            except Exception:  # the cache is an optimisation: the answer still goes out
+                log.exception("cache update failed for a served request")
+            late = now > outcome.job.deadline_s
+            self.counters.by_outcome["late" if late else "served"] += 1
+            quality = self.quality.q(outcome.job.k_opt, item.k)
+            served = Served(
+                result,
+                item.k,
+                p.hit.similarity if p.hit else None,
+                quality,
+                started - p.arrival,
+                now - started,
+            )
+            if not p.future.done():
+                p.future.set_result(served)
+        self._wake.set()
+
+    def _remember(
+        self, p: _Pending, item: GenerationItem, result: GenerationResult, now: float
+    ) -> None:
+        if p.hit is not None and item.k > 0:
+            self.cache.record_hit(p.hit.entry.id, item.k, now)
+            self.counters.cache_hits += 1
+        keep = dict(result.latents)
+        if item.k > 0 and item.start_latent is not None:
+            keep[item.k] = item.start_latent
+        self.cache.insert(p.tenant, p.prompt, p.embedding, keep, now)
+
+    def _fail(self, job_id: int, exc: Exception) -> None:
+        p = self.pending.pop(job_id, None)
+        if p is not None and not p.future.done():
+            p.future.set_exception(exc)

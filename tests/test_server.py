@@ -1,0 +1,161 @@
+"""End to end over HTTP on localhost, with the official openai client."""
+
+import base64
+import io
+import socket
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from promptserve.server import ServerConfig, build_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, app):
+        self.port = free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert self.server.started
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def tiny_url(tmp_path_factory):
+    app = build_app(
+        ServerConfig(
+            model="tiny", embedder="hashing", cache_dir=tmp_path_factory.mktemp("srv"), slo_s=120
+        )
+    )
+    with LiveServer(app) as url:
+        yield url
+
+
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def test_openai_client_gets_b64_images(tiny_url):
+    res = client(tiny_url).images.generate(
+        prompt="a red fox in the snow", n=2, size="64x64", response_format="b64_json"
+    )
+    assert len(res.data) == 2
+    for item in res.data:
+        img = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+        assert img.size == (64, 64)
+        meta = item.model_extra["promptserve"]
+        assert meta["placeholder"] is True and meta["level_k"] in (0, 2, 4, 6, 8, 10)
+        assert 0 < meta["predicted_quality"] <= 100 and meta["compute_ms"] > 0
+
+
+def test_openai_client_gets_url_images(tiny_url):
+    res = client(tiny_url).images.generate(prompt="a lighthouse at dusk", response_format="url")
+    png = httpx.get(res.data[0].url).content
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "param"),
+    [
+        ("post", "/v1/images/generations", {"prompt": ""}, 422, "prompt"),
+        ("post", "/v1/images/generations", {"prompt": "x" * 100_000}, 422, "prompt"),
+        ("post", "/v1/images/generations", {"prompt": "x", "n": 0}, 422, "n"),
+        ("post", "/v1/images/generations", {"prompt": "x", "n": 99}, 422, "n"),
+        ("post", "/v1/images/generations", {"prompt": "x", "size": "1024x1024"}, 400, "size"),
+        ("post", "/v1/images/generations", {"prompt": 5}, 422, "prompt"),
+        ("post", "/v1/images/generations", {"prompt": "x", "n": "two"}, 422, "n"),
+        (
+            "post",
+            "/v1/images/generations",
+            {"prompt": "x", "response_format": "gif"},
+            422,
+            "response_format",
+        ),
+        ("post", "/v1/images/generations", "{broken json", 422, None),
+        ("get", "/v1/images/" + "0" * 32, None, 404, "image_id"),
+        (
+            "get",
+            "/v1/images/..%2F..%2Fetc%2Fpasswd",
+            None,
+            404,
+            None,
+        ),  # decoded to a path no route has
+        ("get", "/v1/nothing", None, 404, None),
+        ("get", "/v1/images/" + "a" * 5000, None, 400, "image_id"),
+    ],
+)
+def test_bad_requests_get_a_json_error_naming_the_field(
+    tiny_url, method, path, body, status, param
+):
+    if isinstance(body, str):
+        r = httpx.post(tiny_url + path, content=body, headers={"content-type": "application/json"})
+    elif method == "post":
+        r = httpx.post(tiny_url + path, json=body)
+    else:
+        r = httpx.get(tiny_url + path)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"]
+    if param is not None:
+        assert err["param"] == param
+
+
+def test_models_health_and_metrics_add_up(tiny_url):
+    assert httpx.get(tiny_url + "/v1/models").json()["data"][0]["id"] == "tiny"
+    assert httpx.get(tiny_url + "/healthz").json() == {"status": "ok"}
+    client(tiny_url).images.generate(prompt="a castle", response_format="b64_json")
+    text = httpx.get(tiny_url + "/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    served = sum(
+        s.value for s in families["promptserve_requests"].samples if s.name.endswith("_total")
+    )
+    count = next(
+        s.value
+        for s in families["promptserve_latency_seconds"].samples
+        if s.name.endswith("_count")
+    )
+    assert served >= 1 and served == count  # every answered image is one latency observation
+    assert "promptserve_queue_length" in families and "promptserve_cache_hit_ratio" in families
+
+
+def test_overload_is_refused_with_429_and_retry_after(tmp_path):
+    app = build_app(
+        ServerConfig(
+            backend="modeled",
+            model="sdxl-reference",
+            embedder="hashing",
+            cache_dir=tmp_path,
+            slo_s=60,
+        )
+    )
+    with LiveServer(app) as url:
+        # a miss cannot skip steps, and full generation takes 4.2 s by the reference profile
+        r = httpx.post(
+            url + "/v1/images/generations", json={"prompt": "a ship", "deadline_ms": 2000}
+        )
+        assert r.status_code == 429
+        assert int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["message"].startswith("overloaded")

@@ -159,3 +159,62 @@ def test_overload_is_refused_with_429_and_retry_after(tmp_path):
         assert r.status_code == 429
         assert int(r.headers["Retry-After"]) >= 1
         assert r.json()["error"]["message"].startswith("overloaded")
+
+
+KEY_A, KEY_B = "a" * 24, "b" * 24
+
+
+def test_api_keys_are_enforced_and_tenants_do_not_share_the_cache(tmp_path):
+    app = build_app(
+        ServerConfig(
+            model="tiny",
+            embedder="hashing",
+            cache_dir=tmp_path,
+            slo_s=120,
+            api_keys={KEY_A: "alice", KEY_B: "bob"},
+        )
+    )
+    with LiveServer(app) as url:
+        r = httpx.post(url + "/v1/images/generations", json={"prompt": "x"})
+        assert r.status_code == 401 and r.json()["error"]["param"] == "authorization"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="c" * 24, max_retries=0).images.generate(
+                prompt="x"
+            )
+        alice = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY_A, max_retries=0)
+        bob = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY_B, max_retries=0)
+        first = (
+            alice.images.generate(prompt="a secret blueprint of a castle")
+            .data[0]
+            .model_extra["promptserve"]
+        )
+        again = (
+            alice.images.generate(prompt="a secret blueprint of a castle")
+            .data[0]
+            .model_extra["promptserve"]
+        )
+        other = (
+            bob.images.generate(prompt="a secret blueprint of a castle")
+            .data[0]
+            .model_extra["promptserve"]
+        )
+        assert first["similarity"] is None
+        assert again["similarity"] == pytest.approx(1.0, abs=1e-5)  # alice's own entry
+        assert other["similarity"] is None  # bob never sees alice's prompt
+
+
+def test_key_files_are_validated(tmp_path):
+    from promptserve.errors import InputError
+    from promptserve.server.keys import load_keys, tenant_for
+
+    f = tmp_path / "keys"
+    f.write_text(f"# comment\n{KEY_A}:alice\n{KEY_B}:bob\n")
+    keys = load_keys(f, env={})
+    assert tenant_for(keys, f"Bearer {KEY_B}") == "bob"
+    assert tenant_for(keys, "Bearer nope") is None and tenant_for(keys, None) is None
+    assert tenant_for({}, None) == "default"
+    f.write_text("short:alice\n")
+    with pytest.raises(InputError, match="entry 1 must be KEY:TENANT"):
+        load_keys(f, env={})
+    with pytest.raises(InputError, match="tenant"):
+        load_keys(None, env={"PROMPTSERVE_API_KEYS": f"{KEY_A}:../../etc"})

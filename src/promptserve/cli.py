@@ -490,17 +490,24 @@ def serve_cmd(
     embedder: EmbedderOpt = "minilm",
     device: DeviceOpt = "cpu",
     cache_dir: CacheDirOpt = Path(".promptserve"),
+    api_keys: Annotated[
+        Path | None, typer.Option(help="File of KEY:TENANT lines (also $PROMPTSERVE_API_KEYS).")
+    ] = None,
 ) -> None:
     """Serve the OpenAI Images API on the live policy core (default: tiny model on the CPU)."""
     import uvicorn
 
     from promptserve.policy import get_policy
     from promptserve.server import ServerConfig, build_app
+    from promptserve.server.keys import load_keys
 
     get_policy(policy)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise InputError("API keys are not implemented yet: the server binds to localhost only")
-    config = ServerConfig(model, backend, workers, cache_dir, slo, policy, embedder, device)
+    keys = load_keys(api_keys)
+    if not keys and host not in ("127.0.0.1", "localhost", "::1"):
+        raise InputError(
+            "with no API keys configured the server binds to localhost only (see --api-keys)"
+        )
+    config = ServerConfig(model, backend, workers, cache_dir, slo, policy, embedder, device, keys)
     console.print(f"promptserve: loading {model} ({backend or 'auto'}) with {workers} worker(s)…")
     app_ = build_app(config)
     console.print(

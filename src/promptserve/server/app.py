@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from promptserve.server.keys import tenant_for
 from promptserve.server.runtime import Dropped, Refused, Runtime
 from promptserve.server.schemas import ImageData, ImageMeta, ImageRequest, ImagesResponse
 
@@ -89,7 +90,10 @@ class Metrics:
         self.quality.set(self._q_sum / self._q_n)
 
 
-def create_app(runtime: Runtime, slo_s: float, size: str) -> FastAPI:
+def create_app(
+    runtime: Runtime, slo_s: float, size: str, keys: dict[str, str] | None = None
+) -> FastAPI:
+    keys = keys or {}
     metrics = Metrics()
     images: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
@@ -115,8 +119,12 @@ def create_app(runtime: Runtime, slo_s: float, size: str) -> FastAPI:
     async def generations(req: ImageRequest, request: Request):
         if req.size is not None and req.size != size:
             return error(400, f"size {req.size!r} is not supported (supported: {size})", "size")
+        tenant = tenant_for(keys, request.headers.get("authorization"))
+        if tenant is None:
+            return error(
+                401, "a valid API key is required (Authorization: Bearer KEY)", "authorization"
+            )
         deadline_s = req.deadline_ms / 1000.0 if req.deadline_ms else slo_s
-        tenant = "default"
         start = time.monotonic()
         outcomes = await asyncio.gather(
             *(runtime.submit(req.prompt, tenant, deadline_s) for _ in range(req.n)),

@@ -2,6 +2,7 @@
 
 import base64
 import io
+import json
 import socket
 import threading
 import time
@@ -218,3 +219,62 @@ def test_key_files_are_validated(tmp_path):
         load_keys(f, env={})
     with pytest.raises(InputError, match="tenant"):
         load_keys(None, env={"PROMPTSERVE_API_KEYS": f"{KEY_A}:../../etc"})
+
+
+def sse_events(url, job_id, headers=None):
+    events = []
+    with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", headers=headers, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        kind = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                events.append((kind, json.loads(line[6:])))
+    return events
+
+
+def test_job_progress_streams_every_step(tiny_url):
+    r = httpx.post(tiny_url + "/v1/jobs", json={"prompt": "a harbour at night"})
+    assert r.status_code == 202
+    job_id = r.json()["id"]
+    events = sse_events(tiny_url, job_id)
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "queued" and kinds[1] == "level" and kinds[-1] == "done"
+    level = events[1][1]["level_k"]
+    steps = [d["step"] for k, d in events if k == "step"]
+    assert steps == list(range(level + 1, 21))  # one event per denoising step run
+    job = httpx.get(f"{tiny_url}/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["data"][0]["b64_json"]
+    assert httpx.delete(f"{tiny_url}/v1/jobs/{job_id}").status_code == 409
+    assert httpx.get(f"{tiny_url}/v1/jobs/{'f' * 32}").status_code == 404
+    assert httpx.get(f"{tiny_url}/v1/jobs/nothex").status_code == 400
+    assert httpx.post(tiny_url + "/v1/jobs", json={"prompt": "x", "n": 2}).status_code == 422
+
+
+def test_a_job_is_cancelled_mid_denoising_and_the_worker_moves_on(tmp_path):
+    app = build_app(
+        ServerConfig(
+            backend="modeled",
+            model="sdxl-reference",
+            embedder="hashing",
+            cache_dir=tmp_path,
+            slo_s=60,
+        )
+    )
+    with LiveServer(app) as url:
+        job_id = httpx.post(url + "/v1/jobs", json={"prompt": "a ship"}).json()["id"]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # wait until it is denoising
+            job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+            if job["status"] == "running":
+                break
+            time.sleep(0.05)
+        assert job["status"] == "running"
+        cancelled = httpx.delete(f"{url}/v1/jobs/{job_id}", timeout=30).json()
+        assert cancelled["status"] == "cancelled"
+        steps = [d["step"] for k, d in sse_events(url, job_id) if k == "step"]
+        assert 0 < len(steps) < 45  # stopped between steps, well before the 50-step run ends
+        # the worker is free again: the next request is answered
+        r = httpx.post(url + "/v1/images/generations", json={"prompt": "a boat"}, timeout=30)
+        assert r.status_code == 200

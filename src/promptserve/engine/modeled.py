@@ -30,7 +30,12 @@ class ModeledEngine:
     def generate(self, items: Sequence[GenerationItem], on_step=None) -> list[GenerationResult]:
         for k in sorted({it.k for it in items}):
             n = sum(1 for it in items if it.k == k)
-            self._sleep(
-                self.profile.batch_latency(k, min(n, self.profile.max_batch)) / self._speedup
-            )
+            latency = self.profile.batch_latency(k, min(n, self.profile.max_batch)) / self._speedup
+            if on_step is None:
+                self._sleep(latency)
+                continue
+            steps = self.total_steps - k
+            for step in range(k + 1, self.total_steps + 1):  # step by step, so progress shows
+                self._sleep(latency / steps)
+                on_step(step)
         return [GenerationResult(PLACEHOLDER_PNG, it.k, placeholder=True) for it in items]

@@ -76,6 +76,16 @@ class Dispatcher:
             job = replace(job, level=min(serving, key=lambda k: (abs(k - job.level), k)))
         heapq.heappush(self.queues.setdefault(job.level, []), (job.deadline_s, job.id, job))
 
+    def remove(self, job_id: int) -> Job | None:
+        """Take a queued job out (a cancelled request); None when it is not queued."""
+        for queue in self.queues.values():
+            for i, (_, jid, job) in enumerate(queue):
+                if jid == job_id:
+                    queue.pop(i)
+                    heapq.heapify(queue)
+                    return job
+        return None
+
     def queue_len(self, level: int) -> int:
         return len(self.queues.get(level, ()))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import time
 import uuid
@@ -12,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -24,12 +25,60 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from promptserve.server.keys import tenant_for
-from promptserve.server.runtime import Dropped, Refused, Runtime
+from promptserve.server.runtime import Cancelled, Dropped, JobHandle, Refused, Runtime
 from promptserve.server.schemas import ImageData, ImageMeta, ImageRequest, ImagesResponse
 
 IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
 KEPT_IMAGES = 512  # url-format images kept in memory, oldest out
 IMAGE_TTL_S = 600.0
+
+
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+class JobState:
+    """One asynchronous job: its status, its event log (replayed to every SSE subscriber)."""
+
+    def __init__(self, job_id: str, tenant: str) -> None:
+        self.id, self.tenant = job_id, tenant
+        self.status = "queued"
+        self.events: list[tuple[str, dict]] = []
+        self.data: ImageData | None = None
+        self.error: str | None = None
+        self.handle: JobHandle | None = None
+        self.task: asyncio.Task | None = None
+        self._listeners: list[asyncio.Event] = []  # one per SSE subscriber
+
+    def listen(self) -> asyncio.Event:
+        event = asyncio.Event()
+        self._listeners.append(event)
+        return event
+
+    def _notify(self) -> None:
+        for event in self._listeners:
+            event.set()
+
+    def emit(self, kind: str, data: dict) -> None:
+        if self.status in FINAL:
+            return
+        if kind in ("level", "step"):
+            self.status = "running"
+        self.events.append((kind, data))
+        self._notify()
+
+    def finish(self, status: str, data: ImageData | None = None, error: str | None = None) -> None:
+        self.data, self.error = data, error
+        self.events.append(("done", {"status": status, **({"error": error} if error else {})}))
+        self.status = status
+        self._notify()
+
+    def view(self) -> dict:
+        out: dict = {"id": self.id, "status": self.status}
+        if self.data is not None:
+            out["data"] = [self.data.model_dump()]
+        if self.error is not None:
+            out["error"] = {"message": self.error}
+        return out
 
 
 def error(
@@ -180,6 +229,102 @@ def create_app(
             images.pop(image_id, None)
             return error(404, f"image {image_id} not found or expired", "image_id")
         return Response(kept[1], media_type="image/png")
+
+    jobs: OrderedDict[str, JobState] = OrderedDict()
+
+    def meta_of(s) -> ImageMeta:
+        return ImageMeta(
+            level_k=s.level,
+            similarity=s.similarity,
+            predicted_quality=round(s.quality, 3),
+            queue_ms=round(s.queue_s * 1e3, 1),
+            compute_ms=round(s.compute_s * 1e3, 1),
+            placeholder=s.result.placeholder,
+        )
+
+    @app.post("/v1/jobs", status_code=202)
+    async def create_job(req: ImageRequest, request: Request):
+        tenant = tenant_for(keys, request.headers.get("authorization"))
+        if tenant is None:
+            return error(
+                401, "a valid API key is required (Authorization: Bearer KEY)", "authorization"
+            )
+        if req.n != 1:
+            return error(422, "n: a job makes one image; send one job per image", "n")
+        if req.size is not None and req.size != size:
+            return error(400, f"size {req.size!r} is not supported (supported: {size})", "size")
+        state = JobState(uuid.uuid4().hex, tenant)
+        handle = JobHandle(state.emit, asyncio.get_running_loop().create_future())
+        state.handle = handle
+        deadline_s = req.deadline_ms / 1000.0 if req.deadline_ms else slo_s
+
+        async def run() -> None:
+            try:
+                served = await runtime.submit(req.prompt, tenant, deadline_s, handle)
+            except Exception as exc:  # refused, dropped, cancelled or failed: the job says which
+                state.finish(
+                    "cancelled" if isinstance(exc, Cancelled) else "failed", error=str(exc)
+                )
+                return
+            data = ImageData(
+                b64_json=base64.b64encode(served.result.png).decode(), promptserve=meta_of(served)
+            )
+            state.finish("succeeded", data=data)
+
+        state.task = asyncio.create_task(run())
+        try:
+            await handle.accepted
+        except Refused as exc:
+            return error(429, str(exc), None, {"Retry-After": str(int(exc.retry_after_s + 0.999))})
+        jobs[state.id] = state
+        while len(jobs) > KEPT_IMAGES:
+            jobs.popitem(last=False)
+        return {"id": state.id, "status": state.status}
+
+    def find_job(job_id: str, request: Request) -> JobState | JSONResponse:
+        if not IMAGE_ID.match(job_id):
+            return error(400, "job id must be 32 hex characters", "job_id")
+        state = jobs.get(job_id)
+        if state is None or state.tenant != tenant_for(keys, request.headers.get("authorization")):
+            return error(404, f"job {job_id} not found", "job_id")
+        return state
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str, request: Request):
+        state = find_job(job_id, request)
+        return state if isinstance(state, JSONResponse) else state.view()
+
+    @app.delete("/v1/jobs/{job_id}")
+    async def cancel_job(job_id: str, request: Request):
+        state = find_job(job_id, request)
+        if isinstance(state, JSONResponse):
+            return state
+        if state.status in FINAL:
+            return error(409, f"job {job_id} already {state.status}", "job_id")
+        runtime.cancel(state.handle)
+        await asyncio.wait_for(asyncio.shield(state.task), timeout=60)
+        return state.view()
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def job_events(job_id: str, request: Request):
+        state = find_job(job_id, request)
+        if isinstance(state, JSONResponse):
+            return state
+
+        async def stream():
+            sent = 0
+            changed = state.listen()
+            while True:
+                changed.clear()
+                while sent < len(state.events):
+                    kind, data = state.events[sent]
+                    sent += 1
+                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                if state.status in FINAL:
+                    return
+                await changed.wait()
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
 
     @app.get("/v1/models")
     async def models():

@@ -42,6 +42,20 @@ class Dropped(Exception):
     """Accepted, then given up: it could no longer meet its deadline."""
 
 
+class Cancelled(Exception):
+    """The caller cancelled the request."""
+
+
+@dataclass
+class JobHandle:
+    """A caller's view of one request in flight: its events, its acceptance, its cancellation."""
+
+    emit: Callable[[str, dict], None]
+    accepted: asyncio.Future | None = None  # resolved with the job id once queued
+    job_id: int | None = None
+    cancelled: bool = False  # read by the worker thread between denoising steps
+
+
 @dataclass(frozen=True)
 class Served:
     result: GenerationResult
@@ -61,6 +75,7 @@ class _Pending:
     future: asyncio.Future
     arrival: float
     seed: int
+    handle: JobHandle | None = None
 
 
 @dataclass
@@ -109,7 +124,9 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def submit(self, prompt: str, tenant: str, slo_s: float) -> Served:
+    async def submit(
+        self, prompt: str, tenant: str, slo_s: float, handle: JobHandle | None = None
+    ) -> Served:
         now = self.clock()
         vec = (await asyncio.to_thread(self.embedder.embed, [prompt]))[0]
         hit = self.cache.lookup(tenant, vec)
@@ -124,13 +141,32 @@ class Runtime:
             admitted = admit(self.dispatcher, job, now)
             if admitted is None:
                 self.counters.by_outcome["refused"] += 1
-                raise Refused(retry_after_s=max(1.0, self._backlog_s(now)))
+                refused = Refused(retry_after_s=max(1.0, self._backlog_s(now)))
+                if handle is not None and handle.accepted is not None:
+                    handle.accepted.set_exception(refused)
+                raise refused
             job = admitted
         future = asyncio.get_running_loop().create_future()
-        self.pending[job_id] = _Pending(prompt, tenant, vec, hit, future, now, job_id)
+        self.pending[job_id] = _Pending(prompt, tenant, vec, hit, future, now, job_id, handle)
         self.dispatcher.enqueue(job)
+        if handle is not None:
+            handle.job_id = job_id
+            if handle.accepted is not None:
+                handle.accepted.set_result(job_id)
+            handle.emit(
+                "queued", {"level_k": job.level, "similarity": hit.similarity if hit else None}
+            )
         self._wake.set()
         return await future
+
+    def cancel(self, handle: JobHandle) -> bool:
+        """Cancel a request: out of its queue at once, or between two denoising steps."""
+        handle.cancelled = True
+        if handle.job_id is None or handle.job_id not in self.pending:
+            return False
+        if self.dispatcher.remove(handle.job_id) is not None:
+            self._fail(handle.job_id, Cancelled("cancelled while queued"))
+        return True
 
     def queue_lengths(self) -> dict[int, int]:
         return {k: self.dispatcher.queue_len(k) for k in self.levels}
@@ -190,8 +226,23 @@ class Runtime:
                 )
             )
         started = self.clock()
+        handles = [self.pending[j.id].handle for j in dispatch.jobs]
+        loop = asyncio.get_running_loop()
+        for h, item in zip(handles, items, strict=True):
+            if h is not None:
+                h.emit("level", {"level_k": item.k})
+
+        def on_step(step: int) -> None:  # runs in the worker thread
+            if all(h is not None and h.cancelled for h in handles):
+                raise Cancelled("cancelled while denoising")
+            for h in handles:
+                if h is not None:
+                    loop.call_soon_threadsafe(
+                        h.emit, "step", {"step": step, "of": self.engine.total_steps}
+                    )
+
         try:
-            results = await asyncio.to_thread(self.engine.generate, items)
+            results = await asyncio.to_thread(self.engine.generate, items, on_step)
         except Exception as exc:  # a worker failure: these requests fail explicitly, once
             self.dispatcher.on_batch_done(self.clock(), dispatch)
             for job in dispatch.jobs:
@@ -218,7 +269,11 @@ class Runtime:
                 started - p.arrival,
                 now - started,
             )
-            if not p.future.done():
+            if p.future.done():
+                continue
+            if p.handle is not None and p.handle.cancelled:
+                p.future.set_exception(Cancelled("cancelled while denoising"))
+            else:
                 p.future.set_result(served)
         self._wake.set()
 

@@ -278,3 +278,44 @@ def test_a_job_is_cancelled_mid_denoising_and_the_worker_moves_on(tmp_path):
         # the worker is free again: the next request is answered
         r = httpx.post(url + "/v1/images/generations", json={"prompt": "a boat"}, timeout=30)
         assert r.status_code == 200
+
+
+def test_oversized_bodies_get_413(tiny_url):
+    r = httpx.post(
+        tiny_url + "/v1/images/generations",
+        content=b"{" + b" " * (2 << 20) + b"}",
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+
+
+def test_config_file_is_validated_and_names_the_field(tmp_path):
+    from promptserve.config import load_serve_file
+    from promptserve.errors import InputError
+
+    f = tmp_path / "serve.toml"
+    f.write_text('model = "tiny"\nworkers = 2\nslo_s = 45.0\nembedder = "hashing"\n')
+    conf = load_serve_file(f)
+    assert conf.workers == 2 and conf.slo_s == 45.0 and conf.port == 8000
+    for body, field in [
+        ("workers = 0", "workers"),
+        ('backend = "onnx"', "backend"),
+        ("colour = 1", "colour"),
+        ("port = 'x'", "port"),
+    ]:
+        f.write_text(body + "\n")
+        with pytest.raises(InputError, match=f"field {field}"):
+            load_serve_file(f)
+    f.write_text("model = \n")
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_serve_file(f)
+
+
+def test_serve_refuses_to_bind_beyond_localhost_without_keys(monkeypatch):
+    from typer.testing import CliRunner
+
+    from promptserve.cli import app as cli
+
+    monkeypatch.delenv("PROMPTSERVE_API_KEYS", raising=False)
+    res = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--embedder", "hashing"])
+    assert res.exit_code == 2 and "localhost only" in res.output

@@ -468,15 +468,23 @@ def calibrate_cmd(
 @app.command("serve")
 @user_errors
 def serve_cmd(
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind.", min=1, max=65535)] = 8000,
-    model: ModelOpt = "tiny",
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file with any of these settings (flags win).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to bind (default 8000).", min=1, max=65535)
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="tiny (built in) or a diffusers folder / hub id.")
+    ] = None,
     backend: Annotated[
         str | None, typer.Option(help="tiny, diffusers or modeled; default from --model.")
     ] = None,
     workers: Annotated[
-        int, typer.Option(help="Engine workers (one per GPU; on the CPU, a number).", min=1, max=64)
-    ] = 1,
+        int | None,
+        typer.Option(help="Engine workers (one per GPU; on the CPU, a number).", min=1, max=64),
+    ] = None,
     slo: Annotated[
         float | None,
         typer.Option(
@@ -485,11 +493,16 @@ def serve_cmd(
         ),
     ] = None,
     policy: Annotated[
-        str, typer.Option(help="Policy driving admission, routing and batching.")
-    ] = "promptserve",
-    embedder: EmbedderOpt = "minilm",
-    device: DeviceOpt = "cpu",
-    cache_dir: CacheDirOpt = Path(".promptserve"),
+        str | None, typer.Option(help="Policy driving admission, routing and batching.")
+    ] = None,
+    embedder: Annotated[
+        str | None, typer.Option(help="minilm (real) or hashing (tests only).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or mps.")] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the cache and embeddings (default .promptserve)."),
+    ] = None,
     api_keys: Annotated[
         Path | None, typer.Option(help="File of KEY:TENANT lines (also $PROMPTSERVE_API_KEYS).")
     ] = None,
@@ -497,22 +510,48 @@ def serve_cmd(
     """Serve the OpenAI Images API on the live policy core (default: tiny model on the CPU)."""
     import uvicorn
 
+    from promptserve.config import ServeFile, load_serve_file
     from promptserve.policy import get_policy
     from promptserve.server import ServerConfig, build_app
     from promptserve.server.keys import load_keys
 
-    get_policy(policy)
-    keys = load_keys(api_keys)
-    if not keys and host not in ("127.0.0.1", "localhost", "::1"):
+    base = load_serve_file(config) if config else ServeFile()
+    flags = {
+        "host": host,
+        "port": port,
+        "model": model,
+        "backend": backend,
+        "workers": workers,
+        "slo_s": slo,
+        "policy": policy,
+        "embedder": embedder,
+        "device": device,
+        "cache_dir": cache_dir,
+        "api_keys_file": api_keys,
+    }
+    s = base.model_copy(update={k: v for k, v in flags.items() if v is not None})
+    get_policy(s.policy)
+    keys = load_keys(s.api_keys_file)
+    if not keys and s.host not in ("127.0.0.1", "localhost", "::1"):
         raise InputError(
             "with no API keys configured the server binds to localhost only (see --api-keys)"
         )
-    config = ServerConfig(model, backend, workers, cache_dir, slo, policy, embedder, device, keys)
-    console.print(f"promptserve: loading {model} ({backend or 'auto'}) with {workers} worker(s)…")
-    app_ = build_app(config)
-    console.print(
-        "[yellow]the tiny model has random weights: its images are noise[/yellow]"
-        if model == "tiny"
-        else ""
+    server = ServerConfig(
+        s.model,
+        s.backend,
+        s.workers,
+        s.cache_dir,
+        s.slo_s,
+        s.policy,
+        s.embedder,
+        s.device,
+        keys,
+        s.max_body_bytes,
     )
-    uvicorn.run(app_, host=host, port=port, log_level="info")
+    console.print(
+        f"promptserve: loading {s.model} ({s.backend or 'auto'}) with {s.workers} worker(s)…"
+    )
+    app_ = build_app(server)
+    if s.model == "tiny" and s.backend in (None, "tiny"):
+        console.print("[yellow]the tiny model has random weights: its images are noise[/yellow]")
+    uvicorn.run(app_, host=s.host, port=s.port, log_level="info")

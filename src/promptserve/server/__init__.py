@@ -28,9 +28,9 @@ class ServerConfig:
     policy: str = "promptserve"
     embedder: str = "minilm"
     device: str = "cpu"
-    api_keys: dict[str, str] | None = (
-        None  # key -> tenant; None or empty: one tenant, localhost only
-    )
+    # key -> tenant; None or empty: one tenant, localhost only
+    api_keys: dict[str, str] | None = None
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -46,7 +46,7 @@ def build_app(config: ServerConfig) -> FastAPI:
     setting = Setting(tuple(profile for _ in range(config.workers)), qm.matrix(), slo_s)
     runtime = Runtime(engine, cache, embedder, get_policy(config.policy), setting, qm)
     size = f"{engine_size(engine)}x{engine_size(engine)}"
-    return create_app(runtime, slo_s, size, config.api_keys)
+    return create_app(runtime, slo_s, size, config.api_keys, config.max_body_bytes)
 
 
 def engine_size(engine) -> int:

@@ -140,7 +140,11 @@ class Metrics:
 
 
 def create_app(
-    runtime: Runtime, slo_s: float, size: str, keys: dict[str, str] | None = None
+    runtime: Runtime,
+    slo_s: float,
+    size: str,
+    keys: dict[str, str] | None = None,
+    max_body_bytes: int = 1 << 20,
 ) -> FastAPI:
     keys = keys or {}
     metrics = Metrics()
@@ -153,6 +157,13 @@ def create_app(
         await runtime.stop()
 
     app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
+            return error(413, f"request body over {max_body_bytes} bytes", "body")
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:

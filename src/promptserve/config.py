@@ -1,0 +1,61 @@
+"""The server's config file (TOML): every ``promptserve serve`` flag, validated, with the bad field
+named. Flags given on the command line win over the file.
+
+```toml
+model = "tiny"            # or a diffusers folder
+backend = "tiny"          # tiny | diffusers | modeled
+workers = 1
+slo_s = 60.0
+policy = "promptserve"
+embedder = "minilm"
+device = "cpu"
+cache_dir = ".promptserve"
+host = "127.0.0.1"
+port = 8000
+api_keys_file = "keys.txt"
+max_body_bytes = 1048576
+```
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from promptserve.errors import InputError
+
+
+class ServeFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "tiny"
+    backend: Literal["tiny", "diffusers", "modeled"] | None = None
+    workers: int = Field(default=1, ge=1, le=64)
+    slo_s: float | None = Field(default=None, gt=0)
+    policy: str = "promptserve"
+    embedder: Literal["minilm", "hashing"] = "minilm"
+    device: str = "cpu"
+    cache_dir: Path = Path(".promptserve")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_keys_file: Path | None = None
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+
+
+def load_serve_file(path: str | Path) -> ServeFile:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"config file {str(path)!r} is not valid TOML ({exc})") from None
+    try:
+        return ServeFile.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(file)"
+        raise InputError(f"config file {str(path)!r}: field {field}: {err['msg']}") from None

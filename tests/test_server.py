@@ -3,45 +3,16 @@
 import base64
 import io
 import json
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from promptserve.server import ServerConfig, build_app
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    def __init__(self, app):
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert self.server.started
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+from promptserve.server.live import LiveServer
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +290,62 @@ def test_serve_refuses_to_bind_beyond_localhost_without_keys(monkeypatch):
     monkeypatch.delenv("PROMPTSERVE_API_KEYS", raising=False)
     res = CliRunner().invoke(cli, ["serve", "--host", "0.0.0.0", "--embedder", "hashing"])
     assert res.exit_code == 2 and "localhost only" in res.output
+
+
+def test_bench_command_replays_a_workload_against_a_live_server(tmp_path):
+    from typer.testing import CliRunner
+
+    from promptserve.cli import app as cli
+
+    app = build_app(
+        ServerConfig(
+            backend="modeled",
+            model="sdxl-reference",
+            embedder="hashing",
+            cache_dir=tmp_path / "c",
+            slo_s=60,
+            speedup=50,
+        )
+    )
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\na red fox in snow\na castle\na castle at night\n")
+    with LiveServer(app) as url:
+        res = CliRunner().invoke(
+            cli,
+            [
+                "bench",
+                "--url",
+                url,
+                "--prompts",
+                str(prompts),
+                "--arrivals",
+                "poisson",
+                "--rate",
+                "120",
+                "--minutes",
+                "0.25",
+                "--slo",
+                "30",
+                "--out",
+                str(tmp_path / "out"),
+            ],
+        )
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    live = report["policies"]["live"]
+    assert live["requests"] > 5 and live["lost"] == 0
+    assert (
+        live["served_in_slo"] + live["served_late"] + live["refused"] + live["dropped"]
+        == live["requests"]
+    )
+    assert live["served_in_slo"] > 0 and 0 < live["mean_quality"] <= 100
+    assert (tmp_path / "out" / "timeline.png").exists()
+
+
+def test_bench_sends_load_only_to_this_machine():
+    from typer.testing import CliRunner
+
+    from promptserve.cli import app as cli
+
+    res = CliRunner().invoke(cli, ["bench", "--url", "http://10.0.0.5:8000"])
+    assert res.exit_code == 2 and "only sent to this machine" in res.output

@@ -7,7 +7,11 @@ from promptserve.errors import InputError
 
 
 def make_engine(
-    model: str = "tiny", backend: str | None = None, device: str = "cpu", dtype: str = "float32"
+    model: str = "tiny",
+    backend: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    speedup: float = 1.0,
 ) -> Engine:
     """``tiny`` or a diffusers folder / hub id; ``backend="modeled"`` sleeps by the reference profile."""
     backend = backend or ("tiny" if model == "tiny" else "diffusers")
@@ -23,7 +27,7 @@ def make_engine(
         from promptserve.engine.modeled import ModeledEngine
         from promptserve.profile import reference_profile
 
-        return ModeledEngine(reference_profile())
+        return ModeledEngine(reference_profile(), speedup=speedup)
     raise InputError(f"backend {backend!r} is not one of: tiny, diffusers, modeled")
 
 

@@ -31,10 +31,11 @@ class ServerConfig:
     # key -> tenant; None or empty: one tenant, localhost only
     api_keys: dict[str, str] | None = None
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    speedup: float = 1.0  # modelled backend only: run this many times faster than the profile
 
 
 def build_app(config: ServerConfig) -> FastAPI:
-    engine = make_engine(config.model, config.backend, config.device)
+    engine = make_engine(config.model, config.backend, config.device, speedup=config.speedup)
     profile = quick_profile(engine)
     slo_s = config.slo_s or max(5.0 * profile.batch_latency(0, 1), 30.0)
     qm = model_for_levels(profile.levels, profile.quality)

@@ -95,21 +95,35 @@ def test_bad_requests_get_a_json_error_naming_the_field(
         assert err["param"] == param
 
 
-def test_models_health_and_metrics_add_up(tiny_url):
-    assert httpx.get(tiny_url + "/v1/models").json()["data"][0]["id"] == "tiny"
-    assert httpx.get(tiny_url + "/healthz").json() == {"status": "ok"}
-    client(tiny_url).images.generate(prompt="a castle", response_format="b64_json")
-    text = httpx.get(tiny_url + "/metrics").text
-    families = {f.name: f for f in text_string_to_metric_families(text)}
-    served = sum(
-        s.value for s in families["promptserve_requests"].samples if s.name.endswith("_total")
-    )
-    count = next(
+def outcome_counts(url):
+    families = {f.name: f for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)}
+    counts = {
+        s.labels["outcome"]: s.value
+        for s in families["promptserve_requests"].samples
+        if s.name.endswith("_total")
+    }
+    observed = next(
         s.value
         for s in families["promptserve_latency_seconds"].samples
         if s.name.endswith("_count")
     )
-    assert served >= 1 and served == count  # every answered image is one latency observation
+    return counts, observed, families
+
+
+def test_models_health_and_metrics_add_up(tiny_url):
+    assert httpx.get(tiny_url + "/v1/models").json()["data"][0]["id"] == "tiny"
+    assert httpx.get(tiny_url + "/healthz").json() == {"status": "ok"}
+    before, observed_before, _ = outcome_counts(tiny_url)
+    client(tiny_url).images.generate(prompt="a castle", n=2, response_format="b64_json")
+    refused = httpx.post(
+        tiny_url + "/v1/images/generations", json={"prompt": "a moat", "deadline_ms": 100}
+    )
+    assert refused.status_code == 429
+    after, observed_after, families = outcome_counts(tiny_url)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert sum(delta.values()) == 3  # two images and one refusal: every request counted once
+    assert delta["refused"] == 1 and delta.get("served", 0) + delta.get("late", 0) == 2
+    assert observed_after - observed_before == 2  # one latency observation per answered image
     assert "promptserve_queue_length" in families and "promptserve_cache_hit_ratio" in families
 
 

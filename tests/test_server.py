@@ -252,10 +252,10 @@ def test_a_job_is_cancelled_mid_denoising_and_the_worker_moves_on(tmp_path):
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # wait until it is denoising
             job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
-            if job["status"] == "running":
+            if job["status"] == "running" and job["step"] >= 1:
                 break
-            time.sleep(0.05)
-        assert job["status"] == "running"
+            time.sleep(0.02)
+        assert job["status"] == "running" and job["step"] >= 1
         cancelled = httpx.delete(f"{url}/v1/jobs/{job_id}", timeout=30).json()
         assert cancelled["status"] == "cancelled"
         steps = [d["step"] for k, d in sse_events(url, job_id) if k == "step"]

@@ -42,6 +42,7 @@ class JobState:
     def __init__(self, job_id: str, tenant: str) -> None:
         self.id, self.tenant = job_id, tenant
         self.status = "queued"
+        self.step = 0  # the last denoising step done
         self.events: list[tuple[str, dict]] = []
         self.data: ImageData | None = None
         self.error: str | None = None
@@ -63,6 +64,8 @@ class JobState:
             return
         if kind in ("level", "step"):
             self.status = "running"
+        if kind == "step":
+            self.step = data["step"]
         self.events.append((kind, data))
         self._notify()
 
@@ -73,7 +76,7 @@ class JobState:
         self._notify()
 
     def view(self) -> dict:
-        out: dict = {"id": self.id, "status": self.status}
+        out: dict = {"id": self.id, "status": self.status, "step": self.step}
         if self.data is not None:
             out["data"] = [self.data.model_dump()]
         if self.error is not None:

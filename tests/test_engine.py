@@ -220,24 +220,18 @@ def tiny_xl_engine():
         ByteTokenizer,
         DenoisingEngine,
         build_tiny,
+        tiny_unet_config,
     )
 
     base = build_tiny(seed=1)
     torch.manual_seed(1)
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=8,
-        norm_num_groups=8,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=32 + 6 * 8,
+        **tiny_unet_config(
+            cross_attention_dim=64,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,
+        )
     ).eval()
     second = CLIPTextModelWithProjection(
         CLIPTextConfig(

@@ -29,14 +29,9 @@ class ByteTokenizer:
         return {"input_ids": ids}
 
 
-def build_tiny(seed: int = 0, size: int = 64) -> Components:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    if size % 8:
-        raise ValueError(f"tiny model size must be a multiple of 8, got {size}")
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+def tiny_unet_config(size: int = 64, **overrides: object) -> dict:
+    """The tiny UNet's config; SDXL-shaped variants override the conditioning keys."""
+    config = dict(
         sample_size=size // 8,
         in_channels=4,
         out_channels=4,
@@ -48,6 +43,17 @@ def build_tiny(seed: int = 0, size: int = 64) -> Components:
         attention_head_dim=8,
         norm_num_groups=8,
     )
+    return {**config, **overrides}
+
+
+def build_tiny(seed: int = 0, size: int = 64) -> Components:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if size % 8:
+        raise ValueError(f"tiny model size must be a multiple of 8, got {size}")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config(size))
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -25,7 +25,7 @@ from prometheus_client import (
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from promptserve.server.keys import tenant_for
-from promptserve.server.runtime import Cancelled, Dropped, JobHandle, Refused, Runtime
+from promptserve.server.runtime import Cancelled, Dropped, JobHandle, Refused, Runtime, Served
 from promptserve.server.schemas import ImageData, ImageMeta, ImageRequest, ImagesResponse
 
 IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -82,6 +82,17 @@ class JobState:
         if self.error is not None:
             out["error"] = {"message": self.error}
         return out
+
+
+def meta_of(s: Served) -> ImageMeta:
+    return ImageMeta(
+        level_k=s.level,
+        similarity=s.similarity,
+        predicted_quality=round(s.quality, 3),
+        queue_ms=round(s.queue_s * 1e3, 1),
+        compute_ms=round(s.compute_s * 1e3, 1),
+        placeholder=s.result.placeholder,
+    )
 
 
 def error(
@@ -210,14 +221,7 @@ def create_app(
         for s in served:
             late = (s.queue_s + s.compute_s) > deadline_s
             metrics.observe_served(s.quality, time.monotonic() - start, late)
-            meta = ImageMeta(
-                level_k=s.level,
-                similarity=s.similarity,
-                predicted_quality=round(s.quality, 3),
-                queue_ms=round(s.queue_s * 1e3, 1),
-                compute_ms=round(s.compute_s * 1e3, 1),
-                placeholder=s.result.placeholder,
-            )
+            meta = meta_of(s)
             if req.response_format == "url":
                 image_id = uuid.uuid4().hex
                 images[image_id] = (time.monotonic(), s.result.png)
@@ -245,16 +249,6 @@ def create_app(
         return Response(kept[1], media_type="image/png")
 
     jobs: OrderedDict[str, JobState] = OrderedDict()
-
-    def meta_of(s) -> ImageMeta:
-        return ImageMeta(
-            level_k=s.level,
-            similarity=s.similarity,
-            predicted_quality=round(s.quality, 3),
-            queue_ms=round(s.queue_s * 1e3, 1),
-            compute_ms=round(s.compute_s * 1e3, 1),
-            placeholder=s.result.placeholder,
-        )
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(req: ImageRequest, request: Request):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
 from promptserve.engine.base import Engine, GenerationItem, GenerationResult
@@ -28,6 +30,25 @@ class Served:
     k: int  # the engine level it ran from
     similarity: float | None  # to the cached neighbour it started from (None: no neighbour)
     result: GenerationResult
+
+
+def remember(
+    cache: ApproxCache,
+    tenant: str,
+    embedding: np.ndarray,
+    hit: CacheHit | None,
+    item: GenerationItem,
+    result: GenerationResult,
+    now_s: float,
+) -> None:
+    """After a run: count the hit it was served from, and cache the prompt with the latents it
+    passed through (plus the level it started from, which stands for it too)."""
+    if hit is not None and item.k > 0:
+        cache.record_hit(hit.entry.id, item.k, now_s)
+    keep = dict(result.latents)
+    if item.k > 0 and item.start_latent is not None:
+        keep[item.k] = item.start_latent
+    cache.insert(tenant, item.prompt, embedding, keep, now_s)
 
 
 def generate_with_cache(
@@ -56,11 +77,6 @@ def generate_with_cache(
     results = engine.generate(items)
     served = []
     for item, hit, vec, res in zip(items, hits, vecs, results, strict=True):
-        if hit is not None and item.k > 0:
-            cache.record_hit(hit.entry.id, item.k, now_s)
-        keep = dict(res.latents)
-        if item.k > 0 and item.start_latent is not None:
-            keep[item.k] = item.start_latent  # the level it started from stands for it too
-        cache.insert(tenant, item.prompt, vec, keep, now_s)
+        remember(cache, tenant, vec, hit, item, res, now_s)
         served.append(Served(item.prompt, item.k, hit.similarity if hit else None, res))
     return served

@@ -21,7 +21,7 @@ import numpy as np
 from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
 from promptserve.engine.base import Engine, GenerationItem, GenerationResult
-from promptserve.engine.runner import engine_level
+from promptserve.engine.runner import engine_level, remember
 from promptserve.policy import Dispatcher, Job, Policy, Setting, admit, route
 from promptserve.policy.estimator import demand_changed
 from promptserve.policy.types import Demand, Dispatch
@@ -280,13 +280,8 @@ class Runtime:
     def _remember(
         self, p: _Pending, item: GenerationItem, result: GenerationResult, now: float
     ) -> None:
-        if p.hit is not None and item.k > 0:
-            self.cache.record_hit(p.hit.entry.id, item.k, now)
-            self.counters.cache_hits += 1
-        keep = dict(result.latents)
-        if item.k > 0 and item.start_latent is not None:
-            keep[item.k] = item.start_latent
-        self.cache.insert(p.tenant, p.prompt, p.embedding, keep, now)
+        self.counters.cache_hits += int(p.hit is not None and item.k > 0)
+        remember(self.cache, p.tenant, p.embedding, p.hit, item, result, now)
 
     def _fail(self, job_id: int, exc: Exception) -> None:
         p = self.pending.pop(job_id, None)

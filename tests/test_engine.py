@@ -213,13 +213,10 @@ def tiny_xl_engine():
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from promptserve.engine.tiny import (
-        BOS,
-        EOS,
-        MAX_TOKENS,
-        PAD,
         ByteTokenizer,
         DenoisingEngine,
         build_tiny,
+        tiny_text_config,
         tiny_unet_config,
     )
 
@@ -234,18 +231,7 @@ def tiny_xl_engine():
         )
     ).eval()
     second = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=260,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_TOKENS,
-            projection_dim=32,
-            bos_token_id=BOS,
-            eos_token_id=EOS,
-            pad_token_id=PAD,
-        )
+        CLIPTextConfig(**tiny_text_config(projection_dim=32))
     ).eval()
     comps = dataclasses.replace(
         base, unet=unet, text_encoder_2=second, tokenizer_2=ByteTokenizer(), image_size=64

@@ -26,6 +26,20 @@ def tiny_url(tmp_path_factory):
         yield url
 
 
+def modeled_app(cache_dir, **overrides):
+    """The server on the modelled engine (reference SDXL latencies), hashing embedder."""
+    return build_app(
+        ServerConfig(
+            backend="modeled",
+            model="sdxl-reference",
+            embedder="hashing",
+            cache_dir=cache_dir,
+            slo_s=60,
+            **overrides,
+        )
+    )
+
+
 def client(url):
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
@@ -128,15 +142,7 @@ def test_models_health_and_metrics_add_up(tiny_url):
 
 
 def test_overload_is_refused_with_429_and_retry_after(tmp_path):
-    app = build_app(
-        ServerConfig(
-            backend="modeled",
-            model="sdxl-reference",
-            embedder="hashing",
-            cache_dir=tmp_path,
-            slo_s=60,
-        )
-    )
+    app = modeled_app(tmp_path)
     with LiveServer(app) as url:
         # a miss cannot skip steps, and full generation takes 4.2 s by the reference profile
         r = httpx.post(
@@ -238,15 +244,7 @@ def test_job_progress_streams_every_step(tiny_url):
 
 
 def test_a_job_is_cancelled_mid_denoising_and_the_worker_moves_on(tmp_path):
-    app = build_app(
-        ServerConfig(
-            backend="modeled",
-            model="sdxl-reference",
-            embedder="hashing",
-            cache_dir=tmp_path,
-            slo_s=60,
-        )
-    )
+    app = modeled_app(tmp_path)
     with LiveServer(app) as url:
         job_id = httpx.post(url + "/v1/jobs", json={"prompt": "a ship"}).json()["id"]
         deadline = time.monotonic() + 20
@@ -311,16 +309,7 @@ def test_bench_command_replays_a_workload_against_a_live_server(tmp_path):
 
     from promptserve.cli import app as cli
 
-    app = build_app(
-        ServerConfig(
-            backend="modeled",
-            model="sdxl-reference",
-            embedder="hashing",
-            cache_dir=tmp_path / "c",
-            slo_s=60,
-            speedup=50,
-        )
-    )
+    app = modeled_app(tmp_path / "c", speedup=50)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red fox\na red fox in snow\na castle\na castle at night\n")
     with LiveServer(app) as url:

@@ -46,6 +46,22 @@ def tiny_unet_config(size: int = 64, **overrides: object) -> dict:
     return {**config, **overrides}
 
 
+def tiny_text_config(**overrides: object) -> dict:
+    """The tiny CLIP text encoder's config over the byte-level vocabulary."""
+    config = dict(
+        vocab_size=260,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_TOKENS,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+    )
+    return {**config, **overrides}
+
+
 def build_tiny(seed: int = 0, size: int = 64) -> Components:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -65,19 +81,7 @@ def build_tiny(seed: int = 0, size: int = 64) -> Components:
         norm_num_groups=8,
         sample_size=size,
     )
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=260,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_TOKENS,
-            bos_token_id=BOS,
-            eos_token_id=EOS,
-            pad_token_id=PAD,
-        )
-    )
+    text = CLIPTextModel(CLIPTextConfig(**tiny_text_config()))
     scheduler = DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",

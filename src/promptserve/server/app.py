@@ -189,15 +189,22 @@ def create_app(
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse)
-    async def generations(req: ImageRequest, request: Request):
-        if req.size is not None and req.size != size:
-            return error(400, f"size {req.size!r} is not supported (supported: {size})", "size")
+    def checked_tenant(req: ImageRequest, request: Request) -> str | JSONResponse:
+        """The caller's tenant, or the error to answer: no valid key (401), unknown size (400)."""
         tenant = tenant_for(keys, request.headers.get("authorization"))
         if tenant is None:
             return error(
                 401, "a valid API key is required (Authorization: Bearer KEY)", "authorization"
             )
+        if req.size is not None and req.size != size:
+            return error(400, f"size {req.size!r} is not supported (supported: {size})", "size")
+        return tenant
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse)
+    async def generations(req: ImageRequest, request: Request):
+        tenant = checked_tenant(req, request)
+        if isinstance(tenant, JSONResponse):
+            return tenant
         deadline_s = req.deadline_ms / 1000.0 if req.deadline_ms else slo_s
         start = time.monotonic()
         outcomes = await asyncio.gather(
@@ -252,15 +259,11 @@ def create_app(
 
     @app.post("/v1/jobs", status_code=202)
     async def create_job(req: ImageRequest, request: Request):
-        tenant = tenant_for(keys, request.headers.get("authorization"))
-        if tenant is None:
-            return error(
-                401, "a valid API key is required (Authorization: Bearer KEY)", "authorization"
-            )
         if req.n != 1:
             return error(422, "n: a job makes one image; send one job per image", "n")
-        if req.size is not None and req.size != size:
-            return error(400, f"size {req.size!r} is not supported (supported: {size})", "size")
+        tenant = checked_tenant(req, request)
+        if isinstance(tenant, JSONResponse):
+            return tenant
         state = JobState(uuid.uuid4().hex, tenant)
         handle = JobHandle(state.emit, asyncio.get_running_loop().create_future())
         state.handle = handle

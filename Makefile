@@ -37,6 +37,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_policies.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_engine.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_http.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_ray.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_cache.py
 
 clean:

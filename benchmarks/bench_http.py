@@ -22,9 +22,9 @@ CLIENTS = 16
 SECONDS = 20.0
 
 
-async def load(url: str) -> tuple[list[float], list[float], int]:
+async def load(url: str, seconds: float = SECONDS) -> tuple[list[float], list[float], int]:
     latencies, queue_ms, errors = [], [], 0
-    stop = time.monotonic() + SECONDS
+    stop = time.monotonic() + seconds
 
     async def client(c: httpx.AsyncClient, n: int) -> None:
         nonlocal errors

@@ -172,6 +172,10 @@ def test_failed_gpu_requeues_its_jobs():
     assert d.pending() == 0
     assert [j.id for j in d.fail_gpu(1.0, 0)] == [0]
     assert d.pending() == 1
+    assert d.step(1.0) == ([], []) and d.serving_levels() == set()  # down: takes nothing
+    d.set_up(0, True)
+    dispatches, _ = d.step(2.0)
+    assert [j.id for j in dispatches[0].jobs] == [0]
 
 
 def test_admission_refuses_only_what_no_level_can_meet():

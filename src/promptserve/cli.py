@@ -506,6 +506,28 @@ def serve_cmd(
     api_keys: Annotated[
         Path | None, typer.Option(help="File of KEY:TENANT lines (also $PROMPTSERVE_API_KEYS).")
     ] = None,
+    ray: Annotated[
+        bool | None,
+        typer.Option(
+            "--ray/--no-ray", help="Serve on Ray Serve: one worker replica per GPU (docs/ray.md)."
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --ray: the cluster to join (auto, ray://HOST:PORT); default local."
+        ),
+    ] = None,
+    worker_cpus: Annotated[
+        float | None,
+        typer.Option(help="With --ray: CPUs per worker replica (default 1).", min=0.01),
+    ] = None,
+    worker_gpus: Annotated[
+        float | None,
+        typer.Option(
+            help="With --ray: GPUs per worker replica (default 1 on CUDA, else 0).", min=0
+        ),
+    ] = None,
 ) -> None:
     """Serve the OpenAI Images API on the live policy core (default: tiny model on the CPU)."""
     import uvicorn
@@ -528,6 +550,10 @@ def serve_cmd(
         "device": device,
         "cache_dir": cache_dir,
         "api_keys_file": api_keys,
+        "ray": ray,
+        "ray_address": address,
+        "ray_worker_cpus": worker_cpus,
+        "ray_worker_gpus": worker_gpus,
     }
     s = base.model_copy(update={k: v for k, v in flags.items() if v is not None})
     get_policy(s.policy)
@@ -551,10 +577,31 @@ def serve_cmd(
     console.print(
         f"promptserve: loading {s.model} ({s.backend or 'auto'}) with {s.workers} worker(s)…"
     )
+    if s.ray:
+        serve_on_ray(server, s)
+        return
     app_ = build_app(server)
     if s.model == "tiny" and s.backend in (None, "tiny"):
         console.print("[yellow]the tiny model has random weights: its images are noise[/yellow]")
     uvicorn.run(app_, host=s.host, port=s.port, log_level="info")
+
+
+def serve_on_ray(server, s) -> None:
+    """Deploy on Ray Serve and keep the driver alive until Ctrl-C (then tear the app down)."""
+    import time
+
+    from ray import serve
+
+    from promptserve.distributed import RaySettings, run_on_ray
+
+    settings = RaySettings(s.ray_address, s.host, s.port, s.ray_worker_cpus, s.ray_worker_gpus)
+    url = run_on_ray(server, settings)
+    console.print(f"promptserve on Ray Serve at {url} (Ctrl-C stops it)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
 
 
 @app.command("bench")

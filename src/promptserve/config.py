@@ -14,6 +14,10 @@ host = "127.0.0.1"
 port = 8000
 api_keys_file = "keys.txt"
 max_body_bytes = 1048576
+ray = false               # true: serve on Ray Serve (see docs/ray.md)
+ray_address = "auto"      # join a running cluster; unset: start a local Ray
+ray_worker_cpus = 1.0     # CPUs reserved per worker replica
+ray_worker_gpus = 1.0     # GPUs per worker replica; unset: 1 on CUDA, else 0
 ```
 """
 
@@ -43,6 +47,10 @@ class ServeFile(BaseModel):
     port: int = Field(default=8000, ge=1, le=65535)
     api_keys_file: Path | None = None
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    ray: bool = False
+    ray_address: str | None = None
+    ray_worker_cpus: float = Field(default=1.0, gt=0)
+    ray_worker_gpus: float | None = Field(default=None, ge=0)
 
 
 def load_serve_file(path: str | Path) -> ServeFile:

@@ -39,6 +39,7 @@ class GpuState:
     busy_until: float = 0.0
     ready_at: float = 0.0  # a GPU loading a model variant is not ready before this
     running: Dispatch | None = None
+    up: bool = True  # False: its worker is gone; it takes no work and counts for no level
 
 
 @dataclass
@@ -95,11 +96,11 @@ class Dispatcher:
     def serving_levels(self) -> set[int]:
         if not self.config.pinned:
             return set(self.levels)
-        return {g.level for g in self.gpus if g.level is not None}
+        return {g.level for g in self.gpus if g.level is not None and g.up}
 
     def predicted_finish(self, level: int, now: float) -> float:
         """When a job joining ``level``'s queue now would finish (seconds), by the profile."""
-        gpus = [g for g in self.gpus if not self.config.pinned or g.level == level]
+        gpus = [g for g in self.gpus if g.up and (not self.config.pinned or g.level == level)]
         if not gpus:
             return float("inf")
         free = sorted(max(g.busy_until, g.ready_at, now) for g in gpus)
@@ -116,7 +117,7 @@ class Dispatcher:
         dispatches: list[Dispatch] = []
         outcomes: list[Outcome] = []
         for index, gpu in enumerate(self.gpus):
-            if gpu.running is not None or gpu.ready_at > now:
+            if gpu.running is not None or gpu.ready_at > now or not gpu.up:
                 continue
             level = gpu.level if self.config.pinned else self._most_urgent_level()
             if level is None:
@@ -135,13 +136,20 @@ class Dispatcher:
         return [Outcome(job, Status.SERVED, now, dispatch.level) for job in dispatch.jobs]
 
     def fail_gpu(self, now: float, gpu_index: int) -> list[Job]:
-        """A worker died: its running jobs go back to their queues (none is lost)."""
+        """A worker died: it is marked down and its running jobs go back to their queues (none
+        is lost); ``set_up`` brings it back when its worker answers again."""
         gpu = self.gpus[gpu_index]
         jobs = list(gpu.running.jobs) if gpu.running else []
-        gpu.running, gpu.busy_until = None, now
+        gpu.running, gpu.busy_until, gpu.up = None, now, False
         for job in jobs:
             self.enqueue(job)
         return jobs
+
+    def set_up(self, gpu_index: int, up: bool) -> None:
+        self.gpus[gpu_index].up = up
+
+    def up_gpus(self) -> list[int]:
+        return [i for i, g in enumerate(self.gpus) if g.up]
 
     def _most_urgent_level(self) -> int | None:
         heads = [(q[0][0], level) for level, q in self.queues.items() if q]

@@ -16,6 +16,7 @@ from promptserve.policy import Setting, get_policy
 from promptserve.quality import model_for_levels
 from promptserve.server.app import create_app
 from promptserve.server.runtime import Runtime
+from promptserve.server.workers import LocalWorkers, Workers
 
 
 @dataclass(frozen=True)
@@ -35,19 +36,27 @@ class ServerConfig:
 
 
 def build_app(config: ServerConfig) -> FastAPI:
+    """The single-process server: ``config.workers`` logical GPUs on one in-process engine."""
     engine = make_engine(config.model, config.backend, config.device, speedup=config.speedup)
-    profile = quick_profile(engine)
+    workers = LocalWorkers(engine, quick_profile(engine), config.workers)
+    return app_for(config, workers, engine_size(engine))
+
+
+def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
+    """The API over any workers (in-process or Ray replicas): cache, planner, runtime."""
+    profile = workers.profile
     slo_s = config.slo_s or max(5.0 * profile.batch_latency(0, 1), 30.0)
     qm = model_for_levels(profile.levels, profile.quality)
     embedder = make_embedder(config.embedder, config.cache_dir)
     table = shipped_thresholds("minilm" if config.embedder == "minilm" else "clip")
     cache = ApproxCache(
-        config.cache_dir / "cache", embedder.dim, table, total_steps=engine.total_steps
+        config.cache_dir / "cache", embedder.dim, table, total_steps=workers.total_steps
     )
-    setting = Setting(tuple(profile for _ in range(config.workers)), qm.matrix(), slo_s)
-    runtime = Runtime(engine, cache, embedder, get_policy(config.policy), setting, qm)
-    size = f"{engine_size(engine)}x{engine_size(engine)}"
-    return create_app(runtime, slo_s, size, config.api_keys, config.max_body_bytes)
+    setting = Setting(tuple(profile for _ in range(workers.count)), qm.matrix(), slo_s)
+    runtime = Runtime(workers, cache, embedder, get_policy(config.policy), setting, qm)
+    return create_app(
+        runtime, slo_s, f"{image_px}x{image_px}", config.api_keys, config.max_body_bytes
+    )
 
 
 def engine_size(engine) -> int:
@@ -55,4 +64,4 @@ def engine_size(engine) -> int:
     return comps.latent_shape[1] * 8 if comps is not None else 1024
 
 
-__all__ = ["ServerConfig", "build_app"]
+__all__ = ["ServerConfig", "app_for", "build_app"]

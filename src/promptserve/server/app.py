@@ -142,6 +142,14 @@ class Metrics:
         self.planner = Gauge(
             "promptserve_planner_ms_last", "Time of the last plan (ms)", registry=self.registry
         )
+        self.retried = Gauge(
+            "promptserve_requests_retried",
+            "Requests put back in a queue because their worker was lost mid-batch",
+            registry=self.registry,
+        )
+        self.workers_up = Gauge(
+            "promptserve_workers_up", "Workers whose replica answers", registry=self.registry
+        )
         self._q_sum = 0.0
         self._q_n = 0
 
@@ -343,7 +351,7 @@ def create_app(
             "object": "list",
             "data": [
                 {
-                    "id": runtime.engine.name,
+                    "id": runtime.workers.name,
                     "object": "model",
                     "created": 0,
                     "owned_by": "promptserve",
@@ -368,6 +376,8 @@ def create_app(
         c = runtime.counters
         metrics.hit_ratio.set(c.cache_hits / c.lookups if c.lookups else 0.0)
         metrics.planner.set(c.planner_ms[-1] if c.planner_ms else 0.0)
+        metrics.retried.set(c.retried)
+        metrics.workers_up.set(len(runtime.dispatcher.up_gpus()))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

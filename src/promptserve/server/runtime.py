@@ -2,8 +2,10 @@
 
 Translation only: admission, routing, batching and planning are the objects of
 ``promptserve.policy`` that the simulator drives too; this module feeds them the time, runs the
-batches they hand out on the engine (in a thread, so the event loop stays responsive), and
-answers each request's future.
+batches they hand out on its ``Workers`` (in-process threads or Ray Serve replicas), and
+answers each request's future. A worker lost mid-batch puts the batch back in its queues and
+its GPU out of the plan until the worker answers again: every accepted request gets exactly one
+final answer.
 """
 
 from __future__ import annotations
@@ -14,18 +16,19 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
-from promptserve.engine.base import Engine, GenerationItem, GenerationResult
+from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.runner import engine_level, remember
 from promptserve.policy import Dispatcher, Job, Policy, Setting, admit, route
 from promptserve.policy.estimator import demand_changed
 from promptserve.policy.types import Demand, Dispatch
 from promptserve.quality import QualityModel
+from promptserve.server.workers import WorkerLost, Workers
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +88,14 @@ class Counters:
     )
     cache_hits: int = 0
     lookups: int = 0
+    retried: int = 0  # requests put back in a queue because their worker was lost
     planner_ms: list[float] = field(default_factory=list)
 
 
 class Runtime:
     def __init__(
         self,
-        engine: Engine,
+        workers: Workers,
         cache: ApproxCache,
         embedder: Embedder,
         policy: Policy,
@@ -100,7 +104,7 @@ class Runtime:
         clock: Callable[[], float] = time.monotonic,
         seed: int = 0,
     ) -> None:
-        self.engine, self.cache, self.embedder = engine, cache, embedder
+        self.workers, self.cache, self.embedder = workers, cache, embedder
         self.policy, self.setting, self.quality = policy, setting, quality
         self.clock = clock
         self.levels = setting.profiles[0].levels
@@ -114,6 +118,7 @@ class Runtime:
         self.planned_for: Demand | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._levels_sent: tuple[int | None, ...] | None = None
         self._plan(Demand(1.0, tuple(float(i == 0) for i in range(len(self.levels)))))
 
     def start(self) -> None:
@@ -131,7 +136,7 @@ class Runtime:
         vec = (await asyncio.to_thread(self.embedder.embed, [prompt]))[0]
         hit = self.cache.lookup(tenant, vec)
         self.counters.lookups += 1
-        k_opt = engine_level(hit.k_opt, self.engine) if hit else 0
+        k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
         k_max = self.levels[-1] if hit else 0
         self.estimator.observe(now, k_opt)
         job_id = next(self.ids)
@@ -183,21 +188,50 @@ class Runtime:
             default=1.0,
         )
 
-    def _plan(self, demand: Demand) -> None:
-        if not demand_changed(self.planned_for, demand):
+    def _plan(self, demand: Demand, force: bool = False) -> None:
+        """Plan for the GPUs whose workers are up; a down GPU gets no level."""
+        if not force and not demand_changed(self.planned_for, demand):
             return
         self.planned_for = demand
+        up = self.dispatcher.up_gpus()
+        if not up:
+            return
+        gpus = self.dispatcher.gpus
+        setting = replace(self.setting, profiles=tuple(gpus[i].profile for i in up))
         t0 = time.perf_counter()
-        self.plan = self.policy.plan(demand, self.setting, [g.level for g in self.dispatcher.gpus])
+        self.plan = self.policy.plan(demand, setting, [gpus[i].level for i in up])
         self.counters.planner_ms.append((time.perf_counter() - t0) * 1e3)
-        self.dispatcher.set_levels(self.clock(), self.plan.gpu_levels)
+        levels: list[int | None] = [None] * len(gpus)
+        for i, level in zip(up, self.plan.gpu_levels, strict=True):
+            levels[i] = level
+        self.dispatcher.set_levels(self.clock(), levels)
 
     async def _replan(self) -> None:
+        """Every period: re-plan from the estimate, take back workers that answer again, and
+        tell the workers their levels (a runtime setting: nothing reloads)."""
         period = self.policy.replan_s or 5.0
         while True:
-            await asyncio.sleep(period)
-            self._plan(self.estimator.estimate(self.clock(), self.started))
+            await self._push_levels()
+            await asyncio.sleep(min(period, 1.0) if self._any_down() else period)
+            alive = await self.workers.alive()
+            back = [i for i, ok in enumerate(alive) if ok and not self.dispatcher.gpus[i].up]
+            for i in back:
+                self.dispatcher.set_up(i, True)
+                log.warning("worker %d is back; re-planning with it", i)
+            self._plan(self.estimator.estimate(self.clock(), self.started), force=bool(back))
             self._wake.set()
+
+    def _any_down(self) -> bool:
+        return len(self.dispatcher.up_gpus()) < len(self.dispatcher.gpus)
+
+    async def _push_levels(self) -> None:
+        levels = tuple(g.level for g in self.dispatcher.gpus)
+        if levels != self._levels_sent:
+            try:
+                await self.workers.set_levels(levels)
+                self._levels_sent = levels
+            except Exception:  # informational for the workers: the batches carry their level
+                log.exception("could not tell the workers their levels")
 
     async def _schedule(self) -> None:
         while True:
@@ -238,11 +272,23 @@ class Runtime:
             for h in handles:
                 if h is not None:
                     loop.call_soon_threadsafe(
-                        h.emit, "step", {"step": step, "of": self.engine.total_steps}
+                        h.emit, "step", {"step": step, "of": self.workers.total_steps}
                     )
 
         try:
-            results = await asyncio.to_thread(self.engine.generate, items, on_step)
+            results = await self.workers.run(dispatch.gpu, items, on_step)
+        except WorkerLost as lost:  # the batch did not run: back to its queues, GPU out
+            log.warning("%s; %d requests go back to their queues", lost, len(dispatch.jobs))
+            self.dispatcher.fail_gpu(self.clock(), dispatch.gpu)
+            self.counters.retried += len(dispatch.jobs)
+            for h in handles:
+                if h is not None:
+                    h.emit("retry", {"reason": str(lost)})
+            self._plan(
+                self.planned_for or self.estimator.estimate(self.clock(), self.started), force=True
+            )
+            self._wake.set()
+            return
         except Exception as exc:  # a worker failure: these requests fail explicitly, once
             self.dispatcher.on_batch_done(self.clock(), dispatch)
             for job in dispatch.jobs:

@@ -1,0 +1,144 @@
+"""Ray Serve against the single-process server, and the routing choice.
+
+1. The same closed-loop workload (modelled SDXL latencies, 20x faster than the profile; 2
+   workers; hashing embedder) through the single-process server and through Ray Serve on this
+   machine: throughput ratio and the latency Ray adds per request.
+2. Routing: per-replica handles (what ``RayWorkers`` does) against a custom ``RequestRouter``
+   that routes by the level a replica reports (``LevelRouter``): per-call latency, and the share
+   of requests sent to a replica at the wrong level right after a re-plan swaps two levels.
+
+Prints one JSON line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from bench_http import load
+from promptserve.distributed import RaySettings, run_on_ray
+from promptserve.distributed.level_router import LevelReplica, LevelRouter
+from promptserve.server import ServerConfig, build_app
+from promptserve.server.live import LiveServer, free_port
+
+SECONDS = 20.0
+STATS_PERIOD_S = 1.0
+
+
+def summary(lat: list[float], errors: int) -> dict:
+    ms = np.array(lat) * 1e3
+    return {
+        "requests_per_s": round(len(lat) / SECONDS, 2),
+        "errors": errors,
+        "latency_ms_p50": round(float(np.percentile(ms, 50)), 1),
+        "latency_ms_p99": round(float(np.percentile(ms, 99)), 1),
+    }
+
+
+def serving() -> dict:
+    cfg = ServerConfig(
+        backend="modeled",
+        model="sdxl-reference",
+        embedder="hashing",
+        cache_dir=Path(tempfile.mkdtemp()),
+        slo_s=60,
+        speedup=20.0,
+        workers=2,
+    )
+    with LiveServer(build_app(cfg)) as url:
+        lat, _, errors = asyncio.run(load(url, SECONDS))
+    local = summary(lat, errors)
+    url = run_on_ray(cfg, RaySettings(num_cpus=2, worker_cpus=0.5, port=free_port()))
+    lat, _, errors = asyncio.run(load(url, SECONDS))
+    on_ray = summary(lat, errors)
+    serve.delete("promptserve", _blocking=True)
+    return {
+        "single_process": local,
+        "ray": on_ray,
+        "throughput_ratio_ray_over_local": round(
+            on_ray["requests_per_s"] / local["requests_per_s"], 3
+        ),
+        "added_latency_ms_p50": round(on_ray["latency_ms_p50"] - local["latency_ms_p50"], 1),
+    }
+
+
+def timed(calls) -> tuple[float, list]:
+    out, ms = [], []
+    for call in calls:
+        t0 = time.perf_counter()
+        out.append(call())
+        ms.append((time.perf_counter() - t0) * 1e3)
+    return float(np.percentile(ms, 50)), out
+
+
+def routing() -> dict:
+    pool = serve.deployment(LevelReplica).options(
+        name="pool",
+        num_replicas=2,
+        ray_actor_options={"num_cpus": 0},
+        request_router_config=RequestRouterConfig(
+            request_router_class=LevelRouter, request_routing_stats_period_s=STATS_PERIOD_S
+        ),
+    )
+    h = serve.run(pool.bind(), name="routing", route_prefix=None)
+    ids = sorted({h.whoami.remote().result() for _ in range(40)})
+    assert len(ids) == 2, ids
+    for rid, level in zip(ids, (0, 10)):
+        h.set_level.remote(level, replica=rid).result()
+    time.sleep(3 * STATS_PERIOD_S)
+    router_ms, got = timed([lambda: h.run.remote(level=0).result()] * 200)
+    steady_wrong = sum(g != 0 for g in got)
+    for rid, level in zip(ids, (10, 0)):  # a re-plan swaps the two levels
+        h.set_level.remote(level, replica=rid).result()
+    t_swap = time.monotonic()
+    wrong, sent = 0, 0
+    while time.monotonic() - t_swap < 2 * STATS_PERIOD_S:
+        wrong += h.run.remote(level=0).result() != 0
+        sent += 1
+    serve.delete("routing", _blocking=True)
+
+    solo = serve.deployment(LevelReplica).options(num_replicas=1, ray_actor_options={"num_cpus": 0})
+    handles = [
+        serve.run(solo.options(name=f"solo-{i}").bind(), name=f"solo-{i}", route_prefix=None)
+        for i in range(2)
+    ]
+    for handle, level in zip(handles, (10, 0)):
+        handle.set_level.remote(level).result()
+    direct_ms, got = timed([lambda: handles[1].run.remote(level=0).result()] * 200)
+    for i in range(2):
+        serve.delete(f"solo-{i}", _blocking=True)
+    return {
+        "per_replica_handles": {
+            "call_ms_p50": round(direct_ms, 2),
+            "wrong_level": sum(g != 0 for g in got),
+        },
+        "request_router": {
+            "call_ms_p50": round(router_ms, 2),
+            "wrong_level_steady": steady_wrong,
+            "stats_period_s": STATS_PERIOD_S,
+            "after_swap": {"sent": sent, "wrong_level": int(wrong)},
+        },
+    }
+
+
+def main() -> None:
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        out = {"bench": "ray", "backend": "modeled SDXL at 20x", "workers": 2, **serving()}
+        out["routing"] = routing()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    out["note"] = "2-core machine; client, ingress, proxy and replicas share it"
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""Build and run the Ray Serve application."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from ray import serve
+
+from promptserve.distributed.worker import EngineWorker
+from promptserve.distributed.workers import RayWorkers
+from promptserve.server import ServerConfig, app_for
+
+log = logging.getLogger(__name__)
+APP_NAME = "promptserve"
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    address: str | None = None  # None: start a local Ray; "auto" or ray://...: join a cluster
+    host: str = "127.0.0.1"
+    port: int = 8000
+    worker_cpus: float = 1.0
+    worker_gpus: float | None = None  # None: 1 when the device is CUDA, else 0
+    num_cpus: int | None = None  # a local Ray's CPU count (tests use 2)
+
+
+@serve.ingress()
+class Ingress:
+    """The API, planner, dispatcher and cache index: one replica in front of the workers."""
+
+    async def __init__(self, config: ServerConfig, *handles) -> None:
+        infos = await asyncio.gather(*(h.describe.remote() for h in handles))
+        if len({(i["name"], i["total_steps"], i["levels"]) for i in infos}) != 1:
+            raise RuntimeError("the workers do not run the same model and levels")
+        self.workers = RayWorkers(handles, infos[0])
+        self.api = app_for(config, self.workers, infos[0]["image_px"])
+
+        @self.api.get("/v1/cluster")
+        async def cluster():
+            """Each worker replica as it answers now: index, pid, level, batches run."""
+            return {"workers": await self.workers.pings()}
+
+    def __serve_build_asgi_app__(self):
+        return self.api
+
+
+def deploy_app(config: ServerConfig, settings: RaySettings):
+    """The bound application: ``config.workers`` worker deployments and the ingress."""
+    gpus = settings.worker_gpus
+    if gpus is None:
+        gpus = 1.0 if config.device.startswith("cuda") else 0.0
+    worker = serve.deployment(EngineWorker)
+    handles = [
+        worker.options(
+            name=f"worker-{i}",
+            num_replicas=1,
+            max_ongoing_requests=16,
+            ray_actor_options={"num_cpus": settings.worker_cpus, "num_gpus": gpus},
+        ).bind(i, config.model, config.backend, config.device, "float32", config.speedup)
+        for i in range(config.workers)
+    ]
+    ingress = serve.deployment(Ingress).options(
+        name="ingress",
+        num_replicas=1,
+        max_ongoing_requests=10_000,  # admission is the planner's: Serve must not shed first
+        ray_actor_options={"num_cpus": 0},
+    )
+    return ingress.bind(config, *handles)
+
+
+def run_on_ray(config: ServerConfig, settings: RaySettings) -> str:
+    """Start (or join) Ray, deploy, and return the HTTP address; Serve keeps running."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            address=settings.address,
+            num_cpus=settings.num_cpus if settings.address is None else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(deploy_app(config, settings), name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{settings.host}:{settings.port}"

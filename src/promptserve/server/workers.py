@@ -1,0 +1,61 @@
+"""Where the runtime's batches run: engine workers behind one small interface.
+
+The runtime (planner, router, batcher) owns the decisions; a ``Workers`` owns the execution of
+one batch on one GPU. ``LocalWorkers`` runs every GPU's batches on one in-process engine in a
+thread; ``promptserve.distributed.RayWorkers`` runs them on Ray Serve replicas. A worker that
+vanishes mid-batch raises ``WorkerLost``: the runtime requeues the batch instead of failing it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from promptserve.engine.base import Engine, GenerationItem, GenerationResult
+from promptserve.profile import Profile
+
+OnStep = Callable[[int], None]  # called once per denoising step; raising stops the batch
+
+
+class WorkerLost(Exception):
+    """The worker running a batch is gone (process died, node lost): the batch did not run."""
+
+    def __init__(self, gpu: int, reason: str) -> None:
+        super().__init__(f"worker {gpu} lost: {reason}")
+        self.gpu = gpu
+
+
+class Workers(Protocol):
+    name: str
+    total_steps: int
+    levels: tuple[int, ...]
+    profile: Profile
+    count: int
+
+    async def run(
+        self, gpu: int, items: Sequence[GenerationItem], on_step: OnStep
+    ) -> list[GenerationResult]: ...
+
+    async def set_levels(self, levels: Sequence[int | None]) -> None: ...
+
+    async def alive(self) -> list[bool]: ...
+
+
+class LocalWorkers:
+    """``count`` logical GPUs sharing one engine in this process (batches run in threads)."""
+
+    def __init__(self, engine: Engine, profile: Profile, count: int) -> None:
+        self.engine, self.profile, self.count = engine, profile, count
+        self.name, self.total_steps, self.levels = engine.name, engine.total_steps, engine.levels
+
+    async def run(
+        self, gpu: int, items: Sequence[GenerationItem], on_step: OnStep
+    ) -> list[GenerationResult]:
+        return await asyncio.to_thread(self.engine.generate, items, on_step)
+
+    async def set_levels(self, levels: Sequence[int | None]) -> None:
+        """One engine resumes at any level: nothing to tell it."""
+
+    async def alive(self) -> list[bool]:
+        return [True] * self.count

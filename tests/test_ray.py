@@ -1,0 +1,102 @@
+"""Through Ray Serve on a local Ray (2 CPUs): the same API, replicas at their own levels, and a
+replica killed mid-batch. Ray takes seconds to start: one session for the module, few tests."""
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from promptserve.distributed import RaySettings, run_on_ray
+from promptserve.server import ServerConfig
+from promptserve.server.live import free_port
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def ray_settings():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    settings = RaySettings(num_cpus=2, worker_cpus=0.5, port=free_port())
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    yield settings
+    serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(settings, tmp_path: Path, **config) -> str:
+    serve.delete("promptserve", _blocking=True)
+    return run_on_ray(
+        ServerConfig(embedder="hashing", workers=2, cache_dir=tmp_path, **config), settings
+    )
+
+
+def metric(url: str, name: str, labels: dict | None = None) -> float:
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name and (labels is None or sample.labels == labels):
+                return sample.value
+    raise KeyError(name)
+
+
+def test_openai_client_through_ray_with_replicas_at_two_levels(ray_settings, tmp_path):
+    url = deploy(ray_settings, tmp_path, model="tiny", slo_s=120)
+    workers = httpx.get(f"{url}/v1/cluster").json()["workers"]
+    assert len({w["pid"] for w in workers}) == 2  # two replicas, two processes
+    assert len({w["level"] for w in workers}) == 2  # the planner's levels reached them
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    first = client.images.generate(prompt="a red fox in the snow", size="64x64")
+    again = client.images.generate(prompt="a red fox in the snow", size="64x64")
+    assert first.data[0].model_extra["promptserve"]["similarity"] is None
+    # the latents one replica made are in the index the ingress keeps for all of them
+    assert again.data[0].model_extra["promptserve"]["similarity"] > 0.99
+    ran = sum(w["batches"] for w in httpx.get(f"{url}/v1/cluster").json()["workers"])
+    assert ran == 2
+
+
+def test_killed_replica_requests_all_complete(ray_settings, tmp_path):
+    # modelled SDXL latencies at 2x: a full batch takes seconds, long enough to kill mid-way
+    url = deploy(
+        ray_settings, tmp_path, model="sdxl-reference", backend="modeled", speedup=2.0, slo_s=300
+    )
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    answers: list = []
+
+    def ask(i: int) -> None:
+        try:
+            answers.append(client.images.generate(prompt=f"prompt number {i}", size="1024x1024"))
+        except Exception as exc:  # recorded, asserted below
+            answers.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    victim = None
+    deadline = time.monotonic() + 60
+    while victim is None and time.monotonic() < deadline:
+        busy = [w for w in httpx.get(f"{url}/v1/cluster").json()["workers"] if w and w["running"]]
+        victim = busy[0] if busy else None
+        time.sleep(0.1)
+    assert victim is not None, "no batch started"
+    os.kill(victim["pid"], signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=240)
+    assert len(answers) == 6
+    assert all(not isinstance(a, Exception) for a in answers), answers
+    assert all(len(a.data) == 1 for a in answers)
+    assert metric(url, "promptserve_requests_retried") >= 1
+    assert metric(url, "promptserve_requests_total", {"outcome": "served"}) == 6
+    # Serve replaces the replica; the runtime takes it back into the plan
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and metric(url, "promptserve_workers_up") < 2:
+        time.sleep(0.5)
+    assert metric(url, "promptserve_workers_up") == 2
+    pids = {w["index"]: w["pid"] for w in httpx.get(f"{url}/v1/cluster").json()["workers"]}
+    assert pids[victim["index"]] != victim["pid"]

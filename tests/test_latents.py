@@ -90,3 +90,17 @@ def test_a_writer_killed_mid_stream_leaves_no_torn_entry(tmp_path):
         assert latent is not None and latent.shape == (4, 64, 64)
     assert store.stats.corrupt_dropped == 0
     assert not list(tmp_path.glob("*/*.tmp"))
+
+
+def test_a_write_error_of_any_kind_is_an_oserror_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import promptserve.cache.latents as latents
+
+    def full_disk(*_args, **_kwargs):
+        raise RuntimeError("I/O error: No space left on device (os error 28)")  # as safetensors
+
+    store = latents.LatentStore(tmp_path)
+    monkeypatch.setattr(latents, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        store.put("0123456789abcdef/000000000001-k02", np.zeros((2, 2), np.float32))
+    assert list(tmp_path.rglob("*")) == [tmp_path / "0123456789abcdef"]
+    assert store.stats.write_errors == 1

@@ -1,18 +1,16 @@
 """Through Ray Serve on a local Ray (2 CPUs): the same API, replicas at their own levels, and a
 replica killed mid-batch. Ray takes seconds to start: one session for the module, few tests."""
 
-import os
-import signal
 import threading
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from promptserve.distributed import RaySettings, run_on_ray
+from promptserve.distributed.chaos import kill_busy_worker, wait_workers_up
+from promptserve.loadgen import read_metric
 from promptserve.server import ServerConfig
 from promptserve.server.live import free_port
 
@@ -36,14 +34,6 @@ def deploy(settings, tmp_path: Path, **config) -> str:
     return run_on_ray(
         ServerConfig(embedder="hashing", workers=2, cache_dir=tmp_path, **config), settings
     )
-
-
-def metric(url: str, name: str, labels: dict | None = None) -> float:
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            if sample.name == name and (labels is None or sample.labels == labels):
-                return sample.value
-    raise KeyError(name)
 
 
 def test_openai_client_through_ray_with_replicas_at_two_levels(ray_settings, tmp_path):
@@ -78,25 +68,16 @@ def test_killed_replica_requests_all_complete(ray_settings, tmp_path):
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
     for t in threads:
         t.start()
-    victim = None
-    deadline = time.monotonic() + 60
-    while victim is None and time.monotonic() < deadline:
-        busy = [w for w in httpx.get(f"{url}/v1/cluster").json()["workers"] if w and w["running"]]
-        victim = busy[0] if busy else None
-        time.sleep(0.1)
+    victim = kill_busy_worker(url)
     assert victim is not None, "no batch started"
-    os.kill(victim["pid"], signal.SIGKILL)
     for t in threads:
         t.join(timeout=240)
     assert len(answers) == 6
     assert all(not isinstance(a, Exception) for a in answers), answers
     assert all(len(a.data) == 1 for a in answers)
-    assert metric(url, "promptserve_requests_retried") >= 1
-    assert metric(url, "promptserve_requests_total", {"outcome": "served"}) == 6
+    assert read_metric(url, "promptserve_requests_retried") >= 1
+    assert read_metric(url, "promptserve_requests_total", {"outcome": "served"}) == 6
     # Serve replaces the replica; the runtime takes it back into the plan
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and metric(url, "promptserve_workers_up") < 2:
-        time.sleep(0.5)
-    assert metric(url, "promptserve_workers_up") == 2
+    assert wait_workers_up(url, 2)
     pids = {w["index"]: w["pid"] for w in httpx.get(f"{url}/v1/cluster").json()["workers"]}
     assert pids[victim["index"]] != victim["pid"]

@@ -506,6 +506,12 @@ def serve_cmd(
     api_keys: Annotated[
         Path | None, typer.Option(help="File of KEY:TENANT lines (also $PROMPTSERVE_API_KEYS).")
     ] = None,
+    speedup: Annotated[
+        float | None,
+        typer.Option(
+            help="Modelled backend only: run this many times faster than the profile.", min=0.001
+        ),
+    ] = None,
     ray: Annotated[
         bool | None,
         typer.Option(
@@ -550,6 +556,7 @@ def serve_cmd(
         "device": device,
         "cache_dir": cache_dir,
         "api_keys_file": api_keys,
+        "speedup": speedup,
         "ray": ray,
         "ray_address": address,
         "ray_worker_cpus": worker_cpus,
@@ -573,6 +580,7 @@ def serve_cmd(
         s.device,
         keys,
         s.max_body_bytes,
+        s.speedup,
     )
     console.print(
         f"promptserve: loading {s.model} ({s.backend or 'auto'}) with {s.workers} worker(s)…"
@@ -683,3 +691,7 @@ def bench_cmd(
     table.add_row("live", *(str(row[c]) for c in COLUMNS[:8]))
     console.print(table)
     console.print(f"report written to {out}/report.json, report.md, timeline.png")
+
+
+if __name__ == "__main__":
+    app()

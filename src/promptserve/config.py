@@ -14,6 +14,7 @@ host = "127.0.0.1"
 port = 8000
 api_keys_file = "keys.txt"
 max_body_bytes = 1048576
+speedup = 1.0             # modelled backend: run this many times faster than the profile
 ray = false               # true: serve on Ray Serve (see docs/ray.md)
 ray_address = "auto"      # join a running cluster; unset: start a local Ray
 ray_worker_cpus = 1.0     # CPUs reserved per worker replica
@@ -47,6 +48,7 @@ class ServeFile(BaseModel):
     port: int = Field(default=8000, ge=1, le=65535)
     api_keys_file: Path | None = None
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    speedup: float = Field(default=1.0, gt=0)
     ray: bool = False
     ray_address: str | None = None
     ray_worker_cpus: float = Field(default=1.0, gt=0)

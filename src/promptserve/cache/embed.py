@@ -13,6 +13,7 @@ the prompt's SHA-256, so a simulation re-run embeds nothing twice.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sqlite3
 import threading
@@ -23,6 +24,8 @@ from typing import Protocol
 import numpy as np
 
 from promptserve.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 class Embedder(Protocol):
@@ -96,6 +99,7 @@ class DiskCachedEmbedder:
         # the server embeds in a worker thread: one connection, used under a lock
         self._db = sqlite3.connect(str(path), check_same_thread=False)
         self._lock = threading.Lock()
+        self.write_errors = 0
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS emb (model TEXT, key BLOB, vec BLOB, PRIMARY KEY (model, key))"
         )
@@ -111,11 +115,16 @@ class DiskCachedEmbedder:
         if todo:
             first = {k: p for k, p in zip(keys, prompts, strict=True)}
             vecs = self.inner.embed([first[k] for k in todo])
-            with self._db:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO emb VALUES (?, ?, ?)",
-                    [(self.name, k, v.tobytes()) for k, v in zip(todo, vecs, strict=True)],
-                )
+            try:
+                with self._db:
+                    self._db.executemany(
+                        "INSERT OR REPLACE INTO emb VALUES (?, ?, ?)",
+                        [(self.name, k, v.tobytes()) for k, v in zip(todo, vecs, strict=True)],
+                    )
+            except sqlite3.OperationalError as exc:  # a full disk: embed on, keep nothing
+                if self.write_errors == 0:
+                    log.error("embedding cache write failed, not kept until it works: %s", exc)
+                self.write_errors += 1
             found.update(zip(todo, vecs, strict=True))
         out = np.zeros((len(prompts), self.dim), dtype=np.float32)
         for i, k in enumerate(keys):

@@ -53,10 +53,17 @@ class LatentStore:
         final.parent.mkdir(parents=True, exist_ok=True)
         data = np.ascontiguousarray(latent)
         tmp = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
-        save_file({"latent": data}, str(tmp), metadata={"sha256": _digest(data)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        try:
+            save_file({"latent": data}, str(tmp), metadata={"sha256": _digest(data)})
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except Exception as exc:  # safetensors reports a full disk as its own error type
+            tmp.unlink(missing_ok=True)
+            self.stats.write_errors += 1
+            if isinstance(exc, OSError):
+                raise
+            raise OSError(f"writing latent {key}: {exc}") from exc
         _fsync_dir(final.parent)
         self.stats.writes += 1
         return final.stat().st_size

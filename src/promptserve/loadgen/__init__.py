@@ -61,3 +61,15 @@ async def replay_live(
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=max_in_flight)) as client:
         await asyncio.gather(*(one(client, i, r) for i, r in enumerate(requests)))
     return recs
+
+
+def read_metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """One sample of the server's ``/metrics`` (0 when the series has no sample yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and (labels is None or sample.labels == labels):
+                return sample.value
+    return 0.0

@@ -150,6 +150,11 @@ class Metrics:
         self.workers_up = Gauge(
             "promptserve_workers_up", "Workers whose replica answers", registry=self.registry
         )
+        self.skipped = Gauge(
+            "promptserve_cache_skipped_writes",
+            "Cache entries not kept because writing their latents failed (a full disk)",
+            registry=self.registry,
+        )
         self._q_sum = 0.0
         self._q_n = 0
 
@@ -377,6 +382,7 @@ def create_app(
         metrics.hit_ratio.set(c.cache_hits / c.lookups if c.lookups else 0.0)
         metrics.planner.set(c.planner_ms[-1] if c.planner_ms else 0.0)
         metrics.retried.set(c.retried)
+        metrics.skipped.set(runtime.cache.skipped_writes)
         metrics.workers_up.set(len(runtime.dispatcher.up_gpus()))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -1,0 +1,80 @@
+"""``make reliability``: every scenario in bounded time, one JSON line, exit 1 on any breach."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from reliability import badinput, faults, overload, security
+
+
+def main() -> int:
+    t0 = time.monotonic()
+    report: dict = {"bench": "reliability"}
+    stages = [
+        ("overload", overload.run),
+        ("cache_crash", faults.cache_crashes),
+        ("full_disk", faults.full_disk),
+        ("security", security.run),
+        ("schemathesis", badinput.schemathesis),
+        ("parser_fuzz", badinput.parser_fuzz),
+        ("worker_kill", faults.worker_kills),
+    ]
+    for name, stage in stages:
+        started = time.monotonic()
+        print(f"reliability: {name}…", file=sys.stderr, flush=True)
+        report[name] = stage()
+        report[name]["seconds"] = round(time.monotonic() - started, 1)
+    kills = backends(report["worker_kill"])
+    o = report["overload"]
+    report["totals"] = {
+        "requests_sent": o["sent"] + sum(k["sent"] for k in kills),
+        "accepted": o["accepted"] + sum(k["sent"] for k in kills),
+        "refused": o["refused_429"],
+        "lost": o["lost"] + sum(k["unanswered"] + k["failed"] for k in kills),
+        "answered_twice": o["answered_twice"] + sum(k["answered_twice"] for k in kills),
+        "peak_rss_mb": o["peak_rss_mb"],
+        "5xx_seen": o["server_errors_5xx"]
+        + o["dropped_503"]
+        + report["security"]["hostile_ids_5xx"]
+        + report["schemathesis"]["operations_with_5xx"],
+        "torn_entries_served": report["cache_crash"]["torn_served"],
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    breaches = breaches_of(report)
+    report["breaches"] = breaches
+    print(json.dumps(report))
+    return 1 if breaches else 0
+
+
+def backends(kills: dict) -> list[dict]:
+    return [v for v in kills.values() if isinstance(v, dict)]
+
+
+def breaches_of(r: dict) -> list[str]:
+    t, o = r["totals"], r["overload"]
+    checks = {
+        "lost": t["lost"] == 0,
+        "answered twice": t["answered_twice"] == 0,
+        "5xx": t["5xx_seen"] == 0,
+        "torn entries served": t["torn_entries_served"] == 0,
+        "index matches files": r["cache_crash"]["index_matches_files"],
+        "429 without Retry-After": o["refused_without_retry_after"] == 0,
+        "accepted on time >= 99%": (o["accepted_on_time_ratio"] or 0) >= 0.99,
+        "server up after the burst": o["server_up_after"],
+        "full disk: all answered": r["full_disk"].get("answered_200") == r["full_disk"].get("sent"),
+        "full disk: logged once": r["full_disk"].get("errors_logged") == 1,
+        "keys enforced": r["security"]["keys_enforced"],
+        "tenant isolation": r["security"]["cross_tenant_hits"] == 0,
+        "hostile ids refused": r["security"]["hostile_ids_served"] == 0,
+        "parsers": r["parser_fuzz"]["parsers_failed"] == 0,
+        "kill mid-batch and replace": all(
+            k["killed_mid_batch"] and k["replica_replaced"] for k in backends(r["worker_kill"])
+        ),
+    }
+    return [name for name, ok in checks.items() if not ok]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,7 +20,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks reliability
 	$(BIN)/ruff format --check src tests benchmarks reliability
 
-test: lint
+# Debian's Chromium and ChromeDriver for the browser tests (tests/test_browser.py). Installing
+# needs root (CI has it); without them those tests are skipped, saying why.
+CHROMEDRIVER := /usr/bin/chromedriver
+$(CHROMEDRIVER):
+	-apt-get install -y -q chromium chromium-driver >/dev/null || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null)
+
+test: lint $(CHROMEDRIVER)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest
 
 # The embedded default: tiny model on the CPU, cache in ./.promptserve, 127.0.0.1:8000.

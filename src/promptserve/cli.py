@@ -258,6 +258,13 @@ def simulate_cmd(
     out: Annotated[
         Path, typer.Option(help="Folder for report.json, report.md and timeline.png.")
     ] = Path("out/simulate"),
+    html: Annotated[
+        bool,
+        typer.Option(
+            "--html/--no-html",
+            help="Also write report.html: the charts, policies side by side, the oracle bound.",
+        ),
+    ] = False,
 ) -> None:
     """Run policies side by side on one workload and bound them with the offline oracle."""
     from promptserve.cache.thresholds import shipped_thresholds
@@ -316,7 +323,7 @@ def simulate_cmd(
         "embedder": embedder,
         "requests": len(requests),
     }
-    write_report(out, config_dict(config, **extra), rows, oracle, timelines)
+    write_report(out, config_dict(config, **extra), rows, oracle, timelines, html=html)
     table = Table(
         title=f"{len(requests)} requests, {gpus} GPUs, SLO {slo_s} s, penalty {quality_penalty}"
     )
@@ -334,7 +341,8 @@ def simulate_cmd(
         *[""] * 5,
     )
     console.print(table)
-    console.print(f"report written to {out}/report.json, report.md, timeline.png")
+    written = "report.json, report.md, timeline.png" + (", report.html" if html else "")
+    console.print(f"report written to {out}/: {written}")
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -52,7 +52,7 @@ def measure(
     return MeasuredProfile(
         format="promptserve-profile/1",
         model=model,
-        device=f"cpu:{platform.processor() or platform.machine()}",
+        device=device_name(engine),
         measured_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         total_steps=engine.total_steps,
         levels=list(levels),
@@ -60,6 +60,16 @@ def measure(
         batch_latency_s=rows,
         quality_percent=reference_quality(levels, engine.total_steps),
     )
+
+
+def device_name(engine: Engine) -> str:
+    """``cuda:NVIDIA H100 80GB HBM3``, ``cpu:x86_64``: what the timings were taken on."""
+    device = str(getattr(getattr(engine, "c", None), "device", "cpu"))
+    if device.startswith("cuda"):
+        import torch
+
+        return f"cuda:{torch.cuda.get_device_name(torch.device(device))}"
+    return f"{device}:{platform.processor() or platform.machine()}"
 
 
 def quick_profile(engine: Engine, max_batch: int = 8) -> Profile:

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from promptserve.server.keys import tenant_for
 from promptserve.server.runtime import Cancelled, Dropped, JobHandle, Refused, Runtime, Served
 from promptserve.server.schemas import ImageData, ImageMeta, ImageRequest, ImagesResponse
+from promptserve.web import page
 
 IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
 KEPT_IMAGES = 512  # url-format images kept in memory, oldest out
@@ -149,6 +150,11 @@ class Metrics:
         )
         self.workers_up = Gauge(
             "promptserve_workers_up", "Workers whose replica answers", registry=self.registry
+        )
+        self.submitted = Gauge(
+            "promptserve_requests_submitted",
+            "Images asked for (offered load), whatever became of them",
+            registry=self.registry,
         )
         self.skipped = Gauge(
             "promptserve_cache_skipped_writes",
@@ -364,6 +370,11 @@ def create_app(
             ],
         }
 
+    @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard():
+        """Live charts from this server's own /metrics (polled by the page; no CDN)."""
+        return HTMLResponse(page("dashboard.html"))
+
     @app.get("/healthz")
     async def healthz():
         return {"status": "ok"}
@@ -382,6 +393,7 @@ def create_app(
         metrics.hit_ratio.set(c.cache_hits / c.lookups if c.lookups else 0.0)
         metrics.planner.set(c.planner_ms[-1] if c.planner_ms else 0.0)
         metrics.retried.set(c.retried)
+        metrics.submitted.set(c.lookups)
         metrics.skipped.set(runtime.cache.skipped_writes)
         metrics.workers_up.set(len(runtime.dispatcher.up_gpus()))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -62,7 +62,10 @@ def compare(
         )
         results.append(res)
         rows[policy.name] = res.records.summary(res.planner_ms)
-        timelines[policy.name] = res.records.per_minute()
+        timeline = res.records.per_minute()
+        minutes = len(timeline["offered_qpm"])
+        timeline["gpus_per_level"] = gpus_per_minute(res.plans, profile.levels, minutes)
+        timelines[policy.name] = timeline
     oracle = oracle_bounds(
         np.array([r.arrival_s for r in requests]),
         oracle_k_opt(requests, embeddings, thresholds, warm),
@@ -71,6 +74,19 @@ def compare(
         config.slo_s,
     )
     return rows, oracle, timelines, results
+
+
+def gpus_per_minute(plans, levels: Sequence[int], minutes: int) -> dict[str, list[int]]:
+    """GPUs at each level at the start of each minute, from the plans a run applied."""
+    out = {str(k): [0] * minutes for k in levels}
+    for m in range(minutes):
+        applied = [p for t, p in plans if t <= m * 60.0] or [p for _, p in plans[:1]]
+        if not applied:
+            continue
+        plan = applied[-1]
+        for k in levels:
+            out[str(k)][m] = plan.gpus_at(k)
+    return out
 
 
 def oracle_k_opt(

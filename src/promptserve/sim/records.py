@@ -57,7 +57,8 @@ class Records:
         }
 
     def per_minute(self) -> dict[str, list[float]]:
-        """Offered load, goodput, mean quality and violations per minute of arrival."""
+        """Offered load, goodput, effective and mean quality, cache hit ratio (share of answers
+        started from a cached latent) and violations per minute of arrival."""
         minute = (self.arrival_s // 60).astype(int)
         m = int(minute.max()) + 1 if len(minute) else 0
         served = self.status == Status.SERVED
@@ -66,7 +67,11 @@ class Records:
         good = np.bincount(minute, weights=in_slo, minlength=m)
         q_sum = np.bincount(minute, weights=np.where(served, self.quality, 0), minlength=m)
         n_served = np.bincount(minute, weights=served, minlength=m)
+        q_good = np.bincount(minute, weights=np.where(in_slo, self.quality, 0), minlength=m)
+        hits = np.bincount(minute, weights=served & (self.level > 0), minlength=m)
         return {
+            "effective_quality": (q_good / np.maximum(offered, 1)).tolist(),
+            "hit_ratio": np.where(n_served > 0, hits / np.maximum(n_served, 1), np.nan).tolist(),
             "offered_qpm": offered.tolist(),
             "goodput_qpm": good.tolist(),
             "mean_quality": np.where(

@@ -23,14 +23,29 @@ COLUMNS = (
 
 
 def write_report(
-    out: Path, config: dict, policies: dict[str, dict], oracle: dict, timelines: dict[str, dict]
+    out: Path,
+    config: dict,
+    policies: dict[str, dict],
+    oracle: dict,
+    timelines: dict[str, dict],
+    html: bool = False,
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report = {"config": config, "policies": policies, "oracle": oracle}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     plot_timeline(out / "timeline.png", timelines, config.get("slo_s"))
+    if html:
+        (out / "report.html").write_text(html_report(report, timelines), encoding="utf-8")
     return report
+
+
+def html_report(report: dict, timelines: dict[str, dict]) -> str:
+    """One self-contained page: the charts' code and the run's data inlined (NaN: no answer)."""
+    from promptserve.web import page
+
+    data = json.dumps(report | {"timelines": timelines}).replace("</", "<\\/")
+    return page("report.html").replace("/*DATA*/", data)
 
 
 def markdown(report: dict) -> str:

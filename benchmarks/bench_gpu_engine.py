@@ -1,0 +1,129 @@
+"""The engine on a GPU: an SD-1.5-shaped model (the real architecture, random weights: no
+weights are on these machines) through promptserve's own denoising loop.
+
+Checks resume-from-cache exactness and mixed-batch agreement on the device, and measures a
+``promptserve-profile/1`` profile (levels 0..25 of 50 steps, batches 1..8) that ``simulate
+--profile`` takes. Prints one JSON line; ``--out`` also writes the profile.
+
+    python benchmarks/bench_gpu_engine.py --device cuda --dtype float16 --out sd15-h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from promptserve.engine.base import GenerationItem
+from promptserve.engine.denoise import Components
+from promptserve.engine.profiling import measure
+from promptserve.engine.tiny import MAX_TOKENS, ByteTokenizer, DenoisingEngine
+
+LEVELS = (0, 5, 10, 15, 20, 25)
+STEPS = 50
+
+
+def sd15_shaped(device: str, dtype: torch.dtype, size: int = 512) -> Components:
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(sample_size=size // 8, cross_attention_dim=768)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=size,
+        )
+        text = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=260,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=MAX_TOKENS,
+                bos_token_id=256,
+                eos_token_id=257,
+                pad_token_id=258,
+            )
+        )
+    for m in (unet, vae, text):
+        m.to(device=device, dtype=dtype).eval()
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+        set_alpha_to_one=False,
+    )  # fmt: skip
+    return Components(
+        unet, vae, text, ByteTokenizer(), scheduler, 0.18215, (4, size // 8, size // 8),
+        device=device, dtype=dtype, image_size=size,
+    )  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    engine = DenoisingEngine(
+        sd15_shaped(args.device, dtype, args.size), "sd15-shaped", STEPS, LEVELS
+    )
+    built_s = time.perf_counter() - t0
+
+    full = engine.generate([GenerationItem("a lighthouse at dusk", 0, seed=7)])[0]
+    resumed = engine.generate(
+        [GenerationItem("a lighthouse at dusk", 10, full.latents[10], seed=7)]
+    )[0]
+    resume_diff = float(np.abs(resumed.final_latent - full.final_latent).max())
+    mixed_items = [
+        GenerationItem("a red fox", 0, seed=1),
+        GenerationItem("a lighthouse at dusk", 10, full.latents[10], seed=7),
+        GenerationItem("a blue car", 0, seed=2),
+    ]
+    mixed = engine.generate(mixed_items)
+    alone = [engine.generate([it])[0] for it in mixed_items]
+    batch_diff = max(
+        float(np.abs(a.final_latent - b.final_latent).max()) for a, b in zip(mixed, alone)
+    )
+    scale = float(np.abs(full.final_latent).max())
+
+    profile = measure(engine, "sd15-shaped-random", LEVELS, (1, 2, 4, 8), repeats=args.repeats)
+    lat = {
+        k: dict(zip(profile.batch_sizes, row))
+        for k, row in zip(profile.levels, profile.batch_latency_s)
+    }
+    out = {
+        "bench": "gpu_engine",
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+        "dtype": args.dtype,
+        "model": f"SD-1.5-shaped UNet/VAE/CLIP-L, random weights, {args.size}px, {STEPS} DDIM steps",
+        "build_s": round(built_s, 2),
+        "resume_max_abs_diff": resume_diff,
+        "mixed_batch_max_abs_diff": batch_diff,
+        "latent_max_abs": scale,
+        "latency_s": {
+            f"K{k}": {f"b{b}": round(t, 4) for b, t in row.items()} for k, row in lat.items()
+        },
+        "throughput_batch8_over_batch1_K0": round(8 * lat[0][1] / lat[0][8], 3),
+        "latency_K25_over_K0_batch1": round(lat[25][1] / lat[0][1], 3),
+        "reference_assumption": {"throughput_batch8_over_batch1": 1.65, "latency_K25_over_K0": 0.5},
+    }
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(profile.model_dump_json(indent=2))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -20,48 +20,32 @@ import torch
 from promptserve.engine.base import GenerationItem
 from promptserve.engine.denoise import Components
 from promptserve.engine.profiling import measure
-from promptserve.engine.tiny import MAX_TOKENS, ByteTokenizer, DenoisingEngine
+from promptserve.engine.tiny import (
+    ByteTokenizer,
+    DenoisingEngine,
+    ddim_scheduler,
+    tiny_text_config,
+    vae_config,
+)
 
 LEVELS = (0, 5, 10, 15, 20, 25)
 STEPS = 50
 
 
 def sd15_shaped(device: str, dtype: torch.dtype, size: int = 512) -> Components:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     with torch.device(device):
         unet = UNet2DConditionModel(sample_size=size // 8, cross_attention_dim=768)
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=size,
-        )
-        text = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=260,
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                max_position_embeddings=MAX_TOKENS,
-                bos_token_id=256,
-                eos_token_id=257,
-                pad_token_id=258,
-            )
-        )
+        vae = AutoencoderKL(**vae_config(size, (128, 256, 512, 512), layers_per_block=2))
+        clip_l = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12)
+        text = CLIPTextModel(CLIPTextConfig(**tiny_text_config(**clip_l, num_attention_heads=12)))
     for m in (unet, vae, text):
         m.to(device=device, dtype=dtype).eval()
-    scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-        set_alpha_to_one=False,
-    )  # fmt: skip
     return Components(
-        unet, vae, text, ByteTokenizer(), scheduler, 0.18215, (4, size // 8, size // 8),
+        unet, vae, text, ByteTokenizer(), ddim_scheduler(), 0.18215, (4, size // 8, size // 8),
         device=device, dtype=dtype, image_size=size,
     )  # fmt: skip
 

@@ -47,16 +47,21 @@ async def load(url: str, seconds: float = SECONDS) -> tuple[list[float], list[fl
     return latencies, queue_ms, errors
 
 
-def main() -> None:
-    cfg = ServerConfig(
+def modeled_config(speedup: float, workers: int) -> ServerConfig:
+    """The server on the modelled SDXL engine, hashing embedder, a fresh cache folder."""
+    return ServerConfig(
         backend="modeled",
         model="sdxl-reference",
         embedder="hashing",
         cache_dir=Path(tempfile.mkdtemp()),
         slo_s=60,
-        speedup=1e6,
-        workers=4,
+        speedup=speedup,
+        workers=workers,
     )
+
+
+def main() -> None:
+    cfg = modeled_config(speedup=1e6, workers=4)
     with LiveServer(build_app(cfg)) as url:
         lat, queue_ms, errors = asyncio.run(load(url))
     lat_ms = np.array(lat) * 1e3

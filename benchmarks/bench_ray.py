@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from bench_http import load
+from bench_http import load, modeled_config
 from promptserve.distributed import RaySettings, run_on_ray
 from promptserve.distributed.level_router import LevelReplica, LevelRouter
-from promptserve.server import ServerConfig, build_app
+from promptserve.server import build_app
 from promptserve.server.live import LiveServer, free_port
 
 SECONDS = 20.0
@@ -43,15 +41,7 @@ def summary(lat: list[float], errors: int) -> dict:
 
 
 def serving() -> dict:
-    cfg = ServerConfig(
-        backend="modeled",
-        model="sdxl-reference",
-        embedder="hashing",
-        cache_dir=Path(tempfile.mkdtemp()),
-        slo_s=60,
-        speedup=20.0,
-        workers=2,
-    )
+    cfg = modeled_config(speedup=20.0, workers=2)
     with LiveServer(build_app(cfg)) as url:
         lat, _, errors = asyncio.run(load(url, SECONDS))
     local = summary(lat, errors)

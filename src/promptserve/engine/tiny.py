@@ -62,27 +62,26 @@ def tiny_text_config(**overrides: object) -> dict:
     return {**config, **overrides}
 
 
-def build_tiny(seed: int = 0, size: int = 64) -> Components:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    if size % 8:
-        raise ValueError(f"tiny model size must be a multiple of 8, got {size}")
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_unet_config(size))
-    vae = AutoencoderKL(
+def vae_config(size: int, block_out_channels: tuple[int, ...], **overrides: object) -> dict:
+    """An SD-style VAE (4 latent channels, 8x down) of the given widths."""
+    n = len(block_out_channels)
+    config = dict(
         in_channels=3,
         out_channels=3,
         latent_channels=4,
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
+        block_out_channels=block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
         sample_size=size,
     )
-    text = CLIPTextModel(CLIPTextConfig(**tiny_text_config()))
-    scheduler = DDIMScheduler(
+    return {**config, **overrides}
+
+
+def ddim_scheduler():
+    """Stable Diffusion's DDIM schedule."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
         num_train_timesteps=1000,
         beta_schedule="scaled_linear",
         beta_start=0.00085,
@@ -90,6 +89,19 @@ def build_tiny(seed: int = 0, size: int = 64) -> Components:
         clip_sample=False,
         set_alpha_to_one=False,
     )
+
+
+def build_tiny(seed: int = 0, size: int = 64) -> Components:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if size % 8:
+        raise ValueError(f"tiny model size must be a multiple of 8, got {size}")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config(size))
+    vae = AutoencoderKL(**vae_config(size, (16, 16, 32, 32), layers_per_block=1, norm_num_groups=8))
+    text = CLIPTextModel(CLIPTextConfig(**tiny_text_config()))
+    scheduler = ddim_scheduler()
     for module in (unet, vae, text):
         module.eval()
     return Components(

@@ -2,6 +2,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from promptserve.cli import app
@@ -147,3 +148,19 @@ def test_simulate_rejects_bad_flags(tmp_path):
     bad.write_text("{}")
     out = run("simulate", "--profile", str(bad), "--embedder", "hashing")
     assert out.exit_code == 2 and "field format" in out.output
+
+
+def test_serve_application_builder_validates_its_arguments():
+    from ray.serve import Application
+
+    from promptserve.distributed.deploy import app_builder
+    from promptserve.errors import InputError
+
+    built = app_builder({"model": "tiny", "workers": "2", "ray_worker_cpus": "0.5"})
+    assert isinstance(built, Application)  # Serve's string arguments are coerced and checked
+    with pytest.raises(InputError, match="field workers"):
+        app_builder({"workers": "0"})
+    with pytest.raises(InputError, match="field bogus"):
+        app_builder({"bogus": "1"})
+    with pytest.raises(InputError, match="localhost only"):
+        app_builder({"host": "0.0.0.0"})

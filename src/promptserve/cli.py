@@ -546,10 +546,8 @@ def serve_cmd(
     """Serve the OpenAI Images API on the live policy core (default: tiny model on the CPU)."""
     import uvicorn
 
-    from promptserve.config import ServeFile, load_serve_file
-    from promptserve.policy import get_policy
-    from promptserve.server import ServerConfig, build_app
-    from promptserve.server.keys import load_keys
+    from promptserve.config import ServeFile, load_serve_file, server_config
+    from promptserve.server import build_app
 
     base = load_serve_file(config) if config else ServeFile()
     flags = {
@@ -571,25 +569,7 @@ def serve_cmd(
         "ray_worker_gpus": worker_gpus,
     }
     s = base.model_copy(update={k: v for k, v in flags.items() if v is not None})
-    get_policy(s.policy)
-    keys = load_keys(s.api_keys_file)
-    if not keys and s.host not in ("127.0.0.1", "localhost", "::1"):
-        raise InputError(
-            "with no API keys configured the server binds to localhost only (see --api-keys)"
-        )
-    server = ServerConfig(
-        s.model,
-        s.backend,
-        s.workers,
-        s.cache_dir,
-        s.slo_s,
-        s.policy,
-        s.embedder,
-        s.device,
-        keys,
-        s.max_body_bytes,
-        s.speedup,
-    )
+    server = server_config(s)
     console.print(
         f"promptserve: loading {s.model} ({s.backend or 'auto'}) with {s.workers} worker(s)…"
     )
@@ -610,8 +590,7 @@ def serve_on_ray(server, s) -> None:
 
     from promptserve.distributed import RaySettings, run_on_ray
 
-    settings = RaySettings(s.ray_address, s.host, s.port, s.ray_worker_cpus, s.ray_worker_gpus)
-    url = run_on_ray(server, settings)
+    url = run_on_ray(server, RaySettings.from_settings(s))
     console.print(f"promptserve on Ray Serve at {url} (Ctrl-C stops it)")
     try:
         while True:

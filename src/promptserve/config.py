@@ -63,9 +63,41 @@ def load_serve_file(path: str | Path) -> ServeFile:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"config file {str(path)!r} is not valid TOML ({exc})") from None
+    return validate_settings(raw, f"config file {str(path)!r}")
+
+
+def validate_settings(raw: object, source: str) -> ServeFile:
+    """Settings from a file or a Serve application's arguments; the bad field is named."""
     try:
         return ServeFile.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(file)"
-        raise InputError(f"config file {str(path)!r}: field {field}: {err['msg']}") from None
+        raise InputError(f"{source}: field {field}: {err['msg']}") from None
+
+
+def server_config(s: ServeFile):
+    """The server's settings, API keys loaded, the policy checked; no keys means localhost."""
+    from promptserve.policy import get_policy
+    from promptserve.server import ServerConfig
+    from promptserve.server.keys import load_keys
+
+    get_policy(s.policy)
+    keys = load_keys(s.api_keys_file)
+    if not keys and s.host not in ("127.0.0.1", "localhost", "::1"):
+        raise InputError(
+            "with no API keys configured the server binds to localhost only (see --api-keys)"
+        )
+    return ServerConfig(
+        s.model,
+        s.backend,
+        s.workers,
+        s.cache_dir,
+        s.slo_s,
+        s.policy,
+        s.embedder,
+        s.device,
+        keys,
+        s.max_body_bytes,
+        s.speedup,
+    )

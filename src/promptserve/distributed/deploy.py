@@ -25,6 +25,11 @@ class RaySettings:
     worker_gpus: float | None = None  # None: 1 when the device is CUDA, else 0
     num_cpus: int | None = None  # a local Ray's CPU count (tests use 2)
 
+    @classmethod
+    def from_settings(cls, s) -> RaySettings:
+        """From validated serve settings (``promptserve.config.ServeFile``)."""
+        return cls(s.ray_address, s.host, s.port, s.ray_worker_cpus, s.ray_worker_gpus)
+
 
 @serve.ingress()
 class Ingress:
@@ -68,6 +73,17 @@ def deploy_app(config: ServerConfig, settings: RaySettings):
         ray_actor_options={"num_cpus": 0},
     )
     return ingress.bind(config, *handles)
+
+
+def app_builder(args: dict[str, str]):
+    """For Serve's own tooling (``serve run``, a Serve config file, KubeRay's RayService):
+    ``import_path: promptserve.distributed.deploy:app_builder`` with the ``serve`` settings as
+    arguments (``model``, ``workers``, ``ray_worker_gpus``, ...), validated like the config
+    file."""
+    from promptserve.config import server_config, validate_settings
+
+    s = validate_settings(args, "application arguments")
+    return deploy_app(server_config(s), RaySettings.from_settings(s))
 
 
 def run_on_ray(config: ServerConfig, settings: RaySettings) -> str:

@@ -47,8 +47,11 @@ def test_openai_client_through_ray_with_replicas_at_two_levels(ray_settings, tmp
     assert first.data[0].model_extra["promptserve"]["similarity"] is None
     # the latents one replica made are in the index the ingress keeps for all of them
     assert again.data[0].model_extra["promptserve"]["similarity"] > 0.99
-    ran = sum(w["batches"] for w in httpx.get(f"{url}/v1/cluster").json()["workers"])
-    assert ran == 2
+    workers = httpx.get(f"{url}/v1/cluster").json()["workers"]
+    assert sum(w["batches"] for w in workers) == 2
+    # the replicas wrote the latents to the shared store themselves
+    on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
+    assert sum(w["bytes_written"] for w in workers) == on_disk > 0
 
 
 def test_killed_replica_requests_all_complete(ray_settings, tmp_path):

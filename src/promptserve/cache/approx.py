@@ -47,7 +47,7 @@ class ApproxCache:
         self.root.mkdir(parents=True, exist_ok=True)
         self.thresholds = thresholds
         self.quota_bytes = quota_bytes
-        self.store = LatentStore(self.root / "latents")
+        self.store = LatentStore(self.latents_dir(self.root))
         self.index = CacheIndex(dim, capacity, total_steps, eviction)
         self.skipped_writes = 0
         # built on one thread, used from the server's event loop thread: one connection, in turn
@@ -58,6 +58,10 @@ class ApproxCache:
         )
         self._bytes = 0
         self._reopen()
+
+    @staticmethod
+    def latents_dir(root: str | Path) -> Path:
+        return Path(root) / "latents"
 
     def lookup(self, tenant: str, embedding: np.ndarray) -> CacheHit | None:
         match = self.index.nearest(tenant, embedding)
@@ -84,18 +88,30 @@ class ApproxCache:
         if not latents:
             return None
         entry_id = self.index.reserve_id()
-        written = 0
         try:
-            for k, latent in latents.items():
-                written += self.store.put(latent_key(tenant, entry_id, k), latent)
+            written = write_latents(self.store, tenant, entry_id, latents)
         except OSError as exc:
-            for k in latents:
-                self.store.delete(latent_key(tenant, entry_id, k))
-            if self.skipped_writes == 0:
-                log.error("latent cache write failed, entries are skipped until it works: %s", exc)
-            self.skipped_writes += 1
+            self.skip_write(exc)
             return None
-        levels = tuple(sorted(latents))
+        return self.commit(tenant, prompt, embedding, entry_id, written, now_s)
+
+    def reserve(self) -> int:
+        """An entry id for latents another process writes (a worker on the shared store)."""
+        return self.index.reserve_id()
+
+    def commit(
+        self,
+        tenant: str,
+        prompt: str,
+        embedding: np.ndarray,
+        entry_id: int,
+        written: dict[int, int],
+        now_s: float,
+    ) -> CacheEntry | None:
+        """Index an entry whose latent files are written (``written``: K -> bytes)."""
+        if not written:
+            return None
+        levels = tuple(sorted(written))
         with self._db:
             self._db.execute(
                 "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, 0, 0.0)",
@@ -109,7 +125,7 @@ class ApproxCache:
                 ),
             )
         result = self.index.insert(tenant, prompt, embedding, levels, now_s, entry_id=entry_id)
-        self._bytes += written
+        self._bytes += sum(written.values())
         for gone in result.evicted:
             self._forget(gone)
         while (
@@ -118,6 +134,16 @@ class ApproxCache:
             for gone in self.index.evict(1):
                 self._forget(gone)
         return result.entry
+
+    def skip_write(self, reason: object) -> None:
+        """A write that failed (a full disk): counted, and logged the first time only."""
+        if self.skipped_writes == 0:
+            log.error("latent cache write failed, entries are skipped until it works: %s", reason)
+        self.skipped_writes += 1
+
+    def drop(self, entry_id: int) -> None:
+        """Forget an entry (a worker found its latent missing or corrupt)."""
+        self._drop(entry_id)
 
     def record_hit(self, entry_id: int, k: int, now_s: float) -> None:
         self.index.record_hit(entry_id, k, now_s)
@@ -169,3 +195,19 @@ class ApproxCache:
             known |= keys
         self.store.remove_orphans(known)
         self._bytes = sum(self.store.path(k).stat().st_size for k in known)
+
+
+def write_latents(
+    store: LatentStore, tenant: str, entry_id: int, latents: dict[int, np.ndarray]
+) -> dict[int, int]:
+    """Write one entry's latent files (each atomic): K -> bytes. A failed write (OSError) leaves
+    none of the entry's files behind."""
+    written: dict[int, int] = {}
+    try:
+        for k, latent in latents.items():
+            written[k] = store.put(latent_key(tenant, entry_id, k), latent)
+    except OSError:
+        for k in latents:
+            store.delete(latent_key(tenant, entry_id, k))
+        raise
+    return written

@@ -36,11 +36,12 @@ class StoreStats:
 
 
 class LatentStore:
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, clean_temporaries: bool = True) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.stats = StoreStats()
-        self._remove_temporaries()
+        if clean_temporaries:  # the owner only: a worker sharing the folder must not
+            self._remove_temporaries()
 
     def path(self, key: str) -> Path:
         if not KEY.match(key):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ray import serve
 
 from promptserve.distributed.worker import EngineWorker
 from promptserve.distributed.workers import RayWorkers
-from promptserve.server import ServerConfig, app_for
+from promptserve.server import ServerConfig, app_for, latents_dir
 
 log = logging.getLogger(__name__)
 APP_NAME = "promptserve"
@@ -53,17 +53,22 @@ class Ingress:
 
 def deploy_app(config: ServerConfig, settings: RaySettings):
     """The bound application: ``config.workers`` worker deployments and the ingress."""
+    # one absolute path for the ingress and every worker (the same mount on every node)
+    config = replace(config, cache_dir=config.cache_dir.resolve())
     gpus = settings.worker_gpus
     if gpus is None:
         gpus = 1.0 if config.device.startswith("cuda") else 0.0
     worker = serve.deployment(EngineWorker)
+    store_root = str(latents_dir(config.cache_dir).resolve())
     handles = [
         worker.options(
             name=f"worker-{i}",
             num_replicas=1,
             max_ongoing_requests=16,
             ray_actor_options={"num_cpus": settings.worker_cpus, "num_gpus": gpus},
-        ).bind(i, config.model, config.backend, config.device, "float32", config.speedup)
+        ).bind(
+            i, config.model, config.backend, config.device, "float32", config.speedup, store_root
+        )
         for i in range(config.workers)
     ]
     ingress = serve.deployment(Ingress).options(

@@ -11,12 +11,16 @@ import asyncio
 import os
 import threading
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
+from promptserve.cache.approx import write_latents
+from promptserve.cache.latents import LatentStore
 from promptserve.engine import make_engine
-from promptserve.engine.base import GenerationItem
+from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.profiling import quick_profile
 from promptserve.server import engine_size
 from promptserve.server.runtime import Cancelled
+from promptserve.server.workers import StoreRefs
 
 
 class EngineWorker:
@@ -28,13 +32,17 @@ class EngineWorker:
         device: str,
         dtype: str = "float32",
         speedup: float = 1.0,
+        store_root: str | None = None,
     ) -> None:
         self.index = index
         self.engine = make_engine(model, backend, device, dtype, speedup=speedup)
+        # the latent store every node reaches (a shared folder); the ingress owns its manifest
+        self.store = LatentStore(store_root, clean_temporaries=False) if store_root else None
         self.profile = quick_profile(self.engine)
         self.level: int | None = None
         self.batches = 0
         self.running = 0  # items in the batch now running
+        self.bytes_written = 0  # latent bytes this worker wrote to the shared store
 
     def describe(self) -> dict:
         """What the ingress plans with: the engine's levels, steps and measured profile."""
@@ -57,10 +65,17 @@ class EngineWorker:
             "level": self.level,
             "batches": self.batches,
             "running": self.running,
+            "bytes_written": self.bytes_written,
         }
 
-    async def generate(self, items: Sequence[GenerationItem]) -> AsyncIterator[tuple[str, object]]:
-        """Yields ``("step", n)`` per denoising step, then ``("done", results)``."""
+    async def generate(
+        self, items: Sequence[GenerationItem], refs: Sequence[StoreRefs] | None = None
+    ) -> AsyncIterator[tuple[str, object]]:
+        """Yields ``("step", n)`` per denoising step, then ``("done", results)``. With ``refs``
+        the worker reads each start latent from the shared store and writes what the run
+        captures there, returning only how many bytes it wrote."""
+        if refs is not None:
+            items = await asyncio.to_thread(self._read_starts, items, refs)
         loop = asyncio.get_running_loop()
         steps: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
@@ -83,7 +98,42 @@ class EngineWorker:
             while not steps.empty():
                 yield ("step", steps.get_nowait())
             self.batches += 1
-            yield ("done", run.result())
+            results = run.result()
+            if refs is not None:
+                await asyncio.to_thread(self._write_captures, items, refs, results)
+            yield ("done", results)
         finally:
             stop.set()  # the caller went away: the engine stops at its next step
             self.running = 0
+
+    def _read_starts(
+        self, items: Sequence[GenerationItem], refs: Sequence[StoreRefs]
+    ) -> list[GenerationItem]:
+        """Start latents from the store; a missing or corrupt one runs from noise (K = 0)."""
+        out = []
+        for item, ref in zip(items, refs, strict=True):
+            latent = self._store().get(ref.start_key) if ref.start_key and item.k > 0 else None
+            out.append(replace(item, start_latent=latent, k=item.k if latent is not None else 0))
+        return out
+
+    def _write_captures(
+        self,
+        items: Sequence[GenerationItem],
+        refs: Sequence[StoreRefs],
+        results: list[GenerationResult],
+    ) -> None:
+        for item, ref, result in zip(items, refs, results, strict=True):
+            keep = dict(result.latents)
+            if item.k > 0 and item.start_latent is not None:
+                keep[item.k] = item.start_latent
+            try:
+                result.stored = write_latents(self._store(), ref.tenant, ref.entry_id, keep)
+                self.bytes_written += sum(result.stored.values())
+            except OSError as exc:  # a full disk: the answer goes out, the entry is skipped
+                result.store_error = str(exc)
+            result.latents = {}  # they are in the store: keep them off the wire
+
+    def _store(self) -> LatentStore:
+        if self.store is None:
+            raise RuntimeError("this worker was started without a latent store")
+        return self.store

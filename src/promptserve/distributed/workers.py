@@ -21,12 +21,14 @@ from ray.exceptions import RayActorError
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.profile import Profile
 from promptserve.server.runtime import Cancelled
-from promptserve.server.workers import OnStep, WorkerLost
+from promptserve.server.workers import OnStep, StoreRefs, WorkerLost
 
 PING_TIMEOUT_S = 2.0
 
 
 class RayWorkers:
+    shared_store = True  # latents go through the shared store, not through the ingress
+
     def __init__(self, handles: Sequence, info: dict) -> None:
         self.handles = list(handles)
         self.count = len(self.handles)
@@ -36,9 +38,13 @@ class RayWorkers:
         self.profile: Profile = info["profile"]
 
     async def run(
-        self, gpu: int, items: Sequence[GenerationItem], on_step: OnStep
+        self,
+        gpu: int,
+        items: Sequence[GenerationItem],
+        on_step: OnStep,
+        refs: Sequence[StoreRefs] | None = None,
     ) -> list[GenerationResult]:
-        stream = self.handles[gpu].options(stream=True).generate.remote(list(items))
+        stream = self.handles[gpu].options(stream=True).generate.remote(list(items), refs)
         try:
             async for kind, payload in stream:
                 if kind == "done":

@@ -34,6 +34,10 @@ class GenerationResult:
     )  # level -> latent after that many steps
     final_latent: np.ndarray | None = None
     placeholder: bool = False  # True when the image is not a real rendering (tiny or modelled)
+    # set by a worker that keeps latents in the shared store itself: K -> bytes it wrote (the
+    # arrays then stay out of ``latents``), or why writing failed
+    stored: dict[int, int] | None = None
+    store_error: str | None = None
 
 
 class Engine(Protocol):

@@ -50,7 +50,7 @@ def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
     embedder = make_embedder(config.embedder, config.cache_dir)
     table = shipped_thresholds("minilm" if config.embedder == "minilm" else "clip")
     cache = ApproxCache(
-        config.cache_dir / "cache", embedder.dim, table, total_steps=workers.total_steps
+        cache_root(config.cache_dir), embedder.dim, table, total_steps=workers.total_steps
     )
     setting = Setting(tuple(profile for _ in range(workers.count)), qm.matrix(), slo_s)
     runtime = Runtime(workers, cache, embedder, get_policy(config.policy), setting, qm)
@@ -59,9 +59,18 @@ def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
     )
 
 
+def cache_root(cache_dir: Path) -> Path:
+    return cache_dir / "cache"
+
+
+def latents_dir(cache_dir: Path) -> Path:
+    """The latent files' folder: the ingress's cache and the Ray workers must agree on it."""
+    return ApproxCache.latents_dir(cache_root(cache_dir))
+
+
 def engine_size(engine) -> int:
     comps = getattr(engine, "c", None)
     return comps.latent_shape[1] * 8 if comps is not None else 1024
 
 
-__all__ = ["ServerConfig", "app_for", "build_app"]
+__all__ = ["ServerConfig", "app_for", "build_app", "latents_dir"]

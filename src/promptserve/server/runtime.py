@@ -28,7 +28,7 @@ from promptserve.policy import Dispatcher, Job, Policy, Setting, admit, route
 from promptserve.policy.estimator import demand_changed
 from promptserve.policy.types import Demand, Dispatch
 from promptserve.quality import QualityModel
-from promptserve.server.workers import WorkerLost, Workers
+from promptserve.server.workers import StoreRefs, WorkerLost, Workers
 
 log = logging.getLogger(__name__)
 
@@ -245,20 +245,26 @@ class Runtime:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.05)
 
-    async def _run(self, dispatch: Dispatch) -> None:
-        items = []
+    def _items(self, dispatch: Dispatch) -> tuple[list[GenerationItem], list[StoreRefs] | None]:
+        """The batch's items. In-process, the latents are read here; workers on a shared store
+        get the keys to read and the entry to write, and the arrays never pass through here."""
+        items, refs = [], []
         for job in dispatch.jobs:
             p = self.pending[job.id]
-            latent = (
-                self.cache.latent(p.hit.entry, dispatch.level)
-                if p.hit and dispatch.level > 0
-                else None
-            )
-            items.append(
-                GenerationItem(
-                    p.prompt, dispatch.level if latent is not None else 0, latent, seed=p.seed
-                )
-            )
+            at_level = p.hit is not None and dispatch.level > 0
+            if self.workers.shared_store:
+                key = p.hit.entry.latent_keys.get(dispatch.level) if at_level else None
+                k = dispatch.level if key else 0
+                items.append(GenerationItem(p.prompt, k, None, seed=p.seed))
+                refs.append(StoreRefs(key, p.tenant, self.cache.reserve()))
+                continue
+            latent = self.cache.latent(p.hit.entry, dispatch.level) if at_level else None
+            k = dispatch.level if latent is not None else 0
+            items.append(GenerationItem(p.prompt, k, latent, seed=p.seed))
+        return items, (refs if self.workers.shared_store else None)
+
+    async def _run(self, dispatch: Dispatch) -> None:
+        items, refs = self._items(dispatch)
         started = self.clock()
         handles = [self.pending[j.id].handle for j in dispatch.jobs]
         loop = asyncio.get_running_loop()
@@ -276,7 +282,7 @@ class Runtime:
                     )
 
         try:
-            results = await self.workers.run(dispatch.gpu, items, on_step)
+            results = await self.workers.run(dispatch.gpu, items, on_step, refs)
         except WorkerLost as lost:  # the batch did not run: back to its queues, GPU out
             log.warning("%s; %d requests go back to their queues", lost, len(dispatch.jobs))
             self.dispatcher.fail_gpu(self.clock(), dispatch.gpu)
@@ -296,20 +302,19 @@ class Runtime:
             self._wake.set()
             return
         now = self.clock()
-        for outcome, item, result in zip(
-            self.dispatcher.on_batch_done(now, dispatch), items, results, strict=True
-        ):
+        outcomes = self.dispatcher.on_batch_done(now, dispatch)
+        for i, (outcome, item, result) in enumerate(zip(outcomes, items, results, strict=True)):
             p = self.pending.pop(outcome.job.id)
             try:
-                self._remember(p, item, result, now)
+                self._remember(p, item, result, refs[i] if refs else None, now)
             except Exception:  # the cache is an optimisation: the answer still goes out
                 log.exception("cache update failed for a served request")
             late = now > outcome.job.deadline_s
             self.counters.by_outcome["late" if late else "served"] += 1
-            quality = self.quality.q(outcome.job.k_opt, item.k)
+            quality = self.quality.q(outcome.job.k_opt, result.k)
             served = Served(
                 result,
-                item.k,
+                result.k,
                 p.hit.similarity if p.hit else None,
                 quality,
                 started - p.arrival,
@@ -324,10 +329,25 @@ class Runtime:
         self._wake.set()
 
     def _remember(
-        self, p: _Pending, item: GenerationItem, result: GenerationResult, now: float
+        self,
+        p: _Pending,
+        item: GenerationItem,
+        result: GenerationResult,
+        ref: StoreRefs | None,
+        now: float,
     ) -> None:
-        self.counters.cache_hits += int(p.hit is not None and item.k > 0)
-        remember(self.cache, p.tenant, p.embedding, p.hit, item, result, now)
+        self.counters.cache_hits += int(p.hit is not None and result.k > 0)
+        if ref is None:
+            remember(self.cache, p.tenant, p.embedding, p.hit, item, result, now)
+            return
+        if p.hit is not None and item.k > 0 and result.k == 0:
+            self.cache.drop(p.hit.entry.id)  # the worker found its latent missing or corrupt
+        elif p.hit is not None and result.k > 0:
+            self.cache.record_hit(p.hit.entry.id, result.k, now)
+        if result.store_error is not None:
+            self.cache.skip_write(result.store_error)
+        elif result.stored:
+            self.cache.commit(p.tenant, p.prompt, p.embedding, ref.entry_id, result.stored, now)
 
     def _fail(self, job_id: int, exc: Exception) -> None:
         p = self.pending.pop(job_id, None)

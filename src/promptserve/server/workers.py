@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from promptserve.engine.base import Engine, GenerationItem, GenerationResult
 from promptserve.profile import Profile
 
 OnStep = Callable[[int], None]  # called once per denoising step; raising stops the batch
+
+
+@dataclass(frozen=True)
+class StoreRefs:
+    """For workers that read and write the shared latent store themselves: the cached latent a
+    run starts from (None: from noise), and the entry its captured latents are written to."""
+
+    start_key: str | None
+    tenant: str
+    entry_id: int
 
 
 class WorkerLost(Exception):
@@ -32,9 +43,14 @@ class Workers(Protocol):
     levels: tuple[int, ...]
     profile: Profile
     count: int
+    shared_store: bool  # True: runs take StoreRefs and move latents through the store
 
     async def run(
-        self, gpu: int, items: Sequence[GenerationItem], on_step: OnStep
+        self,
+        gpu: int,
+        items: Sequence[GenerationItem],
+        on_step: OnStep,
+        refs: Sequence[StoreRefs] | None = None,
     ) -> list[GenerationResult]: ...
 
     async def set_levels(self, levels: Sequence[int | None]) -> None: ...
@@ -45,12 +61,18 @@ class Workers(Protocol):
 class LocalWorkers:
     """``count`` logical GPUs sharing one engine in this process (batches run in threads)."""
 
+    shared_store = False
+
     def __init__(self, engine: Engine, profile: Profile, count: int) -> None:
         self.engine, self.profile, self.count = engine, profile, count
         self.name, self.total_steps, self.levels = engine.name, engine.total_steps, engine.levels
 
     async def run(
-        self, gpu: int, items: Sequence[GenerationItem], on_step: OnStep
+        self,
+        gpu: int,
+        items: Sequence[GenerationItem],
+        on_step: OnStep,
+        refs: Sequence[StoreRefs] | None = None,
     ) -> list[GenerationResult]:
         return await asyncio.to_thread(self.engine.generate, items, on_step)
 

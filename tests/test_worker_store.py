@@ -1,0 +1,60 @@
+"""A Ray worker replica's class, without Ray: it reads start latents from the shared store and
+writes what it captures there, so latents never pass through the ingress."""
+
+import asyncio
+
+import numpy as np
+
+from promptserve.cache.approx import ApproxCache
+from promptserve.cache.embed import HashingEmbedder
+from promptserve.cache.thresholds import shipped_thresholds
+from promptserve.distributed.worker import EngineWorker
+from promptserve.engine.base import GenerationItem
+from promptserve.server.workers import StoreRefs
+
+
+def run(worker, items, refs):
+    async def collect():
+        return [event async for event in worker.generate(items, refs)]
+
+    events = asyncio.run(collect())
+    assert events[-1][0] == "done"
+    return [e for e in events if e[0] == "step"], events[-1][1]
+
+
+def test_worker_writes_captures_to_the_store_and_resumes_from_it(tmp_path):
+    embedder = HashingEmbedder()
+    cache = ApproxCache(
+        tmp_path / "cache", embedder.dim, shipped_thresholds("minilm"), total_steps=20
+    )
+    worker = EngineWorker(0, "tiny", None, "cpu", store_root=str(cache.store.root))
+    vec = embedder.embed(["a red fox"])[0]
+
+    entry_id = cache.reserve()
+    steps, [first] = run(
+        worker, [GenerationItem("a red fox", 0, seed=3)], [StoreRefs(None, "t", entry_id)]
+    )
+    assert len(steps) == 20 and first.latents == {}  # nothing but the image comes back
+    assert sorted(first.stored) == [2, 4, 6, 8, 10] and all(b > 0 for b in first.stored.values())
+    entry = cache.commit("t", "a red fox", vec, entry_id, first.stored, 0.0)
+    assert cache.lookup("t", vec).entry.id == entry.id
+
+    # resumed at K=10 from the stored latent, it ends where the full run ended
+    again_id = cache.reserve()
+    steps, [again] = run(
+        worker,
+        [GenerationItem("a red fox", 10, None, seed=3)],
+        [StoreRefs(entry.latent_keys[10], "t", again_id)],
+    )
+    assert again.k == 10 and len(steps) == 10
+    assert np.abs(again.final_latent - first.final_latent).max() <= 1e-5
+    assert 10 in again.stored  # the start latent is kept for the new entry too
+
+    # a start latent that is gone: the worker runs from noise and says so (K = 0)
+    cache.store.delete(entry.latent_keys[8])
+    _, [fallback] = run(
+        worker,
+        [GenerationItem("a red fox", 8, None, seed=3)],
+        [StoreRefs(entry.latent_keys[8], "t", cache.reserve())],
+    )
+    assert fallback.k == 0 and fallback.store_error is None

@@ -74,7 +74,7 @@ class ApproxCache:
         key = entry.latent_keys.get(k)
         latent = self.store.get(key) if key else None
         if latent is None and key is not None:
-            self._drop(entry.id)
+            self.drop(entry.id)
         return latent
 
     def insert(
@@ -141,10 +141,6 @@ class ApproxCache:
             log.error("latent cache write failed, entries are skipped until it works: %s", reason)
         self.skipped_writes += 1
 
-    def drop(self, entry_id: int) -> None:
-        """Forget an entry (a worker found its latent missing or corrupt)."""
-        self._drop(entry_id)
-
     def record_hit(self, entry_id: int, k: int, now_s: float) -> None:
         self.index.record_hit(entry_id, k, now_s)
         entry = self.index.get(entry_id)
@@ -161,7 +157,8 @@ class ApproxCache:
     def close(self) -> None:
         self._db.close()
 
-    def _drop(self, entry_id: int) -> None:
+    def drop(self, entry_id: int) -> None:
+        """Forget an entry and its files (a latent found missing or corrupt)."""
         entry = self.index.remove(entry_id)
         if entry is not None:
             self._forget(entry)

@@ -18,6 +18,7 @@ from promptserve.cache.latents import LatentStore
 from promptserve.engine import make_engine
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.profiling import quick_profile
+from promptserve.engine.runner import latents_to_keep
 from promptserve.server import engine_size
 from promptserve.server.runtime import Cancelled
 from promptserve.server.workers import StoreRefs
@@ -123,9 +124,7 @@ class EngineWorker:
         results: list[GenerationResult],
     ) -> None:
         for item, ref, result in zip(items, refs, results, strict=True):
-            keep = dict(result.latents)
-            if item.k > 0 and item.start_latent is not None:
-                keep[item.k] = item.start_latent
+            keep = latents_to_keep(item, result)
             try:
                 result.stored = write_latents(self._store(), ref.tenant, ref.entry_id, keep)
                 self.bytes_written += sum(result.stored.values())

@@ -41,14 +41,19 @@ def remember(
     result: GenerationResult,
     now_s: float,
 ) -> None:
-    """After a run: count the hit it was served from, and cache the prompt with the latents it
-    passed through (plus the level it started from, which stands for it too)."""
+    """After a run: count the hit it was served from, and cache the prompt with its latents."""
     if hit is not None and item.k > 0:
         cache.record_hit(hit.entry.id, item.k, now_s)
+    cache.insert(tenant, item.prompt, embedding, latents_to_keep(item, result), now_s)
+
+
+def latents_to_keep(item: GenerationItem, result: GenerationResult) -> dict[int, np.ndarray]:
+    """What a run leaves to the cache: the latents it passed through, plus the one it started
+    from (which stands for the new prompt at that level too)."""
     keep = dict(result.latents)
     if item.k > 0 and item.start_latent is not None:
         keep[item.k] = item.start_latent
-    cache.insert(tenant, item.prompt, embedding, keep, now_s)
+    return keep
 
 
 def generate_with_cache(

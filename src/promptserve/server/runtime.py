@@ -213,7 +213,7 @@ class Runtime:
         while True:
             await self._push_levels()
             await asyncio.sleep(min(period, 1.0) if self._any_down() else period)
-            alive = await self.workers.alive()
+            alive = await self.workers.alive() if self._any_down() else []  # ping only then
             back = [i for i, ok in enumerate(alive) if ok and not self.dispatcher.gpus[i].up]
             for i in back:
                 self.dispatcher.set_up(i, True)

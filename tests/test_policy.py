@@ -204,6 +204,25 @@ def test_bad_policy_names():
         parse_policies("argus,fastest")
     with pytest.raises(InputError, match="empty"):
         parse_policies(" , ")
+    with pytest.raises(InputError, match="modifier 'quick' is not one of: \\+shed, \\+admit"):
+        get_policy("argus+quick")
+    with pytest.raises(InputError, match="'shed' given twice"):
+        get_policy("argus+shed+shed")
+    with pytest.raises(InputError, match="names 'argus\\+shed' twice"):
+        parse_policies("argus+shed,argus+shed")
+
+
+def test_queue_layer_modifiers_give_any_policy_promptserve_s_queue_and_admission():
+    plain, layered = get_policy("argus"), get_policy(" argus + admit + shed ")
+    assert layered.name == "argus+shed+admit"  # canonical order
+    assert (plain.dispatch.late, plain.admission) == ("expire", False)
+    ours = get_policy("promptserve")
+    assert layered.dispatch == ours.dispatch and layered.admission
+    assert layered.replan_s == plain.replan_s == 60.0  # the planner's period is untouched
+    assert get_policy("argus+fast").replan_s == ours.replan_s
+    assert get_policy("nirvana+shed").dispatch.pinned is False  # pinning is the policy's own
+    demand, setting = Demand(300, MIX), Setting((PROFILE,) * 8, Q, 21.0)
+    assert layered.plan(demand, setting) == plain.plan(demand, setting)
 
 
 def test_policy_package_is_pure():

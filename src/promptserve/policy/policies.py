@@ -12,15 +12,23 @@
 * ``promptserve``: the joint MILP of ``joint.py`` under the SLO, re-planned every 5 s from the
   short-horizon estimate, deadline-aware batching with escalation and admission control.
 
-The baselines have no deadline logic: they run every job whose deadline has not yet passed
-(late ones finish late) and drop the rest; ``promptserve`` moves work to a faster level or
-refuses it at admission.
+As published, the baselines have no deadline logic: they run every job whose deadline has not
+yet passed (late ones finish late) and drop the rest; ``promptserve`` moves work to a faster level
+or refuses it at admission. A baseline without that layer collapses under load, and beating it
+proves nothing, so any policy takes the same layer by name (``NAME[+shed][+admit][+fast]``):
+
+* ``+shed``: promptserve's deadline-aware queue: batches sized to the head's deadline (up to 32),
+  a job that can no longer make its deadline moves to a faster level it may run at, or is dropped;
+* ``+admit``: refusal at arrival (HTTP 429) when no level can finish the request in time;
+* ``+fast``: re-planned every 5 s from the short-horizon estimate (10 s and 60 s windows).
+
+A plain name keeps its published behaviour, so the published method stays reproducible.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -47,7 +55,8 @@ class Setting:
 
 @dataclass(frozen=True)
 class Policy:
-    name: str
+    name: str  # as selected, modifiers included: "argus+shed+admit"
+    planner: str  # the base policy whose planner it runs
     dispatch: DispatchConfig
     replan_s: float | None  # None: plan once
     short_s: float  # load-estimate windows (seconds)
@@ -61,7 +70,7 @@ class Policy:
     def plan(
         self, demand: Demand, setting: Setting, current: Sequence[int | None] | None = None
     ) -> Plan:
-        return PLANNERS[self.name](demand, setting, current)
+        return PLANNERS[self.planner](demand, setting, current)
 
 
 def _fixed(level_index: int):
@@ -151,29 +160,71 @@ PLANNERS = {
 }
 
 _BASELINE = DispatchConfig(max_batch=BASELINE_BATCH, late="expire")
+SHED = DispatchConfig(32, "escalate")  # the deadline-aware queue of promptserve
+FAST_REPLAN_S, FAST_SHORT_S, FAST_LONG_S = 5.0, 10.0, 60.0
 POLICIES: dict[str, Policy] = {
-    "clipper-ha": Policy("clipper-ha", _BASELINE, None, 60.0, 60.0),
-    "clipper-ht": Policy("clipper-ht", _BASELINE, None, 60.0, 60.0),
+    "clipper-ha": Policy("clipper-ha", "clipper-ha", _BASELINE, None, 60.0, 60.0),
+    "clipper-ht": Policy("clipper-ht", "clipper-ht", _BASELINE, None, 60.0, 60.0),
     "nirvana": Policy(
-        "nirvana", DispatchConfig(BASELINE_BATCH, "expire", pinned=False), None, 60.0, 60.0
+        "nirvana",
+        "nirvana",
+        DispatchConfig(BASELINE_BATCH, "expire", pinned=False),
+        None,
+        60.0,
+        60.0,
     ),
-    "proteus": Policy("proteus", _BASELINE, 60.0, 60.0, 60.0, switch_s_from_profile=True),
-    "argus": Policy("argus", _BASELINE, 60.0, 60.0, 60.0),
+    "proteus": Policy(
+        "proteus", "proteus", _BASELINE, 60.0, 60.0, 60.0, switch_s_from_profile=True
+    ),
+    "argus": Policy("argus", "argus", _BASELINE, 60.0, 60.0, 60.0),
     "promptserve": Policy(
-        "promptserve", DispatchConfig(32, "escalate"), 5.0, 10.0, 60.0, admission=True
+        "promptserve",
+        "promptserve",
+        SHED,
+        FAST_REPLAN_S,
+        FAST_SHORT_S,
+        FAST_LONG_S,
+        admission=True,
     ),
 }
+MODIFIERS = ("shed", "admit", "fast")
+
+
+def _with(policy: Policy, modifier: str) -> Policy:
+    if modifier == "shed":
+        return replace(policy, dispatch=replace(SHED, pinned=policy.dispatch.pinned))
+    if modifier == "admit":
+        return replace(policy, admission=True)
+    return replace(
+        policy, replan_s=FAST_REPLAN_S, short_s=FAST_SHORT_S, long_s=FAST_LONG_S
+    )  # "fast"
 
 
 def get_policy(name: str) -> Policy:
-    try:
-        return POLICIES[name]
-    except KeyError:
-        raise InputError(f"policy {name!r} is not one of: {', '.join(POLICIES)}") from None
+    """A policy by name, with any of the modifiers: ``argus+shed+admit``."""
+    base, *mods = [part.strip() for part in name.strip().split("+")]
+    if base not in POLICIES:
+        raise InputError(f"policy {base!r} is not one of: {', '.join(POLICIES)}")
+    policy = POLICIES[base]
+    for mod in mods:
+        if mod not in MODIFIERS:
+            raise InputError(
+                f"policy {name.strip()!r}: modifier {mod!r} is not one of: "
+                + ", ".join("+" + m for m in MODIFIERS)
+            )
+        if mods.count(mod) > 1:
+            raise InputError(f"policy {name.strip()!r}: modifier {mod!r} given twice")
+        policy = _with(policy, mod)
+    return replace(policy, name="+".join([base, *[m for m in MODIFIERS if m in mods]]))
 
 
 def parse_policies(text: str) -> list[Policy]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
         raise InputError("--policies is empty")
-    return [get_policy(n) for n in names]
+    chosen = [get_policy(n) for n in names]
+    seen = [p.name for p in chosen]
+    twice = sorted({n for n in seen if seen.count(n) > 1})
+    if twice:
+        raise InputError(f"--policies names {twice[0]!r} twice")
+    return chosen

@@ -113,21 +113,45 @@ class Dispatcher:
         return start + profile.batch_latency(level, min(slot % batch + 1, batch))
 
     def step(self, now: float) -> tuple[list[Dispatch], list[Outcome]]:
-        """Hand a batch to every idle GPU that has work; report jobs given up on."""
+        """Hand a batch to every idle GPU that has work; report jobs given up on.
+
+        Work-conserving: when it returns, no up, ready, idle GPU has a non-empty queue it may
+        serve. Shedding can empty the level an idle GPU chose, or move jobs onto a level whose
+        GPU was already passed over, so it repeats until a pass changes nothing.
+        """
         dispatches: list[Dispatch] = []
         outcomes: list[Outcome] = []
-        for index, gpu in enumerate(self.gpus):
-            if gpu.running is not None or gpu.ready_at > now or not gpu.up:
-                continue
-            level = gpu.level if self.config.pinned else self._most_urgent_level()
-            if level is None:
-                continue
-            outcomes.extend(self._shed_late(level, gpu.profile, now))
-            dispatch = self._form_batch(index, gpu, level, now)
-            if dispatch is not None:
-                gpu.running, gpu.busy_until = dispatch, dispatch.end_s
-                dispatches.append(dispatch)
+        changed = True
+        while changed:
+            changed = False
+            for index, gpu in enumerate(self.gpus):
+                if gpu.running is not None or gpu.ready_at > now or not gpu.up:
+                    continue
+                before = self._queue_lengths()
+                shed, dispatch = self._serve(index, gpu, now)
+                outcomes.extend(shed)
+                changed = changed or dispatch is not None or self._queue_lengths() != before
+                if dispatch is not None:
+                    gpu.running, gpu.busy_until = dispatch, dispatch.end_s
+                    dispatches.append(dispatch)
         return dispatches, outcomes
+
+    def _serve(
+        self, index: int, gpu: GpuState, now: float
+    ) -> tuple[list[Outcome], Dispatch | None]:
+        """One idle GPU: its level's batch (pinned), or the most urgent level's batch that still
+        has work once its late jobs are shed (unpinned)."""
+        shed: list[Outcome] = []
+        tried: set[int] = set()
+        while True:
+            level = gpu.level if self.config.pinned else self._most_urgent_level(tried)
+            if level is None or level in tried:
+                return shed, None
+            tried.add(level)
+            shed.extend(self._shed_late(level, gpu.profile, now))
+            dispatch = self._form_batch(index, gpu, level, now)
+            if dispatch is not None or self.config.pinned:
+                return shed, dispatch
 
     def on_batch_done(self, now: float, dispatch: Dispatch) -> list[Outcome]:
         gpu = self.gpus[dispatch.gpu]
@@ -151,8 +175,11 @@ class Dispatcher:
     def up_gpus(self) -> list[int]:
         return [i for i, g in enumerate(self.gpus) if g.up]
 
-    def _most_urgent_level(self) -> int | None:
-        heads = [(q[0][0], level) for level, q in self.queues.items() if q]
+    def _queue_lengths(self) -> dict[int, int]:
+        return {level: len(q) for level, q in self.queues.items() if q}
+
+    def _most_urgent_level(self, skip: set[int]) -> int | None:
+        heads = [(q[0][0], level) for level, q in self.queues.items() if q and level not in skip]
         return min(heads)[1] if heads else None
 
     def _shed_late(self, level: int, profile: Profile, now: float) -> list[Outcome]:

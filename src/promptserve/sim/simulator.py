@@ -130,7 +130,20 @@ class _Run:
                 self._apply_plan(now, self.estimator.estimate(now, self.start))
                 self.push(now + self.policy.replan_s, REPLAN, None)  # type: ignore[operator]
             self._step(now)
+        self._check_conservation()
         return SimResult(self.policy.name, self.records, self.planner_ms, self.plans)
+
+    def _check_conservation(self) -> None:
+        """Every request ends exactly once: a job left queued or running when no event is left
+        is a policy defect, reported here rather than counted as a silent ``lost``."""
+        pending = self.dispatcher.pending()
+        running = sum(1 for g in self.dispatcher.gpus if g.running is not None)
+        unended = int((self.records.status < Status.SERVED).sum())
+        if pending or running or unended:
+            raise RuntimeError(
+                f"policy {self.policy.name!r} left {unended} requests unended "
+                f"({pending} queued, {running} batches running) when the run ran out of events"
+            )
 
     def _warm(self) -> None:
         emb = self.inputs.warm_embeddings

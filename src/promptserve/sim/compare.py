@@ -14,7 +14,7 @@ from promptserve.cache.thresholds import Thresholds
 from promptserve.policy import Policy, Setting
 from promptserve.profile import Profile
 from promptserve.quality import PenaltyShape, quality_model
-from promptserve.sim.oracle import oracle_bounds
+from promptserve.sim.oracle import DEFAULT_WINDOW_S, oracle_bounds
 from promptserve.sim.simulator import SimInputs, SimResult, simulate
 from promptserve.types import Request
 
@@ -26,6 +26,7 @@ class CompareConfig:
     penalty: PenaltyShape
     seed: int
     warm: int = 0
+    oracle_window_s: float = DEFAULT_WINDOW_S  # the bound's time slot (seconds)
 
 
 def default_slo(profile: Profile) -> float:
@@ -68,10 +69,11 @@ def compare(
         timelines[policy.name] = timeline
     oracle = oracle_bounds(
         np.array([r.arrival_s for r in requests]),
+        np.array([r.deadline_s for r in requests]),
         oracle_k_opt(requests, embeddings, thresholds, warm),
         setting.profiles,
         setting.quality,
-        config.slo_s,
+        config.oracle_window_s,
     )
     return rows, oracle, timelines, results
 

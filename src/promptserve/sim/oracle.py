@@ -1,13 +1,36 @@
-"""An offline bound: the whole trace known in advance, solved as one LP over time windows.
+"""An offline bound: the whole trace known in advance, solved as one LP over fine time slots.
 
-Arrivals are counted per window w and K_opt class i. A request may be served at level l in
-window w' from w to w + D (D = ceil(SLO / window): a relaxation of its deadline), at a cost of
-c_l GPU-seconds: the cheapest per-image cost of any batch that fits the SLO. Each window has
-G x window GPU-seconds. Every constraint is implied by the real ones (cost per image, GPU time
-per window, no service before arrival nor after the deadline), so no real schedule beats it:
+No schedule can beat it. Take any schedule the simulator (or a real cluster) could run: every
+batch of b images at level l on a GPU of group p occupies that GPU for L_p(l, b) seconds, from
+no earlier than the arrival of each member to, for a member answered in time, no later than its
+deadline. Then:
 
-    effective quality bound = max sum q[i, l] x / N
-    violation bound         = 1 - max sum x / N
+1. *Cost.* A member answered in time at level l on group p used at least
+   c[p, l] = min_b L_p(l, b) / b GPU-seconds, the minimum over batches that fit its window
+   (L_p(l, b) <= deadline - arrival): its share of the batch's time.
+2. *Time.* Cut time into slots of ``window_s`` seconds. That share lies inside the batch's
+   interval, hence inside the member's [arrival, deadline], hence in the slots that interval
+   overlaps (from the arrival's slot to the deadline's: nothing spills past the deadline's
+   slot).
+3. *Capacity.* In one slot the G_p GPUs of group p give at most G_p x window_s GPU-seconds.
+
+So the schedule's counts y[request bucket, level, group] (buckets: requests with the same K_opt
+class, arrival slot and deadline slot) and the shares z[window, slot, group] they spread over
+their slots satisfy the constraints below, and its effective quality is at most the LP's
+optimum. Quality uses the K_opt every request would have with every earlier prompt of its
+tenant cached (``compare.oracle_k_opt``): at least the K_opt any policy sees, and quality does
+not fall with K_opt.
+
+    maximise   sum q[i, l] y[b, l, p] / N          (i: the bucket's K_opt class)
+    s.t.       sum_{l, p} y[b, l, p]          <= n_b                    (each bucket's requests)
+               sum_{b in w, l} c[p, l] y[b, l, p] <= sum_t z[w, t, p]   (work spread over slots)
+               sum_w z[w, t, p]               <= G_p window_s           (GPU time per slot)
+               y, z >= 0;  y[b, l, p] = 0 unless L_p(l, 1) fits the bucket's window
+
+The violation bound maximises sum y instead. Slack left by the relaxation: batches are
+perfectly full (cost at the best batch size), work is divisible across GPUs and slots, and a
+request's window is widened to whole slots (at most ``window_s`` at each end). The default
+1 s slot is 5% of the 21 s reference SLO.
 """
 
 from __future__ import annotations
@@ -19,68 +42,119 @@ import numpy as np
 from scipy.optimize import linprog
 from scipy.sparse import coo_matrix
 
+from promptserve.policy.joint import group_gpus
 from promptserve.profile import Profile
 
+DEFAULT_WINDOW_S = 1.0
 
-def per_image_cost(profile: Profile, k: int, slo_s: float) -> float:
-    """Fewest GPU-seconds per image at level K with a batch that fits the SLO (inf if none)."""
+
+def per_image_cost(profile: Profile, k: int, window_s: float) -> float:
+    """Fewest GPU-seconds per image at level K in a batch that fits ``window_s`` (inf if none)."""
     costs = [
         profile.batch_latency(k, b) / b
         for b in range(1, profile.max_batch + 1)
-        if profile.batch_latency(k, b) <= slo_s
+        if profile.batch_latency(k, b) <= window_s
     ]
     return min(costs) if costs else math.inf
 
 
 def oracle_bounds(
     arrival_s: np.ndarray,
+    deadline_s: np.ndarray,
     k_opt: np.ndarray,
     profiles: Sequence[Profile],
     quality: np.ndarray,
-    slo_s: float,
-    window_s: float = 10.0,
+    window_s: float = DEFAULT_WINDOW_S,
 ) -> dict[str, float]:
-    levels = profiles[0].levels
-    m = len(levels)
+    """Upper bound on effective quality (percent) and lower bound on the SLO-violation ratio."""
     n = len(arrival_s)
     if n == 0:
-        return {"effective_quality_upper_bound": 0.0, "slo_violation_ratio_lower_bound": 0.0}
-    gpu_seconds = sum(1.0 for _ in profiles) * window_s  # GPUs x window
-    cost = np.array([np.mean([per_image_cost(p, k, slo_s) for p in profiles]) for k in levels])
-    usable = np.isfinite(cost)
+        return _result(0.0, 0.0, window_s)
+    if window_s <= 0:
+        raise ValueError(f"window_s must be > 0, got {window_s}")
+    levels = profiles[0].levels
+    groups = group_gpus(profiles)
+    budget = (deadline_s - arrival_s).astype(float)
+    cost = np.array([[per_image_cost(p, k, budget.max()) for k in levels] for p, _ in groups])
+    single = np.array([[p.batch_latency(k, 1) for k in levels] for p, _ in groups])
     t0 = float(arrival_s.min())
-    w_of = ((arrival_s - t0) // window_s).astype(int)
-    windows = int(w_of.max()) + 1
-    lag = int(math.ceil(slo_s / window_s))
-    counts = np.zeros((windows, m))
-    np.add.at(counts, (w_of, np.searchsorted(levels, k_opt)), 1)
-    # variables x[w, i, l, d]: class i arrived in window w, served at level l in window w + d
-    cells = [
-        (w, i, lv, d)
-        for w in range(windows)
-        for i in range(m)
-        if counts[w, i] > 0
-        for lv in range(m)
-        if usable[lv]
-        for d in range(lag + 1)
-    ]
-    nv = len(cells)
-    w_idx = np.array([c[0] for c in cells])
-    i_idx = np.array([c[1] for c in cells])
-    l_idx = np.array([c[2] for c in cells])
-    d_idx = np.array([c[3] for c in cells])
-    demand_row = w_idx * m + i_idx  # one row per (window, class)
-    capacity_row = w_idx + d_idx  # one row per serving window
-    rows = np.concatenate([demand_row, windows * m + capacity_row])
-    vals = np.concatenate([np.ones(nv), cost[l_idx]])
-    a = coo_matrix(
-        (vals, (rows, np.concatenate([np.arange(nv)] * 2))), shape=(windows * m + windows + lag, nv)
-    ).tocsr()
-    b = np.concatenate([counts.ravel(), np.full(windows + lag, gpu_seconds)])
-    q = quality[i_idx, l_idx]
-    best_q = linprog(-q, A_ub=a, b_ub=b, bounds=(0, None), method="highs")
-    best_n = linprog(-np.ones(nv), A_ub=a, b_ub=b, bounds=(0, None), method="highs")
+    first = ((arrival_s - t0) // window_s).astype(int)
+    # the slots a request's window overlaps for a positive time (a deadline on a slot's edge
+    # does not reach into it)
+    last = np.maximum(np.ceil((deadline_s - t0) / window_s - 1e-9).astype(int) - 1, first)
+    cls = np.searchsorted(levels, k_opt)
+    keys, bucket, counts = np.unique(
+        np.stack([first, last, cls], axis=1), axis=0, return_inverse=True, return_counts=True
+    )
+    spans, bucket_span = np.unique(keys[:, :2], axis=0, return_inverse=True)
+    bucket_budget = np.zeros(len(keys))
+    np.maximum.at(bucket_budget, bucket.ravel(), budget)
+    lp = _Lp(keys, counts, spans, bucket_span.ravel(), bucket_budget, groups, cost, single)
+    lp.build(window_s)
+    q = quality[keys[lp.y_bucket, 2], lp.y_level]
+    best_q = lp.solve(q)
+    best_n = lp.solve(np.ones(len(q)))
+    return _result(best_q / n, max(1.0 - best_n / n, 0.0), window_s)
+
+
+def _result(quality: float, violation: float, window_s: float) -> dict[str, float]:
     return {
-        "effective_quality_upper_bound": round(float(-best_q.fun / n), 3),
-        "slo_violation_ratio_lower_bound": round(max(float(1.0 + best_n.fun / n), 0.0), 4),
+        "effective_quality_upper_bound": round(quality, 3),
+        "slo_violation_ratio_lower_bound": round(violation, 4),
+        "window_s": window_s,
     }
+
+
+class _Lp:
+    """The sparse LP of the module docstring; y columns first, then z columns."""
+
+    def __init__(self, keys, counts, spans, bucket_span, bucket_budget, groups, cost, single):
+        self.keys, self.counts, self.spans = keys, counts, spans
+        self.bucket_span, self.budget = bucket_span, bucket_budget
+        self.groups, self.cost, self.single = groups, cost, single
+
+    def build(self, window_s: float) -> None:
+        n_groups, m = self.cost.shape
+        ys = [
+            (b, lv, p)
+            for b in range(len(self.keys))
+            for p in range(n_groups)
+            for lv in range(m)
+            if np.isfinite(self.cost[p, lv]) and self.single[p, lv] <= self.budget[b] + 1e-9
+        ]
+        yb = np.array([y[0] for y in ys], dtype=int)
+        yl = np.array([y[1] for y in ys], dtype=int)
+        yp = np.array([y[2] for y in ys], dtype=int)
+        self.y_bucket, self.y_level, self.n_y = yb, yl, len(ys)
+        span_len = self.spans[:, 1] - self.spans[:, 0] + 1
+        zw = np.repeat(np.arange(len(self.spans)), span_len)
+        zt = np.concatenate([np.arange(s, e + 1) for s, e in self.spans])
+        zw = np.tile(zw, n_groups)
+        zt = np.tile(zt, n_groups)
+        zp = np.repeat(np.arange(n_groups), int(span_len.sum()))
+        n_z = len(zw)
+        slots = int(self.spans[:, 1].max()) + 1
+        n_b, n_w = len(self.keys), len(self.spans)
+        # rows: demand (per bucket), link (per window x group), capacity (per slot x group)
+        y_cols = np.arange(self.n_y)
+        z_cols = self.n_y + np.arange(n_z)
+        rows = np.concatenate(
+            [yb, n_b + self.bucket_span[yb] * n_groups + yp, n_b + zw * n_groups + zp]
+        )
+        rows = np.concatenate([rows, n_b + n_w * n_groups + zt * n_groups + zp])
+        cols = np.concatenate([y_cols, y_cols, z_cols, z_cols])
+        vals = np.concatenate([np.ones(self.n_y), self.cost[yp, yl], -np.ones(n_z), np.ones(n_z)])
+        shape = (n_b + n_w * n_groups + slots * n_groups, self.n_y + n_z)
+        self.a = coo_matrix((vals, (rows, cols)), shape=shape).tocsr()
+        size = np.array([len(members) for _, members in self.groups], dtype=float)
+        self.b = np.concatenate(
+            [self.counts, np.zeros(n_w * n_groups), np.tile(size * window_s, slots)]
+        )
+        self.n_z = n_z
+
+    def solve(self, y_objective: np.ndarray) -> float:
+        c = np.concatenate([-y_objective, np.zeros(self.n_z)])
+        res = linprog(c, A_ub=self.a, b_ub=self.b, bounds=(0, None), method="highs")
+        if res.status != 0:
+            raise RuntimeError(f"oracle LP failed: {res.message}")
+        return float(-res.fun)

@@ -1,0 +1,109 @@
+"""The offline bound: no schedule beats it (brute force on tiny instances), and it is tight
+where a schedule is obvious."""
+
+from itertools import permutations, product
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from promptserve.profile import Profile
+from promptserve.sim.oracle import oracle_bounds
+
+FAST = Profile("fast", 10, (0, 5), (100.0, 90.0), (1, 2, 3), ((2.0, 3.0, 4.0), (1.0, 1.5, 2.0)))
+SLOW = Profile("slow", 10, (0, 5), (100.0, 90.0), (1, 2, 3), ((5.0, 7.0, 9.0), (2.5, 3.5, 4.5)))
+Q = np.array([[100.0, 80.0], [100.0, 90.0]])  # q[K_opt class, level]
+
+
+def set_partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in set_partitions(rest):
+        for i in range(len(part)):
+            yield part[:i] + [[first, *part[i]]] + part[i + 1 :]
+        yield [[first], *part]
+
+
+def schedulable(batches, gpus, arrival, deadline):
+    """Whether some order and GPU choice runs every (level, members) batch in its members'
+    windows; each batch starts as early as its GPU and its members allow."""
+    for order in permutations(batches):
+        for placement in product(range(len(gpus)), repeat=len(order)):
+            free = [0.0] * len(gpus)
+            ok = True
+            for (level, members), g in zip(order, placement):
+                start = max(free[g], max(arrival[m] for m in members))
+                if len(members) > gpus[g].max_batch:
+                    ok = False
+                    break
+                free[g] = start + gpus[g].batch_latency(level, len(members))
+                if free[g] > min(deadline[m] for m in members) + 1e-9:
+                    ok = False
+                    break
+            if ok:
+                return True
+    return False
+
+
+def best_schedule(arrival, deadline, classes, gpus):
+    """(most quality, most requests) any schedule serves in time, by enumeration."""
+    n, best_q, best_n = len(arrival), 0.0, 0
+    for choice in product((None, 0, 5), repeat=n):
+        served = [i for i in range(n) if choice[i] is not None]
+        value = sum(Q[classes[i], (0, 5).index(choice[i])] for i in served)
+        if value <= best_q and len(served) <= best_n:
+            continue
+        by_level = {k: [i for i in served if choice[i] == k] for k in (0, 5)}
+        for p0 in set_partitions(by_level[0]):
+            if any(
+                schedulable([(0, b) for b in p0] + [(5, b) for b in p5], gpus, arrival, deadline)
+                for p5 in set_partitions(by_level[5])
+            ):
+                best_q, best_n = max(best_q, value), max(best_n, len(served))
+                break
+    return best_q, best_n
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    requests=st.lists(
+        st.tuples(st.floats(0, 6), st.floats(1, 8), st.integers(0, 1)), min_size=1, max_size=4
+    ),
+    gpus=st.lists(st.sampled_from([FAST, SLOW]), min_size=1, max_size=2),
+    window=st.sampled_from([0.25, 1.0, 10.0]),
+)
+def test_no_schedule_beats_the_bound(requests, gpus, window):
+    arrival = np.array([r[0] for r in requests])
+    deadline = arrival + np.array([r[1] for r in requests])
+    classes = np.array([r[2] for r in requests])
+    best_q, best_n = best_schedule(arrival, deadline, classes, gpus)
+    bound = oracle_bounds(arrival, deadline, np.array((0, 5))[classes], gpus, Q, window)
+    n = len(requests)
+    assert bound["effective_quality_upper_bound"] >= best_q / n - 1e-3
+    assert bound["slo_violation_ratio_lower_bound"] <= 1 - best_n / n + 1e-4
+    assert bound["window_s"] == window
+
+
+def test_gpu_groups_are_bounded_separately_not_by_their_average_cost():
+    # the slow GPU cannot make a 3 s deadline at any level; the fast one serves both in time
+    arrival, deadline = np.array([0.0, 0.0]), np.array([3.0, 3.0])
+    best_q, _ = best_schedule(arrival, deadline, np.array([0, 0]), [FAST, SLOW])
+    assert best_q == 200.0  # a batch of two at K=0 on the fast GPU takes 3 s
+    bound = oracle_bounds(arrival, deadline, np.array([0, 0]), [FAST, SLOW], Q)
+    assert bound["effective_quality_upper_bound"] == pytest.approx(100.0)
+
+
+def test_fine_slots_do_not_let_work_spill_past_deadlines():
+    # 40 requests at once with 4 s deadlines on one GPU: at most 3 finish in time at K=5
+    # (one batch of 3 in 2 s, then a second in 2 s more: 6 images, all at quality 80 or 90)
+    arrival = np.zeros(40)
+    deadline = arrival + 4.0
+    classes = np.ones(40, dtype=int)
+    fine = oracle_bounds(arrival, deadline, np.full(40, 5), [FAST], Q, window_s=0.5)
+    coarse = oracle_bounds(arrival, deadline, np.full(40, 5), [FAST], Q, window_s=10.0)
+    assert fine["effective_quality_upper_bound"] == pytest.approx(6 * Q[1, 1] / 40, abs=0.01)
+    assert coarse["effective_quality_upper_bound"] > fine["effective_quality_upper_bound"]
+    assert len(classes) == 40

@@ -107,7 +107,7 @@ def test_simulate_writes_the_report_files(tmp_path):
     out = run(
         "simulate",
         "--policies",
-        "argus,promptserve",
+        "argus+shed+admit,promptserve",
         "--prompts",
         str(prompts),
         "--arrivals",
@@ -125,10 +125,11 @@ def test_simulate_writes_the_report_files(tmp_path):
     )
     assert out.exit_code == 0, out.output
     report = json.loads((out_dir / "report.json").read_text())
-    assert set(report["policies"]) == {"argus", "promptserve"}
+    assert set(report["policies"]) == {"argus+shed+admit", "promptserve"}
     assert set(report["oracle"]) == {
         "effective_quality_upper_bound",
         "slo_violation_ratio_lower_bound",
+        "window_s",
     }
     row = report["policies"]["promptserve"]
     assert (

@@ -57,7 +57,8 @@ def markdown(report: dict) -> str:
     o = report["oracle"]
     lines += [
         "",
-        f"Oracle (offline LP bound): effective quality <= {o['effective_quality_upper_bound']}, "
+        f"Oracle (offline LP bound, {o.get('window_s')} s slots): effective quality <= "
+        f"{o['effective_quality_upper_bound']}, "
         f"SLO-violation ratio >= {o['slo_violation_ratio_lower_bound']}.",
         "",
     ]

@@ -165,3 +165,51 @@ def test_serve_application_builder_validates_its_arguments():
         app_builder({"bogus": "1"})
     with pytest.raises(InputError, match="localhost only"):
         app_builder({"host": "0.0.0.0"})
+
+
+def test_sweep_writes_every_point_and_the_plot(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"a {w} at {v}" for w in ("cat", "fox") for v in ("dusk", "noon")))
+    out_dir = tmp_path / "sweep"
+    policies = "clipper-ht+shed+admit,argus,promptserve"
+    out = run(
+        "sweep", "--policies", policies, "--prompts", str(prompts), "--rates", "20,60",
+        "--seeds", "1,2", "--minutes", "2", "--embedder", "hashing",
+        "--cache-dir", str(tmp_path / "c"), "--out", str(out_dir),
+    )  # fmt: skip
+    assert out.exit_code == 0, out.output
+    result = json.loads((out_dir / "sweep.json").read_text())
+    assert [(p["rate_qpm"], p["seed"]) for p in result["points"]] == [
+        (20.0, 1), (20.0, 2), (60.0, 1), (60.0, 2)
+    ]  # fmt: skip
+    for point in result["points"]:
+        assert set(point["policies"]) == set(policies.split(","))
+        bound = point["oracle"]["effective_quality_upper_bound"]
+        for row in point["policies"].values():
+            assert row["effective_quality"] <= bound + 1e-6
+            assert row["lost"] == 0
+    summary = {row["rate_qpm"]: row for row in result["summary"]}
+    eq = [p["policies"]["argus"]["effective_quality"] for p in result["points"][2:]]
+    assert summary[60.0]["policies"]["argus"]["effective_quality"]["min"] == min(eq)
+    assert summary[60.0]["best_fair_baseline"]["policy"] == "clipper-ht+shed+admit"
+    assert (out_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    page = (out_dir / "sweep.html").read_text()
+    assert "data:image/png;base64," in page and "http" not in page
+
+
+def test_sweep_rejects_bad_flags(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    base = ["sweep", "--prompts", str(prompts), "--embedder", "hashing", "--out", str(tmp_path)]
+    cases = [
+        ([], "need --rates"),
+        (["--rates", "20,abc"], "--rates '20,abc' is not a comma-separated list"),
+        (["--rates", "0"], "each > 0"),
+        (["--rates", "20", "--seeds", "x"], "--seeds"),
+        (["--rates", "20", "--policies", "argus+slow"], "modifier 'slow'"),
+        (["--rates", "20", "--quality-penalty", "harsh"], "not mild or steep"),
+    ]
+    for extra, message in cases:
+        out = run(*base, *extra)
+        assert out.exit_code == 2, extra
+        assert message in out.output, (extra, out.output)

@@ -269,8 +269,7 @@ def simulate_cmd(
     """Run policies side by side on one workload and bound them with the offline oracle."""
     from promptserve.cache.thresholds import shipped_thresholds
     from promptserve.policy import parse_policies
-    from promptserve.profile import load_profile, reference_profile
-    from promptserve.sim.compare import CompareConfig, compare, config_dict, default_slo
+    from promptserve.sim.compare import CompareConfig, compare, config_dict
     from promptserve.sim.report import COLUMNS, write_report
     from promptserve.workload import (
         generate_arrivals,
@@ -280,12 +279,7 @@ def simulate_cmd(
     )
 
     chosen = parse_policies(policies)
-    if quality_penalty not in ("mild", "steep"):
-        raise InputError(f"--quality-penalty {quality_penalty!r} is not mild or steep")
-    prof = load_profile(profile) if profile else reference_profile()
-    slo_s = slo if slo is not None else default_slo(prof)
-    if slo_s <= 0:
-        raise InputError(f"--slo must be > 0 seconds, got {slo_s}")
+    prof, slo_s = _profile_slo_penalty(profile, slo, quality_penalty)
     spec = parse_arrival_spec(arrivals)
     texts = load_prompts(prompts)
     times = generate_arrivals(
@@ -343,6 +337,111 @@ def simulate_cmd(
     console.print(table)
     written = "report.json, report.md, timeline.png" + (", report.html" if html else "")
     console.print(f"report written to {out}/: {written}")
+
+
+def _profile_slo_penalty(profile: Path | None, slo: float | None, penalty: str):
+    """The profile (default: the SDXL reference) and the SLO (default: 5x its full-quality
+    latency), the penalty shape checked."""
+    from promptserve.profile import load_profile, reference_profile
+    from promptserve.sim.compare import default_slo
+
+    if penalty not in ("mild", "steep"):
+        raise InputError(f"--quality-penalty {penalty!r} is not mild or steep")
+    prof = load_profile(profile) if profile else reference_profile()
+    slo_s = slo if slo is not None else default_slo(prof)
+    if slo_s <= 0:
+        raise InputError(f"--slo must be > 0 seconds, got {slo_s}")
+    return prof, slo_s
+
+
+SWEEP_POLICIES = (
+    "argus,argus+shed+admit+fast,clipper-ha+shed+admit,clipper-ht+shed+admit,"
+    "nirvana+shed+admit,promptserve"
+)
+
+
+@app.command("sweep")
+@user_errors
+def sweep_cmd(
+    policies: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated policies, each NAME[+shed][+admit][+fast] "
+            "(NAME: clipper-ha, clipper-ht, nirvana, proteus, argus, promptserve)."
+        ),
+    ] = SWEEP_POLICIES,
+    prompts: PromptsOpt = Path("data/diffusiondb_prompts_4k.txt"),
+    arrivals: ArrivalsOpt = "poisson",
+    rates: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated mean rates (queries/minute) for poisson and trace:; "
+            "leave out for argus and rates: (their own rate)."
+        ),
+    ] = None,
+    gpus: Annotated[int, typer.Option(help="Number of GPUs (workers).", min=1, max=4096)] = 2,
+    minutes: MinutesOpt = 20.0,
+    time_scale: TimeScaleOpt = 1.0,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; one run each.")] = "1,2,3",
+    profile: Annotated[
+        Path | None, typer.Option(help="Profile JSON; default: the SDXL reference.")
+    ] = None,
+    slo: Annotated[
+        float | None,
+        typer.Option("--slo", help="Latency SLO in seconds; default 5x the full-quality latency."),
+    ] = None,
+    quality_penalty: Annotated[
+        str, typer.Option(help="Penalty shape above K_opt: mild or steep.")
+    ] = "steep",
+    oracle_window: Annotated[
+        float, typer.Option(help="The oracle bound's time slot in seconds.", min=0.01)
+    ] = 1.0,
+    embedder: EmbedderOpt = "minilm",
+    cache_dir: CacheDirOpt = Path(".promptserve"),
+    out: Annotated[
+        Path, typer.Option(help="Folder for sweep.json, sweep.md, sweep.png and sweep.html.")
+    ] = Path("out/sweep"),
+) -> None:
+    """Run policies over a range of loads and seeds; plot effective quality and violations
+    against load beside the oracle bound."""
+    from promptserve.cache.thresholds import shipped_thresholds
+    from promptserve.policy import parse_policies
+    from promptserve.sim.sweep import SweepConfig, parse_rates, run_sweep, write_sweep
+    from promptserve.workload import load_prompts, parse_arrival_spec
+
+    chosen = parse_policies(policies)
+    prof, slo_s = _profile_slo_penalty(profile, slo, quality_penalty)
+    spec = parse_arrival_spec(arrivals)
+    if rates is None and spec.kind == "poisson":
+        raise InputError("arrivals 'poisson' need --rates (for example --rates 20,40,60)")
+    rate_list: tuple[float | None, ...] = parse_rates(rates) if rates is not None else (None,)
+    seed_list = tuple(_int_list(seeds, "--seeds"))
+    texts = load_prompts(prompts)
+    vecs = embed_with_progress(embedder, texts, cache_dir)
+    thresholds = shipped_thresholds("minilm" if embedder == "minilm" else "clip")
+    config = SweepConfig(
+        arrivals, rate_list, seed_list, gpus, slo_s, quality_penalty, minutes, time_scale,
+        oracle_window,
+    )  # fmt: skip
+    with progress() as bar:
+        task = bar.add_task("sweep points", total=len(rate_list) * len(seed_list))
+        result = run_sweep(
+            chosen, texts, vecs, prof, thresholds, config, lambda _p: bar.advance(task)
+        )
+    summary = write_sweep(out, result)
+    table = Table(title=f"effective quality, mean over seeds {list(seed_list)} ({arrivals})")
+    table.add_column("qpm", justify="right")
+    for p in chosen:
+        table.add_column(p.name, justify="right")
+    table.add_column("oracle bound", justify="right")
+    for row in summary:
+        table.add_row(
+            f"{row['rate_qpm']:g}",
+            *(f"{row['policies'][p.name]['effective_quality']['mean']:.1f}" for p in chosen),
+            f"{row['oracle']['effective_quality']['mean']:.1f}",
+        )
+    console.print(table)
+    console.print(f"sweep written to {out}/: sweep.json, sweep.md, sweep.png, sweep.html")
 
 
 def _int_list(text: str, flag: str) -> list[int]:

@@ -24,6 +24,7 @@ from promptserve.policy import (
     plan_joint,
     route,
 )
+from promptserve.policy.capacity import level_capacity_qpm
 from promptserve.profile import reference_profile
 from promptserve.quality import quality_model
 
@@ -110,7 +111,23 @@ def test_joint_plan_takes_heterogeneous_gpus():
     plan = plan_joint(Demand(200, MIX), (fast,) * 4 + (slow,) * 4, Q, 21.0, 32)
     assert len(plan.gpu_levels) == 8 and all(k is not None for k in plan.gpu_levels)
     one_kind = plan_joint(Demand(200, MIX), (fast,) * 8, Q, 21.0, 32)
-    assert sum(one_kind.capacity_qpm) > sum(plan.capacity_qpm)
+    assert one_kind.expected_quality > plan.expected_quality  # slow GPUs cost quality
+    assert all(k in (0, 5, 10, 15, 20, 25) for k in plan.gpu_levels)
+
+
+def test_joint_plan_capacity_pools_gpus_that_share_a_level():
+    # one GPU alone on a level keeps less of its throughput in time than two sharing a queue
+    two = level_capacity_qpm(PROFILE, 0, 21.0, 32, 2)
+    assert two > 2 * level_capacity_qpm(PROFILE, 0, 21.0, 32, 1)
+    # 2 GPUs at 38 queries/minute: both at K=0 keep all in time at full quality; the first model
+    # (85% of throughput for any count) split them over two levels
+    plan = plan_joint(Demand(38, MIX), (PROFILE,) * 2, Q, 21.0, 32)
+    assert plan.gpu_levels == (0, 0) and plan.expected_quality == pytest.approx(100.0)
+    assert plan.capacity_qpm[0] == pytest.approx(two)
+    # the MILP's capacity is exactly the model's, the lone-GPU discount included
+    lone = plan_joint(Demand(12, MIX), (PROFILE,) * 2, Q, 21.0, 32)
+    assert sorted(lone.gpu_levels) == [0, 25]  # the spare GPU waits at the fastest level
+    assert lone.capacity_qpm[0] == pytest.approx(level_capacity_qpm(PROFILE, 0, 21.0, 32, 1))
 
 
 def test_joint_plan_keeps_gpus_on_their_level():

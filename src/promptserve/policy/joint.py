@@ -5,15 +5,16 @@ One MILP over GPU groups p (GPUs with the same profile), levels l and K_opt clas
     maximise   sum_{i,l} q[i,l] x[i,l]
     s.t.       sum_l n[p,l] = G_p                          (every GPU gets one level)
                sum_l x[i,l] + r[i] = lambda_i               (each class is served or refused)
-               sum_i x[i,l] <= sum_p T[p,l] n[p,l]          (level capacity under the SLO)
+               sum_i x[i,l] <= sum_p C_p,l(n[p,l])          (level capacity under the SLO)
                n integer >= 0, x, r >= 0
 
 q is the per-prompt quality model (a class served above its K_opt pays its own penalty), not a
-per-level average; T is the SLO capacity of ``capacity.py`` (batching and queueing delay
-included), so a level that cannot meet the SLO gets nothing; r (refusal, quality 0) is used
-only when no allocation can serve the load in time. GPUs that carry no planned load then move to
-their group's fastest level: the same quality with the most headroom for a burst. Grouping identical GPUs keeps the problem the same size
-at 8 or 512 GPUs.
+per-level average; C is the SLO capacity of ``capacity.py`` (batching and queueing delay
+included, a lone GPU on a level discounted against GPUs that pool one queue; two binaries per
+group and level make it exact), so a level that cannot meet the SLO gets nothing; r (refusal,
+quality 0) is used only when no allocation can serve the load in time. GPUs that carry no
+planned load then move to their group's fastest level: the same quality with the most headroom
+for a burst. Grouping identical GPUs keeps the problem the same size at 8 or 512 GPUs.
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from promptserve.policy.allocation import spare_to_fastest
-from promptserve.policy.capacity import slo_batch, slo_capacity_qpm
+from promptserve.policy.capacity import (
+    POOLED_UTILISATION,
+    SINGLE_UTILISATION,
+    level_capacity_qpm,
+    slo_batch,
+    slo_throughput_qpm,
+)
 from promptserve.policy.solver import maximise
 from promptserve.policy.types import Demand, Plan
 from promptserve.profile import Profile
@@ -48,37 +54,20 @@ def plan_joint(
     levels = profiles[0].levels
     m = len(levels)
     groups = group_gpus(profiles)
-    t = np.array([[slo_capacity_qpm(p, k, slo_s, max_batch) for k in levels] for p, _ in groups])
-    lam = demand.per_class_qpm()
-    n_vars = len(groups) * m
-    x0, r0 = n_vars, n_vars + m * m
-    size = r0 + m
-    c = np.zeros(size)
-    c[x0:r0] = np.asarray(quality, dtype=float).ravel()
-    a_eq = np.zeros((len(groups) + m, size))
-    b_eq = np.zeros(len(groups) + m)
-    for g, (_, members) in enumerate(groups):
-        a_eq[g, g * m : (g + 1) * m] = 1.0
-        b_eq[g] = len(members)
-    for i in range(m):
-        a_eq[len(groups) + i, x0 + i * m : x0 + (i + 1) * m] = 1.0
-        a_eq[len(groups) + i, r0 + i] = 1.0
-        b_eq[len(groups) + i] = lam[i]
-    a_ub = np.zeros((m, size))
-    for level in range(m):
-        a_ub[level, x0 + level : r0 : m] = 1.0
-        for g in range(len(groups)):
-            a_ub[level, g * m + level] = -t[g, level]
-    integer = np.zeros(size)
-    integer[:n_vars] = 1
-    sol = maximise(c, a_ub, np.zeros(m), a_eq, b_eq, integer)
-    counts = np.rint(sol.x[:n_vars]).astype(int).reshape(len(groups), m)
-    flows = sol.x[x0:r0].reshape(m, m)
-    counts = _spare_to_fastest(counts, flows.sum(axis=0), t)
-    refused = sol.x[r0:]
+    t = np.array([[slo_throughput_qpm(p, k, slo_s, max_batch) for k in levels] for p, _ in groups])
+    lp = _JointMilp(len(groups), m, [len(members) for _, members in groups])
+    sol = maximise(*lp.problem(np.asarray(quality, float), demand.per_class_qpm(), t))
+    counts = np.rint(sol.x[lp.n]).astype(int).reshape(len(groups), m)
+    flows = sol.x[lp.x].reshape(m, m)
+    refused = sol.x[lp.r]
+    caps = _capacity(groups, levels, slo_s, max_batch)
+    counts = _spare_to_fastest(counts, flows.sum(axis=0), caps, t)
     gpu_levels = assign_levels(groups, counts, levels, current)
-    cap = (t * counts).sum(axis=0)
+    cap = np.array(
+        [sum(caps[g][lv](int(counts[g, lv])) for g in range(len(groups))) for lv in range(m)]
+    )
     route = route_rows(flows, quality, cap)
+    lam = demand.per_class_qpm()
     total = lam.sum()
     served_q = float((flows * quality).sum())
     return Plan(
@@ -92,15 +81,96 @@ def plan_joint(
     )
 
 
-def _spare_to_fastest(counts: np.ndarray, level_load: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """GPUs that carry no planned load go to their group's fastest level (more headroom, same
-    quality). Groups are filled in order of their capacity at each level."""
+class _JointMilp:
+    """Column layout and rows of the MILP. Per group p and level l: n (GPUs, integer), and two
+    binaries, a = [n >= 1] and b = [n >= 2], so that the level's capacity is exactly
+    ``level_capacity_qpm``: T (U_pool n - (U_pool - U_single)(a - b)), U_single for a lone GPU."""
+
+    def __init__(self, n_groups: int, m: int, sizes: list[int]) -> None:
+        self.g, self.m, self.sizes = n_groups, m, sizes
+        k = n_groups * m
+        self.n = np.arange(k)
+        self.a = k + np.arange(k)
+        self.b = 2 * k + np.arange(k)
+        self.x = 3 * k + np.arange(m * m)
+        self.r = 3 * k + m * m + np.arange(m)
+        self.size = 3 * k + m * m + m
+
+    def problem(self, quality: np.ndarray, lam: np.ndarray, t: np.ndarray):
+        g, m, size = self.g, self.m, self.size
+        c = np.zeros(size)
+        c[self.x] = quality.ravel()
+        a_eq = np.zeros((g + m, size))
+        b_eq = np.zeros(g + m)
+        for p in range(g):
+            a_eq[p, self.n[p * m : (p + 1) * m]] = 1.0
+            b_eq[p] = self.sizes[p]
+        for i in range(m):
+            a_eq[g + i, self.x[i * m : (i + 1) * m]] = 1.0
+            a_eq[g + i, self.r[i]] = 1.0
+            b_eq[g + i] = lam[i]
+        rows: list[np.ndarray] = []
+        rhs: list[float] = []
+        drop = POOLED_UTILISATION - SINGLE_UTILISATION
+        for lv in range(m):
+            row = np.zeros(size)
+            row[self.x[lv::m]] = 1.0
+            for p in range(g):
+                j = p * m + lv
+                row[self.n[j]] = -POOLED_UTILISATION * t[p, lv]
+                row[self.a[j]] = drop * t[p, lv]
+                row[self.b[j]] = -drop * t[p, lv]
+            rows.append(row)
+            rhs.append(0.0)
+        for p in range(g):
+            for lv in range(m):
+                j = p * m + lv
+                for coef, limit in self._indicator_rows(j, self.sizes[p]):
+                    row = np.zeros(size)
+                    for col, v in coef:
+                        row[col] = v
+                    rows.append(row)
+                    rhs.append(limit)
+        integer = np.zeros(size)
+        integer[: 3 * g * m] = 1
+        upper = np.full(size, np.inf)
+        upper[self.a] = upper[self.b] = 1.0
+        return c, np.array(rows), np.array(rhs), a_eq, b_eq, integer, upper
+
+    def _indicator_rows(self, j: int, gpus: int):
+        """a <= n <= G a (a: any GPU), 2 b <= n <= 1 + (G - 1) b (b: two or more)."""
+        n, a, b = self.n[j], self.a[j], self.b[j]
+        return [
+            (((a, 1.0), (n, -1.0)), 0.0),
+            (((n, 1.0), (a, -float(gpus))), 0.0),
+            (((b, 2.0), (n, -1.0)), 0.0),
+            (((n, 1.0), (b, -float(gpus - 1))), 1.0),
+        ]
+
+
+def _capacity(groups, levels, slo_s: float, max_batch: int):
+    """caps[g][l](n): queries/minute n GPUs of group g keep in time at levels[l]."""
+    return [
+        [(lambda n, p=p, k=k: level_capacity_qpm(p, k, slo_s, max_batch, n)) for k in levels]
+        for p, _ in groups
+    ]
+
+
+def _spare_to_fastest(
+    counts: np.ndarray, level_load: np.ndarray, caps, t: np.ndarray
+) -> np.ndarray:
+    """Each group keeps, per level, the fewest GPUs that carry its share of the planned load;
+    the rest go to the group's fastest level (the same quality, the most headroom for a burst).
+    Groups are filled in order of their capacity."""
     out = np.zeros_like(counts)
     left = level_load.astype(float).copy()
     for g in np.argsort(-t.max(axis=1)):
-        share = np.minimum(left, counts[g] * t[g])
-        out[g] = spare_to_fastest(counts[g], share, t[g])
-        left -= np.minimum(share, out[g] * t[g])
+        for lv in range(counts.shape[1]):
+            have = int(counts[g, lv])
+            need = next((n for n in range(have + 1) if caps[g][lv](n) >= left[lv] - 1e-9), have)
+            out[g, lv] = need
+            left[lv] = max(left[lv] - caps[g][lv](need), 0.0)
+        out[g, int(np.argmax(t[g]))] += int(counts[g].sum() - out[g].sum())
     return out
 
 

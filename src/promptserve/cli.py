@@ -380,7 +380,14 @@ def sweep_cmd(
         ),
     ] = None,
     gpus: Annotated[int, typer.Option(help="Number of GPUs (workers).", min=1, max=4096)] = 2,
-    minutes: MinutesOpt = 20.0,
+    minutes: Annotated[
+        float | None,
+        typer.Option(
+            "--minutes",
+            help="Length of each run in minutes; default 20 for poisson and trace:, "
+            "the whole shape for argus and rates:.",
+        ),
+    ] = None,
     time_scale: TimeScaleOpt = 1.0,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; one run each.")] = "1,2,3",
     profile: Annotated[
@@ -415,6 +422,8 @@ def sweep_cmd(
     if rates is None and spec.kind == "poisson":
         raise InputError("arrivals 'poisson' need --rates (for example --rates 20,40,60)")
     rate_list: tuple[float | None, ...] = parse_rates(rates) if rates is not None else (None,)
+    if minutes is None and spec.kind in ("poisson", "trace"):
+        minutes = 20.0
     seed_list = tuple(_int_list(seeds, "--seeds"))
     texts = load_prompts(prompts)
     vecs = embed_with_progress(embedder, texts, cache_dir)

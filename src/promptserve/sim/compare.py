@@ -27,6 +27,7 @@ class CompareConfig:
     seed: int
     warm: int = 0
     oracle_window_s: float = DEFAULT_WINDOW_S  # the bound's time slot (seconds)
+    coarse_window_s: float | None = None  # also report the bound at this slot (as "coarse")
 
 
 def default_slo(profile: Profile) -> float:
@@ -67,14 +68,16 @@ def compare(
         minutes = len(timeline["offered_qpm"])
         timeline["gpus_per_level"] = gpus_per_minute(res.plans, profile.levels, minutes)
         timelines[policy.name] = timeline
-    oracle = oracle_bounds(
+    bound_args = (
         np.array([r.arrival_s for r in requests]),
         np.array([r.deadline_s for r in requests]),
         oracle_k_opt(requests, embeddings, thresholds, warm),
         setting.profiles,
         setting.quality,
-        config.oracle_window_s,
     )
+    oracle = oracle_bounds(*bound_args, config.oracle_window_s)
+    if config.coarse_window_s is not None:
+        oracle["coarse"] = oracle_bounds(*bound_args, config.coarse_window_s)
     return rows, oracle, timelines, results
 
 

@@ -39,6 +39,7 @@ class SweepConfig:
     minutes: float | None = None
     time_scale: float = 1.0
     oracle_window_s: float = DEFAULT_WINDOW_S
+    coarse_window_s: float | None = None  # also bound each point at this slot (the old 10 s)
 
 
 def parse_rates(text: str) -> tuple[float, ...]:
@@ -78,7 +79,13 @@ def run_sweep(
             requests = make_requests(prompts, times, config.slo_s)
             emb = prompt_embeddings[[r.id % len(prompts) for r in requests]]
             cmp = CompareConfig(
-                config.gpus, config.slo_s, config.penalty, seed, 0, config.oracle_window_s
+                config.gpus,
+                config.slo_s,
+                config.penalty,
+                seed,
+                0,
+                config.oracle_window_s,
+                config.coarse_window_s,
             )
             rows, oracle, _, _ = compare(policies, requests, emb, profile, thresholds, cmp)
             span_min = max(float(times[-1] - times[0]) / 60.0, 1e-9)
@@ -119,6 +126,10 @@ def summarise(result: dict) -> list[dict]:
                 [p["oracle"]["slo_violation_ratio_lower_bound"] for p in points], 4
             ),
         }
+        if "coarse" in points[0]["oracle"]:
+            row["oracle"]["coarse_effective_quality"] = _stats(
+                [p["oracle"]["coarse"]["effective_quality_upper_bound"] for p in points]
+            )
         fair = {
             n: v["effective_quality"]["mean"]
             for n, v in row["policies"].items()

@@ -352,3 +352,29 @@ def test_bench_sends_load_only_to_this_machine():
 
     res = CliRunner().invoke(cli, ["bench", "--url", "http://10.0.0.5:8000"])
     assert res.exit_code == 2 and "only sent to this machine" in res.output
+
+
+def test_serve_runs_any_policy_with_the_queue_layer(tmp_path):
+    from promptserve.config import ServeFile, server_config
+    from promptserve.errors import InputError
+
+    conf = server_config(ServeFile(policy="clipper-ht+shed+admit", embedder="hashing"))
+    assert conf.policy == "clipper-ht+shed+admit"
+    with pytest.raises(InputError, match="modifier 'fastest'"):
+        server_config(ServeFile(policy="argus+fastest", embedder="hashing"))
+    app = build_app(
+        ServerConfig(
+            model="tiny",
+            embedder="hashing",
+            cache_dir=tmp_path,
+            slo_s=120,
+            policy="clipper-ht+shed+admit",
+        )
+    )
+    with LiveServer(app) as url:
+        c = client(url)
+        first = c.images.generate(prompt="a lighthouse at dusk", size="64x64")
+        again = c.images.generate(prompt="a lighthouse at dusk", size="64x64")
+    # clipper-ht: every GPU at the fastest level; a prompt with no neighbour runs in full
+    assert first.data[0].model_extra["promptserve"]["level_k"] == 0
+    assert again.data[0].model_extra["promptserve"]["level_k"] == 10

@@ -205,6 +205,15 @@ def test_admission_refuses_only_what_no_level_can_meet():
     assert admit(d, job(3, 1.0), 0.0) is None
 
 
+def test_admission_predicts_the_level_a_job_really_runs_at():
+    # a cache miss (k_max = 0) routed to K = 25 runs at K = 0: 4.2 s, not 2.1 s
+    d = Dispatcher.create([PROFILE, PROFILE], DispatchConfig())
+    d.set_levels(0.0, [0, 25])
+    assert admit(d, job(0, 3.0, level=25, k_max=0), 0.0) is None
+    assert admit(d, job(1, 5.0, level=25, k_max=0), 0.0) is not None
+    assert d.predicted_finish(25, 0.0, k_max=0) == pytest.approx(PROFILE.batch_latency(0, 1))
+
+
 def test_estimator_sees_a_burst_within_the_short_window():
     est = LoadEstimator(PROFILE.levels, short_s=10, long_s=60)
     for t in np.arange(0, 60, 1.0):  # 60 qpm

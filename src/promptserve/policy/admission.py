@@ -11,12 +11,13 @@ from promptserve.policy.types import Job
 def admit(dispatcher: Dispatcher, job: Job, now: float) -> Job | None:
     """The job as it should be queued (possibly on a faster level), or None to refuse.
 
-    Tries the routed level, then faster levels the job can run at (up to ``k_max``).
+    Tries the routed level, then faster levels the job can run at (up to ``k_max``); a job
+    runs at ``min(level, k_max)``, so that is the latency it is admitted on.
     """
     candidates = [job.level] + sorted(
         k for k in dispatcher.serving_levels() if job.level < k <= job.k_max
     )
     for k in candidates:
-        if dispatcher.predicted_finish(k, now) <= job.deadline_s:
+        if dispatcher.predicted_finish(k, now, job.k_max) <= job.deadline_s:
             return job if k == job.level else replace(job, level=k)
     return None

@@ -98,11 +98,15 @@ class Dispatcher:
             return set(self.levels)
         return {g.level for g in self.gpus if g.level is not None and g.up}
 
-    def predicted_finish(self, level: int, now: float) -> float:
-        """When a job joining ``level``'s queue now would finish (seconds), by the profile."""
+    def predicted_finish(self, level: int, now: float, k_max: int | None = None) -> float:
+        """When a job joining ``level``'s queue now would finish (seconds), by the profile.
+
+        The job runs at ``min(level, k_max)``: a neighbour without latents at ``level`` (or no
+        neighbour) makes it run at a slower level than its queue's."""
         gpus = [g for g in self.gpus if g.up and (not self.config.pinned or g.level == level)]
         if not gpus:
             return float("inf")
+        run_level = level if k_max is None else min(level, k_max)
         free = sorted(max(g.busy_until, g.ready_at, now) for g in gpus)
         profile = gpus[0].profile
         batch = min(self.config.max_batch, profile.max_batch)
@@ -110,7 +114,7 @@ class Dispatcher:
         rounds, slot = divmod(ahead, batch * len(gpus))
         waves = slot // batch
         start = free[min(waves, len(free) - 1)] + rounds * profile.batch_latency(level, batch)
-        return start + profile.batch_latency(level, min(slot % batch + 1, batch))
+        return start + profile.batch_latency(run_level, min(slot % batch + 1, batch))
 
     def step(self, now: float) -> tuple[list[Dispatch], list[Outcome]]:
         """Hand a batch to every idle GPU that has work; report jobs given up on.

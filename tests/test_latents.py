@@ -104,3 +104,34 @@ def test_a_write_error_of_any_kind_is_an_oserror_and_leaves_no_temporary(tmp_pat
         store.put("0123456789abcdef/000000000001-k02", np.zeros((2, 2), np.float32))
     assert list(tmp_path.rglob("*")) == [tmp_path / "0123456789abcdef"]
     assert store.stats.write_errors == 1
+
+
+def test_an_io_error_on_read_is_a_miss_and_keeps_the_file(tmp_path):
+    # a real EMFILE: the child uses up its open files, then reads
+    code = f"""
+import os, resource, sys
+import numpy as np
+from promptserve.cache.index import latent_key
+from promptserve.cache.latents import LatentStore
+store = LatentStore({str(tmp_path)!r})
+key = latent_key("carol", 3, 5)
+store.put(key, np.ones((4, 8, 8), np.float32))
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+held = []
+while True:
+    try:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        break
+got = store.get(key)
+for fd in held:
+    os.close(fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print(got is None, store.stats.read_errors, store.stats.corrupt_dropped, store.path(key).exists())
+print(np.array_equal(store.get(key), np.ones((4, 8, 8), np.float32)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    first, second = out.stdout.split("\n")[:2]
+    assert first == "True 1 0 True"  # a miss, counted, nothing dropped, the file kept
+    assert second == "True"  # and it serves once the descriptors are back

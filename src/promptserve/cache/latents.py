@@ -13,13 +13,14 @@ any other shape is refused, so no user string reaches the file system.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, save_file
 
 KEY = re.compile(r"^[0-9a-f]{16}/[0-9]{12}-k[0-9]{2}$")
 SUFFIX = ".safetensors"
@@ -32,6 +33,7 @@ class StoreStats:
     reads: int = 0
     corrupt_dropped: int = 0
     write_errors: int = 0
+    read_errors: int = 0  # I/O errors on read: a miss, the file kept
     orphans_removed: int = 0
 
 
@@ -70,18 +72,20 @@ class LatentStore:
         return final.stat().st_size
 
     def get(self, key: str) -> np.ndarray | None:
-        """The latent, or None when absent or corrupt (a corrupt file is dropped and counted)."""
-        path = self.path(key)
-        if not path.is_file():
-            return None
-        try:
-            from safetensors import safe_open
+        """The latent, or None when absent, unreadable or corrupt.
 
-            with safe_open(str(path), framework="numpy") as fh:
-                expected = (fh.metadata() or {}).get("sha256")
-            latent = load_file(str(path))["latent"]
-        except Exception:  # a truncated or garbled file: safetensors raises several kinds
-            latent, expected = None, None
+        Only a file that reads but fails its format or checksum is corrupt: it is dropped and
+        counted. An I/O error (too many open files, a permission, a flaky mount) says nothing
+        about the file, so it is a miss, counted, and the file stays."""
+        path = self.path(key)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError:
+            self.stats.read_errors += 1
+            return None
+        latent, expected = _parse(raw)
         if latent is None or expected != _digest(latent):
             self.stats.corrupt_dropped += 1
             path.unlink(missing_ok=True)
@@ -114,6 +118,17 @@ class LatentStore:
     def _remove_temporaries(self) -> None:
         for tmp in self.root.glob(f"*/*{TMP_SUFFIX}"):
             tmp.unlink(missing_ok=True)
+
+
+def _parse(raw: bytes) -> tuple[np.ndarray | None, str | None]:
+    """(latent, its recorded SHA-256) from a file's bytes; (None, None) when they are not a
+    well-formed latent file (truncated or garbled: safetensors raises several kinds)."""
+    try:
+        size = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + size])
+        return load(raw)["latent"], (header.get("__metadata__") or {}).get("sha256")
+    except Exception:
+        return None, None
 
 
 def _digest(array: np.ndarray) -> str:

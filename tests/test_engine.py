@@ -1,4 +1,5 @@
 import io
+import json
 
 import numpy as np
 import pytest
@@ -100,6 +101,31 @@ def test_profile_command_writes_a_profile_the_simulator_loads(tmp_path):
     assert prof.level_quality(10) == reference_profile().level_quality(25)
     bad = CliRunner().invoke(app, ["profile", "--levels", "0,3", "--out", str(out)])
     assert bad.exit_code == 2 and "--levels" in bad.output
+    # and the simulator runs on it: K_opt lands on the tiny model's own levels (0 and 10 of 20)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(["a red fox in snow", "a red fox in the snow"] * 10) + "\n")
+    sim = CliRunner().invoke(
+        app,
+        ["simulate", "--profile", str(out), "--slo", "5", "--policies", "argus,promptserve",
+         "--prompts", str(prompts), "--arrivals", "poisson", "--rate", "30", "--minutes", "1",
+         "--embedder", "hashing", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "s")],
+    )  # fmt: skip
+    assert sim.exit_code == 0, sim.output
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    for row in report["policies"].values():
+        assert row["lost"] == 0 and row["served_in_slo"] > 0
+
+
+def test_thresholds_map_onto_an_engine_s_own_levels():
+    from promptserve.cache.thresholds import embedder_thresholds
+
+    ref = embedder_thresholds("minilm")
+    assert ref.on_levels((0, 5, 10, 15, 20, 25), 50) == ref  # the reference maps onto itself
+    tiny = ref.on_levels((0, 2, 4, 6, 8, 10), 20)
+    assert tiny.levels == (10, 8, 6, 4, 2) and tiny.min_similarity == ref.min_similarity
+    two = ref.on_levels((0, 10), 20)  # K = 10 of 20 is K = 25 of 50: only the top threshold
+    assert two.levels == (10,) and two.min_similarity == (ref.min_similarity[0],)
+    assert two.k_opt(0.99) == 10 and two.k_opt(0.9) == 0
 
 
 def test_calibration_fit_keeps_the_model_shape():

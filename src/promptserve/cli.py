@@ -113,13 +113,13 @@ def workload_inspect(
     """Print the arrival rate over time and the K_opt mix of a workload; write a PNG plot."""
     from promptserve.cache.index import CacheIndex
     from promptserve.cache.replay import replay
-    from promptserve.cache.thresholds import kopt_mix, load_thresholds
+    from promptserve.cache.thresholds import embedder_thresholds, kopt_mix, load_thresholds
     from promptserve.quality import PUBLISHED_KOPT_MIX
     from promptserve.workload import generate_arrivals, load_prompts, parse_arrival_spec
     from promptserve.workload.inspect import plot_workload, rate_per_minute
 
     spec = parse_arrival_spec(arrivals)
-    table = load_thresholds(thresholds or ("minilm" if embedder == "minilm" else embedder))
+    table = load_thresholds(thresholds) if thresholds else embedder_thresholds(embedder)
     texts = load_prompts(prompts)
     times = generate_arrivals(
         spec, rate_qpm=rate, minutes=minutes, time_scale=time_scale, seed=seed
@@ -267,7 +267,7 @@ def simulate_cmd(
     ] = False,
 ) -> None:
     """Run policies side by side on one workload and bound them with the offline oracle."""
-    from promptserve.cache.thresholds import shipped_thresholds
+    from promptserve.cache.thresholds import embedder_thresholds
     from promptserve.policy import parse_policies
     from promptserve.sim.compare import CompareConfig, compare, config_dict
     from promptserve.sim.report import COLUMNS, write_report
@@ -293,7 +293,7 @@ def simulate_cmd(
     row = {p: i for i, p in enumerate(distinct)}
     embeddings = vecs[[row[r.prompt] for r in requests]]
     warm_pair = (texts[:warm], vecs[[row[p] for p in texts[:warm]]]) if warm else None
-    thresholds = shipped_thresholds("minilm" if embedder == "minilm" else "clip")
+    thresholds = embedder_thresholds(embedder)
     config = CompareConfig(gpus, slo_s, quality_penalty, seed, warm)  # type: ignore[arg-type]
     with progress() as bar:
         tasks = {p.name: bar.add_task(f"simulating {p.name}", total=len(requests)) for p in chosen}
@@ -411,7 +411,7 @@ def sweep_cmd(
 ) -> None:
     """Run policies over a range of loads and seeds; plot effective quality and violations
     against load beside the oracle bound."""
-    from promptserve.cache.thresholds import shipped_thresholds
+    from promptserve.cache.thresholds import embedder_thresholds
     from promptserve.policy import parse_policies
     from promptserve.sim.sweep import SweepConfig, parse_rates, run_sweep, write_sweep
     from promptserve.workload import load_prompts, parse_arrival_spec
@@ -427,7 +427,7 @@ def sweep_cmd(
     seed_list = tuple(_int_list(seeds, "--seeds"))
     texts = load_prompts(prompts)
     vecs = embed_with_progress(embedder, texts, cache_dir)
-    thresholds = shipped_thresholds("minilm" if embedder == "minilm" else "clip")
+    thresholds = embedder_thresholds(embedder)
     config = SweepConfig(
         arrivals, rate_list, seed_list, gpus, slo_s, quality_penalty, minutes, time_scale,
         oracle_window,
@@ -528,14 +528,14 @@ def calibrate_cmd(
     """Measure q(s, K) on neighbour pairs and fit the quality model's constants."""
     from promptserve.cache.index import CacheIndex
     from promptserve.cache.replay import replay
-    from promptserve.cache.thresholds import load_thresholds
+    from promptserve.cache.thresholds import embedder_thresholds, load_thresholds
     from promptserve.engine import make_engine
     from promptserve.engine.calibrate import fit, measure_pairs
     from promptserve.engine.scoring import make_scorer
     from promptserve.workload import load_prompts
 
     judge = make_scorer(scorer)
-    table = load_thresholds(thresholds or ("minilm" if embedder == "minilm" else "clip"))
+    table = load_thresholds(thresholds) if thresholds else embedder_thresholds(embedder)
     texts = list(dict.fromkeys(load_prompts(prompts)))
     vecs = embed_with_progress(embedder, texts, cache_dir)
     index = CacheIndex(dim=vecs.shape[1])

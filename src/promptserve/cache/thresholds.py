@@ -20,6 +20,14 @@ from scipy.optimize import isotonic_regression
 from promptserve.errors import InputError
 
 MISS_K = 0
+REFERENCE_STEPS = 50  # the published thresholds' schedule (SDXL, 50 steps)
+
+
+def engine_level(k_reference: int, levels: Sequence[int], total_steps: int) -> int:
+    """The largest of ``levels`` (K of ``total_steps``) that skips no larger a fraction of the
+    schedule than ``k_reference`` of 50."""
+    fraction = k_reference / REFERENCE_STEPS
+    return max((k for k in levels if k / total_steps <= fraction + 1e-9), default=0)
 
 
 @dataclass(frozen=True)
@@ -39,11 +47,32 @@ class Thresholds:
         return MISS_K
 
     def k_opt_many(self, similarity: np.ndarray) -> np.ndarray:
-        """Vectorised ``k_opt``; NaN similarity (no neighbour) is a miss."""
+        """Vectorised ``k_opt``; NaN similarity (no neighbour) is a miss. Compared in float64, as
+        ``k_opt`` does: NumPy would round a threshold to a float32 array's precision."""
+        similarity = np.asarray(similarity, dtype=np.float64)
         out = np.full(similarity.shape, MISS_K, dtype=np.int64)
         for k, s in zip(reversed(self.levels), reversed(self.min_similarity), strict=True):
             out[similarity >= s] = k
         return out
+
+    def on_levels(self, levels: Sequence[int], total_steps: int) -> Thresholds:
+        """The table on an engine's own levels (K of ``total_steps``): a reference level K_ref (of
+        ``REFERENCE_STEPS``) becomes the engine's largest level skipping no larger a fraction of
+        the schedule, ``k / total_steps <= K_ref / 50``; where several reference levels land on
+        one engine level, the lowest similarity (the smallest K_ref) is kept. The reference
+        profile's own levels map onto themselves."""
+        rows: dict[int, float] = {}
+        for k_ref, sim in zip(self.levels, self.min_similarity, strict=True):
+            k = engine_level(k_ref, levels, total_steps)
+            if k > 0:
+                rows[k] = min(sim, rows.get(k, sim))
+        ordered = sorted(rows.items(), key=lambda kv: -kv[0])
+        return Thresholds(
+            self.embedder,
+            tuple(k for k, _ in ordered),
+            tuple(v for _, v in ordered),
+            self.provenance,
+        )
 
     def to_json(self) -> dict:
         return {
@@ -77,6 +106,13 @@ def shipped_thresholds(embedder: str) -> Thresholds:
     if not ref.is_file():
         raise InputError(f"no shipped thresholds for embedder {embedder!r} (have: minilm, clip)")
     return thresholds_from_json(json.loads(ref.read_text()), f"{embedder}.json")
+
+
+def embedder_thresholds(embedder: str) -> Thresholds:
+    """The shipped table an embedder's similarities are read with: ``minilm`` has its own
+    (mapped from CLIP on logged pairs); any other embedder (the pipeline's CLIP, ``hashing`` in
+    tests) uses the published CLIP table."""
+    return shipped_thresholds("minilm" if embedder == "minilm" else "clip")
 
 
 def load_thresholds(path_or_name: str) -> Thresholds:

@@ -13,15 +13,13 @@ import numpy as np
 
 from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
+from promptserve.cache.thresholds import engine_level as level_on
 from promptserve.engine.base import Engine, GenerationItem, GenerationResult
-
-REFERENCE_STEPS = 50
 
 
 def engine_level(k_reference: int, engine: Engine) -> int:
     """The engine's largest level that skips no larger a fraction than ``k_reference`` of 50."""
-    fraction = k_reference / REFERENCE_STEPS
-    return max((k for k in engine.levels if k / engine.total_steps <= fraction + 1e-9), default=0)
+    return level_on(k_reference, engine.levels, engine.total_steps)
 
 
 @dataclass(frozen=True)

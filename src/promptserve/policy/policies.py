@@ -44,6 +44,11 @@ from promptserve.profile import Profile
 BASELINE_BATCH = 8  # the batch the Argus artifact's 1.65x refers to in our profile
 
 
+def baseline_batch(profile: Profile) -> int:
+    """The batch the published planners assume: 8, or the profile's largest if smaller."""
+    return min(BASELINE_BATCH, profile.max_batch)
+
+
 @dataclass(frozen=True)
 class Setting:
     """What every policy plans against."""
@@ -83,7 +88,7 @@ def _fixed(level_index: int):
         q = float(np.dot(demand.mix, setting.quality[:, index]))
         cap = tuple(
             len(setting.profiles)
-            * setting.profiles[0].throughput_qpm(k, BASELINE_BATCH)
+            * setting.profiles[0].throughput_qpm(k, baseline_batch(setting.profiles[0]))
             * (j == index)
             for j in range(m)
         )
@@ -103,7 +108,7 @@ def _nirvana(demand: Demand, setting: Setting, current) -> Plan:
 def _argus_allocation(demand: Demand, setting: Setting):
     profile = setting.profiles[0]
     levels = profile.levels
-    throughput = [profile.throughput_qpm(k, BASELINE_BATCH) for k in levels]
+    throughput = [profile.throughput_qpm(k, baseline_batch(profile)) for k in levels]
     level_quality = list(profile.quality)
     return allocate(len(setting.profiles), throughput, level_quality, demand.rate_qpm), throughput
 

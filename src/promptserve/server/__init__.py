@@ -9,7 +9,7 @@ from fastapi import FastAPI
 
 from promptserve.cache.approx import ApproxCache
 from promptserve.cache.embed import make_embedder
-from promptserve.cache.thresholds import shipped_thresholds
+from promptserve.cache.thresholds import embedder_thresholds
 from promptserve.engine import make_engine
 from promptserve.engine.profiling import quick_profile
 from promptserve.policy import Setting, get_policy
@@ -48,7 +48,7 @@ def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
     slo_s = config.slo_s or max(5.0 * profile.batch_latency(0, 1), 30.0)
     qm = model_for_levels(profile.levels, profile.quality)
     embedder = make_embedder(config.embedder, config.cache_dir)
-    table = shipped_thresholds("minilm" if config.embedder == "minilm" else "clip")
+    table = embedder_thresholds(config.embedder)
     cache = ApproxCache(
         cache_root(config.cache_dir), embedder.dim, table, total_steps=workers.total_steps
     )

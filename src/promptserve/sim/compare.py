@@ -13,7 +13,7 @@ from promptserve.cache.replay import replay
 from promptserve.cache.thresholds import Thresholds
 from promptserve.policy import Policy, Setting
 from promptserve.profile import Profile
-from promptserve.quality import PenaltyShape, quality_model
+from promptserve.quality import PenaltyShape, model_for_levels
 from promptserve.sim.oracle import DEFAULT_WINDOW_S, oracle_bounds
 from promptserve.sim.simulator import SimInputs, SimResult, simulate
 from promptserve.types import Request
@@ -45,7 +45,10 @@ def compare(
     warm: tuple[list[str], np.ndarray] | None = None,
     on_progress: Callable[[str, int], None] | None = None,
 ) -> tuple[dict[str, dict], dict, dict[str, dict], list[SimResult]]:
-    qm = quality_model(profile.levels, profile.quality, config.penalty)
+    # one route from the reference thresholds and quality constants to any profile's levels,
+    # the server's too: K_opt on the profile's own levels, penalties calibrated on the reference
+    qm = model_for_levels(profile.levels, profile.quality, config.penalty)
+    thresholds = thresholds.on_levels(profile.levels, profile.total_steps)
     setting = Setting(tuple(profile for _ in range(config.gpus)), qm.matrix(), config.slo_s)
     inputs = SimInputs(
         requests,

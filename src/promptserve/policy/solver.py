@@ -1,4 +1,9 @@
-"""The one place that talks to HiGHS (through scipy.optimize.milp), MIP gap 0."""
+"""The one place that talks to HiGHS (through scipy.optimize.milp), MIP gap 0.
+
+A solve is capped at ``TIME_LIMIT_S``: the best solution found by then is used (the planner's
+problems solve in milliseconds; the cap keeps a pathological one from stalling re-planning),
+and no solution at all is an error the caller handles.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
+
+TIME_LIMIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,7 @@ def maximise(
         constraints=constraints,
         integrality=integer.astype(int),
         bounds=bounds,
-        options={"mip_rel_gap": 0.0},
+        options={"mip_rel_gap": 0.0, "time_limit": TIME_LIMIT_S},
     )
     if res.x is None:
         raise RuntimeError(f"planner problem has no solution: {res.message}")

@@ -190,6 +190,7 @@ def create_app(
         await runtime.stop()
 
     app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan)
+    app.state.runtime = runtime  # for operators' tooling and tests: the live policy state
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -306,6 +307,8 @@ def create_app(
             await handle.accepted
         except Refused as exc:
             return error(429, str(exc), None, {"Retry-After": str(int(exc.retry_after_s + 0.999))})
+        except Exception as exc:  # failed before it was queued: say so, never hang
+            return error(503, f"the job could not be queued: {exc}", None)
         jobs[state.id] = state
         while len(jobs) > KEPT_IMAGES:
             jobs.popitem(last=False)
@@ -381,6 +384,8 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz():
+        if not runtime.loops_alive():
+            return error(503, "a scheduling loop has stopped: this server takes no work", None)
         return {"status": "ready", "workers": len(runtime.dispatcher.gpus)}
 
     @app.get("/metrics")

@@ -26,11 +26,14 @@ from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.runner import engine_level, remember
 from promptserve.policy import Dispatcher, Job, Policy, Setting, admit, route
 from promptserve.policy.estimator import demand_changed
-from promptserve.policy.types import Demand, Dispatch
+from promptserve.policy.types import Demand, Dispatch, Plan
 from promptserve.quality import QualityModel
 from promptserve.server.workers import StoreRefs, WorkerLost, Workers
 
 log = logging.getLogger(__name__)
+
+BATCH_TIMEOUT_FACTOR = 10.0  # a batch running this many times its predicted latency ...
+BATCH_TIMEOUT_FLOOR_S = 60.0  # ... and at least this long is given up on (its requests fail)
 
 
 class Refused(Exception):
@@ -89,6 +92,8 @@ class Counters:
     cache_hits: int = 0
     lookups: int = 0
     retried: int = 0  # requests put back in a queue because their worker was lost
+    loop_errors: int = 0  # scheduler or re-plan iterations that raised (logged, survived)
+    batch_timeouts: int = 0  # batches given up on after BATCH_TIMEOUT_FACTOR x their prediction
     planner_ms: list[float] = field(default_factory=list)
 
 
@@ -118,20 +123,43 @@ class Runtime:
         self.planned_for: Demand | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._batches: set[asyncio.Task] = set()  # running batches, kept so none is collected
         self._levels_sent: tuple[int | None, ...] | None = None
+        self.plan: Plan | None = None
         self._plan(Demand(1.0, tuple(float(i == 0) for i in range(len(self.levels)))))
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._schedule()), asyncio.create_task(self._replan())]
 
+    @property
+    def tasks(self) -> tuple[asyncio.Task, ...]:
+        """The scheduler and re-plan loops."""
+        return tuple(self._tasks)
+
+    def loops_alive(self) -> bool:
+        """Both loops running: ``/readyz`` answers unready otherwise."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._batches]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._batches, return_exceptions=True)
 
     async def submit(
         self, prompt: str, tenant: str, slo_s: float, handle: JobHandle | None = None
     ) -> Served:
+        try:
+            future = await self._intake(prompt, tenant, slo_s, handle)
+        except Exception as exc:  # refused, or failed before queueing: a job hears it too
+            if handle is not None and handle.accepted is not None and not handle.accepted.done():
+                handle.accepted.set_exception(exc)
+            raise
+        return await future
+
+    async def _intake(
+        self, prompt: str, tenant: str, slo_s: float, handle: JobHandle | None
+    ) -> asyncio.Future:
+        """Embed, look up, route, admit and queue; the future the answer will come on."""
         now = self.clock()
         vec = (await asyncio.to_thread(self.embedder.embed, [prompt]))[0]
         hit = self.cache.lookup(tenant, vec)
@@ -146,10 +174,7 @@ class Runtime:
             admitted = admit(self.dispatcher, job, now)
             if admitted is None:
                 self.counters.by_outcome["refused"] += 1
-                refused = Refused(retry_after_s=max(1.0, self._backlog_s(now)))
-                if handle is not None and handle.accepted is not None:
-                    handle.accepted.set_exception(refused)
-                raise refused
+                raise Refused(retry_after_s=max(1.0, self._backlog_s(now)))
             job = admitted
         future = asyncio.get_running_loop().create_future()
         self.pending[job_id] = _Pending(prompt, tenant, vec, hit, future, now, job_id, handle)
@@ -162,7 +187,7 @@ class Runtime:
                 "queued", {"level_k": job.level, "similarity": hit.similarity if hit else None}
             )
         self._wake.set()
-        return await future
+        return future
 
     def cancel(self, handle: JobHandle) -> bool:
         """Cancel a request: out of its queue at once, or between two denoising steps."""
@@ -199,7 +224,15 @@ class Runtime:
         gpus = self.dispatcher.gpus
         setting = replace(self.setting, profiles=tuple(gpus[i].profile for i in up))
         t0 = time.perf_counter()
-        self.plan = self.policy.plan(demand, setting, [gpus[i].level for i in up])
+        try:
+            plan = self.policy.plan(demand, setting, [gpus[i].level for i in up])
+        except Exception:  # a solver failure or time-out: the current plan stays
+            if self.plan is None:  # no plan to keep: the server cannot start
+                raise
+            log.exception("planning failed; keeping the current plan")
+            self.counters.loop_errors += 1
+            return
+        self.plan = plan
         self.counters.planner_ms.append((time.perf_counter() - t0) * 1e3)
         levels: list[int | None] = [None] * len(gpus)
         for i, level in zip(up, self.plan.gpu_levels, strict=True):
@@ -211,15 +244,22 @@ class Runtime:
         tell the workers their levels (a runtime setting: nothing reloads)."""
         period = self.policy.replan_s or 5.0
         while True:
-            await self._push_levels()
             await asyncio.sleep(min(period, 1.0) if self._any_down() else period)
-            alive = await self.workers.alive() if self._any_down() else []  # ping only then
-            back = [i for i, ok in enumerate(alive) if ok and not self.dispatcher.gpus[i].up]
-            for i in back:
-                self.dispatcher.set_up(i, True)
-                log.warning("worker %d is back; re-planning with it", i)
-            self._plan(self.estimator.estimate(self.clock(), self.started), force=bool(back))
-            self._wake.set()
+            try:
+                await self._replan_once()
+            except Exception:  # one failed iteration must not end the loop
+                log.exception("re-plan iteration failed")
+                self.counters.loop_errors += 1
+
+    async def _replan_once(self) -> None:
+        await self._push_levels()
+        alive = await self.workers.alive() if self._any_down() else []  # ping only then
+        back = [i for i, ok in enumerate(alive) if ok and not self.dispatcher.gpus[i].up]
+        for i in back:
+            self.dispatcher.set_up(i, True)
+            log.warning("worker %d is back; re-planning with it", i)
+        self._plan(self.estimator.estimate(self.clock(), self.started), force=bool(back))
+        self._wake.set()
 
     def _any_down(self) -> bool:
         return len(self.dispatcher.up_gpus()) < len(self.dispatcher.gpus)
@@ -235,15 +275,24 @@ class Runtime:
 
     async def _schedule(self) -> None:
         while True:
-            dispatches, outcomes = self.dispatcher.step(self.clock())
-            for outcome in outcomes:
-                self._fail(outcome.job.id, Dropped("the deadline can no longer be met"))
-                self.counters.by_outcome["dropped"] += 1
-            for d in dispatches:
-                asyncio.create_task(self._run(d))
+            try:
+                self._schedule_once()
+            except Exception:  # one failed step must not end the loop
+                log.exception("scheduler step failed")
+                self.counters.loop_errors += 1
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.05)
+
+    def _schedule_once(self) -> None:
+        dispatches, outcomes = self.dispatcher.step(self.clock())
+        for outcome in outcomes:
+            self._fail(outcome.job.id, Dropped("the deadline can no longer be met"))
+            self.counters.by_outcome["dropped"] += 1
+        for d in dispatches:
+            task = asyncio.create_task(self._run(d))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
 
     def _items(self, dispatch: Dispatch) -> tuple[list[GenerationItem], list[StoreRefs] | None]:
         """The batch's items. In-process, the latents are read here; workers on a shared store
@@ -264,7 +313,12 @@ class Runtime:
         return items, (refs if self.workers.shared_store else None)
 
     async def _run(self, dispatch: Dispatch) -> None:
-        items, refs = self._items(dispatch)
+        try:
+            items, refs = self._items(dispatch)
+        except Exception as exc:  # the batch cannot start: its requests fail, the GPU is free
+            log.exception("could not prepare a batch")
+            self._fail_batch(dispatch, exc)
+            return
         started = self.clock()
         handles = [self.pending[j.id].handle for j in dispatch.jobs]
         loop = asyncio.get_running_loop()
@@ -281,8 +335,17 @@ class Runtime:
                         h.emit, "step", {"step": step, "of": self.workers.total_steps}
                     )
 
+        timeout_s = max(
+            BATCH_TIMEOUT_FACTOR * (dispatch.end_s - dispatch.start_s), BATCH_TIMEOUT_FLOOR_S
+        )
         try:
-            results = await self.workers.run(dispatch.gpu, items, on_step, refs)
+            results = await asyncio.wait_for(
+                self.workers.run(dispatch.gpu, items, on_step, refs), timeout_s
+            )
+        except TimeoutError:
+            self.counters.batch_timeouts += 1
+            self._fail_batch(dispatch, TimeoutError(f"the batch ran over {timeout_s:.0f} s"))
+            return
         except WorkerLost as lost:  # the batch did not run: back to its queues, GPU out
             log.warning("%s; %d requests go back to their queues", lost, len(dispatch.jobs))
             self.dispatcher.fail_gpu(self.clock(), dispatch.gpu)
@@ -296,10 +359,7 @@ class Runtime:
             self._wake.set()
             return
         except Exception as exc:  # a worker failure: these requests fail explicitly, once
-            self.dispatcher.on_batch_done(self.clock(), dispatch)
-            for job in dispatch.jobs:
-                self._fail(job.id, exc)
-            self._wake.set()
+            self._fail_batch(dispatch, exc)
             return
         now = self.clock()
         outcomes = self.dispatcher.on_batch_done(now, dispatch)
@@ -348,6 +408,12 @@ class Runtime:
             self.cache.skip_write(result.store_error)
         elif result.stored:
             self.cache.commit(p.tenant, p.prompt, p.embedding, ref.entry_id, result.stored, now)
+
+    def _fail_batch(self, dispatch: Dispatch, exc: Exception) -> None:
+        self.dispatcher.on_batch_done(self.clock(), dispatch)
+        for job in dispatch.jobs:
+            self._fail(job.id, exc)
+        self._wake.set()
 
     def _fail(self, job_id: int, exc: Exception) -> None:
         p = self.pending.pop(job_id, None)

@@ -58,3 +58,32 @@ def test_worker_writes_captures_to_the_store_and_resumes_from_it(tmp_path):
         [StoreRefs(entry.latent_keys[8], "t", cache.reserve())],
     )
     assert fallback.k == 0 and fallback.store_error is None
+
+
+def test_two_prompts_of_one_tenant_in_one_batch_get_their_own_entries(tmp_path):
+    embedder = HashingEmbedder()
+    cache = ApproxCache(
+        tmp_path / "cache", embedder.dim, shipped_thresholds("minilm"), total_steps=20
+    )
+    worker = EngineWorker(0, "tiny", None, "cpu", store_root=str(cache.store.root))
+    prompts = ["a red fox", "a blue whale"]
+    ids = [cache.reserve(), cache.reserve()]
+    assert ids[0] != ids[1]
+    items = [GenerationItem(p, 0, seed=3) for p in prompts]
+    _, results = run(worker, items, [StoreRefs(None, "t", i) for i in ids])
+    entries = [
+        cache.commit("t", p, embedder.embed([p])[0], i, r.stored, 0.0)
+        for p, i, r in zip(prompts, ids, results)
+    ]
+    assert [e.id for e in entries] == ids
+    for prompt, entry, first in zip(prompts, entries, results):
+        assert cache.lookup("t", embedder.embed([prompt])[0]).entry.id == entry.id
+        _, [again] = run(
+            worker,
+            [GenerationItem(prompt, 10, None, seed=3)],
+            [StoreRefs(entry.latent_keys[10], "t", cache.reserve())],
+        )
+        # each resumes from its own latent: it ends where its own full run ended
+        assert again.k == 10
+        assert np.abs(again.final_latent - first.final_latent).max() <= 1e-5
+    assert np.abs(results[0].final_latent - results[1].final_latent).max() > 1e-3

@@ -95,8 +95,12 @@ class CacheIndex:
         return self._entries.get(entry_id)
 
     def reserve_id(self) -> int:
-        """The id the next insert will take (its latent keys can be written before it)."""
-        return self._next_id
+        """A fresh id for an entry whose latent keys are written before it is inserted: each
+        call gets its own (an id reserved and never inserted is skipped; its files, if any, are
+        orphans the cache removes when it opens)."""
+        reserved = self._next_id
+        self._next_id += 1
+        return reserved
 
     def evict(self, count: int = 1) -> list[CacheEntry]:
         """Evict ``count`` entries by the policy (for a byte quota kept outside the index)."""

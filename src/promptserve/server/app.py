@@ -161,6 +161,21 @@ class Metrics:
             "Cache entries not kept because writing their latents failed (a full disk)",
             registry=self.registry,
         )
+        self.cache_failures = Gauge(
+            "promptserve_cache_update_failures",
+            "Served answers whose cache insert or manifest commit failed (logged; answer sent)",
+            registry=self.registry,
+        )
+        self.loop_errors = Gauge(
+            "promptserve_loop_errors",
+            "Scheduler, re-plan or planner iterations that raised (logged; the loop went on)",
+            registry=self.registry,
+        )
+        self.batch_timeouts = Gauge(
+            "promptserve_batch_timeouts",
+            "Batches given up on after 10x their predicted latency (their requests failed)",
+            registry=self.registry,
+        )
         self._q_sum = 0.0
         self._q_n = 0
 
@@ -400,6 +415,9 @@ def create_app(
         metrics.retried.set(c.retried)
         metrics.submitted.set(c.lookups)
         metrics.skipped.set(runtime.cache.skipped_writes)
+        metrics.cache_failures.set(runtime.counters.cache_update_failures)
+        metrics.loop_errors.set(runtime.counters.loop_errors)
+        metrics.batch_timeouts.set(runtime.counters.batch_timeouts)
         metrics.workers_up.set(len(runtime.dispatcher.up_gpus()))
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -92,6 +92,7 @@ class Counters:
     cache_hits: int = 0
     lookups: int = 0
     retried: int = 0  # requests put back in a queue because their worker was lost
+    cache_update_failures: int = 0  # served answers whose cache insert or commit failed
     loop_errors: int = 0  # scheduler or re-plan iterations that raised (logged, survived)
     batch_timeouts: int = 0  # batches given up on after BATCH_TIMEOUT_FACTOR x their prediction
     planner_ms: list[float] = field(default_factory=list)
@@ -369,6 +370,7 @@ class Runtime:
                 self._remember(p, item, result, refs[i] if refs else None, now)
             except Exception:  # the cache is an optimisation: the answer still goes out
                 log.exception("cache update failed for a served request")
+                self.counters.cache_update_failures += 1
             late = now > outcome.job.deadline_s
             self.counters.by_outcome["late" if late else "served"] += 1
             quality = self.quality.q(outcome.job.k_opt, result.k)

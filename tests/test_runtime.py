@@ -2,31 +2,13 @@
 whose intake fails. Real server on localhost, the modelled engine, the official client."""
 
 import httpx
-import openai
 
-from promptserve.server import ServerConfig, build_app
+from factories import client, modeled_app
 from promptserve.server.live import LiveServer
 
 
-def modeled(cache_dir):
-    return build_app(
-        ServerConfig(
-            backend="modeled",
-            model="sdxl-reference",
-            embedder="hashing",
-            cache_dir=cache_dir,
-            slo_s=60,
-            speedup=50.0,
-        )
-    )
-
-
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
-
-
 def test_a_scheduler_step_that_raises_loses_nothing_and_the_loop_goes_on(tmp_path):
-    app = modeled(tmp_path)
+    app = modeled_app(tmp_path, speedup=50.0)
     runtime = app.state.runtime
     real_step, calls = runtime.dispatcher.step, []
 
@@ -38,7 +20,7 @@ def test_a_scheduler_step_that_raises_loses_nothing_and_the_loop_goes_on(tmp_pat
 
     runtime.dispatcher.step = step_that_raises_once
     with LiveServer(app) as url:
-        res = client(url).images.generate(prompt="a kite over dunes", size="1024x1024")
+        res = client(url, timeout=30).images.generate(prompt="a kite over dunes", size="1024x1024")
         ready = httpx.get(f"{url}/readyz")
     assert res.data[0].model_extra["promptserve"]["level_k"] == 0
     assert runtime.counters.loop_errors == 1 and len(calls) > 1
@@ -46,7 +28,7 @@ def test_a_scheduler_step_that_raises_loses_nothing_and_the_loop_goes_on(tmp_pat
 
 
 def test_readyz_goes_unready_when_a_loop_is_gone(tmp_path):
-    app = modeled(tmp_path)
+    app = modeled_app(tmp_path, speedup=50.0)
     runtime = app.state.runtime
     with LiveServer(app) as url:
         assert httpx.get(f"{url}/readyz").status_code == 200
@@ -62,7 +44,7 @@ def test_readyz_goes_unready_when_a_loop_is_gone(tmp_path):
 
 
 def test_a_job_whose_intake_fails_gets_an_answer_not_a_hang(tmp_path):
-    app = modeled(tmp_path)
+    app = modeled_app(tmp_path, speedup=50.0)
 
     class BrokenEmbedder:
         dim = app.state.runtime.embedder.dim

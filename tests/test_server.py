@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from factories import client, modeled_app
 from promptserve.server import ServerConfig, build_app
 from promptserve.server.live import LiveServer
 
@@ -24,24 +25,6 @@ def tiny_url(tmp_path_factory):
     )
     with LiveServer(app) as url:
         yield url
-
-
-def modeled_app(cache_dir, **overrides):
-    """The server on the modelled engine (reference SDXL latencies), hashing embedder."""
-    return build_app(
-        ServerConfig(
-            backend="modeled",
-            model="sdxl-reference",
-            embedder="hashing",
-            cache_dir=cache_dir,
-            slo_s=60,
-            **overrides,
-        )
-    )
-
-
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
 
 
 def test_openai_client_gets_b64_images(tiny_url):

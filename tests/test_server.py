@@ -361,3 +361,24 @@ def test_serve_runs_any_policy_with_the_queue_layer(tmp_path):
     # clipper-ht: every GPU at the fastest level; a prompt with no neighbour runs in full
     assert first.data[0].model_extra["promptserve"]["level_k"] == 0
     assert again.data[0].model_extra["promptserve"]["level_k"] == 10
+
+
+def test_one_engine_per_worker_and_one_worker_per_gpu(tmp_path):
+    from typer.testing import CliRunner
+
+    from promptserve.cli import app as cli
+    from promptserve.errors import InputError
+    from promptserve.server import worker_devices
+
+    assert worker_devices("cpu", 3) == ["cpu"] * 3
+    with pytest.raises(InputError, match="would count it 2 times"):
+        worker_devices("cuda:0", 2)
+    res = CliRunner().invoke(
+        cli, ["serve", "--device", "cuda:1", "--workers", "2", "--embedder", "hashing"]
+    )
+    assert res.exit_code == 2 and "--device cuda" in res.output
+    app = build_app(ServerConfig(model="tiny", embedder="hashing", cache_dir=tmp_path, workers=2))
+    engines = app.state.runtime.workers.engines
+    assert len(engines) == 2 and engines[0] is not engines[1]  # no scheduler is shared
+    modeled = modeled_app(tmp_path / "m", workers=3).state.runtime.workers
+    assert modeled.count == 3 and len({id(e) for e in modeled.engines}) == 1  # stateless

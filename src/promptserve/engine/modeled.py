@@ -17,6 +17,8 @@ PLACEHOLDER_PNG = bytes.fromhex(
 
 
 class ModeledEngine:
+    stateless = True  # it only sleeps: one instance may serve every worker at once
+
     def __init__(
         self, profile: Profile, sleep: Callable[[float], None] = time.sleep, speedup: float = 1.0
     ) -> None:

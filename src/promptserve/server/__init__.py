@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,11 +13,14 @@ from promptserve.cache.embed import make_embedder
 from promptserve.cache.thresholds import embedder_thresholds
 from promptserve.engine import make_engine
 from promptserve.engine.profiling import quick_profile
+from promptserve.errors import InputError
 from promptserve.policy import Setting, get_policy
 from promptserve.quality import model_for_levels
 from promptserve.server.app import create_app
 from promptserve.server.runtime import Runtime
 from promptserve.server.workers import LocalWorkers, Workers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,10 +40,51 @@ class ServerConfig:
 
 
 def build_app(config: ServerConfig) -> FastAPI:
-    """The single-process server: ``config.workers`` logical GPUs on one in-process engine."""
-    engine = make_engine(config.model, config.backend, config.device, speedup=config.speedup)
-    workers = LocalWorkers(engine, quick_profile(engine), config.workers)
-    return app_for(config, workers, engine_size(engine))
+    """The single-process server: ``config.workers`` logical GPUs, one engine each."""
+    engines = local_engines(config)
+    workers = LocalWorkers(engines, quick_profile(engines[0]))
+    return app_for(config, workers, engine_size(engines[0]))
+
+
+def local_engines(config: ServerConfig) -> list:
+    """One engine per worker, each on its own device: an engine's scheduler is not shared
+    between threads, and the planner counts each worker's capacity once. CUDA workers take
+    ``cuda:0 .. cuda:N-1``; N workers on one named GPU are refused. On the CPU (demos, tests)
+    the N engines share its cores, which the quick profile does not see: the planner then
+    over-rates the server, so say so."""
+    devices = worker_devices(config.device, config.workers)
+    first = make_engine(config.model, config.backend, devices[0], speedup=config.speedup)
+    if getattr(first, "stateless", False):
+        return [first] * config.workers
+    if config.workers > 1 and not devices[0].startswith("cuda"):
+        log.warning(
+            "%d workers share one %s device: the planner counts each at full speed",
+            config.workers,
+            devices[0],
+        )
+    rest = [
+        make_engine(config.model, config.backend, d, speedup=config.speedup) for d in devices[1:]
+    ]
+    return [first, *rest]
+
+
+def worker_devices(device: str, workers: int) -> list[str]:
+    if workers == 1 or not device.startswith("cuda"):
+        return [device] * workers
+    if device != "cuda":
+        raise InputError(
+            f"--workers {workers} on one device ({device}) would count it {workers} times: "
+            "use --device cuda to give each worker its own GPU"
+        )
+    import torch
+
+    visible = torch.cuda.device_count()
+    if visible < workers:
+        raise InputError(
+            f"--workers {workers} needs {workers} CUDA devices, {visible} visible "
+            "(one engine per device)"
+        )
+    return [f"cuda:{i}" for i in range(workers)]
 
 
 def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:

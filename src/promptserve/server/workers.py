@@ -59,13 +59,18 @@ class Workers(Protocol):
 
 
 class LocalWorkers:
-    """``count`` logical GPUs sharing one engine in this process (batches run in threads)."""
+    """Logical GPUs in this process, one engine each (batches run in threads). An engine holds
+    its own scheduler state, so two batches never share one; a stateless engine (the modelled
+    one) may stand for every worker."""
 
     shared_store = False
 
-    def __init__(self, engine: Engine, profile: Profile, count: int) -> None:
-        self.engine, self.profile, self.count = engine, profile, count
-        self.name, self.total_steps, self.levels = engine.name, engine.total_steps, engine.levels
+    def __init__(self, engines: Sequence[Engine], profile: Profile) -> None:
+        if not engines:
+            raise ValueError("LocalWorkers needs at least one engine")
+        self.engines, self.profile, self.count = list(engines), profile, len(engines)
+        first = self.engines[0]
+        self.name, self.total_steps, self.levels = first.name, first.total_steps, first.levels
 
     async def run(
         self,
@@ -74,7 +79,7 @@ class LocalWorkers:
         on_step: OnStep,
         refs: Sequence[StoreRefs] | None = None,
     ) -> list[GenerationResult]:
-        return await asyncio.to_thread(self.engine.generate, items, on_step)
+        return await asyncio.to_thread(self.engines[gpu].generate, items, on_step)
 
     async def set_levels(self, levels: Sequence[int | None]) -> None:
         """One engine resumes at any level: nothing to tell it."""

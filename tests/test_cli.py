@@ -183,6 +183,7 @@ def test_sweep_writes_every_point_and_the_plot(tmp_path):
         (20.0, 1), (20.0, 2), (60.0, 1), (60.0, 2)
     ]  # fmt: skip
     for point in result["points"]:
+        assert point["measured_qpm"] > 0
         assert set(point["policies"]) == set(policies.split(","))
         bound = point["oracle"]["effective_quality_upper_bound"]
         for row in point["policies"].values():

@@ -1,7 +1,8 @@
 """Policies over a range of loads and seeds: the comparison users and reviewers run.
 
 Each point (rate, seed) is one ``compare`` run: the same requests for every policy, bounded by
-the offline oracle. ``sweep.json`` keeps every point whole; the summary averages over seeds.
+the offline oracle. ``sweep.json`` keeps every point whole; the summary averages over seeds
+(for an arrival shape with its own rate, all seeds together, at their mean measured rate).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def run_sweep(
             rows, oracle, _, _ = compare(policies, requests, emb, profile, thresholds, cmp)
             span_min = max(float(times[-1] - times[0]) / 60.0, 1e-9)
             point = {
-                "rate_qpm": rate if rate is not None else round(len(times) / span_min, 2),
+                "rate_qpm": rate,  # None: the arrival shape's own rate
+                "measured_qpm": round(len(times) / span_min, 2),
                 "seed": seed,
                 "requests": len(requests),
                 "policies": rows,
@@ -105,12 +107,17 @@ def run_sweep(
 def summarise(result: dict) -> list[dict]:
     """Per rate: each policy's effective quality and violation ratio (mean, min, max over seeds),
     the oracle's, and the best baseline with the full queue layer (``+shed+admit``)."""
-    by_rate: dict[float, list[dict]] = {}
+    by_rate: dict[float | None, list[dict]] = {}
     for point in result["points"]:
         by_rate.setdefault(point["rate_qpm"], []).append(point)
     rows = []
     for rate, points in by_rate.items():
-        row: dict = {"rate_qpm": rate, "seeds": len(points), "policies": {}}
+        measured = round(float(np.mean([p["measured_qpm"] for p in points])), 2)
+        row: dict = {
+            "rate_qpm": rate if rate is not None else measured,
+            "seeds": len(points),
+            "policies": {},
+        }
         for name in points[0]["policies"]:
             eq = [p["policies"][name]["effective_quality"] for p in points]
             vr = [p["policies"][name]["slo_violation_ratio"] for p in points]

@@ -138,13 +138,14 @@ class _JointMilp:
         return c, np.array(rows), np.array(rhs), a_eq, b_eq, integer, upper
 
     def _indicator_rows(self, j: int, gpus: int):
-        """a <= n <= G a (a: any GPU), 2 b <= n <= 1 + (G - 1) b (b: two or more)."""
+        """a <= n, 2 b <= n, b <= a and n <= a + (G - 1) b: n = 0 leaves a = b = 0, n = 1
+        forces a = 1 with b = 0 (the lone-GPU discount), n >= 2 forces b = 1."""
         n, a, b = self.n[j], self.a[j], self.b[j]
         return [
             (((a, 1.0), (n, -1.0)), 0.0),
-            (((n, 1.0), (a, -float(gpus))), 0.0),
             (((b, 2.0), (n, -1.0)), 0.0),
-            (((n, 1.0), (b, -float(gpus - 1))), 1.0),
+            (((b, 1.0), (a, -1.0)), 0.0),
+            (((n, 1.0), (a, -1.0), (b, -float(gpus - 1))), 0.0),
         ]
 
 

@@ -41,6 +41,7 @@ simulate: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_planner.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_sim.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_capacity.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_policies.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_engine.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_http.py

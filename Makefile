@@ -34,7 +34,8 @@ test: lint $(CHROMEDRIVER)
 serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/promptserve serve
 
-# The Argus-shaped comparison of every policy (840 minutes compressed 10x, 8 GPUs).
+# The Argus-shaped comparison (840 minutes compressed 10x, 8 GPUs): the published method as
+# shipped and every rival with promptserve's queue and admission (the simulate defaults).
 simulate: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/promptserve simulate --arrivals argus --time-scale 10 --gpus 8 --out out/simulate
 

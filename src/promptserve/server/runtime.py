@@ -245,6 +245,7 @@ class Runtime:
         tell the workers their levels (a runtime setting: nothing reloads)."""
         period = self.policy.replan_s or 5.0
         while True:
+            await self._push_levels()  # first, so a new server's workers hear the first plan
             await asyncio.sleep(min(period, 1.0) if self._any_down() else period)
             try:
                 await self._replan_once()
@@ -253,7 +254,6 @@ class Runtime:
                 self.counters.loop_errors += 1
 
     async def _replan_once(self) -> None:
-        await self._push_levels()
         alive = await self.workers.alive() if self._any_down() else []  # ping only then
         back = [i for i, ok in enumerate(alive) if ok and not self.dispatcher.gpus[i].up]
         for i in back:

@@ -384,3 +384,18 @@ def test_one_engine_per_worker_and_one_worker_per_gpu(tmp_path):
     assert len(engines) == 2 and engines[0] is not engines[1]  # no scheduler is shared
     modeled = modeled_app(tmp_path / "m", workers=3).state.runtime.workers
     assert modeled.count == 3 and len({id(e) for e in modeled.engines}) == 1  # stateless
+
+
+def test_jobs_beyond_the_cap_forget_only_finished_ones():
+    from collections import OrderedDict
+
+    from promptserve.server.app import JobState, forget_finished
+
+    jobs = OrderedDict()
+    for i, status in enumerate(["running", "succeeded", "queued", "failed", "succeeded"]):
+        jobs[str(i)] = JobState(str(i), "t")
+        jobs[str(i)].status = status
+    forget_finished(jobs, keep=3)
+    assert list(jobs) == ["0", "2", "4"]  # the two oldest finished went; running/queued stay
+    forget_finished(jobs, keep=1)
+    assert list(jobs) == ["0", "2"]  # over the cap, but nothing unfinished is dropped

@@ -37,6 +37,14 @@ IMAGE_TTL_S = 600.0
 FINAL = ("succeeded", "failed", "cancelled")
 
 
+def forget_finished(jobs: OrderedDict, keep: int) -> None:
+    """Forget the oldest finished jobs beyond ``keep``; a queued or running job stays however
+    many there are (admission bounds those), so its id keeps answering until it ends."""
+    extra = len(jobs) - keep
+    for job_id in [j for j, state in jobs.items() if state.status in FINAL][: max(extra, 0)]:
+        del jobs[job_id]
+
+
 class JobState:
     """One asynchronous job: its status, its event log (replayed to every SSE subscriber)."""
 
@@ -325,8 +333,7 @@ def create_app(
         except Exception as exc:  # failed before it was queued: say so, never hang
             return error(503, f"the job could not be queued: {exc}", None)
         jobs[state.id] = state
-        while len(jobs) > KEPT_IMAGES:
-            jobs.popitem(last=False)
+        forget_finished(jobs, KEPT_IMAGES)
         return {"id": state.id, "status": state.status}
 
     def find_job(job_id: str, request: Request) -> JobState | JSONResponse:

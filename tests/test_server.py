@@ -255,6 +255,20 @@ def test_oversized_bodies_get_413(tiny_url):
         headers={"content-type": "application/json"},
     )
     assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+    # chunked: no Content-Length to check, the limit holds on the stream itself
+    chunks = (b" " * 65536 for _ in range(40))  # 2.5 MiB
+    r = httpx.post(
+        tiny_url + "/v1/images/generations",
+        content=chunks,
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+    small = httpx.post(
+        tiny_url + "/v1/images/generations",
+        content=(c for c in [b'{"prompt": ', b'"a small chunked body"}']),
+        headers={"content-type": "application/json"},
+    )
+    assert small.status_code == 200
 
 
 def test_config_file_is_validated_and_names_the_field(tmp_path):

@@ -37,6 +37,36 @@ IMAGE_TTL_S = 600.0
 FINAL = ("succeeded", "failed", "cancelled")
 
 
+class BodyTooLarge(StarletteHTTPException):
+    param = "body"
+
+
+class StreamedBodyLimit:
+    """Counts the body as it streams in: a chunked request carries no Content-Length, so the
+    header check alone would let any size through. Past ``limit`` bytes the read fails with 413
+    (FastAPI passes an HTTPException raised while it reads the body through unchanged)."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise BodyTooLarge(413, f"request body over {self.limit} bytes")
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def forget_finished(jobs: OrderedDict, keep: int) -> None:
     """Forget the oldest finished jobs beyond ``keep``; a queued or running job stays however
     many there are (admission bounds those), so its id keeps answering until it ends."""
@@ -214,6 +244,7 @@ def create_app(
 
     app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan)
     app.state.runtime = runtime  # for operators' tooling and tests: the live policy state
+    app.add_middleware(StreamedBodyLimit, limit=max_body_bytes)
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
@@ -230,7 +261,8 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(exc.status_code, str(exc.detail), None, getattr(exc, "headers", None))
+        param = getattr(exc, "param", None)
+        return error(exc.status_code, str(exc.detail), param, getattr(exc, "headers", None))
 
     def checked_tenant(req: ImageRequest, request: Request) -> str | JSONResponse:
         """The caller's tenant, or the error to answer: no valid key (401), unknown size (400)."""

@@ -138,6 +138,34 @@ def test_overload_is_refused_with_429_and_retry_after(tmp_path):
         assert r.json()["error"]["message"].startswith("overloaded")
 
 
+def test_a_burst_beyond_capacity_is_partly_refused_and_what_is_accepted_is_on_time(tmp_path):
+    import asyncio
+
+    # one modelled GPU: K = 0 takes 4.2 s alone, 6.5 s for two (the reference); 10 s deadlines
+    app = modeled_app(tmp_path)
+    body = {"prompt": "", "deadline_ms": 10000}
+
+    async def burst(url):
+        async with httpx.AsyncClient(timeout=30) as c:
+            return await asyncio.gather(
+                *(
+                    c.post(f"{url}/v1/images/generations", json=body | {"prompt": f"ship {i}"})
+                    for i in range(16)
+                )
+            )
+
+    with LiveServer(app) as url:
+        answers = asyncio.run(burst(url))
+    codes = [r.status_code for r in answers]
+    assert set(codes) <= {200, 429} and codes.count(200) >= 1 and codes.count(429) >= 4
+    for r in answers:
+        if r.status_code == 429:
+            assert int(r.headers["Retry-After"]) >= 1
+        else:
+            meta = r.json()["data"][0]["promptserve"]
+            assert meta["queue_ms"] + meta["compute_ms"] <= 10000  # accepted means on time
+
+
 KEY_A, KEY_B = "a" * 24, "b" * 24
 
 

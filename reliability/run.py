@@ -63,10 +63,17 @@ def breaches_of(r: dict) -> list[str]:
         "429 without Retry-After": o["refused_without_retry_after"] == 0,
         "accepted on time >= 99%": (o["accepted_on_time_ratio"] or 0) >= 0.99,
         "server up after the burst": o["server_up_after"],
+        "full disk: the stage ran": "skipped" not in r["full_disk"]
+        and r["full_disk"].get("sent", 0) > 0,
         "full disk: all answered": r["full_disk"].get("answered_200") == r["full_disk"].get("sent"),
         "full disk: logged once": r["full_disk"].get("errors_logged") == 1,
         "keys enforced": r["security"]["keys_enforced"],
         "tenant isolation": r["security"]["cross_tenant_hits"] == 0,
+        # isolation that "passes" because caching broke proves nothing: A must hit its own cache
+        "tenant A hits its own cache": r["security"]["tenant_a_hits_on_own_cache"] > 0,
+        "tenant B answered": r["security"]["tenant_b_answers"] > 0,
+        "cache crash: entries written": r["cache_crash"]["entries"] > 0,
+        "schemathesis exit code 0": r["schemathesis"]["exit_code"] == 0,
         "hostile ids refused": r["security"]["hostile_ids_served"] == 0,
         "parsers": r["parser_fuzz"]["parsers_failed"] == 0,
         "kill mid-batch and replace": all(

@@ -1,0 +1,46 @@
+"""``make reliability`` fails on a stage that ran and proved nothing, not only on a bad figure."""
+
+import copy
+
+from reliability.run import breaches_of
+
+GOOD = {
+    "totals": {"lost": 0, "answered_twice": 0, "5xx_seen": 0, "torn_entries_served": 0},
+    "overload": {
+        "refused_without_retry_after": 0,
+        "accepted_on_time_ratio": 1.0,
+        "server_up_after": True,
+    },
+    "cache_crash": {"index_matches_files": True, "entries": 315},
+    "full_disk": {"sent": 4, "answered_200": 4, "errors_logged": 1},
+    "security": {
+        "keys_enforced": True,
+        "cross_tenant_hits": 0,
+        "tenant_a_hits_on_own_cache": 12,
+        "tenant_b_answers": 12,
+        "hostile_ids_served": 0,
+    },
+    "schemathesis": {"exit_code": 0},
+    "parser_fuzz": {"parsers_failed": 0},
+    "worker_kill": {"tiny": {"killed_mid_batch": True, "replica_replaced": True}},
+}
+
+
+def test_a_good_report_has_no_breach():
+    assert breaches_of(GOOD) == []
+
+
+def test_stages_that_prove_nothing_are_breaches():
+    cases = [
+        (("security", "tenant_a_hits_on_own_cache"), 0, "tenant A hits its own cache"),
+        (("security", "tenant_b_answers"), 0, "tenant B answered"),
+        (("cache_crash", "entries"), 0, "cache crash: entries written"),
+        (("schemathesis", "exit_code"), 1, "schemathesis exit code 0"),
+    ]
+    for (stage, field), value, breach in cases:
+        report = copy.deepcopy(GOOD)
+        report[stage][field] = value
+        assert breach in breaches_of(report), breach
+    skipped = copy.deepcopy(GOOD)
+    skipped["full_disk"] = {"skipped": "no permission to mount a tmpfs"}
+    assert "full disk: the stage ran" in breaches_of(skipped)

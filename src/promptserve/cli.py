@@ -218,6 +218,25 @@ def main() -> None:  # pragma: no cover - console entry point
     app()
 
 
+PoliciesOpt = Annotated[
+    str,
+    typer.Option(
+        help="Comma-separated policies, each NAME[+shed][+admit][+fast] "
+        "(NAME: clipper-ha, clipper-ht, nirvana, proteus, argus, promptserve)."
+    ),
+]
+ProfileOpt = Annotated[
+    Path | None,
+    typer.Option(help="Profile JSON (measured or reference format); default: the SDXL reference."),
+]
+SloOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--slo", help="Latency SLO in seconds; default 5x the profile's full-quality latency."
+    ),
+]
+PenaltyOpt = Annotated[str, typer.Option(help="Penalty shape above K_opt: mild or steep.")]
+
 # The fair comparison: the published method as shipped, and every rival with promptserve's queue
 # and admission (a baseline without them collapses under load; beating it proves nothing).
 FAIR_POLICIES = (
@@ -229,34 +248,16 @@ FAIR_POLICIES = (
 @app.command("simulate")
 @user_errors
 def simulate_cmd(
-    policies: Annotated[
-        str,
-        typer.Option(
-            help="Comma-separated policies, each NAME[+shed][+admit][+fast] "
-            "(NAME: clipper-ha, clipper-ht, nirvana, proteus, argus, promptserve)."
-        ),
-    ] = FAIR_POLICIES,
+    policies: PoliciesOpt = FAIR_POLICIES,
     prompts: PromptsOpt = Path("data/diffusiondb_prompts_4k.txt"),
     arrivals: ArrivalsOpt = "argus",
     rate: RateOpt = None,
     minutes: MinutesOpt = None,
     time_scale: TimeScaleOpt = 1.0,
     gpus: Annotated[int, typer.Option(help="Number of GPUs (workers).", min=1, max=4096)] = 8,
-    profile: Annotated[
-        Path | None,
-        typer.Option(
-            help="Profile JSON (measured or reference format); default: the SDXL reference."
-        ),
-    ] = None,
-    slo: Annotated[
-        float | None,
-        typer.Option(
-            "--slo", help="Latency SLO in seconds; default 5x the profile's full-quality latency."
-        ),
-    ] = None,
-    quality_penalty: Annotated[
-        str, typer.Option(help="Penalty shape above K_opt: mild or steep.")
-    ] = "mild",
+    profile: ProfileOpt = None,
+    slo: SloOpt = None,
+    quality_penalty: PenaltyOpt = "mild",
     embedder: EmbedderOpt = "minilm",
     warm: Annotated[
         int,
@@ -366,13 +367,7 @@ def _profile_slo_penalty(profile: Path | None, slo: float | None, penalty: str):
 @app.command("sweep")
 @user_errors
 def sweep_cmd(
-    policies: Annotated[
-        str,
-        typer.Option(
-            help="Comma-separated policies, each NAME[+shed][+admit][+fast] "
-            "(NAME: clipper-ha, clipper-ht, nirvana, proteus, argus, promptserve)."
-        ),
-    ] = FAIR_POLICIES,
+    policies: PoliciesOpt = FAIR_POLICIES,
     prompts: PromptsOpt = Path("data/diffusiondb_prompts_4k.txt"),
     arrivals: ArrivalsOpt = "poisson",
     rates: Annotated[
@@ -393,16 +388,9 @@ def sweep_cmd(
     ] = None,
     time_scale: TimeScaleOpt = 1.0,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; one run each.")] = "1,2,3",
-    profile: Annotated[
-        Path | None, typer.Option(help="Profile JSON; default: the SDXL reference.")
-    ] = None,
-    slo: Annotated[
-        float | None,
-        typer.Option("--slo", help="Latency SLO in seconds; default 5x the full-quality latency."),
-    ] = None,
-    quality_penalty: Annotated[
-        str, typer.Option(help="Penalty shape above K_opt: mild or steep.")
-    ] = "steep",
+    profile: ProfileOpt = None,
+    slo: SloOpt = None,
+    quality_penalty: PenaltyOpt = "steep",
     oracle_window: Annotated[
         float, typer.Option(help="The oracle bound's time slot in seconds.", min=0.01)
     ] = 1.0,

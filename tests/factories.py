@@ -13,6 +13,12 @@ def modeled_app(cache_dir, **overrides):
     return build_app(ServerConfig(**(settings | overrides)))
 
 
+def tiny_app(cache_dir, **overrides):
+    """The server on the tiny model (real latents on the CPU), hashing embedder, 120 s SLO."""
+    settings = dict(model="tiny", embedder="hashing", cache_dir=cache_dir, slo_s=120)
+    return build_app(ServerConfig(**(settings | overrides)))
+
+
 def client(url, **options):
     """The official client on a local server (the key is ignored unless keys are set)."""
     return openai.OpenAI(

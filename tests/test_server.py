@@ -11,18 +11,13 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from factories import client, modeled_app
-from promptserve.server import ServerConfig, build_app
+from factories import client, modeled_app, tiny_app
 from promptserve.server.live import LiveServer
 
 
 @pytest.fixture(scope="module")
 def tiny_url(tmp_path_factory):
-    app = build_app(
-        ServerConfig(
-            model="tiny", embedder="hashing", cache_dir=tmp_path_factory.mktemp("srv"), slo_s=120
-        )
-    )
+    app = tiny_app(tmp_path_factory.mktemp("srv"))
     with LiveServer(app) as url:
         yield url
 
@@ -170,15 +165,7 @@ KEY_A, KEY_B = "a" * 24, "b" * 24
 
 
 def test_api_keys_are_enforced_and_tenants_do_not_share_the_cache(tmp_path):
-    app = build_app(
-        ServerConfig(
-            model="tiny",
-            embedder="hashing",
-            cache_dir=tmp_path,
-            slo_s=120,
-            api_keys={KEY_A: "alice", KEY_B: "bob"},
-        )
-    )
+    app = tiny_app(tmp_path, api_keys={KEY_A: "alice", KEY_B: "bob"})
     with LiveServer(app) as url:
         r = httpx.post(url + "/v1/images/generations", json={"prompt": "x"})
         assert r.status_code == 401 and r.json()["error"]["param"] == "authorization"
@@ -389,15 +376,7 @@ def test_serve_runs_any_policy_with_the_queue_layer(tmp_path):
     assert conf.policy == "clipper-ht+shed+admit"
     with pytest.raises(InputError, match="modifier 'fastest'"):
         server_config(ServeFile(policy="argus+fastest", embedder="hashing"))
-    app = build_app(
-        ServerConfig(
-            model="tiny",
-            embedder="hashing",
-            cache_dir=tmp_path,
-            slo_s=120,
-            policy="clipper-ht+shed+admit",
-        )
-    )
+    app = tiny_app(tmp_path, policy="clipper-ht+shed+admit")
     with LiveServer(app) as url:
         c = client(url)
         first = c.images.generate(prompt="a lighthouse at dusk", size="64x64")
@@ -421,7 +400,7 @@ def test_one_engine_per_worker_and_one_worker_per_gpu(tmp_path):
         cli, ["serve", "--device", "cuda:1", "--workers", "2", "--embedder", "hashing"]
     )
     assert res.exit_code == 2 and "--device cuda" in res.output
-    app = build_app(ServerConfig(model="tiny", embedder="hashing", cache_dir=tmp_path, workers=2))
+    app = tiny_app(tmp_path, workers=2)
     engines = app.state.runtime.workers.engines
     assert len(engines) == 2 and engines[0] is not engines[1]  # no scheduler is shared
     modeled = modeled_app(tmp_path / "m", workers=3).state.runtime.workers

@@ -290,3 +290,21 @@ def _imports(path: Path) -> list[str]:
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             out.append(node.module or "")
     return out
+
+
+def test_intake_observes_routes_admits_and_queues_for_both_clocks():
+    from promptserve.policy import intake
+
+    d = Dispatcher.create([PROFILE, PROFILE], DispatchConfig())
+    d.set_levels(0.0, [0, 25])
+    plan = get_policy("clipper-ht").plan(Demand(10, MIX), Setting((PROFILE,) * 2, Q, 21.0))
+    est = LoadEstimator(PROFILE.levels)
+    job, queued = intake(0, 0.0, 30.0, 25, True, plan, d, est, admission=True, u=0.5)
+    assert queued and (job.level, job.k_max) == (25, 25) and d.queue_len(25) == 1
+    # no neighbour: it can only run at K = 0, which cannot make a 3 s deadline: refused
+    job, queued = intake(1, 0.0, 3.0, 0, False, plan, d, est, admission=True, u=0.5)
+    assert not queued and job.k_max == 0 and d.pending() == 1
+    # without admission the same request is queued and left to the dispatcher
+    _, queued = intake(2, 0.0, 3.0, 0, False, plan, d, est, admission=False, u=0.5)
+    assert queued and d.pending() == 2
+    assert est.estimate(1.0).rate_qpm > 0  # every arrival was observed, refused or not

@@ -5,6 +5,7 @@ from promptserve.policy.aligner import align
 from promptserve.policy.allocation import allocate
 from promptserve.policy.dispatcher import DispatchConfig, Dispatcher
 from promptserve.policy.estimator import LoadEstimator
+from promptserve.policy.intake import intake
 from promptserve.policy.joint import plan_joint
 from promptserve.policy.policies import POLICIES, Policy, Setting, get_policy, parse_policies
 from promptserve.policy.router import route
@@ -27,6 +28,7 @@ __all__ = [
     "align",
     "allocate",
     "get_policy",
+    "intake",
     "parse_policies",
     "plan_joint",
     "route",

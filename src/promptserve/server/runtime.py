@@ -24,7 +24,7 @@ from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.runner import engine_level, remember
-from promptserve.policy import Dispatcher, Job, Policy, Setting, admit, route
+from promptserve.policy import Dispatcher, Policy, Setting, intake
 from promptserve.policy.estimator import demand_changed
 from promptserve.policy.types import Demand, Dispatch, Plan
 from promptserve.quality import QualityModel
@@ -166,20 +166,26 @@ class Runtime:
         hit = self.cache.lookup(tenant, vec)
         self.counters.lookups += 1
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
-        k_max = self.levels[-1] if hit else 0
-        self.estimator.observe(now, k_opt)
         job_id = next(self.ids)
-        level = route(self.plan, k_opt, float(self.rng.random()))
-        job = Job(job_id, now, now + slo_s, k_opt, k_max, level)
-        if self.policy.admission:
-            admitted = admit(self.dispatcher, job, now)
-            if admitted is None:
-                self.counters.by_outcome["refused"] += 1
-                raise Refused(retry_after_s=max(1.0, self._backlog_s(now)))
-            job = admitted
+        assert self.plan is not None
         future = asyncio.get_running_loop().create_future()
         self.pending[job_id] = _Pending(prompt, tenant, vec, hit, future, now, job_id, handle)
-        self.dispatcher.enqueue(job)
+        job, queued = intake(
+            job_id,
+            now,
+            now + slo_s,
+            k_opt,
+            hit is not None,
+            self.plan,
+            self.dispatcher,
+            self.estimator,
+            self.policy.admission,
+            float(self.rng.random()),
+        )
+        if not queued:
+            del self.pending[job_id]
+            self.counters.by_outcome["refused"] += 1
+            raise Refused(retry_after_s=max(1.0, self._backlog_s(now)))
         if handle is not None:
             handle.job_id = job_id
             if handle.accepted is not None:

@@ -22,14 +22,12 @@ from promptserve.cache.thresholds import Thresholds
 from promptserve.policy import (
     Demand,
     Dispatcher,
-    Job,
     Outcome,
     Plan,
     Policy,
     Setting,
     Status,
-    admit,
-    route,
+    intake,
 )
 from promptserve.policy.estimator import demand_changed
 from promptserve.policy.types import Dispatch
@@ -173,21 +171,24 @@ class _Run:
         req = self.inputs.requests[i]
         similarity, entry_id = self._lookup(i)
         k_opt = self.inputs.thresholds.k_opt(similarity if entry_id >= 0 else None)
-        k_max = self.levels[-1] if entry_id >= 0 else 0
         if entry_id >= 0:
             self.match[i] = (entry_id, similarity)
         self.records.k_opt[i] = k_opt
-        self.estimator.observe(now, k_opt)
         assert self.plan is not None
-        level = route(self.plan, k_opt, float(self.rng.random()))
-        job = Job(i, req.arrival_s, req.deadline_s, k_opt, k_max, level)
-        if self.policy.admission:
-            admitted = admit(self.dispatcher, job, now)
-            if admitted is None:
-                self._end(Outcome(job, Status.REFUSED, now))
-                return
-            job = admitted
-        self.dispatcher.enqueue(job)
+        job, queued = intake(
+            i,
+            now,
+            req.deadline_s,
+            k_opt,
+            entry_id >= 0,
+            self.plan,
+            self.dispatcher,
+            self.estimator,
+            self.policy.admission,
+            float(self.rng.random()),
+        )
+        if not queued:
+            self._end(Outcome(job, Status.REFUSED, now))
 
     def _lookup(self, i: int) -> tuple[float, int]:
         """Nearest cached entry of request i's tenant: (similarity, entry id or -1).

@@ -1,0 +1,44 @@
+"""Intake: what becomes of a request when it arrives, one function for both clocks.
+
+The simulator and the live runtime both call ``intake``: it tells the load estimator, routes
+the request by the plan, applies admission when the policy has it, and queues what it admits.
+Only how K_opt is found (a virtual cache index or the real one) stays with the drivers.
+"""
+
+from __future__ import annotations
+
+from promptserve.policy.admission import admit
+from promptserve.policy.dispatcher import Dispatcher
+from promptserve.policy.estimator import LoadEstimator
+from promptserve.policy.router import route
+from promptserve.policy.types import Job, Plan
+
+
+def intake(
+    job_id: int,
+    now: float,
+    deadline_s: float,
+    k_opt: int,
+    has_neighbour: bool,
+    plan: Plan,
+    dispatcher: Dispatcher,
+    estimator: LoadEstimator,
+    admission: bool,
+    u: float,
+) -> tuple[Job, bool]:
+    """The job as routed (and as moved by admission), and whether it was queued (False: refused).
+
+    ``now`` and ``deadline_s`` are seconds on the driver's clock; a request with a cached
+    neighbour may run at any level (its neighbour keeps latents at every cache level), one
+    without only at K = 0; ``u`` is the router's uniform draw in [0, 1).
+    """
+    estimator.observe(now, k_opt)
+    k_max = dispatcher.levels[-1] if has_neighbour else 0
+    job = Job(job_id, now, deadline_s, k_opt, k_max, route(plan, k_opt, u))
+    if admission:
+        admitted = admit(dispatcher, job, now)
+        if admitted is None:
+            return job, False
+        job = admitted
+    dispatcher.enqueue(job)
+    return job, True

@@ -87,3 +87,34 @@ def test_two_prompts_of_one_tenant_in_one_batch_get_their_own_entries(tmp_path):
         assert again.k == 10
         assert np.abs(again.final_latent - first.final_latent).max() <= 1e-5
     assert np.abs(results[0].final_latent - results[1].final_latent).max() > 1e-3
+
+
+def test_a_replica_runs_one_batch_at_a_time_and_reports_each_call(tmp_path):
+    worker = EngineWorker(0, "tiny", None, "cpu")
+    engine, active, seen = worker.engine, [0], []
+
+    class Probe:  # counts batches inside the engine at once, and what ping says meanwhile
+        name, total_steps, levels = engine.name, engine.total_steps, engine.levels
+
+        def generate(self, items, on_step=None):
+            active[0] += 1
+            seen.append((active[0], worker.ping()["running"], worker.ping()["waiting"]))
+            try:
+                return engine.generate(items, on_step)
+            finally:
+                active[0] -= 1
+
+    worker.engine = Probe()
+
+    async def both():
+        async def one(n):
+            items = [GenerationItem(f"a fox {i}", 0, seed=i) for i in range(n)]
+            return [e async for e in worker.generate(items)]
+
+        return await asyncio.gather(one(2), one(3))
+
+    first, second = asyncio.run(both())
+    assert first[-1][0] == "done" and second[-1][0] == "done"
+    assert [a for a, _, _ in seen] == [1, 1]  # never two batches on one engine
+    assert sorted((r, w) for _, r, w in seen) == [(2, 3), (3, 0)]  # the other call waited
+    assert worker.ping()["running"] == 0 and worker.ping()["waiting"] == 0

@@ -8,6 +8,7 @@ streams back step by step; a caller that cancels the stream stops the batch betw
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -42,7 +43,13 @@ class EngineWorker:
         self.profile = quick_profile(self.engine)
         self.level: int | None = None
         self.batches = 0
-        self.running = 0  # items in the batch now running
+        # per call: the replica takes up to 16 concurrent calls (pings, cancellations, a retried
+        # batch arriving while a cancelled one winds down), but runs one batch at a time on its
+        # engine: a scheduler is never shared by two threads
+        self._engine_lock = asyncio.Lock()
+        self._calls = itertools.count()
+        self.running: dict[int, int] = {}  # call -> items, for the batch holding the engine
+        self.waiting: dict[int, int] = {}  # call -> items, for batches waiting for it
         self.bytes_written = 0  # latent bytes this worker wrote to the shared store
 
     def describe(self) -> dict:
@@ -65,7 +72,8 @@ class EngineWorker:
             "pid": os.getpid(),
             "level": self.level,
             "batches": self.batches,
-            "running": self.running,
+            "running": sum(self.running.values()),
+            "waiting": sum(self.waiting.values()),
             "bytes_written": self.bytes_written,
         }
 
@@ -86,7 +94,20 @@ class EngineWorker:
                 raise Cancelled("cancelled while denoising")
             loop.call_soon_threadsafe(steps.put_nowait, step)
 
-        self.running = len(items)
+        call = next(self._calls)
+        self.waiting[call] = len(items)
+        try:
+            async with self._engine_lock:
+                del self.waiting[call]
+                self.running[call] = len(items)
+                async for event in self._run(items, refs, on_step, steps, stop):
+                    yield event
+        finally:
+            stop.set()  # the caller went away: the engine stops at its next step
+            self.waiting.pop(call, None)
+            self.running.pop(call, None)
+
+    async def _run(self, items, refs, on_step, steps: asyncio.Queue, stop: threading.Event):
         run = asyncio.ensure_future(asyncio.to_thread(self.engine.generate, list(items), on_step))
         try:
             while not run.done():
@@ -104,8 +125,9 @@ class EngineWorker:
                 await asyncio.to_thread(self._write_captures, items, refs, results)
             yield ("done", results)
         finally:
-            stop.set()  # the caller went away: the engine stops at its next step
-            self.running = 0
+            if not run.done():  # cancelled: hold the engine until its thread has stopped
+                stop.set()
+                await asyncio.wait({run})
 
     def _read_starts(
         self, items: Sequence[GenerationItem], refs: Sequence[StoreRefs]

@@ -59,3 +59,36 @@ def test_a_job_whose_intake_fails_gets_an_answer_not_a_hang(tmp_path):
     assert res.status_code == 503
     assert "embedding model unavailable" in res.json()["error"]["message"]
     assert gen.status_code >= 500  # the synchronous endpoint fails too, and answers
+
+
+def test_the_periodic_re_plan_solves_off_the_event_loop(tmp_path):
+    import threading
+    import time
+
+    app = modeled_app(tmp_path, speedup=50.0)
+    runtime = app.state.runtime
+    threads: list[int] = []
+
+    class Recording:  # the same policy, noting the thread each plan is solved on
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def plan(self, *args, **kwargs):
+            threads.append(threading.get_ident())
+            return self.inner.plan(*args, **kwargs)
+
+    runtime.policy = Recording(runtime.policy)
+    server = LiveServer(app)
+    with server as url:
+        loop_thread = server.thread.ident  # uvicorn runs the event loop on this thread
+        c = client(url, timeout=30)
+        for i in range(4):  # moves the load estimate, so the next period re-plans
+            c.images.generate(prompt=f"a kite {i}", size="1024x1024")
+        deadline = time.monotonic() + 3 * runtime.policy.replan_s
+        while not threads and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert threads, "no re-plan ran"
+    assert loop_thread not in threads

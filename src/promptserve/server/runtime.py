@@ -221,13 +221,31 @@ class Runtime:
         )
 
     def _plan(self, demand: Demand, force: bool = False) -> None:
-        """Plan for the GPUs whose workers are up; a down GPU gets no level."""
+        """Plan for the GPUs whose workers are up, on this thread (start-up, a lost worker); a
+        down GPU gets no level."""
+        up = self._to_plan(demand, force)
+        if up is not None:
+            self._apply(up, self._solve(demand, up))
+
+    async def _plan_off_loop(self, demand: Demand, force: bool = False) -> None:
+        """The periodic re-plan: the solve (milliseconds, up to the solver's time limit) runs
+        in a thread so the event loop keeps answering; a plan made for GPUs that changed
+        meanwhile is dropped (the next period plans again)."""
+        up = self._to_plan(demand, force)
+        if up is None:
+            return
+        plan = await asyncio.to_thread(self._solve, demand, up)
+        if up == self.dispatcher.up_gpus():
+            self._apply(up, plan)
+
+    def _to_plan(self, demand: Demand, force: bool) -> list[int] | None:
+        """The GPUs to plan for, or None when there is nothing to plan."""
         if not force and not demand_changed(self.planned_for, demand):
-            return
+            return None
         self.planned_for = demand
-        up = self.dispatcher.up_gpus()
-        if not up:
-            return
+        return self.dispatcher.up_gpus() or None
+
+    def _solve(self, demand: Demand, up: list[int]) -> Plan | None:
         gpus = self.dispatcher.gpus
         setting = replace(self.setting, profiles=tuple(gpus[i].profile for i in up))
         t0 = time.perf_counter()
@@ -238,11 +256,16 @@ class Runtime:
                 raise
             log.exception("planning failed; keeping the current plan")
             self.counters.loop_errors += 1
+            return None
+        self.counters.planner_ms.append((time.perf_counter() - t0) * 1e3)
+        return plan
+
+    def _apply(self, up: list[int], plan: Plan | None) -> None:
+        if plan is None:
             return
         self.plan = plan
-        self.counters.planner_ms.append((time.perf_counter() - t0) * 1e3)
-        levels: list[int | None] = [None] * len(gpus)
-        for i, level in zip(up, self.plan.gpu_levels, strict=True):
+        levels: list[int | None] = [None] * len(self.dispatcher.gpus)
+        for i, level in zip(up, plan.gpu_levels, strict=True):
             levels[i] = level
         self.dispatcher.set_levels(self.clock(), levels)
 
@@ -265,7 +288,9 @@ class Runtime:
         for i in back:
             self.dispatcher.set_up(i, True)
             log.warning("worker %d is back; re-planning with it", i)
-        self._plan(self.estimator.estimate(self.clock(), self.started), force=bool(back))
+        await self._plan_off_loop(
+            self.estimator.estimate(self.clock(), self.started), force=bool(back)
+        )
         self._wake.set()
 
     def _any_down(self) -> bool:

@@ -19,7 +19,7 @@ for a burst. Grouping identical GPUs keeps the problem the same size at 8 or 512
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -60,11 +60,14 @@ def plan_joint(
     counts = np.rint(sol.x[lp.n]).astype(int).reshape(len(groups), m)
     flows = sol.x[lp.x].reshape(m, m)
     refused = sol.x[lp.r]
-    caps = _capacity(groups, levels, slo_s, max_batch)
-    counts = _spare_to_fastest(counts, flows.sum(axis=0), caps, t)
+
+    def capacity(g: int, lv: int, n: int) -> float:  # n GPUs of group g at levels[lv]
+        return level_capacity_qpm(groups[g][0], levels[lv], slo_s, max_batch, n)
+
+    counts = _spare_to_fastest(counts, flows.sum(axis=0), capacity, t)
     gpu_levels = assign_levels(groups, counts, levels, current)
     cap = np.array(
-        [sum(caps[g][lv](int(counts[g, lv])) for g in range(len(groups))) for lv in range(m)]
+        [sum(capacity(g, lv, int(counts[g, lv])) for g in range(len(groups))) for lv in range(m)]
     )
     route = route_rows(flows, quality, cap)
     lam = demand.per_class_qpm()
@@ -149,16 +152,8 @@ class _JointMilp:
         ]
 
 
-def _capacity(groups, levels, slo_s: float, max_batch: int):
-    """caps[g][l](n): queries/minute n GPUs of group g keep in time at levels[l]."""
-    return [
-        [(lambda n, p=p, k=k: level_capacity_qpm(p, k, slo_s, max_batch, n)) for k in levels]
-        for p, _ in groups
-    ]
-
-
 def _spare_to_fastest(
-    counts: np.ndarray, level_load: np.ndarray, caps, t: np.ndarray
+    counts: np.ndarray, level_load: np.ndarray, capacity: Callable[[int, int, int], float], t
 ) -> np.ndarray:
     """Each group keeps, per level, the fewest GPUs that carry its share of the planned load;
     the rest go to the group's fastest level (the same quality, the most headroom for a burst).
@@ -168,9 +163,9 @@ def _spare_to_fastest(
     for g in np.argsort(-t.max(axis=1)):
         for lv in range(counts.shape[1]):
             have = int(counts[g, lv])
-            need = next((n for n in range(have + 1) if caps[g][lv](n) >= left[lv] - 1e-9), have)
+            need = next((n for n in range(have + 1) if capacity(g, lv, n) >= left[lv] - 1e-9), have)
             out[g, lv] = need
-            left[lv] = max(left[lv] - caps[g][lv](need), 0.0)
+            left[lv] = max(left[lv] - capacity(g, lv, need), 0.0)
         out[g, int(np.argmax(t[g]))] += int(counts[g].sum() - out[g].sum())
     return out
 

@@ -92,3 +92,103 @@ def test_the_periodic_re_plan_solves_off_the_event_loop(tmp_path):
             time.sleep(0.2)
     assert threads, "no re-plan ran"
     assert loop_thread not in threads
+
+
+def test_cache_reads_and_writes_run_off_the_event_loop(tmp_path):
+    """Lookups, latent reads, latent writes (fsync) and manifest commits all run on the cache
+    thread, never on the thread that runs the event loop."""
+    import threading
+
+    from factories import tiny_app
+
+    app = tiny_app(tmp_path, policy="clipper-ht+shed+admit")  # a repeat resumes from its latent
+    cache = app.state.runtime.cache
+    seen: dict[str, set[int]] = {}
+    for name in ("lookup", "latent", "insert", "record_hit"):
+        real = getattr(cache, name)
+
+        def recording(*args, _real=real, _name=name, **kwargs):
+            seen.setdefault(_name, set()).add(threading.get_ident())
+            return _real(*args, **kwargs)
+
+        setattr(cache, name, recording)
+    server = LiveServer(app)
+    with server as url:
+        loop_thread = server.thread.ident
+        c = client(url, timeout=120)
+        for _ in range(2):  # the second is an exact repeat: it reads the first's latent
+            c.images.generate(prompt="a lighthouse at dusk, oil painting", size="64x64")
+    assert {"lookup", "latent", "insert", "record_hit"} <= set(seen)
+    assert all(loop_thread not in threads for threads in seen.values()), seen
+
+
+def test_a_burst_of_arrivals_is_embedded_in_few_calls(tmp_path):
+    """While one embedding call runs, arrivals queue; the next call takes them all."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    app = modeled_app(tmp_path, speedup=50.0)
+    runtime = app.state.runtime
+    inner, sizes, release = runtime.embedder, [], threading.Event()
+
+    class Gated:  # the first call waits until the burst has queued behind it
+        dim = inner.dim
+
+        def embed(self, texts):
+            sizes.append(len(texts))
+            if len(sizes) == 1:
+                release.wait(10)
+            return inner.embed(texts)
+
+    runtime.embedder = Gated()
+    with LiveServer(app) as url:
+        c = client(url, timeout=60)
+        with ThreadPoolExecutor(6) as pool:
+            futures = [
+                pool.submit(c.images.generate, prompt=f"a kite {i}", size="1024x1024")
+                for i in range(6)
+            ]
+            while len(runtime._to_embed) < 5 and not all(f.done() for f in futures):
+                threading.Event().wait(0.05)
+            release.set()
+            answers = [f.result() for f in futures]
+    assert len(answers) == 6
+    assert sum(sizes) == 6 and len(sizes) == 2 and sizes[1] == 5, sizes
+
+
+def test_the_runtime_reads_time_only_from_its_injected_clock(tmp_path):
+    """Deadlines, queueing and compute times, and lateness come from the clock it is given:
+    on a clock 1000 s ahead of the wall clock that jumps 100 s while the batch runs, a 60 s
+    request is late by it."""
+    import asyncio
+    import time
+
+    from promptserve.policy import get_policy
+    from promptserve.server.runtime import JobHandle, Runtime
+
+    parts = modeled_app(tmp_path, speedup=50.0).state.runtime
+    skew = [1000.0 - time.monotonic()]
+    runtime = Runtime(
+        parts.workers,
+        parts.cache,
+        parts.embedder,
+        get_policy("clipper-ha"),
+        parts.setting,
+        parts.quality,
+        clock=lambda: time.monotonic() + skew[0],
+    )
+
+    def emit(kind, data):
+        if kind == "level":  # the batch has started: 100 s pass on the fake clock
+            skew[0] += 100.0
+
+    async def serve():
+        runtime.start()
+        try:
+            return await runtime.submit("a kite over dunes", "default", 60.0, JobHandle(emit))
+        finally:
+            await runtime.stop()
+
+    served = asyncio.run(serve())
+    assert 100.0 <= served.compute_s < 130.0 and 0.0 <= served.queue_s < 30.0
+    assert runtime.counters.by_outcome["late"] == 1 and runtime.counters.by_outcome["served"] == 0

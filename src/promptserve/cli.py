@@ -619,6 +619,10 @@ def serve_cmd(
             help="Modelled backend only: run this many times faster than the profile.", min=0.001
         ),
     ] = None,
+    expected_qpm: Annotated[
+        float | None,
+        typer.Option(help="Load (queries/min) the first plan is made for (default 1).", min=0),
+    ] = None,
     ray: Annotated[
         bool | None,
         typer.Option(
@@ -662,6 +666,7 @@ def serve_cmd(
         "cache_dir": cache_dir,
         "api_keys_file": api_keys,
         "speedup": speedup,
+        "expected_qpm": expected_qpm,
         "ray": ray,
         "ray_address": address,
         "ray_worker_cpus": worker_cpus,

@@ -15,6 +15,7 @@ port = 8000
 api_keys_file = "keys.txt"
 max_body_bytes = 1048576
 speedup = 1.0             # modelled backend: run this many times faster than the profile
+expected_qpm = 1.0        # the load the first plan is made for, before any arrival
 ray = false               # true: serve on Ray Serve (see docs/ray.md)
 ray_address = "auto"      # join a running cluster; unset: start a local Ray
 ray_worker_cpus = 1.0     # CPUs reserved per worker replica
@@ -49,6 +50,7 @@ class ServeFile(BaseModel):
     api_keys_file: Path | None = None
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     speedup: float = Field(default=1.0, gt=0)
+    expected_qpm: float = Field(default=1.0, ge=0)
     ray: bool = False
     ray_address: str | None = None
     ray_worker_cpus: float = Field(default=1.0, gt=0)
@@ -100,4 +102,5 @@ def server_config(s: ServeFile):
         keys,
         s.max_body_bytes,
         s.speedup,
+        s.expected_qpm,
     )

@@ -146,6 +146,9 @@ class EngineWorker:
         results: list[GenerationResult],
     ) -> None:
         for item, ref, result in zip(items, refs, results, strict=True):
+            if ref.entry_id is None:
+                result.latents = {}
+                continue
             keep = latents_to_keep(item, result)
             try:
                 result.stored = write_latents(self._store(), ref.tenant, ref.entry_id, keep)

@@ -38,11 +38,14 @@ def remember(
     item: GenerationItem,
     result: GenerationResult,
     now_s: float,
+    insert: bool = True,
 ) -> None:
-    """After a run: count the hit it was served from, and cache the prompt with its latents."""
+    """After a run: count the hit it was served from, and cache the prompt with its latents
+    (unless ``insert`` is False: an exact repeat adds nothing)."""
     if hit is not None and item.k > 0:
         cache.record_hit(hit.entry.id, item.k, now_s)
-    cache.insert(tenant, item.prompt, embedding, latents_to_keep(item, result), now_s)
+    if insert:
+        cache.insert(tenant, item.prompt, embedding, latents_to_keep(item, result), now_s)
 
 
 def latents_to_keep(item: GenerationItem, result: GenerationResult) -> dict[int, np.ndarray]:

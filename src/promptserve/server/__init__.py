@@ -37,6 +37,7 @@ class ServerConfig:
     api_keys: dict[str, str] | None = None
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     speedup: float = 1.0  # modelled backend only: run this many times faster than the profile
+    expected_qpm: float = 1.0  # the first plan's load, before any arrival is seen
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -98,7 +99,15 @@ def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
         cache_root(config.cache_dir), embedder.dim, table, total_steps=workers.total_steps
     )
     setting = Setting(tuple(profile for _ in range(workers.count)), qm.matrix(), slo_s)
-    runtime = Runtime(workers, cache, embedder, get_policy(config.policy), setting, qm)
+    runtime = Runtime(
+        workers,
+        cache,
+        embedder,
+        get_policy(config.policy),
+        setting,
+        qm,
+        expected_qpm=config.expected_qpm,
+    )
     return create_app(
         runtime, slo_s, f"{image_px}x{image_px}", config.api_keys, config.max_body_bytes
     )

@@ -16,6 +16,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -25,7 +26,13 @@ from promptserve.cache.embed import Embedder
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.runner import engine_level, remember
 from promptserve.policy import Dispatcher, Policy, Setting, intake
-from promptserve.policy.estimator import demand_changed
+from promptserve.policy.planning import (
+    apply_levels,
+    first_demand,
+    switch_s,
+    wants_plan,
+    worth_caching,
+)
 from promptserve.policy.types import Demand, Dispatch, Plan
 from promptserve.quality import QualityModel
 from promptserve.server.workers import StoreRefs, WorkerLost, Workers
@@ -109,6 +116,7 @@ class Runtime:
         quality: QualityModel,
         clock: Callable[[], float] = time.monotonic,
         seed: int = 0,
+        expected_qpm: float = 1.0,
     ) -> None:
         self.workers, self.cache, self.embedder = workers, cache, embedder
         self.policy, self.setting, self.quality = policy, setting, quality
@@ -126,8 +134,13 @@ class Runtime:
         self._tasks: list[asyncio.Task] = []
         self._batches: set[asyncio.Task] = set()  # running batches, kept so none is collected
         self._levels_sent: tuple[int | None, ...] | None = None
+        # every cache call (index, latent files with fsync, SQLite commits) runs on this one
+        # thread, in order: off the event loop, and never two at once on the index
+        self._cache_thread = ThreadPoolExecutor(1, thread_name_prefix="promptserve-cache")
+        self._to_embed: list[tuple[str, asyncio.Future]] = []
+        self._embedding: asyncio.Task | None = None  # the task embedding queued prompts
         self.plan: Plan | None = None
-        self._plan(Demand(1.0, tuple(float(i == 0) for i in range(len(self.levels)))))
+        self._plan(first_demand(expected_qpm, self.levels))
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._schedule()), asyncio.create_task(self._replan())]
@@ -145,6 +158,33 @@ class Runtime:
         for task in [*self._tasks, *self._batches]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._batches, return_exceptions=True)
+        self._cache_thread.shutdown(wait=True)  # the writes already begun finish
+
+    async def _on_cache(self, fn: Callable, *args: object):  # noqa: ANN202 - fn's own result
+        return await asyncio.get_running_loop().run_in_executor(self._cache_thread, fn, *args)
+
+    async def _embed(self, prompt: str) -> np.ndarray:
+        """The prompt's embedding. Prompts that arrive while a call is running wait for the
+        next one, and go in it together: one forward pass for a burst, not one per request."""
+        future = asyncio.get_running_loop().create_future()
+        self._to_embed.append((prompt, future))
+        if self._embedding is None or self._embedding.done():
+            self._embedding = asyncio.create_task(self._embed_queued())
+        return await future
+
+    async def _embed_queued(self) -> None:
+        while self._to_embed:
+            batch, self._to_embed = self._to_embed, []
+            try:
+                vecs = await asyncio.to_thread(self.embedder.embed, [p for p, _ in batch])
+            except Exception as exc:  # every waiting request hears it
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for (_, future), vec in zip(batch, vecs, strict=True):
+                if not future.done():
+                    future.set_result(vec)
 
     async def submit(
         self, prompt: str, tenant: str, slo_s: float, handle: JobHandle | None = None
@@ -162,8 +202,8 @@ class Runtime:
     ) -> asyncio.Future:
         """Embed, look up, route, admit and queue; the future the answer will come on."""
         now = self.clock()
-        vec = (await asyncio.to_thread(self.embedder.embed, [prompt]))[0]
-        hit = self.cache.lookup(tenant, vec)
+        vec = await self._embed(prompt)
+        hit = await self._on_cache(self.cache.lookup, tenant, vec)
         self.counters.lookups += 1
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
         job_id = next(self.ids)
@@ -240,7 +280,7 @@ class Runtime:
 
     def _to_plan(self, demand: Demand, force: bool) -> list[int] | None:
         """The GPUs to plan for, or None when there is nothing to plan."""
-        if not force and not demand_changed(self.planned_for, demand):
+        if not wants_plan(self.policy, self.planned_for, demand, force):
             return None
         self.planned_for = demand
         return self.dispatcher.up_gpus() or None
@@ -267,7 +307,10 @@ class Runtime:
         levels: list[int | None] = [None] * len(self.dispatcher.gpus)
         for i, level in zip(up, plan.gpu_levels, strict=True):
             levels[i] = level
-        self.dispatcher.set_levels(self.clock(), levels)
+        now = self.clock()
+        switching = switch_s(self.policy, self.setting.profiles[0])
+        if apply_levels(self.dispatcher, now, levels, switching):
+            self._wake.set()  # the scheduler polls; a switching GPU is dispatched once ready
 
     async def _replan(self) -> None:
         """Every period: re-plan from the estimate, take back workers that answer again, and
@@ -313,8 +356,11 @@ class Runtime:
                 log.exception("scheduler step failed")
                 self.counters.loop_errors += 1
             self._wake.clear()
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # lands as the wake-up fires, and stop() would then wait on this loop for ever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=0.05)
+                async with asyncio.timeout(0.05):
+                    await self._wake.wait()
 
     def _schedule_once(self) -> None:
         dispatches, outcomes = self.dispatcher.step(self.clock())
@@ -326,18 +372,25 @@ class Runtime:
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
 
-    def _items(self, dispatch: Dispatch) -> tuple[list[GenerationItem], list[StoreRefs] | None]:
-        """The batch's items. In-process, the latents are read here; workers on a shared store
-        get the keys to read and the entry to write, and the arrays never pass through here."""
+    def _items(
+        self, dispatch: Dispatch, pendings: list[_Pending]
+    ) -> tuple[list[GenerationItem], list[StoreRefs] | None]:
+        """The batch's items (on the cache thread). In-process, the latents are read here;
+        workers on a shared store get the keys to read and the entry to write, and the arrays
+        never pass through here."""
         items, refs = [], []
-        for job in dispatch.jobs:
-            p = self.pending[job.id]
+        for p in pendings:
             at_level = p.hit is not None and dispatch.level > 0
             if self.workers.shared_store:
                 key = p.hit.entry.latent_keys.get(dispatch.level) if at_level else None
                 k = dispatch.level if key else 0
                 items.append(GenerationItem(p.prompt, k, None, seed=p.seed))
-                refs.append(StoreRefs(key, p.tenant, self.cache.reserve()))
+                entry = (
+                    self.cache.reserve()
+                    if worth_caching(p.hit.similarity if p.hit else None)
+                    else None
+                )
+                refs.append(StoreRefs(key, p.tenant, entry))
                 continue
             latent = self.cache.latent(p.hit.entry, dispatch.level) if at_level else None
             k = dispatch.level if latent is not None else 0
@@ -346,13 +399,14 @@ class Runtime:
 
     async def _run(self, dispatch: Dispatch) -> None:
         try:
-            items, refs = self._items(dispatch)
+            pendings = [self.pending[j.id] for j in dispatch.jobs]
+            items, refs = await self._on_cache(self._items, dispatch, pendings)
         except Exception as exc:  # the batch cannot start: its requests fail, the GPU is free
             log.exception("could not prepare a batch")
             self._fail_batch(dispatch, exc)
             return
         started = self.clock()
-        handles = [self.pending[j.id].handle for j in dispatch.jobs]
+        handles = [p.handle for p in pendings]
         loop = asyncio.get_running_loop()
         for h, item in zip(handles, items, strict=True):
             if h is not None:
@@ -371,9 +425,8 @@ class Runtime:
             BATCH_TIMEOUT_FACTOR * (dispatch.end_s - dispatch.start_s), BATCH_TIMEOUT_FLOOR_S
         )
         try:
-            results = await asyncio.wait_for(
-                self.workers.run(dispatch.gpu, items, on_step, refs), timeout_s
-            )
+            async with asyncio.timeout(timeout_s):
+                results = await self.workers.run(dispatch.gpu, items, on_step, refs)
         except TimeoutError:
             self.counters.batch_timeouts += 1
             self._fail_batch(dispatch, TimeoutError(f"the batch ran over {timeout_s:.0f} s"))
@@ -395,15 +448,14 @@ class Runtime:
             return
         now = self.clock()
         outcomes = self.dispatcher.on_batch_done(now, dispatch)
+        answered = []
         for i, (outcome, item, result) in enumerate(zip(outcomes, items, results, strict=True)):
-            p = self.pending.pop(outcome.job.id)
-            try:
-                self._remember(p, item, result, refs[i] if refs else None, now)
-            except Exception:  # the cache is an optimisation: the answer still goes out
-                log.exception("cache update failed for a served request")
-                self.counters.cache_update_failures += 1
+            self.pending.pop(outcome.job.id, None)
+            p = pendings[i]
+            answered.append((p, item, result, refs[i] if refs else None))
             late = now > outcome.job.deadline_s
             self.counters.by_outcome["late" if late else "served"] += 1
+            self.counters.cache_hits += int(p.hit is not None and result.k > 0)
             quality = self.quality.q(outcome.job.k_opt, result.k)
             served = Served(
                 result,
@@ -420,6 +472,20 @@ class Runtime:
             else:
                 p.future.set_result(served)
         self._wake.set()
+        await self._on_cache(self._remember_all, answered, now)  # after the answers went out
+
+    def _remember_all(
+        self,
+        answered: list[tuple[_Pending, GenerationItem, GenerationResult, StoreRefs | None]],
+        now: float,
+    ) -> None:
+        """The cache updates of a finished batch, on the cache thread."""
+        for p, item, result, ref in answered:
+            try:
+                self._remember(p, item, result, ref, now)
+            except Exception:  # the cache is an optimisation: the answer already went out
+                log.exception("cache update failed for a served request")
+                self.counters.cache_update_failures += 1
 
     def _remember(
         self,
@@ -429,9 +495,9 @@ class Runtime:
         ref: StoreRefs | None,
         now: float,
     ) -> None:
-        self.counters.cache_hits += int(p.hit is not None and result.k > 0)
+        keep = worth_caching(p.hit.similarity if p.hit else None)
         if ref is None:
-            remember(self.cache, p.tenant, p.embedding, p.hit, item, result, now)
+            remember(self.cache, p.tenant, p.embedding, p.hit, item, result, now, insert=keep)
             return
         if p.hit is not None and item.k > 0 and result.k == 0:
             self.cache.drop(p.hit.entry.id)  # the worker found its latent missing or corrupt
@@ -439,7 +505,7 @@ class Runtime:
             self.cache.record_hit(p.hit.entry.id, result.k, now)
         if result.store_error is not None:
             self.cache.skip_write(result.store_error)
-        elif result.stored:
+        elif result.stored and keep:
             self.cache.commit(p.tenant, p.prompt, p.embedding, ref.entry_id, result.stored, now)
 
     def _fail_batch(self, dispatch: Dispatch, exc: Exception) -> None:

@@ -26,7 +26,7 @@ class StoreRefs:
 
     start_key: str | None
     tenant: str
-    entry_id: int
+    entry_id: int | None  # None: nothing to write (an exact repeat adds nothing to the cache)
 
 
 class WorkerLost(Exception):

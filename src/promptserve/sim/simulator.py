@@ -29,14 +29,19 @@ from promptserve.policy import (
     Status,
     intake,
 )
-from promptserve.policy.estimator import demand_changed
+from promptserve.policy.planning import (
+    apply_levels,
+    first_demand,
+    switch_s,
+    wants_plan,
+    worth_caching,
+)
 from promptserve.policy.types import Dispatch
 from promptserve.quality import QualityModel
 from promptserve.sim.records import Records
 from promptserve.types import Request
 
 ARRIVAL, DONE, REPLAN, WAKE = 1, 0, 2, 3  # at equal times: finish work, then arrivals, then plans
-EXACT_REPEAT = 0.9999
 
 
 @dataclass(frozen=True)
@@ -60,9 +65,10 @@ class SimResult:
 
 
 def initial_demand(requests: Sequence[Request], levels: tuple[int, ...]) -> Demand:
-    """Every policy starts planned for the first minute's arrival rate (mix: all misses)."""
+    """Every policy starts planned for the first minute's arrival rate (mix: all misses): the
+    operator's forecast, as ``expected_qpm`` is the server's."""
     first = [r for r in requests if r.arrival_s < requests[0].arrival_s + 60.0]
-    return Demand(float(len(first)), tuple(float(i == 0) for i in range(len(levels))))
+    return first_demand(float(len(first)), levels)
 
 
 def simulate(
@@ -98,7 +104,7 @@ class _Run:
             int, tuple[int, float, int]
         ] = {}  # request -> (index version, similarity, entry)
         self.done = 0
-        self.switch_s = profiles[0].model_load_s if policy.switch_s_from_profile else 0.0
+        self.switch_s = switch_s(policy, profiles[0])
 
     def push(self, t: float, kind: int, payload: object) -> None:
         self.seq += 1
@@ -152,7 +158,7 @@ class _Run:
             self.index.insert(tenant, prompt, vec, self.cache_levels, now_s=0.0)
 
     def _apply_plan(self, now: float, demand: Demand) -> None:
-        if not demand_changed(self.planned_for, demand):
+        if not wants_plan(self.policy, self.planned_for, demand, force=False):
             return  # the same demand gives the same plan
         self.planned_for = demand
         current = [g.level for g in self.dispatcher.gpus]
@@ -161,11 +167,8 @@ class _Run:
         self.planner_ms.append((time.perf_counter() - t0) * 1e3)
         self.plan = plan
         self.plans.append((now, plan))
-        self.dispatcher.set_levels(now, plan.gpu_levels, self.switch_s)
-        if self.switch_s > 0:
-            for gpu in self.dispatcher.gpus:
-                if gpu.ready_at > now:
-                    self.push(gpu.ready_at, WAKE, None)
+        for ready_at in apply_levels(self.dispatcher, now, plan.gpu_levels, self.switch_s):
+            self.push(ready_at, WAKE, None)
 
     def _arrive(self, now: float, i: int) -> None:
         req = self.inputs.requests[i]
@@ -227,7 +230,7 @@ class _Run:
             entry_id, sim = self.match.get(i, (-1, 0.0))
             if entry_id >= 0 and outcome.level > 0:
                 self.index.record_hit(entry_id, outcome.level, now)
-            if sim < EXACT_REPEAT:
+            if worth_caching(sim if entry_id >= 0 else None):
                 req = self.inputs.requests[i]
                 self.index.insert(
                     req.tenant, req.prompt, self.inputs.embeddings[i], self.cache_levels, now

@@ -1,0 +1,76 @@
+"""The simulator and the live runtime decide the same way around a plan: the first plan's
+demand, when to re-plan, what a level change costs, and which answers enter the cache
+(``policy/planning.py``). Each test drives the live runtime and checks it against that rule."""
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from factories import client, modeled_app, tiny_app
+from promptserve.policy.planning import first_demand, wants_plan, worth_caching
+from promptserve.policy.types import Demand
+from promptserve.server.live import LiveServer
+from promptserve.sim.simulator import initial_demand
+from promptserve.types import Request
+
+
+def test_the_first_plan_is_made_for_the_expected_rate_on_both_clocks(tmp_path):
+    runtime = modeled_app(tmp_path, expected_qpm=30.0).state.runtime
+    trace = [Request(i, 2.0 * i, "p", "default", 2.0 * i + 60.0) for i in range(30)]
+    assert runtime.planned_for == initial_demand(trace, runtime.levels)
+    assert runtime.planned_for == first_demand(30.0, runtime.levels)
+
+
+def test_a_plan_once_policy_is_not_re_planned_live_for_load(tmp_path):
+    runtime = modeled_app(tmp_path, policy="clipper-ht+shed+admit").state.runtime
+    solved = len(runtime.counters.planner_ms)
+    for t in range(40):  # a load far from the first plan's
+        runtime.estimator.observe(runtime.started + t, 10)
+    asyncio.run(runtime._replan_once())
+    assert len(runtime.counters.planner_ms) == solved
+    periodic = modeled_app(tmp_path / "p", policy="promptserve").state.runtime
+    for t in range(40):
+        periodic.estimator.observe(periodic.started + t, 10)
+    asyncio.run(periodic._replan_once())
+    assert len(periodic.counters.planner_ms) == solved + 1  # the rule has two sides
+
+
+def test_wants_plan_reads_the_policy_and_the_demand():
+    from promptserve.policy import get_policy
+
+    once, every = get_policy("clipper-ha"), get_policy("promptserve")
+    old, new = Demand(10.0, (1.0, 0.0)), Demand(40.0, (0.5, 0.5))
+    assert wants_plan(once, None, new, force=False)  # the first plan
+    assert not wants_plan(once, old, new, force=False)
+    assert wants_plan(once, old, new, force=True)  # a worker lost or back
+    assert wants_plan(every, old, new, force=False)
+    assert not wants_plan(every, old, old, force=False)
+
+
+def test_a_level_change_costs_the_model_load_live_as_in_the_simulator(tmp_path):
+    runtime = modeled_app(tmp_path, policy="proteus", workers=2).state.runtime
+    load_s = runtime.setting.profiles[0].model_load_s
+    assert load_s > 0
+    before = runtime.clock()
+    current = [g.level for g in runtime.dispatcher.gpus]
+    moved = [runtime.levels[-1] if level != runtime.levels[-1] else 0 for level in current]
+    plan = dataclasses.replace(runtime.plan, gpu_levels=tuple(moved))
+    runtime._apply([0, 1], plan)
+    ready = [g.ready_at for g in runtime.dispatcher.gpus]
+    assert all(r >= before + load_s for r in ready), (ready, before, load_s)
+
+
+@pytest.mark.parametrize("similarity, kept", [(None, True), (0.93, True), (0.99995, False)])
+def test_worth_caching(similarity, kept):
+    assert worth_caching(similarity) is kept
+
+
+def test_an_exact_repeat_adds_no_entry_live(tmp_path):
+    app = tiny_app(tmp_path)
+    with LiveServer(app) as url:
+        c = client(url, timeout=120)
+        for _ in range(2):
+            c.images.generate(prompt="a lighthouse at dusk, oil painting", size="64x64")
+        c.images.generate(prompt="a red kite over the dunes", size="64x64")
+    assert len(app.state.runtime.cache.index) == 2  # the repeat found its twin and added nothing

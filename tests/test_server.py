@@ -410,7 +410,7 @@ def test_one_engine_per_worker_and_one_worker_per_gpu(tmp_path):
 def test_jobs_beyond_the_cap_forget_only_finished_ones():
     from collections import OrderedDict
 
-    from promptserve.server.app import JobState, forget_finished
+    from promptserve.server.jobs import JobState, forget_finished
 
     jobs = OrderedDict()
     for i, status in enumerate(["running", "succeeded", "queued", "failed", "succeeded"]):

@@ -8,7 +8,7 @@ import numpy as np
 from promptserve.cache.approx import ApproxCache
 from promptserve.cache.embed import HashingEmbedder
 from promptserve.cache.thresholds import shipped_thresholds
-from promptserve.distributed.worker import EngineWorker
+from promptserve.distributed.replica import EngineWorker
 from promptserve.engine.base import GenerationItem
 from promptserve.server.workers import StoreRefs
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass, replace
 
 from ray import serve
 
-from promptserve.distributed.worker import EngineWorker
-from promptserve.distributed.workers import RayWorkers
+from promptserve.distributed.ray_workers import RayWorkers
+from promptserve.distributed.replica import EngineWorker
 from promptserve.server import ServerConfig, app_for, latents_dir
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ def engine_level(k_reference: int, engine: Engine) -> int:
 
 
 @dataclass(frozen=True)
-class Served:
+class CacheRun:
     prompt: str
     k: int  # the engine level it ran from
     similarity: float | None  # to the cached neighbour it started from (None: no neighbour)
@@ -66,7 +66,7 @@ def generate_with_cache(
     now_s: float,
     choose: Callable[[CacheHit | None], int] | None = None,
     seed: int = 0,
-) -> list[Served]:
+) -> list[CacheRun]:
     """Serve ``prompts`` as one batch. ``choose`` maps a cache hit to a reference level K (the
     router's decision); by default each prompt runs at its own K_opt."""
     vecs = embedder.embed(list(prompts))
@@ -84,5 +84,5 @@ def generate_with_cache(
     served = []
     for item, hit, vec, res in zip(items, hits, vecs, results, strict=True):
         remember(cache, tenant, vec, hit, item, res, now_s)
-        served.append(Served(item.prompt, item.k, hit.similarity if hit else None, res))
+        served.append(CacheRun(item.prompt, item.k, hit.similarity if hit else None, res))
     return served

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 import time
 import uuid
 from collections import OrderedDict
@@ -16,111 +15,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
     generate_latest,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from promptserve.server.images import IMAGE_ID, ImageStore
+from promptserve.server.jobs import FINAL, KEPT_JOBS, JobState, forget_finished
 from promptserve.server.keys import tenant_for
+from promptserve.server.limits import StreamedBodyLimit
+from promptserve.server.metrics import Metrics
 from promptserve.server.runtime import Cancelled, Dropped, JobHandle, Refused, Runtime, Served
 from promptserve.server.schemas import ImageData, ImageMeta, ImageRequest, ImagesResponse
 from promptserve.web import page
-
-IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
-KEPT_IMAGES = 512  # url-format images kept in memory, oldest out
-IMAGE_TTL_S = 600.0
-
-
-FINAL = ("succeeded", "failed", "cancelled")
-
-
-class BodyTooLarge(StarletteHTTPException):
-    param = "body"
-
-
-class StreamedBodyLimit:
-    """Counts the body as it streams in: a chunked request carries no Content-Length, so the
-    header check alone would let any size through. Past ``limit`` bytes the read fails with 413
-    (FastAPI passes an HTTPException raised while it reads the body through unchanged)."""
-
-    def __init__(self, app, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise BodyTooLarge(413, f"request body over {self.limit} bytes")
-            return message
-
-        await self.app(scope, counted, send)
-
-
-def forget_finished(jobs: OrderedDict, keep: int) -> None:
-    """Forget the oldest finished jobs beyond ``keep``; a queued or running job stays however
-    many there are (admission bounds those), so its id keeps answering until it ends."""
-    extra = len(jobs) - keep
-    for job_id in [j for j, state in jobs.items() if state.status in FINAL][: max(extra, 0)]:
-        del jobs[job_id]
-
-
-class JobState:
-    """One asynchronous job: its status, its event log (replayed to every SSE subscriber)."""
-
-    def __init__(self, job_id: str, tenant: str) -> None:
-        self.id, self.tenant = job_id, tenant
-        self.status = "queued"
-        self.step = 0  # the last denoising step done
-        self.events: list[tuple[str, dict]] = []
-        self.data: ImageData | None = None
-        self.error: str | None = None
-        self.handle: JobHandle | None = None
-        self.task: asyncio.Task | None = None
-        self._listeners: list[asyncio.Event] = []  # one per SSE subscriber
-
-    def listen(self) -> asyncio.Event:
-        event = asyncio.Event()
-        self._listeners.append(event)
-        return event
-
-    def _notify(self) -> None:
-        for event in self._listeners:
-            event.set()
-
-    def emit(self, kind: str, data: dict) -> None:
-        if self.status in FINAL:
-            return
-        if kind in ("level", "step"):
-            self.status = "running"
-        if kind == "step":
-            self.step = data["step"]
-        self.events.append((kind, data))
-        self._notify()
-
-    def finish(self, status: str, data: ImageData | None = None, error: str | None = None) -> None:
-        self.data, self.error = data, error
-        self.events.append(("done", {"status": status, **({"error": error} if error else {})}))
-        self.status = status
-        self._notify()
-
-    def view(self) -> dict:
-        out: dict = {"id": self.id, "status": self.status, "step": self.step}
-        if self.data is not None:
-            out["data"] = [self.data.model_dump()]
-        if self.error is not None:
-            out["error"] = {"message": self.error}
-        return out
 
 
 def meta_of(s: Served) -> ImageMeta:
@@ -147,84 +53,6 @@ def error(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "promptserve_requests",
-            "Images requested, by outcome",
-            ["outcome"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "promptserve_latency_seconds",
-            "End-to-end latency of served images",
-            registry=self.registry,
-            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 21, 30, 60, 120),
-        )
-        self.queue = Gauge(
-            "promptserve_queue_length", "Jobs waiting per level", ["level"], registry=self.registry
-        )
-        self.gpus = Gauge(
-            "promptserve_workers_per_level", "Workers per level", ["level"], registry=self.registry
-        )
-        self.quality = Gauge(
-            "promptserve_mean_predicted_quality",
-            "Mean predicted quality of served images (percent)",
-            registry=self.registry,
-        )
-        self.hit_ratio = Gauge(
-            "promptserve_cache_hit_ratio",
-            "Share of lookups served from a cached latent",
-            registry=self.registry,
-        )
-        self.planner = Gauge(
-            "promptserve_planner_ms_last", "Time of the last plan (ms)", registry=self.registry
-        )
-        self.retried = Gauge(
-            "promptserve_requests_retried",
-            "Requests put back in a queue because their worker was lost mid-batch",
-            registry=self.registry,
-        )
-        self.workers_up = Gauge(
-            "promptserve_workers_up", "Workers whose replica answers", registry=self.registry
-        )
-        self.submitted = Gauge(
-            "promptserve_requests_submitted",
-            "Images asked for (offered load), whatever became of them",
-            registry=self.registry,
-        )
-        self.skipped = Gauge(
-            "promptserve_cache_skipped_writes",
-            "Cache entries not kept because writing their latents failed (a full disk)",
-            registry=self.registry,
-        )
-        self.cache_failures = Gauge(
-            "promptserve_cache_update_failures",
-            "Served answers whose cache insert or manifest commit failed (logged; answer sent)",
-            registry=self.registry,
-        )
-        self.loop_errors = Gauge(
-            "promptserve_loop_errors",
-            "Scheduler, re-plan or planner iterations that raised (logged; the loop went on)",
-            registry=self.registry,
-        )
-        self.batch_timeouts = Gauge(
-            "promptserve_batch_timeouts",
-            "Batches given up on after 10x their predicted latency (their requests failed)",
-            registry=self.registry,
-        )
-        self._q_sum = 0.0
-        self._q_n = 0
-
-    def observe_served(self, quality: float, latency_s: float, late: bool) -> None:
-        self.requests.labels("late" if late else "served").inc()
-        self.latency.observe(latency_s)
-        self._q_sum += quality
-        self._q_n += 1
-        self.quality.set(self._q_sum / self._q_n)
-
-
 def create_app(
     runtime: Runtime,
     slo_s: float,
@@ -234,7 +62,7 @@ def create_app(
 ) -> FastAPI:
     keys = keys or {}
     metrics = Metrics()
-    images: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+    images = ImageStore()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -305,10 +133,7 @@ def create_app(
             metrics.observe_served(s.quality, time.monotonic() - start, late)
             meta = meta_of(s)
             if req.response_format == "url":
-                image_id = uuid.uuid4().hex
-                images[image_id] = (time.monotonic(), s.result.png)
-                while len(images) > KEPT_IMAGES:
-                    images.popitem(last=False)
+                image_id = images.put(s.result.png, time.monotonic())
                 data.append(
                     ImageData(
                         url=str(request.url_for("image", image_id=image_id)), promptserve=meta
@@ -324,11 +149,10 @@ def create_app(
     async def image(image_id: str):
         if not IMAGE_ID.match(image_id):
             return error(400, "image id must be 32 hex characters", "image_id")
-        kept = images.get(image_id)
-        if kept is None or time.monotonic() - kept[0] > IMAGE_TTL_S:
-            images.pop(image_id, None)
+        png = images.get(image_id, time.monotonic())
+        if png is None:
             return error(404, f"image {image_id} not found or expired", "image_id")
-        return Response(kept[1], media_type="image/png")
+        return Response(png, media_type="image/png")
 
     jobs: OrderedDict[str, JobState] = OrderedDict()
 
@@ -365,7 +189,7 @@ def create_app(
         except Exception as exc:  # failed before it was queued: say so, never hang
             return error(503, f"the job could not be queued: {exc}", None)
         jobs[state.id] = state
-        forget_finished(jobs, KEPT_IMAGES)
+        forget_finished(jobs, KEPT_JOBS)
         return {"id": state.id, "status": state.status}
 
     def find_job(job_id: str, request: Request) -> JobState | JSONResponse:

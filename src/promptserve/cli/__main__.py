@@ -1,0 +1,3 @@
+from promptserve.cli import main
+
+main()

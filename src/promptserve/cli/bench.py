@@ -1,0 +1,104 @@
+"""``bench``: replay a workload against a running server and report what it saw."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from promptserve.cli.common import (
+    ArrivalsOpt,
+    MinutesOpt,
+    PromptsOpt,
+    RateOpt,
+    SeedOpt,
+    TimeScaleOpt,
+    app,
+    console,
+    progress,
+    user_errors,
+)
+from promptserve.errors import InputError
+
+
+@app.command("bench")
+@user_errors
+def bench_cmd(
+    url: Annotated[
+        str, typer.Option(help="Base URL of a running server, e.g. http://127.0.0.1:8000.")
+    ],
+    prompts: PromptsOpt = Path("data/diffusiondb_prompts_4k.txt"),
+    arrivals: ArrivalsOpt = "poisson",
+    rate: RateOpt = 30.0,
+    minutes: MinutesOpt = 2.0,
+    time_scale: TimeScaleOpt = 1.0,
+    slo: Annotated[
+        float, typer.Option("--slo", help="Deadline of every request in seconds.")
+    ] = 60.0,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="API key (also $PROMPTSERVE_API_KEY).", envvar="PROMPTSERVE_API_KEY"),
+    ] = None,
+    max_requests: Annotated[int, typer.Option(help="Stop after this many requests.", min=1)] = 5000,
+    seed: SeedOpt = 0,
+    out: Annotated[
+        Path, typer.Option(help="Folder for report.json, report.md and timeline.png.")
+    ] = Path("out/bench"),
+) -> None:
+    """Replay a workload against a live server; report the figures `simulate` reports."""
+    import asyncio
+
+    import httpx
+
+    from promptserve.loadgen import replay_live
+    from promptserve.sim.report import COLUMNS, write_report
+    from promptserve.workload import (
+        generate_arrivals,
+        load_prompts,
+        make_requests,
+        parse_arrival_spec,
+    )
+
+    if not url.startswith(("http://", "https://")):
+        raise InputError(f"--url {url!r} must start with http:// or https://")
+    host = httpx.URL(url).host
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise InputError(
+            f"--url host {host!r}: load is only sent to this machine (127.0.0.1, localhost, ::1)"
+        )
+    times = generate_arrivals(
+        parse_arrival_spec(arrivals),
+        rate_qpm=rate,
+        minutes=minutes,
+        time_scale=time_scale,
+        seed=seed,
+    )
+    requests = make_requests(load_prompts(prompts), times[:max_requests], slo)
+    if not requests:
+        raise InputError("the arrival spec produced no requests")
+    try:
+        httpx.get(f"{url}/healthz", timeout=5).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise InputError(f"no promptserve server answers at {url} ({exc})") from None
+    with progress() as bar:
+        task = bar.add_task(f"sending {len(requests)} requests", total=len(requests))
+        recs = asyncio.run(replay_live(url, requests, api_key, on_done=lambda: bar.advance(task)))
+    row = recs.summary([])
+    config = {
+        "url": url,
+        "arrivals": arrivals,
+        "rate_qpm": rate,
+        "minutes": minutes,
+        "slo_s": slo,
+        "requests": len(requests),
+    }
+    oracle = {"effective_quality_upper_bound": None, "slo_violation_ratio_lower_bound": None}
+    write_report(out, config, {"live": row}, oracle, {"live": recs.per_minute()})
+    table = Table(title=f"live run: {len(requests)} requests to {url}")
+    for col in ("policy", *COLUMNS[:8]):
+        table.add_column(col.replace("_", " "), justify="right")
+    table.add_row("live", *(str(row[c]) for c in COLUMNS[:8]))
+    console.print(table)
+    console.print(f"report written to {out}/report.json, report.md, timeline.png")

@@ -1,0 +1,131 @@
+"""What every command shares: the Typer apps, error handling, progress bars, the flags."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from promptserve.errors import InputError
+
+app = typer.Typer(help="Prompt-aware text-to-image serving.", no_args_is_help=True)
+workload_app = typer.Typer(
+    help="Inspect workloads: arrivals and prompt mixes.", no_args_is_help=True
+)
+thresholds_app = typer.Typer(help="Similarity -> K thresholds per embedder.", no_args_is_help=True)
+app.add_typer(workload_app, name="workload")
+app.add_typer(thresholds_app, name="thresholds")
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def user_errors(fn: F) -> F:
+    """Bad input ends the command with one line naming the problem and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return fn(*args, **kwargs)
+        except InputError as exc:
+            err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
+    )
+
+
+def embed_with_progress(embedder_name: str, prompts: list[str], cache_dir: Path) -> np.ndarray:
+    from promptserve.cache.embed import make_embedder
+
+    embedder = make_embedder(embedder_name, cache_dir)
+    chunks = [prompts[i : i + 256] for i in range(0, len(prompts), 256)]
+    with progress() as bar:
+        task = bar.add_task(f"embedding ({embedder_name})", total=len(prompts))
+        out = []
+        for chunk in chunks:
+            out.append(embedder.embed(chunk))
+            bar.advance(task, len(chunk))
+    return np.concatenate(out) if out else np.zeros((0, embedder.dim), np.float32)
+
+
+PromptsOpt = Annotated[
+    Path,
+    typer.Option(
+        "--prompts", help="Prompt file: .txt one a line, or .tsv/.csv with a Prompt column."
+    ),
+]
+ArrivalsOpt = Annotated[
+    str, typer.Option("--arrivals", help="poisson | argus | trace:PATH | rates:PATH")
+]
+RateOpt = Annotated[
+    float | None, typer.Option("--rate", help="Mean rate (queries/minute) of poisson and trace:.")
+]
+MinutesOpt = Annotated[
+    float | None, typer.Option("--minutes", help="Length of the workload in minutes.")
+]
+TimeScaleOpt = Annotated[
+    float, typer.Option("--time-scale", help="Compress argus/rates: timelines by this factor.")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
+EmbedderOpt = Annotated[str, typer.Option(help="minilm (real) or hashing (tests only).")]
+ModelOpt = Annotated[str, typer.Option(help="tiny (built in) or a diffusers folder / hub id.")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or mps.")]
+ThresholdsOpt = Annotated[str, typer.Option(help="Shipped table name or a thresholds JSON file.")]
+CacheDirOpt = Annotated[
+    Path, typer.Option("--cache-dir", help="Folder for on-disk caches (embeddings).")
+]
+
+
+PoliciesOpt = Annotated[
+    str,
+    typer.Option(
+        help="Comma-separated policies, each NAME[+shed][+admit][+fast] "
+        "(NAME: clipper-ha, clipper-ht, nirvana, proteus, argus, promptserve)."
+    ),
+]
+ProfileOpt = Annotated[
+    Path | None,
+    typer.Option(help="Profile JSON (measured or reference format); default: the SDXL reference."),
+]
+SloOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--slo", help="Latency SLO in seconds; default 5x the profile's full-quality latency."
+    ),
+]
+PenaltyOpt = Annotated[str, typer.Option(help="Penalty shape above K_opt: mild or steep.")]
+
+# The fair comparison: the published method as shipped, and every rival with promptserve's queue
+# and admission (a baseline without them collapses under load; beating it proves nothing).
+FAIR_POLICIES = (
+    "argus,argus+shed+admit+fast,clipper-ha+shed+admit,clipper-ht+shed+admit,"
+    "nirvana+shed+admit,promptserve"
+)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{flag} {text!r} is not a comma-separated list of integers") from None
+    if not values or any(v < 0 for v in values):
+        raise InputError(f"{flag} {text!r} needs at least one integer >= 0")
+    return values

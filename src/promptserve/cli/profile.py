@@ -1,0 +1,145 @@
+"""``profile`` and ``calibrate``: measure an engine and fit its thresholds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from promptserve.cli.common import (
+    CacheDirOpt,
+    DeviceOpt,
+    EmbedderOpt,
+    ModelOpt,
+    PromptsOpt,
+    ThresholdsOpt,
+    _int_list,
+    app,
+    console,
+    embed_with_progress,
+    progress,
+    user_errors,
+)
+from promptserve.errors import InputError
+
+
+@app.command("profile")
+@user_errors
+def profile_cmd(
+    model: ModelOpt = "tiny",
+    levels: Annotated[str, typer.Option(help="Levels K to measure; default: the model's.")] = "",
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes to measure.")] = "1,2,4,8",
+    repeats: Annotated[int, typer.Option(help="Timed runs per point.", min=1, max=100)] = 1,
+    device: DeviceOpt = "cpu",
+    out: Annotated[Path, typer.Option(help="Where to write the measured profile JSON.")] = Path(
+        "profile.json"
+    ),
+) -> None:
+    """Measure batch latency per level and batch size on this device; write a profile file."""
+    from promptserve.engine import make_engine
+    from promptserve.engine.profiling import measure
+
+    sizes = sorted(set(_int_list(batch_sizes, "--batch-sizes")))
+    if sizes[0] != 1:
+        raise InputError("--batch-sizes must include 1")
+    engine = make_engine(model, device=device)
+    chosen = sorted(set(_int_list(levels, "--levels"))) if levels else list(engine.levels)
+    bad = [k for k in chosen if k not in engine.levels]
+    if bad or chosen[0] != 0:
+        raise InputError(
+            f"--levels must start at 0 and be among the model's levels {engine.levels}"
+        )
+    with progress() as bar:
+        task = bar.add_task(f"profiling {model}", total=len(chosen) * len(sizes))
+        measured = measure(
+            engine, model, chosen, sizes, repeats, on_point=lambda *_: bar.advance(task)
+        )
+    out.write_text(measured.model_dump_json(indent=2) + "\n")
+    table = Table(title=f"batch latency (s), {model} on {device}")
+    table.add_column("K")
+    for b in sizes:
+        table.add_column(f"batch {b}", justify="right")
+    for k, row in zip(chosen, measured.batch_latency_s, strict=True):
+        table.add_row(str(k), *(f"{v:.3f}" for v in row))
+    console.print(table)
+    console.print(f"profile written to {out}")
+
+
+@app.command("calibrate")
+@user_errors
+def calibrate_cmd(
+    prompts: PromptsOpt,
+    model: ModelOpt = "tiny",
+    scorer: Annotated[
+        str, typer.Option(help="fidelity, or clip:FOLDER (CLIP weights in a local folder).")
+    ] = "fidelity",
+    pairs: Annotated[
+        int,
+        typer.Option(help="Neighbour pairs to measure, spread over similarity.", min=1, max=10_000),
+    ] = 20,
+    embedder: EmbedderOpt = "minilm",
+    thresholds: ThresholdsOpt = "",
+    device: DeviceOpt = "cpu",
+    cache_dir: CacheDirOpt = Path(".promptserve"),
+    out: Annotated[Path, typer.Option(help="Where to write the fitted constants (JSON).")] = Path(
+        "quality_fit.json"
+    ),
+) -> None:
+    """Measure q(s, K) on neighbour pairs and fit the quality model's constants."""
+    from promptserve.cache.index import CacheIndex
+    from promptserve.cache.replay import replay
+    from promptserve.cache.thresholds import embedder_thresholds, load_thresholds
+    from promptserve.engine import make_engine
+    from promptserve.engine.calibrate import fit, measure_pairs
+    from promptserve.engine.scoring import make_scorer
+    from promptserve.workload import load_prompts
+
+    judge = make_scorer(scorer)
+    table = load_thresholds(thresholds) if thresholds else embedder_thresholds(embedder)
+    texts = list(dict.fromkeys(load_prompts(prompts)))
+    vecs = embed_with_progress(embedder, texts, cache_dir)
+    index = CacheIndex(dim=vecs.shape[1])
+    result = replay(texts, vecs, table, index)
+    with_neighbour = [
+        i for i in np.argsort(result.similarity) if not np.isnan(result.similarity[i])
+    ]
+    if not with_neighbour:
+        raise InputError("the prompts file needs at least two prompts to form a pair")
+    chosen = [
+        with_neighbour[int(j)]
+        for j in np.linspace(0, len(with_neighbour) - 1, min(pairs, len(with_neighbour)))
+    ]
+    triples = []
+    for i in chosen:  # the neighbour the replay saw: the most similar earlier prompt
+        j = int(np.argmax(vecs[: int(i)] @ vecs[i]))
+        triples.append((texts[i], texts[j], float(result.similarity[i])))
+    engine = make_engine(model, device=device)
+    with progress() as bar:
+        task = bar.add_task(f"calibrating ({judge.name})", total=len(triples))
+        samples = measure_pairs(engine, judge, triples, table, on_pair=lambda: bar.advance(task))
+    fitted = fit(samples, engine.levels)
+    out.write_text(
+        json.dumps({"model": model, "scorer": judge.name, **fitted.to_json()}, indent=2) + "\n"
+    )
+    view = Table(title=f"q(s, K) measured on {fitted.pairs} pairs ({judge.name}; {model})")
+    view.add_column("K", justify="right")
+    view.add_column("fitted Q[K]", justify="right")
+    view.add_column("tolerated pairs: mean", justify="right")
+    view.add_column("above K_opt: mean", justify="right")
+    for k, q in zip(fitted.levels, fitted.level_quality, strict=True):
+        ok = [s.quality for s in samples if s.k == k and s.k <= s.k_opt]
+        bad = [s.quality for s in samples if s.k == k and s.k > s.k_opt]
+        view.add_row(
+            str(k),
+            f"{q:.2f}",
+            f"{np.mean(ok):.2f}" if ok else "-",
+            f"{np.mean(bad):.2f}" if bad else "-",
+        )
+    console.print(view)
+    console.print(
+        f"per level above K_opt: {fitted.per_level:.3f} points; cap {fitted.cap:.2f}; written to {out}"
+    )

@@ -1,0 +1,145 @@
+"""``serve``: the OpenAI Images API on the live policy core, in-process or on Ray Serve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from promptserve.cli.common import (
+    app,
+    console,
+    user_errors,
+)
+
+
+@app.command("serve")
+@user_errors
+def serve_cmd(
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file with any of these settings (flags win).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to bind (default 8000).", min=1, max=65535)
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="tiny (built in) or a diffusers folder / hub id.")
+    ] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="tiny, diffusers or modeled; default from --model.")
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Engine workers (one per GPU; on the CPU, a number).", min=1, max=64),
+    ] = None,
+    slo: Annotated[
+        float | None,
+        typer.Option(
+            "--slo",
+            help="Default deadline in seconds; default 5x full-quality latency, at least 30.",
+        ),
+    ] = None,
+    policy: Annotated[
+        str | None, typer.Option(help="Policy driving admission, routing and batching.")
+    ] = None,
+    embedder: Annotated[
+        str | None, typer.Option(help="minilm (real) or hashing (tests only).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or mps.")] = None,
+    cache_dir: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the cache and embeddings (default .promptserve)."),
+    ] = None,
+    api_keys: Annotated[
+        Path | None, typer.Option(help="File of KEY:TENANT lines (also $PROMPTSERVE_API_KEYS).")
+    ] = None,
+    speedup: Annotated[
+        float | None,
+        typer.Option(
+            help="Modelled backend only: run this many times faster than the profile.", min=0.001
+        ),
+    ] = None,
+    expected_qpm: Annotated[
+        float | None,
+        typer.Option(help="Load (queries/min) the first plan is made for (default 1).", min=0),
+    ] = None,
+    ray: Annotated[
+        bool | None,
+        typer.Option(
+            "--ray/--no-ray", help="Serve on Ray Serve: one worker replica per GPU (docs/ray.md)."
+        ),
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --ray: the cluster to join (auto, ray://HOST:PORT); default local."
+        ),
+    ] = None,
+    worker_cpus: Annotated[
+        float | None,
+        typer.Option(help="With --ray: CPUs per worker replica (default 1).", min=0.01),
+    ] = None,
+    worker_gpus: Annotated[
+        float | None,
+        typer.Option(
+            help="With --ray: GPUs per worker replica (default 1 on CUDA, else 0).", min=0
+        ),
+    ] = None,
+) -> None:
+    """Serve the OpenAI Images API on the live policy core (default: tiny model on the CPU)."""
+    import uvicorn
+
+    from promptserve.config import ServeFile, load_serve_file, server_config
+    from promptserve.server import build_app
+
+    base = load_serve_file(config) if config else ServeFile()
+    flags = {
+        "host": host,
+        "port": port,
+        "model": model,
+        "backend": backend,
+        "workers": workers,
+        "slo_s": slo,
+        "policy": policy,
+        "embedder": embedder,
+        "device": device,
+        "cache_dir": cache_dir,
+        "api_keys_file": api_keys,
+        "speedup": speedup,
+        "expected_qpm": expected_qpm,
+        "ray": ray,
+        "ray_address": address,
+        "ray_worker_cpus": worker_cpus,
+        "ray_worker_gpus": worker_gpus,
+    }
+    s = base.model_copy(update={k: v for k, v in flags.items() if v is not None})
+    server = server_config(s)
+    console.print(
+        f"promptserve: loading {s.model} ({s.backend or 'auto'}) with {s.workers} worker(s)…"
+    )
+    if s.ray:
+        serve_on_ray(server, s)
+        return
+    app_ = build_app(server)
+    if s.model == "tiny" and s.backend in (None, "tiny"):
+        console.print("[yellow]the tiny model has random weights: its images are noise[/yellow]")
+    uvicorn.run(app_, host=s.host, port=s.port, log_level="info")
+
+
+def serve_on_ray(server, s) -> None:
+    """Deploy on Ray Serve and keep the driver alive until Ctrl-C (then tear the app down)."""
+    import time
+
+    from ray import serve
+
+    from promptserve.distributed import RaySettings, run_on_ray
+
+    url = run_on_ray(server, RaySettings.from_settings(s))
+    console.print(f"promptserve on Ray Serve at {url} (Ctrl-C stops it)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()

@@ -1,0 +1,231 @@
+"""``simulate`` and ``sweep``: the policy comparison on the simulator, with the offline bound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from promptserve.cli.common import (
+    FAIR_POLICIES,
+    ArrivalsOpt,
+    CacheDirOpt,
+    EmbedderOpt,
+    MinutesOpt,
+    PenaltyOpt,
+    PoliciesOpt,
+    ProfileOpt,
+    PromptsOpt,
+    RateOpt,
+    SeedOpt,
+    SloOpt,
+    TimeScaleOpt,
+    _int_list,
+    app,
+    console,
+    embed_with_progress,
+    progress,
+    user_errors,
+)
+from promptserve.errors import InputError
+
+
+@app.command("simulate")
+@user_errors
+def simulate_cmd(
+    policies: PoliciesOpt = FAIR_POLICIES,
+    prompts: PromptsOpt = Path("data/diffusiondb_prompts_4k.txt"),
+    arrivals: ArrivalsOpt = "argus",
+    rate: RateOpt = None,
+    minutes: MinutesOpt = None,
+    time_scale: TimeScaleOpt = 1.0,
+    gpus: Annotated[int, typer.Option(help="Number of GPUs (workers).", min=1, max=4096)] = 8,
+    profile: ProfileOpt = None,
+    slo: SloOpt = None,
+    quality_penalty: PenaltyOpt = "mild",
+    embedder: EmbedderOpt = "minilm",
+    warm: Annotated[
+        int,
+        typer.Option(help="Prompts from the top of the file to pre-load into the cache.", min=0),
+    ] = 0,
+    seed: SeedOpt = 0,
+    cache_dir: CacheDirOpt = Path(".promptserve"),
+    out: Annotated[
+        Path, typer.Option(help="Folder for report.json, report.md and timeline.png.")
+    ] = Path("out/simulate"),
+    html: Annotated[
+        bool,
+        typer.Option(
+            "--html/--no-html",
+            help="Also write report.html: the charts, policies side by side, the oracle bound.",
+        ),
+    ] = False,
+) -> None:
+    """Run policies side by side on one workload and bound them with the offline oracle."""
+    from promptserve.cache.thresholds import embedder_thresholds
+    from promptserve.policy import parse_policies
+    from promptserve.sim.compare import CompareConfig, compare, config_dict
+    from promptserve.sim.report import COLUMNS, write_report
+    from promptserve.workload import (
+        generate_arrivals,
+        load_prompts,
+        make_requests,
+        parse_arrival_spec,
+    )
+
+    chosen = parse_policies(policies)
+    prof, slo_s = _profile_slo_penalty(profile, slo, quality_penalty)
+    spec = parse_arrival_spec(arrivals)
+    texts = load_prompts(prompts)
+    times = generate_arrivals(
+        spec, rate_qpm=rate, minutes=minutes, time_scale=time_scale, seed=seed
+    )
+    if len(times) == 0:
+        raise InputError("the arrival spec produced no requests")
+    requests = make_requests(texts, times, slo_s)
+    distinct = list(dict.fromkeys([r.prompt for r in requests] + texts[:warm]))
+    vecs = embed_with_progress(embedder, distinct, cache_dir)
+    row = {p: i for i, p in enumerate(distinct)}
+    embeddings = vecs[[row[r.prompt] for r in requests]]
+    warm_pair = (texts[:warm], vecs[[row[p] for p in texts[:warm]]]) if warm else None
+    thresholds = embedder_thresholds(embedder)
+    config = CompareConfig(gpus, slo_s, quality_penalty, seed, warm)  # type: ignore[arg-type]
+    with progress() as bar:
+        tasks = {p.name: bar.add_task(f"simulating {p.name}", total=len(requests)) for p in chosen}
+        rows, oracle, timelines, _ = compare(
+            chosen,
+            requests,
+            embeddings,
+            prof,
+            thresholds,
+            config,
+            warm_pair,
+            on_progress=lambda name, n: bar.advance(tasks[name], n),
+        )
+    extra = {
+        "prompts": str(prompts),
+        "arrivals": arrivals,
+        "rate_qpm": rate,
+        "minutes": minutes,
+        "time_scale": time_scale,
+        "profile": prof.name,
+        "embedder": embedder,
+        "requests": len(requests),
+    }
+    write_report(out, config_dict(config, **extra), rows, oracle, timelines, html=html)
+    table = Table(
+        title=f"{len(requests)} requests, {gpus} GPUs, SLO {slo_s} s, penalty {quality_penalty}"
+    )
+    table.add_column("policy")
+    shown = COLUMNS[:8]
+    for col in shown:
+        table.add_column(col.replace("_", " "), justify="right")
+    for name, r in rows.items():
+        table.add_row(name, *(str(r[c]) for c in shown))
+    table.add_row(
+        "oracle bound",
+        str(oracle["effective_quality_upper_bound"]),
+        "",
+        str(oracle["slo_violation_ratio_lower_bound"]),
+        *[""] * 5,
+    )
+    console.print(table)
+    written = "report.json, report.md, timeline.png" + (", report.html" if html else "")
+    console.print(f"report written to {out}/: {written}")
+
+
+def _profile_slo_penalty(profile: Path | None, slo: float | None, penalty: str):
+    """The profile (default: the SDXL reference) and the SLO (default: 5x its full-quality
+    latency), the penalty shape checked."""
+    from promptserve.profile import load_profile, reference_profile
+    from promptserve.sim.compare import default_slo
+
+    if penalty not in ("mild", "steep"):
+        raise InputError(f"--quality-penalty {penalty!r} is not mild or steep")
+    prof = load_profile(profile) if profile else reference_profile()
+    slo_s = slo if slo is not None else default_slo(prof)
+    if slo_s <= 0:
+        raise InputError(f"--slo must be > 0 seconds, got {slo_s}")
+    return prof, slo_s
+
+
+@app.command("sweep")
+@user_errors
+def sweep_cmd(
+    policies: PoliciesOpt = FAIR_POLICIES,
+    prompts: PromptsOpt = Path("data/diffusiondb_prompts_4k.txt"),
+    arrivals: ArrivalsOpt = "poisson",
+    rates: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated mean rates (queries/minute) for poisson and trace:; "
+            "leave out for argus and rates: (their own rate)."
+        ),
+    ] = None,
+    gpus: Annotated[int, typer.Option(help="Number of GPUs (workers).", min=1, max=4096)] = 2,
+    minutes: Annotated[
+        float | None,
+        typer.Option(
+            "--minutes",
+            help="Length of each run in minutes; default 20 for poisson and trace:, "
+            "the whole shape for argus and rates:.",
+        ),
+    ] = None,
+    time_scale: TimeScaleOpt = 1.0,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds; one run each.")] = "1,2,3",
+    profile: ProfileOpt = None,
+    slo: SloOpt = None,
+    quality_penalty: PenaltyOpt = "steep",
+    oracle_window: Annotated[
+        float, typer.Option(help="The oracle bound's time slot in seconds.", min=0.01)
+    ] = 1.0,
+    embedder: EmbedderOpt = "minilm",
+    cache_dir: CacheDirOpt = Path(".promptserve"),
+    out: Annotated[
+        Path, typer.Option(help="Folder for sweep.json, sweep.md, sweep.png and sweep.html.")
+    ] = Path("out/sweep"),
+) -> None:
+    """Run policies over a range of loads and seeds; plot effective quality and violations
+    against load beside the oracle bound."""
+    from promptserve.cache.thresholds import embedder_thresholds
+    from promptserve.policy import parse_policies
+    from promptserve.sim.sweep import SweepConfig, parse_rates, run_sweep, write_sweep
+    from promptserve.workload import load_prompts, parse_arrival_spec
+
+    chosen = parse_policies(policies)
+    prof, slo_s = _profile_slo_penalty(profile, slo, quality_penalty)
+    spec = parse_arrival_spec(arrivals)
+    if rates is None and spec.kind == "poisson":
+        raise InputError("arrivals 'poisson' need --rates (for example --rates 20,40,60)")
+    rate_list: tuple[float | None, ...] = parse_rates(rates) if rates is not None else (None,)
+    if minutes is None and spec.kind in ("poisson", "trace"):
+        minutes = 20.0
+    seed_list = tuple(_int_list(seeds, "--seeds"))
+    texts = load_prompts(prompts)
+    vecs = embed_with_progress(embedder, texts, cache_dir)
+    thresholds = embedder_thresholds(embedder)
+    config = SweepConfig(
+        arrivals, rate_list, seed_list, gpus, slo_s, quality_penalty, minutes, time_scale,
+        oracle_window,
+    )  # fmt: skip
+    with progress() as bar:
+        task = bar.add_task("sweep points", total=len(rate_list) * len(seed_list))
+        result = run_sweep(
+            chosen, texts, vecs, prof, thresholds, config, lambda _p: bar.advance(task)
+        )
+    summary = write_sweep(out, result)
+    table = Table(title=f"effective quality, mean over seeds {list(seed_list)} ({arrivals})")
+    table.add_column("qpm", justify="right")
+    for p in chosen:
+        table.add_column(p.name, justify="right")
+    table.add_column("oracle bound", justify="right")
+    for row in summary:
+        table.add_row(
+            f"{row['rate_qpm']:g}",
+            *(f"{row['policies'][p.name]['effective_quality']['mean']:.1f}" for p in chosen),
+            f"{row['oracle']['effective_quality']['mean']:.1f}",
+        )
+    console.print(table)
+    console.print(f"sweep written to {out}/: sweep.json, sweep.md, sweep.png, sweep.html")

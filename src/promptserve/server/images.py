@@ -1,0 +1,33 @@
+"""Images answered by URL (``response_format="url"``): kept in memory for a while, under an
+unguessable id (a capability URL: whoever holds it may fetch it, see docs/security.md)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections import OrderedDict
+
+IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
+KEPT_IMAGES = 512  # the most kept; the oldest go first
+IMAGE_TTL_S = 600.0
+
+
+class ImageStore:
+    def __init__(self, keep: int = KEPT_IMAGES, ttl_s: float = IMAGE_TTL_S) -> None:
+        self.keep, self.ttl_s = keep, ttl_s
+        self._images: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+
+    def put(self, png: bytes, now: float) -> str:
+        image_id = uuid.uuid4().hex
+        self._images[image_id] = (now, png)
+        while len(self._images) > self.keep:
+            self._images.popitem(last=False)
+        return image_id
+
+    def get(self, image_id: str, now: float) -> bytes | None:
+        """The image, or None when it was never kept, was pushed out, or has expired."""
+        kept = self._images.get(image_id)
+        if kept is None or now - kept[0] > self.ttl_s:
+            self._images.pop(image_id, None)
+            return None
+        return kept[1]

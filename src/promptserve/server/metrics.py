@@ -1,0 +1,83 @@
+"""The Prometheus series ``/metrics`` exposes; the runtime's counters are copied in at scrape."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "promptserve_requests",
+            "Images requested, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "promptserve_latency_seconds",
+            "End-to-end latency of served images",
+            registry=self.registry,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 21, 30, 60, 120),
+        )
+        self.queue = Gauge(
+            "promptserve_queue_length", "Jobs waiting per level", ["level"], registry=self.registry
+        )
+        self.gpus = Gauge(
+            "promptserve_workers_per_level", "Workers per level", ["level"], registry=self.registry
+        )
+        self.quality = Gauge(
+            "promptserve_mean_predicted_quality",
+            "Mean predicted quality of served images (percent)",
+            registry=self.registry,
+        )
+        self.hit_ratio = Gauge(
+            "promptserve_cache_hit_ratio",
+            "Share of lookups served from a cached latent",
+            registry=self.registry,
+        )
+        self.planner = Gauge(
+            "promptserve_planner_ms_last", "Time of the last plan (ms)", registry=self.registry
+        )
+        self.retried = Gauge(
+            "promptserve_requests_retried",
+            "Requests put back in a queue because their worker was lost mid-batch",
+            registry=self.registry,
+        )
+        self.workers_up = Gauge(
+            "promptserve_workers_up", "Workers whose replica answers", registry=self.registry
+        )
+        self.submitted = Gauge(
+            "promptserve_requests_submitted",
+            "Images asked for (offered load), whatever became of them",
+            registry=self.registry,
+        )
+        self.skipped = Gauge(
+            "promptserve_cache_skipped_writes",
+            "Cache entries not kept because writing their latents failed (a full disk)",
+            registry=self.registry,
+        )
+        self.cache_failures = Gauge(
+            "promptserve_cache_update_failures",
+            "Served answers whose cache insert or manifest commit failed (logged; answer sent)",
+            registry=self.registry,
+        )
+        self.loop_errors = Gauge(
+            "promptserve_loop_errors",
+            "Scheduler, re-plan or planner iterations that raised (logged; the loop went on)",
+            registry=self.registry,
+        )
+        self.batch_timeouts = Gauge(
+            "promptserve_batch_timeouts",
+            "Batches given up on after 10x their predicted latency (their requests failed)",
+            registry=self.registry,
+        )
+        self._q_sum = 0.0
+        self._q_n = 0
+
+    def observe_served(self, quality: float, latency_s: float, late: bool) -> None:
+        self.requests.labels("late" if late else "served").inc()
+        self.latency.observe(latency_s)
+        self._q_sum += quality
+        self._q_n += 1
+        self.quality.set(self._q_sum / self._q_n)

@@ -11,6 +11,12 @@
   last minute's load.
 * ``promptserve``: the joint MILP of ``joint.py`` under the SLO, re-planned every 5 s from the
   short-horizon estimate, deadline-aware batching with escalation and admission control.
+* ``promptserve-step``: step-level serving (``stepwise.py``): no GPU has a level; each GPU keeps
+  one running batch that requests join between steps, each at the K a cluster-wide price on
+  step-slots picks for it, under the deadlines of everyone on that GPU; admission as above.
+* ``continuous-ha`` / ``continuous-ht``: step-wise continuous batching without prompt-aware
+  levels (every request at K = 0, or at the fastest level it may run at), first come first
+  served up to 8 in flight, as step-wise batching ships elsewhere.
 
 As published, the baselines have no deadline logic: they run every job whose deadline has not
 yet passed (late ones finish late) and drop the rest; ``promptserve`` moves work to a faster level
@@ -68,6 +74,7 @@ class Policy:
     long_s: float
     admission: bool = False
     switch_s_from_profile: bool = False  # a level change costs the model-load time
+    step: str | None = None  # step-level serving's K rule (price, zero, max); None: pinned GPUs
 
     def estimator(self, levels: tuple[int, ...]) -> LoadEstimator:
         return LoadEstimator(levels, self.short_s, self.long_s)
@@ -191,6 +198,21 @@ POLICIES: dict[str, Policy] = {
         FAST_LONG_S,
         admission=True,
     ),
+    # step-level serving (policy/stepwise.py): one running batch per GPU, K chosen per request
+    "promptserve-step": Policy(
+        "promptserve-step",
+        "promptserve",
+        SHED,
+        FAST_REPLAN_S,
+        FAST_SHORT_S,
+        FAST_LONG_S,
+        admission=True,
+        step="price",
+    ),
+    "continuous-ha": Policy(
+        "continuous-ha", "clipper-ha", _BASELINE, None, 60.0, 60.0, step="zero"
+    ),
+    "continuous-ht": Policy("continuous-ht", "clipper-ht", _BASELINE, None, 60.0, 60.0, step="max"),
 }
 MODIFIERS = ("shed", "admit", "fast")
 

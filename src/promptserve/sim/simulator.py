@@ -74,6 +74,10 @@ def initial_demand(requests: Sequence[Request], levels: tuple[int, ...]) -> Dema
 def simulate(
     policy: Policy, inputs: SimInputs, on_progress: Callable[[int], None] | None = None
 ) -> SimResult:
+    if policy.step:  # step-level serving: no GPU has a level
+        from promptserve.sim.stepsim import StepRun
+
+        return StepRun(policy, inputs, on_progress).run()
     return _Run(policy, inputs, on_progress).run()
 
 

@@ -1,0 +1,130 @@
+"""Step-level serving's policy (``policy/stepwise.py``) and its simulator."""
+
+import numpy as np
+import pytest
+
+from promptserve.cache.embed import HashingEmbedder
+from promptserve.cache.thresholds import shipped_thresholds
+from promptserve.policy import Setting, Status, get_policy
+from promptserve.policy.stepwise import (
+    StepConfig,
+    StepProfile,
+    StepScheduler,
+    finishes,
+    step_profile,
+)
+from promptserve.policy.types import Demand, Job
+from promptserve.profile import reference_profile
+from promptserve.quality import quality_model
+from promptserve.sim.simulator import SimInputs, simulate
+from promptserve.types import Request
+
+PROFILE = reference_profile()
+QM = quality_model(PROFILE.levels, PROFILE.quality, "steep")
+WORDS = ["cat", "castle", "forest", "robot", "ship", "storm", "neon", "city", "dragon", "moon"]
+
+
+def poisson(rate_qpm, minutes, gpus, seed=0, slo=21.0):
+    rng = np.random.default_rng(seed)
+    n = int(rate_qpm * minutes)
+    times = np.cumsum(rng.exponential(60.0 / rate_qpm, n))
+    base = [" ".join(rng.choice(WORDS, 4)) for _ in range(40)]
+    prompts = [
+        base[i % 40] + ("" if rng.random() < 0.3 else f" {rng.choice(WORDS)}") for i in range(n)
+    ]
+    reqs = [
+        Request(i, float(t), p, "default", float(t) + slo)
+        for i, (t, p) in enumerate(zip(times, prompts))
+    ]
+    emb = HashingEmbedder().embed(prompts)
+    setting = Setting((PROFILE,) * gpus, QM.matrix(), slo)
+    return SimInputs(reqs, emb, setting, QM, shipped_thresholds("clip"), seed)
+
+
+def test_the_reference_profile_gives_84_ms_steps_on_an_affine_curve_and_no_fixed_cost():
+    sp = step_profile(PROFILE)
+    assert sp.max_inflight == PROFILE.max_batch and sp.total_steps == 50
+    assert sp.step_s[0] == pytest.approx(0.084, rel=1e-3)
+    assert sp.step_s[7] == pytest.approx(0.084 * (1 + 0.55 * 7), rel=1e-2)
+    assert sp.join_s + sp.leave_s < 0.005  # rounding of the published throughputs, vs 4.2 s
+    # and it reproduces the batch profile: b requests of N - K steps in a batch of b
+    for k in PROFILE.levels:
+        assert (50 - k) * sp.iteration_s(8) == pytest.approx(PROFILE.batch_latency(k, 8), rel=1e-2)
+
+
+def test_finish_times_walk_the_segments_as_members_leave():
+    sp = StepProfile(10, (0, 5), (1.0, 1.5, 2.0), join_s=0.25, leave_s=0.5)
+    # two members, 1 and 3 steps left: one step at 2 members, then two at 1
+    assert finishes(sp, 10.0, [1, 3]) == pytest.approx([10.0 + 1.5 + 0.5, 10.0 + 1.5 + 2.0 + 0.5])
+    assert finishes(sp, 0.0, [2], joined=1) == pytest.approx([0.25 + 2.0 + 0.5])
+
+
+def test_a_join_that_would_make_a_member_late_is_not_made():
+    sp = StepProfile(10, (0, 5), (1.0, 2.0))
+    sched = StepScheduler(
+        sp, 1, QM.matrix()[:2, :2], StepConfig("zero", shed=True, admission=False)
+    )
+    gpu = sched.gpus[0]
+    first = Job(0, 0.0, 10.5, 0, 0, 0)  # alone: 10 steps x 1 s, due at 10.5
+    assert sched.choose_k(gpu, first, 0.0) == 0
+    sched._admit_member(gpu, first, 0, [])
+    second = Job(1, 0.0, 100.0, 0, 0, 0)  # would make every step 2 s: the first would be late
+    assert sched.choose_k(gpu, second, 0.0) is None
+    relaxed = Job(0, 0.0, 25.0, 0, 0, 0)
+    gpu.by_id.clear(), gpu.members.clear()
+    sched._admit_member(gpu, relaxed, 0, [])
+    assert sched.choose_k(gpu, second, 0.0) == 0  # 10 steps x 2 s = 20 s <= 25 s
+
+
+def test_with_slack_the_price_is_zero_and_every_request_runs_in_full():
+    inputs = poisson(6, 6, gpus=2)
+    result = simulate(get_policy("promptserve-step"), inputs)
+    served = result.records.status == Status.SERVED
+    assert served.all()
+    assert (result.records.level[served] == 0).all()  # K = 0 is full quality
+    assert (result.records.quality[served] == 100.0).all()
+
+
+def test_under_load_the_price_rises_and_requests_move_above_their_k_opt():
+    inputs = poisson(110, 6, gpus=2)
+    result = simulate(get_policy("promptserve-step"), inputs)
+    rec = result.records
+    served = rec.status == Status.SERVED
+    assert served.mean() > 0.5
+    assert rec.level[served].mean() > rec.k_opt[served].mean()
+
+
+@pytest.mark.parametrize(
+    "name", ["promptserve-step", "continuous-ha+shed+admit", "continuous-ht+shed+admit"]
+)
+def test_shed_serves_nothing_late_when_the_model_is_exact(name):
+    """In the simulator the step times are the profile's, so a join checked against every
+    member's deadline can never make anyone late: late work is the queue layer's defect."""
+    result = simulate(get_policy(name), poisson(120, 4, gpus=2))
+    rec = result.records
+    served = rec.status == Status.SERVED
+    assert served.sum() > 100
+    assert not (rec.finish_s[served] > rec.deadline_s[served] + 1e-6).any()
+
+
+def test_the_continuous_baselines_run_at_their_fixed_rule():
+    inputs = poisson(30, 4, gpus=2)
+    ha = simulate(get_policy("continuous-ha"), inputs).records
+    ht = simulate(get_policy("continuous-ht"), inputs).records
+    assert (ha.level[ha.status == Status.SERVED] == 0).all()
+    ht_served = ht.status == Status.SERVED
+    assert set(np.unique(ht.level[ht_served])) <= {0, 25}
+    assert (ht.level[ht_served] == 25).mean() > 0.5  # every request with a neighbour at K = 25
+
+
+def test_the_price_splits_the_class_that_moves_so_work_meets_capacity():
+    sp = step_profile(PROFILE)
+    sched = StepScheduler(sp, 2, QM.matrix(), StepConfig("price", shed=True, admission=True))
+    mix = (0.225, 0.426, 0.213, 0.046, 0.032, 0.058)
+    assert sched.reprice(Demand(10.0, mix), 21.0) == 0.0
+    price = sched.reprice(Demand(70.0, mix), 21.0)
+    assert 0.0 < price < 50.0
+    assert 0.0 <= sched._split <= 1.0
+    jobs = [Job(i, 0.0, 21.0, 5, 25, 5) for i in range(2000)]
+    ks = {sched.preferred_k(j) for j in jobs}
+    assert len(ks) >= 1 and all(k in PROFILE.levels for k in ks)

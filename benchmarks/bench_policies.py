@@ -38,9 +38,12 @@ from promptserve.workload import load_prompts
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = (
     "argus,argus+shed+admit+fast,clipper-ha+shed+admit,clipper-ht+shed+admit,"
-    "nirvana+shed+admit,promptserve"
+    "nirvana+shed+admit,promptserve,continuous-ha+shed+admit,continuous-ht+shed+admit,"
+    "promptserve-step"
 )
 OURS = "promptserve"
+STEP = "promptserve-step"  # step-level serving, against every other policy (issue 14's targets)
+STEP_GAP_SHARE = 0.5  # where the best other is > 2 points under the oracle, close this share
 TARGET_POINTS = 0.5  # promptserve >= every fair baseline - 0.5 points of effective quality
 SWEEPS = {
     "poisson-2gpu": dict(arrivals="poisson", rates=(20, 40, 60, 80, 100), gpus=2, minutes=20),
@@ -101,10 +104,31 @@ def compact(result: dict) -> list[dict]:
                 "oracle": bound,
                 "oracle_10s": coarse,
                 "oracle_gap_to_best_policy": round(bound - best_policy, 2),
+                "step": step_checks(row, bound),
                 "oracle_10s_gap_to_best_policy": round(coarse - best_policy, 2),
             }
         )
     return rows
+
+
+def step_checks(row: dict, bound: float) -> dict:
+    """promptserve-step against the best of every other policy at one point."""
+    pols = row["policies"]
+    ours = pols[STEP]
+    others = {n: v for n, v in pols.items() if n != STEP}
+    best = max(others, key=lambda n: others[n]["effective_quality"]["mean"])
+    eq, best_eq = ours["effective_quality"]["mean"], others[best]["effective_quality"]["mean"]
+    gap = bound - best_eq
+    closed = (eq - best_eq) / gap if gap > 2.0 else None
+    return {
+        "best_other": best,
+        "minus_best_other": round(eq - best_eq, 2),
+        "gap_closed": round(closed, 3) if closed is not None else None,
+        "violation_minus_best_other": round(
+            ours["slo_violation_ratio"]["mean"] - others[best]["slo_violation_ratio"]["mean"], 4
+        ),
+        "mean_quality": ours["mean_quality"]["mean"],
+    }
 
 
 def bound_breaches(result: dict) -> int:
@@ -177,6 +201,20 @@ def main() -> None:
         "oracle_10s_gap_to_best_policy_mean": round(
             sum(r["oracle_10s_gap_to_best_policy"] for r in rows) / len(rows), 2
         ),
+    }
+    steps = [r["step"] for r in rows]
+    out["targets"]["step"] = {
+        "points": len(steps),
+        "highest_everywhere": all(s["minus_best_other"] >= 0 for s in steps),
+        "minus_best_other_min": min(s["minus_best_other"] for s in steps),
+        "gap_closed_min": min(
+            (s["gap_closed"] for s in steps if s["gap_closed"] is not None), default=None
+        ),
+        "gap_points_below_half": sum(
+            s["gap_closed"] is not None and s["gap_closed"] < STEP_GAP_SHARE for s in steps
+        ),
+        "violation_over_best_other_max": max(s["violation_minus_best_other"] for s in steps),
+        "mean_quality_min": min(s["mean_quality"] for s in steps),
     }
     out["seconds"] = round(time.perf_counter() - t0, 1)
     if args.readme:

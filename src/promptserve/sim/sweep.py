@@ -121,9 +121,11 @@ def summarise(result: dict) -> list[dict]:
         for name in points[0]["policies"]:
             eq = [p["policies"][name]["effective_quality"] for p in points]
             vr = [p["policies"][name]["slo_violation_ratio"] for p in points]
+            mq = [p["policies"][name]["mean_quality"] for p in points]
             row["policies"][name] = {
                 "effective_quality": _stats(eq),
                 "slo_violation_ratio": _stats(vr, 4),
+                "mean_quality": _stats(mq),
             }
         row["oracle"] = {
             "effective_quality": _stats(

@@ -44,6 +44,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_sim.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_capacity.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_policies.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_step_decision.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_engine.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_http.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_ray.py

@@ -41,3 +41,42 @@ class ModeledEngine:
                 self._sleep(latency / steps)
                 on_step(step)
         return [GenerationResult(PLACEHOLDER_PNG, it.k, placeholder=True) for it in items]
+
+
+class ModeledStepRunner:
+    """The step runner's interface without compute: each step waits the step profile's time
+    for the members in flight. For load tests of step-level serving without a GPU."""
+
+    def __init__(self, step_profile, speedup: float = 1.0, sleep=time.sleep) -> None:  # noqa: ANN001
+        self.profile, self.speedup, self._sleep = step_profile, speedup, sleep
+        self.total_steps = step_profile.total_steps
+        self._steps: dict[object, list] = {}  # key -> [steps done, item]
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def steps_left(self) -> dict:
+        return {key: self.total_steps - done for key, (done, _) in self._steps.items()}
+
+    def join(self, members) -> None:  # noqa: ANN001
+        for key, item in members:
+            self._steps[key] = [item.k, item]
+        if members:
+            self._sleep(len(members) * self.profile.join_s / self.speedup)
+
+    def cancel(self, key) -> bool:  # noqa: ANN001
+        return self._steps.pop(key, None) is not None
+
+    def step(self) -> list:
+        if not self._steps:
+            return []
+        self._sleep(self.profile.iteration_s(len(self._steps)) / self.speedup)
+        done = []
+        for key, entry in list(self._steps.items()):
+            entry[0] += 1
+            if entry[0] >= self.total_steps:
+                del self._steps[key]
+                done.append((key, GenerationResult(PLACEHOLDER_PNG, entry[1].k, placeholder=True)))
+        if done:
+            self._sleep(len(done) * self.profile.leave_s / self.speedup)
+        return done

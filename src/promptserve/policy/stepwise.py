@@ -452,6 +452,13 @@ class StepScheduler:
                 return member.job
         return None
 
+    def restart(self, gpu: StepGpu, job_id: int, k: int) -> None:
+        """A member that could not start at its K (its cached latent was gone) runs from K."""
+        member = gpu.by_id[job_id]
+        gpu.members.remove((member.end_step, member.job.deadline_s, job_id))
+        member.k, member.end_step = k, gpu.done + self.profile.total_steps - k
+        bisect.insort(gpu.members, (member.end_step, member.job.deadline_s, job_id))
+
     def idle_while_waiting(self) -> list[StepGpu]:
         """GPUs with nothing to run while requests wait: the driver runs a boundary on each
         now (it pulls from the queue)."""

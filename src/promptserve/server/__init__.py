@@ -99,11 +99,21 @@ def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
         cache_root(config.cache_dir), embedder.dim, table, total_steps=workers.total_steps
     )
     setting = Setting(tuple(profile for _ in range(workers.count)), qm.matrix(), slo_s)
-    runtime = Runtime(
+    policy = get_policy(config.policy)
+    runtime_class = Runtime
+    if policy.step:  # step-level serving: one running batch per GPU
+        from promptserve.server.stepruntime import StepRuntime
+
+        if not hasattr(workers, "engines"):
+            raise InputError(
+                f"--policy {config.policy} runs in-process only for now (not on --ray)"
+            )
+        runtime_class = StepRuntime
+    runtime = runtime_class(
         workers,
         cache,
         embedder,
-        get_policy(config.policy),
+        policy,
         setting,
         qm,
         expected_qpm=config.expected_qpm,

@@ -282,6 +282,8 @@ def create_app(
         metrics.loop_errors.set(runtime.counters.loop_errors)
         metrics.batch_timeouts.set(runtime.counters.batch_timeouts)
         metrics.workers_up.set(len(runtime.dispatcher.up_gpus()))
+        for gpu, count in enumerate(getattr(runtime, "inflight", list)()):
+            metrics.inflight.labels(str(gpu)).set(count)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -72,6 +72,12 @@ class Metrics:
             "Batches given up on after 10x their predicted latency (their requests failed)",
             registry=self.registry,
         )
+        self.inflight = Gauge(
+            "promptserve_inflight",
+            "Requests in a GPU's running batch (step-level serving)",
+            ["gpu"],
+            registry=self.registry,
+        )
         self._q_sum = 0.0
         self._q_n = 0
 

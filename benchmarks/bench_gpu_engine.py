@@ -1,7 +1,9 @@
 """The engine on a GPU: an SD-1.5-shaped model (the real architecture, random weights: no
 weights are on these machines) through promptserve's own denoising loop.
 
-Checks resume-from-cache exactness and mixed-batch agreement on the device, and measures a
+Checks resume-from-cache exactness and mixed-batch agreement on the device, step-level serving
+(the error of a member inside a batch of others at different steps against its solo run, and
+the per-step latency against the in-flight count, 1 to 32), and measures a
 ``promptserve-profile/1`` profile (levels 0..25 of 50 steps, batches 1..8) that ``simulate
 --profile`` takes. Prints one JSON line; ``--out`` also writes the profile.
 
@@ -20,6 +22,7 @@ import torch
 from promptserve.engine.base import GenerationItem
 from promptserve.engine.denoise import Components
 from promptserve.engine.profiling import measure
+from promptserve.engine.steprunner import StepRunner
 from promptserve.engine.tiny import (
     ByteTokenizer,
     DenoisingEngine,
@@ -50,6 +53,42 @@ def sd15_shaped(device: str, dtype: torch.dtype, size: int = 512) -> Components:
     )  # fmt: skip
 
 
+def step_figures(engine: DenoisingEngine, counts=(1, 2, 4, 8, 16, 32)) -> dict:
+    """Mixed-step error and per-step latency of the step runner on this device."""
+    solo = engine.generate([GenerationItem("a lighthouse at dusk", 0, seed=7)])[0]
+    runner = StepRunner(engine.c, engine.total_steps, engine.levels, engine.guidance)
+    runner.join([("a", GenerationItem("a lighthouse at dusk", 0, seed=7))])
+    done: dict = {}
+    for i in range(1, 5):  # others join at different steps, some from cached latents
+        done.update(runner.step())
+        level = engine.levels[i % len(engine.levels)]
+        runner.join([(i, GenerationItem(f"prompt {i}", level, solo.latents.get(level), seed=i))])
+    while "a" not in done:
+        done.update(runner.step())
+    got = done["a"]
+    mixed = float(np.abs(got.final_latent - solo.final_latent).max())
+    per_step = {}
+    for n in counts:
+        runner = StepRunner(engine.c, engine.total_steps, engine.levels, engine.guidance)
+        runner.join([(j, GenerationItem(f"p{j}", 0, seed=j)) for j in range(n)])
+        runner.step()  # warm-up
+        if engine.c.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            runner.step()
+        if engine.c.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        per_step[n] = (time.perf_counter() - t0) / 5
+    return {
+        "mixed_step_max_abs_diff": mixed,
+        "step_s_by_inflight": {str(n): round(t, 5) for n, t in per_step.items()},
+        "steps_per_s_32_over_1": round(32 * per_step[1] / per_step[32], 2)
+        if 32 in per_step
+        else None,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
@@ -57,6 +96,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--inflight", default="1,2,4,8,16,32", help="step-runner in-flight counts")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
@@ -101,6 +141,7 @@ def main() -> None:
         },
         "throughput_batch8_over_batch1_K0": round(8 * lat[0][1] / lat[0][8], 3),
         "latency_K25_over_K0_batch1": round(lat[25][1] / lat[0][1], 3),
+        "step_level": step_figures(engine, tuple(int(n) for n in args.inflight.split(","))),
         "reference_assumption": {"throughput_batch8_over_batch1": 1.65, "latency_K25_over_K0": 0.5},
     }
     if args.out:

@@ -128,3 +128,20 @@ def test_the_price_splits_the_class_that_moves_so_work_meets_capacity():
     jobs = [Job(i, 0.0, 21.0, 5, 25, 5) for i in range(2000)]
     ks = {sched.preferred_k(j) for j in jobs}
     assert len(ks) >= 1 and all(k in PROFILE.levels for k in ks)
+
+
+def test_the_oracle_bounds_step_level_schedules():
+    from promptserve.sim.compare import CompareConfig, compare
+
+    inputs = poisson(90, 4, gpus=2, seed=3)
+    names = ["promptserve-step", "continuous-ht+shed+admit", "continuous-ha+shed+admit"]
+    rows, oracle, _, _ = compare(
+        [get_policy(n) for n in names],
+        inputs.requests,
+        inputs.embeddings,
+        PROFILE,
+        shipped_thresholds("clip"),
+        CompareConfig(2, 21.0, "steep", 3),
+    )
+    bound = oracle["effective_quality_upper_bound"]
+    assert 50.0 < max(rows[n]["effective_quality"] for n in names) <= bound + 1e-6

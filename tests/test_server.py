@@ -420,3 +420,33 @@ def test_jobs_beyond_the_cap_forget_only_finished_ones():
     assert list(jobs) == ["0", "2", "4"]  # the two oldest finished went; running/queued stay
     forget_finished(jobs, keep=1)
     assert list(jobs) == ["0", "2"]  # over the cap, but nothing unfinished is dropped
+
+
+def test_every_submitted_image_ends_in_exactly_one_outcome_label(tmp_path):
+    import re
+
+    app = modeled_app(tmp_path, speedup=20.0)
+    with LiveServer(app) as url:
+        c = client(url, timeout=60)
+        c.images.generate(prompt="two kites", n=2, size="1024x1024")  # 2 images
+        refused = httpx.post(
+            f"{url}/v1/images/generations", json={"prompt": "now", "deadline_ms": 100}, timeout=30
+        )
+        job = httpx.post(f"{url}/v1/jobs", json={"prompt": "a storm"}, timeout=30).json()
+        httpx.delete(f"{url}/v1/jobs/{job['id']}", timeout=60)
+        done = httpx.post(f"{url}/v1/jobs", json={"prompt": "a calm sea"}, timeout=30).json()
+        for _ in range(600):
+            if httpx.get(f"{url}/v1/jobs/{done['id']}").json()["status"] == "succeeded":
+                break
+            time.sleep(0.05)
+        text = httpx.get(f"{url}/metrics").text
+    assert refused.status_code == 429
+    outcomes = {
+        m[0]: float(m[1])
+        for m in re.findall(r'promptserve_requests_total\{outcome="(\w+)"\} ([0-9.]+)', text)
+    }
+    submitted = float(re.search(r"promptserve_requests_submitted ([0-9.]+)", text).group(1))
+    assert submitted == 5
+    assert outcomes.get("cancelled") == 1 and outcomes.get("refused") == 1
+    assert outcomes.get("served", 0) + outcomes.get("late", 0) == 3
+    assert sum(outcomes.values()) == submitted

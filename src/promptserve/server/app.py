@@ -110,27 +110,25 @@ def create_app(
             return tenant
         deadline_s = req.deadline_ms / 1000.0 if req.deadline_ms else slo_s
         start = time.monotonic()
+        metrics.submitted.inc(req.n)
         outcomes = await asyncio.gather(
             *(runtime.submit(req.prompt, tenant, deadline_s) for _ in range(req.n)),
             return_exceptions=True,
         )
+        for outcome in outcomes:  # every image ends in exactly one outcome label
+            metrics.count(outcome, deadline_s, time.monotonic() - start)
         for exc in outcomes:
             if isinstance(exc, Refused):
-                metrics.requests.labels("refused").inc()
                 return error(
                     429, str(exc), None, {"Retry-After": str(int(exc.retry_after_s + 0.999))}
                 )
             if isinstance(exc, Dropped):
-                metrics.requests.labels("dropped").inc()
                 return error(503, str(exc), None, {"Retry-After": "1"})
             if isinstance(exc, BaseException):
-                metrics.requests.labels("failed").inc()
                 return error(500, f"generation failed: {exc}")
         served = outcomes
         data = []
         for s in served:
-            late = (s.queue_s + s.compute_s) > deadline_s
-            metrics.observe_served(s.quality, time.monotonic() - start, late)
             meta = meta_of(s)
             if req.response_format == "url":
                 image_id = images.put(s.result.png, time.monotonic())
@@ -164,18 +162,22 @@ def create_app(
         if isinstance(tenant, JSONResponse):
             return tenant
         state = JobState(uuid.uuid4().hex, tenant)
+        metrics.submitted.inc()
         handle = JobHandle(state.emit, asyncio.get_running_loop().create_future())
         state.handle = handle
         deadline_s = req.deadline_ms / 1000.0 if req.deadline_ms else slo_s
 
         async def run() -> None:
+            start = time.monotonic()
             try:
                 served = await runtime.submit(req.prompt, tenant, deadline_s, handle)
             except Exception as exc:  # refused, dropped, cancelled or failed: the job says which
+                metrics.count(exc, deadline_s, time.monotonic() - start)
                 state.finish(
                     "cancelled" if isinstance(exc, Cancelled) else "failed", error=str(exc)
                 )
                 return
+            metrics.count(served, deadline_s, time.monotonic() - start)
             data = ImageData(
                 b64_json=base64.b64encode(served.result.png).decode(), promptserve=meta_of(served)
             )
@@ -276,7 +278,6 @@ def create_app(
         metrics.hit_ratio.set(c.cache_hits / c.lookups if c.lookups else 0.0)
         metrics.planner.set(c.planner_ms[-1] if c.planner_ms else 0.0)
         metrics.retried.set(c.retried)
-        metrics.submitted.set(c.lookups)
         metrics.skipped.set(runtime.cache.skipped_writes)
         metrics.cache_failures.set(runtime.counters.cache_update_failures)
         metrics.loop_errors.set(runtime.counters.loop_errors)

@@ -49,7 +49,7 @@ class Metrics:
         )
         self.submitted = Gauge(
             "promptserve_requests_submitted",
-            "Images asked for (offered load), whatever became of them",
+            "Images asked for (offered load); each ends in one outcome of promptserve_requests",
             registry=self.registry,
         )
         self.skipped = Gauge(
@@ -80,6 +80,24 @@ class Metrics:
         )
         self._q_sum = 0.0
         self._q_n = 0
+
+    def count(self, outcome: object, deadline_s: float, latency_s: float) -> None:
+        """One image's end: served, late, refused, dropped, cancelled or failed."""
+        from promptserve.server.runtime import Cancelled, Dropped, Refused
+
+        if isinstance(outcome, BaseException):
+            label = "failed"
+            for kind, name in (
+                (Refused, "refused"),
+                (Dropped, "dropped"),
+                (Cancelled, "cancelled"),
+            ):
+                if isinstance(outcome, kind):
+                    label = name
+            self.requests.labels(label).inc()
+            return
+        late = outcome.queue_s + outcome.compute_s > deadline_s  # type: ignore[attr-defined]
+        self.observe_served(outcome.quality, latency_s, late)  # type: ignore[attr-defined]
 
     def observe_served(self, quality: float, latency_s: float, late: bool) -> None:
         self.requests.labels("late" if late else "served").inc()

@@ -450,3 +450,21 @@ def test_every_submitted_image_ends_in_exactly_one_outcome_label(tmp_path):
     assert outcomes.get("cancelled") == 1 and outcomes.get("refused") == 1
     assert outcomes.get("served", 0) + outcomes.get("late", 0) == 3
     assert sum(outcomes.values()) == submitted
+
+
+def test_api_conventions_new_users_hit(tiny_url):
+    c = client(tiny_url)
+    name = c.models.list().data[0].id
+    assert c.models.retrieve(name).id == name  # GET /v1/models/{id}
+    with pytest.raises(openai.NotFoundError, match="not found"):
+        c.models.retrieve("dall-e-3")
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        c.images.generate(prompt="a kite", model="dall-e-3", size="64x64")
+    wrong_method = httpx.get(f"{tiny_url}/v1/images/generations")
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    not_json = httpx.post(
+        f"{tiny_url}/v1/images/generations",
+        content=b"prompt=a kite",
+        headers={"content-type": "application/json"},
+    )
+    assert not_json.status_code == 422 and not_json.json()["error"]["param"] == "body"

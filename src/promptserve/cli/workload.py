@@ -41,7 +41,9 @@ def workload_inspect(
     embedder: EmbedderOpt = "minilm",
     thresholds: ThresholdsOpt = "",
     cache_dir: CacheDirOpt = Path(".promptserve"),
-    out: Annotated[Path, typer.Option(help="Where to write the PNG plot.")] = Path("workload.png"),
+    out: Annotated[Path, typer.Option(help="Where to write the PNG plot.")] = Path(
+        "out/workload.png"
+    ),
 ) -> None:
     """Print the arrival rate over time and the K_opt mix of a workload; write a PNG plot."""
     from promptserve.cache.index import CacheIndex

@@ -42,5 +42,6 @@ def plot_workload(
     ax2.set_title("optimal K mix")
     ax2.legend()
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

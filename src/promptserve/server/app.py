@@ -24,7 +24,15 @@ from promptserve.server.jobs import FINAL, KEPT_JOBS, JobState, forget_finished
 from promptserve.server.keys import tenant_for
 from promptserve.server.limits import StreamedBodyLimit
 from promptserve.server.metrics import Metrics
-from promptserve.server.runtime import Cancelled, Dropped, JobHandle, Refused, Runtime, Served
+from promptserve.server.runtime import (
+    Cancelled,
+    Dropped,
+    JobHandle,
+    Refused,
+    Runtime,
+    Served,
+    Unmeetable,
+)
 from promptserve.server.schemas import ImageData, ImageMeta, ImageRequest, ImagesResponse
 from promptserve.web import page
 
@@ -126,6 +134,8 @@ def create_app(
         for outcome in outcomes:  # every image ends in exactly one outcome label
             metrics.count(outcome, deadline_s, time.monotonic() - start)
         for exc in outcomes:
+            if isinstance(exc, Unmeetable):
+                return error(422, str(exc), "deadline_ms")
             if isinstance(exc, Refused):
                 return error(
                     429, str(exc), None, {"Retry-After": str(int(exc.retry_after_s + 0.999))}
@@ -198,6 +208,8 @@ def create_app(
         state.task = asyncio.create_task(run())
         try:
             await handle.accepted
+        except Unmeetable as exc:
+            return error(422, str(exc), "deadline_ms")
         except Refused as exc:
             return error(429, str(exc), None, {"Retry-After": str(int(exc.retry_after_s + 0.999))})
         except Exception as exc:  # failed before it was queued: say so, never hang

@@ -83,12 +83,13 @@ class Metrics:
 
     def count(self, outcome: object, deadline_s: float, latency_s: float) -> None:
         """One image's end: served, late, refused, dropped, cancelled or failed."""
-        from promptserve.server.runtime import Cancelled, Dropped, Refused
+        from promptserve.server.runtime import Cancelled, Dropped, Refused, Unmeetable
 
         if isinstance(outcome, BaseException):
             label = "failed"
             for kind, name in (
                 (Refused, "refused"),
+                (Unmeetable, "refused"),
                 (Dropped, "dropped"),
                 (Cancelled, "cancelled"),
             ):

@@ -51,6 +51,17 @@ class Refused(Exception):
         self.retry_after_s = retry_after_s
 
 
+class Unmeetable(Exception):
+    """The deadline is shorter than this server's fastest run of the request, even idle."""
+
+    def __init__(self, deadline_s: float, least_s: float) -> None:
+        super().__init__(
+            f"deadline_ms: {deadline_s * 1e3:.0f} ms cannot be met even on an idle server; "
+            f"the least this server can meet for this prompt is {least_s * 1e3:.0f} ms"
+        )
+        self.least_s = least_s
+
+
 class Dropped(Exception):
     """Accepted, then given up: it could no longer meet its deadline."""
 
@@ -206,6 +217,7 @@ class Runtime:
         hit = await self._on_cache(self.cache.lookup, tenant, vec)
         self.counters.lookups += 1
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
+        self._check_meetable(slo_s, hit is not None)
         job_id = next(self.ids)
         assert self.plan is not None
         future = asyncio.get_running_loop().create_future()
@@ -235,6 +247,14 @@ class Runtime:
             )
         self._wake.set()
         return future
+
+    def _check_meetable(self, slo_s: float, has_neighbour: bool) -> None:
+        """Refuse for good (not 429: retrying cannot help) a deadline below the fastest run."""
+        profile = self.setting.profiles[0]
+        fastest = profile.batch_latency(self.levels[-1] if has_neighbour else 0, 1)
+        if slo_s < fastest:
+            self.counters.by_outcome["refused"] += 1
+            raise Unmeetable(slo_s, fastest)
 
     def cancel(self, handle: JobHandle) -> bool:
         """Cancel a request: out of its queue at once, or between two denoising steps."""

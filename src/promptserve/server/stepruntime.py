@@ -115,6 +115,7 @@ class StepRuntime(Runtime):
         hit = await self._on_cache(self.cache.lookup, tenant, vec)
         self.counters.lookups += 1
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
+        self._check_meetable(slo_s, hit is not None)
         job_id = next(self.ids)
         future = asyncio.get_running_loop().create_future()
         self.pending[job_id] = _Pending(prompt, tenant, vec, hit, future, now, job_id, handle)

@@ -74,3 +74,30 @@ def test_an_exact_repeat_adds_no_entry_live(tmp_path):
             c.images.generate(prompt="a lighthouse at dusk, oil painting", size="64x64")
         c.images.generate(prompt="a red kite over the dunes", size="64x64")
     assert len(app.state.runtime.cache.index) == 2  # the repeat found its twin and added nothing
+
+
+@pytest.mark.parametrize("name", ["promptserve", "argus", "proteus"])
+def test_an_idle_server_is_planned_at_full_quality_whatever_the_last_burst_left(name):
+    """Issue 15: with no load every level ties, and a solver kept K = 10 from the last burst;
+    the next unrelated prompt was then served from a stranger's latent at 89%."""
+    import numpy as np
+
+    from promptserve.policy import Setting, get_policy
+    from promptserve.profile import reference_profile
+    from promptserve.quality import quality_model
+
+    profile = reference_profile()
+    qm = quality_model(profile.levels, profile.quality, "steep")
+    setting = Setting((profile, profile), qm.matrix(), 21.0)
+    idle = Demand(0.0, tuple(float(i == 0) for i in range(len(profile.levels))))
+    plan = get_policy(name).plan(idle, setting, [10, 10])
+    assert plan.gpu_levels == (0, 0)
+    assert np.allclose([row[0] for row in plan.route], 1.0)  # every class routed to K = 0
+
+
+def test_going_idle_is_a_demand_change_however_small_the_last_rate():
+    from promptserve.policy import get_policy
+
+    trickle, idle = Demand(0.5, (0.0, 1.0)), Demand(0.0, (1.0, 0.0))
+    assert wants_plan(get_policy("promptserve"), trickle, idle, force=False)
+    assert wants_plan(get_policy("promptserve"), idle, trickle, force=False)

@@ -52,6 +52,8 @@ def demand_changed(
     planner's utilisation headroom (15%) and above the noise of a 10 s rate estimate."""
     if old is None:
         return True
+    if (old.rate_qpm <= 0) != (new.rate_qpm <= 0):
+        return True  # the server went idle, or woke: re-plan (an idle one runs at K = 0)
     if abs(new.rate_qpm - old.rate_qpm) > max(rate_tol * old.rate_qpm, 1.0):
         return True
     return float(np.abs(np.asarray(new.mix) - np.asarray(old.mix)).sum()) > mix_tol

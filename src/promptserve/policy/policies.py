@@ -82,6 +82,11 @@ class Policy:
     def plan(
         self, demand: Demand, setting: Setting, current: Sequence[int | None] | None = None
     ) -> Plan:
+        if demand.rate_qpm <= 0 and self.planner in IDLE_AT_FULL_QUALITY:
+            # no load: every level is "optimal" to a solver, so it may keep a fast level from
+            # the last burst and serve the next prompt from an unrelated latent; an idle
+            # server runs every request in full instead
+            return PLANNERS["clipper-ha"](demand, setting, current)
         return PLANNERS[self.planner](demand, setting, current)
 
 
@@ -171,6 +176,7 @@ PLANNERS = {
     "promptserve": _promptserve,
 }
 
+IDLE_AT_FULL_QUALITY = ("argus", "proteus", "promptserve")  # the planners that choose levels
 _BASELINE = DispatchConfig(max_batch=BASELINE_BATCH, late="expire")
 SHED = DispatchConfig(32, "escalate")  # the deadline-aware queue of promptserve
 FAST_REPLAN_S, FAST_SHORT_S, FAST_LONG_S = 5.0, 10.0, 60.0

@@ -387,7 +387,10 @@ def test_serve_runs_any_policy_with_the_queue_layer(tmp_path):
         again = c.images.generate(prompt="a lighthouse at dusk", size="64x64")
     # clipper-ht: every GPU at the fastest level; a prompt with no neighbour runs in full
     assert first.data[0].model_extra["promptserve"]["level_k"] == 0
-    assert again.data[0].model_extra["promptserve"]["level_k"] == 10
+    meta = again.data[0].model_extra["promptserve"]
+    assert meta["level_k"] == 10 and meta["cache_hit"] is True and meta["k_opt"] == 10
+    first_meta = first.data[0].model_extra["promptserve"]
+    assert first_meta["cache_hit"] is False and first_meta["k_opt"] == 0
 
 
 def test_one_engine_per_worker_and_one_worker_per_gpu(tmp_path):

@@ -25,7 +25,9 @@ def test_promptserve_step_serves_the_tiny_model_and_reports_real_steps(tmp_path)
         with httpx.stream("GET", f"{url}/v1/jobs/{job['id']}/events", timeout=60) as events:
             lines = [ln for ln in events.iter_lines() if ln.startswith("data:")]
         metrics = httpx.get(f"{url}/metrics").text
-    assert again.data[0].model_extra["promptserve"]["similarity"] > 0.99  # found its twin
+    twin = again.data[0].model_extra["promptserve"]
+    assert twin["similarity"] > 0.99 and twin["k_opt"] == runtime.levels[-1]  # found its twin
+    assert twin["level_k"] == 0 and twin["cache_hit"] is False  # with slack: full quality
     steps = [json.loads(ln[5:])["step"] for ln in lines if '"step"' in ln and '"of"' in ln]
     total = runtime.workers.total_steps
     assert steps == list(range(1, total + 1))  # every real step of this request, in order

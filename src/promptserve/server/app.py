@@ -40,6 +40,8 @@ from promptserve.web import page
 def meta_of(s: Served) -> ImageMeta:
     return ImageMeta(
         level_k=s.level,
+        k_opt=s.k_opt,
+        cache_hit=s.level > 0,
         similarity=s.similarity,
         predicted_quality=round(s.quality, 3),
         queue_ms=round(s.queue_s * 1e3, 1),

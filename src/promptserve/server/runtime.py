@@ -88,6 +88,7 @@ class Served:
     quality: float
     queue_s: float
     compute_s: float
+    k_opt: int = 0  # the level its neighbour's similarity tolerates (0: a miss)
 
 
 @dataclass
@@ -484,6 +485,7 @@ class Runtime:
                 quality,
                 started - p.arrival,
                 now - started,
+                outcome.job.k_opt,
             )
             if p.future.done():
                 continue

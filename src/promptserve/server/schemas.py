@@ -24,6 +24,8 @@ class ImageRequest(BaseModel):
 
 class ImageMeta(BaseModel):
     level_k: int  # denoising steps skipped (0: full generation)
+    k_opt: int = 0  # the level its cached neighbour's similarity tolerates (0: a miss)
+    cache_hit: bool = False  # True when it started from a cached latent (level_k > 0)
     similarity: float | None  # to the cached neighbour it started from
     predicted_quality: float  # percent of full generation, by the quality model
     queue_ms: float

@@ -271,6 +271,7 @@ class StepRuntime(Runtime):
                 self.quality.q(k_opt, result.k),
                 joined - p.arrival,
                 now - joined,
+                k_opt,
             )
             item = self._item.pop(job_id, GenerationItem(p.prompt, result.k, None, seed=p.seed))
             answered.append((p, item, result, None))

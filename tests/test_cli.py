@@ -214,3 +214,27 @@ def test_sweep_rejects_bad_flags(tmp_path):
         out = run(*base, *extra)
         assert out.exit_code == 2, extra
         assert message in out.output, (extra, out.output)
+
+
+def test_serve_checks_the_port_and_the_model_folder_before_loading_anything(tmp_path):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    try:
+        res = CliRunner().invoke(
+            app,
+            ["serve", "--port", str(port), "--embedder", "hashing", "--cache-dir", str(tmp_path)],
+        )
+    finally:
+        busy.close()
+    assert res.exit_code == 2 and f"port {port} on 127.0.0.1 is not free" in res.output
+    res = CliRunner().invoke(
+        app,
+        ["serve", "--model", str(tmp_path / "nope"), "--embedder", "hashing", "--port", "18765"],
+    )
+    assert (
+        res.exit_code == 2 and "not found" in res.output and "nothing is downloaded" in res.output
+    )

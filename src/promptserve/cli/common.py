@@ -86,7 +86,9 @@ TimeScaleOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
 EmbedderOpt = Annotated[str, typer.Option(help="minilm (real) or hashing (tests only).")]
-ModelOpt = Annotated[str, typer.Option(help="tiny (built in) or a diffusers folder / hub id.")]
+ModelOpt = Annotated[
+    str, typer.Option(help="tiny (built in) or a local diffusers folder (nothing is downloaded).")
+]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or mps.")]
 ThresholdsOpt = Annotated[str, typer.Option(help="Shipped table name or a thresholds JSON file.")]
 CacheDirOpt = Annotated[

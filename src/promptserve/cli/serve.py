@@ -12,6 +12,7 @@ from promptserve.cli.common import (
     console,
     user_errors,
 )
+from promptserve.errors import InputError
 
 
 @app.command("serve")
@@ -25,7 +26,8 @@ def serve_cmd(
         int | None, typer.Option(help="Port to bind (default 8000).", min=1, max=65535)
     ] = None,
     model: Annotated[
-        str | None, typer.Option(help="tiny (built in) or a diffusers folder / hub id.")
+        str | None,
+        typer.Option(help="tiny (built in) or a local diffusers folder (nothing is downloaded)."),
     ] = None,
     backend: Annotated[
         str | None, typer.Option(help="tiny, diffusers or modeled; default from --model.")
@@ -121,6 +123,8 @@ def serve_cmd(
     }
     s = base.model_copy(update={k: v for k, v in flags.items() if v is not None})
     server = server_config(s)
+    if not s.ray:
+        check_port_free(s.host, s.port)  # before the model loads, not after
     console.print(
         f"promptserve: loading {s.model} ({s.backend or 'auto'}) with {s.workers} worker(s)…"
     )
@@ -148,3 +152,14 @@ def serve_on_ray(server, s) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """A port in use is bad input: say so in one line (exit 2) before anything loads."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise InputError(f"port {port} on {host} is not free ({exc.strerror})") from None

@@ -13,7 +13,7 @@ def make_engine(
     dtype: str = "float32",
     speedup: float = 1.0,
 ) -> Engine:
-    """``tiny`` or a diffusers folder / hub id; ``backend="modeled"`` sleeps by the reference profile."""
+    """``tiny`` or a local diffusers folder; ``backend="modeled"`` sleeps by the reference profile."""
     backend = backend or ("tiny" if model == "tiny" else "diffusers")
     if backend == "tiny":
         from promptserve.engine.tiny import tiny_engine

@@ -1,7 +1,7 @@
 """Real Stable Diffusion weights (1.x/2.x and SDXL) through diffusers, run by the same
 resumable loop.
 
-Loads a pipeline folder (or a hub id the user has cached) with ``DiffusionPipeline`` and keeps
+Loads a local pipeline folder with ``DiffusionPipeline`` and keeps
 its UNet, VAE, text encoder(s) and tokenizer(s), with a DDIM scheduler built from the pipeline's
 scheduler config. An SDXL pipeline brings a second text encoder; the loop then passes the pooled
 embeddings and size time ids the SDXL UNet expects.
@@ -10,6 +10,7 @@ embeddings and size time ids the SDXL UNet expects.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -42,6 +43,12 @@ def load_diffusers(model: str, device: str = "cpu", dtype: str = "float32") -> C
     }.get(dtype)
     if torch_dtype is None:
         raise InputError(f"dtype {dtype!r} is not float32, float16 or bfloat16")
+    if not Path(model).expanduser().is_dir():
+        # nothing is downloaded (these machines reach no hub): a model is a local folder
+        raise InputError(
+            f"model folder {model!r} not found (give a local diffusers folder with "
+            "model_index.json: nothing is downloaded)"
+        )
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype)
     except (OSError, ValueError) as exc:

@@ -361,6 +361,9 @@ def test_bench_command_replays_a_workload_against_a_live_server(tmp_path):
     )
     assert live["served_in_slo"] > 0 and 0 < live["mean_quality"] <= 100
     assert (tmp_path / "out" / "timeline.png").exists()
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert md.startswith("# Live run") and "None" not in md and "No oracle line" in md
+    assert live["planner_ms_p50"] is not None and live["planner_ms_p50"] > 0  # the server's
 
 
 def test_bench_sends_load_only_to_this_machine():

@@ -86,6 +86,7 @@ def bench_cmd(
         task = bar.add_task(f"sending {len(requests)} requests", total=len(requests))
         recs = asyncio.run(replay_live(url, requests, api_key, on_done=lambda: bar.advance(task)))
     row = recs.summary([])
+    row["planner_ms_p50"] = live_planner_ms(url)  # the server's last plan, not a simulated one
     config = {
         "url": url,
         "arrivals": arrivals,
@@ -95,10 +96,24 @@ def bench_cmd(
         "requests": len(requests),
     }
     oracle = {"effective_quality_upper_bound": None, "slo_violation_ratio_lower_bound": None}
-    write_report(out, config, {"live": row}, oracle, {"live": recs.per_minute()})
+    write_report(out, config, {"live": row}, oracle, {"live": recs.per_minute()}, title="Live run")
     table = Table(title=f"live run: {len(requests)} requests to {url}")
     for col in ("policy", *COLUMNS[:8]):
         table.add_column(col.replace("_", " "), justify="right")
     table.add_row("live", *(str(row[c]) for c in COLUMNS[:8]))
     console.print(table)
     console.print(f"report written to {out}/report.json, report.md, timeline.png")
+
+
+def live_planner_ms(url: str) -> float | None:
+    """The server's last planner time (``promptserve_planner_ms_last``), None if unreadable."""
+    import httpx
+
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("promptserve_planner_ms_last "):
+            return round(float(line.split()[1]), 3)
+    return None

@@ -29,11 +29,12 @@ def write_report(
     oracle: dict,
     timelines: dict[str, dict],
     html: bool = False,
+    title: str = "Simulated comparison",
 ) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report = {"config": config, "policies": policies, "oracle": oracle}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(report))
+    (out / "report.md").write_text(markdown(report, title))
     plot_timeline(out / "timeline.png", timelines, config.get("slo_s"))
     if html:
         (out / "report.html").write_text(html_report(report, timelines), encoding="utf-8")
@@ -48,13 +49,22 @@ def html_report(report: dict, timelines: dict[str, dict]) -> str:
     return page("report.html").replace("/*DATA*/", data)
 
 
-def markdown(report: dict) -> str:
-    lines = ["# Simulated comparison", "", "```", json.dumps(report["config"]), "```", ""]
+def markdown(report: dict, title: str = "Simulated comparison") -> str:
+    setting = ", ".join(f"{k} {v}" for k, v in report["config"].items() if v is not None)
+    lines = [f"# {title}", "", f"Run: {setting}.", ""]
     lines.append("| policy | " + " | ".join(COLUMNS) + " |")
     lines.append("|---" * (len(COLUMNS) + 1) + "|")
     for name, row in report["policies"].items():
         lines.append(f"| {name} | " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
     o = report["oracle"]
+    if o.get("effective_quality_upper_bound") is None:
+        lines += [
+            "",
+            "No oracle line: a live run has no offline bound (run `promptserve simulate` on the "
+            "same arrivals for one).",
+            "",
+        ]
+        return "\n".join(lines)
     lines += [
         "",
         f"Oracle (offline LP bound, {o.get('window_s')} s slots): effective quality <= "

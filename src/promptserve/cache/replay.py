@@ -25,14 +25,17 @@ def replay(
     index: CacheIndex,
     tenant: str = "default",
     on_step: Callable[[int], None] | None = None,
+    tenants: Sequence[str] | None = None,
 ) -> Replay:
+    """``tenants``: one per prompt (the workloads' tenant per pass), else all ``tenant``."""
     sims = np.full(len(prompts), np.nan, dtype=np.float32)
     cached_levels = tuple(sorted(thresholds.levels))
     for i, (prompt, vec) in enumerate(zip(prompts, embeddings, strict=True)):
-        match = index.nearest(tenant, vec)
+        who = tenants[i] if tenants is not None else tenant
+        match = index.nearest(who, vec)
         if match is not None:
             sims[i] = match.similarity
-        index.insert(tenant, prompt, vec, cached_levels, now_s=float(i))
+        index.insert(who, prompt, vec, cached_levels, now_s=float(i))
         if on_step is not None:
             on_step(i)
     return Replay(sims, thresholds.k_opt_many(sims))

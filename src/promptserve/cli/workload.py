@@ -50,7 +50,12 @@ def workload_inspect(
     from promptserve.cache.replay import replay
     from promptserve.cache.thresholds import embedder_thresholds, kopt_mix, load_thresholds
     from promptserve.quality import PUBLISHED_KOPT_MIX
-    from promptserve.workload import generate_arrivals, load_prompts, parse_arrival_spec
+    from promptserve.workload import (
+        generate_arrivals,
+        load_prompts,
+        make_requests,
+        parse_arrival_spec,
+    )
     from promptserve.workload.inspect import plot_workload, rate_per_minute
 
     spec = parse_arrival_spec(arrivals)
@@ -60,7 +65,10 @@ def workload_inspect(
         spec, rate_qpm=rate, minutes=minutes, time_scale=time_scale, seed=seed
     )
     qpm = rate_per_minute(times)
-    used = [texts[i % len(texts)] for i in range(len(times))] if len(times) else texts
+    # the simulator's requests: prompts in file order, a new tenant per pass over the file
+    reqs = make_requests(texts, times, slo_s=0.0) if len(times) else []
+    used = [r.prompt for r in reqs] if reqs else texts
+    tenants = [r.tenant for r in reqs] if reqs else None
     unique_needed = list(dict.fromkeys(used))
     vecs = embed_with_progress(embedder, unique_needed, cache_dir)
     row_of = {p: i for i, p in enumerate(unique_needed)}
@@ -68,7 +76,9 @@ def workload_inspect(
     index = CacheIndex(dim=embeddings.shape[1])
     with progress() as bar:
         task = bar.add_task("replaying through the cache", total=len(used))
-        result = replay(used, embeddings, table, index, on_step=lambda _i: bar.advance(task))
+        result = replay(
+            used, embeddings, table, index, on_step=lambda _i: bar.advance(task), tenants=tenants
+        )
     mix = kopt_mix(result.k_opt.tolist(), (0, *table.levels))
 
     summary = Table(title=f"arrivals: {arrivals} ({len(times)} requests)")

@@ -241,3 +241,21 @@ def test_serve_checks_the_port_and_the_model_folder_before_loading_anything(tmp_
     assert (
         res.exit_code == 2 and "not found" in res.output and "nothing is downloaded" in res.output
     )
+
+
+def test_without_a_terminal_progress_is_a_line_per_tenth_and_every_30_s(capsys):
+    from promptserve.cli.common import LineProgress, progress
+
+    assert isinstance(progress(), LineProgress)  # pytest's stderr is not a terminal
+    now = [0.0]
+    bar = LineProgress(clock=lambda: now[0])
+    task = bar.add_task("simulating", total=100)
+    for _ in range(100):
+        bar.advance(task)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 10 and lines[-1] == "simulating: 100/100 (100%)"
+    slow = bar.add_task("slow", total=1000)
+    bar.advance(slow)  # 0.1%: no line yet
+    now[0] = 31.0
+    bar.advance(slow)  # 30 s passed: a line anyway
+    assert capsys.readouterr().err.strip() == "slow: 2/1000 (0%)"

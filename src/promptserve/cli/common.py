@@ -41,7 +41,11 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def progress() -> Progress:
+def progress() -> Progress | LineProgress:
+    """A live bar on a terminal; without one (CI, a pipe, a log file), a line per 10% and at
+    least every 30 s, so long runs still show that they move."""
+    if not err_console.is_terminal:
+        return LineProgress()
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -50,6 +54,40 @@ def progress() -> Progress:
         console=err_console,
         transient=True,
     )
+
+
+class LineProgress:
+    """``Progress``'s add_task/advance as plain lines on stderr."""
+
+    EVERY_S = 30.0
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        import time
+
+        self._clock = clock or time.monotonic
+        self._tasks: dict[int, list] = {}  # id -> [description, total, done, last tenth, last t]
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, description: str, total: float | None = None) -> int:
+        task = len(self._tasks)
+        self._tasks[task] = [description, total or 0, 0, 0, self._clock()]
+        return task
+
+    def advance(self, task: int, advance: float = 1) -> None:
+        entry = self._tasks[task]
+        entry[2] += advance
+        description, total, done, last_tenth, last_t = entry
+        tenth = int(10 * done / total) if total else 0
+        now = self._clock()
+        if tenth > last_tenth or now - last_t >= self.EVERY_S:
+            entry[3], entry[4] = tenth, now
+            share = f" ({100 * done / total:.0f}%)" if total else ""
+            err_console.print(f"{description}: {done:g}/{total:g}{share}", highlight=False)
 
 
 def embed_with_progress(embedder_name: str, prompts: list[str], cache_dir: Path) -> np.ndarray:

@@ -259,3 +259,31 @@ def test_without_a_terminal_progress_is_a_line_per_tenth_and_every_30_s(capsys):
     now[0] = 31.0
     bar.advance(slow)  # 30 s passed: a line anyway
     assert capsys.readouterr().err.strip() == "slow: 2/1000 (0%)"
+
+
+def test_an_80_column_terminal_keeps_the_policy_names_whole(tmp_path, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\na red fox in snow\na castle\n")
+    out = run(
+        "simulate",
+        "--policies",
+        "clipper-ha+shed+admit,clipper-ht+shed+admit",
+        "--prompts",
+        str(prompts),
+        "--arrivals",
+        "poisson",
+        "--rate",
+        "20",
+        "--minutes",
+        "1",
+        "--embedder",
+        "hashing",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out",
+        str(tmp_path / "sim"),
+    )
+    assert out.exit_code == 0, out.output
+    assert "clipper-ha+shed+admit" in out.output and "clipper-ht+shed+admit" in out.output
+    assert not re.search(r"\d\.\d{3,}", out.output.split("report written")[0].split("┃ policy")[1])

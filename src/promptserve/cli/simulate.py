@@ -31,6 +31,27 @@ from promptserve.cli.common import (
 )
 from promptserve.errors import InputError
 
+# short headers, so an 80-column terminal keeps the policy names whole
+SHORT = {
+    "effective_quality": "eff. Q",
+    "mean_quality": "mean Q",
+    "slo_violation_ratio": "viol.",
+    "served_in_slo": "in SLO",
+    "served_late": "late",
+    "goodput_qpm": "qpm",
+}
+
+
+def for_people(column: str, value: object) -> str:
+    """97.7, not 97.7411; 0, not 0.000; ratios to three places."""
+    if isinstance(value, bool) or not isinstance(value, float | int):
+        return str(value)
+    if column.endswith("ratio"):
+        return "0" if value == 0 else f"{value:.3f}"
+    if isinstance(value, int) or float(value).is_integer():
+        return f"{int(value)}"
+    return f"{value:.1f}"
+
 
 @app.command("simulate")
 @user_errors
@@ -118,18 +139,19 @@ def simulate_cmd(
     table = Table(
         title=f"{len(requests)} requests, {gpus} GPUs, SLO {slo_s} s, penalty {quality_penalty}"
     )
-    table.add_column("policy")
-    shown = COLUMNS[:8]
+    # names must stay whole on an 80-column terminal; the short headers may wrap instead
+    table.add_column("policy", no_wrap=True, min_width=max(len(n) for n in [*rows, "oracle bound"]))
+    shown = COLUMNS[:7]  # goodput and latencies are in report.md
     for col in shown:
-        table.add_column(col.replace("_", " "), justify="right")
+        table.add_column(SHORT.get(col, col.replace("_", " ")), justify="right")
     for name, r in rows.items():
-        table.add_row(name, *(str(r[c]) for c in shown))
+        table.add_row(name, *(for_people(c, r[c]) for c in shown))
     table.add_row(
         "oracle bound",
-        str(oracle["effective_quality_upper_bound"]),
+        for_people("effective_quality", oracle["effective_quality_upper_bound"]),
         "",
-        str(oracle["slo_violation_ratio_lower_bound"]),
-        *[""] * 5,
+        for_people("slo_violation_ratio", oracle["slo_violation_ratio_lower_bound"]),
+        *[""] * 4,
     )
     console.print(table)
     written = "report.json, report.md, timeline.png" + (", report.html" if html else "")
@@ -216,16 +238,19 @@ def sweep_cmd(
             chosen, texts, vecs, prof, thresholds, config, lambda _p: bar.advance(task)
         )
     summary = write_sweep(out, result)
+    # a row per policy, a column per rate: names stay whole however many policies there are
     table = Table(title=f"effective quality, mean over seeds {list(seed_list)} ({arrivals})")
-    table.add_column("qpm", justify="right")
-    for p in chosen:
-        table.add_column(p.name, justify="right")
-    table.add_column("oracle bound", justify="right")
+    table.add_column(
+        "policy \\ qpm", no_wrap=True, min_width=max(len(p.name) for p in [*chosen]) + 1
+    )
     for row in summary:
+        table.add_column(f"{row['rate_qpm']:g}", justify="right")
+    for p in chosen:
         table.add_row(
-            f"{row['rate_qpm']:g}",
-            *(f"{row['policies'][p.name]['effective_quality']['mean']:.1f}" for p in chosen),
-            f"{row['oracle']['effective_quality']['mean']:.1f}",
+            p.name, *(f"{r['policies'][p.name]['effective_quality']['mean']:.1f}" for r in summary)
         )
+    table.add_row(
+        "oracle bound", *(f"{r['oracle']['effective_quality']['mean']:.1f}" for r in summary)
+    )
     console.print(table)
     console.print(f"sweep written to {out}/: sweep.json, sweep.md, sweep.png, sweep.html")

@@ -180,6 +180,9 @@ def test_simulation_report_page_draws_every_policy_and_the_oracle_bound(browser,
         "return [...document.querySelectorAll('tr[data-policy]')].map(r => r.dataset.policy)"
     )
     assert rows == ["argus", "promptserve"]
+    terms = browser.execute_script("return document.querySelectorAll('#glossary dt').length")
+    run = browser.execute_script("return document.getElementById('config').textContent")
+    assert terms >= 10 and "{" not in run and "gpus 2" in run  # readable, explained
     bound = browser.execute_script("return window.report.oracle.effective_quality_upper_bound")
     assert 0 < bound <= 100
     browser.save_screenshot(str(ARTIFACTS / "simulation-report.png"))

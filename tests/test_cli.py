@@ -140,7 +140,10 @@ def test_simulate_writes_the_report_files(tmp_path):
         == row["requests"]
     )
     assert (out_dir / "timeline.png").read_bytes()[:4] == b"\x89PNG"
-    assert "| promptserve |" in (out_dir / "report.md").read_text()
+    md = (out_dir / "report.md").read_text()
+    assert "| promptserve |" in md
+    assert "## Glossary" in md and "- **oracle bound**:" in md  # the report explains itself
+    assert md.splitlines()[2].startswith("Run: ") and "{" not in md  # no raw config JSON
 
 
 def test_simulate_rejects_bad_flags(tmp_path):

@@ -22,6 +22,46 @@ COLUMNS = (
 )
 
 
+GLOSSARY = (
+    (
+        "effective quality",
+        "mean quality over every request, a request not answered in time "
+        "counting 0: the figure to compare",
+    ),
+    ("mean quality", "mean predicted quality (percent of full generation) of the answered ones"),
+    ("SLO violations", "late + refused + dropped, as a share of requests"),
+    ("refused", "turned away at arrival (HTTP 429): no level could finish it in time"),
+    ("dropped", "accepted, then given up when it could no longer finish in time (HTTP 503)"),
+    ("late", "answered after its deadline"),
+    (
+        "oracle bound",
+        "an LP that knows the whole trace: no schedule can have a higher effective "
+        "quality or a lower violation ratio",
+    ),
+    ("argus", "the published planner and router, as shipped"),
+    ("clipper-ha / clipper-ht", "every GPU at K = 0 / at the fastest level"),
+    ("nirvana", "each request at its own K_opt, any idle GPU takes the most urgent batch"),
+    ("proteus", "accuracy scaling blind to the prompt; a level change reloads the model"),
+    ("promptserve", "the joint MILP of levels and routing under the SLO, re-planned every 5 s"),
+    (
+        "promptserve-step",
+        "step-level serving: requests join a GPU's running batch between "
+        "steps, each at the K a price on step-slots picks",
+    ),
+    ("continuous-ha / continuous-ht", "step-level batching at K = 0 / at the fastest level"),
+    (
+        "+shed / +admit / +fast",
+        "promptserve's deadline-aware queue / refusal at arrival / 5 s "
+        "re-planning, given to any policy",
+    ),
+)
+
+
+def run_line(config: dict) -> str:
+    """The run's settings as one readable line (no raw JSON)."""
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in config.items() if v is not None)
+
+
 def write_report(
     out: Path,
     config: dict,
@@ -45,13 +85,13 @@ def html_report(report: dict, timelines: dict[str, dict]) -> str:
     """One self-contained page: the charts' code and the run's data inlined (NaN: no answer)."""
     from promptserve.web import page
 
-    data = json.dumps(report | {"timelines": timelines}).replace("</", "<\\/")
+    extra = {"timelines": timelines, "run_line": run_line(report["config"]), "glossary": GLOSSARY}
+    data = json.dumps(report | extra).replace("</", "<\\/")
     return page("report.html").replace("/*DATA*/", data)
 
 
 def markdown(report: dict, title: str = "Simulated comparison") -> str:
-    setting = ", ".join(f"{k} {v}" for k, v in report["config"].items() if v is not None)
-    lines = [f"# {title}", "", f"Run: {setting}.", ""]
+    lines = [f"# {title}", "", f"Run: {run_line(report['config'])}.", ""]
     lines.append("| policy | " + " | ".join(COLUMNS) + " |")
     lines.append("|---" * (len(COLUMNS) + 1) + "|")
     for name, row in report["policies"].items():
@@ -64,7 +104,7 @@ def markdown(report: dict, title: str = "Simulated comparison") -> str:
             "same arrivals for one).",
             "",
         ]
-        return "\n".join(lines)
+        return "\n".join(lines + glossary_lines())
     lines += [
         "",
         f"Oracle (offline LP bound, {o.get('window_s')} s slots): effective quality <= "
@@ -72,7 +112,11 @@ def markdown(report: dict, title: str = "Simulated comparison") -> str:
         f"SLO-violation ratio >= {o['slo_violation_ratio_lower_bound']}.",
         "",
     ]
-    return "\n".join(lines)
+    return "\n".join(lines + glossary_lines())
+
+
+def glossary_lines() -> list[str]:
+    return ["## Glossary", "", *(f"- **{term}**: {meaning}." for term, meaning in GLOSSARY), ""]
 
 
 def plot_timeline(path: Path, timelines: dict[str, dict], slo_s: float | None) -> None:

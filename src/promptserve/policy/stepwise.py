@@ -46,8 +46,8 @@ from promptserve.policy.types import Demand, Job, Outcome, Status
 from promptserve.profile import Profile
 
 KRule = Literal["price", "zero", "max"]
-UTILISATION = 0.95  # the share of step capacity the price plans to fill
-SLO_SHARE = 0.8  # of the SLO, what running may take (the rest: waiting to join)
+UTILISATION = 1.0  # the share of step capacity the price plans to fill
+SLO_SHARE = 0.9  # of the SLO, what running may take (the rest: waiting to join)
 PRICE_MAX = 50.0  # points per step: above any quality difference, every request at its fastest
 EPS = 1e-9
 PULL_LOOKAHEAD = 8  # waiting jobs a boundary looks at past ones that do not fit

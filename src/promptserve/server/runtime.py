@@ -239,15 +239,19 @@ class Runtime:
             del self.pending[job_id]
             self.counters.by_outcome["refused"] += 1
             raise Refused(retry_after_s=max(1.0, self._backlog_s(now)))
-        if handle is not None:
-            handle.job_id = job_id
-            if handle.accepted is not None:
-                handle.accepted.set_result(job_id)
-            handle.emit(
-                "queued", {"level_k": job.level, "similarity": hit.similarity if hit else None}
-            )
+        self._accepted(handle, job_id, job.level, hit)
         self._wake.set()
         return future
+
+    @staticmethod
+    def _accepted(handle: JobHandle | None, job_id: int, level: int, hit: CacheHit | None) -> None:
+        """Tell a job's caller it is queued: its id, the level it was routed to."""
+        if handle is None:
+            return
+        handle.job_id = job_id
+        if handle.accepted is not None:
+            handle.accepted.set_result(job_id)
+        handle.emit("queued", {"level_k": level, "similarity": hit.similarity if hit else None})
 
     def _check_meetable(self, slo_s: float, has_neighbour: bool) -> None:
         """Refuse for good (not 429: retrying cannot help) a deadline below the fastest run."""

@@ -132,13 +132,7 @@ class StepRuntime(Runtime):
                 raise Refused(retry_after_s=max(1.0, slo_s / 2))
             self.counters.by_outcome["dropped"] += 1
             raise Dropped("the deadline cannot be met at any level")
-        if handle is not None:
-            handle.job_id = job_id
-            if handle.accepted is not None:
-                handle.accepted.set_result(job_id)
-            handle.emit(
-                "queued", {"level_k": job.level, "similarity": hit.similarity if hit else None}
-            )
+        self._accepted(handle, job_id, job.level, hit)
         self._wake_gpus(gpu)
         return future
 

@@ -229,16 +229,20 @@ class _Run:
 
     def _finish(self, now: float, dispatch: Dispatch) -> None:
         for outcome in self.dispatcher.on_batch_done(now, dispatch):
-            self._end(outcome)
-            i = outcome.job.id
-            entry_id, sim = self.match.get(i, (-1, 0.0))
-            if entry_id >= 0 and outcome.level > 0:
-                self.index.record_hit(entry_id, outcome.level, now)
-            if worth_caching(sim if entry_id >= 0 else None):
-                req = self.inputs.requests[i]
-                self.index.insert(
-                    req.tenant, req.prompt, self.inputs.embeddings[i], self.cache_levels, now
-                )
+            self._served(now, outcome)
+
+    def _served(self, now: float, outcome: Outcome) -> None:
+        """A request answered: its record, its neighbour's hit, its own cache entry."""
+        self._end(outcome)
+        i = outcome.job.id
+        entry_id, sim = self.match.get(i, (-1, 0.0))
+        if entry_id >= 0 and outcome.level > 0:
+            self.index.record_hit(entry_id, outcome.level, now)
+        if worth_caching(sim if entry_id >= 0 else None):
+            req = self.inputs.requests[i]
+            self.index.insert(
+                req.tenant, req.prompt, self.inputs.embeddings[i], self.cache_levels, now
+            )
 
     def _step(self, now: float) -> None:
         dispatches, outcomes = self.dispatcher.step(now)

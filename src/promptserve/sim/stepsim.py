@@ -13,8 +13,7 @@ import heapq
 import math
 import time
 
-from promptserve.policy import Outcome, Status
-from promptserve.policy.planning import worth_caching
+from promptserve.policy import Status
 from promptserve.policy.stepwise import EPS, StepConfig, StepGpu, StepScheduler, step_profile
 from promptserve.policy.types import Job
 from promptserve.sim.simulator import ARRIVAL, DONE, REPLAN, SimResult, _Run, initial_demand
@@ -120,18 +119,6 @@ class StepRun(_Run):
         m = self.sched.next_steps(gpu)
         if m > 0:
             self._schedule(gpu, gpu.seg_start + m * gpu.seg_iter_s, m)
-
-    def _served(self, now: float, outcome: Outcome) -> None:
-        self._end(outcome)
-        i = outcome.job.id
-        entry_id, sim = self.match.get(i, (-1, 0.0))
-        if entry_id >= 0 and outcome.level > 0:
-            self.index.record_hit(entry_id, outcome.level, now)
-        if worth_caching(sim if entry_id >= 0 else None):
-            req = self.inputs.requests[i]
-            self.index.insert(
-                req.tenant, req.prompt, self.inputs.embeddings[i], self.cache_levels, now
-            )
 
     def _check_step_conservation(self) -> None:
         unended = int((self.records.status < Status.SERVED).sum())

@@ -11,10 +11,11 @@ full-quality latency), 3 seeds, both quality-penalty presets:
 
 The policies: the published method as shipped (``argus``) and with promptserve's queue,
 admission and 5 s re-planning (``argus+shed+admit+fast``), the fixed levels and NIRVANA with the
-same queue and admission, and ``promptserve``. Each point is bounded by the oracle at 1 s slots
+same queue and admission, ``promptserve``, and step-level serving: ``promptserve-step`` with its
+rivals ``continuous-ha+shed+admit`` and ``continuous-ht+shed+admit``. Each point is bounded by the oracle at 1 s slots
 and, for comparison, at the first oracle's 10 s. Prints one JSON line: per sweep, preset and
 rate the mean effective quality over seeds, the best fair baseline, both bounds, and the target
-checks. ``--readme`` also writes the tables into README.md between the sweep markers.
+checks (``targets.step``: promptserve-step against every other policy). ``--readme`` also writes the tables into README.md between the sweep markers.
 """
 
 from __future__ import annotations

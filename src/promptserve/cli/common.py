@@ -158,7 +158,7 @@ PenaltyOpt = Annotated[str, typer.Option(help="Penalty shape above K_opt: mild o
 # and admission (a baseline without them collapses under load; beating it proves nothing).
 FAIR_POLICIES = (
     "argus,argus+shed+admit+fast,clipper-ha+shed+admit,clipper-ht+shed+admit,"
-    "nirvana+shed+admit,promptserve"
+    "nirvana+shed+admit,promptserve,continuous-ht+shed+admit,promptserve-step"
 )
 
 

@@ -215,6 +215,8 @@ class StepRuntime(Runtime):
             return 0
         joins = [(m.job.id, item) for m, item in members]
         finished = await asyncio.to_thread(self._advance, runner, joins, cancels)
+        for job_id, _ in finished:  # out of the scheduler's count before anyone hears of it
+            self.sched.remove(job_id)
         self._report_steps(runner, [job_id for job_id, _ in finished])
         await self._answer(finished)
         self._wake_gpus(None)

@@ -11,7 +11,8 @@ from promptserve.policy.admission import admit
 from promptserve.policy.dispatcher import Dispatcher
 from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.router import route
-from promptserve.policy.types import Job, Plan
+from promptserve.policy.stepwise import StepGpu, StepScheduler
+from promptserve.policy.types import Job, Outcome, Plan
 
 
 def intake(
@@ -42,3 +43,22 @@ def intake(
         job = admitted
     dispatcher.enqueue(job)
     return job, True
+
+
+def step_intake(
+    job_id: int,
+    now: float,
+    deadline_s: float,
+    k_opt: int,
+    has_neighbour: bool,
+    sched: StepScheduler,
+    estimator: LoadEstimator,
+) -> tuple[Job, StepGpu | None, Outcome | None]:
+    """Step-level serving's intake, for both clocks: tell the estimator, then place the job
+    (the GPU it joins at that GPU's next boundary, None while it waits) or end it (refused
+    or, with no level that can finish, dropped)."""
+    estimator.observe(now, k_opt)
+    k_max = sched.levels[-1] if has_neighbour else 0
+    job = Job(job_id, now, deadline_s, k_opt, k_max, k_opt)
+    gpu, outcome = sched.arrive(now, job)
+    return job, gpu, outcome

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.runner import engine_level
 from promptserve.policy import Policy, Setting, Status
+from promptserve.policy.intake import step_intake
 from promptserve.policy.stepwise import StepGpu, StepScheduler, step_profile
-from promptserve.policy.types import Job
 from promptserve.server.runtime import (
     Cancelled,
     Dropped,
@@ -119,11 +119,10 @@ class StepRuntime(Runtime):
         job_id = next(self.ids)
         future = asyncio.get_running_loop().create_future()
         self.pending[job_id] = _Pending(prompt, tenant, vec, hit, future, now, job_id, handle)
-        self.estimator.observe(now, k_opt)
-        k_max = self.levels[-1] if hit is not None else 0
-        job = Job(job_id, now, now + slo_s, k_opt, k_max, k_opt)
+        job, gpu, outcome = step_intake(
+            job_id, now, now + slo_s, k_opt, hit is not None, self.sched, self.estimator
+        )
         self._deadline[job_id] = job.deadline_s
-        gpu, outcome = self.sched.arrive(now, job)
         if outcome is not None:
             del self.pending[job_id]
             self._deadline.pop(job_id, None)

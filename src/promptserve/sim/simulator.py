@@ -174,20 +174,24 @@ class _Run:
         for ready_at in apply_levels(self.dispatcher, now, plan.gpu_levels, self.switch_s):
             self.push(ready_at, WAKE, None)
 
-    def _arrive(self, now: float, i: int) -> None:
-        req = self.inputs.requests[i]
+    def _classify(self, i: int) -> tuple[int, bool]:
+        """Request i's K_opt from its tenant's nearest cached entry, and whether it has one."""
         similarity, entry_id = self._lookup(i)
         k_opt = self.inputs.thresholds.k_opt(similarity if entry_id >= 0 else None)
         if entry_id >= 0:
             self.match[i] = (entry_id, similarity)
         self.records.k_opt[i] = k_opt
+        return k_opt, entry_id >= 0
+
+    def _arrive(self, now: float, i: int) -> None:
+        k_opt, has_neighbour = self._classify(i)
         assert self.plan is not None
         job, queued = intake(
             i,
             now,
-            req.deadline_s,
+            self.inputs.requests[i].deadline_s,
             k_opt,
-            entry_id >= 0,
+            has_neighbour,
             self.plan,
             self.dispatcher,
             self.estimator,

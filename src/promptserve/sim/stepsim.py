@@ -14,8 +14,8 @@ import math
 import time
 
 from promptserve.policy import Status
+from promptserve.policy.intake import step_intake
 from promptserve.policy.stepwise import EPS, StepConfig, StepGpu, StepScheduler, step_profile
-from promptserve.policy.types import Job
 from promptserve.sim.simulator import ARRIVAL, DONE, REPLAN, SimResult, _Run, initial_demand
 
 
@@ -78,16 +78,11 @@ class StepRun(_Run):
         self.prices.append((now, price))
 
     def _arrive_step(self, now: float, i: int) -> None:
-        req = self.inputs.requests[i]
-        similarity, entry_id = self._lookup(i)
-        k_opt = self.inputs.thresholds.k_opt(similarity if entry_id >= 0 else None)
-        if entry_id >= 0:
-            self.match[i] = (entry_id, similarity)
-        self.records.k_opt[i] = k_opt
-        self.estimator.observe(now, k_opt)
-        k_max = self.levels[-1] if entry_id >= 0 else 0
-        job = Job(i, now, req.deadline_s, k_opt, k_max, k_opt)
-        gpu, outcome = self.sched.arrive(now, job)
+        k_opt, has_neighbour = self._classify(i)
+        deadline = self.inputs.requests[i].deadline_s
+        _, gpu, outcome = step_intake(
+            i, now, deadline, k_opt, has_neighbour, self.sched, self.estimator
+        )
         if outcome is not None:
             self._end(outcome)
         elif gpu is not None:

@@ -111,7 +111,7 @@ def test_dashboard_draws_live_series_and_shows_what_metrics_says(browser, tmp_pa
         stop.set()
         for t in loaders:
             t.join(timeout=60)
-        assert set(drawn) == {"load", "gpus", "quality", "violations", "hits", "queues"}
+        assert set(drawn) == {"load", "gpus", "quality", "violations", "hits", "queues", "kmix"}
         assert all(n > 0 for n in drawn.values()), drawn
         assert max(goodput) > 0  # images were answered while the page watched
         browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
@@ -128,6 +128,15 @@ def test_dashboard_draws_live_series_and_shows_what_metrics_says(browser, tmp_pa
         except AssertionError:
             raise AssertionError(f"dashboard differs from /metrics: {mismatches}") from None
         assert shown_numbers(browser)["served"] > 0
+        # a reload keeps the charts: the page starts from the server's history, not empty
+        reloaded_at_ms = time.time() * 1000
+        browser.get(f"{url}/dashboard?interval_ms=300")
+        wait_for(lambda: browser.execute_script("return window.dashboard.polls || 0") >= 1)
+        kept = browser.execute_script("return window.dashboard.fromHistory")
+        first_t = browser.execute_script("return window.dashboard.samples[0].t")
+        mix = browser.execute_script("return window.dashboard.series.kmix.length")
+        assert kept >= 3 and first_t < reloaded_at_ms - 2000, (kept, first_t, reloaded_at_ms)
+        assert mix >= 1  # the K mix has at least one level with answered images
 
 
 def disagreements(shown: dict[str, float], url: str) -> list:

@@ -119,6 +119,31 @@ def test_models_health_and_metrics_add_up(tiny_url):
     assert delta["refused"] == 1 and delta.get("served", 0) + delta.get("late", 0) == 2
     assert observed_after - observed_before == 2  # one latency observation per answered image
     assert "promptserve_queue_length" in families and "promptserve_cache_hit_ratio" in families
+    by_level = {
+        s.labels["level"]: s.value
+        for s in families["promptserve_images_by_level"].samples
+        if s.name.endswith("_total")
+    }
+    # the K mix counts every answered image once, at the level it ran at
+    assert sum(by_level.values()) == after.get("served", 0) + after.get("late", 0)
+
+
+def test_metrics_history_keeps_the_last_minutes_for_a_reloaded_dashboard(tiny_url):
+    client(tiny_url).images.generate(prompt="a lighthouse", response_format="b64_json")
+    time.sleep(2.2)  # the recorder scrapes once a second
+    samples = httpx.get(tiny_url + "/v1/metrics/history").json()["samples"]
+    assert len(samples) >= 2
+    assert all(a["t"] < b["t"] for a, b in zip(samples, samples[1:]))
+    answered = sum(
+        s.value
+        for f in text_string_to_metric_families(samples[-1]["metrics"])
+        for s in f.samples
+        if s.name == "promptserve_requests_total" and s.labels["outcome"] in ("served", "late")
+    )
+    assert answered >= 1  # the recorded scrape saw the image answered above
+    assert "_bucket" not in samples[-1]["metrics"]  # kept small: no histogram buckets
+    newer = httpx.get(tiny_url + "/v1/metrics/history", params={"since_ms": samples[-2]["t"]})
+    assert [s["t"] for s in newer.json()["samples"]][:1] == [samples[-1]["t"]]
 
 
 def test_a_deadline_no_level_can_meet_is_422_with_the_least_one_not_a_retry(tmp_path):

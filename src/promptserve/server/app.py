@@ -13,17 +13,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from promptserve.server.images import IMAGE_ID, ImageStore
 from promptserve.server.jobs import FINAL, KEPT_JOBS, JobState, forget_finished
 from promptserve.server.keys import tenant_for
 from promptserve.server.limits import StreamedBodyLimit
-from promptserve.server.metrics import Metrics
+from promptserve.server.metrics import History, Metrics, exposition
 from promptserve.server.runtime import (
     Cancelled,
     Dropped,
@@ -72,12 +69,20 @@ def create_app(
 ) -> FastAPI:
     keys = keys or {}
     metrics = Metrics()
+    history = History()
     images = ImageStore()
+
+    async def record_history() -> None:
+        while True:
+            history.record(time.time() * 1000, scrape())
+            await asyncio.sleep(1.0)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         runtime.start()
+        recorder = asyncio.create_task(record_history())
         yield
+        recorder.cancel()
         await runtime.stop()
 
     app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan)
@@ -299,8 +304,8 @@ def create_app(
             return error(503, "a scheduling loop has stopped: this server takes no work", None)
         return {"status": "ready", "workers": len(runtime.dispatcher.gpus)}
 
-    @app.get("/metrics")
-    async def metrics_endpoint():
+    def scrape() -> bytes:
+        """Copy the runtime's state into the gauges; the exposition text."""
         for k, n in runtime.queue_lengths().items():
             metrics.queue.labels(str(k)).set(n)
         for k, n in runtime.gpus_per_level().items():
@@ -316,6 +321,15 @@ def create_app(
         metrics.workers_up.set(len(runtime.dispatcher.up_gpus()))
         for gpu, count in enumerate(getattr(runtime, "inflight", list)()):
             metrics.inflight.labels(str(gpu)).set(count)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return exposition(metrics)
+
+    @app.get("/metrics")
+    async def metrics_endpoint():
+        return Response(scrape(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/metrics/history")
+    async def metrics_history(since_ms: float = 0.0):
+        """``/metrics`` once a second for the last 10 minutes (epoch ms), for the dashboard."""
+        return {"samples": history.since(since_ms)}
 
     return app

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+HISTORY_S = 600  # what a reloaded dashboard gets back: the last 10 minutes at one sample a second
 
 
 class Metrics:
@@ -78,6 +82,12 @@ class Metrics:
             ["gpu"],
             registry=self.registry,
         )
+        self.levels = Counter(
+            "promptserve_images_by_level",
+            "Answered images by the approximation level K they ran at (the K mix)",
+            ["level"],
+            registry=self.registry,
+        )
         self._q_sum = 0.0
         self._q_n = 0
 
@@ -98,11 +108,35 @@ class Metrics:
             self.requests.labels(label).inc()
             return
         late = outcome.queue_s + outcome.compute_s > deadline_s  # type: ignore[attr-defined]
-        self.observe_served(outcome.quality, latency_s, late)  # type: ignore[attr-defined]
+        self.observe_served(outcome.quality, latency_s, late, outcome.level)  # type: ignore[attr-defined]
 
-    def observe_served(self, quality: float, latency_s: float, late: bool) -> None:
+    def observe_served(self, quality: float, latency_s: float, late: bool, level: int) -> None:
         self.requests.labels("late" if late else "served").inc()
+        self.levels.labels(str(level)).inc()
         self.latency.observe(latency_s)
         self._q_sum += quality
         self._q_n += 1
         self.quality.set(self._q_sum / self._q_n)
+
+
+class History:
+    """The last minutes of ``/metrics``, one scrape a second, so a reloaded dashboard keeps its
+    charts. Only value lines are kept (no help text, no histogram buckets): about 1 KB each."""
+
+    def __init__(self, keep: int = HISTORY_S) -> None:
+        self.samples: deque[tuple[float, str]] = deque(maxlen=keep)
+
+    def record(self, t_ms: float, exposition: bytes) -> None:
+        lines = [
+            line
+            for line in exposition.decode().splitlines()
+            if line and not line.startswith("#") and "_bucket{" not in line
+        ]
+        self.samples.append((t_ms, "\n".join(lines)))
+
+    def since(self, t_ms: float) -> list[dict]:
+        return [{"t": t, "metrics": text} for t, text in self.samples if t > t_ms]
+
+
+def exposition(metrics: Metrics) -> bytes:
+    return generate_latest(metrics.registry)

@@ -192,3 +192,41 @@ def test_the_runtime_reads_time_only_from_its_injected_clock(tmp_path):
     served = asyncio.run(serve())
     assert 100.0 <= served.compute_s < 130.0 and 0.0 <= served.queue_s < 30.0
     assert runtime.counters.by_outcome["late"] == 1 and runtime.counters.by_outcome["served"] == 0
+
+
+def test_each_engine_builds_and_computes_on_one_thread_of_its_own(tmp_path):
+    """torch's OpenMP team belongs to the calling thread: batches that land on any pool thread
+    (and an embedder sharing them) slowed the tiny model 2.5x. Every batch of a worker runs on
+    the thread that built it, with the intra-op thread count set for it; embedding runs on
+    another thread with one."""
+    import threading
+
+    import torch
+
+    from factories import tiny_app
+    from promptserve.engine.threads import torch_threads_for
+
+    app = tiny_app(tmp_path)
+    runtime = app.state.runtime
+    engine = runtime.workers.engines[0]
+    seen: list[tuple[int, int]] = []
+    embedded_on: list[tuple[int, int]] = []
+    real_generate, real_embed = engine.generate, runtime.embedder.embed
+
+    def generate(items, on_step=None):
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        return real_generate(items, on_step)
+
+    def embed(texts):
+        embedded_on.append((threading.get_ident(), torch.get_num_threads()))
+        return real_embed(texts)
+
+    engine.generate, runtime.embedder.embed = generate, embed
+    built_on = runtime.workers.threads[0].call(threading.get_ident)
+    with LiveServer(app) as url:
+        c = client(url, timeout=120)
+        for i in range(3):
+            c.images.generate(prompt=f"a lighthouse {i}", size="64x64")
+    assert len(seen) == 3 and {t for t, _ in seen} == {built_on}
+    assert {n for _, n in seen} == {torch_threads_for(1)}
+    assert embedded_on and all(t != built_on and n == 1 for t, n in embedded_on)

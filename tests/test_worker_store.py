@@ -83,9 +83,11 @@ def test_two_prompts_of_one_tenant_in_one_batch_get_their_own_entries(tmp_path):
             [GenerationItem(prompt, 10, None, seed=3)],
             [StoreRefs(entry.latent_keys[10], "t", cache.reserve())],
         )
-        # each resumes from its own latent: it ends where its own full run ended
+        # each resumes from its own latent: it ends where its own full run ended (the full run
+        # was a batch of two, the resume a batch of one: float32 kernels differ by batch shape,
+        # by about 1e-6 of the latent's magnitude, 12)
         assert again.k == 10
-        assert np.abs(again.final_latent - first.final_latent).max() <= 1e-5
+        assert np.abs(again.final_latent - first.final_latent).max() <= 1e-4
     assert np.abs(results[0].final_latent - results[1].final_latent).max() > 1e-3
 
 

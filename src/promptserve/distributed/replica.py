@@ -20,6 +20,7 @@ from promptserve.engine import make_engine
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.profiling import quick_profile
 from promptserve.engine.runner import latents_to_keep
+from promptserve.engine.threads import ComputeThread, torch_threads_for
 from promptserve.server import engine_size
 from promptserve.server.runtime import Cancelled
 from promptserve.server.workers import StoreRefs
@@ -37,10 +38,14 @@ class EngineWorker:
         store_root: str | None = None,
     ) -> None:
         self.index = index
-        self.engine = make_engine(model, backend, device, dtype, speedup=speedup)
+        # built, profiled and run on one thread of its own (engine.threads)
+        self._compute = ComputeThread("promptserve-engine", torch_threads_for(1))
+        self.engine = self._compute.call(
+            make_engine, model, backend, device, dtype, speedup=speedup
+        )
         # the latent store every node reaches (a shared folder); the ingress owns its manifest
         self.store = LatentStore(store_root, clean_temporaries=False) if store_root else None
-        self.profile = quick_profile(self.engine)
+        self.profile = self._compute.call(quick_profile, self.engine)
         self.level: int | None = None
         self.batches = 0
         # per call: the replica takes up to 16 concurrent calls (pings, cancellations, a retried
@@ -108,7 +113,7 @@ class EngineWorker:
             self.running.pop(call, None)
 
     async def _run(self, items, refs, on_step, steps: asyncio.Queue, stop: threading.Event):
-        run = asyncio.ensure_future(asyncio.to_thread(self.engine.generate, list(items), on_step))
+        run = asyncio.ensure_future(self._compute.run(self.engine.generate, list(items), on_step))
         try:
             while not run.done():
                 get = asyncio.ensure_future(steps.get())

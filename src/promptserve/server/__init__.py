@@ -13,12 +13,13 @@ from promptserve.cache.embed import make_embedder
 from promptserve.cache.thresholds import embedder_thresholds
 from promptserve.engine import make_engine
 from promptserve.engine.profiling import quick_profile
+from promptserve.engine.threads import torch_threads_for
 from promptserve.errors import InputError
 from promptserve.policy import Setting, get_policy
 from promptserve.quality import model_for_levels
 from promptserve.server.app import create_app
 from promptserve.server.runtime import Runtime
-from promptserve.server.workers import LocalWorkers, Workers
+from promptserve.server.workers import LocalWorkers, Workers, compute_threads
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +43,25 @@ class ServerConfig:
 
 def build_app(config: ServerConfig) -> FastAPI:
     """The single-process server: ``config.workers`` logical GPUs, one engine each."""
-    engines = local_engines(config)
-    workers = LocalWorkers(engines, quick_profile(engines[0]))
-    return app_for(config, workers, engine_size(engines[0]))
+    workers = local_workers(config)
+    return app_for(config, workers, engine_size(workers.engines[0]))
 
 
-def local_engines(config: ServerConfig) -> list:
+def local_workers(config: ServerConfig) -> LocalWorkers:
     """One engine per worker, each on its own device: an engine's scheduler is not shared
     between threads, and the planner counts each worker's capacity once. CUDA workers take
     ``cuda:0 .. cuda:N-1``; N workers on one named GPU are refused. On the CPU (demos, tests)
     the N engines share its cores, which the quick profile does not see: the planner then
-    over-rates the server, so say so."""
+    over-rates the server, so say so. Each engine is built, profiled and run on its own thread
+    (``engine.threads``), so the profile is measured as the engine will serve."""
     devices = worker_devices(config.device, config.workers)
-    first = make_engine(config.model, config.backend, devices[0], speedup=config.speedup)
+    threads = compute_threads(len(devices), torch_threads_for(len(devices)))
+    first = threads[0].call(
+        make_engine, config.model, config.backend, devices[0], speedup=config.speedup
+    )
+    profile = threads[0].call(quick_profile, first)
     if getattr(first, "stateless", False):
-        return [first] * config.workers
+        return LocalWorkers([first] * config.workers, profile, threads)
     if config.workers > 1 and not devices[0].startswith("cuda"):
         log.warning(
             "%d workers share one %s device: the planner counts each at full speed",
@@ -64,9 +69,10 @@ def local_engines(config: ServerConfig) -> list:
             devices[0],
         )
     rest = [
-        make_engine(config.model, config.backend, d, speedup=config.speedup) for d in devices[1:]
+        t.call(make_engine, config.model, config.backend, d, speedup=config.speedup)
+        for t, d in zip(threads[1:], devices[1:], strict=True)
     ]
-    return [first, *rest]
+    return LocalWorkers([first, *rest], profile, threads)
 
 
 def worker_devices(device: str, workers: int) -> list[str]:

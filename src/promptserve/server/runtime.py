@@ -25,6 +25,7 @@ from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.runner import engine_level, remember
+from promptserve.engine.threads import ComputeThread
 from promptserve.policy import Dispatcher, Policy, Setting, intake
 from promptserve.policy.planning import (
     apply_levels,
@@ -149,6 +150,8 @@ class Runtime:
         # every cache call (index, latent files with fsync, SQLite commits) runs on this one
         # thread, in order: off the event loop, and never two at once on the index
         self._cache_thread = ThreadPoolExecutor(1, thread_name_prefix="promptserve-cache")
+        # the embedder's torch work on one thread of its own, one intra-op thread (engine.threads)
+        self._embed_thread = ComputeThread("promptserve-embed", 1)
         self._to_embed: list[tuple[str, asyncio.Future]] = []
         self._embedding: asyncio.Task | None = None  # the task embedding queued prompts
         self.plan: Plan | None = None
@@ -188,7 +191,7 @@ class Runtime:
         while self._to_embed:
             batch, self._to_embed = self._to_embed, []
             try:
-                vecs = await asyncio.to_thread(self.embedder.embed, [p for p, _ in batch])
+                vecs = await self._embed_thread.run(self.embedder.embed, [p for p, _ in batch])
             except Exception as exc:  # every waiting request hears it
                 for _, future in batch:
                     if not future.done():

@@ -213,7 +213,7 @@ class StepRuntime(Runtime):
         if not members and not len(runner) and not cancels:
             return 0
         joins = [(m.job.id, item) for m, item in members]
-        finished = await asyncio.to_thread(self._advance, runner, joins, cancels)
+        finished = await self._compute(g, self._advance, runner, joins, cancels)
         for job_id, _ in finished:  # out of the scheduler's count before anyone hears of it
             self.sched.remove(job_id)
         self._report_steps(runner, [job_id for job_id, _ in finished])
@@ -230,6 +230,13 @@ class StepRuntime(Runtime):
             k = member.k if latent is not None else 0
             out.append((member, GenerationItem(p.prompt, k, latent, seed=p.seed)))
         return out
+
+    async def _compute(self, g: int, fn: Callable, *args: object):  # noqa: ANN202
+        """On GPU ``g``'s own thread where the workers have one (engine.threads)."""
+        threads = getattr(self.workers, "threads", None)
+        if threads is None:
+            return await asyncio.to_thread(fn, *args)
+        return await threads[g].run(fn, *args)
 
     @staticmethod
     def _advance(runner, joins: list, cancels: set) -> list:  # noqa: ANN001 - in the GPU's thread

@@ -8,12 +8,12 @@ vanishes mid-batch raises ``WorkerLost``: the runtime requeues the batch instead
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from promptserve.engine.base import Engine, GenerationItem, GenerationResult
+from promptserve.engine.threads import ComputeThread, torch_threads_for
 from promptserve.profile import Profile
 
 OnStep = Callable[[int], None]  # called once per denoising step; raising stops the batch
@@ -59,16 +59,24 @@ class Workers(Protocol):
 
 
 class LocalWorkers:
-    """Logical GPUs in this process, one engine each (batches run in threads). An engine holds
-    its own scheduler state, so two batches never share one; a stateless engine (the modelled
-    one) may stand for every worker."""
+    """Logical GPUs in this process, one engine each, each computing on its own long-lived
+    thread (``engine.threads``: a batch that lands on any pool thread slows torch on the CPU).
+    An engine holds its own scheduler state, so two batches never share one; a stateless engine
+    (the modelled one) may stand for every worker."""
 
     shared_store = False
 
-    def __init__(self, engines: Sequence[Engine], profile: Profile) -> None:
+    def __init__(
+        self,
+        engines: Sequence[Engine],
+        profile: Profile,
+        threads: Sequence[ComputeThread] | None = None,
+    ) -> None:
         if not engines:
             raise ValueError("LocalWorkers needs at least one engine")
         self.engines, self.profile, self.count = list(engines), profile, len(engines)
+        per = torch_threads_for(self.count)
+        self.threads = list(threads or compute_threads(self.count, per))
         first = self.engines[0]
         self.name, self.total_steps, self.levels = first.name, first.total_steps, first.levels
 
@@ -79,10 +87,14 @@ class LocalWorkers:
         on_step: OnStep,
         refs: Sequence[StoreRefs] | None = None,
     ) -> list[GenerationResult]:
-        return await asyncio.to_thread(self.engines[gpu].generate, items, on_step)
+        return await self.threads[gpu].run(self.engines[gpu].generate, items, on_step)
 
     async def set_levels(self, levels: Sequence[int | None]) -> None:
         """One engine resumes at any level: nothing to tell it."""
 
     async def alive(self) -> list[bool]:
         return [True] * self.count
+
+
+def compute_threads(count: int, torch_threads: int) -> list[ComputeThread]:
+    return [ComputeThread(f"promptserve-gpu{i}", torch_threads) for i in range(count)]

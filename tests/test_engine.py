@@ -99,6 +99,16 @@ def test_profile_command_writes_a_profile_the_simulator_loads(tmp_path):
     assert all(t > 0 for row in prof.latency_s for t in row)
     assert len({t for row in prof.latency_s for t in row}) == 4
     assert prof.level_quality(10) == reference_profile().level_quality(25)
+    # the step-level costs are measured too, and step-level serving plans with them
+    from promptserve.policy.stepwise import derived_step_profile, step_profile
+
+    written = json.loads(out.read_text())["step"]
+    assert written["inflight"] == [1, 2] and all(v > 0 for v in written["step_latency_s"])
+    assert written["encode_s"] > 0 and written["decode_s"] > 0
+    steps = step_profile(prof)
+    assert steps.step_s == tuple(written["step_latency_s"])
+    assert (steps.join_s, steps.leave_s) == (written["encode_s"], written["decode_s"])
+    assert steps != derived_step_profile(prof)
     bad = CliRunner().invoke(app, ["profile", "--levels", "0,3", "--out", str(out)])
     assert bad.exit_code == 2 and "--levels" in bad.output
     # and the simulator runs on it: K_opt lands on the tiny model's own levels (0 and 10 of 20)
@@ -106,7 +116,8 @@ def test_profile_command_writes_a_profile_the_simulator_loads(tmp_path):
     prompts.write_text("\n".join(["a red fox in snow", "a red fox in the snow"] * 10) + "\n")
     sim = CliRunner().invoke(
         app,
-        ["simulate", "--profile", str(out), "--slo", "5", "--policies", "argus,promptserve",
+        ["simulate", "--profile", str(out), "--slo", "5",
+         "--policies", "argus,promptserve,promptserve-step",
          "--prompts", str(prompts), "--arrivals", "poisson", "--rate", "30", "--minutes", "1",
          "--embedder", "hashing", "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "s")],
     )  # fmt: skip

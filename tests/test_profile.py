@@ -84,3 +84,33 @@ def test_profile_that_is_not_json(tmp_path):
     f.write_text("{nope")
     with pytest.raises(InputError, match="not valid JSON"):
         load_profile(f)
+
+
+def test_measured_step_costs_interpolate_between_the_counts_measured(tmp_path):
+    from promptserve.policy.stepwise import step_profile
+    from promptserve.profile import load_profile
+
+    raw = {
+        "format": "promptserve-profile/1",
+        "model": "m",
+        "total_steps": 20,
+        "levels": [0, 10],
+        "batch_sizes": [1],
+        "batch_latency_s": [[2.0], [1.0]],
+        "quality_percent": [100, 90],
+        "step": {
+            "inflight": [1, 4],
+            "step_latency_s": [0.1, 0.4],
+            "encode_s": 0.02,
+            "decode_s": 0.05,
+        },
+    }
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(raw))
+    steps = step_profile(load_profile(path))
+    assert steps.step_s == pytest.approx((0.1, 0.2, 0.3, 0.4))
+    assert (steps.join_s, steps.leave_s) == (0.02, 0.05)
+    raw["step"]["inflight"] = [2, 4]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(InputError, match="step.*inflight must start at 1"):
+        load_profile(path)

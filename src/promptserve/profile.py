@@ -47,6 +47,12 @@ class Profile:
     batch_sizes: tuple[int, ...]  # ascending, starts at 1
     latency_s: tuple[tuple[float, ...], ...]  # [level index][batch-size index], seconds
     model_load_s: float = 0.0  # seconds to load the model onto a device
+    # measured for step-level serving (``promptserve profile``); empty: derived from the batch
+    # latencies (``policy.stepwise.step_profile``)
+    step_inflight: tuple[int, ...] = ()  # in-flight counts measured, ascending from 1
+    step_latency_s: tuple[float, ...] = ()  # seconds of one denoiser step at each count
+    encode_s: float = 0.0  # per request, at join: its text encoding
+    decode_s: float = 0.0  # per request, at leave: its VAE decode and PNG
 
     @property
     def max_batch(self) -> int:
@@ -142,6 +148,28 @@ class _ReferenceFile(BaseModel):
         return self
 
 
+class StepMeasure(BaseModel):
+    """Step-level serving's costs: one denoiser step against the members in flight, and the
+    fixed costs of one request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inflight: list[int] = Field(min_length=1)
+    step_latency_s: list[float] = Field(min_length=1)
+    encode_s: float = Field(ge=0.0)
+    decode_s: float = Field(ge=0.0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StepMeasure:
+        if self.inflight[0] != 1 or any(b <= a for a, b in zip(self.inflight, self.inflight[1:])):
+            raise ValueError("inflight must start at 1 and increase")
+        if len(self.step_latency_s) != len(self.inflight):
+            raise ValueError("step_latency_s must have one value per inflight count")
+        if any(not v > 0 for v in self.step_latency_s):
+            raise ValueError("step_latency_s values must be > 0 seconds")
+        return self
+
+
 class MeasuredProfile(BaseModel):
     """The measured profile file (``promptserve-profile/1``); ``promptserve profile`` writes it.
 
@@ -162,6 +190,7 @@ class MeasuredProfile(BaseModel):
     batch_latency_s: list[list[float]]
     quality_percent: list[float] | None = None
     model_load_s: float = Field(default=0.0, ge=0.0)
+    step: StepMeasure | None = None  # None: step-level costs derived from the batch latencies
 
     @model_validator(mode="after")
     def _consistent(self) -> MeasuredProfile:
@@ -199,6 +228,16 @@ class MeasuredProfile(BaseModel):
             batch_sizes=tuple(self.batch_sizes),
             latency_s=tuple(tuple(row) for row in self.batch_latency_s),
             model_load_s=self.model_load_s,
+            **(
+                {
+                    "step_inflight": tuple(self.step.inflight),
+                    "step_latency_s": tuple(self.step.step_latency_s),
+                    "encode_s": self.step.encode_s,
+                    "decode_s": self.step.decode_s,
+                }
+                if self.step is not None
+                else {}
+            ),
         )
 
 

@@ -33,19 +33,30 @@ def profile_cmd(
     model: ModelOpt = "tiny",
     levels: Annotated[str, typer.Option(help="Levels K to measure; default: the model's.")] = "",
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes to measure.")] = "1,2,4,8",
+    inflight: Annotated[
+        str,
+        typer.Option(
+            help="In-flight counts to time one denoising step at (step-level serving); "
+            "default: the batch sizes."
+        ),
+    ] = "",
     repeats: Annotated[int, typer.Option(help="Timed runs per point.", min=1, max=100)] = 1,
     device: DeviceOpt = "cpu",
     out: Annotated[Path, typer.Option(help="Where to write the measured profile JSON.")] = Path(
         "profile.json"
     ),
 ) -> None:
-    """Measure batch latency per level and batch size on this device; write a profile file."""
+    """Measure batch latency per level and batch size, and step latency per in-flight count
+    with the per-request encode and decode, on this device; write a profile file."""
     from promptserve.engine import make_engine
-    from promptserve.engine.profiling import measure
+    from promptserve.engine.profiling import measure, measure_steps
 
     sizes = sorted(set(_int_list(batch_sizes, "--batch-sizes")))
     if sizes[0] != 1:
         raise InputError("--batch-sizes must include 1")
+    counts = sorted(set(_int_list(inflight, "--inflight"))) if inflight else sizes
+    if counts[0] != 1:
+        raise InputError("--inflight must include 1")
     engine = make_engine(model, device=device)
     chosen = sorted(set(_int_list(levels, "--levels"))) if levels else list(engine.levels)
     bad = [k for k in chosen if k not in engine.levels]
@@ -54,11 +65,12 @@ def profile_cmd(
             f"--levels must start at 0 and be among the model's levels {engine.levels}"
         )
     with progress() as bar:
-        task = bar.add_task(f"profiling {model}", total=len(chosen) * len(sizes))
+        task = bar.add_task(f"profiling {model}", total=len(chosen) * len(sizes) + len(counts))
         measured = measure(
             engine, model, chosen, sizes, repeats, on_point=lambda *_: bar.advance(task)
         )
-    out.write_text(measured.model_dump_json(indent=2) + "\n")
+        measured.step = measure_steps(engine, counts, on_point=lambda *_: bar.advance(task))
+    out.write_text(measured.model_dump_json(indent=2, exclude_none=True) + "\n")
     table = Table(title=f"batch latency (s), {model} on {device}")
     table.add_column("K")
     for b in sizes:
@@ -66,6 +78,16 @@ def profile_cmd(
     for k, row in zip(chosen, measured.batch_latency_s, strict=True):
         table.add_row(str(k), *(f"{v:.3f}" for v in row))
     console.print(table)
+    if measured.step is not None:
+        steps = Table(title="one denoising step (ms) against requests in flight")
+        for n in measured.step.inflight:
+            steps.add_column(f"{n}", justify="right")
+        steps.add_row(*(f"{v * 1e3:.1f}" for v in measured.step.step_latency_s))
+        console.print(steps)
+        console.print(
+            f"per request: encode {measured.step.encode_s * 1e3:.1f} ms at join, "
+            f"decode {measured.step.decode_s * 1e3:.1f} ms at leave"
+        )
     console.print(f"profile written to {out}")
 
 

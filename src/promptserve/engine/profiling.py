@@ -8,7 +8,15 @@ import time
 from collections.abc import Callable, Sequence
 
 from promptserve.engine.base import Engine, GenerationItem
-from promptserve.profile import MeasuredProfile, Profile, batch_coefficient, reference_profile
+from promptserve.profile import (
+    MeasuredProfile,
+    Profile,
+    StepMeasure,
+    batch_coefficient,
+    reference_profile,
+)
+
+STEPS_TIMED = 3  # steps timed per in-flight count, after one untimed
 
 
 def reference_quality(levels: Sequence[int], total_steps: int) -> list[float]:
@@ -59,6 +67,55 @@ def measure(
         batch_sizes=list(batch_sizes),
         batch_latency_s=rows,
         quality_percent=reference_quality(levels, engine.total_steps),
+    )
+
+
+def measure_steps(
+    engine: Engine,
+    inflight: Sequence[int],
+    on_point: Callable[[int, float], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> StepMeasure | None:
+    """Step-level costs on the engine's own components: one step with n members in flight
+    (all joined, one step untimed, then the mean of a few), one request's text encoding, and
+    one latent's decode to PNG. None for an engine without components (the modelled one)."""
+    from promptserve.engine.denoise import decode_png, encode, initial_noise
+    from promptserve.engine.steprunner import StepRunner
+
+    comps = getattr(engine, "c", None)
+    if comps is None:
+        return None
+    runner = StepRunner(comps, engine.total_steps, engine.levels, getattr(engine, "guidance", 7.5))
+    if engine.total_steps < STEPS_TIMED + 2:
+        raise ValueError(f"{engine.total_steps} steps are too few to time a step")
+    latencies = []
+    for n in inflight:
+        for key in list(runner.steps_left()):
+            runner.cancel(key)
+        runner.join([(i, GenerationItem(f"prompt {i}", 0, seed=i)) for i in range(n)])
+        runner.step()
+        t0 = clock()
+        for _ in range(STEPS_TIMED):
+            runner.step()
+        latencies.append((clock() - t0) / STEPS_TIMED)
+        if on_point is not None:
+            on_point(n, latencies[-1])
+    encode(comps, ["warm-up"])
+    t0 = clock()
+    for i in range(STEPS_TIMED):
+        encode(comps, [f"a lighthouse at dusk {i}"])
+    encode_s = (clock() - t0) / STEPS_TIMED
+    latent = initial_noise(comps, 0)
+    decode_png(comps, latent)
+    t0 = clock()
+    for _ in range(STEPS_TIMED):
+        decode_png(comps, latent)
+    decode_s = (clock() - t0) / STEPS_TIMED
+    return StepMeasure(
+        inflight=list(inflight),
+        step_latency_s=latencies,
+        encode_s=encode_s,
+        decode_s=decode_s,
     )
 
 

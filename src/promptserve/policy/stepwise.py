@@ -75,6 +75,26 @@ class StepProfile:
 
 
 def step_profile(profile: Profile) -> StepProfile:
+    """What ``promptserve profile`` measured (step latency per in-flight count, linear between
+    the counts measured; encode at join, decode at leave), or, for a profile of batch latencies
+    only, the equivalent derived from them (``derived_step_profile``)."""
+    if not profile.step_latency_s:
+        return derived_step_profile(profile)
+    counts, measured = profile.step_inflight, profile.step_latency_s
+    steps = []
+    for n in range(1, counts[-1] + 1):
+        j = bisect.bisect_left(counts, n)
+        if counts[j] == n:
+            steps.append(measured[j])
+        else:
+            n0, n1 = counts[j - 1], counts[j]
+            steps.append(measured[j - 1] + (measured[j] - measured[j - 1]) * (n - n0) / (n1 - n0))
+    return StepProfile(
+        profile.total_steps, profile.levels, tuple(steps), profile.encode_s, profile.decode_s
+    )
+
+
+def derived_step_profile(profile: Profile) -> StepProfile:
     """The step-level equivalent of a batch profile: a batch of b at level K runs N - K steps of
     b members, so ``step(b) = (L(0, b) - L(K_max, b)) / K_max`` and what is left of L(0, b)
     after N steps is the batch's fixed cost, shared by its b requests (half at join for the

@@ -112,6 +112,37 @@ def derived_step_profile(profile: Profile) -> StepProfile:
     return StepProfile(n, profile.levels, tuple(steps), per_request / 2, per_request / 2)
 
 
+class _Bucket:
+    """GPU indices with one member count; ``first`` is the lowest, in O(log n). Ties between
+    equally loaded GPUs go by index, not by the order of past joins and leaves, so both clocks
+    (one boundary per step live, one per event simulated) place a request on the same GPU."""
+
+    def __init__(self) -> None:
+        self.members: set[int] = set()
+        self.heap: list[int] = []
+        self.queued: set[int] = set()  # in ``heap``, maybe no longer a member
+
+    def __bool__(self) -> bool:
+        return bool(self.members)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.members)
+
+    def add(self, i: int) -> None:
+        self.members.add(i)
+        if i not in self.queued:
+            self.queued.add(i)
+            heapq.heappush(self.heap, i)
+
+    def discard(self, i: int) -> None:
+        self.members.discard(i)
+
+    def first(self) -> int:
+        while self.heap[0] not in self.members:
+            self.queued.discard(heapq.heappop(self.heap))
+        return self.heap[0]
+
+
 @dataclass(frozen=True)
 class StepConfig:
     rule: KRule  # price: promptserve-step; zero: continuous-ha; max: continuous-ht
@@ -192,8 +223,9 @@ class StepScheduler:
         self.index_of = {k: i for i, k in enumerate(self.levels)}
         self.gpus = [StepGpu(i) for i in range(n_gpus)]
         self.cap = profile.max_inflight if config.shed else min(config.cap, profile.max_inflight)
-        self.by_count: list[set[int]] = [set() for _ in range(profile.max_inflight + 2)]
-        self.by_count[0].update(range(n_gpus))
+        self.by_count = [_Bucket() for _ in range(profile.max_inflight + 2)]
+        for g in range(n_gpus):
+            self.by_count[0].add(g)
         self.waiting: list[tuple[float, int, Job]] = []  # (deadline or arrival, id, job)
         self.price = 0.0
         self._choice = self._choice_lo = self._choices(0.0)
@@ -278,7 +310,7 @@ class StepScheduler:
     def least_loaded(self) -> StepGpu | None:
         for bucket in self.by_count:
             if bucket:
-                return self.gpus[next(iter(bucket))]
+                return self.gpus[bucket.first()]
         return None
 
     def _recount(self, gpu: StepGpu, before: int) -> None:
@@ -368,11 +400,13 @@ class StepScheduler:
         (served), who joins (with their K), who is dropped from the waiting queue."""
         before = gpu.count
         gpu.done += steps
-        left: list[Outcome] = []
+        leaving: list[Member] = []
         while gpu.members and gpu.members[0][0] <= gpu.done:
             _, _, jid = gpu.members.pop(0)
-            m = gpu.by_id.pop(jid)
-            left.append(Outcome(m.job, Status.SERVED, now, m.k))
+            leaving.append(gpu.by_id.pop(jid))
+        # the leavers are decoded together before anyone hears: answered after the decode
+        answered_at = now + len(leaving) * self.profile.leave_s
+        left = [Outcome(m.job, Status.SERVED, answered_at, m.k) for m in leaving]
         joined: list[Member] = []
         dropped: list[Outcome] = []
         placed, gpu.joining = gpu.joining, []
@@ -446,10 +480,14 @@ class StepScheduler:
 
     def next_steps(self, gpu: StepGpu) -> int:
         """How many steps the GPU runs before something must happen on it: the next leave, or
-        one step when a join is waiting for it (0: idle)."""
+        one step when a join is waiting for it, or while requests wait under ``shed`` (a join
+        that would make a member late may fit a few steps later, when the members have fewer
+        steps left; the live runtime holds a boundary at every step) (0: idle)."""
         if not gpu.by_id:
             return 0
-        return 1 if gpu.joining else gpu.steps_to_next_leave()
+        if gpu.joining or (self.config.shed and self.waiting):
+            return 1
+        return gpu.steps_to_next_leave()
 
     def remove(self, job_id: int) -> Job | None:
         """A cancelled request: out of the waiting queue, the joining list or its batch."""
@@ -484,7 +522,7 @@ class StepScheduler:
         now (it pulls from the queue)."""
         if not self.waiting:
             return []
-        return [self.gpus[i] for i in self.by_count[0]]
+        return [self.gpus[i] for i in sorted(self.by_count[0])]
 
     def pending(self) -> int:
         return len(self.waiting) + sum(g.count for g in self.gpus)

@@ -188,6 +188,17 @@ class StepRuntime(Runtime):
 
     async def _boundary(self, g: int, gpu: StepGpu, runner, steps: int) -> int:  # noqa: ANN001
         """One boundary and the step after it; the number of steps run (0: idle)."""
+        step = await self._join(g, gpu, steps)
+        if step is None:
+            return 0
+        joins, cancels = step
+        finished = await self._compute(g, self._advance, runner, joins, cancels)
+        await self._finish(g, finished)
+        return 1 if len(runner) or finished else 0
+
+    async def _join(self, g: int, gpu: StepGpu, steps: int) -> tuple[list, set] | None:
+        """The boundary's decisions at the clock's now (who leaves, who joins at which K), the
+        joiners' items read from the cache; what the next step runs (None: nothing to run)."""
         now = self.clock()
         _left, joined, dropped = self.sched.boundary(gpu, now, steps)
         for outcome in dropped:
@@ -210,16 +221,17 @@ class StepRuntime(Runtime):
             if p.handle is not None:
                 p.handle.emit("level", {"level_k": item.k})
         cancels, self._cancel[g] = self._cancel[g], set()
-        if not members and not len(runner) and not cancels:
-            return 0
-        joins = [(m.job.id, item) for m, item in members]
-        finished = await self._compute(g, self._advance, runner, joins, cancels)
-        for job_id, _ in finished:  # out of the scheduler's count before anyone hears of it
+        if not members and not len(self.runners[g]) and not cancels:
+            return None
+        return [(m.job.id, item) for m, item in members], cancels
+
+    async def _finish(self, g: int, finished: list) -> None:
+        """After a step: who finished leaves the scheduler's count before anyone hears of it."""
+        for job_id, _ in finished:
             self.sched.remove(job_id)
-        self._report_steps(runner, [job_id for job_id, _ in finished])
+        self._report_steps(self.runners[g], [job_id for job_id, _ in finished])
         await self._answer(finished)
         self._wake_gpus(None)
-        return 1 if len(runner) or finished else 0
 
     def _join_items(self, items: list) -> list[tuple]:  # noqa: ANN001 - on the cache thread
         out = []

@@ -87,6 +87,12 @@ class StepRun(_Run):
             self._end(outcome)
         elif gpu is not None:
             self._cut(gpu, now)
+        elif self.sched.config.shed:
+            # it waits: every running GPU holds a boundary at its next step, where the job may
+            # fit (``next_steps``), as the live runtime holds one at every step
+            for running in self.sched.gpus:
+                if running.by_id:
+                    self._cut(running, now)
 
     def _cut(self, gpu: StepGpu, now: float) -> None:
         """Stop ``gpu`` at its next step boundary (a request waits to join it there)."""

@@ -148,12 +148,16 @@ def test_a_burst_of_arrivals_is_embedded_in_few_calls(tmp_path):
                 pool.submit(c.images.generate, prompt=f"a kite {i}", size="1024x1024")
                 for i in range(6)
             ]
-            while len(runtime._to_embed) < 5 and not all(f.done() for f in futures):
+            # the first call takes what had queued when it started (one prompt, or a few when
+            # the requests raced in); the rest queue behind it
+            for _ in range(600):  # at most 30 s
+                if (sizes[0] if sizes else 0) + len(runtime._to_embed) >= 6:
+                    break
                 threading.Event().wait(0.05)
             release.set()
             answers = [f.result() for f in futures]
     assert len(answers) == 6
-    assert sum(sizes) == 6 and len(sizes) == 2 and sizes[1] == 5, sizes
+    assert sum(sizes) == 6 and len(sizes) == 2, sizes  # six prompts, two forward passes
 
 
 def test_the_runtime_reads_time_only_from_its_injected_clock(tmp_path):

@@ -22,16 +22,16 @@ def bash_blocks(text: str) -> list[str]:
     return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
 
 
+def block_commands(block: str, prefix: str) -> list[list[str]]:
+    """The commands of one bash block that start with ``prefix``, continuations joined and
+    comments dropped, as argv without the prefix."""
+    argvs = (shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines())
+    return [argv[1:] for argv in argvs if argv[:1] == [prefix]]
+
+
 def commands(prefix: str) -> list[list[str]]:
-    """Every command in the README's bash blocks that starts with ``prefix``, continuations
-    joined and comments dropped, as argv."""
-    out = []
-    for block in bash_blocks(README):
-        for line in block.replace("\\\n", " ").splitlines():
-            argv = shlex.split(line, comments=True)
-            if argv and argv[0] == prefix:
-                out.append(argv[1:])
-    return out
+    """Every command in the README's bash blocks that starts with ``prefix``."""
+    return [argv for block in bash_blocks(README) for argv in block_commands(block, prefix)]
 
 
 PROMPTSERVE = commands("promptserve")
@@ -101,16 +101,9 @@ def short(argv: list[str]) -> list[str] | None:
 
 def runnable_blocks() -> list[list[list[str]]]:
     """Each bash block's offline commands, in order: a later one may read what an earlier wrote."""
-    out = []
-    for block in bash_blocks(README):
-        argvs = []
-        for line in block.replace("\\\n", " ").splitlines():
-            argv = shlex.split(line, comments=True)
-            if argv[:1] == ["promptserve"] and short(argv[1:]) is not None:
-                argvs.append(short(argv[1:]))
-        if argvs:
-            out.append(argvs)
-    return out
+    blocks = (block_commands(block, "promptserve") for block in bash_blocks(README))
+    runnable = ([short(a) for a in argvs if short(a) is not None] for argvs in blocks)
+    return [argvs for argvs in runnable if argvs]
 
 
 @pytest.mark.parametrize(

@@ -85,9 +85,9 @@ def measure_steps(
     comps = getattr(engine, "c", None)
     if comps is None:
         return None
-    runner = StepRunner(comps, engine.total_steps, engine.levels, getattr(engine, "guidance", 7.5))
     if engine.total_steps < STEPS_TIMED + 2:
         raise ValueError(f"{engine.total_steps} steps are too few to time a step")
+    runner = StepRunner(comps, engine.total_steps, engine.levels, getattr(engine, "guidance", 7.5))
     latencies = []
     for n in inflight:
         for key in list(runner.steps_left()):

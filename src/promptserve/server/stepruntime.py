@@ -244,11 +244,8 @@ class StepRuntime(Runtime):
         return out
 
     async def _compute(self, g: int, fn: Callable, *args: object):  # noqa: ANN202
-        """On GPU ``g``'s own thread where the workers have one (engine.threads)."""
-        threads = getattr(self.workers, "threads", None)
-        if threads is None:
-            return await asyncio.to_thread(fn, *args)
-        return await threads[g].run(fn, *args)
+        """On GPU ``g``'s own thread (engine.threads): step-level serving is in-process only."""
+        return await self.workers.threads[g].run(fn, *args)  # type: ignore[attr-defined]
 
     @staticmethod
     def _advance(runner, joins: list, cancels: set) -> list:  # noqa: ANN001 - in the GPU's thread

@@ -75,8 +75,7 @@ class LocalWorkers:
         if not engines:
             raise ValueError("LocalWorkers needs at least one engine")
         self.engines, self.profile, self.count = list(engines), profile, len(engines)
-        per = torch_threads_for(self.count)
-        self.threads = list(threads or compute_threads(self.count, per))
+        self.threads = list(threads or compute_threads(self.count, torch_threads_for(self.count)))
         first = self.engines[0]
         self.name, self.total_steps, self.levels = first.name, first.total_steps, first.levels
 

@@ -2,6 +2,7 @@
 replica killed mid-batch. Ray takes seconds to start: one session for the module, few tests."""
 
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -84,3 +85,83 @@ def test_killed_replica_requests_all_complete(ray_settings, tmp_path):
     assert wait_workers_up(url, 2)
     pids = {w["index"]: w["pid"] for w in httpx.get(f"{url}/v1/cluster").json()["workers"]}
     assert pids[victim["index"]] != victim["pid"]
+
+
+def test_step_level_serving_on_ray_resumes_from_the_shared_store_and_cancels(
+    ray_settings, tmp_path
+):
+    # continuous-ht: every request at the fastest level it tolerates, so a twin resumes at K > 0
+    url = deploy(ray_settings, tmp_path, model="tiny", slo_s=120, policy="continuous-ht")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    first = client.images.generate(prompt="a red fox in the snow", size="64x64")
+    again = client.images.generate(prompt="a red fox in the snow", size="64x64")
+    assert first.data[0].model_extra["promptserve"]["level_k"] == 0  # a miss: from noise
+    twin = again.data[0].model_extra["promptserve"]
+    # the replica that ran the first wrote its captures to the shared store; the replica that
+    # ran the twin read its start latent from there, at the fastest level
+    assert twin["similarity"] > 0.99 and twin["cache_hit"] is True
+    assert twin["level_k"] == twin["k_opt"] > 0
+    workers = httpx.get(f"{url}/v1/cluster").json()["workers"]
+    on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
+    assert sum(w["bytes_written"] for w in workers) == on_disk > 0
+    assert sum(w["steps"] for w in workers) > 0 and sum(w["batches"] for w in workers) == 0
+
+
+def test_cancelling_a_step_level_member_on_ray_frees_its_slot(ray_settings, tmp_path):
+    # modelled SDXL steps at 2x: a request is in flight for seconds, long enough to cancel
+    url = deploy(
+        ray_settings,
+        tmp_path,
+        model="sdxl-reference",
+        backend="modeled",
+        speedup=2.0,
+        slo_s=300,
+        policy="promptserve-step",
+    )
+    job = httpx.post(f"{url}/v1/jobs", json={"prompt": "a storm at sea"}, timeout=30).json()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+        w["inflight"] for w in httpx.get(f"{url}/v1/cluster").json()["workers"]
+    ):
+        time.sleep(0.05)
+    cancelled = httpx.delete(f"{url}/v1/jobs/{job['id']}", timeout=60).json()
+    assert cancelled["status"] == "cancelled"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+        w["inflight"] for w in httpx.get(f"{url}/v1/cluster").json()["workers"]
+    ):
+        time.sleep(0.05)
+    assert not any(w["inflight"] for w in httpx.get(f"{url}/v1/cluster").json()["workers"])
+    assert read_metric(url, "promptserve_requests_total", {"outcome": "served"}) == 0
+
+
+def test_a_killed_replica_s_step_level_members_rejoin_and_all_complete(ray_settings, tmp_path):
+    url = deploy(
+        ray_settings,
+        tmp_path,
+        model="sdxl-reference",
+        backend="modeled",
+        speedup=2.0,
+        slo_s=300,
+        policy="promptserve-step",
+    )
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    answers: list = []
+
+    def ask(i: int) -> None:
+        try:
+            answers.append(client.images.generate(prompt=f"prompt number {i}", size="1024x1024"))
+        except Exception as exc:  # recorded, asserted below
+            answers.append(exc)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    victim = kill_busy_worker(url)
+    assert victim is not None, "no step ran"
+    for t in threads:
+        t.join(timeout=240)
+    assert len(answers) == 4
+    assert all(not isinstance(a, Exception) for a in answers), answers
+    assert read_metric(url, "promptserve_requests_retried") >= 1
+    assert read_metric(url, "promptserve_requests_total", {"outcome": "served"}) == 4

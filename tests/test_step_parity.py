@@ -20,6 +20,7 @@ from factories import modeled_app
 from promptserve.engine.base import GenerationResult
 from promptserve.policy.types import Status
 from promptserve.server.runtime import Dropped, Refused
+from promptserve.server.stepworkers import StepDone
 from promptserve.sim.simulator import SimInputs, initial_demand
 from promptserve.sim.stepsim import StepRun
 from promptserve.types import Request
@@ -118,7 +119,7 @@ def record_joins(sched) -> dict[int, tuple[int, int]]:
 async def live(runtime, requests, clock: Clock):
     """Per request: (GPU, K, status, finish) from the runtime, driven in the simulator's order."""
     joined = record_joins(runtime.sched)
-    runtime.runners = [FakeRunner(runtime.workers.total_steps, runtime.levels) for _ in range(GPUS)]
+    runners = [FakeRunner(runtime.workers.total_steps, runtime.levels) for _ in range(GPUS)]
     runtime.started = requests[0].arrival_s
     clock.t = requests[0].arrival_s
     runtime.sched.reprice(initial_demand(requests, runtime.levels), SLO_S)
@@ -139,12 +140,12 @@ async def live(runtime, requests, clock: Clock):
         step = await runtime._join(g, runtime.sched.gpus[g], steps)
         busy[g] = step is not None
         if step is not None:
-            joins, cancels = step
+            joins, _, cancels = step
             for key in cancels:
-                runtime.runners[g].cancel(key)
-            runtime.runners[g].join(joins)  # the step itself runs at its end, below
+                runners[g].cancel(key)
+            runners[g].join(joins)  # the step itself runs at its end, below
             # a real step also decodes who finishes in it (seg_start already has the encodes)
-            gpu, runner = runtime.sched.gpus[g], runtime.runners[g]
+            gpu, runner = runtime.sched.gpus[g], runners[g]
             decode_s = sum(v == 1 for v in runner.left.values()) * steps_of.leave_s
             end = gpu.seg_start + gpu.seg_iter_s + decode_s
             heapq.heappush(heap, (end, 0, next(seq), ("end", g)))
@@ -175,8 +176,8 @@ async def live(runtime, requests, clock: Clock):
                     await boundary(g, 0)
         elif what == "end":
             g = payload
-            finished = runtime.runners[g].step()
-            await runtime._finish(g, finished)
+            finished = runners[g].step()
+            await runtime._finish(g, StepDone(finished, runners[g].steps_left(), {}))
             await boundary(g, 1)
         elif what == "reprice" and any(k != 2 for _, k, _, _ in heap):
             runtime.sched.reprice(runtime.estimator.estimate(now, runtime.started), SLO_S)

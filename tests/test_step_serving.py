@@ -56,21 +56,38 @@ def test_cancelling_a_running_member_frees_its_slot(tmp_path):
     assert not runtime.pending
 
 
-def test_step_policies_refuse_ray_with_a_clear_message(tmp_path):
-    import pytest
+class ForgetsOnce:
+    """Step workers that lose their members once, as a Ray replica replaced between two steps
+    does (the next call reaches a fresh replica with an empty runner)."""
 
-    from promptserve.errors import InputError
-    from promptserve.server import ServerConfig, app_for
-    from promptserve.server.workers import LocalWorkers
+    def __init__(self, inner, at_call: int) -> None:
+        self.inner, self.at_call, self.calls = inner, at_call, 0
 
-    workers = modeled_app(tmp_path).state.runtime.workers
+    async def advance(self, g, joins, refs, cancels):
+        self.calls += 1
+        if self.calls == self.at_call:
+            runner = self.inner.runners[g]
+            for key in list(runner.steps_left()):
+                runner.cancel(key)
+        return await self.inner.advance(g, joins, refs, cancels)
 
-    class RayLike:  # the Ray workers' surface: no in-process engines
-        shared_store = True
-        name, total_steps, levels = workers.name, workers.total_steps, workers.levels
-        profile, count = workers.profile, 2
 
-    assert isinstance(workers, LocalWorkers)
-    config = ServerConfig(policy="promptserve-step", embedder="hashing", cache_dir=tmp_path)
-    with pytest.raises(InputError, match="in-process only"):
-        app_for(config, RayLike(), 64)
+def test_members_a_worker_lost_between_steps_rejoin_and_are_served(tmp_path):
+    app = modeled_app(tmp_path, policy="promptserve-step", speedup=20.0)
+    runtime = app.state.runtime
+    runtime.steps = ForgetsOnce(runtime.steps, at_call=5)
+    with LiveServer(app) as url:
+        c = client(url, timeout=120)
+        answers = []
+        threads = [
+            threading.Thread(target=lambda p=p: answers.append(c.images.generate(prompt=p)))
+            for p in ("a calm sea", "a storm")
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert len(answers) == 2 and all(len(a.data) == 1 for a in answers)
+    assert runtime.counters.retried >= 1  # someone was lost at call 5 and joined again
+    assert runtime.counters.by_outcome["served"] == 2
+    assert not runtime.pending and not any(g.by_id for g in runtime.sched.gpus)

@@ -21,6 +21,7 @@ from ray.exceptions import RayActorError
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.profile import Profile
 from promptserve.server.runtime import Cancelled
+from promptserve.server.stepworkers import StepDone
 from promptserve.server.workers import OnStep, StoreRefs, WorkerLost
 
 PING_TIMEOUT_S = 2.0
@@ -57,6 +58,15 @@ class RayWorkers:
         except RayActorError as exc:  # the replica died or its node went away
             raise WorkerLost(gpu, type(exc).__name__) from exc
         raise WorkerLost(gpu, "the stream ended without a result")
+
+    async def advance(
+        self, gpu: int, joins: Sequence, refs: Sequence[StoreRefs] | None, cancels: set
+    ) -> StepDone:
+        """Step-level serving: one boundary and one step on the replica's step runner."""
+        try:
+            return await self.handles[gpu].step.remote(list(joins), refs, set(cancels))
+        except RayActorError as exc:
+            raise WorkerLost(gpu, type(exc).__name__) from exc
 
     async def set_levels(self, levels: Sequence[int | None]) -> None:
         await asyncio.gather(

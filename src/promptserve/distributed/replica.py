@@ -23,6 +23,7 @@ from promptserve.engine.runner import latents_to_keep
 from promptserve.engine.threads import ComputeThread, torch_threads_for
 from promptserve.server import engine_size
 from promptserve.server.runtime import Cancelled
+from promptserve.server.stepworkers import StepDone, advance, step_runner_for
 from promptserve.server.workers import StoreRefs
 
 
@@ -56,6 +57,10 @@ class EngineWorker:
         self.running: dict[int, int] = {}  # call -> items, for the batch holding the engine
         self.waiting: dict[int, int] = {}  # call -> items, for batches waiting for it
         self.bytes_written = 0  # latent bytes this worker wrote to the shared store
+        # step-level serving: a step runner on the engine, built at the first step
+        self._runner = None
+        self._members: dict = {}  # key -> (item, ref) of each member in the runner
+        self.steps = 0
 
     def describe(self) -> dict:
         """What the ingress plans with: the engine's levels, steps and measured profile."""
@@ -77,10 +82,41 @@ class EngineWorker:
             "pid": os.getpid(),
             "level": self.level,
             "batches": self.batches,
-            "running": sum(self.running.values()),
+            "running": sum(self.running.values()) + len(self._members),
             "waiting": sum(self.waiting.values()),
             "bytes_written": self.bytes_written,
+            "steps": self.steps,
+            "inflight": len(self._members),
         }
+
+    async def step(self, joins: list, refs: Sequence[StoreRefs] | None, cancels: set) -> StepDone:
+        """Step-level serving: drop the cancelled, join the joiners (their start latents read
+        from the shared store), run one step; the finished members' captures go to the store."""
+        async with self._engine_lock:
+            if self._runner is None:
+                self._runner = await self._compute.run(step_runner_for, self.engine, self.profile)
+            if joins and refs is not None:
+                items = await asyncio.to_thread(
+                    self._read_starts, [item for _, item in joins], refs
+                )
+                joins = [(key, item) for (key, _), item in zip(joins, items, strict=True)]
+            for key in cancels:  # first: a rejoining member is cancelled and joins anew
+                self._members.pop(key, None)
+            for (key, item), ref in zip(joins, refs or [None] * len(joins), strict=True):
+                self._members[key] = (item, ref)
+            done = await self._compute.run(advance, self._runner, joins, cancels)
+            self.steps += 1
+            if done.finished and refs is not None:
+                members = [self._members[key] for key, _ in done.finished]
+                await asyncio.to_thread(
+                    self._write_captures,
+                    [item for item, _ in members],
+                    [ref for _, ref in members],
+                    [result for _, result in done.finished],
+                )
+            for key, _ in done.finished:
+                self._members.pop(key, None)
+            return done
 
     async def generate(
         self, items: Sequence[GenerationItem], refs: Sequence[StoreRefs] | None = None

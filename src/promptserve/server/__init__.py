@@ -110,10 +110,6 @@ def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
     if policy.step:  # step-level serving: one running batch per GPU
         from promptserve.server.stepruntime import StepRuntime
 
-        if not hasattr(workers, "engines"):
-            raise InputError(
-                f"--policy {config.policy} runs in-process only for now (not on --ray)"
-            )
         runtime_class = StepRuntime
     runtime = runtime_class(
         workers,

@@ -403,27 +403,24 @@ class Runtime:
     def _items(
         self, dispatch: Dispatch, pendings: list[_Pending]
     ) -> tuple[list[GenerationItem], list[StoreRefs] | None]:
-        """The batch's items (on the cache thread). In-process, the latents are read here;
-        workers on a shared store get the keys to read and the entry to write, and the arrays
-        never pass through here."""
-        items, refs = [], []
-        for p in pendings:
-            at_level = p.hit is not None and dispatch.level > 0
-            if self.workers.shared_store:
-                key = p.hit.entry.latent_keys.get(dispatch.level) if at_level else None
-                k = dispatch.level if key else 0
-                items.append(GenerationItem(p.prompt, k, None, seed=p.seed))
-                entry = (
-                    self.cache.reserve()
-                    if worth_caching(p.hit.similarity if p.hit else None)
-                    else None
-                )
-                refs.append(StoreRefs(key, p.tenant, entry))
-                continue
-            latent = self.cache.latent(p.hit.entry, dispatch.level) if at_level else None
-            k = dispatch.level if latent is not None else 0
-            items.append(GenerationItem(p.prompt, k, latent, seed=p.seed))
-        return items, (refs if self.workers.shared_store else None)
+        """The batch's items and, on a shared store, their refs (on the cache thread)."""
+        pairs = [self._item_for(p, dispatch.level) for p in pendings]
+        refs = [ref for _, ref in pairs] if self.workers.shared_store else None
+        return [item for item, _ in pairs], refs  # type: ignore[return-value]
+
+    def _item_for(self, p: _Pending, level: int) -> tuple[GenerationItem, StoreRefs | None]:
+        """One request's item at ``level`` (on the cache thread). In-process, its start latent
+        is read here; workers on a shared store get the key to read and the entry to write,
+        and the arrays never pass through here. A missing latent: from noise (K = 0)."""
+        at_level = p.hit is not None and level > 0
+        if self.workers.shared_store:
+            key = p.hit.entry.latent_keys.get(level) if at_level else None
+            keep = worth_caching(p.hit.similarity if p.hit else None)
+            ref = StoreRefs(key, p.tenant, self.cache.reserve() if keep else None)
+            return GenerationItem(p.prompt, level if key else 0, None, seed=p.seed), ref
+        latent = self.cache.latent(p.hit.entry, level) if at_level else None
+        k = level if latent is not None else 0
+        return GenerationItem(p.prompt, k, latent, seed=p.seed), None
 
     async def _run(self, dispatch: Dispatch) -> None:
         try:

@@ -3,8 +3,9 @@
 Intake (embedding, cache lookup, answers, cancellation, the cache thread) is ``Runtime``'s;
 what differs is execution. Each GPU runs a loop: at every step boundary it asks the policy's
 ``StepScheduler`` who leaves and who joins (with their K), reads the joiners' start latents on
-the cache thread, then runs one step of its ``StepRunner`` (or the modelled one) in a thread.
-The scheduler is touched only on the event loop, the runner only in its GPU's thread, between
+the cache thread (on Ray: names them in the shared store), then has the GPU run one step
+(``stepworkers``: a ``StepRunner`` or the modelled one, in the engine's thread or in a Ray
+replica). The scheduler is touched only on the event loop, a runner only by its GPU, between
 boundaries. Every request gets one answer: served, dropped, cancelled or failed.
 """
 
@@ -30,36 +31,22 @@ from promptserve.server.runtime import (
     Served,
     _Pending,
 )
-from promptserve.server.workers import Workers
+from promptserve.server.stepworkers import LocalSteps, StepDone, step_runner_for
+from promptserve.server.workers import StoreRefs, WorkerLost, Workers
 from promptserve.sim.stepsim import step_config
 
 log = logging.getLogger(__name__)
 
 
 def step_runners(workers: Workers) -> list:
-    """One step runner per worker: on the engine's components, or modelled (no compute)."""
-    from promptserve.engine.modeled import ModeledStepRunner
-    from promptserve.engine.steprunner import StepRunner
-
-    runners = []
-    for engine in getattr(workers, "engines", []):
-        comps = getattr(engine, "c", None)
-        if comps is not None:
-            runners.append(
-                StepRunner(
-                    comps,
-                    engine.total_steps,
-                    engine.levels,
-                    getattr(engine, "guidance", 7.5),
-                    getattr(engine, "placeholder", False),
-                )
-            )
-        else:
-            speedup = getattr(engine, "_speedup", 1.0)
-            runners.append(ModeledStepRunner(step_profile(workers.profile), speedup))
-    if len(runners) != workers.count:
-        raise ValueError("step-level serving needs in-process workers (one engine each)")
-    return runners
+    """One step runner per in-process worker, built on that worker's thread."""
+    engines = getattr(workers, "engines", [])
+    if len(engines) != workers.count:
+        raise ValueError("in-process step runners need one engine per worker")
+    return [
+        t.call(step_runner_for, e, workers.profile)
+        for t, e in zip(workers.threads, engines, strict=True)  # type: ignore[attr-defined]
+    ]
 
 
 class StepRuntime(Runtime):
@@ -74,7 +61,7 @@ class StepRuntime(Runtime):
         clock: Callable[[], float] = time.monotonic,
         seed: int = 0,
         expected_qpm: float = 1.0,
-        runners: list | None = None,
+        steps=None,  # noqa: ANN001 - LocalSteps or RayWorkers; default: in-process runners
     ) -> None:
         super().__init__(
             workers, cache, embedder, policy, setting, quality, clock, seed, expected_qpm
@@ -83,15 +70,26 @@ class StepRuntime(Runtime):
             step_profile(setting.profiles[0]), workers.count, setting.quality, step_config(policy)
         )
         self.sched.reprice(self.planned_for, setting.slo_s)
-        self.runners = runners if runners is not None else step_runners(workers)
-        self._gpu_wake = [asyncio.Event() for _ in self.runners]
+        if steps is None:
+            steps = (
+                workers
+                if hasattr(workers, "advance")
+                else LocalSteps(
+                    step_runners(workers),
+                    workers.threads,  # type: ignore[attr-defined]
+                )
+            )
+        self.steps = steps
+        self._left: list[dict] = [{} for _ in range(workers.count)]  # steps left per member
+        self._gpu_wake = [asyncio.Event() for _ in range(workers.count)]
         self._joined_at: dict[int, float] = {}
         self._deadline: dict[int, float] = {}
         self._item: dict[int, GenerationItem] = {}  # what each member joined with
-        self._cancel: list[set[int]] = [set() for _ in self.runners]
+        self._ref: dict[int, StoreRefs] = {}  # on a shared store: its start key and entry
+        self._cancel: list[set[int]] = [set() for _ in range(workers.count)]
 
     def start(self) -> None:
-        loops = [self._gpu_loop(g) for g in range(len(self.runners))]
+        loops = [self._gpu_loop(g) for g in range(self.workers.count)]
         self._tasks = [asyncio.create_task(c) for c in (*loops, self._reprice_loop())]
 
     def queue_lengths(self) -> dict[int, int]:
@@ -147,6 +145,34 @@ class StepRuntime(Runtime):
             self._fail(job_id, Cancelled("cancelled"))
         return True
 
+    def _rejoin(self, g: int, reason: str, lost: set[int]) -> None:
+        """Members a worker lost arrive again with their own deadlines (a replaced Ray replica
+        takes them; one that cannot finish now is dropped, with its answer). The worker is told
+        to drop them too, in case it still holds any."""
+        log.warning("GPU %d: %s; %d members start again", g, reason, len(lost))
+        now = self.clock()
+        self._cancel[g] |= lost
+        for job_id in sorted(lost):
+            job = self.sched.remove(job_id)
+            for per_job in (self._item, self._ref, self._joined_at):
+                per_job.pop(job_id, None)
+            p = self.pending.get(job_id)
+            if job is None or p is None:
+                continue
+            self.counters.retried += 1
+            if p.handle is not None:
+                p.handle.emit("retry", {"reason": reason})
+            placed, outcome = self.sched.arrive(now, job)
+            if outcome is not None:
+                self.counters.by_outcome["dropped"] += 1
+                self._fail(job_id, Dropped("the deadline can no longer be met"))
+            self._wake_gpus(placed)
+
+    def _fail(self, job_id: int, exc: Exception) -> None:
+        for per_job in (self._item, self._ref, self._joined_at, self._deadline):
+            per_job.pop(job_id, None)
+        super()._fail(job_id, exc)
+
     def _wake_gpus(self, gpu: StepGpu | None) -> None:
         if gpu is not None:
             self._gpu_wake[gpu.index].set()
@@ -166,19 +192,23 @@ class StepRuntime(Runtime):
                 self.counters.loop_errors += 1
 
     async def _gpu_loop(self, g: int) -> None:
-        gpu, runner, steps = self.sched.gpus[g], self.runners[g], 0
+        gpu, steps = self.sched.gpus[g], 0
         while True:
             try:
-                steps = await self._boundary(g, gpu, runner, steps)
+                steps = await self._boundary(g, gpu, steps)
             except asyncio.CancelledError:
                 raise
+            except WorkerLost as lost:  # its members' progress is gone with it: they rejoin
+                self._rejoin(g, str(lost), set(gpu.by_id))
+                self._left[g], steps = {}, 0
             except Exception:  # one failed step fails its members, not the loop
                 log.exception("step loop of GPU %d failed", g)
                 self.counters.loop_errors += 1
                 for job_id in list(gpu.by_id):
                     self.sched.remove(job_id)
-                    runner.cancel(job_id)
+                    self._cancel[g].add(job_id)  # the worker drops it at its next step
                     self._fail(job_id, RuntimeError("the step failed"))
+                self._left[g] = {}
                 steps = 0
             if steps == 0:
                 self._gpu_wake[g].clear()
@@ -186,17 +216,27 @@ class StepRuntime(Runtime):
                     async with asyncio.timeout(0.05):
                         await self._gpu_wake[g].wait()
 
-    async def _boundary(self, g: int, gpu: StepGpu, runner, steps: int) -> int:  # noqa: ANN001
+    async def _boundary(self, g: int, gpu: StepGpu, steps: int) -> int:
         """One boundary and the step after it; the number of steps run (0: idle)."""
         step = await self._join(g, gpu, steps)
         if step is None:
             return 0
-        joins, cancels = step
-        finished = await self._compute(g, self._advance, runner, joins, cancels)
-        await self._finish(g, finished)
-        return 1 if len(runner) or finished else 0
+        done = await self.steps.advance(g, *step)
+        self._started(gpu, done)
+        await self._finish(g, done)
+        lost = set(gpu.by_id) - done.steps_left.keys()
+        if lost:  # a Ray replica restarted between two steps: it never had these
+            self._rejoin(g, "the worker restarted without its members", lost)
+        return 1 if done.steps_left or done.finished else 0
 
-    async def _join(self, g: int, gpu: StepGpu, steps: int) -> tuple[list, set] | None:
+    def _started(self, gpu: StepGpu, done: StepDone) -> None:
+        """A worker that read start latents itself (Ray) says at which K each joiner began."""
+        for job_id, k in done.started.items():
+            item = self._item.get(job_id)
+            if item is not None and k != item.k and job_id in gpu.by_id:
+                self.sched.restart(gpu, job_id, k)  # before the next boundary counts the step
+
+    async def _join(self, g: int, gpu: StepGpu, steps: int) -> tuple[list, list | None, set] | None:
         """The boundary's decisions at the clock's now (who leaves, who joins at which K), the
         joiners' items read from the cache; what the next step runs (None: nothing to run)."""
         now = self.clock()
@@ -212,52 +252,39 @@ class StepRuntime(Runtime):
                 continue
             items.append((member, p))
         members = await self._on_cache(self._join_items, items) if items else []
-        for member, item in members:
+        for member, item, ref in members:
             self._joined_at[member.job.id] = now
             self._item[member.job.id] = item
+            if ref is not None:
+                self._ref[member.job.id] = ref
             if item.k != member.k:  # its latent was missing: it runs in full
                 self.sched.restart(gpu, member.job.id, item.k)
             p = self.pending[member.job.id]
             if p.handle is not None:
                 p.handle.emit("level", {"level_k": item.k})
         cancels, self._cancel[g] = self._cancel[g], set()
-        if not members and not len(self.runners[g]) and not cancels:
+        if not members and not self._left[g] and not cancels:
             return None
-        return [(m.job.id, item) for m, item in members], cancels
+        joins = [(m.job.id, item) for m, item, _ in members]
+        refs = [ref for _, _, ref in members] if self.workers.shared_store else None
+        return joins, refs, cancels
 
-    async def _finish(self, g: int, finished: list) -> None:
+    async def _finish(self, g: int, done: StepDone) -> None:
         """After a step: who finished leaves the scheduler's count before anyone hears of it."""
-        for job_id, _ in finished:
+        for job_id, _ in done.finished:
             self.sched.remove(job_id)
-        self._report_steps(self.runners[g], [job_id for job_id, _ in finished])
-        await self._answer(finished)
+        self._left[g] = done.steps_left
+        self._report_steps(done)
+        await self._answer(done.finished)
         self._wake_gpus(None)
 
     def _join_items(self, items: list) -> list[tuple]:  # noqa: ANN001 - on the cache thread
-        out = []
-        for member, p in items:
-            latent = None
-            if member.k > 0 and p.hit is not None:
-                latent = self.cache.latent(p.hit.entry, member.k)
-            k = member.k if latent is not None else 0
-            out.append((member, GenerationItem(p.prompt, k, latent, seed=p.seed)))
-        return out
+        return [(member, *self._item_for(p, member.k)) for member, p in items]
 
-    async def _compute(self, g: int, fn: Callable, *args: object):  # noqa: ANN202
-        """On GPU ``g``'s own thread (engine.threads): step-level serving is in-process only."""
-        return await self.workers.threads[g].run(fn, *args)  # type: ignore[attr-defined]
-
-    @staticmethod
-    def _advance(runner, joins: list, cancels: set) -> list:  # noqa: ANN001 - in the GPU's thread
-        for key in cancels:
-            runner.cancel(key)
-        runner.join(joins)
-        return runner.step()
-
-    def _report_steps(self, runner, finished: list[int]) -> None:  # noqa: ANN001
+    def _report_steps(self, done: StepDone) -> None:
         """Each member's own step, after every step (those that finished are at the last)."""
         total = self.workers.total_steps
-        left_by_id = runner.steps_left() | dict.fromkeys(finished, 0)
+        left_by_id = done.steps_left | dict.fromkeys((job_id for job_id, _ in done.finished), 0)
         for job_id, left in left_by_id.items():
             p = self.pending.get(job_id)
             if p is not None and p.handle is not None:
@@ -285,7 +312,7 @@ class StepRuntime(Runtime):
                 k_opt,
             )
             item = self._item.pop(job_id, GenerationItem(p.prompt, result.k, None, seed=p.seed))
-            answered.append((p, item, result, None))
+            answered.append((p, item, result, self._ref.pop(job_id, None)))
             if p.future.done():
                 continue
             if p.handle is not None and p.handle.cancelled:

@@ -54,8 +54,12 @@ def test_the_reference_profile_gives_84_ms_steps_on_an_affine_curve_and_no_fixed
 
 def test_finish_times_walk_the_segments_as_members_leave():
     sp = StepProfile(10, (0, 5), (1.0, 1.5, 2.0), join_s=0.25, leave_s=0.5)
-    # two members, 1 and 3 steps left: one step at 2 members, then two at 1
-    assert finishes(sp, 10.0, [1, 3]) == pytest.approx([10.0 + 1.5 + 0.5, 10.0 + 1.5 + 2.0 + 0.5])
+    # two members, 1 and 3 steps left: one step at 2 members, the first's decode (the second
+    # waits for it), then two steps at 1 and its own decode
+    first = 10.0 + 1.5 + 0.5
+    assert finishes(sp, 10.0, [1, 3]) == pytest.approx([first, first + 2.0 + 0.5])
+    # two that finish at one step are decoded together: both answered after both decodes
+    assert finishes(sp, 0.0, [1, 1]) == pytest.approx([1.5 + 1.0, 1.5 + 1.0])
     assert finishes(sp, 0.0, [2], joined=1) == pytest.approx([0.25 + 2.0 + 0.5])
 
 

@@ -183,6 +183,13 @@ class StepGpu:
         done = math.ceil((now - self.seg_start) / self.seg_iter_s - EPS)
         return self.seg_start + done * self.seg_iter_s
 
+    def done_at(self, at: float) -> int:
+        """Its step count at boundary ``at`` of the running segment (the boundaries in between
+        are not held, so ``done`` counts only to the segment's start)."""
+        if not self.by_id or self.seg_iter_s <= 0 or at <= self.seg_start:
+            return self.done
+        return self.done + round((at - self.seg_start) / self.seg_iter_s)
+
     def steps_to_next_leave(self) -> int:
         return self.members[0][0] - self.done if self.members else 0
 
@@ -196,13 +203,18 @@ def _draw(job_id: int) -> float:
 def finishes(
     profile: StepProfile, start: float, remaining: Sequence[int], joined: int = 0
 ) -> list[float]:
-    """Finish times of members with ``remaining`` steps (ascending) from ``start``, if nobody
-    else joins: each segment runs at the step time of the members still in."""
+    """Finish times (answers) of members with ``remaining`` steps (ascending) from ``start``,
+    if nobody else joins: each segment runs at the step time of the members still in, and the
+    members that finish at one step are decoded together before the next step starts."""
     n, t, prev, out = len(remaining), start + joined * profile.join_s, 0, []
-    for i, r in enumerate(remaining):
-        t += (r - prev) * profile.iteration_s(n - i)
-        prev = r
-        out.append(t + profile.leave_s)
+    i = 0
+    while i < n:
+        r, j = remaining[i], i
+        while j < n and remaining[j] == r:
+            j += 1
+        t += (r - prev) * profile.iteration_s(n - i) + (j - i) * profile.leave_s
+        out.extend([t] * (j - i))
+        prev, i = r, j
     return out
 
 
@@ -320,11 +332,15 @@ class StepScheduler:
             if gpu.up:
                 self.by_count[after].add(gpu.index)
 
-    def fits(self, gpu: StepGpu, job: Job, k: int, at: float, extra_joins: int = 0) -> bool:
+    def fits(
+        self, gpu: StepGpu, job: Job, k: int, at: float, extra_joins: int = 0, done: int = -1
+    ) -> bool:
         """Whether ``job`` joining ``gpu`` at ``at`` with level K keeps every member of it
-        (itself included) within its deadline, or no later than it would be anyway."""
+        (itself included) within its deadline, or no later than it would be anyway. ``done``:
+        the GPU's step count at ``at`` (default: now, at a boundary)."""
         r_new = self.profile.total_steps - k
-        rem = [end - gpu.done for end, _, _ in gpu.members]
+        done = gpu.done if done < 0 else done
+        rem = [end - done for end, _, _ in gpu.members]
         deadlines = [d for _, d, _ in gpu.members]
         pos = bisect.bisect_right(rem, r_new)
         with_new = rem[:pos] + [r_new] + rem[pos:]
@@ -349,7 +365,9 @@ class StepScheduler:
         r = self.profile.total_steps - self.fastest_k(job)
         return finishes(self.profile, now, [r], joined=1)[0] <= job.deadline_s + EPS
 
-    def choose_k(self, gpu: StepGpu, job: Job, at: float, extra_joins: int = 0) -> int | None:
+    def choose_k(
+        self, gpu: StepGpu, job: Job, at: float, extra_joins: int = 0, done: int = -1
+    ) -> int | None:
         """The level ``job`` joins ``gpu`` at, or None when no allowed level keeps the
         deadlines (only under ``+shed``; without it the preferred level always joins)."""
         k = self.preferred_k(job)
@@ -359,7 +377,7 @@ class StepScheduler:
         if self.config.rule != "price":
             allowed = allowed[:1]
         for level in allowed:
-            if self.fits(gpu, job, level, at, extra_joins):
+            if self.fits(gpu, job, level, at, extra_joins, done):
                 return level
         return None
 
@@ -373,7 +391,8 @@ class StepScheduler:
             return None, Outcome(job, Status.DROPPED, now)
         if gpu is not None and gpu.count < self.cap:
             at = gpu.next_boundary(now)
-            if self.choose_k(gpu, job, at, extra_joins=len(gpu.joining)) is not None:
+            done = gpu.done_at(at)
+            if self.choose_k(gpu, job, at, len(gpu.joining), done) is not None:
                 before = gpu.count
                 gpu.joining.append(job)
                 self._recount(gpu, before)
@@ -388,8 +407,9 @@ class StepScheduler:
         if gpu is None:
             return False
         at = gpu.next_boundary(now)
+        done = gpu.done_at(at)
         r = self.profile.total_steps - self.fastest_k(job)
-        rem = sorted([end - gpu.done for end, _, _ in gpu.members] + [r])
+        rem = sorted([end - done for end, _, _ in gpu.members] + [r])
         mine = rem.index(r)
         return finishes(self.profile, at, rem, joined=1)[mine] <= job.deadline_s + EPS
 
@@ -404,9 +424,12 @@ class StepScheduler:
         while gpu.members and gpu.members[0][0] <= gpu.done:
             _, _, jid = gpu.members.pop(0)
             leaving.append(gpu.by_id.pop(jid))
-        # the leavers are decoded together before anyone hears: answered after the decode
-        answered_at = now + len(leaving) * self.profile.leave_s
-        left = [Outcome(m.job, Status.SERVED, answered_at, m.k) for m in leaving]
+        self._recount(gpu, before)  # as the live runtime's removals do, before anyone joins
+        before = gpu.count
+        # the leavers are decoded together before anyone hears, and before anyone joins (the
+        # live runtime's step call returns after the decode): both happen after it
+        now += len(leaving) * self.profile.leave_s
+        left = [Outcome(m.job, Status.SERVED, now, m.k) for m in leaving]
         joined: list[Member] = []
         dropped: list[Outcome] = []
         placed, gpu.joining = gpu.joining, []
@@ -414,7 +437,7 @@ class StepScheduler:
             self._join(gpu, job, now, joined, dropped)
         self._pull_waiting(gpu, now, joined, dropped)
         self._recount(gpu, before)
-        self._start_segment(gpu, now, len(joined), len(left))
+        self._start_segment(gpu, now, len(joined))
         return left, joined, dropped
 
     def _join(self, gpu, job, now, joined, dropped) -> bool:
@@ -473,9 +496,9 @@ class StepScheduler:
         t = now + self.profile.join_s + r * self.profile.iteration_s(n) + self.profile.leave_s
         return t <= job.deadline_s + EPS
 
-    def _start_segment(self, gpu: StepGpu, now: float, joined: int, left: int) -> None:
+    def _start_segment(self, gpu: StepGpu, now: float, joined: int) -> None:
         n = len(gpu.by_id)
-        gpu.seg_start = now + joined * self.profile.join_s + left * self.profile.leave_s
+        gpu.seg_start = now + joined * self.profile.join_s
         gpu.seg_iter_s = self.profile.iteration_s(n) if n else 0.0
 
     def next_steps(self, gpu: StepGpu) -> int:

@@ -149,3 +149,21 @@ def test_the_oracle_bounds_step_level_schedules():
     )
     bound = oracle["effective_quality_upper_bound"]
     assert 50.0 < max(rows[n]["effective_quality"] for n in names) <= bound + 1e-6
+
+
+@pytest.mark.parametrize("rate_qpm", [60, 110, 200])
+def test_step_level_schedules_stay_under_the_oracle_bound(rate_qpm):
+    """The oracle prices each request at the cheapest batch cost that fits its window; a
+    member sharing steps with n others pays s(n)/n per step, no less on an affine step curve
+    (README, the oracle). Checked where a schedule could slip past it: light, busy, overload."""
+    from promptserve.sim.oracle import oracle_bounds
+
+    inputs = poisson(rate_qpm, 4, gpus=2, seed=rate_qpm)
+    for name in ("promptserve-step", "continuous-ha+shed+admit", "continuous-ht+shed+admit"):
+        rec = simulate(get_policy(name), inputs).records
+        summary = rec.summary([])
+        bound = oracle_bounds(
+            rec.arrival_s, rec.deadline_s, rec.k_opt, inputs.setting.profiles, QM.matrix(), 1.0
+        )
+        assert summary["effective_quality"] <= bound["effective_quality_upper_bound"] + 1e-6
+        assert summary["slo_violation_ratio"] >= bound["slo_violation_ratio_lower_bound"] - 1e-6

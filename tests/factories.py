@@ -1,8 +1,16 @@
 """Small factories shared by the server tests: real servers, real clients."""
 
+import json
+from functools import cache
+from pathlib import Path
+
+import httpx
+import jsonschema
 import openai
 
 from promptserve.server import ServerConfig, build_app
+
+SCHEMA = Path(__file__).resolve().parents[1] / "data" / "openai_images_openapi.json"
 
 
 def modeled_app(cache_dir, **overrides):
@@ -19,8 +27,36 @@ def tiny_app(cache_dir, **overrides):
     return build_app(ServerConfig(**(settings | overrides)))
 
 
+@cache
+def official(name: str) -> jsonschema.Draft202012Validator:
+    """A validator for one schema of the official OpenAPI description (its $refs resolved
+    within the document)."""
+    doc = json.loads(SCHEMA.read_text())
+    root = {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+    return jsonschema.Draft202012Validator(root)
+
+
+def check_official(response: httpx.Response) -> None:
+    """Every successful JSON answer of the images endpoint must be an official
+    ``ImagesResponse`` (streams are checked event by event where they are read)."""
+    if not response.request.url.path.endswith("/images/generations"):
+        return
+    if response.status_code != 200 or "json" not in response.headers.get("content-type", ""):
+        return
+    response.read()
+    official("ImagesResponse").validate(response.json())
+
+
 def client(url, **options):
-    """The official client on a local server (the key is ignored unless keys are set)."""
+    """The official client on a local server (the key is ignored unless keys are set). Every
+    image answer it gets is validated against the official schema."""
+    timeout = options.pop("timeout", 600)
+    http = httpx.Client(timeout=timeout, event_hooks={"response": [check_official]})
     return openai.OpenAI(
-        base_url=f"{url}/v1", api_key=options.pop("api_key", "unused"), max_retries=0, **options
+        base_url=f"{url}/v1",
+        api_key=options.pop("api_key", "unused"),
+        max_retries=0,
+        http_client=http,
+        timeout=timeout,
+        **options,
     )

@@ -53,6 +53,16 @@ def test_openai_client_through_ray_with_replicas_at_two_levels(ray_settings, tmp
     # the replicas wrote the latents to the shared store themselves
     on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
     assert sum(w["bytes_written"] for w in workers) == on_disk > 0
+    assert_streams(client)
+
+
+def assert_streams(client) -> None:
+    """Partial images stream back from a replica as the official client expects them."""
+    stream = client.images.generate(
+        prompt="a kite over dunes", size="64x64", stream=True, partial_images=2
+    )
+    kinds = [type(e).__name__ for e in stream]
+    assert kinds == ["ImageGenPartialImageEvent"] * 2 + ["ImageGenCompletedEvent"], kinds
 
 
 def test_killed_replica_requests_all_complete(ray_settings, tmp_path):
@@ -105,6 +115,7 @@ def test_step_level_serving_on_ray_resumes_from_the_shared_store_and_cancels(
     on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
     assert sum(w["bytes_written"] for w in workers) == on_disk > 0
     assert sum(w["steps"] for w in workers) > 0 and sum(w["batches"] for w in workers) == 0
+    assert_streams(client)
 
 
 def test_cancelling_a_step_level_member_on_ray_frees_its_slot(ray_settings, tmp_path):

@@ -51,7 +51,7 @@ class RayWorkers:
                 if kind == "done":
                     return payload
                 try:
-                    on_step(payload)
+                    on_step(*payload) if isinstance(payload, tuple) else on_step(payload)
                 except Cancelled:
                     stream.cancel()
                     raise

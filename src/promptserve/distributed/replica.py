@@ -130,10 +130,10 @@ class EngineWorker:
         steps: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
 
-        def on_step(step: int) -> None:  # the engine's thread
+        def on_step(step: int, previews: dict[int, bytes] | None = None) -> None:  # engine thread
             if stop.is_set():
                 raise Cancelled("cancelled while denoising")
-            loop.call_soon_threadsafe(steps.put_nowait, step)
+            loop.call_soon_threadsafe(steps.put_nowait, (step, previews) if previews else step)
 
         call = next(self._calls)
         self.waiting[call] = len(items)

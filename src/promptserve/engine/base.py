@@ -23,6 +23,9 @@ class GenerationItem:
     k: int = 0
     start_latent: np.ndarray | None = None
     seed: int = 0
+    # steps after which the caller wants a preview: the predicted clean image, decoded
+    # (streaming partial images); the engine passes each to ``on_step(step, {row: png})``
+    previews: tuple[int, ...] = ()
 
 
 @dataclass
@@ -38,6 +41,14 @@ class GenerationResult:
     # arrays then stay out of ``latents``), or why writing failed
     stored: dict[int, int] | None = None
     store_error: str | None = None
+
+
+def preview_steps(k: int, total_steps: int, count: int) -> tuple[int, ...]:
+    """``count`` steps spread evenly over the steps a run from K does (a resumed run has
+    fewer to show), never the last one (the final image is not a preview)."""
+    remaining = total_steps - k
+    steps = {k + round(remaining * (i + 1) / (count + 1)) for i in range(count)}
+    return tuple(sorted(s for s in steps if k < s < total_steps))
 
 
 class Engine(Protocol):

@@ -66,11 +66,13 @@ def denoise(
     capture: Sequence[int],
     guidance: float = 7.5,
     on_step=None,
+    previews: Sequence[Sequence[int]] = (),
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Run steps ``start_step .. total_steps - 1`` on a batch that shares its start step.
 
     Returns the final latents and, for each level in ``capture`` that the run passes, the
-    latents after that many steps.
+    latents after that many steps. ``previews[row]``: the steps after which that row's
+    predicted clean image is decoded and passed to ``on_step(step, {row: png})``.
     """
     c.scheduler.set_timesteps(total_steps, device=c.device)
     cond, cond_extra = encode(c, prompts)
@@ -89,10 +91,18 @@ def denoise(
             ).sample
             uncond_noise, cond_noise = noise.chunk(2)
             guided = uncond_noise + guidance * (cond_noise - uncond_noise)
-            latents = c.scheduler.step(guided, t, latents).prev_sample
+            out = c.scheduler.step(guided, t, latents)
+            latents = out.prev_sample
             if step + 1 in capture:
                 captured[step + 1] = latents.clone()
-            if on_step is not None:
+            if on_step is None:
+                continue
+            rows = [r for r, steps in enumerate(previews) if step + 1 in steps]
+            if rows:
+                x0 = getattr(out, "pred_original_sample", None)
+                x0 = latents if x0 is None else x0
+                on_step(step + 1, dict(zip(rows, decode_png(c, x0[rows]), strict=True)))
+            else:
                 on_step(step + 1)
     return latents, captured
 

@@ -37,9 +37,14 @@ class ModeledEngine:
                 self._sleep(latency)
                 continue
             steps = self.total_steps - k
+            rows = [i for i, it in enumerate(items) if it.k == k]
             for step in range(k + 1, self.total_steps + 1):  # step by step, so progress shows
                 self._sleep(latency / steps)
-                on_step(step)
+                previews = {i: PLACEHOLDER_PNG for i in rows if step in items[i].previews}
+                if previews:
+                    on_step(step, previews)
+                else:
+                    on_step(step)
         return [GenerationResult(PLACEHOLDER_PNG, it.k, placeholder=True) for it in items]
 
 
@@ -51,6 +56,7 @@ class ModeledStepRunner:
         self.profile, self.speedup, self._sleep = step_profile, speedup, sleep
         self.total_steps = step_profile.total_steps
         self._steps: dict[object, list] = {}  # key -> [steps done, item]
+        self.previews: dict = {}  # key -> preview of the last step (placeholders here)
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -72,8 +78,11 @@ class ModeledStepRunner:
             return []
         self._sleep(self.profile.iteration_s(len(self._steps)) / self.speedup)
         done = []
+        self.previews = {}
         for key, entry in list(self._steps.items()):
             entry[0] += 1
+            if entry[0] in entry[1].previews:
+                self.previews[key] = PLACEHOLDER_PNG
             if entry[0] >= self.total_steps:
                 del self._steps[key]
                 done.append((key, GenerationResult(PLACEHOLDER_PNG, entry[1].k, placeholder=True)))

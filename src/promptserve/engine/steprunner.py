@@ -61,6 +61,7 @@ class StepRunner:
         self.final_alpha = float(scheduler.final_alpha_cumprod)
         self.uncond, self.uncond_extra = encode(components, [""])
         self.slots: list[_Slot] = []
+        self.previews: dict[Hashable, bytes] = {}  # the last step's, per member that asked
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -95,7 +96,9 @@ class StepRunner:
         return len(self.slots) < before
 
     def step(self) -> list[tuple[Hashable, GenerationResult]]:
-        """Advance every member one step; the members that finished, decoded."""
+        """Advance every member one step; the members that finished, decoded (and in
+        ``previews``, the members that asked for a preview at this step)."""
+        self.previews = {}
         if not self.slots:
             return []
         n = len(self.slots)
@@ -119,7 +122,10 @@ class StepRunner:
             ).sample
             uncond, cond = noise.chunk(2)
             guided = uncond + self.guidance * (cond - uncond)
-            latents = self._ddim(latents, guided, t)
+            latents, x0 = self._ddim(latents, guided, t)
+        rows = [j for j, s in enumerate(self.slots) if s.step + 1 in s.item.previews]
+        pngs = decode_png(self.c, x0[rows]) if rows else []
+        self.previews = {self.slots[j].key: png for j, png in zip(rows, pngs, strict=True)}
         done: list[_Slot] = []
         for j, slot in enumerate(self.slots):
             slot.latent = latents[j : j + 1]
@@ -147,8 +153,11 @@ class StepRunner:
             for s, png in zip(done, pngs, strict=True)
         ]
 
-    def _ddim(self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """One deterministic DDIM step per sample, each from its own timestep."""
+    def _ddim(
+        self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One deterministic DDIM step per sample, each from its own timestep; the next
+        latents and the predicted clean latents (what a preview shows)."""
         prev = t - self.stride
         a_t = self.alphas[t]
         a_prev = torch.where(
@@ -157,4 +166,4 @@ class StepRunner:
         shape = (-1,) + (1,) * (x.dim() - 1)
         a_t, a_prev = a_t.view(shape).to(x.dtype), a_prev.view(shape).to(x.dtype)
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0

@@ -109,6 +109,20 @@ def build_tiny(seed: int = 0, size: int = 64) -> Components:
     )
 
 
+def rows_of(on_step, idx: Sequence[int]):  # noqa: ANN001, ANN201
+    """``on_step`` for a level's sub-batch: its previews' rows mapped back to the batch's."""
+    if on_step is None:
+        return None
+
+    def mapped(step: int, previews: dict[int, bytes] | None = None) -> None:
+        if previews:
+            on_step(step, {idx[r]: png for r, png in previews.items()})
+        else:
+            on_step(step)
+
+    return mapped
+
+
 class DenoisingEngine:
     """Runs batches on diffusers components; the tiny model and real SD 1.x/2.x weights alike."""
 
@@ -132,7 +146,7 @@ class DenoisingEngine:
         for k in sorted({it.k for it in items}):
             idx = [i for i, it in enumerate(items) if it.k == k]
             for i, res in zip(
-                idx, self._run_level(k, [items[i] for i in idx], on_step), strict=True
+                idx, self._run_level(k, [items[i] for i in idx], rows_of(on_step, idx)), strict=True
             ):
                 results[i] = res
         return results  # type: ignore[return-value]
@@ -162,6 +176,7 @@ class DenoisingEngine:
             capture,
             self.guidance,
             on_step,
+            [it.previews for it in items],
         )
         pngs = decode_png(self.c, final)
         return [

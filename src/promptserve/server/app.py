@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 import uuid
@@ -16,6 +15,19 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from promptserve.server.imageapi import (
+    MEDIA_TYPES,
+    b64,
+    encode_image,
+    error_event,
+    event,
+    image_body,
+    images_body,
+    meta_of,
+    served_quality,
+    unsupported,
+    usage,
+)
 from promptserve.server.images import IMAGE_ID, ImageStore
 from promptserve.server.jobs import FINAL, KEPT_JOBS, JobState, forget_finished
 from promptserve.server.keys import tenant_for
@@ -30,21 +42,8 @@ from promptserve.server.runtime import (
     Served,
     Unmeetable,
 )
-from promptserve.server.schemas import ImageData, ImageMeta, ImageRequest, ImagesResponse
+from promptserve.server.schemas import ImageData, ImageRequest, ImagesResponse
 from promptserve.web import page
-
-
-def meta_of(s: Served) -> ImageMeta:
-    return ImageMeta(
-        level_k=s.level,
-        k_opt=s.k_opt,
-        cache_hit=s.level > 0,
-        similarity=s.similarity,
-        predicted_quality=round(s.quality, 3),
-        queue_ms=round(s.queue_s * 1e3, 1),
-        compute_ms=round(s.compute_s * 1e3, 1),
-        placeholder=s.result.placeholder,
-    )
 
 
 def error(
@@ -116,8 +115,10 @@ def create_app(
             return error(
                 401, "a valid API key is required (Authorization: Bearer KEY)", "authorization"
             )
-        if req.size is not None and req.size != size:
-            return error(400, f"size {req.size!r} is not supported (supported: {size})", "size")
+        if req.size not in (None, "auto", size):
+            return error(
+                400, f"size {req.size!r} is not supported (supported: {size} or auto)", "size"
+            )
         if req.model is not None and req.model != runtime.workers.name:
             return error(
                 404,
@@ -126,47 +127,122 @@ def create_app(
             )
         return tenant
 
+    def outcome_error(exc: BaseException) -> JSONResponse:
+        """A refused or failed image as its HTTP answer."""
+        if isinstance(exc, Unmeetable):
+            return error(422, str(exc), "deadline_ms")
+        if isinstance(exc, Refused):
+            return error(429, str(exc), None, {"Retry-After": str(int(exc.retry_after_s + 0.999))})
+        if isinstance(exc, Dropped):
+            return error(503, str(exc), None, {"Retry-After": "1"})
+        return error(500, f"generation failed: {exc}")
+
     @app.post("/v1/images/generations", response_model=ImagesResponse)
     async def generations(req: ImageRequest, request: Request):
         tenant = checked_tenant(req, request)
         if isinstance(tenant, JSONResponse):
             return tenant
+        refusal = unsupported(req)
+        if refusal is not None:
+            return error(400, refusal[1], refusal[0])
         deadline_s = req.deadline_ms / 1000.0 if req.deadline_ms else slo_s
+        if req.stream:
+            return await stream_generation(req, tenant, deadline_s)
         start = time.monotonic()
         metrics.submitted.inc(req.n)
         outcomes = await asyncio.gather(
-            *(runtime.submit(req.prompt, tenant, deadline_s) for _ in range(req.n)),
+            *(
+                runtime.submit(req.prompt, tenant, deadline_s, exact=req.exact)
+                for _ in range(req.n)
+            ),
             return_exceptions=True,
         )
         for outcome in outcomes:  # every image ends in exactly one outcome label
             metrics.count(outcome, deadline_s, time.monotonic() - start)
         for exc in outcomes:
-            if isinstance(exc, Unmeetable):
-                return error(422, str(exc), "deadline_ms")
-            if isinstance(exc, Refused):
-                return error(
-                    429, str(exc), None, {"Retry-After": str(int(exc.retry_after_s + 0.999))}
-                )
-            if isinstance(exc, Dropped):
-                return error(503, str(exc), None, {"Retry-After": "1"})
             if isinstance(exc, BaseException):
-                return error(500, f"generation failed: {exc}")
-        served = outcomes
+                return outcome_error(exc)
+        served: list[Served] = outcomes  # type: ignore[assignment]
         data = []
+        media = MEDIA_TYPES[req.output_format or "png"]
         for s in served:
-            meta = meta_of(s)
+            image = encode_image(s.result.png, req.output_format, req.output_compression)
             if req.response_format == "url":
-                image_id = images.put(s.result.png, time.monotonic())
-                data.append(
-                    ImageData(
-                        url=str(request.url_for("image", image_id=image_id)), promptserve=meta
-                    )
-                )
+                image_id = images.put(image, time.monotonic(), media)
+                url = str(request.url_for("image", image_id=image_id))
+                data.append(image_body(meta_of(s), url=url))
             else:
-                data.append(
-                    ImageData(b64_json=base64.b64encode(s.result.png).decode(), promptserve=meta)
-                )
-        return ImagesResponse(created=int(time.time()), data=data)
+                data.append(image_body(meta_of(s), b64_json=b64(image)))
+        body = images_body(int(time.time()), data, req, size, served_quality(served))
+        return JSONResponse(body)
+
+    async def stream_generation(req: ImageRequest, tenant: str, deadline_s: float):
+        """``stream: true``: previews decoded from intermediate steps as
+        ``image_generation.partial_image`` events, then ``image_generation.completed``. A
+        refusal before it is queued is an HTTP error; closing the stream cancels it."""
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        handle = JobHandle(
+            lambda kind, data: events.put_nowait((kind, data)),
+            loop.create_future(),
+            partial_images=req.partial_images or 0,
+        )
+        start = time.monotonic()
+        metrics.submitted.inc()
+        task = asyncio.create_task(
+            runtime.submit(req.prompt, tenant, deadline_s, handle, exact=req.exact)
+        )
+
+        def counted(t: asyncio.Task) -> None:  # every image ends in one outcome label
+            outcome = Cancelled("cancelled") if t.cancelled() else t.exception() or t.result()
+            metrics.count(outcome, deadline_s, time.monotonic() - start)
+
+        task.add_done_callback(counted)
+        try:
+            await handle.accepted
+        except BaseException as exc:  # refused or failed before it was queued
+            return outcome_error(exc)
+
+        async def sse():
+            created, sent = int(time.time()), [0]
+
+            def partial(kind: str, data: dict) -> list[str]:
+                """A preview as the next partial image, if the caller still wants one."""
+                if kind != "preview" or sent[0] >= handle.partial_images:
+                    return []
+                image = encode_image(data["png"], req.output_format, req.output_compression)
+                sent[0] += 1
+                return [event("partial_image", created, b64(image), req, size, index=sent[0] - 1)]
+
+            try:
+                while not task.done():
+                    get = asyncio.ensure_future(events.get())
+                    await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():
+                        get.cancel()  # the item, if any, stays queued: drained below
+                        continue
+                    for body in partial(*get.result()):
+                        yield body
+                while not events.empty():  # what came in before the answer goes out first
+                    for body in partial(*events.get_nowait()):
+                        yield body
+                if task.cancelled() or task.exception() is not None:
+                    yield error_event(
+                        str(task.exception() if not task.cancelled() else "cancelled")
+                    )
+                    return
+                s: Served = task.result()
+                image = encode_image(s.result.png, req.output_format, req.output_compression)
+                meta = meta_of(s).model_dump()
+                yield event(
+                    "completed", int(time.time()), b64(image), req, size,
+                    usage=usage(req.prompt), promptserve=meta,
+                )  # fmt: skip
+            finally:
+                if not task.done():  # the caller closed the stream: stop the generation
+                    runtime.cancel(handle)
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
 
     @app.get("/v1/images/generations", include_in_schema=False)
     async def generations_get():
@@ -176,10 +252,10 @@ def create_app(
     async def image(image_id: str):
         if not IMAGE_ID.match(image_id):
             return error(400, "image id must be 32 hex characters", "image_id")
-        png = images.get(image_id, time.monotonic())
-        if png is None:
+        kept = images.get(image_id, time.monotonic())
+        if kept is None:
             return error(404, f"image {image_id} not found or expired", "image_id")
-        return Response(png, media_type="image/png")
+        return Response(kept[0], media_type=kept[1])
 
     jobs: OrderedDict[str, JobState] = OrderedDict()
 
@@ -207,9 +283,7 @@ def create_app(
                 )
                 return
             metrics.count(served, deadline_s, time.monotonic() - start)
-            data = ImageData(
-                b64_json=base64.b64encode(served.result.png).decode(), promptserve=meta_of(served)
-            )
+            data = ImageData(b64_json=b64(served.result.png), promptserve=meta_of(served))
             state.finish("succeeded", data=data)
 
         state.task = asyncio.create_task(run())

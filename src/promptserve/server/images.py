@@ -15,19 +15,20 @@ IMAGE_TTL_S = 600.0
 class ImageStore:
     def __init__(self, keep: int = KEPT_IMAGES, ttl_s: float = IMAGE_TTL_S) -> None:
         self.keep, self.ttl_s = keep, ttl_s
-        self._images: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._images: OrderedDict[str, tuple[float, bytes, str]] = OrderedDict()
 
-    def put(self, png: bytes, now: float) -> str:
+    def put(self, image: bytes, now: float, media_type: str = "image/png") -> str:
         image_id = uuid.uuid4().hex
-        self._images[image_id] = (now, png)
+        self._images[image_id] = (now, image, media_type)
         while len(self._images) > self.keep:
             self._images.popitem(last=False)
         return image_id
 
-    def get(self, image_id: str, now: float) -> bytes | None:
-        """The image, or None when it was never kept, was pushed out, or has expired."""
+    def get(self, image_id: str, now: float) -> tuple[bytes, str] | None:
+        """The image and its media type, or None when it was never kept, was pushed out, or
+        has expired."""
         kept = self._images.get(image_id)
         if kept is None or now - kept[0] > self.ttl_s:
             self._images.pop(image_id, None)
             return None
-        return kept[1]
+        return kept[1], kept[2]

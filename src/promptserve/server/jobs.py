@@ -45,7 +45,7 @@ class JobState:
             event.set()
 
     def emit(self, kind: str, data: dict) -> None:
-        if self.status in FINAL:
+        if self.status in FINAL or kind == "preview":  # a job asks for no previews
             return
         if kind in ("level", "step"):
             self.status = "running"

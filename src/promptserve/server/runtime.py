@@ -23,7 +23,7 @@ import numpy as np
 
 from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
-from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.engine.base import GenerationItem, GenerationResult, preview_steps
 from promptserve.engine.runner import engine_level, remember
 from promptserve.engine.threads import ComputeThread
 from promptserve.policy import Dispatcher, Policy, Setting, intake
@@ -79,6 +79,7 @@ class JobHandle:
     accepted: asyncio.Future | None = None  # resolved with the job id once queued
     job_id: int | None = None
     cancelled: bool = False  # read by the worker thread between denoising steps
+    partial_images: int = 0  # previews wanted, spread over the steps it will run
 
 
 @dataclass(frozen=True)
@@ -202,10 +203,17 @@ class Runtime:
                     future.set_result(vec)
 
     async def submit(
-        self, prompt: str, tenant: str, slo_s: float, handle: JobHandle | None = None
+        self,
+        prompt: str,
+        tenant: str,
+        slo_s: float,
+        handle: JobHandle | None = None,
+        exact: bool = False,
     ) -> Served:
+        """One image; ``exact``: a full generation, never started from a cached latent (the
+        API's ``quality: high``); it still leaves its latents to the cache."""
         try:
-            future = await self._intake(prompt, tenant, slo_s, handle)
+            future = await self._intake(prompt, tenant, slo_s, handle, exact)
         except Exception as exc:  # refused, or failed before queueing: a job hears it too
             if handle is not None and handle.accepted is not None and not handle.accepted.done():
                 handle.accepted.set_exception(exc)
@@ -213,13 +221,17 @@ class Runtime:
         return await future
 
     async def _intake(
-        self, prompt: str, tenant: str, slo_s: float, handle: JobHandle | None
+        self,
+        prompt: str,
+        tenant: str,
+        slo_s: float,
+        handle: JobHandle | None,
+        exact: bool = False,
     ) -> asyncio.Future:
         """Embed, look up, route, admit and queue; the future the answer will come on."""
         now = self.clock()
         vec = await self._embed(prompt)
-        hit = await self._on_cache(self.cache.lookup, tenant, vec)
-        self.counters.lookups += 1
+        hit = await self._lookup(tenant, vec, exact)
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
         self._check_meetable(slo_s, hit is not None)
         job_id = next(self.ids)
@@ -245,6 +257,14 @@ class Runtime:
         self._accepted(handle, job_id, job.level, hit)
         self._wake.set()
         return future
+
+    async def _lookup(self, tenant: str, vec: np.ndarray, exact: bool) -> CacheHit | None:
+        """Its cached neighbour (None for an exact request: it runs as a miss does)."""
+        if exact:
+            return None
+        hit = await self._on_cache(self.cache.lookup, tenant, vec)
+        self.counters.lookups += 1
+        return hit
 
     @staticmethod
     def _accepted(handle: JobHandle | None, job_id: int, level: int, hit: CacheHit | None) -> None:
@@ -413,14 +433,18 @@ class Runtime:
         is read here; workers on a shared store get the key to read and the entry to write,
         and the arrays never pass through here. A missing latent: from noise (K = 0)."""
         at_level = p.hit is not None and level > 0
+        ref = None
         if self.workers.shared_store:
             key = p.hit.entry.latent_keys.get(level) if at_level else None
             keep = worth_caching(p.hit.similarity if p.hit else None)
             ref = StoreRefs(key, p.tenant, self.cache.reserve() if keep else None)
-            return GenerationItem(p.prompt, level if key else 0, None, seed=p.seed), ref
-        latent = self.cache.latent(p.hit.entry, level) if at_level else None
-        k = level if latent is not None else 0
-        return GenerationItem(p.prompt, k, latent, seed=p.seed), None
+            k, latent = (level if key else 0), None
+        else:
+            latent = self.cache.latent(p.hit.entry, level) if at_level else None
+            k = level if latent is not None else 0
+        wanted = p.handle.partial_images if p.handle is not None else 0
+        previews = preview_steps(k, self.workers.total_steps, wanted)
+        return GenerationItem(p.prompt, k, latent, seed=p.seed, previews=previews), ref
 
     async def _run(self, dispatch: Dispatch) -> None:
         try:
@@ -437,9 +461,12 @@ class Runtime:
             if h is not None:
                 h.emit("level", {"level_k": item.k})
 
-        def on_step(step: int) -> None:  # runs in the worker thread
+        def on_step(step: int, previews: dict[int, bytes] | None = None) -> None:  # worker thread
             if all(h is not None and h.cancelled for h in handles):
                 raise Cancelled("cancelled while denoising")
+            for row, png in (previews or {}).items():
+                if handles[row] is not None:
+                    loop.call_soon_threadsafe(handles[row].emit, "preview", {"png": png})
             for h in handles:
                 if h is not None:
                     loop.call_soon_threadsafe(

@@ -1,4 +1,5 @@
-"""The HTTP API's shapes: the OpenAI Images API plus promptserve's extensions."""
+"""The HTTP API's shapes: the OpenAI Images API (``data/openai_images_openapi.json``) plus
+promptserve's extensions. What each official request field does here is in the README's table."""
 
 from __future__ import annotations
 
@@ -7,19 +8,34 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_PROMPT_CHARS = 4000
+MAX_IMAGES = 10  # the official limit of ``n``
+OFFICIAL_SIZES = ("1024x1024", "1024x1536", "1536x1024")  # the response schema's ``size`` enum
 
 
 class ImageRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # an unknown field is named, not ignored
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = None
-    n: int = Field(default=1, ge=1, le=4)
-    size: str | None = None  # checked against the engine's sizes by the app
-    response_format: Literal["b64_json", "url"] = "b64_json"
+    n: int = Field(default=1, ge=1, le=MAX_IMAGES)
+    size: str | None = None  # the engine's size or "auto", checked by the app
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    quality: Literal["auto", "low", "medium", "high", "standard", "hd"] | None = None
+    background: Literal["auto", "opaque", "transparent"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    moderation: Literal["auto", "low"] | None = None
+    stream: bool | None = None
+    partial_images: int | None = Field(default=None, ge=0, le=3)
     user: str | None = Field(default=None, max_length=256)
     # extensions
     deadline_ms: int | None = Field(default=None, ge=100, le=3_600_000)
+
+    @property
+    def exact(self) -> bool:
+        """``high`` (and DALL-E's ``hd``): full generation only, never from a cached latent."""
+        return self.quality in ("high", "hd")
 
 
 class ImageMeta(BaseModel):
@@ -34,12 +50,18 @@ class ImageMeta(BaseModel):
 
 
 class ImageData(BaseModel):
+    """The official ``Image``: absent fields are left out (answers drop every None), never
+    sent as null; ``promptserve`` is our extension."""
+
     b64_json: str | None = None
     url: str | None = None
-    revised_prompt: str | None = None
     promptserve: ImageMeta
 
 
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    background: Literal["opaque"] = "opaque"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    size: str | None = None  # only when it is one of the official sizes
+    quality: Literal["low", "medium", "high"] | None = None

@@ -107,11 +107,17 @@ class StepRuntime(Runtime):
     def inflight(self) -> list[int]:
         return [len(g.by_id) for g in self.sched.gpus]
 
-    async def _intake(self, prompt: str, tenant: str, slo_s: float, handle: JobHandle | None):  # noqa: ANN202
+    async def _intake(  # noqa: ANN202
+        self,
+        prompt: str,
+        tenant: str,
+        slo_s: float,
+        handle: JobHandle | None,
+        exact: bool = False,
+    ):
         now = self.clock()
         vec = await self._embed(prompt)
-        hit = await self._on_cache(self.cache.lookup, tenant, vec)
-        self.counters.lookups += 1
+        hit = await self._lookup(tenant, vec, exact)
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
         self._check_meetable(slo_s, hit is not None)
         job_id = next(self.ids)
@@ -284,6 +290,10 @@ class StepRuntime(Runtime):
     def _report_steps(self, done: StepDone) -> None:
         """Each member's own step, after every step (those that finished are at the last)."""
         total = self.workers.total_steps
+        for job_id, png in done.previews.items():
+            p = self.pending.get(job_id)
+            if p is not None and p.handle is not None:
+                p.handle.emit("preview", {"png": png})
         left_by_id = done.steps_left | dict.fromkeys((job_id for job_id, _ in done.finished), 0)
         for job_id, left in left_by_id.items():
             p = self.pending.get(job_id)

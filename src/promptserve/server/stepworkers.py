@@ -7,7 +7,7 @@ comes back."""
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.threads import ComputeThread
@@ -22,6 +22,7 @@ class StepDone:
     finished: list[tuple[Hashable, GenerationResult]]  # decoded, in the order they finished
     steps_left: dict[Hashable, int]  # every member still running after the step
     started: dict[Hashable, int]  # each joiner's K as it started (0: its latent was missing)
+    previews: dict[Hashable, bytes] = field(default_factory=dict)  # asked for at this step
 
 
 def advance(runner, joins: Joins, cancels: set) -> StepDone:  # noqa: ANN001 - any step runner
@@ -30,7 +31,8 @@ def advance(runner, joins: Joins, cancels: set) -> StepDone:  # noqa: ANN001 - a
         runner.cancel(key)
     runner.join(joins)
     finished = runner.step()
-    return StepDone(finished, runner.steps_left(), {key: item.k for key, item in joins})
+    started = {key: item.k for key, item in joins}
+    return StepDone(finished, runner.steps_left(), started, dict(runner.previews))
 
 
 def step_runner_for(engine, profile: Profile):  # noqa: ANN001, ANN201 - an engine; a runner

@@ -16,7 +16,9 @@ from promptserve.engine.base import Engine, GenerationItem, GenerationResult
 from promptserve.engine.threads import ComputeThread, torch_threads_for
 from promptserve.profile import Profile
 
-OnStep = Callable[[int], None]  # called once per denoising step; raising stops the batch
+# called once per denoising step, with the previews of that step by row when any were asked
+# for (``GenerationItem.previews``); raising stops the batch
+OnStep = Callable[..., None]
 
 
 @dataclass(frozen=True)

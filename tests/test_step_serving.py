@@ -91,3 +91,23 @@ def test_members_a_worker_lost_between_steps_rejoin_and_are_served(tmp_path):
     assert runtime.counters.retried >= 1  # someone was lost at call 5 and joined again
     assert runtime.counters.by_outcome["served"] == 2
     assert not runtime.pending and not any(g.by_id for g in runtime.sched.gpus)
+
+
+def test_the_modelled_backend_caches_stand_in_latents_and_resumes_from_them(tmp_path):
+    # every request at the fastest level it tolerates: a twin resumes at K > 0, pinned or not
+    for policy in ("clipper-ht+shed+admit", "continuous-ht+shed+admit"):
+        app = modeled_app(tmp_path / policy, policy=policy, speedup=50.0)
+        with LiveServer(app) as url:
+            c = client(url, timeout=120)
+            first = c.images.generate(prompt="a quiet harbour at night").data[0]
+            twin = c.images.generate(prompt="a quiet harbour at night").data[0]
+            ratio = [
+                ln for ln in httpx.get(f"{url}/metrics").text.splitlines()
+                if ln.startswith("promptserve_cache_hit_ratio")
+            ]  # fmt: skip
+        assert first.model_extra["promptserve"]["level_k"] == 0
+        meta = twin.model_extra["promptserve"]
+        assert meta["cache_hit"] is True and meta["level_k"] == meta["k_opt"] > 0, policy
+        assert float(ratio[0].split()[-1]) > 0
+        files = list((tmp_path / policy).rglob("*.safetensors"))
+        assert len(files) >= len(app.state.runtime.levels) - 1  # one stand-in per level passed

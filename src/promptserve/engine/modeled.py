@@ -1,13 +1,29 @@
 """No compute: waits the profile's batch latency and returns a placeholder image. For load tests
-of the server and the cluster without a GPU."""
+of the server and the cluster without a GPU. Runs still leave small stand-in latents at every
+cache level they pass, so the cache fills, hits and resumes as with a real engine (lookups,
+resume levels, eviction, the shared store on Ray); only the denoising is a sleep."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.profile import Profile
+
+STAND_IN_SHAPE = (4, 8, 8)  # 1 KiB per level in float32: the keys and levels are real
+
+
+def stand_ins(item: GenerationItem, levels: Sequence[int]) -> dict[int, np.ndarray]:
+    """The latents a run from ``item.k`` passes: one small array per level above it, drawn
+    from the prompt's seed so that a resumed run's files differ from its neighbour's."""
+    rng = np.random.default_rng(item.seed)
+    return {
+        lv: rng.standard_normal(STAND_IN_SHAPE).astype(np.float32) for lv in levels if lv > item.k
+    }
+
 
 # A 1x1 grey PNG: the placeholder every modelled result carries.
 PLACEHOLDER_PNG = bytes.fromhex(
@@ -45,7 +61,10 @@ class ModeledEngine:
                     on_step(step, previews)
                 else:
                     on_step(step)
-        return [GenerationResult(PLACEHOLDER_PNG, it.k, placeholder=True) for it in items]
+        return [
+            GenerationResult(PLACEHOLDER_PNG, it.k, stand_ins(it, self.levels), placeholder=True)
+            for it in items
+        ]
 
 
 class ModeledStepRunner:
@@ -85,7 +104,11 @@ class ModeledStepRunner:
                 self.previews[key] = PLACEHOLDER_PNG
             if entry[0] >= self.total_steps:
                 del self._steps[key]
-                done.append((key, GenerationResult(PLACEHOLDER_PNG, entry[1].k, placeholder=True)))
+                item = entry[1]
+                latents = stand_ins(item, self.profile.levels)
+                done.append(
+                    (key, GenerationResult(PLACEHOLDER_PNG, item.k, latents, placeholder=True))
+                )
         if done:
             self._sleep(len(done) * self.profile.leave_s / self.speedup)
         return done

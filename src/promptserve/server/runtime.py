@@ -137,7 +137,7 @@ class Runtime:
         self.clock = clock
         self.levels = setting.profiles[0].levels
         self.dispatcher = Dispatcher.create(setting.profiles, policy.dispatch)
-        self.estimator = policy.estimator(self.levels)
+        self.estimator = policy.estimator(self.levels, setting.slo_s)
         self.rng = np.random.default_rng(seed)
         self.pending: dict[int, _Pending] = {}
         self.ids = itertools.count()

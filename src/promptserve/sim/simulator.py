@@ -89,7 +89,7 @@ class _Run:
         profiles = inputs.setting.profiles
         self.levels = profiles[0].levels
         self.dispatcher = Dispatcher.create(profiles, policy.dispatch)
-        self.estimator = policy.estimator(self.levels)
+        self.estimator = policy.estimator(self.levels, inputs.setting.slo_s)
         self.rng = np.random.default_rng(inputs.seed)
         self.index = CacheIndex(dim=inputs.embeddings.shape[1], total_steps=profiles[0].total_steps)
         self.cache_levels = tuple(k for k in self.levels if k > 0)

@@ -65,27 +65,34 @@ def assert_streams(client) -> None:
     assert kinds == ["ImageGenPartialImageEvent"] * 2 + ["ImageGenCompletedEvent"], kinds
 
 
-def test_killed_replica_requests_all_complete(ray_settings, tmp_path):
-    # modelled SDXL latencies at 2x: a full batch takes seconds, long enough to kill mid-way
-    url = deploy(
-        ray_settings, tmp_path, model="sdxl-reference", backend="modeled", speedup=2.0, slo_s=300
-    )
+def answers_around_a_kill(url: str, n: int) -> tuple[list, dict]:
+    """``n`` concurrent images while the replica running one is SIGKILLed; each answer or
+    exception, and the victim's last ping."""
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
     answers: list = []
 
     def ask(i: int) -> None:
         try:
             answers.append(client.images.generate(prompt=f"prompt number {i}", size="1024x1024"))
-        except Exception as exc:  # recorded, asserted below
+        except Exception as exc:  # recorded, asserted by the caller
             answers.append(exc)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     victim = kill_busy_worker(url)
-    assert victim is not None, "no batch started"
+    assert victim is not None, "nothing was running to kill"
     for t in threads:
         t.join(timeout=240)
+    return answers, victim
+
+
+def test_killed_replica_requests_all_complete(ray_settings, tmp_path):
+    # modelled SDXL latencies at 2x: a full batch takes seconds, long enough to kill mid-way
+    url = deploy(
+        ray_settings, tmp_path, model="sdxl-reference", backend="modeled", speedup=2.0, slo_s=300
+    )
+    answers, victim = answers_around_a_kill(url, 6)
     assert len(answers) == 6
     assert all(not isinstance(a, Exception) for a in answers), answers
     assert all(len(a.data) == 1 for a in answers)
@@ -156,22 +163,7 @@ def test_a_killed_replica_s_step_level_members_rejoin_and_all_complete(ray_setti
         slo_s=300,
         policy="promptserve-step",
     )
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
-    answers: list = []
-
-    def ask(i: int) -> None:
-        try:
-            answers.append(client.images.generate(prompt=f"prompt number {i}", size="1024x1024"))
-        except Exception as exc:  # recorded, asserted below
-            answers.append(exc)
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    victim = kill_busy_worker(url)
-    assert victim is not None, "no step ran"
-    for t in threads:
-        t.join(timeout=240)
+    answers, _ = answers_around_a_kill(url, 4)
     assert len(answers) == 4
     assert all(not isinstance(a, Exception) for a in answers), answers
     assert read_metric(url, "promptserve_requests_retried") >= 1

@@ -50,6 +50,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_request_path.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_ray.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_cache.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_live_vs_sim.py
 
 # Overload, faults, bad input and security against the real server (under 5 minutes); one JSON
 # line of figures; fails on any lost, twice-answered, 5xx or torn-entry figure. Needs root for

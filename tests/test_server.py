@@ -503,3 +503,34 @@ def test_api_conventions_new_users_hit(tiny_url):
         headers={"content-type": "application/json"},
     )
     assert not_json.status_code == 422 and not_json.json()["error"]["param"] == "body"
+
+
+def test_bench_compare_sim_reports_the_live_run_beside_the_simulators_prediction(tmp_path):
+    from typer.testing import CliRunner
+
+    from promptserve.cli import app as cli
+
+    # every request at the fastest level it tolerates: repeats resume from cached stand-ins
+    app = modeled_app(tmp_path / "c", speedup=50, policy="clipper-ht+shed+admit", workers=2)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\na red fox\na castle at night\na castle at night\n")
+    args = ["--prompts", str(prompts), "--rate", "120", "--minutes", "0.25", "--slo", "30"]
+    with LiveServer(app) as url:
+        server = httpx.get(f"{url}/v1/server").json()
+        res = CliRunner().invoke(
+            cli, ["bench", "--url", url, *args, "--compare-sim", "--out", str(tmp_path / "o")]
+        )
+    assert res.exit_code == 0, res.output
+    assert server["policy"] == "clipper-ht+shed+admit" and server["workers"] == 2
+    assert server["profile"]["latency_s"][0][0] < 4.3 / 40  # planned at the speedup it runs at
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    live, sim = report["policies"]["live"], report["policies"]["simulated"]
+    assert live["requests"] == sim["requests"] > 5
+    for row in (live, sim):  # the cache acts on both clocks
+        assert row["hit_ratio"] > 0 and set(row["k_mix"]) - {"0"}
+    diff = live["minus_simulated"]
+    assert diff["effective_quality"] == pytest.approx(
+        live["effective_quality"] - sim["effective_quality"], abs=1e-3
+    )
+    assert abs(diff["effective_quality"]) < 10  # light load: both serve everything in time
+    assert (tmp_path / "o" / "report.md").read_text().startswith("# Live run against")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -81,6 +81,21 @@ class Profile:
 
     def level_quality(self, k: int) -> float:
         return self.quality[self.level_index(k)]
+
+    def scaled(self, speedup: float) -> Profile:
+        """The same device ``speedup`` times faster (the modelled backend's ``--speedup``): every
+        time divided, so that a server plans with what its engine does."""
+        if speedup == 1.0:
+            return self
+        return replace(
+            self,
+            name=f"{self.name}/x{speedup:g}",
+            latency_s=tuple(tuple(t / speedup for t in row) for row in self.latency_s),
+            model_load_s=self.model_load_s / speedup,
+            step_latency_s=tuple(t / speedup for t in self.step_latency_s),
+            encode_s=self.encode_s / speedup,
+            decode_s=self.decode_s / speedup,
+        )
 
 
 def reference_profile(path: str | Path | None = None) -> Profile:

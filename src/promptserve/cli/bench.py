@@ -46,6 +46,15 @@ def bench_cmd(
     out: Annotated[
         Path, typer.Option(help="Folder for report.json, report.md and timeline.png.")
     ] = Path("out/bench"),
+    compare_sim: Annotated[
+        bool,
+        typer.Option(
+            "--compare-sim/--no-compare-sim",
+            help="Also simulate the same requests with the server's policy, GPUs, profile and "
+            "embedder (GET /v1/server), and report both side by side. Start the server on an "
+            "empty --cache-dir: the simulator starts with an empty cache.",
+        ),
+    ] = False,
 ) -> None:
     """Replay a workload against a live server; report the figures `simulate` reports."""
     import asyncio
@@ -96,13 +105,40 @@ def bench_cmd(
         "requests": len(requests),
     }
     oracle = {"effective_quality_upper_bound": None, "slo_violation_ratio_lower_bound": None}
-    write_report(out, config, {"live": row}, oracle, {"live": recs.per_minute()}, title="Live run")
+    rows, timelines = {"live": row | cache_mix(recs)}, {"live": recs.per_minute()}
+    if compare_sim:
+        from promptserve.sim.live import simulate_like
+
+        server = httpx.get(f"{url}/v1/server", timeout=10).json()
+        config["server"] = {k: v for k, v in server.items() if k != "profile"}
+        sim, oracle, sim_timeline = simulate_like(server, requests, slo, seed)
+        rows["simulated"], timelines["simulated"] = sim, sim_timeline
+        rows["live"]["minus_simulated"] = live_minus_sim(rows["live"], sim)
+    title = "Live run against the simulator" if compare_sim else "Live run"
+    write_report(out, config, rows, oracle, timelines, title=title)
     table = Table(title=f"live run: {len(requests)} requests to {url}")
-    for col in ("policy", *COLUMNS[:8]):
+    for col in ("policy", *COLUMNS[:6], "hit_ratio"):
         table.add_column(col.replace("_", " "), justify="right")
-    table.add_row("live", *(str(row[c]) for c in COLUMNS[:8]))
+    for name, r in rows.items():
+        table.add_row(name, *(str(r[c]) for c in (*COLUMNS[:6], "hit_ratio")))
     console.print(table)
+    if compare_sim:
+        console.print(f"live minus simulated: {rows['live']['minus_simulated']}")
     console.print(f"report written to {out}/report.json, report.md, timeline.png")
+
+
+def cache_mix(recs) -> dict:  # noqa: ANN001 - Records
+    """The share of answers that started from a cached latent, and the K mix of the answers."""
+    from promptserve.sim.live import cache_mix as mix
+
+    return mix(recs)
+
+
+def live_minus_sim(live: dict, sim: dict) -> dict:
+    return {
+        k: round(live[k] - sim[k], 4)
+        for k in ("effective_quality", "slo_violation_ratio", "hit_ratio", "mean_quality")
+    }
 
 
 def live_planner_ms(url: str) -> float | None:

@@ -54,6 +54,7 @@ async def replay_live(
             recs.status[i] = int(Status.SERVED)
             recs.finish_s[i] = done
             recs.level[i] = meta["level_k"]
+            recs.k_opt[i] = meta["k_opt"]
             recs.quality[i] = meta["predicted_quality"]
         else:
             recs.status[i] = int(Status.REFUSED if r.status_code == 429 else Status.DROPPED)

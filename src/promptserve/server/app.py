@@ -363,6 +363,20 @@ def create_app(
             )
         return served_model
 
+    @app.get("/v1/server")
+    async def server_description():
+        """What the simulator needs to replay this server's decisions (``bench --compare-sim``):
+        its policy, GPUs, deadline, embedder and the profile it plans with."""
+        from dataclasses import asdict
+
+        return {
+            "policy": runtime.policy.name,
+            "workers": runtime.workers.count,
+            "slo_s": slo_s,
+            "embedder": "hashing" if runtime.embedder.name.startswith("hashing") else "minilm",
+            "profile": asdict(runtime.workers.profile),
+        }
+
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
     async def dashboard():
         """Live charts from this server's own /metrics (polled by the page; no CDN)."""

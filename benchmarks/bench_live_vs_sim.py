@@ -1,0 +1,109 @@
+"""The live system against the simulator on the same workload (issue 19).
+
+A server on the modelled backend (4 workers, the SDXL reference profile run ``--speedup``
+times faster, so the planner and the engine agree on time), started as its own process on an
+empty cache, gets the Azure conversation trace's arrivals at a rate that needs approximation,
+with DiffusionDB prompts, for ``--minutes``; then the simulator runs the same requests with the
+server's own policy, GPUs, profile and embedder (``GET /v1/server``). For each policy it prints
+the live and simulated effective quality, violation ratio, cache hit ratio and K mix, and their
+differences, as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from promptserve.loadgen import replay_live
+from promptserve.server.live import free_port
+from promptserve.sim.live import cache_mix, simulate_like
+from promptserve.workload import generate_arrivals, load_prompts, make_requests
+from promptserve.workload.arrivals import parse_arrival_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = ("effective_quality", "slo_violation_ratio", "hit_ratio", "mean_quality")
+
+
+def serve(policy: str, args: argparse.Namespace, cache: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "promptserve.cli", "serve", "--backend", "modeled",
+        "--model", "sdxl-reference", "--workers", "4", "--speedup", str(args.speedup),
+        "--embedder", "hashing", "--cache-dir", str(cache), "--policy", policy,
+        "--port", str(port),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server for {policy} did not start")
+
+
+def one(policy: str, args: argparse.Namespace, requests: list, slo_s: float) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, url = serve(policy, args, Path(tmp))
+        try:
+            server = httpx.get(f"{url}/v1/server", timeout=10).json()
+            live = asyncio.run(replay_live(url, requests))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    live_row = live.summary([]) | cache_mix(live)
+    sim_row, _, _ = simulate_like(server, requests, slo_s, args.seed)
+    pick = ("k_mix", *KEYS)
+    return {
+        "live": {k: live_row[k] for k in pick},
+        "simulated": {k: sim_row[k] for k in pick},
+        "live_minus_simulated": {k: round(live_row[k] - sim_row[k], 4) for k in KEYS},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--policies", default="promptserve,promptserve-step")
+    ap.add_argument("--speedup", type=float, default=4.0)
+    ap.add_argument("--rate", type=float, default=130.0, help="the profile's qpm (x speedup live)")
+    ap.add_argument("--minutes", type=float, default=3.0)
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    slo_s = 21.0 / args.speedup  # 5x the full-quality latency, on the sped-up clock
+    spec = parse_arrival_spec(f"trace:{ROOT / 'data/AzureLLMInferenceTrace_conv.csv'}")
+    times = generate_arrivals(
+        spec, rate_qpm=args.rate * args.speedup, minutes=args.minutes, seed=args.seed
+    )
+    prompts = load_prompts(ROOT / "data/diffusiondb_prompts_4k.txt")
+    requests = make_requests(prompts, times, slo_s)
+    t0 = time.perf_counter()
+    out = {p: one(p, args, requests, slo_s) for p in args.policies.split(",")}
+    print(
+        json.dumps(
+            {
+                "bench": "live_vs_sim",
+                "requests": len(requests),
+                "workers": 4,
+                "speedup": args.speedup,
+                "rate_qpm_live": args.rate * args.speedup,
+                "slo_s": slo_s,
+                "policies": out,
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

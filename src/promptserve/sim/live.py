@@ -1,0 +1,53 @@
+"""The simulator's prediction for a live server's workload (``bench --compare-sim``): the same
+requests through the same policy, GPUs, profile (the one the server plans with, scaled by its
+``--speedup``), deadline, embedder and thresholds, from an empty cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from promptserve.policy import Status, get_policy
+from promptserve.profile import Profile
+from promptserve.sim.records import Records
+from promptserve.types import Request
+
+
+def profile_from(d: dict) -> Profile:
+    """A profile from ``GET /v1/server``'s JSON (lists back to tuples)."""
+
+    def tup(v):  # noqa: ANN001, ANN202
+        return tuple(tup(x) for x in v) if isinstance(v, list) else v
+
+    return Profile(**{k: tup(v) for k, v in d.items()})
+
+
+def cache_mix(recs: Records) -> dict:
+    """The share of answers that started from a cached latent, and the K mix of the answers."""
+    served = recs.status == Status.SERVED
+    n = int(served.sum())
+    levels, counts = np.unique(recs.level[served], return_counts=True)
+    return {
+        "hit_ratio": round(float((recs.level[served] > 0).sum() / n), 4) if n else 0.0,
+        "k_mix": {str(int(k)): int(c) for k, c in zip(levels, counts, strict=True)},
+    }
+
+
+def simulate_like(
+    server: dict, requests: Sequence[Request], slo_s: float, seed: int
+) -> tuple[dict, dict, dict]:
+    """(the simulated row with its cache mix, the oracle, the per-minute timeline)."""
+    from promptserve.cache.embed import make_embedder
+    from promptserve.cache.thresholds import embedder_thresholds
+    from promptserve.sim.compare import CompareConfig, compare
+
+    profile = profile_from(server["profile"])
+    embeddings = make_embedder(server["embedder"]).embed([r.prompt for r in requests])
+    config = CompareConfig(int(server["workers"]), slo_s, "mild", seed)
+    policy = get_policy(server["policy"])
+    rows, oracle, timelines, results = compare(
+        [policy], requests, embeddings, profile, embedder_thresholds(server["embedder"]), config
+    )
+    row = rows[policy.name] | cache_mix(results[0].records)
+    return row, oracle, timelines[policy.name]

@@ -1,7 +1,7 @@
 """The live system against the simulator on the same workload (issue 19).
 
 A server on the modelled backend (4 workers, the SDXL reference profile run ``--speedup``
-times faster, so the planner and the engine agree on time), started as its own process on an
+times faster; the simulator runs the profile scaled the same way), started as its own process on an
 empty cache, gets the Azure conversation trace's arrivals at a rate that needs approximation,
 with DiffusionDB prompts, for ``--minutes``; then the simulator runs the same requests with the
 server's own policy, GPUs, profile and embedder (``GET /v1/server``). For each policy it prints

@@ -522,7 +522,7 @@ def test_bench_compare_sim_reports_the_live_run_beside_the_simulators_prediction
         )
     assert res.exit_code == 0, res.output
     assert server["policy"] == "clipper-ht+shed+admit" and server["workers"] == 2
-    assert server["profile"]["latency_s"][0][0] < 4.3 / 40  # planned at the speedup it runs at
+    assert server["speedup"] == 50  # the simulator runs the profile at the speed it ran at
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     live, sim = report["policies"]["live"], report["policies"]["simulated"]
     assert live["requests"] == sim["requests"] > 5

@@ -83,8 +83,8 @@ class Profile:
         return self.quality[self.level_index(k)]
 
     def scaled(self, speedup: float) -> Profile:
-        """The same device ``speedup`` times faster (the modelled backend's ``--speedup``): every
-        time divided, so that a server plans with what its engine does."""
+        """The same device ``speedup`` times faster (what the modelled backend's ``--speedup``
+        runs): every time divided."""
         if speedup == 1.0:
             return self
         return replace(

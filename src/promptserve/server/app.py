@@ -375,6 +375,8 @@ def create_app(
             "slo_s": slo_s,
             "embedder": "hashing" if runtime.embedder.name.startswith("hashing") else "minilm",
             "profile": asdict(runtime.workers.profile),
+            # the modelled backend runs this many times faster than the profile it plans with
+            "speedup": getattr(getattr(runtime.workers, "engines", [None])[0], "_speedup", 1.0),
         }
 
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)

@@ -43,7 +43,7 @@ def step_runner_for(engine, profile: Profile):  # noqa: ANN001, ANN201 - an engi
 
     comps = getattr(engine, "c", None)
     if comps is None:
-        return ModeledStepRunner(step_profile(profile))  # the engine's profile: already scaled
+        return ModeledStepRunner(step_profile(profile), getattr(engine, "_speedup", 1.0))
     return StepRunner(
         comps,
         engine.total_steps,

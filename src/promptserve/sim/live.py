@@ -1,6 +1,7 @@
 """The simulator's prediction for a live server's workload (``bench --compare-sim``): the same
-requests through the same policy, GPUs, profile (the one the server plans with, scaled by its
-``--speedup``), deadline, embedder and thresholds, from an empty cache."""
+requests through the same policy, GPUs, profile (the server's, scaled by its ``--speedup``: the
+modelled backend runs that many times faster than the profile its planner reads), deadline,
+embedder and thresholds, from an empty cache."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def simulate_like(
     from promptserve.cache.thresholds import embedder_thresholds
     from promptserve.sim.compare import CompareConfig, compare
 
-    profile = profile_from(server["profile"])
+    profile = profile_from(server["profile"]).scaled(float(server.get("speedup", 1.0)))
     embeddings = make_embedder(server["embedder"]).embed([r.prompt for r in requests])
     config = CompareConfig(int(server["workers"]), slo_s, "mild", seed)
     policy = get_policy(server["policy"])

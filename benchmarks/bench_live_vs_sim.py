@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from promptserve.loadgen import replay_live
-from promptserve.server.live import free_port
+from promptserve.server.live import start_server, stop
 from promptserve.sim.live import cache_mix, simulate_like
 from promptserve.workload import generate_arrivals, load_prompts, make_requests
 from promptserve.workload.arrivals import parse_arrival_spec
@@ -32,25 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = ("effective_quality", "slo_violation_ratio", "hit_ratio", "mean_quality")
 
 
-def serve(policy: str, args: argparse.Namespace, cache: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "promptserve.cli", "serve", "--backend", "modeled",
-        "--model", "sdxl-reference", "--workers", "4", "--speedup", str(args.speedup),
-        "--embedder", "hashing", "--cache-dir", str(cache), "--policy", policy,
-        "--port", str(port),
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"the server for {policy} did not start")
+def serve(policy: str, args: argparse.Namespace, cache: Path) -> tuple:
+    return start_server(
+        [
+            "--backend", "modeled", "--model", "sdxl-reference", "--workers", "4",
+            "--speedup", str(args.speedup), "--embedder", "hashing", "--policy", policy,
+        ],
+        cache,
+    )  # fmt: skip
 
 
 def one(policy: str, args: argparse.Namespace, requests: list, slo_s: float) -> dict:
@@ -60,8 +47,7 @@ def one(policy: str, args: argparse.Namespace, requests: list, slo_s: float) -> 
             server = httpx.get(f"{url}/v1/server", timeout=10).json()
             live = asyncio.run(replay_live(url, requests))
         finally:
-            proc.terminate()
-            proc.wait(30)
+            stop(proc)
     live_row = live.summary([]) | cache_mix(live)
     sim_row, _, _ = simulate_like(server, requests, slo_s, args.seed)
     pick = ("k_mix", *KEYS)

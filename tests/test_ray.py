@@ -125,10 +125,11 @@ def test_step_level_serving_on_ray_resumes_from_the_shared_store_and_cancels(
     assert_streams(client)
 
 
-def test_cancelling_a_step_level_member_on_ray_frees_its_slot(ray_settings, tmp_path):
-    # modelled SDXL steps at 2x: a request is in flight for seconds, long enough to cancel
-    url = deploy(
-        ray_settings,
+def deploy_modeled_step(settings, tmp_path: Path) -> str:
+    """promptserve-step on modelled SDXL steps at 2x: a request is in flight for seconds,
+    long enough to cancel it or kill its replica."""
+    return deploy(
+        settings,
         tmp_path,
         model="sdxl-reference",
         backend="modeled",
@@ -136,6 +137,10 @@ def test_cancelling_a_step_level_member_on_ray_frees_its_slot(ray_settings, tmp_
         slo_s=300,
         policy="promptserve-step",
     )
+
+
+def test_cancelling_a_step_level_member_on_ray_frees_its_slot(ray_settings, tmp_path):
+    url = deploy_modeled_step(ray_settings, tmp_path)
     job = httpx.post(f"{url}/v1/jobs", json={"prompt": "a storm at sea"}, timeout=30).json()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(
@@ -154,15 +159,7 @@ def test_cancelling_a_step_level_member_on_ray_frees_its_slot(ray_settings, tmp_
 
 
 def test_a_killed_replica_s_step_level_members_rejoin_and_all_complete(ray_settings, tmp_path):
-    url = deploy(
-        ray_settings,
-        tmp_path,
-        model="sdxl-reference",
-        backend="modeled",
-        speedup=2.0,
-        slo_s=300,
-        policy="promptserve-step",
-    )
+    url = deploy_modeled_step(ray_settings, tmp_path)
     answers, _ = answers_around_a_kill(url, 4)
     assert len(answers) == 4
     assert all(not isinstance(a, Exception) for a in answers), answers

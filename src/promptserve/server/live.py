@@ -1,10 +1,14 @@
-"""Run an app on a free localhost port in a background thread (tests and benchmarks)."""
+"""Run an app on a free localhost port in a background thread, or ``promptserve serve`` in a
+process of its own (tests, benchmarks and the reliability suite)."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -38,3 +42,34 @@ class LiveServer:
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def start_server(args: list[str], cache_dir: Path, timeout_s: float = 120.0):  # noqa: ANN201
+    """``promptserve serve ARGS`` in its own process (its memory and CPU its own); the process
+    and its URL once ``/healthz`` answers."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "promptserve.cli", "serve", "--port", str(port)]
+    cmd += ["--cache-dir", str(cache_dir), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -243,39 +243,20 @@ def test_a_similar_prompt_resumes_from_the_cached_latent_and_survives_restart(en
     )  # alice's miss, alice's resumed run (8, 10), bob's miss
 
 
+def family_engine(family: str, steps: int = 10, levels=(0, 2, 4)):
+    """A tiny random-weight model of ``family`` (engine.shapes) on the CPU."""
+    from promptserve.engine.flow import DEFAULT_GUIDANCE
+    from promptserve.engine.shapes import build
+    from promptserve.engine.tiny import DenoisingEngine
+
+    return DenoisingEngine(
+        build(family), f"tiny-{family}", steps, levels, DEFAULT_GUIDANCE.get(family, 7.5)
+    )
+
+
 def tiny_xl_engine():
     """SDXL-shaped components from configs: two text encoders, pooled + time-id conditioning."""
-    import dataclasses
-
-    import torch
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-
-    from promptserve.engine.tiny import (
-        ByteTokenizer,
-        DenoisingEngine,
-        build_tiny,
-        tiny_text_config,
-        tiny_unet_config,
-    )
-
-    base = build_tiny(seed=1)
-    torch.manual_seed(1)
-    unet = UNet2DConditionModel(
-        **tiny_unet_config(
-            cross_attention_dim=64,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=32 + 6 * 8,
-        )
-    ).eval()
-    second = CLIPTextModelWithProjection(
-        CLIPTextConfig(**tiny_text_config(projection_dim=32))
-    ).eval()
-    comps = dataclasses.replace(
-        base, unet=unet, text_encoder_2=second, tokenizer_2=ByteTokenizer(), image_size=64
-    )
-    return DenoisingEngine(comps, "tiny-xl", 10, (0, 2, 4))
+    return family_engine("sdxl")
 
 
 def test_sdxl_conditioning_runs_and_resumes_exactly():

@@ -6,7 +6,7 @@ import pytest
 from promptserve.engine.base import GenerationItem
 from promptserve.engine.steprunner import StepRunner
 from promptserve.engine.tiny import tiny_engine
-from test_engine import tiny_xl_engine
+from test_engine import family_engine, tiny_xl_engine
 
 TOL = 1e-4  # float32 on the CPU
 
@@ -19,7 +19,11 @@ def run_until(runner, keys):
     return out
 
 
-@pytest.mark.parametrize("make", [tiny_engine, tiny_xl_engine], ids=["sd", "sdxl"])
+@pytest.mark.parametrize(
+    "make",
+    [tiny_engine, tiny_xl_engine, lambda: family_engine("sd3"), lambda: family_engine("flux")],
+    ids=["sd", "sdxl", "sd3", "flux"],
+)
 def test_members_at_different_steps_match_their_solo_runs(make):
     engine = make()
     top = engine.levels[-1]
@@ -29,7 +33,7 @@ def test_members_at_different_steps_match_their_solo_runs(make):
     c = GenerationItem("a fox in the snow, oil", top, solo_b.latents[top], seed=3)
     solo_c = engine.generate([c])[0]
 
-    runner = StepRunner(engine.c, engine.total_steps, engine.levels)
+    runner = StepRunner(engine.c, engine.total_steps, engine.levels, engine.guidance)
     runner.join([("a", a)])
     for _ in range(3):
         assert runner.step() == []

@@ -30,6 +30,21 @@ class Components:
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object | None = None
     image_size: int = 0
+    family = "unet"
+
+    # -- the family interface the engine and the step runner call (``flow.FlowComponents``
+    # -- is the other family): noise, a shared-start run, decode, and a per-sample stepper
+    def noise(self, seed: int) -> torch.Tensor:
+        return initial_noise(self, seed)
+
+    def run(self, *args, **kwargs) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        return denoise(self, *args, **kwargs)
+
+    def decode(self, latents: torch.Tensor) -> list[bytes]:
+        return decode_png(self, latents)
+
+    def stepper(self, total_steps: int, guidance: float) -> DDIMStepper:
+        return DDIMStepper(self, total_steps, guidance)
 
 
 def encode(c: Components, prompts: Sequence[str]) -> tuple[torch.Tensor, dict | None]:
@@ -108,12 +123,16 @@ def denoise(
 
 
 def decode_png(c: Components, latents: torch.Tensor) -> list[bytes]:
+    with torch.no_grad():
+        return png_bytes(c.vae.decode(latents / c.vae_scale).sample)
+
+
+def png_bytes(images: torch.Tensor) -> list[bytes]:
+    """PNG files of a batch of decoded images in [-1, 1]."""
     import io
 
     from PIL import Image
 
-    with torch.no_grad():
-        images = c.vae.decode(latents / c.vae_scale).sample
     images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     out = []
     for img in images:
@@ -121,3 +140,74 @@ def decode_png(c: Components, latents: torch.Tensor) -> list[bytes]:
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
+
+
+class DDIMStepper:
+    """One deterministic DDIM step per sample, each from its own timestep (eta = 0, epsilon
+    prediction: what ``DDIMScheduler.step`` computes for one shared timestep), with
+    classifier-free guidance against the empty prompt, encoded once."""
+
+    def __init__(self, c: Components, total_steps: int, guidance: float) -> None:
+        scheduler = c.scheduler
+        if type(scheduler).__name__ != "DDIMScheduler":
+            raise ValueError(
+                f"step-level serving needs a DDIM scheduler, not {type(scheduler).__name__}"
+            )
+        config = scheduler.config
+        if config.prediction_type != "epsilon" or config.clip_sample or config.thresholding:
+            raise ValueError("step-level serving supports DDIM with epsilon prediction only")
+        self.c, self.guidance = c, guidance
+        scheduler.set_timesteps(total_steps, device=c.device)
+        self.timesteps = scheduler.timesteps.clone()
+        self.stride = config.num_train_timesteps // total_steps
+        self.alphas = scheduler.alphas_cumprod.to(c.device, torch.float32)
+        self.final_alpha = float(scheduler.final_alpha_cumprod)
+        (self.uncond,) = self.encode([""])
+
+    def encode(self, prompts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+        """Each prompt's conditioning rows: the text context and (SDXL) pooled embeds, time ids."""
+        context, extra = encode(self.c, prompts)
+        rows = []
+        for j in range(len(prompts)):
+            row = {"context": context[j : j + 1]}
+            row.update({name: value[j : j + 1] for name, value in (extra or {}).items()})
+            rows.append(row)
+        return rows
+
+    def advance(
+        self, latents: torch.Tensor, steps: torch.Tensor, rows: Sequence[dict]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next latents of every row (row j at step ``steps[j]``) and the predicted clean
+        latents (what a preview shows)."""
+        n = latents.shape[0]
+        both = {
+            name: torch.cat(
+                [self.uncond[name].expand(n, *self.uncond[name].shape[1:])]
+                + [r[name] for r in rows]
+            )
+            for name in self.uncond
+        }
+        context = both.pop("context")
+        t = self.timesteps[steps]
+        with torch.no_grad():
+            noise = self.c.unet(
+                torch.cat([latents, latents]),
+                torch.cat([t, t]),
+                encoder_hidden_states=context,
+                added_cond_kwargs=both or None,
+            ).sample
+            uncond, cond = noise.chunk(2)
+            return self._ddim(latents, uncond + self.guidance * (cond - uncond), t)
+
+    def _ddim(
+        self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        prev = t - self.stride
+        a_t = self.alphas[t]
+        a_prev = torch.where(
+            prev >= 0, self.alphas[prev.clamp(min=0)], torch.tensor(self.final_alpha)
+        )
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        a_t, a_prev = a_t.view(shape).to(x.dtype), a_prev.view(shape).to(x.dtype)
+        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0

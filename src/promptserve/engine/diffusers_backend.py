@@ -1,10 +1,15 @@
-"""Real Stable Diffusion weights (1.x/2.x and SDXL) through diffusers, run by the same
-resumable loop.
+"""Real weights through diffusers, run by promptserve's own resumable loop: Stable Diffusion
+1.x/2.x and SDXL (UNet, DDIM) and the flow-matching transformers, SD3/SD3.5 and Flux.
 
-Loads a local pipeline folder with ``DiffusionPipeline`` and keeps
-its UNet, VAE, text encoder(s) and tokenizer(s), with a DDIM scheduler built from the pipeline's
-scheduler config. An SDXL pipeline brings a second text encoder; the loop then passes the pooled
-embeddings and size time ids the SDXL UNet expects.
+The family comes from the folder's ``model_index.json`` (its pipeline class). The loader keeps
+the pipeline's modules and scheduler config and drops the pipeline: a UNet pipeline runs with a
+DDIM scheduler built from its config; an SDXL pipeline brings a second text encoder, whose pooled
+embeddings and size time ids the UNet expects. A flow family keeps its flow-matching scheduler.
+
+Levels on a shorter schedule: the reference levels skip K of 50 steps, K in {0, 5, ..., 25}.
+A model served with N steps (Flux and SD3 default to 28) gets K' = floor(K * N / 50), the
+largest level skipping no larger a fraction of the schedule, so each reference similarity
+threshold lands on its own level: 28 steps give (0, 2, 5, 8, 11, 14).
 """
 
 from __future__ import annotations
@@ -15,8 +20,41 @@ from pathlib import Path
 import torch
 
 from promptserve.engine.denoise import Components
+from promptserve.engine.flow import DEFAULT_GUIDANCE, FlowComponents
 from promptserve.engine.tiny import DenoisingEngine
 from promptserve.errors import InputError
+
+# pipeline class in model_index.json -> the family that serves it
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "unet",
+    "StableDiffusionXLPipeline": "unet",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+DEFAULT_STEPS = {"unet": 50, "sd3": 28, "flux": 28}
+REFERENCE_LEVELS = (0, 5, 10, 15, 20, 25)  # K of 50
+
+
+def levels_for(total_steps: int) -> tuple[int, ...]:
+    """The reference levels on an N-step schedule: K' = floor(K * N / 50)."""
+    return tuple(sorted({k * total_steps // 50 for k in REFERENCE_LEVELS}))
+
+
+def family_of(model: str) -> str:
+    """The family serving a local diffusers folder, from its ``model_index.json``."""
+    import json
+
+    index = Path(model).expanduser() / "model_index.json"
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{index}: not a diffusers model index ({exc})") from None
+    if name not in PIPELINE_FAMILIES:
+        raise InputError(
+            f"model {model!r} is a {name}, which promptserve does not serve "
+            f"(served: {', '.join(PIPELINE_FAMILIES)})"
+        )
+    return PIPELINE_FAMILIES[name]
 
 
 class _Tokenizer:
@@ -33,8 +71,10 @@ class _Tokenizer:
         )
 
 
-def load_diffusers(model: str, device: str = "cpu", dtype: str = "float32") -> Components:
-    from diffusers import DDIMScheduler, DiffusionPipeline
+def load_diffusers(
+    model: str, device: str = "cpu", dtype: str = "float32"
+) -> Components | FlowComponents:
+    from diffusers import DiffusionPipeline
 
     torch_dtype = {
         "float32": torch.float32,
@@ -49,15 +89,20 @@ def load_diffusers(model: str, device: str = "cpu", dtype: str = "float32") -> C
             f"model folder {model!r} not found (give a local diffusers folder with "
             "model_index.json: nothing is downloaded)"
         )
+    family = family_of(model)
     try:
         pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype)
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load diffusers model {model!r}: {exc}") from None
-    if not all(hasattr(pipe, part) for part in ("unet", "vae", "text_encoder", "tokenizer")):
-        raise InputError(
-            f"{model!r} is not a Stable Diffusion pipeline (UNet, VAE, CLIP text encoder)"
-        )
     pipe = pipe.to(device)
+    if family == "unet":
+        return _unet_components(pipe, device, torch_dtype)
+    return _flow_components(family, pipe, device, torch_dtype)
+
+
+def _unet_components(pipe, device: str, dtype: torch.dtype) -> Components:  # noqa: ANN001
+    from diffusers import DDIMScheduler
+
     size = pipe.unet.config.sample_size
     second = getattr(pipe, "text_encoder_2", None)
     return Components(
@@ -69,20 +114,43 @@ def load_diffusers(model: str, device: str = "cpu", dtype: str = "float32") -> C
         vae_scale=pipe.vae.config.scaling_factor,
         latent_shape=(pipe.unet.config.in_channels, size, size),
         device=device,
-        dtype=torch_dtype,
+        dtype=dtype,
         text_encoder_2=second,
         tokenizer_2=_Tokenizer(pipe.tokenizer_2) if second is not None else None,
-        image_size=size * 2 ** (len(pipe.vae.config.block_out_channels) - 1),
+        image_size=size * pipe.vae_scale_factor,
     )
+
+
+def _flow_components(family: str, pipe, device: str, dtype: torch.dtype) -> FlowComponents:  # noqa: ANN001
+    config = pipe.transformer.config
+    if family == "sd3":
+        encoders = (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
+        tokenizers = (pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3)
+        channels = config.in_channels
+    else:
+        encoders = (pipe.text_encoder, pipe.text_encoder_2)
+        tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
+        channels = config.in_channels // 4  # packed 2x2 patches
+    size = pipe.default_sample_size  # latent pixels: 128 for both (1024 px images)
+    return FlowComponents(
+        family, pipe.transformer, pipe.vae, encoders, tokenizers, pipe.scheduler,
+        (channels, size, size), device=device, dtype=dtype,
+        image_size=size * pipe.vae_scale_factor,
+    )  # fmt: skip
 
 
 def diffusers_engine(
     model: str,
     device: str = "cpu",
     dtype: str = "float32",
-    total_steps: int = 50,
-    levels: Sequence[int] = (0, 5, 10, 15, 20, 25),
+    total_steps: int | None = None,
+    levels: Sequence[int] | None = None,
 ) -> DenoisingEngine:
+    """The folder's model with its family's schedule: 50 DDIM steps for a UNet, 28 for a flow
+    transformer, and the reference levels mapped onto it (``levels_for``)."""
+    comps = load_diffusers(model, device, dtype)
+    total_steps = total_steps or DEFAULT_STEPS[comps.family]
+    guidance = DEFAULT_GUIDANCE.get(comps.family, 7.5)
     return DenoisingEngine(
-        load_diffusers(model, device, dtype), f"diffusers:{model}", total_steps, levels
+        comps, f"diffusers:{model}", total_steps, levels or levels_for(total_steps), guidance
     )

@@ -79,7 +79,6 @@ def measure_steps(
     """Step-level costs on the engine's own components: one step with n members in flight
     (all joined, one step untimed, then the mean of a few), one request's text encoding, and
     one latent's decode to PNG. None for an engine without components (the modelled one)."""
-    from promptserve.engine.denoise import decode_png, encode, initial_noise
     from promptserve.engine.steprunner import StepRunner
 
     comps = getattr(engine, "c", None)
@@ -100,16 +99,16 @@ def measure_steps(
         latencies.append((clock() - t0) / STEPS_TIMED)
         if on_point is not None:
             on_point(n, latencies[-1])
-    encode(comps, ["warm-up"])
+    runner.kernel.encode(["warm-up"])
     t0 = clock()
     for i in range(STEPS_TIMED):
-        encode(comps, [f"a lighthouse at dusk {i}"])
+        runner.kernel.encode([f"a lighthouse at dusk {i}"])
     encode_s = (clock() - t0) / STEPS_TIMED
-    latent = initial_noise(comps, 0)
-    decode_png(comps, latent)
+    latent = comps.noise(0)
+    comps.decode(latent)
     t0 = clock()
     for _ in range(STEPS_TIMED):
-        decode_png(comps, latent)
+        comps.decode(latent)
     decode_s = (clock() - t0) / STEPS_TIMED
     return StepMeasure(
         inflight=list(inflight),

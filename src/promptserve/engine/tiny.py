@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from promptserve.engine.base import GenerationItem, GenerationResult
-from promptserve.engine.denoise import Components, decode_png, denoise, initial_noise
+from promptserve.engine.denoise import Components
 
 MAX_TOKENS = 77
 BOS, EOS, PAD = 256, 257, 258
@@ -88,6 +88,7 @@ def ddim_scheduler():
         beta_end=0.012,
         clip_sample=False,
         set_alpha_to_one=False,
+        steps_offset=1,  # SD's own scheduler config (a pipeline rewrites 0 to 1 with a warning)
     )
 
 
@@ -124,7 +125,8 @@ def rows_of(on_step, idx: Sequence[int]):  # noqa: ANN001, ANN201
 
 
 class DenoisingEngine:
-    """Runs batches on diffusers components; the tiny model and real SD 1.x/2.x weights alike."""
+    """Runs batches on a family's components (``denoise.Components``: the tiny model, SD 1.x/2.x
+    and SDXL; ``flow.FlowComponents``: SD3 and Flux), from noise or a cached latent at K."""
 
     def __init__(
         self,
@@ -159,7 +161,7 @@ class DenoisingEngine:
         starts = []
         for it in items:
             if k == 0:
-                starts.append(initial_noise(self.c, it.seed))
+                starts.append(self.c.noise(it.seed))
             elif it.start_latent is None:
                 raise ValueError(f"level K={k} needs a start latent")
             else:
@@ -167,8 +169,7 @@ class DenoisingEngine:
                     torch.as_tensor(it.start_latent, dtype=self.c.dtype, device=self.c.device)[None]
                 )
         capture = [lv for lv in self.levels if lv > k]
-        final, captured = denoise(
-            self.c,
+        final, captured = self.c.run(
             torch.cat(starts),
             [it.prompt for it in items],
             k,
@@ -178,7 +179,7 @@ class DenoisingEngine:
             on_step,
             [it.previews for it in items],
         )
-        pngs = decode_png(self.c, final)
+        pngs = self.c.decode(final)
         return [
             GenerationResult(
                 png=pngs[j],

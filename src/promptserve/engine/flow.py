@@ -1,0 +1,246 @@
+"""Flow-matching diffusion transformers: the Stable Diffusion 3 and Flux families.
+
+Approximate caching carries over unchanged: the latent after K steps of a neighbour's run is a
+point on the same path from noise to image, so a request resumes from it at step K. The update
+is Euler on the predicted velocity, ``x <- x + (sigma_next - sigma) * v``, written per sample so
+one transformer call advances members that sit at different steps (the step runner) and a
+batch that shares its start step alike; it is what ``FlowMatchEulerDiscreteScheduler.step``
+computes for one shared sigma.
+
+- SD3 / SD3.5: two CLIP encoders (penultimate hidden states side by side, zero-padded to the T5
+  width, then the T5 tokens after them) and their pooled outputs; classifier-free guidance
+  against the empty prompt.
+- Flux: CLIP's pooled output and T5's tokens; no second pass (guidance-distilled: the guidance
+  scale is an input of the transformer when its config has ``guidance_embeds``); latents are
+  packed into 2x2 patches for the transformer and kept unpacked (C, H, W) everywhere else, so
+  the cache stores the same shape for every family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from promptserve.engine.denoise import png_bytes
+
+FAMILIES = ("sd3", "flux")
+DEFAULT_GUIDANCE = {"sd3": 7.0, "flux": 3.5}  # the diffusers pipelines' defaults
+MAX_SEQUENCE = {"sd3": 256, "flux": 512}
+
+
+def _ids(tokenizer, prompts: Sequence[str], length: int, device: str) -> torch.Tensor:
+    out = tokenizer(
+        list(prompts), padding="max_length", max_length=length, truncation=True,
+        return_tensors="pt",
+    )  # fmt: skip
+    return out.input_ids.to(device)
+
+
+@dataclass
+class FlowComponents:
+    """A flow-matching transformer and what conditions it, as loaded or built from configs.
+
+    ``text_encoders``/``tokenizers``: SD3 (CLIP-L, CLIP-G, T5 or None); Flux (CLIP-L, T5).
+    """
+
+    family: str
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoders: tuple
+    tokenizers: tuple
+    scheduler: object  # FlowMatchEulerDiscreteScheduler
+    latent_shape: tuple[int, int, int]  # channels, height, width (unpacked)
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    max_sequence_length: int = 0  # T5 tokens; 0: the family's pipeline default
+    image_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"flow family {self.family!r} is not one of {FAMILIES}")
+        self.max_sequence_length = self.max_sequence_length or MAX_SEQUENCE[self.family]
+
+    # -- the family interface the engine and the step runner call ---------------------------
+    def noise(self, seed: int) -> torch.Tensor:
+        gen = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn((1, *self.latent_shape), generator=gen, dtype=torch.float32)
+        return noise.to(self.device, self.dtype)
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The transformer's text inputs, batch first: token states and pooled projections."""
+        with torch.no_grad():
+            if self.family == "sd3":
+                return self._encode_sd3(prompts)
+            return self._encode_flux(prompts)
+
+    def run(self, *args, **kwargs) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        return flow_denoise(self, *args, **kwargs)
+
+    def decode(self, latents: torch.Tensor) -> list[bytes]:
+        config = self.vae.config
+        with torch.no_grad():
+            scaled = latents / config.scaling_factor + (config.shift_factor or 0.0)
+            return png_bytes(self.vae.decode(scaled.to(self.vae.dtype)).sample)
+
+    def stepper(self, total_steps: int, guidance: float) -> FlowStepper:
+        return FlowStepper(self, total_steps, guidance)
+
+    # -- text --------------------------------------------------------------------------------
+    def _encode_sd3(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        clip_l, clip_g, t5 = self.text_encoders
+        tok_l, tok_g, tok_t5 = self.tokenizers
+        states, pooled = [], []
+        for encoder, tokenizer in ((clip_l, tok_l), (clip_g, tok_g)):
+            ids = _ids(tokenizer, prompts, tokenizer.model_max_length, self.device)
+            out = encoder(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled.append(out[0])
+        width = self.transformer.config.joint_attention_dim
+        if t5 is None:  # SD3 runs without T5 on zeros, as its pipeline does
+            t5_states = torch.zeros(
+                (len(prompts), self.max_sequence_length, width), device=self.device
+            )
+        else:
+            t5_states = t5(_ids(tok_t5, prompts, self.max_sequence_length, self.device))[0]
+        clip = torch.cat(states, dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+        return {
+            "encoder_hidden_states": torch.cat([clip, t5_states.to(clip.dtype)], dim=-2).to(
+                self.dtype
+            ),
+            "pooled_projections": torch.cat(pooled, dim=-1).to(self.dtype),
+        }
+
+    def _encode_flux(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        clip, t5 = self.text_encoders
+        tok_clip, tok_t5 = self.tokenizers
+        ids = _ids(tok_clip, prompts, tok_clip.model_max_length, self.device)
+        pooled = clip(ids, output_hidden_states=False).pooler_output
+        states = t5(_ids(tok_t5, prompts, self.max_sequence_length, self.device))[0]
+        return {
+            "encoder_hidden_states": states.to(self.dtype),
+            "pooled_projections": pooled.to(self.dtype),
+        }
+
+
+def sigma_schedule(c: FlowComponents, total_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's sigmas (``total_steps`` + 1, ending at 0) and timesteps, as the family's
+    pipeline sets them: SD3 a fixed shift from the scheduler config; Flux sigmas from 1 to
+    1/N, shifted by the image's token count when the scheduler shifts dynamically."""
+    scheduler = c.scheduler
+    kwargs: dict = {}
+    tokens = (c.latent_shape[1] // 2) * (c.latent_shape[2] // 2)
+    config = scheduler.config
+    if c.family == "flux":
+        kwargs["sigmas"] = np.linspace(1.0, 1 / total_steps, total_steps)
+    if config.get("use_dynamic_shifting", False):
+        base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        lo, hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        kwargs["mu"] = lo + (hi - lo) * (tokens - base) / (top - base)
+    scheduler.set_timesteps(None if "sigmas" in kwargs else total_steps, device=c.device, **kwargs)
+    return scheduler.sigmas.to(c.device, torch.float32).clone(), scheduler.timesteps.to(c.device)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): Flux's 2x2 patch tokens."""
+    b, ch, h, w = latents.shape
+    x = latents.view(b, ch, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), ch * 4)
+
+
+def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    b, _, dim = tokens.shape
+    x = tokens.view(b, height // 2, width // 2, dim // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, dim // 4, height, width)
+
+
+class FlowStepper:
+    """One Euler step per sample, each at its own sigma, with the family's conditioning."""
+
+    def __init__(self, c: FlowComponents, total_steps: int, guidance: float) -> None:
+        self.c, self.guidance = c, guidance
+        self.sigmas, self.timesteps = sigma_schedule(c, total_steps)
+        self.uncond = c.encode([""]) if c.family == "sd3" else None
+        if c.family == "flux":
+            h, w = c.latent_shape[1] // 2, c.latent_shape[2] // 2
+            grid = torch.zeros(h, w, 3)
+            grid[..., 1] += torch.arange(h)[:, None]
+            grid[..., 2] += torch.arange(w)[None, :]
+            self.img_ids = grid.reshape(h * w, 3).to(c.device, c.dtype)
+            self.txt_ids = torch.zeros(c.max_sequence_length, 3, device=c.device, dtype=c.dtype)
+
+    def encode(self, prompts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+        batch = self.c.encode(prompts)
+        return [{name: v[j : j + 1] for name, v in batch.items()} for j in range(len(prompts))]
+
+    def advance(
+        self, latents: torch.Tensor, steps: torch.Tensor, rows: Sequence[dict]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next latents of every row (row j at step ``steps[j]``) and the predicted clean
+        latents (x0 = x - sigma * v: what a preview shows)."""
+        cond = {name: torch.cat([r[name] for r in rows]) for name in rows[0]}
+        t = self.timesteps[steps]
+        with torch.no_grad():
+            v = self._velocity(latents, t, cond)
+        shape = (-1,) + (1,) * (latents.dim() - 1)
+        sigma = self.sigmas[steps].view(shape)
+        sigma_next = self.sigmas[steps + 1].view(shape)
+        x = latents.float()
+        out = (x + (sigma_next - sigma) * v.float()).to(v.dtype)
+        return out, (x - sigma * v.float()).to(v.dtype)
+
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        model, n = self.c.transformer, x.shape[0]
+        if self.c.family == "sd3":
+            both = {
+                name: torch.cat([self.uncond[name].expand(n, *value.shape[1:]), value])
+                for name, value in cond.items()
+            }
+            v = model(
+                hidden_states=torch.cat([x, x]), timestep=torch.cat([t, t]),
+                return_dict=False, **both,
+            )[0]  # fmt: skip
+            uncond, text = v.chunk(2)
+            return uncond + self.guidance * (text - uncond)
+        guidance = None
+        if model.config.guidance_embeds:
+            guidance = torch.full((n,), self.guidance, device=x.device, dtype=torch.float32)
+        v = model(
+            hidden_states=pack(x), timestep=t.to(x.dtype) / 1000, guidance=guidance,
+            txt_ids=self.txt_ids, img_ids=self.img_ids, return_dict=False, **cond,
+        )[0]  # fmt: skip
+        return unpack(v, x.shape[2], x.shape[3])
+
+
+def flow_denoise(
+    c: FlowComponents,
+    latents: torch.Tensor,
+    prompts: Sequence[str],
+    start_step: int,
+    total_steps: int,
+    capture: Sequence[int],
+    guidance: float,
+    on_step=None,
+    previews: Sequence[Sequence[int]] = (),
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """``denoise`` for a flow family: a batch that shares its start step, run with the per-sample
+    update (every row at the same step), so batch, solo and step-runner runs are one code path."""
+    stepper = FlowStepper(c, total_steps, guidance)
+    rows = stepper.encode(prompts)
+    captured: dict[int, torch.Tensor] = {}
+    for step in range(start_step, total_steps):
+        steps = torch.full((latents.shape[0],), step, device=c.device, dtype=torch.long)
+        latents, x0 = stepper.advance(latents, steps, rows)
+        if step + 1 in capture:
+            captured[step + 1] = latents.clone()
+        if on_step is None:
+            continue
+        wanted = [r for r, s in enumerate(previews) if step + 1 in s]
+        if wanted:
+            on_step(step + 1, dict(zip(wanted, c.decode(x0[wanted]), strict=True)))
+        else:
+            on_step(step + 1)
+    return latents, captured

@@ -1,0 +1,291 @@
+"""Random-weight models of each family's architecture, built from configs: no weights exist on
+these machines and nothing is downloaded. ``tiny`` shapes run in seconds on a CPU (tests, the
+CPU benchmark); ``full`` shapes are the published architectures (SD 1.5, SDXL, SD3 medium,
+Flux dev) for timing on a GPU. Their images are noise; their compute is the real thing's.
+
+``pipeline_for`` wraps the same modules in diffusers' own pipeline, so our loop and the
+library's ``__call__`` can be compared on identical components (``bench_engine``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from promptserve.engine.denoise import Components
+from promptserve.engine.flow import FlowComponents
+from promptserve.engine.tiny import (
+    BOS,
+    EOS,
+    MAX_TOKENS,
+    PAD,
+    ByteTokenizer,
+    build_tiny,
+    ddim_scheduler,
+    tiny_text_config,
+    tiny_unet_config,
+    vae_config,
+)
+
+FAMILIES = ("tiny", "sdxl", "sd3", "flux")  # "tiny" is the SD-1.x-shaped one
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte: what the ByteLevel pre-tokenizer emits."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    chars = dict(zip(keep, map(chr, keep), strict=True))
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def byte_tokenizer(max_length: int = MAX_TOKENS):
+    """A transformers fast tokenizer that gives the ids ``tiny.ByteTokenizer`` gives (UTF-8
+    bytes between BOS and EOS, PAD after): what a diffusers pipeline needs in a tokenizer slot."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {char: b for b, char in _byte_chars().items()}
+    vocab.update({"<bos>": BOS, "<eos>": EOS, "<pad>": PAD})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", special_tokens=[("<bos>", BOS), ("<eos>", EOS)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        model_max_length=max_length,
+    )  # fmt: skip
+
+
+def _clip(with_projection: bool, **config: object):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(**tiny_text_config(**config)))
+
+
+def _t5(**config: object):
+    from transformers import T5Config, T5EncoderModel
+
+    base = dict(vocab_size=260, pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD)
+    return T5EncoderModel(T5Config(**{**base, **config}))
+
+
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
+CLIP_G = dict(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    projection_dim=1280, hidden_act="gelu",
+)  # fmt: skip
+T5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64)
+T5_TINY = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+SD_VAE = (128, 256, 512, 512)
+
+
+def _finish(modules, device: str, dtype: torch.dtype) -> None:
+    for m in modules:
+        if m is not None:
+            m.to(device=device, dtype=dtype).eval()
+
+
+def sd_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> Components:
+    """SD 1.x: the tiny engine's model, or SD 1.5's UNet, VAE and CLIP-L."""
+    if scale == "tiny":
+        c = build_tiny(size=size)
+        _finish((c.unet, c.vae, c.text_encoder), device, dtype)
+        return dataclasses.replace(c, device=device, dtype=dtype, image_size=size)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=size // 8, cross_attention_dim=768)
+    vae = AutoencoderKL(**vae_config(size, SD_VAE, layers_per_block=2))
+    text = _clip(False, **CLIP_L)
+    _finish((unet, vae, text), device, dtype)
+    return Components(
+        unet, vae, text, ByteTokenizer(), ddim_scheduler(), 0.18215, (4, size // 8, size // 8),
+        device=device, dtype=dtype, image_size=size,
+    )  # fmt: skip
+
+
+def sdxl_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> Components:
+    """SDXL: two text encoders (the second with projection), pooled + size-id conditioning."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    torch.manual_seed(1)
+    if scale == "tiny":
+        base = build_tiny(seed=1, size=size)
+        unet = UNet2DConditionModel(
+            **tiny_unet_config(
+                size, cross_attention_dim=64, addition_embed_type="text_time",
+                addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+            )
+        )  # fmt: skip
+        first, vae = base.text_encoder, base.vae
+        second = _clip(True, projection_dim=32)
+    else:
+        unet = UNet2DConditionModel(
+            sample_size=size // 8, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+            use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        )  # fmt: skip
+        vae = AutoencoderKL(**vae_config(size, SD_VAE, layers_per_block=2, scaling_factor=0.13025))
+        first, second = _clip(False, **CLIP_L), _clip(True, **CLIP_G)
+    _finish((unet, vae, first, second), device, dtype)
+    return Components(
+        unet, vae, first, ByteTokenizer(), ddim_scheduler(), vae.config.scaling_factor,
+        (4, size // 8, size // 8), device=device, dtype=dtype, text_encoder_2=second,
+        tokenizer_2=ByteTokenizer(), image_size=size,
+    )  # fmt: skip
+
+
+def _flow_vae(scale: str, size: int, scaling: float, shift: float):
+    from diffusers import AutoencoderKL
+
+    widths, extra = (SD_VAE, {"layers_per_block": 2})
+    if scale == "tiny":
+        widths, extra = (16, 16, 32, 32), {"layers_per_block": 1, "norm_num_groups": 8}
+    return AutoencoderKL(
+        **vae_config(size, widths, latent_channels=16, scaling_factor=scaling,
+                     shift_factor=shift, use_quant_conv=False, use_post_quant_conv=False, **extra)
+    )  # fmt: skip
+
+
+def sd3_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> FlowComponents:
+    """SD3 medium: an MMDiT over 2x2 patches of 16-channel latents; CLIP-L, CLIP-G and T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(2)
+    latent = size // 8
+    if scale == "tiny":
+        model = SD3Transformer2DModel(
+            sample_size=latent, patch_size=2, in_channels=16, num_layers=2,
+            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+            caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+            pos_embed_max_size=max(16, latent),
+        )  # fmt: skip
+        encoders = (
+            _clip(True, hidden_size=8, num_attention_heads=2, intermediate_size=16,
+                  projection_dim=32),
+            _clip(True, hidden_size=8, num_attention_heads=2, intermediate_size=16,
+                  projection_dim=32),
+            _t5(**T5_TINY),
+        )  # fmt: skip
+        sequence = 32
+    else:
+        model = SD3Transformer2DModel(
+            sample_size=latent, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+            pos_embed_max_size=192,
+        )  # fmt: skip
+        encoders = (_clip(True, **CLIP_L, projection_dim=768), _clip(True, **CLIP_G), _t5(**T5_XXL))
+        sequence = 256
+    vae = _flow_vae(scale, size, 1.5305, 0.0609)
+    _finish((model, vae, *encoders), device, dtype)
+    return FlowComponents(
+        "sd3", model, vae, encoders,
+        (byte_tokenizer(), byte_tokenizer(), byte_tokenizer(sequence)),
+        FlowMatchEulerDiscreteScheduler(shift=3.0), (16, latent, latent),
+        device=device, dtype=dtype, max_sequence_length=sequence, image_size=size,
+    )  # fmt: skip
+
+
+def flux_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> FlowComponents:
+    """Flux dev: double- and single-stream blocks over packed 2x2 latent patches, guidance
+    distilled into an embedding; CLIP-L pooled and T5 tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    torch.manual_seed(3)
+    latent = size // 8
+    if scale == "tiny":
+        model = FluxTransformer2DModel(
+            in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+            guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+        )  # fmt: skip
+        encoders = (_clip(False), _t5(**T5_TINY))
+        sequence = 32
+    else:
+        model = FluxTransformer2DModel(guidance_embeds=True)
+        encoders = (_clip(False, **CLIP_L), _t5(**T5_XXL))
+        sequence = 512
+    vae = _flow_vae(scale, size, 0.3611, 0.1159)
+    _finish((model, vae, *encoders), device, dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )  # fmt: skip
+    return FlowComponents(
+        "flux", model, vae, encoders, (byte_tokenizer(), byte_tokenizer(sequence)), scheduler,
+        (16, latent, latent), device=device, dtype=dtype, max_sequence_length=sequence,
+        image_size=size,
+    )  # fmt: skip
+
+
+BUILDERS = {"tiny": sd_shaped, "sdxl": sdxl_shaped, "sd3": sd3_shaped, "flux": flux_shaped}
+
+
+def build(
+    family: str, scale: str = "tiny", device: str = "cpu", dtype=torch.float32, size: int = 64
+):  # noqa: ANN201 - a family's components
+    if family not in BUILDERS:
+        raise ValueError(f"family {family!r} is not one of {FAMILIES}")
+    if scale not in ("tiny", "full"):
+        raise ValueError(f"scale {scale!r} is not tiny or full")
+    return BUILDERS[family](scale, device, dtype, size)
+
+
+def pipeline_for(c, guidance: float):  # noqa: ANN001, ANN201 - components; a diffusers pipeline
+    """diffusers' own pipeline over the same modules (byte tokenizers that give our ids)."""
+    import diffusers
+
+    if isinstance(c, FlowComponents):
+        if c.family == "sd3":
+            l_enc, g_enc, t5 = c.text_encoders
+            l_tok, g_tok, t5_tok = c.tokenizers
+            pipe = diffusers.StableDiffusion3Pipeline(
+                transformer=c.transformer, scheduler=c.scheduler, vae=c.vae,
+                text_encoder=l_enc, tokenizer=l_tok, text_encoder_2=g_enc, tokenizer_2=g_tok,
+                text_encoder_3=t5, tokenizer_3=t5_tok,
+            )  # fmt: skip
+        else:
+            clip, t5 = c.text_encoders
+            clip_tok, t5_tok = c.tokenizers
+            pipe = diffusers.FluxPipeline(
+                scheduler=c.scheduler, vae=c.vae, text_encoder=clip, tokenizer=clip_tok,
+                text_encoder_2=t5, tokenizer_2=t5_tok, transformer=c.transformer,
+            )  # fmt: skip
+    elif c.text_encoder_2 is not None:
+        pipe = diffusers.StableDiffusionXLPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, text_encoder_2=c.text_encoder_2,
+            tokenizer=byte_tokenizer(), tokenizer_2=byte_tokenizer(), unet=c.unet,
+            scheduler=c.scheduler, force_zeros_for_empty_prompt=False, add_watermarker=False,
+        )  # fmt: skip
+    else:
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=c.vae, text_encoder=c.text_encoder, tokenizer=byte_tokenizer(), unet=c.unet,
+            scheduler=c.scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pipeline_call(pipe, c, prompts, latents: torch.Tensor, steps: int, guidance: float):  # noqa: ANN001
+    """The pipeline's ``__call__`` from the given start latents (our unpacked shape), to images."""
+    kwargs: dict = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "pil"}
+    if isinstance(c, FlowComponents):
+        kwargs["max_sequence_length"] = c.max_sequence_length
+        if c.family == "flux":
+            from promptserve.engine.flow import pack
+
+            latents = pack(latents)
+    size = c.image_size
+    return pipe(list(prompts), latents=latents, height=size, width=size, **kwargs).images

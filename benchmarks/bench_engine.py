@@ -1,24 +1,67 @@
-"""Tiny model on this CPU: a resumed run's time at each K over the full run's, beside (N - K) / N,
-and batch throughput at 1, 2, 4 and 8 (images per second). Prints one JSON line."""
+"""The engine on this CPU. Prints one JSON line:
+
+- ``resume``: a resumed run's time at each K over the full run's, beside (N - K) / N;
+- ``images_per_s``: batch throughput at 1, 2, 4 and 8;
+- ``vs_diffusers``: per family shape (tiny SD-1.x, SDXL, SD3, Flux: random weights, 64 px, 20
+  steps, batch 1), diffusers' pipeline ``__call__`` time over ours on the same modules in the
+  same run (> 1: ours is faster); the target is >= 0.95 on the CPU;
+- ``options``: each speed option (``engine.options``) on the tiny model, its time over the
+  plain engine's (< 1: faster), with torch.compile's one-off compile time.
+
+    python benchmarks/bench_engine.py [--skip-compile]
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
 from promptserve.engine import GenerationItem, make_engine
+from promptserve.engine.flow import DEFAULT_GUIDANCE
+from promptserve.engine.options import EngineOptions, apply_options
+from promptserve.engine.shapes import FAMILIES, build
+from promptserve.engine.speed import best_of, vs_diffusers
+from promptserve.engine.tiny import DenoisingEngine, tiny_engine
 
 
 def timed(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
+    return best_of(fn, repeats, time.perf_counter)
+
+
+def family_engine(family: str, steps: int = 20) -> DenoisingEngine:
+    from promptserve.engine.diffusers_backend import levels_for
+
+    guidance = DEFAULT_GUIDANCE.get(family, 7.5)
+    return DenoisingEngine(build(family), f"{family}-shaped", steps, levels_for(steps), guidance)
+
+
+def option_times(skip_compile: bool) -> dict:
+    item = [GenerationItem("a harbour at night", 0, seed=1)]
+    plain = tiny_engine()
+    base = timed(lambda: plain.generate(item), 5)
+    out: dict = {"plain_s": round(base, 4)}
+    choices = [EngineOptions(attention="math"), EngineOptions(channels_last=True)]
+    if not skip_compile:
+        choices.append(EngineOptions(compile=True))
+    for opts in choices:
+        engine = tiny_engine()
+        apply_options(engine.c, opts)
         t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        engine.generate(item)  # compiles, when compiling
+        first = time.perf_counter() - t0
+        t = timed(lambda engine=engine: engine.generate(item), 5)
+        row = {"time_over_plain": round(t / base, 3)}
+        if opts.compile:
+            row["compile_s"] = round(first, 1)
+        out[opts.label()] = row
+    return out
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-compile", action="store_true", help="leave torch.compile out")
+    args = ap.parse_args()
     engine = make_engine("tiny")
     base = engine.generate([GenerationItem("a lighthouse at dusk", 0, seed=0)])[0]
     n = engine.total_steps
@@ -35,6 +78,7 @@ def main() -> None:
         throughput[f"batch_{b}"] = round(
             b / timed(lambda items=items: engine.generate(items), 2), 2
         )
+    versus = {family: vs_diffusers(family_engine(family), repeats=5) for family in FAMILIES}
     print(
         json.dumps(
             {
@@ -46,6 +90,12 @@ def main() -> None:
                 "resume": resume,
                 "images_per_s": throughput,
                 "batch_8_over_1": round(throughput["batch_8"] / throughput["batch_1"], 2),
+                "vs_diffusers": {f: round(v["ratio"], 3) for f, v in versus.items()},
+                "vs_diffusers_s": {
+                    f: {"ours": round(v["ours_s"], 4), "diffusers": round(v["diffusers_s"], 4)}
+                    for f, v in versus.items()
+                },
+                "options": option_times(args.skip_compile),
             }
         )
     )

@@ -55,6 +55,12 @@ class ServeFile(BaseModel):
     ray_address: str | None = None
     ray_worker_cpus: float = Field(default=1.0, gt=0)
     ray_worker_gpus: float | None = Field(default=None, ge=0)
+    # the engine (engine/options.py): weights' dtype and speed options, each off by default
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    compile: bool = False
+    cuda_graphs: bool = False
+    channels_last: bool = False
+    attention: Literal["sdpa", "math"] = "sdpa"
 
 
 def load_serve_file(path: str | Path) -> ServeFile:
@@ -80,6 +86,7 @@ def validate_settings(raw: object, source: str) -> ServeFile:
 
 def server_config(s: ServeFile):
     """The server's settings, API keys loaded, the policy checked; no keys means localhost."""
+    from promptserve.engine.options import EngineOptions
     from promptserve.policy import get_policy
     from promptserve.server import ServerConfig
     from promptserve.server.keys import load_keys
@@ -103,4 +110,6 @@ def server_config(s: ServeFile):
         s.max_body_bytes,
         s.speedup,
         s.expected_qpm,
+        s.dtype,
+        EngineOptions(s.compile, s.cuda_graphs, s.channels_last, s.attention),
     )

@@ -55,6 +55,31 @@ def serve_cmd(
         str | None, typer.Option(help="minilm (real) or hashing (tests only).")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or mps.")] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="The weights' dtype (diffusers): float32 (default), float16, bfloat16."),
+    ] = None,
+    compile_: Annotated[
+        bool | None,
+        typer.Option("--compile/--no-compile", help="torch.compile the denoiser (default off)."),
+    ] = None,
+    cuda_graphs: Annotated[
+        bool | None,
+        typer.Option(
+            "--cuda-graphs/--no-cuda-graphs",
+            help="CUDA graphs per in-flight size (torch.compile reduce-overhead; CUDA only).",
+        ),
+    ] = None,
+    channels_last: Annotated[
+        bool | None,
+        typer.Option(
+            "--channels-last/--no-channels-last", help="NHWC convolutions (UNet models only)."
+        ),
+    ] = None,
+    attention: Annotated[
+        str | None,
+        typer.Option(help="Attention kernels: sdpa (fused, default) or math (reference)."),
+    ] = None,
     cache_dir: Annotated[
         Path | None,
         typer.Option(help="Folder for the cache and embeddings (default .promptserve)."),
@@ -98,7 +123,7 @@ def serve_cmd(
     """Serve the OpenAI Images API on the live policy core (default: tiny model on the CPU)."""
     import uvicorn
 
-    from promptserve.config import ServeFile, load_serve_file, server_config
+    from promptserve.config import ServeFile, load_serve_file, server_config, validate_settings
     from promptserve.server import build_app
 
     base = load_serve_file(config) if config else ServeFile()
@@ -112,6 +137,11 @@ def serve_cmd(
         "policy": policy,
         "embedder": embedder,
         "device": device,
+        "dtype": dtype,
+        "compile": compile_,
+        "cuda_graphs": cuda_graphs,
+        "channels_last": channels_last,
+        "attention": attention,
         "cache_dir": cache_dir,
         "api_keys_file": api_keys,
         "speedup": speedup,
@@ -121,7 +151,8 @@ def serve_cmd(
         "ray_worker_cpus": worker_cpus,
         "ray_worker_gpus": worker_gpus,
     }
-    s = base.model_copy(update={k: v for k, v in flags.items() if v is not None})
+    given = {k: v for k, v in flags.items() if v is not None}
+    s = validate_settings({**base.model_dump(), **given}, "serve")  # flags named like the file
     server = server_config(s)
     if not s.ray:
         check_port_free(s.host, s.port)  # before the model loads, not after

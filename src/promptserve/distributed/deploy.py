@@ -10,7 +10,7 @@ from ray import serve
 
 from promptserve.distributed.ray_workers import RayWorkers
 from promptserve.distributed.replica import EngineWorker
-from promptserve.server import ServerConfig, app_for, latents_dir
+from promptserve.server import ServerConfig, app_for, engine_args, latents_dir
 
 log = logging.getLogger(__name__)
 APP_NAME = "promptserve"
@@ -66,9 +66,7 @@ def deploy_app(config: ServerConfig, settings: RaySettings):
             num_replicas=1,
             max_ongoing_requests=16,
             ray_actor_options={"num_cpus": settings.worker_cpus, "num_gpus": gpus},
-        ).bind(
-            i, config.model, config.backend, config.device, "float32", config.speedup, store_root
-        )
+        ).bind(i, *engine_args(config, config.device), store_root)
         for i in range(config.workers)
     ]
     ingress = serve.deployment(Ingress).options(

@@ -18,6 +18,7 @@ from promptserve.cache.approx import write_latents
 from promptserve.cache.latents import LatentStore
 from promptserve.engine import make_engine
 from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.engine.options import EngineOptions
 from promptserve.engine.profiling import quick_profile
 from promptserve.engine.runner import latents_to_keep
 from promptserve.engine.threads import ComputeThread, torch_threads_for
@@ -36,13 +37,14 @@ class EngineWorker:
         device: str,
         dtype: str = "float32",
         speedup: float = 1.0,
+        options: EngineOptions | None = None,
         store_root: str | None = None,
     ) -> None:
         self.index = index
         # built, profiled and run on one thread of its own (engine.threads)
         self._compute = ComputeThread("promptserve-engine", torch_threads_for(1))
         self.engine = self._compute.call(
-            make_engine, model, backend, device, dtype, speedup=speedup
+            make_engine, model, backend, device, dtype, speedup, options
         )
         # the latent store every node reaches (a shared folder); the ingress owns its manifest
         self.store = LatentStore(store_root, clean_temporaries=False) if store_root else None

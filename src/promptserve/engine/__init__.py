@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from promptserve.engine.base import Engine, GenerationItem, GenerationResult
+from promptserve.engine.options import EngineOptions
 from promptserve.errors import InputError
 
 
@@ -12,17 +13,26 @@ def make_engine(
     device: str = "cpu",
     dtype: str = "float32",
     speedup: float = 1.0,
+    options: EngineOptions | None = None,
 ) -> Engine:
-    """``tiny`` or a local diffusers folder; ``backend="modeled"`` sleeps by the reference profile."""
+    """``tiny`` or a local diffusers folder; ``backend="modeled"`` sleeps by the reference profile.
+    ``options`` (speed: compile, CUDA graphs, channels-last, attention kernel) apply to the
+    models that compute (tiny, diffusers)."""
     backend = backend or ("tiny" if model == "tiny" else "diffusers")
-    if backend == "tiny":
-        from promptserve.engine.tiny import tiny_engine
+    if backend in ("tiny", "diffusers"):
+        if backend == "tiny":
+            from promptserve.engine.tiny import tiny_engine
 
-        return tiny_engine()
-    if backend == "diffusers":
-        from promptserve.engine.diffusers_backend import diffusers_engine
+            engine = tiny_engine()
+        else:
+            from promptserve.engine.diffusers_backend import diffusers_engine
 
-        return diffusers_engine(model, device, dtype)
+            engine = diffusers_engine(model, device, dtype)
+        if options is not None and options != EngineOptions():
+            from promptserve.engine.options import apply_options
+
+            apply_options(engine.c, options)
+        return engine
     if backend == "modeled":
         from promptserve.engine.modeled import ModeledEngine
         from promptserve.profile import reference_profile

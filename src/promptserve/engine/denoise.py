@@ -1,8 +1,14 @@
-"""A plain denoising loop over diffusers components, resumable at any step.
+"""A plain denoising loop over diffusers components, resumable at any step, and the UNet
+family (SD 1.x/2.x, SDXL) with its DDIM update.
 
 Why not the pipeline's ``__call__``: resuming at step K needs ``scheduler.timesteps[K:]`` from
 the step-K latent, DDIM takes no ``timesteps=`` argument, and pipelines multiply passed
-latents by ``init_noise_sigma``. A loop of our own is short and was bit-exact in a probe.
+latents by ``init_noise_sigma``. A loop of our own is short, and it equals the pipeline's
+output (``tests/test_flow.py``). Every family runs the same loop (``denoise``): a batch that
+shares its start step is advanced by the family's per-sample stepper, the one the step runner
+uses, so batch, solo and step-level runs are one code path. The DDIM update reads its
+coefficients from per-step tables on the device: no host sync inside the loop (diffusers'
+``DDIMScheduler.step`` compares a device tensor on the host at every step).
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ def initial_noise(c: Components, seed: int) -> torch.Tensor:
 
 
 def denoise(
-    c: Components,
+    c,  # noqa: ANN001 - a family's components (Components, flow.FlowComponents)
     latents: torch.Tensor,
     prompts: Sequence[str],
     start_step: int,
@@ -89,36 +95,22 @@ def denoise(
     latents after that many steps. ``previews[row]``: the steps after which that row's
     predicted clean image is decoded and passed to ``on_step(step, {row: png})``.
     """
-    c.scheduler.set_timesteps(total_steps, device=c.device)
-    cond, cond_extra = encode(c, prompts)
-    uncond, uncond_extra = encode(c, [""] * len(prompts))
-    context = torch.cat([uncond, cond])
-    extra = None
-    if cond_extra is not None and uncond_extra is not None:
-        extra = {key: torch.cat([uncond_extra[key], cond_extra[key]]) for key in cond_extra}
+    stepper = c.stepper(total_steps, guidance)
+    rows = stepper.encode(prompts)
     captured: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        for step in range(start_step, total_steps):
-            t = c.scheduler.timesteps[step]
-            model_in = c.scheduler.scale_model_input(torch.cat([latents, latents]), t)
-            noise = c.unet(
-                model_in, t, encoder_hidden_states=context, added_cond_kwargs=extra
-            ).sample
-            uncond_noise, cond_noise = noise.chunk(2)
-            guided = uncond_noise + guidance * (cond_noise - uncond_noise)
-            out = c.scheduler.step(guided, t, latents)
-            latents = out.prev_sample
-            if step + 1 in capture:
-                captured[step + 1] = latents.clone()
-            if on_step is None:
-                continue
-            rows = [r for r, steps in enumerate(previews) if step + 1 in steps]
-            if rows:
-                x0 = getattr(out, "pred_original_sample", None)
-                x0 = latents if x0 is None else x0
-                on_step(step + 1, dict(zip(rows, decode_png(c, x0[rows]), strict=True)))
-            else:
-                on_step(step + 1)
+    steps = torch.full((latents.shape[0],), start_step, device=latents.device, dtype=torch.long)
+    for step in range(start_step, total_steps):
+        latents, x0 = stepper.advance(latents, steps, rows)
+        steps += 1
+        if step + 1 in capture:
+            captured[step + 1] = latents.clone()
+        if on_step is None:
+            continue
+        wanted = [r for r, s in enumerate(previews) if step + 1 in s]
+        if wanted:
+            on_step(step + 1, dict(zip(wanted, c.decode(x0[wanted]), strict=True)))
+        else:
+            on_step(step + 1)
     return latents, captured
 
 
@@ -143,25 +135,32 @@ def png_bytes(images: torch.Tensor) -> list[bytes]:
 
 
 class DDIMStepper:
-    """One deterministic DDIM step per sample, each from its own timestep (eta = 0, epsilon
-    prediction: what ``DDIMScheduler.step`` computes for one shared timestep), with
+    """One deterministic DDIM step per sample, each from its own timestep (eta = 0: what
+    ``DDIMScheduler.step`` computes for one shared timestep), epsilon or v prediction, with
     classifier-free guidance against the empty prompt, encoded once."""
 
     def __init__(self, c: Components, total_steps: int, guidance: float) -> None:
         scheduler = c.scheduler
         if type(scheduler).__name__ != "DDIMScheduler":
             raise ValueError(
-                f"step-level serving needs a DDIM scheduler, not {type(scheduler).__name__}"
+                f"the UNet loop needs a DDIM scheduler, not {type(scheduler).__name__}"
             )
         config = scheduler.config
-        if config.prediction_type != "epsilon" or config.clip_sample or config.thresholding:
-            raise ValueError("step-level serving supports DDIM with epsilon prediction only")
+        if config.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"DDIM with {config.prediction_type} prediction is not supported")
+        if config.clip_sample or config.thresholding:
+            raise ValueError("DDIM with clip_sample or thresholding is not supported")
         self.c, self.guidance = c, guidance
-        scheduler.set_timesteps(total_steps, device=c.device)
-        self.timesteps = scheduler.timesteps.clone()
-        self.stride = config.num_train_timesteps // total_steps
-        self.alphas = scheduler.alphas_cumprod.to(c.device, torch.float32)
-        self.final_alpha = float(scheduler.final_alpha_cumprod)
+        self.v_prediction = config.prediction_type == "v_prediction"
+        scheduler.set_timesteps(total_steps)
+        timesteps = scheduler.timesteps.cpu()
+        alphas = scheduler.alphas_cumprod.cpu().to(torch.float32)
+        prev = timesteps - config.num_train_timesteps // total_steps
+        final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32).cpu()
+        # per step index: the timestep, and the cumulative alphas at it and at the next one
+        self.timesteps = timesteps.to(c.device)
+        self.a_t = alphas[timesteps].to(c.device)
+        self.a_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final).to(c.device)
         (self.uncond,) = self.encode([""])
 
     def encode(self, prompts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
@@ -190,24 +189,22 @@ class DDIMStepper:
         context = both.pop("context")
         t = self.timesteps[steps]
         with torch.no_grad():
-            noise = self.c.unet(
+            out = self.c.unet(
                 torch.cat([latents, latents]),
                 torch.cat([t, t]),
                 encoder_hidden_states=context,
                 added_cond_kwargs=both or None,
             ).sample
-            uncond, cond = noise.chunk(2)
-            return self._ddim(latents, uncond + self.guidance * (cond - uncond), t)
-
-    def _ddim(
-        self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        prev = t - self.stride
-        a_t = self.alphas[t]
-        a_prev = torch.where(
-            prev >= 0, self.alphas[prev.clamp(min=0)], torch.tensor(self.final_alpha)
-        )
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        a_t, a_prev = a_t.view(shape).to(x.dtype), a_prev.view(shape).to(x.dtype)
-        x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0
+            uncond, cond = out.chunk(2)
+            guided = uncond + self.guidance * (cond - uncond)
+            shape = (-1,) + (1,) * (latents.dim() - 1)
+            dtype = latents.dtype
+            a_t = self.a_t[steps].view(shape).to(dtype)
+            a_prev = self.a_prev[steps].view(shape).to(dtype)
+            if self.v_prediction:
+                x0 = a_t.sqrt() * latents - (1 - a_t).sqrt() * guided
+                eps = a_t.sqrt() * guided + (1 - a_t).sqrt() * latents
+            else:
+                eps = guided
+                x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+            return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0

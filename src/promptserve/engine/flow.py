@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from promptserve.engine.denoise import png_bytes
+from promptserve.engine.denoise import denoise, png_bytes
 
 FAMILIES = ("sd3", "flux")
 DEFAULT_GUIDANCE = {"sd3": 7.0, "flux": 3.5}  # the diffusers pipelines' defaults
@@ -77,7 +77,7 @@ class FlowComponents:
             return self._encode_flux(prompts)
 
     def run(self, *args, **kwargs) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        return flow_denoise(self, *args, **kwargs)
+        return denoise(self, *args, **kwargs)
 
     def decode(self, latents: torch.Tensor) -> list[bytes]:
         config = self.vae.config
@@ -213,34 +213,3 @@ class FlowStepper:
             txt_ids=self.txt_ids, img_ids=self.img_ids, return_dict=False, **cond,
         )[0]  # fmt: skip
         return unpack(v, x.shape[2], x.shape[3])
-
-
-def flow_denoise(
-    c: FlowComponents,
-    latents: torch.Tensor,
-    prompts: Sequence[str],
-    start_step: int,
-    total_steps: int,
-    capture: Sequence[int],
-    guidance: float,
-    on_step=None,
-    previews: Sequence[Sequence[int]] = (),
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """``denoise`` for a flow family: a batch that shares its start step, run with the per-sample
-    update (every row at the same step), so batch, solo and step-runner runs are one code path."""
-    stepper = FlowStepper(c, total_steps, guidance)
-    rows = stepper.encode(prompts)
-    captured: dict[int, torch.Tensor] = {}
-    for step in range(start_step, total_steps):
-        steps = torch.full((latents.shape[0],), step, device=c.device, dtype=torch.long)
-        latents, x0 = stepper.advance(latents, steps, rows)
-        if step + 1 in capture:
-            captured[step + 1] = latents.clone()
-        if on_step is None:
-            continue
-        wanted = [r for r, s in enumerate(previews) if step + 1 in s]
-        if wanted:
-            on_step(step + 1, dict(zip(wanted, c.decode(x0[wanted]), strict=True)))
-        else:
-            on_step(step + 1)
-    return latents, captured

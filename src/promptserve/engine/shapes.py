@@ -88,6 +88,11 @@ T5_TINY = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
 SD_VAE = (128, 256, 512, 512)
 
 
+def _cast(module, dtype: torch.dtype):  # noqa: ANN001, ANN201
+    """Cast as soon as built: the float32 copy of a 12B model is freed before the next is made."""
+    return module.to(dtype=dtype)
+
+
 def _finish(modules, device: str, dtype: torch.dtype) -> None:
     for m in modules:
         if m is not None:
@@ -185,7 +190,10 @@ def sd3_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> FlowCo
             sample_size=latent, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
             pos_embed_max_size=192,
         )  # fmt: skip
-        encoders = (_clip(True, **CLIP_L, projection_dim=768), _clip(True, **CLIP_G), _t5(**T5_XXL))
+        encoders = (
+            _clip(True, **CLIP_L, projection_dim=768), _clip(True, **CLIP_G),
+            _cast(_t5(**T5_XXL), dtype),
+        )  # fmt: skip
         sequence = 256
     vae = _flow_vae(scale, size, 1.5305, 0.0609)
     _finish((model, vae, *encoders), device, dtype)
@@ -213,8 +221,8 @@ def flux_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> FlowC
         encoders = (_clip(False), _t5(**T5_TINY))
         sequence = 32
     else:
-        model = FluxTransformer2DModel(guidance_embeds=True)
-        encoders = (_clip(False, **CLIP_L), _t5(**T5_XXL))
+        model = _cast(FluxTransformer2DModel(guidance_embeds=True), dtype)
+        encoders = (_clip(False, **CLIP_L), _cast(_t5(**T5_XXL), dtype))
         sequence = 512
     vae = _flow_vae(scale, size, 0.3611, 0.1159)
     _finish((model, vae, *encoders), device, dtype)
@@ -235,10 +243,14 @@ BUILDERS = {"tiny": sd_shaped, "sdxl": sdxl_shaped, "sd3": sd3_shaped, "flux": f
 def build(
     family: str, scale: str = "tiny", device: str = "cpu", dtype=torch.float32, size: int = 64
 ):  # noqa: ANN201 - a family's components
+    """Built on the device itself (a 12B transformer is initialised there, not on the CPU)."""
     if family not in BUILDERS:
         raise ValueError(f"family {family!r} is not one of {FAMILIES}")
     if scale not in ("tiny", "full"):
         raise ValueError(f"scale {scale!r} is not tiny or full")
+    if str(device).startswith("cuda"):
+        with torch.device(device):
+            return BUILDERS[family](scale, device, dtype, size)
     return BUILDERS[family](scale, device, dtype, size)
 
 

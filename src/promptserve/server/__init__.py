@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -12,6 +12,7 @@ from promptserve.cache.approx import ApproxCache
 from promptserve.cache.embed import make_embedder
 from promptserve.cache.thresholds import embedder_thresholds
 from promptserve.engine import make_engine
+from promptserve.engine.options import EngineOptions
 from promptserve.engine.profiling import quick_profile
 from promptserve.engine.threads import torch_threads_for
 from promptserve.errors import InputError
@@ -39,6 +40,8 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     speedup: float = 1.0  # modelled backend only: run this many times faster than the profile
     expected_qpm: float = 1.0  # the first plan's load, before any arrival is seen
+    dtype: str = "float32"  # the engine's weights (diffusers backend)
+    engine_options: EngineOptions = field(default_factory=EngineOptions)
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -56,9 +59,7 @@ def local_workers(config: ServerConfig) -> LocalWorkers:
     (``engine.threads``), so the profile is measured as the engine will serve."""
     devices = worker_devices(config.device, config.workers)
     threads = compute_threads(len(devices), torch_threads_for(len(devices)))
-    first = threads[0].call(
-        make_engine, config.model, config.backend, devices[0], speedup=config.speedup
-    )
+    first = threads[0].call(make_engine, *engine_args(config, devices[0]))
     profile = threads[0].call(quick_profile, first)
     if getattr(first, "stateless", False):
         return LocalWorkers([first] * config.workers, profile, threads)
@@ -69,10 +70,18 @@ def local_workers(config: ServerConfig) -> LocalWorkers:
             devices[0],
         )
     rest = [
-        t.call(make_engine, config.model, config.backend, d, speedup=config.speedup)
+        t.call(make_engine, *engine_args(config, d))
         for t, d in zip(threads[1:], devices[1:], strict=True)
     ]
     return LocalWorkers([first, *rest], profile, threads)
+
+
+def engine_args(config: ServerConfig, device: str) -> tuple:
+    """``make_engine``'s arguments for one worker's device."""
+    return (
+        config.model, config.backend, device, config.dtype, config.speedup,
+        config.engine_options,
+    )  # fmt: skip
 
 
 def worker_devices(device: str, workers: int) -> list[str]:

@@ -78,7 +78,7 @@ def main() -> None:
         throughput[f"batch_{b}"] = round(
             b / timed(lambda items=items: engine.generate(items), 2), 2
         )
-    versus = {family: vs_diffusers(family_engine(family), repeats=5) for family in FAMILIES}
+    versus = {family: vs_diffusers(family_engine(family), repeats=9) for family in FAMILIES}
     print(
         json.dumps(
             {

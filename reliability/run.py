@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from reliability import badinput, faults, overload, security
+from reliability import badinput, faults, overload, security, soak
 
 
 def main() -> int:
@@ -20,6 +20,7 @@ def main() -> int:
         ("schemathesis", badinput.schemathesis),
         ("parser_fuzz", badinput.parser_fuzz),
         ("worker_kill", faults.worker_kills),
+        ("cache_soak", soak.run),
     ]
     for name, stage in stages:
         started = time.monotonic()
@@ -76,6 +77,18 @@ def breaches_of(r: dict) -> list[str]:
         "schemathesis exit code 0": r["schemathesis"]["exit_code"] == 0,
         "hostile ids refused": r["security"]["hostile_ids_served"] == 0,
         "parsers": r["parser_fuzz"]["parsers_failed"] == 0,
+        "soak: every request answered": r["cache_soak"]["answers"].get("200")
+        == r["cache_soak"]["prompts"],
+        "soak: disk within quota + one entry": r["cache_soak"]["within_quota_plus_one_entry"],
+        "soak: evicted": r["cache_soak"]["evictions"] > 0,
+        "soak: hit ratio > 0 at the end": r["cache_soak"]["end_hit_ratio"] > 0,
+        "soak: killed mid-eviction": r["cache_soak"]["kill"]["killed_mid_eviction"],
+        "soak: no orphan after restart": r["cache_soak"]["kill"]["after_restart"]["orphans"] == 0,
+        "soak: no dangling entry after restart": r["cache_soak"]["kill"]["after_restart"][
+            "dangling"
+        ]
+        == 0,
+        "soak: serves after restart": r["cache_soak"]["kill"]["served_after_restart"],
         "kill mid-batch and replace": all(
             k["killed_mid_batch"] and k["replica_replaced"] for k in backends(r["worker_kill"])
         ),

@@ -29,7 +29,7 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 
 from promptserve.errors import InputError
 
@@ -56,6 +56,9 @@ class ServeFile(BaseModel):
     ray_worker_cpus: float = Field(default=1.0, gt=0)
     ray_worker_gpus: float | None = Field(default=None, ge=0)
     # the engine (engine/options.py): weights' dtype and speed options, each off by default
+    # the latent cache's byte quota ("20GiB", "500MB", bytes); None: 10% of the free disk at start
+    cache_max_bytes: ByteSize | None = Field(default=None, gt=0)
+    embed_cache_max_rows: int = Field(default=1_000_000, ge=1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     compile: bool = False
     cuda_graphs: bool = False
@@ -112,4 +115,6 @@ def server_config(s: ServeFile):
         s.expected_qpm,
         s.dtype,
         EngineOptions(s.compile, s.cuda_graphs, s.channels_last, s.attention),
+        int(s.cache_max_bytes) if s.cache_max_bytes is not None else None,
+        s.embed_cache_max_rows,
     )

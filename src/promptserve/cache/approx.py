@@ -4,14 +4,23 @@ Order of a write: latent files (each atomic), then the manifest row (one SQLite 
 then the in-memory index. A crash before the row leaves orphan files, removed when the cache
 reopens; a crash after it leaves a whole entry. On open, rows whose files are missing are
 dropped and the index is rebuilt from the rest, so the cache survives restarts. A latent that
-fails its checksum when read drops its entry. A byte quota evicts by the index's policy; a
-failed write (a full disk) skips the entry, is counted, and is logged once.
+fails its checksum when read drops its entry. A failed write (a full disk) skips the entry, is
+counted, and is logged once.
+
+A byte quota evicts by the index's policy (LCBFU) right after each commit, so the latent files
+never exceed the quota by more than the entry just written. Order of an eviction: the index
+entry, then the manifest row (committed), then the files. A crash part-way leaves files no
+row names, which the next open removes; no row ever names files that are gone (other than
+ones lost under it, which the open also drops). An entry a run is reading (pinned) is passed
+over.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +59,12 @@ class ApproxCache:
         self.store = LatentStore(self.latents_dir(self.root))
         self.index = CacheIndex(dim, capacity, total_steps, eviction)
         self.skipped_writes = 0
+        self.evictions = 0
+        self.evicted_bytes = 0
+        # fault injection for the reliability soak: SIGKILL this process part-way through an
+        # eviction, the first from the Nth on of an entry with several files (its row gone,
+        # one of its files deleted, the rest not)
+        self._kill_in_eviction = int(os.environ.get("PROMPTSERVE_FAULT_KILL_IN_EVICTION", "0"))
         # built on one thread, used from the server's event loop thread: one connection, in turn
         self._db = sqlite3.connect(str(self.root / "manifest.sqlite"), check_same_thread=False)
         self._db.execute(
@@ -127,13 +142,34 @@ class ApproxCache:
         result = self.index.insert(tenant, prompt, embedding, levels, now_s, entry_id=entry_id)
         self._bytes += sum(written.values())
         for gone in result.evicted:
-            self._forget(gone)
-        while (
-            self.quota_bytes is not None and self._bytes > self.quota_bytes and len(self.index) > 1
-        ):
-            for gone in self.index.evict(1):
-                self._forget(gone)
+            self._forget(gone, evicted=True)
+        self.index.pin(result.entry.id)  # the entry just written is never its own victim
+        try:
+            while self.quota_bytes is not None and self._bytes > self.quota_bytes:
+                victims = self.index.evict(1)
+                if not victims:
+                    break  # every other entry is pinned: over quota until a run lets go
+                for gone in victims:
+                    self._forget(gone, evicted=True)
+        finally:
+            self.index.unpin(result.entry.id)
         return result.entry
+
+    def pin(self, entry_id: int) -> None:
+        """A worker is about to read this entry's files: not evicted until ``unpin``."""
+        self.index.pin(entry_id)
+
+    def unpin(self, entry_id: int) -> None:
+        self.index.unpin(entry_id)
+
+    def stats(self) -> dict[str, int | None]:
+        return {
+            "bytes": self._bytes,
+            "entries": len(self.index),
+            "quota_bytes": self.quota_bytes,
+            "evictions": self.evictions,
+            "evicted_bytes": self.evicted_bytes,
+        }
 
     def skip_write(self, reason: object) -> None:
         """A write that failed (a full disk): counted, and logged the first time only."""
@@ -163,14 +199,25 @@ class ApproxCache:
         if entry is not None:
             self._forget(entry)
 
-    def _forget(self, entry: CacheEntry) -> None:
-        for key in entry.latent_keys.values():
-            path = self.store.path(key)
-            if path.exists():
-                self._bytes -= path.stat().st_size
-            self.store.delete(key)
+    def _forget(self, entry: CacheEntry, evicted: bool = False) -> None:
+        """Its manifest row, then its files (see the module docstring for why this order)."""
         with self._db:
             self._db.execute("DELETE FROM entries WHERE id = ?", (entry.id,))
+        if evicted:
+            self.evictions += 1
+        freed = 0
+        keys = list(entry.latent_keys.values())
+        for n, key in enumerate(keys):
+            if n == 1 and evicted and 0 < self._kill_in_eviction <= self.evictions:
+                os.kill(os.getpid(), signal.SIGKILL)  # the first eviction from the Nth on
+                # that has a second file: one file deleted, the rest not
+            path = self.store.path(key)
+            if path.exists():
+                freed += path.stat().st_size
+            self.store.delete(key)
+        self._bytes -= freed
+        if evicted:
+            self.evicted_bytes += freed
 
     def _reopen(self) -> None:
         on_disk = self.store.keys()
@@ -208,3 +255,23 @@ def write_latents(
             store.delete(latent_key(tenant, entry_id, k))
         raise
     return written
+
+
+def audit(root: str | Path) -> dict[str, int]:
+    """What is on disk against what the manifest names, read as they are (nothing repaired):
+    ``orphans``, latent files no row names; ``dangling``, rows naming a file that is gone."""
+    root = Path(root)
+    on_disk = LatentStore(ApproxCache.latents_dir(root), clean_temporaries=False).keys()
+    db = sqlite3.connect(str(root / "manifest.sqlite"))
+    try:
+        rows = db.execute("SELECT id, tenant, levels FROM entries").fetchall()
+    finally:
+        db.close()
+    named: set[str] = set()
+    dangling = 0
+    for entry_id, tenant, levels_json in rows:
+        keys = {latent_key(tenant, entry_id, k) for k in json.loads(levels_json)}
+        dangling += int(not keys <= on_disk)
+        named |= keys
+    return {"rows": len(rows), "files": len(on_disk), "orphans": len(on_disk - named),
+            "dangling": dangling}  # fmt: skip

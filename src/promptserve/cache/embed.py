@@ -94,8 +94,10 @@ class MiniLMEmbedder:
 class DiskCachedEmbedder:
     """Wraps an embedder with a SQLite store keyed by (embedder name, SHA-256 of the prompt)."""
 
-    def __init__(self, inner: Embedder, path: str | Path) -> None:
+    def __init__(self, inner: Embedder, path: str | Path, max_rows: int | None = None) -> None:
         self.inner = inner
+        self.max_rows = max_rows  # None: unbounded; else the oldest rows go first (FIFO)
+        self.evicted_rows = 0
         self.name = inner.name
         self.dim = inner.dim
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +108,8 @@ class DiskCachedEmbedder:
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS emb (model TEXT, key BLOB, vec BLOB, PRIMARY KEY (model, key))"
         )
+        self.rows = self._db.execute("SELECT COUNT(*) FROM emb").fetchone()[0]
+        self._trim()
 
     def embed(self, prompts: Sequence[str]) -> np.ndarray:
         with self._lock:
@@ -124,6 +128,8 @@ class DiskCachedEmbedder:
                         "INSERT OR REPLACE INTO emb VALUES (?, ?, ?)",
                         [(self.name, k, v.tobytes()) for k, v in zip(todo, vecs, strict=True)],
                     )
+                self.rows += len(todo)
+                self._trim()
             except sqlite3.OperationalError as exc:  # a full disk: embed on, keep nothing
                 if self.write_errors == 0:
                     log.error("embedding cache write failed, not kept until it works: %s", exc)
@@ -133,6 +139,20 @@ class DiskCachedEmbedder:
         for i, k in enumerate(keys):
             out[i] = found[k]
         return out
+
+    def _trim(self) -> None:
+        """Keep at most ``max_rows``: the rows inserted first leave first (an embedding is
+        cheap to recompute; a bound that costs no write per lookup)."""
+        excess = self.rows - self.max_rows if self.max_rows is not None else 0
+        if excess <= 0:
+            return
+        with self._db:
+            self._db.execute(
+                "DELETE FROM emb WHERE rowid IN (SELECT rowid FROM emb ORDER BY rowid LIMIT ?)",
+                (excess,),
+            )
+        self.rows -= excess
+        self.evicted_rows += excess
 
     def _lookup(self, keys: set[bytes]) -> dict[bytes, np.ndarray]:
         found: dict[bytes, np.ndarray] = {}
@@ -152,8 +172,11 @@ class DiskCachedEmbedder:
         self._db.close()
 
 
-def make_embedder(name: str, cache_dir: str | Path | None = None) -> Embedder:
-    """``minilm`` or ``hashing``; with ``cache_dir``, embeddings are kept on disk."""
+def make_embedder(
+    name: str, cache_dir: str | Path | None = None, max_rows: int | None = None
+) -> Embedder:
+    """``minilm`` or ``hashing``; with ``cache_dir``, embeddings are kept on disk (at most
+    ``max_rows`` of them)."""
     if name == "minilm":
         inner: Embedder = MiniLMEmbedder()
     elif name == "hashing":
@@ -162,4 +185,4 @@ def make_embedder(name: str, cache_dir: str | Path | None = None) -> Embedder:
         raise InputError(f"embedder {name!r} is not one of: minilm, hashing")
     if cache_dir is None:
         return inner
-    return DiskCachedEmbedder(inner, Path(cache_dir) / "embeddings.sqlite")
+    return DiskCachedEmbedder(inner, Path(cache_dir) / "embeddings.sqlite", max_rows)

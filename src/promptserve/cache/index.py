@@ -83,6 +83,7 @@ class CacheIndex:
         self._entries: dict[int, CacheEntry] = {}
         self._heap: list[tuple[float, float, int]] = []
         self._next_id = 0
+        self._pins: dict[int, int] = {}  # entry id -> runs reading its latents now
         self.version = 0  # bumped by every insert and removal: a lookup made at one version holds until the next
 
     def __len__(self) -> int:
@@ -156,6 +157,21 @@ class CacheIndex:
             vecs = ExactVectors(self.dim)
         return vecs.search(np.asarray(embeddings, np.float32))
 
+    def pin(self, entry_id: int) -> None:
+        """A run is about to read this entry's latents (a worker, from the shared store):
+        eviction passes it over until every pin is released."""
+        self._pins[entry_id] = self._pins.get(entry_id, 0) + 1
+
+    def unpin(self, entry_id: int) -> None:
+        left = self._pins.get(entry_id, 0) - 1
+        if left > 0:
+            self._pins[entry_id] = left
+        else:
+            self._pins.pop(entry_id, None)
+
+    def pinned(self, entry_id: int) -> bool:
+        return entry_id in self._pins
+
     def record_hit(self, entry_id: int, k: int, now_s: float) -> None:
         """A request was served from this entry's level-K latent."""
         entry = self._entries.get(entry_id)
@@ -185,12 +201,20 @@ class CacheIndex:
             heapq.heapify(self._heap)
 
     def _evict(self, count: int) -> list[CacheEntry]:
+        """The policy's next ``count`` victims, passing over pinned entries (which keep their
+        place in the order)."""
         evicted: list[CacheEntry] = []
+        passed: list[tuple[float, float, int]] = []
         while len(evicted) < count and self._heap:
             key = heapq.heappop(self._heap)
             entry = self._entries.get(key[2])
             if entry is None or self._key(entry) != key:
                 continue  # stale heap item: the entry changed or left since it was pushed
+            if entry.id in self._pins:
+                passed.append(key)
+                continue
             self.remove(entry.id)
             evicted.append(entry)
+        for key in passed:
+            heapq.heappush(self._heap, key)
         return evicted

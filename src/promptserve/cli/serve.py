@@ -55,6 +55,17 @@ def serve_cmd(
         str | None, typer.Option(help="minilm (real) or hashing (tests only).")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or mps.")] = None,
+    cache_max_bytes: Annotated[
+        str | None,
+        typer.Option(
+            help="Latent cache quota, with units (20GiB, 500MB) or bytes; default 10% of the "
+            "free disk at start (logged). LCBFU eviction keeps within it."
+        ),
+    ] = None,
+    embed_cache_max_rows: Annotated[
+        int | None,
+        typer.Option(help="Prompts kept in the embedding cache (default 1,000,000).", min=1),
+    ] = None,
     dtype: Annotated[
         str | None,
         typer.Option(help="The weights' dtype (diffusers): float32 (default), float16, bfloat16."),
@@ -138,6 +149,8 @@ def serve_cmd(
         "embedder": embedder,
         "device": device,
         "dtype": dtype,
+        "cache_max_bytes": cache_max_bytes,
+        "embed_cache_max_rows": embed_cache_max_rows,
         "compile": compile_,
         "cuda_graphs": cuda_graphs,
         "channels_last": channels_last,

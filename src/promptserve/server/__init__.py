@@ -42,6 +42,8 @@ class ServerConfig:
     expected_qpm: float = 1.0  # the first plan's load, before any arrival is seen
     dtype: str = "float32"  # the engine's weights (diffusers backend)
     engine_options: EngineOptions = field(default_factory=EngineOptions)
+    cache_max_bytes: int | None = None  # the latent files' quota; None: 10% of the free disk
+    embed_cache_max_rows: int | None = 1_000_000
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -108,10 +110,12 @@ def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
     profile = workers.profile
     slo_s = config.slo_s or max(5.0 * profile.batch_latency(0, 1), 30.0)
     qm = model_for_levels(profile.levels, profile.quality)
-    embedder = make_embedder(config.embedder, config.cache_dir)
+    embedder = make_embedder(config.embedder, config.cache_dir, config.embed_cache_max_rows)
     table = embedder_thresholds(config.embedder)
+    root = cache_root(config.cache_dir)
+    quota = cache_quota(config.cache_max_bytes, root)
     cache = ApproxCache(
-        cache_root(config.cache_dir), embedder.dim, table, total_steps=workers.total_steps
+        root, embedder.dim, table, quota_bytes=quota, total_steps=workers.total_steps
     )
     setting = Setting(tuple(profile for _ in range(workers.count)), qm.matrix(), slo_s)
     policy = get_policy(config.policy)
@@ -132,6 +136,32 @@ def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
     return create_app(
         runtime, slo_s, f"{image_px}x{image_px}", config.api_keys, config.max_body_bytes
     )
+
+
+def cache_quota(max_bytes: int | None, root: Path, share: float = 0.1) -> int:
+    """The latent files' byte quota: as configured, else ``share`` of the disk's free space at
+    start (logged, so an operator sees what was chosen)."""
+    import shutil
+
+    if max_bytes is not None:
+        log.info("latent cache quota: %s", human_bytes(max_bytes))
+        return max_bytes
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    quota = max(int(free * share), 1 << 20)
+    log.warning(
+        "latent cache quota: %s (%d%% of the %s free at start; set --cache-max-bytes)",
+        human_bytes(quota), round(share * 100), human_bytes(free),
+    )  # fmt: skip
+    return quota
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
 
 
 def cache_root(cache_dir: Path) -> Path:

@@ -3,6 +3,7 @@ process of its own (tests, benchmarks and the reliability suite)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -44,7 +45,9 @@ class LiveServer:
         self.thread.join(timeout=10)
 
 
-def start_server(args: list[str], cache_dir: Path, timeout_s: float = 120.0):  # noqa: ANN201
+def start_server(  # noqa: ANN201
+    args: list[str], cache_dir: Path, timeout_s: float = 120.0, env: dict | None = None
+):
     """``promptserve serve ARGS`` in its own process (its memory and CPU its own); the process
     and its URL once ``/healthz`` answers."""
     import httpx
@@ -52,7 +55,10 @@ def start_server(args: list[str], cache_dir: Path, timeout_s: float = 120.0):  #
     port = free_port()
     cmd = [sys.executable, "-m", "promptserve.cli", "serve", "--port", str(port)]
     cmd += ["--cache-dir", str(cache_dir), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -61,6 +61,32 @@ class Metrics:
             "Cache entries not kept because writing their latents failed (a full disk)",
             registry=self.registry,
         )
+        self.cache_bytes = Gauge(
+            "promptserve_cache_bytes", "Bytes of cached latent files", registry=self.registry
+        )
+        self.cache_quota = Gauge(
+            "promptserve_cache_quota_bytes",
+            "The latent cache's byte quota (--cache-max-bytes)",
+            registry=self.registry,
+        )
+        self.cache_entries = Gauge(
+            "promptserve_cache_entries", "Entries in the approximate cache", registry=self.registry
+        )
+        self.evictions = Gauge(
+            "promptserve_cache_evictions",
+            "Cache entries evicted (LCBFU) to keep within the quota",
+            registry=self.registry,
+        )
+        self.evicted_bytes = Gauge(
+            "promptserve_cache_evicted_bytes",
+            "Bytes of latent files removed by eviction",
+            registry=self.registry,
+        )
+        self.embed_rows = Gauge(
+            "promptserve_embedding_cache_rows",
+            "Prompts in the embedding cache (bounded by --embed-cache-max-rows)",
+            registry=self.registry,
+        )
         self.cache_failures = Gauge(
             "promptserve_cache_update_failures",
             "Served answers whose cache insert or manifest commit failed (logged; answer sent)",

@@ -437,7 +437,10 @@ class Runtime:
         if self.workers.shared_store:
             key = p.hit.entry.latent_keys.get(level) if at_level else None
             keep = worth_caching(p.hit.similarity if p.hit else None)
-            ref = StoreRefs(key, p.tenant, self.cache.reserve() if keep else None)
+            pinned = p.hit.entry.id if key else None
+            if pinned is not None:  # the worker reads it later: eviction must wait for it
+                self.cache.pin(pinned)
+            ref = StoreRefs(key, p.tenant, self.cache.reserve() if keep else None, pinned)
             k, latent = (level if key else 0), None
         else:
             latent = self.cache.latent(p.hit.entry, level) if at_level else None
@@ -478,7 +481,10 @@ class Runtime:
         )
         try:
             async with asyncio.timeout(timeout_s):
-                results = await self.workers.run(dispatch.gpu, items, on_step, refs)
+                try:
+                    results = await self.workers.run(dispatch.gpu, items, on_step, refs)
+                finally:
+                    await self._release(refs)
         except TimeoutError:
             self.counters.batch_timeouts += 1
             self._fail_batch(dispatch, TimeoutError(f"the batch ran over {timeout_s:.0f} s"))
@@ -526,6 +532,12 @@ class Runtime:
                 p.future.set_result(served)
         self._wake.set()
         await self._on_cache(self._remember_all, answered, now)  # after the answers went out
+
+    async def _release(self, refs) -> None:  # noqa: ANN001 - StoreRefs of a run, or None
+        """Unpin the cache entries a finished (or failed) run read its start latents from."""
+        ids = [r.pinned for r in refs or () if r.pinned is not None]
+        if ids:
+            await self._on_cache(lambda: [self.cache.unpin(i) for i in ids])
 
     def _remember_all(
         self,

@@ -227,7 +227,10 @@ class StepRuntime(Runtime):
         step = await self._join(g, gpu, steps)
         if step is None:
             return 0
-        done = await self.steps.advance(g, *step)
+        try:
+            done = await self.steps.advance(g, *step)
+        finally:  # the joiners' start latents are read (or never will be): evictable again
+            await self._release(step[1])
         self._started(gpu, done)
         await self._finish(g, done)
         lost = set(gpu.by_id) - done.steps_left.keys()

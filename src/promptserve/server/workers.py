@@ -29,6 +29,8 @@ class StoreRefs:
     start_key: str | None
     tenant: str
     entry_id: int | None  # None: nothing to write (an exact repeat adds nothing to the cache)
+    # the cache entry ``start_key`` belongs to, pinned against eviction until the run has read it
+    pinned: int | None = None
 
 
 class WorkerLost(Exception):

@@ -83,6 +83,7 @@ def test_dashboard_draws_live_series_and_shows_what_metrics_says(browser, tmp_pa
             slo_s=30,
             speedup=50.0,
             workers=2,
+            cache_max_bytes=20_000,  # a quota the load outgrows: the cache chart shows eviction
         )
     )
     with LiveServer(app) as url:
@@ -111,7 +112,9 @@ def test_dashboard_draws_live_series_and_shows_what_metrics_says(browser, tmp_pa
         stop.set()
         for t in loaders:
             t.join(timeout=60)
-        assert set(drawn) == {"load", "gpus", "quality", "violations", "hits", "queues", "kmix"}
+        assert set(drawn) == {
+            "load", "gpus", "quality", "violations", "hits", "queues", "kmix", "cache",
+        }  # fmt: skip
         assert all(n > 0 for n in drawn.values()), drawn
         assert max(goodput) > 0  # images were answered while the page watched
         browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
@@ -149,6 +152,9 @@ def disagreements(shown: dict[str, float], url: str) -> list:
     want["mean predicted quality"] = read_metric(url, "promptserve_mean_predicted_quality")
     want["cache hit ratio"] = read_metric(url, "promptserve_cache_hit_ratio")
     want["workers up"] = read_metric(url, "promptserve_workers_up")
+    want["cache MiB"] = read_metric(url, "promptserve_cache_bytes") / 1048576
+    want["cache quota MiB"] = read_metric(url, "promptserve_cache_quota_bytes") / 1048576
+    want["evictions"] = read_metric(url, "promptserve_cache_evictions")
     for name in shown:
         kind, _, level = name.partition(" K=")
         if level:

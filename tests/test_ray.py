@@ -125,6 +125,22 @@ def test_step_level_serving_on_ray_resumes_from_the_shared_store_and_cancels(
     assert_streams(client)
 
 
+def test_on_ray_the_ingress_evicts_what_the_workers_wrote_within_the_quota(ray_settings, tmp_path):
+    from promptserve.cache.approx import audit
+    from promptserve.server import cache_root
+
+    # a tiny-model entry is 5 latent files of about 1.2 KB: the quota holds two entries
+    url = deploy(ray_settings, tmp_path, model="tiny", slo_s=120, cache_max_bytes=13_000)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    for prompt in ("a red fox", "a blue whale", "a green parrot", "a grey wolf", "a red fox"):
+        client.images.generate(prompt=prompt, size="64x64")
+    assert read_metric(url, "promptserve_cache_evictions") >= 2
+    on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
+    assert on_disk == read_metric(url, "promptserve_cache_bytes") <= 13_000
+    state = audit(cache_root(tmp_path))
+    assert state["orphans"] == 0 and state["dangling"] == 0 and state["rows"] >= 1
+
+
 def deploy_modeled_step(settings, tmp_path: Path) -> str:
     """promptserve-step on modelled SDXL steps at 2x: a request is in flight for seconds,
     long enough to cancel it or kill its replica."""

@@ -23,6 +23,18 @@ GOOD = {
     "schemathesis": {"exit_code": 0},
     "parser_fuzz": {"parsers_failed": 0},
     "worker_kill": {"tiny": {"killed_mid_batch": True, "replica_replaced": True}},
+    "cache_soak": {
+        "prompts": 2000,
+        "answers": {"200": 2000},
+        "within_quota_plus_one_entry": True,
+        "evictions": 1944,
+        "end_hit_ratio": 0.92,
+        "kill": {
+            "killed_mid_eviction": True,
+            "after_restart": {"orphans": 0, "dangling": 0},
+            "served_after_restart": True,
+        },
+    },
 }
 
 
@@ -36,11 +48,22 @@ def test_stages_that_prove_nothing_are_breaches():
         (("security", "tenant_b_answers"), 0, "tenant B answered"),
         (("cache_crash", "entries"), 0, "cache crash: entries written"),
         (("schemathesis", "exit_code"), 1, "schemathesis exit code 0"),
+        (("cache_soak", "evictions"), 0, "soak: evicted"),
+        (("cache_soak", "end_hit_ratio"), 0.0, "soak: hit ratio > 0 at the end"),
+        (
+            ("cache_soak", "within_quota_plus_one_entry"),
+            False,
+            "soak: disk within quota + one entry",
+        ),
     ]
     for (stage, field), value, breach in cases:
         report = copy.deepcopy(GOOD)
         report[stage][field] = value
         assert breach in breaches_of(report), breach
+    torn = copy.deepcopy(GOOD)
+    torn["cache_soak"]["kill"]["after_restart"]["orphans"] = 2
+    torn["cache_soak"]["kill"]["killed_mid_eviction"] = False
+    assert {"soak: no orphan after restart", "soak: killed mid-eviction"} <= set(breaches_of(torn))
     skipped = copy.deepcopy(GOOD)
     skipped["full_disk"] = {"skipped": "no permission to mount a tmpfs"}
     assert "full disk: the stage ran" in breaches_of(skipped)

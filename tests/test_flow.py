@@ -95,3 +95,26 @@ def test_an_unsupported_family_gets_one_line_naming_it(tmp_path):
     assert "\n" not in str(err.value)
     with pytest.raises(InputError, match="model_index.json"):
         family_of(str(tmp_path / "nothing-here"))
+
+
+@pytest.mark.parametrize("policy", ["promptserve", "promptserve-step"])
+def test_a_saved_sd3_folder_is_served_through_the_openai_client(tmp_path, policy):
+    import base64
+
+    from factories import client
+    from promptserve.server import ServerConfig, build_app
+    from promptserve.server.live import LiveServer
+
+    pipeline_for(build("sd3"), DEFAULT_GUIDANCE["sd3"]).save_pretrained(tmp_path / "model")
+    config = ServerConfig(
+        model=str(tmp_path / "model"), embedder="hashing", cache_dir=tmp_path / "c",
+        slo_s=120, policy=policy,
+    )  # fmt: skip
+    with LiveServer(build_app(config)) as url:
+        images = client(url).images
+        first = images.generate(prompt="a red fox in the snow", size="64x64")
+        again = images.generate(prompt="a red fox in the snow", size="64x64")
+    png = base64.b64decode(first.data[0].b64_json)
+    assert Image.open(io.BytesIO(png)).size == (64, 64)
+    assert first.data[0].model_extra["promptserve"]["similarity"] is None
+    assert again.data[0].model_extra["promptserve"]["similarity"] > 0.99  # the cache took it

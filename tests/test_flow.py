@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from promptserve.engine.base import GenerationItem
+from promptserve.engine.denoise import denoise
 from promptserve.engine.diffusers_backend import diffusers_engine, family_of, levels_for
 from promptserve.engine.flow import DEFAULT_GUIDANCE, pack, unpack
 from promptserve.engine.shapes import build, byte_tokenizer, pipeline_for
@@ -47,7 +48,7 @@ def test_our_loop_equals_the_diffusers_pipeline_on_the_same_modules(family):
     c = build(family)
     guidance = DEFAULT_GUIDANCE.get(family, 7.5)
     start = c.noise(5)
-    ours, _ = c.run(start, ["a red fox"], 0, 6, [], guidance)
+    ours, _ = denoise(c, start, ["a red fox"], 0, 6, [], guidance)
     pipe = pipeline_for(c, guidance)
     kwargs = {"max_sequence_length": c.max_sequence_length} if family in FLOW else {}
     latents = pack(start) if family == "flux" else start

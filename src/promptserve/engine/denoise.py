@@ -39,12 +39,9 @@ class Components:
     family = "unet"
 
     # -- the family interface the engine and the step runner call (``flow.FlowComponents``
-    # -- is the other family): noise, a shared-start run, decode, and a per-sample stepper
+    # -- is the other family): noise, decode, and a per-sample stepper (``denoise`` runs it)
     def noise(self, seed: int) -> torch.Tensor:
         return initial_noise(self, seed)
-
-    def run(self, *args, **kwargs) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        return denoise(self, *args, **kwargs)
 
     def decode(self, latents: torch.Tensor) -> list[bytes]:
         return decode_png(self, latents)

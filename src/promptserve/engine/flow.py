@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from promptserve.engine.denoise import denoise, png_bytes
+from promptserve.engine.denoise import png_bytes
 
 FAMILIES = ("sd3", "flux")
 DEFAULT_GUIDANCE = {"sd3": 7.0, "flux": 3.5}  # the diffusers pipelines' defaults
@@ -75,9 +75,6 @@ class FlowComponents:
             if self.family == "sd3":
                 return self._encode_sd3(prompts)
             return self._encode_flux(prompts)
-
-    def run(self, *args, **kwargs) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        return denoise(self, *args, **kwargs)
 
     def decode(self, latents: torch.Tensor) -> list[bytes]:
         config = self.vae.config

@@ -10,7 +10,6 @@ as PNG. The two alternate, first one then the other leading, and each side's bes
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import time
 from collections.abc import Callable
@@ -18,7 +17,6 @@ from collections.abc import Callable
 import torch
 
 from promptserve.engine.base import GenerationItem
-from promptserve.engine.options import EngineOptions, apply_options
 from promptserve.engine.shapes import pipeline_call, pipeline_for
 from promptserve.engine.tiny import DenoisingEngine
 
@@ -47,27 +45,19 @@ def vs_diffusers(
     engine: DenoisingEngine,
     batch: int = 1,
     repeats: int = 3,
-    options: EngineOptions | None = None,
     ours_engine: DenoisingEngine | None = None,
 ) -> dict[str, float]:
     """Seconds per call for ours and diffusers', and the ratio theirs / ours (> 1: ours is
-    faster), for ``batch`` prompts from noise over the engine's whole schedule. With
-    ``options``, ours runs with them on (a copy of the components) and diffusers' plain;
-    ``ours_engine``: ours is that engine (already optimised) over the same modules."""
+    faster), for ``batch`` prompts from noise over the engine's whole schedule.
+    ``ours_engine``: ours is that engine (speed options on) over the same modules, diffusers'
+    pipeline plain."""
     c = engine.c
     prompts = [f"a lighthouse at dusk, view {i}" for i in range(batch)]
     items = [GenerationItem(p, 0, seed=i) for i, p in enumerate(prompts)]
     starts = torch.cat([c.noise(i) for i in range(batch)])
     pipe = pipeline_for(c, engine.guidance)
     clock = synced(c.device)
-    if ours_engine is not None:
-        engine = ours_engine
-    elif options is not None:
-        fast = dataclasses.replace(c)
-        apply_options(fast, options)
-        engine = DenoisingEngine(
-            fast, engine.name, engine.total_steps, engine.levels, engine.guidance
-        )
+    engine = ours_engine or engine
 
     def ours() -> None:
         engine.generate(items)

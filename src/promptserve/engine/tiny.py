@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from promptserve.engine.base import GenerationItem, GenerationResult
-from promptserve.engine.denoise import Components
+from promptserve.engine.denoise import Components, denoise
 
 MAX_TOKENS = 77
 BOS, EOS, PAD = 256, 257, 258
@@ -169,7 +169,8 @@ class DenoisingEngine:
                     torch.as_tensor(it.start_latent, dtype=self.c.dtype, device=self.c.device)[None]
                 )
         capture = [lv for lv in self.levels if lv > k]
-        final, captured = self.c.run(
+        final, captured = denoise(
+            self.c,
             torch.cat(starts),
             [it.prompt for it in items],
             k,

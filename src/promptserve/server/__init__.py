@@ -143,6 +143,11 @@ def cache_quota(max_bytes: int | None, root: Path, share: float = 0.1) -> int:
     start (logged, so an operator sees what was chosen)."""
     import shutil
 
+    from pydantic import ByteSize
+
+    def human_bytes(n: int) -> str:
+        return ByteSize(n).human_readable()
+
     if max_bytes is not None:
         log.info("latent cache quota: %s", human_bytes(max_bytes))
         return max_bytes
@@ -154,14 +159,6 @@ def cache_quota(max_bytes: int | None, root: Path, share: float = 0.1) -> int:
         human_bytes(quota), round(share * 100), human_bytes(free),
     )  # fmt: skip
     return quota
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
 
 
 def cache_root(cache_dir: Path) -> Path:

@@ -1,6 +1,6 @@
 import numpy as np
 
-from promptserve.cache.approx import ApproxCache
+from promptserve.cache.approx import ApproxCache, audit
 from promptserve.cache.embed import HashingEmbedder
 from promptserve.cache.thresholds import shipped_thresholds
 
@@ -81,3 +81,34 @@ def test_a_failed_write_skips_the_entry_and_answers_go_on(tmp_path, monkeypatch)
     assert cache.insert("t", "p", vec("p"), latents(6), 0.0) is None
     assert cache.insert("t", "q", vec("q"), latents(7), 0.0) is None
     assert cache.skipped_writes == 2 and len(cache.index) == 0
+
+
+def test_a_resumed_entry_takes_its_neighbours_lower_levels_and_outlives_it(tmp_path):
+    cache = ApproxCache(tmp_path, EMB.dim, CLIP)
+    full = latents(6, levels=(5, 10, 15, 20, 25))
+    a = cache.insert("t", "a red fox", vec("a red fox"), full, 0.0)
+    own = latents(7, levels=(15, 20, 25))  # resumed at 15: nothing of its own below
+    b = cache.insert("t", "a red fox, dusk", vec("a red fox, dusk"), own, 1.0, resumed_from=a)
+    assert sorted(b.latent_keys) == [5, 10, 15, 20, 25]
+    assert cache.holds_every(b, (0, 5, 10, 15, 20, 25)) and not cache.holds_every(b, (30,))
+    assert np.array_equal(cache.latent(b, 5), full[5])  # the neighbour stands in below 15
+    assert np.array_equal(cache.latent(b, 15), own[15])  # its own from 15 on
+    files = cache.bytes_used()
+    cache.drop(a.id)  # the neighbour goes: what the entry took from it stays, across a restart
+    cache.close()
+    assert audit(tmp_path) == {"rows": 1, "files": 5, "orphans": 0, "dangling": 0}
+    cache = ApproxCache(tmp_path, EMB.dim, CLIP)
+    b = cache.lookup("t", vec("a red fox, dusk")).entry
+    assert np.array_equal(cache.latent(b, 10), full[10])
+    assert 0 < cache.bytes_used() < files
+    cache.drop(b.id)
+    assert cache.bytes_used() == 0 and cache.store.keys() == set()
+
+
+def test_an_entry_takes_only_what_its_neighbour_still_has(tmp_path):
+    cache = ApproxCache(tmp_path, EMB.dim, CLIP)
+    a = cache.insert("t", "a castle", vec("a castle"), latents(8, (5, 10, 15)), 0.0)
+    cache.store.delete(a.latent_keys[5])  # lost under the cache
+    b = cache.insert("t", "a castle at noon", vec("a castle"), latents(9, (15,)), 1.0, a)
+    assert sorted(b.latent_keys) == [10, 15]
+    assert not cache.holds_every(b, (5, 10, 15))

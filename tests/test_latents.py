@@ -135,3 +135,24 @@ print(np.array_equal(store.get(key), np.ones((4, 8, 8), np.float32)))
     first, second = out.stdout.split("\n")[:2]
     assert first == "True 1 0 True"  # a miss, counted, nothing dropped, the file kept
     assert second == "True"  # and it serves once the descriptors are back
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_link_outlives_its_source_and_copies_where_links_fail(tmp_path, monkeypatch, hard_links):
+    store = LatentStore(tmp_path)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    source, twin = latent_key("t", 1, 5), latent_key("t", 2, 5)
+    size = store.put(source, x)
+    if not hard_links:  # a file system without them (another device, FAT): a copy
+
+        def no_links(src, dst):
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "link", no_links)
+    assert store.link(source, twin) == size
+    assert (os.stat(store.path(twin)).st_nlink == 2) is hard_links
+    store.delete(source)
+    assert np.array_equal(store.get(twin), x) and store.keys() == {twin}
+    with pytest.raises(FileNotFoundError):  # a source gone is said, never papered over
+        store.link(source, latent_key("t", 3, 5))
+    assert list(tmp_path.rglob("*.tmp")) == []

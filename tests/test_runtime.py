@@ -2,8 +2,12 @@
 whose intake fails. Real server on localhost, the modelled engine, the official client."""
 
 import httpx
+import numpy as np
+import pytest
 
 from factories import client, modeled_app
+from promptserve.cache.embed import HashingEmbedder
+from promptserve.server.keys import DEFAULT_TENANT
 from promptserve.server.live import LiveServer
 
 
@@ -234,3 +238,30 @@ def test_each_engine_builds_and_computes_on_one_thread_of_its_own(tmp_path):
     assert len(seen) == 3 and {t for t, _ in seen} == {built_on}
     assert {n for _, n in seen} == {torch_threads_for(1)}
     assert embedded_on and all(t != built_on and n == 1 for t, n in embedded_on)
+
+
+# every request at the fastest level (25): a near twin resumes there, above its own K_opt
+@pytest.mark.parametrize("policy", ["clipper-ht+shed+admit", "continuous-ht"])
+def test_resumed_entries_hold_every_level_and_a_partial_one_is_no_neighbour(tmp_path, policy):
+    """The policy lets a request with a neighbour run at any level. So a resumed run's entry
+    takes its neighbour's lower levels, and an entry that lacks a level (left by an older
+    server, which kept only what a resumed run passed, or its files lost) starts nothing:
+    otherwise a request routed to a level it lacks would run from noise inside a batch planned
+    for a resumed run, and overrun it."""
+    app = modeled_app(tmp_path, policy=policy, speedup=50.0)
+    runtime = app.state.runtime
+    vec = HashingEmbedder().embed
+    partial = {k: np.ones((2, 2), np.float32) for k in (20, 25)}
+    runtime.cache.insert(DEFAULT_TENANT, "a blue whale", vec(["a blue whale"])[0], partial, 0.0)
+    with LiveServer(app) as url:
+        images = client(url).images
+        whale = images.generate(prompt="a blue whale", size="1024x1024").data[0]
+        fox = images.generate(prompt="a red fox in the snow", size="1024x1024").data[0]
+        dusk = images.generate(prompt="a red fox in the snow at dusk", size="1024x1024").data[0]
+    whale, fox, dusk = (d.model_extra["promptserve"] for d in (whale, fox, dusk))
+    assert whale["similarity"] > 0.99 and whale["level_k"] == 0 and not whale["cache_hit"]
+    assert fox["level_k"] == 0 and dusk["cache_hit"] and dusk["level_k"] == 25
+    levels = [lv for lv in runtime.workers.levels if lv > 0]
+    resumed = next(e for e in runtime.cache.index if e.prompt == "a red fox in the snow at dusk")
+    assert sorted(resumed.latent_keys) == levels  # 25 its own, 5 to 20 its neighbour's
+    assert all(runtime.cache.store.path(key).exists() for key in resumed.latent_keys.values())

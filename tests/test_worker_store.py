@@ -48,7 +48,11 @@ def test_worker_writes_captures_to_the_store_and_resumes_from_it(tmp_path):
     )
     assert again.k == 10 and len(steps) == 10
     assert np.abs(again.final_latent - first.final_latent).max() <= 1e-5
-    assert 10 in again.stored  # the start latent is kept for the new entry too
+    assert sorted(again.stored) == [10]  # the start latent is kept for the new entry too
+    # committed, the entry takes the levels below 10 from the neighbour it started from
+    resumed = cache.commit("t", "a red fox!", vec, again_id, again.stored, 1.0, entry)
+    assert sorted(resumed.latent_keys) == [2, 4, 6, 8, 10]
+    assert np.array_equal(cache.latent(resumed, 4), cache.latent(entry, 4))
 
     # a start latent that is gone: the worker runs from noise and says so (K = 0)
     cache.store.delete(entry.latent_keys[8])

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +100,10 @@ class ApproxCache:
         embedding: np.ndarray,
         latents: dict[int, np.ndarray],
         now_s: float,
+        resumed_from: CacheEntry | None = None,
     ) -> CacheEntry | None:
+        """Write and index an entry; a run that resumed from ``resumed_from`` at its lowest
+        level in ``latents`` also takes that neighbour's levels below it (``commit``)."""
         if not latents:
             return None
         entry_id = self.index.reserve_id()
@@ -108,7 +112,7 @@ class ApproxCache:
         except OSError as exc:
             self.skip_write(exc)
             return None
-        return self.commit(tenant, prompt, embedding, entry_id, written, now_s)
+        return self.commit(tenant, prompt, embedding, entry_id, written, now_s, resumed_from)
 
     def reserve(self) -> int:
         """An entry id for latents another process writes (a worker on the shared store)."""
@@ -122,10 +126,19 @@ class ApproxCache:
         entry_id: int,
         written: dict[int, int],
         now_s: float,
+        resumed_from: CacheEntry | None = None,
     ) -> CacheEntry | None:
-        """Index an entry whose latent files are written (``written``: K -> bytes)."""
+        """Index an entry whose latent files are written (``written``: K -> bytes).
+
+        A run resumed at K holds no latents of its own below K. The neighbour it started from
+        stands for it at K, and so at the levels below K too: those files are linked into the
+        entry, so that every entry holds every level, as the policy's ``k_max`` assumes (a
+        request routed below a level its neighbour lacks would run from noise inside a batch
+        planned for a resumed run, and overrun it)."""
         if not written:
             return None
+        if resumed_from is not None:
+            written = self._inherit(tenant, entry_id, resumed_from, min(written)) | written
         levels = tuple(sorted(written))
         with self._db:
             self._db.execute(
@@ -154,6 +167,25 @@ class ApproxCache:
         finally:
             self.index.unpin(result.entry.id)
         return result.entry
+
+    def _inherit(
+        self, tenant: str, entry_id: int, source: CacheEntry, below: int
+    ) -> dict[int, int]:
+        """Link ``source``'s files below level ``below`` into the new entry: K -> bytes. A file
+        gone meanwhile (evicted, dropped) is left out, and the entry holds fewer levels."""
+        linked: dict[int, int] = {}
+        for k, key in source.latent_keys.items():
+            if k >= below:
+                continue
+            try:
+                linked[k] = self.store.link(key, latent_key(tenant, entry_id, k))
+            except OSError:
+                continue
+        return linked
+
+    def holds_every(self, entry: CacheEntry, levels: Sequence[int]) -> bool:
+        """Whether ``entry`` can start a run at each of ``levels`` above 0."""
+        return all(k in entry.latent_keys for k in levels if k > 0)
 
     def pin(self, entry_id: int) -> None:
         """A worker is about to read this entry's files: not evicted until ``unpin``."""

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,29 @@ class LatentStore:
             raise OSError(f"writing latent {key}: {exc}") from exc
         _fsync_dir(final.parent)
         self.stats.writes += 1
+        return final.stat().st_size
+
+    def link(self, source: str, key: str) -> int:
+        """``key`` names the same file as ``source`` (a hard link; a copy where the file system
+        has none): returns its bytes. FileNotFoundError when ``source`` is gone."""
+        src, final = self.path(source), self.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
+        tmp.unlink(missing_ok=True)
+        try:
+            try:
+                os.link(src, tmp)
+            except FileNotFoundError:
+                raise
+            except OSError:  # no hard links here (another device, a FAT mount): copy
+                shutil.copyfile(src, tmp)
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
         return final.stat().st_size
 
     def get(self, key: str) -> np.ndarray | None:

@@ -45,7 +45,9 @@ def remember(
     if hit is not None and item.k > 0:
         cache.record_hit(hit.entry.id, item.k, now_s)
     if insert:
-        cache.insert(tenant, item.prompt, embedding, latents_to_keep(item, result), now_s)
+        source = hit.entry if hit is not None and result.k > 0 else None
+        keep = latents_to_keep(item, result)
+        cache.insert(tenant, item.prompt, embedding, keep, now_s, resumed_from=source)
 
 
 def latents_to_keep(item: GenerationItem, result: GenerationResult) -> dict[int, np.ndarray]:

@@ -233,7 +233,8 @@ class Runtime:
         vec = await self._embed(prompt)
         hit = await self._lookup(tenant, vec, exact)
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
-        self._check_meetable(slo_s, hit is not None)
+        has_neighbour = self._has_neighbour(hit)
+        self._check_meetable(slo_s, has_neighbour)
         job_id = next(self.ids)
         assert self.plan is not None
         future = asyncio.get_running_loop().create_future()
@@ -243,7 +244,7 @@ class Runtime:
             now,
             now + slo_s,
             k_opt,
-            hit is not None,
+            has_neighbour,
             self.plan,
             self.dispatcher,
             self.estimator,
@@ -265,6 +266,12 @@ class Runtime:
         hit = await self._on_cache(self.cache.lookup, tenant, vec)
         self.counters.lookups += 1
         return hit
+
+    def _has_neighbour(self, hit: CacheHit | None) -> bool:
+        """Whether the request may start from its neighbour at any level, as the policy assumes
+        of a neighbour; one that lacks a level (written before entries took their neighbour's
+        lower levels, or whose neighbour was evicted meanwhile) counts as none."""
+        return hit is not None and self.cache.holds_every(hit.entry, self.workers.levels)
 
     @staticmethod
     def _accepted(handle: JobHandle | None, job_id: int, level: int, hit: CacheHit | None) -> None:
@@ -571,7 +578,10 @@ class Runtime:
         if result.store_error is not None:
             self.cache.skip_write(result.store_error)
         elif result.stored and keep:
-            self.cache.commit(p.tenant, p.prompt, p.embedding, ref.entry_id, result.stored, now)
+            source = p.hit.entry if p.hit is not None and result.k > 0 else None
+            self.cache.commit(
+                p.tenant, p.prompt, p.embedding, ref.entry_id, result.stored, now, source
+            )
 
     def _fail_batch(self, dispatch: Dispatch, exc: Exception) -> None:
         self.dispatcher.on_batch_done(self.clock(), dispatch)

@@ -119,12 +119,13 @@ class StepRuntime(Runtime):
         vec = await self._embed(prompt)
         hit = await self._lookup(tenant, vec, exact)
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
-        self._check_meetable(slo_s, hit is not None)
+        has_neighbour = self._has_neighbour(hit)
+        self._check_meetable(slo_s, has_neighbour)
         job_id = next(self.ids)
         future = asyncio.get_running_loop().create_future()
         self.pending[job_id] = _Pending(prompt, tenant, vec, hit, future, now, job_id, handle)
         job, gpu, outcome = step_intake(
-            job_id, now, now + slo_s, k_opt, hit is not None, self.sched, self.estimator
+            job_id, now, now + slo_s, k_opt, has_neighbour, self.sched, self.estimator
         )
         self._deadline[job_id] = job.deadline_s
         if outcome is not None:

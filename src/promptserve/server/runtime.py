@@ -27,6 +27,7 @@ from promptserve.engine.base import GenerationItem, GenerationResult, preview_st
 from promptserve.engine.runner import engine_level, remember
 from promptserve.engine.threads import ComputeThread
 from promptserve.policy import Dispatcher, Policy, Setting, intake
+from promptserve.policy.intake import DELIVERY_MARGIN_S, request_deadline
 from promptserve.policy.planning import (
     apply_levels,
     first_demand,
@@ -286,7 +287,8 @@ class Runtime:
     def _check_meetable(self, slo_s: float, has_neighbour: bool) -> None:
         """Refuse for good (not 429: retrying cannot help) a deadline below the fastest run."""
         profile = self.setting.profiles[0]
-        fastest = profile.batch_latency(self.levels[-1] if has_neighbour else 0, 1)
+        level = self.levels[-1] if has_neighbour else 0
+        fastest = profile.batch_latency(level, 1) + DELIVERY_MARGIN_S
         if slo_s < fastest:
             self.counters.by_outcome["refused"] += 1
             raise Unmeetable(slo_s, fastest)
@@ -518,7 +520,7 @@ class Runtime:
             self.pending.pop(outcome.job.id, None)
             p = pendings[i]
             answered.append((p, item, result, refs[i] if refs else None))
-            late = now > outcome.job.deadline_s
+            late = now > request_deadline(outcome.job)
             self.counters.by_outcome["late" if late else "served"] += 1
             self.counters.cache_hits += int(p.hit is not None and result.k > 0)
             quality = self.quality.q(outcome.job.k_opt, result.k)

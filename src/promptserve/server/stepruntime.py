@@ -20,7 +20,7 @@ from collections.abc import Callable
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.runner import engine_level
 from promptserve.policy import Policy, Setting, Status
-from promptserve.policy.intake import step_intake
+from promptserve.policy.intake import request_deadline, step_intake
 from promptserve.policy.stepwise import StepGpu, StepScheduler, step_profile
 from promptserve.server.runtime import (
     Cancelled,
@@ -127,7 +127,7 @@ class StepRuntime(Runtime):
         job, gpu, outcome = step_intake(
             job_id, now, now + slo_s, k_opt, has_neighbour, self.sched, self.estimator
         )
-        self._deadline[job_id] = job.deadline_s
+        self._deadline[job_id] = request_deadline(job)
         if outcome is not None:
             del self.pending[job_id]
             self._deadline.pop(job_id, None)

@@ -114,6 +114,12 @@ def bench_cmd(
         sim, oracle, sim_timeline = simulate_like(server, requests, slo, seed)
         rows["simulated"], timelines["simulated"] = sim, sim_timeline
         rows["live"]["minus_simulated"] = live_minus_sim(rows["live"], sim)
+        if float(server.get("speedup", 1.0)) != 1.0:
+            console.print(
+                "[yellow]note: this modelled server runs --speedup times faster than the profile "
+                "its planner reads, and the simulator runs the sped-up profile, so the two plan "
+                "for different GPUs; compare a server started with --speedup 1[/yellow]"
+            )
     title = "Live run against the simulator" if compare_sim else "Live run"
     write_report(out, config, rows, oracle, timelines, title=title)
     table = Table(title=f"live run: {len(requests)} requests to {url}")

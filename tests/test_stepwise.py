@@ -89,6 +89,26 @@ def test_with_slack_the_price_is_zero_and_every_request_runs_in_full():
     assert (result.records.quality[served] == 100.0).all()
 
 
+def test_a_saturated_cluster_joins_at_the_fastest_level_whatever_the_price():
+    sched = StepScheduler(
+        step_profile(PROFILE), 1, QM.matrix(), StepConfig("price", shed=True, admission=True)
+    )
+    sched.reprice(Demand(1.0, (1.0, 0, 0, 0, 0, 0)), 21.0)  # slack: price 0
+    job = Job(0, 0.0, 21.0, 10, 25, 10)
+    assert sched.price == 0.0 and sched.preferred_k(job) == 0  # in full, 100%
+    gpu = sched.gpus[0]
+    # a full run finishes within 90% of the 21 s SLO with up to 7 members (84 ms x 4.3 x 50)
+    assert sched._busy_at == 7
+    for i in range(7):
+        sched._admit_member(gpu, Job(i + 1, 0.0, 60.0, 0, 0, 0), 0, [])
+    assert not sched.saturated() and sched.preferred_k(job) == 0
+    sched._admit_member(gpu, Job(8, 0.0, 60.0, 0, 0, 0), 0, [])
+    assert sched.saturated() and sched.preferred_k(job) == 25
+    gpu.by_id.clear(), gpu.members.clear()
+    sched.waiting.append((60.0, 9, Job(9, 0.0, 60.0, 0, 0, 0)))  # a request waits to join
+    assert sched.saturated() and sched.preferred_k(job) == 25
+
+
 def test_under_load_the_price_rises_and_requests_move_above_their_k_opt():
     inputs = poisson(110, 6, gpus=2)
     result = simulate(get_policy("promptserve-step"), inputs)

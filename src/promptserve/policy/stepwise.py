@@ -16,7 +16,9 @@ the time in and carry out what comes back):
   its deadline (``+shed``). ``price`` is one cluster-wide number, points of quality per
   step-slot, re-estimated from the load estimate so that the step work asked for fits the
   cluster's step capacity: with slack it is 0 and every request runs in full (K = 0 is 100%),
-  under load requests move above their K_opt;
+  under load requests move above their K_opt. The price follows a smoothed estimate, so while
+  the cluster is saturated now (requests wait, or even the least-loaded GPU holds more members
+  than a full run can share a GPU with inside the SLO) a request joins at its fastest level;
 * **admission** (``+admit``): refuse at arrival when no K the request may run at can finish by
   its deadline on the least-loaded GPU;
 * **shedding** (``+shed``): waiting requests are taken earliest deadline first, a join that
@@ -240,6 +242,7 @@ class StepScheduler:
             self.by_count[0].add(g)
         self.waiting: list[tuple[float, int, Job]] = []  # (deadline or arrival, id, job)
         self.price = 0.0
+        self._busy_at = self.cap  # members past which a GPU is full (set with the price)
         self._choice = self._choice_lo = self._choices(0.0)
         self._split = 0.0  # share of the moving class that takes the cheaper level
 
@@ -264,6 +267,7 @@ class StepScheduler:
         if self.config.rule != "price":
             return self.price
         per_s = demand.rate_qpm / 60.0
+        self._busy_at = self.inflight_within(self.profile.total_steps, slo_s)
         last = len(self.levels) - 1
 
         def work(choice: list[list[int]]) -> tuple[float, float]:
@@ -298,13 +302,18 @@ class StepScheduler:
         """Steps per second the up GPUs give at the largest in-flight count at which a request
         of ``mean_steps`` (default: a full one) finishes within ``SLO_SHARE`` of the SLO (the
         rest is left for waiting to join)."""
-        steps = mean_steps if mean_steps else self.profile.total_steps
+        n = self.inflight_within(mean_steps or self.profile.total_steps, slo_s)
+        up = sum(1 for g in self.gpus if g.up)
+        return up * self.profile.steps_per_s(n)
+
+    def inflight_within(self, steps: float, slo_s: float) -> int:
+        """The largest in-flight count at which ``steps`` steps take at most ``SLO_SHARE`` of
+        the SLO (at least 1)."""
         n = 1
         for b in range(1, self.cap + 1):
             if steps * self.profile.iteration_s(b) <= SLO_SHARE * slo_s:
                 n = b
-        up = sum(1 for g in self.gpus if g.up)
-        return up * self.profile.steps_per_s(n)
+        return n
 
     # -- decisions -------------------------------------------------------------------------
 
@@ -314,10 +323,22 @@ class StepScheduler:
         if self.config.rule == "max":
             return job.k_max
         i, m = self.index_of[job.k_opt], self.index_of[job.k_max]
+        if self.saturated():  # the price lags a burst: run at the fastest level meanwhile
+            return job.k_max
         j = self._choice[i][m]
         if self._choice_lo[i][m] != j and _draw(job.id) >= self._split:
             j = self._choice_lo[i][m]
         return self.levels[j]
+
+    def saturated(self) -> bool:
+        """Whether the cluster is full now: requests wait, or even the least-loaded GPU holds
+        more members than a full run could share a GPU with and finish in ``SLO_SHARE`` of the
+        SLO. The price follows the load estimate (seconds behind a burst); this follows the
+        running batches, so a burst moves joins to their fastest level within one step."""
+        if self.waiting:
+            return True
+        gpu = self.least_loaded()
+        return gpu is None or gpu.count > self._busy_at
 
     def least_loaded(self) -> StepGpu | None:
         for bucket in self.by_count:

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from promptserve.cache.approx import ApproxCache, audit
+from promptserve.cache.latents import disk_bytes
 from promptserve.loadgen import read_metric
 from promptserve.server import cache_root
 from reliability.server import start_server, stop
@@ -32,12 +33,9 @@ ENTRY = re.compile(r"^(\d+)-k\d+\.safetensors$")
 
 
 def folder_bytes(folder: Path) -> int:
-    total = 0
-    for path in folder.rglob("*"):
-        with contextlib.suppress(FileNotFoundError):  # deleted since the listing
-            if path.is_file():
-                total += path.stat().st_size
-    return total
+    """What the folder's files take on the disk (an entry's levels linked from its neighbour
+    share their data: counted once)."""
+    return disk_bytes(p for p in folder.rglob("*") if not p.is_dir())
 
 
 def largest_entry(folder: Path) -> int:

@@ -94,13 +94,16 @@ def test_a_resumed_entry_takes_its_neighbours_lower_levels_and_outlives_it(tmp_p
     assert np.array_equal(cache.latent(b, 5), full[5])  # the neighbour stands in below 15
     assert np.array_equal(cache.latent(b, 15), own[15])  # its own from 15 on
     files = cache.bytes_used()
+    assert (
+        files == cache.store.bytes_used() == 8 * cache.store.path(a.latent_keys[5]).stat().st_size
+    )
     cache.drop(a.id)  # the neighbour goes: what the entry took from it stays, across a restart
     cache.close()
     assert audit(tmp_path) == {"rows": 1, "files": 5, "orphans": 0, "dangling": 0}
     cache = ApproxCache(tmp_path, EMB.dim, CLIP)
     b = cache.lookup("t", vec("a red fox, dusk")).entry
     assert np.array_equal(cache.latent(b, 10), full[10])
-    assert 0 < cache.bytes_used() < files
+    assert cache.bytes_used() == cache.store.bytes_used() == files * 5 // 8
     cache.drop(b.id)
     assert cache.bytes_used() == 0 and cache.store.keys() == set()
 

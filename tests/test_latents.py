@@ -149,10 +149,13 @@ def test_a_link_outlives_its_source_and_copies_where_links_fail(tmp_path, monkey
             raise OSError(18, "Invalid cross-device link")
 
         monkeypatch.setattr(os, "link", no_links)
-    assert store.link(source, twin) == size
+    assert store.link(source, twin) == (0 if hard_links else size)  # the bytes it adds
     assert (os.stat(store.path(twin)).st_nlink == 2) is hard_links
-    store.delete(source)
+    assert store.bytes_used() == (size if hard_links else 2 * size)  # linked data counts once
+    assert store.delete_freeing(source) == (0 if hard_links else size)
     assert np.array_equal(store.get(twin), x) and store.keys() == {twin}
+    assert store.delete_freeing(twin) == size and store.delete_freeing(twin) == 0
+    store.put(twin, x)
     with pytest.raises(FileNotFoundError):  # a source gone is said, never papered over
         store.link(source, latent_key("t", 3, 5))
     assert list(tmp_path.rglob("*.tmp")) == []

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from promptserve.cache.index import CacheEntry, CacheIndex, EvictionPolicy, latent_key
-from promptserve.cache.latents import LatentStore
+from promptserve.cache.latents import LatentStore, disk_bytes
 from promptserve.cache.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -243,10 +243,7 @@ class ApproxCache:
             if n == 1 and evicted and 0 < self._kill_in_eviction <= self.evictions:
                 os.kill(os.getpid(), signal.SIGKILL)  # the first eviction from the Nth on
                 # that has a second file: one file deleted, the rest not
-            path = self.store.path(key)
-            if path.exists():
-                freed += path.stat().st_size
-            self.store.delete(key)
+            freed += self.store.delete_freeing(key)
         self._bytes -= freed
         if evicted:
             self.evicted_bytes += freed
@@ -270,7 +267,7 @@ class ApproxCache:
             )
             known |= keys
         self.store.remove_orphans(known)
-        self._bytes = sum(self.store.path(k).stat().st_size for k in known)
+        self._bytes = disk_bytes(self.store.path(k) for k in known)
 
 
 def write_latents(

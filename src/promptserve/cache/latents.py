@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,12 +75,14 @@ class LatentStore:
 
     def link(self, source: str, key: str) -> int:
         """``key`` names the same file as ``source`` (a hard link; a copy where the file system
-        has none): returns its bytes. FileNotFoundError when ``source`` is gone."""
+        has none): returns the bytes it adds to the disk (0 for a link). FileNotFoundError when
+        ``source`` is gone."""
         src, final = self.path(source), self.path(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
         tmp.unlink(missing_ok=True)
         try:
+            added = 0
             try:
                 os.link(src, tmp)
             except FileNotFoundError:
@@ -88,12 +91,24 @@ class LatentStore:
                 shutil.copyfile(src, tmp)
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())
+                added = tmp.stat().st_size
             os.replace(tmp, final)
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
         _fsync_dir(final.parent)
-        return final.stat().st_size
+        return added
+
+    def delete_freeing(self, key: str) -> int:
+        """Delete ``key``'s file: the bytes that frees on the disk (0 while another key links
+        to the same data, or when it is gone)."""
+        path = self.path(key)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return 0
+        path.unlink(missing_ok=True)
+        return st.st_size if st.st_nlink == 1 else 0
 
     def get(self, key: str) -> np.ndarray | None:
         """The latent, or None when absent, unreadable or corrupt.
@@ -129,7 +144,8 @@ class LatentStore:
         return out
 
     def bytes_used(self) -> int:
-        return sum(p.stat().st_size for p in self.root.glob(f"*/*{SUFFIX}"))
+        """The bytes the files take on the disk (linked data counted once)."""
+        return disk_bytes(self.root.glob(f"*/*{SUFFIX}"))
 
     def remove_orphans(self, known: set[str]) -> int:
         """Delete files no index entry names (left by a crash between file and manifest)."""
@@ -169,3 +185,16 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def disk_bytes(paths: Iterable[Path]) -> int:
+    """The bytes ``paths`` take on the disk: hard links to one file count once; a path gone
+    since it was listed counts nothing."""
+    seen: dict[tuple[int, int], int] = {}
+    for path in paths:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue
+        seen[(st.st_dev, st.st_ino)] = st.st_size
+    return sum(seen.values())

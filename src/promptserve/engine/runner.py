@@ -13,6 +13,7 @@ import numpy as np
 
 from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
+from promptserve.cache.index import CacheEntry
 from promptserve.cache.thresholds import engine_level as level_on
 from promptserve.engine.base import Engine, GenerationItem, GenerationResult
 
@@ -45,9 +46,14 @@ def remember(
     if hit is not None and item.k > 0:
         cache.record_hit(hit.entry.id, item.k, now_s)
     if insert:
-        source = hit.entry if hit is not None and result.k > 0 else None
         keep = latents_to_keep(item, result)
-        cache.insert(tenant, item.prompt, embedding, keep, now_s, resumed_from=source)
+        cache.insert(tenant, item.prompt, embedding, keep, now_s, resumed_from(hit, result))
+
+
+def resumed_from(hit: CacheHit | None, result: GenerationResult) -> CacheEntry | None:
+    """The entry a run started from (None when it ran from noise): its levels below the run's
+    start stand for the new entry there too."""
+    return hit.entry if hit is not None and result.k > 0 else None
 
 
 def latents_to_keep(item: GenerationItem, result: GenerationResult) -> dict[int, np.ndarray]:

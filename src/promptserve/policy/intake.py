@@ -41,9 +41,9 @@ def intake(
 ) -> tuple[Job, bool]:
     """The job as routed (and as moved by admission), and whether it was queued (False: refused).
 
-    ``now`` and ``deadline_s`` (the request's) are seconds on the driver's clock; a request with a cached
-    neighbour may run at any level (its neighbour keeps latents at every cache level), one
-    without only at K = 0; ``u`` is the router's uniform draw in [0, 1).
+    ``now`` and ``deadline_s`` (the request's) are seconds on the driver's clock; a request
+    with a cached neighbour may run at any level (its neighbour keeps latents at every cache
+    level), one without only at K = 0; ``u`` is the router's uniform draw in [0, 1).
     """
     estimator.observe(now, k_opt)
     k_max = dispatcher.levels[-1] if has_neighbour else 0

@@ -62,7 +62,9 @@ class Metrics:
             registry=self.registry,
         )
         self.cache_bytes = Gauge(
-            "promptserve_cache_bytes", "Bytes of cached latent files", registry=self.registry
+            "promptserve_cache_bytes",
+            "Bytes the cached latent files take on disk (linked levels counted once)",
+            registry=self.registry,
         )
         self.cache_quota = Gauge(
             "promptserve_cache_quota_bytes",

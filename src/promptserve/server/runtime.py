@@ -24,7 +24,7 @@ import numpy as np
 from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
 from promptserve.engine.base import GenerationItem, GenerationResult, preview_steps
-from promptserve.engine.runner import engine_level, remember
+from promptserve.engine.runner import engine_level, remember, resumed_from
 from promptserve.engine.threads import ComputeThread
 from promptserve.policy import Dispatcher, Policy, Setting, intake
 from promptserve.policy.intake import DELIVERY_MARGIN_S, request_deadline
@@ -580,7 +580,7 @@ class Runtime:
         if result.store_error is not None:
             self.cache.skip_write(result.store_error)
         elif result.stored and keep:
-            source = p.hit.entry if p.hit is not None and result.k > 0 else None
+            source = resumed_from(p.hit, result)
             self.cache.commit(
                 p.tenant, p.prompt, p.embedding, ref.entry_id, result.stored, now, source
             )

@@ -48,10 +48,13 @@ def schedulable(batches, gpus, arrival, deadline):
     return False
 
 
-def best_schedule(arrival, deadline, classes, gpus):
-    """(most quality, most requests) any schedule serves in time, by enumeration."""
+def best_schedule(arrival, deadline, classes, gpus, no_neighbour=None):
+    """(most quality, most requests) any schedule serves in time, by enumeration; a request
+    with no neighbour runs at level 0 or not at all."""
     n, best_q, best_n = len(arrival), 0.0, 0
     for choice in product((None, 0, 5), repeat=n):
+        if no_neighbour is not None and any(choice[i] == 5 and no_neighbour[i] for i in range(n)):
+            continue
         served = [i for i in range(n) if choice[i] is not None]
         value = sum(Q[classes[i], (0, 5).index(choice[i])] for i in served)
         if value <= best_q and len(served) <= best_n:
@@ -74,13 +77,17 @@ def best_schedule(arrival, deadline, classes, gpus):
     ),
     gpus=st.lists(st.sampled_from([FAST, SLOW]), min_size=1, max_size=2),
     window=st.sampled_from([0.25, 1.0, 10.0]),
+    misses=st.lists(st.booleans(), max_size=4),
 )
-def test_no_schedule_beats_the_bound(requests, gpus, window):
+def test_no_schedule_beats_the_bound(requests, gpus, window, misses):
     arrival = np.array([r[0] for r in requests])
     deadline = arrival + np.array([r[1] for r in requests])
     classes = np.array([r[2] for r in requests])
-    best_q, best_n = best_schedule(arrival, deadline, classes, gpus)
-    bound = oracle_bounds(arrival, deadline, np.array((0, 5))[classes], gpus, Q, window)
+    no_neighbour = np.array((misses * 4)[: len(requests)]) if misses else None
+    best_q, best_n = best_schedule(arrival, deadline, classes, gpus, no_neighbour)
+    bound = oracle_bounds(
+        arrival, deadline, np.array((0, 5))[classes], gpus, Q, window, no_neighbour
+    )
     n = len(requests)
     assert bound["effective_quality_upper_bound"] >= best_q / n - 1e-3
     assert bound["slo_violation_ratio_lower_bound"] <= 1 - best_n / n + 1e-4
@@ -107,3 +114,45 @@ def test_fine_slots_do_not_let_work_spill_past_deadlines():
     assert fine["effective_quality_upper_bound"] == pytest.approx(6 * Q[1, 1] / 40, abs=0.01)
     assert coarse["effective_quality_upper_bound"] > fine["effective_quality_upper_bound"]
     assert len(classes) == 40
+
+
+def test_a_request_with_no_neighbour_runs_from_noise_in_the_bound():
+    # one request, 1.5 s to answer it: only level 5 (1 s) fits, and it needs a neighbour
+    arrival, deadline = np.array([0.0]), np.array([1.5])
+    with_one = oracle_bounds(arrival, deadline, np.array([5]), [FAST], Q)
+    without = oracle_bounds(arrival, deadline, np.array([0]), [FAST], Q, no_neighbour=[True])
+    assert with_one["effective_quality_upper_bound"] == pytest.approx(90.0)
+    assert without["effective_quality_upper_bound"] == 0.0
+    assert without["slo_violation_ratio_lower_bound"] == pytest.approx(1.0)
+    # with 3 s it fits at level 0 (2 s), which is all a request without a neighbour may use
+    roomy = oracle_bounds(arrival, arrival + 3.0, np.array([0]), [FAST], Q, no_neighbour=[True])
+    assert roomy["effective_quality_upper_bound"] == pytest.approx(100.0)
+
+
+def test_the_bound_caches_a_prompt_no_sooner_than_it_could_be_answered():
+    from promptserve.cache.thresholds import shipped_thresholds
+    from promptserve.sim.compare import oracle_neighbours
+    from promptserve.sim.oracle import earliest_answer_s
+    from promptserve.types import Request
+
+    thresholds = shipped_thresholds("clip")
+    soonest = earliest_answer_s([FAST])
+    assert soonest == pytest.approx(1.0)  # FAST alone at level 5
+    twin = np.ones((1, 8), np.float32) / np.sqrt(8)
+    other = np.eye(8, dtype=np.float32)[:1]
+    # a twin of request 0 arrives before 0 could be answered, another twin after; a prompt of
+    # another tenant never sees them
+    times = [0.0, 0.5, 1.0, 2.0]
+    tenants = ["a", "a", "a", "b"]
+    prompts = ["p", "p twin", "p twin 2", "q"]
+    reqs = [
+        Request(i, t, p, ten, t + 20) for i, (t, p, ten) in enumerate(zip(times, prompts, tenants))
+    ]
+    emb = np.concatenate([twin, twin, twin, other])
+    k_opt, found = oracle_neighbours(reqs, emb, thresholds, None, soonest)
+    assert found.tolist() == [False, False, True, False]
+    assert k_opt[2] == thresholds.levels[0] and k_opt[1] == 0
+    # with the warm prompts cached before the first arrival, everyone of that tenant has one
+    k_warm, found_warm = oracle_neighbours(reqs, emb, thresholds, (["w"], twin), soonest)
+    assert found_warm.tolist() == [True, True, True, False]
+    assert k_warm[0] == thresholds.levels[0]

@@ -9,12 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from promptserve.cache.index import CacheIndex
-from promptserve.cache.replay import replay
 from promptserve.cache.thresholds import Thresholds
 from promptserve.policy import Policy, Setting
 from promptserve.profile import Profile
 from promptserve.quality import PenaltyShape, model_for_levels
-from promptserve.sim.oracle import DEFAULT_WINDOW_S, oracle_bounds
+from promptserve.sim.oracle import DEFAULT_WINDOW_S, earliest_answer_s, oracle_bounds
 from promptserve.sim.simulator import SimInputs, SimResult, simulate
 from promptserve.types import Request
 
@@ -71,16 +70,19 @@ def compare(
         minutes = len(timeline["offered_qpm"])
         timeline["gpus_per_level"] = gpus_per_minute(res.plans, profile.levels, minutes)
         timelines[policy.name] = timeline
+    k_opt, found = oracle_neighbours(
+        requests, embeddings, thresholds, warm, earliest_answer_s(setting.profiles)
+    )
     bound_args = (
         np.array([r.arrival_s for r in requests]),
         np.array([r.deadline_s for r in requests]),
-        oracle_k_opt(requests, embeddings, thresholds, warm),
+        k_opt,
         setting.profiles,
         setting.quality,
     )
-    oracle = oracle_bounds(*bound_args, config.oracle_window_s)
+    oracle = oracle_bounds(*bound_args, config.oracle_window_s, ~found)
     if config.coarse_window_s is not None:
-        oracle["coarse"] = oracle_bounds(*bound_args, config.coarse_window_s)
+        oracle["coarse"] = oracle_bounds(*bound_args, config.coarse_window_s, ~found)
     return rows, oracle, timelines, results
 
 
@@ -97,22 +99,36 @@ def gpus_per_minute(plans, levels: Sequence[int], minutes: int) -> dict[str, lis
     return out
 
 
-def oracle_k_opt(
-    requests: Sequence[Request], embeddings: np.ndarray, thresholds: Thresholds, warm
-) -> np.ndarray:
-    """K_opt with every earlier prompt of the tenant cached at arrival: the most any policy sees."""
-    out = np.zeros(len(requests), dtype=int)
-    by_tenant: dict[str, list[int]] = {}
-    for i, r in enumerate(requests):
-        by_tenant.setdefault(r.tenant, []).append(i)
-    for tenant, ids in by_tenant.items():
-        index = CacheIndex(dim=embeddings.shape[1])
-        if warm is not None and tenant == requests[0].tenant:
-            for p, v in zip(*warm, strict=True):
-                index.insert(tenant, p, v, (), 0.0)
-        res = replay([requests[i].prompt for i in ids], embeddings[ids], thresholds, index, tenant)
-        out[ids] = res.k_opt
-    return out
+def oracle_neighbours(
+    requests: Sequence[Request],
+    embeddings: np.ndarray,
+    thresholds: Thresholds,
+    warm,  # noqa: ANN001 - (prompts, embeddings) cached before the first arrival, or None
+    earliest_answer_s: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """K_opt, and whether a neighbour exists, with every earlier prompt of the tenant cached
+    from ``earliest_answer_s`` after its arrival (the soonest any schedule can answer it): the
+    most any policy sees, since every policy looks up at arrival and caches at the answer."""
+    k_opt = np.zeros(len(requests), dtype=int)
+    found = np.zeros(len(requests), dtype=bool)
+    index = CacheIndex(dim=embeddings.shape[1])
+    if warm is not None and requests:
+        for p, v in zip(*warm, strict=True):
+            index.insert(requests[0].tenant, p, v, (), 0.0)
+    order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+    cached = 0
+    for i in order:
+        at = requests[i].arrival_s
+        while cached < len(order):  # answered by now at the soonest (an answer at the
+            j = order[cached]  # arrival's instant is cached first, as the simulator does)
+            if requests[j].arrival_s + earliest_answer_s > at + 1e-9:
+                break
+            index.insert(requests[j].tenant, requests[j].prompt, embeddings[j], (), 0.0)
+            cached += 1
+        match = index.nearest(requests[i].tenant, embeddings[i])
+        found[i] = match is not None
+        k_opt[i] = thresholds.k_opt(match.similarity if match is not None else None)
+    return k_opt, found
 
 
 def config_dict(config: CompareConfig, **extra: object) -> dict:

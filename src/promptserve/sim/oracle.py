@@ -18,14 +18,18 @@ So the schedule's counts y[request bucket, level, group] (buckets: requests with
 class, arrival slot and deadline slot) and the shares z[window, slot, group] they spread over
 their slots satisfy the constraints below, and its effective quality is at most the LP's
 optimum. Quality uses the K_opt every request would have with every earlier prompt of its
-tenant cached (``compare.oracle_k_opt``): at least the K_opt any policy sees, and quality does
-not fall with K_opt.
+tenant cached from the soonest that prompt could have been answered (``earliest_answer_s``
+after its arrival: no schedule caches a prompt before it finishes, and every policy looks its
+neighbour up at arrival; ``compare.oracle_neighbours``): at least the K_opt any policy sees,
+and quality does not fall with K_opt. A request with no such earlier prompt has no neighbour
+under any schedule, so it runs from noise: its bucket may only use level 0.
 
     maximise   sum q[i, l] y[b, l, p] / N          (i: the bucket's K_opt class)
     s.t.       sum_{l, p} y[b, l, p]          <= n_b                    (each bucket's requests)
                sum_{b in w, l} c[p, l] y[b, l, p] <= sum_t z[w, t, p]   (work spread over slots)
                sum_w z[w, t, p]               <= G_p window_s           (GPU time per slot)
-               y, z >= 0;  y[b, l, p] = 0 unless L_p(l, 1) fits the bucket's window
+               y, z >= 0;  y[b, l, p] = 0 unless L_p(l, 1) fits the bucket's window,
+                           and unless l = 0 for a bucket of requests with no neighbour
 
 The violation bound maximises sum y instead. Slack left by the relaxation: batches are
 perfectly full (cost at the best batch size), work is divisible across GPUs and slots, and a
@@ -58,6 +62,19 @@ def per_image_cost(profile: Profile, k: int, window_s: float) -> float:
     return min(costs) if costs else math.inf
 
 
+def earliest_answer_s(profiles: Sequence[Profile]) -> float:
+    """The soonest any request can be answered after it arrives: alone, at the fastest level,
+    on the fastest GPU, as a batch or as a step-level member."""
+    from promptserve.policy.stepwise import finishes, step_profile
+
+    out = math.inf
+    for p in profiles:
+        fastest = p.levels[-1]
+        step = finishes(step_profile(p), 0.0, [p.total_steps - fastest], joined=1)[0]
+        out = min(out, p.batch_latency(fastest, 1), step)
+    return out
+
+
 def oracle_bounds(
     arrival_s: np.ndarray,
     deadline_s: np.ndarray,
@@ -65,8 +82,10 @@ def oracle_bounds(
     profiles: Sequence[Profile],
     quality: np.ndarray,
     window_s: float = DEFAULT_WINDOW_S,
+    no_neighbour: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Upper bound on effective quality (percent) and lower bound on the SLO-violation ratio."""
+    """Upper bound on effective quality (percent) and lower bound on the SLO-violation ratio.
+    ``no_neighbour``: the requests that cannot have a cached neighbour (level 0 only)."""
     n = len(arrival_s)
     if n == 0:
         return _result(0.0, 0.0, window_s)
@@ -83,6 +102,9 @@ def oracle_bounds(
     # does not reach into it)
     last = np.maximum(np.ceil((deadline_s - t0) / window_s - 1e-9).astype(int) - 1, first)
     cls = np.searchsorted(levels, k_opt)
+    if no_neighbour is not None:  # a class of its own past the K_opt classes: level 0 only
+        cls = np.where(no_neighbour, len(levels), cls)
+        quality = np.vstack([quality, quality[0]])
     keys, bucket, counts = np.unique(
         np.stack([first, last, cls], axis=1), axis=0, return_inverse=True, return_counts=True
     )
@@ -120,7 +142,9 @@ class _Lp:
             for b in range(len(self.keys))
             for p in range(n_groups)
             for lv in range(m)
-            if np.isfinite(self.cost[p, lv]) and self.single[p, lv] <= self.budget[b] + 1e-9
+            if np.isfinite(self.cost[p, lv])
+            and self.single[p, lv] <= self.budget[b] + 1e-9
+            and (lv == 0 or self.keys[b, 2] < m)  # past the K_opt classes: no neighbour
         ]
         yb = np.array([y[0] for y in ys], dtype=int)
         yl = np.array([y[1] for y in ys], dtype=int)

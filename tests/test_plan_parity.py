@@ -101,3 +101,34 @@ def test_going_idle_is_a_demand_change_however_small_the_last_rate():
     trickle, idle = Demand(0.5, (0.0, 1.0)), Demand(0.0, (1.0, 0.0))
     assert wants_plan(get_policy("promptserve"), trickle, idle, force=False)
     assert wants_plan(get_policy("promptserve"), idle, trickle, force=False)
+
+
+def test_the_re_plan_grid_runs_from_the_first_arrival():
+    from promptserve.policy.planning import until_replan
+
+    assert until_replan(3.0, None, 5.0) == 5.0  # nothing arrived: a period
+    assert until_replan(12.25, 10.0, 5.0) == pytest.approx(2.75)
+    assert until_replan(15.0, 10.0, 5.0) == pytest.approx(5.0)  # on a tick: the next one
+    assert until_replan(31.0, 10.0, 5.0) == pytest.approx(4.0)  # a late wake-up keeps the grid
+
+
+@pytest.mark.parametrize("policy", ["promptserve", "promptserve-step"])
+def test_the_server_starts_its_estimate_and_grid_at_the_first_request(tmp_path, policy):
+    """As the simulator starts at its first arrival: idle time after start-up neither dilutes
+    the first rate estimate nor sets the re-plan grid's phase, and the forecast's plan stands
+    until a request is seen."""
+    runtime = modeled_app(tmp_path, policy=policy, expected_qpm=30.0).state.runtime
+    forecast = runtime.planned_for
+
+    async def scenario() -> tuple[bool, float, float, bool]:
+        idle = await runtime._until_replan(0.05)  # no request yet: nothing to re-plan for
+        runtime._note_arrival(runtime.clock())
+        first = runtime.first_arrival
+        runtime._note_arrival(runtime.clock() + 3.0)  # a later request moves nothing
+        due = await runtime._until_replan(0.05)
+        return idle, first, runtime.started, due
+
+    idle, first, started, due = asyncio.run(scenario())
+    assert idle is False and due is True
+    assert started == first == runtime.first_arrival
+    assert runtime.planned_for == forecast

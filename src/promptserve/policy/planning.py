@@ -8,6 +8,7 @@ The simulator and the live runtime each call these; only where the numbers come 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from promptserve.policy.dispatcher import Dispatcher
@@ -33,6 +34,19 @@ def wants_plan(policy: Policy, planned_for: Demand | None, demand: Demand, force
     if policy.replan_s is None:
         return False
     return demand_changed(planned_for, demand)
+
+
+def until_replan(now: float, first_arrival: float | None, period: float) -> float:
+    """Seconds from ``now`` to the next re-plan: on the grid of ``period`` from the first
+    request's arrival, where the simulator's grid starts (``period`` while nothing has
+    arrived). The grid's phase against the arrivals matters: on the live benchmark's workload
+    (conversation trace, 130 qpm, 4 GPUs) moving it by 0.5 s moved pinned promptserve's
+    simulated effective quality between 90.9 and 95.8, and a server's grid otherwise starts at
+    its start-up, seconds before a client's first request."""
+    if first_arrival is None:
+        return period
+    ticks = math.floor((now - first_arrival) / period + 1e-9) + 1
+    return min(max(first_arrival + ticks * period - now, 0.0), period)
 
 
 def switch_s(policy: Policy, profile: Profile) -> float:

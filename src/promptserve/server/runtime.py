@@ -32,6 +32,7 @@ from promptserve.policy.planning import (
     apply_levels,
     first_demand,
     switch_s,
+    until_replan,
     wants_plan,
     worth_caching,
 )
@@ -143,7 +144,9 @@ class Runtime:
         self.pending: dict[int, _Pending] = {}
         self.ids = itertools.count()
         self.counters = Counters()
-        self.started = clock()
+        self.started = clock()  # then the first request's arrival, as the simulator's start
+        self.first_arrival: float | None = None
+        self._arrived = asyncio.Event()
         self.planned_for: Demand | None = None
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -231,6 +234,7 @@ class Runtime:
     ) -> asyncio.Future:
         """Embed, look up, route, admit and queue; the future the answer will come on."""
         now = self.clock()
+        self._note_arrival(now)
         vec = await self._embed(prompt)
         hit = await self._lookup(tenant, vec, exact)
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
@@ -369,13 +373,34 @@ class Runtime:
         if apply_levels(self.dispatcher, now, levels, switching):
             self._wake.set()  # the scheduler polls; a switching GPU is dispatched once ready
 
+    def _note_arrival(self, now: float) -> None:
+        """The first request starts the estimator's span and the re-plan grid (``until_replan``),
+        as the simulator's first arrival does; idle time before it counts for neither."""
+        if self.first_arrival is None:
+            self.first_arrival = self.started = now
+            self._arrived.set()
+
+    async def _until_replan(self, period: float) -> bool:
+        """Sleep to the next re-plan on the grid (True); before any request, until the first
+        arrival or a period (False: nothing to plan for, the forecast's plan stands)."""
+        if self.first_arrival is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(period):
+                    await self._arrived.wait()
+            return False
+        await asyncio.sleep(until_replan(self.clock(), self.first_arrival, period))
+        return True
+
     async def _replan(self) -> None:
         """Every period: re-plan from the estimate, take back workers that answer again, and
         tell the workers their levels (a runtime setting: nothing reloads)."""
         period = self.policy.replan_s or 5.0
         while True:
             await self._push_levels()  # first, so a new server's workers hear the first plan
-            await asyncio.sleep(min(period, 1.0) if self._any_down() else period)
+            if self._any_down():
+                await asyncio.sleep(min(period, 1.0))
+            elif not await self._until_replan(period):
+                continue
             try:
                 await self._replan_once()
             except Exception:  # one failed iteration must not end the loop

@@ -116,6 +116,7 @@ class StepRuntime(Runtime):
         exact: bool = False,
     ):
         now = self.clock()
+        self._note_arrival(now)
         vec = await self._embed(prompt)
         hit = await self._lookup(tenant, vec, exact)
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
@@ -189,7 +190,8 @@ class StepRuntime(Runtime):
     async def _reprice_loop(self) -> None:
         period = self.policy.replan_s or 5.0
         while True:
-            await asyncio.sleep(period)
+            if not await self._until_replan(period):
+                continue
             try:
                 if self.policy.replan_s:
                     demand = self.estimator.estimate(self.clock(), self.started)

@@ -187,3 +187,42 @@ def test_step_level_schedules_stay_under_the_oracle_bound(rate_qpm):
         )
         assert summary["effective_quality"] <= bound["effective_quality_upper_bound"] + 1e-6
         assert summary["slo_violation_ratio"] >= bound["slo_violation_ratio_lower_bound"] - 1e-6
+
+
+@pytest.mark.parametrize("name", ["promptserve", "promptserve-step"])
+def test_the_simulators_re_plan_grid_can_be_moved_against_the_arrivals(name):
+    """What ``bench_live_vs_sim`` spreads its prediction over: the same requests with the
+    re-plan grid at another phase; every re-plan (plan or price) lands on the moved grid."""
+    import dataclasses
+
+    from promptserve.sim.stepsim import StepRun
+
+    inputs = poisson(120, 2, gpus=2, seed=4)
+    start, period = inputs.requests[0].arrival_s, get_policy(name).replan_s
+    for phase in (0.0, 1.25):
+        moved = dataclasses.replace(inputs, replan_phase_s=phase)
+        if name == "promptserve-step":
+            step_run = StepRun(get_policy(name), moved, None)
+            step_run.run()
+            times = [t for t, _ in step_run.prices[1:]]
+        else:
+            times = [t for t, _ in simulate(get_policy(name), moved).plans[1:]]
+        assert len(times) >= 3
+        offsets = [((t - start - phase) % period) for t in times]
+        assert all(min(o, period - o) < 1e-6 for o in offsets), (phase, offsets[:5])
+
+
+def test_a_live_run_is_judged_against_the_simulators_spread_over_phases():
+    from promptserve.sim.live import replan_phase_spread, within_spread
+
+    rows = [
+        {"effective_quality": q, "slo_violation_ratio": v}
+        for q, v in ((95.4, 0.004), (91.5, 0.049), (94.1, 0.016))
+    ]
+    spread = replan_phase_spread(rows)
+    assert spread["phases"] == 3
+    assert spread["effective_quality"] == {"min": 91.5, "mean": 93.6667, "max": 95.4}
+    assert spread["slo_violation_ratio"]["max"] == 0.049
+    assert within_spread({"effective_quality": 92.0, "slo_violation_ratio": 0.03}, spread)
+    assert not within_spread({"effective_quality": 90.0, "slo_violation_ratio": 0.03}, spread)
+    assert not within_spread({"effective_quality": 92.0, "slo_violation_ratio": 0.06}, spread)

@@ -27,6 +27,7 @@ class CompareConfig:
     warm: int = 0
     oracle_window_s: float = DEFAULT_WINDOW_S  # the bound's time slot (seconds)
     coarse_window_s: float | None = None  # also report the bound at this slot (as "coarse")
+    replan_phase_s: float = 0.0  # the re-plan grid's offset from the first arrival
 
 
 def default_slo(profile: Profile) -> float:
@@ -58,6 +59,7 @@ def compare(
         config.seed,
         warm[0] if warm else (),
         warm[1] if warm else None,
+        config.replan_phase_s,
     )
     results, rows, timelines = [], {}, {}
     for policy in policies:

@@ -6,6 +6,7 @@ embedder and thresholds, from an empty cache."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -36,19 +37,52 @@ def cache_mix(recs: Records) -> dict:
 
 
 def simulate_like(
-    server: dict, requests: Sequence[Request], slo_s: float, seed: int
+    server: dict, requests: Sequence[Request], slo_s: float, seed: int, phases: int = 0
 ) -> tuple[dict, dict, dict]:
-    """(the simulated row with its cache mix, the oracle, the per-minute timeline)."""
+    """(the simulated row with its cache mix, the oracle, the per-minute timeline). With
+    ``phases`` > 0 the row also carries ``over_replan_phases``: the figures with the re-plan
+    grid moved to each of ``phases`` offsets across one period (``replan_phase_spread``)."""
     from promptserve.cache.embed import make_embedder
     from promptserve.cache.thresholds import embedder_thresholds
     from promptserve.sim.compare import CompareConfig, compare
 
     profile = profile_from(server["profile"]).scaled(float(server.get("speedup", 1.0)))
     embeddings = make_embedder(server["embedder"]).embed([r.prompt for r in requests])
+    thresholds = embedder_thresholds(server["embedder"])
     config = CompareConfig(int(server["workers"]), slo_s, "mild", seed)
     policy = get_policy(server["policy"])
     rows, oracle, timelines, results = compare(
-        [policy], requests, embeddings, profile, embedder_thresholds(server["embedder"]), config
+        [policy], requests, embeddings, profile, thresholds, config
     )
     row = rows[policy.name] | cache_mix(results[0].records)
+    if phases > 0 and policy.replan_s:
+        runs = []
+        for i in range(phases):
+            moved = replace(config, replan_phase_s=i * policy.replan_s / phases)
+            runs.append(compare([policy], requests, embeddings, profile, thresholds, moved)[0])
+        row["over_replan_phases"] = replan_phase_spread([r[policy.name] for r in runs])
     return row, oracle, timelines[policy.name]
+
+
+def replan_phase_spread(rows: Sequence[dict]) -> dict:
+    """Min, mean and max of effective quality and violation ratio over runs that differ only in
+    the re-plan grid's phase: how far the simulator's own prediction moves with timing a live
+    server cannot hold to the millisecond (its loops, batch overheads of 10-100 ms)."""
+    out: dict = {"phases": len(rows)}
+    for key in ("effective_quality", "slo_violation_ratio"):
+        values = [float(r[key]) for r in rows]
+        out[key] = {
+            "min": min(values),
+            "mean": round(sum(values) / len(values), 4),
+            "max": max(values),
+        }
+    return out
+
+
+def within_spread(live: dict, spread: dict) -> bool:
+    """Whether a live run's effective quality and violation ratio both lie in the simulator's
+    spread over re-plan phases."""
+    return all(
+        spread[key]["min"] - 1e-9 <= float(live[key]) <= spread[key]["max"] + 1e-9
+        for key in ("effective_quality", "slo_violation_ratio")
+    )

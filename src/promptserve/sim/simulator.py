@@ -54,6 +54,9 @@ class SimInputs:
     seed: int = 0
     warm_prompts: Sequence[str] = ()
     warm_embeddings: np.ndarray | None = None
+    # the re-plan grid's offset from the first arrival's: a live server's grid is the same up
+    # to its loops' timing (tens of ms), to which a periodic plan can be sensitive
+    replan_phase_s: float = 0.0
 
 
 @dataclass
@@ -122,7 +125,7 @@ class _Run:
         for i, r in enumerate(reqs):
             self.push(r.arrival_s, ARRIVAL, i)
         if self.policy.replan_s:
-            self.push(start + self.policy.replan_s, REPLAN, None)
+            self.push(start + self.policy.replan_s + self.inputs.replan_phase_s, REPLAN, None)
         self.start = start
         while self.heap:
             now, kind, _, payload = heapq.heappop(self.heap)

@@ -53,7 +53,7 @@ class StepRun(_Run):
         for i, r in enumerate(reqs):
             self.push(r.arrival_s, ARRIVAL, i)
         if self.policy.replan_s:
-            self.push(start + self.policy.replan_s, REPLAN, None)
+            self.push(start + self.policy.replan_s + self.inputs.replan_phase_s, REPLAN, None)
         while self.heap:
             now, kind, _, payload = heapq.heappop(self.heap)
             if kind == ARRIVAL:

@@ -35,6 +35,32 @@ def default_slo(profile: Profile) -> float:
     return round(5.0 * profile.batch_latency(0, 1), 1)
 
 
+def sim_inputs(
+    requests: Sequence[Request],
+    embeddings: np.ndarray,
+    profile: Profile,
+    thresholds: Thresholds,
+    config: CompareConfig,
+    warm: tuple[list[str], np.ndarray] | None = None,
+) -> SimInputs:
+    """What every policy of a comparison runs on. One route from the reference thresholds and
+    quality constants to any profile's levels, the server's too: K_opt on the profile's own
+    levels, penalties calibrated on the reference."""
+    qm = model_for_levels(profile.levels, profile.quality, config.penalty)
+    setting = Setting(tuple(profile for _ in range(config.gpus)), qm.matrix(), config.slo_s)
+    return SimInputs(
+        requests,
+        embeddings,
+        setting,
+        qm,
+        thresholds.on_levels(profile.levels, profile.total_steps),
+        config.seed,
+        warm[0] if warm else (),
+        warm[1] if warm else None,
+        config.replan_phase_s,
+    )
+
+
 def compare(
     policies: Sequence[Policy],
     requests: Sequence[Request],
@@ -45,22 +71,8 @@ def compare(
     warm: tuple[list[str], np.ndarray] | None = None,
     on_progress: Callable[[str, int], None] | None = None,
 ) -> tuple[dict[str, dict], dict, dict[str, dict], list[SimResult]]:
-    # one route from the reference thresholds and quality constants to any profile's levels,
-    # the server's too: K_opt on the profile's own levels, penalties calibrated on the reference
-    qm = model_for_levels(profile.levels, profile.quality, config.penalty)
-    thresholds = thresholds.on_levels(profile.levels, profile.total_steps)
-    setting = Setting(tuple(profile for _ in range(config.gpus)), qm.matrix(), config.slo_s)
-    inputs = SimInputs(
-        requests,
-        embeddings,
-        setting,
-        qm,
-        thresholds,
-        config.seed,
-        warm[0] if warm else (),
-        warm[1] if warm else None,
-        config.replan_phase_s,
-    )
+    inputs = sim_inputs(requests, embeddings, profile, thresholds, config, warm)
+    setting, thresholds = inputs.setting, inputs.thresholds
     results, rows, timelines = [], {}, {}
     for policy in policies:
         res = simulate(

@@ -44,7 +44,8 @@ def simulate_like(
     grid moved to each of ``phases`` offsets across one period (``replan_phase_spread``)."""
     from promptserve.cache.embed import make_embedder
     from promptserve.cache.thresholds import embedder_thresholds
-    from promptserve.sim.compare import CompareConfig, compare
+    from promptserve.sim.compare import CompareConfig, compare, sim_inputs
+    from promptserve.sim.simulator import simulate
 
     profile = profile_from(server["profile"]).scaled(float(server.get("speedup", 1.0)))
     embeddings = make_embedder(server["embedder"]).embed([r.prompt for r in requests])
@@ -55,12 +56,13 @@ def simulate_like(
         [policy], requests, embeddings, profile, thresholds, config
     )
     row = rows[policy.name] | cache_mix(results[0].records)
-    if phases > 0 and policy.replan_s:
-        runs = []
-        for i in range(phases):
-            moved = replace(config, replan_phase_s=i * policy.replan_s / phases)
-            runs.append(compare([policy], requests, embeddings, profile, thresholds, moved)[0])
-        row["over_replan_phases"] = replan_phase_spread([r[policy.name] for r in runs])
+    if phases > 0 and policy.replan_s:  # phase 0 is the run above; the bound does not move
+        inputs = sim_inputs(requests, embeddings, profile, thresholds, config)
+        runs = [rows[policy.name]]
+        for i in range(1, phases):
+            moved = replace(inputs, replan_phase_s=i * policy.replan_s / phases)
+            runs.append(simulate(policy, moved).records.summary([]))
+        row["over_replan_phases"] = replan_phase_spread(runs)
     return row, oracle, timelines[policy.name]
 
 

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from reliability import badinput, faults, overload, security, soak
+from reliability import badinput, faults, overload, security, side_channel, soak
 
 
 def main() -> int:
@@ -17,6 +17,7 @@ def main() -> int:
         ("cache_crash", faults.cache_crashes),
         ("full_disk", faults.full_disk),
         ("security", security.run),
+        ("side_channel", side_channel.run),
         ("schemathesis", badinput.schemathesis),
         ("parser_fuzz", badinput.parser_fuzz),
         ("worker_kill", faults.worker_kills),
@@ -76,6 +77,9 @@ def breaches_of(r: dict) -> list[str]:
         "cache crash: entries written": r["cache_crash"]["entries"] > 0,
         "schemathesis exit code 0": r["schemathesis"]["exit_code"] == 0,
         "hostile ids refused": r["security"]["hostile_ids_served"] == 0,
+        # the probe must have run as designed: A's prompts generated, B's refused before it
+        "side channel: probed": r["side_channel"]["statuses"] == [200, 422],
+        "side channel: tenants' timings apart": not r["side_channel"]["separated"],
         "parsers": r["parser_fuzz"]["parsers_failed"] == 0,
         "soak: every request answered": r["cache_soak"]["answers"].get("200")
         == r["cache_soak"]["prompts"],

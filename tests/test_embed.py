@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from promptserve.cache.embed import DiskCachedEmbedder, HashingEmbedder, make_embedder
+from promptserve.cache.embed import DiskCachedEmbedder, HashingEmbedder, make_embedder, row_key
 from promptserve.errors import InputError
 
 
@@ -40,6 +40,24 @@ def test_disk_cache_embeds_each_prompt_once_and_survives_reopen(tmp_path):
     reopened = DiskCachedEmbedder(inner2, tmp_path / "e.sqlite")
     assert np.array_equal(reopened.embed(["a"])[0], first[0])
     assert inner2.seen == []
+
+
+def test_disk_cache_keeps_each_namespace_apart(tmp_path):
+    """One tenant's prompt is embedded afresh for another: a shared row would answer the second
+    tenant sooner, which times whether anyone sent the prompt (issue 35)."""
+    inner = CountingEmbedder()
+    cached = DiskCachedEmbedder(inner, tmp_path / "e.sqlite")
+    a = cached.embed(["a lighthouse"], ["tenant-a"])
+    assert inner.seen == ["a lighthouse"]
+    b = cached.embed(["a lighthouse", "a lighthouse"], ["tenant-b", "tenant-a"])
+    assert inner.seen == ["a lighthouse", "a lighthouse"]  # B's computed, A's kept
+    assert np.array_equal(a[0], b[0]) and np.array_equal(b[0], b[1])
+    cached.embed(["a lighthouse"])  # no namespace (the simulator's re-runs): a key of its own
+    assert len(inner.seen) == 3
+    # the length prefix keeps ("ab", "c...") and ("a", "bc...") apart
+    assert row_key("cd", "ab") != row_key("bcd", "a")
+    with pytest.raises(ValueError, match="one namespace per prompt"):
+        cached.embed(["x", "y"], ["tenant-a"])
 
 
 def test_unknown_embedder():

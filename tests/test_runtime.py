@@ -53,7 +53,7 @@ def test_a_job_whose_intake_fails_gets_an_answer_not_a_hang(tmp_path):
     class BrokenEmbedder:
         dim = app.state.runtime.embedder.dim
 
-        def embed(self, texts):
+        def embed(self, texts, namespaces=None):
             raise OSError("embedding model unavailable")
 
     app.state.runtime.embedder = BrokenEmbedder()
@@ -138,7 +138,7 @@ def test_a_burst_of_arrivals_is_embedded_in_few_calls(tmp_path):
     class Gated:  # the first call waits until the burst has queued behind it
         dim = inner.dim
 
-        def embed(self, texts):
+        def embed(self, texts, namespaces=None):
             sizes.append(len(texts))
             if len(sizes) == 1:
                 release.wait(10)
@@ -225,9 +225,9 @@ def test_each_engine_builds_and_computes_on_one_thread_of_its_own(tmp_path):
         seen.append((threading.get_ident(), torch.get_num_threads()))
         return real_generate(items, on_step)
 
-    def embed(texts):
+    def embed(texts, namespaces=None):
         embedded_on.append((threading.get_ident(), torch.get_num_threads()))
-        return real_embed(texts)
+        return real_embed(texts, namespaces)
 
     engine.generate, runtime.embedder.embed = generate, embed
     built_on = runtime.workers.threads[0].call(threading.get_ident)

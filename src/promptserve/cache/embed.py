@@ -7,7 +7,9 @@
   only (near-identical strings score high, but it knows no meaning).
 
 ``DiskCachedEmbedder`` keeps computed embeddings in a SQLite file keyed by embedder name and
-the prompt's SHA-256, so a simulation re-run embeds nothing twice.
+the SHA-256 of the prompt in its namespace, so a simulation re-run embeds nothing twice. The
+server passes each prompt's tenant as its namespace: a prompt one tenant sent is no faster to
+embed for another (a shared key would let any tenant time whether a prompt was ever sent).
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ class Embedder(Protocol):
     name: str
     dim: int
 
-    def embed(self, prompts: Sequence[str]) -> np.ndarray: ...
+    def embed(self, prompts: Sequence[str], namespaces: Sequence[str] | None = None) -> np.ndarray:
+        """Rows for ``prompts``. ``namespaces`` (one per prompt) is the key space a kept
+        embedding lives in; an embedder that keeps nothing ignores it."""
+        ...
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -47,7 +52,7 @@ class HashingEmbedder:
         self.name = f"hashing-{dim}"
         self.dim = dim
 
-    def embed(self, prompts: Sequence[str]) -> np.ndarray:
+    def embed(self, prompts: Sequence[str], namespaces: Sequence[str] | None = None) -> np.ndarray:
         out = np.zeros((len(prompts), self.dim), dtype=np.float32)
         for row, prompt in enumerate(prompts):
             text = f"  {prompt.lower()}  "
@@ -79,7 +84,7 @@ class MiniLMEmbedder:
         self._model = SentenceTransformer(str(model_dir), device=device)
         self._batch_size = batch_size
 
-    def embed(self, prompts: Sequence[str]) -> np.ndarray:
+    def embed(self, prompts: Sequence[str], namespaces: Sequence[str] | None = None) -> np.ndarray:
         if not prompts:
             return np.zeros((0, self.dim), dtype=np.float32)
         vecs = self._model.encode(
@@ -111,12 +116,14 @@ class DiskCachedEmbedder:
         self.rows = self._db.execute("SELECT COUNT(*) FROM emb").fetchone()[0]
         self._trim()
 
-    def embed(self, prompts: Sequence[str]) -> np.ndarray:
+    def embed(self, prompts: Sequence[str], namespaces: Sequence[str] | None = None) -> np.ndarray:
+        if namespaces is not None and len(namespaces) != len(prompts):
+            raise ValueError("one namespace per prompt")
         with self._lock:
-            return self._embed(prompts)
+            return self._embed(prompts, namespaces or [None] * len(prompts))
 
-    def _embed(self, prompts: Sequence[str]) -> np.ndarray:
-        keys = [hashlib.sha256(p.encode("utf-8")).digest() for p in prompts]
+    def _embed(self, prompts: Sequence[str], namespaces: Sequence[str | None]) -> np.ndarray:
+        keys = [row_key(p, ns) for p, ns in zip(prompts, namespaces, strict=True)]
         found = self._lookup(set(keys))
         todo = list(dict.fromkeys(k for k in keys if k not in found))
         if todo:
@@ -170,6 +177,16 @@ class DiskCachedEmbedder:
 
     def close(self) -> None:
         self._db.close()
+
+
+def row_key(prompt: str, namespace: str | None) -> bytes:
+    """The SHA-256 a kept embedding is found by: of the prompt alone without a namespace (the
+    simulator's re-runs), else of the namespace's length, the namespace and the prompt, so no
+    two (namespace, prompt) pairs share a key."""
+    if namespace is None:
+        return hashlib.sha256(prompt.encode("utf-8")).digest()
+    ns = namespace.encode("utf-8")
+    return hashlib.sha256(len(ns).to_bytes(4, "big") + ns + prompt.encode("utf-8")).digest()
 
 
 def make_embedder(

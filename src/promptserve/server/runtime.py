@@ -157,7 +157,7 @@ class Runtime:
         self._cache_thread = ThreadPoolExecutor(1, thread_name_prefix="promptserve-cache")
         # the embedder's torch work on one thread of its own, one intra-op thread (engine.threads)
         self._embed_thread = ComputeThread("promptserve-embed", 1)
-        self._to_embed: list[tuple[str, asyncio.Future]] = []
+        self._to_embed: list[tuple[str, str, asyncio.Future]] = []  # prompt, tenant, answer
         self._embedding: asyncio.Task | None = None  # the task embedding queued prompts
         self.plan: Plan | None = None
         self._plan(first_demand(expected_qpm, self.levels))
@@ -183,11 +183,12 @@ class Runtime:
     async def _on_cache(self, fn: Callable, *args: object):  # noqa: ANN202 - fn's own result
         return await asyncio.get_running_loop().run_in_executor(self._cache_thread, fn, *args)
 
-    async def _embed(self, prompt: str) -> np.ndarray:
-        """The prompt's embedding. Prompts that arrive while a call is running wait for the
-        next one, and go in it together: one forward pass for a burst, not one per request."""
+    async def _embed(self, prompt: str, tenant: str) -> np.ndarray:
+        """The prompt's embedding, kept in the tenant's namespace. Prompts that arrive while a
+        call is running wait for the next one, and go in it together: one forward pass for a
+        burst, not one per request."""
         future = asyncio.get_running_loop().create_future()
-        self._to_embed.append((prompt, future))
+        self._to_embed.append((prompt, tenant, future))
         if self._embedding is None or self._embedding.done():
             self._embedding = asyncio.create_task(self._embed_queued())
         return await future
@@ -195,14 +196,15 @@ class Runtime:
     async def _embed_queued(self) -> None:
         while self._to_embed:
             batch, self._to_embed = self._to_embed, []
+            prompts, tenants = [p for p, _, _ in batch], [t for _, t, _ in batch]
             try:
-                vecs = await self._embed_thread.run(self.embedder.embed, [p for p, _ in batch])
+                vecs = await self._embed_thread.run(self.embedder.embed, prompts, tenants)
             except Exception as exc:  # every waiting request hears it
-                for _, future in batch:
+                for _, _, future in batch:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            for (_, future), vec in zip(batch, vecs, strict=True):
+            for (_, _, future), vec in zip(batch, vecs, strict=True):
                 if not future.done():
                     future.set_result(vec)
 
@@ -235,7 +237,7 @@ class Runtime:
         """Embed, look up, route, admit and queue; the future the answer will come on."""
         now = self.clock()
         self._note_arrival(now)
-        vec = await self._embed(prompt)
+        vec = await self._embed(prompt, tenant)
         hit = await self._lookup(tenant, vec, exact)
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
         has_neighbour = self._has_neighbour(hit)

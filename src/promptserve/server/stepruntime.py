@@ -117,7 +117,7 @@ class StepRuntime(Runtime):
     ):
         now = self.clock()
         self._note_arrival(now)
-        vec = await self._embed(prompt)
+        vec = await self._embed(prompt, tenant)
         hit = await self._lookup(tenant, vec, exact)
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
         has_neighbour = self._has_neighbour(hit)

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from reliability import badinput, faults, overload, security, side_channel, soak
+from reliability import badinput, faults, overload, restart, security, side_channel, soak
 
 
 def main() -> int:
@@ -18,6 +18,7 @@ def main() -> int:
         ("full_disk", faults.full_disk),
         ("security", security.run),
         ("side_channel", side_channel.run),
+        ("restart", restart.run),
         ("schemathesis", badinput.schemathesis),
         ("parser_fuzz", badinput.parser_fuzz),
         ("worker_kill", faults.worker_kills),
@@ -80,6 +81,9 @@ def breaches_of(r: dict) -> list[str]:
         # the probe must have run as designed: A's prompts generated, B's refused before it
         "side channel: probed": r["side_channel"]["statuses"] == [200, 422],
         "side channel: tenants' timings apart": not r["side_channel"]["separated"],
+        "restart: connections lingered": sum(r["restart"]["lingering_at_restart"].values()) > 0,
+        "restart: not refused": not r["restart"]["restart_refused"],
+        "restart: serving within 10 s": r["restart"]["served_in_time"],
         "parsers": r["parser_fuzz"]["parsers_failed"] == 0,
         "soak: every request answered": r["cache_soak"]["answers"].get("200")
         == r["cache_soak"]["prompts"],

@@ -290,3 +290,29 @@ def test_an_80_column_terminal_keeps_the_policy_names_whole(tmp_path, monkeypatc
     assert out.exit_code == 0, out.output
     assert "clipper-ha+shed+admit" in out.output and "clipper-ht+shed+admit" in out.output
     assert not re.search(r"\d\.\d{3,}", out.output.split("report written")[0].split("┃ policy")[1])
+
+
+def test_the_port_check_lets_a_crashed_servers_lingering_connections_be():
+    """A server that closed its side of a connection first leaves that socket in FIN-WAIT-2
+    while the client holds on; the restart must bind as uvicorn does, not be refused."""
+    import socket
+
+    from promptserve.cli.serve import check_port_free
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server's side closes first, as a killed server's kernel does
+    listener.close()
+    try:
+        plain = socket.socket()
+        with pytest.raises(OSError):  # the condition is real: a plain bind is refused
+            plain.bind(("127.0.0.1", port))
+        plain.close()
+        check_port_free("127.0.0.1", port)  # and the check is not
+    finally:
+        client.close()

@@ -199,10 +199,13 @@ def serve_on_ray(server, s) -> None:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """A port in use is bad input: say so in one line (exit 2) before anything loads."""
+    """A port in use is bad input: say so in one line (exit 2) before anything loads. The check
+    binds as uvicorn will (``SO_REUSEADDR``), so the lingering sockets of a crashed server's
+    connections (FIN-WAIT-2, TIME-WAIT) do not refuse the supervisor's restart."""
     import socket
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:

@@ -46,13 +46,17 @@ class LiveServer:
 
 
 def start_server(  # noqa: ANN201
-    args: list[str], cache_dir: Path, timeout_s: float = 120.0, env: dict | None = None
+    args: list[str],
+    cache_dir: Path,
+    timeout_s: float = 120.0,
+    env: dict | None = None,
+    port: int | None = None,
 ):
-    """``promptserve serve ARGS`` in its own process (its memory and CPU its own); the process
-    and its URL once ``/healthz`` answers."""
+    """``promptserve serve ARGS`` in its own process (its memory and CPU its own), on ``port``
+    (default: a free one); the process and its URL once ``/healthz`` answers."""
     import httpx
 
-    port = free_port()
+    port = port or free_port()
     cmd = [sys.executable, "-m", "promptserve.cli", "serve", "--port", str(port)]
     cmd += ["--cache-dir", str(cache_dir), *args]
     proc = subprocess.Popen(

@@ -14,6 +14,13 @@ host = "127.0.0.1"
 port = 8000
 api_keys_file = "keys.txt"
 max_body_bytes = 1048576
+public_url = "https://images.example.com"  # image links start here; unset: relative links
+trusted_proxies = ["10.0.0.0/8"]  # believe X-Forwarded-* from these; unset: from none
+max_header_bytes = 16384  # a larger request head: 431
+max_headers = 100         # more header fields: 431
+header_timeout_s = 10.0   # a head slower than this: 408
+body_timeout_s = 30.0     # a body slower than this after its head: 408
+max_connections_per_client = 64
 speedup = 1.0             # modelled backend: run this many times faster than the profile
 expected_qpm = 1.0        # the load the first plan is made for, before any arrival
 ray = false               # true: serve on Ray Serve (see docs/ray.md)
@@ -49,6 +56,13 @@ class ServeFile(BaseModel):
     port: int = Field(default=8000, ge=1, le=65535)
     api_keys_file: Path | None = None
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    max_connections_per_client: int = Field(default=64, ge=1)
     speedup: float = Field(default=1.0, gt=0)
     expected_qpm: float = Field(default=1.0, ge=0)
     ray: bool = False
@@ -93,6 +107,7 @@ def server_config(s: ServeFile):
     from promptserve.policy import get_policy
     from promptserve.server import ServerConfig
     from promptserve.server.keys import load_keys
+    from promptserve.server.limits import HttpLimits, check_proxies
 
     get_policy(s.policy)
     keys = load_keys(s.api_keys_file)
@@ -117,4 +132,13 @@ def server_config(s: ServeFile):
         EngineOptions(s.compile, s.cuda_graphs, s.channels_last, s.attention),
         int(s.cache_max_bytes) if s.cache_max_bytes is not None else None,
         s.embed_cache_max_rows,
+        s.public_url,
+        HttpLimits(
+            s.max_header_bytes,
+            s.max_headers,
+            s.header_timeout_s,
+            s.body_timeout_s,
+            s.max_connections_per_client,
+            check_proxies(s.trusted_proxies),
+        ),
     )

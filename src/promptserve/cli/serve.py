@@ -124,6 +124,44 @@ def serve_cmd(
         float | None,
         typer.Option(help="With --ray: CPUs per worker replica (default 1).", min=0.01),
     ] = None,
+    public_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Where clients reach this server (https://images.example.com): image links "
+            "start with it; default relative links (/v1/images/ID), never the client's Host."
+        ),
+    ] = None,
+    trusted_proxies: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated proxy addresses or networks (or *) whose X-Forwarded-* "
+            "headers are believed and whose connections the per-client cap spares; default none."
+        ),
+    ] = None,
+    max_header_bytes: Annotated[
+        int | None,
+        typer.Option(help="Largest request head in bytes, else 431 (default 16384).", min=1024),
+    ] = None,
+    max_headers: Annotated[
+        int | None,
+        typer.Option(help="Most header fields a request, else 431 (default 100).", min=8),
+    ] = None,
+    header_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a request's head may take to arrive, else 408 (default 10).", min=0.1
+        ),
+    ] = None,
+    body_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a request's body may take after its head, else 408 (default 30).", min=0.1
+        ),
+    ] = None,
+    max_connections_per_client: Annotated[
+        int | None,
+        typer.Option(help="Open connections one client address may hold (default 64).", min=1),
+    ] = None,
     worker_gpus: Annotated[
         float | None,
         typer.Option(
@@ -136,6 +174,7 @@ def serve_cmd(
 
     from promptserve.config import ServeFile, load_serve_file, server_config, validate_settings
     from promptserve.server import build_app
+    from promptserve.server.protocol import uvicorn_config
 
     base = load_serve_file(config) if config else ServeFile()
     flags = {
@@ -163,6 +202,13 @@ def serve_cmd(
         "ray_address": address,
         "ray_worker_cpus": worker_cpus,
         "ray_worker_gpus": worker_gpus,
+        "public_url": public_url,
+        "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
+        "max_header_bytes": max_header_bytes,
+        "max_headers": max_headers,
+        "header_timeout_s": header_timeout,
+        "body_timeout_s": body_timeout,
+        "max_connections_per_client": max_connections_per_client,
     }
     given = {k: v for k, v in flags.items() if v is not None}
     s = validate_settings({**base.model_dump(), **given}, "serve")  # flags named like the file
@@ -178,7 +224,7 @@ def serve_cmd(
     app_ = build_app(server)
     if s.model == "tiny" and s.backend in (None, "tiny"):
         console.print("[yellow]the tiny model has random weights: its images are noise[/yellow]")
-    uvicorn.run(app_, host=s.host, port=s.port, log_level="info")
+    uvicorn.Server(uvicorn_config(app_, s.host, s.port, server.http, log_level="info")).run()
 
 
 def serve_on_ray(server, s) -> None:

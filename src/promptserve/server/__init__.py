@@ -19,6 +19,7 @@ from promptserve.errors import InputError
 from promptserve.policy import Setting, get_policy
 from promptserve.quality import model_for_levels
 from promptserve.server.app import create_app
+from promptserve.server.limits import HttpLimits
 from promptserve.server.runtime import Runtime
 from promptserve.server.workers import LocalWorkers, Workers, compute_threads
 
@@ -44,6 +45,8 @@ class ServerConfig:
     engine_options: EngineOptions = field(default_factory=EngineOptions)
     cache_max_bytes: int | None = None  # the latent files' quota; None: 10% of the free disk
     embed_cache_max_rows: int | None = 1_000_000
+    public_url: str | None = None  # image links start here; None: relative to the API root
+    http: HttpLimits = field(default_factory=HttpLimits)  # the connection's limits
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -134,7 +137,13 @@ def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
         expected_qpm=config.expected_qpm,
     )
     return create_app(
-        runtime, slo_s, f"{image_px}x{image_px}", config.api_keys, config.max_body_bytes
+        runtime,
+        slo_s,
+        f"{image_px}x{image_px}",
+        config.api_keys,
+        config.max_body_bytes,
+        config.public_url,
+        config.http,
     )
 
 

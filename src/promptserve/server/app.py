@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 
@@ -28,10 +27,10 @@ from promptserve.server.imageapi import (
     unsupported,
     usage,
 )
-from promptserve.server.images import IMAGE_ID, ImageStore
+from promptserve.server.images import ImageStore, new_id, valid_id
 from promptserve.server.jobs import FINAL, KEPT_JOBS, JobState, forget_finished
 from promptserve.server.keys import tenant_for
-from promptserve.server.limits import StreamedBodyLimit
+from promptserve.server.limits import HttpLimits, RequestGate
 from promptserve.server.metrics import History, Metrics, exposition
 from promptserve.server.runtime import (
     Cancelled,
@@ -42,7 +41,7 @@ from promptserve.server.runtime import (
     Served,
     Unmeetable,
 )
-from promptserve.server.schemas import ImageData, ImageRequest, ImagesResponse
+from promptserve.server.schemas import ImageData, ImageRequest, ImagesResponse, visible
 from promptserve.web import page
 
 
@@ -65,8 +64,13 @@ def create_app(
     size: str,
     keys: dict[str, str] | None = None,
     max_body_bytes: int = 1 << 20,
+    public_url: str | None = None,
+    limits: HttpLimits | None = None,
 ) -> FastAPI:
+    """``public_url``: where clients reach this server (image links start with it; without it
+    they are relative to the API root, never built from a client's Host header)."""
     keys = keys or {}
+    limits = limits or HttpLimits()
     metrics = Metrics()
     history = History()
     images = ImageStore()
@@ -86,14 +90,8 @@ def create_app(
 
     app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan)
     app.state.runtime = runtime  # for operators' tooling and tests: the live policy state
-    app.add_middleware(StreamedBodyLimit, limit=max_body_bytes)
-
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return error(413, f"request body over {max_body_bytes} bytes", "body")
-        return await call_next(request)
+    app.state.http_limits = limits  # the connection's limits, for whoever serves this app
+    app.add_middleware(RequestGate, max_body_bytes=max_body_bytes, keys=keys, limits=limits)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -115,6 +113,8 @@ def create_app(
             return error(
                 401, "a valid API key is required (Authorization: Bearer KEY)", "authorization"
             )
+        if not visible(req.prompt):
+            return error(400, "prompt: has no visible character", "prompt")
         if req.size not in (None, "auto", size):
             return error(
                 400, f"size {req.size!r} is not supported (supported: {size} or auto)", "size"
@@ -137,6 +137,12 @@ def create_app(
             return error(503, str(exc), None, {"Retry-After": "1"})
         return error(500, f"generation failed: {exc}")
 
+    async def client_gone(request: Request) -> None:
+        """Returns once the client has closed its connection (the body is already read, so
+        the next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
     @app.post("/v1/images/generations", response_model=ImagesResponse)
     async def generations(req: ImageRequest, request: Request):
         tenant = checked_tenant(req, request)
@@ -148,33 +154,69 @@ def create_app(
         deadline_s = req.deadline_ms / 1000.0 if req.deadline_ms else slo_s
         if req.stream:
             return await stream_generation(req, tenant, deadline_s)
-        start = time.monotonic()
-        metrics.submitted.inc(req.n)
-        outcomes = await asyncio.gather(
-            *(
-                runtime.submit(req.prompt, tenant, deadline_s, exact=req.exact)
-                for _ in range(req.n)
-            ),
-            return_exceptions=True,
-        )
-        for outcome in outcomes:  # every image ends in exactly one outcome label
-            metrics.count(outcome, deadline_s, time.monotonic() - start)
-        for exc in outcomes:
-            if isinstance(exc, BaseException):
-                return outcome_error(exc)
-        served: list[Served] = outcomes  # type: ignore[assignment]
+        outcomes = await generate(req, tenant, deadline_s, request)
+        if isinstance(outcomes, JSONResponse):
+            return outcomes
         data = []
         media = MEDIA_TYPES[req.output_format or "png"]
-        for s in served:
+        for s in outcomes:
             image = encode_image(s.result.png, req.output_format, req.output_compression)
             if req.response_format == "url":
                 image_id = images.put(image, time.monotonic(), media)
-                url = str(request.url_for("image", image_id=image_id))
-                data.append(image_body(meta_of(s), url=url))
+                data.append(image_body(meta_of(s), url=image_url(image_id)))
             else:
                 data.append(image_body(meta_of(s), b64_json=b64(image)))
-        body = images_body(int(time.time()), data, req, size, served_quality(served))
+        body = images_body(int(time.time()), data, req, size, served_quality(outcomes))
         return JSONResponse(body)
+
+    def image_url(image_id: str) -> str:
+        path = f"/v1/images/{image_id}"
+        return public_url.rstrip("/") + path if public_url else path
+
+    async def generate(
+        req: ImageRequest, tenant: str, deadline_s: float, request: Request
+    ) -> list[Served] | JSONResponse:
+        """The request's ``n`` images, served or refused whole: the first image refused,
+        dropped or failed cancels the others (queued ones at once, running ones between two
+        steps), as does a client that goes away, as closing a stream does. Nothing is computed
+        for an answer that can no longer be a success."""
+        start = time.monotonic()
+        metrics.submitted.inc(req.n)
+        handles = [JobHandle(lambda kind, data: None) for _ in range(req.n)]
+        images = [
+            asyncio.ensure_future(
+                runtime.submit(req.prompt, tenant, deadline_s, h, exact=req.exact)
+            )
+            for h in handles
+        ]
+        every = asyncio.gather(*images, return_exceptions=True)
+        watch = [asyncio.ensure_future(client_gone(request)), asyncio.ensure_future(failed(images))]
+        await asyncio.wait({every, *watch}, return_when=asyncio.FIRST_COMPLETED)
+        for task in watch:
+            task.cancel()
+        if not every.done():
+            for h in handles:
+                runtime.cancel(h)
+        outcomes = await every
+        cause = next(
+            (o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, Cancelled)),
+            None,
+        )
+        for outcome in outcomes:  # every image ends in exactly one outcome label
+            whole = cause if cause is not None and isinstance(outcome, Cancelled) else outcome
+            metrics.count(whole, deadline_s, time.monotonic() - start)
+        for exc in (cause, *outcomes):
+            if isinstance(exc, BaseException):
+                return outcome_error(exc)
+        return outcomes  # type: ignore[return-value]
+
+    async def failed(images: list[asyncio.Future]) -> None:
+        """Returns at the first image that fails (or once all are done)."""
+        for image in asyncio.as_completed(images):
+            try:
+                await image
+            except Exception:
+                return
 
     async def stream_generation(req: ImageRequest, tenant: str, deadline_s: float):
         """``stream: true``: previews decoded from intermediate steps as
@@ -250,7 +292,7 @@ def create_app(
 
     @app.get("/v1/images/{image_id}", name="image")
     async def image(image_id: str):
-        if not IMAGE_ID.match(image_id):
+        if not valid_id(image_id):
             return error(400, "image id must be 32 hex characters", "image_id")
         kept = images.get(image_id, time.monotonic())
         if kept is None:
@@ -266,7 +308,7 @@ def create_app(
         tenant = checked_tenant(req, request)
         if isinstance(tenant, JSONResponse):
             return tenant
-        state = JobState(uuid.uuid4().hex, tenant)
+        state = JobState(new_id(), tenant)
         metrics.submitted.inc()
         handle = JobHandle(state.emit, asyncio.get_running_loop().create_future())
         state.handle = handle
@@ -300,7 +342,7 @@ def create_app(
         return {"id": state.id, "status": state.status}
 
     def find_job(job_id: str, request: Request) -> JobState | JSONResponse:
-        if not IMAGE_ID.match(job_id):
+        if not valid_id(job_id):
             return error(400, "job id must be 32 hex characters", "job_id")
         state = jobs.get(job_id)
         if state is None or state.tenant != tenant_for(keys, request.headers.get("authorization")):

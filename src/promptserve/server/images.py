@@ -4,12 +4,21 @@ unguessable id (a capability URL: whoever holds it may fetch it, see docs/securi
 from __future__ import annotations
 
 import re
-import uuid
+import secrets
 from collections import OrderedDict
 
-IMAGE_ID = re.compile(r"^[0-9a-f]{32}$")
+IMAGE_ID = re.compile(r"[0-9a-f]{32}")  # matched whole (fullmatch): "$" admits a final "\n"
 KEPT_IMAGES = 512  # the most kept; the oldest go first
 IMAGE_TTL_S = 600.0
+
+
+def new_id() -> str:
+    """128 random bits as 32 hex characters (a uuid4 carries only 122): image and job ids."""
+    return secrets.token_hex(16)
+
+
+def valid_id(text: str) -> bool:
+    return IMAGE_ID.fullmatch(text) is not None
 
 
 class ImageStore:
@@ -18,7 +27,7 @@ class ImageStore:
         self._images: OrderedDict[str, tuple[float, bytes, str]] = OrderedDict()
 
     def put(self, image: bytes, now: float, media_type: str = "image/png") -> str:
-        image_id = uuid.uuid4().hex
+        image_id = new_id()
         self._images[image_id] = (now, image, media_type)
         while len(self._images) > self.keep:
             self._images.popitem(last=False)

@@ -24,9 +24,13 @@ class LiveServer:
     """``with LiveServer(app) as url:`` serves ``app`` on 127.0.0.1 until the block ends."""
 
     def __init__(self, app, start_timeout_s: float = 30.0) -> None:
+        from promptserve.server.limits import HttpLimits
+        from promptserve.server.protocol import uvicorn_config
+
         self.port = free_port()
+        limits = getattr(app.state, "http_limits", None) or HttpLimits()
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+            uvicorn_config(app, "127.0.0.1", self.port, limits, log_level="warning")
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.start_timeout_s = start_timeout_s

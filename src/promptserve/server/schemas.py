@@ -3,6 +3,7 @@ promptserve's extensions. What each official request field does here is in the R
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -10,6 +11,23 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_PROMPT_CHARS = 4000
 MAX_IMAGES = 10  # the official limit of ``n``
 OFFICIAL_SIZES = ("1024x1024", "1024x1536", "1536x1024")  # the response schema's ``size`` enum
+
+
+# categories that draw nothing on their own: separators and spaces, controls, format characters
+# (zero-width space and joiners, BOM, word joiner), unassigned, and combining marks
+BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Cn", "Mn", "Me"})
+BLANK_LETTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")  # Hangul fillers, braille blank
+
+
+def visible(prompt: str) -> bool:
+    """Whether the prompt has a character that draws: prompts made only of spaces or zero-width
+    characters say nothing, and would all match one another in the cache at similarity 1."""
+    return any(
+        not c.isspace()
+        and c not in BLANK_LETTERS
+        and unicodedata.category(c) not in BLANK_CATEGORIES
+        for c in prompt
+    )
 
 
 class ImageRequest(BaseModel):

@@ -1,0 +1,173 @@
+"""The connection's and the request's limits (issue 35): heads, timeouts, per-address caps,
+authentication before validation, invisible prompts, image links and ids, and work for nobody."""
+
+import asyncio
+import socket
+import time
+
+import httpx
+import pytest
+
+from factories import modeled_app, tiny_app
+from promptserve.server.limits import HttpLimits
+from promptserve.server.live import LiveServer
+
+KEY = "k" * 24
+QUICK = HttpLimits(header_timeout_s=0.5, body_timeout_s=0.5, max_connections_per_client=3)
+
+
+def port_of(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def raw(url: str, data: bytes, wait_s: float = 5.0) -> bytes:
+    """Send ``data`` on a fresh connection; everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port_of(url)), timeout=wait_s) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    app = tiny_app(tmp_path_factory.mktemp("limits"), api_keys={KEY: "t"}, http=QUICK)
+    with LiveServer(app) as url:
+        yield url
+
+
+def test_too_many_or_too_large_header_fields_are_431(guarded):
+    many = {f"x-h{i}": "v" for i in range(150)}
+    assert httpx.get(guarded + "/healthz", headers=many).status_code == 431
+    big = httpx.get(guarded + "/healthz", headers={"x-big": "v" * 17_000})
+    assert big.status_code == 431 and big.json()["error"]["param"] == "headers"
+    # a head far past the limit never reaches the app: the connection answers and closes
+    answer = raw(
+        guarded, b"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + b"a" * 1_000_000
+    )
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert httpx.get(guarded + "/healthz").status_code == 200  # under the limits: served
+
+
+def test_a_head_or_body_that_trickles_in_is_408_and_closed(guarded):
+    t0 = time.monotonic()
+    answer = raw(guarded, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1")  # never ends
+    assert answer.startswith(b"HTTP/1.1 408 ") and b'"param": "head"' in answer
+    assert time.monotonic() - t0 < 5  # closed by the server, not by this side's timeout
+    head = b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+    head += b"\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"
+    assert raw(guarded, head).startswith(b"HTTP/1.1 408 ")
+    assert raw(guarded, b"") == b""  # a connection that says nothing is closed, unanswered
+
+
+def test_one_address_holds_at_most_its_cap_of_connections(guarded):
+    held = [socket.create_connection(("127.0.0.1", port_of(guarded))) for _ in range(3)]
+    try:
+        time.sleep(0.1)  # the server has seen all three
+        refused = raw(guarded, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert refused.startswith(b"HTTP/1.1 429 ") and b"retry-after: 1" in refused
+    finally:
+        for s in held:
+            s.close()
+    time.sleep(0.1)
+    assert httpx.get(guarded + "/healthz").status_code == 200  # the count went back down
+
+
+def test_a_caller_without_a_key_learns_nothing_of_the_schema(guarded):
+    for body in ({"prompt": "x", "n": 99}, {"nonsense": True}, {"prompt": "x"}):
+        r = httpx.post(guarded + "/v1/images/generations", json=body)
+        assert r.status_code == 401 and r.json()["error"]["param"] == "authorization"
+    assert httpx.post(guarded + "/v1/jobs", json={"n": "many"}).status_code == 401
+    auth = {"authorization": f"Bearer {KEY}"}
+    r = httpx.post(guarded + "/v1/images/generations", json={"prompt": "x", "n": 99}, headers=auth)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "n"  # with a key: the field
+
+
+@pytest.mark.parametrize(
+    "prompt", ["   ", "\u200b\u200c\u200d", "\ufeff \u2060", "\u3164\n\t", "\u0301"]
+)
+def test_a_prompt_with_nothing_visible_is_400(guarded, prompt):
+    auth = {"authorization": f"Bearer {KEY}"}
+    for path in ("/v1/images/generations", "/v1/jobs"):
+        r = httpx.post(guarded + path, json={"prompt": prompt}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_ids_are_matched_whole(guarded):
+    r = httpx.get(guarded + "/v1/images/" + "0" * 32 + "%0a")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image_id"
+    assert httpx.get(guarded + "/v1/images/" + "0" * 32).status_code == 404
+
+
+def test_image_links_ignore_the_host_header_and_follow_the_public_url(tmp_path):
+    body = {"prompt": "a red kite", "response_format": "url"}
+    evil = {
+        "host": "evil.example",
+        "x-forwarded-proto": "https",
+        "x-forwarded-host": "evil.example",
+    }
+    with LiveServer(tiny_app(tmp_path / "a")) as url:
+        link = httpx.post(url + "/v1/images/generations", json=body, headers=evil, timeout=60)
+        path = link.json()["data"][0]["url"]
+        assert path.startswith("/v1/images/") and "evil" not in path
+        assert httpx.get(url + path).headers["content-type"] == "image/png"
+    public = "https://images.example.com/api"
+    with LiveServer(tiny_app(tmp_path / "b", public_url=public)) as url:
+        link = httpx.post(url + "/v1/images/generations", json=body, headers=evil, timeout=60)
+        assert link.json()["data"][0]["url"].startswith(public + "/v1/images/")
+
+
+def served_and_cancelled(app) -> tuple[int, int]:
+    counts = app.state.runtime.counters.by_outcome
+    return counts["served"] + counts["late"], counts.get("cancelled", 0)
+
+
+async def until_idle(app, timeout_s: float = 30.0) -> None:
+    runtime = app.state.runtime
+    deadline = time.monotonic() + timeout_s
+    while runtime.pending and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert not runtime.pending, "requests still pending"
+
+
+@pytest.mark.parametrize("policy", ["promptserve", "promptserve-step"])
+def test_a_client_that_goes_away_cancels_its_images(tmp_path, policy):
+    """Non-streaming: the connection's close is seen and every image of the request stops
+    (queued ones at once, running ones between steps); none is computed for nobody."""
+    app = modeled_app(tmp_path, policy=policy, speedup=2.0)  # K = 0 alone: 2.1 s
+
+    async def drop(url):
+        async with httpx.AsyncClient(timeout=0.5) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                await c.post(url + "/v1/images/generations", json={"prompt": "a ship", "n": 4})
+        await until_idle(app)
+
+    with LiveServer(app) as url:
+        asyncio.run(drop(url))
+        metrics = httpx.get(url + "/metrics").text
+    assert served_and_cancelled(app)[0] == 0
+    assert 'promptserve_requests_total{outcome="cancelled"} 4.0' in metrics
+
+
+@pytest.mark.parametrize("policy", ["promptserve", "promptserve-step"])
+def test_n_images_are_admitted_or_refused_whole(tmp_path, policy):
+    """One GPU and a 10 s deadline hold a few K = 0 images, not ten: the request is refused,
+    and the images that were queued are cancelled before any finishes."""
+    app = modeled_app(tmp_path, policy=policy)
+
+    async def ask(url):
+        async with httpx.AsyncClient(timeout=60) as c:
+            body = {"prompt": "a ship", "n": 10, "deadline_ms": 10_000}
+            r = await c.post(url + "/v1/images/generations", json=body)
+        await until_idle(app)
+        return r
+
+    with LiveServer(app) as url:
+        r = asyncio.run(ask(url))
+        metrics = httpx.get(url + "/metrics").text
+    # refused by admission (429), or dropped at intake as no level meets it (503, step-level)
+    assert r.status_code in (429, 503) and int(r.headers["retry-after"]) >= 1
+    assert served_and_cancelled(app)[0] == 0
+    outcome = "refused" if r.status_code == 429 else "dropped"
+    assert f'promptserve_requests_total{{outcome="{outcome}"}} 10.0' in metrics

@@ -6,7 +6,16 @@ import json
 import sys
 import time
 
-from reliability import badinput, faults, overload, restart, security, side_channel, soak
+from reliability import (
+    abandoned,
+    badinput,
+    faults,
+    overload,
+    restart,
+    security,
+    side_channel,
+    soak,
+)
 
 
 def main() -> int:
@@ -19,6 +28,7 @@ def main() -> int:
         ("security", security.run),
         ("side_channel", side_channel.run),
         ("restart", restart.run),
+        ("abandoned", abandoned.run),
         ("schemathesis", badinput.schemathesis),
         ("parser_fuzz", badinput.parser_fuzz),
         ("worker_kill", faults.worker_kills),
@@ -84,6 +94,17 @@ def breaches_of(r: dict) -> list[str]:
         "restart: connections lingered": sum(r["restart"]["lingering_at_restart"].values()) > 0,
         "restart: not refused": not r["restart"]["restart_refused"],
         "restart: serving within 10 s": r["restart"]["served_in_time"],
+        # the clients really left before any answer, and nothing was computed for them
+        "abandoned: every client left unanswered": r["abandoned"]["dropping_clients"][
+            "answered_before_the_drop"
+        ]
+        == 0,
+        "abandoned: nothing computed for gone clients": r["abandoned"]["dropping_clients"][
+            "computed_for_nobody"
+        ]
+        == 0,
+        "abandoned: refused whole": r["abandoned"]["partly_refused"]["status"] in (429, 503)
+        and r["abandoned"]["partly_refused"]["computed_for_nobody"] == 0,
         "parsers": r["parser_fuzz"]["parsers_failed"] == 0,
         "soak: every request answered": r["cache_soak"]["answers"].get("200")
         == r["cache_soak"]["prompts"],

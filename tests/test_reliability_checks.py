@@ -20,6 +20,16 @@ GOOD = {
         "tenant_b_answers": 12,
         "hostile_ids_served": 0,
     },
+    "side_channel": {"statuses": [200, 422], "separated": False},
+    "restart": {
+        "lingering_at_restart": {"FIN_WAIT2": 4},
+        "restart_refused": False,
+        "served_in_time": True,
+    },
+    "abandoned": {
+        "dropping_clients": {"answered_before_the_drop": 0, "computed_for_nobody": 0},
+        "partly_refused": {"status": 429, "computed_for_nobody": 0},
+    },
     "schemathesis": {"exit_code": 0},
     "parser_fuzz": {"parsers_failed": 0},
     "worker_kill": {"tiny": {"killed_mid_batch": True, "replica_replaced": True}},
@@ -49,6 +59,10 @@ def test_stages_that_prove_nothing_are_breaches():
         (("cache_crash", "entries"), 0, "cache crash: entries written"),
         (("schemathesis", "exit_code"), 1, "schemathesis exit code 0"),
         (("cache_soak", "evictions"), 0, "soak: evicted"),
+        (("side_channel", "separated"), True, "side channel: tenants' timings apart"),
+        (("side_channel", "statuses"), [422], "side channel: probed"),
+        (("restart", "lingering_at_restart"), {}, "restart: connections lingered"),
+        (("restart", "restart_refused"), True, "restart: not refused"),
         (("cache_soak", "end_hit_ratio"), 0.0, "soak: hit ratio > 0 at the end"),
         (
             ("cache_soak", "within_quota_plus_one_entry"),
@@ -64,6 +78,25 @@ def test_stages_that_prove_nothing_are_breaches():
     torn["cache_soak"]["kill"]["after_restart"]["orphans"] = 2
     torn["cache_soak"]["kill"]["killed_mid_eviction"] = False
     assert {"soak: no orphan after restart", "soak: killed mid-eviction"} <= set(breaches_of(torn))
+    for part, field, value, breach in (
+        (
+            "dropping_clients",
+            "computed_for_nobody",
+            123,
+            "abandoned: nothing computed for gone clients",
+        ),
+        (
+            "dropping_clients",
+            "answered_before_the_drop",
+            3,
+            "abandoned: every client left unanswered",
+        ),
+        ("partly_refused", "computed_for_nobody", 9, "abandoned: refused whole"),
+        ("partly_refused", "status", 200, "abandoned: refused whole"),
+    ):
+        report = copy.deepcopy(GOOD)
+        report["abandoned"][part][field] = value
+        assert breach in breaches_of(report), breach
     skipped = copy.deepcopy(GOOD)
     skipped["full_disk"] = {"skipped": "no permission to mount a tmpfs"}
     assert "full disk: the stage ran" in breaches_of(skipped)

@@ -40,6 +40,7 @@ def serve(policy: str, args: argparse.Namespace, cache: Path, first_qpm: float) 
             "--backend", "modeled", "--model", "sdxl-reference", "--workers", "4",
             "--speedup", str(args.speedup), "--embedder", "hashing", "--policy", policy,
             "--expected-qpm", f"{first_qpm:g}",
+            "--max-connections-per-client", "1024",  # one load generator, many clients
         ],
         cache,
     )  # fmt: skip

@@ -59,6 +59,7 @@ def run(seconds: float = 15.0, factor: float = 10.0) -> dict:
     cache = Path(tempfile.mkdtemp(prefix="overload-"))
     args = ["--backend", "modeled", "--model", "sdxl-reference", "--embedder", "hashing"]
     args += ["--workers", str(WORKERS), "--speedup", str(SPEEDUP), "--slo", str(SLO_S)]
+    args += ["--max-connections-per-client", "1024"]  # one load generator, up to 512 clients
     proc, url = start_server(args, cache)
     try:
         rate = factor * capacity_per_s()

@@ -316,3 +316,18 @@ def test_the_port_check_lets_a_crashed_servers_lingering_connections_be():
         check_port_free("127.0.0.1", port)  # and the check is not
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--public-url", "ftp://images.example.com"], "public_url"),
+        (["--trusted-proxies", "10.0.0.0/8,proxy.example"], "'proxy.example'"),
+        (["--max-header-bytes", "10"], "--max-header-bytes"),
+    ],
+)
+def test_serve_names_a_bad_connection_setting_before_loading(tmp_path, flags, named):
+    res = CliRunner().invoke(
+        app, ["serve", "--embedder", "hashing", "--cache-dir", str(tmp_path), *flags]
+    )
+    assert res.exit_code == 2 and named in res.output

@@ -171,3 +171,20 @@ def test_n_images_are_admitted_or_refused_whole(tmp_path, policy):
     assert served_and_cancelled(app)[0] == 0
     outcome = "refused" if r.status_code == 429 else "dropped"
     assert f'promptserve_requests_total{{outcome="{outcome}"}} 10.0' in metrics
+
+
+def test_forwarded_headers_are_believed_only_from_trusted_proxies():
+    from promptserve.errors import InputError
+    from promptserve.server.limits import check_proxies
+    from promptserve.server.protocol import uvicorn_config
+
+    plain = uvicorn_config(object(), "127.0.0.1", 1, HttpLimits())
+    assert plain.proxy_headers is False  # uvicorn's own default believes loopback
+    behind = HttpLimits(trusted_proxies=check_proxies(["10.0.0.0/8", "192.168.1.7"]))
+    config = uvicorn_config(object(), "127.0.0.1", 1, behind)
+    assert config.proxy_headers is True and config.forwarded_allow_ips == "10.0.0.0/8,192.168.1.7"
+    assert behind.trusts("10.2.3.4") and behind.trusts("192.168.1.7")
+    assert not behind.trusts("127.0.0.1") and not behind.trusts("192.168.1.8")
+    assert not HttpLimits().trusts("127.0.0.1") and HttpLimits(trusted_proxies=("*",)).trusts("::1")
+    with pytest.raises(InputError, match="'proxy.example' is not an IP address"):
+        check_proxies(["proxy.example"])

@@ -79,7 +79,7 @@ def test_output_formats_are_honoured_and_reported(served, fmt, magic, pil):
     by_url = client(url, timeout=120).images.generate(
         prompt="a teapot", output_format=fmt, response_format="url"
     )
-    fetched = httpx.get(by_url.data[0].url)
+    fetched = httpx.get(url + by_url.data[0].url)
     assert fetched.headers["content-type"] == f"image/{fmt}" and fetched.content.startswith(magic)
 
 

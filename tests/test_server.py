@@ -40,7 +40,8 @@ def test_openai_client_gets_b64_images(tiny_url):
 
 def test_openai_client_gets_url_images(tiny_url):
     res = client(tiny_url).images.generate(prompt="a lighthouse at dusk", response_format="url")
-    png = httpx.get(res.data[0].url).content
+    assert res.data[0].url.startswith("/v1/images/")  # relative: no --public-url, no Host
+    png = httpx.get(tiny_url + res.data[0].url).content
     assert Image.open(io.BytesIO(png)).format == "PNG"
 
 

@@ -226,3 +226,28 @@ def test_a_live_run_is_judged_against_the_simulators_spread_over_phases():
     assert within_spread({"effective_quality": 92.0, "slo_violation_ratio": 0.03}, spread)
     assert not within_spread({"effective_quality": 90.0, "slo_violation_ratio": 0.03}, spread)
     assert not within_spread({"effective_quality": 92.0, "slo_violation_ratio": 0.06}, spread)
+
+
+def test_a_lost_gpu_hands_back_its_jobs_leaves_the_capacity_and_takes_no_one():
+    sched = get_policy("promptserve-step").step_scheduler(
+        Setting((PROFILE,) * 2, QM.matrix(), 21.0)
+    )
+    both = sched.steps_capacity(21.0)
+    jobs = [Job(i, 0.0, 21.0, 0, 25, 0) for i in range(3)]
+    for job in jobs:
+        sched.arrive(0.0, job)
+    for gpu in sched.gpus:
+        sched.boundary(gpu, 0.0, 0)
+    held = {j.id for j in sched.gpus[1].joining} | set(sched.gpus[1].by_id)
+    assert held  # the least-loaded placement put work on GPU 1
+    back = sched.set_up(1, False)
+    assert {j.id for j in back} == held and sched.gpus[1].count == 0
+    assert sched.steps_capacity(21.0) == pytest.approx(both / 2)
+    for i in range(3, 8):  # every new arrival goes to GPU 0 or waits, never to the lost one
+        gpu, _ = sched.arrive(0.0, Job(i, 0.0, 21.0, 0, 25, 0))
+        assert gpu is None or gpu.index == 0
+    sched.boundary(sched.gpus[1], 1.0, 0)  # a boundary on it pulls no one from the queue
+    assert not sched.gpus[1].by_id and sched.set_up(1, False) == []
+    sched.set_up(1, True)
+    assert sched.steps_capacity(21.0) == pytest.approx(both)
+    assert sched.least_loaded().index == 1  # empty again, it is where the next one goes

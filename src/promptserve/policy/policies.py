@@ -44,6 +44,7 @@ from promptserve.policy.allocation import allocate
 from promptserve.policy.dispatcher import DispatchConfig
 from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.joint import assign_levels, plan_joint
+from promptserve.policy.stepwise import StepConfig, StepScheduler, step_profile
 from promptserve.policy.types import Demand, Plan
 from promptserve.profile import Profile
 
@@ -79,6 +80,20 @@ class Policy:
     def estimator(self, levels: tuple[int, ...], slo_s: float) -> LoadEstimator:
         short_s = slo_s if self.short_s is None else self.short_s
         return LoadEstimator(levels, min(short_s, self.long_s), self.long_s)
+
+    def step_scheduler(self, setting: Setting) -> StepScheduler:
+        """Step-level serving's scheduler over ``setting``'s GPUs, as both clocks build it:
+        ``+shed`` gives EDF and deadline-checked joins, ``+admit`` refusal at arrival."""
+        assert self.step is not None, f"{self.name} is not a step-level policy"
+        config = StepConfig(
+            rule=self.step,  # type: ignore[arg-type]
+            shed=self.dispatch.late == "escalate",
+            admission=self.admission,
+            cap=self.dispatch.max_batch,
+        )
+        return StepScheduler(
+            step_profile(setting.profiles[0]), len(setting.profiles), setting.quality, config
+        )
 
     def plan(
         self, demand: Demand, setting: Setting, current: Sequence[int | None] | None = None

@@ -460,7 +460,8 @@ class StepScheduler:
         placed, gpu.joining = gpu.joining, []
         for job in placed:
             self._join(gpu, job, now, joined, dropped)
-        self._pull_waiting(gpu, now, joined, dropped)
+        if gpu.up:  # a lost GPU finishes what it reports, and takes no one new
+            self._pull_waiting(gpu, now, joined, dropped)
         self._recount(gpu, before)
         self._start_segment(gpu, now, len(joined))
         return left, joined, dropped
@@ -557,6 +558,24 @@ class StepScheduler:
                 self._recount(gpu, before)
                 return member.job
         return None
+
+    def set_up(self, gpu_index: int, up: bool) -> list[Job]:
+        """A GPU lost or back. Down, it takes no one, leaves the step capacity the price is set
+        for (``steps_capacity``), and hands back the jobs it held, members and joiners, for the
+        driver to place again (their progress went with it)."""
+        gpu = self.gpus[gpu_index]
+        if gpu.up == up:
+            return []
+        bucket = self.by_count[min(gpu.count, len(self.by_count) - 1)]
+        gpu.up = up
+        if up:
+            bucket.add(gpu.index)
+            return []
+        bucket.discard(gpu.index)
+        held = sorted((m.job for m in gpu.by_id.values()), key=lambda j: j.id) + gpu.joining
+        gpu.by_id, gpu.members, gpu.joining = {}, [], []
+        gpu.seg_iter_s = 0.0
+        return held
 
     def restart(self, gpu: StepGpu, job_id: int, k: int) -> None:
         """A member that could not start at its K (its cached latent was gone) runs from K."""

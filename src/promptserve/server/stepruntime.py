@@ -21,7 +21,7 @@ from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.runner import engine_level
 from promptserve.policy import Policy, Setting, Status
 from promptserve.policy.intake import request_deadline, step_intake
-from promptserve.policy.stepwise import StepGpu, StepScheduler, step_profile
+from promptserve.policy.stepwise import StepGpu
 from promptserve.server.runtime import (
     Cancelled,
     Dropped,
@@ -33,7 +33,6 @@ from promptserve.server.runtime import (
 )
 from promptserve.server.stepworkers import LocalSteps, StepDone, step_runner_for
 from promptserve.server.workers import StoreRefs, WorkerLost, Workers
-from promptserve.sim.stepsim import step_config
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +65,7 @@ class StepRuntime(Runtime):
         super().__init__(
             workers, cache, embedder, policy, setting, quality, clock, seed, expected_qpm
         )
-        self.sched = StepScheduler(
-            step_profile(setting.profiles[0]), workers.count, setting.quality, step_config(policy)
-        )
+        self.sched = policy.step_scheduler(setting)
         self.sched.reprice(self.planned_for, setting.slo_s)
         if steps is None:
             steps = (

@@ -1,0 +1,220 @@
+"""The simulator's clock: one heap of (time, order, seq, event), one loop, one conservation check.
+
+The loop is the same for both policy families; what an arrival, a finished piece of work and a
+re-plan do is the family's (``pinned.py``: GPUs at levels, batches; ``stepsim.py``: one running
+batch per GPU, joins between steps). K_opt comes from the real cache index and real embeddings
+as the cache grows: a request looks up its tenant's nearest entry when it arrives, and a served
+prompt is inserted when it leaves (an exact repeat only counts a hit). A served entry keeps
+latents at every cache level (levels at or below the K it ran at alias its neighbour's), so any
+request with a neighbour can run at any level.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from promptserve.cache.index import CacheIndex
+from promptserve.cache.thresholds import Thresholds
+from promptserve.policy import Demand, Outcome, Plan, Policy, Setting, Status
+from promptserve.policy.planning import first_demand, worth_caching
+from promptserve.quality import QualityModel
+from promptserve.sim.records import Records
+from promptserve.types import Request
+
+ARRIVAL, DONE, REPLAN, WAKE = 1, 0, 2, 3  # at equal times: finish work, then arrivals, then plans
+
+
+@dataclass(frozen=True)
+class SimInputs:
+    requests: Sequence[Request]
+    embeddings: np.ndarray  # one row per request
+    setting: Setting
+    quality: QualityModel
+    thresholds: Thresholds
+    seed: int = 0
+    warm_prompts: Sequence[str] = ()
+    warm_embeddings: np.ndarray | None = None
+    # the re-plan grid's offset from the first arrival's: a live server's grid is the same up
+    # to its loops' timing (tens of ms), to which a periodic plan can be sensitive
+    replan_phase_s: float = 0.0
+
+
+@dataclass
+class SimResult:
+    policy: str
+    records: Records
+    planner_ms: list[float]
+    plans: list[tuple[float, Plan]]
+
+
+def initial_demand(requests: Sequence[Request], levels: tuple[int, ...]) -> Demand:
+    """Every policy starts planned for the first minute's arrival rate (mix: all misses): the
+    operator's forecast, as ``expected_qpm`` is the server's."""
+    first = [r for r in requests if r.arrival_s < requests[0].arrival_s + 60.0]
+    return first_demand(float(len(first)), levels)
+
+
+class EventRun:
+    """One simulated run of one policy. A family fills in ``_first_plan``, ``_arrive``,
+    ``_done``, ``_replan``, ``_after_event``, ``_pending`` and ``_next_finish``."""
+
+    def __init__(
+        self, policy: Policy, inputs: SimInputs, on_progress: Callable[[int], None] | None
+    ) -> None:
+        self.policy, self.inputs, self.on_progress = policy, inputs, on_progress
+        profiles = inputs.setting.profiles
+        self.levels = profiles[0].levels
+        self.estimator = policy.estimator(self.levels, inputs.setting.slo_s)
+        self.rng = np.random.default_rng(inputs.seed)
+        self.index = CacheIndex(dim=inputs.embeddings.shape[1], total_steps=profiles[0].total_steps)
+        self.cache_levels = tuple(k for k in self.levels if k > 0)
+        reqs = inputs.requests
+        self.records = Records.empty(
+            np.array([r.arrival_s for r in reqs]), np.array([r.deadline_s for r in reqs])
+        )
+        self.match: dict[int, tuple[int, float]] = {}
+        self.heap: list[tuple[float, int, int, object]] = []
+        self.seq = 0
+        self.planner_ms: list[float] = []
+        self.plans: list[tuple[float, Plan]] = []
+        # request -> (index version, similarity, entry): lookups made ahead, in one call
+        self.prefetched: dict[int, tuple[int, float, int]] = {}
+        self.done = 0
+        self.start = 0.0
+
+    def push(self, t: float, kind: int, payload: object) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, kind, self.seq, payload))
+
+    def run(self) -> SimResult:
+        reqs = self.inputs.requests
+        self._warm()
+        self.start = reqs[0].arrival_s if reqs else 0.0
+        self._first_plan(self.start)
+        for i, r in enumerate(reqs):
+            self.push(r.arrival_s, ARRIVAL, i)
+        if self.policy.replan_s:
+            self.push(self.start + self.policy.replan_s + self.inputs.replan_phase_s, REPLAN, None)
+        while self.heap:
+            now, kind, _, payload = heapq.heappop(self.heap)
+            if kind == ARRIVAL:
+                self._arrive(now, payload)  # type: ignore[arg-type]
+            elif kind == DONE:
+                self._done(now, payload)
+            elif kind == REPLAN and self.done < len(reqs) and (self.heap or self._pending()):
+                self._replan(now, self.estimator.estimate(now, self.start))
+                self.push(now + self.policy.replan_s, REPLAN, None)  # type: ignore[operator]
+            self._after_event(now)
+        self._check_conservation()
+        return SimResult(self.policy.name, self.records, self.planner_ms, self.plans)
+
+    # what a family does
+    def _first_plan(self, start: float) -> None:
+        raise NotImplementedError
+
+    def _arrive(self, now: float, i: int) -> None:
+        raise NotImplementedError
+
+    def _done(self, now: float, payload: object) -> None:
+        raise NotImplementedError
+
+    def _replan(self, now: float, demand: Demand) -> None:
+        raise NotImplementedError
+
+    def _after_event(self, now: float) -> None:
+        """Whatever the family starts at ``now`` once the event is handled."""
+
+    def _pending(self) -> int:
+        """Requests queued, waiting or running."""
+        raise NotImplementedError
+
+    def _next_finish(self) -> float:
+        """The earliest time the cache index can change (lookups up to it are made at once)."""
+        return math.inf
+
+    # shared by both families
+    def _check_conservation(self) -> None:
+        """Every request ends exactly once: a job left queued or running when no event is left
+        is a policy defect, reported here rather than counted as a silent ``lost``."""
+        unended = int((self.records.status < Status.SERVED).sum())
+        if unended or self._pending():
+            raise RuntimeError(
+                f"policy {self.policy.name!r} left {unended} requests unended "
+                f"({self._pending()} queued, waiting or running) when the run ran out of events"
+            )
+
+    def _warm(self) -> None:
+        emb = self.inputs.warm_embeddings
+        tenant = self.inputs.requests[0].tenant if self.inputs.requests else "default"
+        for prompt, vec in zip(
+            self.inputs.warm_prompts, emb if emb is not None else [], strict=False
+        ):
+            self.index.insert(tenant, prompt, vec, self.cache_levels, now_s=0.0)
+
+    def _classify(self, i: int) -> tuple[int, bool]:
+        """Request i's K_opt from its tenant's nearest cached entry, and whether it has one."""
+        similarity, entry_id = self._lookup(i)
+        k_opt = self.inputs.thresholds.k_opt(similarity if entry_id >= 0 else None)
+        if entry_id >= 0:
+            self.match[i] = (entry_id, similarity)
+        self.records.k_opt[i] = k_opt
+        return k_opt, entry_id >= 0
+
+    def _lookup(self, i: int) -> tuple[float, int]:
+        """Nearest cached entry of request i's tenant: (similarity, entry id or -1).
+
+        The index only changes when a request leaves, so the arrivals before the next finish
+        are looked up together in one call; a finish in between (the index version moved)
+        makes the next arrival look up again.
+        """
+        done = self.prefetched.pop(i, None)
+        if done is not None and done[0] == self.index.version:
+            return done[1], done[2]
+        reqs = self.inputs.requests
+        next_finish = self._next_finish()
+        ids = [i]
+        j = i + 1
+        while (
+            j < len(reqs)
+            and len(ids) < 256
+            and reqs[j].arrival_s < next_finish
+            and reqs[j].tenant == reqs[i].tenant
+        ):
+            ids.append(j)
+            j += 1
+        sims, entries = self.index.nearest_many(reqs[i].tenant, self.inputs.embeddings[ids])
+        version = self.index.version
+        for k, sim, entry in zip(ids[1:], sims[1:], entries[1:], strict=True):
+            self.prefetched[k] = (version, float(sim), int(entry))
+        return float(sims[0]), int(entries[0])
+
+    def _served(self, now: float, outcome: Outcome) -> None:
+        """A request answered: its record, its neighbour's hit, its own cache entry."""
+        self._end(outcome)
+        i = outcome.job.id
+        entry_id, sim = self.match.get(i, (-1, 0.0))
+        if entry_id >= 0 and outcome.level > 0:
+            self.index.record_hit(entry_id, outcome.level, now)
+        if worth_caching(sim if entry_id >= 0 else None):
+            req = self.inputs.requests[i]
+            self.index.insert(
+                req.tenant, req.prompt, self.inputs.embeddings[i], self.cache_levels, now
+            )
+
+    def _end(self, outcome: Outcome) -> None:
+        i = outcome.job.id
+        rec = self.records
+        assert rec.status[i] == Status.QUEUED, f"request {i} ended twice"
+        rec.status[i] = int(outcome.status)
+        if outcome.status == Status.SERVED:
+            rec.finish_s[i] = outcome.time_s
+            rec.level[i] = outcome.level
+            rec.quality[i] = self.inputs.quality.q(outcome.job.k_opt, outcome.level)
+        self.done += 1
+        if self.on_progress is not None:
+            self.on_progress(1)

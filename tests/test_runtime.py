@@ -172,11 +172,12 @@ def test_the_runtime_reads_time_only_from_its_injected_clock(tmp_path):
     import time
 
     from promptserve.policy import get_policy
-    from promptserve.server.runtime import JobHandle, Runtime
+    from promptserve.server.pinned import PinnedRuntime
+    from promptserve.server.runtime import JobHandle
 
     parts = modeled_app(tmp_path, speedup=50.0).state.runtime
     skew = [1000.0 - time.monotonic()]
-    runtime = Runtime(
+    runtime = PinnedRuntime(
         parts.workers,
         parts.cache,
         parts.embedder,

@@ -5,8 +5,10 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from factories import client, modeled_app, tiny_app
+from promptserve.loadgen import read_metric
 from promptserve.server.live import LiveServer
 from promptserve.server.stepruntime import StepRuntime
 
@@ -45,12 +47,12 @@ def test_cancelling_a_running_member_frees_its_slot(tmp_path):
         kept.start()
         job = httpx.post(f"{url}/v1/jobs", json={"prompt": "a storm"}, timeout=30).json()
         deadline = time.monotonic() + 20
-        while sum(runtime.inflight()) < 2 and time.monotonic() < deadline:
+        while sum(runtime.load().inflight) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert sum(runtime.inflight()) == 2
+        assert sum(runtime.load().inflight) == 2
         cancelled = httpx.delete(f"{url}/v1/jobs/{job['id']}", timeout=60).json()
         assert cancelled["status"] == "cancelled"
-        assert sum(runtime.inflight()) == 1  # the slot is free at once
+        assert sum(runtime.load().inflight) == 1  # the slot is free at once
         kept.join(120)
     assert runtime.counters.by_outcome["served"] == 1
     assert not runtime.pending
@@ -62,6 +64,9 @@ class ForgetsOnce:
 
     def __init__(self, inner, at_call: int) -> None:
         self.inner, self.at_call, self.calls = inner, at_call, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
     async def advance(self, g, joins, refs, cancels):
         self.calls += 1
@@ -75,7 +80,7 @@ class ForgetsOnce:
 def test_members_a_worker_lost_between_steps_rejoin_and_are_served(tmp_path):
     app = modeled_app(tmp_path, policy="promptserve-step", speedup=20.0)
     runtime = app.state.runtime
-    runtime.steps = ForgetsOnce(runtime.steps, at_call=5)
+    runtime.workers = ForgetsOnce(runtime.workers, at_call=5)
     with LiveServer(app) as url:
         c = client(url, timeout=120)
         answers = []
@@ -111,3 +116,58 @@ def test_the_modelled_backend_caches_stand_in_latents_and_resumes_from_them(tmp_
         assert float(ratio[0].split()[-1]) > 0
         files = list((tmp_path / policy).rglob("*.safetensors"))
         assert len(files) >= len(app.state.runtime.levels) - 1  # one stand-in per level passed
+
+
+class LosesWorker:
+    """Workers whose GPU 1 dies at its first step and answers pings only once ``back`` is set
+    (a Ray replica lost, then replaced)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.back, self.lost = inner, threading.Event(), False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def advance(self, g, joins, refs, cancels):
+        if g == 1 and not self.lost:
+            from promptserve.server.workers import WorkerLost
+
+            self.lost = True
+            raise WorkerLost(1, "killed")
+        return await self.inner.advance(g, joins, refs, cancels)
+
+    async def alive(self):
+        return [True, self.back.is_set()]
+
+
+def test_a_step_level_server_that_loses_a_worker_says_so_and_prices_without_it(tmp_path):
+    app = modeled_app(tmp_path, policy="promptserve-step", speedup=20.0, workers=2)
+    runtime = app.state.runtime
+    runtime.workers = workers = LosesWorker(runtime.workers)
+    both = runtime.sched.steps_capacity(runtime.setting.slo_s)
+
+    def up_count(url):
+        return read_metric(url, "promptserve_workers_up")
+
+    with LiveServer(app) as url:
+        c = client(url, timeout=120)
+        answers = []
+        threads = [  # at once: the second is placed on GPU 1, which dies at its first step
+            threading.Thread(target=lambda p=p: answers.append(c.images.generate(prompt=p)))
+            for p in ("a calm sea", "a storm", "a reef")
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert len(answers) == 3 and workers.lost  # and its member was served elsewhere
+        assert up_count(url) == 1
+        ready = httpx.get(url + "/readyz").json()
+        assert ready["workers"] == 2 and ready["workers_up"] == 1
+        assert runtime.sched.steps_capacity(runtime.setting.slo_s) == pytest.approx(both / 2)
+        workers.back.set()
+        deadline = time.monotonic() + 10
+        while up_count(url) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert up_count(url) == 2 and httpx.get(url + "/readyz").json()["workers_up"] == 2
+    assert runtime.counters.retried >= 1 and not runtime.pending

@@ -37,6 +37,7 @@ class RayWorkers:
         self.total_steps: int = info["total_steps"]
         self.levels: tuple[int, ...] = tuple(info["levels"])
         self.profile: Profile = info["profile"]
+        self.speedup: float = info.get("speedup", 1.0)
 
     async def run(
         self,

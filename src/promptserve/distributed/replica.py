@@ -22,9 +22,8 @@ from promptserve.engine.options import EngineOptions
 from promptserve.engine.profiling import quick_profile
 from promptserve.engine.runner import latents_to_keep
 from promptserve.engine.threads import ComputeThread, torch_threads_for
-from promptserve.server import engine_size
 from promptserve.server.runtime import Cancelled
-from promptserve.server.stepworkers import StepDone, advance, step_runner_for
+from promptserve.server.stepworkers import StepDone, advance
 from promptserve.server.workers import StoreRefs
 
 
@@ -72,7 +71,8 @@ class EngineWorker:
             "total_steps": e.total_steps,
             "levels": tuple(e.levels),
             "profile": self.profile,
-            "image_px": engine_size(e),
+            "image_px": e.image_px,
+            "speedup": e.speedup,
         }
 
     def set_level(self, level: int | None) -> None:
@@ -96,7 +96,7 @@ class EngineWorker:
         from the shared store), run one step; the finished members' captures go to the store."""
         async with self._engine_lock:
             if self._runner is None:
-                self._runner = await self._compute.run(step_runner_for, self.engine, self.profile)
+                self._runner = await self._compute.run(self.engine.step_runner, self.profile)
             if joins and refs is not None:
                 items = await asyncio.to_thread(
                     self._read_starts, [item for _, item in joins], refs

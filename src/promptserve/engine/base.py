@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -51,9 +51,19 @@ def preview_steps(k: int, total_steps: int, count: int) -> tuple[int, ...]:
     return tuple(sorted(s for s in steps if k < s < total_steps))
 
 
+if TYPE_CHECKING:
+    from promptserve.profile import Profile
+
+
 class Engine(Protocol):
     name: str
     total_steps: int
     levels: tuple[int, ...]  # the cache levels K it captures and can resume from (0 included)
+    image_px: int  # the side of the square images it makes
+    speedup: float  # how many times faster than its profile it runs (1 but for the modelled one)
 
     def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]: ...
+
+    def step_runner(self, profile: Profile):  # noqa: ANN201 - a StepRunner or the modelled one
+        """What runs its steps under step-level serving (``engine.steprunner``)."""
+        ...

@@ -43,12 +43,18 @@ class ModeledEngine:
         self.total_steps = profile.total_steps
         self.levels = profile.levels
         self._sleep = sleep
-        self._speedup = speedup  # > 1 runs faster than the profile (load tests on a short clock)
+        self.speedup = speedup  # > 1 runs faster than the profile (load tests on a short clock)
+        self.image_px = 1024  # what it stands for: the SDXL reference
+
+    def step_runner(self, profile: Profile) -> ModeledStepRunner:
+        from promptserve.policy.stepwise import step_profile
+
+        return ModeledStepRunner(step_profile(profile), self.speedup)
 
     def generate(self, items: Sequence[GenerationItem], on_step=None) -> list[GenerationResult]:
         for k in sorted({it.k for it in items}):
             n = sum(1 for it in items if it.k == k)
-            latency = self.profile.batch_latency(k, min(n, self.profile.max_batch)) / self._speedup
+            latency = self.profile.batch_latency(k, min(n, self.profile.max_batch)) / self.speedup
             if on_step is None:
                 self._sleep(latency)
                 continue

@@ -142,6 +142,16 @@ class DenoisingEngine:
         self.levels = tuple(levels)
         self.guidance = guidance
         self.placeholder = name == "tiny"
+        self.speedup = 1.0
+
+    @property
+    def image_px(self) -> int:
+        return self.c.latent_shape[1] * 8  # every family's VAE scales by 8
+
+    def step_runner(self, profile=None):  # noqa: ANN001, ANN201 - the profile is the modelled one's
+        from promptserve.engine.steprunner import StepRunner
+
+        return StepRunner(self.c, self.total_steps, self.levels, self.guidance, self.placeholder)
 
     def generate(self, items: Sequence[GenerationItem], on_step=None) -> list[GenerationResult]:
         results: list[GenerationResult | None] = [None] * len(items)

@@ -18,7 +18,9 @@ import numpy as np
 from promptserve.policy.solver import maximise
 
 
-def spare_to_fastest(counts: np.ndarray, loads: np.ndarray, throughput: np.ndarray) -> np.ndarray:
+def spare_to_fastest_level(
+    counts: np.ndarray, loads: np.ndarray, throughput: np.ndarray
+) -> np.ndarray:
     """Move GPUs that carry no planned load to the fastest level.
 
     Quality is decided by the loads alone, so this keeps the optimum and, among the
@@ -59,7 +61,7 @@ def allocate(
         c, a_ub, np.zeros(m), a_eq, np.array([gpus, target]), np.r_[np.ones(m), np.zeros(m)]
     )
     loads = sol.x[m:]
-    counts = spare_to_fastest(np.rint(sol.x[:m]).astype(int), loads, t)
+    counts = spare_to_fastest_level(np.rint(sol.x[:m]).astype(int), loads, t)
     return Allocation(
         tuple(int(c) for c in counts), tuple(float(v) for v in loads), float(np.dot(loads, quality))
     )

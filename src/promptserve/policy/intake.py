@@ -7,6 +7,10 @@ Only how K_opt is found (a virtual cache index or the real one) stays with the d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
+
 from promptserve.policy.admission import admit
 from promptserve.policy.dispatcher import Dispatcher
 from promptserve.policy.estimator import LoadEstimator
@@ -55,6 +59,30 @@ def intake(
         job = admitted
     dispatcher.enqueue(job)
     return job, True
+
+
+@dataclass
+class Routing:
+    """The pinned family's way in, the same on both clocks: the plan requests are routed by,
+    the dispatcher they queue in, and the router's draws (one per arrival, from a seeded
+    generator, so the same run draws the same on both clocks)."""
+
+    dispatcher: Dispatcher
+    estimator: LoadEstimator
+    admission: bool
+    rng: np.random.Generator
+    plan: Plan | None = None
+
+    def arrive(
+        self, job_id: int, now: float, deadline_s: float, k_opt: int, has_neighbour: bool
+    ) -> tuple[Job, bool]:
+        """``intake`` by the current plan."""
+        assert self.plan is not None, "a request arrived before the first plan"
+        u = float(self.rng.random())
+        return intake(
+            job_id, now, deadline_s, k_opt, has_neighbour, self.plan, self.dispatcher,
+            self.estimator, self.admission, u,
+        )  # fmt: skip
 
 
 def step_intake(

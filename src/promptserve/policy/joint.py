@@ -64,7 +64,7 @@ def plan_joint(
     def capacity(g: int, lv: int, n: int) -> float:  # n GPUs of group g at levels[lv]
         return level_capacity_qpm(groups[g][0], levels[lv], slo_s, max_batch, n)
 
-    counts = _spare_to_fastest(counts, flows.sum(axis=0), capacity, t)
+    counts = _spare_groups_to_fastest(counts, flows.sum(axis=0), capacity, t)
     gpu_levels = assign_levels(groups, counts, levels, current)
     cap = np.array(
         [sum(capacity(g, lv, int(counts[g, lv])) for g in range(len(groups))) for lv in range(m)]
@@ -152,7 +152,7 @@ class _JointMilp:
         ]
 
 
-def _spare_to_fastest(
+def _spare_groups_to_fastest(
     counts: np.ndarray, level_load: np.ndarray, capacity: Callable[[int, int, int], float], t
 ) -> np.ndarray:
     """Each group keeps, per level, the fewest GPUs that carry its share of the planned load;

@@ -20,7 +20,8 @@ from promptserve.policy import Setting, get_policy
 from promptserve.quality import model_for_levels
 from promptserve.server.app import create_app
 from promptserve.server.limits import HttpLimits
-from promptserve.server.runtime import Runtime
+from promptserve.server.pinned import PinnedRuntime
+from promptserve.server.stepruntime import StepRuntime
 from promptserve.server.workers import LocalWorkers, Workers, compute_threads
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class ServerConfig:
 def build_app(config: ServerConfig) -> FastAPI:
     """The single-process server: ``config.workers`` logical GPUs, one engine each."""
     workers = local_workers(config)
-    return app_for(config, workers, engine_size(workers.engines[0]))
+    return app_for(config, workers, workers.engines[0].image_px)
 
 
 def local_workers(config: ServerConfig) -> LocalWorkers:
@@ -122,11 +123,8 @@ def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
     )
     setting = Setting(tuple(profile for _ in range(workers.count)), qm.matrix(), slo_s)
     policy = get_policy(config.policy)
-    runtime_class = Runtime
-    if policy.step:  # step-level serving: one running batch per GPU
-        from promptserve.server.stepruntime import StepRuntime
-
-        runtime_class = StepRuntime
+    # step-level serving: one running batch per GPU; else GPUs at levels
+    runtime_class = StepRuntime if policy.step else PinnedRuntime
     runtime = runtime_class(
         workers,
         cache,
@@ -177,11 +175,6 @@ def cache_root(cache_dir: Path) -> Path:
 def latents_dir(cache_dir: Path) -> Path:
     """The latent files' folder: the ingress's cache and the Ray workers must agree on it."""
     return ApproxCache.latents_dir(cache_root(cache_dir))
-
-
-def engine_size(engine) -> int:
-    comps = getattr(engine, "c", None)
-    return comps.latent_shape[1] * 8 if comps is not None else 1024
 
 
 __all__ = ["ServerConfig", "app_for", "build_app", "latents_dir"]

@@ -1,12 +1,12 @@
-"""The live runtime for step-level serving (``--policy promptserve-step``, ``continuous-*``).
+"""The live runtime of step-level serving (``--policy promptserve-step``, ``continuous-*``).
 
-Intake (embedding, cache lookup, answers, cancellation, the cache thread) is ``Runtime``'s;
-what differs is execution. Each GPU runs a loop: at every step boundary it asks the policy's
-``StepScheduler`` who leaves and who joins (with their K), reads the joiners' start latents on
-the cache thread (on Ray: names them in the shared store), then has the GPU run one step
-(``stepworkers``: a ``StepRunner`` or the modelled one, in the engine's thread or in a Ray
-replica). The scheduler is touched only on the event loop, a runner only by its GPU, between
-boundaries. Every request gets one answer: served, dropped, cancelled or failed.
+Each GPU runs a loop: at every step boundary it asks the policy's ``StepScheduler`` who leaves
+and who joins (with their K), reads the joiners' start latents on the cache thread (on Ray:
+names them in the shared store), then has the GPU run one step (``Workers.advance``: a step
+runner in the engine's thread or in a Ray replica). The scheduler is touched only on the
+event loop, a runner only by its GPU, between boundaries. A lost worker's GPU leaves the
+placement and the step capacity the price is set for at once, and its members start again
+elsewhere; it comes back when its worker answers.
 """
 
 from __future__ import annotations
@@ -14,169 +14,74 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from collections.abc import Callable
 
 from promptserve.engine.base import GenerationItem, GenerationResult
-from promptserve.engine.runner import engine_level
-from promptserve.policy import Policy, Setting, Status
-from promptserve.policy.intake import request_deadline, step_intake
+from promptserve.policy import Status
+from promptserve.policy.intake import step_intake
 from promptserve.policy.stepwise import StepGpu
-from promptserve.server.runtime import (
-    Cancelled,
-    Dropped,
-    JobHandle,
-    Refused,
-    Runtime,
-    Served,
-    _Pending,
-)
-from promptserve.server.stepworkers import LocalSteps, StepDone, step_runner_for
-from promptserve.server.workers import StoreRefs, WorkerLost, Workers
+from promptserve.policy.types import Demand, Job
+from promptserve.server.runtime import Dropped, LiveRuntime, Load, Pending
+from promptserve.server.stepworkers import StepDone
+from promptserve.server.workers import StoreRefs, WorkerLost
 
 log = logging.getLogger(__name__)
 
-
-def step_runners(workers: Workers) -> list:
-    """One step runner per in-process worker, built on that worker's thread."""
-    engines = getattr(workers, "engines", [])
-    if len(engines) != workers.count:
-        raise ValueError("in-process step runners need one engine per worker")
-    return [
-        t.call(step_runner_for, e, workers.profile)
-        for t, e in zip(workers.threads, engines, strict=True)  # type: ignore[attr-defined]
-    ]
+IDLE_POLL_S = 0.05  # an idle GPU's loop looks again this often, or when woken
+DOWN_POLL_S = 1.0  # how often a lost worker is asked whether it is back
 
 
-class StepRuntime(Runtime):
-    def __init__(
-        self,
-        workers: Workers,
-        cache,  # noqa: ANN001 - as Runtime
-        embedder,  # noqa: ANN001
-        policy: Policy,
-        setting: Setting,
-        quality,  # noqa: ANN001
-        clock: Callable[[], float] = time.monotonic,
-        seed: int = 0,
-        expected_qpm: float = 1.0,
-        steps=None,  # noqa: ANN001 - LocalSteps or RayWorkers; default: in-process runners
-    ) -> None:
-        super().__init__(
-            workers, cache, embedder, policy, setting, quality, clock, seed, expected_qpm
-        )
-        self.sched = policy.step_scheduler(setting)
-        self.sched.reprice(self.planned_for, setting.slo_s)
-        if steps is None:
-            steps = (
-                workers
-                if hasattr(workers, "advance")
-                else LocalSteps(
-                    step_runners(workers),
-                    workers.threads,  # type: ignore[attr-defined]
-                )
-            )
-        self.steps = steps
-        self._left: list[dict] = [{} for _ in range(workers.count)]  # steps left per member
-        self._gpu_wake = [asyncio.Event() for _ in range(workers.count)]
-        self._joined_at: dict[int, float] = {}
-        self._deadline: dict[int, float] = {}
-        self._item: dict[int, GenerationItem] = {}  # what each member joined with
-        self._ref: dict[int, StoreRefs] = {}  # on a shared store: its start key and entry
-        self._cancel: list[set[int]] = [set() for _ in range(workers.count)]
+class StepRuntime(LiveRuntime):
+    def _build(self, demand: Demand) -> None:
+        self.sched = self.policy.step_scheduler(self.setting)
+        self.planned_for = demand
+        self.sched.reprice(demand, self.setting.slo_s)
+        count = self.workers.count
+        self._left: list[dict] = [{} for _ in range(count)]  # steps left per member
+        self._gpu_wake = [asyncio.Event() for _ in range(count)]
+        self._cancel: list[set[int]] = [set() for _ in range(count)]
 
     def start(self) -> None:
         loops = [self._gpu_loop(g) for g in range(self.workers.count)]
         self._tasks = [asyncio.create_task(c) for c in (*loops, self._reprice_loop())]
 
-    def queue_lengths(self) -> dict[int, int]:
-        """Requests waiting to join, under level 0 (no queue is per level here)."""
-        return {k: (len(self.sched.waiting) if k == self.levels[0] else 0) for k in self.levels}
+    def _place(
+        self, job_id: int, now: float, deadline_s: float, k_opt: int, has_neighbour: bool
+    ) -> tuple[Job, Exception | None]:
+        job, gpu, outcome = step_intake(
+            job_id, now, deadline_s, k_opt, has_neighbour, self.sched, self.estimator
+        )
+        if outcome is not None:
+            if outcome.status == Status.REFUSED:
+                return job, self._refused(now)
+            self.counters.by_outcome["dropped"] += 1
+            return job, Dropped("the deadline cannot be met at any level")
+        self._wake_gpus(gpu)
+        return job, None
 
-    def gpus_per_level(self) -> dict[int, int]:
-        """Here: members in flight per level (the K mix), not GPUs: no GPU has a level."""
+    def _withdraw(self, job_id: int) -> bool:
+        for g, gpu in enumerate(self.sched.gpus):
+            if job_id in gpu.by_id:
+                self._cancel[g].add(job_id)  # the runner drops it before its next step
+        return self.sched.remove(job_id) is not None
+
+    def load(self) -> Load:
+        """Here ``queued`` is every waiting request, under level 0 (no queue is per level), and
+        ``per_level`` the members in flight at each K (no GPU has a level)."""
         mix = dict.fromkeys(self.levels, 0)
         for gpu in self.sched.gpus:
             for member in gpu.by_id.values():
                 mix[member.k] += 1
-        return mix
+        waiting = {k: (len(self.sched.waiting) if k == self.levels[0] else 0) for k in self.levels}
+        gpus = self.sched.gpus
+        return Load(waiting, mix, [len(g.by_id) for g in gpus], len(gpus), sum(g.up for g in gpus))
 
-    def inflight(self) -> list[int]:
-        return [len(g.by_id) for g in self.sched.gpus]
-
-    async def _intake(  # noqa: ANN202
-        self,
-        prompt: str,
-        tenant: str,
-        slo_s: float,
-        handle: JobHandle | None,
-        exact: bool = False,
-    ):
-        now = self.clock()
-        self._note_arrival(now)
-        vec = await self._embed(prompt, tenant)
-        hit = await self._lookup(tenant, vec, exact)
-        k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
-        has_neighbour = self._has_neighbour(hit)
-        self._check_meetable(slo_s, has_neighbour)
-        job_id = next(self.ids)
-        future = asyncio.get_running_loop().create_future()
-        self.pending[job_id] = _Pending(prompt, tenant, vec, hit, future, now, job_id, handle)
-        job, gpu, outcome = step_intake(
-            job_id, now, now + slo_s, k_opt, has_neighbour, self.sched, self.estimator
+    def _backlog_s(self, now: float) -> float:
+        """Until the first member of an up GPU leaves (its slot frees)."""
+        step_s = self.sched.profile.iteration_s
+        return min(
+            (g.steps_to_next_leave() * step_s(len(g.by_id)) for g in self.sched.gpus if g.up),
+            default=1.0,
         )
-        self._deadline[job_id] = request_deadline(job)
-        if outcome is not None:
-            del self.pending[job_id]
-            self._deadline.pop(job_id, None)
-            if outcome.status == Status.REFUSED:
-                self.counters.by_outcome["refused"] += 1
-                raise Refused(retry_after_s=max(1.0, slo_s / 2))
-            self.counters.by_outcome["dropped"] += 1
-            raise Dropped("the deadline cannot be met at any level")
-        self._accepted(handle, job_id, job.level, hit)
-        self._wake_gpus(gpu)
-        return future
-
-    def cancel(self, handle: JobHandle) -> bool:
-        handle.cancelled = True
-        job_id = handle.job_id
-        if job_id is None or job_id not in self.pending:
-            return False
-        for g, gpu in enumerate(self.sched.gpus):
-            if job_id in gpu.by_id:
-                self._cancel[g].add(job_id)  # the runner drops it before its next step
-        if self.sched.remove(job_id) is not None:
-            self._fail(job_id, Cancelled("cancelled"))
-        return True
-
-    def _rejoin(self, g: int, reason: str, lost: set[int]) -> None:
-        """Members a worker lost arrive again with their own deadlines (a replaced Ray replica
-        takes them; one that cannot finish now is dropped, with its answer). The worker is told
-        to drop them too, in case it still holds any."""
-        log.warning("GPU %d: %s; %d members start again", g, reason, len(lost))
-        now = self.clock()
-        self._cancel[g] |= lost
-        for job_id in sorted(lost):
-            job = self.sched.remove(job_id)
-            for per_job in (self._item, self._ref, self._joined_at):
-                per_job.pop(job_id, None)
-            p = self.pending.get(job_id)
-            if job is None or p is None:
-                continue
-            self.counters.retried += 1
-            if p.handle is not None:
-                p.handle.emit("retry", {"reason": reason})
-            placed, outcome = self.sched.arrive(now, job)
-            if outcome is not None:
-                self.counters.by_outcome["dropped"] += 1
-                self._fail(job_id, Dropped("the deadline can no longer be met"))
-            self._wake_gpus(placed)
-
-    def _fail(self, job_id: int, exc: Exception) -> None:
-        for per_job in (self._item, self._ref, self._joined_at, self._deadline):
-            per_job.pop(job_id, None)
-        super()._fail(job_id, exc)
 
     def _wake_gpus(self, gpu: StepGpu | None) -> None:
         if gpu is not None:
@@ -184,29 +89,93 @@ class StepRuntime(Runtime):
         for idle in self.sched.idle_while_waiting():
             self._gpu_wake[idle.index].set()
 
+    # -- the price and lost workers ---------------------------------------------------------
+
     async def _reprice_loop(self) -> None:
         period = self.policy.replan_s or 5.0
         while True:
-            if not await self._until_replan(period):
+            if self._any_down():
+                await asyncio.sleep(min(period, DOWN_POLL_S))
+                await self._take_back()
+            elif not await self._until_replan(period):
                 continue
             try:
                 if self.policy.replan_s:
-                    demand = self.estimator.estimate(self.clock(), self.started)
-                    self.sched.reprice(demand, self.setting.slo_s)
+                    self._reprice(self.estimator.estimate(self.clock(), self.started))
             except Exception:
                 log.exception("re-pricing failed")
                 self.counters.loop_errors += 1
+
+    def _reprice(self, demand: Demand) -> None:
+        self.planned_for = demand
+        self.sched.reprice(demand, self.setting.slo_s)
+
+    def _any_down(self) -> bool:
+        return not all(g.up for g in self.sched.gpus)
+
+    async def _take_back(self) -> None:
+        """Workers that answer again rejoin the placement and the capacity."""
+        try:
+            alive = await self.workers.alive()
+        except Exception:
+            log.exception("could not ask the workers whether they are up")
+            return
+        back = [g for g, ok in enumerate(alive) if ok and not self.sched.gpus[g].up]
+        for g in back:
+            log.warning("worker %d is back; it takes members again", g)
+            self.sched.set_up(g, True)
+            self._cancel[g].clear()  # a replaced worker holds none of the old members
+        if back:
+            self._reprice(self.planned_for or self.estimator.estimate(self.clock(), self.started))
+            self._wake_gpus(None)
+
+    def _worker_lost(self, g: int, reason: str) -> None:
+        """Its GPU leaves placement and capacity now; its members and joiners start again."""
+        jobs = self.sched.set_up(g, False)
+        self._left[g] = {}
+        log.warning("GPU %d: %s; %d requests start again elsewhere", g, reason, len(jobs))
+        if self.planned_for is not None:
+            self._reprice(self.planned_for)  # the price for the capacity that is left
+        self._rearrive(jobs, reason)
+
+    def _rejoin(self, g: int, reason: str, lost: set[int]) -> None:
+        """Members a worker no longer holds (a Ray replica replaced between two steps) arrive
+        again with their own deadlines. The worker is told to drop them too, in case it still
+        holds any."""
+        log.warning("GPU %d: %s; %d members start again", g, reason, len(lost))
+        self._cancel[g] |= lost
+        jobs = [self.sched.remove(job_id) for job_id in sorted(lost)]
+        self._rearrive([j for j in jobs if j is not None], reason)
+
+    def _rearrive(self, jobs: list[Job], reason: str) -> None:
+        """Place again (one that cannot finish now is dropped, with its answer)."""
+        now = self.clock()
+        for job in jobs:
+            p = self.pending.get(job.id)
+            if p is None:
+                continue
+            p.started, p.item, p.ref = None, None, None
+            self.counters.retried += 1
+            if p.handle is not None:
+                p.handle.emit("retry", {"reason": reason})
+            placed, outcome = self.sched.arrive(now, job)
+            if outcome is not None:
+                self.counters.by_outcome["dropped"] += 1
+                self._fail(job.id, Dropped("the deadline can no longer be met"))
+            self._wake_gpus(placed)
+
+    # -- each GPU's loop --------------------------------------------------------------------
 
     async def _gpu_loop(self, g: int) -> None:
         gpu, steps = self.sched.gpus[g], 0
         while True:
             try:
-                steps = await self._boundary(g, gpu, steps)
+                steps = await self._boundary(g, gpu, steps) if gpu.up else 0
             except asyncio.CancelledError:
                 raise
             except WorkerLost as lost:  # its members' progress is gone with it: they rejoin
-                self._rejoin(g, str(lost), set(gpu.by_id))
-                self._left[g], steps = {}, 0
+                self._worker_lost(g, str(lost))
+                steps = 0
             except Exception:  # one failed step fails its members, not the loop
                 log.exception("step loop of GPU %d failed", g)
                 self.counters.loop_errors += 1
@@ -219,7 +188,7 @@ class StepRuntime(Runtime):
             if steps == 0:
                 self._gpu_wake[g].clear()
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.05):
+                    async with asyncio.timeout(IDLE_POLL_S):
                         await self._gpu_wake[g].wait()
 
     async def _boundary(self, g: int, gpu: StepGpu, steps: int) -> int:
@@ -228,7 +197,7 @@ class StepRuntime(Runtime):
         if step is None:
             return 0
         try:
-            done = await self.steps.advance(g, *step)
+            done = await self.workers.advance(g, *step)
         finally:  # the joiners' start latents are read (or never will be): evictable again
             await self._release(step[1])
         self._started(gpu, done)
@@ -241,8 +210,8 @@ class StepRuntime(Runtime):
     def _started(self, gpu: StepGpu, done: StepDone) -> None:
         """A worker that read start latents itself (Ray) says at which K each joiner began."""
         for job_id, k in done.started.items():
-            item = self._item.get(job_id)
-            if item is not None and k != item.k and job_id in gpu.by_id:
+            p = self.pending.get(job_id)
+            if p is not None and p.item is not None and k != p.item.k and job_id in gpu.by_id:
                 self.sched.restart(gpu, job_id, k)  # before the next boundary counts the step
 
     async def _join(self, g: int, gpu: StepGpu, steps: int) -> tuple[list, list | None, set] | None:
@@ -253,30 +222,31 @@ class StepRuntime(Runtime):
         for outcome in dropped:
             self.counters.by_outcome["dropped"] += 1
             self._fail(outcome.job.id, Dropped("the deadline can no longer be met"))
-        items = []
+        joiners = []
         for member in joined:
             p = self.pending.get(member.job.id)
             if p is None:  # cancelled meanwhile
                 self.sched.remove(member.job.id)
                 continue
-            items.append((member, p))
-        members = await self._on_cache(self._join_items, items) if items else []
-        for member, item, ref in members:
-            self._joined_at[member.job.id] = now
-            self._item[member.job.id] = item
-            if ref is not None:
-                self._ref[member.job.id] = ref
-            if item.k != member.k:  # its latent was missing: it runs in full
-                self.sched.restart(gpu, member.job.id, item.k)
-            p = self.pending[member.job.id]
+            joiners.append((member, p))
+        if joiners:
+            await self._on_cache(self._join_items, joiners)
+        for member, p in joiners:
+            p.started = now
+            if p.item.k != member.k:  # its latent was missing: it runs in full
+                self.sched.restart(gpu, member.job.id, p.item.k)
             if p.handle is not None:
-                p.handle.emit("level", {"level_k": item.k})
+                p.handle.emit("level", {"level_k": p.item.k})
         cancels, self._cancel[g] = self._cancel[g], set()
-        if not members and not self._left[g] and not cancels:
+        if not joiners and not self._left[g] and not cancels:
             return None
-        joins = [(m.job.id, item) for m, item, _ in members]
-        refs = [ref for _, _, ref in members] if self.workers.shared_store else None
+        joins = [(m.job.id, p.item) for m, p in joiners]
+        refs = [p.ref for _, p in joiners] if self.workers.shared_store else None
         return joins, refs, cancels
+
+    def _join_items(self, joiners: list) -> None:  # noqa: ANN001 - on the cache thread
+        for member, p in joiners:
+            p.item, p.ref = self._item_for(p, member.k)
 
     async def _finish(self, g: int, done: StepDone) -> None:
         """After a step: who finished leaves the scheduler's count before anyone hears of it."""
@@ -286,9 +256,6 @@ class StepRuntime(Runtime):
         self._report_steps(done)
         await self._answer(done.finished)
         self._wake_gpus(None)
-
-    def _join_items(self, items: list) -> list[tuple]:  # noqa: ANN001 - on the cache thread
-        return [(member, *self._item_for(p, member.k)) for member, p in items]
 
     def _report_steps(self, done: StepDone) -> None:
         """Each member's own step, after every step (those that finished are at the last)."""
@@ -305,32 +272,13 @@ class StepRuntime(Runtime):
 
     async def _answer(self, finished: list[tuple[int, GenerationResult]]) -> None:
         now = self.clock()
-        answered = []
+        answered: list[tuple[Pending, GenerationItem, GenerationResult, StoreRefs | None]] = []
         for job_id, result in finished:
             p = self.pending.pop(job_id, None)
             if p is None:
                 continue
-            joined = self._joined_at.pop(job_id, p.arrival)
-            late = now > self._deadline.pop(job_id, p.arrival + self.setting.slo_s)
-            self.counters.by_outcome["late" if late else "served"] += 1
-            self.counters.cache_hits += int(p.hit is not None and result.k > 0)
-            k_opt = engine_level(p.hit.k_opt, self.workers) if p.hit else 0
-            served = Served(
-                result,
-                result.k,
-                p.hit.similarity if p.hit else None,
-                self.quality.q(k_opt, result.k),
-                joined - p.arrival,
-                now - joined,
-                k_opt,
-            )
-            item = self._item.pop(job_id, GenerationItem(p.prompt, result.k, None, seed=p.seed))
-            answered.append((p, item, result, self._ref.pop(job_id, None)))
-            if p.future.done():
-                continue
-            if p.handle is not None and p.handle.cancelled:
-                p.future.set_exception(Cancelled("cancelled while denoising"))
-            else:
-                p.future.set_result(served)
+            item = p.item or GenerationItem(p.prompt, result.k, None, seed=p.seed)
+            answered.append((p, item, result, p.ref))
+            self._serve(p, result, p.started if p.started is not None else p.arrival, now)
         if answered:
             await self._on_cache(self._remember_all, answered, now)

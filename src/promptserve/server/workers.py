@@ -1,9 +1,10 @@
-"""Where the runtime's batches run: engine workers behind one small interface.
+"""Where the runtime's work runs: engine workers behind one small interface.
 
-The runtime (planner, router, batcher) owns the decisions; a ``Workers`` owns the execution of
-one batch on one GPU. ``LocalWorkers`` runs every GPU's batches on one in-process engine in a
-thread; ``promptserve.distributed.RayWorkers`` runs them on Ray Serve replicas. A worker that
-vanishes mid-batch raises ``WorkerLost``: the runtime requeues the batch instead of failing it.
+The runtime (planner, router, batcher, step scheduler) owns the decisions; a ``Workers`` owns
+the execution of one batch (``run``) or one step (``advance``) on one GPU. ``LocalWorkers``
+runs each GPU's work on its own in-process engine and thread;
+``promptserve.distributed.RayWorkers`` runs it on Ray Serve replicas. A worker that vanishes
+mid-batch raises ``WorkerLost``: the runtime requeues the work instead of failing it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 from promptserve.engine.base import Engine, GenerationItem, GenerationResult
 from promptserve.engine.threads import ComputeThread, torch_threads_for
 from promptserve.profile import Profile
+from promptserve.server.stepworkers import Joins, StepDone, advance
 
 # called once per denoising step, with the previews of that step by row when any were asked
 # for (``GenerationItem.previews``); raising stops the batch
@@ -48,6 +50,7 @@ class Workers(Protocol):
     profile: Profile
     count: int
     shared_store: bool  # True: runs take StoreRefs and move latents through the store
+    speedup: float  # the engines run this many times faster than ``profile`` (modelled only)
 
     async def run(
         self,
@@ -56,6 +59,12 @@ class Workers(Protocol):
         on_step: OnStep,
         refs: Sequence[StoreRefs] | None = None,
     ) -> list[GenerationResult]: ...
+
+    async def advance(
+        self, gpu: int, joins: Joins, refs: Sequence[StoreRefs] | None, cancels: set
+    ) -> StepDone:
+        """Step-level serving: one boundary (cancels leave, joins join) and one step."""
+        ...
 
     async def set_levels(self, levels: Sequence[int | None]) -> None: ...
 
@@ -82,6 +91,8 @@ class LocalWorkers:
         self.threads = list(threads or compute_threads(self.count, torch_threads_for(self.count)))
         first = self.engines[0]
         self.name, self.total_steps, self.levels = first.name, first.total_steps, first.levels
+        self.speedup = first.speedup
+        self.runners: dict[int, object] = {}  # step runners, built at each GPU's first step
 
     async def run(
         self,
@@ -91,6 +102,15 @@ class LocalWorkers:
         refs: Sequence[StoreRefs] | None = None,
     ) -> list[GenerationResult]:
         return await self.threads[gpu].run(self.engines[gpu].generate, items, on_step)
+
+    async def advance(
+        self, gpu: int, joins: Joins, refs: Sequence[StoreRefs] | None, cancels: set
+    ) -> StepDone:
+        """Runner ``gpu`` steps on thread ``gpu``, the one that built its engine."""
+        thread = self.threads[gpu]
+        if gpu not in self.runners:
+            self.runners[gpu] = await thread.run(self.engines[gpu].step_runner, self.profile)
+        return await thread.run(advance, self.runners[gpu], joins, cancels)
 
     async def set_levels(self, levels: Sequence[int | None]) -> None:
         """One engine resumes at any level: nothing to tell it."""

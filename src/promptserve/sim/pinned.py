@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from promptserve.policy import Demand, Dispatcher, Outcome, Policy, Status, intake
+from promptserve.policy import Demand, Dispatcher, Outcome, Policy, Status
+from promptserve.policy.intake import Routing
 from promptserve.policy.planning import apply_levels, switch_s, wants_plan
 from promptserve.policy.types import Dispatch
 from promptserve.sim.events import DONE, WAKE, EventRun, SimInputs, initial_demand
@@ -22,7 +23,7 @@ class PinnedRun(EventRun):
         super().__init__(policy, inputs, on_progress)
         profiles = inputs.setting.profiles
         self.dispatcher = Dispatcher.create(profiles, policy.dispatch)
-        self.plan = None
+        self.routing = Routing(self.dispatcher, self.estimator, policy.admission, self.rng)
         self.planned_for: Demand | None = None
         self.switch_s = switch_s(policy, profiles[0])
 
@@ -38,26 +39,15 @@ class PinnedRun(EventRun):
         t0 = time.perf_counter()
         plan = self.policy.plan(demand, self.inputs.setting, current)
         self.planner_ms.append((time.perf_counter() - t0) * 1e3)
-        self.plan = plan
+        self.routing.plan = plan
         self.plans.append((now, plan))
         for ready_at in apply_levels(self.dispatcher, now, plan.gpu_levels, self.switch_s):
             self.push(ready_at, WAKE, None)
 
     def _arrive(self, now: float, i: int) -> None:
         k_opt, has_neighbour = self._classify(i)
-        assert self.plan is not None
-        job, queued = intake(
-            i,
-            now,
-            self.inputs.requests[i].deadline_s,
-            k_opt,
-            has_neighbour,
-            self.plan,
-            self.dispatcher,
-            self.estimator,
-            self.policy.admission,
-            float(self.rng.random()),
-        )
+        deadline = self.inputs.requests[i].deadline_s
+        job, queued = self.routing.arrive(i, now, deadline, k_opt, has_neighbour)
         if not queued:
             self._end(Outcome(job, Status.REFUSED, now))
 

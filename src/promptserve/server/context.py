@@ -1,0 +1,77 @@
+"""What every route of one server shares: its runtime, stores and settings, and the answers
+they give when a request cannot go on (the API's error shape)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from promptserve.server.images import ImageStore
+from promptserve.server.keys import tenant_for
+from promptserve.server.metrics import Metrics
+from promptserve.server.runtime import Dropped, LiveRuntime, Refused, Unmeetable
+from promptserve.server.schemas import ImageRequest, visible
+
+
+def error(
+    status: int, message: str, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    body = {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error" if status < 500 else "server_error",
+            "param": param,
+        }
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def outcome_error(exc: BaseException) -> JSONResponse:
+    """A refused or failed image as its HTTP answer."""
+    if isinstance(exc, Unmeetable):
+        return error(422, str(exc), "deadline_ms")
+    if isinstance(exc, Refused):
+        return error(429, str(exc), None, {"Retry-After": str(int(exc.retry_after_s + 0.999))})
+    if isinstance(exc, Dropped):
+        return error(503, str(exc), None, {"Retry-After": "1"})
+    return error(500, f"generation failed: {exc}")
+
+
+@dataclass
+class Context:
+    runtime: LiveRuntime
+    slo_s: float  # the default deadline, seconds from arrival
+    size: str  # the one size served, as WIDTHxHEIGHT
+    keys: dict[str, str]
+    public_url: str | None  # image links start here; None: relative to the API root
+    metrics: Metrics = field(default_factory=Metrics)
+    images: ImageStore = field(default_factory=ImageStore)
+
+    def deadline_s(self, req: ImageRequest) -> float:
+        """The request's deadline, seconds from its arrival."""
+        return req.deadline_ms / 1000.0 if req.deadline_ms else self.slo_s
+
+    def image_url(self, image_id: str) -> str:
+        path = f"/v1/images/{image_id}"
+        return self.public_url.rstrip("/") + path if self.public_url else path
+
+    def checked_tenant(self, req: ImageRequest, request: Request) -> str | JSONResponse:
+        """The caller's tenant, or the error to answer: no valid key (401), a prompt with
+        nothing to draw or an unknown size (400), another model (404)."""
+        tenant = tenant_for(self.keys, request.headers.get("authorization"))
+        if tenant is None:
+            return error(
+                401, "a valid API key is required (Authorization: Bearer KEY)", "authorization"
+            )
+        if not visible(req.prompt):
+            return error(400, "prompt: has no visible character", "prompt")
+        if req.size not in (None, "auto", self.size):
+            return error(
+                400, f"size {req.size!r} is not supported (supported: {self.size} or auto)", "size"
+            )
+        name = self.runtime.workers.name
+        if req.model is not None and req.model != name:
+            return error(404, f"model {req.model!r} is not served here (served: {name})", "model")
+        return tenant

@@ -1,0 +1,194 @@
+"""The images routes: ``POST /v1/images/generations`` (whole answers and streams) and the
+images kept for ``response_format: url``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from promptserve.server.context import Context, error, outcome_error
+from promptserve.server.imageapi import (
+    MEDIA_TYPES,
+    b64,
+    encode_image,
+    error_event,
+    event,
+    image_body,
+    images_body,
+    meta_of,
+    served_quality,
+    unsupported,
+    usage,
+)
+from promptserve.server.images import valid_id
+from promptserve.server.runtime import Cancelled, JobHandle, Served
+from promptserve.server.schemas import ImageRequest, ImagesResponse
+
+
+def image_routes(ctx: Context) -> APIRouter:
+    router = APIRouter()
+
+    async def client_gone(request: Request) -> None:
+        """Returns once the client has closed its connection (the body is already read, so
+        the next message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    @router.post("/v1/images/generations", response_model=ImagesResponse)
+    async def generations(req: ImageRequest, request: Request):
+        tenant = ctx.checked_tenant(req, request)
+        if isinstance(tenant, JSONResponse):
+            return tenant
+        refusal = unsupported(req)
+        if refusal is not None:
+            return error(400, refusal[1], refusal[0])
+        deadline_s = ctx.deadline_s(req)
+        if req.stream:
+            return await stream_generation(req, tenant, deadline_s)
+        outcomes = await generate(req, tenant, deadline_s, request)
+        if isinstance(outcomes, JSONResponse):
+            return outcomes
+        data = []
+        media = MEDIA_TYPES[req.output_format or "png"]
+        for s in outcomes:
+            image = encode_image(s.result.png, req.output_format, req.output_compression)
+            if req.response_format == "url":
+                image_id = ctx.images.put(image, time.monotonic(), media)
+                data.append(image_body(meta_of(s), url=ctx.image_url(image_id)))
+            else:
+                data.append(image_body(meta_of(s), b64_json=b64(image)))
+        body = images_body(int(time.time()), data, req, ctx.size, served_quality(outcomes))
+        return JSONResponse(body)
+
+    async def generate(
+        req: ImageRequest, tenant: str, deadline_s: float, request: Request
+    ) -> list[Served] | JSONResponse:
+        """The request's ``n`` images, served or refused whole: the first image refused,
+        dropped or failed cancels the others (queued ones at once, running ones between two
+        steps), as does a client that goes away, as closing a stream does. Nothing is computed
+        for an answer that can no longer be a success."""
+        start = time.monotonic()
+        ctx.metrics.submitted.inc(req.n)
+        handles = [JobHandle(lambda kind, data: None) for _ in range(req.n)]
+        images = [
+            asyncio.ensure_future(
+                ctx.runtime.submit(req.prompt, tenant, deadline_s, h, exact=req.exact)
+            )
+            for h in handles
+        ]
+        every = asyncio.gather(*images, return_exceptions=True)
+        watch = [asyncio.ensure_future(client_gone(request)), asyncio.ensure_future(failed(images))]
+        await asyncio.wait({every, *watch}, return_when=asyncio.FIRST_COMPLETED)
+        for task in watch:
+            task.cancel()
+        if not every.done():
+            for h in handles:
+                ctx.runtime.cancel(h)
+        outcomes = await every
+        cause = next(
+            (o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, Cancelled)),
+            None,
+        )
+        for outcome in outcomes:  # every image ends in exactly one outcome label
+            whole = cause if cause is not None and isinstance(outcome, Cancelled) else outcome
+            ctx.metrics.count(whole, deadline_s, time.monotonic() - start)
+        for exc in (cause, *outcomes):
+            if isinstance(exc, BaseException):
+                return outcome_error(exc)
+        return outcomes  # type: ignore[return-value]
+
+    async def failed(images: list[asyncio.Future]) -> None:
+        """Returns at the first image that fails (or once all are done)."""
+        for image in asyncio.as_completed(images):
+            try:
+                await image
+            except Exception:
+                return
+
+    async def stream_generation(req: ImageRequest, tenant: str, deadline_s: float):
+        """``stream: true``: previews decoded from intermediate steps as
+        ``image_generation.partial_image`` events, then ``image_generation.completed``. A
+        refusal before it is queued is an HTTP error; closing the stream cancels it."""
+        events: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        handle = JobHandle(
+            lambda kind, data: events.put_nowait((kind, data)),
+            loop.create_future(),
+            partial_images=req.partial_images or 0,
+        )
+        start = time.monotonic()
+        ctx.metrics.submitted.inc()
+        task = asyncio.create_task(
+            ctx.runtime.submit(req.prompt, tenant, deadline_s, handle, exact=req.exact)
+        )
+
+        def counted(t: asyncio.Task) -> None:  # every image ends in one outcome label
+            outcome = Cancelled("cancelled") if t.cancelled() else t.exception() or t.result()
+            ctx.metrics.count(outcome, deadline_s, time.monotonic() - start)
+
+        task.add_done_callback(counted)
+        try:
+            await handle.accepted
+        except BaseException as exc:  # refused or failed before it was queued
+            return outcome_error(exc)
+
+        async def sse():
+            created, sent = int(time.time()), [0]
+
+            def partial(kind: str, data: dict) -> list[str]:
+                """A preview as the next partial image, if the caller still wants one."""
+                if kind != "preview" or sent[0] >= handle.partial_images:
+                    return []
+                image = encode_image(data["png"], req.output_format, req.output_compression)
+                sent[0] += 1
+                return [
+                    event("partial_image", created, b64(image), req, ctx.size, index=sent[0] - 1)
+                ]
+
+            try:
+                while not task.done():
+                    get = asyncio.ensure_future(events.get())
+                    await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+                    if not get.done():
+                        get.cancel()  # the item, if any, stays queued: drained below
+                        continue
+                    for body in partial(*get.result()):
+                        yield body
+                while not events.empty():  # what came in before the answer goes out first
+                    for body in partial(*events.get_nowait()):
+                        yield body
+                if task.cancelled() or task.exception() is not None:
+                    yield error_event(
+                        str(task.exception() if not task.cancelled() else "cancelled")
+                    )
+                    return
+                s: Served = task.result()
+                image = encode_image(s.result.png, req.output_format, req.output_compression)
+                meta = meta_of(s).model_dump()
+                yield event(
+                    "completed", int(time.time()), b64(image), req, ctx.size,
+                    usage=usage(req.prompt), promptserve=meta,
+                )  # fmt: skip
+            finally:
+                if not task.done():  # the caller closed the stream: stop the generation
+                    ctx.runtime.cancel(handle)
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    @router.get("/v1/images/generations", include_in_schema=False)
+    async def generations_get():
+        return error(405, "use POST for /v1/images/generations", None, {"Allow": "POST"})
+
+    @router.get("/v1/images/{image_id}", name="image")
+    async def image(image_id: str):
+        if not valid_id(image_id):
+            return error(400, "image id must be 32 hex characters", "image_id")
+        kept = ctx.images.get(image_id, time.monotonic())
+        if kept is None:
+            return error(404, f"image {image_id} not found or expired", "image_id")
+        return Response(kept[0], media_type=kept[1])
+
+    return router

@@ -1,0 +1,45 @@
+"""The metrics observer: what ``/metrics`` and the dashboard show, read from the runtime's
+``load()``, its counters and the cache's stats, never from the scheduler's insides."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from promptserve.server.metrics import History, Metrics, exposition
+from promptserve.server.runtime import LiveRuntime
+
+
+def scrape(runtime: LiveRuntime, metrics: Metrics) -> bytes:
+    """Copy the runtime's state into the gauges; the exposition text."""
+    load = runtime.load()
+    for k, n in load.queued.items():
+        metrics.queue.labels(str(k)).set(n)
+    for k, n in load.per_level.items():
+        metrics.gpus.labels(str(k)).set(n)
+    for gpu, count in enumerate(load.inflight):
+        metrics.inflight.labels(str(gpu)).set(count)
+    metrics.workers_up.set(load.workers_up)
+    c = runtime.counters
+    metrics.hit_ratio.set(c.cache_hits / c.lookups if c.lookups else 0.0)
+    metrics.planner.set(c.planner_ms[-1] if c.planner_ms else 0.0)
+    metrics.retried.set(c.retried)
+    metrics.cache_failures.set(c.cache_update_failures)
+    metrics.loop_errors.set(c.loop_errors)
+    metrics.batch_timeouts.set(c.batch_timeouts)
+    metrics.skipped.set(runtime.cache.skipped_writes)
+    stats = runtime.cache.stats()
+    metrics.cache_bytes.set(stats["bytes"])
+    metrics.cache_quota.set(stats["quota_bytes"] or 0)
+    metrics.cache_entries.set(stats["entries"])
+    metrics.evictions.set(stats["evictions"])
+    metrics.evicted_bytes.set(stats["evicted_bytes"])
+    metrics.embed_rows.set(getattr(runtime.embedder, "rows", 0))  # a cached embedder's
+    return exposition(metrics)
+
+
+async def record(runtime: LiveRuntime, metrics: Metrics, history: History) -> None:
+    """``/metrics`` once a second into the history the dashboard reloads from."""
+    while True:
+        history.record(time.time() * 1000, scrape(runtime, metrics))
+        await asyncio.sleep(1.0)

@@ -1,0 +1,109 @@
+"""What crosses between the routes and the runtime: a request's outcomes (served, or the
+exception that says why not), the caller's handle on it, the runtime's record of it while it
+is pending, and the counts and load the metrics read."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from promptserve.cache.approx import CacheHit
+from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.server.workers import StoreRefs
+
+
+class Refused(Exception):
+    """Admission refused the request: no level can meet its deadline now."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"overloaded: retry after {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+
+class Unmeetable(Exception):
+    """The deadline is shorter than this server's fastest run of the request, even idle."""
+
+    def __init__(self, deadline_s: float, least_s: float) -> None:
+        super().__init__(
+            f"deadline_ms: {deadline_s * 1e3:.0f} ms cannot be met even on an idle server; "
+            f"the least this server can meet for this prompt is {least_s * 1e3:.0f} ms"
+        )
+        self.least_s = least_s
+
+
+class Dropped(Exception):
+    """Accepted, then given up: it could no longer meet its deadline."""
+
+
+class Cancelled(Exception):
+    """The caller cancelled the request."""
+
+
+@dataclass
+class JobHandle:
+    """A caller's view of one request in flight: its events, its acceptance, its cancellation."""
+
+    emit: Callable[[str, dict], None]
+    accepted: asyncio.Future | None = None  # resolved with the job id once queued
+    job_id: int | None = None
+    cancelled: bool = False  # read by the worker thread between denoising steps
+    partial_images: int = 0  # previews wanted, spread over the steps it will run
+
+
+@dataclass(frozen=True)
+class Served:
+    result: GenerationResult
+    level: int
+    similarity: float | None
+    quality: float
+    queue_s: float
+    compute_s: float
+    k_opt: int = 0  # the level its neighbour's similarity tolerates (0: a miss)
+
+
+@dataclass
+class Pending:
+    """One accepted request, from intake to its answer."""
+
+    prompt: str
+    tenant: str
+    embedding: np.ndarray
+    hit: CacheHit | None
+    future: asyncio.Future
+    arrival: float
+    seed: int
+    handle: JobHandle | None = None
+    k_opt: int = 0  # the engine level its neighbour tolerates (0: a miss or an exact request)
+    deadline_s: float = float("inf")  # the request's own, on the runtime's clock
+    # as it runs (step-level serving keeps them between boundaries)
+    started: float | None = None  # when its batch started or it joined a running one
+    item: GenerationItem | None = None  # what it runs with
+    ref: StoreRefs | None = None  # on a shared store: its start key and entry
+
+
+@dataclass
+class Counters:
+    by_outcome: dict[str, int] = field(
+        default_factory=lambda: {"served": 0, "late": 0, "refused": 0, "dropped": 0}
+    )
+    cache_hits: int = 0
+    lookups: int = 0
+    retried: int = 0  # requests put back in a queue because their worker was lost
+    cache_update_failures: int = 0  # served answers whose cache insert or commit failed
+    loop_errors: int = 0  # scheduler or re-plan iterations that raised (logged, survived)
+    batch_timeouts: int = 0  # batches given up on after a multiple of their prediction
+    planner_ms: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the metrics and health endpoints read of a runtime, whatever its family."""
+
+    queued: dict[int, int]  # per level: pinned queues; step-level: all waiting under level 0
+    per_level: dict[int, int]  # pinned: GPUs at each level; step-level: members at each K
+    inflight: list[int]  # step-level: members per GPU (empty for pinned)
+    workers: int
+    workers_up: int

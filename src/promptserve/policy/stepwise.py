@@ -37,194 +37,41 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
-from promptserve.policy.types import Demand, Job, Outcome, Status
-from promptserve.profile import Profile
+from promptserve.policy.stepgpu import GpuBucket, KRule, Member, StepConfig, StepGpu
+from promptserve.policy.stepprice import PRICE_MAX, SLO_SHARE, UTILISATION, StepPricing
+from promptserve.policy.steptime import (
+    EPS,
+    StepProfile,
+    derived_step_profile,
+    draw,
+    finishes,
+    step_profile,
+)
+from promptserve.policy.types import Job, Outcome, Status
 
-KRule = Literal["price", "zero", "max"]
-# the share of the estimated step capacity the price plans to fill: above 1, because the
-# estimate is a full run's in-flight limit and a burst it misjudges is caught by ``saturated``
-# (Poisson 2 GPUs, mild, 3 seeds: 1.0 / 1.1 / 1.25 gave 94.8 / 95.2 / 95.5 at 60 qpm and
-# 87.2 / 87.1 / 85.4 at 100)
-UTILISATION = 1.1
-SLO_SHARE = 0.9  # of the SLO, what running may take (the rest: waiting to join)
-PRICE_MAX = 50.0  # points per step: above any quality difference, every request at its fastest
-EPS = 1e-9
 PULL_LOOKAHEAD = 8  # waiting jobs a boundary looks at past ones that do not fit
 
-
-@dataclass(frozen=True)
-class StepProfile:
-    """Per-step latency against in-flight count, and the fixed costs of a request."""
-
-    total_steps: int
-    levels: tuple[int, ...]
-    step_s: tuple[float, ...]  # [n - 1]: seconds of one denoiser step with n members
-    join_s: float = 0.0  # per request joining (text encoding), added to its first step
-    leave_s: float = 0.0  # per request leaving (VAE decode), added after its last step
-
-    @property
-    def max_inflight(self) -> int:
-        return len(self.step_s)
-
-    def iteration_s(self, n: int) -> float:
-        return self.step_s[min(max(n, 1), len(self.step_s)) - 1]
-
-    def steps_per_s(self, n: int) -> float:
-        return n / self.iteration_s(n)
+__all__ = [
+    "EPS",
+    "PRICE_MAX",
+    "SLO_SHARE",
+    "UTILISATION",
+    "KRule",
+    "Member",
+    "StepConfig",
+    "StepGpu",
+    "StepProfile",
+    "StepScheduler",
+    "derived_step_profile",
+    "finishes",
+    "step_profile",
+]
 
 
-def step_profile(profile: Profile) -> StepProfile:
-    """What ``promptserve profile`` measured (step latency per in-flight count, linear between
-    the counts measured; encode at join, decode at leave), or, for a profile of batch latencies
-    only, the equivalent derived from them (``derived_step_profile``)."""
-    if not profile.step_latency_s:
-        return derived_step_profile(profile)
-    counts, measured = profile.step_inflight, profile.step_latency_s
-    steps = []
-    for n in range(1, counts[-1] + 1):
-        j = bisect.bisect_left(counts, n)
-        if counts[j] == n:
-            steps.append(measured[j])
-        else:
-            n0, n1 = counts[j - 1], counts[j]
-            steps.append(measured[j - 1] + (measured[j] - measured[j - 1]) * (n - n0) / (n1 - n0))
-    return StepProfile(
-        profile.total_steps, profile.levels, tuple(steps), profile.encode_s, profile.decode_s
-    )
-
-
-def derived_step_profile(profile: Profile) -> StepProfile:
-    """The step-level equivalent of a batch profile: a batch of b at level K runs N - K steps of
-    b members, so ``step(b) = (L(0, b) - L(K_max, b)) / K_max`` and what is left of L(0, b)
-    after N steps is the batch's fixed cost, shared by its b requests (half at join for the
-    text encoders, half at leave for the VAE). For the SDXL reference this gives 84 ms x
-    (1 + 0.55 (b - 1)) per step and no fixed cost: its throughputs are 60 / (0.084 (50 - K))
-    and its batch curve is affine (``profile.py``)."""
-    k_max, n = profile.levels[-1], profile.total_steps
-    steps, fixed = [], []
-    for b in range(1, profile.max_batch + 1):
-        full, fastest = profile.batch_latency(0, b), profile.batch_latency(k_max, b)
-        step = (full - fastest) / k_max if k_max > 0 else full / n
-        steps.append(step)
-        fixed.append(max(full - n * step, 0.0) / b)
-    per_request = fixed[0]
-    return StepProfile(n, profile.levels, tuple(steps), per_request / 2, per_request / 2)
-
-
-class _Bucket:
-    """GPU indices with one member count; ``first`` is the lowest, in O(log n). Ties between
-    equally loaded GPUs go by index, not by the order of past joins and leaves, so both clocks
-    (one boundary per step live, one per event simulated) place a request on the same GPU."""
-
-    def __init__(self) -> None:
-        self.members: set[int] = set()
-        self.heap: list[int] = []
-        self.queued: set[int] = set()  # in ``heap``, maybe no longer a member
-
-    def __bool__(self) -> bool:
-        return bool(self.members)
-
-    def __iter__(self):  # noqa: ANN204
-        return iter(self.members)
-
-    def add(self, i: int) -> None:
-        self.members.add(i)
-        if i not in self.queued:
-            self.queued.add(i)
-            heapq.heappush(self.heap, i)
-
-    def discard(self, i: int) -> None:
-        self.members.discard(i)
-
-    def first(self) -> int:
-        while self.heap[0] not in self.members:
-            self.queued.discard(heapq.heappop(self.heap))
-        return self.heap[0]
-
-
-@dataclass(frozen=True)
-class StepConfig:
-    rule: KRule  # price: promptserve-step; zero: continuous-ha; max: continuous-ht
-    shed: bool  # EDF, deadline-checked joins, drop what cannot finish
-    admission: bool  # refuse at arrival what cannot finish
-    cap: int = 8  # in-flight cap without shed (with shed, the deadlines set it)
-
-
-@dataclass(slots=True)
-class Member:
-    job: Job
-    k: int
-    end_step: int  # the GPU's step count when it leaves
-
-
-@dataclass
-class StepGpu:
-    """One GPU's running batch; its step count and the timing of the current segment."""
-
-    index: int
-    up: bool = True
-    done: int = 0  # steps done since it started
-    # (end step, deadline, id), kept sorted: the next to leave first
-    members: list[tuple[int, float, int]] = field(default_factory=list)
-    by_id: dict[int, Member] = field(default_factory=dict)
-    joining: list[Job] = field(default_factory=list)  # placed, joining at the next boundary
-    seg_start: float = 0.0  # when the current run of equal iterations began
-    seg_iter_s: float = 0.0  # its iteration time (0: idle)
-
-    @property
-    def count(self) -> int:
-        return len(self.by_id) + len(self.joining)
-
-    def next_boundary(self, now: float) -> float:
-        """When it can next take a member: now if idle, else the end of the running step."""
-        if not self.by_id or self.seg_iter_s <= 0 or now <= self.seg_start:
-            return max(now, self.seg_start)
-        done = math.ceil((now - self.seg_start) / self.seg_iter_s - EPS)
-        return self.seg_start + done * self.seg_iter_s
-
-    def done_at(self, at: float) -> int:
-        """Its step count at boundary ``at`` of the running segment (the boundaries in between
-        are not held, so ``done`` counts only to the segment's start)."""
-        if not self.by_id or self.seg_iter_s <= 0 or at <= self.seg_start:
-            return self.done
-        return self.done + round((at - self.seg_start) / self.seg_iter_s)
-
-    def steps_to_next_leave(self) -> int:
-        return self.members[0][0] - self.done if self.members else 0
-
-
-def _draw(job_id: int) -> float:
-    """A uniform number in [0, 1) fixed by the job id (Knuth's multiplicative hash): the same
-    request draws the same on both clocks."""
-    return ((job_id * 2654435761) % 2**32) / 2**32
-
-
-def finishes(
-    profile: StepProfile, start: float, remaining: Sequence[int], joined: int = 0
-) -> list[float]:
-    """Finish times (answers) of members with ``remaining`` steps (ascending) from ``start``,
-    if nobody else joins: each segment runs at the step time of the members still in, and the
-    members that finish at one step are decoded together before the next step starts."""
-    n, t, prev, out = len(remaining), start + joined * profile.join_s, 0, []
-    i = 0
-    while i < n:
-        r, j = remaining[i], i
-        while j < n and remaining[j] == r:
-            j += 1
-        t += (r - prev) * profile.iteration_s(n - i) + (j - i) * profile.leave_s
-        out.extend([t] * (j - i))
-        prev, i = r, j
-    return out
-
-
-class StepScheduler:
+class StepScheduler(StepPricing):
     """The step-level policy over ``n_gpus`` GPUs. Drivers call ``arrive``, ``boundary`` (after
     each run of steps) and ``reprice`` (on the re-plan period), and run what they return."""
 
@@ -241,7 +88,7 @@ class StepScheduler:
         self.index_of = {k: i for i, k in enumerate(self.levels)}
         self.gpus = [StepGpu(i) for i in range(n_gpus)]
         self.cap = profile.max_inflight if config.shed else min(config.cap, profile.max_inflight)
-        self.by_count = [_Bucket() for _ in range(profile.max_inflight + 2)]
+        self.by_count = [GpuBucket() for _ in range(profile.max_inflight + 2)]
         for g in range(n_gpus):
             self.by_count[0].add(g)
         self.waiting: list[tuple[float, int, Job]] = []  # (deadline or arrival, id, job)
@@ -249,75 +96,6 @@ class StepScheduler:
         self._busy_at = self.cap  # members past which a GPU is full (set with the price)
         self._choice = self._choice_lo = self._choices(0.0)
         self._split = 0.0  # share of the moving class that takes the cheaper level
-
-    # -- pricing ---------------------------------------------------------------------------
-
-    def _choices(self, price: float) -> list[list[int]]:
-        """Per K_opt index and per k_max index: the level the price picks."""
-        steps = np.array([self.profile.total_steps - k for k in self.levels], dtype=float)
-        out = []
-        for i in range(len(self.levels)):
-            score = self.quality[i] - price * steps
-            out.append([int(np.argmax(score[: j + 1])) for j in range(len(self.levels))])
-        return out
-
-    def reprice(self, demand: Demand, slo_s: float) -> float:
-        """The price at which the step work asked for fits the step capacity; 0 with slack.
-
-        The work asked for falls with the price in steps (a whole K_opt class moves at once),
-        so at the price found the class that moves is split: a share ``split`` of its
-        requests (drawn per request, deterministically) takes the cheaper level, so that the
-        work matches the capacity instead of undershooting it."""
-        if self.config.rule != "price":
-            return self.price
-        per_s = demand.rate_qpm / 60.0
-        self._busy_at = self.inflight_within(self.profile.total_steps, slo_s)
-        last = len(self.levels) - 1
-
-        def work(choice: list[list[int]]) -> tuple[float, float]:
-            steps = 0.0
-            for i, share in enumerate(demand.mix):
-                j = choice[i][last if i > 0 else 0]  # a miss (K_opt 0) may have no neighbour
-                steps += share * (self.profile.total_steps - self.levels[j])
-            return per_s * steps, self.steps_capacity(slo_s, steps)
-
-        def over(price: float, share: float = UTILISATION) -> bool:
-            asked, capacity = work(self._choices(price))
-            return asked > share * capacity
-
-        self._split = 0.0
-        if not over(0.0):
-            lo = hi = 0.0
-        elif over(PRICE_MAX, 1.0):  # more than the cluster can do even at the fastest levels
-            lo = hi = PRICE_MAX
-        else:
-            lo, hi = 0.0, PRICE_MAX
-            for _ in range(40):
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if over(mid) else (lo, mid)
-            (w_lo, cap), (w_hi, _) = work(self._choices(lo)), work(self._choices(hi))
-            if w_lo > w_hi:
-                self._split = min(max((w_lo - UTILISATION * cap) / (w_lo - w_hi), 0.0), 1.0)
-        self.price = hi
-        self._choice, self._choice_lo = self._choices(hi), self._choices(lo)
-        return hi
-
-    def steps_capacity(self, slo_s: float, mean_steps: float | None = None) -> float:
-        """Steps per second the up GPUs give at the largest in-flight count at which a request
-        of ``mean_steps`` (default: a full one) finishes within ``SLO_SHARE`` of the SLO (the
-        rest is left for waiting to join)."""
-        n = self.inflight_within(mean_steps or self.profile.total_steps, slo_s)
-        up = sum(1 for g in self.gpus if g.up)
-        return up * self.profile.steps_per_s(n)
-
-    def inflight_within(self, steps: float, slo_s: float) -> int:
-        """The largest in-flight count at which ``steps`` steps take at most ``SLO_SHARE`` of
-        the SLO (at least 1)."""
-        n = 1
-        for b in range(1, self.cap + 1):
-            if steps * self.profile.iteration_s(b) <= SLO_SHARE * slo_s:
-                n = b
-        return n
 
     # -- decisions -------------------------------------------------------------------------
 
@@ -330,7 +108,7 @@ class StepScheduler:
         if self.saturated():  # the price lags a burst: run at the fastest level meanwhile
             return job.k_max
         j = self._choice[i][m]
-        if self._choice_lo[i][m] != j and _draw(job.id) >= self._split:
+        if self._choice_lo[i][m] != j and draw(job.id) >= self._split:
             j = self._choice_lo[i][m]
         return self.levels[j]
 

@@ -1,0 +1,95 @@
+"""One GPU's running batch under step-level serving, and the scheduler's configuration."""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from promptserve.policy.steptime import EPS
+from promptserve.policy.types import Job
+
+KRule = Literal["price", "zero", "max"]
+
+
+class GpuBucket:
+    """GPU indices with one member count; ``first`` is the lowest, in O(log n). Ties between
+    equally loaded GPUs go by index, not by the order of past joins and leaves, so both clocks
+    (one boundary per step live, one per event simulated) place a request on the same GPU."""
+
+    def __init__(self) -> None:
+        self.members: set[int] = set()
+        self.heap: list[int] = []
+        self.queued: set[int] = set()  # in ``heap``, maybe no longer a member
+
+    def __bool__(self) -> bool:
+        return bool(self.members)
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self.members)
+
+    def add(self, i: int) -> None:
+        self.members.add(i)
+        if i not in self.queued:
+            self.queued.add(i)
+            heapq.heappush(self.heap, i)
+
+    def discard(self, i: int) -> None:
+        self.members.discard(i)
+
+    def first(self) -> int:
+        while self.heap[0] not in self.members:
+            self.queued.discard(heapq.heappop(self.heap))
+        return self.heap[0]
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    rule: KRule  # price: promptserve-step; zero: continuous-ha; max: continuous-ht
+    shed: bool  # EDF, deadline-checked joins, drop what cannot finish
+    admission: bool  # refuse at arrival what cannot finish
+    cap: int = 8  # in-flight cap without shed (with shed, the deadlines set it)
+
+
+@dataclass(slots=True)
+class Member:
+    job: Job
+    k: int
+    end_step: int  # the GPU's step count when it leaves
+
+
+@dataclass
+class StepGpu:
+    """One GPU's running batch; its step count and the timing of the current segment."""
+
+    index: int
+    up: bool = True
+    done: int = 0  # steps done since it started
+    # (end step, deadline, id), kept sorted: the next to leave first
+    members: list[tuple[int, float, int]] = field(default_factory=list)
+    by_id: dict[int, Member] = field(default_factory=dict)
+    joining: list[Job] = field(default_factory=list)  # placed, joining at the next boundary
+    seg_start: float = 0.0  # when the current run of equal iterations began
+    seg_iter_s: float = 0.0  # its iteration time (0: idle)
+
+    @property
+    def count(self) -> int:
+        return len(self.by_id) + len(self.joining)
+
+    def next_boundary(self, now: float) -> float:
+        """When it can next take a member: now if idle, else the end of the running step."""
+        if not self.by_id or self.seg_iter_s <= 0 or now <= self.seg_start:
+            return max(now, self.seg_start)
+        done = math.ceil((now - self.seg_start) / self.seg_iter_s - EPS)
+        return self.seg_start + done * self.seg_iter_s
+
+    def done_at(self, at: float) -> int:
+        """Its step count at boundary ``at`` of the running segment (the boundaries in between
+        are not held, so ``done`` counts only to the segment's start)."""
+        if not self.by_id or self.seg_iter_s <= 0 or at <= self.seg_start:
+            return self.done
+        return self.done + round((at - self.seg_start) / self.seg_iter_s)
+
+    def steps_to_next_leave(self) -> int:
+        return self.members[0][0] - self.done if self.members else 0

@@ -1,0 +1,90 @@
+"""The price on step-slots: one cluster-wide number, points of quality per step, set from the
+load estimate so that the step work asked for fits the cluster's step capacity (0 with slack:
+every request in full). ``StepScheduler`` takes it in; kept apart because it is the one
+place where load turns into levels."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from promptserve.policy.types import Demand
+
+# the share of the estimated step capacity the price plans to fill: above 1, because the
+# estimate is a full run's in-flight limit and a burst it misjudges is caught by ``saturated``
+# (Poisson 2 GPUs, mild, 3 seeds: 1.0 / 1.1 / 1.25 gave 94.8 / 95.2 / 95.5 at 60 qpm and
+# 87.2 / 87.1 / 85.4 at 100)
+UTILISATION = 1.1
+SLO_SHARE = 0.9  # of the SLO, what running may take (the rest: waiting to join)
+PRICE_MAX = 50.0  # points per step: above any quality difference, every request at its fastest
+
+
+class StepPricing:
+    """The pricing half of ``StepScheduler``: it reads the scheduler's profile, levels, quality,
+    GPUs, cap and config, and sets ``price``, the levels it picks and the split between them."""
+
+    def _choices(self, price: float) -> list[list[int]]:
+        """Per K_opt index and per k_max index: the level the price picks."""
+        steps = np.array([self.profile.total_steps - k for k in self.levels], dtype=float)
+        out = []
+        for i in range(len(self.levels)):
+            score = self.quality[i] - price * steps
+            out.append([int(np.argmax(score[: j + 1])) for j in range(len(self.levels))])
+        return out
+
+    def reprice(self, demand: Demand, slo_s: float) -> float:
+        """The price at which the step work asked for fits the step capacity; 0 with slack.
+
+        The work asked for falls with the price in steps (a whole K_opt class moves at once),
+        so at the price found the class that moves is split: a share ``split`` of its
+        requests (drawn per request, deterministically) takes the cheaper level, so that the
+        work matches the capacity instead of undershooting it."""
+        if self.config.rule != "price":
+            return self.price
+        per_s = demand.rate_qpm / 60.0
+        self._busy_at = self.inflight_within(self.profile.total_steps, slo_s)
+        last = len(self.levels) - 1
+
+        def work(choice: list[list[int]]) -> tuple[float, float]:
+            steps = 0.0
+            for i, share in enumerate(demand.mix):
+                j = choice[i][last if i > 0 else 0]  # a miss (K_opt 0) may have no neighbour
+                steps += share * (self.profile.total_steps - self.levels[j])
+            return per_s * steps, self.steps_capacity(slo_s, steps)
+
+        def over(price: float, share: float = UTILISATION) -> bool:
+            asked, capacity = work(self._choices(price))
+            return asked > share * capacity
+
+        self._split = 0.0
+        if not over(0.0):
+            lo = hi = 0.0
+        elif over(PRICE_MAX, 1.0):  # more than the cluster can do even at the fastest levels
+            lo = hi = PRICE_MAX
+        else:
+            lo, hi = 0.0, PRICE_MAX
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if over(mid) else (lo, mid)
+            (w_lo, cap), (w_hi, _) = work(self._choices(lo)), work(self._choices(hi))
+            if w_lo > w_hi:
+                self._split = min(max((w_lo - UTILISATION * cap) / (w_lo - w_hi), 0.0), 1.0)
+        self.price = hi
+        self._choice, self._choice_lo = self._choices(hi), self._choices(lo)
+        return hi
+
+    def steps_capacity(self, slo_s: float, mean_steps: float | None = None) -> float:
+        """Steps per second the up GPUs give at the largest in-flight count at which a request
+        of ``mean_steps`` (default: a full one) finishes within ``SLO_SHARE`` of the SLO (the
+        rest is left for waiting to join)."""
+        n = self.inflight_within(mean_steps or self.profile.total_steps, slo_s)
+        up = sum(1 for g in self.gpus if g.up)
+        return up * self.profile.steps_per_s(n)
+
+    def inflight_within(self, steps: float, slo_s: float) -> int:
+        """The largest in-flight count at which ``steps`` steps take at most ``SLO_SHARE`` of
+        the SLO (at least 1)."""
+        n = 1
+        for b in range(1, self.cap + 1):
+            if steps * self.profile.iteration_s(b) <= SLO_SHARE * slo_s:
+                n = b
+        return n

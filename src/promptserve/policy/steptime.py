@@ -1,0 +1,96 @@
+"""Step-level serving's time model: what one denoiser step costs at each in-flight count, and
+when members finish as others leave on the way. Pure numbers, shared by the scheduler and the
+simulator's step GPUs."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from promptserve.profile import Profile
+
+EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """Per-step latency against in-flight count, and the fixed costs of a request."""
+
+    total_steps: int
+    levels: tuple[int, ...]
+    step_s: tuple[float, ...]  # [n - 1]: seconds of one denoiser step with n members
+    join_s: float = 0.0  # per request joining (text encoding), added to its first step
+    leave_s: float = 0.0  # per request leaving (VAE decode), added after its last step
+
+    @property
+    def max_inflight(self) -> int:
+        return len(self.step_s)
+
+    def iteration_s(self, n: int) -> float:
+        return self.step_s[min(max(n, 1), len(self.step_s)) - 1]
+
+    def steps_per_s(self, n: int) -> float:
+        return n / self.iteration_s(n)
+
+
+def step_profile(profile: Profile) -> StepProfile:
+    """What ``promptserve profile`` measured (step latency per in-flight count, linear between
+    the counts measured; encode at join, decode at leave), or, for a profile of batch latencies
+    only, the equivalent derived from them (``derived_step_profile``)."""
+    if not profile.step_latency_s:
+        return derived_step_profile(profile)
+    counts, measured = profile.step_inflight, profile.step_latency_s
+    steps = []
+    for n in range(1, counts[-1] + 1):
+        j = bisect.bisect_left(counts, n)
+        if counts[j] == n:
+            steps.append(measured[j])
+        else:
+            n0, n1 = counts[j - 1], counts[j]
+            steps.append(measured[j - 1] + (measured[j] - measured[j - 1]) * (n - n0) / (n1 - n0))
+    return StepProfile(
+        profile.total_steps, profile.levels, tuple(steps), profile.encode_s, profile.decode_s
+    )
+
+
+def derived_step_profile(profile: Profile) -> StepProfile:
+    """The step-level equivalent of a batch profile: a batch of b at level K runs N - K steps of
+    b members, so ``step(b) = (L(0, b) - L(K_max, b)) / K_max`` and what is left of L(0, b)
+    after N steps is the batch's fixed cost, shared by its b requests (half at join for the
+    text encoders, half at leave for the VAE). For the SDXL reference this gives 84 ms x
+    (1 + 0.55 (b - 1)) per step and no fixed cost: its throughputs are 60 / (0.084 (50 - K))
+    and its batch curve is affine (``profile.py``)."""
+    k_max, n = profile.levels[-1], profile.total_steps
+    steps, fixed = [], []
+    for b in range(1, profile.max_batch + 1):
+        full, fastest = profile.batch_latency(0, b), profile.batch_latency(k_max, b)
+        step = (full - fastest) / k_max if k_max > 0 else full / n
+        steps.append(step)
+        fixed.append(max(full - n * step, 0.0) / b)
+    per_request = fixed[0]
+    return StepProfile(n, profile.levels, tuple(steps), per_request / 2, per_request / 2)
+
+
+def draw(job_id: int) -> float:
+    """A uniform number in [0, 1) fixed by the job id (Knuth's multiplicative hash): the same
+    request draws the same on both clocks."""
+    return ((job_id * 2654435761) % 2**32) / 2**32
+
+
+def finishes(
+    profile: StepProfile, start: float, remaining: Sequence[int], joined: int = 0
+) -> list[float]:
+    """Finish times (answers) of members with ``remaining`` steps (ascending) from ``start``,
+    if nobody else joins: each segment runs at the step time of the members still in, and the
+    members that finish at one step are decoded together before the next step starts."""
+    n, t, prev, out = len(remaining), start + joined * profile.join_s, 0, []
+    i = 0
+    while i < n:
+        r, j = remaining[i], i
+        while j < n and remaining[j] == r:
+            j += 1
+        t += (r - prev) * profile.iteration_s(n - i) + (j - i) * profile.leave_s
+        out.extend([t] * (j - i))
+        prev, i = r, j
+    return out

@@ -42,6 +42,7 @@ simulate: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_planner.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_sim.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/sim_fingerprint.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_capacity.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_policies.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_step_decision.py

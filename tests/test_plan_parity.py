@@ -55,7 +55,7 @@ def test_a_level_change_costs_the_model_load_live_as_in_the_simulator(tmp_path):
     before = runtime.clock()
     current = [g.level for g in runtime.dispatcher.gpus]
     moved = [runtime.levels[-1] if level != runtime.levels[-1] else 0 for level in current]
-    plan = dataclasses.replace(runtime.routing.plan, gpu_levels=tuple(moved))
+    plan = dataclasses.replace(runtime.sched.plan, gpu_levels=tuple(moved))
     runtime._apply([0, 1], plan)
     ready = [g.ready_at for g in runtime.dispatcher.gpus]
     assert all(r >= before + load_s for r in ready), (ready, before, load_s)

@@ -7,16 +7,11 @@ Only how K_opt is found (a virtual cache index or the real one) stays with the d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
-
 from promptserve.policy.admission import admit
 from promptserve.policy.dispatcher import Dispatcher
 from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.router import route
-from promptserve.policy.stepwise import StepGpu, StepScheduler
-from promptserve.policy.types import Job, Outcome, Plan
+from promptserve.policy.types import Job, Plan
 
 DELIVERY_MARGIN_S = 0.1
 """Every plan finishes this long before the request's deadline. A live answer leaves some time
@@ -59,46 +54,3 @@ def intake(
         job = admitted
     dispatcher.enqueue(job)
     return job, True
-
-
-@dataclass
-class Routing:
-    """The pinned family's way in, the same on both clocks: the plan requests are routed by,
-    the dispatcher they queue in, and the router's draws (one per arrival, from a seeded
-    generator, so the same run draws the same on both clocks)."""
-
-    dispatcher: Dispatcher
-    estimator: LoadEstimator
-    admission: bool
-    rng: np.random.Generator
-    plan: Plan | None = None
-
-    def arrive(
-        self, job_id: int, now: float, deadline_s: float, k_opt: int, has_neighbour: bool
-    ) -> tuple[Job, bool]:
-        """``intake`` by the current plan."""
-        assert self.plan is not None, "a request arrived before the first plan"
-        u = float(self.rng.random())
-        return intake(
-            job_id, now, deadline_s, k_opt, has_neighbour, self.plan, self.dispatcher,
-            self.estimator, self.admission, u,
-        )  # fmt: skip
-
-
-def step_intake(
-    job_id: int,
-    now: float,
-    deadline_s: float,
-    k_opt: int,
-    has_neighbour: bool,
-    sched: StepScheduler,
-    estimator: LoadEstimator,
-) -> tuple[Job, StepGpu | None, Outcome | None]:
-    """Step-level serving's intake, for both clocks: tell the estimator, then place the job
-    (the GPU it joins at that GPU's next boundary, None while it waits) or end it (refused
-    or, with no level that can finish, dropped)."""
-    estimator.observe(now, k_opt)
-    k_max = sched.levels[-1] if has_neighbour else 0
-    job = Job(job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, k_opt)
-    gpu, outcome = sched.arrive(now, job)
-    return job, gpu, outcome

@@ -41,9 +41,11 @@ import numpy as np
 from promptserve.errors import InputError
 from promptserve.policy.aligner import align
 from promptserve.policy.allocation import allocate
-from promptserve.policy.dispatcher import DispatchConfig
+from promptserve.policy.contract import Scheduler
+from promptserve.policy.dispatcher import DispatchConfig, Dispatcher
 from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.joint import assign_levels, plan_joint
+from promptserve.policy.pinned import PinnedScheduler
 from promptserve.policy.stepwise import StepConfig, StepScheduler, step_profile
 from promptserve.policy.types import Demand, Plan
 from promptserve.profile import Profile
@@ -81,9 +83,19 @@ class Policy:
         short_s = slo_s if self.short_s is None else self.short_s
         return LoadEstimator(levels, min(short_s, self.long_s), self.long_s)
 
+    def scheduler(self, setting: Setting, seed: int = 0) -> Scheduler:
+        """This policy's scheduler over ``setting``'s GPUs, as both clocks build it (the
+        contract of ``policy.contract``): step-level, or GPUs pinned to levels with the
+        router's draws seeded by ``seed``."""
+        if self.step is not None:
+            return self.step_scheduler(setting)
+        estimator = self.estimator(setting.profiles[0].levels, setting.slo_s)
+        dispatcher = Dispatcher.create(setting.profiles, self.dispatch)
+        return PinnedScheduler(dispatcher, estimator, self.admission, np.random.default_rng(seed))
+
     def step_scheduler(self, setting: Setting) -> StepScheduler:
-        """Step-level serving's scheduler over ``setting``'s GPUs, as both clocks build it:
-        ``+shed`` gives EDF and deadline-checked joins, ``+admit`` refusal at arrival."""
+        """Step-level serving's scheduler over ``setting``'s GPUs: ``+shed`` gives EDF and
+        deadline-checked joins, ``+admit`` refusal at arrival."""
         assert self.step is not None, f"{self.name} is not a step-level policy"
         config = StepConfig(
             rule=self.step,  # type: ignore[arg-type]
@@ -91,8 +103,10 @@ class Policy:
             admission=self.admission,
             cap=self.dispatch.max_batch,
         )
+        profile = setting.profiles[0]
+        estimator = self.estimator(profile.levels, setting.slo_s)
         return StepScheduler(
-            step_profile(setting.profiles[0]), len(setting.profiles), setting.quality, config
+            step_profile(profile), len(setting.profiles), setting.quality, config, estimator
         )
 
     def plan(

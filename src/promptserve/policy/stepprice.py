@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from promptserve.policy.types import Demand
+from promptserve.policy.steptime import draw
+from promptserve.policy.types import Demand, Job
 
 # the share of the estimated step capacity the price plans to fill: above 1, because the
 # estimate is a full run's in-flight limit and a burst it misjudges is caught by ``saturated``
@@ -20,7 +21,8 @@ PRICE_MAX = 50.0  # points per step: above any quality difference, every request
 
 class StepPricing:
     """The pricing half of ``StepScheduler``: it reads the scheduler's profile, levels, quality,
-    GPUs, cap and config, and sets ``price``, the levels it picks and the split between them."""
+    GPUs, cap, config and waiting queue, sets ``price``, the levels it picks and the split
+    between them, and gives each joining request the K the price (or the rule) prefers."""
 
     def _choices(self, price: float) -> list[list[int]]:
         """Per K_opt index and per k_max index: the level the price picks."""
@@ -88,3 +90,26 @@ class StepPricing:
             if steps * self.profile.iteration_s(b) <= SLO_SHARE * slo_s:
                 n = b
         return n
+
+    def preferred_k(self, job: Job) -> int:
+        if self.config.rule == "zero":
+            return 0
+        if self.config.rule == "max":
+            return job.k_max
+        i, m = self.index_of[job.k_opt], self.index_of[job.k_max]
+        if self.saturated():  # the price lags a burst: run at the fastest level meanwhile
+            return job.k_max
+        j = self._choice[i][m]
+        if self._choice_lo[i][m] != j and draw(job.id) >= self._split:
+            j = self._choice_lo[i][m]
+        return self.levels[j]
+
+    def saturated(self) -> bool:
+        """Whether the cluster is full now: requests wait, or even the least-loaded GPU holds
+        more members than a full run could share a GPU with and finish in ``SLO_SHARE`` of the
+        SLO. The price follows the load estimate (seconds behind a burst); this follows the
+        running batches, so a burst moves joins to their fastest level within one step."""
+        if self.waiting:
+            return True
+        gpu = self.least_loaded()
+        return gpu is None or gpu.count > self._busy_at

@@ -40,13 +40,15 @@ import heapq
 
 import numpy as np
 
+from promptserve.policy.contract import Arrival, LoadSnapshot
+from promptserve.policy.estimator import LoadEstimator
+from promptserve.policy.intake import DELIVERY_MARGIN_S
 from promptserve.policy.stepgpu import GpuBucket, KRule, Member, StepConfig, StepGpu
 from promptserve.policy.stepprice import PRICE_MAX, SLO_SHARE, UTILISATION, StepPricing
 from promptserve.policy.steptime import (
     EPS,
     StepProfile,
     derived_step_profile,
-    draw,
     finishes,
     step_profile,
 )
@@ -81,8 +83,9 @@ class StepScheduler(StepPricing):
         n_gpus: int,
         quality: np.ndarray,
         config: StepConfig,
+        estimator: LoadEstimator | None = None,  # needed by ``intake`` only
     ) -> None:
-        self.profile, self.config = profile, config
+        self.profile, self.config, self.estimator = profile, config, estimator
         self.quality = np.asarray(quality, dtype=float)  # q[K_opt index, K index]
         self.levels = profile.levels
         self.index_of = {k: i for i, k in enumerate(self.levels)}
@@ -98,29 +101,6 @@ class StepScheduler(StepPricing):
         self._split = 0.0  # share of the moving class that takes the cheaper level
 
     # -- decisions -------------------------------------------------------------------------
-
-    def preferred_k(self, job: Job) -> int:
-        if self.config.rule == "zero":
-            return 0
-        if self.config.rule == "max":
-            return job.k_max
-        i, m = self.index_of[job.k_opt], self.index_of[job.k_max]
-        if self.saturated():  # the price lags a burst: run at the fastest level meanwhile
-            return job.k_max
-        j = self._choice[i][m]
-        if self._choice_lo[i][m] != j and draw(job.id) >= self._split:
-            j = self._choice_lo[i][m]
-        return self.levels[j]
-
-    def saturated(self) -> bool:
-        """Whether the cluster is full now: requests wait, or even the least-loaded GPU holds
-        more members than a full run could share a GPU with and finish in ``SLO_SHARE`` of the
-        SLO. The price follows the load estimate (seconds behind a burst); this follows the
-        running batches, so a burst moves joins to their fastest level within one step."""
-        if self.waiting:
-            return True
-        gpu = self.least_loaded()
-        return gpu is None or gpu.count > self._busy_at
 
     def least_loaded(self) -> StepGpu | None:
         for bucket in self.by_count:
@@ -183,6 +163,40 @@ class StepScheduler(StepPricing):
             if self.fits(gpu, job, level, at, extra_joins, done):
                 return level
         return None
+
+    # -- the contract (``policy.contract.Scheduler``) -----------------------------------------
+
+    def intake(
+        self, now: float, job_id: int, deadline_s: float, k_opt: int, has_neighbour: bool
+    ) -> Arrival:
+        """Tell the estimator, then place the job (the GPU it joins at that GPU's next
+        boundary, none while it waits) or end it (refused or, with no level that can finish,
+        dropped). It starts at its K_opt; the K it runs at is chosen when it joins."""
+        assert self.estimator is not None, "intake needs the scheduler's load estimator"
+        self.estimator.observe(now, k_opt)
+        k_max = self.levels[-1] if has_neighbour else 0
+        job = Job(job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, k_opt)
+        gpu, outcome = self.arrive(now, job)
+        return Arrival(job, outcome, gpu.index if gpu is not None else None)
+
+    def snapshot(self) -> LoadSnapshot:
+        mix = dict.fromkeys(self.levels, 0)
+        for gpu in self.gpus:
+            for member in gpu.by_id.values():
+                mix[member.k] += 1
+        waiting = {k: (len(self.waiting) if k == self.levels[0] else 0) for k in self.levels}
+        inflight = tuple(len(g.by_id) for g in self.gpus)
+        return LoadSnapshot(waiting, mix, inflight, len(self.gpus), sum(g.up for g in self.gpus))
+
+    def backlog_s(self, now: float) -> float:
+        """Until the first member of an up GPU leaves (its slot frees)."""
+        step_s = self.profile.iteration_s
+        return min(
+            (g.steps_to_next_leave() * step_s(len(g.by_id)) for g in self.gpus if g.up),
+            default=1.0,
+        )
+
+    # -- decisions -------------------------------------------------------------------------
 
     def arrive(self, now: float, job: Job) -> tuple[StepGpu | None, Outcome | None]:
         """Place an arriving job: the GPU it will join at that GPU's next boundary (the driver
@@ -337,7 +351,7 @@ class StepScheduler(StepPricing):
                 return member.job
         return None
 
-    def set_up(self, gpu_index: int, up: bool) -> list[Job]:
+    def set_up(self, gpu_index: int, up: bool, now: float = 0.0) -> list[Job]:
         """A GPU lost or back. Down, it takes no one, leaves the step capacity the price is set
         for (``steps_capacity``), and hands back the jobs it held, members and joiners, for the
         driver to place again (their progress went with it)."""

@@ -120,9 +120,9 @@ def create_app(
         load = runtime.load()
         if not runtime.loops_alive():
             return error(503, "a scheduling loop has stopped: this server takes no work", None)
-        if load.workers_up == 0:
-            return error(503, f"none of the {load.workers} workers is up", None)
-        return {"status": "ready", "workers": load.workers, "workers_up": load.workers_up}
+        if load.gpus_up == 0:
+            return error(503, f"none of the {load.gpus} workers is up", None)
+        return {"status": "ready", "workers": load.gpus, "workers_up": load.gpus_up}
 
     @app.get("/metrics")
     async def metrics_endpoint():

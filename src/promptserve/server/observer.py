@@ -19,7 +19,7 @@ def scrape(runtime: LiveRuntime, metrics: Metrics) -> bytes:
         metrics.gpus.labels(str(k)).set(n)
     for gpu, count in enumerate(load.inflight):
         metrics.inflight.labels(str(gpu)).set(count)
-    metrics.workers_up.set(load.workers_up)
+    metrics.workers_up.set(load.gpus_up)
     c = runtime.counters
     metrics.hit_ratio.set(c.cache_hits / c.lookups if c.lookups else 0.0)
     metrics.planner.set(c.planner_ms[-1] if c.planner_ms else 0.0)

@@ -15,11 +15,10 @@ import logging
 import time
 from dataclasses import replace
 
-from promptserve.policy import Dispatcher
-from promptserve.policy.intake import Routing
+from promptserve.policy.contract import Arrival
 from promptserve.policy.planning import apply_levels, switch_s, wants_plan
-from promptserve.policy.types import Demand, Dispatch, Job, Plan
-from promptserve.server.runtime import Cancelled, Dropped, LiveRuntime, Load, Pending
+from promptserve.policy.types import Demand, Dispatch, Plan
+from promptserve.server.runtime import Cancelled, Dropped, LiveRuntime, Pending
 from promptserve.server.workers import StoreRefs, WorkerLost
 
 log = logging.getLogger(__name__)
@@ -30,8 +29,7 @@ BATCH_TIMEOUT_FLOOR_S = 60.0  # ... and at least this long is given up on (its r
 
 class PinnedRuntime(LiveRuntime):
     def _build(self, demand: Demand) -> None:
-        self.dispatcher = Dispatcher.create(self.setting.profiles, self.policy.dispatch)
-        self.routing = Routing(self.dispatcher, self.estimator, self.policy.admission, self.rng)
+        self.dispatcher = self.sched.dispatcher
         self._wake = asyncio.Event()
         self._levels_sent: tuple[int | None, ...] | None = None
         self._plan(demand)
@@ -39,36 +37,8 @@ class PinnedRuntime(LiveRuntime):
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._schedule()), asyncio.create_task(self._replan())]
 
-    def _place(
-        self, job_id: int, now: float, deadline_s: float, k_opt: int, has_neighbour: bool
-    ) -> tuple[Job, Exception | None]:
-        job, queued = self.routing.arrive(job_id, now, deadline_s, k_opt, has_neighbour)
-        if not queued:
-            return job, self._refused(now)
+    def _placed(self, arrival: Arrival) -> None:
         self._wake.set()
-        return job, None
-
-    def _withdraw(self, job_id: int) -> bool:
-        return self.dispatcher.remove(job_id) is not None  # a running batch stops between steps
-
-    def load(self) -> Load:
-        gpus = self.dispatcher.gpus
-        return Load(
-            {k: self.dispatcher.queue_len(k) for k in self.levels},
-            {k: sum(1 for g in gpus if g.level == k) for k in self.levels},
-            [],
-            len(gpus),
-            len(self.dispatcher.up_gpus()),
-        )
-
-    def _backlog_s(self, now: float) -> float:
-        return min(
-            (
-                self.dispatcher.predicted_finish(k, now) - now
-                for k in self.dispatcher.serving_levels()
-            ),
-            default=1.0,
-        )
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -104,7 +74,7 @@ class PinnedRuntime(LiveRuntime):
         try:
             plan = self.policy.plan(demand, setting, [gpus[i].level for i in up])
         except Exception:  # a solver failure or time-out: the current plan stays
-            if self.routing.plan is None:  # no plan to keep: the server cannot start
+            if self.sched.plan is None:  # no plan to keep: the server cannot start
                 raise
             log.exception("planning failed; keeping the current plan")
             self.counters.loop_errors += 1
@@ -115,7 +85,7 @@ class PinnedRuntime(LiveRuntime):
     def _apply(self, up: list[int], plan: Plan | None) -> None:
         if plan is None:
             return
-        self.routing.plan = plan
+        self.sched.plan = plan
         levels: list[int | None] = [None] * len(self.dispatcher.gpus)
         for i, level in zip(up, plan.gpu_levels, strict=True):
             levels[i] = level
@@ -144,7 +114,7 @@ class PinnedRuntime(LiveRuntime):
         alive = await self.workers.alive() if self._any_down() else []  # ping only then
         back = [i for i, ok in enumerate(alive) if ok and not self.dispatcher.gpus[i].up]
         for i in back:
-            self.dispatcher.set_up(i, True)
+            self.sched.set_up(i, True, self.clock())
             log.warning("worker %d is back; re-planning with it", i)
         await self._plan_off_loop(
             self.estimator.estimate(self.clock(), self.started), force=bool(back)
@@ -255,7 +225,7 @@ class PinnedRuntime(LiveRuntime):
 
     def _lost(self, dispatch: Dispatch, lost: WorkerLost, handles: list) -> None:
         log.warning("%s; %d requests go back to their queues", lost, len(dispatch.jobs))
-        self.dispatcher.fail_gpu(self.clock(), dispatch.gpu)
+        self.sched.set_up(dispatch.gpu, False, self.clock())  # its batch back in the queues
         self.counters.retried += len(dispatch.jobs)
         for h in handles:
             if h is not None:

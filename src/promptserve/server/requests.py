@@ -96,14 +96,3 @@ class Counters:
     loop_errors: int = 0  # scheduler or re-plan iterations that raised (logged, survived)
     batch_timeouts: int = 0  # batches given up on after a multiple of their prediction
     planner_ms: list[float] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Load:
-    """What the metrics and health endpoints read of a runtime, whatever its family."""
-
-    queued: dict[int, int]  # per level: pinned queues; step-level: all waiting under level 0
-    per_level: dict[int, int]  # pinned: GPUs at each level; step-level: members at each K
-    inflight: list[int]  # step-level: members per GPU (empty for pinned)
-    workers: int
-    workers_up: int

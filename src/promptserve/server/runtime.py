@@ -25,7 +25,8 @@ from promptserve.cache.embed import Embedder
 from promptserve.engine.base import GenerationItem, GenerationResult, preview_steps
 from promptserve.engine.runner import engine_level, remember, resumed_from
 from promptserve.engine.threads import ComputeThread
-from promptserve.policy import Policy, Setting
+from promptserve.policy import Policy, Setting, Status
+from promptserve.policy.contract import Arrival, LoadSnapshot, Scheduler
 from promptserve.policy.intake import DELIVERY_MARGIN_S, request_deadline
 from promptserve.policy.planning import first_demand, until_replan, worth_caching
 from promptserve.policy.types import Demand, Job
@@ -35,7 +36,6 @@ from promptserve.server.requests import (
     Counters,
     Dropped,
     JobHandle,
-    Load,
     Pending,
     Refused,
     Served,
@@ -51,7 +51,7 @@ __all__ = [
     "Dropped",
     "JobHandle",
     "LiveRuntime",
-    "Load",
+    "LoadSnapshot",
     "Pending",
     "Refused",
     "Served",
@@ -60,8 +60,8 @@ __all__ = [
 
 
 class LiveRuntime:
-    """The shared core. A family implements ``_build``, ``start``, ``_place``, ``_withdraw``,
-    ``load`` and ``_backlog_s``, and answers finished work through ``_serve``."""
+    """The shared core, over the policy's scheduler. A family implements ``_build``, ``start``
+    and ``_placed``, runs the work, and answers it through ``_serve``."""
 
     def __init__(
         self,
@@ -79,8 +79,10 @@ class LiveRuntime:
         self.policy, self.setting, self.quality = policy, setting, quality
         self.clock = clock
         self.levels = setting.profiles[0].levels
-        self.estimator = policy.estimator(self.levels, setting.slo_s)
-        self.rng = np.random.default_rng(seed)
+        self.sched = policy.scheduler(setting, seed)  # the contract of ``policy.contract``
+        if not isinstance(self.sched, Scheduler):
+            raise TypeError(f"{policy.name}'s scheduler does not keep the scheduler contract")
+        self.estimator = self.sched.estimator
         self.pending: dict[int, Pending] = {}
         self.ids = itertools.count()
         self.counters = Counters()
@@ -109,23 +111,30 @@ class LiveRuntime:
     def start(self) -> None:
         raise NotImplementedError
 
+    def _placed(self, arrival: Arrival) -> None:
+        """Wake what runs a request the scheduler took in."""
+        raise NotImplementedError
+
     def _place(
         self, job_id: int, now: float, deadline_s: float, k_opt: int, has_neighbour: bool
     ) -> tuple[Job, Exception | None]:
         """Hand the request to the scheduler: the job as placed, or why it ends at once."""
-        raise NotImplementedError
+        arrival = self.sched.intake(now, job_id, deadline_s, k_opt, has_neighbour)
+        if arrival.ended is None:
+            self._placed(arrival)
+            return arrival.job, None
+        if arrival.ended.status == Status.REFUSED:
+            return arrival.job, self._refused(now)
+        self.counters.by_outcome["dropped"] += 1
+        return arrival.job, Dropped("the deadline cannot be met at any level")
 
     def _withdraw(self, job_id: int) -> bool:
         """Take a cancelled job out of the scheduler; True when it is out for good (it never
         ran, or its worker was told to drop it), so it can be answered now."""
-        raise NotImplementedError
+        return self.sched.remove(job_id) is not None
 
-    def load(self) -> Load:
-        raise NotImplementedError
-
-    def _backlog_s(self, now: float) -> float:
-        """Seconds until the soonest capacity frees: what a refusal's Retry-After says."""
-        raise NotImplementedError
+    def load(self) -> LoadSnapshot:
+        return self.sched.snapshot()
 
     # -- the request's way in -------------------------------------------------------------
 
@@ -221,7 +230,7 @@ class LiveRuntime:
 
     def _refused(self, now: float) -> Refused:
         self.counters.by_outcome["refused"] += 1
-        return Refused(retry_after_s=max(1.0, self._backlog_s(now)))
+        return Refused(retry_after_s=max(1.0, self.sched.backlog_s(now)))
 
     async def _lookup(self, tenant: str, vec: np.ndarray, exact: bool) -> CacheHit | None:
         """Its cached neighbour (None for an exact request: it runs as a miss does)."""

@@ -16,11 +16,10 @@ import contextlib
 import logging
 
 from promptserve.engine.base import GenerationItem, GenerationResult
-from promptserve.policy import Status
-from promptserve.policy.intake import step_intake
+from promptserve.policy.contract import Arrival
 from promptserve.policy.stepwise import StepGpu
 from promptserve.policy.types import Demand, Job
-from promptserve.server.runtime import Dropped, LiveRuntime, Load, Pending
+from promptserve.server.runtime import Dropped, LiveRuntime, Pending
 from promptserve.server.stepworkers import StepDone
 from promptserve.server.workers import StoreRefs, WorkerLost
 
@@ -32,7 +31,6 @@ DOWN_POLL_S = 1.0  # how often a lost worker is asked whether it is back
 
 class StepRuntime(LiveRuntime):
     def _build(self, demand: Demand) -> None:
-        self.sched = self.policy.step_scheduler(self.setting)
         self.planned_for = demand
         self.sched.reprice(demand, self.setting.slo_s)
         count = self.workers.count
@@ -44,44 +42,14 @@ class StepRuntime(LiveRuntime):
         loops = [self._gpu_loop(g) for g in range(self.workers.count)]
         self._tasks = [asyncio.create_task(c) for c in (*loops, self._reprice_loop())]
 
-    def _place(
-        self, job_id: int, now: float, deadline_s: float, k_opt: int, has_neighbour: bool
-    ) -> tuple[Job, Exception | None]:
-        job, gpu, outcome = step_intake(
-            job_id, now, deadline_s, k_opt, has_neighbour, self.sched, self.estimator
-        )
-        if outcome is not None:
-            if outcome.status == Status.REFUSED:
-                return job, self._refused(now)
-            self.counters.by_outcome["dropped"] += 1
-            return job, Dropped("the deadline cannot be met at any level")
-        self._wake_gpus(gpu)
-        return job, None
+    def _placed(self, arrival: Arrival) -> None:
+        self._wake_gpus(self.sched.gpus[arrival.gpu] if arrival.gpu is not None else None)
 
     def _withdraw(self, job_id: int) -> bool:
         for g, gpu in enumerate(self.sched.gpus):
             if job_id in gpu.by_id:
                 self._cancel[g].add(job_id)  # the runner drops it before its next step
-        return self.sched.remove(job_id) is not None
-
-    def load(self) -> Load:
-        """Here ``queued`` is every waiting request, under level 0 (no queue is per level), and
-        ``per_level`` the members in flight at each K (no GPU has a level)."""
-        mix = dict.fromkeys(self.levels, 0)
-        for gpu in self.sched.gpus:
-            for member in gpu.by_id.values():
-                mix[member.k] += 1
-        waiting = {k: (len(self.sched.waiting) if k == self.levels[0] else 0) for k in self.levels}
-        gpus = self.sched.gpus
-        return Load(waiting, mix, [len(g.by_id) for g in gpus], len(gpus), sum(g.up for g in gpus))
-
-    def _backlog_s(self, now: float) -> float:
-        """Until the first member of an up GPU leaves (its slot frees)."""
-        step_s = self.sched.profile.iteration_s
-        return min(
-            (g.steps_to_next_leave() * step_s(len(g.by_id)) for g in self.sched.gpus if g.up),
-            default=1.0,
-        )
+        return super()._withdraw(job_id)
 
     def _wake_gpus(self, gpu: StepGpu | None) -> None:
         if gpu is not None:
@@ -123,7 +91,7 @@ class StepRuntime(LiveRuntime):
         back = [g for g, ok in enumerate(alive) if ok and not self.sched.gpus[g].up]
         for g in back:
             log.warning("worker %d is back; it takes members again", g)
-            self.sched.set_up(g, True)
+            self.sched.set_up(g, True, self.clock())
             self._cancel[g].clear()  # a replaced worker holds none of the old members
         if back:
             self._reprice(self.planned_for or self.estimator.estimate(self.clock(), self.started))
@@ -131,7 +99,7 @@ class StepRuntime(LiveRuntime):
 
     def _worker_lost(self, g: int, reason: str) -> None:
         """Its GPU leaves placement and capacity now; its members and joiners start again."""
-        jobs = self.sched.set_up(g, False)
+        jobs = self.sched.set_up(g, False, self.clock())
         self._left[g] = {}
         log.warning("GPU %d: %s; %d requests start again elsewhere", g, reason, len(jobs))
         if self.planned_for is not None:

@@ -21,6 +21,7 @@ import numpy as np
 from promptserve.cache.index import CacheIndex
 from promptserve.cache.thresholds import Thresholds
 from promptserve.policy import Demand, Outcome, Plan, Policy, Setting, Status
+from promptserve.policy.contract import Arrival
 from promptserve.policy.planning import first_demand, worth_caching
 from promptserve.quality import QualityModel
 from promptserve.sim.records import Records
@@ -60,8 +61,9 @@ def initial_demand(requests: Sequence[Request], levels: tuple[int, ...]) -> Dema
 
 
 class EventRun:
-    """One simulated run of one policy. A family fills in ``_first_plan``, ``_arrive``,
-    ``_done``, ``_replan``, ``_after_event``, ``_pending`` and ``_next_finish``."""
+    """One simulated run of one policy, over its scheduler (``policy.contract``). A family
+    fills in ``_first_plan``, ``_placed``, ``_done``, ``_replan``, ``_after_event`` and
+    ``_next_finish``."""
 
     def __init__(
         self, policy: Policy, inputs: SimInputs, on_progress: Callable[[int], None] | None
@@ -69,8 +71,8 @@ class EventRun:
         self.policy, self.inputs, self.on_progress = policy, inputs, on_progress
         profiles = inputs.setting.profiles
         self.levels = profiles[0].levels
-        self.estimator = policy.estimator(self.levels, inputs.setting.slo_s)
-        self.rng = np.random.default_rng(inputs.seed)
+        self.sched = policy.scheduler(inputs.setting, inputs.seed)
+        self.estimator = self.sched.estimator
         self.index = CacheIndex(dim=inputs.embeddings.shape[1], total_steps=profiles[0].total_steps)
         self.cache_levels = tuple(k for k in self.levels if k > 0)
         reqs = inputs.requests
@@ -118,7 +120,16 @@ class EventRun:
         raise NotImplementedError
 
     def _arrive(self, now: float, i: int) -> None:
-        raise NotImplementedError
+        k_opt, has_neighbour = self._classify(i)
+        deadline = self.inputs.requests[i].deadline_s
+        arrival = self.sched.intake(now, i, deadline, k_opt, has_neighbour)
+        if arrival.ended is not None:
+            self._end(arrival.ended)
+        else:
+            self._placed(now, arrival)
+
+    def _placed(self, now: float, arrival: Arrival) -> None:
+        """What the family starts for a request the scheduler took in."""
 
     def _done(self, now: float, payload: object) -> None:
         raise NotImplementedError
@@ -130,8 +141,7 @@ class EventRun:
         """Whatever the family starts at ``now`` once the event is handled."""
 
     def _pending(self) -> int:
-        """Requests queued, waiting or running."""
-        raise NotImplementedError
+        return self.sched.pending()
 
     def _next_finish(self) -> float:
         """The earliest time the cache index can change (lookups up to it are made at once)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 
-from promptserve.policy.intake import step_intake
+from promptserve.policy.contract import Arrival
 from promptserve.policy.stepwise import EPS, StepGpu
 from promptserve.sim.events import DONE, EventRun, initial_demand
 
@@ -21,7 +21,6 @@ class StepRun(EventRun):
     def __init__(self, policy, inputs, on_progress) -> None:  # noqa: ANN001 - as EventRun
         super().__init__(policy, inputs, on_progress)
         setting = inputs.setting
-        self.sched = policy.step_scheduler(setting)
         self.version = [0] * len(setting.profiles)
         self.next_at = [math.inf] * len(setting.profiles)
         self.last_at = [-math.inf] * len(setting.profiles)  # its last boundary
@@ -41,9 +40,6 @@ class StepRun(EventRun):
             if self.next_at[gpu.index] > now and self.last_at[gpu.index] < now:
                 self._schedule(gpu, now, 0)
 
-    def _pending(self) -> int:
-        return self.sched.pending()
-
     def _replan(self, now: float, demand) -> None:  # noqa: ANN001 - a Demand
         """Step-level serving's re-plan is a new price on step-slots."""
         t0 = time.perf_counter()
@@ -51,16 +47,9 @@ class StepRun(EventRun):
         self.planner_ms.append((time.perf_counter() - t0) * 1e3)
         self.prices.append((now, price))
 
-    def _arrive(self, now: float, i: int) -> None:
-        k_opt, has_neighbour = self._classify(i)
-        deadline = self.inputs.requests[i].deadline_s
-        _, gpu, outcome = step_intake(
-            i, now, deadline, k_opt, has_neighbour, self.sched, self.estimator
-        )
-        if outcome is not None:
-            self._end(outcome)
-        elif gpu is not None:
-            self._cut(gpu, now)
+    def _placed(self, now: float, arrival: Arrival) -> None:
+        if arrival.gpu is not None:
+            self._cut(self.sched.gpus[arrival.gpu], now)
         elif self.sched.config.shed:
             # it waits: every running GPU holds a boundary at its next step, where the job may
             # fit (``next_steps``), as the live runtime holds one at every step

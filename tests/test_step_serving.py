@@ -171,3 +171,37 @@ def test_a_step_level_server_that_loses_a_worker_says_so_and_prices_without_it(t
             time.sleep(0.1)
         assert up_count(url) == 2 and httpx.get(url + "/readyz").json()["workers_up"] == 2
     assert runtime.counters.retried >= 1 and not runtime.pending
+
+
+def test_a_request_cancelled_while_its_join_reads_the_cache_never_joins_the_runner(tmp_path):
+    """Cancelled in the gap between the boundary that admits it and the step it would join:
+    it is answered cancelled and the runner never holds it (a ghost member would take a slot
+    the scheduler does not count)."""
+    import asyncio
+
+    from promptserve.server.runtime import Cancelled, JobHandle
+
+    app = modeled_app(tmp_path, policy="promptserve-step", speedup=20.0)
+    runtime = app.state.runtime
+    real, handle = runtime._join_items, JobHandle(lambda kind, data: None)
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+
+        def join_items(joiners):  # on the cache thread: the caller cancels meanwhile
+            loop.call_soon_threadsafe(runtime.cancel, handle)
+            time.sleep(0.2)
+            return real(joiners)
+
+        runtime._join_items = join_items
+        runtime.start()
+        try:
+            with pytest.raises(Cancelled):
+                await runtime.submit("a kite", "default", 60.0, handle)
+            await asyncio.sleep(0.3)  # a few more boundaries
+            return runtime.workers.runners[0].steps_left()
+        finally:
+            await runtime.stop()
+
+    assert asyncio.run(scenario()) == {}
+    assert not runtime.pending and runtime.sched.pending() == 0

@@ -199,6 +199,11 @@ class StepRuntime(LiveRuntime):
             joiners.append((member, p))
         if joiners:
             await self._on_cache(self._join_items, joiners)
+            # one cancelled while its latent was read has left the scheduler: it must not join
+            gone = [(m, p) for m, p in joiners if m.job.id not in self.pending]
+            if gone:
+                await self._release([p.ref for _, p in gone])
+                joiners = [(m, p) for m, p in joiners if m.job.id in self.pending]
         for member, p in joiners:
             p.started = now
             if p.item.k != member.k:  # its latent was missing: it runs in full

@@ -167,10 +167,12 @@ def test_n_images_are_admitted_or_refused_whole(tmp_path, policy):
         r = asyncio.run(ask(url))
         metrics = httpx.get(url + "/metrics").text
     # refused by admission (429), or dropped at intake as no level meets it (503, step-level)
-    assert r.status_code in (429, 503) and int(r.headers["retry-after"]) >= 1
-    assert served_and_cancelled(app)[0] == 0
+    counts = app.state.runtime.counters.by_outcome
+    assert r.status_code in (429, 503), (r.status_code, r.text, counts)
+    assert int(r.headers["retry-after"]) >= 1
+    assert served_and_cancelled(app)[0] == 0, counts
     outcome = "refused" if r.status_code == 429 else "dropped"
-    assert f'promptserve_requests_total{{outcome="{outcome}"}} 10.0' in metrics
+    assert f'promptserve_requests_total{{outcome="{outcome}"}} 10.0' in metrics, metrics
 
 
 def test_forwarded_headers_are_believed_only_from_trusted_proxies():
@@ -188,3 +190,27 @@ def test_forwarded_headers_are_believed_only_from_trusted_proxies():
     assert not HttpLimits().trusts("127.0.0.1") and HttpLimits(trusted_proxies=("*",)).trusts("::1")
     with pytest.raises(InputError, match="'proxy.example' is not an IP address"):
         check_proxies(["proxy.example"])
+
+
+def test_a_request_cancelled_before_it_is_queued_never_runs(tmp_path):
+    """The first image of an ``n`` request can fail while the others are still being embedded;
+    cancelling those must keep them out of the queue, not only mark them."""
+    from promptserve.server.runtime import Cancelled, JobHandle
+
+    app = modeled_app(tmp_path, speedup=50.0)
+    runtime = app.state.runtime
+    handle = JobHandle(lambda kind, data: None)
+
+    async def scenario():
+        runtime.start()
+        try:
+            submitted = asyncio.ensure_future(runtime.submit("a ship", "default", 60.0, handle))
+            await asyncio.sleep(0)  # it is in intake (embedding), not yet queued
+            assert runtime.cancel(handle) is False and handle.job_id is None
+            with pytest.raises(Cancelled, match="before it was queued"):
+                await submitted
+        finally:
+            await runtime.stop()
+
+    asyncio.run(scenario())
+    assert not runtime.pending and runtime.counters.by_outcome["served"] == 0

@@ -216,6 +216,8 @@ class LiveRuntime:
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
         has_neighbour = self._has_neighbour(hit)
         self._check_meetable(slo_s, has_neighbour)
+        if handle is not None and handle.cancelled:  # while it was embedded or looked up
+            raise Cancelled("cancelled before it was queued")
         job_id = next(self.ids)
         future = asyncio.get_running_loop().create_future()
         p = Pending(prompt, tenant, vec, hit, future, now, job_id, handle, k_opt)

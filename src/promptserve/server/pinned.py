@@ -10,7 +10,6 @@ answers again: every accepted request gets exactly one final answer.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import replace
@@ -25,6 +24,7 @@ log = logging.getLogger(__name__)
 
 BATCH_TIMEOUT_FACTOR = 10.0  # a batch running this many times its predicted latency ...
 BATCH_TIMEOUT_FLOOR_S = 60.0  # ... and at least this long is given up on (its requests fail)
+POLL_S = 0.05  # the scheduler looks again this often, or when woken
 
 
 class PinnedRuntime(LiveRuntime):
@@ -101,7 +101,7 @@ class PinnedRuntime(LiveRuntime):
         while True:
             await self._push_levels()  # first, so a new server's workers hear the first plan
             if self._any_down():
-                await asyncio.sleep(min(period, 1.0))
+                await self.pause(min(period, 1.0), None)
             elif not await self._until_replan(period):
                 continue
             try:
@@ -143,11 +143,7 @@ class PinnedRuntime(LiveRuntime):
                 log.exception("scheduler step failed")
                 self.counters.loop_errors += 1
             self._wake.clear()
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
-            # lands as the wake-up fires, and stop() would then wait on this loop for ever
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.05):
-                    await self._wake.wait()
+            await self.pause(POLL_S, self._wake)
 
     def _schedule_once(self) -> None:
         dispatches, outcomes = self.dispatcher.step(self.clock())

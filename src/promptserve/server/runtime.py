@@ -15,7 +15,7 @@ import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -59,6 +59,21 @@ __all__ = [
 ]
 
 
+Pause = Callable[[float, "asyncio.Event | None"], Awaitable[None]]
+
+
+async def wall_pause(seconds: float, event: asyncio.Event | None = None) -> None:
+    """Wait ``seconds`` on the event loop's clock, or until ``event`` is set. asyncio.timeout,
+    not wait_for: 3.11's wait_for can swallow a cancellation that lands as the wake-up fires,
+    and stop() would then wait on the loop for ever."""
+    if event is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
 class LiveRuntime:
     """The shared core, over the policy's scheduler. A family implements ``_build``, ``start``
     and ``_placed``, runs the work, and answers it through ``_serve``."""
@@ -74,8 +89,12 @@ class LiveRuntime:
         clock: Callable[[], float] = time.monotonic,
         seed: int = 0,
         expected_qpm: float = 1.0,
+        pause: Pause = wall_pause,
     ) -> None:
+        """``clock`` and ``pause`` are every reading of time and every wait of the loops: a
+        test drives the runtime on a clock of its own by passing both."""
         self.workers, self.cache, self.embedder = workers, cache, embedder
+        self.pause = pause
         self.policy, self.setting, self.quality = policy, setting, quality
         self.clock = clock
         self.levels = setting.profiles[0].levels
@@ -287,11 +306,9 @@ class LiveRuntime:
         """Sleep to the next re-plan on the grid (True); before any request, until the first
         arrival or a period (False: nothing to plan for, the forecast's plan stands)."""
         if self.first_arrival is None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(period):
-                    await self._arrived.wait()
+            await self.pause(period, self._arrived)
             return False
-        await asyncio.sleep(until_replan(self.clock(), self.first_arrival, period))
+        await self.pause(until_replan(self.clock(), self.first_arrival, period), None)
         return True
 
     # -- the request's way out ------------------------------------------------------------

@@ -12,7 +12,6 @@ elsewhere; it comes back when its worker answers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from promptserve.engine.base import GenerationItem, GenerationResult
@@ -63,7 +62,7 @@ class StepRuntime(LiveRuntime):
         period = self.policy.replan_s or 5.0
         while True:
             if self._any_down():
-                await asyncio.sleep(min(period, DOWN_POLL_S))
+                await self.pause(min(period, DOWN_POLL_S), None)
                 await self._take_back()
             elif not await self._until_replan(period):
                 continue
@@ -155,9 +154,7 @@ class StepRuntime(LiveRuntime):
                 steps = 0
             if steps == 0:
                 self._gpu_wake[g].clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(IDLE_POLL_S):
-                        await self._gpu_wake[g].wait()
+                await self.pause(IDLE_POLL_S, self._gpu_wake[g])
 
     async def _boundary(self, g: int, gpu: StepGpu, steps: int) -> int:
         """One boundary and the step after it; the number of steps run (0: idle)."""

@@ -11,11 +11,10 @@ one cache thread, off the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -31,6 +30,7 @@ from promptserve.policy.intake import DELIVERY_MARGIN_S, request_deadline
 from promptserve.policy.planning import first_demand, until_replan, worth_caching
 from promptserve.policy.types import Demand, Job
 from promptserve.quality import QualityModel
+from promptserve.server.clock import Pause, wall_pause
 from promptserve.server.requests import (
     Cancelled,
     Counters,
@@ -57,21 +57,6 @@ __all__ = [
     "Served",
     "Unmeetable",
 ]
-
-
-Pause = Callable[[float, "asyncio.Event | None"], Awaitable[None]]
-
-
-async def wall_pause(seconds: float, event: asyncio.Event | None = None) -> None:
-    """Wait ``seconds`` on the event loop's clock, or until ``event`` is set. asyncio.timeout,
-    not wait_for: 3.11's wait_for can swallow a cancellation that lands as the wake-up fires,
-    and stop() would then wait on the loop for ever."""
-    if event is None:
-        await asyncio.sleep(seconds)
-        return
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
-            await event.wait()
 
 
 class LiveRuntime:

@@ -15,7 +15,7 @@ same queue and admission, ``promptserve``, and step-level serving: ``promptserve
 rivals ``continuous-ha+shed+admit`` and ``continuous-ht+shed+admit``. Each point is bounded by the oracle at 1 s slots
 and, for comparison, at the first oracle's 10 s. Prints one JSON line: per sweep, preset and
 rate the mean effective quality over seeds, the best fair baseline, both bounds, and the target
-checks (``targets.step``: promptserve-step against every other policy). ``--readme`` also writes the tables into README.md between the sweep markers.
+checks (``targets.step``: promptserve-step against every other policy). ``--docs`` also writes the tables into docs/comparison.md between the sweep markers.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def bound_breaches(result: dict) -> int:
     )
 
 
-def readme_tables(out: dict) -> str:
+def sweep_tables(out: dict) -> str:
     names = POLICIES.split(",")
     lines = []
     for sweep, presets in out["sweeps"].items():
@@ -163,8 +163,8 @@ def readme_tables(out: dict) -> str:
     return "\n".join(lines)
 
 
-def write_readme(tables: str) -> None:
-    path = ROOT / "README.md"
+def write_docs(tables: str) -> None:
+    path = ROOT / "docs" / "comparison.md"
     text = path.read_text()
     start, end = "<!-- sweep-tables:start -->", "<!-- sweep-tables:end -->"
     block = f"{start}\n{tables}\n{end}"
@@ -176,7 +176,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help="which of: " + ", ".join(SWEEPS))
-    parser.add_argument("--readme", action="store_true", help="write the tables into README.md")
+    parser.add_argument(
+        "--docs", action="store_true", help="write the tables into docs/comparison.md"
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     seeds = tuple(int(s) for s in args.seeds.split(","))
@@ -218,8 +220,8 @@ def main() -> None:
         "mean_quality_min": min(s["mean_quality"] for s in steps),
     }
     out["seconds"] = round(time.perf_counter() - t0, 1)
-    if args.readme:
-        write_readme(readme_tables(out))
+    if args.docs:
+        write_docs(sweep_tables(out))
     print(json.dumps(out))
 
 

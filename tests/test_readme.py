@@ -16,6 +16,8 @@ from promptserve.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+# the docs hold the measurements, each beside the command that reproduces it: checked as well
+DOCS = "\n".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
 
 
 def bash_blocks(text: str) -> list[str]:
@@ -29,9 +31,9 @@ def block_commands(block: str, prefix: str) -> list[list[str]]:
     return [argv[1:] for argv in argvs if argv[:1] == [prefix]]
 
 
-def commands(prefix: str) -> list[list[str]]:
-    """Every command in the README's bash blocks that starts with ``prefix``."""
-    return [argv for block in bash_blocks(README) for argv in block_commands(block, prefix)]
+def commands(prefix: str, text: str = README + DOCS) -> list[list[str]]:
+    """Every command in the README's and the docs' bash blocks that starts with ``prefix``."""
+    return [argv for block in bash_blocks(text) for argv in block_commands(block, prefix)]
 
 
 PROMPTSERVE = commands("promptserve")
@@ -67,7 +69,7 @@ def test_the_request_count_beside_the_gpu_profile_command_is_what_it_builds():
     built ten times the requests. The count the text states must be the command's own."""
     from promptserve.workload import generate_arrivals, parse_arrival_spec
 
-    stated = re.search(r"\(([\d,]+) requests\)", README)
+    stated = re.search(r"\(([\d,]+) requests\)", DOCS)
     assert stated is not None
     argv = next(a for a in PROMPTSERVE if "--profile" in a and "sd15-shaped-h100" in " ".join(a))
     opts = dict(zip(argv[1::2], argv[2::2])) if argv[0] == "simulate" else {}

@@ -69,6 +69,9 @@ class RayWorkers:
         except RayActorError as exc:
             raise WorkerLost(gpu, type(exc).__name__) from exc
 
+    def prepare_steps(self) -> None:
+        """Each replica builds its step runner at its first step, on its own GPU."""
+
     async def set_levels(self, levels: Sequence[int | None]) -> None:
         await asyncio.gather(
             *(h.set_level.remote(level) for h, level in zip(self.handles, levels, strict=True))

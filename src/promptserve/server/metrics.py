@@ -6,6 +6,8 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from promptserve.server.requests import Cancelled, Dropped, Refused, Unmeetable
+
 HISTORY_S = 600  # what a reloaded dashboard gets back: the last 10 minutes at one sample a second
 
 
@@ -121,8 +123,6 @@ class Metrics:
 
     def count(self, outcome: object, deadline_s: float, latency_s: float) -> None:
         """One image's end: served, late, refused, dropped, cancelled or failed."""
-        from promptserve.server.runtime import Cancelled, Dropped, Refused, Unmeetable
-
         if isinstance(outcome, BaseException):
             label = "failed"
             for kind, name in (

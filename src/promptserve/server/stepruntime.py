@@ -32,6 +32,7 @@ class StepRuntime(LiveRuntime):
     def _build(self, demand: Demand) -> None:
         self.planned_for = demand
         self.sched.reprice(demand, self.setting.slo_s)
+        self.workers.prepare_steps()
         count = self.workers.count
         self._left: list[dict] = [{} for _ in range(count)]  # steps left per member
         self._gpu_wake = [asyncio.Event() for _ in range(count)]

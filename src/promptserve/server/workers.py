@@ -66,6 +66,10 @@ class Workers(Protocol):
         """Step-level serving: one boundary (cancels leave, joins join) and one step."""
         ...
 
+    def prepare_steps(self) -> None:
+        """Build what ``advance`` runs, at start-up rather than in the first request."""
+        ...
+
     async def set_levels(self, levels: Sequence[int | None]) -> None: ...
 
     async def alive(self) -> list[bool]: ...
@@ -92,7 +96,7 @@ class LocalWorkers:
         first = self.engines[0]
         self.name, self.total_steps, self.levels = first.name, first.total_steps, first.levels
         self.speedup = first.speedup
-        self.runners: dict[int, object] = {}  # step runners, built at each GPU's first step
+        self.runners: dict[int, object] = {}  # step runners (``prepare_steps``)
 
     async def run(
         self,
@@ -107,10 +111,13 @@ class LocalWorkers:
         self, gpu: int, joins: Joins, refs: Sequence[StoreRefs] | None, cancels: set
     ) -> StepDone:
         """Runner ``gpu`` steps on thread ``gpu``, the one that built its engine."""
-        thread = self.threads[gpu]
-        if gpu not in self.runners:
-            self.runners[gpu] = await thread.run(self.engines[gpu].step_runner, self.profile)
-        return await thread.run(advance, self.runners[gpu], joins, cancels)
+        return await self.threads[gpu].run(advance, self.runners[gpu], joins, cancels)
+
+    def prepare_steps(self) -> None:
+        """Each engine's step runner, built on the thread that built the engine."""
+        for g, (thread, engine) in enumerate(zip(self.threads, self.engines, strict=True)):
+            if g not in self.runners:
+                self.runners[g] = thread.call(engine.step_runner, self.profile)
 
     async def set_levels(self, levels: Sequence[int | None]) -> None:
         """One engine resumes at any level: nothing to tell it."""

@@ -17,6 +17,7 @@ level) runs at ``k_max`` in a batch of its own kind.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -161,7 +162,8 @@ class Dispatcher:
         gpu = self.gpus[dispatch.gpu]
         gpu.running = None
         gpu.busy_until = now
-        return [Outcome(job, Status.SERVED, now, dispatch.level) for job in dispatch.jobs]
+        served = Status.SERVED
+        return [Outcome(job, served, now, dispatch.level, dispatch.gpu) for job in dispatch.jobs]
 
     def fail_gpu(self, now: float, gpu_index: int) -> list[Job]:
         """A worker died: it is marked down and its running jobs go back to their queues (none
@@ -172,6 +174,11 @@ class Dispatcher:
         for job in jobs:
             self.enqueue(job)
         return jobs
+
+    def next_ready(self, now: float) -> float:
+        """When the next switching GPU is ready to take work (inf: none is switching): the
+        one time a driver must look again without being told of an event."""
+        return min((g.ready_at for g in self.gpus if g.up and g.ready_at > now), default=math.inf)
 
     def set_up(self, gpu_index: int, up: bool) -> None:
         self.gpus[gpu_index].up = up

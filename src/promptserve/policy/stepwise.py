@@ -246,7 +246,7 @@ class StepScheduler(StepPricing):
         # the leavers are decoded together before anyone hears, and before anyone joins (the
         # live runtime's step call returns after the decode): both happen after it
         now += len(leaving) * self.profile.leave_s
-        left = [Outcome(m.job, Status.SERVED, now, m.k) for m in leaving]
+        left = [Outcome(m.job, Status.SERVED, now, m.k, gpu.index) for m in leaving]
         joined: list[Member] = []
         dropped: list[Outcome] = []
         placed, gpu.joining = gpu.joining, []

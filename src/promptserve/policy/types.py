@@ -77,3 +77,4 @@ class Outcome:
     status: Status
     time_s: float  # when it ended
     level: int = -1  # the level it was served at; -1 when not served
+    gpu: int = -1  # the GPU that served it; -1 when not served

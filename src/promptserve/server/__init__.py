@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +21,10 @@ from promptserve.errors import InputError
 from promptserve.policy import Setting, get_policy
 from promptserve.quality import model_for_levels
 from promptserve.server.app import create_app
+from promptserve.server.clock import Pause, wall_pause
 from promptserve.server.limits import HttpLimits
 from promptserve.server.pinned import PinnedRuntime
+from promptserve.server.runtime import LiveRuntime
 from promptserve.server.stepruntime import StepRuntime
 from promptserve.server.workers import LocalWorkers, Workers, compute_threads
 
@@ -111,6 +115,26 @@ def worker_devices(device: str, workers: int) -> list[str]:
 
 def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
     """The API over any workers (in-process or Ray replicas): cache, planner, runtime."""
+    runtime = runtime_for(config, workers)
+    return create_app(
+        runtime,
+        runtime.setting.slo_s,
+        f"{image_px}x{image_px}",
+        config.api_keys,
+        config.max_body_bytes,
+        config.public_url,
+        config.http,
+    )
+
+
+def runtime_for(
+    config: ServerConfig,
+    workers: Workers,
+    clock: Callable[[], float] = time.monotonic,
+    pause: Pause = wall_pause,
+) -> LiveRuntime:
+    """The runtime over ``workers``: its cache, embedder, policy and setting as configured;
+    ``clock`` and ``pause`` as the runtime's (a test passes a clock of its own)."""
     profile = workers.profile
     slo_s = config.slo_s or max(5.0 * profile.batch_latency(0, 1), 30.0)
     qm = model_for_levels(profile.levels, profile.quality)
@@ -125,24 +149,10 @@ def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
     policy = get_policy(config.policy)
     # step-level serving: one running batch per GPU; else GPUs at levels
     runtime_class = StepRuntime if policy.step else PinnedRuntime
-    runtime = runtime_class(
-        workers,
-        cache,
-        embedder,
-        policy,
-        setting,
-        qm,
-        expected_qpm=config.expected_qpm,
-    )
-    return create_app(
-        runtime,
-        slo_s,
-        f"{image_px}x{image_px}",
-        config.api_keys,
-        config.max_body_bytes,
-        config.public_url,
-        config.http,
-    )
+    return runtime_class(
+        workers, cache, embedder, policy, setting, qm, clock=clock,
+        expected_qpm=config.expected_qpm, pause=pause,
+    )  # fmt: skip
 
 
 def cache_quota(max_bytes: int | None, root: Path, share: float = 0.1) -> int:
@@ -177,4 +187,4 @@ def latents_dir(cache_dir: Path) -> Path:
     return ApproxCache.latents_dir(cache_root(cache_dir))
 
 
-__all__ = ["ServerConfig", "app_for", "build_app", "latents_dir"]
+__all__ = ["ServerConfig", "app_for", "build_app", "latents_dir", "runtime_for"]

@@ -5,18 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Awaitable, Callable
 
 Pause = Callable[[float, "asyncio.Event | None"], Awaitable[None]]
 
 
 async def wall_pause(seconds: float, event: asyncio.Event | None = None) -> None:
-    """Wait ``seconds`` on the event loop's clock, or until ``event`` is set. asyncio.timeout,
-    not wait_for: 3.11's wait_for can swallow a cancellation that lands as the wake-up fires,
-    and stop() would then wait on the loop for ever."""
+    """Wait ``seconds`` (inf: for ever) on the event loop's clock, or until ``event`` is set.
+    asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that lands as the
+    wake-up fires, and stop() would then wait on the loop for ever."""
     if event is None:
         await asyncio.sleep(seconds)
         return
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(seconds):
+        async with asyncio.timeout(seconds if math.isfinite(seconds) else None):
             await event.wait()

@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 BATCH_TIMEOUT_FACTOR = 10.0  # a batch running this many times its predicted latency ...
 BATCH_TIMEOUT_FLOOR_S = 60.0  # ... and at least this long is given up on (its requests fail)
-POLL_S = 0.05  # the scheduler looks again this often, or when woken
 
 
 class PinnedRuntime(LiveRuntime):
@@ -137,13 +136,15 @@ class PinnedRuntime(LiveRuntime):
 
     async def _schedule(self) -> None:
         while True:
+            self._wake.clear()
             try:
                 self._schedule_once()
             except Exception:  # one failed step must not end the loop
                 log.exception("scheduler step failed")
                 self.counters.loop_errors += 1
-            self._wake.clear()
-            await self.pause(POLL_S, self._wake)
+            # no polling: it is woken by an arrival, a finished batch, a plan or a returning
+            # worker, and looks again by itself only when a switching GPU becomes ready
+            await self.pause(self.dispatcher.next_ready(self.clock()) - self.clock(), self._wake)
 
     def _schedule_once(self) -> None:
         dispatches, outcomes = self.dispatcher.step(self.clock())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.policy.contract import Arrival
@@ -24,7 +25,6 @@ from promptserve.server.workers import StoreRefs, WorkerLost
 
 log = logging.getLogger(__name__)
 
-IDLE_POLL_S = 0.05  # an idle GPU's loop looks again this often, or when woken
 DOWN_POLL_S = 1.0  # how often a lost worker is asked whether it is back
 
 
@@ -137,6 +137,7 @@ class StepRuntime(LiveRuntime):
     async def _gpu_loop(self, g: int) -> None:
         gpu, steps = self.sched.gpus[g], 0
         while True:
+            self._gpu_wake[g].clear()  # before the boundary: a wake-up during it is kept
             try:
                 steps = await self._boundary(g, gpu, steps) if gpu.up else 0
             except asyncio.CancelledError:
@@ -153,9 +154,8 @@ class StepRuntime(LiveRuntime):
                     self._fail(job_id, RuntimeError("the step failed"))
                 self._left[g] = {}
                 steps = 0
-            if steps == 0:
-                self._gpu_wake[g].clear()
-                await self.pause(IDLE_POLL_S, self._gpu_wake[g])
+            if steps == 0:  # idle: no polling, an arrival or a finish elsewhere wakes it
+                await self.pause(math.inf, self._gpu_wake[g])
 
     async def _boundary(self, g: int, gpu: StepGpu, steps: int) -> int:
         """One boundary and the step after it; the number of steps run (0: idle)."""

@@ -224,6 +224,7 @@ class EventRun:
         if outcome.status == Status.SERVED:
             rec.finish_s[i] = outcome.time_s
             rec.level[i] = outcome.level
+            rec.gpu[i] = outcome.gpu
             rec.quality[i] = self.inputs.quality.q(outcome.job.k_opt, outcome.level)
         self.done += 1
         if self.on_progress is not None:

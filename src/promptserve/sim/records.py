@@ -20,6 +20,7 @@ class Records:
     finish_s: np.ndarray  # NaN unless served
     level: np.ndarray  # -1 unless served
     quality: np.ndarray  # percent; 0 unless served
+    gpu: np.ndarray  # the GPU that served it; -1 unless served
 
     @classmethod
     def empty(cls, arrival_s: np.ndarray, deadline_s: np.ndarray) -> Records:
@@ -32,6 +33,7 @@ class Records:
             np.full(n, np.nan),
             np.full(n, -1),
             np.zeros(n),
+            np.full(n, -1),
         )
 
     def summary(self, planner_ms: list[float]) -> dict:

@@ -5,7 +5,7 @@ from promptserve.cache.embed import HashingEmbedder
 from promptserve.cache.thresholds import shipped_thresholds
 from promptserve.policy import POLICIES, Status, get_policy
 from promptserve.profile import reference_profile
-from promptserve.sim.compare import CompareConfig, compare
+from promptserve.sim.compare import CompareConfig, compare, sim_inputs
 from promptserve.workload import generate_arrivals, make_requests, parse_arrival_spec
 
 PROFILE = reference_profile()
@@ -30,14 +30,9 @@ def workload(n_minutes=6, rate=None, seed=0):
 
 
 def run(policies, reqs, emb, seed=0, gpus=8, penalty="mild"):
-    return compare(
-        [get_policy(p) for p in policies],
-        reqs,
-        emb,
-        PROFILE,
-        shipped_thresholds("clip"),
-        CompareConfig(gpus, 21.0, penalty, seed),
-    )
+    config = CompareConfig(gpus, 21.0, penalty, seed)
+    inputs = sim_inputs(reqs, emb, PROFILE, shipped_thresholds("clip"), config)
+    return compare([get_policy(p) for p in policies], inputs, config)
 
 
 def test_every_request_ends_exactly_once_under_every_policy():

@@ -155,18 +155,13 @@ def test_the_price_splits_the_class_that_moves_so_work_meets_capacity():
 
 
 def test_the_oracle_bounds_step_level_schedules():
-    from promptserve.sim.compare import CompareConfig, compare
+    from promptserve.sim.compare import CompareConfig, compare, sim_inputs
 
     inputs = poisson(90, 4, gpus=2, seed=3)
     names = ["promptserve-step", "continuous-ht+shed+admit", "continuous-ha+shed+admit"]
-    rows, oracle, _, _ = compare(
-        [get_policy(n) for n in names],
-        inputs.requests,
-        inputs.embeddings,
-        PROFILE,
-        shipped_thresholds("clip"),
-        CompareConfig(2, 21.0, "steep", 3),
-    )
+    config = CompareConfig(2, 21.0, "steep", 3)
+    args = (inputs.requests, inputs.embeddings, PROFILE, shipped_thresholds("clip"), config)
+    rows, oracle, _, _ = compare([get_policy(n) for n in names], sim_inputs(*args), config)
     bound = oracle["effective_quality_upper_bound"]
     assert 50.0 < max(rows[n]["effective_quality"] for n in names) <= bound + 1e-6
 

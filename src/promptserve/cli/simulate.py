@@ -87,7 +87,7 @@ def simulate_cmd(
     """Run policies side by side on one workload and bound them with the offline oracle."""
     from promptserve.cache.thresholds import embedder_thresholds
     from promptserve.policy import parse_policies
-    from promptserve.sim.compare import CompareConfig, compare, config_dict
+    from promptserve.sim.compare import CompareConfig, compare, config_dict, sim_inputs
     from promptserve.sim.report import COLUMNS, write_report
     from promptserve.workload import (
         generate_arrivals,
@@ -115,14 +115,11 @@ def simulate_cmd(
     config = CompareConfig(gpus, slo_s, quality_penalty, seed, warm)  # type: ignore[arg-type]
     with progress() as bar:
         tasks = {p.name: bar.add_task(f"simulating {p.name}", total=len(requests)) for p in chosen}
+        inputs = sim_inputs(requests, embeddings, prof, thresholds, config, warm_pair)
         rows, oracle, timelines, _ = compare(
             chosen,
-            requests,
-            embeddings,
-            prof,
-            thresholds,
+            inputs,
             config,
-            warm_pair,
             on_progress=lambda name, n: bar.advance(tasks[name], n),
         )
     extra = {

@@ -18,11 +18,10 @@ from collections.abc import Sequence
 
 from ray.exceptions import RayActorError
 
-from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.profile import Profile
 from promptserve.server.runtime import Cancelled
-from promptserve.server.stepworkers import StepDone
-from promptserve.server.workers import OnStep, StoreRefs, WorkerLost
+from promptserve.server.stepworkers import Joins, StepDone
+from promptserve.server.workers import Items, OnStep, Refs, Results, WorkerLost
 
 PING_TIMEOUT_S = 2.0
 
@@ -39,13 +38,7 @@ class RayWorkers:
         self.profile: Profile = info["profile"]
         self.speedup: float = info.get("speedup", 1.0)
 
-    async def run(
-        self,
-        gpu: int,
-        items: Sequence[GenerationItem],
-        on_step: OnStep,
-        refs: Sequence[StoreRefs] | None = None,
-    ) -> list[GenerationResult]:
+    async def run(self, gpu: int, items: Items, on_step: OnStep, refs: Refs = None) -> Results:
         stream = self.handles[gpu].options(stream=True).generate.remote(list(items), refs)
         try:
             async for kind, payload in stream:
@@ -60,9 +53,7 @@ class RayWorkers:
             raise WorkerLost(gpu, type(exc).__name__) from exc
         raise WorkerLost(gpu, "the stream ended without a result")
 
-    async def advance(
-        self, gpu: int, joins: Sequence, refs: Sequence[StoreRefs] | None, cancels: set
-    ) -> StepDone:
+    async def advance(self, gpu: int, joins: Joins, refs: Refs, cancels: set) -> StepDone:
         """Step-level serving: one boundary and one step on the replica's step runner."""
         try:
             return await self.handles[gpu].step.remote(list(joins), refs, set(cancels))

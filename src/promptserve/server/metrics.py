@@ -11,6 +11,86 @@ from promptserve.server.requests import Cancelled, Dropped, Refused, Unmeetable
 HISTORY_S = 600  # what a reloaded dashboard gets back: the last 10 minutes at one sample a second
 
 
+# attribute -> (series, help, labels): every gauge the observer sets at scrape
+GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "queue": ("promptserve_queue_length", "Jobs waiting per level", ("level",)),
+    "gpus": ("promptserve_workers_per_level", "Workers per level", ("level",)),
+    "quality": (
+        "promptserve_mean_predicted_quality",
+        "Mean predicted quality of served images (percent)",
+        (),
+    ),
+    "hit_ratio": (
+        "promptserve_cache_hit_ratio",
+        "Share of lookups served from a cached latent",
+        (),
+    ),
+    "planner": ("promptserve_planner_ms_last", "Time of the last plan (ms)", ()),
+    "retried": (
+        "promptserve_requests_retried",
+        "Requests put back in a queue because their worker was lost mid-batch",
+        (),
+    ),
+    "workers_up": ("promptserve_workers_up", "Workers whose replica answers", ()),
+    "submitted": (
+        "promptserve_requests_submitted",
+        "Images asked for (offered load); each ends in one outcome of promptserve_requests",
+        (),
+    ),
+    "skipped": (
+        "promptserve_cache_skipped_writes",
+        "Cache entries not kept because writing their latents failed (a full disk)",
+        (),
+    ),
+    "cache_bytes": (
+        "promptserve_cache_bytes",
+        "Bytes the cached latent files take on disk (linked levels counted once)",
+        (),
+    ),
+    "cache_quota": (
+        "promptserve_cache_quota_bytes",
+        "The latent cache's byte quota (--cache-max-bytes)",
+        (),
+    ),
+    "cache_entries": ("promptserve_cache_entries", "Entries in the approximate cache", ()),
+    "evictions": (
+        "promptserve_cache_evictions",
+        "Cache entries evicted (LCBFU) to keep within the quota",
+        (),
+    ),
+    "evicted_bytes": (
+        "promptserve_cache_evicted_bytes",
+        "Bytes of latent files removed by eviction",
+        (),
+    ),
+    "embed_rows": (
+        "promptserve_embedding_cache_rows",
+        "Prompts in the embedding cache (bounded by --embed-cache-max-rows)",
+        (),
+    ),
+    "cache_failures": (
+        "promptserve_cache_update_failures",
+        "Served answers whose cache insert or manifest commit failed (logged; answer sent)",
+        (),
+    ),
+    "loop_errors": (
+        "promptserve_loop_errors",
+        "Scheduler, re-plan or planner iterations that raised (logged; the loop went on)",
+        (),
+    ),
+    "batch_timeouts": (
+        "promptserve_batch_timeouts",
+        "Batches given up on after 10x their predicted latency (their requests failed)",
+        (),
+    ),
+    "inflight": (
+        "promptserve_inflight",
+        "Requests in a GPU's running batch (step-level serving)",
+        ("gpu",),
+    ),
+}
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -26,98 +106,14 @@ class Metrics:
             registry=self.registry,
             buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 21, 30, 60, 120),
         )
-        self.queue = Gauge(
-            "promptserve_queue_length", "Jobs waiting per level", ["level"], registry=self.registry
-        )
-        self.gpus = Gauge(
-            "promptserve_workers_per_level", "Workers per level", ["level"], registry=self.registry
-        )
-        self.quality = Gauge(
-            "promptserve_mean_predicted_quality",
-            "Mean predicted quality of served images (percent)",
-            registry=self.registry,
-        )
-        self.hit_ratio = Gauge(
-            "promptserve_cache_hit_ratio",
-            "Share of lookups served from a cached latent",
-            registry=self.registry,
-        )
-        self.planner = Gauge(
-            "promptserve_planner_ms_last", "Time of the last plan (ms)", registry=self.registry
-        )
-        self.retried = Gauge(
-            "promptserve_requests_retried",
-            "Requests put back in a queue because their worker was lost mid-batch",
-            registry=self.registry,
-        )
-        self.workers_up = Gauge(
-            "promptserve_workers_up", "Workers whose replica answers", registry=self.registry
-        )
-        self.submitted = Gauge(
-            "promptserve_requests_submitted",
-            "Images asked for (offered load); each ends in one outcome of promptserve_requests",
-            registry=self.registry,
-        )
-        self.skipped = Gauge(
-            "promptserve_cache_skipped_writes",
-            "Cache entries not kept because writing their latents failed (a full disk)",
-            registry=self.registry,
-        )
-        self.cache_bytes = Gauge(
-            "promptserve_cache_bytes",
-            "Bytes the cached latent files take on disk (linked levels counted once)",
-            registry=self.registry,
-        )
-        self.cache_quota = Gauge(
-            "promptserve_cache_quota_bytes",
-            "The latent cache's byte quota (--cache-max-bytes)",
-            registry=self.registry,
-        )
-        self.cache_entries = Gauge(
-            "promptserve_cache_entries", "Entries in the approximate cache", registry=self.registry
-        )
-        self.evictions = Gauge(
-            "promptserve_cache_evictions",
-            "Cache entries evicted (LCBFU) to keep within the quota",
-            registry=self.registry,
-        )
-        self.evicted_bytes = Gauge(
-            "promptserve_cache_evicted_bytes",
-            "Bytes of latent files removed by eviction",
-            registry=self.registry,
-        )
-        self.embed_rows = Gauge(
-            "promptserve_embedding_cache_rows",
-            "Prompts in the embedding cache (bounded by --embed-cache-max-rows)",
-            registry=self.registry,
-        )
-        self.cache_failures = Gauge(
-            "promptserve_cache_update_failures",
-            "Served answers whose cache insert or manifest commit failed (logged; answer sent)",
-            registry=self.registry,
-        )
-        self.loop_errors = Gauge(
-            "promptserve_loop_errors",
-            "Scheduler, re-plan or planner iterations that raised (logged; the loop went on)",
-            registry=self.registry,
-        )
-        self.batch_timeouts = Gauge(
-            "promptserve_batch_timeouts",
-            "Batches given up on after 10x their predicted latency (their requests failed)",
-            registry=self.registry,
-        )
-        self.inflight = Gauge(
-            "promptserve_inflight",
-            "Requests in a GPU's running batch (step-level serving)",
-            ["gpu"],
-            registry=self.registry,
-        )
         self.levels = Counter(
             "promptserve_images_by_level",
             "Answered images by the approximation level K they ran at (the K mix)",
             ["level"],
             registry=self.registry,
         )
+        for attr, (series, text, labels) in GAUGES.items():
+            setattr(self, attr, Gauge(series, text, list(labels), registry=self.registry))
         self._q_sum = 0.0
         self._q_n = 0
 

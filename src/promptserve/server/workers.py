@@ -21,6 +21,8 @@ from promptserve.server.stepworkers import Joins, StepDone, advance
 # called once per denoising step, with the previews of that step by row when any were asked
 # for (``GenerationItem.previews``); raising stops the batch
 OnStep = Callable[..., None]
+Items = Sequence[GenerationItem]
+Results = list[GenerationResult]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,9 @@ class StoreRefs:
     entry_id: int | None  # None: nothing to write (an exact repeat adds nothing to the cache)
     # the cache entry ``start_key`` belongs to, pinned against eviction until the run has read it
     pinned: int | None = None
+
+
+Refs = Sequence[StoreRefs] | None  # one per item, for workers on the shared store
 
 
 class WorkerLost(Exception):
@@ -52,17 +57,9 @@ class Workers(Protocol):
     shared_store: bool  # True: runs take StoreRefs and move latents through the store
     speedup: float  # the engines run this many times faster than ``profile`` (modelled only)
 
-    async def run(
-        self,
-        gpu: int,
-        items: Sequence[GenerationItem],
-        on_step: OnStep,
-        refs: Sequence[StoreRefs] | None = None,
-    ) -> list[GenerationResult]: ...
+    async def run(self, gpu: int, items: Items, on_step: OnStep, refs: Refs = None) -> Results: ...
 
-    async def advance(
-        self, gpu: int, joins: Joins, refs: Sequence[StoreRefs] | None, cancels: set
-    ) -> StepDone:
+    async def advance(self, gpu: int, joins: Joins, refs: Refs, cancels: set) -> StepDone:
         """Step-level serving: one boundary (cancels leave, joins join) and one step."""
         ...
 
@@ -98,18 +95,10 @@ class LocalWorkers:
         self.speedup = first.speedup
         self.runners: dict[int, object] = {}  # step runners (``prepare_steps``)
 
-    async def run(
-        self,
-        gpu: int,
-        items: Sequence[GenerationItem],
-        on_step: OnStep,
-        refs: Sequence[StoreRefs] | None = None,
-    ) -> list[GenerationResult]:
+    async def run(self, gpu: int, items: Items, on_step: OnStep, refs: Refs = None) -> Results:
         return await self.threads[gpu].run(self.engines[gpu].generate, items, on_step)
 
-    async def advance(
-        self, gpu: int, joins: Joins, refs: Sequence[StoreRefs] | None, cancels: set
-    ) -> StepDone:
+    async def advance(self, gpu: int, joins: Joins, refs: Refs, cancels: set) -> StepDone:
         """Runner ``gpu`` steps on thread ``gpu``, the one that built its engine."""
         return await self.threads[gpu].run(advance, self.runners[gpu], joins, cancels)
 

@@ -63,16 +63,14 @@ def sim_inputs(
 
 def compare(
     policies: Sequence[Policy],
-    requests: Sequence[Request],
-    embeddings: np.ndarray,
-    profile: Profile,
-    thresholds: Thresholds,
+    inputs: SimInputs,
     config: CompareConfig,
-    warm: tuple[list[str], np.ndarray] | None = None,
     on_progress: Callable[[str, int], None] | None = None,
 ) -> tuple[dict[str, dict], dict, dict[str, dict], list[SimResult]]:
-    inputs = sim_inputs(requests, embeddings, profile, thresholds, config, warm)
-    setting, thresholds = inputs.setting, inputs.thresholds
+    """Every policy on the same inputs (``sim_inputs``), and the oracle's bounds on them."""
+    setting, thresholds, requests = inputs.setting, inputs.thresholds, inputs.requests
+    embeddings, levels = inputs.embeddings, setting.profiles[0].levels
+    warm = (list(inputs.warm_prompts), inputs.warm_embeddings) if inputs.warm_prompts else None
     results, rows, timelines = [], {}, {}
     for policy in policies:
         res = simulate(
@@ -82,7 +80,7 @@ def compare(
         rows[policy.name] = res.records.summary(res.planner_ms)
         timeline = res.records.per_minute()
         minutes = len(timeline["offered_qpm"])
-        timeline["gpus_per_level"] = gpus_per_minute(res.plans, profile.levels, minutes)
+        timeline["gpus_per_level"] = gpus_per_minute(res.plans, levels, minutes)
         timelines[policy.name] = timeline
     k_opt, found = oracle_neighbours(
         requests, embeddings, thresholds, warm, earliest_answer_s(setting.profiles)

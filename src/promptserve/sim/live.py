@@ -52,12 +52,10 @@ def simulate_like(
     thresholds = embedder_thresholds(server["embedder"])
     config = CompareConfig(int(server["workers"]), slo_s, "mild", seed)
     policy = get_policy(server["policy"])
-    rows, oracle, timelines, results = compare(
-        [policy], requests, embeddings, profile, thresholds, config
-    )
+    inputs = sim_inputs(requests, embeddings, profile, thresholds, config)
+    rows, oracle, timelines, results = compare([policy], inputs, config)
     row = rows[policy.name] | cache_mix(results[0].records)
     if phases > 0 and policy.replan_s:  # phase 0 is the run above; the bound does not move
-        inputs = sim_inputs(requests, embeddings, profile, thresholds, config)
         runs = [rows[policy.name]]
         for i in range(1, phases):
             moved = replace(inputs, replan_phase_s=i * policy.replan_s / phases)

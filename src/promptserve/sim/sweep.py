@@ -22,7 +22,7 @@ from promptserve.errors import InputError
 from promptserve.policy import Policy
 from promptserve.profile import Profile
 from promptserve.quality import PenaltyShape
-from promptserve.sim.compare import CompareConfig, compare
+from promptserve.sim.compare import CompareConfig, compare, sim_inputs
 from promptserve.sim.oracle import DEFAULT_WINDOW_S
 from promptserve.workload import generate_arrivals, make_requests, parse_arrival_spec
 
@@ -88,7 +88,8 @@ def run_sweep(
                 config.oracle_window_s,
                 config.coarse_window_s,
             )
-            rows, oracle, _, _ = compare(policies, requests, emb, profile, thresholds, cmp)
+            inputs = sim_inputs(requests, emb, profile, thresholds, cmp)
+            rows, oracle, _, _ = compare(policies, inputs, cmp)
             span_min = max(float(times[-1] - times[0]) / 60.0, 1e-9)
             point = {
                 "rate_qpm": rate,  # None: the arrival shape's own rate

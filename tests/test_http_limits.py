@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from factories import modeled_app, tiny_app
-from promptserve.server.limits import HttpLimits
+from promptserve.edge.limits import HttpLimits
 from promptserve.server.live import LiveServer
 
 KEY = "k" * 24
@@ -176,9 +176,9 @@ def test_n_images_are_admitted_or_refused_whole(tmp_path, policy):
 
 
 def test_forwarded_headers_are_believed_only_from_trusted_proxies():
+    from promptserve.edge.limits import check_proxies
+    from promptserve.edge.protocol import uvicorn_config
     from promptserve.errors import InputError
-    from promptserve.server.limits import check_proxies
-    from promptserve.server.protocol import uvicorn_config
 
     plain = uvicorn_config(object(), "127.0.0.1", 1, HttpLimits())
     assert plain.proxy_headers is False  # uvicorn's own default believes loopback

@@ -89,3 +89,13 @@ def test_the_server_imports_nothing_from_the_simulator():
     for module, deps in graph().items():
         if module.startswith("promptserve.server"):
             assert not [d for d in deps if d.startswith("promptserve.sim")], module
+
+
+def test_the_edge_knows_nothing_of_serving():
+    """What guards the connection and the caller's key sits below the app: it imports no
+    runtime, policy or simulator module, so a change to serving cannot open the edge."""
+    below = ("promptserve.server", "promptserve.policy", "promptserve.sim", "promptserve.engine")
+    for module, deps in graph().items():
+        if module.startswith("promptserve.edge"):
+            assert not [d for d in deps if d.startswith(below)], module
+    assert any(m.startswith("promptserve.edge.") for m in graph())

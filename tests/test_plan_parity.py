@@ -27,12 +27,18 @@ def test_a_plan_once_policy_is_not_re_planned_live_for_load(tmp_path):
     solved = len(runtime.counters.planner_ms)
     for t in range(40):  # a load far from the first plan's
         runtime.estimator.observe(runtime.started + t, 10)
-    asyncio.run(runtime._replan_once())
+    asyncio.run(
+        runtime._replan(runtime.estimator.estimate(runtime.started + 40, runtime.started), False)
+    )
     assert len(runtime.counters.planner_ms) == solved
     periodic = modeled_app(tmp_path / "p", policy="promptserve").state.runtime
     for t in range(40):
         periodic.estimator.observe(periodic.started + t, 10)
-    asyncio.run(periodic._replan_once())
+    asyncio.run(
+        periodic._replan(
+            periodic.estimator.estimate(periodic.started + 40, periodic.started), False
+        )
+    )
     assert len(periodic.counters.planner_ms) == solved + 1  # the rule has two sides
 
 

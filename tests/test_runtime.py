@@ -7,7 +7,7 @@ import pytest
 
 from factories import client, modeled_app
 from promptserve.cache.embed import HashingEmbedder
-from promptserve.server.keys import DEFAULT_TENANT
+from promptserve.edge.keys import DEFAULT_TENANT
 from promptserve.server.live import LiveServer
 
 

@@ -228,8 +228,8 @@ def test_api_keys_are_enforced_and_tenants_do_not_share_the_cache(tmp_path):
 
 
 def test_key_files_are_validated(tmp_path):
+    from promptserve.edge.keys import load_keys, tenant_for
     from promptserve.errors import InputError
-    from promptserve.server.keys import load_keys, tenant_for
 
     f = tmp_path / "keys"
     f.write_text(f"# comment\n{KEY_A}:alice\n{KEY_B}:bob\n")

@@ -103,11 +103,11 @@ def validate_settings(raw: object, source: str) -> ServeFile:
 
 def server_config(s: ServeFile):
     """The server's settings, API keys loaded, the policy checked; no keys means localhost."""
+    from promptserve.edge.keys import load_keys
+    from promptserve.edge.limits import HttpLimits, check_proxies
     from promptserve.engine.options import EngineOptions
     from promptserve.policy import get_policy
     from promptserve.server import ServerConfig
-    from promptserve.server.keys import load_keys
-    from promptserve.server.limits import HttpLimits, check_proxies
 
     get_policy(s.policy)
     keys = load_keys(s.api_keys_file)

@@ -173,8 +173,8 @@ def serve_cmd(
     import uvicorn
 
     from promptserve.config import ServeFile, load_serve_file, server_config, validate_settings
+    from promptserve.edge.protocol import uvicorn_config
     from promptserve.server import build_app
-    from promptserve.server.protocol import uvicorn_config
 
     base = load_serve_file(config) if config else ServeFile()
     flags = {

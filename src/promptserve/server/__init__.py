@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from promptserve.cache.approx import ApproxCache
 from promptserve.cache.embed import make_embedder
 from promptserve.cache.thresholds import embedder_thresholds
+from promptserve.edge.limits import HttpLimits
 from promptserve.engine import make_engine
 from promptserve.engine.options import EngineOptions
 from promptserve.engine.profiling import quick_profile
@@ -22,7 +23,6 @@ from promptserve.policy import Setting, get_policy
 from promptserve.quality import model_for_levels
 from promptserve.server.app import create_app
 from promptserve.server.clock import Pause, wall_pause
-from promptserve.server.limits import HttpLimits
 from promptserve.server.pinned import PinnedRuntime
 from promptserve.server.runtime import LiveRuntime
 from promptserve.server.stepruntime import StepRuntime

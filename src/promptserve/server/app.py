@@ -17,10 +17,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from promptserve.edge.limits import HttpLimits, RequestGate
 from promptserve.server.context import Context, error
 from promptserve.server.generations import image_routes
 from promptserve.server.jobroutes import job_routes
-from promptserve.server.limits import HttpLimits, RequestGate
 from promptserve.server.metrics import History
 from promptserve.server.observer import record, scrape
 from promptserve.server.runtime import LiveRuntime

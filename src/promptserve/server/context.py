@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from promptserve.edge.keys import tenant_for
 from promptserve.server.images import ImageStore
-from promptserve.server.keys import tenant_for
 from promptserve.server.metrics import Metrics
 from promptserve.server.runtime import Dropped, LiveRuntime, Refused, Unmeetable
 from promptserve.server.schemas import ImageRequest, visible

@@ -11,11 +11,11 @@ from collections import OrderedDict
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from promptserve.edge.keys import tenant_for
 from promptserve.server.context import Context, error
 from promptserve.server.imageapi import b64, meta_of
 from promptserve.server.images import new_id, valid_id
 from promptserve.server.jobs import FINAL, KEPT_JOBS, JobState, forget_finished
-from promptserve.server.keys import tenant_for
 from promptserve.server.runtime import Cancelled, JobHandle, Refused, Unmeetable
 from promptserve.server.schemas import ImageData, ImageRequest
 

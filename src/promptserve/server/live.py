@@ -24,8 +24,8 @@ class LiveServer:
     """``with LiveServer(app) as url:`` serves ``app`` on 127.0.0.1 until the block ends."""
 
     def __init__(self, app, start_timeout_s: float = 30.0) -> None:
-        from promptserve.server.limits import HttpLimits
-        from promptserve.server.protocol import uvicorn_config
+        from promptserve.edge.limits import HttpLimits
+        from promptserve.edge.protocol import uvicorn_config
 
         self.port = free_port()
         limits = getattr(app.state, "http_limits", None) or HttpLimits()

@@ -34,7 +34,7 @@ class PinnedRuntime(LiveRuntime):
         self._plan(demand)
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._schedule()), asyncio.create_task(self._replan())]
+        self._tasks = [asyncio.create_task(c) for c in (self._schedule(), self._replan_loop())]
 
     def _placed(self, arrival: Arrival) -> None:
         self._wake.set()
@@ -91,39 +91,16 @@ class PinnedRuntime(LiveRuntime):
         now = self.clock()
         switching = switch_s(self.policy, self.setting.profiles[0])
         if apply_levels(self.dispatcher, now, levels, switching):
-            self._wake.set()  # the scheduler polls; a switching GPU is dispatched once ready
+            self._wake.set()  # the scheduler looks again, and again when a switching GPU is ready
 
-    async def _replan(self) -> None:
-        """Every period: re-plan from the estimate, take back workers that answer again, and
-        tell the workers their levels (a runtime setting: nothing reloads)."""
-        period = self.policy.replan_s or 5.0
-        while True:
-            await self._push_levels()  # first, so a new server's workers hear the first plan
-            if self._any_down():
-                await self.pause(min(period, 1.0), None)
-            elif not await self._until_replan(period):
-                continue
-            try:
-                await self._replan_once()
-            except Exception:  # one failed iteration must not end the loop
-                log.exception("re-plan iteration failed")
-                self.counters.loop_errors += 1
-
-    async def _replan_once(self) -> None:
-        alive = await self.workers.alive() if self._any_down() else []  # ping only then
-        back = [i for i, ok in enumerate(alive) if ok and not self.dispatcher.gpus[i].up]
-        for i in back:
-            self.sched.set_up(i, True, self.clock())
-            log.warning("worker %d is back; re-planning with it", i)
-        await self._plan_off_loop(
-            self.estimator.estimate(self.clock(), self.started), force=bool(back)
-        )
+    async def _replan(self, demand: Demand, force: bool) -> None:
+        await self._plan_off_loop(demand, force)
         self._wake.set()
 
-    def _any_down(self) -> bool:
-        return len(self.dispatcher.up_gpus()) < len(self.dispatcher.gpus)
+    def _is_up(self, gpu: int) -> bool:
+        return self.dispatcher.gpus[gpu].up
 
-    async def _push_levels(self) -> None:
+    async def _sync_workers(self) -> None:
         levels = tuple(g.level for g in self.dispatcher.gpus)
         if levels != self._levels_sent:
             try:

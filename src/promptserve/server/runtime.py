@@ -45,6 +45,8 @@ from promptserve.server.workers import StoreRefs, Workers
 
 log = logging.getLogger(__name__)
 
+DOWN_POLL_S = 1.0  # how often a lost worker is asked whether it is back
+
 __all__ = [
     "Cancelled",
     "Counters",
@@ -286,6 +288,43 @@ class LiveRuntime:
         if self.first_arrival is None:
             self.first_arrival = self.started = now
             self._arrived.set()
+
+    async def _replan_loop(self) -> None:
+        """Every period (every second while a worker is down): take back the workers that
+        answer again, then re-plan (pinned) or re-price (step-level) from the estimate."""
+        period = self.policy.replan_s or 5.0
+        while True:
+            await self._sync_workers()  # first, so a new server's workers hear the first plan
+            down = self.sched.snapshot().gpus_up < self.workers.count
+            if down:
+                await self.pause(min(period, DOWN_POLL_S), None)
+            elif not await self._until_replan(period):
+                continue
+            try:
+                back = await self._take_back() if down else []
+                await self._replan(self.estimator.estimate(self.clock(), self.started), bool(back))
+            except Exception:  # one failed iteration must not end the loop
+                log.exception("re-plan iteration failed")
+                self.counters.loop_errors += 1
+
+    async def _take_back(self) -> list[int]:
+        """The lost GPUs whose workers answer again, back in the scheduler."""
+        alive = await self.workers.alive()
+        back = [g for g, ok in enumerate(alive) if ok and not self._is_up(g)]
+        for g in back:
+            log.warning("worker %d is back; it takes work again", g)
+            self.sched.set_up(g, True, self.clock())
+        return back
+
+    async def _sync_workers(self) -> None:
+        """Tell the workers what they need to know of the plan (pinned: their levels)."""
+
+    async def _replan(self, demand: Demand, force: bool) -> None:
+        """The family's plan or price for ``demand`` (``force``: GPUs came back)."""
+        raise NotImplementedError
+
+    def _is_up(self, gpu: int) -> bool:
+        raise NotImplementedError
 
     async def _until_replan(self, period: float) -> bool:
         """Sleep to the next re-plan on the grid (True); before any request, until the first

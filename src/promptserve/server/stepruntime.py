@@ -25,8 +25,6 @@ from promptserve.server.workers import StoreRefs, WorkerLost
 
 log = logging.getLogger(__name__)
 
-DOWN_POLL_S = 1.0  # how often a lost worker is asked whether it is back
-
 
 class StepRuntime(LiveRuntime):
     def _build(self, demand: Demand) -> None:
@@ -40,7 +38,7 @@ class StepRuntime(LiveRuntime):
 
     def start(self) -> None:
         loops = [self._gpu_loop(g) for g in range(self.workers.count)]
-        self._tasks = [asyncio.create_task(c) for c in (*loops, self._reprice_loop())]
+        self._tasks = [asyncio.create_task(c) for c in (*loops, self._replan_loop())]
 
     def _placed(self, arrival: Arrival) -> None:
         self._wake_gpus(self.sched.gpus[arrival.gpu] if arrival.gpu is not None else None)
@@ -59,43 +57,28 @@ class StepRuntime(LiveRuntime):
 
     # -- the price and lost workers ---------------------------------------------------------
 
-    async def _reprice_loop(self) -> None:
-        period = self.policy.replan_s or 5.0
-        while True:
-            if self._any_down():
-                await self.pause(min(period, DOWN_POLL_S), None)
-                await self._take_back()
-            elif not await self._until_replan(period):
-                continue
-            try:
-                if self.policy.replan_s:
-                    self._reprice(self.estimator.estimate(self.clock(), self.started))
-            except Exception:
-                log.exception("re-pricing failed")
-                self.counters.loop_errors += 1
+    async def _replan(self, demand: Demand, force: bool) -> None:
+        """Step-level serving's re-plan is a new price on step-slots; returning GPUs are
+        priced in at once, even for a policy priced once."""
+        if self.policy.replan_s:
+            self._reprice(demand)
+        elif force:
+            self._reprice(self.planned_for or demand)
+        if force:
+            self._wake_gpus(None)
 
     def _reprice(self, demand: Demand) -> None:
         self.planned_for = demand
         self.sched.reprice(demand, self.setting.slo_s)
 
-    def _any_down(self) -> bool:
-        return not all(g.up for g in self.sched.gpus)
+    def _is_up(self, gpu: int) -> bool:
+        return self.sched.gpus[gpu].up
 
-    async def _take_back(self) -> None:
-        """Workers that answer again rejoin the placement and the capacity."""
-        try:
-            alive = await self.workers.alive()
-        except Exception:
-            log.exception("could not ask the workers whether they are up")
-            return
-        back = [g for g, ok in enumerate(alive) if ok and not self.sched.gpus[g].up]
+    async def _take_back(self) -> list[int]:
+        back = await super()._take_back()
         for g in back:
-            log.warning("worker %d is back; it takes members again", g)
-            self.sched.set_up(g, True, self.clock())
             self._cancel[g].clear()  # a replaced worker holds none of the old members
-        if back:
-            self._reprice(self.planned_for or self.estimator.estimate(self.clock(), self.started))
-            self._wake_gpus(None)
+        return back
 
     def _worker_lost(self, g: int, reason: str) -> None:
         """Its GPU leaves placement and capacity now; its members and joiners start again."""

@@ -1,7 +1,7 @@
 """What a request may cost the server before it is a request: the head's size and count, the
 time its head and body may take, the connections one address may hold, and the body's size.
 
-The connection-level limits live in ``server.protocol`` (a slow or oversized head never reaches
+The connection-level limits live in ``edge.protocol`` (a slow or oversized head never reaches
 the app); the ones that read a parsed head or the body are the ASGI middleware here.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from promptserve.server.keys import tenant_for
+from promptserve.edge.keys import tenant_for
 
 # paths whose caller is a tenant: everything else is operational or a capability URL
 AUTHENTICATED = ("/v1/images/generations", "/v1/jobs")

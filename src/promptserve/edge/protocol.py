@@ -17,7 +17,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from promptserve.server.limits import HttpLimits, error_body
+from promptserve.edge.limits import HttpLimits, error_body
 
 HEAD_END = b"\r\n\r\n"
 LINGER_S = 2.0  # after a refusal, what the client still sends is read and dropped this long

@@ -182,7 +182,7 @@ class PinnedRuntime(LiveRuntime):
             self._fail_batch(dispatch, TimeoutError(f"the batch ran over {timeout_s:.0f} s"))
             return
         except WorkerLost as lost:  # the batch did not run: back to its queues, GPU out
-            self._lost(dispatch, lost, handles)
+            self._lose(dispatch.gpu, str(lost))
             return
         except Exception as exc:  # a worker failure: these requests fail explicitly, once
             self._fail_batch(dispatch, exc)
@@ -197,13 +197,7 @@ class PinnedRuntime(LiveRuntime):
         self._wake.set()
         await self._on_cache(self._remember_all, answered, now)  # after the answers went out
 
-    def _lost(self, dispatch: Dispatch, lost: WorkerLost, handles: list) -> None:
-        log.warning("%s; %d requests go back to their queues", lost, len(dispatch.jobs))
-        self.sched.set_up(dispatch.gpu, False, self.clock())  # its batch back in the queues
-        self.counters.retried += len(dispatch.jobs)
-        for h in handles:
-            if h is not None:
-                h.emit("retry", {"reason": str(lost)})
+    def _replan_now(self) -> None:
         self._plan(
             self.planned_for or self.estimator.estimate(self.clock(), self.started), force=True
         )

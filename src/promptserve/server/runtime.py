@@ -21,15 +21,16 @@ import numpy as np
 
 from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
-from promptserve.engine.base import GenerationItem, GenerationResult, preview_steps
-from promptserve.engine.runner import engine_level, remember, resumed_from
+from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.engine.runner import engine_level
 from promptserve.engine.threads import ComputeThread
 from promptserve.policy import Policy, Setting, Status
 from promptserve.policy.contract import Arrival, LoadSnapshot, Scheduler
 from promptserve.policy.intake import DELIVERY_MARGIN_S, request_deadline
-from promptserve.policy.planning import first_demand, until_replan, worth_caching
+from promptserve.policy.planning import first_demand, until_replan
 from promptserve.policy.types import Demand, Job
 from promptserve.quality import QualityModel
+from promptserve.server.cachework import item_for, pinned_by, remember_run
 from promptserve.server.clock import Pause, wall_pause
 from promptserve.server.requests import (
     Cancelled,
@@ -316,6 +317,30 @@ class LiveRuntime:
             self.sched.set_up(g, True, self.clock())
         return back
 
+    def _lose(self, g: int, reason: str) -> list[Job]:
+        """A lost worker's GPU leaves the scheduler now (pinned: its batch back in the queues;
+        step-level: its members handed back), its callers hear they are retried, and the GPUs
+        left are planned or priced for at once."""
+        jobs = self.sched.set_up(g, False, self.clock())
+        log.warning("GPU %d: %s; %d requests start again", g, reason, len(jobs))
+        self._retrying(jobs, reason)
+        self._replan_now()
+        return jobs
+
+    def _retrying(self, jobs: list[Job], reason: str) -> None:
+        for job in jobs:
+            p = self.pending.get(job.id)
+            if p is None:
+                continue
+            p.started, p.item, p.ref = None, None, None
+            self.counters.retried += 1
+            if p.handle is not None:
+                p.handle.emit("retry", {"reason": reason})
+
+    def _replan_now(self) -> None:
+        """Plan or price for the demand last planned for, on this thread (a lost worker)."""
+        raise NotImplementedError
+
     async def _sync_workers(self) -> None:
         """Tell the workers what they need to know of the plan (pinned: their levels)."""
 
@@ -338,25 +363,8 @@ class LiveRuntime:
     # -- the request's way out ------------------------------------------------------------
 
     def _item_for(self, p: Pending, level: int) -> tuple[GenerationItem, StoreRefs | None]:
-        """One request's item at ``level`` (on the cache thread). In-process, its start latent
-        is read here; workers on a shared store get the key to read and the entry to write,
-        and the arrays never pass through here. A missing latent: from noise (K = 0)."""
-        at_level = p.hit is not None and level > 0
-        ref = None
-        if self.workers.shared_store:
-            key = p.hit.entry.latent_keys.get(level) if at_level else None
-            keep = worth_caching(p.hit.similarity if p.hit else None)
-            pinned = p.hit.entry.id if key else None
-            if pinned is not None:  # the worker reads it later: eviction must wait for it
-                self.cache.pin(pinned)
-            ref = StoreRefs(key, p.tenant, self.cache.reserve() if keep else None, pinned)
-            k, latent = (level if key else 0), None
-        else:
-            latent = self.cache.latent(p.hit.entry, level) if at_level else None
-            k = level if latent is not None else 0
-        wanted = p.handle.partial_images if p.handle is not None else 0
-        previews = preview_steps(k, self.workers.total_steps, wanted)
-        return GenerationItem(p.prompt, k, latent, seed=p.seed, previews=previews), ref
+        """One request's item at ``level`` (on the cache thread)."""
+        return item_for(self.cache, self.workers, p, level)
 
     def _serve(self, p: Pending, result: GenerationResult, started: float, now: float) -> None:
         """Answer a request its run finished: on time or late, and cancelled if its caller
@@ -382,7 +390,7 @@ class LiveRuntime:
 
     async def _release(self, refs) -> None:  # noqa: ANN001 - StoreRefs of a run, or None
         """Unpin the cache entries a finished (or failed) run read its start latents from."""
-        ids = [r.pinned for r in refs or () if r is not None and r.pinned is not None]
+        ids = pinned_by(refs)
         if ids:
             await self._on_cache(lambda: [self.cache.unpin(i) for i in ids])
 
@@ -394,34 +402,10 @@ class LiveRuntime:
         """The cache updates of finished runs, on the cache thread."""
         for p, item, result, ref in answered:
             try:
-                self._remember(p, item, result, ref, now)
+                remember_run(self.cache, p, item, result, ref, now)
             except Exception:  # the cache is an optimisation: the answer already went out
                 log.exception("cache update failed for a served request")
                 self.counters.cache_update_failures += 1
-
-    def _remember(
-        self,
-        p: Pending,
-        item: GenerationItem,
-        result: GenerationResult,
-        ref: StoreRefs | None,
-        now: float,
-    ) -> None:
-        keep = worth_caching(p.hit.similarity if p.hit else None)
-        if ref is None:
-            remember(self.cache, p.tenant, p.embedding, p.hit, item, result, now, insert=keep)
-            return
-        if p.hit is not None and item.k > 0 and result.k == 0:
-            self.cache.drop(p.hit.entry.id)  # the worker found its latent missing or corrupt
-        elif p.hit is not None and result.k > 0:
-            self.cache.record_hit(p.hit.entry.id, result.k, now)
-        if result.store_error is not None:
-            self.cache.skip_write(result.store_error)
-        elif result.stored and keep:
-            source = resumed_from(p.hit, result)
-            self.cache.commit(
-                p.tenant, p.prompt, p.embedding, ref.entry_id, result.stored, now, source
-            )
 
     def _fail(self, job_id: int, exc: Exception) -> None:
         p = self.pending.pop(job_id, None)

@@ -80,14 +80,14 @@ class StepRuntime(LiveRuntime):
             self._cancel[g].clear()  # a replaced worker holds none of the old members
         return back
 
-    def _worker_lost(self, g: int, reason: str) -> None:
-        """Its GPU leaves placement and capacity now; its members and joiners start again."""
-        jobs = self.sched.set_up(g, False, self.clock())
-        self._left[g] = {}
-        log.warning("GPU %d: %s; %d requests start again elsewhere", g, reason, len(jobs))
+    def _replan_now(self) -> None:
         if self.planned_for is not None:
             self._reprice(self.planned_for)  # the price for the capacity that is left
-        self._rearrive(jobs, reason)
+
+    def _worker_lost(self, g: int, reason: str) -> None:
+        """Its GPU leaves placement and capacity now; its members and joiners start again."""
+        self._left[g] = {}
+        self._rearrive(self._lose(g, reason))
 
     def _rejoin(self, g: int, reason: str, lost: set[int]) -> None:
         """Members a worker no longer holds (a Ray replica replaced between two steps) arrive
@@ -95,20 +95,16 @@ class StepRuntime(LiveRuntime):
         holds any."""
         log.warning("GPU %d: %s; %d members start again", g, reason, len(lost))
         self._cancel[g] |= lost
-        jobs = [self.sched.remove(job_id) for job_id in sorted(lost)]
-        self._rearrive([j for j in jobs if j is not None], reason)
+        jobs = [j for j in map(self.sched.remove, sorted(lost)) if j is not None]
+        self._retrying(jobs, reason)
+        self._rearrive(jobs)
 
-    def _rearrive(self, jobs: list[Job], reason: str) -> None:
+    def _rearrive(self, jobs: list[Job]) -> None:
         """Place again (one that cannot finish now is dropped, with its answer)."""
         now = self.clock()
         for job in jobs:
-            p = self.pending.get(job.id)
-            if p is None:
+            if job.id not in self.pending:
                 continue
-            p.started, p.item, p.ref = None, None, None
-            self.counters.retried += 1
-            if p.handle is not None:
-                p.handle.emit("retry", {"reason": reason})
             placed, outcome = self.sched.arrive(now, job)
             if outcome is not None:
                 self.counters.by_outcome["dropped"] += 1

@@ -144,7 +144,7 @@ def main() -> None:
             runtime.embedder.embed([f"embed {i}: a red fox in fresh snow"])
         return round((time.monotonic() - t0) / args.requests * 1e3, 1)
 
-    embed_ms = runtime._embed_thread.call(embed_alone)  # where the server embeds
+    embed_ms = runtime._embed.thread.call(embed_alone)  # where the server embeds
     phases = {}
     with LiveServer(app) as url:
         run_clients(url, 1, 2, "warm")  # first-call costs out of the figures

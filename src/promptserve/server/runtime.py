@@ -23,7 +23,6 @@ from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.runner import engine_level
-from promptserve.engine.threads import ComputeThread
 from promptserve.policy import Policy, Setting, Status
 from promptserve.policy.contract import Arrival, LoadSnapshot, Scheduler
 from promptserve.policy.intake import DELIVERY_MARGIN_S, request_deadline
@@ -32,6 +31,7 @@ from promptserve.policy.types import Demand, Job
 from promptserve.quality import QualityModel
 from promptserve.server.cachework import item_for, pinned_by, remember_run
 from promptserve.server.clock import Pause, wall_pause
+from promptserve.server.embedding import BurstEmbedder
 from promptserve.server.requests import (
     Cancelled,
     Counters,
@@ -81,7 +81,7 @@ class LiveRuntime:
     ) -> None:
         """``clock`` and ``pause`` are every reading of time and every wait of the loops: a
         test drives the runtime on a clock of its own by passing both."""
-        self.workers, self.cache, self.embedder = workers, cache, embedder
+        self.workers, self.cache = workers, cache
         self.pause = pause
         self.policy, self.setting, self.quality = policy, setting, quality
         self.clock = clock
@@ -102,10 +102,7 @@ class LiveRuntime:
         # every cache call (index, latent files with fsync, SQLite commits) runs on this one
         # thread, in order: off the event loop, and never two at once on the index
         self._cache_thread = ThreadPoolExecutor(1, thread_name_prefix="promptserve-cache")
-        # the embedder's torch work on one thread of its own, one intra-op thread (engine.threads)
-        self._embed_thread = ComputeThread("promptserve-embed", 1)
-        self._to_embed: list[tuple[str, str, asyncio.Future]] = []  # prompt, tenant, answer
-        self._embedding: asyncio.Task | None = None  # the task embedding queued prompts
+        self._embed = BurstEmbedder(embedder)
         self._build(first_demand(expected_qpm, self.levels))
 
     # -- what a family does --------------------------------------------------------------
@@ -140,6 +137,14 @@ class LiveRuntime:
         ran, or its worker was told to drop it), so it can be answered now."""
         return self.sched.remove(job_id) is not None
 
+    @property
+    def embedder(self) -> Embedder:
+        return self._embed.embedder
+
+    @embedder.setter
+    def embedder(self, embedder: Embedder) -> None:  # a test's instrumented embedder
+        self._embed.embedder = embedder
+
     def load(self) -> LoadSnapshot:
         return self.sched.snapshot()
 
@@ -162,31 +167,6 @@ class LiveRuntime:
 
     async def _on_cache(self, fn: Callable, *args: object):  # noqa: ANN202 - fn's own result
         return await asyncio.get_running_loop().run_in_executor(self._cache_thread, fn, *args)
-
-    async def _embed(self, prompt: str, tenant: str) -> np.ndarray:
-        """The prompt's embedding, kept in the tenant's namespace. Prompts that arrive while a
-        call is running wait for the next one, and go in it together: one forward pass for a
-        burst, not one per request."""
-        future = asyncio.get_running_loop().create_future()
-        self._to_embed.append((prompt, tenant, future))
-        if self._embedding is None or self._embedding.done():
-            self._embedding = asyncio.create_task(self._embed_queued())
-        return await future
-
-    async def _embed_queued(self) -> None:
-        while self._to_embed:
-            batch, self._to_embed = self._to_embed, []
-            prompts, tenants = [p for p, _, _ in batch], [t for _, t, _ in batch]
-            try:
-                vecs = await self._embed_thread.run(self.embedder.embed, prompts, tenants)
-            except Exception as exc:  # every waiting request hears it
-                for _, _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            for (_, _, future), vec in zip(batch, vecs, strict=True):
-                if not future.done():
-                    future.set_result(vec)
 
     async def submit(
         self,
@@ -218,7 +198,7 @@ class LiveRuntime:
         """Embed, look up, admit and place; the future the answer will come on."""
         now = self.clock()
         self._note_arrival(now)
-        vec = await self._embed(prompt, tenant)
+        vec = await self._embed.embed(prompt, tenant)
         hit = await self._lookup(tenant, vec, exact)
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
         has_neighbour = self._has_neighbour(hit)

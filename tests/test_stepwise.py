@@ -95,18 +95,51 @@ def test_a_saturated_cluster_joins_at_the_fastest_level_whatever_the_price():
     )
     sched.reprice(Demand(1.0, (1.0, 0, 0, 0, 0, 0)), 21.0)  # slack: price 0
     job = Job(0, 0.0, 21.0, 10, 25, 10)
-    assert sched.price == 0.0 and sched.preferred_k(job) == 0  # in full, 100%
+    assert sched.price == 0.0 and sched.preferred_k(job, 0.0) == 0  # in full, 100%
     gpu = sched.gpus[0]
     # a full run finishes within 90% of the 21 s SLO with up to 7 members (84 ms x 4.3 x 50)
     assert sched._busy_at == 7
     for i in range(7):
         sched._admit_member(gpu, Job(i + 1, 0.0, 60.0, 0, 0, 0), 0, [])
-    assert not sched.saturated() and sched.preferred_k(job) == 0
+    assert not sched.saturated(0.0) and sched.preferred_k(job, 0.0) == 0
     sched._admit_member(gpu, Job(8, 0.0, 60.0, 0, 0, 0), 0, [])
-    assert sched.saturated() and sched.preferred_k(job) == 25
+    assert sched.saturated(0.0) and sched.preferred_k(job, 0.0) == 25
     gpu.by_id.clear(), gpu.members.clear()
     sched.waiting.append((60.0, 9, Job(9, 0.0, 60.0, 0, 0, 0)))  # a request waits to join
-    assert sched.saturated() and sched.preferred_k(job) == 25
+    assert sched.saturated(0.0) and sched.preferred_k(job, 0.0) == 25
+
+
+def test_a_burst_moves_joins_to_the_fastest_level_from_its_first_requests_and_back():
+    """The excess work (arrivals' fastest steps beyond the step capacity) crosses the waiting
+    share of the SLO within a burst's first requests, before any queue forms, and drains at
+    the capacity once the burst is over."""
+    sched = StepScheduler(
+        step_profile(PROFILE),
+        1,
+        QM.matrix(),
+        StepConfig("price", shed=True, admission=True),
+        get_policy("promptserve-step").estimator(PROFILE.levels, 21.0),
+    )
+    sched.reprice(Demand(1.0, (1.0, 0, 0, 0, 0, 0)), 21.0)  # slack: price 0
+    cap = sched.excess.capacity_per_s
+    assert cap == pytest.approx(sched.steps_capacity(21.0, 25))
+    limit = cap * 0.1 * 21.0  # the waiting share of the SLO's worth of capacity
+    probe = Job(10_000, 0.0, 21.0, 10, 25, 10)
+    sizes = []
+    for i in range(40):  # 40 requests in one second: far beyond one GPU
+        sched.intake(i / 40, i, i / 40 + 21.0, 10, True)
+        sizes.append(sched.excess.now(i / 40))
+        if sched.saturated(i / 40):
+            break
+    assert not sched.waiting  # the signal came before any queue
+    assert sizes[-1] > limit >= sizes[-2]
+    assert sched.preferred_k(probe, i / 40) == 25
+    quiet = i / 40 + sizes[-1] / cap  # drained
+    for gpu in sched.gpus:  # the burst's members have left
+        before = gpu.count
+        gpu.by_id.clear(), gpu.members.clear(), gpu.joining.clear()
+        sched._recount(gpu, before)
+    assert not sched.saturated(quiet + 1e-6) and sched.preferred_k(probe, quiet + 1e-6) == 0
 
 
 def test_under_load_the_price_rises_and_requests_move_above_their_k_opt():
@@ -150,7 +183,7 @@ def test_the_price_splits_the_class_that_moves_so_work_meets_capacity():
     assert 0.0 < price < 50.0
     assert 0.0 <= sched._split <= 1.0
     jobs = [Job(i, 0.0, 21.0, 5, 25, 5) for i in range(2000)]
-    ks = {sched.preferred_k(j) for j in jobs}
+    ks = {sched.preferred_k(j, 0.0) for j in jobs}
     assert len(ks) >= 1 and all(k in PROFILE.levels for k in ks)
 
 

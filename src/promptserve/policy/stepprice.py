@@ -5,6 +5,8 @@ place where load turns into levels."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from promptserve.policy.steptime import draw
@@ -16,7 +18,26 @@ from promptserve.policy.types import Demand, Job
 # 87.2 / 87.1 / 85.4 at 100)
 UTILISATION = 1.1
 SLO_SHARE = 0.9  # of the SLO, what running may take (the rest: waiting to join)
+EXCESS_SHARE = 1.0 - SLO_SHARE  # of the SLO, the excess work a burst may pour in (see ExcessWork)
 PRICE_MAX = 50.0  # points per step: above any quality difference, every request at its fastest
+
+
+@dataclass
+class ExcessWork:
+    """The step work that arrived beyond the step capacity, as a leaky bucket: each arrival
+    pours in the steps it needs at its fastest level, the bucket drains at the capacity. It
+    reads a burst at its first requests, where the price (a smoothed rate, re-set every
+    period) and the queue (which fills only once the GPUs are full) read it late."""
+
+    capacity_per_s: float = 0.0  # steps per second at the fastest levels (``reprice``)
+    level: float = 0.0  # steps, at ``at``
+    at: float = 0.0
+
+    def now(self, now: float) -> float:
+        return max(0.0, self.level - self.capacity_per_s * (now - self.at))
+
+    def pour(self, now: float, steps: float) -> None:
+        self.level, self.at = self.now(now) + steps, now
 
 
 class StepPricing:
@@ -44,6 +65,11 @@ class StepPricing:
             return self.price
         per_s = demand.rate_qpm / 60.0
         self._busy_at = self.inflight_within(self.profile.total_steps, slo_s)
+        fastest = self.profile.total_steps - self.levels[-1]
+        self.excess.capacity_per_s = self.steps_capacity(slo_s, fastest)
+        # what the waiting share of the SLO absorbs: past it, a join below its fastest level
+        # takes steps a request of the burst needs to make its deadline
+        self._excess_limit = self.excess.capacity_per_s * EXCESS_SHARE * slo_s
         last = len(self.levels) - 1
 
         def work(choice: list[list[int]]) -> tuple[float, float]:
@@ -91,25 +117,26 @@ class StepPricing:
                 n = b
         return n
 
-    def preferred_k(self, job: Job) -> int:
+    def preferred_k(self, job: Job, at: float) -> int:
         if self.config.rule == "zero":
             return 0
         if self.config.rule == "max":
             return job.k_max
         i, m = self.index_of[job.k_opt], self.index_of[job.k_max]
-        if self.saturated():  # the price lags a burst: run at the fastest level meanwhile
+        if self.saturated(at):  # the price lags a burst: run at the fastest level meanwhile
             return job.k_max
         j = self._choice[i][m]
         if self._choice_lo[i][m] != j and draw(job.id) >= self._split:
             j = self._choice_lo[i][m]
         return self.levels[j]
 
-    def saturated(self) -> bool:
-        """Whether the cluster is full now: requests wait, or even the least-loaded GPU holds
-        more members than a full run could share a GPU with and finish in ``SLO_SHARE`` of the
-        SLO. The price follows the load estimate (seconds behind a burst); this follows the
-        running batches, so a burst moves joins to their fastest level within one step."""
-        if self.waiting:
+    def saturated(self, now: float) -> bool:
+        """Whether the cluster is full now: a burst is arriving (``ExcessWork``), requests
+        wait, or even the least-loaded GPU holds more members than a full run could share a
+        GPU with and finish in ``SLO_SHARE`` of the SLO. The price follows the load estimate
+        (seconds behind a burst); this follows the arrivals and the running batches, so a
+        burst moves joins to their fastest level from its first requests."""
+        if self.waiting or self.excess.now(now) > self._excess_limit:
             return True
         gpu = self.least_loaded()
         return gpu is None or gpu.count > self._busy_at

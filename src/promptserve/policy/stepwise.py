@@ -17,8 +17,9 @@ the time in and carry out what comes back):
   step-slot, re-estimated from the load estimate so that the step work asked for fits the
   cluster's step capacity: with slack it is 0 and every request runs in full (K = 0 is 100%),
   under load requests move above their K_opt. The price follows a smoothed estimate, so while
-  the cluster is saturated now (requests wait, or even the least-loaded GPU holds more members
-  than a full run can share a GPU with inside the SLO) a request joins at its fastest level;
+  the cluster is saturated now (a burst is arriving: ``ExcessWork``; requests wait; or even the
+  least-loaded GPU holds more members than a full run can share a GPU with inside the SLO) a
+  request joins at its fastest level;
 * **admission** (``+admit``): refuse at arrival when no K the request may run at can finish by
   its deadline on the least-loaded GPU;
 * **shedding** (``+shed``): waiting requests are taken earliest deadline first, a join that
@@ -44,7 +45,13 @@ from promptserve.policy.contract import Arrival, LoadSnapshot
 from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.intake import DELIVERY_MARGIN_S
 from promptserve.policy.stepgpu import GpuBucket, KRule, Member, StepConfig, StepGpu
-from promptserve.policy.stepprice import PRICE_MAX, SLO_SHARE, UTILISATION, StepPricing
+from promptserve.policy.stepprice import (
+    PRICE_MAX,
+    SLO_SHARE,
+    UTILISATION,
+    ExcessWork,
+    StepPricing,
+)
 from promptserve.policy.steptime import (
     EPS,
     StepProfile,
@@ -99,6 +106,8 @@ class StepScheduler(StepPricing):
         self._busy_at = self.cap  # members past which a GPU is full (set with the price)
         self._choice = self._choice_lo = self._choices(0.0)
         self._split = 0.0  # share of the moving class that takes the cheaper level
+        self.excess = ExcessWork()  # the burst signal (``saturated``), drained at the capacity
+        self._excess_limit = float("inf")  # set with the price
 
     # -- decisions -------------------------------------------------------------------------
 
@@ -153,7 +162,7 @@ class StepScheduler(StepPricing):
     ) -> int | None:
         """The level ``job`` joins ``gpu`` at, or None when no allowed level keeps the
         deadlines (only under ``+shed``; without it the preferred level always joins)."""
-        k = self.preferred_k(job)
+        k = self.preferred_k(job, at)
         if not self.config.shed:
             return k
         allowed = [lv for lv in self.levels if k <= lv <= job.k_max]
@@ -175,6 +184,7 @@ class StepScheduler(StepPricing):
         assert self.estimator is not None, "intake needs the scheduler's load estimator"
         self.estimator.observe(now, k_opt)
         k_max = self.levels[-1] if has_neighbour else 0
+        self.excess.pour(now, self.profile.total_steps - k_max)
         job = Job(job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, k_opt)
         gpu, outcome = self.arrive(now, job)
         return Arrival(job, outcome, gpu.index if gpu is not None else None)

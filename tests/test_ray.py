@@ -38,7 +38,8 @@ def deploy(settings, tmp_path: Path, **config) -> str:
 
 
 def test_openai_client_through_ray_with_replicas_at_two_levels(ray_settings, tmp_path):
-    url = deploy(ray_settings, tmp_path, model="tiny", slo_s=120)
+    # pinned GPUs (the published shape): the planner's levels reach the replicas
+    url = deploy(ray_settings, tmp_path, model="tiny", slo_s=120, policy="promptserve")
     workers = httpx.get(f"{url}/v1/cluster").json()["workers"]
     assert len({w["pid"] for w in workers}) == 2  # two replicas, two processes
     assert len({w["level"] for w in workers}) == 2  # the planner's levels reached them

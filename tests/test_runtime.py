@@ -12,7 +12,7 @@ from promptserve.server.live import LiveServer
 
 
 def test_a_scheduler_step_that_raises_loses_nothing_and_the_loop_goes_on(tmp_path):
-    app = modeled_app(tmp_path, speedup=50.0)
+    app = modeled_app(tmp_path, speedup=50.0, policy="promptserve")
     runtime = app.state.runtime
     real_step, calls = runtime.dispatcher.step, []
 
@@ -32,7 +32,7 @@ def test_a_scheduler_step_that_raises_loses_nothing_and_the_loop_goes_on(tmp_pat
 
 
 def test_readyz_goes_unready_when_a_loop_is_gone(tmp_path):
-    app = modeled_app(tmp_path, speedup=50.0)
+    app = modeled_app(tmp_path, speedup=50.0, policy="promptserve")
     runtime = app.state.runtime
     with LiveServer(app) as url:
         assert httpx.get(f"{url}/readyz").status_code == 200
@@ -48,7 +48,7 @@ def test_readyz_goes_unready_when_a_loop_is_gone(tmp_path):
 
 
 def test_a_job_whose_intake_fails_gets_an_answer_not_a_hang(tmp_path):
-    app = modeled_app(tmp_path, speedup=50.0)
+    app = modeled_app(tmp_path, speedup=50.0, policy="promptserve")
 
     class BrokenEmbedder:
         dim = app.state.runtime.embedder.dim
@@ -69,7 +69,7 @@ def test_the_periodic_re_plan_solves_off_the_event_loop(tmp_path):
     import threading
     import time
 
-    app = modeled_app(tmp_path, speedup=50.0)
+    app = modeled_app(tmp_path, speedup=50.0, policy="promptserve")
     runtime = app.state.runtime
     threads: list[int] = []
 
@@ -131,7 +131,7 @@ def test_a_burst_of_arrivals_is_embedded_in_few_calls(tmp_path):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    app = modeled_app(tmp_path, speedup=50.0)
+    app = modeled_app(tmp_path, speedup=50.0, policy="promptserve")
     runtime = app.state.runtime
     inner, sizes, release = runtime.embedder, [], threading.Event()
 
@@ -215,7 +215,7 @@ def test_each_engine_builds_and_computes_on_one_thread_of_its_own(tmp_path):
     from factories import tiny_app
     from promptserve.engine.threads import torch_threads_for
 
-    app = tiny_app(tmp_path)
+    app = tiny_app(tmp_path, policy="promptserve")  # whole batches: each a generate() call
     runtime = app.state.runtime
     engine = runtime.workers.engines[0]
     seen: list[tuple[int, int]] = []

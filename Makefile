@@ -3,6 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# torch as pinned here (a CPU build on these machines); for a GPU, a CUDA build from its index:
+#   make install TORCH=torch TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: install test lint serve simulate bench reliability clean
 
@@ -10,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: on these machines 2.13.0 is a CPU build on local disk.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q '$(TORCH)' $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

@@ -331,3 +331,17 @@ def test_serve_names_a_bad_connection_setting_before_loading(tmp_path, flags, na
         app, ["serve", "--embedder", "hashing", "--cache-dir", str(tmp_path), *flags]
     )
     assert res.exit_code == 2 and named in res.output
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3", "mps", "gpu"])
+def test_a_device_this_torch_cannot_use_is_one_line_and_exit_2(device):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a CUDA build with a GPU: cuda is usable here")
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("MPS is usable here")
+    out = run("serve", "--device", device)
+    assert out.exit_code == 2, out.output
+    assert "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1
+    assert f"--device {device}" in out.output or repr(device) in out.output

@@ -119,6 +119,13 @@ def test_quality_high_is_a_full_generation_that_ignores_the_cache(served):
         ({"prompt": "x", "quality": "ultra"}, 422, "quality"),
         ({"prompt": "x", "colour": "blue"}, 422, "colour"),
         ({"prompt": "x", "model": "dall-e-3"}, 404, "model"),
+        # strict types: no string, boolean or number coerced into another type
+        ({"prompt": "x", "n": "4"}, 422, "n"),
+        ({"prompt": "x", "n": True}, 422, "n"),
+        ({"prompt": "x", "n": 2.0}, 422, "n"),
+        ({"prompt": "x", "stream": "yes"}, 422, "stream"),
+        ({"prompt": "x", "stream": 1}, 422, "stream"),
+        ({"prompt": "x", "deadline_ms": "60000"}, 422, "deadline_ms"),
     ],
 )
 def test_fields_not_honoured_are_refused_by_name(served, body, status, param):
@@ -155,3 +162,32 @@ def test_closing_the_stream_cancels_the_generation(tmp_path, policy):
     assert not runtime.pending  # out of its batch (or its GPU's slot) before it finished
     assert runtime.counters.by_outcome["served"] == 0
     assert 'promptserve_requests_total{outcome="cancelled"} 1.0' in metrics
+
+
+def test_a_body_without_a_json_content_type_is_told_so(served):
+    url, _ = served
+    r = httpx.post(f"{url}/v1/images/generations", content=b'{"prompt": "x"}', timeout=30)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "body"
+    assert "application/json" in r.json()["error"]["message"]
+    typed = httpx.post(
+        f"{url}/v1/images/generations",
+        content=b"prompt=x",
+        headers={"content-type": "application/x-www-form-urlencoded"},
+        timeout=30,
+    )
+    assert "not application/x-www-form-urlencoded" in typed.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("name", ["edits", "variations"])
+def test_the_images_endpoints_not_served_say_so(served, name):
+    url, _ = served
+    r = httpx.post(f"{url}/v1/images/{name}", json={"prompt": "x"}, timeout=30)
+    assert r.status_code == 404
+    assert f"images/{name} is not served yet" in r.json()["error"]["message"]
+
+
+def test_the_root_points_at_the_dashboard(served):
+    url, _ = served
+    r = httpx.get(f"{url}/", timeout=30)
+    assert r.status_code == 307 and r.headers["location"] == "dashboard"
+    assert "<html" in httpx.get(f"{url}/", follow_redirects=True, timeout=30).text.lower()

@@ -105,11 +105,14 @@ def server_config(s: ServeFile):
     """The server's settings, API keys loaded, the policy checked; no keys means localhost."""
     from promptserve.edge.keys import load_keys
     from promptserve.edge.limits import HttpLimits, check_proxies
+    from promptserve.engine.devices import check_device
     from promptserve.engine.options import EngineOptions
     from promptserve.policy import get_policy
     from promptserve.server import ServerConfig
 
     get_policy(s.policy)
+    if s.backend != "modeled":  # the modelled engine computes nothing on a device
+        check_device(s.device)
     keys = load_keys(s.api_keys_file)
     if not keys and s.host not in ("127.0.0.1", "localhost", "::1"):
         raise InputError(

@@ -24,6 +24,7 @@ from promptserve.cli.common import (
     progress,
     user_errors,
 )
+from promptserve.engine.devices import check_device
 from promptserve.errors import InputError
 
 
@@ -57,6 +58,7 @@ def profile_cmd(
     counts = sorted(set(_int_list(inflight, "--inflight"))) if inflight else sizes
     if counts[0] != 1:
         raise InputError("--inflight must include 1")
+    check_device(device)
     engine = make_engine(model, device=device)
     chosen = sorted(set(_int_list(levels, "--levels"))) if levels else list(engine.levels)
     bad = [k for k in chosen if k not in engine.levels]
@@ -139,6 +141,7 @@ def calibrate_cmd(
     for i in chosen:  # the neighbour the replay saw: the most similar earlier prompt
         j = int(np.argmax(vecs[: int(i)] @ vecs[i]))
         triples.append((texts[i], texts[j], float(result.similarity[i])))
+    check_device(device)
     engine = make_engine(model, device=device)
     with progress() as bar:
         task = bar.add_task(f"calibrating ({judge.name})", total=len(triples))

@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -59,12 +59,27 @@ def create_app(
     app.include_router(job_routes(ctx))
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         # a body that is not JSON at all has a character offset where a field name would be
         parts = [str(p) for p in first["loc"] if p != "body" and not isinstance(p, int)]
         field = ".".join(parts) or "body"
-        return error(422, f"{field}: {first['msg']}", field)
+        message = f"{field}: {first['msg']}"
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if field == "body" and kind != "application/json":
+            message += f" (the body must be JSON sent as application/json, not {kind or 'untyped'})"
+        return error(422, message, field)
+
+    @app.api_route("/v1/images/edits", methods=["GET", "POST"], include_in_schema=False)
+    @app.api_route("/v1/images/variations", methods=["GET", "POST"], include_in_schema=False)
+    async def not_served(request: Request) -> JSONResponse:
+        """The Images API's other endpoints: named, not a bare 405."""
+        name = request.url.path.rsplit("/", 1)[-1]
+        return error(404, f"images/{name} is not served yet: only images/generations", None)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        return RedirectResponse("dashboard")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -31,7 +31,8 @@ def visible(prompt: str) -> bool:
 
 
 class ImageRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # an unknown field is named, not ignored
+    # an unknown field is named, not ignored; strict: "4" is not 4, true is not 1, 1 is not true
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = None

@@ -12,6 +12,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from factories import client, modeled_app, tiny_app
+from promptserve.errors import InputError
 from promptserve.policy.intake import DELIVERY_MARGIN_S
 from promptserve.server.live import LiveServer
 
@@ -548,3 +549,31 @@ def test_bench_compare_sim_reports_the_live_run_beside_the_simulators_prediction
     )
     assert abs(diff["effective_quality"]) < 10  # light load: both serve everything in time
     assert (tmp_path / "o" / "report.md").read_text().startswith("# Live run against")
+
+
+def test_the_served_model_answers_to_its_names_and_never_shows_a_path(tmp_path):
+    from promptserve.server import served_name
+
+    app = modeled_app(tmp_path, speedup=50, model_names=("sdxl", "stable-diffusion-xl"))
+    with LiveServer(app) as url:
+        models = httpx.get(f"{url}/v1/models").json()["data"]
+        assert [m["id"] for m in models] == ["sdxl"]
+        assert httpx.get(f"{url}/v1/models/stable-diffusion-xl").json()["id"] == "sdxl"
+        oai = client(url)
+        for name in ("sdxl", "stable-diffusion-xl"):
+            assert oai.images.generate(prompt="a lighthouse", model=name).data[0].b64_json
+        with pytest.raises(openai.NotFoundError, match="served: sdxl"):
+            oai.images.generate(prompt="a lighthouse", model="modeled:sdxl-reference")
+    assert served_name("diffusers:/models/weights/sdxl-base") == "sdxl-base"
+    assert served_name("tiny") == "tiny" and served_name("modeled:sdxl-reference") == (
+        "modeled:sdxl-reference"
+    )
+
+
+def test_model_names_in_the_config_file_are_checked(tmp_path):
+    from promptserve.config import load_serve_file
+
+    bad = tmp_path / "serve.toml"
+    bad.write_text('model_names = ["has space"]\n')
+    with pytest.raises(InputError, match="model_names"):
+        load_serve_file(bad)

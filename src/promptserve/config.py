@@ -15,6 +15,7 @@ port = 8000
 api_keys_file = "keys.txt"
 max_body_bytes = 1048576
 public_url = "https://images.example.com"  # image links start here; unset: relative links
+model_names = ["sdxl", "stable-diffusion-xl"]  # the id /v1/models shows, then aliases
 trusted_proxies = ["10.0.0.0/8"]  # believe X-Forwarded-* from these; unset: from none
 max_header_bytes = 16384  # a larger request head: 431
 max_headers = 100         # more header fields: 431
@@ -34,11 +35,13 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, ValidationError
 
 from promptserve.errors import InputError
+
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"  # a served model's id or alias
 
 
 class ServeFile(BaseModel):
@@ -57,6 +60,9 @@ class ServeFile(BaseModel):
     api_keys_file: Path | None = None
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     public_url: str | None = Field(default=None, pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+    model_names: list[Annotated[str, Field(pattern=MODEL_NAME)]] = Field(
+        default_factory=list, max_length=16
+    )
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)
     max_headers: int = Field(default=100, ge=8, le=10_000)
@@ -136,6 +142,7 @@ def server_config(s: ServeFile):
         int(s.cache_max_bytes) if s.cache_max_bytes is not None else None,
         s.embed_cache_max_rows,
         s.public_url,
+        tuple(s.model_names),
         HttpLimits(
             s.max_header_bytes,
             s.max_headers,

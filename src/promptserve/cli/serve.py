@@ -131,6 +131,14 @@ def serve_cmd(
             "start with it; default relative links (/v1/images/ID), never the client's Host."
         ),
     ] = None,
+    model_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model-name",
+            help="The id /v1/models shows and model= matches (repeat for aliases: the first is "
+            "the id); default the model folder's name, never its path.",
+        ),
+    ] = None,
     trusted_proxies: Annotated[
         str | None,
         typer.Option(
@@ -203,6 +211,7 @@ def serve_cmd(
         "ray_worker_cpus": worker_cpus,
         "ray_worker_gpus": worker_gpus,
         "public_url": public_url,
+        "model_names": model_name,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
         "max_header_bytes": max_header_bytes,
         "max_headers": max_headers,

@@ -51,6 +51,7 @@ class ServerConfig:
     cache_max_bytes: int | None = None  # the latent files' quota; None: 10% of the free disk
     embed_cache_max_rows: int | None = 1_000_000
     public_url: str | None = None  # image links start here; None: relative to the API root
+    model_names: tuple[str, ...] = ()  # the served id, then aliases; (): the model's own name
     http: HttpLimits = field(default_factory=HttpLimits)  # the connection's limits
 
 
@@ -124,7 +125,15 @@ def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
         config.max_body_bytes,
         config.public_url,
         config.http,
+        config.model_names or (served_name(workers.name),),
     )
+
+
+def served_name(engine_name: str) -> str:
+    """The id a client sees by default: a weights folder's name, never its path on this
+    machine (``diffusers:/models/sdxl`` is ``sdxl``)."""
+    kind, _, where = engine_name.partition(":")
+    return Path(where).name if where and ("/" in where or "\\" in where) else engine_name
 
 
 def runtime_for(

@@ -35,12 +35,14 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     public_url: str | None = None,
     limits: HttpLimits | None = None,
+    model_names: tuple[str, ...] = (),
 ) -> FastAPI:
     """``public_url``: where clients reach this server (image links start with it; without it
     they are relative to the API root, never built from a client's Host header)."""
     keys = keys or {}
     limits = limits or HttpLimits()
-    ctx = Context(runtime, slo_s, size, keys, public_url)
+    names = model_names or (runtime.workers.name,)
+    ctx = Context(runtime, slo_s, size, keys, public_url, names)
     history = History()
 
     @asynccontextmanager
@@ -87,7 +89,7 @@ def create_app(
         return error(exc.status_code, str(exc.detail), param, getattr(exc, "headers", None))
 
     served_model = {
-        "id": runtime.workers.name,
+        "id": names[0],
         "object": "model",
         "created": 0,
         "owned_by": "promptserve",
@@ -99,10 +101,8 @@ def create_app(
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        if model_id != runtime.workers.name:
-            return error(
-                404, f"model {model_id!r} not found (served: {runtime.workers.name})", "model"
-            )
+        if model_id not in names:
+            return error(404, f"model {model_id!r} not found (served: {names[0]})", "model")
         return served_model
 
     @app.get("/v1/server")

@@ -46,6 +46,7 @@ class Context:
     size: str  # the one size served, as WIDTHxHEIGHT
     keys: dict[str, str]
     public_url: str | None  # image links start here; None: relative to the API root
+    model_names: tuple[str, ...]  # the served id first, then its aliases: what model= matches
     metrics: Metrics = field(default_factory=Metrics)
     images: ImageStore = field(default_factory=ImageStore)
 
@@ -71,7 +72,7 @@ class Context:
             return error(
                 400, f"size {req.size!r} is not supported (supported: {self.size} or auto)", "size"
             )
-        name = self.runtime.workers.name
-        if req.model is not None and req.model != name:
-            return error(404, f"model {req.model!r} is not served here (served: {name})", "model")
+        if req.model is not None and req.model not in self.model_names:
+            served = self.model_names[0]
+            return error(404, f"model {req.model!r} is not served here (served: {served})", "model")
         return tenant

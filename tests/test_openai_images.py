@@ -191,3 +191,25 @@ def test_the_root_points_at_the_dashboard(served):
     r = httpx.get(f"{url}/", timeout=30)
     assert r.status_code == 307 and r.headers["location"] == "dashboard"
     assert "<html" in httpx.get(f"{url}/", follow_redirects=True, timeout=30).text.lower()
+
+
+def test_a_seed_reproduces_the_image_and_another_seed_does_not(served):
+    """On an idle server every request runs in full (K = 0), so its image is its seed's."""
+    url, _ = served
+    oai = client(url)
+
+    def image(seed: int, n: int = 1):
+        res = oai.images.generate(
+            prompt="a copper kettle on a stove", n=n, extra_body={"seed": seed}
+        )
+        return [(d.b64_json, d.model_extra["promptserve"]) for d in res.data]
+
+    (a, meta_a), (b, _) = image(7)[0], image(7)[0]
+    (c, meta_c) = image(8)[0]
+    assert meta_a["seed"] == 7 and meta_c["seed"] == 8
+    assert meta_a["level_k"] == 0 and a == b  # the same bytes
+    assert a != c
+    pair = image(7, n=2)
+    assert [m["seed"] for _, m in pair] == [7, 8] and pair[0][0] == a and pair[1][0] == c
+    r = httpx.post(f"{url}/v1/images/generations", json={"prompt": "x", "seed": -1}, timeout=30)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "seed"

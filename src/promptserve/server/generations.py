@@ -75,9 +75,11 @@ def image_routes(ctx: Context) -> APIRouter:
         handles = [JobHandle(lambda kind, data: None) for _ in range(req.n)]
         images = [
             asyncio.ensure_future(
-                ctx.runtime.submit(req.prompt, tenant, deadline_s, h, exact=req.exact)
+                ctx.runtime.submit(
+                    req.prompt, tenant, deadline_s, h, exact=req.exact, seed=seed_of(req, i)
+                )
             )
-            for h in handles
+            for i, h in enumerate(handles)
         ]
         every = asyncio.gather(*images, return_exceptions=True)
         watch = [asyncio.ensure_future(client_gone(request)), asyncio.ensure_future(failed(images))]
@@ -122,7 +124,9 @@ def image_routes(ctx: Context) -> APIRouter:
         start = time.monotonic()
         ctx.metrics.submitted.inc()
         task = asyncio.create_task(
-            ctx.runtime.submit(req.prompt, tenant, deadline_s, handle, exact=req.exact)
+            ctx.runtime.submit(
+                req.prompt, tenant, deadline_s, handle, exact=req.exact, seed=req.seed
+            )
         )
 
         def counted(t: asyncio.Task) -> None:  # every image ends in one outcome label
@@ -192,3 +196,8 @@ def image_routes(ctx: Context) -> APIRouter:
         return Response(kept[0], media_type=kept[1])
 
     return router
+
+
+def seed_of(req: ImageRequest, i: int) -> int | None:
+    """Image ``i``'s seed: the request's plus ``i`` (None: the server picks)."""
+    return None if req.seed is None else req.seed + i

@@ -71,6 +71,7 @@ def meta_of(s: Served) -> ImageMeta:
         queue_ms=round(s.queue_s * 1e3, 1),
         compute_ms=round(s.compute_s * 1e3, 1),
         placeholder=s.result.placeholder,
+        seed=s.seed,
     )
 
 

@@ -40,7 +40,9 @@ def job_routes(ctx: Context) -> APIRouter:
         async def run() -> None:
             start = time.monotonic()
             try:
-                served = await ctx.runtime.submit(req.prompt, tenant, deadline_s, handle)
+                served = await ctx.runtime.submit(
+                    req.prompt, tenant, deadline_s, handle, seed=req.seed
+                )
             except Exception as exc:  # refused, dropped, cancelled or failed: the job says which
                 ctx.metrics.count(exc, deadline_s, time.monotonic() - start)
                 state.finish(

@@ -62,6 +62,7 @@ class Served:
     queue_s: float
     compute_s: float
     k_opt: int = 0  # the level its neighbour's similarity tolerates (0: a miss)
+    seed: int = 0  # the seed of its start noise
 
 
 @dataclass

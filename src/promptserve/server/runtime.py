@@ -175,12 +175,13 @@ class LiveRuntime:
         slo_s: float,
         handle: JobHandle | None = None,
         exact: bool = False,
+        seed: int | None = None,
     ) -> Served:
         """One image, due ``slo_s`` from now; ``exact``: a full generation, never started from
         a cached latent (the API's ``quality: high``); it still leaves its latents to the
         cache."""
         try:
-            future = await self._intake(prompt, tenant, slo_s, handle, exact)
+            future = await self._intake(prompt, tenant, slo_s, handle, exact, seed)
         except Exception as exc:  # refused, or failed before queueing: a job hears it too
             if handle is not None and handle.accepted is not None and not handle.accepted.done():
                 handle.accepted.set_exception(exc)
@@ -194,6 +195,7 @@ class LiveRuntime:
         slo_s: float,
         handle: JobHandle | None,
         exact: bool = False,
+        seed: int | None = None,
     ) -> asyncio.Future:
         """Embed, look up, admit and place; the future the answer will come on."""
         now = self.clock()
@@ -207,7 +209,8 @@ class LiveRuntime:
             raise Cancelled("cancelled before it was queued")
         job_id = next(self.ids)
         future = asyncio.get_running_loop().create_future()
-        p = Pending(prompt, tenant, vec, hit, future, now, job_id, handle, k_opt)
+        seed = job_id if seed is None else seed
+        p = Pending(prompt, tenant, vec, hit, future, now, seed, handle, k_opt)
         self.pending[job_id] = p
         job, ended = self._place(job_id, now, now + slo_s, k_opt, has_neighbour)
         p.deadline_s = request_deadline(job)
@@ -360,6 +363,7 @@ class LiveRuntime:
             started - p.arrival,
             now - started,
             p.k_opt,
+            p.seed,
         )
         if p.future.done():
             return

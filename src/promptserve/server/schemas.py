@@ -50,6 +50,9 @@ class ImageRequest(BaseModel):
     user: str | None = Field(default=None, max_length=256)
     # extensions
     deadline_ms: int | None = Field(default=None, ge=100, le=3_600_000)
+    # the start noise: the same prompt, seed, level and neighbour give the same image (with
+    # n > 1, image i has seed + i); default one of the server's own
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1 - MAX_IMAGES)
 
     @property
     def exact(self) -> bool:
@@ -66,6 +69,7 @@ class ImageMeta(BaseModel):
     queue_ms: float
     compute_ms: float
     placeholder: bool  # True: the image is not a real rendering (tiny or modelled engine)
+    seed: int = 0  # its start noise's seed (the request's, or the server's own)
 
 
 class ImageData(BaseModel):

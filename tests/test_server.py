@@ -4,6 +4,7 @@ import base64
 import io
 import json
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -577,3 +578,24 @@ def test_model_names_in_the_config_file_are_checked(tmp_path):
     bad.write_text('model_names = ["has space"]\n')
     with pytest.raises(InputError, match="model_names"):
         load_serve_file(bad)
+
+
+def test_serve_plans_from_a_measured_profile_and_refuses_one_for_another_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from promptserve.cli import app as cli
+    from promptserve.profile import load_profile
+
+    measured = tmp_path / "tiny-profile.json"
+    res = CliRunner().invoke(
+        cli, ["profile", "--model", "tiny", "--batch-sizes", "1,2", "--out", str(measured)]
+    )
+    assert res.exit_code == 0, res.output
+    want = load_profile(measured)
+    with LiveServer(tiny_app(tmp_path / "a", profile=measured)) as url:
+        planned = httpx.get(f"{url}/v1/server").json()["profile"]
+    assert planned["name"] == want.name and planned["batch_sizes"] == [1, 2]
+    assert planned["latency_s"] == [list(row) for row in want.latency_s]
+    sdxl = Path(__file__).resolve().parents[1] / "data" / "reference_profile_sdxl.json"
+    with pytest.raises(InputError, match="measured for 50 steps"):
+        tiny_app(tmp_path / "b", profile=sdxl)

@@ -16,6 +16,7 @@ api_keys_file = "keys.txt"
 max_body_bytes = 1048576
 public_url = "https://images.example.com"  # image links start here; unset: relative links
 model_names = ["sdxl", "stable-diffusion-xl"]  # the id /v1/models shows, then aliases
+profile = "sdxl-h100.json"  # a measured profile (promptserve profile) to plan with
 trusted_proxies = ["10.0.0.0/8"]  # believe X-Forwarded-* from these; unset: from none
 max_header_bytes = 16384  # a larger request head: 431
 max_headers = 100         # more header fields: 431
@@ -63,6 +64,7 @@ class ServeFile(BaseModel):
     model_names: list[Annotated[str, Field(pattern=MODEL_NAME)]] = Field(
         default_factory=list, max_length=16
     )
+    profile: Path | None = None
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)
     max_headers: int = Field(default=100, ge=8, le=10_000)
@@ -114,11 +116,15 @@ def server_config(s: ServeFile):
     from promptserve.engine.devices import check_device
     from promptserve.engine.options import EngineOptions
     from promptserve.policy import get_policy
+    from promptserve.profile import load_profile
     from promptserve.server import ServerConfig
 
     get_policy(s.policy)
     if s.backend != "modeled":  # the modelled engine computes nothing on a device
         check_device(s.device)
+    if s.profile is not None:
+        load_profile(s.profile)  # readable and valid before any weights load
+
     keys = load_keys(s.api_keys_file)
     if not keys and s.host not in ("127.0.0.1", "localhost", "::1"):
         raise InputError(
@@ -143,6 +149,7 @@ def server_config(s: ServeFile):
         s.embed_cache_max_rows,
         s.public_url,
         tuple(s.model_names),
+        s.profile,
         HttpLimits(
             s.max_header_bytes,
             s.max_headers,

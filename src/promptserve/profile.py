@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -120,6 +121,19 @@ def load_profile(path: str | Path) -> Profile:
     except ValidationError as exc:
         raise InputError(_first_error(path, exc)) from None
     return measured.to_profile()
+
+
+def profile_for(path: str | Path, name: str, total_steps: int, levels: Sequence[int]) -> Profile:
+    """A profile file to plan a served model with (``serve --profile``), checked against what
+    the model runs: measured for other steps or levels, its latencies mean nothing here."""
+    profile = load_profile(path)
+    if profile.total_steps != total_steps or tuple(profile.levels) != tuple(levels):
+        raise InputError(
+            f"--profile {path}: measured for {profile.total_steps} steps at levels "
+            f"{list(profile.levels)}, but {name} runs {total_steps} steps at levels "
+            f"{list(levels)} (measure it with promptserve profile --model ...)"
+        )
+    return profile
 
 
 def batch_coefficient(factor: float, at_batch: int) -> float:

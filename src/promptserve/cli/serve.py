@@ -131,6 +131,14 @@ def serve_cmd(
             "start with it; default relative links (/v1/images/ID), never the client's Host."
         ),
     ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            help="A measured profile (promptserve profile --out F) the planner and the step "
+            "scheduler use; it must match the model's steps and levels. Default: one timed run "
+            "and the reference batching curve.",
+        ),
+    ] = None,
     model_name: Annotated[
         list[str] | None,
         typer.Option(
@@ -212,6 +220,7 @@ def serve_cmd(
         "ray_worker_gpus": worker_gpus,
         "public_url": public_url,
         "model_names": model_name,
+        "profile": profile,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
         "max_header_bytes": max_header_bytes,
         "max_headers": max_headers,

@@ -10,6 +10,7 @@ from ray import serve
 
 from promptserve.distributed.ray_workers import RayWorkers
 from promptserve.distributed.replica import EngineWorker
+from promptserve.profile import profile_for
 from promptserve.server import ServerConfig, app_for, engine_args, latents_dir
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class Ingress:
         if len({(i["name"], i["total_steps"], i["levels"]) for i in infos}) != 1:
             raise RuntimeError("the workers do not run the same model and levels")
         self.workers = RayWorkers(handles, infos[0])
+        if config.profile is not None:  # plan with the measured profile, not the quick one
+            w = self.workers
+            w.profile = profile_for(config.profile, w.name, w.total_steps, w.levels)
         self.api = app_for(config, self.workers, infos[0]["image_px"])
 
         @self.api.get("/v1/cluster")

@@ -20,6 +20,7 @@ from promptserve.engine.profiling import quick_profile
 from promptserve.engine.threads import torch_threads_for
 from promptserve.errors import InputError
 from promptserve.policy import Setting, get_policy
+from promptserve.profile import profile_for
 from promptserve.quality import model_for_levels
 from promptserve.server.app import create_app
 from promptserve.server.clock import Pause, wall_pause
@@ -52,6 +53,7 @@ class ServerConfig:
     embed_cache_max_rows: int | None = 1_000_000
     public_url: str | None = None  # image links start here; None: relative to the API root
     model_names: tuple[str, ...] = ()  # the served id, then aliases; (): the model's own name
+    profile: Path | None = None  # a measured profile to plan with; None: one timed run
     http: HttpLimits = field(default_factory=HttpLimits)  # the connection's limits
 
 
@@ -71,7 +73,10 @@ def local_workers(config: ServerConfig) -> LocalWorkers:
     devices = worker_devices(config.device, config.workers)
     threads = compute_threads(len(devices), torch_threads_for(len(devices)))
     first = threads[0].call(make_engine, *engine_args(config, devices[0]))
-    profile = threads[0].call(quick_profile, first)
+    if config.profile is not None:
+        profile = profile_for(config.profile, first.name, first.total_steps, first.levels)
+    else:
+        profile = threads[0].call(quick_profile, first)
     if getattr(first, "stateless", False):
         return LocalWorkers([first] * config.workers, profile, threads)
     if config.workers > 1 and not devices[0].startswith("cuda"):

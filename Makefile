@@ -3,8 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# torch as pinned here (a CPU build on these machines); for a GPU, a CUDA build from its index:
-#   make install TORCH=torch TORCH_INDEX=https://download.pytorch.org/whl/cu128
+# torch as pinned here (a CPU build on these machines); for a GPU, the same version's CUDA build
+# from its index (pyproject's torch==2.13.0 is then satisfied by 2.13.0+cu128):
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 

@@ -164,8 +164,9 @@ def disagreements(shown: dict[str, float], url: str) -> list:
             }
             want[name] = read_metric(url, metric[kind], {"level": level})
     missing = set(want) - set(shown)
+    shown_to = {"cache MiB": 0.05, "cache quota MiB": 0.05}  # sizes to a tenth of a MiB
     return [(n, None, want[n]) for n in missing] + [
-        (n, v, want[n]) for n, v in shown.items() if abs(v - want[n]) > 1e-4
+        (n, v, want[n]) for n, v in shown.items() if abs(v - want[n]) > shown_to.get(n, 1e-4)
     ]
 
 

@@ -282,6 +282,7 @@ def test_job_progress_streams_every_step(tiny_url):
     assert steps == list(range(level + 1, 21))  # one event per denoising step run
     job = httpx.get(f"{tiny_url}/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["data"][0]["b64_json"]
+    assert "url" not in job["data"][0]  # absent, not null
     assert httpx.delete(f"{tiny_url}/v1/jobs/{job_id}").status_code == 409
     assert httpx.get(f"{tiny_url}/v1/jobs/{'f' * 32}").status_code == 404
     assert httpx.get(f"{tiny_url}/v1/jobs/nothex").status_code == 400

@@ -8,7 +8,7 @@ import re
 
 from promptserve.errors import InputError
 
-GPU_INSTALL = "make install TORCH=torch TORCH_INDEX=https://download.pytorch.org/whl/cu128"
+GPU_INSTALL = "make install TORCH_INDEX=https://download.pytorch.org/whl/cu128"
 
 
 def check_device(device: str) -> None:

@@ -63,7 +63,7 @@ class JobState:
     def view(self) -> dict:
         out: dict = {"id": self.id, "status": self.status, "step": self.step}
         if self.data is not None:
-            out["data"] = [self.data.model_dump()]
+            out["data"] = [self.data.model_dump(exclude_none=True)]  # no "url": null
         if self.error is not None:
             out["error"] = {"message": self.error}
         return out

@@ -22,7 +22,9 @@ thresholds_app = typer.Typer(help="Similarity -> K thresholds per embedder.", no
 app.add_typer(workload_app, name="workload")
 app.add_typer(thresholds_app, name="thresholds")
 
-console = Console()
+# tables are never cut to a terminal's width: without a TTY (make, CI, a pipe) rich would
+# assume 80 columns and truncate the last ones ("0.0…")
+console = Console(width=None if Console().is_terminal else 200)
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., object])
 

@@ -21,6 +21,18 @@ def modeled_app(cache_dir, **overrides):
     return build_app(ServerConfig(**(settings | overrides)))
 
 
+def measured_profile(out, *flags):
+    """``promptserve profile`` on the tiny model (with ``flags``), written to ``out``, loaded."""
+    from typer.testing import CliRunner
+
+    from promptserve.cli import app as cli
+    from promptserve.profile import load_profile
+
+    res = CliRunner().invoke(cli, ["profile", *flags, "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return load_profile(out)
+
+
 def tiny_app(cache_dir, **overrides):
     """The server on the tiny model (real latents on the CPU), hashing embedder, 120 s SLO."""
     settings = dict(model="tiny", embedder="hashing", cache_dir=cache_dir, slo_s=120)

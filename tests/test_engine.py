@@ -84,15 +84,11 @@ def test_unknown_backend_and_missing_model():
 def test_profile_command_writes_a_profile_the_simulator_loads(tmp_path):
     from typer.testing import CliRunner
 
+    from factories import measured_profile
     from promptserve.cli import app
-    from promptserve.profile import load_profile
 
     out = tmp_path / "tiny.json"
-    res = CliRunner().invoke(
-        app, ["profile", "--levels", "0,10", "--batch-sizes", "1,2", "--out", str(out)]
-    )
-    assert res.exit_code == 0, res.output
-    prof = load_profile(out)
+    prof = measured_profile(out, "--levels", "0,10", "--batch-sizes", "1,2")
     assert prof.levels == (0, 10) and prof.batch_sizes == (1, 2) and prof.total_steps == 20
     # measured, not copied: every point timed and positive (speed is for bench_engine.py, as
     # a shared machine makes any comparison of two timings here flaky)

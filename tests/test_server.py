@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from factories import client, modeled_app, tiny_app
+from factories import client, measured_profile, modeled_app, tiny_app
 from promptserve.errors import InputError
 from promptserve.policy.intake import DELIVERY_MARGIN_S
 from promptserve.server.live import LiveServer
@@ -582,17 +582,8 @@ def test_model_names_in_the_config_file_are_checked(tmp_path):
 
 
 def test_serve_plans_from_a_measured_profile_and_refuses_one_for_another_model(tmp_path):
-    from typer.testing import CliRunner
-
-    from promptserve.cli import app as cli
-    from promptserve.profile import load_profile
-
     measured = tmp_path / "tiny-profile.json"
-    res = CliRunner().invoke(
-        cli, ["profile", "--model", "tiny", "--batch-sizes", "1,2", "--out", str(measured)]
-    )
-    assert res.exit_code == 0, res.output
-    want = load_profile(measured)
+    want = measured_profile(measured, "--model", "tiny", "--batch-sizes", "1,2")
     with LiveServer(tiny_app(tmp_path / "a", profile=measured)) as url:
         planned = httpx.get(f"{url}/v1/server").json()["profile"]
     assert planned["name"] == want.name and planned["batch_sizes"] == [1, 2]

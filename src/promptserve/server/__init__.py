@@ -137,8 +137,8 @@ def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
 def served_name(engine_name: str) -> str:
     """The id a client sees by default: a weights folder's name, never its path on this
     machine (``diffusers:/models/sdxl`` is ``sdxl``)."""
-    kind, _, where = engine_name.partition(":")
-    return Path(where).name if where and ("/" in where or "\\" in where) else engine_name
+    where = engine_name.partition(":")[2]
+    return Path(where).name if "/" in where or "\\" in where else engine_name
 
 
 def runtime_for(

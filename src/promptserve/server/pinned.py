@@ -121,7 +121,8 @@ class PinnedRuntime(LiveRuntime):
                 self.counters.loop_errors += 1
             # no polling: it is woken by an arrival, a finished batch, a plan or a returning
             # worker, and looks again by itself only when a switching GPU becomes ready
-            await self.pause(self.dispatcher.next_ready(self.clock()) - self.clock(), self._wake)
+            now = self.clock()
+            await self.pause(self.dispatcher.next_ready(now) - now, self._wake)
 
     def _schedule_once(self) -> None:
         dispatches, outcomes = self.dispatcher.step(self.clock())

@@ -44,6 +44,29 @@ class GpuBucket:
         return self.heap[0]
 
 
+class NextLeaves:
+    """When each up GPU next frees a slot (its first member's leave; when it went idle, for an
+    idle one), with the earliest in O(log n): entries are pushed when a GPU's segment or
+    members change and the stale ones skipped, so admission reads it without a pass over the
+    GPUs."""
+
+    def __init__(self, n_gpus: int) -> None:
+        self.heap: list[tuple[float, int, int]] = []  # (time, version, gpu)
+        self.version = [0] * n_gpus
+
+    def update(self, gpu: StepGpu, iteration_s: float) -> None:
+        self.version[gpu.index] += 1
+        if gpu.up:
+            at = gpu.seg_start + gpu.steps_to_next_leave() * iteration_s
+            heapq.heappush(self.heap, (at, self.version[gpu.index], gpu.index))
+
+    def first(self) -> float:
+        """The earliest (inf when no GPU is up)."""
+        while self.heap and self.heap[0][1] != self.version[self.heap[0][2]]:
+            heapq.heappop(self.heap)
+        return self.heap[0][0] if self.heap else math.inf
+
+
 @dataclass(frozen=True)
 class StepConfig:
     rule: KRule  # price: promptserve-step; zero: continuous-ha; max: continuous-ht

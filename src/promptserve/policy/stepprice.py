@@ -61,12 +61,14 @@ class StepPricing:
         so at the price found the class that moves is split: a share ``split`` of its
         requests (drawn per request, deterministically) takes the cheaper level, so that the
         work matches the capacity instead of undershooting it."""
+        fastest = self.profile.total_steps - self.levels[-1]
+        self.excess.capacity_per_s = self.steps_capacity(slo_s, fastest)
+        steps = range(self.profile.total_steps + 1)
+        self._inflight_for = [self.inflight_within(max(r, 1), slo_s) for r in steps]
         if self.config.rule != "price":
             return self.price
         per_s = demand.rate_qpm / 60.0
         self._busy_at = self.inflight_within(self.profile.total_steps, slo_s)
-        fastest = self.profile.total_steps - self.levels[-1]
-        self.excess.capacity_per_s = self.steps_capacity(slo_s, fastest)
         # what the waiting share of the SLO absorbs: past it, a join below its fastest level
         # takes steps a request of the burst needs to make its deadline
         self._excess_limit = self.excess.capacity_per_s * EXCESS_SHARE * slo_s

@@ -21,7 +21,9 @@ the time in and carry out what comes back):
   least-loaded GPU holds more members than a full run can share a GPU with inside the SLO) a
   request joins at its fastest level;
 * **admission** (``+admit``): refuse at arrival when no K the request may run at can finish by
-  its deadline on the least-loaded GPU;
+  its deadline on the least-loaded GPU, or, when it must wait, behind the waiting queue
+  (``_after_queue``): while requests wait, an arrival queues behind them, so what admission
+  promised a waiting request is not taken by a later one;
 * **shedding** (``+shed``): waiting requests are taken earliest deadline first, a join that
   would make a member late is not made, and a request that cannot finish even alone on an
   idle GPU is dropped. Without it (as published for step-wise batching): first come, first
@@ -38,13 +40,14 @@ from __future__ import annotations
 
 import bisect
 import heapq
+from collections.abc import Sequence
 
 import numpy as np
 
 from promptserve.policy.contract import Arrival, LoadSnapshot
 from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.intake import DELIVERY_MARGIN_S
-from promptserve.policy.stepgpu import GpuBucket, KRule, Member, StepConfig, StepGpu
+from promptserve.policy.stepgpu import GpuBucket, KRule, Member, NextLeaves, StepConfig, StepGpu
 from promptserve.policy.stepprice import (
     PRICE_MAX,
     SLO_SHARE,
@@ -102,6 +105,13 @@ class StepScheduler(StepPricing):
         for g in range(n_gpus):
             self.by_count[0].add(g)
         self.waiting: list[tuple[float, int, Job]] = []  # (deadline or arrival, id, job)
+        self.waiting_steps = 0  # what the waiting jobs need at their fastest levels
+        self.waiting_full = 0  # waiting jobs that must run every step (no neighbour)
+        self._inflight_for: list[int] = []  # per run length in steps (``reprice``)
+        self.next_leaves = NextLeaves(n_gpus)
+        for gpu in self.gpus:
+            self.next_leaves.update(gpu, 0.0)
+        self.up_count = n_gpus
         self.price = 0.0
         self._busy_at = self.cap  # members past which a GPU is full (set with the price)
         self._choice = self._choice_lo = self._choices(0.0)
@@ -125,23 +135,29 @@ class StepScheduler(StepPricing):
                 self.by_count[after].add(gpu.index)
 
     def fits(
-        self, gpu: StepGpu, job: Job, k: int, at: float, extra_joins: int = 0, done: int = -1
+        self, gpu: StepGpu, job: Job, k: int, at: float, ahead: Sequence[Job] = (), done: int = -1
     ) -> bool:
         """Whether ``job`` joining ``gpu`` at ``at`` with level K keeps every member of it
-        (itself included) within its deadline, or no later than it would be anyway. ``done``:
-        the GPU's step count at ``at`` (default: now, at a boundary)."""
+        (itself included) within its deadline, or no later than it would be anyway. ``ahead``:
+        the jobs that join at the same boundary before it, counted as members at their fastest
+        level (their K is chosen when they join). ``done``: the GPU's step count at ``at``
+        (default: now, at a boundary)."""
         r_new = self.profile.total_steps - k
         done = gpu.done if done < 0 else done
-        rem = [end - done for end, _, _ in gpu.members]
-        deadlines = [d for _, d, _ in gpu.members]
+        held = [(end - done, d) for end, d, _ in gpu.members]
+        if ahead:
+            total = self.profile.total_steps
+            held = sorted(held + [(total - self.fastest_k(j), j.deadline_s) for j in ahead])
+        rem = [r for r, _ in held]
+        deadlines = [d for _, d in held]
         pos = bisect.bisect_right(rem, r_new)
         with_new = rem[:pos] + [r_new] + rem[pos:]
-        after = finishes(self.profile, at, with_new, joined=1 + extra_joins)
+        after = finishes(self.profile, at, with_new, joined=1 + len(ahead))
         if after[pos] > job.deadline_s + EPS:
             return False
         if not rem:
             return True
-        before = finishes(self.profile, at, rem, joined=extra_joins)
+        before = finishes(self.profile, at, rem, joined=len(ahead))
         for i, d in enumerate(deadlines):
             f = after[i if i < pos else i + 1]
             if f > d + EPS and f > before[i] + EPS:
@@ -158,7 +174,7 @@ class StepScheduler(StepPricing):
         return finishes(self.profile, now, [r], joined=1)[0] <= job.deadline_s + EPS
 
     def choose_k(
-        self, gpu: StepGpu, job: Job, at: float, extra_joins: int = 0, done: int = -1
+        self, gpu: StepGpu, job: Job, at: float, ahead: Sequence[Job] = (), done: int = -1
     ) -> int | None:
         """The level ``job`` joins ``gpu`` at, or None when no allowed level keeps the
         deadlines (only under ``+shed``; without it the preferred level always joins)."""
@@ -169,7 +185,7 @@ class StepScheduler(StepPricing):
         if self.config.rule != "price":
             allowed = allowed[:1]
         for level in allowed:
-            if self.fits(gpu, job, level, at, extra_joins, done):
+            if self.fits(gpu, job, level, at, ahead, done):
                 return level
         return None
 
@@ -216,21 +232,41 @@ class StepScheduler(StepPricing):
             return None, Outcome(job, Status.REFUSED, now)
         if self.config.shed and not self.can_ever_finish(job, now):
             return None, Outcome(job, Status.DROPPED, now)
-        if gpu is not None and gpu.count < self.cap:
+        # while others wait it queues behind them (earliest deadline first), so that a fresh
+        # arrival does not take the slot a waiting job was admitted on
+        if gpu is not None and gpu.count < self.cap and not (self.config.shed and self.waiting):
             at = gpu.next_boundary(now)
             done = gpu.done_at(at)
-            if self.choose_k(gpu, job, at, len(gpu.joining), done) is not None:
+            if self.choose_k(gpu, job, at, gpu.joining, done) is not None:
                 before = gpu.count
                 gpu.joining.append(job)
                 self._recount(gpu, before)
                 return gpu, None
-        heapq.heappush(self.waiting, (self._key(job), job.id, job))
+        if self.config.admission and not self._after_queue(gpu, job, now):
+            return None, Outcome(job, Status.REFUSED, now)
+        self._wait(job)
         return None, None
 
     def _key(self, job: Job) -> float:
         return job.deadline_s if self.config.shed else job.arrival_s
 
+    def _wait(self, job: Job) -> None:
+        heapq.heappush(self.waiting, (self._key(job), job.id, job))
+        self._count_waiting(job, 1)
+
+    def _count_waiting(self, job: Job, sign: int) -> None:
+        k = self.fastest_k(job)
+        self.waiting_steps += sign * (self.profile.total_steps - k)
+        self.waiting_full += sign * (k == 0)
+
+    def _unwait(self) -> tuple[float, int, Job]:
+        entry = heapq.heappop(self.waiting)
+        self._count_waiting(entry[2], -1)
+        return entry
+
     def _admissible(self, gpu: StepGpu | None, job: Job, now: float) -> bool:
+        """Whether ``job`` could finish by its deadline at its fastest level, joining the
+        least-loaded GPU at its next boundary."""
         if gpu is None:
             return False
         at = gpu.next_boundary(now)
@@ -239,6 +275,29 @@ class StepScheduler(StepPricing):
         rem = sorted([end - done for end, _, _ in gpu.members] + [r])
         mine = rem.index(r)
         return finishes(self.profile, at, rem, joined=1)[mine] <= job.deadline_s + EPS
+
+    def _after_queue(self, gpu: StepGpu | None, job: Job, now: float) -> bool:
+        """Whether ``job``, which cannot join now, finishes in time behind the jobs that wait
+        (all of them: where every request has the same SLO its deadline is the latest, and
+        while jobs wait no arrival overtakes them). It joins once a slot frees (the earliest
+        next leave) and the queue's steps have run at the step capacity for the longest run
+        in the queue (a full run caps every GPU it joins); then it runs its own steps at that
+        capacity's in-flight count (or the least-loaded GPU's, when fewer), the count at which
+        a waiting job is still reachable (``_reachable``). Counting the wait and the queue's
+        drain one after the other is conservative where members leave together (a burst's
+        first wave). A request accepted past this would wait and be dropped: a refusal now
+        tells its client at once (429 with a retry), a drop only at its deadline."""
+        if gpu is None:
+            return False
+        if not self._inflight_for:  # not priced yet: no capacity to count on
+            return True
+        r = self.profile.total_steps - self.fastest_k(job)
+        n = self._inflight_for[self.profile.total_steps if self.waiting_full else r]
+        rate = self.up_count * self.profile.steps_per_s(n)
+        start = max(now, self.next_leaves.first()) + self.waiting_steps / rate
+        n = min(n, len(gpu.by_id) + 1)
+        run = self.profile.join_s + r * self.profile.iteration_s(n) + self.profile.leave_s
+        return start + run <= job.deadline_s + EPS
 
     def boundary(
         self, gpu: StepGpu, now: float, steps: int
@@ -276,7 +335,7 @@ class StepScheduler(StepPricing):
             if self.config.shed and not self.can_ever_finish(job, now):
                 dropped.append(Outcome(job, Status.DROPPED, now))
             else:
-                heapq.heappush(self.waiting, (self._key(job), job.id, job))
+                self._wait(job)
             return False
         self._admit_member(gpu, job, k, joined)
         return True
@@ -294,7 +353,7 @@ class StepScheduler(StepPricing):
         cap, dropping a job whose deadline has passed."""
         if not self.config.shed:
             while self.waiting and len(gpu.by_id) < self.cap:
-                _, _, job = heapq.heappop(self.waiting)
+                _, _, job = self._unwait()
                 if job.deadline_s <= now:
                     dropped.append(Outcome(job, Status.DROPPED, now))
                 else:
@@ -302,7 +361,7 @@ class StepScheduler(StepPricing):
             return
         skipped: list[tuple[float, int, Job]] = []
         while self.waiting and len(gpu.by_id) < self.cap and len(skipped) < PULL_LOOKAHEAD:
-            entry = heapq.heappop(self.waiting)
+            entry = self._unwait()
             job = entry[2]
             if not self._reachable(job, now):
                 dropped.append(Outcome(job, Status.DROPPED, now))
@@ -313,14 +372,18 @@ class StepScheduler(StepPricing):
                 continue
             self._admit_member(gpu, job, k, joined)
         for entry in skipped:
-            heapq.heappush(self.waiting, entry)
+            self._wait(entry[2])
 
     def _reachable(self, job: Job, now: float) -> bool:
         """Whether ``job`` could still finish joining the least-loaded GPU now at its fastest
-        level (ignoring the others' deadlines): a waiting job past this is dropped."""
+        level (ignoring the others' deadlines), at its count or, when fewer, at the step
+        capacity's in-flight count for its run (the count admission promised it): a waiting job
+        past this is dropped."""
         least = self.least_loaded()
         n = 1 + (len(least.by_id) if least is not None else 0)
         r = self.profile.total_steps - self.fastest_k(job)
+        if self._inflight_for:  # as admission counts it: see ``_after_queue``
+            n = min(n, self._inflight_for[r])
         t = now + self.profile.join_s + r * self.profile.iteration_s(n) + self.profile.leave_s
         return t <= job.deadline_s + EPS
 
@@ -328,6 +391,7 @@ class StepScheduler(StepPricing):
         n = len(gpu.by_id)
         gpu.seg_start = now + joined * self.profile.join_s
         gpu.seg_iter_s = self.profile.iteration_s(n) if n else 0.0
+        self.next_leaves.update(gpu, gpu.seg_iter_s)
 
     def next_steps(self, gpu: StepGpu) -> int:
         """How many steps the GPU runs before something must happen on it: the next leave, or
@@ -346,6 +410,7 @@ class StepScheduler(StepPricing):
             if jid == job_id:
                 self.waiting.pop(i)
                 heapq.heapify(self.waiting)
+                self._count_waiting(job, -1)
                 return job
         for gpu in self.gpus:
             before = gpu.count
@@ -358,6 +423,7 @@ class StepScheduler(StepPricing):
             if member is not None:
                 gpu.members = [e for e in gpu.members if e[2] != job_id]
                 self._recount(gpu, before)
+                self.next_leaves.update(gpu, gpu.seg_iter_s)
                 return member.job
         return None
 
@@ -370,6 +436,8 @@ class StepScheduler(StepPricing):
             return []
         bucket = self.by_count[min(gpu.count, len(self.by_count) - 1)]
         gpu.up = up
+        self.up_count += 1 if up else -1
+        self.next_leaves.update(gpu, gpu.seg_iter_s)
         if up:
             bucket.add(gpu.index)
             return []
@@ -385,6 +453,7 @@ class StepScheduler(StepPricing):
         gpu.members.remove((member.end_step, member.job.deadline_s, job_id))
         member.k, member.end_step = k, gpu.done + self.profile.total_steps - k
         bisect.insort(gpu.members, (member.end_step, member.job.deadline_s, job_id))
+        self.next_leaves.update(gpu, gpu.seg_iter_s)
 
     def idle_while_waiting(self) -> list[StepGpu]:
         """GPUs with nothing to run while requests wait: the driver runs a boundary on each

@@ -138,9 +138,18 @@ def test_a_client_that_goes_away_cancels_its_images(tmp_path, policy):
     app = modeled_app(tmp_path, policy=policy, speedup=2.0)  # K = 0 alone: 2.1 s
 
     async def drop(url):
-        async with httpx.AsyncClient(timeout=0.5) as c:
-            with pytest.raises(httpx.ReadTimeout):
-                await c.post(url + "/v1/images/generations", json={"prompt": "a ship", "n": 4})
+        # hang up once all 4 are in the runtime (not after a fixed time: a loaded machine may
+        # not have taken them in yet)
+        async with httpx.AsyncClient(timeout=30) as c:
+            body = {"prompt": "a ship", "n": 4}
+            post = asyncio.create_task(c.post(url + "/v1/images/generations", json=body))
+            deadline = time.monotonic() + 20.0
+            while len(app.state.runtime.pending) < 4 and time.monotonic() < deadline:
+                assert not post.done(), "answered before the client hung up"
+                await asyncio.sleep(0.01)
+            post.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await post
         await until_idle(app)
 
     with LiveServer(app) as url:

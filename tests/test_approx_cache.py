@@ -115,3 +115,72 @@ def test_an_entry_takes_only_what_its_neighbour_still_has(tmp_path):
     b = cache.insert("t", "a castle at noon", vec("a castle"), latents(9, (15,)), 1.0, a)
     assert sorted(b.latent_keys) == [10, 15]
     assert not cache.holds_every(b, (5, 10, 15))
+
+
+def test_a_group_commits_its_entries_hits_and_files_together(tmp_path, monkeypatch):
+    """One group: one manifest commit and one fsync per folder, not one of each per file."""
+    import promptserve.cache.latents as latents_mod
+
+    cache = ApproxCache(tmp_path, EMB.dim, CLIP)
+    first = cache.insert("t", "a lighthouse", vec("a lighthouse"), latents(1), 0.0)
+    synced: list = []
+    monkeypatch.setattr(latents_mod, "_fsync_dir", synced.append)
+    commits = []
+    real_commit = cache._db.commit
+
+    class Spy:  # sqlite3.Connection's methods cannot be patched on the instance
+        def __getattr__(self, name):
+            return getattr(db, name)
+
+        def commit(self):
+            commits.append(1)
+            real_commit()
+
+        def __enter__(self):
+            return db.__enter__()
+
+        def __exit__(self, *exc):
+            commits.append(1)
+            return db.__exit__(*exc)
+
+    db, cache._db = cache._db, Spy()
+    with cache.group():
+        for i in range(5):
+            cache.insert("t", f"a ship {i}", vec(f"a ship {i}"), latents(10 + i), 1.0)
+        cache.record_hit(first.id, 25, 2.0)
+        assert commits == [] and synced == []  # nothing durable before the group ends
+    assert len(commits) == 1
+    assert len(synced) == len(set(synced)) == 1  # one tenant folder, synced once
+    cache._db = db
+    cache.close()
+    again = ApproxCache(tmp_path, EMB.dim, CLIP)
+    assert len(again.index) == 6 and again.index.get(first.id).hits == 1
+
+
+def test_a_kill_inside_a_group_leaves_only_orphans_the_next_open_removes(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, signal, numpy as np
+        from promptserve.cache.approx import ApproxCache
+        from promptserve.cache.embed import HashingEmbedder
+        from promptserve.cache.thresholds import shipped_thresholds
+        emb = HashingEmbedder()
+        cache = ApproxCache({str(tmp_path)!r}, emb.dim, shipped_thresholds("clip"))
+        lat = {{k: np.ones((4, 8, 8), np.float32) for k in (5, 10, 25)}}
+        cache.insert("t", "kept", emb.embed(["kept"])[0], lat, 0.0)
+        with cache.group():
+            for i in range(3):
+                cache.insert("t", f"lost {{i}}", emb.embed([f"lost {{i}}"])[0], lat, 1.0)
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr.decode()
+    again = ApproxCache(tmp_path, EMB.dim, CLIP)
+    assert [e.prompt for e in again.index] == ["kept"]
+    assert again.store.stats.orphans_removed == 9  # the group's 3 entries x 3 levels
+    assert again.latent(next(iter(again.index)), 10) is not None
+    report = audit(tmp_path)
+    assert report["rows"] == 1 and report["orphans"] == 0 and report["dangling"] == 0, report

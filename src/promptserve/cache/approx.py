@@ -7,6 +7,12 @@ dropped and the index is rebuilt from the rest, so the cache survives restarts. 
 fails its checksum when read drops its entry. A failed write (a full disk) skips the entry, is
 counted, and is logged once.
 
+Writes come in groups (``group``: the runs of one batch or one step boundary): one SQLite
+transaction and one folder fsync per folder for the group, committed at its end, files before
+rows. Inside a group the index takes each entry at once (the group runs on the cache thread,
+so no lookup runs between); a crash before the group's commit loses the group's entries and
+leaves orphan files, as a crash before one row did.
+
 A byte quota evicts by the index's policy (LCBFU) right after each commit, so the latent files
 never exceed the quota by more than the entry just written. Order of an eviction: the index
 entry, then the manifest row (committed), then the files. A crash part-way leaves files no
@@ -22,7 +28,8 @@ import logging
 import os
 import signal
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,12 +75,43 @@ class ApproxCache:
         self._kill_in_eviction = int(os.environ.get("PROMPTSERVE_FAULT_KILL_IN_EVICTION", "0"))
         # built on one thread, used from the server's event loop thread: one connection, in turn
         self._db = sqlite3.connect(str(self.root / "manifest.sqlite"), check_same_thread=False)
+        # a write-ahead log synced at checkpoints: a killed process loses no commit; a power
+        # loss may lose the last ones, whose files the next open then removes as orphans
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY, tenant TEXT, prompt TEXT,"
             " levels TEXT, embedding BLOB, inserted_s REAL, hits INTEGER, score REAL)"
         )
         self._bytes = 0
+        self._grouped = False
         self._reopen()
+
+    @contextmanager
+    def group(self) -> Iterator[None]:
+        """Writes, hits and evictions inside commit together at its end (see the module
+        docstring): far fewer fsyncs per entry where a batch answers many runs at once."""
+        if self._grouped:
+            yield
+            return
+        self._grouped = True
+        self.store.defer_dir_syncs(True)
+        try:
+            yield
+        finally:
+            self._grouped = False
+            try:
+                self._flush()
+            finally:
+                self.store.defer_dir_syncs(False)
+
+    def _flush(self) -> None:
+        self.store.sync_dirs()  # the files named durably before the rows that name them
+        self._db.commit()
+
+    def _tx(self) -> AbstractContextManager:
+        """One statement's transaction, or the group's (committed at its end)."""
+        return nullcontext() if self._grouped else self._db
 
     @staticmethod
     def latents_dir(root: str | Path) -> Path:
@@ -140,7 +178,7 @@ class ApproxCache:
         if resumed_from is not None:
             written = self._inherit(tenant, entry_id, resumed_from, min(written)) | written
         levels = tuple(sorted(written))
-        with self._db:
+        with self._tx():
             self._db.execute(
                 "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, 0, 0.0)",
                 (
@@ -213,7 +251,7 @@ class ApproxCache:
         self.index.record_hit(entry_id, k, now_s)
         entry = self.index.get(entry_id)
         if entry is not None:
-            with self._db:
+            with self._tx():
                 self._db.execute(
                     "UPDATE entries SET hits = ?, score = ? WHERE id = ?",
                     (entry.hits, entry.score, entry_id),
@@ -233,8 +271,10 @@ class ApproxCache:
 
     def _forget(self, entry: CacheEntry, evicted: bool = False) -> None:
         """Its manifest row, then its files (see the module docstring for why this order)."""
-        with self._db:
+        with self._tx():
             self._db.execute("DELETE FROM entries WHERE id = ?", (entry.id,))
+        if self._grouped:
+            self._flush()  # the row is gone for good before any of its files
         if evicted:
             self.evictions += 1
         freed = 0

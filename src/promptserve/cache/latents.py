@@ -44,6 +44,7 @@ class LatentStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.stats = StoreStats()
+        self._dirs: set[Path] | None = None  # folders whose fsync waits (``defer_dir_syncs``)
         if clean_temporaries:  # the owner only: a worker sharing the folder must not
             self._remove_temporaries()
 
@@ -60,8 +61,9 @@ class LatentStore:
         tmp = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
         try:
             save_file({"latent": data}, str(tmp), metadata={"sha256": _digest(data)})
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
+            if self._dirs is None:  # in a group the checksum stands in (``defer_dir_syncs``)
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
             os.replace(tmp, final)
         except Exception as exc:  # safetensors reports a full disk as its own error type
             tmp.unlink(missing_ok=True)
@@ -69,7 +71,7 @@ class LatentStore:
             if isinstance(exc, OSError):
                 raise
             raise OSError(f"writing latent {key}: {exc}") from exc
-        _fsync_dir(final.parent)
+        self._sync_dir(final.parent)
         self.stats.writes += 1
         return final.stat().st_size
 
@@ -96,8 +98,29 @@ class LatentStore:
         except OSError:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(final.parent)
+        self._sync_dir(final.parent)
         return added
+
+    def defer_dir_syncs(self, on: bool) -> None:
+        """While on, a folder's fsync (which makes a rename durable) waits for ``sync_dirs``:
+        one per folder for a group of writes, not one per file, and a file's content is not
+        fsynced before its rename. A killed process loses nothing (the page cache holds the
+        writes); after a power loss a file may be short or garbled under its final name, and
+        its checksum fails when read: it is dropped with its entry, never served. That is the
+        durability window of a group: its entries may be lost, none is served torn."""
+        self._dirs = set() if on else None
+
+    def sync_dirs(self) -> None:
+        for folder in sorted(self._dirs or ()):
+            _fsync_dir(folder)
+        if self._dirs is not None:
+            self._dirs.clear()
+
+    def _sync_dir(self, folder: Path) -> None:
+        if self._dirs is None:
+            _fsync_dir(folder)
+        else:
+            self._dirs.add(folder)
 
     def delete_freeing(self, key: str) -> int:
         """Delete ``key``'s file: the bytes that frees on the disk (0 while another key links

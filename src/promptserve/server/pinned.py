@@ -196,7 +196,7 @@ class PinnedRuntime(LiveRuntime):
             answered.append((p, p.item, result, p.ref if refs else None))
             self._serve(p, result, started, now)
         self._wake.set()
-        await self._on_cache(self._remember_all, answered, now)  # after the answers went out
+        self._on_cache_later(self._remember_all, answered, now)  # after the answers went out
 
     def _replan_now(self) -> None:
         self._plan(

@@ -102,6 +102,7 @@ class LiveRuntime:
         # every cache call (index, latent files with fsync, SQLite commits) runs on this one
         # thread, in order: off the event loop, and never two at once on the index
         self._cache_thread = ThreadPoolExecutor(1, thread_name_prefix="promptserve-cache")
+        self._writes: set[asyncio.Future] = set()  # queued by ``_on_cache_later``
         self._embed = BurstEmbedder(embedder)
         self._build(first_demand(expected_qpm, self.levels))
 
@@ -163,10 +164,19 @@ class LiveRuntime:
         for task in [*self._tasks, *self._batches]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._batches, return_exceptions=True)
-        self._cache_thread.shutdown(wait=True)  # the writes already begun finish
+        await asyncio.gather(*self._writes, return_exceptions=True)  # the queued writes land
+        self._cache_thread.shutdown(wait=True)
 
     async def _on_cache(self, fn: Callable, *args: object):  # noqa: ANN202 - fn's own result
         return await asyncio.get_running_loop().run_in_executor(self._cache_thread, fn, *args)
+
+    def _on_cache_later(self, fn: Callable, *args: object) -> None:
+        """Queue cache work nobody waits for (a served run's writes): the GPU takes its next
+        work at once. The cache thread runs calls in order, so a lookup queued after these
+        writes still sees them; ``stop`` lets the queued ones finish."""
+        future = asyncio.get_running_loop().run_in_executor(self._cache_thread, fn, *args)
+        self._writes.add(future)
+        future.add_done_callback(self._writes.discard)
 
     async def submit(
         self,
@@ -383,13 +393,18 @@ class LiveRuntime:
         answered: list[tuple[Pending, GenerationItem, GenerationResult, StoreRefs | None]],
         now: float,
     ) -> None:
-        """The cache updates of finished runs, on the cache thread."""
-        for p, item, result, ref in answered:
-            try:
-                remember_run(self.cache, p, item, result, ref, now)
-            except Exception:  # the cache is an optimisation: the answer already went out
-                log.exception("cache update failed for a served request")
-                self.counters.cache_update_failures += 1
+        """The cache updates of finished runs, on the cache thread, committed as one group."""
+        try:
+            with self.cache.group():
+                for p, item, result, ref in answered:
+                    try:
+                        remember_run(self.cache, p, item, result, ref, now)
+                    except Exception:  # the cache is an optimisation: the answer went out
+                        log.exception("cache update failed for a served request")
+                        self.counters.cache_update_failures += 1
+        except Exception:  # the group's commit
+            log.exception("cache commit failed for %d served requests", len(answered))
+            self.counters.cache_update_failures += len(answered)
 
     def _fail(self, job_id: int, exc: Exception) -> None:
         p = self.pending.pop(job_id, None)

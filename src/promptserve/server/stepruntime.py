@@ -231,4 +231,4 @@ class StepRuntime(LiveRuntime):
             answered.append((p, item, result, p.ref))
             self._serve(p, result, p.started if p.started is not None else p.arrival, now)
         if answered:
-            await self._on_cache(self._remember_all, answered, now)
+            self._on_cache_later(self._remember_all, answered, now)

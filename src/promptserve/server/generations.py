@@ -94,8 +94,9 @@ def image_routes(ctx: Context) -> APIRouter:
             (o for o in outcomes if isinstance(o, BaseException) and not isinstance(o, Cancelled)),
             None,
         )
-        for outcome in outcomes:  # every image ends in exactly one outcome label
-            whole = cause if cause is not None and isinstance(outcome, Cancelled) else outcome
+        for outcome in outcomes:  # every image ends in one outcome label: the answer's own
+            # (an image refused while its sibling was dropped counts as the answer does)
+            whole = cause if cause is not None and isinstance(outcome, BaseException) else outcome
             ctx.metrics.count(whole, deadline_s, time.monotonic() - start)
         for exc in (cause, *outcomes):
             if isinstance(exc, BaseException):

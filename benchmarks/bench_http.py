@@ -2,7 +2,10 @@
 localhost; closed-loop clients for a fixed time. Sustained requests/s and the per-request
 latency the server adds (client-measured; compute is ~0). The hashing embedder is used so that
 the figures are the server's own, not MiniLM's (which adds ~10 ms a prompt on this CPU).
-Prints one JSON line."""
+Prints one JSON line, with the server's mean time per request in each stage of its request
+path (``promptserve_stage_seconds_total`` over ``promptserve_stage_requests``: embed, lookup,
+intake, queue, run, cache_write; the rest of the client's latency is HTTP, parsing and
+encoding)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from promptserve.loadgen import read_metric
 from promptserve.server import ServerConfig, build_app
 from promptserve.server.live import LiveServer
 
@@ -61,10 +65,24 @@ def modeled_config(speedup: float, workers: int, policy: str = "promptserve") ->
     )
 
 
+STAGES = ("embed", "lookup", "intake", "queue", "run", "cache_write")
+
+
+def stage_means_ms(url: str) -> dict[str, float]:
+    """The server's mean time per request in each stage of its request path (``/metrics``)."""
+    out = {}
+    for stage in STAGES:
+        seconds = read_metric(url, "promptserve_stage_seconds_total", {"stage": stage})
+        n = read_metric(url, "promptserve_stage_requests", {"stage": stage})
+        out[stage] = round(seconds / n * 1e3, 3) if n else None
+    return out
+
+
 def measure(policy: str) -> dict:
     cfg = modeled_config(speedup=1e6, workers=4, policy=policy)
     with LiveServer(build_app(cfg)) as url:
         lat, queue_ms, errors = asyncio.run(load(url))
+        stages = stage_means_ms(url)
     lat_ms = np.array(lat) * 1e3
     return {
         "requests_per_s": round(len(lat) / SECONDS, 1),
@@ -73,6 +91,7 @@ def measure(policy: str) -> dict:
         "latency_ms_p99": round(float(np.percentile(lat_ms, 99)), 2),
         "server_queue_ms_p50": round(float(np.percentile(queue_ms, 50)), 2),
         "server_queue_ms_p99": round(float(np.percentile(queue_ms, 99)), 2),
+        "stage_ms_mean": stages,
     }
 
 

@@ -223,3 +223,35 @@ def test_a_request_cancelled_before_it_is_queued_never_runs(tmp_path):
 
     asyncio.run(scenario())
     assert not runtime.pending and runtime.counters.by_outcome["served"] == 0
+
+
+@pytest.mark.parametrize("policy", ["promptserve", "promptserve-step"])
+def test_metrics_time_every_stage_of_the_request_path(tmp_path, policy):
+    """Each answer is timed in each stage (embed, lookup, intake, queue, run, cache_write), so
+    an operator can see where a request's time goes; the run is the engine's time."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    app = modeled_app(tmp_path, policy=policy, speedup=20.0)  # K = 0 alone: about 0.2 s
+
+    async def ask(url):
+        async with httpx.AsyncClient(timeout=60) as c:
+            for i in range(3):
+                r = await c.post(url + "/v1/images/generations", json={"prompt": f"a ship {i}"})
+                assert r.status_code == 200, r.text
+        await until_idle(app)
+        await asyncio.sleep(0.2)  # the cache thread's writes land after the answers
+
+    with LiveServer(app) as url:
+        asyncio.run(ask(url))
+        text = httpx.get(url + "/metrics").text
+    seconds, requests = {}, {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "promptserve_stage_seconds_total":
+                seconds[s.labels["stage"]] = s.value
+            elif s.name == "promptserve_stage_requests":
+                requests[s.labels["stage"]] = s.value
+    stages = {"embed", "lookup", "intake", "queue", "run", "cache_write"}
+    assert set(requests) == stages and all(requests[s] == 3 for s in stages), requests
+    assert all(v >= 0 for v in seconds.values())
+    assert seconds["run"] / 3 > 0.05  # 50 steps of the modelled engine, not bookkeeping

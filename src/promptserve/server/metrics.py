@@ -73,6 +73,17 @@ GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Served answers whose cache insert or manifest commit failed (logged; answer sent)",
         (),
     ),
+    "stage_seconds": (
+        "promptserve_stage_seconds_total",
+        "Seconds spent in each stage of the request path (embed, lookup, intake, queue, run,"
+        " cache_write), summed over the requests timed",
+        ("stage",),
+    ),
+    "stage_requests": (
+        "promptserve_stage_requests",
+        "Requests timed in each stage of the request path",
+        ("stage",),
+    ),
     "loop_errors": (
         "promptserve_loop_errors",
         "Scheduler, re-plan or planner iterations that raised (logged; the loop went on)",

@@ -81,6 +81,7 @@ class Pending:
     deadline_s: float = float("inf")  # the request's own, on the runtime's clock
     # as it runs (step-level serving keeps them between boundaries)
     started: float | None = None  # when its batch started or it joined a running one
+    queued_at: float = 0.0  # when intake placed it (then it waits: the ``queue`` stage)
     item: GenerationItem | None = None  # what it runs with
     ref: StoreRefs | None = None  # on a shared store: its start key and entry
 
@@ -96,4 +97,12 @@ class Counters:
     cache_update_failures: int = 0  # served answers whose cache insert or commit failed
     loop_errors: int = 0  # scheduler or re-plan iterations that raised (logged, survived)
     batch_timeouts: int = 0  # batches given up on after a multiple of their prediction
+    # per stage of the request path: [seconds, requests] summed (``stage``)
+    stages: dict[str, list[float]] = field(default_factory=dict)
     planner_ms: list[float] = field(default_factory=list)
+
+    def stage(self, name: str, seconds: float, requests: int = 1) -> None:
+        """Time spent in one stage of the request path, for ``requests`` requests."""
+        total = self.stages.setdefault(name, [0.0, 0])
+        total[0] += seconds
+        total[1] += requests

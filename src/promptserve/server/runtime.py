@@ -211,7 +211,11 @@ class LiveRuntime:
         now = self.clock()
         self._note_arrival(now)
         vec = await self._embed.embed(prompt, tenant)
+        embedded = self.clock()
+        self.counters.stage("embed", embedded - now)
         hit = await self._lookup(tenant, vec, exact)
+        looked_up = self.clock()
+        self.counters.stage("lookup", looked_up - embedded)
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
         has_neighbour = self._has_neighbour(hit)
         self._check_meetable(slo_s, has_neighbour)
@@ -224,6 +228,8 @@ class LiveRuntime:
         self.pending[job_id] = p
         job, ended = self._place(job_id, now, now + slo_s, k_opt, has_neighbour)
         p.deadline_s = request_deadline(job)
+        p.queued_at = self.clock()
+        self.counters.stage("intake", p.queued_at - looked_up)
         if ended is not None:
             del self.pending[job_id]
             raise ended
@@ -364,6 +370,8 @@ class LiveRuntime:
         asked meanwhile (the result is discarded; its latents still go to the cache)."""
         late = now > p.deadline_s
         self.counters.by_outcome["late" if late else "served"] += 1
+        self.counters.stage("queue", max(0.0, started - p.queued_at))
+        self.counters.stage("run", now - started)
         self.counters.cache_hits += int(p.hit is not None and result.k > 0)
         served = Served(
             result,
@@ -394,6 +402,7 @@ class LiveRuntime:
         now: float,
     ) -> None:
         """The cache updates of finished runs, on the cache thread, committed as one group."""
+        t0 = time.perf_counter()  # the cache thread's own time, whatever the runtime's clock
         try:
             with self.cache.group():
                 for p, item, result, ref in answered:
@@ -405,6 +414,7 @@ class LiveRuntime:
         except Exception:  # the group's commit
             log.exception("cache commit failed for %d served requests", len(answered))
             self.counters.cache_update_failures += len(answered)
+        self.counters.stage("cache_write", time.perf_counter() - t0, len(answered))
 
     def _fail(self, job_id: int, exc: Exception) -> None:
         p = self.pending.pop(job_id, None)

@@ -155,7 +155,7 @@ def test_a_burst_of_arrivals_is_embedded_in_few_calls(tmp_path):
             # the first call takes what had queued when it started (one prompt, or a few when
             # the requests raced in); the rest queue behind it
             for _ in range(600):  # at most 30 s
-                if (sizes[0] if sizes else 0) + len(runtime._embed._queued) >= 6:
+                if (sizes[0] if sizes else 0) + len(runtime._embed._burst._queued) >= 6:
                     break
                 threading.Event().wait(0.05)
             release.set()

@@ -29,6 +29,7 @@ from promptserve.policy.intake import DELIVERY_MARGIN_S, request_deadline
 from promptserve.policy.planning import first_demand, until_replan
 from promptserve.policy.types import Demand, Job
 from promptserve.quality import QualityModel
+from promptserve.server.burst import Burst
 from promptserve.server.cachework import item_for, pinned_by, remember_run
 from promptserve.server.clock import Pause, wall_pause
 from promptserve.server.embedding import BurstEmbedder
@@ -104,6 +105,7 @@ class LiveRuntime:
         self._cache_thread = ThreadPoolExecutor(1, thread_name_prefix="promptserve-cache")
         self._writes: set[asyncio.Future] = set()  # queued by ``_on_cache_later``
         self._embed = BurstEmbedder(embedder)
+        self._lookups: Burst[tuple[str, np.ndarray], CacheHit | None] = Burst(self._lookup_many)
         self._build(first_demand(expected_qpm, self.levels))
 
     # -- what a family does --------------------------------------------------------------
@@ -244,9 +246,13 @@ class LiveRuntime:
         """Its cached neighbour (None for an exact request: it runs as a miss does)."""
         if exact:
             return None
-        hit = await self._on_cache(self.cache.lookup, tenant, vec)
+        hit = await self._lookups((tenant, vec))
         self.counters.lookups += 1
         return hit
+
+    async def _lookup_many(self, batch: list[tuple[str, np.ndarray]]) -> list[CacheHit | None]:
+        """A burst of lookups in one trip to the cache thread (``Burst``)."""
+        return await self._on_cache(lambda: [self.cache.lookup(t, v) for t, v in batch])
 
     def _has_neighbour(self, hit: CacheHit | None) -> bool:
         """Whether the request may start from its neighbour at any level, as the policy assumes

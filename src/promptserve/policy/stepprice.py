@@ -63,8 +63,10 @@ class StepPricing:
         work matches the capacity instead of undershooting it."""
         fastest = self.profile.total_steps - self.levels[-1]
         self.excess.capacity_per_s = self.steps_capacity(slo_s, fastest)
-        steps = range(self.profile.total_steps + 1)
-        self._inflight_for = [self.inflight_within(max(r, 1), slo_s) for r in steps]
+        if self._inflight_slo != slo_s:  # a table of the profile and the SLO: built once
+            steps = range(self.profile.total_steps + 1)
+            self._inflight_for = [self.inflight_within(max(r, 1), slo_s) for r in steps]
+            self._inflight_slo = slo_s
         if self.config.rule != "price":
             return self.price
         per_s = demand.rate_qpm / 60.0

@@ -108,6 +108,7 @@ class StepScheduler(StepPricing):
         self.waiting_steps = 0  # what the waiting jobs need at their fastest levels
         self.waiting_full = 0  # waiting jobs that must run every step (no neighbour)
         self._inflight_for: list[int] = []  # per run length in steps (``reprice``)
+        self._inflight_slo: float | None = None  # the SLO it was built for
         self.next_leaves = NextLeaves(n_gpus)
         for gpu in self.gpus:
             self.next_leaves.update(gpu, 0.0)

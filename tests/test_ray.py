@@ -119,6 +119,16 @@ def test_step_level_serving_on_ray_resumes_from_the_shared_store_and_cancels(
     # ran the twin read its start latent from there, at the fastest level
     assert twin["similarity"] > 0.99 and twin["cache_hit"] is True
     assert twin["level_k"] == twin["k_opt"] > 0
+    # another look is another namespace: the same prompt with a negative prompt runs from noise
+    look = (
+        client.images.generate(
+            prompt="a red fox in the snow",
+            extra_body={"negative_prompt": "fog", "guidance_scale": 3},
+        )
+        .data[0]
+        .model_extra["promptserve"]
+    )
+    assert look["cache_hit"] is False and look["guidance_scale"] == 3.0
     workers = httpx.get(f"{url}/v1/cluster").json()["workers"]
     on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
     assert sum(w["bytes_written"] for w in workers) == on_disk > 0

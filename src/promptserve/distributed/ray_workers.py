@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from ray.exceptions import RayActorError
 
+from promptserve.engine.base import Guidance
 from promptserve.profile import Profile
 from promptserve.server.runtime import Cancelled
 from promptserve.server.stepworkers import Joins, StepDone
@@ -37,6 +38,7 @@ class RayWorkers:
         self.levels: tuple[int, ...] = tuple(info["levels"])
         self.profile: Profile = info["profile"]
         self.speedup: float = info.get("speedup", 1.0)
+        self.guidance: Guidance = info["guidance"]
 
     async def run(self, gpu: int, items: Items, on_step: OnStep, refs: Refs = None) -> Results:
         stream = self.handles[gpu].options(stream=True).generate.remote(list(items), refs)

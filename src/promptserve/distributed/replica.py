@@ -73,6 +73,7 @@ class EngineWorker:
             "profile": self.profile,
             "image_px": e.image_px,
             "speedup": e.speedup,
+            "guidance": e.guidance_spec,
         }
 
     def set_level(self, level: int | None) -> None:

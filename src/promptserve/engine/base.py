@@ -2,11 +2,88 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class Look:
+    """What steers an image besides its prompt and start noise. A latent made under one look
+    is a different point than under another, so the cache keeps each look's entries apart
+    (``cache_space``); the default look is the plain request's."""
+
+    negative_prompt: str = ""  # what guidance steers away from (the empty prompt by default)
+    guidance: float | None = None  # the guidance scale; None: the engine's own default
+
+    @property
+    def plain(self) -> bool:
+        return not self.negative_prompt and self.guidance is None
+
+
+PLAIN = Look()  # the plain request's look
+
+
+def cache_space(tenant: str, look: Look) -> str:
+    """The cache namespace a request looks up and writes in: its tenant's, split by look."""
+    if look.plain:
+        return tenant
+    digest = hashlib.sha256(look.negative_prompt.encode("utf-8")).hexdigest()[:16]
+    return f"{tenant}\x1flook:{digest}:{look.guidance!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class Guidance:
+    """What a family's guidance scale means and the range served. ``cfg``: classifier-free
+    guidance against a negative prompt (SD 1.x, SDXL, SD3); ``distilled``: a conditioning input
+    of the model with no negative pass (Flux dev); ``none``: nothing to set (Flux schnell)."""
+
+    kind: Literal["cfg", "distilled", "none"]
+    default: float
+    low: float = 1.0
+    high: float = 20.0
+
+    @property
+    def negative(self) -> bool:
+        return self.kind == "cfg"
+
+    def refusal(self, negative_prompt: str | None, scale: float | None) -> tuple[str, str] | None:
+        """(field, why) for a look this family cannot serve, else None."""
+        if negative_prompt and not self.negative:
+            why = (
+                "its guidance is distilled: there is no negative pass"
+                if self.kind == "distilled"
+                else "it has no guidance"
+            )
+            return "negative_prompt", f"negative_prompt is not served for this model: {why}"
+        if scale is None:
+            return None
+        if self.kind == "none":
+            return (
+                "guidance_scale",
+                "guidance_scale is not served for this model: it has no guidance input",
+            )
+        if not (self.low <= scale <= self.high) or scale != scale:
+            what = (
+                "classifier-free guidance"
+                if self.kind == "cfg"
+                else "distilled guidance (an input of the model, not CFG)"
+            )
+            return (
+                "guidance_scale",
+                f"guidance_scale {scale:g} is outside {self.low:g}-{self.high:g}, this model's {what} range (default {self.default:g})",
+            )
+        return None
+
+    def look(self, negative_prompt: str | None, scale: float | None) -> Look:
+        """A request's look, the default scale spelt out or not being the same look."""
+        return Look(negative_prompt or "", None if scale in (None, self.default) else float(scale))
+
+
+UNET_GUIDANCE = Guidance("cfg", 7.5)
 
 
 @dataclass(frozen=True)
@@ -26,6 +103,7 @@ class GenerationItem:
     # steps after which the caller wants a preview: the predicted clean image, decoded
     # (streaming partial images); the engine passes each to ``on_step(step, {row: png})``
     previews: tuple[int, ...] = ()
+    look: Look = PLAIN
 
 
 @dataclass
@@ -61,6 +139,7 @@ class Engine(Protocol):
     levels: tuple[int, ...]  # the cache levels K it captures and can resume from (0 included)
     image_px: int  # the side of the square images it makes
     speedup: float  # how many times faster than its profile it runs (1 but for the modelled one)
+    guidance_spec: Guidance  # what ``guidance_scale`` means for it, and the range it serves
 
     def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]: ...
 

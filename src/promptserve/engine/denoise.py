@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from promptserve.engine.base import UNET_GUIDANCE, Guidance, Look
+
 
 @dataclass
 class Components:
@@ -45,6 +47,10 @@ class Components:
 
     def decode(self, latents: torch.Tensor) -> list[bytes]:
         return decode_png(self, latents)
+
+    @property
+    def guidance_spec(self) -> Guidance:
+        return UNET_GUIDANCE
 
     def stepper(self, total_steps: int, guidance: float) -> DDIMStepper:
         return DDIMStepper(self, total_steps, guidance)
@@ -85,15 +91,17 @@ def denoise(
     guidance: float = 7.5,
     on_step=None,
     previews: Sequence[Sequence[int]] = (),
+    looks: Sequence[Look] | None = None,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Run steps ``start_step .. total_steps - 1`` on a batch that shares its start step.
 
     Returns the final latents and, for each level in ``capture`` that the run passes, the
     latents after that many steps. ``previews[row]``: the steps after which that row's
     predicted clean image is decoded and passed to ``on_step(step, {row: png})``.
+    ``looks[row]``: its negative prompt and guidance scale (default: ``guidance``).
     """
     stepper = c.stepper(total_steps, guidance)
-    rows = stepper.encode(prompts)
+    rows = stepper.encode(prompts, looks)
     captured: dict[int, torch.Tensor] = {}
     steps = torch.full((latents.shape[0],), start_step, device=latents.device, dtype=torch.long)
     for step in range(start_step, total_steps):
@@ -131,10 +139,53 @@ def png_bytes(images: torch.Tensor) -> list[bytes]:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One member's conditioning: its text's, its negative prompt's (the stepper's shared
+    empty-prompt rows unless it has one; None where the family has no negative pass), and its
+    guidance scale."""
+
+    text: dict[str, torch.Tensor]
+    uncond: dict[str, torch.Tensor] | None
+    scale: float
+
+
+def rows_of(
+    encode_batch,  # noqa: ANN001 - prompts -> list of each prompt's conditioning dict
+    prompts: Sequence[str],
+    looks: Sequence[Look] | None,
+    default_scale: float,
+    empty: dict[str, torch.Tensor] | None,
+) -> list[Row]:
+    """Each prompt's ``Row``; the distinct negative prompts are encoded once, together."""
+    looks = list(looks) if looks is not None else [Look()] * len(prompts)
+    negatives = sorted({look.negative_prompt for look in looks if look.negative_prompt})
+    uncond = dict(zip(negatives, encode_batch(negatives), strict=True)) if negatives else {}
+    return [
+        Row(
+            text,
+            uncond.get(look.negative_prompt, empty),
+            default_scale if look.guidance is None else look.guidance,
+        )
+        for text, look in zip(encode_batch(prompts), looks, strict=True)
+    ]
+
+
+def scales_of(rows: Sequence[Row], like: torch.Tensor) -> float | torch.Tensor:
+    """The rows' guidance scales: one number when they share it (the plain batch computes
+    exactly as before), else one per row, shaped to broadcast over ``like``."""
+    first = rows[0].scale
+    if all(r.scale == first for r in rows):
+        return first
+    shape = (-1,) + (1,) * (like.dim() - 1)
+    return torch.tensor([r.scale for r in rows], device=like.device, dtype=like.dtype).view(shape)
+
+
 class DDIMStepper:
     """One deterministic DDIM step per sample, each from its own timestep (eta = 0: what
     ``DDIMScheduler.step`` computes for one shared timestep), epsilon or v prediction, with
-    classifier-free guidance against the empty prompt, encoded once."""
+    classifier-free guidance per member, against its negative prompt (by default the empty
+    prompt, encoded once) at its own scale."""
 
     def __init__(self, c: Components, total_steps: int, guidance: float) -> None:
         scheduler = c.scheduler
@@ -158,10 +209,14 @@ class DDIMStepper:
         self.timesteps = timesteps.to(c.device)
         self.a_t = alphas[timesteps].to(c.device)
         self.a_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final).to(c.device)
-        (self.uncond,) = self.encode([""])
+        (self.uncond,) = self._conditioning([""])
 
-    def encode(self, prompts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
-        """Each prompt's conditioning rows: the text context and (SDXL) pooled embeds, time ids."""
+    def encode(self, prompts: Sequence[str], looks: Sequence[Look] | None = None) -> list[Row]:
+        """Each prompt's conditioning: the text context and (SDXL) pooled embeds, time ids, for
+        its prompt and its negative prompt."""
+        return rows_of(self._conditioning, prompts, looks, self.guidance, self.uncond)
+
+    def _conditioning(self, prompts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
         context, extra = encode(self.c, prompts)
         rows = []
         for j in range(len(prompts)):
@@ -171,16 +226,12 @@ class DDIMStepper:
         return rows
 
     def advance(
-        self, latents: torch.Tensor, steps: torch.Tensor, rows: Sequence[dict]
+        self, latents: torch.Tensor, steps: torch.Tensor, rows: Sequence[Row]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The next latents of every row (row j at step ``steps[j]``) and the predicted clean
         latents (what a preview shows)."""
-        n = latents.shape[0]
         both = {
-            name: torch.cat(
-                [self.uncond[name].expand(n, *self.uncond[name].shape[1:])]
-                + [r[name] for r in rows]
-            )
+            name: torch.cat([r.uncond[name] for r in rows] + [r.text[name] for r in rows])
             for name in self.uncond
         }
         context = both.pop("context")
@@ -193,7 +244,7 @@ class DDIMStepper:
                 added_cond_kwargs=both or None,
             ).sample
             uncond, cond = out.chunk(2)
-            guided = uncond + self.guidance * (cond - uncond)
+            guided = uncond + scales_of(rows, uncond) * (cond - uncond)
             shape = (-1,) + (1,) * (latents.dim() - 1)
             dtype = latents.dtype
             a_t = self.a_t[steps].view(shape).to(dtype)

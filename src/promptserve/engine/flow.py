@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from promptserve.engine.denoise import png_bytes
+from promptserve.engine.base import Guidance, Look
+from promptserve.engine.denoise import Row, png_bytes, rows_of, scales_of
 
 FAMILIES = ("sd3", "flux")
 DEFAULT_GUIDANCE = {"sd3": 7.0, "flux": 3.5}  # the diffusers pipelines' defaults
@@ -81,6 +82,14 @@ class FlowComponents:
         with torch.no_grad():
             scaled = latents / config.scaling_factor + (config.shift_factor or 0.0)
             return png_bytes(self.vae.decode(scaled.to(self.vae.dtype)).sample)
+
+    @property
+    def guidance_spec(self) -> Guidance:
+        if self.family == "sd3":
+            return Guidance("cfg", DEFAULT_GUIDANCE["sd3"])
+        if self.transformer.config.guidance_embeds:  # Flux dev: the scale is a model input
+            return Guidance("distilled", DEFAULT_GUIDANCE["flux"], 1.0, 10.0)
+        return Guidance("none", DEFAULT_GUIDANCE["flux"])  # Flux schnell: no guidance input
 
     def stepper(self, total_steps: int, guidance: float) -> FlowStepper:
         return FlowStepper(self, total_steps, guidance)
@@ -160,7 +169,7 @@ class FlowStepper:
     def __init__(self, c: FlowComponents, total_steps: int, guidance: float) -> None:
         self.c, self.guidance = c, guidance
         self.sigmas, self.timesteps = sigma_schedule(c, total_steps)
-        self.uncond = c.encode([""]) if c.family == "sd3" else None
+        self.uncond = self._conditioning([""])[0] if c.family == "sd3" else None
         if c.family == "flux":
             h, w = c.latent_shape[1] // 2, c.latent_shape[2] // 2
             grid = torch.zeros(h, w, 3)
@@ -169,19 +178,23 @@ class FlowStepper:
             self.img_ids = grid.reshape(h * w, 3).to(c.device, c.dtype)
             self.txt_ids = torch.zeros(c.max_sequence_length, 3, device=c.device, dtype=c.dtype)
 
-    def encode(self, prompts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+    def encode(self, prompts: Sequence[str], looks: Sequence[Look] | None = None) -> list[Row]:
+        """Each prompt's conditioning, and (SD3) its negative prompt's; Flux has no negative
+        pass (the engine refuses one before it gets here)."""
+        return rows_of(self._conditioning, prompts, looks, self.guidance, self.uncond)
+
+    def _conditioning(self, prompts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
         batch = self.c.encode(prompts)
         return [{name: v[j : j + 1] for name, v in batch.items()} for j in range(len(prompts))]
 
     def advance(
-        self, latents: torch.Tensor, steps: torch.Tensor, rows: Sequence[dict]
+        self, latents: torch.Tensor, steps: torch.Tensor, rows: Sequence[Row]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The next latents of every row (row j at step ``steps[j]``) and the predicted clean
         latents (x0 = x - sigma * v: what a preview shows)."""
-        cond = {name: torch.cat([r[name] for r in rows]) for name in rows[0]}
         t = self.timesteps[steps]
         with torch.no_grad():
-            v = self._velocity(latents, t, cond)
+            v = self._velocity(latents, t, rows)
         shape = (-1,) + (1,) * (latents.dim() - 1)
         sigma = self.sigmas[steps].view(shape)
         sigma_next = self.sigmas[steps + 1].view(shape)
@@ -189,22 +202,23 @@ class FlowStepper:
         out = (x + (sigma_next - sigma) * v.float()).to(v.dtype)
         return out, (x - sigma * v.float()).to(v.dtype)
 
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        model, n = self.c.transformer, x.shape[0]
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
+        model = self.c.transformer
         if self.c.family == "sd3":
             both = {
-                name: torch.cat([self.uncond[name].expand(n, *value.shape[1:]), value])
-                for name, value in cond.items()
+                name: torch.cat([r.uncond[name] for r in rows] + [r.text[name] for r in rows])
+                for name in rows[0].text
             }
             v = model(
                 hidden_states=torch.cat([x, x]), timestep=torch.cat([t, t]),
                 return_dict=False, **both,
             )[0]  # fmt: skip
             uncond, text = v.chunk(2)
-            return uncond + self.guidance * (text - uncond)
+            return uncond + scales_of(rows, uncond) * (text - uncond)
+        cond = {name: torch.cat([r.text[name] for r in rows]) for name in rows[0].text}
         guidance = None
         if model.config.guidance_embeds:
-            guidance = torch.full((n,), self.guidance, device=x.device, dtype=torch.float32)
+            guidance = torch.tensor([r.scale for r in rows], device=x.device, dtype=torch.float32)
         v = model(
             hidden_states=pack(x), timestep=t.to(x.dtype) / 1000, guidance=guidance,
             txt_ids=self.txt_ids, img_ids=self.img_ids, return_dict=False, **cond,

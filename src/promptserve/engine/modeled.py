@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.engine.base import UNET_GUIDANCE, GenerationItem, GenerationResult
 from promptserve.profile import Profile
 
 STAND_IN_SHAPE = (4, 8, 8)  # 1 KiB per level in float32: the keys and levels are real
@@ -34,6 +34,7 @@ PLACEHOLDER_PNG = bytes.fromhex(
 
 class ModeledEngine:
     stateless = True  # it only sleeps: one instance may serve every worker at once
+    guidance_spec = UNET_GUIDANCE  # what it stands for: the SDXL reference's guidance
 
     def __init__(
         self, profile: Profile, sleep: Callable[[float], None] = time.sleep, speedup: float = 1.0

@@ -7,8 +7,9 @@ steps (from noise at K = 0, or from its cached neighbour's latent at its own K),
 latents captured at the cache levels as it passes them, and leaves after its last step,
 decoded. Cancelling a member frees its slot at the next step.
 
-Text encoding happens once per member at join (batched over the members joining together),
-and the empty prompt's encoding once per runner; VAE decoding is batched over the members
+Text encoding happens once per member at join (batched over the members joining together,
+its negative prompt with it), and the empty prompt's encoding once per runner; each member
+keeps its own guidance scale; VAE decoding is batched over the members
 leaving together. The family's ``stepper`` owns the model call and the update
 (``denoise.DDIMStepper``, ``flow.FlowStepper``); this runner owns membership.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.engine.denoise import Row
 
 
 @dataclass
@@ -28,7 +30,7 @@ class _Slot:
     key: Hashable
     item: GenerationItem
     latent: torch.Tensor  # (1, C, H, W)
-    cond: dict[str, torch.Tensor]  # the family's conditioning rows, (1, ...) each
+    cond: Row  # the family's conditioning, (1, ...) each
     step: int  # steps done
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -63,7 +65,9 @@ class StepRunner:
                 raise ValueError(f"level K={item.k} is not one of {self.levels}")
             if item.k > 0 and item.start_latent is None:
                 raise ValueError(f"level K={item.k} needs a start latent")
-        rows = self.kernel.encode([item.prompt for _, item in members])
+        rows = self.kernel.encode(
+            [item.prompt for _, item in members], [item.look for _, item in members]
+        )
         for (key, item), row in zip(members, rows, strict=True):
             if item.k == 0:
                 latent = self.c.noise(item.seed)

@@ -9,11 +9,12 @@ these machines; the tiny model's random text encoder gives the tokens no meaning
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.engine.base import GenerationItem, GenerationResult, Guidance
 from promptserve.engine.denoise import Components, denoise
 
 MAX_TOKENS = 77
@@ -148,6 +149,10 @@ class DenoisingEngine:
     def image_px(self) -> int:
         return self.c.latent_shape[1] * 8  # every family's VAE scales by 8
 
+    @property
+    def guidance_spec(self) -> Guidance:
+        return replace(self.c.guidance_spec, default=self.guidance)
+
     def step_runner(self, profile=None):  # noqa: ANN001, ANN201 - the profile is the modelled one's
         from promptserve.engine.steprunner import StepRunner
 
@@ -189,6 +194,7 @@ class DenoisingEngine:
             self.guidance,
             on_step,
             [it.previews for it in items],
+            [it.look for it in items],
         )
         pngs = self.c.decode(final)
         return [

@@ -117,6 +117,8 @@ def create_app(
             "profile": asdict(runtime.workers.profile),
             # the modelled backend runs this many times faster than the profile it plans with
             "speedup": runtime.workers.speedup,
+            # what guidance_scale means for this model, its default and range
+            "guidance": asdict(runtime.workers.guidance),
         }
 
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)

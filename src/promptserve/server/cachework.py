@@ -36,7 +36,8 @@ def item_for(
         k = level if latent is not None else 0
     wanted = p.handle.partial_images if p.handle is not None else 0
     previews = preview_steps(k, workers.total_steps, wanted)
-    return GenerationItem(p.prompt, k, latent, seed=p.seed, previews=previews), ref
+    item = GenerationItem(p.prompt, k, latent, seed=p.seed, previews=previews, look=p.look)
+    return item, ref
 
 
 def pinned_by(refs: Sequence[StoreRefs | None] | None) -> list[int]:

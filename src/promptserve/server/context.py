@@ -9,6 +9,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from promptserve.edge.keys import tenant_for
+from promptserve.engine.base import Look
 from promptserve.server.images import ImageStore
 from promptserve.server.metrics import Metrics
 from promptserve.server.runtime import Dropped, LiveRuntime, Refused, Unmeetable
@@ -60,7 +61,8 @@ class Context:
 
     def checked_tenant(self, req: ImageRequest, request: Request) -> str | JSONResponse:
         """The caller's tenant, or the error to answer: no valid key (401), a prompt with
-        nothing to draw or an unknown size (400), another model (404)."""
+        nothing to draw, an unknown size or a guidance the model cannot serve (400), another
+        model (404)."""
         tenant = tenant_for(self.keys, request.headers.get("authorization"))
         if tenant is None:
             return error(
@@ -75,4 +77,10 @@ class Context:
         if req.model is not None and req.model not in self.model_names:
             served = self.model_names[0]
             return error(404, f"model {req.model!r} is not served here (served: {served})", "model")
+        refusal = self.runtime.workers.guidance.refusal(req.negative_prompt, req.guidance_scale)
+        if refusal is not None:
+            return error(400, refusal[1], refusal[0])
         return tenant
+
+    def look(self, req: ImageRequest) -> Look:
+        return self.runtime.workers.guidance.look(req.negative_prompt, req.guidance_scale)

@@ -76,8 +76,14 @@ def image_routes(ctx: Context) -> APIRouter:
         images = [
             asyncio.ensure_future(
                 ctx.runtime.submit(
-                    req.prompt, tenant, deadline_s, h, exact=req.exact, seed=seed_of(req, i)
-                )
+                    req.prompt,
+                    tenant,
+                    deadline_s,
+                    h,
+                    exact=req.exact,
+                    seed=seed_of(req, i),
+                    look=ctx.look(req),
+                )  # fmt: skip
             )
             for i, h in enumerate(handles)
         ]
@@ -126,8 +132,14 @@ def image_routes(ctx: Context) -> APIRouter:
         ctx.metrics.submitted.inc()
         task = asyncio.create_task(
             ctx.runtime.submit(
-                req.prompt, tenant, deadline_s, handle, exact=req.exact, seed=req.seed
-            )
+                req.prompt,
+                tenant,
+                deadline_s,
+                handle,
+                exact=req.exact,
+                seed=req.seed,
+                look=ctx.look(req),
+            )  # fmt: skip
         )
 
         def counted(t: asyncio.Task) -> None:  # every image ends in one outcome label

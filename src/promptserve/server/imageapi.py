@@ -72,6 +72,7 @@ def meta_of(s: Served) -> ImageMeta:
         compute_ms=round(s.compute_s * 1e3, 1),
         placeholder=s.result.placeholder,
         seed=s.seed,
+        guidance_scale=s.guidance,
     )
 
 

@@ -41,7 +41,7 @@ def job_routes(ctx: Context) -> APIRouter:
             start = time.monotonic()
             try:
                 served = await ctx.runtime.submit(
-                    req.prompt, tenant, deadline_s, handle, seed=req.seed
+                    req.prompt, tenant, deadline_s, handle, seed=req.seed, look=ctx.look(req)
                 )
             except Exception as exc:  # refused, dropped, cancelled or failed: the job says which
                 ctx.metrics.count(exc, deadline_s, time.monotonic() - start)

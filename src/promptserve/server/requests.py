@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from promptserve.cache.approx import CacheHit
-from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.engine.base import PLAIN, GenerationItem, GenerationResult, Look
 from promptserve.server.workers import StoreRefs
 
 
@@ -63,6 +63,7 @@ class Served:
     compute_s: float
     k_opt: int = 0  # the level its neighbour's similarity tolerates (0: a miss)
     seed: int = 0  # the seed of its start noise
+    guidance: float | None = None  # the guidance scale it ran at (None: the model has none)
 
 
 @dataclass
@@ -70,7 +71,7 @@ class Pending:
     """One accepted request, from intake to its answer."""
 
     prompt: str
-    tenant: str
+    tenant: str  # its cache namespace: the tenant's, split by look (``cache_space``)
     embedding: np.ndarray
     hit: CacheHit | None
     future: asyncio.Future
@@ -78,6 +79,7 @@ class Pending:
     seed: int
     handle: JobHandle | None = None
     k_opt: int = 0  # the engine level its neighbour tolerates (0: a miss or an exact request)
+    look: Look = PLAIN  # its negative prompt and guidance scale
     deadline_s: float = float("inf")  # the request's own, on the runtime's clock
     # as it runs (step-level serving keeps them between boundaries)
     started: float | None = None  # when its batch started or it joined a running one

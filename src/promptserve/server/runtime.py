@@ -21,7 +21,7 @@ import numpy as np
 
 from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
-from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.engine.base import PLAIN, GenerationItem, GenerationResult, Look, cache_space
 from promptserve.engine.runner import engine_level
 from promptserve.policy import Policy, Setting, Status
 from promptserve.policy.contract import Arrival, LoadSnapshot, Scheduler
@@ -188,12 +188,14 @@ class LiveRuntime:
         handle: JobHandle | None = None,
         exact: bool = False,
         seed: int | None = None,
+        look: Look = PLAIN,
     ) -> Served:
         """One image, due ``slo_s`` from now; ``exact``: a full generation, never started from
         a cached latent (the API's ``quality: high``); it still leaves its latents to the
-        cache."""
+        cache. ``look``: its negative prompt and guidance; it resumes only from neighbours
+        made with the same look."""
         try:
-            future = await self._intake(prompt, tenant, slo_s, handle, exact, seed)
+            future = await self._intake(prompt, tenant, slo_s, handle, exact, seed, look)
         except Exception as exc:  # refused, or failed before queueing: a job hears it too
             if handle is not None and handle.accepted is not None and not handle.accepted.done():
                 handle.accepted.set_exception(exc)
@@ -208,6 +210,7 @@ class LiveRuntime:
         handle: JobHandle | None,
         exact: bool = False,
         seed: int | None = None,
+        look: Look = PLAIN,
     ) -> asyncio.Future:
         """Embed, look up, admit and place; the future the answer will come on."""
         now = self.clock()
@@ -215,7 +218,8 @@ class LiveRuntime:
         vec = await self._embed.embed(prompt, tenant)
         embedded = self.clock()
         self.counters.stage("embed", embedded - now)
-        hit = await self._lookup(tenant, vec, exact)
+        space = cache_space(tenant, look)  # where it looks up, and where its entry goes
+        hit = await self._lookup(space, vec, exact)
         looked_up = self.clock()
         self.counters.stage("lookup", looked_up - embedded)
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
@@ -226,7 +230,7 @@ class LiveRuntime:
         job_id = next(self.ids)
         future = asyncio.get_running_loop().create_future()
         seed = job_id if seed is None else seed
-        p = Pending(prompt, tenant, vec, hit, future, now, seed, handle, k_opt)
+        p = Pending(prompt, space, vec, hit, future, now, seed, handle, k_opt, look)
         self.pending[job_id] = p
         job, ended = self._place(job_id, now, now + slo_s, k_opt, has_neighbour)
         p.deadline_s = request_deadline(job)
@@ -237,6 +241,13 @@ class LiveRuntime:
             raise ended
         self._accepted(handle, job_id, job.level, hit)
         return future
+
+    def _scale_of(self, look: Look) -> float | None:
+        """The guidance scale a run used (None: the model has no guidance input)."""
+        spec = self.workers.guidance
+        if spec.kind == "none":
+            return None
+        return spec.default if look.guidance is None else look.guidance
 
     def _refused(self, now: float) -> Refused:
         self.counters.by_outcome["refused"] += 1
@@ -388,6 +399,7 @@ class LiveRuntime:
             now - started,
             p.k_opt,
             p.seed,
+            self._scale_of(p.look),
         )
         if p.future.done():
             return

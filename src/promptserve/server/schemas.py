@@ -53,6 +53,10 @@ class ImageRequest(BaseModel):
     # the start noise: the same prompt, seed, level and neighbour give the same image (with
     # n > 1, image i has seed + i); default one of the server's own
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1 - MAX_IMAGES)
+    # what guidance steers away from; and its scale, in the model's range (``GET /v1/server``);
+    # a request with either resumes only from neighbours made with the same ones
+    negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
+    guidance_scale: float | None = None
 
     @property
     def exact(self) -> bool:
@@ -70,6 +74,7 @@ class ImageMeta(BaseModel):
     compute_ms: float
     placeholder: bool  # True: the image is not a real rendering (tiny or modelled engine)
     seed: int = 0  # its start noise's seed (the request's, or the server's own)
+    guidance_scale: float | None = None  # the scale it ran at (None: no guidance input)
 
 
 class ImageData(BaseModel):

@@ -227,7 +227,7 @@ class StepRuntime(LiveRuntime):
             p = self.pending.pop(job_id, None)
             if p is None:
                 continue
-            item = p.item or GenerationItem(p.prompt, result.k, None, seed=p.seed)
+            item = p.item or GenerationItem(p.prompt, result.k, None, seed=p.seed, look=p.look)
             answered.append((p, item, result, p.ref))
             self._serve(p, result, p.started if p.started is not None else p.arrival, now)
         if answered:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from promptserve.engine.base import Engine, GenerationItem, GenerationResult
+from promptserve.engine.base import Engine, GenerationItem, GenerationResult, Guidance
 from promptserve.engine.threads import ComputeThread, torch_threads_for
 from promptserve.profile import Profile
 from promptserve.server.stepworkers import Joins, StepDone, advance
@@ -56,6 +56,7 @@ class Workers(Protocol):
     count: int
     shared_store: bool  # True: runs take StoreRefs and move latents through the store
     speedup: float  # the engines run this many times faster than ``profile`` (modelled only)
+    guidance: Guidance  # what a request's guidance scale means for the model, and its range
 
     async def run(self, gpu: int, items: Items, on_step: OnStep, refs: Refs = None) -> Results: ...
 
@@ -92,7 +93,7 @@ class LocalWorkers:
         self.threads = list(threads or compute_threads(self.count, torch_threads_for(self.count)))
         first = self.engines[0]
         self.name, self.total_steps, self.levels = first.name, first.total_steps, first.levels
-        self.speedup = first.speedup
+        self.speedup, self.guidance = first.speedup, first.guidance_spec
         self.runners: dict[int, object] = {}  # step runners (``prepare_steps``)
 
     async def run(self, gpu: int, items: Items, on_step: OnStep, refs: Refs = None) -> Results:

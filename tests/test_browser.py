@@ -136,6 +136,9 @@ def test_dashboard_draws_live_series_and_shows_what_metrics_says(browser, tmp_pa
         browser.get(f"{url}/dashboard?interval_ms=300")
         wait_for(lambda: browser.execute_script("return window.dashboard.polls || 0") >= 1)
         kept = browser.execute_script("return window.dashboard.fromHistory")
+        # the first paint came from the page itself, before any poll: the served count then
+        first = browser.execute_script("return window.dashboard.firstPaint.outcome.served")
+        assert 0 < first <= shown_numbers(browser)["served"]
         first_t = browser.execute_script("return window.dashboard.samples[0].t")
         mix = browser.execute_script("return window.dashboard.series.kmix.length")
         assert kept >= 3 and first_t < reloaded_at_ms - 2000, (kept, first_t, reloaded_at_ms)

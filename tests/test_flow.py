@@ -3,6 +3,7 @@ family's loop against diffusers' own pipeline on the same modules."""
 
 import io
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -77,11 +78,13 @@ def test_levels_map_onto_a_shorter_schedule_by_fraction():
 
 
 @pytest.mark.parametrize("family", FLOW)
-def test_a_saved_flow_pipeline_is_served_by_its_family_with_28_steps(family, tmp_path):
+def test_a_saved_flow_pipeline_is_served_by_its_family_with_28_steps(family, tmp_path, caplog):
     c = build(family)
     pipeline_for(c, DEFAULT_GUIDANCE[family]).save_pretrained(tmp_path)
     assert family_of(str(tmp_path)) == family
-    engine = diffusers_engine(str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        engine = diffusers_engine(str(tmp_path))
+    assert "accelerate" not in caplog.text  # installed: diffusers loads without its warning
     assert engine.total_steps == 28 and engine.levels == (0, 2, 5, 8, 11, 14)
     assert engine.c.family == family and engine.guidance == DEFAULT_GUIDANCE[family]
     full = engine.generate([GenerationItem("a red fox", 0, seed=1)])[0]
@@ -119,3 +122,21 @@ def test_a_saved_sd3_folder_is_served_through_the_openai_client(tmp_path, policy
     assert Image.open(io.BytesIO(png)).size == (64, 64)
     assert first.data[0].model_extra["promptserve"]["similarity"] is None
     assert again.data[0].model_extra["promptserve"]["similarity"] > 0.99  # the cache took it
+
+
+def test_a_single_file_checkpoint_is_named_as_one_with_how_to_convert_it(tmp_path):
+    checkpoint = tmp_path / "sdxl.safetensors"
+    checkpoint.write_bytes(b"\0" * 16)
+    with pytest.raises(InputError, match="single-file checkpoint") as err:
+        family_of(str(checkpoint))
+    assert "from_single_file" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_dtype_follows_the_device_unless_given():
+    from promptserve.config import ServeFile
+    from promptserve.engine import resolved_dtype
+
+    assert ServeFile().dtype == "auto"
+    assert resolved_dtype("auto", "cpu") == "float32"
+    assert resolved_dtype("auto", "cuda:1") == "float16" == resolved_dtype("auto", "mps")
+    assert resolved_dtype("bfloat16", "cuda") == "bfloat16"

@@ -92,6 +92,8 @@ SHORT = {  # (command, sub) -> flags appended to shorten a run
 
 def short(argv: list[str]) -> list[str] | None:
     key = (argv[0], argv[1] if argv[0] in ("workload", "thresholds") else None)
+    if "--device" in argv and argv[argv.index("--device") + 1] != "cpu":
+        return None  # a GPU recipe: it parses (above); this machine cannot run it
     if key not in SHORT:
         # serve and bench need a live server, and calibrate runs the model for a minute:
         # test_server, test_cli and test_engine run them

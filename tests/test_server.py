@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -148,6 +149,21 @@ def test_metrics_history_keeps_the_last_minutes_for_a_reloaded_dashboard(tiny_ur
     assert "_bucket" not in samples[-1]["metrics"]  # kept small: no histogram buckets
     newer = httpx.get(tiny_url + "/v1/metrics/history", params={"since_ms": samples[-2]["t"]})
     assert [s["t"] for s in newer.json()["samples"]][:1] == [samples[-1]["t"]]
+
+
+def test_the_dashboard_page_carries_the_numbers_of_the_moment_for_its_first_paint(tiny_url):
+    client(tiny_url).images.generate(prompt="a lantern", response_format="b64_json")
+    html = httpx.get(tiny_url + "/dashboard").text
+    (inlined,) = re.findall(r'const FIRST_METRICS = ("(?:[^"\\]|\\.)*");', html)
+    text = json.loads(inlined)
+    answered = sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "promptserve_requests_total" and s.labels["outcome"] in ("served", "late")
+    )
+    assert answered >= 1  # what the server had answered when it wrote the page
+    assert "/*FIRST*/" not in html and "</script>" not in text
 
 
 def test_a_deadline_no_level_can_meet_is_422_with_the_least_one_not_a_retry(tmp_path):

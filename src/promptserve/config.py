@@ -81,7 +81,7 @@ class ServeFile(BaseModel):
     # the latent cache's byte quota ("20GiB", "500MB", bytes); None: 10% of the free disk at start
     cache_max_bytes: ByteSize | None = Field(default=None, gt=0)
     embed_cache_max_rows: int = Field(default=1_000_000, ge=1)
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     compile: bool = False
     cuda_graphs: bool = False
     channels_last: bool = False

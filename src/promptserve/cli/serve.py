@@ -68,7 +68,10 @@ def serve_cmd(
     ] = None,
     dtype: Annotated[
         str | None,
-        typer.Option(help="The weights' dtype (diffusers): float32 (default), float16, bfloat16."),
+        typer.Option(
+            help="The weights' dtype (diffusers): auto (default: float16 on cuda and mps, "
+            "float32 on cpu), float32, float16, bfloat16."
+        ),
     ] = None,
     compile_: Annotated[
         bool | None,

@@ -34,7 +34,7 @@ class EngineWorker:
         model: str,
         backend: str | None,
         device: str,
-        dtype: str = "float32",
+        dtype: str = "auto",
         speedup: float = 1.0,
         options: EngineOptions | None = None,
         store_root: str | None = None,

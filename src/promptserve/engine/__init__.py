@@ -7,11 +7,20 @@ from promptserve.engine.options import EngineOptions
 from promptserve.errors import InputError
 
 
+def resolved_dtype(dtype: str, device: str) -> str:
+    """``auto``: half precision on a GPU (what the published figures and every diffusers
+    recipe for SDXL, SD3 and Flux use; half the memory, the fast kernels), float32 on the CPU
+    (whose half-precision kernels are slow or missing)."""
+    if dtype != "auto":
+        return dtype
+    return "float32" if device == "cpu" else "float16"
+
+
 def make_engine(
     model: str = "tiny",
     backend: str | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = "auto",
     speedup: float = 1.0,
     options: EngineOptions | None = None,
 ) -> Engine:
@@ -27,7 +36,7 @@ def make_engine(
         else:
             from promptserve.engine.diffusers_backend import diffusers_engine
 
-            engine = diffusers_engine(model, device, dtype)
+            engine = diffusers_engine(model, device, resolved_dtype(dtype, device))
         if options is not None and options != EngineOptions():
             from promptserve.engine.options import apply_options
 

@@ -44,7 +44,14 @@ def family_of(model: str) -> str:
     """The family serving a local diffusers folder, from its ``model_index.json``."""
     import json
 
-    index = Path(model).expanduser() / "model_index.json"
+    path = Path(model).expanduser()
+    if path.is_file():  # a .safetensors / .ckpt checkpoint, as UIs share them
+        raise InputError(
+            f"model {model!r} is a single-file checkpoint; promptserve serves diffusers folders "
+            "(a model_index.json beside the parts): convert it once with diffusers, e.g. "
+            "StableDiffusionXLPipeline.from_single_file(FILE).save_pretrained(DIR), then --model DIR"
+        )
+    index = path / "model_index.json"
     try:
         name = json.loads(index.read_text()).get("_class_name")
     except (OSError, ValueError) as exc:

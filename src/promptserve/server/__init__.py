@@ -47,7 +47,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
     speedup: float = 1.0  # modelled backend only: run this many times faster than the profile
     expected_qpm: float = 1.0  # the first plan's load, before any arrival is seen
-    dtype: str = "float32"  # the engine's weights (diffusers backend)
+    dtype: str = "auto"  # the engine's weights (diffusers backend); auto: by device
     engine_options: EngineOptions = field(default_factory=EngineOptions)
     cache_max_bytes: int | None = None  # the latent files' quota; None: 10% of the free disk
     embed_cache_max_rows: int | None = 1_000_000

@@ -8,6 +8,7 @@ description, health, metrics and the dashboard.
 from __future__ import annotations
 
 import asyncio
+import json
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 
@@ -123,8 +124,10 @@ def create_app(
 
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
     async def dashboard():
-        """Live charts from this server's own /metrics (polled by the page; no CDN)."""
-        return HTMLResponse(page("dashboard.html"))
+        """Live charts from this server's own /metrics (polled by the page; no CDN), the
+        numbers of this moment inlined for the first paint."""
+        first = json.dumps(scrape(runtime, ctx.metrics).decode()).replace("</", "<\\/")
+        return HTMLResponse(page("dashboard.html").replace('"/*FIRST*/"', first, 1))
 
     @app.get("/healthz")
     async def healthz():

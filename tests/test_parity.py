@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from promptserve.engine.base import GenerationResult
+from promptserve.engine.base import UNET_GUIDANCE, GenerationResult
 from promptserve.policy import POLICIES, get_policy
 from promptserve.policy.steptime import step_profile
 from promptserve.policy.types import Status
@@ -38,6 +38,7 @@ class TimedWorkers:
     latents at every cache level, so the cache fills as with a real engine."""
 
     name, shared_store, speedup = "timed", False, 1.0
+    guidance = UNET_GUIDANCE
 
     def __init__(self, count: int) -> None:
         self.profile, self.count = reference_profile(), count

@@ -83,6 +83,7 @@ class LiveRuntime:
         """``clock`` and ``pause`` are every reading of time and every wait of the loops: a
         test drives the runtime on a clock of its own by passing both."""
         self.workers, self.cache = workers, cache
+        self.guidance = workers.guidance  # read once: workers without it fail here, not mid-run
         self.pause = pause
         self.policy, self.setting, self.quality = policy, setting, quality
         self.clock = clock
@@ -244,7 +245,7 @@ class LiveRuntime:
 
     def _scale_of(self, look: Look) -> float | None:
         """The guidance scale a run used (None: the model has no guidance input)."""
-        spec = self.workers.guidance
+        spec = self.guidance
         if spec.kind == "none":
             return None
         return spec.default if look.guidance is None else look.guidance

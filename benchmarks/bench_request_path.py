@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from promptserve.engine.base import GenerationItem
-from promptserve.server import ServerConfig, app_for, engine_size, local_workers
+from promptserve.server import ServerConfig, app_for, local_workers
 from promptserve.server.live import LiveServer
 
 
@@ -134,7 +134,7 @@ def main() -> None:
     alone_ms = workers.threads[0].call(engine_alone, engine, args.requests)
     timed = TimedEngine(engine)
     workers.engines[0] = timed
-    app = app_for(config, workers, engine_size(engine))
+    app = app_for(config, workers)
     runtime = app.state.runtime
 
     def embed_alone() -> float:

@@ -1,6 +1,8 @@
 """Through Ray Serve on a local Ray (2 CPUs): the same API, replicas at their own levels, and a
 replica killed mid-batch. Ray takes seconds to start: one session for the module, few tests."""
 
+import base64
+import io
 import threading
 import time
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from PIL import Image
 
 from promptserve.distributed import RaySettings, run_on_ray
 from promptserve.distributed.chaos import kill_busy_worker, wait_workers_up
@@ -129,6 +132,9 @@ def test_step_level_serving_on_ray_resumes_from_the_shared_store_and_cancels(
         .model_extra["promptserve"]
     )
     assert look["cache_hit"] is False and look["guidance_scale"] == 3.0
+    wide = client.images.generate(prompt="a red fox in the snow", size="96x64").data[0]
+    assert Image.open(io.BytesIO(base64.b64decode(wide.b64_json))).size == (96, 64)
+    assert wide.model_extra["promptserve"]["cache_hit"] is False  # another size: no neighbour
     workers = httpx.get(f"{url}/v1/cluster").json()["workers"]
     on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
     assert sum(w["bytes_written"] for w in workers) == on_disk > 0

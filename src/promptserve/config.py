@@ -65,6 +65,7 @@ class ServeFile(BaseModel):
         default_factory=list, max_length=16
     )
     profile: Path | None = None
+    sizes: str | None = None  # "1024x1024,1152x896,..."; None: the family's usual set
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)
     max_headers: int = Field(default=100, ge=8, le=10_000)
@@ -115,6 +116,7 @@ def server_config(s: ServeFile):
     from promptserve.edge.limits import HttpLimits, check_proxies
     from promptserve.engine.devices import check_device
     from promptserve.engine.options import EngineOptions
+    from promptserve.engine.sizes import parse_sizes
     from promptserve.policy import get_policy
     from promptserve.profile import load_profile
     from promptserve.server import ServerConfig
@@ -124,6 +126,7 @@ def server_config(s: ServeFile):
         check_device(s.device)
     if s.profile is not None:
         load_profile(s.profile)  # readable and valid before any weights load
+    sizes = parse_sizes(s.sizes) if s.sizes else None  # their multiples: when the model loads
 
     keys = load_keys(s.api_keys_file)
     if not keys and s.host not in ("127.0.0.1", "localhost", "::1"):
@@ -158,4 +161,5 @@ def server_config(s: ServeFile):
             s.max_connections_per_client,
             check_proxies(s.trusted_proxies),
         ),
+        sizes,
     )

@@ -150,6 +150,14 @@ def serve_cmd(
             "the id); default the model folder's name, never its path.",
         ),
     ] = None,
+    sizes: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated WIDTHxHEIGHT sizes a request may ask for (the first is what "
+            "size=auto gives); default the family's usual set at the model's own resolution "
+            "(SDXL's aspect buckets, for example; the tiny model 64x64,32x32,96x64,64x96).",
+        ),
+    ] = None,
     trusted_proxies: Annotated[
         str | None,
         typer.Option(
@@ -224,6 +232,7 @@ def serve_cmd(
         "public_url": public_url,
         "model_names": model_name,
         "profile": profile,
+        "sizes": sizes,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
         "max_header_bytes": max_header_bytes,
         "max_headers": max_headers,

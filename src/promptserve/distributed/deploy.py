@@ -44,7 +44,7 @@ class Ingress:
         if config.profile is not None:  # plan with the measured profile, not the quick one
             w = self.workers
             w.profile = profile_for(config.profile, w.name, w.total_steps, w.levels)
-        self.api = app_for(config, self.workers, infos[0]["image_px"])
+        self.api = app_for(config, self.workers)
 
         @self.api.get("/v1/cluster")
         async def cluster():

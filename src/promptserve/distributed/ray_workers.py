@@ -39,6 +39,8 @@ class RayWorkers:
         self.profile: Profile = info["profile"]
         self.speedup: float = info.get("speedup", 1.0)
         self.guidance: Guidance = info["guidance"]
+        self.native: tuple[int, int] = info["native"]
+        self.sizes: tuple[tuple[int, int], ...] = tuple(info["sizes"])
 
     async def run(self, gpu: int, items: Items, on_step: OnStep, refs: Refs = None) -> Results:
         stream = self.handles[gpu].options(stream=True).generate.remote(list(items), refs)

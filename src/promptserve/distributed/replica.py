@@ -37,13 +37,14 @@ class EngineWorker:
         dtype: str = "auto",
         speedup: float = 1.0,
         options: EngineOptions | None = None,
+        sizes: tuple[tuple[int, int], ...] | None = None,
         store_root: str | None = None,
     ) -> None:
         self.index = index
         # built, profiled and run on one thread of its own (engine.threads)
         self._compute = ComputeThread("promptserve-engine", torch_threads_for(1))
         self.engine = self._compute.call(
-            make_engine, model, backend, device, dtype, speedup, options
+            make_engine, model, backend, device, dtype, speedup, options, sizes
         )
         # the latent store every node reaches (a shared folder); the ingress owns its manifest
         self.store = LatentStore(store_root, clean_temporaries=False) if store_root else None
@@ -71,7 +72,8 @@ class EngineWorker:
             "total_steps": e.total_steps,
             "levels": tuple(e.levels),
             "profile": self.profile,
-            "image_px": e.image_px,
+            "native": e.native,
+            "sizes": tuple(e.sizes),
             "speedup": e.speedup,
             "guidance": e.guidance_spec,
         }

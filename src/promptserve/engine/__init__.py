@@ -23,10 +23,18 @@ def make_engine(
     dtype: str = "auto",
     speedup: float = 1.0,
     options: EngineOptions | None = None,
+    sizes: tuple[tuple[int, int], ...] | None = None,
 ) -> Engine:
     """``tiny`` or a local diffusers folder; ``backend="modeled"`` sleeps by the reference profile.
     ``options`` (speed: compile, CUDA graphs, channels-last, attention kernel) apply to the
-    models that compute (tiny, diffusers)."""
+    models that compute (tiny, diffusers). ``sizes``: what it serves (default its family's)."""
+    engine = _engine(model, backend, device, dtype, speedup, options)
+    if sizes:
+        engine.set_sizes(sizes)
+    return engine
+
+
+def _engine(model, backend, device, dtype, speedup, options) -> Engine:  # noqa: ANN001
     backend = backend or ("tiny" if model == "tiny" else "diffusers")
     if backend in ("tiny", "diffusers"):
         if backend == "tiny":

@@ -18,10 +18,11 @@ class Look:
 
     negative_prompt: str = ""  # what guidance steers away from (the empty prompt by default)
     guidance: float | None = None  # the guidance scale; None: the engine's own default
+    size: tuple[int, int] | None = None  # (width, height) in pixels; None: the model's own
 
     @property
     def plain(self) -> bool:
-        return not self.negative_prompt and self.guidance is None
+        return not self.negative_prompt and self.guidance is None and self.size is None
 
 
 PLAIN = Look()  # the plain request's look
@@ -32,7 +33,7 @@ def cache_space(tenant: str, look: Look) -> str:
     if look.plain:
         return tenant
     digest = hashlib.sha256(look.negative_prompt.encode("utf-8")).hexdigest()[:16]
-    return f"{tenant}\x1flook:{digest}:{look.guidance!r}"
+    return f"{tenant}\x1flook:{digest}:{look.guidance!r}:{look.size!r}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,9 +79,12 @@ class Guidance:
             )
         return None
 
-    def look(self, negative_prompt: str | None, scale: float | None) -> Look:
+    def look(
+        self, negative_prompt: str | None, scale: float | None, size: tuple[int, int] | None = None
+    ) -> Look:
         """A request's look, the default scale spelt out or not being the same look."""
-        return Look(negative_prompt or "", None if scale in (None, self.default) else float(scale))
+        scale = None if scale in (None, self.default) else float(scale)
+        return Look(negative_prompt or "", scale, size)
 
 
 UNET_GUIDANCE = Guidance("cfg", 7.5)
@@ -137,7 +141,8 @@ class Engine(Protocol):
     name: str
     total_steps: int
     levels: tuple[int, ...]  # the cache levels K it captures and can resume from (0 included)
-    image_px: int  # the side of the square images it makes
+    native: tuple[int, int]  # its own (width, height): what a look without a size makes
+    sizes: tuple[tuple[int, int], ...]  # (width, height) it serves; the first is ``auto``'s
     speedup: float  # how many times faster than its profile it runs (1 but for the modelled one)
     guidance_spec: Guidance  # what ``guidance_scale`` means for it, and the range it serves
 

@@ -42,8 +42,22 @@ class Components:
 
     # -- the family interface the engine and the step runner call (``flow.FlowComponents``
     # -- is the other family): noise, decode, and a per-sample stepper (``denoise`` runs it)
-    def noise(self, seed: int) -> torch.Tensor:
-        return initial_noise(self, seed)
+    def noise(self, seed: int, size: tuple[int, int] | None = None) -> torch.Tensor:
+        return initial_noise(self, seed, size)
+
+    @property
+    def native(self) -> tuple[int, int]:
+        """Its own (width, height): the latent's times the VAE's 8."""
+        return self.latent_shape[2] * 8, self.latent_shape[1] * 8
+
+    @property
+    def multiple(self) -> int:
+        """What a size's sides must divide by: the VAE's 8, halved again per UNet down block."""
+        return 8 * 2 ** (len(self.unet.config.down_block_types) - 1)
+
+    @property
+    def sizes_family(self) -> str:
+        return "sdxl" if self.text_encoder_2 is not None else "sd"
 
     def decode(self, latents: torch.Tensor) -> list[bytes]:
         return decode_png(self, latents)
@@ -57,7 +71,8 @@ class Components:
 
 
 def encode(c: Components, prompts: Sequence[str]) -> tuple[torch.Tensor, dict | None]:
-    """Text context for the UNet, and SDXL's extra conditioning (None for SD 1.x/2.x)."""
+    """Text context for the UNet, and SDXL's pooled embeds (None for SD 1.x/2.x); SDXL's
+    size ids are a member's size's (``time_ids``)."""
     ids = torch.as_tensor(np.asarray(c.tokenizer(list(prompts))["input_ids"]), device=c.device)
     with torch.no_grad():
         if c.text_encoder_2 is None:
@@ -68,16 +83,26 @@ def encode(c: Components, prompts: Sequence[str]) -> tuple[torch.Tensor, dict | 
         first = c.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
         second = c.text_encoder_2(ids_2, output_hidden_states=True)
     context = torch.cat([first, second.hidden_states[-2]], dim=-1).to(c.dtype)
-    size = c.image_size
-    time_ids = torch.tensor(
-        [[size, size, 0, 0, size, size]] * len(prompts), device=c.device, dtype=c.dtype
-    )
-    return context, {"text_embeds": second.text_embeds.to(c.dtype), "time_ids": time_ids}
+    return context, {"text_embeds": second.text_embeds.to(c.dtype)}
 
 
-def initial_noise(c: Components, seed: int) -> torch.Tensor:
+def time_ids(sizes: Sequence[tuple[int, int]], device: str, dtype: torch.dtype) -> torch.Tensor:
+    """SDXL's size conditioning per row: original size, crop (0, 0), target size, each as
+    (height, width), as its pipeline passes them for an uncropped image of that size."""
+    rows = [[h, w, 0, 0, h, w] for w, h in sizes]
+    return torch.tensor(rows, device=device, dtype=dtype)
+
+
+def latent_shape(c, size: tuple[int, int] | None) -> tuple[int, int, int]:  # noqa: ANN001
+    """The latent of an image of ``size`` (width, height): the VAE scales by 8."""
+    if size is None:
+        return tuple(c.latent_shape)
+    return c.latent_shape[0], size[1] // 8, size[0] // 8
+
+
+def initial_noise(c: Components, seed: int, size: tuple[int, int] | None = None) -> torch.Tensor:
     gen = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn((1, *c.latent_shape), generator=gen, dtype=torch.float32)
+    noise = torch.randn((1, *latent_shape(c, size)), generator=gen, dtype=torch.float32)
     return (noise * c.scheduler.init_noise_sigma).to(c.device, c.dtype)
 
 
@@ -101,7 +126,7 @@ def denoise(
     ``looks[row]``: its negative prompt and guidance scale (default: ``guidance``).
     """
     stepper = c.stepper(total_steps, guidance)
-    rows = stepper.encode(prompts, looks)
+    rows = stepper.encode(prompts, looks)  # one size for the batch: its latents' shape
     captured: dict[int, torch.Tensor] = {}
     steps = torch.full((latents.shape[0],), start_step, device=latents.device, dtype=torch.long)
     for step in range(start_step, total_steps):
@@ -148,6 +173,7 @@ class Row:
     text: dict[str, torch.Tensor]
     uncond: dict[str, torch.Tensor] | None
     scale: float
+    size: tuple[int, int]  # (width, height) in pixels
 
 
 def rows_of(
@@ -156,6 +182,7 @@ def rows_of(
     looks: Sequence[Look] | None,
     default_scale: float,
     empty: dict[str, torch.Tensor] | None,
+    native: tuple[int, int],
 ) -> list[Row]:
     """Each prompt's ``Row``; the distinct negative prompts are encoded once, together."""
     looks = list(looks) if looks is not None else [Look()] * len(prompts)
@@ -166,6 +193,7 @@ def rows_of(
             text,
             uncond.get(look.negative_prompt, empty),
             default_scale if look.guidance is None else look.guidance,
+            look.size or native,
         )
         for text, look in zip(encode_batch(prompts), looks, strict=True)
     ]
@@ -214,7 +242,9 @@ class DDIMStepper:
     def encode(self, prompts: Sequence[str], looks: Sequence[Look] | None = None) -> list[Row]:
         """Each prompt's conditioning: the text context and (SDXL) pooled embeds, time ids, for
         its prompt and its negative prompt."""
-        return rows_of(self._conditioning, prompts, looks, self.guidance, self.uncond)
+        return rows_of(
+            self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native
+        )
 
     def _conditioning(self, prompts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
         context, extra = encode(self.c, prompts)
@@ -229,12 +259,15 @@ class DDIMStepper:
         self, latents: torch.Tensor, steps: torch.Tensor, rows: Sequence[Row]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The next latents of every row (row j at step ``steps[j]``) and the predicted clean
-        latents (what a preview shows)."""
+        latents (what a preview shows). The rows share one latent shape (one size)."""
         both = {
             name: torch.cat([r.uncond[name] for r in rows] + [r.text[name] for r in rows])
             for name in self.uncond
         }
         context = both.pop("context")
+        if both:  # SDXL: each row's size, for its negative and its text pass alike
+            ids = time_ids([r.size for r in rows], latents.device, context.dtype)
+            both["time_ids"] = torch.cat([ids, ids])
         t = self.timesteps[steps]
         with torch.no_grad():
             out = self.c.unet(

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from promptserve.engine.base import Guidance, Look
-from promptserve.engine.denoise import Row, png_bytes, rows_of, scales_of
+from promptserve.engine.denoise import Row, latent_shape, png_bytes, rows_of, scales_of
 
 FAMILIES = ("sd3", "flux")
 DEFAULT_GUIDANCE = {"sd3": 7.0, "flux": 3.5}  # the diffusers pipelines' defaults
@@ -65,10 +65,25 @@ class FlowComponents:
         self.max_sequence_length = self.max_sequence_length or MAX_SEQUENCE[self.family]
 
     # -- the family interface the engine and the step runner call ---------------------------
-    def noise(self, seed: int) -> torch.Tensor:
+    def noise(self, seed: int, size: tuple[int, int] | None = None) -> torch.Tensor:
         gen = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn((1, *self.latent_shape), generator=gen, dtype=torch.float32)
-        return noise.to(self.device, self.dtype)
+        shape = latent_shape(self, size)
+        return torch.randn((1, *shape), generator=gen, dtype=torch.float32).to(
+            self.device, self.dtype
+        )
+
+    @property
+    def native(self) -> tuple[int, int]:
+        return self.latent_shape[2] * 8, self.latent_shape[1] * 8
+
+    @property
+    def multiple(self) -> int:
+        """The VAE's 8 times the transformer's 2x2 patches."""
+        return 16
+
+    @property
+    def sizes_family(self) -> str:
+        return self.family
 
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """The transformer's text inputs, batch first: token states and pooled projections."""
@@ -132,13 +147,17 @@ class FlowComponents:
         }
 
 
-def sigma_schedule(c: FlowComponents, total_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sigma_schedule(
+    c: FlowComponents, total_steps: int, shape: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The run's sigmas (``total_steps`` + 1, ending at 0) and timesteps, as the family's
     pipeline sets them: SD3 a fixed shift from the scheduler config; Flux sigmas from 1 to
-    1/N, shifted by the image's token count when the scheduler shifts dynamically."""
+    1/N, shifted by the image's token count when the scheduler shifts dynamically (so it is
+    per latent ``shape``, (height, width); default the model's own)."""
     scheduler = c.scheduler
     kwargs: dict = {}
-    tokens = (c.latent_shape[1] // 2) * (c.latent_shape[2] // 2)
+    h, w = shape or c.latent_shape[1:]
+    tokens = (h // 2) * (w // 2)
     config = scheduler.config
     if c.family == "flux":
         kwargs["sigmas"] = np.linspace(1.0, 1 / total_steps, total_steps)
@@ -147,7 +166,8 @@ def sigma_schedule(c: FlowComponents, total_steps: int) -> tuple[torch.Tensor, t
         lo, hi = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
         kwargs["mu"] = lo + (hi - lo) * (tokens - base) / (top - base)
     scheduler.set_timesteps(None if "sigmas" in kwargs else total_steps, device=c.device, **kwargs)
-    return scheduler.sigmas.to(c.device, torch.float32).clone(), scheduler.timesteps.to(c.device)
+    sigmas = scheduler.sigmas.to(c.device, torch.float32).clone()
+    return sigmas, scheduler.timesteps.to(c.device).clone()
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -167,21 +187,35 @@ class FlowStepper:
     """One Euler step per sample, each at its own sigma, with the family's conditioning."""
 
     def __init__(self, c: FlowComponents, total_steps: int, guidance: float) -> None:
-        self.c, self.guidance = c, guidance
-        self.sigmas, self.timesteps = sigma_schedule(c, total_steps)
+        self.c, self.guidance, self.total_steps = c, guidance, total_steps
+        self._schedules: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._img_ids: dict[tuple[int, int], torch.Tensor] = {}
+        self.sigmas, self.timesteps = self.schedule(tuple(c.latent_shape[1:]))
         self.uncond = self._conditioning([""])[0] if c.family == "sd3" else None
         if c.family == "flux":
-            h, w = c.latent_shape[1] // 2, c.latent_shape[2] // 2
+            self.txt_ids = torch.zeros(c.max_sequence_length, 3, device=c.device, dtype=c.dtype)
+
+    def schedule(self, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sigmas and timesteps of a latent shape (Flux shifts them by its token count)."""
+        if shape not in self._schedules:
+            self._schedules[shape] = sigma_schedule(self.c, self.total_steps, shape)
+        return self._schedules[shape]
+
+    def img_ids(self, h: int, w: int) -> torch.Tensor:
+        """Flux's position ids of an h x w grid of 2x2 patches."""
+        if (h, w) not in self._img_ids:
             grid = torch.zeros(h, w, 3)
             grid[..., 1] += torch.arange(h)[:, None]
             grid[..., 2] += torch.arange(w)[None, :]
-            self.img_ids = grid.reshape(h * w, 3).to(c.device, c.dtype)
-            self.txt_ids = torch.zeros(c.max_sequence_length, 3, device=c.device, dtype=c.dtype)
+            self._img_ids[h, w] = grid.reshape(h * w, 3).to(self.c.device, self.c.dtype)
+        return self._img_ids[h, w]
 
     def encode(self, prompts: Sequence[str], looks: Sequence[Look] | None = None) -> list[Row]:
         """Each prompt's conditioning, and (SD3) its negative prompt's; Flux has no negative
         pass (the engine refuses one before it gets here)."""
-        return rows_of(self._conditioning, prompts, looks, self.guidance, self.uncond)
+        return rows_of(
+            self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native
+        )
 
     def _conditioning(self, prompts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
         batch = self.c.encode(prompts)
@@ -191,13 +225,14 @@ class FlowStepper:
         self, latents: torch.Tensor, steps: torch.Tensor, rows: Sequence[Row]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The next latents of every row (row j at step ``steps[j]``) and the predicted clean
-        latents (x0 = x - sigma * v: what a preview shows)."""
-        t = self.timesteps[steps]
+        latents (x0 = x - sigma * v: what a preview shows). The rows share one latent shape."""
+        sigmas, timesteps = self.schedule(tuple(latents.shape[2:]))
+        t = timesteps[steps]
         with torch.no_grad():
             v = self._velocity(latents, t, rows)
         shape = (-1,) + (1,) * (latents.dim() - 1)
-        sigma = self.sigmas[steps].view(shape)
-        sigma_next = self.sigmas[steps + 1].view(shape)
+        sigma = sigmas[steps].view(shape)
+        sigma_next = sigmas[steps + 1].view(shape)
         x = latents.float()
         out = (x + (sigma_next - sigma) * v.float()).to(v.dtype)
         return out, (x - sigma * v.float()).to(v.dtype)
@@ -221,6 +256,7 @@ class FlowStepper:
             guidance = torch.tensor([r.scale for r in rows], device=x.device, dtype=torch.float32)
         v = model(
             hidden_states=pack(x), timestep=t.to(x.dtype) / 1000, guidance=guidance,
-            txt_ids=self.txt_ids, img_ids=self.img_ids, return_dict=False, **cond,
+            txt_ids=self.txt_ids, img_ids=self.img_ids(x.shape[2] // 2, x.shape[3] // 2),
+            return_dict=False, **cond,
         )[0]  # fmt: skip
         return unpack(v, x.shape[2], x.shape[3])

@@ -11,7 +11,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from promptserve.engine.base import UNET_GUIDANCE, GenerationItem, GenerationResult
+from promptserve.engine.sizes import checked, default_sizes
 from promptserve.profile import Profile
+
+SDXL_MULTIPLE = 32  # the VAE's 8, halved by SDXL's two UNet down samplings
 
 STAND_IN_SHAPE = (4, 8, 8)  # 1 KiB per level in float32: the keys and levels are real
 
@@ -45,7 +48,11 @@ class ModeledEngine:
         self.levels = profile.levels
         self._sleep = sleep
         self.speedup = speedup  # > 1 runs faster than the profile (load tests on a short clock)
-        self.image_px = 1024  # what it stands for: the SDXL reference
+        self.native = (1024, 1024)  # what it stands for: the SDXL reference, and its sizes
+        self.sizes = default_sizes("sdxl", self.native, SDXL_MULTIPLE)
+
+    def set_sizes(self, sizes: Sequence[tuple[int, int]]) -> None:
+        self.sizes = checked(tuple(sizes), SDXL_MULTIPLE)
 
     def step_runner(self, profile: Profile) -> ModeledStepRunner:
         from promptserve.policy.stepwise import step_profile

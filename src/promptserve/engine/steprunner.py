@@ -70,12 +70,19 @@ class StepRunner:
         )
         for (key, item), row in zip(members, rows, strict=True):
             if item.k == 0:
-                latent = self.c.noise(item.seed)
+                latent = self.c.noise(item.seed, item.look.size)
             else:
                 latent = torch.as_tensor(
                     item.start_latent, dtype=self.c.dtype, device=self.c.device
                 )[None]
             self.slots.append(_Slot(key, item, latent, row, item.k))
+
+    def _by_shape(self) -> list[list[_Slot]]:
+        """The members grouped by latent shape, in join order within each."""
+        groups: dict[tuple, list[_Slot]] = {}
+        for slot in self.slots:
+            groups.setdefault(tuple(slot.latent.shape), []).append(slot)
+        return list(groups.values())
 
     def cancel(self, key: Hashable) -> bool:
         """Take a member out; its slot is free for the next step."""
@@ -89,15 +96,17 @@ class StepRunner:
         self.previews = {}
         if not self.slots:
             return []
-        latents = torch.cat([s.latent for s in self.slots])
-        steps = torch.tensor([s.step for s in self.slots], device=latents.device)
-        latents, x0 = self.kernel.advance(latents, steps, [s.cond for s in self.slots])
-        rows = [j for j, s in enumerate(self.slots) if s.step + 1 in s.item.previews]
-        pngs = self.c.decode(x0[rows]) if rows else []
-        self.previews = {self.slots[j].key: png for j, png in zip(rows, pngs, strict=True)}
+        for group in self._by_shape():  # one denoiser call per size present
+            latents = torch.cat([s.latent for s in group])
+            steps = torch.tensor([s.step for s in group], device=latents.device)
+            latents, x0 = self.kernel.advance(latents, steps, [s.cond for s in group])
+            rows = [j for j, s in enumerate(group) if s.step + 1 in s.item.previews]
+            pngs = self.c.decode(x0[rows]) if rows else []
+            self.previews.update({group[j].key: png for j, png in zip(rows, pngs, strict=True)})
+            for j, slot in enumerate(group):
+                slot.latent = latents[j : j + 1]
         done: list[_Slot] = []
-        for j, slot in enumerate(self.slots):
-            slot.latent = latents[j : j + 1]
+        for slot in self.slots:
             slot.step += 1
             if slot.step in self.levels and slot.step > slot.item.k:
                 slot.captured[slot.step] = slot.latent.clone()
@@ -106,8 +115,11 @@ class StepRunner:
         if not done:
             return []
         self.slots = [s for s in self.slots if s.step < self.total_steps]
-        finals = torch.cat([s.latent for s in done])
-        pngs = self.c.decode(finals)
+        pngs: list[bytes] = [b""] * len(done)
+        for shape in {s.latent.shape for s in done}:  # decoded together, per size
+            rows = [j for j, s in enumerate(done) if s.latent.shape == shape]
+            for j, png in zip(rows, self.c.decode(torch.cat([done[j].latent for j in rows]))):
+                pngs[j] = png
         return [
             (
                 s.key,

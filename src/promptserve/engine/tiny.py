@@ -16,6 +16,7 @@ import torch
 
 from promptserve.engine.base import GenerationItem, GenerationResult, Guidance
 from promptserve.engine.denoise import Components, denoise
+from promptserve.engine.sizes import checked, default_sizes
 
 MAX_TOKENS = 77
 BOS, EOS, PAD = 256, 257, 258
@@ -144,10 +145,12 @@ class DenoisingEngine:
         self.guidance = guidance
         self.placeholder = name == "tiny"
         self.speedup = 1.0
+        family = "tiny" if name == "tiny" else components.sizes_family
+        self.sizes = default_sizes(family, components.native, components.multiple)
 
     @property
-    def image_px(self) -> int:
-        return self.c.latent_shape[1] * 8  # every family's VAE scales by 8
+    def native(self) -> tuple[int, int]:
+        return self.c.native
 
     @property
     def guidance_spec(self) -> Guidance:
@@ -158,10 +161,18 @@ class DenoisingEngine:
 
         return StepRunner(self.c, self.total_steps, self.levels, self.guidance, self.placeholder)
 
+    def set_sizes(self, sizes: Sequence[tuple[int, int]]) -> None:
+        """The sizes it serves (``serve --sizes``), each a multiple of what the model needs."""
+        self.sizes = checked(tuple(sizes), self.c.multiple)
+
+    def size_of(self, item: GenerationItem) -> tuple[int, int]:
+        return item.look.size or self.c.native
+
     def generate(self, items: Sequence[GenerationItem], on_step=None) -> list[GenerationResult]:
+        """Each level's items of each size run together: one latent shape per denoiser call."""
         results: list[GenerationResult | None] = [None] * len(items)
-        for k in sorted({it.k for it in items}):
-            idx = [i for i, it in enumerate(items) if it.k == k]
+        for k, size in sorted({(it.k, self.size_of(it)) for it in items}):
+            idx = [i for i, it in enumerate(items) if it.k == k and self.size_of(it) == size]
             for i, res in zip(
                 idx, self._run_level(k, [items[i] for i in idx], rows_of(on_step, idx)), strict=True
             ):
@@ -176,7 +187,7 @@ class DenoisingEngine:
         starts = []
         for it in items:
             if k == 0:
-                starts.append(self.c.noise(it.seed))
+                starts.append(self.c.noise(it.seed, it.look.size))
             elif it.start_latent is None:
                 raise ValueError(f"level K={k} needs a start latent")
             else:

@@ -55,12 +55,13 @@ class ServerConfig:
     model_names: tuple[str, ...] = ()  # the served id, then aliases; (): the model's own name
     profile: Path | None = None  # a measured profile to plan with; None: one timed run
     http: HttpLimits = field(default_factory=HttpLimits)  # the connection's limits
+    sizes: tuple[tuple[int, int], ...] | None = None  # (width, height) served; None: the family's
 
 
 def build_app(config: ServerConfig) -> FastAPI:
     """The single-process server: ``config.workers`` logical GPUs, one engine each."""
     workers = local_workers(config)
-    return app_for(config, workers, workers.engines[0].image_px)
+    return app_for(config, workers)
 
 
 def local_workers(config: ServerConfig) -> LocalWorkers:
@@ -96,7 +97,7 @@ def engine_args(config: ServerConfig, device: str) -> tuple:
     """``make_engine``'s arguments for one worker's device."""
     return (
         config.model, config.backend, device, config.dtype, config.speedup,
-        config.engine_options,
+        config.engine_options, config.sizes,
     )  # fmt: skip
 
 
@@ -119,13 +120,12 @@ def worker_devices(device: str, workers: int) -> list[str]:
     return [f"cuda:{i}" for i in range(workers)]
 
 
-def app_for(config: ServerConfig, workers: Workers, image_px: int) -> FastAPI:
+def app_for(config: ServerConfig, workers: Workers) -> FastAPI:
     """The API over any workers (in-process or Ray replicas): cache, planner, runtime."""
     runtime = runtime_for(config, workers)
     return create_app(
         runtime,
         runtime.setting.slo_s,
-        f"{image_px}x{image_px}",
         config.api_keys,
         config.max_body_bytes,
         config.public_url,

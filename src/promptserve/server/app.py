@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from promptserve.edge.limits import HttpLimits, RequestGate
+from promptserve.engine.sizes import label
 from promptserve.server.context import Context, error
 from promptserve.server.generations import image_routes
 from promptserve.server.jobroutes import job_routes
@@ -31,7 +32,6 @@ from promptserve.web import page
 def create_app(
     runtime: LiveRuntime,
     slo_s: float,
-    size: str,
     keys: dict[str, str] | None = None,
     max_body_bytes: int = 1 << 20,
     public_url: str | None = None,
@@ -43,7 +43,7 @@ def create_app(
     keys = keys or {}
     limits = limits or HttpLimits()
     names = model_names or (runtime.workers.name,)
-    ctx = Context(runtime, slo_s, size, keys, public_url, names)
+    ctx = Context(runtime, slo_s, keys, public_url, names)
     history = History()
 
     @asynccontextmanager
@@ -94,6 +94,8 @@ def create_app(
         "object": "model",
         "created": 0,
         "owned_by": "promptserve",
+        # an extension: the sizes a request may ask for (the first is what ``auto`` gives)
+        "sizes": [label(s) for s in runtime.workers.sizes],
     }
 
     @app.get("/v1/models")
@@ -120,6 +122,7 @@ def create_app(
             "speedup": runtime.workers.speedup,
             # what guidance_scale means for this model, its default and range
             "guidance": asdict(runtime.workers.guidance),
+            "sizes": [label(s) for s in runtime.workers.sizes],
         }
 
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from promptserve.edge.keys import tenant_for
 from promptserve.engine.base import Look
+from promptserve.engine.sizes import label, parse_size
 from promptserve.server.images import ImageStore
 from promptserve.server.metrics import Metrics
 from promptserve.server.runtime import Dropped, LiveRuntime, Refused, Unmeetable
@@ -44,7 +45,6 @@ def outcome_error(exc: BaseException) -> JSONResponse:
 class Context:
     runtime: LiveRuntime
     slo_s: float  # the default deadline, seconds from arrival
-    size: str  # the one size served, as WIDTHxHEIGHT
     keys: dict[str, str]
     public_url: str | None  # image links start here; None: relative to the API root
     model_names: tuple[str, ...]  # the served id first, then its aliases: what model= matches
@@ -70,9 +70,10 @@ class Context:
             )
         if not visible(req.prompt):
             return error(400, "prompt: has no visible character", "prompt")
-        if req.size not in (None, "auto", self.size):
+        if req.size not in (None, "auto") and req.size not in self.size_labels:
+            listed = ", ".join(self.size_labels)
             return error(
-                400, f"size {req.size!r} is not supported (supported: {self.size} or auto)", "size"
+                400, f"size {req.size!r} is not supported (supported: {listed} or auto)", "size"
             )
         if req.model is not None and req.model not in self.model_names:
             served = self.model_names[0]
@@ -82,5 +83,16 @@ class Context:
             return error(400, refusal[1], refusal[0])
         return tenant
 
+    @property
+    def size_labels(self) -> list[str]:
+        return [label(s) for s in self.runtime.workers.sizes]
+
+    def size_of(self, req: ImageRequest) -> str:
+        """The size served: the one asked for, or (``auto``, none) the model's own."""
+        return self.size_labels[0] if req.size in (None, "auto") else req.size
+
     def look(self, req: ImageRequest) -> Look:
-        return self.runtime.workers.guidance.look(req.negative_prompt, req.guidance_scale)
+        size = parse_size(self.size_of(req))
+        own = size == self.runtime.workers.native  # the model's own: the plain look's
+        spec = self.runtime.workers.guidance
+        return spec.look(req.negative_prompt, req.guidance_scale, None if own else size)

@@ -60,7 +60,7 @@ def image_routes(ctx: Context) -> APIRouter:
                 data.append(image_body(meta_of(s), url=ctx.image_url(image_id)))
             else:
                 data.append(image_body(meta_of(s), b64_json=b64(image)))
-        body = images_body(int(time.time()), data, req, ctx.size, served_quality(outcomes))
+        body = images_body(int(time.time()), data, req, ctx.size_of(req), served_quality(outcomes))
         return JSONResponse(body)
 
     async def generate(
@@ -162,7 +162,14 @@ def image_routes(ctx: Context) -> APIRouter:
                 image = encode_image(data["png"], req.output_format, req.output_compression)
                 sent[0] += 1
                 return [
-                    event("partial_image", created, b64(image), req, ctx.size, index=sent[0] - 1)
+                    event(
+                        "partial_image",
+                        created,
+                        b64(image),
+                        req,
+                        ctx.size_of(req),
+                        index=sent[0] - 1,
+                    )
                 ]
 
             try:
@@ -186,7 +193,7 @@ def image_routes(ctx: Context) -> APIRouter:
                 image = encode_image(s.result.png, req.output_format, req.output_compression)
                 meta = meta_of(s).model_dump()
                 yield event(
-                    "completed", int(time.time()), b64(image), req, ctx.size,
+                    "completed", int(time.time()), b64(image), req, ctx.size_of(req),
                     usage=usage(req.prompt), promptserve=meta,
                 )  # fmt: skip
             finally:

@@ -120,6 +120,17 @@ def test_the_official_client_gets_every_listed_size_concurrently(served):
     )  # fmt: skip
     assert r.status_code == 400 and r.json()["error"]["param"] == "size"
     assert "64x64, 32x32, 96x64, 64x96" in r.json()["error"]["message"]
+    by_size = {
+        ln.split('"')[1]: float(ln.split()[-1])
+        for ln in httpx.get(f"{served}/metrics", timeout=30).text.splitlines()
+        if ln.startswith("promptserve_images_by_size_total{")
+    }
+    assert by_size["64x64"] >= 2 and all(by_size[s] >= 1 for s in listed)  # auto is 64x64
+    running = [
+        ln for ln in httpx.get(f"{served}/metrics", timeout=30).text.splitlines()
+        if ln.startswith("promptserve_running_by_size{")
+    ]  # fmt: skip
+    assert len(running) == len(listed) and all(ln.endswith(" 0.0") for ln in running)  # idle
 
 
 def test_a_prompt_resumes_only_from_a_neighbour_of_its_own_size(tmp_path):

@@ -103,7 +103,7 @@ def image_routes(ctx: Context) -> APIRouter:
         for outcome in outcomes:  # every image ends in one outcome label: the answer's own
             # (an image refused while its sibling was dropped counts as the answer does)
             whole = cause if cause is not None and isinstance(outcome, BaseException) else outcome
-            ctx.metrics.count(whole, deadline_s, time.monotonic() - start)
+            ctx.metrics.count(whole, deadline_s, time.monotonic() - start, ctx.size_of(req))
         for exc in (cause, *outcomes):
             if isinstance(exc, BaseException):
                 return outcome_error(exc)
@@ -144,7 +144,7 @@ def image_routes(ctx: Context) -> APIRouter:
 
         def counted(t: asyncio.Task) -> None:  # every image ends in one outcome label
             outcome = Cancelled("cancelled") if t.cancelled() else t.exception() or t.result()
-            ctx.metrics.count(outcome, deadline_s, time.monotonic() - start)
+            ctx.metrics.count(outcome, deadline_s, time.monotonic() - start, ctx.size_of(req))
 
         task.add_done_callback(counted)
         try:

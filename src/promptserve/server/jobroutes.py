@@ -49,7 +49,7 @@ def job_routes(ctx: Context) -> APIRouter:
                     "cancelled" if isinstance(exc, Cancelled) else "failed", error=str(exc)
                 )
                 return
-            ctx.metrics.count(served, deadline_s, time.monotonic() - start)
+            ctx.metrics.count(served, deadline_s, time.monotonic() - start, ctx.size_of(req))
             data = ImageData(b64_json=b64(served.result.png), promptserve=meta_of(served))
             state.finish("succeeded", data=data)
 

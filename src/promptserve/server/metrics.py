@@ -94,6 +94,11 @@ GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Batches given up on after 10x their predicted latency (their requests failed)",
         (),
     ),
+    "running_by_size": (
+        "promptserve_running_by_size",
+        "Requests running now (in a batch or a GPU's running batch), by size",
+        ("size",),
+    ),
     "inflight": (
         "promptserve_inflight",
         "Requests in a GPU's running batch (step-level serving)",
@@ -123,13 +128,22 @@ class Metrics:
             ["level"],
             registry=self.registry,
         )
+        self.sizes = Counter(
+            "promptserve_images_by_size",
+            "Answered images by the size (WIDTHxHEIGHT) they were made at",
+            ["size"],
+            registry=self.registry,
+        )
         for attr, (series, text, labels) in GAUGES.items():
             setattr(self, attr, Gauge(series, text, list(labels), registry=self.registry))
         self._q_sum = 0.0
         self._q_n = 0
 
-    def count(self, outcome: object, deadline_s: float, latency_s: float) -> None:
-        """One image's end: served, late, refused, dropped, cancelled or failed."""
+    def count(
+        self, outcome: object, deadline_s: float, latency_s: float, size: str | None = None
+    ) -> None:
+        """One image's end: served, late, refused, dropped, cancelled or failed (an answered
+        one counted under its ``size`` too)."""
         if isinstance(outcome, BaseException):
             label = "failed"
             for kind, name in (
@@ -144,6 +158,8 @@ class Metrics:
             return
         late = outcome.queue_s + outcome.compute_s > deadline_s  # type: ignore[attr-defined]
         self.observe_served(outcome.quality, latency_s, late, outcome.level)  # type: ignore[attr-defined]
+        if size is not None:
+            self.sizes.labels(size).inc()
 
     def observe_served(self, quality: float, latency_s: float, late: bool, level: int) -> None:
         self.requests.labels("late" if late else "served").inc()

@@ -20,6 +20,8 @@ def scrape(runtime: LiveRuntime, metrics: Metrics) -> bytes:
     for gpu, count in enumerate(load.inflight):
         metrics.inflight.labels(str(gpu)).set(count)
     metrics.workers_up.set(load.gpus_up)
+    for size, count in runtime.running_by_size().items():
+        metrics.running_by_size.labels(size).set(count)
     c = runtime.counters
     metrics.hit_ratio.set(c.cache_hits / c.lookups if c.lookups else 0.0)
     metrics.planner.set(c.planner_ms[-1] if c.planner_ms else 0.0)

@@ -151,6 +151,8 @@ class PinnedRuntime(LiveRuntime):
         items = [p.item for p in pendings]
         refs = [p.ref for p in pendings] if self.workers.shared_store else None
         started = self.clock()
+        for p in pendings:
+            p.started = started
         handles = [p.handle for p in pendings]
         loop = asyncio.get_running_loop()
         for h, item in zip(handles, items, strict=True):

@@ -23,6 +23,7 @@ from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
 from promptserve.engine.base import PLAIN, GenerationItem, GenerationResult, Look, cache_space
 from promptserve.engine.runner import engine_level
+from promptserve.engine.sizes import label
 from promptserve.policy import Policy, Setting, Status
 from promptserve.policy.contract import Arrival, LoadSnapshot, Scheduler
 from promptserve.policy.intake import DELIVERY_MARGIN_S, request_deadline
@@ -242,6 +243,15 @@ class LiveRuntime:
             raise ended
         self._accepted(handle, job_id, job.level, hit)
         return future
+
+    def running_by_size(self) -> dict[str, int]:
+        """Requests running now per size (every listed size, 0 where none runs)."""
+        counts = {label(s): 0 for s in self.workers.sizes}
+        for p in list(self.pending.values()):
+            if p.started is not None:
+                size = label(p.look.size or self.workers.native)
+                counts[size] = counts.get(size, 0) + 1
+        return counts
 
     def _scale_of(self, look: Look) -> float | None:
         """The guidance scale a run used (None: the model has no guidance input)."""

@@ -10,10 +10,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import safetensors.torch
 from PIL import Image
 
 from promptserve.distributed import RaySettings, run_on_ray
 from promptserve.distributed.chaos import kill_busy_worker, wait_workers_up
+from promptserve.engine.lora import random_adapter
+from promptserve.engine.shapes import build
 from promptserve.loadgen import read_metric
 from promptserve.server import ServerConfig
 from promptserve.server.live import free_port
@@ -112,7 +115,13 @@ def test_step_level_serving_on_ray_resumes_from_the_shared_store_and_cancels(
     ray_settings, tmp_path
 ):
     # continuous-ht: every request at the fastest level it tolerates, so a twin resumes at K > 0
-    url = deploy(ray_settings, tmp_path, model="tiny", slo_s=120, policy="continuous-ht")
+    loras = tmp_path.parent / f"{tmp_path.name}-loras"
+    loras.mkdir()
+    state = random_adapter(build("tiny").unet, "unet.", 4, 1, ("to_q", "to_v"))
+    safetensors.torch.save_file(state, loras / "ink.safetensors")
+    url = deploy(
+        ray_settings, tmp_path, model="tiny", slo_s=120, policy="continuous-ht", lora_dir=loras
+    )
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     first = client.images.generate(prompt="a red fox in the snow", size="64x64")
     again = client.images.generate(prompt="a red fox in the snow", size="64x64")
@@ -135,6 +144,13 @@ def test_step_level_serving_on_ray_resumes_from_the_shared_store_and_cancels(
     wide = client.images.generate(prompt="a red fox in the snow", size="96x64").data[0]
     assert Image.open(io.BytesIO(base64.b64decode(wide.b64_json))).size == (96, 64)
     assert wide.model_extra["promptserve"]["cache_hit"] is False  # another size: no neighbour
+    # the replicas loaded the adapter folder: a request names an adapter, its image differs
+    inked = client.images.generate(
+        prompt="a red fox in the snow", extra_body={"lora": [{"name": "ink"}], "seed": 1}
+    ).data[0]
+    plain = client.images.generate(prompt="a red fox in the snow", extra_body={"seed": 1}).data[0]
+    assert inked.model_extra["promptserve"]["lora"] == [{"name": "ink", "scale": 1.0}]
+    assert inked.b64_json != plain.b64_json
     workers = httpx.get(f"{url}/v1/cluster").json()["workers"]
     on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
     assert sum(w["bytes_written"] for w in workers) == on_disk > 0

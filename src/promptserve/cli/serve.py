@@ -158,6 +158,13 @@ def serve_cmd(
             "(SDXL's aspect buckets, for example; the tiny model 64x64,32x32,96x64,64x96).",
         ),
     ] = None,
+    lora_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="A folder of LoRA adapters (NAME.safetensors, diffusers/PEFT or kohya layout) "
+            "a request may name (lora: [{name, scale}]); each is checked at start.",
+        ),
+    ] = None,
     trusted_proxies: Annotated[
         str | None,
         typer.Option(
@@ -233,6 +240,7 @@ def serve_cmd(
         "model_names": model_name,
         "profile": profile,
         "sizes": sizes,
+        "lora_dir": lora_dir,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
         "max_header_bytes": max_header_bytes,
         "max_headers": max_headers,

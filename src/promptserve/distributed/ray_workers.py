@@ -41,6 +41,7 @@ class RayWorkers:
         self.guidance: Guidance = info["guidance"]
         self.native: tuple[int, int] = info["native"]
         self.sizes: tuple[tuple[int, int], ...] = tuple(info["sizes"])
+        self.adapters: tuple[str, ...] = tuple(info["adapters"])
 
     async def run(self, gpu: int, items: Items, on_step: OnStep, refs: Refs = None) -> Results:
         stream = self.handles[gpu].options(stream=True).generate.remote(list(items), refs)

@@ -38,13 +38,14 @@ class EngineWorker:
         speedup: float = 1.0,
         options: EngineOptions | None = None,
         sizes: tuple[tuple[int, int], ...] | None = None,
+        lora_dir: str | None = None,
         store_root: str | None = None,
     ) -> None:
         self.index = index
         # built, profiled and run on one thread of its own (engine.threads)
         self._compute = ComputeThread("promptserve-engine", torch_threads_for(1))
         self.engine = self._compute.call(
-            make_engine, model, backend, device, dtype, speedup, options, sizes
+            make_engine, model, backend, device, dtype, speedup, options, sizes, lora_dir
         )
         # the latent store every node reaches (a shared folder); the ingress owns its manifest
         self.store = LatentStore(store_root, clean_temporaries=False) if store_root else None
@@ -74,6 +75,7 @@ class EngineWorker:
             "profile": self.profile,
             "native": e.native,
             "sizes": tuple(e.sizes),
+            "adapters": tuple(e.adapters),
             "speedup": e.speedup,
             "guidance": e.guidance_spec,
         }

@@ -24,13 +24,17 @@ def make_engine(
     speedup: float = 1.0,
     options: EngineOptions | None = None,
     sizes: tuple[tuple[int, int], ...] | None = None,
+    lora_dir: str | None = None,
 ) -> Engine:
     """``tiny`` or a local diffusers folder; ``backend="modeled"`` sleeps by the reference profile.
     ``options`` (speed: compile, CUDA graphs, channels-last, attention kernel) apply to the
-    models that compute (tiny, diffusers). ``sizes``: what it serves (default its family's)."""
+    models that compute (tiny, diffusers). ``sizes``: what it serves (default its family's);
+    ``lora_dir``: the adapters it serves (``engine.lora``)."""
     engine = _engine(model, backend, device, dtype, speedup, options)
     if sizes:
         engine.set_sizes(sizes)
+    if lora_dir:
+        engine.load_adapters(lora_dir)
     return engine
 
 

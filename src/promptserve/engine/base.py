@@ -19,10 +19,14 @@ class Look:
     negative_prompt: str = ""  # what guidance steers away from (the empty prompt by default)
     guidance: float | None = None  # the guidance scale; None: the engine's own default
     size: tuple[int, int] | None = None  # (width, height) in pixels; None: the model's own
+    lora: tuple[tuple[str, float], ...] = ()  # (adapter, scale) pairs, in the request's order
 
     @property
     def plain(self) -> bool:
-        return not self.negative_prompt and self.guidance is None and self.size is None
+        return (
+            not self.negative_prompt and self.guidance is None and self.size is None
+            and not self.lora
+        )  # fmt: skip
 
 
 PLAIN = Look()  # the plain request's look
@@ -33,7 +37,7 @@ def cache_space(tenant: str, look: Look) -> str:
     if look.plain:
         return tenant
     digest = hashlib.sha256(look.negative_prompt.encode("utf-8")).hexdigest()[:16]
-    return f"{tenant}\x1flook:{digest}:{look.guidance!r}:{look.size!r}"
+    return f"{tenant}\x1flook:{digest}:{look.guidance!r}:{look.size!r}:{look.lora!r}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,11 +84,16 @@ class Guidance:
         return None
 
     def look(
-        self, negative_prompt: str | None, scale: float | None, size: tuple[int, int] | None = None
+        self,
+        negative_prompt: str | None,
+        scale: float | None,
+        size: tuple[int, int] | None = None,
+        lora: tuple[tuple[str, float], ...] = (),
     ) -> Look:
-        """A request's look, the default scale spelt out or not being the same look."""
+        """A request's look, the default scale spelt out or not being the same look; an adapter
+        at scale 0 adds nothing, so it is left out."""
         scale = None if scale in (None, self.default) else float(scale)
-        return Look(negative_prompt or "", scale, size)
+        return Look(negative_prompt or "", scale, size, tuple((n, s) for n, s in lora if s))
 
 
 UNET_GUIDANCE = Guidance("cfg", 7.5)

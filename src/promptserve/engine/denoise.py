@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from promptserve.engine.base import UNET_GUIDANCE, Guidance, Look
+from promptserve.engine.lora import AdapterBank, adapters_on
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Components:
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object | None = None
     image_size: int = 0
+    lora_bank: AdapterBank | None = None  # the adapters installed in the UNet (``engine.lora``)
     family = "unet"
 
     # -- the family interface the engine and the step runner call (``flow.FlowComponents``
@@ -174,6 +176,7 @@ class Row:
     uncond: dict[str, torch.Tensor] | None
     scale: float
     size: tuple[int, int]  # (width, height) in pixels
+    lora: tuple[tuple[str, float], ...] = ()  # its adapters (``engine.lora``)
 
 
 def rows_of(
@@ -194,6 +197,7 @@ def rows_of(
             uncond.get(look.negative_prompt, empty),
             default_scale if look.guidance is None else look.guidance,
             look.size or native,
+            look.lora,
         )
         for text, look in zip(encode_batch(prompts), looks, strict=True)
     ]
@@ -269,7 +273,8 @@ class DDIMStepper:
             ids = time_ids([r.size for r in rows], latents.device, context.dtype)
             both["time_ids"] = torch.cat([ids, ids])
         t = self.timesteps[steps]
-        with torch.no_grad():
+        loras = [r.lora for r in rows] * 2  # each member's negative pass carries its adapters
+        with torch.no_grad(), adapters_on(self.c.lora_bank, loras, latents.device):
             out = self.c.unet(
                 torch.cat([latents, latents]),
                 torch.cat([t, t]),

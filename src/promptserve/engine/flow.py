@@ -26,6 +26,7 @@ import torch
 
 from promptserve.engine.base import Guidance, Look
 from promptserve.engine.denoise import Row, latent_shape, png_bytes, rows_of, scales_of
+from promptserve.engine.lora import AdapterBank, adapters_on
 
 FAMILIES = ("sd3", "flux")
 DEFAULT_GUIDANCE = {"sd3": 7.0, "flux": 3.5}  # the diffusers pipelines' defaults
@@ -58,6 +59,7 @@ class FlowComponents:
     dtype: torch.dtype = torch.float32
     max_sequence_length: int = 0  # T5 tokens; 0: the family's pipeline default
     image_size: int = 0
+    lora_bank: AdapterBank | None = None  # the adapters installed in the transformer
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -228,7 +230,8 @@ class FlowStepper:
         latents (x0 = x - sigma * v: what a preview shows). The rows share one latent shape."""
         sigmas, timesteps = self.schedule(tuple(latents.shape[2:]))
         t = timesteps[steps]
-        with torch.no_grad():
+        loras = [r.lora for r in rows] * (2 if self.c.family == "sd3" else 1)
+        with torch.no_grad(), adapters_on(self.c.lora_bank, loras, latents.device):
             v = self._velocity(latents, t, rows)
         shape = (-1,) + (1,) * (latents.dim() - 1)
         sigma = sigmas[steps].view(shape)

@@ -51,8 +51,17 @@ class ModeledEngine:
         self.native = (1024, 1024)  # what it stands for: the SDXL reference, and its sizes
         self.sizes = default_sizes("sdxl", self.native, SDXL_MULTIPLE)
 
+    adapters: tuple[str, ...] = ()
+
     def set_sizes(self, sizes: Sequence[tuple[int, int]]) -> None:
         self.sizes = checked(tuple(sizes), SDXL_MULTIPLE)
+
+    def load_adapters(self, folder) -> None:  # noqa: ANN001 - a path
+        """Names only: it computes nothing, so an adapter changes nothing but the cache's
+        namespace (load tests of adapter traffic)."""
+        from promptserve.engine.lora import adapter_names
+
+        self.adapters = adapter_names(folder)
 
     def step_runner(self, profile: Profile) -> ModeledStepRunner:
         from promptserve.policy.stepwise import step_profile

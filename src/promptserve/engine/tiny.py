@@ -165,6 +165,25 @@ class DenoisingEngine:
         """The sizes it serves (``serve --sizes``), each a multiple of what the model needs."""
         self.sizes = checked(tuple(sizes), self.c.multiple)
 
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        bank = self.c.lora_bank
+        return tuple(sorted(bank.adapters)) if bank is not None else ()
+
+    def load_adapters(self, folder) -> None:  # noqa: ANN001 - a path
+        """Every adapter of ``folder`` (``serve --lora-dir``), checked against the denoiser
+        and installed in it; a bad file is an error naming it, before anything is served."""
+        from promptserve.engine.lora import AdapterBank, load_dir
+
+        c = self.c
+        family, denoiser = (c.family, c.transformer) if c.family != "unet" else ("unet", c.unet)
+        adapters = load_dir(
+            folder, family, getattr(c, "text_encoder_2", None) is not None, denoiser
+        )
+        if c.lora_bank is None:
+            c.lora_bank = AdapterBank()
+        c.lora_bank.install(denoiser, adapters)
+
     def size_of(self, item: GenerationItem) -> tuple[int, int]:
         return item.look.size or self.c.native
 

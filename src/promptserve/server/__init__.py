@@ -56,6 +56,7 @@ class ServerConfig:
     profile: Path | None = None  # a measured profile to plan with; None: one timed run
     http: HttpLimits = field(default_factory=HttpLimits)  # the connection's limits
     sizes: tuple[tuple[int, int], ...] | None = None  # (width, height) served; None: the family's
+    lora_dir: Path | None = None  # the LoRA adapters it serves (``engine.lora``)
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -98,6 +99,7 @@ def engine_args(config: ServerConfig, device: str) -> tuple:
     return (
         config.model, config.backend, device, config.dtype, config.speedup,
         config.engine_options, config.sizes,
+        str(config.lora_dir) if config.lora_dir else None,
     )  # fmt: skip
 
 

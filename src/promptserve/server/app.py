@@ -96,6 +96,7 @@ def create_app(
         "owned_by": "promptserve",
         # an extension: the sizes a request may ask for (the first is what ``auto`` gives)
         "sizes": [label(s) for s in runtime.workers.sizes],
+        "adapters": list(runtime.workers.adapters),  # LoRA names a request may give
     }
 
     @app.get("/v1/models")

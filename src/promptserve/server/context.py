@@ -81,7 +81,21 @@ class Context:
         refusal = self.runtime.workers.guidance.refusal(req.negative_prompt, req.guidance_scale)
         if refusal is not None:
             return error(400, refusal[1], refusal[0])
+        refusal = self._lora_refusal(req)
+        if refusal is not None:
+            return error(400, refusal, "lora")
         return tenant
+
+    def _lora_refusal(self, req: ImageRequest) -> str | None:
+        names = [ref.name for ref in req.lora or ()]
+        served = self.runtime.workers.adapters
+        unknown = [n for n in names if n not in served]
+        if unknown:
+            listed = ", ".join(served) if served else "none: start with --lora-dir"
+            return f"unknown LoRA adapter(s) {', '.join(map(repr, unknown))} (served: {listed})"
+        if len(set(names)) < len(names):
+            return "a LoRA adapter is named twice: give it once, at the scale wanted"
+        return None
 
     @property
     def size_labels(self) -> list[str]:
@@ -95,4 +109,5 @@ class Context:
         size = parse_size(self.size_of(req))
         own = size == self.runtime.workers.native  # the model's own: the plain look's
         spec = self.runtime.workers.guidance
-        return spec.look(req.negative_prompt, req.guidance_scale, None if own else size)
+        lora = tuple((ref.name, ref.scale) for ref in req.lora or ())
+        return spec.look(req.negative_prompt, req.guidance_scale, None if own else size, lora)

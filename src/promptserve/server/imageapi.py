@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 
 from promptserve.server.runtime import Served
-from promptserve.server.schemas import OFFICIAL_SIZES, ImageMeta, ImageRequest
+from promptserve.server.schemas import OFFICIAL_SIZES, ImageMeta, ImageRequest, LoraRef
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_COMPRESSION = 100  # the official default of ``output_compression``
@@ -73,6 +73,7 @@ def meta_of(s: Served) -> ImageMeta:
         placeholder=s.result.placeholder,
         seed=s.seed,
         guidance_scale=s.guidance,
+        lora=[LoraRef(name=n, scale=v) for n, v in s.lora],
     )
 
 

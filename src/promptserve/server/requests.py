@@ -64,6 +64,7 @@ class Served:
     k_opt: int = 0  # the level its neighbour's similarity tolerates (0: a miss)
     seed: int = 0  # the seed of its start noise
     guidance: float | None = None  # the guidance scale it ran at (None: the model has none)
+    lora: tuple[tuple[str, float], ...] = ()  # the adapters it ran with
 
 
 @dataclass

@@ -411,6 +411,7 @@ class LiveRuntime:
             p.k_opt,
             p.seed,
             self._scale_of(p.look),
+            p.look.lora,
         )
         if p.future.done():
             return

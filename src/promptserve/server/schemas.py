@@ -30,6 +30,15 @@ def visible(prompt: str) -> bool:
     )
 
 
+class LoraRef(BaseModel):
+    """One adapter a request runs with (``serve --lora-dir``'s ``NAME.safetensors``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    scale: float = Field(default=1.0, ge=0.0, le=2.0)
+
+
 class ImageRequest(BaseModel):
     # an unknown field is named, not ignored; strict: "4" is not 4, true is not 1, 1 is not true
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -57,6 +66,9 @@ class ImageRequest(BaseModel):
     # a request with either resumes only from neighbours made with the same ones
     negative_prompt: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
     guidance_scale: float | None = None
+    # LoRA adapters by name, each at its scale; none repeated (a request resumes only from
+    # neighbours made with the same adapters and scales)
+    lora: list[LoraRef] | None = Field(default=None, max_length=4)
 
     @property
     def exact(self) -> bool:
@@ -75,6 +87,7 @@ class ImageMeta(BaseModel):
     placeholder: bool  # True: the image is not a real rendering (tiny or modelled engine)
     seed: int = 0  # its start noise's seed (the request's, or the server's own)
     guidance_scale: float | None = None  # the scale it ran at (None: no guidance input)
+    lora: list[LoraRef] = []  # the adapters it ran with
 
 
 class ImageData(BaseModel):

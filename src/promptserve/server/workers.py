@@ -59,6 +59,7 @@ class Workers(Protocol):
     guidance: Guidance  # what a request's guidance scale means for the model, and its range
     native: tuple[int, int]  # the model's own (width, height): a look without a size
     sizes: tuple[tuple[int, int], ...]  # (width, height) served; the first is ``auto``'s
+    adapters: tuple[str, ...]  # the LoRA adapters a request may name
 
     async def run(self, gpu: int, items: Items, on_step: OnStep, refs: Refs = None) -> Results: ...
 
@@ -96,7 +97,7 @@ class LocalWorkers:
         first = self.engines[0]
         self.name, self.total_steps, self.levels = first.name, first.total_steps, first.levels
         self.speedup, self.guidance = first.speedup, first.guidance_spec
-        self.native, self.sizes = first.native, first.sizes
+        self.native, self.sizes, self.adapters = first.native, first.sizes, first.adapters
         self.runners: dict[int, object] = {}  # step runners (``prepare_steps``)
 
     async def run(self, gpu: int, items: Items, on_step: OnStep, refs: Refs = None) -> Results:

@@ -1,0 +1,186 @@
+"""LoRA adapters per request: per-sample deltas in one denoiser call, equal to diffusers'
+``load_lora_weights`` + ``fuse_lora`` for a batch that shares one adapter, the same alone and in
+a mixed batch, and files checked by name at start."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from factories import client, tiny_app
+from promptserve.engine.base import GenerationItem, Look
+from promptserve.engine.denoise import denoise
+from promptserve.engine.flow import DEFAULT_GUIDANCE, pack, unpack
+from promptserve.engine.lora import PREFIX, random_adapter
+from promptserve.engine.shapes import build, pipeline_for
+from promptserve.errors import InputError
+from promptserve.server.live import LiveServer
+from test_engine import family_engine
+
+TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def denoiser(c):
+    return c.unet if c.family == "unet" else c.transformer
+
+
+def write_adapter(c, folder, name, seed, rank=4):
+    state = random_adapter(denoiser(c), PREFIX[c.family], rank, seed, TARGETS)
+    path = folder / f"{name}.safetensors"
+    safetensors.torch.save_file(state, path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["tiny", "sdxl", "flux"])
+def test_per_sample_lora_equals_diffusers_fused_adapter(family, tmp_path):
+    ours_c, theirs_c = build(family), build(family)  # the same weights, twice
+    path = write_adapter(ours_c, tmp_path, "ink", seed=1)
+    engine = family_engine(family, steps=6, levels=(0, 2))
+    engine.c = ours_c
+    engine.load_adapters(tmp_path)
+    assert engine.adapters == ("ink",)
+    guidance = DEFAULT_GUIDANCE.get(family, 7.5)
+    start = torch.cat([ours_c.noise(5), ours_c.noise(6)])
+    looks = [Look(lora=(("ink", 0.7),))] * 2
+    prompts = ["a red fox", "a castle"]
+    ours, _ = denoise(ours_c, start, prompts, 0, 6, [], guidance, looks=looks)
+    pipe = pipeline_for(theirs_c, guidance)
+    pipe.load_lora_weights(str(tmp_path), weight_name=path.name, adapter_name="ink")
+    pipe.fuse_lora(lora_scale=0.7)
+    kwargs = {"max_sequence_length": theirs_c.max_sequence_length} if family == "flux" else {}
+    theirs = pipe(
+        prompts, latents=pack(start) if family == "flux" else start, num_inference_steps=6,
+        guidance_scale=guidance, output_type="latent", height=64, width=64, **kwargs,
+    ).images  # fmt: skip
+    if family == "flux":
+        theirs = unpack(theirs, 8, 8)
+    assert torch.abs(ours - theirs).max() <= 1e-4
+    plain, _ = denoise(ours_c, start, prompts, 0, 6, [], guidance)
+    assert torch.abs(ours - plain).max() > 1e-3  # the adapter steers it
+
+
+@pytest.mark.parametrize("family", ["tiny", "sd3"])
+def test_a_member_is_the_same_alone_and_in_a_batch_of_other_adapters(family, tmp_path):
+    engine = family_engine(family, steps=6, levels=(0, 2))
+    write_adapter(engine.c, tmp_path, "ink", seed=1)
+    write_adapter(engine.c, tmp_path, "oil", seed=2)
+    engine.load_adapters(tmp_path)
+    looks = [Look(), Look(lora=(("ink", 1.0),)), Look(lora=(("oil", 0.5), ("ink", 1.5)))]
+    items = [GenerationItem("a quiet harbour", seed=3, look=look) for look in looks]
+    batch = engine.generate(items)
+    for item, got in zip(items, batch, strict=True):
+        alone = engine.generate([item])[0]
+        assert np.abs(got.final_latent - alone.final_latent).max() <= 1e-4
+    assert len({b.final_latent.tobytes() for b in batch}) == 3  # same seed, three adapters
+    runner = engine.step_runner()  # step-level: joined at different steps, one call per step
+    runner.join([(0, items[0]), (1, items[1])])
+    runner.step()
+    runner.join([(2, items[2])])
+    done = {}
+    while runner.slots:
+        done.update(runner.step())
+    for key in range(3):
+        assert np.abs(done[key].final_latent - batch[key].final_latent).max() <= 1e-4
+    zero = engine.generate(
+        [GenerationItem("a quiet harbour", seed=3, look=Look(lora=(("ink", 0.0),)))]
+    )
+    plain = engine.generate([items[0]])
+    assert (zero[0].final_latent == plain[0].final_latent).all()  # scale 0 is no adapter
+
+
+def test_a_bad_adapter_file_is_named_at_start(tmp_path):
+    engine = family_engine("tiny", steps=6, levels=(0, 2))
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="broken.safetensors"):
+        engine.load_adapters(tmp_path)
+    bad.unlink()
+    other = build("sdxl")  # an adapter for another model: its shapes do not match
+    write_adapter(other, tmp_path, "xl_only", seed=1)
+    with pytest.raises(InputError, match="xl_only.safetensors"):
+        engine.load_adapters(tmp_path)
+    with pytest.raises(InputError, match="is not a folder"):
+        engine.load_adapters(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """Two random adapters for the tiny model, written by the CLI as a user would."""
+    from typer.testing import CliRunner
+
+    from promptserve.cli import app as cli
+
+    folder = tmp_path_factory.mktemp("loras")
+    for name, seed in (("ink", 1), ("oil", 2)):
+        out = CliRunner().invoke(
+            cli,
+            ["lora", "random", "--out", str(folder / f"{name}.safetensors"), "--seed", str(seed)],
+        )
+        assert out.exit_code == 0, out.output
+    return folder
+
+
+@pytest.fixture(scope="module", params=["promptserve", "promptserve-step"])
+def served(request, adapters, tmp_path_factory):
+    app = tiny_app(tmp_path_factory.mktemp("srv"), policy=request.param, lora_dir=adapters)
+    with LiveServer(app) as url:
+        yield url
+
+
+def test_the_official_client_sends_adapters_batched_together(served):
+    assert httpx.get(f"{served}/v1/models/tiny", timeout=30).json()["adapters"] == ["ink", "oil"]
+    oai = client(served)
+
+    def image(lora):
+        extra = {"seed": 9} | ({"lora": lora} if lora is not None else {})
+        res = oai.images.generate(prompt="a paper boat", extra_body=extra)
+        return res.data[0].b64_json, res.data[0].model_extra["promptserve"]
+
+    asks = [None, [{"name": "ink"}], [{"name": "oil", "scale": 0.5}, {"name": "ink", "scale": 2}]]
+    with ThreadPoolExecutor(len(asks)) as pool:
+        answers = list(pool.map(image, asks))
+    assert len({png for png, _ in answers}) == 3  # the same seed, three adapter sets
+    assert answers[0][1]["lora"] == [] and answers[1][1]["lora"] == [{"name": "ink", "scale": 1.0}]
+    assert answers[2][1]["lora"] == [{"name": "oil", "scale": 0.5}, {"name": "ink", "scale": 2.0}]
+    # alone on the idle server (a batch's composition moves the last bits): scale 0 is none
+    assert image([{"name": "ink", "scale": 0}])[0] == image(None)[0]
+
+
+@pytest.mark.parametrize(
+    ("lora", "status"),
+    [
+        ([{"name": "watercolour"}], 400),
+        ([{"name": "ink"}, {"name": "ink"}], 400),
+        ([{"name": "ink", "scale": 2.5}], 422),
+        ([{"name": "ink", "scale": "1"}], 422),
+        ([{"name": "ink"}] * 5, 422),
+    ],
+)
+def test_an_adapter_it_cannot_serve_is_named(served, lora, status):
+    r = httpx.post(
+        f"{served}/v1/images/generations", json={"prompt": "a boat", "lora": lora}, timeout=30
+    )
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"].startswith("lora")
+    if lora[0]["name"] == "watercolour":
+        assert "'watercolour'" in r.json()["error"]["message"] and "ink, oil" in r.text
+
+
+def test_a_request_resumes_only_from_an_entry_of_its_own_adapters(adapters, tmp_path):
+    app = tiny_app(tmp_path, policy="clipper-ht+shed+admit", lora_dir=adapters)
+    with LiveServer(app) as url:
+        oai = client(url)
+
+        def hit(lora) -> bool:
+            extra = {"lora": lora} if lora else {}
+            res = oai.images.generate(prompt="a lighthouse at dusk", extra_body=extra)
+            return res.data[0].model_extra["promptserve"]["cache_hit"]
+
+        assert hit(None) is False
+        assert hit([{"name": "ink"}]) is False  # the plain entry is another adapter set's
+        assert hit([{"name": "ink", "scale": 0.5}]) is False  # and another scale's
+        assert hit([{"name": "ink"}]) is True
+        assert hit(None) is True

@@ -6,7 +6,10 @@
   steps, batch 1), diffusers' pipeline ``__call__`` time over ours on the same modules in the
   same run (> 1: ours is faster); the target is >= 0.95 on the CPU;
 - ``options``: each speed option (``engine.options``) on the tiny model, its time over the
-  plain engine's (< 1: faster), with torch.compile's one-off compile time.
+  plain engine's (< 1: faster), with torch.compile's one-off compile time;
+- ``lora_step``: a step-level step with every member on its own LoRA adapter (random, over the
+  attention projections; rank 4 and 16; 1, 2, 4 and 8 members) over the same step without
+  adapters (target <= 1.15 at rank 16).
 
     python benchmarks/bench_engine.py [--skip-compile]
 """
@@ -58,6 +61,48 @@ def option_times(skip_compile: bool) -> dict:
     return out
 
 
+def lora_step_times(steps: int = 6, repeats: int = 5) -> dict:
+    """Per-sample adapters' cost in one step: every member its own adapter, all distinct."""
+    import tempfile
+    from pathlib import Path
+
+    import safetensors.torch
+
+    from promptserve.engine.base import Look
+    from promptserve.engine.lora import PREFIX, random_adapter
+
+    out: dict = {}
+    for rank in (4, 16):
+        engine = tiny_engine()
+        folder = Path(tempfile.mkdtemp(prefix="loras-"))
+        for i in range(8):
+            state = random_adapter(
+                engine.c.unet, PREFIX["unet"], rank, i, ("to_q", "to_k", "to_v", "to_out.0")
+            )
+            safetensors.torch.save_file(state, folder / f"a{i}.safetensors")
+        engine.load_adapters(folder)
+        for n in (1, 2, 4, 8):
+            per = {}
+            for with_lora in (False, True):
+                runner = engine.step_runner()
+                looks = [Look(lora=((f"a{i}", 1.0),)) if with_lora else Look() for i in range(n)]
+                runner.join(
+                    [
+                        (i, GenerationItem(f"p {i}", 0, seed=i, look=look))
+                        for i, look in enumerate(looks)
+                    ]
+                )
+                runner.step()  # warm
+
+                def run(runner=runner) -> None:
+                    for _ in range(steps):
+                        runner.step()
+
+                per[with_lora] = timed(run, repeats) / steps
+            out[f"rank{rank}_n{n}"] = round(per[True] / per[False], 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-compile", action="store_true", help="leave torch.compile out")
@@ -96,6 +141,7 @@ def main() -> None:
                     for f, v in versus.items()
                 },
                 "options": option_times(args.skip_compile),
+                "lora_step": lora_step_times(),
             }
         )
     )

@@ -119,35 +119,55 @@ def read_adapter(path: Path, family: str, sdxl: bool, model: torch.nn.Module) ->
 
 
 @dataclass
-class _Active:
-    rows: torch.Tensor  # the call's rows that carry this adapter
-    adapter: str
-    scale: float
+class _Slot:
+    """One adapter slot of a call: each row's adapter in it (0: none) and its scale."""
+
+    ids: torch.Tensor  # (rows,) long: index into a layer's stacked adapters
+    scales: torch.Tensor  # (rows,) in the model's dtype
 
 
 @dataclass
 class AdapterBank:
     """The adapters an engine serves, installed in its denoiser: each targeted linear layer is
-    wrapped once; which rows carry which adapter is set per call (``active``)."""
+    wrapped once and holds every adapter's pair stacked, ranks zero-padded to the largest
+    (index 0: no adapter, all zeros). A call sets each row's adapters (``set_rows``); a layer
+    then gathers each row's pair and runs two batched matmuls per adapter slot, however many
+    distinct adapters the batch holds (S-LoRA's gather, without its custom kernels)."""
 
     adapters: dict[str, Adapter] = field(default_factory=dict)
-    active: list[_Active] = field(default_factory=list)
-    # per module and adapter: (A, B * alpha / r) on the model's device and dtype
-    weights: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    index: dict[str, int] = field(default_factory=dict)  # adapter -> its stack index (1..)
+    slots: list[_Slot] = field(default_factory=list)  # set per call
+    # module -> (A stack (adapters + 1, r, in), B stack (adapters + 1, out, r)), B * alpha / r
+    stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def install(self, model: torch.nn.Module, adapters: Sequence[Adapter]) -> None:
-        device = next(model.parameters()).device
-        dtype = next(model.parameters()).dtype
+        param = next(model.parameters())
         for adapter in adapters:
             self.adapters[adapter.name] = adapter
-            for module, (a, b, scaling) in adapter.layers.items():
-                pair = (a.to(device, dtype), (b * scaling).to(device, dtype))
-                self.weights.setdefault(module, {})[adapter.name] = pair
-        for module in self.weights:
-            parent_name, _, child = module.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            layer = getattr(parent, child)
+            self.index.setdefault(adapter.name, len(self.index) + 1)
+        modules = sorted({m for a in self.adapters.values() for m in a.layers})
+        count = len(self.index) + 1
+        for module in modules:
+            layer = model.get_submodule(module)
+            base = layer.base if isinstance(layer, LoRALinear) else layer
+            pairs = {
+                self.index[a.name]: a.layers[module]
+                for a in self.adapters.values()
+                if module in a.layers
+            }
+            rank = max(down.shape[0] for down, _, _ in pairs.values())
+            a_stack = torch.zeros(count, rank, base.in_features)
+            b_stack = torch.zeros(count, base.out_features, rank)
+            for i, (down, up, scaling) in pairs.items():
+                a_stack[i, : down.shape[0]] = down.float()
+                b_stack[i, :, : down.shape[0]] = up.float() * scaling
+            self.stacks[module] = (
+                a_stack.to(param.device, param.dtype),
+                b_stack.to(param.device, param.dtype),
+            )
             if not isinstance(layer, LoRALinear):
+                parent_name, _, child = module.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
                 setattr(parent, child, LoRALinear(layer, self, module))
 
     def set_rows(
@@ -155,35 +175,26 @@ class AdapterBank:
     ) -> None:
         """The adapters of each row of the next call (a member's, repeated for its negative
         pass by the caller); rows with none add nothing."""
-        groups: dict[tuple[str, float], list[int]] = {}
-        for row, adapters in enumerate(per_row):
-            for name, scale in adapters:
-                if scale != 0.0:
-                    groups.setdefault((name, scale), []).append(row)
-        self.active = [
-            _Active(torch.tensor(rows, device=device), name, scale)
-            for (name, scale), rows in groups.items()
-        ]
+        depth = max(len(adapters) for adapters in per_row)
+        dtype = next(iter(self.stacks.values()))[0].dtype if self.stacks else torch.float32
+        self.slots = []
+        for slot in range(depth):
+            ids = [self.index[a[slot][0]] if slot < len(a) else 0 for a in per_row]
+            scales = [a[slot][1] if slot < len(a) else 0.0 for a in per_row]
+            self.slots.append(
+                _Slot(
+                    torch.tensor(ids, device=device),
+                    torch.tensor(scales, device=device, dtype=dtype),
+                )
+            )
 
     def clear(self) -> None:
-        self.active = []
-
-
-@contextmanager
-def adapters_on(bank: AdapterBank | None, per_row: Sequence[tuple], device: torch.device):
-    """The adapters of each row active for one call (nothing to do without a bank)."""
-    if bank is None or not any(per_row):
-        yield
-        return
-    bank.set_rows(per_row, device)
-    try:
-        yield
-    finally:
-        bank.clear()
+        self.slots = []
 
 
 class LoRALinear(torch.nn.Module):
-    """A linear layer plus, for each adapter active in this call, its delta on its rows."""
+    """A linear layer plus each row's adapters' deltas: per slot, the row's A and B gathered
+    from the stack, two batched matmuls, scaled per row (rows without one gather zeros)."""
 
     def __init__(self, base: torch.nn.Linear, bank: AdapterBank, module: str) -> None:
         super().__init__()
@@ -191,17 +202,30 @@ class LoRALinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        if not self.bank.active:
+        if not self.bank.slots:
             return out
-        mine = self.bank.weights.get(self.module, {})
-        for act in self.bank.active:
-            pair = mine.get(act.adapter)
-            if pair is None:
-                continue
-            a, b = pair
-            delta = (x.index_select(0, act.rows) @ a.T) @ b.T
-            out = out.index_add(0, act.rows, delta, alpha=act.scale)
-        return out
+        a_stack, b_stack = self.bank.stacks[self.module]
+        flat = x if x.dim() == 3 else x.unsqueeze(1)  # (rows, tokens, in)
+        acc = out if out.dim() == 3 else out.unsqueeze(1)
+        for slot in self.bank.slots:
+            a = a_stack.index_select(0, slot.ids)  # (rows, r, in)
+            b = b_stack.index_select(0, slot.ids)  # (rows, out, r)
+            low = torch.bmm(flat, a.transpose(1, 2)) * slot.scales.view(-1, 1, 1)  # rank-wide
+            acc = torch.baddbmm(acc, low, b.transpose(1, 2))  # the add fused into the matmul
+        return acc if x.dim() == 3 else acc.squeeze(1)
+
+
+@contextmanager
+def adapters_on(bank: AdapterBank | None, per_row: Sequence[tuple], device: torch.device):
+    """The adapters of each row active for one call (nothing to do without a bank)."""
+    if bank is None or not bank.stacks or not any(per_row):
+        yield
+        return
+    bank.set_rows(per_row, device)
+    try:
+        yield
+    finally:
+        bank.clear()
 
 
 def adapter_files(folder: Path) -> list[Path]:

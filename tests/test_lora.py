@@ -21,23 +21,34 @@ from promptserve.server.live import LiveServer
 from test_engine import family_engine
 
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 def denoiser(c):
     return c.unet if c.family == "unet" else c.transformer
 
 
-def write_adapter(c, folder, name, seed, rank=4):
+def write_adapter(c, folder, name, seed, rank=4, text=False):
     state = random_adapter(denoiser(c), PREFIX[c.family], rank, seed, TARGETS)
+    if text:  # the text encoders' attention too, as many published adapters carry
+        for part in ("text_encoder", "text_encoder_2"):
+            if getattr(c, part, None) is not None:
+                te = random_adapter(getattr(c, part), f"{part}.", rank, seed + 7, TEXT_TARGETS)
+                state |= te
     path = folder / f"{name}.safetensors"
     safetensors.torch.save_file(state, path)
     return path
 
 
-@pytest.mark.parametrize("family", ["tiny", "sdxl", "flux"])
-def test_per_sample_lora_equals_diffusers_fused_adapter(family, tmp_path):
+@pytest.mark.parametrize(
+    ("family", "text"),
+    [("tiny", False), ("sdxl", False), ("flux", False), ("tiny", True), ("sdxl", True)],
+)
+def test_per_sample_lora_equals_diffusers_fused_adapter(family, text, tmp_path):
+    """With text-encoder weights, the prompt and the negative prompt are encoded through the
+    adapted encoders, as diffusers' fused pipeline encodes them."""
     ours_c, theirs_c = build(family), build(family)  # the same weights, twice
-    path = write_adapter(ours_c, tmp_path, "ink", seed=1)
+    path = write_adapter(ours_c, tmp_path, "ink", seed=1, text=text)
     engine = family_engine(family, steps=6, levels=(0, 2))
     engine.c = ours_c
     engine.load_adapters(tmp_path)
@@ -66,9 +77,13 @@ def test_per_sample_lora_equals_diffusers_fused_adapter(family, tmp_path):
 def test_a_member_is_the_same_alone_and_in_a_batch_of_other_adapters(family, tmp_path):
     engine = family_engine(family, steps=6, levels=(0, 2))
     write_adapter(engine.c, tmp_path, "ink", seed=1)
-    write_adapter(engine.c, tmp_path, "oil", seed=2)
+    write_adapter(engine.c, tmp_path, "oil", seed=2, text=family == "tiny")  # text encoder too
     engine.load_adapters(tmp_path)
-    looks = [Look(), Look(lora=(("ink", 1.0),)), Look(lora=(("oil", 0.5), ("ink", 1.5)))]
+    looks = [
+        Look(),
+        Look(lora=(("ink", 1.0),)),
+        Look("fog", lora=(("oil", 0.5), ("ink", 1.5))),  # its negative through oil's encoder
+    ]
     items = [GenerationItem("a quiet harbour", seed=3, look=look) for look in looks]
     batch = engine.generate(items)
     for item, got in zip(items, batch, strict=True):
@@ -184,3 +199,34 @@ def test_a_request_resumes_only_from_an_entry_of_its_own_adapters(adapters, tmp_
         assert hit([{"name": "ink", "scale": 0.5}]) is False  # and another scale's
         assert hit([{"name": "ink"}]) is True
         assert hit(None) is True
+
+
+def test_a_kohya_file_reads_as_its_diffusers_equivalent(tmp_path):
+    """kohya's layout (``lora_unet_..._to_q.lora_down.weight`` with an ``.alpha``), read through
+    diffusers' converter, gives what the same weights in the PEFT layout at alpha / r give."""
+    engine = family_engine("tiny", steps=6, levels=(0, 2))
+    state = random_adapter(engine.c.unet, "unet.", 4, 3, TARGETS)
+    kohya, peft = {}, {}
+    for key, value in state.items():
+        module = key[len("unet.") : -len(".lora_A.weight")] if "lora_A" in key else None
+        if module is None:
+            continue
+        up = state[f"unet.{module}.lora_B.weight"]
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_down.weight"] = value
+        kohya[f"{name}.lora_up.weight"] = up
+        kohya[f"{name}.alpha"] = torch.tensor(2.0)  # alpha / r = 0.5
+        peft[key], peft[f"unet.{module}.lora_B.weight"] = value, up * 0.5
+    (tmp_path / "k").mkdir()
+    (tmp_path / "p").mkdir()
+    safetensors.torch.save_file(kohya, tmp_path / "k" / "kohya.safetensors")
+    safetensors.torch.save_file(peft, tmp_path / "p" / "peft.safetensors")
+    item = GenerationItem("a lantern", seed=2)
+    results = []
+    for folder, name in (("k", "kohya"), ("p", "peft")):
+        e = family_engine("tiny", steps=6, levels=(0, 2))
+        e.load_adapters(tmp_path / folder)
+        results.append(
+            e.generate([GenerationItem(item.prompt, seed=2, look=Look(lora=((name, 1.0),)))])[0]
+        )
+    assert np.abs(results[0].final_latent - results[1].final_latent).max() <= 1e-5

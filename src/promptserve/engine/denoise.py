@@ -14,7 +14,8 @@ coefficients from per-step tables on the device: no host sync inside the loop (d
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,6 +41,8 @@ class Components:
     tokenizer_2: object | None = None
     image_size: int = 0
     lora_bank: AdapterBank | None = None  # the adapters installed in the UNet (``engine.lora``)
+    text_lora: dict[str, AdapterBank] = field(default_factory=dict)  # per text encoder
+    adapter_names: tuple[str, ...] = ()  # every adapter loaded (``engine.lora``)
     family = "unet"
 
     # -- the family interface the engine and the step runner call (``flow.FlowComponents``
@@ -72,11 +75,16 @@ class Components:
         return DDIMStepper(self, total_steps, guidance)
 
 
-def encode(c: Components, prompts: Sequence[str]) -> tuple[torch.Tensor, dict | None]:
+def encode(
+    c: Components, prompts: Sequence[str], loras: Sequence[tuple] | None = None
+) -> tuple[torch.Tensor, dict | None]:
     """Text context for the UNet, and SDXL's pooled embeds (None for SD 1.x/2.x); SDXL's
-    size ids are a member's size's (``time_ids``)."""
+    size ids are a member's size's (``time_ids``). ``loras[i]``: prompt i's adapters, for
+    those with text-encoder weights."""
     ids = torch.as_tensor(np.asarray(c.tokenizer(list(prompts))["input_ids"]), device=c.device)
-    with torch.no_grad():
+    with torch.no_grad(), ExitStack() as stack:
+        for bank in c.text_lora.values():
+            stack.enter_context(adapters_on(bank, loras or [()] * len(prompts), c.device))
         if c.text_encoder_2 is None:
             return c.text_encoder(ids)[0].to(c.dtype), None
         ids_2 = torch.as_tensor(
@@ -186,20 +194,28 @@ def rows_of(
     default_scale: float,
     empty: dict[str, torch.Tensor] | None,
     native: tuple[int, int],
+    text_loras=lambda look: (),  # noqa: ANN001 - a look's adapters with text-encoder weights
 ) -> list[Row]:
-    """Each prompt's ``Row``; the distinct negative prompts are encoded once, together."""
+    """Each prompt's ``Row``; the distinct negative prompts are encoded once, together, per
+    set of text-encoder adapters (``text_loras``: the adapters of a look that change its text
+    encoding; the empty prompt without any is the shared ``empty``)."""
     looks = list(looks) if looks is not None else [Look()] * len(prompts)
-    negatives = sorted({look.negative_prompt for look in looks if look.negative_prompt})
-    uncond = dict(zip(negatives, encode_batch(negatives), strict=True)) if negatives else {}
+    te = [text_loras(look) for look in looks]
+    wanted = {(lk.negative_prompt, t) for lk, t in zip(looks, te, strict=True)}
+    negatives = sorted(n for n in wanted if n[0] or n[1])
+    uncond = {}
+    if negatives:
+        encoded = encode_batch([n for n, _ in negatives], [t for _, t in negatives])
+        uncond = dict(zip(negatives, encoded, strict=True))
     return [
         Row(
             text,
-            uncond.get(look.negative_prompt, empty),
+            uncond.get((look.negative_prompt, t), empty),
             default_scale if look.guidance is None else look.guidance,
             look.size or native,
             look.lora,
         )
-        for text, look in zip(encode_batch(prompts), looks, strict=True)
+        for text, look, t in zip(encode_batch(prompts, te), looks, te, strict=True)
     ]
 
 
@@ -247,11 +263,18 @@ class DDIMStepper:
         """Each prompt's conditioning: the text context and (SDXL) pooled embeds, time ids, for
         its prompt and its negative prompt."""
         return rows_of(
-            self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native
-        )
+            self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native,
+            self._text_loras,
+        )  # fmt: skip
 
-    def _conditioning(self, prompts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
-        context, extra = encode(self.c, prompts)
+    def _text_loras(self, look: Look) -> tuple:
+        banks = self.c.text_lora.values()
+        return tuple(a for a in look.lora if any(b.carries(a[0]) for b in banks))
+
+    def _conditioning(
+        self, prompts: Sequence[str], loras: Sequence[tuple] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        context, extra = encode(self.c, prompts, loras)
         rows = []
         for j in range(len(prompts)):
             row = {"context": context[j : j + 1]}

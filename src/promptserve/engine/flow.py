@@ -19,7 +19,7 @@ computes for one shared sigma.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -60,6 +60,8 @@ class FlowComponents:
     max_sequence_length: int = 0  # T5 tokens; 0: the family's pipeline default
     image_size: int = 0
     lora_bank: AdapterBank | None = None  # the adapters installed in the transformer
+    adapter_names: tuple[str, ...] = ()  # every adapter loaded (``engine.lora``)
+    text_lora: dict = field(default_factory=dict)  # none: text-encoder LoRA is UNet-only
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -219,7 +221,10 @@ class FlowStepper:
             self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native
         )
 
-    def _conditioning(self, prompts: Sequence[str]) -> list[dict[str, torch.Tensor]]:
+    def _conditioning(
+        self, prompts: Sequence[str], loras: Sequence[tuple] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """(No text-encoder adapters for the transformer families: refused at load.)"""
         batch = self.c.encode(prompts)
         return [{name: v[j : j + 1] for name, v in batch.items()} for j in range(len(prompts))]
 

@@ -11,8 +11,10 @@ which diffusers' fused model also runs through the adapter).
 Files: ``NAME.safetensors`` in the diffusers / PEFT layout (``unet.<module>.lora_A.weight``,
 ``lora_B``; ``transformer.`` for the flow families) or any layout diffusers' own converters
 read (kohya's ``lora_unet_...``, with ``.alpha``); read through the family's
-``lora_state_dict``. Linear layers of the denoiser only: a file with convolution LoRA or
-text-encoder weights is reported by name at start.
+``lora_state_dict``. Linear layers of the denoiser and, for the UNet families, of the text
+encoders (applied when a member's prompt and negative prompt are encoded, at join); a file with
+convolution LoRA, or text-encoder weights for a transformer family, is reported by name at
+start.
 """
 
 from __future__ import annotations
@@ -39,18 +41,23 @@ SUFFIXES = (
 )
 
 
+Pair = tuple[torch.Tensor, torch.Tensor, float]  # (A, B, alpha / r)
+
+
 @dataclass
 class Adapter:
-    """One adapter's low-rank pairs per module of the denoiser: module -> (A, B, alpha / r)."""
+    """One adapter's low-rank pairs per part of the model (``unet``, ``transformer``,
+    ``text_encoder``, ``text_encoder_2``) and module: part -> module -> (A, B, alpha / r)."""
 
     name: str
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    parts: dict[str, dict[str, Pair]]
 
     @property
     def bytes(self) -> int:
         return sum(
             a.numel() * a.element_size() + b.numel() * b.element_size()
-            for a, b, _ in self.layers.values()
+            for layers in self.parts.values()
+            for a, b, _ in layers.values()
         )
 
 
@@ -64,10 +71,35 @@ def _loader(family: str, sdxl: bool):  # noqa: ANN202 - a diffusers LoRA loader 
     return lp.StableDiffusionXLLoraLoaderMixin if sdxl else lp.StableDiffusionLoraLoaderMixin
 
 
-def read_adapter(path: Path, family: str, sdxl: bool, model: torch.nn.Module) -> Adapter:
-    """An adapter file as (A, B, alpha / r) per module of ``model``; a file whose layout
-    diffusers cannot read, whose modules the model lacks, or that carries what is not served
-    (convolution LoRA, text-encoder weights) is an error naming the file and why."""
+def _peft_key(key: str) -> str:
+    """A key of any layout diffusers' converters leave (its old attention-processor names
+    among them, ``...attn1.processor.to_q_lora.down.weight``) in the PEFT layout."""
+    from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_PEFT, UNET_TO_DIFFUSERS
+
+    mapping = DIFFUSERS_OLD_TO_PEFT if key.startswith("text_encoder") else UNET_TO_DIFFUSERS
+    key = key.replace(".processor.", ".")
+    for old, new in mapping.items():
+        if old in key:
+            return key.replace(old, new)
+    return key
+
+
+def _module_of(key: str) -> str:
+    """``part.module`` of a weight or alpha key in the PEFT layout."""
+    for down, up in SUFFIXES:
+        for suffix in (down, up, down.removesuffix(".weight"), up.removesuffix(".weight")):
+            if key.endswith(suffix):
+                return key[: -len(suffix)]
+    return key
+
+
+def read_adapter(
+    path: Path, family: str, sdxl: bool, models: dict[str, torch.nn.Module]
+) -> Adapter:
+    """An adapter file as (A, B, alpha / r) per part (``models``: part name -> module tree)
+    and module; a file whose layout diffusers cannot read, whose modules the model lacks, or
+    that carries what is not served (convolution LoRA, a part not in ``models``) is an error
+    naming the file and why."""
     name = path.stem
     if NAME.fullmatch(name) is None:
         raise InputError(f"LoRA {path.name}: the name {name!r} must be letters, digits, . _ -")
@@ -78,23 +110,26 @@ def read_adapter(path: Path, family: str, sdxl: bool, model: torch.nn.Module) ->
     except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds on a foreign layout
         raise InputError(f"LoRA {path.name}: not a LoRA file diffusers can read ({exc})") from None
     state, alphas = (out if isinstance(out, tuple) else (out, None))[:2]
-    prefix = PREFIX[family]
-    alphas = alphas or {}
-    other = sorted({k.split(".", 1)[0] for k in state if not k.startswith(prefix)})
+    state = {_peft_key(k): v for k, v in state.items()}
+    alphas = {_peft_key(k.removesuffix(".alpha")): v for k, v in (alphas or {}).items()}
+    alphas = {_module_of(k): v for k, v in alphas.items()}
+    other = sorted({k.split(".", 1)[0] for k in state} - set(models))
     if other:
         raise InputError(
-            f"LoRA {path.name}: carries weights for {', '.join(other)}; only the denoiser's "
-            f"({prefix.rstrip('.')}) are served"
+            f"LoRA {path.name}: carries weights for {', '.join(other)}; served for this model: "
+            f"{', '.join(models)}"
         )
-    layers: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    parts: dict[str, dict[str, Pair]] = {}
     for key, down in state.items():
+        part, _, rest = key.partition(".")
         for d, u in SUFFIXES:
-            if key.endswith(d):
-                module = key[len(prefix) : -len(d)]
+            if rest.endswith(d):
+                module = rest[: -len(d)]
                 up = state.get(key[: -len(d)] + u)
                 break
         else:
             continue
+        model = models[part]
         if up is None:
             raise InputError(f"LoRA {path.name}: {key} has no matching up weight")
         if down.dim() != 2:
@@ -111,11 +146,12 @@ def read_adapter(path: Path, family: str, sdxl: bool, model: torch.nn.Module) ->
                 f"the model's is ({target.out_features}, {target.in_features})"
             )
         rank = down.shape[0]
-        alpha = alphas.get(prefix + module + ".alpha", alphas.get(module + ".alpha"))
-        layers[module] = (down, up, float(alpha) / rank if alpha is not None else 1.0)
-    if not layers:
-        raise InputError(f"LoRA {path.name}: no LoRA weights for the {prefix.rstrip('.')} found")
-    return Adapter(name, layers)
+        alpha = alphas.get(f"{part}.{module}")
+        scaling = float(alpha) / rank if alpha is not None else 1.0
+        parts.setdefault(part, {})[module] = (down, up, scaling)
+    if not parts:
+        raise InputError(f"LoRA {path.name}: no LoRA weights found")
+    return Adapter(name, parts)
 
 
 @dataclass
@@ -140,20 +176,27 @@ class AdapterBank:
     # module -> (A stack (adapters + 1, r, in), B stack (adapters + 1, out, r)), B * alpha / r
     stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def install(self, model: torch.nn.Module, adapters: Sequence[Adapter]) -> None:
+    def carries(self, name: str) -> bool:
+        """Whether adapter ``name`` has weights in this bank's part."""
+        return name in self.index
+
+    def install(self, model: torch.nn.Module, part: str, adapters: Sequence[Adapter]) -> None:
+        """Wrap ``model``'s layers that ``adapters`` adapt in ``part``; adapters without
+        weights there are not this bank's (a row carrying one adds nothing here)."""
         param = next(model.parameters())
         for adapter in adapters:
-            self.adapters[adapter.name] = adapter
-            self.index.setdefault(adapter.name, len(self.index) + 1)
-        modules = sorted({m for a in self.adapters.values() for m in a.layers})
+            if adapter.parts.get(part):
+                self.adapters[adapter.name] = adapter
+                self.index.setdefault(adapter.name, len(self.index) + 1)
+        modules = sorted({m for a in self.adapters.values() for m in a.parts[part]})
         count = len(self.index) + 1
         for module in modules:
             layer = model.get_submodule(module)
             base = layer.base if isinstance(layer, LoRALinear) else layer
             pairs = {
-                self.index[a.name]: a.layers[module]
+                self.index[a.name]: a.parts[part][module]
                 for a in self.adapters.values()
-                if module in a.layers
+                if module in a.parts[part]
             }
             rank = max(down.shape[0] for down, _, _ in pairs.values())
             a_stack = torch.zeros(count, rank, base.in_features)
@@ -175,6 +218,7 @@ class AdapterBank:
     ) -> None:
         """The adapters of each row of the next call (a member's, repeated for its negative
         pass by the caller); rows with none add nothing."""
+        per_row = [tuple(a for a in adapters if a[0] in self.index) for adapters in per_row]
         depth = max(len(adapters) for adapters in per_row)
         dtype = next(iter(self.stacks.values()))[0].dtype if self.stacks else torch.float32
         self.slots = []
@@ -222,6 +266,9 @@ def adapters_on(bank: AdapterBank | None, per_row: Sequence[tuple], device: torc
         yield
         return
     bank.set_rows(per_row, device)
+    if not bank.slots:
+        yield
+        return
     try:
         yield
     finally:
@@ -243,9 +290,11 @@ def adapter_names(folder: Path) -> tuple[str, ...]:
     return names
 
 
-def load_dir(folder: Path, family: str, sdxl: bool, model: torch.nn.Module) -> list[Adapter]:
+def load_dir(
+    folder: Path, family: str, sdxl: bool, models: dict[str, torch.nn.Module]
+) -> list[Adapter]:
     """Every ``*.safetensors`` of a folder, each checked against the model (errors by name)."""
-    return [read_adapter(p, family, sdxl, model) for p in adapter_files(folder)]
+    return [read_adapter(p, family, sdxl, models) for p in adapter_files(folder)]
 
 
 def random_adapter(

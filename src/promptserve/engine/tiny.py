@@ -167,8 +167,7 @@ class DenoisingEngine:
 
     @property
     def adapters(self) -> tuple[str, ...]:
-        bank = self.c.lora_bank
-        return tuple(sorted(bank.adapters)) if bank is not None else ()
+        return self.c.adapter_names
 
     def load_adapters(self, folder) -> None:  # noqa: ANN001 - a path
         """Every adapter of ``folder`` (``serve --lora-dir``), checked against the denoiser
@@ -176,13 +175,21 @@ class DenoisingEngine:
         from promptserve.engine.lora import AdapterBank, load_dir
 
         c = self.c
-        family, denoiser = (c.family, c.transformer) if c.family != "unet" else ("unet", c.unet)
-        adapters = load_dir(
-            folder, family, getattr(c, "text_encoder_2", None) is not None, denoiser
-        )
-        if c.lora_bank is None:
-            c.lora_bank = AdapterBank()
-        c.lora_bank.install(denoiser, adapters)
+        if c.family == "unet":
+            models = {"unet": c.unet, "text_encoder": c.text_encoder}
+            if c.text_encoder_2 is not None:
+                models["text_encoder_2"] = c.text_encoder_2
+        else:
+            models = {"transformer": c.transformer}
+        sdxl = getattr(c, "text_encoder_2", None) is not None
+        adapters = load_dir(folder, c.family, sdxl, models)
+        for part, model in models.items():
+            if part in ("unet", "transformer"):
+                c.lora_bank = c.lora_bank or AdapterBank()
+                c.lora_bank.install(model, part, adapters)
+            elif any(part in a.parts for a in adapters):
+                c.text_lora.setdefault(part, AdapterBank()).install(model, part, adapters)
+        c.adapter_names = tuple(sorted({*c.adapter_names, *(a.name for a in adapters)}))
 
     def size_of(self, item: GenerationItem) -> tuple[int, int]:
         return item.look.size or self.c.native

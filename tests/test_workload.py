@@ -140,3 +140,31 @@ def test_requests_pair_prompts_in_order_and_wrap():
     assert [r.id for r in reqs] == [0, 1, 2]
     assert reqs[2].deadline_s == 23.5 and reqs[2].slo_s == 21.0
     assert [r.tenant for r in reqs] == ["t", "t", "t/pass2"]
+
+
+def test_sizes_and_adapters_split_requests_into_the_server_s_cache_namespaces():
+    from collections import Counter
+
+    from promptserve.engine.base import Look, cache_space
+    from promptserve.errors import InputError
+    from promptserve.workload import make_requests
+    from promptserve.workload.looks import LookMix, parse_adapters, parse_size_mix, with_looks
+
+    sizes, weights = parse_size_mix("1024x1024:0.6,1152x896:0.2,896x1152:0.2")
+    assert sizes[1] == (1152, 896) and weights == (0.6, 0.2, 0.2)
+    with pytest.raises(InputError, match="sum to 0.9"):
+        parse_size_mix("1024x1024:0.6,1152x896:0.3")
+    with pytest.raises(InputError, match="N:ALPHA"):
+        parse_adapters("eight")
+    requests = make_requests([f"p{i}" for i in range(50)], np.arange(2000, dtype=float), 21.0)
+    mix = LookMix(sizes, weights, *parse_adapters("4:1.0"))
+    split = with_looks(requests, mix, seed=1)
+    assert [r.tenant for r in with_looks(requests, mix, seed=1)] == [r.tenant for r in split]
+    assert [(r.id, r.prompt) for r in split] == [(r.id, r.prompt) for r in requests]
+    looks = Counter(r.tenant.split("\x1f", 1)[1] for r in split)  # every pass's tenant too
+    wide = cache_space("t", Look(size=(1152, 896), lora=(("adapter0", 1.0),))).split("\x1f")[1]
+    own = cache_space("t", Look(lora=(("adapter0", 1.0),))).split("\x1f")[1]  # the model's size
+    assert wide in looks and own in looks and len(looks) == 12  # 3 sizes x 4 adapters
+    last = cache_space("t", Look(lora=(("adapter3", 1.0),))).split("\x1f")[1]
+    assert looks[own] > 2 * looks[last]  # Zipf: adapter 0 four times as likely as adapter 3
+    assert with_looks(requests, LookMix(), seed=1) == requests  # no mix: as before

@@ -172,3 +172,28 @@ def _int_list(text: str, flag: str) -> list[int]:
     if not values or any(v < 0 for v in values):
         raise InputError(f"{flag} {text!r} needs at least one integer >= 0")
     return values
+
+
+SizeMixOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="A size per request from a mix, e.g. 1024x1024:0.6,1152x896:0.2,896x1152:0.2 (the "
+        "first the model's own): a request resumes only from a neighbour of its size.",
+    ),
+]
+AdaptersOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="N:ALPHA: a LoRA adapter per request, drawn Zipf(ALPHA) over N: a request resumes "
+        "only from a neighbour of its adapter.",
+    ),
+]
+
+
+def look_mix(size_mix: str | None, adapters: str | None):  # noqa: ANN201 - a LookMix
+    """What ``--size-mix`` and ``--adapters`` ask for (``workload.looks``)."""
+    from promptserve.workload.looks import LookMix, parse_adapters, parse_size_mix
+
+    sizes, weights = parse_size_mix(size_mix) if size_mix else ((), ())
+    count, alpha = parse_adapters(adapters) if adapters else (0, 1.0)
+    return LookMix(sizes, weights, count, alpha)

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from promptserve.cli.common import (
     FAIR_POLICIES,
+    AdaptersOpt,
     ArrivalsOpt,
     CacheDirOpt,
     EmbedderOpt,
@@ -20,12 +21,14 @@ from promptserve.cli.common import (
     PromptsOpt,
     RateOpt,
     SeedOpt,
+    SizeMixOpt,
     SloOpt,
     TimeScaleOpt,
     _int_list,
     app,
     console,
     embed_with_progress,
+    look_mix,
     progress,
     user_errors,
 )
@@ -71,6 +74,8 @@ def simulate_cmd(
         int,
         typer.Option(help="Prompts from the top of the file to pre-load into the cache.", min=0),
     ] = 0,
+    size_mix: SizeMixOpt = None,
+    adapters: AdaptersOpt = None,
     seed: SeedOpt = 0,
     cache_dir: CacheDirOpt = Path(".promptserve"),
     out: Annotated[
@@ -95,6 +100,7 @@ def simulate_cmd(
         make_requests,
         parse_arrival_spec,
     )
+    from promptserve.workload.looks import with_looks
 
     chosen = parse_policies(policies)
     prof, slo_s = _profile_slo_penalty(profile, slo, quality_penalty)
@@ -105,7 +111,7 @@ def simulate_cmd(
     )
     if len(times) == 0:
         raise InputError("the arrival spec produced no requests")
-    requests = make_requests(texts, times, slo_s)
+    requests = with_looks(make_requests(texts, times, slo_s), look_mix(size_mix, adapters), seed)
     distinct = list(dict.fromkeys([r.prompt for r in requests] + texts[:warm]))
     vecs = embed_with_progress(embedder, distinct, cache_dir)
     row = {p: i for i, p in enumerate(distinct)}
@@ -131,6 +137,8 @@ def simulate_cmd(
         "profile": prof.name,
         "embedder": embedder,
         "requests": len(requests),
+        "size_mix": size_mix,
+        "adapters": adapters,
     }
     write_report(out, config_dict(config, **extra), rows, oracle, timelines, html=html)
     table = Table(
@@ -202,6 +210,8 @@ def sweep_cmd(
     ] = 1.0,
     embedder: EmbedderOpt = "minilm",
     cache_dir: CacheDirOpt = Path(".promptserve"),
+    size_mix: SizeMixOpt = None,
+    adapters: AdaptersOpt = None,
     out: Annotated[
         Path, typer.Option(help="Folder for sweep.json, sweep.md, sweep.png and sweep.html.")
     ] = Path("out/sweep"),
@@ -227,7 +237,7 @@ def sweep_cmd(
     thresholds = embedder_thresholds(embedder)
     config = SweepConfig(
         arrivals, rate_list, seed_list, gpus, slo_s, quality_penalty, minutes, time_scale,
-        oracle_window,
+        oracle_window, looks=look_mix(size_mix, adapters),
     )  # fmt: skip
     with progress() as bar:
         task = bar.add_task("sweep points", total=len(rate_list) * len(seed_list))

@@ -25,6 +25,7 @@ from promptserve.quality import PenaltyShape
 from promptserve.sim.compare import CompareConfig, compare, sim_inputs
 from promptserve.sim.oracle import DEFAULT_WINDOW_S
 from promptserve.workload import generate_arrivals, make_requests, parse_arrival_spec
+from promptserve.workload.looks import LookMix, with_looks
 
 OURS = "promptserve"  # its family: baselines are the other policies
 LEAD = "promptserve-step"  # the recommended policy, drawn as the lead line
@@ -43,6 +44,7 @@ class SweepConfig:
     time_scale: float = 1.0
     oracle_window_s: float = DEFAULT_WINDOW_S
     coarse_window_s: float | None = None  # also bound each point at this slot (the old 10 s)
+    looks: LookMix = LookMix()  # sizes and adapters per request (``workload.looks``)
 
 
 def parse_rates(text: str) -> tuple[float, ...]:
@@ -79,7 +81,7 @@ def run_sweep(
             )
             if len(times) == 0:
                 raise InputError(f"the arrival spec produced no requests at rate {rate}")
-            requests = make_requests(prompts, times, config.slo_s)
+            requests = with_looks(make_requests(prompts, times, config.slo_s), config.looks, seed)
             emb = prompt_embeddings[[r.id % len(prompts) for r in requests]]
             cmp = CompareConfig(
                 config.gpus,

@@ -1,0 +1,75 @@
+"""What each simulated request asks for besides its prompt: a size from a mix and an adapter
+from a Zipf draw. Both split the approximate cache (a request resumes only from a neighbour of
+its own size and adapter set), which is what the simulator models of them: the request's cache
+namespace is the server's own (``engine.base.cache_space``). A step is still timed as the
+profile's, whatever the sizes in it (the per-shape step cost is not modelled yet)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from promptserve.engine.base import Look, cache_space
+from promptserve.engine.sizes import Size, parse_size
+from promptserve.errors import InputError
+from promptserve.types import Request
+
+
+@dataclass(frozen=True)
+class LookMix:
+    sizes: tuple[Size, ...] = ()  # the first is the model's own
+    size_weights: tuple[float, ...] = ()
+    adapters: int = 0  # how many adapters; 0: none
+    zipf: float = 1.0  # adapter i (from 0) drawn with weight 1 / (i + 1) ** zipf
+
+
+def parse_size_mix(text: str) -> tuple[tuple[Size, ...], tuple[float, ...]]:
+    """``1024x1024:0.6,1152x896:0.2,896x1152:0.2``: sizes and their shares (summing to 1)."""
+    sizes, weights = [], []
+    for part in text.split(","):
+        size, _, share = part.partition(":")
+        try:
+            w = float(share)
+        except ValueError:
+            raise InputError(f"--size-mix: {part!r} is not SIZE:SHARE") from None
+        if not 0 < w <= 1:
+            raise InputError(f"--size-mix: the share of {size} must be in (0, 1], got {share}")
+        sizes.append(parse_size(size, "--size-mix"))
+        weights.append(w)
+    if abs(sum(weights) - 1.0) > 1e-6:
+        raise InputError(f"--size-mix: the shares sum to {sum(weights):g}, not 1")
+    return tuple(sizes), tuple(weights)
+
+
+def parse_adapters(text: str) -> tuple[int, float]:
+    """``N:ALPHA``: N adapters drawn Zipf(ALPHA) (``N`` alone: ALPHA 1)."""
+    count, _, alpha = text.partition(":")
+    try:
+        n, a = int(count), float(alpha or 1.0)
+    except ValueError:
+        raise InputError(f"--adapters {text!r} is not N:ALPHA (e.g. 8:1.0)") from None
+    if n < 0 or a < 0:
+        raise InputError(f"--adapters {text!r}: N and ALPHA must be >= 0")
+    return n, a
+
+
+def with_looks(requests: Sequence[Request], mix: LookMix, seed: int) -> list[Request]:
+    """The requests, each in its size's and adapter's cache namespace (drawn with ``seed``)."""
+    if not mix.sizes and not mix.adapters:
+        return list(requests)
+    rng = np.random.default_rng(seed + 7_919)
+    n = len(requests)
+    sizes = rng.choice(len(mix.sizes), n, p=np.asarray(mix.size_weights)) if mix.sizes else None
+    adapters = None
+    if mix.adapters:
+        w = 1.0 / np.arange(1, mix.adapters + 1) ** mix.zipf
+        adapters = rng.choice(mix.adapters, n, p=w / w.sum())
+    out = []
+    for i, r in enumerate(requests):
+        size = mix.sizes[sizes[i]] if sizes is not None and sizes[i] > 0 else None
+        lora = ((f"adapter{adapters[i]}", 1.0),) if adapters is not None else ()
+        out.append(dataclasses.replace(r, tenant=cache_space(r.tenant, Look(size=size, lora=lora))))
+    return out

@@ -9,7 +9,9 @@
   plain engine's (< 1: faster), with torch.compile's one-off compile time;
 - ``lora_step``: a step-level step with every member on its own LoRA adapter (random, over the
   attention projections; rank 4 and 16; 1, 2, 4 and 8 members) over the same step without
-  adapters (target <= 1.15 at rank 16).
+  adapters (target <= 1.15 at rank 16);
+- ``feature_cache``: a DeepCache cached step's time over a full step's, UNet-family shapes
+  (tiny SD-1.x and SDXL) at 1, 4 and 8 in flight (target <= 0.6 on the CPU).
 
     python benchmarks/bench_engine.py [--skip-compile]
 """
@@ -19,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+
+import torch
 
 from promptserve.engine import GenerationItem, make_engine
 from promptserve.engine.flow import DEFAULT_GUIDANCE
@@ -109,6 +113,37 @@ def lora_step_times(pairs: int = 18) -> dict:
     return out
 
 
+def feature_cache_times(pairs: int = 15) -> dict:
+    """A cached step over a full one, timed in alternating pairs (median), per shape and count."""
+    import statistics
+
+    from promptserve.engine.denoise import encode, time_ids
+    from promptserve.engine.featurecache import unet_forward
+
+    out: dict = {}
+    for family in ("tiny", "sdxl"):
+        c = build(family)
+        for n in (1, 4, 8):
+            x = torch.randn(2 * n, *c.latent_shape)
+            t = torch.full((2 * n,), 500)
+            context, extra = encode(c, [f"p {i}" for i in range(2 * n)])
+            kwargs = None
+            if extra:
+                ids = time_ids([c.native] * 2 * n, "cpu", context.dtype)
+                kwargs = {"text_embeds": extra["text_embeds"], "time_ids": ids}
+            with torch.no_grad():
+                _, deep = unet_forward(c.unet, x, t, context, kwargs)
+                ratios = []
+                for _ in range(pairs):
+                    t0 = time.perf_counter()
+                    unet_forward(c.unet, x, t, context, kwargs)
+                    t1 = time.perf_counter()
+                    unet_forward(c.unet, x, t, context, kwargs, deep=deep)
+                    ratios.append((time.perf_counter() - t1) / (t1 - t0))
+            out[f"{family}_n{n}"] = round(statistics.median(ratios), 3)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-compile", action="store_true", help="leave torch.compile out")
@@ -148,6 +183,7 @@ def main() -> None:
                 },
                 "options": option_times(args.skip_compile),
                 "lora_step": lora_step_times(),
+                "feature_cache": feature_cache_times(),
             }
         )
     )

@@ -117,6 +117,7 @@ class GenerationItem:
     # (streaming partial images); the engine passes each to ``on_step(step, {row: png})``
     previews: tuple[int, ...] = ()
     look: Look = PLAIN
+    interval: int = 1  # feature caching: a full step every ``interval`` steps (1: every step)
 
 
 @dataclass

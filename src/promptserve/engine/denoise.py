@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from promptserve.engine.base import UNET_GUIDANCE, Guidance, Look
+from promptserve.engine.featurecache import is_full_step, unet_forward
 from promptserve.engine.lora import AdapterBank, adapters_on
 
 
@@ -127,6 +128,7 @@ def denoise(
     on_step=None,
     previews: Sequence[Sequence[int]] = (),
     looks: Sequence[Look] | None = None,
+    interval: int = 1,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Run steps ``start_step .. total_steps - 1`` on a batch that shares its start step.
 
@@ -134,13 +136,21 @@ def denoise(
     latents after that many steps. ``previews[row]``: the steps after which that row's
     predicted clean image is decoded and passed to ``on_step(step, {row: png})``.
     ``looks[row]``: its negative prompt and guidance scale (default: ``guidance``).
+    ``interval`` > 1: DeepCache, a full step every ``interval`` steps (UNet families).
     """
     stepper = c.stepper(total_steps, guidance)
     rows = stepper.encode(prompts, looks)  # one size for the batch: its latents' shape
     captured: dict[int, torch.Tensor] = {}
     steps = torch.full((latents.shape[0],), start_step, device=latents.device, dtype=torch.long)
+    deep = None
     for step in range(start_step, total_steps):
-        latents, x0 = stepper.advance(latents, steps, rows)
+        if interval > 1:
+            full = is_full_step(step - start_step, interval)
+            latents, x0, deep = stepper.advance_features(
+                latents, steps, rows, None if full else deep
+            )
+        else:
+            latents, x0 = stepper.advance(latents, steps, rows)
         steps += 1
         if step + 1 in capture:
             captured[step + 1] = latents.clone()
@@ -287,6 +297,22 @@ class DDIMStepper:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The next latents of every row (row j at step ``steps[j]``) and the predicted clean
         latents (what a preview shows). The rows share one latent shape (one size)."""
+        latents, x0, _ = self._step(latents, steps, rows, None, plain=True)
+        return latents, x0
+
+    def advance_features(
+        self,
+        latents: torch.Tensor,
+        steps: torch.Tensor,
+        rows: Sequence[Row],
+        deep: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``advance`` with DeepCache (``engine.featurecache``): ``deep`` None, a full step that
+        also returns its deep feature (rows 0..n-1 the negative passes, n..2n-1 the texts');
+        given, a cached step on it."""
+        return self._step(latents, steps, rows, deep, plain=False)
+
+    def _step(self, latents, steps, rows, deep, plain):  # noqa: ANN001, ANN202
         both = {
             name: torch.cat([r.uncond[name] for r in rows] + [r.text[name] for r in rows])
             for name in self.uncond
@@ -298,12 +324,18 @@ class DDIMStepper:
         t = self.timesteps[steps]
         loras = [r.lora for r in rows] * 2  # each member's negative pass carries its adapters
         with torch.no_grad(), adapters_on(self.c.lora_bank, loras, latents.device):
-            out = self.c.unet(
-                torch.cat([latents, latents]),
-                torch.cat([t, t]),
-                encoder_hidden_states=context,
-                added_cond_kwargs=both or None,
-            ).sample
+            if plain:  # the UNet's own forward: what every run without feature caching is
+                out = self.c.unet(
+                    torch.cat([latents, latents]),
+                    torch.cat([t, t]),
+                    encoder_hidden_states=context,
+                    added_cond_kwargs=both or None,
+                ).sample
+            else:
+                out, deep = unet_forward(
+                    self.c.unet, torch.cat([latents, latents]), torch.cat([t, t]), context,
+                    both or None, deep,
+                )  # fmt: skip
             uncond, cond = out.chunk(2)
             guided = uncond + scales_of(rows, uncond) * (cond - uncond)
             shape = (-1,) + (1,) * (latents.dim() - 1)
@@ -316,4 +348,4 @@ class DDIMStepper:
             else:
                 eps = guided
                 x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-            return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0
+            return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0, deep

@@ -23,6 +23,7 @@ import torch
 
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.denoise import Row
+from promptserve.engine.featurecache import is_full_step
 
 
 @dataclass
@@ -33,6 +34,7 @@ class _Slot:
     cond: Row  # the family's conditioning, (1, ...) each
     step: int  # steps done
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
+    deep: torch.Tensor | None = None  # feature caching: its last full step's deep feature
 
 
 class StepRunner:
@@ -65,6 +67,8 @@ class StepRunner:
                 raise ValueError(f"level K={item.k} is not one of {self.levels}")
             if item.k > 0 and item.start_latent is None:
                 raise ValueError(f"level K={item.k} needs a start latent")
+            if item.interval > 1 and not hasattr(self.kernel, "advance_features"):
+                raise ValueError("feature caching (interval > 1) is for the UNet families")
         rows = self.kernel.encode(
             [item.prompt for _, item in members], [item.look for _, item in members]
         )
@@ -77,12 +81,31 @@ class StepRunner:
                 )[None]
             self.slots.append(_Slot(key, item, latent, row, item.k))
 
-    def _by_shape(self) -> list[list[_Slot]]:
-        """The members grouped by latent shape, in join order within each."""
+    def _calls(self) -> list[list[_Slot]]:
+        """The members grouped into denoiser calls, in join order within each: by latent shape,
+        and the members on a cached step (feature caching) apart from those on a full one."""
         groups: dict[tuple, list[_Slot]] = {}
         for slot in self.slots:
-            groups.setdefault(tuple(slot.latent.shape), []).append(slot)
+            cached = not self._full(slot)
+            groups.setdefault((tuple(slot.latent.shape), cached), []).append(slot)
         return list(groups.values())
+
+    @staticmethod
+    def _full(slot: _Slot) -> bool:
+        return slot.deep is None or is_full_step(slot.step - slot.item.k, slot.item.interval)
+
+    def _advance_features(self, group, latents, steps, rows):  # noqa: ANN001, ANN202
+        """One call of members that all run a full step (keeping their deep features) or all
+        a cached one (on them): a member's two rows are its negative and its text pass."""
+        n = len(group)
+        deep = None
+        if not self._full(group[0]):
+            deep = torch.cat([s.deep[0:1] for s in group] + [s.deep[1:2] for s in group])
+        latents, x0, out = self.kernel.advance_features(latents, steps, rows, deep)
+        for j, slot in enumerate(group):
+            if slot.item.interval > 1:
+                slot.deep = torch.cat([out[j : j + 1], out[n + j : n + j + 1]])
+        return latents, x0
 
     def cancel(self, key: Hashable) -> bool:
         """Take a member out; its slot is free for the next step."""
@@ -96,10 +119,14 @@ class StepRunner:
         self.previews = {}
         if not self.slots:
             return []
-        for group in self._by_shape():  # one denoiser call per size present
+        for group in self._calls():  # one denoiser call per size (and feature-cache phase)
             latents = torch.cat([s.latent for s in group])
             steps = torch.tensor([s.step for s in group], device=latents.device)
-            latents, x0 = self.kernel.advance(latents, steps, [s.cond for s in group])
+            rows_in = [s.cond for s in group]
+            if all(s.item.interval <= 1 for s in group):
+                latents, x0 = self.kernel.advance(latents, steps, rows_in)
+            else:
+                latents, x0 = self._advance_features(group, latents, steps, rows_in)
             rows = [j for j, s in enumerate(group) if s.step + 1 in s.item.previews]
             pngs = self.c.decode(x0[rows]) if rows else []
             self.previews.update({group[j].key: png for j, png in zip(rows, pngs, strict=True)})

@@ -166,6 +166,11 @@ class DenoisingEngine:
         self.sizes = checked(tuple(sizes), self.c.multiple)
 
     @property
+    def feature_cache(self) -> bool:
+        """Whether it can run members at a feature-cache interval above 1 (DeepCache: UNets)."""
+        return self.c.family == "unet"
+
+    @property
     def adapters(self) -> tuple[str, ...]:
         return self.c.adapter_names
 
@@ -197,8 +202,9 @@ class DenoisingEngine:
     def generate(self, items: Sequence[GenerationItem], on_step=None) -> list[GenerationResult]:
         """Each level's items of each size run together: one latent shape per denoiser call."""
         results: list[GenerationResult | None] = [None] * len(items)
-        for k, size in sorted({(it.k, self.size_of(it)) for it in items}):
-            idx = [i for i, it in enumerate(items) if it.k == k and self.size_of(it) == size]
+        for key in sorted({(it.k, self.size_of(it), it.interval) for it in items}):
+            idx = [i for i, it in enumerate(items) if (it.k, self.size_of(it), it.interval) == key]
+            k = key[0]
             for i, res in zip(
                 idx, self._run_level(k, [items[i] for i in idx], rows_of(on_step, idx)), strict=True
             ):
@@ -210,6 +216,9 @@ class DenoisingEngine:
     ) -> list[GenerationResult]:
         if k not in self.levels:
             raise ValueError(f"level K={k} is not one of {self.levels}")
+        interval = items[0].interval
+        if interval > 1 and not self.feature_cache:
+            raise ValueError(f"feature caching (interval {interval}) is for the UNet families")
         starts = []
         for it in items:
             if k == 0:
@@ -232,6 +241,7 @@ class DenoisingEngine:
             on_step,
             [it.previews for it in items],
             [it.look for it in items],
+            interval,
         )
         pngs = self.c.decode(final)
         return [

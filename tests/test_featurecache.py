@@ -1,0 +1,75 @@
+"""Feature caching (DeepCache) per member: the UNet's own forward at a full step, a cheaper
+cached step between, and a member's image the same alone and beside members on other
+intervals and phases."""
+
+import numpy as np
+import pytest
+import torch
+
+from promptserve.engine.base import GenerationItem
+from promptserve.engine.denoise import encode, time_ids
+from promptserve.engine.featurecache import is_full_step, unet_forward
+from promptserve.engine.shapes import build
+from test_engine import family_engine
+
+
+@pytest.mark.parametrize("family", ["tiny", "sdxl"])
+def test_the_full_step_is_the_unet_s_own_forward_bit_for_bit(family):
+    c = build(family)
+    x = torch.randn(4, *c.latent_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([900, 900, 500, 500])
+    context, extra = encode(c, ["a", "b", "c", "d"])
+    kwargs = None
+    if extra:
+        kwargs = {
+            "text_embeds": extra["text_embeds"],
+            "time_ids": time_ids([c.native] * 4, "cpu", context.dtype),
+        }
+    with torch.no_grad():
+        ref = c.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=kwargs).sample
+        out, deep = unet_forward(c.unet, x, t, context, kwargs)
+        assert torch.equal(out, ref)
+        # a cached step on the deep feature of the same step is the full step again
+        again, _ = unet_forward(c.unet, x, t, context, kwargs, deep=deep)
+        assert torch.equal(again, ref)
+        later, _ = unet_forward(c.unet, x, t - 50, context, kwargs, deep=deep)
+        assert not torch.equal(later, ref)
+
+
+def test_a_member_at_an_interval_approximates_the_full_run():
+    engine = family_engine("tiny", steps=12, levels=(0, 4))
+    full = engine.generate([GenerationItem("a lighthouse", seed=1)])[0]
+    cached = engine.generate([GenerationItem("a lighthouse", seed=1, interval=3)])[0]
+    diff = np.abs(cached.final_latent - full.final_latent).max()
+    assert 1e-4 < diff < 0.5 * np.abs(full.final_latent).max()  # cheaper, and near it
+    assert [is_full_step(i, 3) for i in range(7)] == [True, False, False, True, False, False, True]
+
+
+def test_a_member_is_the_same_alone_and_beside_other_intervals_and_phases():
+    engine = family_engine("tiny", steps=12, levels=(0, 4))
+    items = [
+        GenerationItem("a harbour", seed=2, interval=3),
+        GenerationItem("a harbour", seed=2),
+        GenerationItem("a kite", seed=3, interval=2),
+    ]
+    alone = [engine.generate([item])[0] for item in items]
+    runner = engine.step_runner()
+    runner.join([(0, items[0]), (1, items[1])])
+    runner.step()  # item 2 joins a step later: its full steps fall between item 0's
+    runner.join([(2, items[2])])
+    done = {}
+    while runner.slots:
+        done.update(runner.step())
+    for key, solo in enumerate(alone):
+        assert np.abs(done[key].final_latent - solo.final_latent).max() <= 1e-4, key
+    assert set(done[0].latents) == {4}  # captured at its level as any member
+    assert np.abs(done[0].final_latent - done[1].final_latent).max() > 1e-4  # same seed, r=3
+
+
+def test_feature_caching_is_refused_where_the_family_has_no_unet():
+    engine = family_engine("flux", steps=6, levels=(0, 2))
+    assert not engine.feature_cache
+    with pytest.raises(ValueError, match="UNet families"):
+        engine.generate([GenerationItem("a fox", interval=2)])
+    with pytest.raises(ValueError, match="UNet families"):
+        engine.step_runner().join([(0, GenerationItem("a fox", interval=2))])

@@ -113,7 +113,7 @@ def test_dashboard_draws_live_series_and_shows_what_metrics_says(browser, tmp_pa
         for t in loaders:
             t.join(timeout=60)
         assert set(drawn) == {
-            "load", "gpus", "quality", "violations", "hits", "queues", "kmix", "cache",
+            "load", "gpus", "quality", "violations", "hits", "queues", "kmix", "sizes", "cache",
         }  # fmt: skip
         assert all(n > 0 for n in drawn.values()), drawn
         assert max(goodput) > 0  # images were answered while the page watched

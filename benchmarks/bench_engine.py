@@ -10,8 +10,9 @@
 - ``lora_step``: a step-level step with every member on its own LoRA adapter (random, over the
   attention projections; rank 4 and 16; 1, 2, 4 and 8 members) over the same step without
   adapters (target <= 1.15 at rank 16);
-- ``feature_cache``: a DeepCache cached step's time over a full step's, UNet-family shapes
-  (tiny SD-1.x and SDXL) at 1, 4 and 8 in flight (target <= 0.6 on the CPU).
+- ``feature_cache``: a cached step's time over a full step's at 1, 4 and 8 in flight
+  (target <= 0.6 on the CPU): DeepCache's shallow branch on the UNet shapes (tiny SD-1.x and
+  SDXL), the first block plus the kept residual on the transformer shapes (SD3, Flux).
 
     python benchmarks/bench_engine.py [--skip-compile]
 """
@@ -140,6 +141,22 @@ def feature_cache_times(pairs: int = 15) -> dict:
                     t1 = time.perf_counter()
                     unet_forward(c.unet, x, t, context, kwargs, deep=deep)
                     ratios.append((time.perf_counter() - t1) / (t1 - t0))
+            out[f"{family}_n{n}"] = round(statistics.median(ratios), 3)
+    for family in ("sd3", "flux"):  # block reuse: a step of the step runner's kernel
+        kernel = family_engine(family).step_runner().kernel
+        c = kernel.c
+        for n in (1, 4, 8):
+            rows = kernel.encode([f"p {i}" for i in range(n)])
+            x = torch.cat([c.noise(i) for i in range(n)])
+            steps = torch.full((n,), 3)
+            _, _, feature = kernel.advance_features(x, steps, rows, None)
+            ratios = []
+            for _ in range(pairs):
+                t0 = time.perf_counter()
+                kernel.advance_features(x, steps, rows, None)
+                t1 = time.perf_counter()
+                kernel.advance_features(x, steps, rows, feature)
+                ratios.append((time.perf_counter() - t1) / (t1 - t0))
             out[f"{family}_n{n}"] = round(statistics.median(ratios), 3)
     return out
 

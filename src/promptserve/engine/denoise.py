@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from promptserve.engine.base import UNET_GUIDANCE, Guidance, Look
-from promptserve.engine.featurecache import is_full_step, unet_forward
+from promptserve.engine.featurecache import batch_rows, is_full_step, member_rows, unet_forward
 from promptserve.engine.lora import AdapterBank, adapters_on
 
 
@@ -311,6 +311,15 @@ class DDIMStepper:
         also returns its deep feature (rows 0..n-1 the negative passes, n..2n-1 the texts');
         given, a cached step on it."""
         return self._step(latents, steps, rows, deep, plain=False)
+
+    @staticmethod
+    def member_features(deep: torch.Tensor, n: int) -> list:
+        """Each member's share of a full step's deep feature (its negative and text rows)."""
+        return member_rows(deep, n, doubled=True)
+
+    @staticmethod
+    def batch_features(members: list) -> torch.Tensor:
+        return batch_rows(members, doubled=True)
 
     def _step(self, latents, steps, rows, deep, plain):  # noqa: ANN001, ANN202
         both = {

@@ -97,3 +97,83 @@ def _up(block, x, emb, skips, context, size):  # noqa: ANN001, ANN202 - diffuser
 def is_full_step(steps_done_since_join: int, interval: int) -> bool:
     """A member's step is full every ``interval`` steps from its first (1: every step)."""
     return interval <= 1 or steps_done_since_join % interval == 0
+
+
+class BlockCache:
+    """Feature caching for the transformer families (SD3, Flux): the first transformer block
+    always runs; on a cached step every later block is skipped and the stack's output is the
+    first block's output plus the residual the later blocks added at the member's last full
+    step (the "first block" variant of FORA-style block reuse, as cache-dit's DBCache F1B0
+    does; one residual per stream per member, not one per block). Installed as thin wrappers
+    around the model's own blocks, so the model's forward is untouched; ``mode`` per call:
+    ``None`` runs every block as it is, ``record`` runs them and keeps the residual,
+    ``replay`` skips them and adds ``residual``."""
+
+    def __init__(self, transformer) -> None:  # noqa: ANN001 - SD3Transformer2DModel, FluxTransformer2DModel
+        blocks = [*transformer.transformer_blocks]
+        singles = list(getattr(transformer, "single_transformer_blocks", []))
+        everything = blocks + singles
+        if len(everything) < 2:
+            raise ValueError("block caching needs at least two transformer blocks")
+        self.mode: str | None = None
+        self.residual: tuple[torch.Tensor | None, torch.Tensor] | None = None
+        self._start: tuple[torch.Tensor | None, torch.Tensor] | None = None
+        for i, block in enumerate(everything):
+            role = "first" if i == 0 else ("last" if i == len(everything) - 1 else "middle")
+            wrapped = _CachedBlock(block, self, role)
+            if i < len(blocks):
+                transformer.transformer_blocks[i] = wrapped
+            else:
+                transformer.single_transformer_blocks[i - len(blocks)] = wrapped
+
+
+class _CachedBlock(torch.nn.Module):
+    def __init__(self, block: torch.nn.Module, cache: BlockCache, role: str) -> None:
+        super().__init__()
+        self.block, self.role = block, role
+        self.__dict__["cache"] = cache  # not a submodule: shared by every wrapper
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - the block's attributes (context_pre_only)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.block, name)
+
+    def forward(self, hidden_states, encoder_hidden_states=None, **kwargs):  # noqa: ANN001, ANN201
+        cache = self.cache
+        if cache.mode == "replay" and self.role != "first":
+            if self.role == "middle":
+                return encoder_hidden_states, hidden_states
+            enc_res, hid_res = cache.residual
+            enc = None if enc_res is None else encoder_hidden_states + enc_res
+            return enc, hidden_states + hid_res
+        enc, hid = self.block(
+            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, **kwargs
+        )
+        if cache.mode == "record":
+            if self.role == "first":
+                cache._start = (enc, hid)
+            elif self.role == "last":
+                start_enc, start_hid = cache._start
+                enc_res = None if enc is None else enc - start_enc
+                cache.residual = (enc_res, hid - start_hid)
+        return enc, hid
+
+
+def member_rows(batch: torch.Tensor | None, n: int, doubled: bool) -> list[torch.Tensor | None]:
+    """Each member's rows of a call's feature: row j, and row n + j where the call also ran
+    the members' negative passes (classifier-free guidance: ``doubled``)."""
+    if batch is None:
+        return [None] * n
+    if not doubled:
+        return [batch[j : j + 1] for j in range(n)]
+    return [torch.cat([batch[j : j + 1], batch[n + j : n + j + 1]]) for j in range(n)]
+
+
+def batch_rows(members: list[torch.Tensor | None], doubled: bool) -> torch.Tensor | None:
+    """``member_rows`` undone: the call's feature from its members' (in the call's order)."""
+    if members[0] is None:
+        return None
+    if not doubled:
+        return torch.cat(members)
+    return torch.cat([m[0:1] for m in members] + [m[1:2] for m in members])

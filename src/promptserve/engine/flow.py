@@ -26,6 +26,7 @@ import torch
 
 from promptserve.engine.base import Guidance, Look
 from promptserve.engine.denoise import Row, latent_shape, png_bytes, rows_of, scales_of
+from promptserve.engine.featurecache import BlockCache, batch_rows, member_rows
 from promptserve.engine.lora import AdapterBank, adapters_on
 
 FAMILIES = ("sd3", "flux")
@@ -62,6 +63,7 @@ class FlowComponents:
     lora_bank: AdapterBank | None = None  # the adapters installed in the transformer
     adapter_names: tuple[str, ...] = ()  # every adapter loaded (``engine.lora``)
     text_lora: dict = field(default_factory=dict)  # none: text-encoder LoRA is UNet-only
+    block_cache: BlockCache | None = None  # feature caching's block wrappers, once used
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -244,6 +246,33 @@ class FlowStepper:
         x = latents.float()
         out = (x + (sigma_next - sigma) * v.float()).to(v.dtype)
         return out, (x - sigma * v.float()).to(v.dtype)
+
+    def advance_features(self, latents, steps, rows, feature):  # noqa: ANN001, ANN201
+        """``advance`` with block caching (``engine.featurecache.BlockCache``): ``feature``
+        None, a full step that also returns the later blocks' residual; given, a cached step
+        that skips them and adds it."""
+        if self.c.block_cache is None:  # installed at first use: after the adapters' paths
+            self.c.block_cache = BlockCache(self.c.transformer)
+        cache = self.c.block_cache
+        cache.mode, cache.residual = ("record", None) if feature is None else ("replay", feature)
+        try:
+            out, x0 = self.advance(latents, steps, rows)
+            return out, x0, cache.residual
+        finally:
+            cache.mode, cache.residual = None, None
+
+    def member_features(self, feature, n: int) -> list:  # noqa: ANN001
+        """Each member's rows of the residuals (both of its passes for SD3's guidance)."""
+        doubled = self.c.family == "sd3"
+        enc, hid = feature
+        return list(zip(member_rows(enc, n, doubled), member_rows(hid, n, doubled), strict=True))
+
+    def batch_features(self, members: list):  # noqa: ANN201
+        doubled = self.c.family == "sd3"
+        return (
+            batch_rows([m[0] for m in members], doubled),
+            batch_rows([m[1] for m in members], doubled),
+        )
 
     def _velocity(self, x: torch.Tensor, t: torch.Tensor, rows: Sequence[Row]) -> torch.Tensor:
         model = self.c.transformer

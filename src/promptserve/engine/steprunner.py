@@ -34,7 +34,7 @@ class _Slot:
     cond: Row  # the family's conditioning, (1, ...) each
     step: int  # steps done
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
-    deep: torch.Tensor | None = None  # feature caching: its last full step's deep feature
+    deep: object = None  # feature caching: its share of its last full step's feature
 
 
 class StepRunner:
@@ -67,8 +67,8 @@ class StepRunner:
                 raise ValueError(f"level K={item.k} is not one of {self.levels}")
             if item.k > 0 and item.start_latent is None:
                 raise ValueError(f"level K={item.k} needs a start latent")
-            if item.interval > 1 and not hasattr(self.kernel, "advance_features"):
-                raise ValueError("feature caching (interval > 1) is for the UNet families")
+            if item.interval < 1:
+                raise ValueError(f"feature-cache interval {item.interval} is not >= 1")
         rows = self.kernel.encode(
             [item.prompt for _, item in members], [item.look for _, item in members]
         )
@@ -97,14 +97,14 @@ class StepRunner:
     def _advance_features(self, group, latents, steps, rows):  # noqa: ANN001, ANN202
         """One call of members that all run a full step (keeping their deep features) or all
         a cached one (on them): a member's two rows are its negative and its text pass."""
-        n = len(group)
         deep = None
         if not self._full(group[0]):
-            deep = torch.cat([s.deep[0:1] for s in group] + [s.deep[1:2] for s in group])
+            deep = self.kernel.batch_features([s.deep for s in group])
         latents, x0, out = self.kernel.advance_features(latents, steps, rows, deep)
-        for j, slot in enumerate(group):
-            if slot.item.interval > 1:
-                slot.deep = torch.cat([out[j : j + 1], out[n + j : n + j + 1]])
+        if deep is None:  # a full step: each member on an interval keeps its share
+            for slot, mine in zip(group, self.kernel.member_features(out, len(group)), strict=True):
+                if slot.item.interval > 1:
+                    slot.deep = mine
         return latents, x0
 
     def cancel(self, key: Hashable) -> bool:

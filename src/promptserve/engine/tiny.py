@@ -165,10 +165,7 @@ class DenoisingEngine:
         """The sizes it serves (``serve --sizes``), each a multiple of what the model needs."""
         self.sizes = checked(tuple(sizes), self.c.multiple)
 
-    @property
-    def feature_cache(self) -> bool:
-        """Whether it can run members at a feature-cache interval above 1 (DeepCache: UNets)."""
-        return self.c.family == "unet"
+    feature_cache = True  # members at an interval above 1: DeepCache (UNets), block reuse
 
     @property
     def adapters(self) -> tuple[str, ...]:
@@ -217,8 +214,6 @@ class DenoisingEngine:
         if k not in self.levels:
             raise ValueError(f"level K={k} is not one of {self.levels}")
         interval = items[0].interval
-        if interval > 1 and not self.feature_cache:
-            raise ValueError(f"feature caching (interval {interval}) is for the UNet families")
         starts = []
         for it in items:
             if k == 0:

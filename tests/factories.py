@@ -72,3 +72,25 @@ def client(url, **options):
         timeout=timeout,
         **options,
     )
+
+
+def staggered(engine, items) -> dict:  # noqa: ANN001 - an engine, generation items
+    """Step-level results of ``items`` on one runner: the first two join together, the rest
+    one step later (their steps fall between the first ones'); key i is item i."""
+    runner = engine.step_runner()
+    runner.join([(i, item) for i, item in enumerate(items[:2])])
+    runner.step()
+    runner.join([(i, item) for i, item in enumerate(items) if i >= 2])
+    done: dict = {}
+    while runner.slots:
+        done.update(runner.step())
+    return done
+
+
+def tiny_server(tmp_path_factory, policy: str, **overrides):  # noqa: ANN001, ANN201
+    """A module's tiny-model server under ``policy`` (a fixture yields from it): its URL."""
+    from promptserve.server.live import LiveServer
+
+    app = tiny_app(tmp_path_factory.mktemp("srv"), policy=policy, **overrides)
+    with LiveServer(app) as url:
+        yield url

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from factories import staggered
 from promptserve.engine.base import GenerationItem
 from promptserve.engine.denoise import encode, time_ids
 from promptserve.engine.featurecache import is_full_step, unet_forward
@@ -54,13 +55,7 @@ def test_a_member_is_the_same_alone_and_beside_other_intervals_and_phases(family
         GenerationItem("a kite", seed=3, interval=2),
     ]
     alone = [engine.generate([item])[0] for item in items]
-    runner = engine.step_runner()
-    runner.join([(0, items[0]), (1, items[1])])
-    runner.step()  # item 2 joins a step later: its full steps fall between item 0's
-    runner.join([(2, items[2])])
-    done = {}
-    while runner.slots:
-        done.update(runner.step())
+    done = staggered(engine, items)  # item 2's full steps fall between item 0's
     for key, solo in enumerate(alone):
         assert np.abs(done[key].final_latent - solo.final_latent).max() <= 1e-4, key
     assert set(done[0].latents) == {4}  # captured at its level as any member

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from factories import client, tiny_app
+from factories import client, tiny_app, tiny_server
 from promptserve.engine.base import PLAIN, UNET_GUIDANCE, GenerationItem, Guidance, Look
 from promptserve.engine.denoise import denoise
 from promptserve.engine.flow import DEFAULT_GUIDANCE, pack, unpack
@@ -111,9 +111,7 @@ def test_what_each_family_s_guidance_refuses():
 
 @pytest.fixture(scope="module", params=["promptserve", "promptserve-step"])
 def served(request, tmp_path_factory):
-    app = tiny_app(tmp_path_factory.mktemp("srv"), policy=request.param)
-    with LiveServer(app) as url:
-        yield url
+    yield from tiny_server(tmp_path_factory, request.param)
 
 
 def test_the_official_client_sends_a_negative_prompt_and_a_scale(served):

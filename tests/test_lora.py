@@ -10,7 +10,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from factories import client, tiny_app
+from factories import client, staggered, tiny_app, tiny_server
 from promptserve.engine.base import GenerationItem, Look
 from promptserve.engine.denoise import denoise
 from promptserve.engine.flow import DEFAULT_GUIDANCE, pack, unpack
@@ -90,13 +90,7 @@ def test_a_member_is_the_same_alone_and_in_a_batch_of_other_adapters(family, tmp
         alone = engine.generate([item])[0]
         assert np.abs(got.final_latent - alone.final_latent).max() <= 1e-4
     assert len({b.final_latent.tobytes() for b in batch}) == 3  # same seed, three adapters
-    runner = engine.step_runner()  # step-level: joined at different steps, one call per step
-    runner.join([(0, items[0]), (1, items[1])])
-    runner.step()
-    runner.join([(2, items[2])])
-    done = {}
-    while runner.slots:
-        done.update(runner.step())
+    done = staggered(engine, items)  # step-level: joined at different steps, one call a step
     for key in range(3):
         assert np.abs(done[key].final_latent - batch[key].final_latent).max() <= 1e-4
     zero = engine.generate(
@@ -140,9 +134,7 @@ def adapters(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["promptserve", "promptserve-step"])
 def served(request, adapters, tmp_path_factory):
-    app = tiny_app(tmp_path_factory.mktemp("srv"), policy=request.param, lora_dir=adapters)
-    with LiveServer(app) as url:
-        yield url
+    yield from tiny_server(tmp_path_factory, request.param, lora_dir=adapters)
 
 
 def test_the_official_client_sends_adapters_batched_together(served):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from factories import client, tiny_app
+from factories import client, staggered, tiny_app, tiny_server
 from promptserve.engine.base import GenerationItem, Look
 from promptserve.engine.denoise import denoise
 from promptserve.engine.flow import DEFAULT_GUIDANCE, pack, unpack
@@ -79,13 +79,7 @@ def test_a_member_is_the_same_alone_and_in_a_mixed_size_batch(family):
         assert np.abs(got.final_latent - alone.final_latent).max() <= 1e-4
         assert png_size(got.png) == (item.look.size or engine.native)
     # step-level: members of three sizes in one running batch, joined at different steps
-    runner = engine.step_runner()
-    runner.join([(0, items[0]), (1, items[1])])
-    runner.step()
-    runner.join([(2, items[2])])
-    done = {}
-    while runner.slots:
-        done.update(runner.step())
+    done = staggered(engine, items)
     for key in range(len(items)):
         assert np.abs(done[key].final_latent - batch[key].final_latent).max() <= 1e-4
         assert set(done[key].latents) == {2}  # captured at its level, in its own shape
@@ -93,9 +87,7 @@ def test_a_member_is_the_same_alone_and_in_a_mixed_size_batch(family):
 
 @pytest.fixture(scope="module", params=["promptserve", "promptserve-step"])
 def served(request, tmp_path_factory):
-    app = tiny_app(tmp_path_factory.mktemp("srv"), policy=request.param)
-    with LiveServer(app) as url:
-        yield url
+    yield from tiny_server(tmp_path_factory, request.param)
 
 
 def test_the_official_client_gets_every_listed_size_concurrently(served):

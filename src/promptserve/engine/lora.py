@@ -2,8 +2,8 @@
 
 A LoRA adapter adds ``scale * (alpha / r) * B (A x)`` to a linear layer's output. Fusing it into
 the weights (diffusers' ``fuse_lora``) serves one adapter per model; here the base weights stay
-as they are and each targeted layer adds, for each adapter present in the batch, its low-rank
-delta to that adapter's rows only (rows without an adapter add nothing): one denoiser call
+as they are and each targeted layer adds every row's own adapters' low-rank deltas, gathered
+per row (rows without an adapter gather zeros and add nothing): one denoiser call
 serves members with different adapters, as S-LoRA and Punica do for language models. The rows
 of a call are the members' (and, with classifier-free guidance, their negative passes too,
 which diffusers' fused model also runs through the adapter).
@@ -51,14 +51,6 @@ class Adapter:
 
     name: str
     parts: dict[str, dict[str, Pair]]
-
-    @property
-    def bytes(self) -> int:
-        return sum(
-            a.numel() * a.element_size() + b.numel() * b.element_size()
-            for layers in self.parts.values()
-            for a, b, _ in layers.values()
-        )
 
 
 def _loader(family: str, sdxl: bool):  # noqa: ANN202 - a diffusers LoRA loader mixin class

@@ -8,6 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from promptserve.engine.lora import MAX_ADAPTERS_PER_REQUEST, SCALE_RANGE
+
 MAX_PROMPT_CHARS = 4000
 MAX_IMAGES = 10  # the official limit of ``n``
 OFFICIAL_SIZES = ("1024x1024", "1024x1536", "1536x1024")  # the response schema's ``size`` enum
@@ -36,7 +38,7 @@ class LoraRef(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=64)
-    scale: float = Field(default=1.0, ge=0.0, le=2.0)
+    scale: float = Field(default=1.0, ge=SCALE_RANGE[0], le=SCALE_RANGE[1])
 
 
 class ImageRequest(BaseModel):
@@ -68,7 +70,7 @@ class ImageRequest(BaseModel):
     guidance_scale: float | None = None
     # LoRA adapters by name, each at its scale; none repeated (a request resumes only from
     # neighbours made with the same adapters and scales)
-    lora: list[LoraRef] | None = Field(default=None, max_length=4)
+    lora: list[LoraRef] | None = Field(default=None, max_length=MAX_ADAPTERS_PER_REQUEST)
 
     @property
     def exact(self) -> bool:

@@ -40,7 +40,6 @@ class Components:
     # size/crop time ids condition the UNet as ``added_cond_kwargs``.
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object | None = None
-    image_size: int = 0
     lora_bank: AdapterBank | None = None  # the adapters installed in the UNet (``engine.lora``)
     text_lora: dict[str, AdapterBank] = field(default_factory=dict)  # per text encoder
     adapter_names: tuple[str, ...] = ()  # every adapter loaded (``engine.lora``)

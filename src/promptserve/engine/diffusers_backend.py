@@ -124,7 +124,6 @@ def _unet_components(pipe, device: str, dtype: torch.dtype) -> Components:  # no
         dtype=dtype,
         text_encoder_2=second,
         tokenizer_2=_Tokenizer(pipe.tokenizer_2) if second is not None else None,
-        image_size=size * pipe.vae_scale_factor,
     )
 
 
@@ -142,7 +141,6 @@ def _flow_components(family: str, pipe, device: str, dtype: torch.dtype) -> Flow
     return FlowComponents(
         family, pipe.transformer, pipe.vae, encoders, tokenizers, pipe.scheduler,
         (channels, size, size), device=device, dtype=dtype,
-        image_size=size * pipe.vae_scale_factor,
     )  # fmt: skip
 
 

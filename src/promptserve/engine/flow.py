@@ -59,7 +59,6 @@ class FlowComponents:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     max_sequence_length: int = 0  # T5 tokens; 0: the family's pipeline default
-    image_size: int = 0
     lora_bank: AdapterBank | None = None  # the adapters installed in the transformer
     adapter_names: tuple[str, ...] = ()  # every adapter loaded (``engine.lora``)
     text_lora: dict = field(default_factory=dict)  # none: text-encoder LoRA is UNet-only
@@ -196,7 +195,6 @@ class FlowStepper:
         self.c, self.guidance, self.total_steps = c, guidance, total_steps
         self._schedules: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._img_ids: dict[tuple[int, int], torch.Tensor] = {}
-        self.sigmas, self.timesteps = self.schedule(tuple(c.latent_shape[1:]))
         self.uncond = self._conditioning([""])[0] if c.family == "sd3" else None
         if c.family == "flux":
             self.txt_ids = torch.zeros(c.max_sequence_length, 3, device=c.device, dtype=c.dtype)

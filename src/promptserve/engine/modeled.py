@@ -38,6 +38,7 @@ PLACEHOLDER_PNG = bytes.fromhex(
 class ModeledEngine:
     stateless = True  # it only sleeps: one instance may serve every worker at once
     guidance_spec = UNET_GUIDANCE  # what it stands for: the SDXL reference's guidance
+    adapters: tuple[str, ...] = ()  # names only (``load_adapters``)
 
     def __init__(
         self, profile: Profile, sleep: Callable[[float], None] = time.sleep, speedup: float = 1.0
@@ -50,8 +51,6 @@ class ModeledEngine:
         self.speedup = speedup  # > 1 runs faster than the profile (load tests on a short clock)
         self.native = (1024, 1024)  # what it stands for: the SDXL reference, and its sizes
         self.sizes = default_sizes("sdxl", self.native, SDXL_MULTIPLE)
-
-    adapters: tuple[str, ...] = ()
 
     def set_sizes(self, sizes: Sequence[tuple[int, int]]) -> None:
         self.sizes = checked(tuple(sizes), SDXL_MULTIPLE)

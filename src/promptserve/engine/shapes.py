@@ -104,7 +104,7 @@ def sd_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> Compone
     if scale == "tiny":
         c = build_tiny(size=size)
         _finish((c.unet, c.vae, c.text_encoder), device, dtype)
-        return dataclasses.replace(c, device=device, dtype=dtype, image_size=size)
+        return dataclasses.replace(c, device=device, dtype=dtype)
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -114,7 +114,7 @@ def sd_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> Compone
     _finish((unet, vae, text), device, dtype)
     return Components(
         unet, vae, text, ByteTokenizer(), ddim_scheduler(), 0.18215, (4, size // 8, size // 8),
-        device=device, dtype=dtype, image_size=size,
+        device=device, dtype=dtype,
     )  # fmt: skip
 
 
@@ -148,7 +148,7 @@ def sdxl_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> Compo
     return Components(
         unet, vae, first, ByteTokenizer(), ddim_scheduler(), vae.config.scaling_factor,
         (4, size // 8, size // 8), device=device, dtype=dtype, text_encoder_2=second,
-        tokenizer_2=ByteTokenizer(), image_size=size,
+        tokenizer_2=ByteTokenizer(),
     )  # fmt: skip
 
 
@@ -201,7 +201,7 @@ def sd3_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> FlowCo
         "sd3", model, vae, encoders,
         (byte_tokenizer(), byte_tokenizer(), byte_tokenizer(sequence)),
         FlowMatchEulerDiscreteScheduler(shift=3.0), (16, latent, latent),
-        device=device, dtype=dtype, max_sequence_length=sequence, image_size=size,
+        device=device, dtype=dtype, max_sequence_length=sequence,
     )  # fmt: skip
 
 
@@ -233,7 +233,6 @@ def flux_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> FlowC
     return FlowComponents(
         "flux", model, vae, encoders, (byte_tokenizer(), byte_tokenizer(sequence)), scheduler,
         (16, latent, latent), device=device, dtype=dtype, max_sequence_length=sequence,
-        image_size=size,
     )  # fmt: skip
 
 
@@ -299,5 +298,5 @@ def pipeline_call(pipe, c, prompts, latents: torch.Tensor, steps: int, guidance:
             from promptserve.engine.flow import pack
 
             latents = pack(latents)
-    size = c.image_size
-    return pipe(list(prompts), latents=latents, height=size, width=size, **kwargs).images
+    width, height = c.native
+    return pipe(list(prompts), latents=latents, height=height, width=width, **kwargs).images

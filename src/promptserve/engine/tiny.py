@@ -130,6 +130,8 @@ class DenoisingEngine:
     """Runs batches on a family's components (``denoise.Components``: the tiny model, SD 1.x/2.x
     and SDXL; ``flow.FlowComponents``: SD3 and Flux), from noise or a cached latent at K."""
 
+    feature_cache = True  # members at an interval above 1: DeepCache (UNets), block reuse
+
     def __init__(
         self,
         components: Components,
@@ -164,8 +166,6 @@ class DenoisingEngine:
     def set_sizes(self, sizes: Sequence[tuple[int, int]]) -> None:
         """The sizes it serves (``serve --sizes``), each a multiple of what the model needs."""
         self.sizes = checked(tuple(sizes), self.c.multiple)
-
-    feature_cache = True  # members at an interval above 1: DeepCache (UNets), block reuse
 
     @property
     def adapters(self) -> tuple[str, ...]:

@@ -73,6 +73,7 @@ def image_routes(ctx: Context) -> APIRouter:
         start = time.monotonic()
         ctx.metrics.submitted.inc(req.n)
         handles = [JobHandle(lambda kind, data: None) for _ in range(req.n)]
+        look = ctx.look(req)
         images = [
             asyncio.ensure_future(
                 ctx.runtime.submit(
@@ -82,7 +83,7 @@ def image_routes(ctx: Context) -> APIRouter:
                     h,
                     exact=req.exact,
                     seed=seed_of(req, i),
-                    look=ctx.look(req),
+                    look=look,
                 )  # fmt: skip
             )
             for i, h in enumerate(handles)

@@ -80,7 +80,7 @@ class Pending:
     seed: int
     handle: JobHandle | None = None
     k_opt: int = 0  # the engine level its neighbour tolerates (0: a miss or an exact request)
-    look: Look = PLAIN  # its negative prompt and guidance scale
+    look: Look = PLAIN  # its negative prompt, guidance scale, size and adapters
     deadline_s: float = float("inf")  # the request's own, on the runtime's clock
     # as it runs (step-level serving keeps them between boundaries)
     started: float | None = None  # when its batch started or it joined a running one

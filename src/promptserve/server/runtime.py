@@ -194,8 +194,8 @@ class LiveRuntime:
     ) -> Served:
         """One image, due ``slo_s`` from now; ``exact``: a full generation, never started from
         a cached latent (the API's ``quality: high``); it still leaves its latents to the
-        cache. ``look``: its negative prompt and guidance; it resumes only from neighbours
-        made with the same look."""
+        cache. ``look``: its negative prompt, guidance, size and adapters; it resumes only
+        from neighbours made with the same look."""
         try:
             future = await self._intake(prompt, tenant, slo_s, handle, exact, seed, look)
         except Exception as exc:  # refused, or failed before queueing: a job hears it too

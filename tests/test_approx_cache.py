@@ -118,10 +118,12 @@ def test_an_entry_takes_only_what_its_neighbour_still_has(tmp_path):
 
 
 def test_a_group_commits_its_entries_hits_and_files_together(tmp_path, monkeypatch):
-    """One group: one manifest commit and one fsync per folder, not one of each per file."""
+    """One group: one manifest commit and one fsync per folder, not one of each per file; the
+    next groups inside the durability window commit without a folder fsync."""
     import promptserve.cache.latents as latents_mod
 
-    cache = ApproxCache(tmp_path, EMB.dim, CLIP)
+    now = [0.0]
+    cache = ApproxCache(tmp_path, EMB.dim, CLIP, sync_window_s=1.0, clock=lambda: now[0])
     first = cache.insert("t", "a lighthouse", vec("a lighthouse"), latents(1), 0.0)
     synced: list = []
     monkeypatch.setattr(latents_mod, "_fsync_dir", synced.append)
@@ -151,10 +153,18 @@ def test_a_group_commits_its_entries_hits_and_files_together(tmp_path, monkeypat
         assert commits == [] and synced == []  # nothing durable before the group ends
     assert len(commits) == 1
     assert len(synced) == len(set(synced)) == 1  # one tenant folder, synced once
+    now[0] = 0.5  # inside the window: committed, the folder's fsync waits
+    with cache.group():
+        cache.insert("t", "a ship 5", vec("a ship 5"), latents(20), 3.0)
+    assert len(commits) == 2 and len(synced) == 1
+    now[0] = 1.0  # the window has passed: the next group's end syncs what waited
+    with cache.group():
+        cache.insert("u", "a ship 6", vec("a ship 6"), latents(21), 4.0)
+    assert len(commits) == 3 and len(synced) == 3  # both tenants' folders
     cache._db = db
     cache.close()
     again = ApproxCache(tmp_path, EMB.dim, CLIP)
-    assert len(again.index) == 6 and again.index.get(first.id).hits == 1
+    assert len(again.index) == 8 and again.index.get(first.id).hits == 1
 
 
 def test_a_kill_inside_a_group_leaves_only_orphans_the_next_open_removes(tmp_path):

@@ -99,7 +99,7 @@ def test_a_write_error_of_any_kind_is_an_oserror_and_leaves_no_temporary(tmp_pat
         raise RuntimeError("I/O error: No space left on device (os error 28)")  # as safetensors
 
     store = latents.LatentStore(tmp_path)
-    monkeypatch.setattr(latents, "save_file", full_disk)
+    monkeypatch.setattr(latents, "save", full_disk)
     with pytest.raises(OSError, match="No space left"):
         store.put("0123456789abcdef/000000000001-k02", np.zeros((2, 2), np.float32))
     assert list(tmp_path.rglob("*")) == [tmp_path / "0123456789abcdef"]

@@ -99,8 +99,8 @@ def test_the_periodic_re_plan_solves_off_the_event_loop(tmp_path):
 
 
 def test_cache_reads_and_writes_run_off_the_event_loop(tmp_path):
-    """Lookups, latent reads, latent writes (fsync) and manifest commits all run on the cache
-    thread, never on the thread that runs the event loop."""
+    """Lookups (on their own thread), latent reads, latent writes and manifest commits (on the
+    cache thread) never run on the thread that runs the event loop."""
     import threading
 
     from factories import tiny_app
@@ -124,6 +124,66 @@ def test_cache_reads_and_writes_run_off_the_event_loop(tmp_path):
             c.images.generate(prompt="a lighthouse at dusk, oil painting", size="64x64")
     assert {"lookup", "latent", "insert", "record_hit"} <= set(seen)
     assert all(loop_thread not in threads for threads in seen.values()), seen
+
+
+def test_writes_queued_while_the_cache_thread_is_busy_go_in_one_group(tmp_path):
+    """Answered runs' writes queued behind other cache work take one trip and one group; one
+    queued after that trip has started takes the next; cache work queued after a write runs
+    after it."""
+    import asyncio
+    import threading
+
+    runtime = modeled_app(tmp_path, speedup=50.0, policy="promptserve").state.runtime
+    cache = runtime.cache
+    written: list[tuple[int, bool]] = []
+
+    def write(i: int) -> None:
+        written.append((i, cache._grouped))
+
+    async def go() -> tuple[list, list]:
+        loop, gate = asyncio.get_running_loop(), threading.Event()
+        busy = loop.run_in_executor(runtime._cache_thread, gate.wait, 10)
+        for i in range(5):
+            runtime._on_cache_later(write, i)
+        seen_after = runtime._on_cache(lambda: list(written))  # queued behind the writes
+        gate.set()
+        await busy
+        before = await seen_after
+        trips = runtime.counters.write_trips
+        runtime._on_cache_later(write, 5)
+        await asyncio.gather(*runtime._writes)
+        return before, [trips, runtime.counters.write_trips]
+
+    before, trips = asyncio.run(go())
+    assert before == [(i, True) for i in range(5)]  # all five, in order, inside one group
+    assert trips == [1, 2]
+    assert written[-1] == (5, True)
+    runtime._cache_thread.shutdown()
+    runtime._lookup_thread.shutdown()
+
+
+def test_a_lookup_does_not_wait_behind_the_cache_threads_writes(tmp_path):
+    """The cache thread held by a slow write: a lookup still answers, from the entries indexed
+    so far."""
+    import asyncio
+    import threading
+
+    runtime = modeled_app(tmp_path, speedup=50.0, policy="promptserve").state.runtime
+    vec = HashingEmbedder().embed(["a red kite"])[0]
+    runtime.cache.insert(DEFAULT_TENANT, "a red kite", vec, {5: np.ones((4, 8, 8), np.float32)}, 0)
+
+    async def go():
+        gate = threading.Event()
+        busy = asyncio.get_running_loop().run_in_executor(runtime._cache_thread, gate.wait, 30)
+        hit = await asyncio.wait_for(runtime._lookup(DEFAULT_TENANT, vec, exact=False), 10)
+        gate.set()
+        await busy
+        return hit
+
+    hit = asyncio.run(go())
+    assert hit is not None and hit.entry.prompt == "a red kite" and hit.similarity > 0.99
+    runtime._cache_thread.shutdown()
+    runtime._lookup_thread.shutdown()
 
 
 def test_a_burst_of_arrivals_is_embedded_in_few_calls(tmp_path):

@@ -73,6 +73,7 @@ class ServeFile(BaseModel):
     header_timeout_s: float = Field(default=10.0, gt=0)
     body_timeout_s: float = Field(default=30.0, gt=0)
     max_connections_per_client: int = Field(default=64, ge=1)
+    access_log: bool = True  # one INFO line a request (uvicorn's); off under load tests
     speedup: float = Field(default=1.0, gt=0)
     expected_qpm: float = Field(default=1.0, ge=0)
     ray: bool = False

@@ -7,11 +7,19 @@ dropped and the index is rebuilt from the rest, so the cache survives restarts. 
 fails its checksum when read drops its entry. A failed write (a full disk) skips the entry, is
 counted, and is logged once.
 
-Writes come in groups (``group``: the runs of one batch or one step boundary): one SQLite
-transaction and one folder fsync per folder for the group, committed at its end, files before
-rows. Inside a group the index takes each entry at once (the group runs on the cache thread,
-so no lookup runs between); a crash before the group's commit loses the group's entries and
-leaves orphan files, as a crash before one row did.
+Writes come in groups (``group``: the answered runs the cache thread takes in one trip): one
+SQLite transaction for the group, committed at its end, files before rows. Inside a group the
+index takes each entry once its files are written, so a lookup (on its own thread) may find
+it before the commit; a crash before the group's commit loses the group's entries and leaves
+orphan files, as a crash before one row did.
+
+Durability: a killed process loses no committed group (the page cache holds the files, the
+write-ahead log the rows). A power loss may lose what was written in the last
+``sync_window_s`` (default 1 s): grouped files are not fsynced (their checksums stand in) and
+their folders are fsynced at most once a window, at the end of the first group after it
+elapses, and at ``close``. What it loses is never served torn: a garbled file fails its
+checksum and a row naming a file that did not survive is dropped at the next open; a cache
+entry is only ever a head start, so losing it costs a recomputation, not an answer.
 
 A byte quota evicts by the index's policy (LCBFU) right after each commit, so the latent files
 never exceed the quota by more than the entry just written. Order of an eviction: the index
@@ -28,6 +36,8 @@ import logging
 import os
 import signal
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -40,6 +50,8 @@ from promptserve.cache.latents import LatentStore, disk_bytes
 from promptserve.cache.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
+
+SYNC_WINDOW_S = 1.0  # at most one folder fsync a second for grouped writes (see above)
 
 
 @dataclass(frozen=True)
@@ -59,13 +71,20 @@ class ApproxCache:
         quota_bytes: int | None = None,
         eviction: EvictionPolicy = "lcbfu",
         total_steps: int = 50,
+        sync_window_s: float = SYNC_WINDOW_S,
+        clock=time.monotonic,  # noqa: ANN001 - when the window last closed
     ) -> None:
         self.root = Path(root)
+        self.sync_window_s, self._clock = sync_window_s, clock
+        self._synced_at = -float("inf")
         self.root.mkdir(parents=True, exist_ok=True)
         self.thresholds = thresholds
         self.quota_bytes = quota_bytes
         self.store = LatentStore(self.latents_dir(self.root))
         self.index = CacheIndex(dim, capacity, total_steps, eviction)
+        # lookups run on a thread of their own, beside the writer's: the in-memory index is
+        # the one thing both touch, under this lock, held for no file or SQLite work
+        self._lock = threading.RLock()
         self.skipped_writes = 0
         self.evictions = 0
         self.evicted_bytes = 0
@@ -90,7 +109,7 @@ class ApproxCache:
     @contextmanager
     def group(self) -> Iterator[None]:
         """Writes, hits and evictions inside commit together at its end (see the module
-        docstring): far fewer fsyncs per entry where a batch answers many runs at once."""
+        docstring): one commit for many entries, and folder fsyncs at most once a window."""
         if self._grouped:
             yield
             return
@@ -106,7 +125,11 @@ class ApproxCache:
                 self.store.defer_dir_syncs(False)
 
     def _flush(self) -> None:
-        self.store.sync_dirs()  # the files named durably before the rows that name them
+        """The group's commit; the folders' fsync once the durability window has passed."""
+        now = self._clock()
+        if now - self._synced_at >= self.sync_window_s:
+            self.store.sync_dirs()  # the files named durably before the rows that name them
+            self._synced_at = now
         self._db.commit()
 
     def _tx(self) -> AbstractContextManager:
@@ -118,7 +141,11 @@ class ApproxCache:
         return Path(root) / "latents"
 
     def lookup(self, tenant: str, embedding: np.ndarray) -> CacheHit | None:
-        match = self.index.nearest(tenant, embedding)
+        """The tenant's nearest entry; safe beside the writer's thread. An entry is indexed
+        once its files are written (its manifest row may still be in the writer's group), so
+        a hit is always readable unless evicted meanwhile, which a read reports as absent."""
+        with self._lock:
+            match = self.index.nearest(tenant, embedding)
         if match is None:
             return None
         return CacheHit(match.entry, match.similarity, self.thresholds.k_opt(match.similarity))
@@ -144,7 +171,8 @@ class ApproxCache:
         level in ``latents`` also takes that neighbour's levels below it (``commit``)."""
         if not latents:
             return None
-        entry_id = self.index.reserve_id()
+        with self._lock:
+            entry_id = self.index.reserve_id()
         try:
             written = write_latents(self.store, tenant, entry_id, latents)
         except OSError as exc:
@@ -154,7 +182,8 @@ class ApproxCache:
 
     def reserve(self) -> int:
         """An entry id for latents another process writes (a worker on the shared store)."""
-        return self.index.reserve_id()
+        with self._lock:
+            return self.index.reserve_id()
 
     def commit(
         self,
@@ -190,20 +219,22 @@ class ApproxCache:
                     now_s,
                 ),
             )
-        result = self.index.insert(tenant, prompt, embedding, levels, now_s, entry_id=entry_id)
+        with self._lock:
+            result = self.index.insert(tenant, prompt, embedding, levels, now_s, entry_id=entry_id)
+            self.index.pin(result.entry.id)  # the entry just written is never its own victim
         self._bytes += sum(written.values())
-        for gone in result.evicted:
-            self._forget(gone, evicted=True)
-        self.index.pin(result.entry.id)  # the entry just written is never its own victim
         try:
+            for gone in result.evicted:
+                self._forget(gone, evicted=True)
             while self.quota_bytes is not None and self._bytes > self.quota_bytes:
-                victims = self.index.evict(1)
+                with self._lock:
+                    victims = self.index.evict(1)
                 if not victims:
                     break  # every other entry is pinned: over quota until a run lets go
                 for gone in victims:
                     self._forget(gone, evicted=True)
         finally:
-            self.index.unpin(result.entry.id)
+            self.unpin(result.entry.id)
         return result.entry
 
     def _inherit(
@@ -227,10 +258,12 @@ class ApproxCache:
 
     def pin(self, entry_id: int) -> None:
         """A worker is about to read this entry's files: not evicted until ``unpin``."""
-        self.index.pin(entry_id)
+        with self._lock:
+            self.index.pin(entry_id)
 
     def unpin(self, entry_id: int) -> None:
-        self.index.unpin(entry_id)
+        with self._lock:
+            self.index.unpin(entry_id)
 
     def stats(self) -> dict[str, int | None]:
         return {
@@ -248,8 +281,9 @@ class ApproxCache:
         self.skipped_writes += 1
 
     def record_hit(self, entry_id: int, k: int, now_s: float) -> None:
-        self.index.record_hit(entry_id, k, now_s)
-        entry = self.index.get(entry_id)
+        with self._lock:
+            self.index.record_hit(entry_id, k, now_s)
+            entry = self.index.get(entry_id)
         if entry is not None:
             with self._tx():
                 self._db.execute(
@@ -260,12 +294,20 @@ class ApproxCache:
     def bytes_used(self) -> int:
         return self._bytes
 
+    def sync(self) -> None:
+        """What the window still holds, durable now (a server stopping)."""
+        self.store.sync_dirs()
+        self._db.commit()
+        self._synced_at = self._clock()
+
     def close(self) -> None:
+        self.sync()
         self._db.close()
 
     def drop(self, entry_id: int) -> None:
         """Forget an entry and its files (a latent found missing or corrupt)."""
-        entry = self.index.remove(entry_id)
+        with self._lock:
+            entry = self.index.remove(entry_id)
         if entry is not None:
             self._forget(entry)
 
@@ -274,7 +316,7 @@ class ApproxCache:
         with self._tx():
             self._db.execute("DELETE FROM entries WHERE id = ?", (entry.id,))
         if self._grouped:
-            self._flush()  # the row is gone for good before any of its files
+            self._db.commit()  # the row is gone for good before any of its files
         if evicted:
             self.evictions += 1
         freed = 0

@@ -108,6 +108,10 @@ class DiskCachedEmbedder:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         # the server embeds in a worker thread: one connection, used under a lock
         self._db = sqlite3.connect(str(path), check_same_thread=False)
+        # a cache of what is cheap to recompute: commits need not wait for the disk (a write-ahead
+        # log synced at checkpoints, never torn; a power loss costs the last rows, re-embedded)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._lock = threading.Lock()
         self.write_errors = 0
         self._db.execute(

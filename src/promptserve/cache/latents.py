@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load, save_file
+from safetensors.numpy import load, save
 
 KEY = re.compile(r"^[0-9a-f]{16}/[0-9]{12}-k[0-9]{2}$")
 SUFFIX = ".safetensors"
@@ -44,7 +44,9 @@ class LatentStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.stats = StoreStats()
-        self._dirs: set[Path] | None = None  # folders whose fsync waits (``defer_dir_syncs``)
+        self._deferring = False  # folders' fsyncs wait for ``sync_dirs`` (``defer_dir_syncs``)
+        self._dirs: set[Path] = set()  # folders written since their last fsync, while deferring
+        self._made: set[Path] = set()  # tenant folders known to exist
         if clean_temporaries:  # the owner only: a worker sharing the folder must not
             self._remove_temporaries()
 
@@ -56,16 +58,18 @@ class LatentStore:
     def put(self, key: str, latent: np.ndarray) -> int:
         """Write atomically; returns the bytes written."""
         final = self.path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._folder(final.parent)
         data = np.ascontiguousarray(latent)
         tmp = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
         try:
-            save_file({"latent": data}, str(tmp), metadata={"sha256": _digest(data)})
-            if self._dirs is None:  # in a group the checksum stands in (``defer_dir_syncs``)
-                with open(tmp, "rb") as fh:
+            raw = save({"latent": data}, metadata={"sha256": _digest(data)})
+            with open(tmp, "wb") as fh:
+                fh.write(raw)
+                if not self._deferring:  # in a group the checksum stands in (``defer_dir_syncs``)
+                    fh.flush()
                     os.fsync(fh.fileno())
             os.replace(tmp, final)
-        except Exception as exc:  # safetensors reports a full disk as its own error type
+        except Exception as exc:  # safetensors reports its own errors as its own types
             tmp.unlink(missing_ok=True)
             self.stats.write_errors += 1
             if isinstance(exc, OSError):
@@ -73,14 +77,20 @@ class LatentStore:
             raise OSError(f"writing latent {key}: {exc}") from exc
         self._sync_dir(final.parent)
         self.stats.writes += 1
-        return final.stat().st_size
+        return len(raw)
+
+    def _folder(self, folder: Path) -> None:
+        """Make a tenant's folder once (a folder is never removed while the store is open)."""
+        if folder not in self._made:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._made.add(folder)
 
     def link(self, source: str, key: str) -> int:
         """``key`` names the same file as ``source`` (a hard link; a copy where the file system
         has none): returns the bytes it adds to the disk (0 for a link). FileNotFoundError when
         ``source`` is gone."""
         src, final = self.path(source), self.path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
+        self._folder(final.parent)
         tmp = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
         tmp.unlink(missing_ok=True)
         try:
@@ -107,20 +117,21 @@ class LatentStore:
         fsynced before its rename. A killed process loses nothing (the page cache holds the
         writes); after a power loss a file may be short or garbled under its final name, and
         its checksum fails when read: it is dropped with its entry, never served. That is the
-        durability window of a group: its entries may be lost, none is served torn."""
-        self._dirs = set() if on else None
+        durability window of a group: its entries may be lost, none is served torn. Folders
+        written meanwhile wait for ``sync_dirs`` even after it is turned off."""
+        self._deferring = on
 
     def sync_dirs(self) -> None:
-        for folder in sorted(self._dirs or ()):
+        """fsync every folder written since its last one."""
+        for folder in sorted(self._dirs):
             _fsync_dir(folder)
-        if self._dirs is not None:
-            self._dirs.clear()
+        self._dirs.clear()
 
     def _sync_dir(self, folder: Path) -> None:
-        if self._dirs is None:
-            _fsync_dir(folder)
-        else:
+        if self._deferring:
             self._dirs.add(folder)
+        else:
+            _fsync_dir(folder)
 
     def delete_freeing(self, key: str) -> int:
         """Delete ``key``'s file: the bytes that frees on the disk (0 while another key links

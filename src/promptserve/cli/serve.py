@@ -196,6 +196,13 @@ def serve_cmd(
         int | None,
         typer.Option(help="Open connections one client address may hold (default 64).", min=1),
     ] = None,
+    access_log: Annotated[
+        bool | None,
+        typer.Option(
+            "--access-log/--no-access-log",
+            help="Log one line a request (default on; off saves ~5% of the CPU under load).",
+        ),
+    ] = None,
     worker_gpus: Annotated[
         float | None,
         typer.Option(
@@ -247,6 +254,7 @@ def serve_cmd(
         "header_timeout_s": header_timeout,
         "body_timeout_s": body_timeout,
         "max_connections_per_client": max_connections_per_client,
+        "access_log": access_log,
     }
     given = {k: v for k, v in flags.items() if v is not None}
     s = validate_settings({**base.model_dump(), **given}, "serve")  # flags named like the file
@@ -262,7 +270,10 @@ def serve_cmd(
     app_ = build_app(server)
     if s.model == "tiny" and s.backend in (None, "tiny"):
         console.print("[yellow]the tiny model has random weights: its images are noise[/yellow]")
-    uvicorn.Server(uvicorn_config(app_, s.host, s.port, server.http, log_level="info")).run()
+    http = uvicorn_config(
+        app_, s.host, s.port, server.http, log_level="info", access_log=s.access_log
+    )
+    uvicorn.Server(http).run()
 
 
 def serve_on_ray(server, s) -> None:

@@ -73,6 +73,12 @@ GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Served answers whose cache insert or manifest commit failed (logged; answer sent)",
         (),
     ),
+    "write_groups": (
+        "promptserve_cache_write_groups",
+        "Trips of the cache thread that wrote answered runs' entries, each one manifest"
+        " transaction (entries written over this: how many each commit carries)",
+        (),
+    ),
     "stage_seconds": (
         "promptserve_stage_seconds_total",
         "Seconds spent in each stage of the request path (embed, lookup, intake, queue, run,"

@@ -100,6 +100,7 @@ class Counters:
     cache_update_failures: int = 0  # served answers whose cache insert or commit failed
     loop_errors: int = 0  # scheduler or re-plan iterations that raised (logged, survived)
     batch_timeouts: int = 0  # batches given up on after a multiple of their prediction
+    write_trips: int = 0  # cache-thread trips that wrote answered runs (one group each)
     # per stage of the request path: [seconds, requests] summed (``stage``)
     stages: dict[str, list[float]] = field(default_factory=dict)
     planner_ms: list[float] = field(default_factory=list)

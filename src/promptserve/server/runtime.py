@@ -4,8 +4,10 @@ Translation only: admission, routing, batching, planning and step scheduling are
 of ``promptserve.policy`` that the simulator drives too. This core embeds and looks up each
 request, hands it to its family's scheduler (``pinned.py``: GPUs at levels, batches;
 ``stepruntime.py``: one running batch per GPU, joins between steps), and answers it once:
-served, late, refused, dropped, cancelled or failed. Cache reads and writes run in order on
-one cache thread, off the event loop.
+served, late, refused, dropped, cancelled or failed. Lookups run on a thread of their own;
+the cache's reads of start latents and its writes run in order on one cache thread, the writes
+queued by answered runs going in one group per trip (``_on_cache_later``). Both are off the
+event loop.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -102,10 +105,14 @@ class LiveRuntime:
         self.planned_for: Demand | None = None  # the demand of the last plan or price
         self._tasks: list[asyncio.Task] = []
         self._batches: set[asyncio.Task] = set()  # running work, kept so none is collected
-        # every cache call (index, latent files with fsync, SQLite commits) runs on this one
-        # thread, in order: off the event loop, and never two at once on the index
+        # every cache call but lookups (latent files with fsync, SQLite commits) runs on this one
+        # thread, in order, off the event loop; lookups on their own, not queued behind writes
         self._cache_thread = ThreadPoolExecutor(1, thread_name_prefix="promptserve-cache")
+        self._lookup_thread = ThreadPoolExecutor(1, thread_name_prefix="promptserve-lookup")
         self._writes: set[asyncio.Future] = set()  # queued by ``_on_cache_later``
+        self._later: list[tuple[Callable, tuple]] = []  # writes the next trip takes together
+        self._later_lock = threading.Lock()
+        self._trip_queued = False
         self._embed = BurstEmbedder(embedder)
         self._lookups: Burst[tuple[str, np.ndarray], CacheHit | None] = Burst(self._lookup_many)
         self._build(first_demand(expected_qpm, self.levels))
@@ -169,18 +176,37 @@ class LiveRuntime:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._batches, return_exceptions=True)
         await asyncio.gather(*self._writes, return_exceptions=True)  # the queued writes land
+        await self._on_cache(self.cache.sync)  # and the durability window closes
         self._cache_thread.shutdown(wait=True)
+        self._lookup_thread.shutdown(wait=True)
 
     async def _on_cache(self, fn: Callable, *args: object):  # noqa: ANN202 - fn's own result
         return await asyncio.get_running_loop().run_in_executor(self._cache_thread, fn, *args)
 
     def _on_cache_later(self, fn: Callable, *args: object) -> None:
         """Queue cache work nobody waits for (a served run's writes): the GPU takes its next
-        work at once. The cache thread runs calls in order, so a lookup queued after these
-        writes still sees them; ``stop`` lets the queued ones finish."""
-        future = asyncio.get_running_loop().run_in_executor(self._cache_thread, fn, *args)
+        work at once. What is queued before the cache thread gets to it goes in one trip and
+        one group (one manifest transaction, one fsync per folder: ``ApproxCache.group``), so
+        the more answers come at once, the fewer commits each costs. A trip is queued on the
+        cache thread when its first write is, so cache work queued after a write still runs
+        after it; ``stop`` lets the queued trips finish."""
+        with self._later_lock:
+            self._later.append((fn, args))
+            if self._trip_queued:
+                return
+            self._trip_queued = True
+        future = asyncio.get_running_loop().run_in_executor(self._cache_thread, self._write_later)
         self._writes.add(future)
         future.add_done_callback(self._writes.discard)
+
+    def _write_later(self) -> None:
+        """One trip of queued writes, on the cache thread, as one group."""
+        with self._later_lock:
+            batch, self._later, self._trip_queued = self._later, [], False
+        self.counters.write_trips += 1
+        with self.cache.group():
+            for fn, args in batch:
+                fn(*args)
 
     async def submit(
         self,
@@ -274,7 +300,8 @@ class LiveRuntime:
 
     async def _lookup_many(self, batch: list[tuple[str, np.ndarray]]) -> list[CacheHit | None]:
         """A burst of lookups in one trip to the cache thread (``Burst``)."""
-        return await self._on_cache(lambda: [self.cache.lookup(t, v) for t, v in batch])
+        run = lambda: [self.cache.lookup(t, v) for t, v in batch]  # noqa: E731
+        return await asyncio.get_running_loop().run_in_executor(self._lookup_thread, run)
 
     def _has_neighbour(self, hit: CacheHit | None) -> bool:
         """Whether the request may start from its neighbour at any level, as the policy assumes

@@ -1,75 +1,64 @@
-"""HTTP overhead: the modelled backend with (near) zero latency behind the real server on
-localhost; closed-loop clients for a fixed time. Sustained requests/s and the per-request
-latency the server adds (client-measured; compute is ~0). The hashing embedder is used so that
-the figures are the server's own, not MiniLM's (which adds ~10 ms a prompt on this CPU).
-Prints one JSON line, with the server's mean time per request in each stage of its request
-path (``promptserve_stage_seconds_total`` over ``promptserve_stage_requests``: embed, lookup,
+"""What the control plane costs per request: ``promptserve serve`` on the modelled backend at
+~0 s per batch (4 workers, hashing embedder, every prompt distinct, so every answer writes its
+latents), in a process of its own, loaded by 16 closed-loop clients on raw keep-alive sockets
+in another (``promptserve.loadgen.closedloop``: ~0.05 ms of CPU a request, so the figure is the
+server's, not the client's). Prints one JSON line per policy family: requests/s, client latency
+and the answer's own queue time (p50, p99), the server's CPU (cores, and ms a request, from
+``/proc``), and its mean time per request in each stage of the request path
+(``promptserve_stage_seconds_total`` over ``promptserve_stage_requests``: embed, lookup,
 intake, queue, run, cache_write; the rest of the client's latency is HTTP, parsing and
-encoding)."""
+encoding). ``floor_requests_per_s`` is ``GET /healthz`` on the same server: the HTTP stack's own
+ceiling on this machine.
+
+``--server-src DIR`` serves another checkout's ``src`` (its ``promptserve`` on PYTHONPATH) with
+this one's client, for a side-by-side before/after on one machine in one sitting."""
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from promptserve.loadgen import read_metric
-from promptserve.server import ServerConfig, build_app
-from promptserve.server.live import LiveServer
+from promptserve.server.live import start_server, stop
 
 CLIENTS = 16
 SECONDS = 20.0
-
-
-async def load(url: str, seconds: float = SECONDS) -> tuple[list[float], list[float], int]:
-    latencies, queue_ms, errors = [], [], 0
-    stop = time.monotonic() + seconds
-
-    async def client(c: httpx.AsyncClient, n: int) -> None:
-        nonlocal errors
-        i = 0
-        while time.monotonic() < stop:
-            t0 = time.perf_counter()
-            r = await c.post(
-                f"{url}/v1/images/generations",
-                json={"prompt": f"prompt {n} {i}", "deadline_ms": 60000},
-            )
-            if r.status_code == 200:
-                latencies.append(time.perf_counter() - t0)
-                queue_ms.append(r.json()["data"][0]["promptserve"]["queue_ms"])
-            else:
-                errors += 1
-            i += 1
-
-    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=CLIENTS)) as c:
-        await asyncio.gather(*(client(c, n) for n in range(CLIENTS)))
-    return latencies, queue_ms, errors
-
-
-def modeled_config(speedup: float, workers: int, policy: str = "promptserve") -> ServerConfig:
-    """The server on the modelled SDXL engine, hashing embedder, a fresh cache folder."""
-    return ServerConfig(
-        policy=policy,
-        backend="modeled",
-        model="sdxl-reference",
-        embedder="hashing",
-        cache_dir=Path(tempfile.mkdtemp()),
-        slo_s=60,
-        speedup=speedup,
-        workers=workers,
-    )
-
-
 STAGES = ("embed", "lookup", "intake", "queue", "run", "cache_write")
 
 
-def stage_means_ms(url: str) -> dict[str, float]:
-    """The server's mean time per request in each stage of its request path (``/metrics``)."""
+def server_args(policy: str, quiet: bool) -> list[str]:
+    """The modelled SDXL engine at ~0 s a batch, 4 workers, hashing embedder."""
+    args = ["--backend", "modeled", "--model", "sdxl-reference", "--embedder", "hashing"]
+    args += ["--slo", "60", "--speedup", "1e6", "--workers", "4", "--policy", policy]
+    return args + (["--no-access-log"] if quiet else [])
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of a process so far (Linux ``/proc``; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def load(url: str, clients: int, seconds: float, get: str | None = None) -> dict:
+    cmd = [sys.executable, "-m", "promptserve.loadgen.closedloop", "--url", url]
+    cmd += ["--clients", str(clients), "--seconds", str(seconds)]
+    cmd += ["--get", get] if get else []
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 120)
+    return json.loads(out.stdout)
+
+
+def stage_means_ms(url: str) -> dict[str, float | None]:
     out = {}
     for stage in STAGES:
         seconds = read_metric(url, "promptserve_stage_seconds_total", {"stage": stage})
@@ -78,37 +67,62 @@ def stage_means_ms(url: str) -> dict[str, float]:
     return out
 
 
-def measure(policy: str) -> dict:
-    cfg = modeled_config(speedup=1e6, workers=4, policy=policy)
-    with LiveServer(build_app(cfg)) as url:
-        lat, queue_ms, errors = asyncio.run(load(url))
+def measure(policy: str, clients: int, seconds: float, src: Path | None) -> dict:
+    env = {"PYTHONPATH": str(src)} if src else None
+    quiet = src is None  # another checkout may predate --no-access-log
+    proc, url = start_server(server_args(policy, quiet), Path(tempfile.mkdtemp()), env=env)
+    try:
+        cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        result = load(url, clients, seconds)
+        cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
         stages = stage_means_ms(url)
-    lat_ms = np.array(lat) * 1e3
+        floor = load(url, clients, min(seconds, 5.0), get="/healthz")
+    finally:
+        stop(proc)
+    lat_ms = np.array(result["latencies_s"]) * 1e3
+    queue_ms = np.array(result["queue_ms"])
+    served = len(lat_ms)
+    cpu = None if cpu0 is None or cpu1 is None else cpu1 - cpu0
     return {
-        "requests_per_s": round(len(lat) / SECONDS, 1),
-        "errors": errors,
+        "requests_per_s": round(served / result["seconds"], 1),
+        "errors": result["errors"],
         "latency_ms_p50": round(float(np.percentile(lat_ms, 50)), 2),
         "latency_ms_p99": round(float(np.percentile(lat_ms, 99)), 2),
         "server_queue_ms_p50": round(float(np.percentile(queue_ms, 50)), 2),
         "server_queue_ms_p99": round(float(np.percentile(queue_ms, 99)), 2),
+        "server_cpu_cores": None if cpu is None else round(cpu / (t1 - t0), 2),
+        "server_cpu_ms_per_request": None if cpu is None else round(cpu / served * 1e3, 2),
         "stage_ms_mean": stages,
+        "floor_requests_per_s": round(len(floor["latencies_s"]) / floor["seconds"], 1),
     }
 
 
 def main() -> None:
-    pinned = measure("promptserve")
-    step = measure("promptserve-step")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--clients", type=int, default=CLIENTS)
+    p.add_argument("--seconds", type=float, default=SECONDS)
+    p.add_argument("--policies", default="promptserve,promptserve-step")
+    p.add_argument("--server-src", type=Path, default=None, help="another checkout's src folder")
+    a = p.parse_args()
+    src = a.server_src.resolve() if a.server_src else None
+    if src is not None and not (src / "promptserve").is_dir():
+        p.error(f"--server-src {src} holds no promptserve package")
+    policies = a.policies.split(",")
+    figures = {name: measure(name, a.clients, a.seconds, src) for name in policies}
+    first, *rest = policies
     print(
         json.dumps(
             {
                 "bench": "http",
                 "backend": "modeled, ~0 s per batch",
                 "workers": 4,
-                "clients": CLIENTS,
-                "seconds": SECONDS,
-                **pinned,
-                "step_level": step,
-                "note": "2-core machine; client and server share it; top level: promptserve",
+                "clients": a.clients,
+                "seconds": a.seconds,
+                "policy": first,
+                **figures[first],
+                **{("step_level" if n == "promptserve-step" else n): figures[n] for n in rest},
+                "server_src": str(src) if src else "this checkout",
+                "note": "2-core machine; server and client in processes of their own",
             }
         )
     )

@@ -11,30 +11,46 @@ Prints one JSON line."""
 
 from __future__ import annotations
 
-import asyncio
 import json
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from bench_http import load, modeled_config
+from bench_http import CLIENTS, load
 from promptserve.distributed import RaySettings, run_on_ray
 from promptserve.distributed.level_router import LevelReplica, LevelRouter
-from promptserve.server import build_app
+from promptserve.server import ServerConfig, build_app
 from promptserve.server.live import LiveServer, free_port
 
 SECONDS = 20.0
 STATS_PERIOD_S = 1.0
 
 
-def summary(lat: list[float], errors: int) -> dict:
+def modeled_config(speedup: float, workers: int) -> ServerConfig:
+    """The server on the modelled SDXL engine, hashing embedder, a fresh cache folder."""
+    return ServerConfig(
+        backend="modeled",
+        model="sdxl-reference",
+        embedder="hashing",
+        cache_dir=Path(tempfile.mkdtemp()),
+        slo_s=60,
+        speedup=speedup,
+        workers=workers,
+    )
+
+
+def summary(result: dict) -> dict:
+    """The closed-loop client's figures (it runs in a process of its own)."""
+    lat = result["latencies_s"]
     ms = np.array(lat) * 1e3
     return {
-        "requests_per_s": round(len(lat) / SECONDS, 2),
-        "errors": errors,
+        "requests_per_s": round(len(lat) / result["seconds"], 2),
+        "errors": sum(result["errors"].values()),
         "latency_ms_p50": round(float(np.percentile(ms, 50)), 1),
         "latency_ms_p99": round(float(np.percentile(ms, 99)), 1),
     }
@@ -43,11 +59,9 @@ def summary(lat: list[float], errors: int) -> dict:
 def serving() -> dict:
     cfg = modeled_config(speedup=20.0, workers=2)
     with LiveServer(build_app(cfg)) as url:
-        lat, _, errors = asyncio.run(load(url, SECONDS))
-    local = summary(lat, errors)
+        local = summary(load(url, CLIENTS, SECONDS))
     url = run_on_ray(cfg, RaySettings(num_cpus=2, worker_cpus=0.5, port=free_port()))
-    lat, _, errors = asyncio.run(load(url, SECONDS))
-    on_ray = summary(lat, errors)
+    on_ray = summary(load(url, CLIENTS, SECONDS))
     serve.delete("promptserve", _blocking=True)
     return {
         "single_process": local,

@@ -14,6 +14,7 @@ Eviction (capacity counted in entries, across tenants):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 from collections.abc import Callable, Iterator, Sequence
@@ -52,6 +53,7 @@ class InsertResult:
     evicted: list[CacheEntry] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=65536)
 def tenant_namespace(tenant: str) -> str:
     """A fixed-length hex name for a tenant: no user string reaches a file path."""
     return hashlib.sha256(tenant.encode("utf-8")).hexdigest()[:16]

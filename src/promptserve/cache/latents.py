@@ -1,7 +1,9 @@
 """The latent store: one ``safetensors`` file per cache entry and level, in a cache folder.
 
 Crash safety: a file is written to a temporary name in its final folder, fsynced, then renamed
-over its final name (rename is atomic on POSIX), so a reader sees the whole file or none. Each
+over its final name (rename is atomic on POSIX), so a reader sees the whole file or none; in a
+group of writes a new key's file is written under its final name before anything names it
+(``put``). Each
 file carries the SHA-256 of its tensor bytes in its metadata and a read verifies it: a corrupt
 file is deleted, counted, and reported as absent, never served. Temporary files left by a crash
 are removed when the store opens.
@@ -56,19 +58,27 @@ class LatentStore:
         return self.root / f"{key}{SUFFIX}"
 
     def put(self, key: str, latent: np.ndarray) -> int:
-        """Write atomically; returns the bytes written."""
+        """Write atomically; returns the bytes written.
+
+        In a group (``defer_dir_syncs``) a new key's file is written under its final name, with
+        no temporary, fsync or rename: nobody reads it before its entry is indexed, which is
+        after the write, and a process killed part-way leaves a file no manifest row names,
+        which the next open removes as an orphan (its checksum would refuse it anyway)."""
         final = self.path(key)
         self._folder(final.parent)
         data = np.ascontiguousarray(latent)
         tmp = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
         try:
             raw = save({"latent": data}, metadata={"sha256": _digest(data)})
-            with open(tmp, "wb") as fh:
-                fh.write(raw)
-                if not self._deferring:  # in a group the checksum stands in (``defer_dir_syncs``)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            os.replace(tmp, final)
+            if self._deferring and _write_new(final, raw):
+                tmp = final  # what to remove should anything below fail
+            else:
+                with open(tmp, "wb") as fh:
+                    fh.write(raw)
+                    if not self._deferring:
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                os.replace(tmp, final)
         except Exception as exc:  # safetensors reports its own errors as its own types
             tmp.unlink(missing_ok=True)
             self.stats.write_errors += 1
@@ -91,6 +101,15 @@ class LatentStore:
         ``source`` is gone."""
         src, final = self.path(source), self.path(key)
         self._folder(final.parent)
+        try:  # a hard link is made whole under its name: no temporary for a new key
+            os.link(src, final)
+            self._sync_dir(final.parent)
+            return 0
+        except (FileNotFoundError, FileExistsError) as exc:
+            if isinstance(exc, FileNotFoundError) and not src.exists():
+                raise
+        except OSError:
+            pass  # no hard links here: the copy below
         tmp = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
         tmp.unlink(missing_ok=True)
         try:
@@ -211,6 +230,17 @@ def _digest(array: np.ndarray) -> str:
     h.update(str(array.shape).encode())
     h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()
+
+
+def _write_new(path: Path, raw: bytes) -> bool:
+    """Write ``raw`` to a file that must not exist yet; False (nothing written) if it does."""
+    try:
+        fh = open(path, "xb")  # noqa: SIM115 - closed below, removed by the caller on failure
+    except FileExistsError:
+        return False
+    with fh:
+        fh.write(raw)
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

@@ -159,17 +159,20 @@ class PinnedRuntime(LiveRuntime):
             if h is not None:
                 h.emit("level", {"level_k": item.k})
 
+        heard = [h for h in handles if h is not None and not h.quiet]
+
         def on_step(step: int, previews: dict[int, bytes] | None = None) -> None:  # worker thread
             if all(h is not None and h.cancelled for h in handles):
                 raise Cancelled("cancelled while denoising")
+            if not heard:
+                return
             for row, png in (previews or {}).items():
                 if handles[row] is not None:
                     loop.call_soon_threadsafe(handles[row].emit, "preview", {"png": png})
-            for h in handles:
-                if h is not None:
-                    loop.call_soon_threadsafe(
-                        h.emit, "step", {"step": step, "of": self.workers.total_steps}
-                    )
+            for h in heard:
+                loop.call_soon_threadsafe(
+                    h.emit, "step", {"step": step, "of": self.workers.total_steps}
+                )
 
         timeout_s = max(
             BATCH_TIMEOUT_FACTOR * (dispatch.end_s - dispatch.start_s), BATCH_TIMEOUT_FLOOR_S

@@ -51,6 +51,9 @@ class JobHandle:
     job_id: int | None = None
     cancelled: bool = False  # read by the worker thread between denoising steps
     partial_images: int = 0  # previews wanted, spread over the steps it will run
+    # nobody hears its step and preview events (a whole answer, not a stream or a job): the
+    # worker sends none, rather than one wake-up of the event loop per member and step
+    quiet: bool = False
 
 
 @dataclass(frozen=True)

@@ -217,7 +217,7 @@ class StepRuntime(LiveRuntime):
         left_by_id = done.steps_left | dict.fromkeys((job_id for job_id, _ in done.finished), 0)
         for job_id, left in left_by_id.items():
             p = self.pending.get(job_id)
-            if p is not None and p.handle is not None:
+            if p is not None and p.handle is not None and not p.handle.quiet:
                 p.handle.emit("step", {"step": total - left, "of": total})
 
     async def _answer(self, finished: list[tuple[int, GenerationResult]]) -> None:

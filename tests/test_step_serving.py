@@ -68,13 +68,13 @@ class ForgetsOnce:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    async def advance(self, g, joins, refs, cancels):
+    async def advance(self, g, joins, refs, cancels, *_ahead):
         self.calls += 1
         if self.calls == self.at_call:
             runner = self.inner.runners[g]
             for key in list(runner.steps_left()):
                 runner.cancel(key)
-        return await self.inner.advance(g, joins, refs, cancels)
+        return await self.inner.advance(g, joins, refs, cancels)  # one step a call, as on Ray
 
 
 def test_members_a_worker_lost_between_steps_rejoin_and_are_served(tmp_path):
@@ -128,13 +128,13 @@ class LosesWorker:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    async def advance(self, g, joins, refs, cancels):
+    async def advance(self, g, joins, refs, cancels, *ahead):
         if g == 1 and not self.lost:
             from promptserve.server.workers import WorkerLost
 
             self.lost = True
             raise WorkerLost(1, "killed")
-        return await self.inner.advance(g, joins, refs, cancels)
+        return await self.inner.advance(g, joins, refs, cancels, *ahead)
 
     async def alive(self):
         return [True, self.back.is_set()]
@@ -205,3 +205,57 @@ def test_a_request_cancelled_while_its_join_reads_the_cache_never_joins_the_runn
 
     assert asyncio.run(scenario()) == {}
     assert not runtime.pending and runtime.sched.pending() == 0
+
+
+class Recording:
+    """Step workers that record each call's allowance and what it ran."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls, self.entered = inner, [], threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def advance(self, g, joins, refs, cancels, steps=1, interrupt=None):
+        self.entered.set()
+        done = await self.inner.advance(g, joins, refs, cancels, steps, interrupt)
+        self.calls.append((g, len(joins), steps, done.ran))
+        return done
+
+
+def test_a_gpu_with_nothing_to_change_runs_to_its_next_finish_in_one_call(tmp_path):
+    """Alone on a GPU, a member runs its steps in few calls (no trip to the event loop per
+    step), and every step is counted; a second arrival stops the run at the next step, so it
+    joins as soon as with one step a call; a streamed request is stepped one call a step, so
+    that it hears every step."""
+    app = modeled_app(tmp_path, policy="promptserve-step", speedup=5.0, workers=1)
+    runtime = app.state.runtime
+    runtime.workers = rec = Recording(runtime.workers)
+    with LiveServer(app) as url:
+        c = client(url, timeout=120)
+        first = threading.Thread(target=lambda: c.images.generate(prompt="a calm sea"))
+        first.start()
+        assert rec.entered.wait(60)
+        time.sleep(0.2)  # several steps (17 ms each at this speed) into its 50
+        second = c.images.generate(prompt="a storm over the cliffs")
+        first.join(120)
+        alone = list(rec.calls)
+        rec.calls.clear()
+        with httpx.stream(
+            "POST",
+            f"{url}/v1/images/generations",
+            json={"prompt": "a lighthouse", "stream": True, "partial_images": 1},
+            timeout=120,
+        ) as r:
+            steps = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert second.data[0].model_extra["promptserve"]["level_k"] == 0
+    total = runtime.workers.total_steps
+    joined = next(i for i, c in enumerate(alone) if c[1] and i > 0)  # the second's join
+    before = sum(ran for *_, ran in alone[:joined])  # the first's steps alone
+    assert 0 < before < total
+    # every step of both, none lost or doubled: the first's 50, then the second's beyond them
+    assert sum(ran for *_, ran in alone) == total + before
+    assert len(alone) < total // 4  # far fewer calls than steps
+    assert alone[joined - 1][3] < alone[joined - 1][2], alone  # the arrival cut that run short
+    assert rec.calls and all(steps_allowed == 1 for _, _, steps_allowed, _ in rec.calls)
+    assert steps  # the stream got its events

@@ -58,8 +58,18 @@ class RayWorkers:
             raise WorkerLost(gpu, type(exc).__name__) from exc
         raise WorkerLost(gpu, "the stream ended without a result")
 
-    async def advance(self, gpu: int, joins: Joins, refs: Refs, cancels: set) -> StepDone:
-        """Step-level serving: one boundary and one step on the replica's step runner."""
+    async def advance(
+        self,
+        gpu: int,
+        joins: Joins,
+        refs: Refs,
+        cancels: set,
+        steps: int = 1,
+        interrupt: object = None,
+    ) -> StepDone:
+        """Step-level serving: one boundary and one step on the replica's step runner (one
+        only: an interrupt cannot reach a replica between its steps, so ``steps`` is not
+        taken)."""
         try:
             return await self.handles[gpu].step.remote(list(joins), refs, set(cancels))
         except RayActorError as exc:

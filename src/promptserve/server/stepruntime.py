@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.policy.contract import Arrival
@@ -34,6 +35,9 @@ class StepRuntime(LiveRuntime):
         count = self.workers.count
         self._left: list[dict] = [{} for _ in range(count)]  # steps left per member
         self._gpu_wake = [asyncio.Event() for _ in range(count)]
+        # set when a boundary is wanted now (an arrival, a cancel): a GPU running several
+        # steps in one call stops after the step it is on
+        self._interrupt = [threading.Event() for _ in range(count)]
         self._cancel: list[set[int]] = [set() for _ in range(count)]
 
     def start(self) -> None:
@@ -41,12 +45,15 @@ class StepRuntime(LiveRuntime):
         self._tasks = [asyncio.create_task(c) for c in (*loops, self._replan_loop())]
 
     def _placed(self, arrival: Arrival) -> None:
+        for flag in self._interrupt:  # any GPU's next boundary may be the one that takes it
+            flag.set()
         self._wake_gpus(self.sched.gpus[arrival.gpu] if arrival.gpu is not None else None)
 
     def _withdraw(self, job_id: int) -> bool:
         for g, gpu in enumerate(self.sched.gpus):
             if job_id in gpu.by_id:
                 self._cancel[g].add(job_id)  # the runner drops it before its next step
+                self._interrupt[g].set()
         return super()._withdraw(job_id)
 
     def _wake_gpus(self, gpu: StepGpu | None) -> None:
@@ -141,8 +148,10 @@ class StepRuntime(LiveRuntime):
         step = await self._join(g, gpu, steps)
         if step is None:
             return 0
+        ahead = self._ahead(g, gpu)
+        self._interrupt[g].clear()
         try:
-            done = await self.workers.advance(g, *step)
+            done = await self.workers.advance(g, *step, ahead, self._interrupt[g])
         finally:  # the joiners' start latents are read (or never will be): evictable again
             await self._release(step[1])
         self._started(gpu, done)
@@ -150,7 +159,20 @@ class StepRuntime(LiveRuntime):
         lost = set(gpu.by_id) - done.steps_left.keys()
         if lost:  # a Ray replica restarted between two steps: it never had these
             self._rejoin(g, "the worker restarted without its members", lost)
-        return 1 if done.steps_left or done.finished else 0
+        return done.ran if done.steps_left or done.finished else 0
+
+    def _ahead(self, g: int, gpu: StepGpu) -> int:
+        """Steps the next call may run with no boundary between: where none is placed here or
+        waits, none is cancelled and none hears its steps, a boundary before the first member
+        finishes changes nothing, so the GPU runs to it (or to an interrupt) in one call. The
+        same boundaries as one step a call, without a trip to the event loop for each."""
+        if gpu.joining or self.sched.waiting or self._cancel[g] or not gpu.members:
+            return 1
+        for job_id in gpu.by_id:
+            p = self.pending.get(job_id)
+            if p is None or (p.handle is not None and not p.handle.quiet):
+                return 1
+        return max(1, gpu.members[0][0] - gpu.done)
 
     def _started(self, gpu: StepGpu, done: StepDone) -> None:
         """A worker that read start latents itself (Ray) says at which K each joiner began."""

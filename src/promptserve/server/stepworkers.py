@@ -6,6 +6,7 @@ comes back."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,14 +20,34 @@ class StepDone:
     finished: list[tuple[Hashable, GenerationResult]]  # decoded, in the order they finished
     steps_left: dict[Hashable, int]  # every member still running after the step
     started: dict[Hashable, int]  # each joiner's K as it started (0: its latent was missing)
-    previews: dict[Hashable, bytes] = field(default_factory=dict)  # asked for at this step
+    previews: dict[Hashable, bytes] = field(default_factory=dict)  # asked for at these steps
+    ran: int = 1  # steps run in the call
 
 
-def advance(runner, joins: Joins, cancels: set) -> StepDone:  # noqa: ANN001 - any step runner
-    """One boundary on one runner, in its engine's thread."""
+def advance(
+    runner,  # noqa: ANN001 - any step runner
+    joins: Joins,
+    cancels: set,
+    steps: int = 1,
+    interrupt: threading.Event | None = None,
+) -> StepDone:
+    """One boundary on one runner, in its engine's thread, and up to ``steps`` steps after it:
+    more than one only where the caller knows no boundary could change anything before (none
+    joins, leaves, is cancelled or hears its steps). It stops early after a step at which a
+    member finished, or once ``interrupt`` is set (an arrival or a cancel: the next boundary is
+    wanted now)."""
     for key in cancels:
         runner.cancel(key)
     runner.join(joins)
-    finished = runner.step()
+    previews: dict[Hashable, bytes] = {}
+    ran = 0
+    while True:
+        finished = runner.step()
+        ran += 1
+        previews.update(runner.previews)
+        if finished or ran >= steps or not len(runner):
+            break
+        if interrupt is not None and interrupt.is_set():
+            break
     started = {key: item.k for key, item in joins}
-    return StepDone(finished, runner.steps_left(), started, dict(runner.previews))
+    return StepDone(finished, runner.steps_left(), started, previews, ran)

@@ -9,6 +9,7 @@ mid-batch raises ``WorkerLost``: the runtime requeues the work instead of failin
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -63,8 +64,18 @@ class Workers(Protocol):
 
     async def run(self, gpu: int, items: Items, on_step: OnStep, refs: Refs = None) -> Results: ...
 
-    async def advance(self, gpu: int, joins: Joins, refs: Refs, cancels: set) -> StepDone:
-        """Step-level serving: one boundary (cancels leave, joins join) and one step."""
+    async def advance(
+        self,
+        gpu: int,
+        joins: Joins,
+        refs: Refs,
+        cancels: set,
+        steps: int = 1,
+        interrupt: threading.Event | None = None,
+    ) -> StepDone:
+        """Step-level serving: one boundary (cancels leave, joins join) and one step, or up to
+        ``steps`` where the workers can stop at ``interrupt`` (``stepworkers.advance``); the
+        answer's ``ran`` says how many ran."""
         ...
 
     def prepare_steps(self) -> None:
@@ -103,9 +114,18 @@ class LocalWorkers:
     async def run(self, gpu: int, items: Items, on_step: OnStep, refs: Refs = None) -> Results:
         return await self.threads[gpu].run(self.engines[gpu].generate, items, on_step)
 
-    async def advance(self, gpu: int, joins: Joins, refs: Refs, cancels: set) -> StepDone:
+    async def advance(
+        self,
+        gpu: int,
+        joins: Joins,
+        refs: Refs,
+        cancels: set,
+        steps: int = 1,
+        interrupt: threading.Event | None = None,
+    ) -> StepDone:
         """Runner ``gpu`` steps on thread ``gpu``, the one that built its engine."""
-        return await self.threads[gpu].run(advance, self.runners[gpu], joins, cancels)
+        runner = self.runners[gpu]
+        return await self.threads[gpu].run(advance, runner, joins, cancels, steps, interrupt)
 
     def prepare_steps(self) -> None:
         """Each engine's step runner, built on the thread that built the engine."""

@@ -5,9 +5,9 @@ of ``promptserve.policy`` that the simulator drives too. This core embeds and lo
 request, hands it to its family's scheduler (``pinned.py``: GPUs at levels, batches;
 ``stepruntime.py``: one running batch per GPU, joins between steps), and answers it once:
 served, late, refused, dropped, cancelled or failed. Lookups run on a thread of their own;
-the cache's reads of start latents and its writes run on one cache thread (``cachethread``),
-reads first, the writes queued by answered runs going in one group per trip
-(``_on_cache_later``). Both are off the event loop.
+the cache's reads of start latents and its writes run in order on one cache thread, the writes
+queued by answered runs going in one group per trip (``_on_cache_later``). Both are off the
+event loop.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from promptserve.policy.planning import first_demand, until_replan
 from promptserve.policy.types import Demand, Job
 from promptserve.quality import QualityModel
 from promptserve.server.burst import Burst
-from promptserve.server.cachethread import CacheThread
 from promptserve.server.cachework import item_for, pinned_by, remember_run
 from promptserve.server.clock import Pause, wall_pause
 from promptserve.server.embedding import BurstEmbedder
@@ -106,9 +105,9 @@ class LiveRuntime:
         self.planned_for: Demand | None = None  # the demand of the last plan or price
         self._tasks: list[asyncio.Task] = []
         self._batches: set[asyncio.Task] = set()  # running work, kept so none is collected
-        # every cache call but lookups (latent files, SQLite commits) runs on this one thread,
-        # off the event loop, reads before writes; lookups on their own, beside the writes
-        self._cache_thread = CacheThread("promptserve-cache")
+        # every cache call but lookups (latent files with fsync, SQLite commits) runs on this one
+        # thread, in order, off the event loop; lookups on their own, not queued behind writes
+        self._cache_thread = ThreadPoolExecutor(1, thread_name_prefix="promptserve-cache")
         self._lookup_thread = ThreadPoolExecutor(1, thread_name_prefix="promptserve-lookup")
         self._writes: set[asyncio.Future] = set()  # queued by ``_on_cache_later``
         self._later: list[tuple[Callable, tuple]] = []  # writes the next trip takes together
@@ -186,17 +185,17 @@ class LiveRuntime:
 
     def _on_cache_later(self, fn: Callable, *args: object) -> None:
         """Queue cache work nobody waits for (a served run's writes): the GPU takes its next
-        work at once, and what a request waits for on the cache thread goes ahead of it. What
-        is queued before the thread gets to it goes in one trip and one group (one manifest
-        transaction: ``ApproxCache.group``), so the more answers come at once, the fewer
-        commits each costs. Nothing waits on a write's order: an entry is found, and so read,
-        only once its trip has indexed it. ``stop`` lets the queued trips finish."""
+        work at once. What is queued before the cache thread gets to it goes in one trip and
+        one group (one manifest transaction, one fsync per folder: ``ApproxCache.group``), so
+        the more answers come at once, the fewer commits each costs. A trip is queued on the
+        cache thread when its first write is, so cache work queued after a write still runs
+        after it; ``stop`` lets the queued trips finish."""
         with self._later_lock:
             self._later.append((fn, args))
             if self._trip_queued:
                 return
             self._trip_queued = True
-        future = asyncio.wrap_future(self._cache_thread.submit_later(self._write_later))
+        future = asyncio.get_running_loop().run_in_executor(self._cache_thread, self._write_later)
         self._writes.add(future)
         future.add_done_callback(self._writes.discard)
 

@@ -299,7 +299,11 @@ class LiveRuntime:
         return hit
 
     async def _lookup_many(self, batch: list[tuple[str, np.ndarray]]) -> list[CacheHit | None]:
-        """A burst of lookups in one trip to the cache thread (``Burst``)."""
+        """A burst of lookups in one trip to the lookup thread (``Burst``), once the write trips
+        queued before it have landed: a request sees every run answered before it arrived, as
+        the simulator's requests do."""
+        if self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
         run = lambda: [self.cache.lookup(t, v) for t, v in batch]  # noqa: E731
         return await asyncio.get_running_loop().run_in_executor(self._lookup_thread, run)
 

@@ -105,11 +105,11 @@ class LatentStore:
             os.link(src, final)
             self._sync_dir(final.parent)
             return 0
-        except (FileNotFoundError, FileExistsError) as exc:
-            if isinstance(exc, FileNotFoundError) and not src.exists():
+        except FileNotFoundError:
+            if not src.exists():
                 raise
         except OSError:
-            pass  # no hard links here: the copy below
+            pass  # the name is taken, or no hard links here: the temporary below
         tmp = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
         tmp.unlink(missing_ok=True)
         try:

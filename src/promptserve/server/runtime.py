@@ -105,8 +105,8 @@ class LiveRuntime:
         self.planned_for: Demand | None = None  # the demand of the last plan or price
         self._tasks: list[asyncio.Task] = []
         self._batches: set[asyncio.Task] = set()  # running work, kept so none is collected
-        # every cache call but lookups (latent files with fsync, SQLite commits) runs on this one
-        # thread, in order, off the event loop; lookups on their own, not queued behind writes
+        # every cache call but lookups (latent files, SQLite commits) runs on this one thread,
+        # in order, off the event loop; lookups on their own, after the writes queued before them
         self._cache_thread = ThreadPoolExecutor(1, thread_name_prefix="promptserve-cache")
         self._lookup_thread = ThreadPoolExecutor(1, thread_name_prefix="promptserve-lookup")
         self._writes: set[asyncio.Future] = set()  # queued by ``_on_cache_later``
@@ -186,7 +186,7 @@ class LiveRuntime:
     def _on_cache_later(self, fn: Callable, *args: object) -> None:
         """Queue cache work nobody waits for (a served run's writes): the GPU takes its next
         work at once. What is queued before the cache thread gets to it goes in one trip and
-        one group (one manifest transaction, one fsync per folder: ``ApproxCache.group``), so
+        one group (one manifest transaction, folder fsyncs once a window: ``ApproxCache.group``), so
         the more answers come at once, the fewer commits each costs. A trip is queued on the
         cache thread when its first write is, so cache work queued after a write still runs
         after it; ``stop`` lets the queued trips finish."""
@@ -304,8 +304,11 @@ class LiveRuntime:
         the simulator's requests do."""
         if self._writes:
             await asyncio.gather(*list(self._writes), return_exceptions=True)
-        run = lambda: [self.cache.lookup(t, v) for t, v in batch]  # noqa: E731
-        return await asyncio.get_running_loop().run_in_executor(self._lookup_thread, run)
+
+        def lookups() -> list[CacheHit | None]:
+            return [self.cache.lookup(t, v) for t, v in batch]
+
+        return await asyncio.get_running_loop().run_in_executor(self._lookup_thread, lookups)
 
     def _has_neighbour(self, hit: CacheHit | None) -> bool:
         """Whether the request may start from its neighbour at any level, as the policy assumes

@@ -26,6 +26,9 @@ class GpuBucket:
     def __bool__(self) -> bool:
         return bool(self.members)
 
+    def __len__(self) -> int:
+        return len(self.members)
+
     def __iter__(self):  # noqa: ANN204
         return iter(self.members)
 
@@ -42,29 +45,6 @@ class GpuBucket:
         while self.heap[0] not in self.members:
             self.queued.discard(heapq.heappop(self.heap))
         return self.heap[0]
-
-
-class NextLeaves:
-    """When each up GPU next frees a slot (its first member's leave; when it went idle, for an
-    idle one), with the earliest in O(log n): entries are pushed when a GPU's segment or
-    members change and the stale ones skipped, so admission reads it without a pass over the
-    GPUs."""
-
-    def __init__(self, n_gpus: int) -> None:
-        self.heap: list[tuple[float, int, int]] = []  # (time, version, gpu)
-        self.version = [0] * n_gpus
-
-    def update(self, gpu: StepGpu, iteration_s: float) -> None:
-        self.version[gpu.index] += 1
-        if gpu.up:
-            at = gpu.seg_start + gpu.steps_to_next_leave() * iteration_s
-            heapq.heappush(self.heap, (at, self.version[gpu.index], gpu.index))
-
-    def first(self) -> float:
-        """The earliest (inf when no GPU is up)."""
-        while self.heap and self.heap[0][1] != self.version[self.heap[0][2]]:
-            heapq.heappop(self.heap)
-        return self.heap[0][0] if self.heap else math.inf
 
 
 @dataclass(frozen=True)
@@ -95,6 +75,8 @@ class StepGpu:
     joining: list[Job] = field(default_factory=list)  # placed, joining at the next boundary
     seg_start: float = 0.0  # when the current run of equal iterations began
     seg_iter_s: float = 0.0  # its iteration time (0: idle)
+    tallied: int = 0  # its step count when its members were last counted (``steps_left``)
+    left_since: bool = False  # a member left since (the live runtime removes who finished)
 
     @property
     def count(self) -> int:

@@ -22,8 +22,10 @@ the time in and carry out what comes back):
   request joins at its fastest level;
 * **admission** (``+admit``): refuse at arrival when no K the request may run at can finish by
   its deadline on the least-loaded GPU, or, when it must wait, behind the waiting queue
-  (``_after_queue``): while requests wait, an arrival queues behind them, so what admission
-  promised a waiting request is not taken by a later one;
+  (``_after_queue``: the slot it gets is the one that frees after the queue has taken the
+  free slots and those of the members that leave first); while requests wait, an arrival
+  queues behind them, so what admission promised a waiting request is not taken by a later
+  one;
 * **shedding** (``+shed``): waiting requests are taken earliest deadline first, a join that
   would make a member late is not made, and a request that cannot finish even alone on an
   idle GPU is dropped. Without it (as published for step-wise batching): first come, first
@@ -47,7 +49,7 @@ import numpy as np
 from promptserve.policy.contract import Arrival, LoadSnapshot
 from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.intake import DELIVERY_MARGIN_S
-from promptserve.policy.stepgpu import GpuBucket, KRule, Member, NextLeaves, StepConfig, StepGpu
+from promptserve.policy.stepgpu import GpuBucket, KRule, Member, StepConfig, StepGpu
 from promptserve.policy.stepprice import (
     PRICE_MAX,
     SLO_SHARE,
@@ -109,9 +111,6 @@ class StepScheduler(StepPricing):
         self.waiting_full = 0  # waiting jobs that must run every step (no neighbour)
         self._inflight_for: list[int] = []  # per run length in steps (``reprice``)
         self._inflight_slo: float | None = None  # the SLO it was built for
-        self.next_leaves = NextLeaves(n_gpus)
-        for gpu in self.gpus:
-            self.next_leaves.update(gpu, 0.0)
         self.up_count = n_gpus
         self.price = 0.0
         self._busy_at = self.cap  # members past which a GPU is full (set with the price)
@@ -119,6 +118,9 @@ class StepScheduler(StepPricing):
         self._split = 0.0  # share of the moving class that takes the cheaper level
         self.excess = ExcessWork()  # the burst signal (``saturated``), drained at the capacity
         self._excess_limit = float("inf")  # set with the price
+        # running members per steps left, as of the last join or leave on their GPU (the
+        # same on both clocks: one boundary per step live, one per event simulated)
+        self.steps_left = [0] * (profile.total_steps + 1)
 
     # -- decisions -------------------------------------------------------------------------
 
@@ -280,25 +282,60 @@ class StepScheduler(StepPricing):
     def _after_queue(self, gpu: StepGpu | None, job: Job, now: float) -> bool:
         """Whether ``job``, which cannot join now, finishes in time behind the jobs that wait
         (all of them: where every request has the same SLO its deadline is the latest, and
-        while jobs wait no arrival overtakes them). It joins once a slot frees (the earliest
-        next leave) and the queue's steps have run at the step capacity for the longest run
-        in the queue (a full run caps every GPU it joins); then it runs its own steps at that
-        capacity's in-flight count (or the least-loaded GPU's, when fewer), the count at which
-        a waiting job is still reachable (``_reachable``). Counting the wait and the queue's
-        drain one after the other is conservative where members leave together (a burst's
-        first wave). A request accepted past this would wait and be dropped: a refusal now
-        tells its client at once (429 with a retry), a drop only at its deadline."""
+        while jobs wait no arrival overtakes them). It joins when a slot frees for it
+        (``_slot_frees``), then runs its own steps at the step capacity's in-flight count for
+        the longest run in the queue (a waiting full run caps every GPU it joins), or at the
+        fullest GPU's count when that is more (it may get that GPU's slot), or at the
+        least-loaded GPU's when fewer: the count at which a waiting job is still reachable
+        (``_reachable``). A request accepted past this would wait and be dropped: a refusal
+        now tells its client at once (429 with a retry), a drop only at its deadline."""
         if gpu is None:
             return False
         if not self._inflight_for:  # not priced yet: no capacity to count on
             return True
         r = self.profile.total_steps - self.fastest_k(job)
         n = self._inflight_for[self.profile.total_steps if self.waiting_full else r]
-        rate = self.up_count * self.profile.steps_per_s(n)
-        start = max(now, self.next_leaves.first()) + self.waiting_steps / rate
-        n = min(n, len(gpu.by_id) + 1)
+        slowest = max(n, self._fullest())
+        start = self._slot_frees(now, n, slowest)
+        # behind a queue that takes the free slots it joins a slot a leave frees, on a GPU at
+        # its full count; with a slot free, the least-loaded GPU's count
+        n = slowest if start > now else min(slowest, len(gpu.by_id) + 1)
         run = self.profile.join_s + r * self.profile.iteration_s(n) + self.profile.leave_s
         return start + run <= job.deadline_s + EPS
+
+    def _fullest(self) -> int:
+        """The member count of the fullest up GPU (O(the in-flight cap))."""
+        return max((c for c, bucket in enumerate(self.by_count) if bucket), default=0)
+
+    def _slot_frees(self, now: float, n: int, slowest: int) -> float:
+        """When a slot frees for a job that cannot join now and queues behind every waiting
+        one. No slot is free for it now (it would have joined: a GPU below its count is held
+        by its members' deadlines), so the queue takes, in order, the slots of the running
+        members as they leave, and the job gets the next: the k-th leave, read from
+        ``steps_left`` (members per steps left, O(total steps), independent of the GPU count)
+        at the iteration time of ``slowest`` members. Where the queue outnumbers the running
+        members its own jobs must leave first: then the work-conserving bound, all the work
+        ahead done at the step capacity of ``n`` in flight."""
+        free = sum(len(bucket) * max(0, n - c) for c, bucket in enumerate(self.by_count))
+        k = len(self.waiting) + 1 - free
+        if k <= 0:
+            return now
+        seen = 0
+        for left, count in enumerate(self.steps_left):
+            seen += count
+            if seen >= k:
+                return now + left * self.profile.iteration_s(slowest) + self.profile.leave_s
+        running = sum(left * count for left, count in enumerate(self.steps_left))
+        rate = self.up_count * self.profile.steps_per_s(n)
+        return now + (running + self.waiting_steps) / rate
+
+    def _tally(self, gpu: StepGpu, sign: int) -> None:
+        """Count ``gpu``'s members in (1, as of now) or out of (-1, as last counted)
+        ``steps_left``."""
+        if sign > 0:
+            gpu.tallied, gpu.left_since = gpu.done, False
+        for end, _, _ in gpu.members:
+            self.steps_left[end - gpu.tallied] += sign
 
     def boundary(
         self, gpu: StepGpu, now: float, steps: int
@@ -306,6 +343,7 @@ class StepScheduler(StepPricing):
         """``gpu`` has run ``steps`` more steps and stands at a boundary at ``now``: who leaves
         (served), who joins (with their K), who is dropped from the waiting queue."""
         before = gpu.count
+        counted = gpu.members[:]
         gpu.done += steps
         leaving: list[Member] = []
         while gpu.members and gpu.members[0][0] <= gpu.done:
@@ -326,6 +364,10 @@ class StepScheduler(StepPricing):
             self._pull_waiting(gpu, now, joined, dropped)
         self._recount(gpu, before)
         self._start_segment(gpu, now, len(joined))
+        if leaving or joined or gpu.left_since:
+            for end, _, _ in counted:
+                self.steps_left[end - gpu.tallied] -= 1
+            self._tally(gpu, 1)
         return left, joined, dropped
 
     def _join(self, gpu, job, now, joined, dropped) -> bool:
@@ -392,7 +434,6 @@ class StepScheduler(StepPricing):
         n = len(gpu.by_id)
         gpu.seg_start = now + joined * self.profile.join_s
         gpu.seg_iter_s = self.profile.iteration_s(n) if n else 0.0
-        self.next_leaves.update(gpu, gpu.seg_iter_s)
 
     def next_steps(self, gpu: StepGpu) -> int:
         """How many steps the GPU runs before something must happen on it: the next leave, or
@@ -422,9 +463,10 @@ class StepScheduler(StepPricing):
                     return job
             member = gpu.by_id.pop(job_id, None)
             if member is not None:
+                self.steps_left[member.end_step - gpu.tallied] -= 1
+                gpu.left_since = True
                 gpu.members = [e for e in gpu.members if e[2] != job_id]
                 self._recount(gpu, before)
-                self.next_leaves.update(gpu, gpu.seg_iter_s)
                 return member.job
         return None
 
@@ -438,11 +480,11 @@ class StepScheduler(StepPricing):
         bucket = self.by_count[min(gpu.count, len(self.by_count) - 1)]
         gpu.up = up
         self.up_count += 1 if up else -1
-        self.next_leaves.update(gpu, gpu.seg_iter_s)
         if up:
             bucket.add(gpu.index)
             return []
         bucket.discard(gpu.index)
+        self._tally(gpu, -1)
         held = sorted((m.job for m in gpu.by_id.values()), key=lambda j: j.id) + gpu.joining
         gpu.by_id, gpu.members, gpu.joining = {}, [], []
         gpu.seg_iter_s = 0.0
@@ -451,10 +493,11 @@ class StepScheduler(StepPricing):
     def restart(self, gpu: StepGpu, job_id: int, k: int) -> None:
         """A member that could not start at its K (its cached latent was gone) runs from K."""
         member = gpu.by_id[job_id]
+        self._tally(gpu, -1)
         gpu.members.remove((member.end_step, member.job.deadline_s, job_id))
         member.k, member.end_step = k, gpu.done + self.profile.total_steps - k
         bisect.insort(gpu.members, (member.end_step, member.job.deadline_s, job_id))
-        self.next_leaves.update(gpu, gpu.seg_iter_s)
+        self._tally(gpu, 1)
 
     def idle_while_waiting(self) -> list[StepGpu]:
         """GPUs with nothing to run while requests wait: the driver runs a boundary on each

@@ -6,7 +6,7 @@ model = "tiny"            # or a diffusers folder
 backend = "tiny"          # tiny | diffusers | modeled
 workers = 1
 slo_s = 60.0
-policy = "promptserve"
+policy = "promptserve-step"   # or "promptserve": GPUs pinned to levels, as published
 embedder = "minilm"
 device = "cpu"
 cache_dir = ".promptserve"
@@ -52,7 +52,7 @@ class ServeFile(BaseModel):
     backend: Literal["tiny", "diffusers", "modeled"] | None = None
     workers: int = Field(default=1, ge=1, le=64)
     slo_s: float | None = Field(default=None, gt=0)
-    policy: str = "promptserve"
+    policy: str = "promptserve-step"
     embedder: Literal["minilm", "hashing"] = "minilm"
     device: str = "cpu"
     cache_dir: Path = Path(".promptserve")

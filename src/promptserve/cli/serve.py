@@ -46,9 +46,10 @@ def serve_cmd(
     policy: Annotated[
         str | None,
         typer.Option(
-            help="Policy: clipper-ha, clipper-ht, nirvana, proteus, argus, promptserve "
-            "(default), promptserve-step, continuous-ha, continuous-ht, each with optional "
-            "+shed, +admit, +fast."
+            help="Policy: promptserve-step (default: step-level serving), promptserve (GPUs "
+            "pinned to levels, the published method's shape; for engines where one request "
+            "fills the GPU), clipper-ha, clipper-ht, nirvana, proteus, argus, continuous-ha, "
+            "continuous-ht, each with optional +shed, +admit, +fast."
         ),
     ] = None,
     embedder: Annotated[

@@ -39,7 +39,7 @@ class ServerConfig:
     workers: int = 1
     cache_dir: Path = Path(".promptserve")
     slo_s: float | None = None  # default: 5x the full-quality latency, at least 30 s on a CPU
-    policy: str = "promptserve"
+    policy: str = "promptserve-step"  # "promptserve": GPUs pinned to levels, as published
     embedder: str = "minilm"
     device: str = "cpu"
     # key -> tenant; None or empty: one tenant, localhost only

@@ -4,9 +4,9 @@ Reference SDXL profile, DiffusionDB prompts with real MiniLM embeddings, SLO 21 
 full-quality latency), 3 seeds, both quality-penalty presets:
 
 * ``poisson-2gpu``: Poisson arrivals on 2 GPUs at 20, 40, 60, 80 and 100 queries/minute, 20 min;
-* ``conversation-2gpu``: the Azure conversation trace's arrivals on 2 GPUs, stretched to 20, 40
-  and 60 queries/minute mean, 20 min (real burstiness; the trace is fixed, the seed moves the
-  routing draws);
+* ``conversation-2gpu``: the Azure conversation trace's arrivals on 2 GPUs, stretched to 60,
+  80, 100 and 120 queries/minute mean, 20 min (real burstiness; the trace is fixed, the seed
+  moves the routing draws);
 * ``argus-8gpu``: the Argus shape on 8 GPUs (840 minutes compressed 10x, three bursts).
 
 The policies: the published method as shipped (``argus``) and with promptserve's queue,
@@ -50,7 +50,7 @@ SWEEPS = {
     "poisson-2gpu": dict(arrivals="poisson", rates=(20, 40, 60, 80, 100), gpus=2, minutes=20),
     "conversation-2gpu": dict(
         arrivals=f"trace:{ROOT / 'data/AzureLLMInferenceTrace_conv.csv'}",
-        rates=(20, 40, 60),
+        rates=(60, 80, 100, 120),
         gpus=2,
         minutes=20,
     ),

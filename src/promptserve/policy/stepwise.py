@@ -309,13 +309,14 @@ class StepScheduler(StepPricing):
 
     def _slot_frees(self, now: float, n: int, slowest: int) -> float:
         """When a slot frees for a job that cannot join now and queues behind every waiting
-        one. No slot is free for it now (it would have joined: a GPU below its count is held
-        by its members' deadlines), so the queue takes, in order, the slots of the running
-        members as they leave, and the job gets the next: the k-th leave, read from
-        ``steps_left`` (members per steps left, O(total steps), independent of the GPU count)
-        at the iteration time of ``slowest`` members. Where the queue outnumbers the running
-        members its own jobs must leave first: then the work-conserving bound, all the work
-        ahead done at the step capacity of ``n`` in flight."""
+        one. The queue takes the free slots (GPUs below ``n`` members), then, in order, those
+        of the running members as they leave, and the job gets the next: the k-th leave, read
+        from ``steps_left`` (members per steps left, O(total steps), independent of the GPU
+        count) at the iteration time of ``slowest`` members. Where the queue outnumbers the
+        running members its own jobs must leave first: then the work-conserving bound, all
+        the work ahead done at the step capacity of ``n`` in flight. (Counting no free slot,
+        since one this job could take it would have joined, refused no more and dropped more
+        at 10x: ``docs/bursts.md``.)"""
         free = sum(len(bucket) * max(0, n - c) for c, bucket in enumerate(self.by_count))
         k = len(self.waiting) + 1 - free
         if k <= 0:

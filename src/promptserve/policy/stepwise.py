@@ -314,9 +314,9 @@ class StepScheduler(StepPricing):
         from ``steps_left`` (members per steps left, O(total steps), independent of the GPU
         count) at the iteration time of ``slowest`` members. Where the queue outnumbers the
         running members its own jobs must leave first: then the work-conserving bound, all
-        the work ahead done at the step capacity of ``n`` in flight. (Counting no free slot,
-        since one this job could take it would have joined, refused no more and dropped more
-        at 10x: ``docs/bursts.md``.)"""
+        the work ahead done at the step capacity of ``n`` in flight. (Counting no slot as free,
+        on the grounds that the job would have joined one, dropped more at 10x, not fewer:
+        ``docs/bursts.md``.)"""
         free = sum(len(bucket) * max(0, n - c) for c, bucket in enumerate(self.by_count))
         k = len(self.waiting) + 1 - free
         if k <= 0:

@@ -330,12 +330,14 @@ class StepScheduler(StepPricing):
         rate = self.up_count * self.profile.steps_per_s(n)
         return now + (running + self.waiting_steps) / rate
 
-    def _tally(self, gpu: StepGpu, sign: int) -> None:
-        """Count ``gpu``'s members in (1, as of now) or out of (-1, as last counted)
-        ``steps_left``."""
+    def _tally(
+        self, gpu: StepGpu, sign: int, members: list[tuple[int, float, int]] | None = None
+    ) -> None:
+        """Count ``gpu``'s members (default: those it holds) in (1, as of now) or out of (-1,
+        as last counted) ``steps_left``."""
         if sign > 0:
             gpu.tallied, gpu.left_since = gpu.done, False
-        for end, _, _ in gpu.members:
+        for end, _, _ in gpu.members if members is None else members:
             self.steps_left[end - gpu.tallied] += sign
 
     def boundary(
@@ -366,8 +368,7 @@ class StepScheduler(StepPricing):
         self._recount(gpu, before)
         self._start_segment(gpu, now, len(joined))
         if leaving or joined or gpu.left_since:
-            for end, _, _ in counted:
-                self.steps_left[end - gpu.tallied] -= 1
+            self._tally(gpu, -1, counted)
             self._tally(gpu, 1)
         return left, joined, dropped
 

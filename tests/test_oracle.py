@@ -156,3 +156,56 @@ def test_the_bound_caches_a_prompt_no_sooner_than_it_could_be_answered():
     k_warm, found_warm = oracle_neighbours(reqs, emb, thresholds, (["w"], twin), soonest)
     assert found_warm.tolist() == [True, True, True, False]
     assert k_warm[0] == thresholds.levels[0]
+
+
+# batches of its steps: b members, N - K steps of step(b), and each member's join and leave
+STEPPY = Profile(
+    "steppy",
+    4,
+    (0, 2),
+    (100.0, 90.0),
+    (1, 2, 3),
+    ((4.1, 5.0, 6.3), (2.1, 2.6, 3.3)),
+    step_inflight=(1, 2, 3),
+    step_latency_s=(1.0, 1.2, 1.5),
+    encode_s=0.05,
+    decode_s=0.05,
+)
+
+
+def cheapest_member(profile, k, window):
+    """Fewest GPU-seconds one member spends over every sequence of in-flight counts for its
+    steps that fits its window (by enumeration): what ``step_cost`` must not exceed."""
+    from itertools import combinations_with_replacement
+
+    steps, step_s = profile.total_steps - k, profile.step_latency_s
+    fixed = profile.encode_s + profile.decode_s
+    best = float("inf")
+    for counts in combinations_with_replacement(range(1, len(step_s) + 1), steps):
+        if sum(step_s[n - 1] for n in counts) + fixed <= window + 1e-9:
+            best = min(best, sum(step_s[n - 1] / n for n in counts) + fixed)
+    return best
+
+
+@pytest.mark.parametrize("window", [3.0, 4.2, 5.0, 5.2, 5.5, 6.1, 9.0])
+@pytest.mark.parametrize("k", [0, 2])
+def test_no_sequence_of_step_counts_costs_a_member_less_than_the_step_cost(k, window):
+    from promptserve.sim.oracle import step_cost
+
+    bound, best = step_cost(STEPPY, k, window), cheapest_member(STEPPY, k, window)
+    assert bound <= best + 1e-9
+    if best == float("inf"):
+        assert bound == float("inf")  # nothing fits, not even alone
+    else:
+        assert bound >= best - 0.25  # the LP relaxation, not a looser one
+
+
+def test_a_member_mixing_counts_beats_every_batch_that_fits_and_the_bound_allows_it():
+    from promptserve.sim.oracle import batch_cost, per_image_cost, step_cost
+
+    # in 5.4 s: 3 steps with 2 members and 1 with 3 (5.2 s with join and leave), at
+    # 3 x 0.6 + 0.5 + 0.1 = 2.4 GPU-s; the best batch that fits is 2 (5.0 s) at 2.5 each
+    mixed = 3 * 1.2 / 2 + 1.5 / 3 + 0.1
+    assert cheapest_member(STEPPY, 0, 5.4) == pytest.approx(mixed)
+    assert batch_cost(STEPPY, 0, 5.4) == pytest.approx(2.5)
+    assert per_image_cost(STEPPY, 0, 5.4) == step_cost(STEPPY, 0, 5.4) <= mixed

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import numpy as np
 
@@ -78,6 +79,7 @@ class Policy:
     admission: bool = False
     switch_s_from_profile: bool = False  # a level change costs the model-load time
     step: str | None = None  # step-level serving's K rule (price, zero, max); None: pinned GPUs
+    step_type: ClassVar[type[StepScheduler]] = StepScheduler  # a reference's may differ
 
     def estimator(self, levels: tuple[int, ...], slo_s: float) -> LoadEstimator:
         short_s = slo_s if self.short_s is None else self.short_s
@@ -105,7 +107,7 @@ class Policy:
         )
         profile = setting.profiles[0]
         estimator = self.estimator(profile.levels, setting.slo_s)
-        return StepScheduler(
+        return self.step_type(
             step_profile(profile), len(setting.profiles), setting.quality, config, estimator
         )
 

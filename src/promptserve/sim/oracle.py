@@ -1,13 +1,21 @@
 """An offline bound: the whole trace known in advance, solved as one LP over fine time slots.
 
 No schedule can beat it. Take any schedule the simulator (or a real cluster) could run: every
-batch of b images at level l on a GPU of group p occupies that GPU for L_p(l, b) seconds, from
-no earlier than the arrival of each member to, for a member answered in time, no later than its
-deadline. Then:
+batch of b images at level l on a GPU of group p occupies that GPU for L_p(l, b) seconds, and
+every step-level iteration of n members for s_p(n) seconds (plus each member's join and leave),
+from no earlier than the arrival of each member to, for a member answered in time, no later
+than its deadline. Then:
 
-1. *Cost.* A member answered in time at level l on group p used at least
-   c[p, l] = min_b L_p(l, b) / b GPU-seconds, the minimum over batches that fit its window
-   (L_p(l, b) <= deadline - arrival): its share of the batch's time.
+1. *Cost.* A member answered in time at level l on group p used at least c[p, l, W] GPU-seconds,
+   W its window (deadline - arrival): the less of
+   - *as a batch member*: min_b L_p(l, b) / b over batches that fit (L_p(l, b) <= W), its share
+     of the batch's time;
+   - *as a step-level member*: its N - K_l steps, each in an iteration of some n members, cost
+     it s_p(n) seconds of its window and give it s_p(n) / n of the GPU's; over every sequence
+     of counts whose seconds fit W (less its join and leave), the GPU's share is at least the
+     two-row LP's optimum (steps; seconds) plus the join and leave (``step_cost``). Members
+     mixing counts can beat every batch that fits (a window that a batch of 8 fits and one of
+     9 does not lets some steps run with 9), so the batch cost alone is no bound for them.
 2. *Time.* Cut time into slots of ``window_s`` seconds. That share lies inside the batch's
    interval, hence inside the member's [arrival, deadline], hence in the slots that interval
    overlaps (from the arrival's slot to the deadline's: nothing spills past the deadline's
@@ -25,16 +33,20 @@ and quality does not fall with K_opt. A request with no such earlier prompt has 
 under any schedule, so it runs from noise: its bucket may only use level 0.
 
     maximise   sum q[i, l] y[b, l, p] / N          (i: the bucket's K_opt class)
-    s.t.       sum_{l, p} y[b, l, p]          <= n_b                    (each bucket's requests)
-               sum_{b in w, l} c[p, l] y[b, l, p] <= sum_t z[w, t, p]   (work spread over slots)
-               sum_w z[w, t, p]               <= G_p window_s           (GPU time per slot)
-               y, z >= 0;  y[b, l, p] = 0 unless L_p(l, 1) fits the bucket's window,
+    s.t.       sum_{l, p} y[b, l, p]               <= n_b               (each bucket's requests)
+               sum_{b in w, l} c[p, l, W_b] y[b, l, p] <= sum_t z[w, t, p]  (work over slots)
+               sum_w z[w, t, p]                    <= G_p window_s      (GPU time per slot)
+               y, z >= 0;  y[b, l, p] = 0 unless level l fits the bucket's window alone,
                            and unless l = 0 for a bucket of requests with no neighbour
 
-The violation bound maximises sum y instead. Slack left by the relaxation: batches are
-perfectly full (cost at the best batch size), work is divisible across GPUs and slots, and a
-request's window is widened to whole slots (at most ``window_s`` at each end). The default
-1 s slot is 5% of the 21 s reference SLO.
+W_b is the longest window in bucket b (no shorter than each member's). The violation bound
+maximises sum y instead. Slack left by the relaxation: batches are perfectly full (cost at the
+best batch size; a step-level member at the best mix of counts), work is divisible across GPUs
+and slots, and a request's window is widened to whole slots (at most ``window_s`` at each
+end). The default 1 s slot is 5% of the 21 s reference SLO. A member's steps are not limited
+per slot (only over its window): the tighter per-slot form (steps in each slot at most its
+seconds there over s(n)) was measured from outside at +0.06 points at Poisson 80 and +0.58 at
+100 and needs a column per bucket, slot and count; it is not built (``docs/comparison.md``).
 """
 
 from __future__ import annotations
@@ -53,6 +65,13 @@ DEFAULT_WINDOW_S = 1.0
 
 
 def per_image_cost(profile: Profile, k: int, window_s: float) -> float:
+    """Fewest GPU-seconds an image at level K can take inside ``window_s``: as a member of a
+    batch that fits (``batch_cost``) or of step-level iterations (``step_cost``), whichever
+    is less (inf if neither fits)."""
+    return min(batch_cost(profile, k, window_s), step_cost(profile, k, window_s))
+
+
+def batch_cost(profile: Profile, k: int, window_s: float) -> float:
     """Fewest GPU-seconds per image at level K in a batch that fits ``window_s`` (inf if none)."""
     costs = [
         profile.batch_latency(k, b) / b
@@ -60,6 +79,36 @@ def per_image_cost(profile: Profile, k: int, window_s: float) -> float:
         if profile.batch_latency(k, b) <= window_s
     ]
     return min(costs) if costs else math.inf
+
+
+def step_cost(profile: Profile, k: int, window_s: float) -> float:
+    """Fewest GPU-seconds per image at level K as a step-level member in flight for at most
+    ``window_s`` (inf if its steps cannot fit): its N - K steps, each in an iteration of some
+    n members (``s(n)`` seconds of its time, ``s(n) / n`` of the GPU's), plus its join and
+    leave (GPU time, its time too). The least over every mix of counts is a two-row LP
+    (steps; time) whose optimum uses at most two counts: the best of the single counts that
+    fit and of the pairs that straddle the time per step allowed."""
+    from promptserve.policy.stepwise import step_profile
+
+    sp = step_profile(profile)
+    steps = profile.total_steps - k
+    fixed = sp.join_s + sp.leave_s
+    budget = window_s - fixed
+    if steps <= 0:
+        return fixed if budget >= -1e-9 else math.inf
+    if budget <= 0:
+        return math.inf
+    per_step = budget / steps  # the member's seconds per step, at most
+    m = np.array(sp.step_s)  # its seconds per step at n members
+    a = m / np.arange(1, len(m) + 1)  # the GPU's seconds per member-step
+    best = float(a[m <= per_step + 1e-12].min()) if (m <= per_step + 1e-12).any() else math.inf
+    lo, hi = m <= per_step, m > per_step
+    if lo.any() and hi.any():  # share x of the steps at a slow-count j, the rest at i
+        mi, ai = m[lo][:, None], a[lo][:, None]
+        mj, aj = m[hi][None, :], a[hi][None, :]
+        x = (per_step - mi) / (mj - mi)  # the share at j that uses the time exactly
+        best = min(best, float((ai + x * (aj - ai)).min()))
+    return steps * best + fixed
 
 
 def earliest_answer_s(profiles: Sequence[Profile]) -> float:
@@ -94,8 +143,6 @@ def oracle_bounds(
     levels = profiles[0].levels
     groups = group_gpus(profiles)
     budget = (deadline_s - arrival_s).astype(float)
-    cost = np.array([[per_image_cost(p, k, budget.max()) for k in levels] for p, _ in groups])
-    single = np.array([[p.batch_latency(k, 1) for k in levels] for p, _ in groups])
     t0 = float(arrival_s.min())
     first = ((arrival_s - t0) // window_s).astype(int)
     # the slots a request's window overlaps for a positive time (a deadline on a slot's edge
@@ -111,7 +158,12 @@ def oracle_bounds(
     spans, bucket_span = np.unique(keys[:, :2], axis=0, return_inverse=True)
     bucket_budget = np.zeros(len(keys))
     np.maximum.at(bucket_budget, bucket.ravel(), budget)
-    lp = _Lp(keys, counts, spans, bucket_span.ravel(), bucket_budget, groups, cost, single)
+    # a bucket's requests are costed at its longest window: no less than each one's own
+    windows, window_of = np.unique(bucket_budget, return_inverse=True)
+    cost = np.array(
+        [[[per_image_cost(p, k, w) for k in levels] for p, _ in groups] for w in windows]
+    )[window_of.ravel()]  # [bucket, group, level]
+    lp = _Lp(keys, counts, spans, bucket_span.ravel(), groups, cost)
     lp.build(window_s)
     q = quality[keys[lp.y_bucket, 2], lp.y_level]
     best_q = lp.solve(q)
@@ -130,20 +182,19 @@ def _result(quality: float, violation: float, window_s: float) -> dict[str, floa
 class _Lp:
     """The sparse LP of the module docstring; y columns first, then z columns."""
 
-    def __init__(self, keys, counts, spans, bucket_span, bucket_budget, groups, cost, single):
+    def __init__(self, keys, counts, spans, bucket_span, groups, cost):
         self.keys, self.counts, self.spans = keys, counts, spans
-        self.bucket_span, self.budget = bucket_span, bucket_budget
-        self.groups, self.cost, self.single = groups, cost, single
+        self.bucket_span = bucket_span
+        self.groups, self.cost = groups, cost  # cost: [bucket, group, level], inf: cannot fit
 
     def build(self, window_s: float) -> None:
-        n_groups, m = self.cost.shape
+        _, n_groups, m = self.cost.shape
         ys = [
             (b, lv, p)
             for b in range(len(self.keys))
             for p in range(n_groups)
             for lv in range(m)
-            if np.isfinite(self.cost[p, lv])
-            and self.single[p, lv] <= self.budget[b] + 1e-9
+            if np.isfinite(self.cost[b, p, lv])
             and (lv == 0 or self.keys[b, 2] < m)  # past the K_opt classes: no neighbour
         ]
         yb = np.array([y[0] for y in ys], dtype=int)
@@ -167,7 +218,9 @@ class _Lp:
         )
         rows = np.concatenate([rows, n_b + n_w * n_groups + zt * n_groups + zp])
         cols = np.concatenate([y_cols, y_cols, z_cols, z_cols])
-        vals = np.concatenate([np.ones(self.n_y), self.cost[yp, yl], -np.ones(n_z), np.ones(n_z)])
+        vals = np.concatenate(
+            [np.ones(self.n_y), self.cost[yb, yp, yl], -np.ones(n_z), np.ones(n_z)]
+        )
         shape = (n_b + n_w * n_groups + slots * n_groups, self.n_y + n_z)
         self.a = coo_matrix((vals, (rows, cols)), shape=shape).tocsr()
         size = np.array([len(members) for _, members in self.groups], dtype=float)

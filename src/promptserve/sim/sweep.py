@@ -24,6 +24,7 @@ from promptserve.profile import Profile
 from promptserve.quality import PenaltyShape
 from promptserve.sim.compare import CompareConfig, compare, sim_inputs
 from promptserve.sim.oracle import DEFAULT_WINDOW_S
+from promptserve.sim.simulator import SimInputs
 from promptserve.workload import generate_arrivals, make_requests, parse_arrival_spec
 from promptserve.workload.looks import LookMix, with_looks
 
@@ -58,6 +59,39 @@ def parse_rates(text: str) -> tuple[float, ...]:
     return values
 
 
+def point_inputs(
+    prompts: Sequence[str],
+    prompt_embeddings: np.ndarray,
+    profile: Profile,
+    thresholds: Thresholds,
+    config: SweepConfig,
+    rate: float | None,
+    seed: int,
+) -> tuple[SimInputs, CompareConfig]:
+    """One sweep point's workload, as every policy (and ``sim.hindsight``) runs on it."""
+    times = generate_arrivals(
+        parse_arrival_spec(config.arrivals),
+        rate_qpm=rate,
+        minutes=config.minutes,
+        time_scale=config.time_scale,
+        seed=seed,
+    )
+    if len(times) == 0:
+        raise InputError(f"the arrival spec produced no requests at rate {rate}")
+    requests = with_looks(make_requests(prompts, times, config.slo_s), config.looks, seed)
+    emb = prompt_embeddings[[r.id % len(prompts) for r in requests]]
+    cmp = CompareConfig(
+        config.gpus,
+        config.slo_s,
+        config.penalty,
+        seed,
+        0,
+        config.oracle_window_s,
+        config.coarse_window_s,
+    )
+    return sim_inputs(requests, emb, profile, thresholds, cmp), cmp
+
+
 def run_sweep(
     policies: Sequence[Policy],
     prompts: Sequence[str],
@@ -68,31 +102,13 @@ def run_sweep(
     on_point: Callable[[dict], None] | None = None,
 ) -> dict:
     """Every (rate, seed) point; ``prompt_embeddings`` has one row per prompt, in file order."""
-    spec = parse_arrival_spec(config.arrivals)
     points = []
     for rate in config.rates:
         for seed in config.seeds:
-            times = generate_arrivals(
-                spec,
-                rate_qpm=rate,
-                minutes=config.minutes,
-                time_scale=config.time_scale,
-                seed=seed,
+            inputs, cmp = point_inputs(
+                prompts, prompt_embeddings, profile, thresholds, config, rate, seed
             )
-            if len(times) == 0:
-                raise InputError(f"the arrival spec produced no requests at rate {rate}")
-            requests = with_looks(make_requests(prompts, times, config.slo_s), config.looks, seed)
-            emb = prompt_embeddings[[r.id % len(prompts) for r in requests]]
-            cmp = CompareConfig(
-                config.gpus,
-                config.slo_s,
-                config.penalty,
-                seed,
-                0,
-                config.oracle_window_s,
-                config.coarse_window_s,
-            )
-            inputs = sim_inputs(requests, emb, profile, thresholds, cmp)
+            requests, times = inputs.requests, np.array([r.arrival_s for r in inputs.requests])
             rows, oracle, _, _ = compare(policies, inputs, cmp)
             span_min = max(float(times[-1] - times[0]) / 60.0, 1e-9)
             point = {

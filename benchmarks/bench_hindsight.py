@@ -27,7 +27,7 @@ from promptserve.cache.thresholds import shipped_thresholds
 from promptserve.policy import get_policy
 from promptserve.profile import reference_profile
 from promptserve.sim.compare import compare
-from promptserve.sim.hindsight import search
+from promptserve.sim.hindsight import STARTS, search
 from promptserve.sim.sweep import SweepConfig, point_inputs
 from promptserve.workload import load_prompts
 
@@ -83,8 +83,8 @@ def main() -> None:
     unknown = [p for p in points if p not in POINTS]
     if unknown:
         parser.error(f"--points: unknown {unknown}; choose from {', '.join(POINTS)}")
-    if args.budget < 8:
-        parser.error("--budget must be at least 8 (the search's starting plans)")
+    if args.budget < STARTS:
+        parser.error(f"--budget must be at least {STARTS} (the search's starting plans)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     STATE["prompts"] = load_prompts(ROOT / "data/diffusiondb_prompts_4k.txt")
     STATE["vecs"] = make_embedder("minilm", ROOT / ".promptserve").embed(STATE["prompts"])

@@ -27,6 +27,7 @@ from promptserve.sim.simulator import simulate
 
 BLOCKS_S = (120.0, 30.0, 10.0)  # the block lengths the search moves, coarse to fine
 PRICES = (0.0, 0.05, 0.1, 0.2, 0.4, 1.0)  # one-price starts: q(K_opt, K) - price (N - K)
+STARTS = 1 + len(PRICES)  # simulations before the first move: the online levels, each price
 
 
 class PlannedSteps(StepScheduler):

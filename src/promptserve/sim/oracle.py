@@ -101,8 +101,9 @@ def step_cost(profile: Profile, k: int, window_s: float) -> float:
     per_step = budget / steps  # the member's seconds per step, at most
     m = np.array(sp.step_s)  # its seconds per step at n members
     a = m / np.arange(1, len(m) + 1)  # the GPU's seconds per member-step
-    best = float(a[m <= per_step + 1e-12].min()) if (m <= per_step + 1e-12).any() else math.inf
-    lo, hi = m <= per_step, m > per_step
+    lo = m <= per_step + 1e-12  # the counts whose steps fit the time alone
+    hi = ~lo
+    best = float(a[lo].min()) if lo.any() else math.inf
     if lo.any() and hi.any():  # share x of the steps at a slow-count j, the rest at i
         mi, ai = m[lo][:, None], a[lo][:, None]
         mj, aj = m[hi][None, :], a[hi][None, :]

@@ -109,8 +109,7 @@ class StepPricing:
         of ``mean_steps`` (default: a full one) finishes within ``SLO_SHARE`` of the SLO (the
         rest is left for waiting to join)."""
         n = self.inflight_within(mean_steps or self.profile.total_steps, slo_s)
-        up = sum(1 for g in self.gpus if g.up)
-        return up * self.profile.steps_per_s(n)
+        return self.up_count * self.profile.steps_per_s(n)
 
     def inflight_within(self, steps: float, slo_s: float) -> int:
         """The largest in-flight count at which ``steps`` steps take at most ``SLO_SHARE`` of

@@ -492,6 +492,17 @@ class StepScheduler(StepPricing):
         gpu.seg_iter_s = 0.0
         return held
 
+    def drain(self, gpu_index: int) -> None:
+        """Take a GPU out of placement while its members run to their end: it takes no one
+        new and leaves the step capacity, but unlike a lost GPU hands nothing back (a GPU moving
+        to another shard, ``policy.shards``; it is empty once its members have left)."""
+        gpu = self.gpus[gpu_index]
+        if not gpu.up:
+            return
+        self.by_count[min(gpu.count, len(self.by_count) - 1)].discard(gpu.index)
+        gpu.up = False
+        self.up_count -= 1
+
     def restart(self, gpu: StepGpu, job_id: int, k: int) -> None:
         """A member that could not start at its K (its cached latent was gone) runs from K."""
         member = gpu.by_id[job_id]

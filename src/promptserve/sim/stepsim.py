@@ -51,11 +51,15 @@ class StepRun(EventRun):
         if arrival.gpu is not None:
             self._cut(self.sched.gpus[arrival.gpu], now)
         elif self.sched.config.shed:
-            # it waits: every running GPU holds a boundary at its next step, where the job may
-            # fit (``next_steps``), as the live runtime holds one at every step
-            for running in self.sched.gpus:
+            # it waits: every running GPU it may join holds a boundary at its next step, where
+            # the job may fit (``next_steps``), as the live runtime holds one at every step
+            for running in self._joinable(arrival.job.id):
                 if running.by_id:
                     self._cut(running, now)
+
+    def _joinable(self, job_id: int) -> list[StepGpu]:
+        """The GPUs a waiting job may join: all of them (a shard's own, ``sim/sharded.py``)."""
+        return self.sched.gpus
 
     def _cut(self, gpu: StepGpu, now: float) -> None:
         """Stop ``gpu`` at its next step boundary (a request waits to join it there)."""

@@ -1,0 +1,270 @@
+"""A sharded control plane: tenants on a consistent-hash ring, each shard a step-level scheduler
+over its own slice of the GPUs, and a slow global controller that moves GPUs between slices.
+
+One scheduler over thousands of GPUs is one process's work at every arrival and boundary; a
+shard's is its slice's. What sharding costs is multiplexing: a burst of one shard's tenants
+cannot use another's idle GPUs until the controller moves some. The controller reads each
+shard's load estimate on its period and moves GPUs towards a split proportional to the step
+work each asks for. A GPU moves by draining: it takes no one new where it was, and joins its
+new shard once its last member has left (its members' progress is never lost).
+
+Tenants never share cache entries, so a tenant's whole cache partition lives on its shard;
+the ring keeps most tenants where they were when shards are added or removed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from promptserve.policy.contract import Arrival, LoadSnapshot
+from promptserve.policy.estimator import LoadEstimator
+from promptserve.policy.stepwise import StepGpu, StepScheduler
+from promptserve.policy.types import Demand, Job, Outcome
+
+VNODES = 64  # points per shard on the ring: the load split's spread falls as 1/sqrt(VNODES)
+
+
+def _point(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+class ShardRing:
+    """Consistent hashing of tenants onto shards (Karger et al.): each shard owns ``vnodes``
+    points of a 64-bit ring, a tenant goes to the owner of the first point at or after its
+    hash. Adding a shard moves about 1/(n+1) of the tenants, all of them to the new shard."""
+
+    def __init__(self, n_shards: int, vnodes: int = VNODES) -> None:
+        if n_shards < 1:
+            raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+        points = sorted(
+            (_point(f"shard-{s}#{v}"), s) for s in range(n_shards) for v in range(vnodes)
+        )
+        self.n_shards = n_shards
+        self._keys = [p for p, _ in points]
+        self._owners = [s for _, s in points]
+        self._memo: dict[str, int] = {}
+
+    def shard_of(self, tenant: str) -> int:
+        shard = self._memo.get(tenant)
+        if shard is None:
+            i = bisect.bisect_left(self._keys, _point(tenant)) % len(self._keys)
+            shard = self._memo[tenant] = self._owners[i]
+        return shard
+
+
+@dataclass(frozen=True)
+class ShardLoad:
+    """One shard's load as its estimator reads it."""
+
+    rate_qpm: float
+    mean_steps: float  # steps a request asks for at its K_opt (a miss: every step)
+    arrivals: int  # in the estimator's window: how noisy the rate is
+
+    @property
+    def work(self) -> float:
+        return self.rate_qpm * self.mean_steps
+
+
+def shard_load(demand: Demand, levels: Sequence[int], total_steps: int, arrivals: int) -> ShardLoad:
+    steps = sum(share * (total_steps - k) for share, k in zip(demand.mix, levels, strict=True))
+    return ShardLoad(demand.rate_qpm, steps, arrivals)
+
+
+def gpu_targets(loads: Sequence[ShardLoad], total: int, minimum: int = 1) -> list[int]:
+    """GPUs per shard in proportion to the step work it asks for, at least ``minimum`` each,
+    summing to ``total`` (largest remainders). With no load anywhere, an even split."""
+    n = len(loads)
+    if total < minimum * n:
+        raise ValueError(f"{total} GPUs cannot give {n} shards {minimum} each")
+    work = [max(load.work, 0.0) for load in loads]
+    spare = total - minimum * n
+    whole = sum(work)
+    shares = [spare * w / whole for w in work] if whole > 0 else [spare / n] * n
+    out = [minimum + math.floor(s) for s in shares]
+    order = sorted(range(n), key=lambda i: (-(shares[i] - math.floor(shares[i])), i))
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def plan_moves(
+    counts: Sequence[int], targets: Sequence[int], loads: Sequence[ShardLoad]
+) -> list[tuple[int, int]]:
+    """(from shard, to shard) for each GPU to move this period. A shard within one standard
+    deviation of its target is left alone: its share of the work is estimated from
+    ``arrivals`` requests, so its target is uncertain by about target / sqrt(arrivals), and
+    a move costs a drain (the GPU takes no one until its members have left)."""
+
+    def slack(i: int) -> float:
+        return max(1.0, targets[i] / math.sqrt(max(loads[i].arrivals, 1)))
+
+    over = [i for i in range(len(counts)) if counts[i] - targets[i] > slack(i)]
+    under = [i for i in range(len(counts)) if targets[i] - counts[i] > slack(i)]
+    give = {i: counts[i] - targets[i] for i in over}
+    take = {i: targets[i] - counts[i] for i in under}
+    moves: list[tuple[int, int]] = []
+    for dst in sorted(under, key=lambda i: -take[i]):
+        for src in sorted(over, key=lambda i: -give[i]):
+            while take[dst] > 0 and give[src] > 0:
+                moves.append((src, dst))
+                take[dst] -= 1
+                give[src] -= 1
+    return moves
+
+
+class ShardedSteps:
+    """``n_shards`` step-level schedulers over one pool of GPUs, tenants routed by the ring.
+    Every shard holds every GPU's slot (so indices are global and a GPU can move), with the
+    GPUs it does not own down. The driver calls ``intake`` (routed by ``tenant_of``),
+    ``boundary`` and ``next_steps`` per GPU as for one ``StepScheduler``, ``reprice`` on the
+    re-plan period and ``control`` on the controller's."""
+
+    def __init__(
+        self,
+        make: Callable[[], StepScheduler],
+        n_gpus: int,
+        n_shards: int,
+        tenant_of: Callable[[int], str],
+    ) -> None:
+        if n_gpus < n_shards:
+            raise ValueError(f"{n_shards} shards need at least as many GPUs, got {n_gpus}")
+        self.ring = ShardRing(n_shards)
+        self.tenant_of = tenant_of
+        self.shards = [make() for _ in range(n_shards)]
+        first = self.shards[0]
+        self.config, self.profile = first.config, first.profile
+        self.owner = [g * n_shards // n_gpus for g in range(n_gpus)]
+        self.owned: list[set[int]] = [set() for _ in range(n_shards)]
+        for g, s in enumerate(self.owner):
+            self.owned[s].add(g)
+            for other, shard in enumerate(self.shards):
+                if other != s:
+                    shard.set_up(g, False)
+        self.gpus: list[StepGpu] = [self.shards[s].gpus[g] for g, s in enumerate(self.owner)]
+        self.draining: dict[int, int] = {}  # GPU -> the shard it moves to once empty
+        self.shard_of_job: dict[int, int] = {}
+        self.moved = 0
+        # the contract's estimator; each shard's own (told of its arrivals) drives its price
+        # and the controller, so the driver's estimate is only ever shard 0's
+        self.estimator: LoadEstimator = first.estimator  # type: ignore[assignment]
+
+    @property
+    def price(self) -> float:
+        return max(shard.price for shard in self.shards)
+
+    # -- the driver's calls --------------------------------------------------------------------
+
+    def intake(
+        self, now: float, job_id: int, deadline_s: float, k_opt: int, has_neighbour: bool
+    ) -> Arrival:
+        s = self.ring.shard_of(self.tenant_of(job_id))
+        self.shard_of_job[job_id] = s
+        return self.shards[s].intake(now, job_id, deadline_s, k_opt, has_neighbour)
+
+    def gpus_of(self, job_id: int) -> list[StepGpu]:
+        """The GPUs a waiting job of this shard may join (those its shard owns)."""
+        return [self.gpus[g] for g in sorted(self.owned[self.shard_of_job[job_id]])]
+
+    def boundary(
+        self, gpu: StepGpu, now: float, steps: int
+    ) -> tuple[list[Outcome], list, list[Outcome]]:
+        out = self.shards[self.owner[gpu.index]].boundary(gpu, now, steps)
+        if gpu.index in self.draining and gpu.count == 0:
+            self._hand_over(gpu.index)
+        return out
+
+    def next_steps(self, gpu: StepGpu) -> int:
+        return self.shards[self.owner[gpu.index]].next_steps(gpu)
+
+    def idle_while_waiting(self) -> list[StepGpu]:
+        out: list[StepGpu] = []
+        for shard in self.shards:
+            if shard.waiting:
+                out.extend(shard.idle_while_waiting())
+        return out
+
+    def reprice(
+        self, now: float, start_s: float, slo_s: float, forecast: Demand | None = None
+    ) -> float:
+        """Each shard's price from its own load estimate and its own GPUs; before any
+        arrival, from ``forecast`` (the whole cluster's) split by the shards' GPUs."""
+        for s, shard in enumerate(self.shards):
+            if forecast is not None:
+                share = len(self.owned[s]) / len(self.gpus)
+                demand = Demand(forecast.rate_qpm * share, forecast.mix)
+            else:
+                assert shard.estimator is not None
+                demand = shard.estimator.estimate(now, start_s)
+            shard.reprice(demand, slo_s)
+        return self.price
+
+    def control(self, now: float, start_s: float) -> list[tuple[int, int]]:
+        """The global controller: GPUs towards each shard's share of the step work. Returns
+        the moves begun (from, to); an idle GPU moves at once, a busy one once drained."""
+        total_steps = self.profile.total_steps
+        loads = []
+        for shard in self.shards:
+            est = shard.estimator
+            assert est is not None
+            demand = est.estimate(now, start_s)
+            loads.append(shard_load(demand, shard.levels, total_steps, len(est._seen)))
+        counts = [
+            len(self.owned[s]) - self._leaving(s) + self._arriving(s)
+            for s in range(len(self.shards))
+        ]
+        moves = plan_moves(counts, gpu_targets(loads, len(self.gpus)), loads)
+        for src, dst in moves:
+            g = self._pick(src)
+            if g is None:
+                continue
+            self.shards[src].drain(g)
+            self.draining[g] = dst
+            if self.gpus[g].count == 0:
+                self._hand_over(g)
+        return moves
+
+    def pending(self) -> int:
+        return sum(shard.pending() for shard in self.shards)
+
+    def snapshot(self) -> LoadSnapshot:
+        shots = [shard.snapshot() for shard in self.shards]
+        per_level = {k: sum(s.per_level[k] for s in shots) for k in shots[0].per_level}
+        queued = {k: sum(s.queued[k] for s in shots) for k in shots[0].queued}
+        inflight = tuple(self.gpus[g].count for g in range(len(self.gpus)))
+        return LoadSnapshot(
+            queued, per_level, inflight, len(self.gpus), sum(len(o) for o in self.owned)
+        )
+
+    def remove(self, job_id: int) -> Job | None:
+        s = self.shard_of_job.get(job_id)
+        return None if s is None else self.shards[s].remove(job_id)
+
+    # -- moving GPUs ---------------------------------------------------------------------------
+
+    def _leaving(self, s: int) -> int:
+        return sum(1 for g in self.draining if self.owner[g] == s)
+
+    def _arriving(self, s: int) -> int:
+        return sum(1 for dst in self.draining.values() if dst == s)
+
+    def _pick(self, s: int) -> int | None:
+        """The GPU of shard ``s`` that drains first: the one with the fewest members."""
+        shard = self.shards[s]
+        for bucket in shard.by_count:
+            free = [g for g in bucket if g not in self.draining]
+            if free:
+                return min(free)
+        return None
+
+    def _hand_over(self, g: int) -> None:
+        dst = self.draining.pop(g)
+        self.owned[self.owner[g]].discard(g)
+        self.owner[g] = dst
+        self.owned[dst].add(g)
+        self.shards[dst].set_up(g, True)
+        self.gpus[g] = self.shards[dst].gpus[g]
+        self.moved += 1

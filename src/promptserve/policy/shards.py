@@ -147,7 +147,7 @@ class ShardedSteps:
         self.gpus: list[StepGpu] = [self.shards[s].gpus[g] for g, s in enumerate(self.owner)]
         self.draining: dict[int, int] = {}  # GPU -> the shard it moves to once empty
         self.shard_of_job: dict[int, int] = {}
-        self.moved = 0
+        self.handovers: list[tuple[float, int, int, int]] = []  # (time, GPU, from, to)
         # the contract's estimator; each shard's own (told of its arrivals) drives its price
         # and the controller, so the driver's estimate is only ever shard 0's
         self.estimator: LoadEstimator = first.estimator  # type: ignore[assignment]
@@ -173,8 +173,8 @@ class ShardedSteps:
         self, gpu: StepGpu, now: float, steps: int
     ) -> tuple[list[Outcome], list, list[Outcome]]:
         out = self.shards[self.owner[gpu.index]].boundary(gpu, now, steps)
-        if gpu.index in self.draining and gpu.count == 0:
-            self._hand_over(gpu.index)
+        if gpu.index in self.draining and gpu.count == 0:  # free once its leavers are decoded
+            self._hand_over(gpu.index, max((o.time_s for o in out[0]), default=now))
         return out
 
     def next_steps(self, gpu: StepGpu) -> int:
@@ -224,7 +224,7 @@ class ShardedSteps:
             self.shards[src].drain(g)
             self.draining[g] = dst
             if self.gpus[g].count == 0:
-                self._hand_over(g)
+                self._hand_over(g, now)
         return moves
 
     def pending(self) -> int:
@@ -260,11 +260,15 @@ class ShardedSteps:
                 return min(free)
         return None
 
-    def _hand_over(self, g: int) -> None:
+    @property
+    def moved(self) -> int:
+        return len(self.handovers)
+
+    def _hand_over(self, g: int, now: float) -> None:
         dst = self.draining.pop(g)
+        self.handovers.append((now, g, self.owner[g], dst))
         self.owned[self.owner[g]].discard(g)
         self.owner[g] = dst
         self.owned[dst].add(g)
         self.shards[dst].set_up(g, True)
         self.gpus[g] = self.shards[dst].gpus[g]
-        self.moved += 1

@@ -1,0 +1,179 @@
+"""The sharded control plane (``policy/shards.py``, ``sim/sharded.py``) and the scaled-up
+workload it is measured on (``workload/scaled.py``)."""
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from promptserve.cache.embed import HashingEmbedder
+from promptserve.cache.thresholds import shipped_thresholds
+from promptserve.errors import InputError
+from promptserve.policy import Setting, Status, get_policy
+from promptserve.policy.shards import ShardLoad, ShardRing, gpu_targets, plan_moves
+from promptserve.policy.stepwise import StepConfig, StepScheduler, step_profile
+from promptserve.policy.types import Job
+from promptserve.profile import reference_profile
+from promptserve.quality import quality_model
+from promptserve.sim.sharded import ShardedRun
+from promptserve.sim.simulator import SimInputs, simulate
+from promptserve.workload.arrivals import read_trace_offsets
+from promptserve.workload.scaled import Rows, superposed_arrivals, tenant_requests
+
+ROOT = Path(__file__).resolve().parents[1]
+PROFILE = reference_profile()
+QM = quality_model(PROFILE.levels, PROFILE.quality, "mild")
+WORDS = ["cat", "castle", "forest", "robot", "ship", "storm", "neon", "city", "dragon", "moon"]
+PROMPTS = [
+    " ".join(np.random.default_rng(i).choice(WORDS, 4)) + ("" if i % 3 else f" v{i}")
+    for i in range(300)
+]
+
+
+def load(rate: float, arrivals: int = 100) -> ShardLoad:
+    return ShardLoad(rate, 40.0, arrivals)
+
+
+def scaled_inputs(gpus: int, rate_each: float, minutes: float, seed: int = 1) -> SimInputs:
+    offsets = read_trace_offsets(ROOT / "data/AzureLLMInferenceTrace_conv.csv")
+    times, copy_of = superposed_arrivals(offsets, gpus // 2, rate_each, minutes, seed)
+    requests, rows = tenant_requests(PROMPTS, times, copy_of, 21.0, seed)
+    emb = Rows(HashingEmbedder().embed(PROMPTS), rows)
+    setting = Setting((PROFILE,) * gpus, QM.matrix(), 21.0)
+    return SimInputs(requests, emb, setting, QM, shipped_thresholds("clip"), seed)
+
+
+# -- the ring ----------------------------------------------------------------------------------
+
+
+def test_the_ring_spreads_tenants_and_adding_a_shard_moves_only_what_it_takes():
+    tenants = [f"tenant-{i}" for i in range(8000)]
+    eight, nine = ShardRing(8), ShardRing(9)
+    before = [eight.shard_of(t) for t in tenants]
+    counts = Counter(before)
+    assert set(counts) == set(range(8))
+    assert max(counts.values()) < 1.6 * len(tenants) / 8  # 64 points a shard: a rough balance
+    after = [nine.shard_of(t) for t in tenants]
+    moved = [(b, a) for b, a in zip(before, after, strict=True) if b != a]
+    assert all(a == 8 for _, a in moved)  # only to the new shard
+    assert 0.5 / 9 < len(moved) / len(tenants) < 1.6 / 9
+    assert ShardRing(8).shard_of("tenant-7") == before[7]  # the same in every process
+    with pytest.raises(ValueError, match="n_shards"):
+        ShardRing(0)
+
+
+# -- the controller ----------------------------------------------------------------------------
+
+
+def test_targets_follow_the_step_work_and_sum_to_the_pool():
+    targets = gpu_targets([load(300.0), load(100.0), load(0.0), load(100.0)], 64)
+    assert sum(targets) == 64 and min(targets) >= 1
+    assert targets == [37, 13, 1, 13]  # one each, the other 60 split 3 : 1 : 0 : 1
+    assert gpu_targets([load(0.0)] * 4, 10) == [3, 3, 2, 2]  # no load: an even split
+    fuller = ShardLoad(100.0, 50.0, 100)  # misses: every step
+    assert gpu_targets([fuller, ShardLoad(100.0, 25.0, 100)], 32) == [21, 11]
+    with pytest.raises(ValueError, match="cannot give"):
+        gpu_targets([load(1.0)] * 4, 3)
+
+
+def test_moves_go_from_over_to_under_and_noise_moves_nothing():
+    loads = [load(100.0, 400), load(100.0, 400)]
+    assert plan_moves([16, 16], [17, 15], loads) == []  # within one GPU: left alone
+    moves = plan_moves([8, 24], [16, 16], loads)
+    assert moves == [(1, 0)] * 8
+    # with few arrivals seen the target is uncertain: a small gap is not acted on
+    few = [load(10.0, 4), load(10.0, 4)]
+    assert plan_moves([12, 20], [16, 16], few) == []  # 16 / sqrt(4) = 8 > 4
+
+
+def test_a_drained_gpu_keeps_its_members_takes_no_one_and_leaves_the_capacity():
+    sp = step_profile(PROFILE)
+    sched = StepScheduler(sp, 2, QM.matrix(), StepConfig("max", shed=True, admission=True))
+    gpu = sched.gpus[0]
+    sched._admit_member(gpu, Job(0, 0.0, 30.0, 25, 25, 25), 25, [])
+    sched._recount(gpu, 0)
+    capacity = sched.steps_capacity(21.0)
+    sched.drain(0)
+    assert sched.steps_capacity(21.0) == pytest.approx(capacity / 2)
+    assert sched.least_loaded() is sched.gpus[1]
+    assert list(gpu.by_id) == [0]  # nothing handed back, unlike a lost GPU
+    left, joined, _ = sched.boundary(gpu, 25 * sp.iteration_s(1), 25)
+    assert [o.job.id for o in left] == [0] and joined == [] and gpu.count == 0
+    assert sched.set_up(0, False) == []  # already out; back up it takes members again
+    sched.set_up(0, True)
+    assert sched.least_loaded() is sched.gpus[0]
+
+
+# -- the simulated control plane ---------------------------------------------------------------
+
+
+def test_one_shard_decides_request_by_request_as_one_global_scheduler():
+    inputs = scaled_inputs(8, 60.0, 4.0)
+    policy = get_policy("promptserve-step")
+    one = simulate(policy, inputs).records
+    run = ShardedRun(policy, inputs, 1)
+    sharded = run.run().records
+    assert len(one.status) > 400 and run.sched.moved == 0
+    assert np.array_equal(one.status, sharded.status)
+    assert np.array_equal(one.level, sharded.level) and np.array_equal(one.gpu, sharded.gpu)
+    assert np.allclose(one.finish_s, sharded.finish_s, equal_nan=True)
+
+
+def test_a_tenant_runs_only_on_its_shards_gpus_and_the_controller_feeds_the_loaded_shard():
+    inputs = scaled_inputs(16, 70.0, 4.0)
+    # skew: every request of the tenants on shard 0 of 4 arrives twice as often, by dropping
+    # half of everyone else's
+    ring = ShardRing(4)
+    keep = [r for r in inputs.requests if ring.shard_of(r.tenant) == 0 or r.id % 2 == 0]
+    rows = np.array([inputs.embeddings.rows[r.id] for r in keep])
+    requests = [
+        type(r)(i, r.arrival_s, r.prompt, r.tenant, r.deadline_s) for i, r in enumerate(keep)
+    ]
+    skewed = SimInputs(
+        requests, Rows(inputs.embeddings.base, rows), inputs.setting, QM, inputs.thresholds, 1
+    )
+    run = ShardedRun(get_policy("promptserve-step"), skewed, 4, controller_s=10.0)
+    records = run.run().records
+    sched = run.sched
+    assert sched.moved > 0
+    assert all(dst == 0 for _, _, _, dst in sched.handovers[:3])  # the loaded shard first
+    assert len(sched.owned[0]) > 4
+    # where each GPU belonged when each request finished on it
+    initial = [g * 4 // 16 for g in range(16)]
+    served = np.flatnonzero(records.status == Status.SERVED)
+    assert len(served) > 300
+    for i in served:
+        g, t = int(records.gpu[i]), float(records.finish_s[i])
+        owner = initial[g]
+        for at, gpu, src, dst in sched.handovers:
+            if gpu == g and at < t:
+                assert src == owner
+                owner = dst
+        assert owner == ring.shard_of(requests[i].tenant), (i, g, t)
+
+
+# -- the scaled-up workload --------------------------------------------------------------------
+
+
+def test_copies_keep_the_per_copy_rate_at_their_own_phase_and_tenants():
+    offsets = read_trace_offsets(ROOT / "data/AzureLLMInferenceTrace_conv.csv")
+    loop_min = len(offsets) / 60.0  # the trace at 60 qpm: every copy replays it once, whole
+    times, copy_of = superposed_arrivals(offsets, 6, 60.0, loop_min, seed=3)
+    assert np.all(np.diff(times) >= 0) and times[0] >= 0 and times[-1] < loop_min * 60
+    assert np.allclose(np.bincount(copy_of), len(offsets), atol=3)  # stamps shared at the seam
+    firsts = {round(float(times[copy_of == c][0]), 3) for c in range(6)}
+    assert len(firsts) == 6  # each at its own phase
+    again, _ = superposed_arrivals(offsets, 6, 60.0, loop_min, seed=3)
+    assert np.array_equal(times, again)
+    requests, rows = tenant_requests(PROMPTS, times, copy_of, 21.0, seed=3)
+    assert {r.tenant for r in requests} == {f"svc{c}" for c in range(6)}
+    first = [r for r in requests if r.tenant == "svc2"][:3]
+    assert [PROMPTS.index(r.prompt) for r in first][1:] == [
+        (PROMPTS.index(first[0].prompt) + k) % len(PROMPTS) for k in (1, 2)
+    ]
+    base = np.arange(12.0).reshape(4, 3)
+    view = Rows(base, np.array([2, 0, 2]))
+    assert view.shape == (3, 3) and np.array_equal(view[[0, 2]], base[[2, 2]])
+    with pytest.raises(InputError, match="copies"):
+        superposed_arrivals(offsets, 0, 60.0, 1.0, 0)

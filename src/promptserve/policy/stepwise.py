@@ -109,6 +109,7 @@ class StepScheduler(StepPricing):
         self.waiting: list[tuple[float, int, Job]] = []  # (deadline or arrival, id, job)
         self.waiting_steps = 0  # what the waiting jobs need at their fastest levels
         self.waiting_full = 0  # waiting jobs that must run every step (no neighbour)
+        self.wait_epoch = 0  # times the queue went from empty to waiting (drivers' cuts)
         self._inflight_for: list[int] = []  # per run length in steps (``reprice``)
         self._inflight_slo: float | None = None  # the SLO it was built for
         self.up_count = n_gpus
@@ -253,7 +254,11 @@ class StepScheduler(StepPricing):
     def _key(self, job: Job) -> float:
         return job.deadline_s if self.config.shed else job.arrival_s
 
-    def _wait(self, job: Job) -> None:
+    def _wait(self, job: Job, requeue: bool = False) -> None:
+        """``requeue``: put back by the boundary that took it out (the queue was never seen
+        empty in between)."""
+        if not self.waiting and not requeue:
+            self.wait_epoch += 1
         heapq.heappush(self.waiting, (self._key(job), job.id, job))
         self._count_waiting(job, 1)
 
@@ -417,7 +422,7 @@ class StepScheduler(StepPricing):
                 continue
             self._admit_member(gpu, job, k, joined)
         for entry in skipped:
-            self._wait(entry[2])
+            self._wait(entry[2], requeue=True)
 
     def _reachable(self, job: Job, now: float) -> bool:
         """Whether ``job`` could still finish joining the least-loaded GPU now at its fastest

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from promptserve.policy import Policy
 from promptserve.policy.shards import ShardedSteps
-from promptserve.policy.stepwise import StepGpu
+from promptserve.policy.stepwise import StepGpu, StepScheduler
 from promptserve.sim.events import SimInputs, SimResult
 from promptserve.sim.stepsim import StepRun
 
@@ -44,8 +44,10 @@ class ShardedRun(StepRun):
         self.estimator = self.sched.estimator
         self.moves: list[tuple[float, int, int]] = []  # (time, from shard, to shard)
 
-    def _joinable(self, job_id: int) -> list[StepGpu]:
-        return self.sched.gpus_of(job_id)  # type: ignore[attr-defined]
+    def _joinable(self, job_id: int) -> tuple[int, StepScheduler, list[StepGpu]]:
+        sched: ShardedSteps = self.sched  # type: ignore[assignment]
+        s = sched.shard_of_job[job_id]
+        return s, sched.shards[s], sched.gpus_of(job_id)
 
     def _replan(self, now: float, demand) -> None:  # noqa: ANN001 - a Demand
         """Each shard's price from its own estimate (the first plan: the forecast

@@ -13,7 +13,7 @@ import math
 import time
 
 from promptserve.policy.contract import Arrival
-from promptserve.policy.stepwise import EPS, StepGpu
+from promptserve.policy.stepwise import EPS, StepGpu, StepScheduler
 from promptserve.sim.events import DONE, EventRun, initial_demand
 
 
@@ -25,6 +25,7 @@ class StepRun(EventRun):
         self.next_at = [math.inf] * len(setting.profiles)
         self.last_at = [-math.inf] * len(setting.profiles)  # its last boundary
         self.prices: list[tuple[float, float]] = []
+        self.cut_epoch: dict[int, int] = {}  # per queue: its wait epoch at the last full cut
 
     def _first_plan(self, start: float) -> None:
         if self.inputs.requests:
@@ -52,14 +53,21 @@ class StepRun(EventRun):
             self._cut(self.sched.gpus[arrival.gpu], now)
         elif self.sched.config.shed:
             # it waits: every running GPU it may join holds a boundary at its next step, where
-            # the job may fit (``next_steps``), as the live runtime holds one at every step
-            for running in self._joinable(arrival.job.id):
-                if running.by_id:
-                    self._cut(running, now)
+            # the job may fit (``next_steps``), as the live runtime holds one at every step.
+            # Once they do, they go on doing so for as long as the queue is not empty: only the
+            # first to wait since it last emptied needs to cut them (the same boundaries, with
+            # a cost per waiting arrival that does not grow with the GPU count)
+            key, sched, gpus = self._joinable(arrival.job.id)
+            if self.cut_epoch.get(key) != sched.wait_epoch:
+                self.cut_epoch[key] = sched.wait_epoch
+                for running in gpus:
+                    if running.by_id:
+                        self._cut(running, now)
 
-    def _joinable(self, job_id: int) -> list[StepGpu]:
-        """The GPUs a waiting job may join: all of them (a shard's own, ``sim/sharded.py``)."""
-        return self.sched.gpus
+    def _joinable(self, job_id: int) -> tuple[int, StepScheduler, list[StepGpu]]:
+        """The queue a waiting job is in (a key and its scheduler) and the GPUs it may join:
+        all of them (a shard's own, ``sim/sharded.py``)."""
+        return 0, self.sched, self.sched.gpus
 
     def _cut(self, gpu: StepGpu, now: float) -> None:
         """Stop ``gpu`` at its next step boundary (a request waits to join it there)."""

@@ -17,7 +17,11 @@ from promptserve.policy.stepwise import StepGpu, StepScheduler
 from promptserve.sim.events import SimInputs, SimResult
 from promptserve.sim.stepsim import StepRun
 
-CONTROLLER_S = 30.0  # the global controller's period: six of the shards' 5 s re-plans
+# the global controller's period: two of the shards' 5 s re-plans. Measured (bench_shards,
+# conversation trace scaled up, 2 minutes): 30 s left the ring's uneven first split in place
+# too long (4,096 GPUs in 64 shards 1.62 points under one global scheduler, 1,024 in 16: 1.73),
+# 10 s 0.65 and 0.57, 5 s 0.58 and 0.43 (docs/ingress.md)
+CONTROLLER_S = 10.0
 
 
 class ShardedRun(StepRun):

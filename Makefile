@@ -57,6 +57,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_http.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_request_path.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_ray.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_shards.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_cache.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_live_vs_sim.py
 

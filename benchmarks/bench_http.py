@@ -50,10 +50,13 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def load(url: str, clients: int, seconds: float, get: str | None = None) -> dict:
+def load(
+    url: str, clients: int, seconds: float, get: str | None = None, api_key: str | None = None
+) -> dict:
     cmd = [sys.executable, "-m", "promptserve.loadgen.closedloop", "--url", url]
     cmd += ["--clients", str(clients), "--seconds", str(seconds)]
     cmd += ["--get", get] if get else []
+    cmd += ["--api-key", api_key] if api_key else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 120)
     return json.loads(out.stdout)
 

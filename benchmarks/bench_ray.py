@@ -6,14 +6,21 @@
 2. Routing: per-replica handles (what ``RayWorkers`` does) against a custom ``RequestRouter``
    that routes by the level a replica reports (``LevelRouter``): per-call latency, and the share
    of requests sent to a replica at the wrong level right after a re-plan swaps two levels.
+3. Ingress replicas (``--ingress-replicas``): one against two over the same 4 modelled workers
+   at ~0 s a batch, two tenants (one on each shard of the ring), a closed-loop client process
+   per tenant; runs alternate (1, 2, 1, 2) and the ratio is of the means.
 
-Prints one JSON line."""
+``--only NAME`` runs one part (serving, routing, ingress). Prints one JSON line."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +31,8 @@ from ray.serve.config import RequestRouterConfig
 from bench_http import CLIENTS, load
 from promptserve.distributed import RaySettings, run_on_ray
 from promptserve.distributed.level_router import LevelReplica, LevelRouter
+from promptserve.distributed.tenant_router import SESSION_HEADER, SESSION_HEADER_ENV
+from promptserve.policy.shards import ShardRing
 from promptserve.server import ServerConfig, build_app
 from promptserve.server.live import LiveServer, free_port
 
@@ -70,6 +79,40 @@ def serving() -> dict:
             on_ray["requests_per_s"] / local["requests_per_s"], 3
         ),
         "added_latency_ms_p50": round(on_ray["latency_ms_p50"] - local["latency_ms_p50"], 1),
+    }
+
+
+def tenant_load(url: str, keys: list[str], seconds: float) -> dict:
+    """One closed-loop client process per key, at once; their answers together."""
+    with ThreadPoolExecutor(len(keys)) as pool:
+        parts = list(pool.map(lambda k: load(url, CLIENTS // len(keys), seconds, api_key=k), keys))
+    merged = {"seconds": seconds, "latencies_s": [], "errors": {}}
+    for part in parts:
+        merged["latencies_s"] += part["latencies_s"]
+        for code, n in part["errors"].items():
+            merged["errors"][code] = merged["errors"].get(code, 0) + n
+    return summary(merged)
+
+
+def ingress_scaling(settings: RaySettings, seconds: float = SECONDS) -> dict:
+    ring = ShardRing(2)
+    names = [f"tenant-{i}" for i in range(20)]
+    tenants = [next(t for t in names if ring.shard_of(t) == s) for s in (0, 1)]
+    keys = {f"sk-{t}": t for t in tenants}
+    runs: dict[int, list[dict]] = {1: [], 2: []}
+    for replicas in (1, 2, 1, 2):
+        cfg = dataclasses.replace(modeled_config(speedup=1e6, workers=4), api_keys=keys)
+        serve.delete("promptserve", _blocking=True)
+        url = run_on_ray(cfg, dataclasses.replace(settings, ingress_replicas=replicas))
+        tenant_load(url, list(keys), 3.0)  # warm: routing stats polled, engines built
+        runs[replicas].append(tenant_load(url, list(keys), seconds))
+    serve.delete("promptserve", _blocking=True)
+    mean = {n: float(np.mean([r["requests_per_s"] for r in rs])) for n, rs in runs.items()}
+    return {
+        "one_ingress": runs[1],
+        "two_ingress": runs[2],
+        "requests_per_s_ratio_two_over_one": round(mean[2] / mean[1], 3),
+        "tenants": tenants,
     }
 
 
@@ -133,10 +176,21 @@ def routing() -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", choices=("serving", "routing", "ingress"), default=None)
+    only = parser.parse_args().only
+    # as run_on_ray sets it for a local Ray: the tenant router reads the caller's key
+    os.environ.setdefault(SESSION_HEADER_ENV, SESSION_HEADER)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        out = {"bench": "ray", "backend": "modeled SDXL at 20x", "workers": 2, **serving()}
-        out["routing"] = routing()
+        out: dict = {"bench": "ray", "backend": "modeled SDXL at 20x", "workers": 2}
+        if only in (None, "serving"):
+            out.update(serving())
+        if only in (None, "routing"):
+            out["routing"] = routing()
+        if only in (None, "ingress"):
+            settings = RaySettings(num_cpus=2, worker_cpus=0.25, port=free_port())
+            out["ingress_replicas"] = ingress_scaling(settings)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -2,7 +2,9 @@
 replica killed mid-batch. Ray takes seconds to start: one session for the module, few tests."""
 
 import base64
+import dataclasses
 import io
+import os
 import threading
 import time
 from pathlib import Path
@@ -15,9 +17,11 @@ from PIL import Image
 
 from promptserve.distributed import RaySettings, run_on_ray
 from promptserve.distributed.chaos import kill_busy_worker, wait_workers_up
+from promptserve.distributed.tenant_router import SESSION_HEADER, SESSION_HEADER_ENV
 from promptserve.engine.lora import random_adapter
 from promptserve.engine.shapes import build
 from promptserve.loadgen import read_metric
+from promptserve.policy.shards import ShardRing
 from promptserve.server import ServerConfig
 from promptserve.server.live import free_port
 
@@ -28,6 +32,8 @@ pytestmark = pytest.mark.ray
 
 @pytest.fixture(scope="module")
 def ray_settings():
+    # as run_on_ray does for a local Ray: the proxy gives the tenant router each caller's key
+    os.environ.setdefault(SESSION_HEADER_ENV, SESSION_HEADER)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     settings = RaySettings(num_cpus=2, worker_cpus=0.5, port=free_port())
     serve.start(http_options={"host": settings.host, "port": settings.port})
@@ -41,6 +47,49 @@ def deploy(settings, tmp_path: Path, **config) -> str:
     return run_on_ray(
         ServerConfig(embedder="hashing", workers=2, cache_dir=tmp_path, **config), settings
     )
+
+
+def test_two_ingress_replicas_each_hold_their_tenants_and_their_caches(ray_settings, tmp_path):
+    ring = ShardRing(2)
+    names = [f"team-{i}" for i in range(40)]
+    # two tenants on each replica's shard
+    tenants = [t for t in names if ring.shard_of(t) == 0][:2]
+    tenants += [t for t in names if ring.shard_of(t) == 1][:2]
+    keys = {f"sk-{t}": t for t in tenants}
+    settings = dataclasses.replace(ray_settings, ingress_replicas=2)
+    url = deploy(settings, tmp_path, model="tiny", slo_s=120, api_keys=keys)
+
+    def auth(tenant: str) -> dict:
+        return {"Authorization": f"Bearer sk-{tenant}"}
+
+    pids = {}
+    for tenant in tenants:
+        for _ in range(3):  # every request of a tenant lands on its shard's replica
+            answer = httpx.get(f"{url}/v1/cluster", headers=auth(tenant), timeout=60).json()
+            assert answer["ingress"]["shard"] == ring.shard_of(tenant), tenant
+            assert answer["ingress"]["of"] == 2 and len(answer["workers"]) == 1
+            pids[answer["ingress"]["shard"]] = answer["ingress"]["pid"]
+    assert len(set(pids.values())) == 2  # two ingress processes
+
+    def similarity(tenant: str) -> float | None:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=f"sk-{tenant}", max_retries=0)
+        image = client.images.generate(prompt="a lighthouse at dusk", size="64x64")
+        return image.data[0].model_extra["promptserve"]["similarity"]
+
+    first, same_shard, other_shard = tenants[0], tenants[1], tenants[2]
+    assert similarity(first) is None
+    assert similarity(first) > 0.99  # its own partition, on its own replica
+    assert similarity(same_shard) is None  # tenants never share entries, on one replica
+    assert similarity(other_shard) is None  # nor across replicas
+    # each replica's entries and latents in its own folder
+    for shard in (0, 1):
+        assert list((tmp_path / f"ingress-{shard}").rglob("*.safetensors"))
+    # requests with no key route too (the router hands them to any replica with room)
+    assert httpx.get(f"{url}/v1/cluster", timeout=30).json()["ingress"]["of"] == 2
+    with pytest.raises(openai.AuthenticationError):  # an unknown key routes, and is refused
+        openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).images.generate(
+            prompt="a lighthouse at dusk", size="64x64"
+        )
 
 
 def test_openai_client_through_ray_with_replicas_at_two_levels(ray_settings, tmp_path):

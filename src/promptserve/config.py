@@ -29,6 +29,7 @@ ray = false               # true: serve on Ray Serve (see docs/ray.md)
 ray_address = "auto"      # join a running cluster; unset: start a local Ray
 ray_worker_cpus = 1.0     # CPUs reserved per worker replica
 ray_worker_gpus = 1.0     # GPUs per worker replica; unset: 1 on CUDA, else 0
+ray_ingress_replicas = 1  # ingress replicas, tenants routed to one each by a hash ring
 ```
 """
 
@@ -80,6 +81,7 @@ class ServeFile(BaseModel):
     ray_address: str | None = None
     ray_worker_cpus: float = Field(default=1.0, gt=0)
     ray_worker_gpus: float | None = Field(default=None, ge=0)
+    ray_ingress_replicas: int = Field(default=1, ge=1, le=256)
     # the engine (engine/options.py): weights' dtype and speed options, each off by default
     # the latent cache's byte quota ("20GiB", "500MB", bytes); None: 10% of the free disk at start
     cache_max_bytes: ByteSize | None = Field(default=None, gt=0)

@@ -210,6 +210,14 @@ def serve_cmd(
             help="With --ray: GPUs per worker replica (default 1 on CUDA, else 0).", min=0
         ),
     ] = None,
+    ingress_replicas: Annotated[
+        int | None,
+        typer.Option(
+            help="With --ray: ingress replicas (default 1), each with its own slice of the "
+            "workers; a tenant's requests all go to one (docs/ray.md).",
+            min=1,
+        ),
+    ] = None,
 ) -> None:
     """Serve the OpenAI Images API on the live policy core (default: tiny model on the CPU)."""
     import uvicorn
@@ -244,6 +252,7 @@ def serve_cmd(
         "ray_address": address,
         "ray_worker_cpus": worker_cpus,
         "ray_worker_gpus": worker_gpus,
+        "ray_ingress_replicas": ingress_replicas,
         "public_url": public_url,
         "model_names": model_name,
         "profile": profile,

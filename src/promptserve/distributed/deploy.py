@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from promptserve.distributed.ray_workers import RayWorkers
 from promptserve.distributed.replica import EngineWorker
+from promptserve.distributed.tenant_router import (
+    SESSION_HEADER,
+    SESSION_HEADER_ENV,
+    STATS_PERIOD_S,
+    TenantRouter,
+    key_digest,
+)
+from promptserve.errors import InputError
 from promptserve.profile import profile_for
 from promptserve.server import ServerConfig, app_for, engine_args, latents_dir
 
@@ -25,18 +38,38 @@ class RaySettings:
     worker_cpus: float = 1.0
     worker_gpus: float | None = None  # None: 1 when the device is CUDA, else 0
     num_cpus: int | None = None  # a local Ray's CPU count (tests use 2)
+    ingress_replicas: int = 1  # each owns a slice of the workers and its tenants' caches
 
     @classmethod
     def from_settings(cls, s) -> RaySettings:
         """From validated serve settings (``promptserve.config.ServeFile``)."""
-        return cls(s.ray_address, s.host, s.port, s.ray_worker_cpus, s.ray_worker_gpus)
+        return cls(
+            s.ray_address,
+            s.host,
+            s.port,
+            s.ray_worker_cpus,
+            s.ray_worker_gpus,
+            ingress_replicas=s.ray_ingress_replicas,
+        )
+
+
+def shard_dir(cache_dir: Path, shard: int, shards: int) -> Path:
+    """Ingress replica ``shard``'s cache folder: its own manifest, latents and embeddings
+    (one replica: the folder itself, as without Ray)."""
+    return cache_dir if shards == 1 else cache_dir / f"ingress-{shard}"
 
 
 @serve.ingress()
 class Ingress:
-    """The API, planner, dispatcher and cache index: one replica in front of the workers."""
+    """The API, planner, dispatcher and cache index in front of the workers. With several
+    replicas, replica r (its Serve rank) owns workers r, r + n, r + 2n, ... and the tenants
+    the ring gives shard r (``tenant_router.TenantRouter`` sends them here)."""
 
     async def __init__(self, config: ServerConfig, *handles) -> None:
+        context = serve.get_replica_context()
+        self.shard, self.shards = context.rank.rank, context.world_size
+        handles = handles[self.shard :: self.shards]
+        config = replace(config, cache_dir=shard_dir(config.cache_dir, self.shard, self.shards))
         infos = await asyncio.gather(*(h.describe.remote() for h in handles))
         if len({(i["name"], i["total_steps"], i["levels"]) for i in infos}) != 1:
             raise RuntimeError("the workers do not run the same model and levels")
@@ -48,36 +81,65 @@ class Ingress:
 
         @self.api.get("/v1/cluster")
         async def cluster():
-            """Each worker replica as it answers now: index, pid, level, batches run."""
-            return {"workers": await self.workers.pings()}
+            """Each worker replica of this ingress as it answers now: index, pid, level,
+            batches run; and which ingress replica answered."""
+            ingress = {"shard": self.shard, "of": self.shards, "pid": os.getpid()}
+            return {"workers": await self.workers.pings(), "ingress": ingress}
 
     def __serve_build_asgi_app__(self):
         return self.api
 
+    def record_routing_stats(self) -> dict:
+        """What ``TenantRouter`` routes by."""
+        return {"shard": self.shard}
+
 
 def deploy_app(config: ServerConfig, settings: RaySettings):
-    """The bound application: ``config.workers`` worker deployments and the ingress."""
+    """The bound application: ``config.workers`` worker deployments and the ingress
+    (``settings.ingress_replicas`` replicas, tenants routed to theirs by ``TenantRouter``)."""
+    shards = settings.ingress_replicas
+    if shards < 1 or config.workers < shards:
+        raise InputError(
+            f"--ingress-replicas {shards}: each ingress replica needs a worker of its own "
+            f"(--workers {config.workers})"
+        )
     # one absolute path for the ingress and every worker (the same mount on every node)
     config = replace(config, cache_dir=config.cache_dir.resolve())
     gpus = settings.worker_gpus
     if gpus is None:
         gpus = 1.0 if config.device.startswith("cuda") else 0.0
     worker = serve.deployment(EngineWorker)
-    store_root = str(latents_dir(config.cache_dir).resolve())
     handles = [
         worker.options(
             name=f"worker-{i}",
             num_replicas=1,
             max_ongoing_requests=16,
             ray_actor_options={"num_cpus": settings.worker_cpus, "num_gpus": gpus},
-        ).bind(i, *engine_args(config, config.device), store_root)
+        ).bind(
+            i // shards,  # its index among its ingress replica's workers
+            *engine_args(config, config.device),
+            str(latents_dir(shard_dir(config.cache_dir, i % shards, shards))),
+        )
         for i in range(config.workers)
     ]
+    name, options = "ingress", {}
+    if shards > 1:
+        # Serve's proxy keeps a deployment's router, with its arguments, across a redeploy of
+        # the app: the ingress is named for its ring and keys, so a new ring gets its own
+        tenants = {key_digest(k): t for k, t in (config.api_keys or {}).items()}
+        ring = json.dumps([shards, sorted(tenants.items())]).encode()
+        name = f"ingress-{hashlib.sha256(ring).hexdigest()[:12]}"
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class=TenantRouter,
+            request_router_kwargs={"shards": shards, "tenants": tenants},
+            request_routing_stats_period_s=STATS_PERIOD_S,
+        )
     ingress = serve.deployment(Ingress).options(
-        name="ingress",
-        num_replicas=1,
+        name=name,
+        num_replicas=shards,
         max_ongoing_requests=10_000,  # admission is the planner's: Serve must not shed first
         ray_actor_options={"num_cpus": 0},
+        **options,
     )
     return ingress.bind(config, *handles)
 
@@ -98,6 +160,9 @@ def run_on_ray(config: ServerConfig, settings: RaySettings) -> str:
     import ray
 
     if not ray.is_initialized():
+        # the proxy reads each caller's key into the request's session id (the tenant router's
+        # input); a local Ray's processes inherit this environment
+        os.environ.setdefault(SESSION_HEADER_ENV, SESSION_HEADER)
         ray.init(
             address=settings.address,
             num_cpus=settings.num_cpus if settings.address is None else None,

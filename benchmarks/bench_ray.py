@@ -15,18 +15,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import RayServeException
 
 from bench_http import CLIENTS, load
 from promptserve.distributed import RaySettings, run_on_ray
@@ -102,10 +106,20 @@ def ingress_scaling(settings: RaySettings, seconds: float = SECONDS) -> dict:
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for replicas in (1, 2, 1, 2):
         cfg = dataclasses.replace(modeled_config(speedup=1e6, workers=4), api_keys=keys)
-        serve.delete("promptserve", _blocking=True)
+        with contextlib.suppress(RayServeException):  # Serve starts with the first run
+            serve.delete("promptserve", _blocking=True)
         url = run_on_ray(cfg, dataclasses.replace(settings, ingress_replicas=replicas))
-        tenant_load(url, list(keys), 3.0)  # warm: routing stats polled, engines built
+        for key in keys:  # warm, one at a time: routing stats polled, engines built
+            for i in range(3):
+                httpx.post(
+                    f"{url}/v1/images/generations",
+                    json={"prompt": f"warm {i}"},
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=60,
+                ).raise_for_status()
+        print(f"ingress replicas {replicas}: loading", file=sys.stderr, flush=True)
         runs[replicas].append(tenant_load(url, list(keys), seconds))
+        print(f"ingress replicas {replicas}: {runs[replicas][-1]}", file=sys.stderr, flush=True)
     serve.delete("promptserve", _blocking=True)
     mean = {n: float(np.mean([r["requests_per_s"] for r in rs])) for n, rs in runs.items()}
     return {

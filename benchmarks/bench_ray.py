@@ -6,9 +6,11 @@
 2. Routing: per-replica handles (what ``RayWorkers`` does) against a custom ``RequestRouter``
    that routes by the level a replica reports (``LevelRouter``): per-call latency, and the share
    of requests sent to a replica at the wrong level right after a re-plan swaps two levels.
-3. Ingress replicas (``--ingress-replicas``): one against two over the same 4 modelled workers
-   at ~0 s a batch, two tenants (one on each shard of the ring), a closed-loop client process
-   per tenant; runs alternate (1, 2, 1, 2) and the ratio is of the means.
+3. Ingress replicas (``--ingress-replicas``), only with ``--only ingress``: one against two
+   over the same 4 modelled workers at 20x, two tenants (one on each shard of the ring), a
+   closed-loop client process per tenant; runs alternate (1, 2, 1, 2) and the ratio is of the
+   means. Not in the default run: with two replicas some requests never answer under this
+   sustained load (the client's timeout ends the run with an error; docs/ray.md).
 
 ``--only NAME`` runs one part (serving, routing, ingress). Prints one JSON line."""
 
@@ -105,7 +107,7 @@ def ingress_scaling(settings: RaySettings, seconds: float = SECONDS) -> dict:
     keys = {f"sk-{t}": t for t in tenants}
     runs: dict[int, list[dict]] = {1: [], 2: []}
     for replicas in (1, 2, 1, 2):
-        cfg = dataclasses.replace(modeled_config(speedup=1e6, workers=4), api_keys=keys)
+        cfg = dataclasses.replace(modeled_config(speedup=20.0, workers=4), api_keys=keys)
         with contextlib.suppress(RayServeException):  # Serve starts with the first run
             serve.delete("promptserve", _blocking=True)
         url = run_on_ray(cfg, dataclasses.replace(settings, ingress_replicas=replicas))
@@ -202,7 +204,7 @@ def main() -> None:
             out.update(serving())
         if only in (None, "routing"):
             out["routing"] = routing()
-        if only in (None, "ingress"):
+        if only == "ingress":  # not by default: see the module's docstring
             settings = RaySettings(num_cpus=2, worker_cpus=0.25, port=free_port())
             out["ingress_replicas"] = ingress_scaling(settings)
     finally:

@@ -214,7 +214,8 @@ def serve_cmd(
         int | None,
         typer.Option(
             help="With --ray: ingress replicas (default 1), each with its own slice of the "
-            "workers; a tenant's requests all go to one (docs/ray.md).",
+            "workers; a tenant's requests all go to one. Experimental: under sustained load "
+            "some requests go unanswered (docs/ray.md).",
             min=1,
         ),
     ] = None,

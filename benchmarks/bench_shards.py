@@ -120,7 +120,7 @@ def main() -> None:
                 "penalty": args.penalty,
                 "policy": args.policy,
                 "seed": args.seed,
-                **{f"{k}": v for k, v in results.items()},
+                **results,
                 "gap_points": round(gap, 3),
                 "within_1_point": gap <= 1.0,
                 "note": "wall clock on a shared 2-core machine, the two runs side by side",

@@ -27,6 +27,11 @@ class LoadEstimator:
         while self._seen and self._seen[0][0] < now - self.long_s:
             self._seen.popleft()
 
+    @property
+    def seen(self) -> int:
+        """Arrivals in the long window as of the last call (how noisy its rate is)."""
+        return len(self._seen)
+
     def estimate(self, now: float, start_s: float = 0.0) -> Demand:
         """Demand in queries/minute; ``start_s`` is when observation began (short early windows)."""
         while self._seen and self._seen[0][0] < now - self.long_s:

@@ -211,7 +211,7 @@ class ShardedSteps:
             est = shard.estimator
             assert est is not None
             demand = est.estimate(now, start_s)
-            loads.append(shard_load(demand, shard.levels, total_steps, len(est._seen)))
+            loads.append(shard_load(demand, shard.levels, total_steps, est.seen))
         counts = [
             len(self.owned[s]) - self._leaving(s) + self._arriving(s)
             for s in range(len(self.shards))

@@ -46,7 +46,6 @@ class ShardedRun(StepRun):
             lambda i: requests[i].tenant,
         )
         self.estimator = self.sched.estimator
-        self.moves: list[tuple[float, int, int]] = []  # (time, from shard, to shard)
 
     def _joinable(self, job_id: int) -> tuple[int, StepScheduler, list[StepGpu]]:
         sched: ShardedSteps = self.sched  # type: ignore[assignment]
@@ -61,8 +60,7 @@ class ShardedRun(StepRun):
         forecast = demand if self.ticks == 0 else None
         price = sched.reprice(now, self.start, self.inputs.setting.slo_s, forecast)
         if self.ticks % self.every == 0 and self.ticks > 0:
-            for src, dst in sched.control(now, self.start):
-                self.moves.append((now, src, dst))
+            sched.control(now, self.start)  # its handovers are logged in ``sched.handovers``
         self.ticks += 1
         self.planner_ms.append((time.perf_counter() - t0) * 1e3)
         self.prices.append((now, price))

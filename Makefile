@@ -52,8 +52,10 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_policies.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_hindsight.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_bursts.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_sizes.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_step_decision.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_engine.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_size_steps.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_http.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_request_path.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_ray.py

@@ -39,6 +39,8 @@ class TimedWorkers:
 
     name, shared_store, speedup = "timed", False, 1.0
     guidance = UNET_GUIDANCE
+    native = (1024, 1024)
+    sizes = (native,)  # one size: its steps are the profile's
 
     def __init__(self, count: int) -> None:
         self.profile, self.count = reference_profile(), count

@@ -54,6 +54,8 @@ class Profile:
     step_latency_s: tuple[float, ...] = ()  # seconds of one denoiser step at each count
     encode_s: float = 0.0  # per request, at join: its text encoding
     decode_s: float = 0.0  # per request, at leave: its VAE decode and PNG
+    # per size served (``for_sizes``): its pixels against the size the profile was measured at
+    shape_weights: tuple[float, ...] = (1.0,)
 
     @property
     def max_batch(self) -> int:
@@ -76,6 +78,23 @@ class Profile:
         b0, b1 = self.batch_sizes[j - 1], self.batch_sizes[j]
         return row[j - 1] + (row[j] - row[j - 1]) * (batch - b0) / (b1 - b0)
 
+    def sized_latency(self, k: int, batch: int, shape: int = 0) -> float:
+        """Seconds of one batch of ``batch`` images of one size: as ``batch x weight`` native
+        images (``policy.steptime`` has the scaling and why), linear past the curve's ends."""
+        if shape == 0:
+            return self.batch_latency(k, batch)
+        load = batch * self.shape_weights[shape]
+        sizes = self.batch_sizes
+        if len(sizes) == 1:
+            return self.batch_latency(k, sizes[0]) * max(load, 1.0)
+        if sizes[0] <= load <= sizes[-1] and load == int(load):
+            return self.batch_latency(k, int(load))
+        lo = bisect.bisect_right(sizes, load) - 1
+        j = min(max(lo, 0), len(sizes) - 2)
+        b0, b1 = sizes[j], sizes[j + 1]
+        l0, l1 = self.batch_latency(k, b0), self.batch_latency(k, b1)
+        return max(l0 + (l1 - l0) * (load - b0) / (b1 - b0), 0.1 * self.batch_latency(k, 1))
+
     def throughput_qpm(self, k: int, batch: int = 1) -> float:
         """Images per minute of one device running full batches of ``batch`` at level K."""
         return 60.0 * batch / self.batch_latency(k, batch)
@@ -97,6 +116,15 @@ class Profile:
             encode_s=self.encode_s / speedup,
             decode_s=self.decode_s / speedup,
         )
+
+
+def for_sizes(profile: Profile, sizes: Sequence[tuple[int, int]]) -> Profile:
+    """``profile`` (measured at ``sizes[0]``, the model's own) serving ``sizes``: size i's
+    weight is its pixel count over the first's."""
+    if len(sizes) <= 1:
+        return replace(profile, shape_weights=(1.0,))
+    native = sizes[0][0] * sizes[0][1]
+    return replace(profile, shape_weights=tuple(w * h / native for w, h in sizes))
 
 
 def reference_profile(path: str | Path | None = None) -> Profile:

@@ -14,6 +14,7 @@ class Request:
     prompt: str
     tenant: str  # cache namespace; tenants never share cache entries
     deadline_s: float  # absolute: the time by which the answer must be out
+    shape: int = 0  # its size, as an index into the served sizes (0: the model's own)
 
     @property
     def slo_s(self) -> float:

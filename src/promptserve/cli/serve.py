@@ -49,7 +49,8 @@ def serve_cmd(
             help="Policy: promptserve-step (default: step-level serving), promptserve (GPUs "
             "pinned to levels, the published method's shape; for engines where one request "
             "fills the GPU), clipper-ha, clipper-ht, nirvana, proteus, argus, continuous-ha, "
-            "continuous-ht, each with optional +shed, +admit, +fast."
+            "continuous-ht, each with optional +shed, +admit, +fast (and, step-level, "
+            "+blind: place by member count alone, whatever the sizes)."
         ),
     ] = None,
     embedder: Annotated[

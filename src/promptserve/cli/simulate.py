@@ -100,7 +100,7 @@ def simulate_cmd(
         make_requests,
         parse_arrival_spec,
     )
-    from promptserve.workload.looks import with_looks
+    from promptserve.workload.looks import sized_profile, with_looks
 
     chosen = parse_policies(policies)
     prof, slo_s = _profile_slo_penalty(profile, slo, quality_penalty)
@@ -111,7 +111,9 @@ def simulate_cmd(
     )
     if len(times) == 0:
         raise InputError("the arrival spec produced no requests")
-    requests = with_looks(make_requests(texts, times, slo_s), look_mix(size_mix, adapters), seed)
+    mix = look_mix(size_mix, adapters)
+    requests = with_looks(make_requests(texts, times, slo_s), mix, seed)
+    prof = sized_profile(prof, mix)
     distinct = list(dict.fromkeys([r.prompt for r in requests] + texts[:warm]))
     vecs = embed_with_progress(embedder, distinct, cache_dir)
     row = {p: i for i, p in enumerate(distinct)}

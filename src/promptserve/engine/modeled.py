@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from promptserve.engine.base import UNET_GUIDANCE, GenerationItem, GenerationResult
-from promptserve.engine.sizes import checked, default_sizes
+from promptserve.engine.sizes import checked, default_sizes, shape_index, shape_table
 from promptserve.profile import Profile
 
 SDXL_MULTIPLE = 32  # the VAE's 8, halved by SDXL's two UNet down samplings
@@ -62,15 +62,26 @@ class ModeledEngine:
 
         self.adapters = adapter_names(folder)
 
+    def shape_of(self, item: GenerationItem) -> int:
+        """The item's size as the policy times it (``engine.sizes.shape_table``)."""
+        return shape_index(shape_table(self.native, self.sizes), item.look.size)
+
     def step_runner(self, profile: Profile) -> ModeledStepRunner:
         from promptserve.policy.stepwise import step_profile
+        from promptserve.profile import for_sizes
 
-        return ModeledStepRunner(step_profile(profile), self.speedup)
+        sized = for_sizes(profile, shape_table(self.native, self.sizes))
+        return ModeledStepRunner(step_profile(sized), self.speedup, shape_of=self.shape_of)
 
     def generate(self, items: Sequence[GenerationItem], on_step=None) -> list[GenerationResult]:
+        from promptserve.profile import for_sizes
+
+        sized = for_sizes(self.profile, shape_table(self.native, self.sizes))
         for k in sorted({it.k for it in items}):
             n = sum(1 for it in items if it.k == k)
-            latency = self.profile.batch_latency(k, min(n, self.profile.max_batch)) / self.speedup
+            shape = self.shape_of(next(it for it in items if it.k == k))  # one size a batch
+            batch = min(n, self.profile.max_batch)
+            latency = sized.sized_latency(k, batch, shape) / self.speedup
             if on_step is None:
                 self._sleep(latency)
                 continue
@@ -93,8 +104,9 @@ class ModeledStepRunner:
     """The step runner's interface without compute: each step waits the step profile's time
     for the members in flight. For load tests of step-level serving without a GPU."""
 
-    def __init__(self, step_profile, speedup: float = 1.0, sleep=time.sleep) -> None:  # noqa: ANN001
+    def __init__(self, step_profile, speedup: float = 1.0, sleep=time.sleep, shape_of=None) -> None:  # noqa: ANN001
         self.profile, self.speedup, self._sleep = step_profile, speedup, sleep
+        self._shape_of = shape_of or (lambda item: 0)  # an item's size index (``mix_s``)
         self.total_steps = step_profile.total_steps
         self._steps: dict[object, list] = {}  # key -> [steps done, item]
         self.previews: dict = {}  # key -> preview of the last step (placeholders here)
@@ -117,7 +129,11 @@ class ModeledStepRunner:
     def step(self) -> list:
         if not self._steps:
             return []
-        self._sleep(self.profile.iteration_s(len(self._steps)) / self.speedup)
+        counts: dict[int, int] = {}
+        for _, item in self._steps.values():
+            shape = self._shape_of(item)
+            counts[shape] = counts.get(shape, 0) + 1
+        self._sleep(self.profile.mix_s(counts) / self.speedup)
         done = []
         self.previews = {}
         for key, entry in list(self._steps.items()):

@@ -90,3 +90,14 @@ def default_sizes(family: str, native: Size, multiple: int) -> tuple[Size, ...]:
     ratios = SD_RATIOS if family == "sd" else SDXL_BUCKETS
     step = max(multiple, 64) if min(native) >= 512 else multiple
     return family_sizes(ratios, native, step)
+
+
+def shape_table(native: Size, sizes: tuple[Size, ...]) -> tuple[Size, ...]:
+    """The sizes a policy times, the model's own first (index 0, what its profile measured),
+    then the listed ones in order: a request's ``shape`` is its size's index here."""
+    return (native, *[s for s in sizes if s != native])
+
+
+def shape_index(table: tuple[Size, ...], size: Size | None) -> int:
+    """A request's ``shape``: its size's index in ``table`` (None: the model's own, 0)."""
+    return 0 if size is None else table.index(size)

@@ -18,6 +18,6 @@ def admit(dispatcher: Dispatcher, job: Job, now: float) -> Job | None:
         k for k in dispatcher.serving_levels() if job.level < k <= job.k_max
     )
     for k in candidates:
-        if dispatcher.predicted_finish(k, now, job.k_max) <= job.deadline_s:
+        if dispatcher.predicted_finish(k, now, job.k_max, job.shape) <= job.deadline_s:
             return job if k == job.level else replace(job, level=k)
     return None

@@ -42,10 +42,17 @@ class Scheduler(Protocol):
     estimator: LoadEstimator  # told of every arrival; the re-plan reads its estimate
 
     def intake(
-        self, now: float, job_id: int, deadline_s: float, k_opt: int, has_neighbour: bool
+        self,
+        now: float,
+        job_id: int,
+        deadline_s: float,
+        k_opt: int,
+        has_neighbour: bool,
+        shape: int = 0,
     ) -> Arrival:
         """``deadline_s``: the request's own, absolute; a request with a cached neighbour may
-        run at any level, one without only at K = 0."""
+        run at any level, one without only at K = 0; ``shape``: its size, an index into the
+        profile's ``shape_weights``."""
         ...
 
     def remove(self, job_id: int) -> Job | None:

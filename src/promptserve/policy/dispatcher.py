@@ -11,7 +11,8 @@ longer meet its deadline at its level is moved to a faster level that can still 
 logic: with ``late="expire"`` they run a job unless its deadline has already passed (its client
 has given up: running it would only delay the others), with ``late="serve"`` they run
 everything. A job whose neighbour holds no latent (``k_max`` below its
-level) runs at ``k_max`` in a batch of its own kind.
+level) runs at ``k_max`` in a batch of its own kind. A batch holds one size (the head's): a
+denoiser call runs one latent shape, timed by ``Profile.sized_latency``.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ class Dispatcher:
             return set(self.levels)
         return {g.level for g in self.gpus if g.level is not None and g.up}
 
-    def predicted_finish(self, level: int, now: float, k_max: int | None = None) -> float:
+    def predicted_finish(
+        self, level: int, now: float, k_max: int | None = None, shape: int = 0
+    ) -> float:
         """When a job joining ``level``'s queue now would finish (seconds), by the profile.
 
         The job runs at ``min(level, k_max)``: a neighbour without latents at ``level`` (or no
@@ -115,7 +118,7 @@ class Dispatcher:
         rounds, slot = divmod(ahead, batch * len(gpus))
         waves = slot // batch
         start = free[min(waves, len(free) - 1)] + rounds * profile.batch_latency(level, batch)
-        return start + profile.batch_latency(run_level, min(slot % batch + 1, batch))
+        return start + profile.sized_latency(run_level, min(slot % batch + 1, batch), shape)
 
     def step(self, now: float) -> tuple[list[Dispatch], list[Outcome]]:
         """Hand a batch to every idle GPU that has work; report jobs given up on.
@@ -203,7 +206,7 @@ class Dispatcher:
         while queue and self.config.late == "escalate":
             deadline, _, job = queue[0]
             run_level = min(level, job.k_max)
-            if now + profile.batch_latency(run_level, 1) <= deadline:
+            if now + profile.sized_latency(run_level, 1, job.shape) <= deadline:
                 break
             heapq.heappop(queue)
             faster = self._faster_level(job, level, profile, now)
@@ -215,7 +218,9 @@ class Dispatcher:
 
     def _faster_level(self, job: Job, level: int, profile: Profile, now: float) -> int | None:
         for k in sorted(self.serving_levels()):
-            if level < k <= job.k_max and self.predicted_finish(k, now) <= job.deadline_s:
+            if not level < k <= job.k_max:
+                continue
+            if self.predicted_finish(k, now, None, job.shape) <= job.deadline_s:
                 return k
         return None
 
@@ -228,7 +233,7 @@ class Dispatcher:
         limit = min(self.config.max_batch, gpu.profile.max_batch, len(queue))
         size = 1
         for b in range(limit, 0, -1):
-            if now + gpu.profile.batch_latency(run_level, b) <= head.deadline_s:
+            if now + gpu.profile.sized_latency(run_level, b, head.shape) <= head.deadline_s:
                 size = b
                 break
         else:
@@ -236,9 +241,10 @@ class Dispatcher:
         jobs, skipped = [], []
         while queue and len(jobs) < size:
             item = heapq.heappop(queue)
-            (jobs if min(level, item[2].k_max) == run_level else skipped).append(item)
+            alike = min(level, item[2].k_max) == run_level and item[2].shape == head.shape
+            (jobs if alike else skipped).append(item)
         for item in skipped:
             heapq.heappush(queue, item)
         batch = tuple(j for _, _, j in jobs)
-        latency = gpu.profile.batch_latency(run_level, len(batch))
+        latency = gpu.profile.sized_latency(run_level, len(batch), head.shape)
         return Dispatch(index, run_level, batch, now, now + latency)

@@ -2,7 +2,8 @@
 
 The rate is the larger of the rate over a short window and over a long one: a burst shows in
 the short window within seconds and is planned for at once, while a lull has to last the long
-window before capacity is taken away. The K_opt mix comes from the long window.
+window before capacity is taken away. The K_opt mix and the mean size weight (what a pinned
+plan scales the rate by) come from the long window.
 """
 
 from __future__ import annotations
@@ -21,11 +22,25 @@ class LoadEstimator:
     short_s: float = 10.0
     long_s: float = 60.0
     _seen: deque[tuple[float, int]] = field(default_factory=deque)
+    _weights: deque[float] = field(default_factory=deque)  # beside ``_seen``, when sized
+    _weight_sum: float = 0.0
 
-    def observe(self, now: float, k_opt: int) -> None:
+    def observe(self, now: float, k_opt: int, weight: float = 1.0) -> None:
+        """``weight``: the request's pixels against the native size's (1: native)."""
+        if weight != 1.0 and not self._weights:
+            self._weights.extend([1.0] * len(self._seen))
+            self._weight_sum = float(len(self._seen))
         self._seen.append((now, k_opt))
+        if self._weights or weight != 1.0:
+            self._weights.append(weight)
+            self._weight_sum += weight
+        self._trim(now)
+
+    def _trim(self, now: float) -> None:
         while self._seen and self._seen[0][0] < now - self.long_s:
             self._seen.popleft()
+            if self._weights:
+                self._weight_sum -= self._weights.popleft()
 
     @property
     def seen(self) -> int:
@@ -34,8 +49,7 @@ class LoadEstimator:
 
     def estimate(self, now: float, start_s: float = 0.0) -> Demand:
         """Demand in queries/minute; ``start_s`` is when observation began (short early windows)."""
-        while self._seen and self._seen[0][0] < now - self.long_s:
-            self._seen.popleft()
+        self._trim(now)
         long_span = max(min(self.long_s, now - start_s), 1.0)
         short_span = max(min(self.short_s, now - start_s), 1.0)
         n_long = len(self._seen)
@@ -45,7 +59,8 @@ class LoadEstimator:
         for _, k in self._seen:
             counts[self.levels.index(k)] += 1
         mix = counts / counts.sum() if counts.sum() else np.eye(len(self.levels))[0]
-        return Demand(rate, tuple(float(x) for x in mix))
+        weight = self._weight_sum / len(self._weights) if self._weights else 1.0
+        return Demand(rate, tuple(float(x) for x in mix), size_weight=weight)
 
 
 def demand_changed(

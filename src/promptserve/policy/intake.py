@@ -37,6 +37,7 @@ def intake(
     estimator: LoadEstimator,
     admission: bool,
     u: float,
+    shape: int = 0,
 ) -> tuple[Job, bool]:
     """The job as routed (and as moved by admission), and whether it was queued (False: refused).
 
@@ -44,9 +45,10 @@ def intake(
     with a cached neighbour may run at any level (its neighbour keeps latents at every cache
     level), one without only at K = 0; ``u`` is the router's uniform draw in [0, 1).
     """
-    estimator.observe(now, k_opt)
+    estimator.observe(now, k_opt, dispatcher.gpus[0].profile.shape_weights[shape])
     k_max = dispatcher.levels[-1] if has_neighbour else 0
-    job = Job(job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, route(plan, k_opt, u))
+    level = route(plan, k_opt, u)
+    job = Job(job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, level, shape)
     if admission:
         admitted = admit(dispatcher, job, now)
         if admitted is None:

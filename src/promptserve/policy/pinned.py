@@ -29,13 +29,19 @@ class PinnedScheduler:
         self.plan: Plan | None = None  # set by the driver's planning, before any arrival
 
     def intake(
-        self, now: float, job_id: int, deadline_s: float, k_opt: int, has_neighbour: bool
+        self,
+        now: float,
+        job_id: int,
+        deadline_s: float,
+        k_opt: int,
+        has_neighbour: bool,
+        shape: int = 0,
     ) -> Arrival:
         assert self.plan is not None, "a request arrived before the first plan"
         u = float(self.rng.random())
         job, queued = intake(
             job_id, now, deadline_s, k_opt, has_neighbour, self.plan, self.dispatcher,
-            self.estimator, self.admission, u,
+            self.estimator, self.admission, u, shape,
         )  # fmt: skip
         return Arrival(job, None if queued else Outcome(job, Status.REFUSED, now))
 

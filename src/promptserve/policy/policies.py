@@ -79,6 +79,7 @@ class Policy:
     admission: bool = False
     switch_s_from_profile: bool = False  # a level change costs the model-load time
     step: str | None = None  # step-level serving's K rule (price, zero, max); None: pinned GPUs
+    shape_aware: bool = True  # step-level placement weighs sizes (``+blind``: fewest members)
     step_type: ClassVar[type[StepScheduler]] = StepScheduler  # a reference's may differ
 
     def estimator(self, levels: tuple[int, ...], slo_s: float) -> LoadEstimator:
@@ -104,6 +105,7 @@ class Policy:
             shed=self.dispatch.late == "escalate",
             admission=self.admission,
             cap=self.dispatch.max_batch,
+            shape_aware=self.shape_aware,
         )
         profile = setting.profiles[0]
         estimator = self.estimator(profile.levels, setting.slo_s)
@@ -114,6 +116,8 @@ class Policy:
     def plan(
         self, demand: Demand, setting: Setting, current: Sequence[int | None] | None = None
     ) -> Plan:
+        if demand.size_weight != 1.0:  # the planners count native images: scale by the sizes
+            demand = replace(demand, rate_qpm=demand.rate_qpm * demand.size_weight)
         if demand.rate_qpm <= 0 and self.planner in IDLE_AT_FULL_QUALITY:
             # no load: every level is "optimal" to a solver, so it may keep a fast level from
             # the last burst and serve the next prompt from an unrelated latent; an idle
@@ -254,7 +258,7 @@ POLICIES: dict[str, Policy] = {
     ),
     "continuous-ht": Policy("continuous-ht", "clipper-ht", _BASELINE, None, 60.0, 60.0, step="max"),
 }
-MODIFIERS = ("shed", "admit", "fast")
+MODIFIERS = ("shed", "admit", "fast", "blind")
 
 
 def _with(policy: Policy, modifier: str) -> Policy:
@@ -262,6 +266,13 @@ def _with(policy: Policy, modifier: str) -> Policy:
         return replace(policy, dispatch=replace(SHED, pinned=policy.dispatch.pinned))
     if modifier == "admit":
         return replace(policy, admission=True)
+    if modifier == "blind":
+        if policy.step is None:
+            raise InputError(
+                f"modifier +blind is for step-level policies ({policy.name} batches one size "
+                "per batch: there is no placement by size to turn off)"
+            )
+        return replace(policy, shape_aware=False)
     return replace(
         policy, replan_s=FAST_REPLAN_S, short_s=FAST_SHORT_S, long_s=FAST_LONG_S
     )  # "fast"

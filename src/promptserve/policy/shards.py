@@ -159,11 +159,17 @@ class ShardedSteps:
     # -- the driver's calls --------------------------------------------------------------------
 
     def intake(
-        self, now: float, job_id: int, deadline_s: float, k_opt: int, has_neighbour: bool
+        self,
+        now: float,
+        job_id: int,
+        deadline_s: float,
+        k_opt: int,
+        has_neighbour: bool,
+        shape: int = 0,
     ) -> Arrival:
         s = self.ring.shard_of(self.tenant_of(job_id))
         self.shard_of_job[job_id] = s
-        return self.shards[s].intake(now, job_id, deadline_s, k_opt, has_neighbour)
+        return self.shards[s].intake(now, job_id, deadline_s, k_opt, has_neighbour, shape)
 
     def gpus_of(self, job_id: int) -> list[StepGpu]:
         """The GPUs a waiting job of this shard may join (those its shard owns)."""

@@ -53,6 +53,7 @@ class StepConfig:
     shed: bool  # EDF, deadline-checked joins, drop what cannot finish
     admission: bool  # refuse at arrival what cannot finish
     cap: int = 8  # in-flight cap without shed (with shed, the deadlines set it)
+    shape_aware: bool = True  # place by what a size costs where it joins (else: fewest members)
 
 
 @dataclass(slots=True)
@@ -77,6 +78,7 @@ class StepGpu:
     seg_iter_s: float = 0.0  # its iteration time (0: idle)
     tallied: int = 0  # its step count when its members were last counted (``steps_left``)
     left_since: bool = False  # a member left since (the live runtime removes who finished)
+    shapes: dict[int, int] = field(default_factory=dict)  # members per size (its calls)
 
     @property
     def count(self) -> int:
@@ -95,6 +97,13 @@ class StepGpu:
         if not self.by_id or self.seg_iter_s <= 0 or at <= self.seg_start:
             return self.done
         return self.done + round((at - self.seg_start) / self.seg_iter_s)
+
+    def held_shapes(self) -> set[int]:
+        """The sizes among its members and joiners."""
+        return {s for s, n in self.shapes.items() if n} | {j.shape for j in self.joining}
+
+    def count_shape(self, shape: int, sign: int) -> None:
+        self.shapes[shape] = self.shapes.get(shape, 0) + sign
 
     def steps_to_next_leave(self) -> int:
         return self.members[0][0] - self.done if self.members else 0

@@ -42,7 +42,8 @@ class ExcessWork:
 
 class StepPricing:
     """The pricing half of ``StepScheduler``: it reads the scheduler's profile, levels, quality,
-    GPUs, cap, config and waiting queue, sets ``price``, the levels it picks and the split
+    GPUs, cap, config, waiting queue and ``member_s`` (a step's time for n members drawn
+    from the arrivals' sizes), sets ``price``, the levels it picks and the split
     between them, and gives each joining request the K the price (or the rule) prefers."""
 
     def _choices(self, price: float) -> list[list[int]]:
@@ -63,10 +64,11 @@ class StepPricing:
         work matches the capacity instead of undershooting it."""
         fastest = self.profile.total_steps - self.levels[-1]
         self.excess.capacity_per_s = self.steps_capacity(slo_s, fastest)
-        if self._inflight_slo != slo_s:  # a table of the profile and the SLO: built once
+        key = (slo_s, tuple(round(p, 2) for p in self.size_shares))
+        if self._inflight_slo != key:  # a table of the profile, the SLO and the sizes
             steps = range(self.profile.total_steps + 1)
             self._inflight_for = [self.inflight_within(max(r, 1), slo_s) for r in steps]
-            self._inflight_slo = slo_s
+            self._inflight_slo = key
         if self.config.rule != "price":
             return self.price
         per_s = demand.rate_qpm / 60.0
@@ -109,14 +111,14 @@ class StepPricing:
         of ``mean_steps`` (default: a full one) finishes within ``SLO_SHARE`` of the SLO (the
         rest is left for waiting to join)."""
         n = self.inflight_within(mean_steps or self.profile.total_steps, slo_s)
-        return self.up_count * self.profile.steps_per_s(n)
+        return self.up_count * (n / self.member_s(n))
 
     def inflight_within(self, steps: float, slo_s: float) -> int:
         """The largest in-flight count at which ``steps`` steps take at most ``SLO_SHARE`` of
         the SLO (at least 1)."""
         n = 1
         for b in range(1, self.cap + 1):
-            if steps * self.profile.iteration_s(b) <= SLO_SHARE * slo_s:
+            if steps * self.member_s(b) <= SLO_SHARE * slo_s:
                 n = b
         return n
 

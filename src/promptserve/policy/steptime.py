@@ -1,6 +1,13 @@
 """Step-level serving's time model: what one denoiser step costs at each in-flight count, and
 when members finish as others leave on the way. Pure numbers, shared by the scheduler and the
-simulator's step GPUs."""
+simulator's step GPUs.
+
+Sizes: a member of a size with ``w`` times the native pixel count counts as ``w`` native
+members in its denoiser call (``call_s``: the measured curve, linear between the counts and past
+the ends), and a batch that holds several sizes runs one call per size (``mix_s``), each paying
+the call's fixed part. A documented scaling, not a measurement per size: the UNet's and the
+transformers' work per member grows with its latent's positions, and the fixed part (weights
+read, launches) is paid once a call.)"""
 
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ class StepProfile:
     step_s: tuple[float, ...]  # [n - 1]: seconds of one denoiser step with n members
     join_s: float = 0.0  # per request joining (text encoding), added to its first step
     leave_s: float = 0.0  # per request leaving (VAE decode), added after its last step
+    shape_weights: tuple[float, ...] = (1.0,)  # [shape]: pixels against the native size's
 
     @property
     def max_inflight(self) -> int:
@@ -32,6 +40,39 @@ class StepProfile:
 
     def steps_per_s(self, n: int) -> float:
         return n / self.iteration_s(n)
+
+    @property
+    def sized(self) -> bool:
+        """Whether more than one size is served (else every member counts as one)."""
+        return len(self.shape_weights) > 1
+
+    def call_s(self, load: float) -> float:
+        """One denoiser call over ``load`` native members' worth of pixels: the measured step
+        time at a whole count inside the curve, linear between counts, and past its ends along
+        the nearest segment (never below a tenth of one member's step)."""
+        steps, i = self.step_s, int(load)
+        if i == load and 1 <= i <= len(steps):
+            return steps[i - 1]
+        if len(steps) == 1:
+            return steps[0] * max(load, 1.0)
+        j = min(max(i, 1), len(steps) - 1)  # the segment [j, j + 1], 1-based counts
+        slope = steps[j] - steps[j - 1]
+        return max(steps[j - 1] + slope * (load - j), 0.1 * steps[0])
+
+    def mix_s(self, counts: dict[int, int]) -> float:
+        """One iteration of a batch with ``counts[shape]`` members of each size: a call per
+        size present."""
+        if len(counts) == 1:
+            ((shape, n),) = counts.items()
+            if shape == 0:
+                return self.iteration_s(n) if n else 0.0
+        w = self.shape_weights
+        return sum(self.call_s(n * w[s]) for s, n in counts.items() if n)
+
+    def member_s(self, n: int, shape: int = 0) -> float:
+        """An iteration of ``n`` members all of one size (the estimate where a batch's own mix
+        is not known: admission behind a queue, the capacity the price is set for)."""
+        return self.iteration_s(n) if shape == 0 else self.call_s(n * self.shape_weights[shape])
 
 
 def step_profile(profile: Profile) -> StepProfile:
@@ -50,7 +91,12 @@ def step_profile(profile: Profile) -> StepProfile:
             n0, n1 = counts[j - 1], counts[j]
             steps.append(measured[j - 1] + (measured[j] - measured[j - 1]) * (n - n0) / (n1 - n0))
     return StepProfile(
-        profile.total_steps, profile.levels, tuple(steps), profile.encode_s, profile.decode_s
+        profile.total_steps,
+        profile.levels,
+        tuple(steps),
+        profile.encode_s,
+        profile.decode_s,
+        profile.shape_weights,
     )
 
 
@@ -69,7 +115,9 @@ def derived_step_profile(profile: Profile) -> StepProfile:
         steps.append(step)
         fixed.append(max(full - n * step, 0.0) / b)
     per_request = fixed[0]
-    return StepProfile(n, profile.levels, tuple(steps), per_request / 2, per_request / 2)
+    return StepProfile(
+        n, profile.levels, tuple(steps), per_request / 2, per_request / 2, profile.shape_weights
+    )
 
 
 def draw(job_id: int) -> float:
@@ -79,18 +127,32 @@ def draw(job_id: int) -> float:
 
 
 def finishes(
-    profile: StepProfile, start: float, remaining: Sequence[int], joined: int = 0
+    profile: StepProfile,
+    start: float,
+    remaining: Sequence[int],
+    joined: int = 0,
+    shapes: Sequence[int] | None = None,
 ) -> list[float]:
     """Finish times (answers) of members with ``remaining`` steps (ascending) from ``start``,
     if nobody else joins: each segment runs at the step time of the members still in, and the
-    members that finish at one step are decoded together before the next step starts."""
+    members that finish at one step are decoded together before the next step starts.
+    ``shapes``: each member's size (``None``: all native), timed by ``StepProfile.mix_s``."""
+    counts: dict[int, int] | None = None
+    if shapes is not None:
+        counts = {}
+        for s in shapes:
+            counts[s] = counts.get(s, 0) + 1
     n, t, prev, out = len(remaining), start + joined * profile.join_s, 0, []
     i = 0
     while i < n:
         r, j = remaining[i], i
         while j < n and remaining[j] == r:
             j += 1
-        t += (r - prev) * profile.iteration_s(n - i) + (j - i) * profile.leave_s
+        step = profile.iteration_s(n - i) if counts is None else profile.mix_s(counts)
+        t += (r - prev) * step + (j - i) * profile.leave_s
         out.extend([t] * (j - i))
+        if counts is not None:
+            for s in shapes[i:j]:  # type: ignore[index]
+                counts[s] -= 1
         prev, i = r, j
     return out

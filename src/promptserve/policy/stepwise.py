@@ -32,6 +32,12 @@ the time in and carry out what comes back):
   served up to a fixed in-flight cap, late work runs late, and a request whose deadline has
   passed before it joins is dropped.
 
+Sizes: a GPU's batch may hold members of several sizes, one denoiser call per size a step
+(``steptime``: a size counts by its pixels, each call pays its fixed part). Placement is then
+shape-aware: besides the least-loaded GPU it weighs the least-loaded one already running the
+request's size, and takes the one where the request adds less to its batch's finish times
+(``_placement_cost``): an idle GPU while there is one, a GPU of its own size once all are busy.
+
 The finish-time model: ``n`` members make an iteration of ``step_s(n)`` seconds; a member with
 ``r`` steps left, on a GPU where the members with fewer steps leave on the way, finishes after
 the sum of those segments (``finishes``). Later joins are checked against every member's
@@ -51,6 +57,7 @@ from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.intake import DELIVERY_MARGIN_S
 from promptserve.policy.stepgpu import GpuBucket, KRule, Member, StepConfig, StepGpu
 from promptserve.policy.stepprice import (
+    EXCESS_SHARE,
     PRICE_MAX,
     SLO_SHARE,
     UTILISATION,
@@ -111,7 +118,7 @@ class StepScheduler(StepPricing):
         self.waiting_full = 0  # waiting jobs that must run every step (no neighbour)
         self.wait_epoch = 0  # times the queue went from empty to waiting (drivers' cuts)
         self._inflight_for: list[int] = []  # per run length in steps (``reprice``)
-        self._inflight_slo: float | None = None  # the SLO it was built for
+        self._inflight_slo: tuple | None = None  # the SLO and size mix it is built for
         self.up_count = n_gpus
         self.price = 0.0
         self._busy_at = self.cap  # members past which a GPU is full (set with the price)
@@ -122,6 +129,8 @@ class StepScheduler(StepPricing):
         # running members per steps left, as of the last join or leave on their GPU (the
         # same on both clocks: one boundary per step live, one per event simulated)
         self.steps_left = [0] * (profile.total_steps + 1)
+        self.holders: dict[int, set[int]] = {}  # per size: the GPUs holding a member of it
+        self._arrived_by_shape = [0] * len(profile.shape_weights)  # the sizes (``member_s``)
 
     # -- decisions -------------------------------------------------------------------------
 
@@ -132,11 +141,47 @@ class StepScheduler(StepPricing):
         return None
 
     def _recount(self, gpu: StepGpu, before: int) -> None:
+        if self.profile.sized:
+            self._rehold(gpu)
         after = min(gpu.count, len(self.by_count) - 1)
         if before != after:
             self.by_count[min(before, len(self.by_count) - 1)].discard(gpu.index)
             if gpu.up:
                 self.by_count[after].add(gpu.index)
+
+    def _rehold(self, gpu: StepGpu) -> None:
+        held = gpu.held_shapes() if gpu.up else set()
+        for shape, gpus in self.holders.items():
+            if shape not in held:
+                gpus.discard(gpu.index)
+        for shape in held:
+            self.holders.setdefault(shape, set()).add(gpu.index)
+
+    def _with_new(
+        self, gpu: StepGpu, job: Job, k: int, at: float, ahead: Sequence[Job], done: int
+    ) -> tuple[list[float], list[float], list[float] | None, int]:
+        """The deadlines of ``gpu``'s members (and ``ahead``, the jobs joining at the same
+        boundary before ``job``, at their fastest level), their finish times after ``job``
+        joins at level K (``job``'s at ``pos``), and before (None without members)."""
+        r_new = self.profile.total_steps - k
+        done = gpu.done if done < 0 else done
+        sized = self.profile.sized
+        shape = (lambda jid: gpu.by_id[jid].job.shape) if sized else (lambda jid: 0)
+        held = [(end - done, d, shape(jid)) for end, d, jid in gpu.members]
+        if ahead:
+            total = self.profile.total_steps
+            held = sorted(
+                held + [(total - self.fastest_k(j), j.deadline_s, j.shape) for j in ahead]
+            )
+        rem = [r for r, _, _ in held]
+        deadlines = [d for _, d, _ in held]
+        pos = bisect.bisect_right(rem, r_new)
+        with_new = rem[:pos] + [r_new] + rem[pos:]
+        shapes = [s for _, _, s in held] if sized else None
+        new_shapes = shapes[:pos] + [job.shape] + shapes[pos:] if shapes is not None else None
+        after = finishes(self.profile, at, with_new, 1 + len(ahead), new_shapes)
+        before = finishes(self.profile, at, rem, len(ahead), shapes) if rem else None
+        return deadlines, after, before, pos
 
     def fits(
         self, gpu: StepGpu, job: Job, k: int, at: float, ahead: Sequence[Job] = (), done: int = -1
@@ -146,22 +191,11 @@ class StepScheduler(StepPricing):
         the jobs that join at the same boundary before it, counted as members at their fastest
         level (their K is chosen when they join). ``done``: the GPU's step count at ``at``
         (default: now, at a boundary)."""
-        r_new = self.profile.total_steps - k
-        done = gpu.done if done < 0 else done
-        held = [(end - done, d) for end, d, _ in gpu.members]
-        if ahead:
-            total = self.profile.total_steps
-            held = sorted(held + [(total - self.fastest_k(j), j.deadline_s) for j in ahead])
-        rem = [r for r, _ in held]
-        deadlines = [d for _, d in held]
-        pos = bisect.bisect_right(rem, r_new)
-        with_new = rem[:pos] + [r_new] + rem[pos:]
-        after = finishes(self.profile, at, with_new, joined=1 + len(ahead))
+        deadlines, after, before, pos = self._with_new(gpu, job, k, at, ahead, done)
         if after[pos] > job.deadline_s + EPS:
             return False
-        if not rem:
+        if before is None:
             return True
-        before = finishes(self.profile, at, rem, joined=len(ahead))
         for i, d in enumerate(deadlines):
             f = after[i if i < pos else i + 1]
             if f > d + EPS and f > before[i] + EPS:
@@ -175,7 +209,8 @@ class StepScheduler(StepPricing):
     def can_ever_finish(self, job: Job, now: float) -> bool:
         """Alone on an idle GPU from now, at the fastest level the rule allows it."""
         r = self.profile.total_steps - self.fastest_k(job)
-        return finishes(self.profile, now, [r], joined=1)[0] <= job.deadline_s + EPS
+        shapes = [job.shape] if self.profile.sized else None
+        return finishes(self.profile, now, [r], 1, shapes)[0] <= job.deadline_s + EPS
 
     def choose_k(
         self, gpu: StepGpu, job: Job, at: float, ahead: Sequence[Job] = (), done: int = -1
@@ -196,16 +231,24 @@ class StepScheduler(StepPricing):
     # -- the contract (``policy.contract.Scheduler``) -----------------------------------------
 
     def intake(
-        self, now: float, job_id: int, deadline_s: float, k_opt: int, has_neighbour: bool
+        self,
+        now: float,
+        job_id: int,
+        deadline_s: float,
+        k_opt: int,
+        has_neighbour: bool,
+        shape: int = 0,
     ) -> Arrival:
         """Tell the estimator, then place the job (the GPU it joins at that GPU's next
         boundary, none while it waits) or end it (refused or, with no level that can finish,
         dropped). It starts at its K_opt; the K it runs at is chosen when it joins."""
         assert self.estimator is not None, "intake needs the scheduler's load estimator"
-        self.estimator.observe(now, k_opt)
+        self.estimator.observe(now, k_opt, self.profile.shape_weights[shape])
         k_max = self.levels[-1] if has_neighbour else 0
         self.excess.pour(now, self.profile.total_steps - k_max)
-        job = Job(job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, k_opt)
+        if self.profile.sized:
+            self._arrived_by_shape[shape] += 1
+        job = Job(job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, k_opt, shape)
         gpu, outcome = self.arrive(now, job)
         return Arrival(job, outcome, gpu.index if gpu is not None else None)
 
@@ -220,18 +263,48 @@ class StepScheduler(StepPricing):
 
     def backlog_s(self, now: float) -> float:
         """Until the first member of an up GPU leaves (its slot frees)."""
-        step_s = self.profile.iteration_s
         return min(
-            (g.steps_to_next_leave() * step_s(len(g.by_id)) for g in self.gpus if g.up),
+            (g.steps_to_next_leave() * self._iteration_s(g) for g in self.gpus if g.up),
             default=1.0,
         )
+
+    def _iteration_s(self, gpu: StepGpu) -> float:
+        """One step of ``gpu``'s running members (0: none)."""
+        if self.profile.sized:
+            return self.profile.mix_s(gpu.shapes) if gpu.by_id else 0.0
+        return self.profile.iteration_s(len(gpu.by_id)) if gpu.by_id else 0.0
+
+    @property
+    def size_shares(self) -> tuple[float, ...]:
+        """The arrivals' share of each size so far (all native before any arrives)."""
+        total = sum(self._arrived_by_shape)
+        if not total:
+            return (1.0,) + (0.0,) * (len(self._arrived_by_shape) - 1)
+        return tuple(c / total for c in self._arrived_by_shape)
+
+    def member_s(self, n: int, shape: int | None = None) -> float:
+        """An iteration of ``n`` members of ``shape``, or (None) of ``n`` members drawn from
+        the arrivals' size mix: what the price's capacity and the queue's estimates count on.
+        A size is in the batch with probability ``1 - (1 - p) ** n`` and then holds ``n p``
+        over that many members, each present size a call (exact where the step curve is
+        affine, as the reference's is; conservative where placement groups sizes)."""
+        if not self.profile.sized:
+            return self.profile.iteration_s(n)
+        if shape is not None:
+            return self.profile.member_s(n, shape)
+        total, w = 0.0, self.profile.shape_weights
+        for s, p in enumerate(self.size_shares):
+            if p > 0:
+                present = 1.0 - (1.0 - p) ** n
+                total += present * self.profile.call_s(n * p / present * w[s])
+        return total
 
     # -- decisions -------------------------------------------------------------------------
 
     def arrive(self, now: float, job: Job) -> tuple[StepGpu | None, Outcome | None]:
         """Place an arriving job: the GPU it will join at that GPU's next boundary (the driver
         runs that boundary), or None when it waits; an outcome when it is refused."""
-        gpu = self.least_loaded()
+        gpu = self.place(now, job)
         if self.config.admission and not self._admissible(gpu, job, now):
             return None, Outcome(job, Status.REFUSED, now)
         if self.config.shed and not self.can_ever_finish(job, now):
@@ -250,6 +323,38 @@ class StepScheduler(StepPricing):
             return None, Outcome(job, Status.REFUSED, now)
         self._wait(job)
         return None, None
+
+    def place(self, now: float, job: Job) -> StepGpu | None:
+        """The GPU an arriving job is offered: the least-loaded one, or, serving several sizes
+        (``shape_aware``), the least-loaded one already running its size where the job adds
+        less to the finish times there (``_placement_cost``)."""
+        least = self.least_loaded()
+        if least is None or not (self.profile.sized and self.config.shape_aware):
+            return least
+        same = [
+            self.gpus[i] for i in self.holders.get(job.shape, ())
+            if self.gpus[i].count < self.cap
+        ]  # fmt: skip
+        if not same:
+            return least
+        own = min(same, key=lambda g: (g.count, g.index))
+        if own is least:
+            return least
+        return (
+            own
+            if self._placement_cost(own, job, now) < self._placement_cost(least, job, now)
+            else least
+        )
+
+    def _placement_cost(self, gpu: StepGpu, job: Job, now: float) -> float:
+        """Seconds ``job`` adds to the sum of the finish times on ``gpu``: its own time to
+        finish there and what it delays every member by (one more member in its size's call,
+        or a call of its own for a size the batch does not hold)."""
+        at = gpu.next_boundary(now)
+        k = self.preferred_k(job, at)
+        _, after, before, pos = self._with_new(gpu, job, k, at, gpu.joining, gpu.done_at(at))
+        delay = sum(after) - after[pos] - (sum(before) if before else 0.0)
+        return after[pos] - now + delay
 
     def _key(self, job: Job) -> float:
         return job.deadline_s if self.config.shed else job.arrival_s
@@ -279,6 +384,9 @@ class StepScheduler(StepPricing):
             return False
         at = gpu.next_boundary(now)
         done = gpu.done_at(at)
+        if self.profile.sized:
+            _, after, _, pos = self._with_new(gpu, job, self.fastest_k(job), at, (), done)
+            return after[pos] <= job.deadline_s + EPS
         r = self.profile.total_steps - self.fastest_k(job)
         rem = sorted([end - done for end, _, _ in gpu.members] + [r])
         mine = rem.index(r)
@@ -305,7 +413,7 @@ class StepScheduler(StepPricing):
         # behind a queue that takes the free slots it joins a slot a leave frees, on a GPU at
         # its full count; with a slot free, the least-loaded GPU's count
         n = slowest if start > now else min(slowest, len(gpu.by_id) + 1)
-        run = self.profile.join_s + r * self.profile.iteration_s(n) + self.profile.leave_s
+        run = self.profile.join_s + r * self.member_s(n, job.shape) + self.profile.leave_s
         return start + run <= job.deadline_s + EPS
 
     def _fullest(self) -> int:
@@ -330,9 +438,9 @@ class StepScheduler(StepPricing):
         for left, count in enumerate(self.steps_left):
             seen += count
             if seen >= k:
-                return now + left * self.profile.iteration_s(slowest) + self.profile.leave_s
+                return now + left * self.member_s(slowest) + self.profile.leave_s
         running = sum(left * count for left, count in enumerate(self.steps_left))
-        rate = self.up_count * self.profile.steps_per_s(n)
+        rate = self.up_count * (n / self.member_s(n))
         return now + (running + self.waiting_steps) / rate
 
     def _tally(
@@ -357,6 +465,7 @@ class StepScheduler(StepPricing):
         while gpu.members and gpu.members[0][0] <= gpu.done:
             _, _, jid = gpu.members.pop(0)
             leaving.append(gpu.by_id.pop(jid))
+            gpu.count_shape(leaving[-1].job.shape, -1)
         self._recount(gpu, before)  # as the live runtime's removals do, before anyone joins
         before = gpu.count
         # the leavers are decoded together before anyone hears, and before anyone joins (the
@@ -393,6 +502,7 @@ class StepScheduler(StepPricing):
     def _admit_member(self, gpu: StepGpu, job: Job, k: int, joined: list[Member]) -> None:
         member = Member(job, k, gpu.done + self.profile.total_steps - k)
         gpu.by_id[job.id] = member
+        gpu.count_shape(job.shape, 1)
         bisect.insort(gpu.members, (member.end_step, job.deadline_s, job.id))
         joined.append(member)
 
@@ -416,6 +526,9 @@ class StepScheduler(StepPricing):
             if not self._reachable(job, now):
                 dropped.append(Outcome(job, Status.DROPPED, now))
                 continue
+            if self._elsewhere(gpu, job, now):
+                skipped.append(entry)
+                continue
             k = self.choose_k(gpu, job, now)
             if k is None:
                 skipped.append(entry)
@@ -423,6 +536,21 @@ class StepScheduler(StepPricing):
             self._admit_member(gpu, job, k, joined)
         for entry in skipped:
             self._wait(entry[2], requeue=True)
+
+    def _elsewhere(self, gpu: StepGpu, job: Job, now: float) -> bool:
+        """Whether a waiting job of a size ``gpu`` does not run is better left to a GPU that
+        runs it (shape-aware, several sizes): it joins there at that GPU's next boundary, a
+        step away while jobs wait, instead of adding a call to every step here. Only while it
+        would finish here with the waiting share of its SLO to spare (``EXCESS_SHARE``, what
+        the policy leaves for waiting to join), so a job is not held back into lateness."""
+        if not (self.profile.sized and self.config.shape_aware and gpu.by_id):
+            return False
+        if gpu.shapes.get(job.shape, 0) or not any(
+            i != gpu.index and self.gpus[i].up for i in self.holders.get(job.shape, ())
+        ):
+            return False
+        _, after, _, pos = self._with_new(gpu, job, self.fastest_k(job), now, (), -1)
+        return job.deadline_s - after[pos] > EXCESS_SHARE * (job.deadline_s - job.arrival_s)
 
     def _reachable(self, job: Job, now: float) -> bool:
         """Whether ``job`` could still finish joining the least-loaded GPU now at its fastest
@@ -434,13 +562,12 @@ class StepScheduler(StepPricing):
         r = self.profile.total_steps - self.fastest_k(job)
         if self._inflight_for:  # as admission counts it: see ``_after_queue``
             n = min(n, self._inflight_for[r])
-        t = now + self.profile.join_s + r * self.profile.iteration_s(n) + self.profile.leave_s
+        t = now + self.profile.join_s + r * self.member_s(n, job.shape) + self.profile.leave_s
         return t <= job.deadline_s + EPS
 
     def _start_segment(self, gpu: StepGpu, now: float, joined: int) -> None:
-        n = len(gpu.by_id)
         gpu.seg_start = now + joined * self.profile.join_s
-        gpu.seg_iter_s = self.profile.iteration_s(n) if n else 0.0
+        gpu.seg_iter_s = self._iteration_s(gpu)
 
     def next_steps(self, gpu: StepGpu) -> int:
         """How many steps the GPU runs before something must happen on it: the next leave, or
@@ -470,6 +597,7 @@ class StepScheduler(StepPricing):
                     return job
             member = gpu.by_id.pop(job_id, None)
             if member is not None:
+                gpu.count_shape(member.job.shape, -1)
                 self.steps_left[member.end_step - gpu.tallied] -= 1
                 gpu.left_since = True
                 gpu.members = [e for e in gpu.members if e[2] != job_id]
@@ -489,12 +617,14 @@ class StepScheduler(StepPricing):
         self.up_count += 1 if up else -1
         if up:
             bucket.add(gpu.index)
+            self._rehold(gpu)
             return []
         bucket.discard(gpu.index)
         self._tally(gpu, -1)
         held = sorted((m.job for m in gpu.by_id.values()), key=lambda j: j.id) + gpu.joining
-        gpu.by_id, gpu.members, gpu.joining = {}, [], []
+        gpu.by_id, gpu.members, gpu.joining, gpu.shapes = {}, [], [], {}
         gpu.seg_iter_s = 0.0
+        self._rehold(gpu)
         return held
 
     def drain(self, gpu_index: int) -> None:
@@ -507,6 +637,7 @@ class StepScheduler(StepPricing):
         self.by_count[min(gpu.count, len(self.by_count) - 1)].discard(gpu.index)
         gpu.up = False
         self.up_count -= 1
+        self._rehold(gpu)
 
     def restart(self, gpu: StepGpu, job_id: int, k: int) -> None:
         """A member that could not start at its K (its cached latent was gone) runs from K."""

@@ -27,6 +27,7 @@ class Demand:
         float, ...
     ]  # share of requests per K_opt class, over the profile's levels (sums to 1)
     backlog: tuple[int, ...] = ()  # requests waiting per level now (optional)
+    size_weight: float = 1.0  # the requests' mean pixels against the native size's
 
     def per_class_qpm(self) -> np.ndarray:
         return self.rate_qpm * np.asarray(self.mix, dtype=float)
@@ -58,6 +59,7 @@ class Job:
     k_opt: int  # the level its similarity tolerates
     k_max: int  # the highest level it can be served at (its neighbour's cached levels; 0: none)
     level: int  # the level it was routed to
+    shape: int = 0  # its size, as an index into the profile's ``shape_weights`` (0: native)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import threading
@@ -26,12 +27,13 @@ from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
 from promptserve.engine.base import PLAIN, GenerationItem, GenerationResult, Look, cache_space
 from promptserve.engine.runner import engine_level
-from promptserve.engine.sizes import label
+from promptserve.engine.sizes import label, shape_index, shape_table
 from promptserve.policy import Policy, Setting, Status
 from promptserve.policy.contract import Arrival, LoadSnapshot, Scheduler
 from promptserve.policy.intake import DELIVERY_MARGIN_S, request_deadline
 from promptserve.policy.planning import first_demand, until_replan
 from promptserve.policy.types import Demand, Job
+from promptserve.profile import for_sizes
 from promptserve.quality import QualityModel
 from promptserve.server.burst import Burst
 from promptserve.server.cachework import item_for, pinned_by, remember_run
@@ -88,6 +90,11 @@ class LiveRuntime:
         test drives the runtime on a clock of its own by passing both."""
         self.workers, self.cache = workers, cache
         self.guidance = workers.guidance  # read once: workers without it fail here, not mid-run
+        # the sizes as the policy times them: a request's ``shape`` is its size's index here
+        self.shapes = shape_table(workers.native, workers.sizes)
+        if len(setting.profiles[0].shape_weights) != len(self.shapes):
+            profiles = tuple(for_sizes(p, self.shapes) for p in setting.profiles)
+            setting = dataclasses.replace(setting, profiles=profiles)
         self.pause = pause
         self.policy, self.setting, self.quality = policy, setting, quality
         self.clock = clock
@@ -132,10 +139,16 @@ class LiveRuntime:
         raise NotImplementedError
 
     def _place(
-        self, job_id: int, now: float, deadline_s: float, k_opt: int, has_neighbour: bool
+        self,
+        job_id: int,
+        now: float,
+        deadline_s: float,
+        k_opt: int,
+        has_neighbour: bool,
+        shape: int = 0,
     ) -> tuple[Job, Exception | None]:
         """Hand the request to the scheduler: the job as placed, or why it ends at once."""
-        arrival = self.sched.intake(now, job_id, deadline_s, k_opt, has_neighbour)
+        arrival = self.sched.intake(now, job_id, deadline_s, k_opt, has_neighbour, shape)
         if arrival.ended is None:
             self._placed(arrival)
             return arrival.job, None
@@ -260,7 +273,8 @@ class LiveRuntime:
         seed = job_id if seed is None else seed
         p = Pending(prompt, space, vec, hit, future, now, seed, handle, k_opt, look)
         self.pending[job_id] = p
-        job, ended = self._place(job_id, now, now + slo_s, k_opt, has_neighbour)
+        shape = shape_index(self.shapes, look.size)
+        job, ended = self._place(job_id, now, now + slo_s, k_opt, has_neighbour, shape)
         p.deadline_s = request_deadline(job)
         p.queued_at = self.clock()
         self.counters.stage("intake", p.queued_at - looked_up)

@@ -26,7 +26,7 @@ from promptserve.sim.compare import CompareConfig, compare, sim_inputs
 from promptserve.sim.oracle import DEFAULT_WINDOW_S
 from promptserve.sim.simulator import SimInputs
 from promptserve.workload import generate_arrivals, make_requests, parse_arrival_spec
-from promptserve.workload.looks import LookMix, with_looks
+from promptserve.workload.looks import LookMix, sized_profile, with_looks
 
 OURS = "promptserve"  # its family: baselines are the other policies
 LEAD = "promptserve-step"  # the recommended policy, drawn as the lead line
@@ -89,7 +89,7 @@ def point_inputs(
         config.oracle_window_s,
         config.coarse_window_s,
     )
-    return sim_inputs(requests, emb, profile, thresholds, cmp), cmp
+    return sim_inputs(requests, emb, sized_profile(profile, config.looks), thresholds, cmp), cmp
 
 
 def run_sweep(

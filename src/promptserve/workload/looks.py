@@ -1,8 +1,8 @@
 """What each simulated request asks for besides its prompt: a size from a mix and an adapter
 from a Zipf draw. Both split the approximate cache (a request resumes only from a neighbour of
 its own size and adapter set), which is what the simulator models of them: the request's cache
-namespace is the server's own (``engine.base.cache_space``). A step is still timed as the
-profile's, whatever the sizes in it (the per-shape step cost is not modelled yet)."""
+namespace is the server's own (``engine.base.cache_space``), and its size's index (``shape``),
+by which the policy times its steps and batches (``sized_profile``: by pixel count)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 from promptserve.engine.base import Look, cache_space
 from promptserve.engine.sizes import Size, parse_size
 from promptserve.errors import InputError
+from promptserve.profile import Profile, for_sizes
 from promptserve.types import Request
 
 
@@ -71,5 +72,12 @@ def with_looks(requests: Sequence[Request], mix: LookMix, seed: int) -> list[Req
     for i, r in enumerate(requests):
         size = mix.sizes[sizes[i]] if sizes is not None and sizes[i] > 0 else None
         lora = ((f"adapter{adapters[i]}", 1.0),) if adapters is not None else ()
-        out.append(dataclasses.replace(r, tenant=cache_space(r.tenant, Look(size=size, lora=lora))))
+        space = cache_space(r.tenant, Look(size=size, lora=lora))
+        shape = int(sizes[i]) if sizes is not None else 0
+        out.append(dataclasses.replace(r, tenant=space, shape=shape))
     return out
+
+
+def sized_profile(profile: Profile, mix: LookMix) -> Profile:
+    """``profile`` timing the mix's sizes (the first is the size it was measured at)."""
+    return for_sizes(profile, mix.sizes) if mix.sizes else profile

@@ -7,6 +7,7 @@ import io
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -110,6 +111,22 @@ def test_openai_client_through_ray_with_replicas_at_two_levels(ray_settings, tmp
     on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
     assert sum(w["bytes_written"] for w in workers) == on_disk > 0
     assert_streams(client)
+    assert_every_size_at_once(client, url)
+
+
+def assert_every_size_at_once(client, url: str) -> None:
+    """Every listed size asked for at once: each answer's PNG has its size."""
+    listed = httpx.get(f"{url}/v1/models/tiny", timeout=30).json()["sizes"]
+    assert len(listed) > 1
+
+    def one(size: str) -> tuple[str, bytes]:
+        res = client.images.generate(prompt=f"a tram at {size}", size=size)
+        return size, base64.b64decode(res.data[0].b64_json)
+
+    with ThreadPoolExecutor(len(listed)) as pool:
+        for size, png in pool.map(one, listed):
+            width, height = Image.open(io.BytesIO(png)).size
+            assert f"{width}x{height}" == size
 
 
 def assert_streams(client) -> None:
@@ -205,6 +222,7 @@ def test_step_level_serving_on_ray_resumes_from_the_shared_store_and_cancels(
     assert sum(w["bytes_written"] for w in workers) == on_disk > 0
     assert sum(w["steps"] for w in workers) > 0 and sum(w["batches"] for w in workers) == 0
     assert_streams(client)
+    assert_every_size_at_once(client, url)
 
 
 def test_on_ray_the_ingress_evicts_what_the_workers_wrote_within_the_quota(ray_settings, tmp_path):

@@ -184,3 +184,21 @@ def test_a_waiting_job_is_left_to_the_gpu_running_its_size_while_it_has_slack(sl
         assert joined == [] and len(sched.waiting) == 1
         _, joined, _ = sched.boundary(sched.gpus[1], 0.0, 0)
     assert [m.job.id for m in joined] == [5]
+
+
+def test_the_price_is_per_step_second_so_a_smaller_size_keeps_more_of_its_steps():
+    config = StepConfig("price", shed=True, admission=True)
+    from promptserve.policy.stepwise import step_profile
+
+    sp = step_profile(for_sizes(reference_profile(), ((1024, 1024), (512, 512))))
+    sched = StepScheduler(sp, 2, QM.matrix(), config, LoadEstimator(PROFILE.levels))
+    for i in range(40):  # half of each size
+        sched.intake(float(i), i, float(i) + 21.0, 0, True, i % 2)
+    mix = (0.2, 0.2, 0.2, 0.2, 0.1, 0.1)
+    price = sched.reprice(Demand(100.0, mix), 21.0)
+    assert 0 < price < 50
+    (big, _), (small, _) = sched._by_shape
+    rows = range(len(sp.levels))
+    last = len(sp.levels) - 1
+    assert all(small[i][last] <= big[i][last] for i in rows)  # never faster for fewer pixels
+    assert any(small[i][last] < big[i][last] for i in rows)

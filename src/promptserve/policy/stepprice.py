@@ -104,7 +104,25 @@ class StepPricing:
                 self._split = min(max((w_lo - UTILISATION * cap) / (w_lo - w_hi), 0.0), 1.0)
         self.price = hi
         self._choice, self._choice_lo = self._choices(hi), self._choices(lo)
+        self._by_shape = self._shape_choices(hi, lo) if self.profile.sized else []
         return hi
+
+    def _shape_choices(self, hi: float, lo: float) -> list[tuple[list, list]]:
+        """Per size, the levels at the price per step-second: a step of a size costs the GPU
+        ``member_s(n, size)`` against a native one's (at the in-flight count a full run shares a
+        GPU with), normalised over the arrivals' mix so that the mean price is the one found.
+        At ``PRICE_MAX`` every size runs at its fastest level, as without sizes."""
+        n = max(self._busy_at, 1)
+        cost = [self.member_s(n, s) for s in range(len(self.profile.shape_weights))]
+        mean = sum(p * c for p, c in zip(self.size_shares, cost, strict=True)) or cost[0]
+        out = []
+        for c in cost:
+            f = c / mean
+            if hi >= PRICE_MAX:
+                out.append((self._choice, self._choice_lo))
+            else:
+                out.append((self._choices(hi * f), self._choices(lo * f)))
+        return out
 
     def steps_capacity(self, slo_s: float, mean_steps: float | None = None) -> float:
         """Steps per second the up GPUs give at the largest in-flight count at which a request
@@ -130,9 +148,10 @@ class StepPricing:
         i, m = self.index_of[job.k_opt], self.index_of[job.k_max]
         if self.saturated(at):  # the price lags a burst: run at the fastest level meanwhile
             return job.k_max
-        j = self._choice[i][m]
-        if self._choice_lo[i][m] != j and draw(job.id) >= self._split:
-            j = self._choice_lo[i][m]
+        hi, lo = self._by_shape[job.shape] if self._by_shape else (self._choice, self._choice_lo)
+        j = hi[i][m]
+        if lo[i][m] != j and draw(job.id) >= self._split:
+            j = lo[i][m]
         return self.levels[j]
 
     def saturated(self, now: float) -> bool:

@@ -37,6 +37,8 @@ Sizes: a GPU's batch may hold members of several sizes, one denoiser call per si
 shape-aware: besides the least-loaded GPU it weighs the least-loaded one already running the
 request's size, and takes the one where the request adds less to its batch's finish times
 (``_placement_cost``): an idle GPU while there is one, a GPU of its own size once all are busy.
+The price is then per step-second: a size's steps are priced by what they cost the GPU
+(``StepPricing._shape_choices``).
 
 The finish-time model: ``n`` members make an iteration of ``step_s(n)`` seconds; a member with
 ``r`` steps left, on a GPU where the members with fewer steps leave on the way, finishes after
@@ -123,6 +125,7 @@ class StepScheduler(StepPricing):
         self.price = 0.0
         self._busy_at = self.cap  # members past which a GPU is full (set with the price)
         self._choice = self._choice_lo = self._choices(0.0)
+        self._by_shape: list[tuple[list, list]] = []  # per size (``_shape_choices``)
         self._split = 0.0  # share of the moving class that takes the cheaper level
         self.excess = ExcessWork()  # the burst signal (``saturated``), drained at the capacity
         self._excess_limit = float("inf")  # set with the price

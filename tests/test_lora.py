@@ -222,3 +222,66 @@ def test_a_kohya_file_reads_as_its_diffusers_equivalent(tmp_path):
             e.generate([GenerationItem(item.prompt, seed=2, look=Look(lora=((name, 1.0),)))])[0]
         )
     assert np.abs(results[0].final_latent - results[1].final_latent).max() <= 1e-5
+
+
+def test_only_the_resident_adapters_sit_on_the_device_and_the_rest_load_over_the_oldest(
+    tmp_path,
+):
+    """Three adapters, two rows on the device: a call naming the third loads it over the
+    least recently used one, and every image is what it is with all three resident."""
+    names = ("ink", "oil", "wax")
+    engine = family_engine("tiny", steps=6, levels=(0, 2))
+    for i, name in enumerate(names):
+        write_adapter(engine.c, tmp_path, name, seed=i + 1)
+    engine.load_adapters(tmp_path, resident=2)
+    bank = engine.c.lora_bank
+    assert engine.adapters == names and set(bank.index) == {"ink", "oil"}
+    assert next(iter(bank.stacks.values()))[0].shape[0] == 3  # two rows and the empty one
+    items = {
+        n: GenerationItem("a quiet harbour", seed=3, look=Look(lora=((n, 1.0),))) for n in names
+    }
+    got = {n: engine.generate([items[n]])[0].final_latent for n in ("ink", "wax", "oil", "wax")}
+    assert bank.stats.loads == 2 and bank.stats.evictions == 2  # wax over oil, oil over ink
+    assert set(bank.index) == {"wax", "oil"}
+    with pytest.raises(RuntimeError, match="more than 2 distinct adapters"):
+        engine.generate(list(items.values()))  # three at once cannot sit in two rows
+    everyone = family_engine("tiny", steps=6, levels=(0, 2))
+    everyone.load_adapters(tmp_path, resident=8)
+    for n in names:
+        want = everyone.generate([items[n]])[0].final_latent
+        assert np.abs(got[n] - want).max() <= 1e-6
+
+
+def test_with_fewer_rows_than_adapters_every_request_is_served_and_the_loads_show(
+    adapters, tmp_path
+):
+    """One adapter row per worker, two adapters: requests naming either, at once, all
+    answered (the policy keeps a GPU's running members within its row), and the loads and
+    evictions on /metrics; two adapters in one request cannot fit and are refused by name."""
+    app = tiny_app(tmp_path, lora_dir=adapters, lora_resident=1, workers=2)
+    with LiveServer(app) as url:
+        profile = app.state.runtime.setting.profiles[0]
+        assert profile.adapter_slots == 1 and profile.adapter_load_s > 0
+        oai = client(url)
+
+        def image(i: int) -> str:
+            name = ("ink", "oil")[i % 2]
+            res = oai.images.generate(
+                prompt=f"a paper boat {i}", extra_body={"lora": [{"name": name}]}
+            )
+            return res.data[0].model_extra["promptserve"]["lora"][0]["name"]
+
+        with ThreadPoolExecutor(6) as pool:
+            assert list(pool.map(image, range(6))) == ["ink", "oil"] * 3
+        events = {
+            ln.split('"')[1]: float(ln.split()[-1])
+            for ln in httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+            if ln.startswith("promptserve_adapter_residency{")
+        }
+        assert events["load"] >= 1 and events["eviction"] >= 1 and events["hit"] >= 1
+        r = httpx.post(
+            f"{url}/v1/images/generations",
+            json={"prompt": "a boat", "lora": [{"name": "ink"}, {"name": "oil"}]},
+            timeout=30,
+        )
+        assert r.status_code == 400 and "holds 1 at once" in r.json()["error"]["message"]

@@ -41,6 +41,7 @@ class TimedWorkers:
     guidance = UNET_GUIDANCE
     native = (1024, 1024)
     sizes = (native,)  # one size: its steps are the profile's
+    adapters = ()
 
     def __init__(self, count: int) -> None:
         self.profile, self.count = reference_profile(), count

@@ -168,3 +168,9 @@ def test_sizes_and_adapters_split_requests_into_the_server_s_cache_namespaces():
     last = cache_space("t", Look(lora=(("adapter3", 1.0),))).split("\x1f")[1]
     assert looks[own] > 2 * looks[last]  # Zipf: adapter 0 four times as likely as adapter 3
     assert with_looks(requests, LookMix(), seed=1) == requests  # no mix: as before
+    assert {r.adapters for r in split} == {(1,), (2,), (3,), (4,)}  # ids from 1, as served
+    assert {r.shape for r in split} == {0, 1, 2}
+    assert parse_adapters("32:1.0:8") == (32, 1.0, 8, 0.05)
+    assert parse_adapters("32:1.0:8:0.2")[3] == 0.2
+    with pytest.raises(InputError, match="RESIDENT"):
+        parse_adapters("32:1.0:-1")

@@ -56,6 +56,10 @@ class Profile:
     decode_s: float = 0.0  # per request, at leave: its VAE decode and PNG
     # per size served (``for_sizes``): its pixels against the size the profile was measured at
     shape_weights: tuple[float, ...] = (1.0,)
+    # LoRA residency (``for_adapters``): adapters a device holds at once (0: every one), and
+    # the seconds one takes to load into a free row
+    adapter_slots: int = 0
+    adapter_load_s: float = 0.0
 
     @property
     def max_batch(self) -> int:
@@ -125,6 +129,11 @@ def for_sizes(profile: Profile, sizes: Sequence[tuple[int, int]]) -> Profile:
         return replace(profile, shape_weights=(1.0,))
     native = sizes[0][0] * sizes[0][1]
     return replace(profile, shape_weights=tuple(w * h / native for w, h in sizes))
+
+
+def for_adapters(profile: Profile, slots: int, load_s: float) -> Profile:
+    """``profile`` on devices that hold ``slots`` LoRA adapters at once, ``load_s`` a load."""
+    return replace(profile, adapter_slots=slots, adapter_load_s=load_s)
 
 
 def reference_profile(path: str | Path | None = None) -> Profile:

@@ -15,6 +15,7 @@ class Request:
     tenant: str  # cache namespace; tenants never share cache entries
     deadline_s: float  # absolute: the time by which the answer must be out
     shape: int = 0  # its size, as an index into the served sizes (0: the model's own)
+    adapters: tuple[int, ...] = ()  # the LoRA adapters it names, as ids
 
     @property
     def slo_s(self) -> float:

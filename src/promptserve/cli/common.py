@@ -184,8 +184,9 @@ SizeMixOpt = Annotated[
 AdaptersOpt = Annotated[
     str | None,
     typer.Option(
-        help="N:ALPHA: a LoRA adapter per request, drawn Zipf(ALPHA) over N: a request resumes "
-        "only from a neighbour of its adapter.",
+        help="N:ALPHA[:RESIDENT[:LOAD_S]]: a LoRA adapter per request, drawn Zipf(ALPHA) over "
+        "N (a request resumes only from a neighbour of its adapter); RESIDENT of them held per "
+        "GPU at once (default all), LOAD_S seconds a load (default 0.05).",
     ),
 ]
 
@@ -195,5 +196,5 @@ def look_mix(size_mix: str | None, adapters: str | None):  # noqa: ANN201 - a Lo
     from promptserve.workload.looks import LookMix, parse_adapters, parse_size_mix
 
     sizes, weights = parse_size_mix(size_mix) if size_mix else ((), ())
-    count, alpha = parse_adapters(adapters) if adapters else (0, 1.0)
-    return LookMix(sizes, weights, count, alpha)
+    count, alpha, resident, load_s = parse_adapters(adapters) if adapters else (0, 1.0, 0, 0.0)
+    return LookMix(sizes, weights, count, alpha, resident, load_s)

@@ -167,6 +167,15 @@ def serve_cmd(
             "a request may name (lora: [{name, scale}]); each is checked at start.",
         ),
     ] = None,
+    lora_resident: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=1024,
+            help="Adapters held on each worker's device at once (default 8); the rest wait in "
+            "host memory and are loaded, least recently used out, when a request names one.",
+        ),
+    ] = None,
     trusted_proxies: Annotated[
         str | None,
         typer.Option(
@@ -260,6 +269,7 @@ def serve_cmd(
         "profile": profile,
         "sizes": sizes,
         "lora_dir": lora_dir,
+        "lora_resident": lora_resident,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
         "max_header_bytes": max_header_bytes,
         "max_headers": max_headers,

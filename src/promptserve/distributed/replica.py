@@ -39,14 +39,16 @@ class EngineWorker:
         options: EngineOptions | None = None,
         sizes: tuple[tuple[int, int], ...] | None = None,
         lora_dir: str | None = None,
+        lora_resident: int = 8,
         store_root: str | None = None,
     ) -> None:
         self.index = index
         # built, profiled and run on one thread of its own (engine.threads)
         self._compute = ComputeThread("promptserve-engine", torch_threads_for(1))
         self.engine = self._compute.call(
-            make_engine, model, backend, device, dtype, speedup, options, sizes, lora_dir
-        )
+            make_engine, model, backend, device, dtype, speedup, options, sizes, lora_dir,
+            lora_resident,
+        )  # fmt: skip
         # the latent store every node reaches (a shared folder); the ingress owns its manifest
         self.store = LatentStore(store_root, clean_temporaries=False) if store_root else None
         self.profile = self._compute.call(quick_profile, self.engine)

@@ -25,16 +25,18 @@ def make_engine(
     options: EngineOptions | None = None,
     sizes: tuple[tuple[int, int], ...] | None = None,
     lora_dir: str | None = None,
+    lora_resident: int = 8,
 ) -> Engine:
     """``tiny`` or a local diffusers folder; ``backend="modeled"`` sleeps by the reference profile.
     ``options`` (speed: compile, CUDA graphs, channels-last, attention kernel) apply to the
     models that compute (tiny, diffusers). ``sizes``: what it serves (default its family's);
-    ``lora_dir``: the adapters it serves (``engine.lora``)."""
+    ``lora_dir``: the adapters it serves (``engine.lora``), ``lora_resident`` of them on the
+    device at once."""
     engine = _engine(model, backend, device, dtype, speedup, options)
     if sizes:
         engine.set_sizes(sizes)
     if lora_dir:
-        engine.load_adapters(lora_dir)
+        engine.load_adapters(lora_dir, lora_resident)
     return engine
 
 

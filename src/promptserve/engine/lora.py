@@ -20,6 +20,8 @@ start.
 from __future__ import annotations
 
 import re
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -155,22 +157,80 @@ class _Slot:
 
 
 @dataclass
+class Residency:
+    """What a bank's resident set did: loads into a slot, hits, evictions (the metrics)."""
+
+    loads: int = 0
+    hits: int = 0
+    evictions: int = 0
+    load_s: float = 0.0  # seconds the loads took, together
+
+
+@dataclass
 class AdapterBank:
     """The adapters an engine serves, installed in its denoiser: each targeted linear layer is
-    wrapped once and holds every adapter's pair stacked, ranks zero-padded to the largest
-    (index 0: no adapter, all zeros). A call sets each row's adapters (``set_rows``); a layer
-    then gathers each row's pair and runs two batched matmuls per adapter slot, however many
-    distinct adapters the batch holds (S-LoRA's gather, without its custom kernels)."""
+    wrapped once and holds the resident adapters' pairs stacked, ranks zero-padded to the
+    largest (row 0: no adapter, all zeros). Every adapter's rows are kept in host memory (read
+    once, at start); the device holds ``capacity`` of them, least recently used out, loaded
+    into a free row when a call needs one (a copy from host memory: no file is read while
+    serving). A call sets each row's adapters (``set_rows``); a layer then gathers each row's
+    pair and runs two batched matmuls per adapter slot, however many distinct adapters the
+    batch holds (S-LoRA's gather, without its custom kernels)."""
 
+    capacity: int = 8  # adapters resident on the device at once
     adapters: dict[str, Adapter] = field(default_factory=dict)
-    index: dict[str, int] = field(default_factory=dict)  # adapter -> its stack index (1..)
+    index: dict[str, int] = field(default_factory=dict)  # resident adapter -> its row (1..)
     slots: list[_Slot] = field(default_factory=list)  # set per call
-    # module -> (A stack (adapters + 1, r, in), B stack (adapters + 1, out, r)), B * alpha / r
+    # module -> (A stack (capacity + 1, r, in), B stack (capacity + 1, out, r)), B * alpha / r
     stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    host: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    lru: OrderedDict = field(default_factory=OrderedDict)  # resident names, oldest first
+    stats: Residency = field(default_factory=Residency)
+    load_s: float = 0.0  # one load, as measured at install
 
     def carries(self, name: str) -> bool:
         """Whether adapter ``name`` has weights in this bank's part."""
-        return name in self.index
+        return name in self.host
+
+    def slot_bytes(self) -> int:
+        """Device bytes one resident adapter takes (its rows of every stack)."""
+        return sum(
+            (a[0].numel() + b[0].numel()) * a.element_size() for a, b in self.stacks.values()
+        )
+
+    def resident(self, name: str, busy: set[str] = frozenset()) -> int:  # type: ignore[assignment]
+        """``name``'s row, loading it (over the least recently used adapter not in ``busy``,
+        the rows of the call being set up) when it is not resident."""
+        row = self.index.get(name)
+        if row is not None:
+            self.lru.move_to_end(name)
+            self.stats.hits += 1
+            return row
+        t0 = time.perf_counter()
+        if len(self.index) < self.capacity:
+            row = len(self.index) + 1
+        else:
+            victim = next((n for n in self.lru if n not in busy), None)
+            if victim is None:
+                raise RuntimeError(
+                    f"a call needs more than {self.capacity} distinct adapters at once "
+                    "(--lora-resident)"
+                )
+            row = self.index.pop(victim)
+            del self.lru[victim]
+            self.stats.evictions += 1
+        for module, (a_stack, b_stack) in self.stacks.items():
+            a_host, b_host = self.host[name].get(module, (None, None))
+            if a_host is None:
+                a_stack[row].zero_(), b_stack[row].zero_()
+            else:
+                a_stack[row].copy_(a_host, non_blocking=True)
+                b_stack[row].copy_(b_host, non_blocking=True)
+        self.index[name] = row
+        self.lru[name] = None
+        self.stats.loads += 1
+        self.stats.load_s += time.perf_counter() - t0
+        return row
 
     def install(self, model: torch.nn.Module, part: str, adapters: Sequence[Adapter]) -> None:
         """Wrap ``model``'s layers that ``adapters`` adapt in ``part``; adapters without
@@ -179,43 +239,55 @@ class AdapterBank:
         for adapter in adapters:
             if adapter.parts.get(part):
                 self.adapters[adapter.name] = adapter
-                self.index.setdefault(adapter.name, len(self.index) + 1)
         modules = sorted({m for a in self.adapters.values() for m in a.parts[part]})
-        count = len(self.index) + 1
+        count = min(self.capacity, len(self.adapters)) + 1
+        self.host = {name: {} for name in self.adapters}
+        pin = param.device.type == "cuda"  # pinned host rows: the copy overlaps the GPU's work
         for module in modules:
             layer = model.get_submodule(module)
             base = layer.base if isinstance(layer, LoRALinear) else layer
             pairs = {
-                self.index[a.name]: a.parts[part][module]
-                for a in self.adapters.values()
+                a.name: a.parts[part][module] for a in self.adapters.values()
                 if module in a.parts[part]
-            }
+            }  # fmt: skip
             rank = max(down.shape[0] for down, _, _ in pairs.values())
-            a_stack = torch.zeros(count, rank, base.in_features)
-            b_stack = torch.zeros(count, base.out_features, rank)
-            for i, (down, up, scaling) in pairs.items():
-                a_stack[i, : down.shape[0]] = down.float()
-                b_stack[i, :, : down.shape[0]] = up.float() * scaling
+            for name, (down, up, scaling) in pairs.items():
+                a_row = torch.zeros(rank, base.in_features)
+                b_row = torch.zeros(base.out_features, rank)
+                a_row[: down.shape[0]] = down.float()
+                b_row[:, : down.shape[0]] = up.float() * scaling
+                a_row, b_row = a_row.to(param.dtype), b_row.to(param.dtype)
+                self.host[name][module] = (a_row.pin_memory(), b_row.pin_memory()) if pin else (
+                    a_row, b_row
+                )  # fmt: skip
             self.stacks[module] = (
-                a_stack.to(param.device, param.dtype),
-                b_stack.to(param.device, param.dtype),
+                torch.zeros(count, rank, base.in_features, device=param.device, dtype=param.dtype),
+                torch.zeros(count, base.out_features, rank, device=param.device, dtype=param.dtype),
             )
             if not isinstance(layer, LoRALinear):
                 parent_name, _, child = module.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
                 setattr(parent, child, LoRALinear(layer, self, module))
+        self.index, self.lru = {}, OrderedDict()
+        for name in list(self.adapters)[: self.capacity]:  # the first ones resident from start
+            self.resident(name)
+        # one load as measured at start: what the policy counts a load as (``residency``)
+        self.load_s = self.stats.load_s / max(self.stats.loads, 1)
+        self.stats = Residency()
 
     def set_rows(
         self, per_row: Sequence[tuple[tuple[str, float], ...]], device: torch.device
     ) -> None:
         """The adapters of each row of the next call (a member's, repeated for its negative
         pass by the caller); rows with none add nothing."""
-        per_row = [tuple(a for a in adapters if a[0] in self.index) for adapters in per_row]
+        per_row = [tuple(a for a in adapters if a[0] in self.host) for adapters in per_row]
+        busy = {a[0] for adapters in per_row for a in adapters}
+        rows = {name: self.resident(name, busy) for name in sorted(busy)}
         depth = max(len(adapters) for adapters in per_row)
         dtype = next(iter(self.stacks.values()))[0].dtype if self.stacks else torch.float32
         self.slots = []
         for slot in range(depth):
-            ids = [self.index[a[slot][0]] if slot < len(a) else 0 for a in per_row]
+            ids = [rows[a[slot][0]] if slot < len(a) else 0 for a in per_row]
             scales = [a[slot][1] if slot < len(a) else 0.0 for a in per_row]
             self.slots.append(
                 _Slot(
@@ -304,3 +376,26 @@ def random_adapter(
             state[f"{prefix}{name}.lora_A.weight"] = down.contiguous()
             state[f"{prefix}{name}.lora_B.weight"] = up.contiguous()
     return state
+
+
+def residency(engine) -> tuple[int, float]:  # noqa: ANN001 - any engine
+    """(adapters its device holds at once, seconds a load took at start) where it serves more
+    adapters than it holds; (0, 0.0) where every adapter stays resident (nothing to count)."""
+    c = getattr(engine, "c", None)
+    bank = getattr(c, "lora_bank", None)
+    if bank is None or len(bank.host) <= bank.capacity:
+        return 0, 0.0
+    return bank.capacity, bank.load_s
+
+
+def residency_stats(engines) -> dict[str, int]:  # noqa: ANN001 - engines
+    """Loads, hits (calls that found an adapter resident) and evictions, over ``engines``'
+    denoiser banks (each engine counted once)."""
+    out = {"loads": 0, "hits": 0, "evictions": 0}
+    for engine in {id(e): e for e in engines}.values():
+        bank = getattr(getattr(engine, "c", None), "lora_bank", None)
+        if bank is not None:
+            out["loads"] += bank.stats.loads
+            out["hits"] += bank.stats.hits
+            out["evictions"] += bank.stats.evictions
+    return out

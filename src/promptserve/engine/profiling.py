@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from promptserve.engine.base import Engine, GenerationItem
+from promptserve.engine.lora import residency
 from promptserve.profile import (
     MeasuredProfile,
     Profile,
@@ -140,6 +141,7 @@ def quick_profile(engine: Engine, max_batch: int = 8) -> Profile:
     c = batch_coefficient(1.65, 8)
     sizes = tuple(b for b in (1, 2, 4, 8, 16, 32) if b <= max_batch)
     levels = tuple(engine.levels)
+    slots, load_s = residency(engine)
     return Profile(
         name=f"{engine.name}@quick",
         total_steps=engine.total_steps,
@@ -150,4 +152,6 @@ def quick_profile(engine: Engine, max_batch: int = 8) -> Profile:
             tuple(per_step * (engine.total_steps - k) * (1 + c * (b - 1)) for b in sizes)
             for k in levels
         ),
+        adapter_slots=slots,
+        adapter_load_s=load_s,
     )

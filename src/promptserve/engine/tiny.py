@@ -171,9 +171,11 @@ class DenoisingEngine:
     def adapters(self) -> tuple[str, ...]:
         return self.c.adapter_names
 
-    def load_adapters(self, folder) -> None:  # noqa: ANN001 - a path
+    def load_adapters(self, folder, resident: int = 8) -> None:  # noqa: ANN001 - a path
         """Every adapter of ``folder`` (``serve --lora-dir``), checked against the denoiser
-        and installed in it; a bad file is an error naming it, before anything is served."""
+        and installed in it, ``resident`` of them on the device at once (the rest in host
+        memory, loaded when a call needs one); a bad file is an error naming it, before
+        anything is served."""
         from promptserve.engine.lora import AdapterBank, load_dir
 
         c = self.c
@@ -187,10 +189,11 @@ class DenoisingEngine:
         adapters = load_dir(folder, c.family, sdxl, models)
         for part, model in models.items():
             if part in ("unet", "transformer"):
-                c.lora_bank = c.lora_bank or AdapterBank()
+                c.lora_bank = c.lora_bank or AdapterBank(resident)
                 c.lora_bank.install(model, part, adapters)
             elif any(part in a.parts for a in adapters):
-                c.text_lora.setdefault(part, AdapterBank()).install(model, part, adapters)
+                bank = c.text_lora.setdefault(part, AdapterBank(resident))
+                bank.install(model, part, adapters)
         c.adapter_names = tuple(sorted({*c.adapter_names, *(a.name for a in adapters)}))
 
     def size_of(self, item: GenerationItem) -> tuple[int, int]:

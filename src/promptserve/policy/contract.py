@@ -49,10 +49,11 @@ class Scheduler(Protocol):
         k_opt: int,
         has_neighbour: bool,
         shape: int = 0,
+        adapters: tuple[int, ...] = (),
     ) -> Arrival:
         """``deadline_s``: the request's own, absolute; a request with a cached neighbour may
         run at any level, one without only at K = 0; ``shape``: its size, an index into the
-        profile's ``shape_weights``."""
+        profile's ``shape_weights``; ``adapters``: the LoRA adapters it names, as ids."""
         ...
 
     def remove(self, job_id: int) -> Job | None:

@@ -12,7 +12,9 @@ logic: with ``late="expire"`` they run a job unless its deadline has already pas
 has given up: running it would only delay the others), with ``late="serve"`` they run
 everything. A job whose neighbour holds no latent (``k_max`` below its
 level) runs at ``k_max`` in a batch of its own kind. A batch holds one size (the head's): a
-denoiser call runs one latent shape, timed by ``Profile.sized_latency``.
+denoiser call runs one latent shape, timed by ``Profile.sized_latency``. With bounded LoRA
+residency (``policy.residency``) a batch names at most the device's rows of adapters, and the
+ones its GPU does not hold add their load time.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from promptserve.policy.residency import ResidentSet
 from promptserve.policy.types import Dispatch, Job, Outcome, Status
 from promptserve.profile import Profile
 
@@ -42,6 +45,7 @@ class GpuState:
     ready_at: float = 0.0  # a GPU loading a model variant is not ready before this
     running: Dispatch | None = None
     up: bool = True  # False: its worker is gone; it takes no work and counts for no level
+    resident: ResidentSet = field(default_factory=ResidentSet)  # its device's LoRA adapters
 
 
 @dataclass
@@ -52,7 +56,9 @@ class Dispatcher:
 
     @classmethod
     def create(cls, profiles: Sequence[Profile], config: DispatchConfig) -> Dispatcher:
-        return cls([GpuState(p, None) for p in profiles], config)
+        return cls(
+            [GpuState(p, None, resident=ResidentSet(p.adapter_slots)) for p in profiles], config
+        )
 
     @property
     def levels(self) -> tuple[int, ...]:
@@ -238,13 +244,22 @@ class Dispatcher:
                 break
         else:
             size = 1 if self.config.late == "escalate" else limit
-        jobs, skipped = [], []
+        jobs, skipped, named = [], [], set()
+        slots = gpu.profile.adapter_slots
         while queue and len(jobs) < size:
             item = heapq.heappop(queue)
             alike = min(level, item[2].k_max) == run_level and item[2].shape == head.shape
+            if alike and slots and len(named | set(item[2].adapters)) > slots:
+                alike = False  # its adapters would not fit beside the batch's on the device
+            if alike:
+                named |= set(item[2].adapters)
             (jobs if alike else skipped).append(item)
         for item in skipped:
             heapq.heappush(queue, item)
         batch = tuple(j for _, _, j in jobs)
         latency = gpu.profile.sized_latency(run_level, len(batch), head.shape)
+        if slots and named:
+            latency += gpu.resident.missing(named) * gpu.profile.adapter_load_s
+            gpu.resident.use(named)
+            gpu.resident.release(named)  # held until pushed out; a batch runs whole
         return Dispatch(index, run_level, batch, now, now + latency)

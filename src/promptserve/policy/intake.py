@@ -38,6 +38,7 @@ def intake(
     admission: bool,
     u: float,
     shape: int = 0,
+    adapters: tuple[int, ...] = (),
 ) -> tuple[Job, bool]:
     """The job as routed (and as moved by admission), and whether it was queued (False: refused).
 
@@ -48,7 +49,7 @@ def intake(
     estimator.observe(now, k_opt, dispatcher.gpus[0].profile.shape_weights[shape])
     k_max = dispatcher.levels[-1] if has_neighbour else 0
     level = route(plan, k_opt, u)
-    job = Job(job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, level, shape)
+    job = Job(job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, level, shape, adapters)
     if admission:
         admitted = admit(dispatcher, job, now)
         if admitted is None:

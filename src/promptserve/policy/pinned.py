@@ -36,12 +36,13 @@ class PinnedScheduler:
         k_opt: int,
         has_neighbour: bool,
         shape: int = 0,
+        adapters: tuple[int, ...] = (),
     ) -> Arrival:
         assert self.plan is not None, "a request arrived before the first plan"
         u = float(self.rng.random())
         job, queued = intake(
             job_id, now, deadline_s, k_opt, has_neighbour, self.plan, self.dispatcher,
-            self.estimator, self.admission, u, shape,
+            self.estimator, self.admission, u, shape, adapters,
         )  # fmt: skip
         return Arrival(job, None if queued else Outcome(job, Status.REFUSED, now))
 

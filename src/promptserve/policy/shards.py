@@ -166,10 +166,11 @@ class ShardedSteps:
         k_opt: int,
         has_neighbour: bool,
         shape: int = 0,
+        adapters: tuple[int, ...] = (),
     ) -> Arrival:
         s = self.ring.shard_of(self.tenant_of(job_id))
         self.shard_of_job[job_id] = s
-        return self.shards[s].intake(now, job_id, deadline_s, k_opt, has_neighbour, shape)
+        return self.shards[s].intake(now, job_id, deadline_s, k_opt, has_neighbour, shape, adapters)
 
     def gpus_of(self, job_id: int) -> list[StepGpu]:
         """The GPUs a waiting job of this shard may join (those its shard owns)."""

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from promptserve.policy.residency import ResidentSet
 from promptserve.policy.steptime import EPS
 from promptserve.policy.types import Job
 
@@ -79,6 +80,8 @@ class StepGpu:
     tallied: int = 0  # its step count when its members were last counted (``steps_left``)
     left_since: bool = False  # a member left since (the live runtime removes who finished)
     shapes: dict[int, int] = field(default_factory=dict)  # members per size (its calls)
+    resident: ResidentSet = field(default_factory=ResidentSet)  # its device's LoRA adapters
+    loading: int = 0  # adapters the joins of this boundary load before its next step
 
     @property
     def count(self) -> int:

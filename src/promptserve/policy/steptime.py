@@ -30,6 +30,8 @@ class StepProfile:
     join_s: float = 0.0  # per request joining (text encoding), added to its first step
     leave_s: float = 0.0  # per request leaving (VAE decode), added after its last step
     shape_weights: tuple[float, ...] = (1.0,)  # [shape]: pixels against the native size's
+    adapter_slots: int = 0  # LoRA adapters a device holds at once (0: every one)
+    adapter_load_s: float = 0.0  # seconds to load one into a free row, before a first step
 
     @property
     def max_inflight(self) -> int:
@@ -97,6 +99,8 @@ def step_profile(profile: Profile) -> StepProfile:
         profile.encode_s,
         profile.decode_s,
         profile.shape_weights,
+        profile.adapter_slots,
+        profile.adapter_load_s,
     )
 
 
@@ -116,8 +120,9 @@ def derived_step_profile(profile: Profile) -> StepProfile:
         fixed.append(max(full - n * step, 0.0) / b)
     per_request = fixed[0]
     return StepProfile(
-        n, profile.levels, tuple(steps), per_request / 2, per_request / 2, profile.shape_weights
-    )
+        n, profile.levels, tuple(steps), per_request / 2, per_request / 2,
+        profile.shape_weights, profile.adapter_slots, profile.adapter_load_s,
+    )  # fmt: skip
 
 
 def draw(job_id: int) -> float:

@@ -57,6 +57,7 @@ import numpy as np
 from promptserve.policy.contract import Arrival, LoadSnapshot
 from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.intake import DELIVERY_MARGIN_S
+from promptserve.policy.residency import ResidentSet
 from promptserve.policy.stepgpu import GpuBucket, KRule, Member, StepConfig, StepGpu
 from promptserve.policy.stepprice import (
     EXCESS_SHARE,
@@ -110,7 +111,7 @@ class StepScheduler(StepPricing):
         self.quality = np.asarray(quality, dtype=float)  # q[K_opt index, K index]
         self.levels = profile.levels
         self.index_of = {k: i for i, k in enumerate(self.levels)}
-        self.gpus = [StepGpu(i) for i in range(n_gpus)]
+        self.gpus = [StepGpu(i, resident=ResidentSet(profile.adapter_slots)) for i in range(n_gpus)]
         self.cap = profile.max_inflight if config.shed else min(config.cap, profile.max_inflight)
         self.by_count = [GpuBucket() for _ in range(profile.max_inflight + 2)]
         for g in range(n_gpus):
@@ -160,6 +161,13 @@ class StepScheduler(StepPricing):
         for shape in held:
             self.holders.setdefault(shape, set()).add(gpu.index)
 
+    def _room(self, gpu: StepGpu, job: Job, ahead: Sequence[Job] = ()) -> bool:
+        """Whether ``gpu``'s device has rows for the adapters of its members, ``ahead`` and
+        ``job`` together."""
+        if not (self.profile.adapter_slots and job.adapters):
+            return True
+        return gpu.resident.room_for([a for j in (*ahead, job) for a in j.adapters])
+
     def _with_new(
         self, gpu: StepGpu, job: Job, k: int, at: float, ahead: Sequence[Job], done: int
     ) -> tuple[list[float], list[float], list[float] | None, int]:
@@ -171,6 +179,9 @@ class StepScheduler(StepPricing):
         sized = self.profile.sized
         shape = (lambda jid: gpu.by_id[jid].job.shape) if sized else (lambda jid: 0)
         held = [(end - done, d, shape(jid)) for end, d, jid in gpu.members]
+        if self.profile.adapter_slots:  # the adapters it and those ahead load first
+            named = [a for j in (*ahead, job) for a in j.adapters]
+            at += gpu.resident.missing(named) * self.profile.adapter_load_s
         if ahead:
             total = self.profile.total_steps
             held = sorted(
@@ -194,6 +205,8 @@ class StepScheduler(StepPricing):
         the jobs that join at the same boundary before it, counted as members at their fastest
         level (their K is chosen when they join). ``done``: the GPU's step count at ``at``
         (default: now, at a boundary)."""
+        if not self._room(gpu, job, ahead):
+            return False
         deadlines, after, before, pos = self._with_new(gpu, job, k, at, ahead, done)
         if after[pos] > job.deadline_s + EPS:
             return False
@@ -221,8 +234,8 @@ class StepScheduler(StepPricing):
         """The level ``job`` joins ``gpu`` at, or None when no allowed level keeps the
         deadlines (only under ``+shed``; without it the preferred level always joins)."""
         k = self.preferred_k(job, at)
-        if not self.config.shed:
-            return k
+        if not self.config.shed:  # no deadline check: only the device's adapter rows
+            return k if self._room(gpu, job, ahead) else None
         allowed = [lv for lv in self.levels if k <= lv <= job.k_max]
         if self.config.rule != "price":
             allowed = allowed[:1]
@@ -241,6 +254,7 @@ class StepScheduler(StepPricing):
         k_opt: int,
         has_neighbour: bool,
         shape: int = 0,
+        adapters: tuple[int, ...] = (),
     ) -> Arrival:
         """Tell the estimator, then place the job (the GPU it joins at that GPU's next
         boundary, none while it waits) or end it (refused or, with no level that can finish,
@@ -251,7 +265,7 @@ class StepScheduler(StepPricing):
         self.excess.pour(now, self.profile.total_steps - k_max)
         if self.profile.sized:
             self._arrived_by_shape[shape] += 1
-        job = Job(job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, k_opt, shape)
+        job = Job(job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, k_opt, shape, adapters)
         gpu, outcome = self.arrive(now, job)
         return Arrival(job, outcome, gpu.index if gpu is not None else None)
 
@@ -329,31 +343,40 @@ class StepScheduler(StepPricing):
 
     def place(self, now: float, job: Job) -> StepGpu | None:
         """The GPU an arriving job is offered: the least-loaded one, or, serving several sizes
-        (``shape_aware``), the least-loaded one already running its size where the job adds
-        less to the finish times there (``_placement_cost``)."""
+        or bounded adapter residency (``shape_aware``), the least-loaded one already running
+        its size, or holding its adapters, where the job adds less to the finish times there
+        (``_placement_cost``: a load delays every member's next step)."""
         least = self.least_loaded()
-        if least is None or not (self.profile.sized and self.config.shape_aware):
+        named = bool(self.profile.adapter_slots and job.adapters)
+        if least is None or not ((self.profile.sized or named) and self.config.shape_aware):
             return least
-        same = [
-            self.gpus[i] for i in self.holders.get(job.shape, ())
-            if self.gpus[i].count < self.cap
-        ]  # fmt: skip
-        if not same:
+        candidates = [least]
+        if self.profile.sized:  # the least-loaded GPU running its size
+            same = [
+                self.gpus[i] for i in self.holders.get(job.shape, ())
+                if self.gpus[i].count < self.cap
+            ]  # fmt: skip
+            if same:
+                candidates.append(min(same, key=lambda g: (g.count, g.index)))
+        if named:  # the least-loaded GPU holding its adapters (a scan: adapter traffic only)
+            holding = [
+                g for g in self.gpus
+                if g.up and g.count < self.cap and not g.resident.missing(job.adapters)
+            ]  # fmt: skip
+            if holding:
+                candidates.append(min(holding, key=lambda g: (g.count, g.index)))
+        if len({g.index for g in candidates}) == 1:
             return least
-        own = min(same, key=lambda g: (g.count, g.index))
-        if own is least:
-            return least
-        return (
-            own
-            if self._placement_cost(own, job, now) < self._placement_cost(least, job, now)
-            else least
-        )
+        costs = [(self._placement_cost(g, job, now), i) for i, g in enumerate(candidates)]
+        return candidates[min(costs)[1]]
 
     def _placement_cost(self, gpu: StepGpu, job: Job, now: float) -> float:
         """Seconds ``job`` adds to the sum of the finish times on ``gpu``: its own time to
         finish there and what it delays every member by (one more member in its size's call,
         or a call of its own for a size the batch does not hold)."""
         at = gpu.next_boundary(now)
+        if not self._room(gpu, job, gpu.joining):
+            return float("inf")
         k = self.preferred_k(job, at)
         _, after, before, pos = self._with_new(gpu, job, k, at, gpu.joining, gpu.done_at(at))
         delay = sum(after) - after[pos] - (sum(before) if before else 0.0)
@@ -387,7 +410,8 @@ class StepScheduler(StepPricing):
             return False
         at = gpu.next_boundary(now)
         done = gpu.done_at(at)
-        if self.profile.sized:
+        if self.profile.sized or (self.profile.adapter_slots and job.adapters):
+            # its size's call and its adapters' loads counted
             _, after, _, pos = self._with_new(gpu, job, self.fastest_k(job), at, (), done)
             return after[pos] <= job.deadline_s + EPS
         r = self.profile.total_steps - self.fastest_k(job)
@@ -469,6 +493,7 @@ class StepScheduler(StepPricing):
             _, _, jid = gpu.members.pop(0)
             leaving.append(gpu.by_id.pop(jid))
             gpu.count_shape(leaving[-1].job.shape, -1)
+            gpu.resident.release(leaving[-1].job.adapters)
         self._recount(gpu, before)  # as the live runtime's removals do, before anyone joins
         before = gpu.count
         # the leavers are decoded together before anyone hears, and before anyone joins (the
@@ -506,6 +531,7 @@ class StepScheduler(StepPricing):
         member = Member(job, k, gpu.done + self.profile.total_steps - k)
         gpu.by_id[job.id] = member
         gpu.count_shape(job.shape, 1)
+        gpu.loading += gpu.resident.use(job.adapters)
         bisect.insort(gpu.members, (member.end_step, job.deadline_s, job.id))
         joined.append(member)
 
@@ -516,6 +542,8 @@ class StepScheduler(StepPricing):
         cap, dropping a job whose deadline has passed."""
         if not self.config.shed:
             while self.waiting and len(gpu.by_id) < self.cap:
+                if not self._room(gpu, self.waiting[0][2]):
+                    break  # first come, first served: the head waits for its adapter's row
                 _, _, job = self._unwait()
                 if job.deadline_s <= now:
                     dropped.append(Outcome(job, Status.DROPPED, now))
@@ -570,6 +598,9 @@ class StepScheduler(StepPricing):
 
     def _start_segment(self, gpu: StepGpu, now: float, joined: int) -> None:
         gpu.seg_start = now + joined * self.profile.join_s
+        if gpu.loading:  # the joiners' adapters copied in before the step
+            gpu.seg_start += gpu.loading * self.profile.adapter_load_s
+            gpu.loading = 0
         gpu.seg_iter_s = self._iteration_s(gpu)
 
     def next_steps(self, gpu: StepGpu) -> int:
@@ -601,6 +632,7 @@ class StepScheduler(StepPricing):
             member = gpu.by_id.pop(job_id, None)
             if member is not None:
                 gpu.count_shape(member.job.shape, -1)
+                gpu.resident.release(member.job.adapters)
                 self.steps_left[member.end_step - gpu.tallied] -= 1
                 gpu.left_since = True
                 gpu.members = [e for e in gpu.members if e[2] != job_id]
@@ -626,6 +658,7 @@ class StepScheduler(StepPricing):
         self._tally(gpu, -1)
         held = sorted((m.job for m in gpu.by_id.values()), key=lambda j: j.id) + gpu.joining
         gpu.by_id, gpu.members, gpu.joining, gpu.shapes = {}, [], [], {}
+        gpu.resident = ResidentSet(self.profile.adapter_slots)  # its device's rows went with it
         gpu.seg_iter_s = 0.0
         self._rehold(gpu)
         return held

@@ -60,6 +60,7 @@ class Job:
     k_max: int  # the highest level it can be served at (its neighbour's cached levels; 0: none)
     level: int  # the level it was routed to
     shape: int = 0  # its size, as an index into the profile's ``shape_weights`` (0: native)
+    adapters: tuple[int, ...] = ()  # the LoRA adapters it names, as ids (``policy.residency``)
 
 
 @dataclass(frozen=True, slots=True)

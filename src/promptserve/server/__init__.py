@@ -15,12 +15,13 @@ from promptserve.cache.embed import make_embedder
 from promptserve.cache.thresholds import embedder_thresholds
 from promptserve.edge.limits import HttpLimits
 from promptserve.engine import make_engine
+from promptserve.engine.lora import residency
 from promptserve.engine.options import EngineOptions
 from promptserve.engine.profiling import quick_profile
 from promptserve.engine.threads import torch_threads_for
 from promptserve.errors import InputError
 from promptserve.policy import Setting, get_policy
-from promptserve.profile import profile_for
+from promptserve.profile import for_adapters, profile_for
 from promptserve.quality import model_for_levels
 from promptserve.server.app import create_app
 from promptserve.server.clock import Pause, wall_pause
@@ -57,6 +58,7 @@ class ServerConfig:
     http: HttpLimits = field(default_factory=HttpLimits)  # the connection's limits
     sizes: tuple[tuple[int, int], ...] | None = None  # (width, height) served; None: the family's
     lora_dir: Path | None = None  # the LoRA adapters it serves (``engine.lora``)
+    lora_resident: int = 8  # adapters on each worker's device at once (the rest in host memory)
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -77,6 +79,7 @@ def local_workers(config: ServerConfig) -> LocalWorkers:
     first = threads[0].call(make_engine, *engine_args(config, devices[0]))
     if config.profile is not None:
         profile = profile_for(config.profile, first.name, first.total_steps, first.levels)
+        profile = for_adapters(profile, *residency(first))  # the engine's, not the file's
     else:
         profile = threads[0].call(quick_profile, first)
     if getattr(first, "stateless", False):
@@ -99,7 +102,7 @@ def engine_args(config: ServerConfig, device: str) -> tuple:
     return (
         config.model, config.backend, device, config.dtype, config.speedup,
         config.engine_options, config.sizes,
-        str(config.lora_dir) if config.lora_dir else None,
+        str(config.lora_dir) if config.lora_dir else None, config.lora_resident,
     )  # fmt: skip
 
 

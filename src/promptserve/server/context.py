@@ -95,6 +95,12 @@ class Context:
             return f"unknown LoRA adapter(s) {', '.join(map(repr, unknown))} (served: {listed})"
         if len(set(names)) < len(names):
             return "a LoRA adapter is named twice: give it once, at the scale wanted"
+        slots = self.runtime.setting.profiles[0].adapter_slots
+        if slots and len(names) > slots:
+            return (
+                f"{len(names)} LoRA adapters named, but a worker holds {slots} at once "
+                "(the server's --lora-resident)"
+            )
         return None
 
     @property

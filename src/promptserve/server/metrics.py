@@ -105,6 +105,12 @@ GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Requests running now (in a batch or a GPU's running batch), by size",
         ("size",),
     ),
+    "adapter_residency": (
+        "promptserve_adapter_residency",
+        "LoRA adapters loaded into a device row (load), calls that found theirs resident (hit) "
+        "and adapters pushed out (eviction), summed over the in-process workers",
+        ("event",),
+    ),
     "inflight": (
         "promptserve_inflight",
         "Requests in a GPU's running batch (step-level serving)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from promptserve.engine.lora import residency_stats
 from promptserve.server.metrics import History, Metrics, exposition
 from promptserve.server.runtime import LiveRuntime
 
@@ -22,6 +23,10 @@ def scrape(runtime: LiveRuntime, metrics: Metrics) -> bytes:
     metrics.workers_up.set(load.gpus_up)
     for size, count in runtime.running_by_size().items():
         metrics.running_by_size.labels(size).set(count)
+    engines = getattr(runtime.workers, "engines", ())
+    if runtime.workers.adapters and engines:
+        for event, n in residency_stats(engines).items():
+            metrics.adapter_residency.labels(event.rstrip("s")).set(n)
     c = runtime.counters
     metrics.hit_ratio.set(c.cache_hits / c.lookups if c.lookups else 0.0)
     metrics.planner.set(c.planner_ms[-1] if c.planner_ms else 0.0)

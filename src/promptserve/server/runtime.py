@@ -92,6 +92,8 @@ class LiveRuntime:
         self.guidance = workers.guidance  # read once: workers without it fail here, not mid-run
         # the sizes as the policy times them: a request's ``shape`` is its size's index here
         self.shapes = shape_table(workers.native, workers.sizes)
+        # the adapters as the policy counts them (``policy.residency``): ids from 1
+        self.adapter_ids = {name: i + 1 for i, name in enumerate(workers.adapters)}
         if len(setting.profiles[0].shape_weights) != len(self.shapes):
             profiles = tuple(for_sizes(p, self.shapes) for p in setting.profiles)
             setting = dataclasses.replace(setting, profiles=profiles)
@@ -146,9 +148,10 @@ class LiveRuntime:
         k_opt: int,
         has_neighbour: bool,
         shape: int = 0,
+        adapters: tuple[int, ...] = (),
     ) -> tuple[Job, Exception | None]:
         """Hand the request to the scheduler: the job as placed, or why it ends at once."""
-        arrival = self.sched.intake(now, job_id, deadline_s, k_opt, has_neighbour, shape)
+        arrival = self.sched.intake(now, job_id, deadline_s, k_opt, has_neighbour, shape, adapters)
         if arrival.ended is None:
             self._placed(arrival)
             return arrival.job, None
@@ -274,7 +277,8 @@ class LiveRuntime:
         p = Pending(prompt, space, vec, hit, future, now, seed, handle, k_opt, look)
         self.pending[job_id] = p
         shape = shape_index(self.shapes, look.size)
-        job, ended = self._place(job_id, now, now + slo_s, k_opt, has_neighbour, shape)
+        adapters = tuple(sorted({self.adapter_ids[name] for name, _ in look.lora}))
+        job, ended = self._place(job_id, now, now + slo_s, k_opt, has_neighbour, shape, adapters)
         p.deadline_s = request_deadline(job)
         p.queued_at = self.clock()
         self.counters.stage("intake", p.queued_at - looked_up)

@@ -122,8 +122,8 @@ class EventRun:
     def _arrive(self, now: float, i: int) -> None:
         k_opt, has_neighbour = self._classify(i)
         deadline = self.inputs.requests[i].deadline_s
-        shape = self.inputs.requests[i].shape
-        arrival = self.sched.intake(now, i, deadline, k_opt, has_neighbour, shape)
+        r = self.inputs.requests[i]
+        arrival = self.sched.intake(now, i, deadline, k_opt, has_neighbour, r.shape, r.adapters)
         if arrival.ended is not None:
             self._end(arrival.ended)
         else:

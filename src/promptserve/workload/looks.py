@@ -15,8 +15,13 @@ import numpy as np
 from promptserve.engine.base import Look, cache_space
 from promptserve.engine.sizes import Size, parse_size
 from promptserve.errors import InputError
-from promptserve.profile import Profile, for_sizes
+from promptserve.profile import Profile, for_adapters, for_sizes
 from promptserve.types import Request
+
+# An assumed device-side load of one adapter from host memory (the serving engine measures its
+# own at start, ``engine.lora``): an SDXL rank-16 adapter is some 45 MB in half precision over
+# several hundred layers, a copy each; tens of milliseconds on a PCIe host.
+LORA_LOAD_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,8 @@ class LookMix:
     size_weights: tuple[float, ...] = ()
     adapters: int = 0  # how many adapters; 0: none
     zipf: float = 1.0  # adapter i (from 0) drawn with weight 1 / (i + 1) ** zipf
+    resident: int = 0  # adapters a GPU holds at once (0: every one, nothing to load)
+    load_s: float = LORA_LOAD_S  # seconds one takes to load into a free row
 
 
 def parse_size_mix(text: str) -> tuple[tuple[Size, ...], tuple[float, ...]]:
@@ -45,16 +52,24 @@ def parse_size_mix(text: str) -> tuple[tuple[Size, ...], tuple[float, ...]]:
     return tuple(sizes), tuple(weights)
 
 
-def parse_adapters(text: str) -> tuple[int, float]:
-    """``N:ALPHA``: N adapters drawn Zipf(ALPHA) (``N`` alone: ALPHA 1)."""
-    count, _, alpha = text.partition(":")
+def parse_adapters(text: str) -> tuple[int, float, int, float]:
+    """``N:ALPHA[:RESIDENT[:LOAD_S]]``: N adapters drawn Zipf(ALPHA) (``N`` alone: ALPHA 1),
+    RESIDENT of them held per GPU at once (default every one), LOAD_S seconds a load."""
+    parts = text.split(":")
+    if not 1 <= len(parts) <= 4:
+        raise InputError(f"--adapters {text!r} is not N:ALPHA[:RESIDENT[:LOAD_S]] (e.g. 32:1.0:8)")
     try:
-        n, a = int(count), float(alpha or 1.0)
+        n = int(parts[0])
+        a = float(parts[1]) if len(parts) > 1 and parts[1] else 1.0
+        resident = int(parts[2]) if len(parts) > 2 else 0
+        load_s = float(parts[3]) if len(parts) > 3 else LORA_LOAD_S
     except ValueError:
-        raise InputError(f"--adapters {text!r} is not N:ALPHA (e.g. 8:1.0)") from None
-    if n < 0 or a < 0:
-        raise InputError(f"--adapters {text!r}: N and ALPHA must be >= 0")
-    return n, a
+        raise InputError(
+            f"--adapters {text!r} is not N:ALPHA[:RESIDENT[:LOAD_S]] (e.g. 32:1.0:8)"
+        ) from None
+    if n < 0 or a < 0 or resident < 0 or load_s < 0:
+        raise InputError(f"--adapters {text!r}: N, ALPHA, RESIDENT and LOAD_S must be >= 0")
+    return n, a, resident, load_s
 
 
 def with_looks(requests: Sequence[Request], mix: LookMix, seed: int) -> list[Request]:
@@ -74,10 +89,16 @@ def with_looks(requests: Sequence[Request], mix: LookMix, seed: int) -> list[Req
         lora = ((f"adapter{adapters[i]}", 1.0),) if adapters is not None else ()
         space = cache_space(r.tenant, Look(size=size, lora=lora))
         shape = int(sizes[i]) if sizes is not None else 0
-        out.append(dataclasses.replace(r, tenant=space, shape=shape))
+        named = (int(adapters[i]) + 1,) if adapters is not None else ()
+        out.append(dataclasses.replace(r, tenant=space, shape=shape, adapters=named))
     return out
 
 
 def sized_profile(profile: Profile, mix: LookMix) -> Profile:
-    """``profile`` timing the mix's sizes (the first is the size it was measured at)."""
-    return for_sizes(profile, mix.sizes) if mix.sizes else profile
+    """``profile`` timing the mix's sizes (the first is the size it was measured at) and its
+    adapters' residency."""
+    if mix.sizes:
+        profile = for_sizes(profile, mix.sizes)
+    if mix.adapters and mix.resident and mix.resident < mix.adapters:
+        profile = for_adapters(profile, mix.resident, mix.load_s)
+    return profile

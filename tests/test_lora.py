@@ -285,3 +285,15 @@ def test_with_fewer_rows_than_adapters_every_request_is_served_and_the_loads_sho
             timeout=30,
         )
         assert r.status_code == 400 and "holds 1 at once" in r.json()["error"]["message"]
+
+
+def test_the_resident_bytes_bound_the_rows_and_too_few_are_named(adapters):
+    engine = family_engine("tiny", steps=6, levels=(0, 2))
+    engine.load_adapters(adapters)
+    per = engine.c.lora_bank.slot_bytes()
+    assert engine.c.lora_bank.capacity == 8 and per > 0
+    bounded = family_engine("tiny", steps=6, levels=(0, 2))
+    bounded.load_adapters(adapters, resident=8, resident_bytes=int(1.5 * per))
+    assert bounded.c.lora_bank.capacity == 1 and len(bounded.c.lora_bank.index) == 1
+    with pytest.raises(InputError, match="--lora-resident-bytes 10"):
+        family_engine("tiny", steps=6, levels=(0, 2)).load_adapters(adapters, 8, 10)

@@ -69,6 +69,7 @@ class ServeFile(BaseModel):
     sizes: str | None = None  # "1024x1024,1152x896,..."; None: the family's usual set
     lora_dir: Path | None = None  # NAME.safetensors adapters a request may name
     lora_resident: int = Field(default=8, ge=1, le=1024)  # of them, on each device at once
+    lora_resident_bytes: ByteSize | None = Field(default=None, gt=0)  # and their rows' bytes
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)
     max_headers: int = Field(default=100, ge=8, le=10_000)
@@ -169,4 +170,5 @@ def server_config(s: ServeFile):
         sizes,
         s.lora_dir,
         s.lora_resident,
+        int(s.lora_resident_bytes) if s.lora_resident_bytes is not None else None,
     )

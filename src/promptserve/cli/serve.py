@@ -176,6 +176,13 @@ def serve_cmd(
             "host memory and are loaded, least recently used out, when a request names one.",
         ),
     ] = None,
+    lora_resident_bytes: Annotated[
+        str | None,
+        typer.Option(
+            help="At most this much device memory of resident adapters per worker, with units "
+            "(2GiB, 500MB) or bytes; default no bound but --lora-resident.",
+        ),
+    ] = None,
     trusted_proxies: Annotated[
         str | None,
         typer.Option(
@@ -270,6 +277,7 @@ def serve_cmd(
         "sizes": sizes,
         "lora_dir": lora_dir,
         "lora_resident": lora_resident,
+        "lora_resident_bytes": lora_resident_bytes,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
         "max_header_bytes": max_header_bytes,
         "max_headers": max_headers,

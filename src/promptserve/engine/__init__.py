@@ -26,17 +26,18 @@ def make_engine(
     sizes: tuple[tuple[int, int], ...] | None = None,
     lora_dir: str | None = None,
     lora_resident: int = 8,
+    lora_resident_bytes: int | None = None,
 ) -> Engine:
     """``tiny`` or a local diffusers folder; ``backend="modeled"`` sleeps by the reference profile.
     ``options`` (speed: compile, CUDA graphs, channels-last, attention kernel) apply to the
     models that compute (tiny, diffusers). ``sizes``: what it serves (default its family's);
-    ``lora_dir``: the adapters it serves (``engine.lora``), ``lora_resident`` of them on the
-    device at once."""
+    ``lora_dir``: the adapters it serves (``engine.lora``), ``lora_resident`` of them (and at
+    most ``lora_resident_bytes`` of their rows) on the device at once."""
     engine = _engine(model, backend, device, dtype, speedup, options)
     if sizes:
         engine.set_sizes(sizes)
     if lora_dir:
-        engine.load_adapters(lora_dir, lora_resident)
+        engine.load_adapters(lora_dir, lora_resident, lora_resident_bytes)
     return engine
 
 

@@ -178,6 +178,7 @@ class AdapterBank:
     batch holds (S-LoRA's gather, without its custom kernels)."""
 
     capacity: int = 8  # adapters resident on the device at once
+    max_bytes: int | None = None  # and at most this many device bytes of their rows
     adapters: dict[str, Adapter] = field(default_factory=dict)
     index: dict[str, int] = field(default_factory=dict)  # resident adapter -> its row (1..)
     slots: list[_Slot] = field(default_factory=list)  # set per call
@@ -240,6 +241,19 @@ class AdapterBank:
             if adapter.parts.get(part):
                 self.adapters[adapter.name] = adapter
         modules = sorted({m for a in self.adapters.values() for m in a.parts[part]})
+        if self.max_bytes is not None:  # the rows one resident adapter takes, every layer
+            per = param.element_size() * sum(
+                max(a.parts[part][m][0].shape[0] for a in self.adapters.values()
+                    if m in a.parts[part])
+                * (_linear(model, m).in_features + _linear(model, m).out_features)
+                for m in modules
+            )  # fmt: skip
+            if per > self.max_bytes:
+                raise InputError(
+                    f"--lora-resident-bytes {self.max_bytes}: one adapter's rows take {per} "
+                    f"bytes in the {part}; give at least that"
+                )
+            self.capacity = min(self.capacity, self.max_bytes // per)
         count = min(self.capacity, len(self.adapters)) + 1
         self.host = {name: {} for name in self.adapters}
         pin = param.device.type == "cuda"  # pinned host rows: the copy overlaps the GPU's work
@@ -298,6 +312,11 @@ class AdapterBank:
 
     def clear(self) -> None:
         self.slots = []
+
+
+def _linear(model: torch.nn.Module, module: str) -> torch.nn.Linear:
+    layer = model.get_submodule(module)
+    return layer.base if isinstance(layer, LoRALinear) else layer
 
 
 class LoRALinear(torch.nn.Module):

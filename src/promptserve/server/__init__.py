@@ -59,6 +59,7 @@ class ServerConfig:
     sizes: tuple[tuple[int, int], ...] | None = None  # (width, height) served; None: the family's
     lora_dir: Path | None = None  # the LoRA adapters it serves (``engine.lora``)
     lora_resident: int = 8  # adapters on each worker's device at once (the rest in host memory)
+    lora_resident_bytes: int | None = None  # and at most this many bytes of their rows
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -103,6 +104,7 @@ def engine_args(config: ServerConfig, device: str) -> tuple:
         config.model, config.backend, device, config.dtype, config.speedup,
         config.engine_options, config.sizes,
         str(config.lora_dir) if config.lora_dir else None, config.lora_resident,
+        config.lora_resident_bytes,
     )  # fmt: skip
 
 

@@ -60,3 +60,27 @@ def test_mild_penalty_grows_with_the_shortfall():
 def test_unknown_shape_is_refused():
     with pytest.raises(ValueError, match="not 'mild' or 'steep'"):
         calibrate(LEVELS, PROFILE.quality, "harsh")  # type: ignore[arg-type]
+
+
+def test_the_feature_cache_interval_costs_quality_by_its_cached_share_and_composes_with_k():
+    from promptserve.profile import (
+        REFERENCE_CACHED_STEP_SHARE,
+        reference_profile,
+        with_feature_cache,
+    )
+    from promptserve.quality import interval_quality
+
+    mild, steep = interval_quality("mild"), interval_quality("steep")
+    assert mild.q_r(1) == steep.q_r(1) == 100.0  # every step full: today's computation
+    assert [round(100 - mild.q_r(r), 3) for r in (2, 3, 4)] == [0.125, 0.167, 0.188]
+    assert 100 - steep.q_r(3) == pytest.approx(4.0 * 2 / 3)  # cache-dit's 2.7% near 2.47x
+    assert all(steep.q_r(r) < mild.q_r(r) for r in (2, 3, 4, 5))
+    assert mild.combined(91.52, 3) == pytest.approx(91.52 * mild.q_r(3) / 100)
+    with pytest.raises(ValueError, match=">= 1"):
+        mild.q_r(0)
+    ref = reference_profile()
+    assert ref.interval_cost(3) == 1.0  # no feature cache in the profile: every step full
+    cached = with_feature_cache(ref)
+    assert 1 / cached.interval_cost(3) == pytest.approx(2.6)  # DeepCache's SDXL speed-up
+    assert cached.interval_cost(1) == 1.0 and cached.interval_cost(5) < cached.interval_cost(3)
+    assert pytest.approx(0.0769, abs=1e-4) == REFERENCE_CACHED_STEP_SHARE

@@ -60,6 +60,8 @@ class Profile:
     # the seconds one takes to load into a free row
     adapter_slots: int = 0
     adapter_load_s: float = 0.0
+    # feature caching: a cached step's time over a full one's (0: the engine has none)
+    cached_step_share: float = 0.0
 
     @property
     def max_batch(self) -> int:
@@ -99,6 +101,15 @@ class Profile:
         l0, l1 = self.batch_latency(k, b0), self.batch_latency(k, b1)
         return max(l0 + (l1 - l0) * (load - b0) / (b1 - b0), 0.1 * self.batch_latency(k, 1))
 
+    def interval_cost(self, r: int) -> float:
+        """A member's mean step at feature-cache interval ``r`` over a full step: one full
+        step and ``r - 1`` cached ones every ``r`` (1 without a feature cache)."""
+        if r < 1:
+            raise ValueError(f"a feature-cache interval is >= 1, got {r}")
+        if r == 1 or not self.cached_step_share:
+            return 1.0
+        return (1.0 + (r - 1) * self.cached_step_share) / r
+
     def throughput_qpm(self, k: int, batch: int = 1) -> float:
         """Images per minute of one device running full batches of ``batch`` at level K."""
         return 60.0 * batch / self.batch_latency(k, batch)
@@ -134,6 +145,18 @@ def for_sizes(profile: Profile, sizes: Sequence[tuple[int, int]]) -> Profile:
 def for_adapters(profile: Profile, slots: int, load_s: float) -> Profile:
     """``profile`` on devices that hold ``slots`` LoRA adapters at once, ``load_s`` a load."""
     return replace(profile, adapter_slots=slots, adapter_load_s=load_s)
+
+
+# The reference's cached step: DeepCache's published 2.6x for SDXL (its README), read at its
+# examples' interval 3 (cache_interval=3, cache_branch_id=0): 3 / (1 + 2c) = 2.6 gives c = 0.077.
+REFERENCE_CACHED_STEP_SHARE = (3 / 2.6 - 1) / 2
+
+
+def with_feature_cache(profile: Profile, share: float = REFERENCE_CACHED_STEP_SHARE) -> Profile:
+    """``profile`` whose engine runs a cached step in ``share`` of a full one's time."""
+    if not 0 < share < 1:
+        raise InputError(f"a cached step's share of a full step must be in (0, 1), got {share}")
+    return replace(profile, cached_step_share=share)
 
 
 def reference_profile(path: str | Path | None = None) -> Profile:

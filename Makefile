@@ -53,6 +53,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_hindsight.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_bursts.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_sizes.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_feature_cache.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_step_decision.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_engine.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_size_steps.py

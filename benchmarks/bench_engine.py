@@ -28,6 +28,7 @@ import torch
 from promptserve.engine import GenerationItem, make_engine
 from promptserve.engine.flow import DEFAULT_GUIDANCE
 from promptserve.engine.options import EngineOptions, apply_options
+from promptserve.engine.profiling import cached_ratio
 from promptserve.engine.shapes import FAMILIES, build
 from promptserve.engine.speed import best_of, vs_diffusers
 from promptserve.engine.tiny import DenoisingEngine, tiny_engine
@@ -149,15 +150,7 @@ def feature_cache_times(pairs: int = 15) -> dict:
             rows = kernel.encode([f"p {i}" for i in range(n)])
             x = torch.cat([c.noise(i) for i in range(n)])
             steps = torch.full((n,), 3)
-            _, _, feature = kernel.advance_features(x, steps, rows, None)
-            ratios = []
-            for _ in range(pairs):
-                t0 = time.perf_counter()
-                kernel.advance_features(x, steps, rows, None)
-                t1 = time.perf_counter()
-                kernel.advance_features(x, steps, rows, feature)
-                ratios.append((time.perf_counter() - t1) / (t1 - t0))
-            out[f"{family}_n{n}"] = round(statistics.median(ratios), 3)
+            out[f"{family}_n{n}"] = round(cached_ratio(kernel, x, steps, rows, pairs), 3)
     return out
 
 

@@ -12,6 +12,7 @@ from promptserve.engine.sizes import shape_index, shape_table
 from promptserve.policy import Setting, Status, get_policy
 from promptserve.policy.dispatcher import DispatchConfig, Dispatcher
 from promptserve.policy.estimator import LoadEstimator
+from promptserve.policy.steptime import kind
 from promptserve.policy.stepwise import StepConfig, StepProfile, StepScheduler, finishes
 from promptserve.policy.types import Demand, Job
 from promptserve.profile import for_sizes, reference_profile
@@ -31,14 +32,14 @@ def test_a_call_counts_a_size_by_its_pixels_and_a_mixed_batch_pays_a_call_per_si
     assert sp.call_s(0.5) == pytest.approx(0.75)  # below one member: the first segment's line
     assert sp.call_s(5.0) == pytest.approx(3.0)  # past the last count: its segment's line
     assert sp.mix_s({0: 3}) == sp.iteration_s(3)
-    assert sp.mix_s({2: 2}) == pytest.approx(sp.call_s(4.0))  # two of twice the pixels
+    assert sp.mix_s({kind(2): 2}) == pytest.approx(sp.call_s(4.0))  # two of twice the pixels
     # two sizes, one call each: each pays the fixed part of a call
-    assert sp.mix_s({0: 2, 1: 2}) == pytest.approx(sp.call_s(2.0) + sp.call_s(1.0))
-    assert sp.mix_s({0: 2, 1: 2}) > sp.call_s(3.0)
+    assert sp.mix_s({0: 2, kind(1): 2}) == pytest.approx(sp.call_s(2.0) + sp.call_s(1.0))
+    assert sp.mix_s({0: 2, kind(1): 2}) > sp.call_s(3.0)
     # the finish walk with sizes: the same as without when all are native, and a member of
     # another size slows every step it shares
     assert finishes(sp, 0.0, [1, 3], shapes=[0, 0]) == finishes(sp, 0.0, [1, 3])
-    mixed = finishes(sp, 0.0, [1, 3], shapes=[1, 0])
+    mixed = finishes(sp, 0.0, [1, 3], shapes=[kind(1), 0])
     assert mixed[0] == pytest.approx(sp.call_s(0.5) + sp.call_s(1.0))
     assert mixed[1] == pytest.approx(mixed[0] + 2 * sp.call_s(1.0))
 
@@ -85,10 +86,10 @@ def test_a_running_batch_of_two_sizes_steps_at_the_sum_of_their_calls():
     gpu = sched.gpus[1]
     sched.boundary(gpu, 0.0, 0)
     sp = sched.profile
-    assert gpu.shapes == {1: 2}
+    assert gpu.shapes == {kind(1): 2}
     assert gpu.seg_iter_s == pytest.approx(sp.call_s(2 * sp.shape_weights[1]))
     sched.remove(1)  # a cancel keeps the count of sizes
-    assert gpu.shapes == {1: 1}
+    assert gpu.shapes == {kind(1): 1}
 
 
 def test_a_pinned_batch_holds_one_size_and_is_timed_for_it():
@@ -173,7 +174,7 @@ def test_a_waiting_job_is_left_to_the_gpu_running_its_size_while_it_has_slack(sl
         sched.intake(0.0, i, 60.0, 0, False, shape)
     for gpu in sched.gpus:
         sched.boundary(gpu, 0.0, 0)
-    assert [g.shapes for g in sched.gpus] == [{0: 1}, {1: 1}]
+    assert [g.shapes for g in sched.gpus] == [{0: 1}, {kind(1): 1}]
     # a 1152x896 job waits: its whole SLO ahead (21 s), or just its run on GPU 0 and a little
     sp = sched.profile
     run = 50 * (sp.call_s(1.0) + sp.call_s(sp.shape_weights[1]))

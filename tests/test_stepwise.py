@@ -70,14 +70,14 @@ def test_a_join_that_would_make_a_member_late_is_not_made():
     )
     gpu = sched.gpus[0]
     first = Job(0, 0.0, 10.5, 0, 0, 0)  # alone: 10 steps x 1 s, due at 10.5
-    assert sched.choose_k(gpu, first, 0.0) == 0
+    assert sched.choose_k(gpu, first, 0.0) == (0, 1)
     sched._admit_member(gpu, first, 0, [])
     second = Job(1, 0.0, 100.0, 0, 0, 0)  # would make every step 2 s: the first would be late
     assert sched.choose_k(gpu, second, 0.0) is None
     relaxed = Job(0, 0.0, 25.0, 0, 0, 0)
     gpu.by_id.clear(), gpu.members.clear()
     sched._admit_member(gpu, relaxed, 0, [])
-    assert sched.choose_k(gpu, second, 0.0) == 0  # 10 steps x 2 s = 20 s <= 25 s
+    assert sched.choose_k(gpu, second, 0.0) == (0, 1)  # 10 steps x 2 s = 20 s <= 25 s
 
 
 def test_with_slack_the_price_is_zero_and_every_request_runs_in_full():
@@ -321,7 +321,7 @@ def test_a_join_is_checked_against_the_jobs_joining_before_it_at_the_same_bounda
     )
     gpu = sched.gpus[0]
     first, second = Job(0, 0.0, 10.5, 0, 0, 0), Job(1, 0.0, 10.5, 0, 0, 0)
-    assert sched.choose_k(gpu, second, 0.0) == 0  # alone: 10 steps x 1 s
+    assert sched.choose_k(gpu, second, 0.0) == (0, 1)  # alone: 10 steps x 1 s
     assert sched.choose_k(gpu, second, 0.0, ahead=[first]) is None  # together: 2 s steps
 
 

@@ -70,6 +70,8 @@ class ServeFile(BaseModel):
     lora_dir: Path | None = None  # NAME.safetensors adapters a request may name
     lora_resident: int = Field(default=8, ge=1, le=1024)  # of them, on each device at once
     lora_resident_bytes: ByteSize | None = Field(default=None, gt=0)  # and their rows' bytes
+    feature_cache: Literal["off", "on"] = "on"  # where the engine has one (step-level only)
+    r_max: int = Field(default=4, ge=1, le=63)  # the longest feature-cache interval
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)
     max_headers: int = Field(default=100, ge=8, le=10_000)
@@ -171,4 +173,6 @@ def server_config(s: ServeFile):
         s.lora_dir,
         s.lora_resident,
         int(s.lora_resident_bytes) if s.lora_resident_bytes is not None else None,
+        s.feature_cache == "on",
+        s.r_max,
     )

@@ -60,8 +60,10 @@ class Profile:
     # the seconds one takes to load into a free row
     adapter_slots: int = 0
     adapter_load_s: float = 0.0
-    # feature caching: a cached step's time over a full one's (0: the engine has none)
+    # feature caching: a cached step's time over a full one's (0: the engine has none), and
+    # the longest interval a request may be served at (1: none)
     cached_step_share: float = 0.0
+    feature_r_max: int = 1
 
     @property
     def max_batch(self) -> int:
@@ -152,11 +154,19 @@ def for_adapters(profile: Profile, slots: int, load_s: float) -> Profile:
 REFERENCE_CACHED_STEP_SHARE = (3 / 2.6 - 1) / 2
 
 
-def with_feature_cache(profile: Profile, share: float = REFERENCE_CACHED_STEP_SHARE) -> Profile:
-    """``profile`` whose engine runs a cached step in ``share`` of a full one's time."""
+FEATURE_R_MAX = 4  # the longest interval offered by default (DeepCache's examples use 3-5)
+
+
+def with_feature_cache(
+    profile: Profile, share: float = REFERENCE_CACHED_STEP_SHARE, r_max: int = FEATURE_R_MAX
+) -> Profile:
+    """``profile`` whose engine runs a cached step in ``share`` of a full one's time, serving
+    intervals 1 to ``r_max``."""
     if not 0 < share < 1:
         raise InputError(f"a cached step's share of a full step must be in (0, 1), got {share}")
-    return replace(profile, cached_step_share=share)
+    if not 1 <= r_max < 64:
+        raise InputError(f"--r-max must be in 1..63, got {r_max}")
+    return replace(profile, cached_step_share=share, feature_r_max=r_max)
 
 
 def reference_profile(path: str | Path | None = None) -> Profile:

@@ -181,6 +181,17 @@ SizeMixOpt = Annotated[
         "first the model's own): a request resumes only from a neighbour of its size.",
     ),
 ]
+FeatureCacheOpt = Annotated[
+    str,
+    typer.Option(
+        help="off|on: feature caching as a second approximation axis, a full step every r "
+        "(1 to --r-max), chosen per request with K by the step-level price (promptserve-step); "
+        "a cached step at the profile's share of a full one (the reference: DeepCache's SDXL).",
+    ),
+]
+RMaxOpt = Annotated[
+    int, typer.Option(help="The longest feature-cache interval offered.", min=1, max=63)
+]
 AdaptersOpt = Annotated[
     str | None,
     typer.Option(

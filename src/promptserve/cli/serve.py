@@ -176,6 +176,18 @@ def serve_cmd(
             "host memory and are loaded, least recently used out, when a request names one.",
         ),
     ] = None,
+    feature_cache: Annotated[
+        str | None,
+        typer.Option(
+            help="off|on (default on): feature caching (DeepCache for UNets, block reuse for "
+            "SD3/Flux) as a second approximation axis, a full step every r (1 to --r-max), "
+            "chosen per request with K by the step-level policy; its cost is measured at start.",
+        ),
+    ] = None,
+    r_max: Annotated[
+        int | None,
+        typer.Option(help="The longest feature-cache interval offered (default 4).", min=1, max=63),
+    ] = None,
     lora_resident_bytes: Annotated[
         str | None,
         typer.Option(
@@ -278,6 +290,8 @@ def serve_cmd(
         "lora_dir": lora_dir,
         "lora_resident": lora_resident,
         "lora_resident_bytes": lora_resident_bytes,
+        "feature_cache": feature_cache,
+        "r_max": r_max,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
         "max_header_bytes": max_header_bytes,
         "max_headers": max_headers,

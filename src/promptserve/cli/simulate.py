@@ -14,12 +14,14 @@ from promptserve.cli.common import (
     ArrivalsOpt,
     CacheDirOpt,
     EmbedderOpt,
+    FeatureCacheOpt,
     MinutesOpt,
     PenaltyOpt,
     PoliciesOpt,
     ProfileOpt,
     PromptsOpt,
     RateOpt,
+    RMaxOpt,
     SeedOpt,
     SizeMixOpt,
     SloOpt,
@@ -76,6 +78,8 @@ def simulate_cmd(
     ] = 0,
     size_mix: SizeMixOpt = None,
     adapters: AdaptersOpt = None,
+    feature_cache: FeatureCacheOpt = "off",
+    r_max: RMaxOpt = 4,
     seed: SeedOpt = 0,
     cache_dir: CacheDirOpt = Path(".promptserve"),
     out: Annotated[
@@ -103,7 +107,7 @@ def simulate_cmd(
     from promptserve.workload.looks import sized_profile, with_looks
 
     chosen = parse_policies(policies)
-    prof, slo_s = _profile_slo_penalty(profile, slo, quality_penalty)
+    prof, slo_s = _profile_slo_penalty(profile, slo, quality_penalty, feature_cache, r_max)
     spec = parse_arrival_spec(arrivals)
     texts = load_prompts(prompts)
     times = generate_arrivals(
@@ -140,6 +144,7 @@ def simulate_cmd(
         "embedder": embedder,
         "requests": len(requests),
         "size_mix": size_mix,
+        "feature_cache": feature_cache,
         "adapters": adapters,
     }
     write_report(out, config_dict(config, **extra), rows, oracle, timelines, html=html)
@@ -165,15 +170,32 @@ def simulate_cmd(
     console.print(f"report written to {out}/: {written}")
 
 
-def _profile_slo_penalty(profile: Path | None, slo: float | None, penalty: str):
+def _profile_slo_penalty(
+    profile: Path | None,
+    slo: float | None,
+    penalty: str,
+    feature_cache: str = "off",
+    r_max: int = 1,
+):
     """The profile (default: the SDXL reference) and the SLO (default: 5x its full-quality
-    latency), the penalty shape checked."""
-    from promptserve.profile import load_profile, reference_profile
+    latency), the penalty shape checked; with ``feature_cache`` on, its cached step (the
+    profile's own share, else the reference's)."""
+    from promptserve.profile import (
+        REFERENCE_CACHED_STEP_SHARE,
+        load_profile,
+        reference_profile,
+        with_feature_cache,
+    )
     from promptserve.sim.compare import default_slo
 
     if penalty not in ("mild", "steep"):
         raise InputError(f"--quality-penalty {penalty!r} is not mild or steep")
+    if feature_cache not in ("off", "on"):
+        raise InputError(f"--feature-cache {feature_cache!r} is not off or on")
     prof = load_profile(profile) if profile else reference_profile()
+    if feature_cache == "on":
+        share = prof.cached_step_share or REFERENCE_CACHED_STEP_SHARE
+        prof = with_feature_cache(prof, share, r_max)
     slo_s = slo if slo is not None else default_slo(prof)
     if slo_s <= 0:
         raise InputError(f"--slo must be > 0 seconds, got {slo_s}")
@@ -214,6 +236,8 @@ def sweep_cmd(
     cache_dir: CacheDirOpt = Path(".promptserve"),
     size_mix: SizeMixOpt = None,
     adapters: AdaptersOpt = None,
+    feature_cache: FeatureCacheOpt = "off",
+    r_max: RMaxOpt = 4,
     out: Annotated[
         Path, typer.Option(help="Folder for sweep.json, sweep.md, sweep.png and sweep.html.")
     ] = Path("out/sweep"),
@@ -226,7 +250,7 @@ def sweep_cmd(
     from promptserve.workload import load_prompts, parse_arrival_spec
 
     chosen = parse_policies(policies)
-    prof, slo_s = _profile_slo_penalty(profile, slo, quality_penalty)
+    prof, slo_s = _profile_slo_penalty(profile, slo, quality_penalty, feature_cache, r_max)
     spec = parse_arrival_spec(arrivals)
     if rates is None and spec.kind == "poisson":
         raise InputError("arrivals 'poisson' need --rates (for example --rates 20,40,60)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -39,11 +40,17 @@ class ModeledEngine:
     stateless = True  # it only sleeps: one instance may serve every worker at once
     guidance_spec = UNET_GUIDANCE  # what it stands for: the SDXL reference's guidance
     adapters: tuple[str, ...] = ()  # names only (``load_adapters``)
+    feature_cache = True  # intervals above 1 sleep their steps' share (``mix_s``)
 
     def __init__(
         self, profile: Profile, sleep: Callable[[float], None] = time.sleep, speedup: float = 1.0
     ) -> None:
-        self.profile = profile
+        from promptserve.profile import REFERENCE_CACHED_STEP_SHARE
+
+        # what it stands for: SDXL, whose DeepCache cached step is the reference's
+        self.profile = profile if profile.cached_step_share else replace(
+            profile, cached_step_share=REFERENCE_CACHED_STEP_SHARE
+        )  # fmt: skip
         self.name = f"modeled:{profile.name}"
         self.total_steps = profile.total_steps
         self.levels = profile.levels
@@ -129,10 +136,12 @@ class ModeledStepRunner:
     def step(self) -> list:
         if not self._steps:
             return []
+        from promptserve.policy.steptime import kind
+
         counts: dict[int, int] = {}
         for _, item in self._steps.values():
-            shape = self._shape_of(item)
-            counts[shape] = counts.get(shape, 0) + 1
+            key = kind(self._shape_of(item), item.interval)
+            counts[key] = counts.get(key, 0) + 1
         self._sleep(self.profile.mix_s(counts) / self.speedup)
         done = []
         self.previews = {}

@@ -142,6 +142,7 @@ def quick_profile(engine: Engine, max_batch: int = 8) -> Profile:
     sizes = tuple(b for b in (1, 2, 4, 8, 16, 32) if b <= max_batch)
     levels = tuple(engine.levels)
     slots, load_s = residency(engine)
+    share = cached_step_share(engine) if getattr(engine, "feature_cache", False) else 0.0
     return Profile(
         name=f"{engine.name}@quick",
         total_steps=engine.total_steps,
@@ -154,4 +155,36 @@ def quick_profile(engine: Engine, max_batch: int = 8) -> Profile:
         ),
         adapter_slots=slots,
         adapter_load_s=load_s,
+        cached_step_share=share,
     )
+
+
+def cached_step_share(engine, pairs: int = 5) -> float:  # noqa: ANN001 - a computing engine
+    """A cached step's time over a full one's (feature caching, one member; the median of
+    alternating pairs), on the engine's own step kernel: what the policy counts an interval's
+    steps as."""
+    import torch
+
+    kernel = engine.step_runner().kernel
+    rows = kernel.encode(["a photograph of a lighthouse"])
+    ratio = cached_ratio(kernel, engine.c.noise(1), torch.full((1,), 1), rows, pairs)
+    return min(max(ratio, 0.01), 0.99)
+
+
+def cached_ratio(kernel, x, steps, rows, pairs: int) -> float:  # noqa: ANN001 - a step kernel
+    """The median over ``pairs`` alternating full and cached steps of the cached one's time
+    over the full one's (``bench_engine.py`` times its shapes by it too)."""
+    import statistics
+
+    import torch
+
+    with torch.no_grad():
+        _, _, feature = kernel.advance_features(x, steps, rows, None)
+        ratios = []
+        for _ in range(pairs):
+            t0 = time.perf_counter()
+            kernel.advance_features(x, steps, rows, None)
+            t1 = time.perf_counter()
+            kernel.advance_features(x, steps, rows, feature)
+            ratios.append((time.perf_counter() - t1) / max(t1 - t0, 1e-9))
+    return statistics.median(ratios)

@@ -66,6 +66,9 @@ class Setting:
     profiles: tuple[Profile, ...]  # one per GPU
     quality: np.ndarray  # q[K_opt index, K index], percent
     slo_s: float
+    # q_r per feature-cache interval r = 1, 2, ... (percent; ``quality.IntervalQuality``):
+    # what an interval keeps of a level's quality, for profiles with a feature cache
+    interval_q: tuple[float, ...] = (100.0,)
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,9 @@ class Policy:
         profile = setting.profiles[0]
         estimator = self.estimator(profile.levels, setting.slo_s)
         return self.step_type(
-            step_profile(profile), len(setting.profiles), setting.quality, config, estimator
-        )
+            step_profile(profile), len(setting.profiles), setting.quality, config, estimator,
+            setting.interval_q,
+        )  # fmt: skip
 
     def plan(
         self, demand: Demand, setting: Setting, current: Sequence[int | None] | None = None

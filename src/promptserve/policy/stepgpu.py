@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from promptserve.policy.residency import ResidentSet
-from promptserve.policy.steptime import EPS
+from promptserve.policy.steptime import EPS, KIND
 from promptserve.policy.types import Job
 
 KRule = Literal["price", "zero", "max"]
@@ -62,6 +62,7 @@ class Member:
     job: Job
     k: int
     end_step: int  # the GPU's step count when it leaves
+    r: int = 1  # its feature-cache interval: a full step every r (1: every step)
 
 
 @dataclass
@@ -79,7 +80,7 @@ class StepGpu:
     seg_iter_s: float = 0.0  # its iteration time (0: idle)
     tallied: int = 0  # its step count when its members were last counted (``steps_left``)
     left_since: bool = False  # a member left since (the live runtime removes who finished)
-    shapes: dict[int, int] = field(default_factory=dict)  # members per size (its calls)
+    shapes: dict[int, int] = field(default_factory=dict)  # members per kind (size, interval)
     resident: ResidentSet = field(default_factory=ResidentSet)  # its device's LoRA adapters
     loading: int = 0  # adapters the joins of this boundary load before its next step
 
@@ -103,10 +104,10 @@ class StepGpu:
 
     def held_shapes(self) -> set[int]:
         """The sizes among its members and joiners."""
-        return {s for s, n in self.shapes.items() if n} | {j.shape for j in self.joining}
+        return {s // KIND for s, n in self.shapes.items() if n} | {j.shape for j in self.joining}
 
-    def count_shape(self, shape: int, sign: int) -> None:
-        self.shapes[shape] = self.shapes.get(shape, 0) + sign
+    def count_shape(self, kind: int, sign: int) -> None:
+        self.shapes[kind] = self.shapes.get(kind, 0) + sign
 
     def steps_to_next_leave(self) -> int:
         return self.members[0][0] - self.done if self.members else 0

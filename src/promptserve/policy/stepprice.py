@@ -46,14 +46,37 @@ class StepPricing:
     from the arrivals' sizes), sets ``price``, the levels it picks and the split
     between them, and gives each joining request the K the price (or the rule) prefers."""
 
+    @property
+    def options(self) -> list[tuple[int, int]]:
+        """The (level index, interval) pairs a request may be served at, by level then
+        interval: without feature caching, each level at r = 1."""
+        return [(j, r) for j in range(len(self.levels)) for r in self.intervals]
+
     def _choices(self, price: float) -> list[list[int]]:
-        """Per K_opt index and per k_max index: the level the price picks."""
-        steps = np.array([self.profile.total_steps - k for k in self.levels], dtype=float)
+        """Per K_opt index and per k_max index: the option (``options``) the price picks,
+        ``q(K_opt, K) x q_r(r) / 100 - price x (N - K) x w(r)`` at its best, ``w(r)`` the
+        interval's mean step over a full one."""
+        n, w = self.profile.total_steps, self.profile.interval_weight
+        options = self.options
+        steps = np.array(
+            [(n - self.levels[j]) * (w(r) if r > 1 else 1) for j, r in options], dtype=float
+        )
+        q_r = np.array([self.interval_q[r - 1] / 100.0 for _, r in options])
+        cols = [j for j, _ in options]
+        upto = [sum(1 for j, _ in options if j <= m) for m in range(len(self.levels))]
+        cached = len(self.intervals) > 1
         out = []
         for i in range(len(self.levels)):
-            score = self.quality[i] - price * steps
-            out.append([int(np.argmax(score[: j + 1])) for j in range(len(self.levels))])
+            q = self.quality[i][cols] * q_r if cached else self.quality[i][cols]
+            score = q - price * steps
+            out.append([int(np.argmax(score[:c])) for c in upto])
         return out
+
+    def _option_work(self, o: int) -> float:
+        """Steps of GPU time option ``o`` asks for, in full steps."""
+        j, r = self.options[o]
+        steps = self.profile.total_steps - self.levels[j]
+        return steps * self.profile.interval_weight(r) if r > 1 else steps
 
     def reprice(self, demand: Demand, slo_s: float) -> float:
         """The price at which the step work asked for fits the step capacity; 0 with slack.
@@ -81,8 +104,8 @@ class StepPricing:
         def work(choice: list[list[int]]) -> tuple[float, float]:
             steps = 0.0
             for i, share in enumerate(demand.mix):
-                j = choice[i][last if i > 0 else 0]  # a miss (K_opt 0) may have no neighbour
-                steps += share * (self.profile.total_steps - self.levels[j])
+                o = choice[i][last if i > 0 else 0]  # a miss (K_opt 0) may have no neighbour
+                steps += share * self._option_work(o)
             return per_s * steps, self.steps_capacity(slo_s, steps)
 
         def over(price: float, share: float = UTILISATION) -> bool:
@@ -141,18 +164,29 @@ class StepPricing:
         return n
 
     def preferred_k(self, job: Job, at: float) -> int:
+        return self._preferred(job, at)[0]
+
+    def preferred(self, job: Job, at: float) -> tuple[int, int]:
+        """The (K, interval) the rule or the price prefers for ``job`` joining at ``at``
+        (without feature caching, ``preferred_k``'s level at r = 1)."""
+        if len(self.intervals) == 1:
+            return self.preferred_k(job, at), 1
+        return self._preferred(job, at)
+
+    def _preferred(self, job: Job, at: float) -> tuple[int, int]:
         if self.config.rule == "zero":
-            return 0
+            return 0, 1
         if self.config.rule == "max":
-            return job.k_max
+            return job.k_max, 1
         i, m = self.index_of[job.k_opt], self.index_of[job.k_max]
         if self.saturated(at):  # the price lags a burst: run at the fastest level meanwhile
-            return job.k_max
+            return job.k_max, self.intervals[-1]
         hi, lo = self._by_shape[job.shape] if self._by_shape else (self._choice, self._choice_lo)
-        j = hi[i][m]
-        if lo[i][m] != j and draw(job.id) >= self._split:
-            j = lo[i][m]
-        return self.levels[j]
+        o = hi[i][m]
+        if lo[i][m] != o and draw(job.id) >= self._split:
+            o = lo[i][m]
+        j, r = self.options[o]
+        return self.levels[j], r
 
     def saturated(self, now: float) -> bool:
         """Whether the cluster is full now: a burst is arriving (``ExcessWork``), requests

@@ -18,6 +18,11 @@ from dataclasses import dataclass
 from promptserve.profile import Profile
 
 EPS = 1e-9
+KIND = 64  # a member's kind, its size and feature-cache interval: ``shape * KIND + r - 1``
+
+
+def kind(shape: int, r: int = 1) -> int:
+    return shape * KIND + r - 1
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,8 @@ class StepProfile:
     shape_weights: tuple[float, ...] = (1.0,)  # [shape]: pixels against the native size's
     adapter_slots: int = 0  # LoRA adapters a device holds at once (0: every one)
     adapter_load_s: float = 0.0  # seconds to load one into a free row, before a first step
+    cached_step_share: float = 0.0  # feature caching: a cached step over a full one (0: none)
+    r_max: int = 1  # the longest feature-cache interval offered (1: none)
 
     @property
     def max_inflight(self) -> int:
@@ -45,8 +52,23 @@ class StepProfile:
 
     @property
     def sized(self) -> bool:
-        """Whether more than one size is served (else every member counts as one)."""
+        """Whether more than one size is served."""
         return len(self.shape_weights) > 1
+
+    @property
+    def mixed(self) -> bool:
+        """Whether members differ in what a step of theirs costs (sizes, intervals); else
+        every member counts as one."""
+        return self.sized or self.r_max > 1
+
+    @property
+    def intervals(self) -> tuple[int, ...]:
+        return tuple(range(1, self.r_max + 1))
+
+    def interval_weight(self, r: int) -> float:
+        """A member's mean step at interval ``r`` over a full one: a full step and ``r - 1``
+        cached ones every ``r`` (``Profile.interval_cost``)."""
+        return 1.0 if r == 1 else (1.0 + (r - 1) * self.cached_step_share) / r
 
     def call_s(self, load: float) -> float:
         """One denoiser call over ``load`` native members' worth of pixels: the measured step
@@ -62,19 +84,32 @@ class StepProfile:
         return max(steps[j - 1] + slope * (load - j), 0.1 * steps[0])
 
     def mix_s(self, counts: dict[int, int]) -> float:
-        """One iteration of a batch with ``counts[shape]`` members of each size: a call per
-        size present."""
+        """One iteration of a batch with ``counts[kind]`` members of each kind (``kind``): a
+        call per size present, a member at interval r counted at its mean step's share (the
+        engine runs full and cached steps as two calls; the model folds them into its size's,
+        paying the fixed part once a size)."""
         if len(counts) == 1:
-            ((shape, n),) = counts.items()
-            if shape == 0:
+            ((only, n),) = counts.items()
+            if only == 0:
                 return self.iteration_s(n) if n else 0.0
         w = self.shape_weights
-        return sum(self.call_s(n * w[s]) for s, n in counts.items() if n)
+        loads: dict[int, float] = {}
+        for key, n in counts.items():
+            if n:
+                s, i = divmod(key, KIND)
+                load = n * w[s]
+                if i:
+                    load *= self.interval_weight(i + 1)
+                loads[s] = loads.get(s, 0.0) + load
+        return sum(self.call_s(load) for load in loads.values())
 
-    def member_s(self, n: int, shape: int = 0) -> float:
-        """An iteration of ``n`` members all of one size (the estimate where a batch's own mix
-        is not known: admission behind a queue, the capacity the price is set for)."""
-        return self.iteration_s(n) if shape == 0 else self.call_s(n * self.shape_weights[shape])
+    def member_s(self, n: int, shape: int = 0, r: int = 1) -> float:
+        """An iteration of ``n`` members all of one size and interval (the estimate where a
+        batch's own mix is not known: admission behind a queue, the capacity the price is set
+        for)."""
+        if shape == 0 and r == 1:
+            return self.iteration_s(n)
+        return self.call_s(n * self.shape_weights[shape] * self.interval_weight(r))
 
 
 def step_profile(profile: Profile) -> StepProfile:
@@ -101,6 +136,8 @@ def step_profile(profile: Profile) -> StepProfile:
         profile.shape_weights,
         profile.adapter_slots,
         profile.adapter_load_s,
+        profile.cached_step_share,
+        profile.feature_r_max,
     )
 
 
@@ -122,6 +159,7 @@ def derived_step_profile(profile: Profile) -> StepProfile:
     return StepProfile(
         n, profile.levels, tuple(steps), per_request / 2, per_request / 2,
         profile.shape_weights, profile.adapter_slots, profile.adapter_load_s,
+        profile.cached_step_share, profile.feature_r_max,
     )  # fmt: skip
 
 

@@ -72,6 +72,7 @@ from promptserve.policy.steptime import (
     StepProfile,
     derived_step_profile,
     finishes,
+    kind,
     step_profile,
 )
 from promptserve.policy.types import Job, Outcome, Status
@@ -106,9 +107,13 @@ class StepScheduler(StepPricing):
         quality: np.ndarray,
         config: StepConfig,
         estimator: LoadEstimator | None = None,  # needed by ``intake`` only
+        interval_q: Sequence[float] = (100.0,),  # q_r per feature-cache interval r (from 1)
     ) -> None:
         self.profile, self.config, self.estimator = profile, config, estimator
         self.quality = np.asarray(quality, dtype=float)  # q[K_opt index, K index]
+        # the feature-cache intervals the price may pick (``price`` only; the rules run r = 1)
+        self.intervals = profile.intervals if config.rule == "price" else (1,)
+        self.interval_q = tuple(interval_q) + (100.0,) * (len(self.intervals) - len(interval_q))
         self.levels = profile.levels
         self.index_of = {k: i for i, k in enumerate(self.levels)}
         self.gpus = [StepGpu(i, resident=ResidentSet(profile.adapter_slots)) for i in range(n_gpus)]
@@ -169,45 +174,68 @@ class StepScheduler(StepPricing):
         return gpu.resident.room_for([a for j in (*ahead, job) for a in j.adapters])
 
     def _with_new(
-        self, gpu: StepGpu, job: Job, k: int, at: float, ahead: Sequence[Job], done: int
+        self,
+        gpu: StepGpu,
+        job: Job,
+        k: int,
+        at: float,
+        ahead: Sequence[Job],
+        done: int,
+        r: int = 1,
     ) -> tuple[list[float], list[float], list[float] | None, int]:
         """The deadlines of ``gpu``'s members (and ``ahead``, the jobs joining at the same
         boundary before ``job``, at their fastest level), their finish times after ``job``
-        joins at level K (``job``'s at ``pos``), and before (None without members)."""
+        joins at level K and interval ``r`` (``job``'s at ``pos``), and before (None without
+        members)."""
         r_new = self.profile.total_steps - k
         done = gpu.done if done < 0 else done
-        sized = self.profile.sized
-        shape = (lambda jid: gpu.by_id[jid].job.shape) if sized else (lambda jid: 0)
-        held = [(end - done, d, shape(jid)) for end, d, jid in gpu.members]
+        mixed = self.profile.mixed
+        by_id = gpu.by_id
+
+        def member_kind(jid: int) -> int:
+            m = by_id[jid]
+            return kind(m.job.shape, m.r)
+
+        held = [(end - done, d, member_kind(jid) if mixed else 0) for end, d, jid in gpu.members]
         if self.profile.adapter_slots:  # the adapters it and those ahead load first
             named = [a for j in (*ahead, job) for a in j.adapters]
             at += gpu.resident.missing(named) * self.profile.adapter_load_s
         if ahead:
             total = self.profile.total_steps
+            fast = [(j, *self.fastest(j)) for j in ahead]
             held = sorted(
-                held + [(total - self.fastest_k(j), j.deadline_s, j.shape) for j in ahead]
+                held + [(total - fk, j.deadline_s, kind(j.shape, fr)) for j, fk, fr in fast]
             )
-        rem = [r for r, _, _ in held]
+        rem = [left for left, _, _ in held]
         deadlines = [d for _, d, _ in held]
         pos = bisect.bisect_right(rem, r_new)
         with_new = rem[:pos] + [r_new] + rem[pos:]
-        shapes = [s for _, _, s in held] if sized else None
-        new_shapes = shapes[:pos] + [job.shape] + shapes[pos:] if shapes is not None else None
+        shapes = [s for _, _, s in held] if mixed else None
+        new_shapes = (
+            shapes[:pos] + [kind(job.shape, r)] + shapes[pos:] if shapes is not None else None
+        )
         after = finishes(self.profile, at, with_new, 1 + len(ahead), new_shapes)
         before = finishes(self.profile, at, rem, len(ahead), shapes) if rem else None
         return deadlines, after, before, pos
 
     def fits(
-        self, gpu: StepGpu, job: Job, k: int, at: float, ahead: Sequence[Job] = (), done: int = -1
+        self,
+        gpu: StepGpu,
+        job: Job,
+        k: int,
+        at: float,
+        ahead: Sequence[Job] = (),
+        done: int = -1,
+        r: int = 1,
     ) -> bool:
         """Whether ``job`` joining ``gpu`` at ``at`` with level K keeps every member of it
         (itself included) within its deadline, or no later than it would be anyway. ``ahead``:
         the jobs that join at the same boundary before it, counted as members at their fastest
         level (their K is chosen when they join). ``done``: the GPU's step count at ``at``
-        (default: now, at a boundary)."""
+        (default: now, at a boundary); ``r``: its feature-cache interval."""
         if not self._room(gpu, job, ahead):
             return False
-        deadlines, after, before, pos = self._with_new(gpu, job, k, at, ahead, done)
+        deadlines, after, before, pos = self._with_new(gpu, job, k, at, ahead, done, r)
         if after[pos] > job.deadline_s + EPS:
             return False
         if before is None:
@@ -222,27 +250,46 @@ class StepScheduler(StepPricing):
         """The fastest level the rule lets ``job`` run at."""
         return 0 if self.config.rule == "zero" else job.k_max
 
+    def fastest(self, job: Job) -> tuple[int, int]:
+        """The fastest (K, interval) the rule lets ``job`` run at."""
+        return self.fastest_k(job), self.intervals[-1]
+
     def can_ever_finish(self, job: Job, now: float) -> bool:
         """Alone on an idle GPU from now, at the fastest level the rule allows it."""
-        r = self.profile.total_steps - self.fastest_k(job)
-        shapes = [job.shape] if self.profile.sized else None
-        return finishes(self.profile, now, [r], 1, shapes)[0] <= job.deadline_s + EPS
+        k, r = self.fastest(job)
+        steps = self.profile.total_steps - k
+        shapes = [kind(job.shape, r)] if self.profile.mixed else None
+        return finishes(self.profile, now, [steps], 1, shapes)[0] <= job.deadline_s + EPS
 
     def choose_k(
         self, gpu: StepGpu, job: Job, at: float, ahead: Sequence[Job] = (), done: int = -1
-    ) -> int | None:
-        """The level ``job`` joins ``gpu`` at, or None when no allowed level keeps the
-        deadlines (only under ``+shed``; without it the preferred level always joins)."""
-        k = self.preferred_k(job, at)
+    ) -> tuple[int, int] | None:
+        """The level and interval ``job`` joins ``gpu`` at, or None when none allowed keeps
+        the deadlines (only under ``+shed``; without it the preferred one always joins, the
+        device's adapter rows permitting): the preferred one, else the next cheaper in GPU
+        time ((N - K) steps at the interval's mean step), as far as the fastest."""
+        k, r = self.preferred(job, at)
         if not self.config.shed:  # no deadline check: only the device's adapter rows
-            return k if self._room(gpu, job, ahead) else None
-        allowed = [lv for lv in self.levels if k <= lv <= job.k_max]
-        if self.config.rule != "price":
-            allowed = allowed[:1]
-        for level in allowed:
-            if self.fits(gpu, job, level, at, ahead, done):
-                return level
+            return (k, r) if self._room(gpu, job, ahead) else None
+        allowed = [(k, r)] if self.config.rule != "price" else self._cheaper(job, k, r)
+        for level, interval in allowed:
+            if self.fits(gpu, job, level, at, ahead, done, interval):
+                return level, interval
         return None
+
+    def _cheaper(self, job: Job, k: int, r: int) -> list[tuple[int, int]]:
+        """(K, r) from the preferred one to the fastest the job may run at, in falling GPU
+        time: without intervals the levels from K up, as before."""
+        if len(self.intervals) == 1:
+            return [(lv, 1) for lv in self.levels if k <= lv <= job.k_max]
+        n, w = self.profile.total_steps, self.profile.interval_weight
+        cost = (n - k) * w(r)
+        options = [
+            ((n - lv) * w(ri), lv, ri) for lv in self.levels if lv <= job.k_max
+            for ri in self.intervals if (n - lv) * w(ri) <= cost + EPS
+        ]  # fmt: skip
+        options.sort(key=lambda o: (-o[0], o[1], o[2]))
+        return [(lv, ri) for _, lv, ri in options]
 
     # -- the contract (``policy.contract.Scheduler``) -----------------------------------------
 
@@ -262,7 +309,10 @@ class StepScheduler(StepPricing):
         assert self.estimator is not None, "intake needs the scheduler's load estimator"
         self.estimator.observe(now, k_opt, self.profile.shape_weights[shape])
         k_max = self.levels[-1] if has_neighbour else 0
-        self.excess.pour(now, self.profile.total_steps - k_max)
+        steps = self.profile.total_steps - k_max
+        if len(self.intervals) > 1:  # at its fastest interval's mean step
+            steps *= self.profile.interval_weight(self.intervals[-1])
+        self.excess.pour(now, steps)
         if self.profile.sized:
             self._arrived_by_shape[shape] += 1
         job = Job(job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, k_opt, shape, adapters)
@@ -287,7 +337,7 @@ class StepScheduler(StepPricing):
 
     def _iteration_s(self, gpu: StepGpu) -> float:
         """One step of ``gpu``'s running members (0: none)."""
-        if self.profile.sized:
+        if self.profile.mixed:
             return self.profile.mix_s(gpu.shapes) if gpu.by_id else 0.0
         return self.profile.iteration_s(len(gpu.by_id)) if gpu.by_id else 0.0
 
@@ -299,16 +349,19 @@ class StepScheduler(StepPricing):
             return (1.0,) + (0.0,) * (len(self._arrived_by_shape) - 1)
         return tuple(c / total for c in self._arrived_by_shape)
 
-    def member_s(self, n: int, shape: int | None = None) -> float:
+    def member_s(self, n: int, shape: int | None = None, r: int = 1) -> float:
         """An iteration of ``n`` members of ``shape``, or (None) of ``n`` members drawn from
         the arrivals' size mix: what the price's capacity and the queue's estimates count on.
         A size is in the batch with probability ``1 - (1 - p) ** n`` and then holds ``n p``
         over that many members, each present size a call (exact where the step curve is
-        affine, as the reference's is; conservative where placement groups sizes)."""
-        if not self.profile.sized:
+        affine, as the reference's is; conservative where placement groups sizes); ``r``:
+        their feature-cache interval."""
+        if not self.profile.mixed:
             return self.profile.iteration_s(n)
         if shape is not None:
-            return self.profile.member_s(n, shape)
+            return self.profile.member_s(n, shape, r)
+        if not self.profile.sized:
+            return self.profile.member_s(n, 0, r)
         total, w = 0.0, self.profile.shape_weights
         for s, p in enumerate(self.size_shares):
             if p > 0:
@@ -377,8 +430,8 @@ class StepScheduler(StepPricing):
         at = gpu.next_boundary(now)
         if not self._room(gpu, job, gpu.joining):
             return float("inf")
-        k = self.preferred_k(job, at)
-        _, after, before, pos = self._with_new(gpu, job, k, at, gpu.joining, gpu.done_at(at))
+        k, r = self.preferred(job, at)
+        _, after, before, pos = self._with_new(gpu, job, k, at, gpu.joining, gpu.done_at(at), r)
         delay = sum(after) - after[pos] - (sum(before) if before else 0.0)
         return after[pos] - now + delay
 
@@ -410,9 +463,10 @@ class StepScheduler(StepPricing):
             return False
         at = gpu.next_boundary(now)
         done = gpu.done_at(at)
-        if self.profile.sized or (self.profile.adapter_slots and job.adapters):
-            # its size's call and its adapters' loads counted
-            _, after, _, pos = self._with_new(gpu, job, self.fastest_k(job), at, (), done)
+        if self.profile.mixed or (self.profile.adapter_slots and job.adapters):
+            # its size's call, its interval and its adapters' loads counted
+            k, r = self.fastest(job)
+            _, after, _, pos = self._with_new(gpu, job, k, at, (), done, r)
             return after[pos] <= job.deadline_s + EPS
         r = self.profile.total_steps - self.fastest_k(job)
         rem = sorted([end - done for end, _, _ in gpu.members] + [r])
@@ -440,7 +494,8 @@ class StepScheduler(StepPricing):
         # behind a queue that takes the free slots it joins a slot a leave frees, on a GPU at
         # its full count; with a slot free, the least-loaded GPU's count
         n = slowest if start > now else min(slowest, len(gpu.by_id) + 1)
-        run = self.profile.join_s + r * self.member_s(n, job.shape) + self.profile.leave_s
+        step = self.member_s(n, job.shape, self.intervals[-1])
+        run = self.profile.join_s + r * step + self.profile.leave_s
         return start + run <= job.deadline_s + EPS
 
     def _fullest(self) -> int:
@@ -492,14 +547,14 @@ class StepScheduler(StepPricing):
         while gpu.members and gpu.members[0][0] <= gpu.done:
             _, _, jid = gpu.members.pop(0)
             leaving.append(gpu.by_id.pop(jid))
-            gpu.count_shape(leaving[-1].job.shape, -1)
+            gpu.count_shape(kind(leaving[-1].job.shape, leaving[-1].r), -1)
             gpu.resident.release(leaving[-1].job.adapters)
         self._recount(gpu, before)  # as the live runtime's removals do, before anyone joins
         before = gpu.count
         # the leavers are decoded together before anyone hears, and before anyone joins (the
         # live runtime's step call returns after the decode): both happen after it
         now += len(leaving) * self.profile.leave_s
-        left = [Outcome(m.job, Status.SERVED, now, m.k, gpu.index) for m in leaving]
+        left = [Outcome(m.job, Status.SERVED, now, m.k, gpu.index, m.r) for m in leaving]
         joined: list[Member] = []
         dropped: list[Outcome] = []
         placed, gpu.joining = gpu.joining, []
@@ -517,20 +572,22 @@ class StepScheduler(StepPricing):
     def _join(self, gpu, job, now, joined, dropped) -> bool:
         """Join ``job`` to ``gpu`` now if a level fits; a job that cannot finish even alone is
         dropped, one that does not fit here waits (False either way)."""
-        k = self.choose_k(gpu, job, now)
-        if k is None:
+        chosen = self.choose_k(gpu, job, now)
+        if chosen is None:
             if self.config.shed and not self.can_ever_finish(job, now):
                 dropped.append(Outcome(job, Status.DROPPED, now))
             else:
                 self._wait(job)
             return False
-        self._admit_member(gpu, job, k, joined)
+        self._admit_member(gpu, job, chosen[0], joined, chosen[1])
         return True
 
-    def _admit_member(self, gpu: StepGpu, job: Job, k: int, joined: list[Member]) -> None:
-        member = Member(job, k, gpu.done + self.profile.total_steps - k)
+    def _admit_member(
+        self, gpu: StepGpu, job: Job, k: int, joined: list[Member], r: int = 1
+    ) -> None:
+        member = Member(job, k, gpu.done + self.profile.total_steps - k, r)
         gpu.by_id[job.id] = member
-        gpu.count_shape(job.shape, 1)
+        gpu.count_shape(kind(job.shape, r), 1)
         gpu.loading += gpu.resident.use(job.adapters)
         bisect.insort(gpu.members, (member.end_step, job.deadline_s, job.id))
         joined.append(member)
@@ -560,11 +617,11 @@ class StepScheduler(StepPricing):
             if self._elsewhere(gpu, job, now):
                 skipped.append(entry)
                 continue
-            k = self.choose_k(gpu, job, now)
-            if k is None:
+            chosen = self.choose_k(gpu, job, now)
+            if chosen is None:
                 skipped.append(entry)
                 continue
-            self._admit_member(gpu, job, k, joined)
+            self._admit_member(gpu, job, chosen[0], joined, chosen[1])
         for entry in skipped:
             self._wait(entry[2], requeue=True)
 
@@ -576,11 +633,12 @@ class StepScheduler(StepPricing):
         the policy leaves for waiting to join), so a job is not held back into lateness."""
         if not (self.profile.sized and self.config.shape_aware and gpu.by_id):
             return False
-        if gpu.shapes.get(job.shape, 0) or not any(
+        if job.shape in gpu.held_shapes() or not any(
             i != gpu.index and self.gpus[i].up for i in self.holders.get(job.shape, ())
         ):
             return False
-        _, after, _, pos = self._with_new(gpu, job, self.fastest_k(job), now, (), -1)
+        k, r = self.fastest(job)
+        _, after, _, pos = self._with_new(gpu, job, k, now, (), -1, r)
         return job.deadline_s - after[pos] > EXCESS_SHARE * (job.deadline_s - job.arrival_s)
 
     def _reachable(self, job: Job, now: float) -> bool:
@@ -593,7 +651,8 @@ class StepScheduler(StepPricing):
         r = self.profile.total_steps - self.fastest_k(job)
         if self._inflight_for:  # as admission counts it: see ``_after_queue``
             n = min(n, self._inflight_for[r])
-        t = now + self.profile.join_s + r * self.member_s(n, job.shape) + self.profile.leave_s
+        step = self.member_s(n, job.shape, self.intervals[-1])
+        t = now + self.profile.join_s + r * step + self.profile.leave_s
         return t <= job.deadline_s + EPS
 
     def _start_segment(self, gpu: StepGpu, now: float, joined: int) -> None:
@@ -631,7 +690,7 @@ class StepScheduler(StepPricing):
                     return job
             member = gpu.by_id.pop(job_id, None)
             if member is not None:
-                gpu.count_shape(member.job.shape, -1)
+                gpu.count_shape(kind(member.job.shape, member.r), -1)
                 gpu.resident.release(member.job.adapters)
                 self.steps_left[member.end_step - gpu.tallied] -= 1
                 gpu.left_since = True

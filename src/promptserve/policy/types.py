@@ -81,3 +81,4 @@ class Outcome:
     time_s: float  # when it ended
     level: int = -1  # the level it was served at; -1 when not served
     gpu: int = -1  # the GPU that served it; -1 when not served
+    interval: int = 1  # the feature-cache interval it was served at (1: every step full)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -17,12 +18,17 @@ from promptserve.edge.limits import HttpLimits
 from promptserve.engine import make_engine
 from promptserve.engine.lora import residency
 from promptserve.engine.options import EngineOptions
-from promptserve.engine.profiling import quick_profile
+from promptserve.engine.profiling import cached_step_share, quick_profile
 from promptserve.engine.threads import torch_threads_for
 from promptserve.errors import InputError
 from promptserve.policy import Setting, get_policy
-from promptserve.profile import for_adapters, profile_for
-from promptserve.quality import model_for_levels
+from promptserve.profile import (
+    REFERENCE_CACHED_STEP_SHARE,
+    for_adapters,
+    profile_for,
+    with_feature_cache,
+)
+from promptserve.quality import interval_quality, model_for_levels
 from promptserve.server.app import create_app
 from promptserve.server.clock import Pause, wall_pause
 from promptserve.server.pinned import PinnedRuntime
@@ -60,6 +66,9 @@ class ServerConfig:
     lora_dir: Path | None = None  # the LoRA adapters it serves (``engine.lora``)
     lora_resident: int = 8  # adapters on each worker's device at once (the rest in host memory)
     lora_resident_bytes: int | None = None  # and at most this many bytes of their rows
+    # feature caching chosen per request with K (step-level policies, engines that have it)
+    feature_cache: bool = True
+    r_max: int = 4  # the longest interval offered
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -81,6 +90,13 @@ def local_workers(config: ServerConfig) -> LocalWorkers:
     if config.profile is not None:
         profile = profile_for(config.profile, first.name, first.total_steps, first.levels)
         profile = for_adapters(profile, *residency(first))  # the engine's, not the file's
+        if getattr(first, "feature_cache", False) and not profile.cached_step_share:
+            share = (  # measured here, as a quick profile is; the modelled SDXL's is the reference
+                threads[0].call(cached_step_share, first)
+                if hasattr(first, "c")
+                else REFERENCE_CACHED_STEP_SHARE
+            )
+            profile = dataclasses.replace(profile, cached_step_share=share)
     else:
         profile = threads[0].call(quick_profile, first)
     if getattr(first, "stateless", False):
@@ -159,6 +175,17 @@ def runtime_for(
     profile = workers.profile
     slo_s = config.slo_s or max(5.0 * profile.batch_latency(0, 1), 30.0)
     qm = model_for_levels(profile.levels, profile.quality)
+    policy = get_policy(config.policy)
+    interval_q: tuple[float, ...] = (100.0,)
+    if config.feature_cache and policy.step and profile.cached_step_share > 0:
+        profile = with_feature_cache(profile, profile.cached_step_share, config.r_max)
+        iq = interval_quality(qm.shape)  # type: ignore[arg-type]
+        interval_q = tuple(iq.q_r(r) for r in range(1, config.r_max + 1))
+        log.info(
+            "feature caching: intervals 1-%d, a cached step at %.2f of a full one",
+            config.r_max,
+            profile.cached_step_share,
+        )
     embedder = make_embedder(config.embedder, config.cache_dir, config.embed_cache_max_rows)
     table = embedder_thresholds(config.embedder)
     root = cache_root(config.cache_dir)
@@ -166,8 +193,7 @@ def runtime_for(
     cache = ApproxCache(
         root, embedder.dim, table, quota_bytes=quota, total_steps=workers.total_steps
     )
-    setting = Setting(tuple(profile for _ in range(workers.count)), qm.matrix(), slo_s)
-    policy = get_policy(config.policy)
+    setting = Setting(tuple(profile for _ in range(workers.count)), qm.matrix(), slo_s, interval_q)
     # step-level serving: one running batch per GPU; else GPUs at levels
     runtime_class = StepRuntime if policy.step else PinnedRuntime
     return runtime_class(

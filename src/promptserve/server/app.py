@@ -118,7 +118,9 @@ def create_app(
             "workers": runtime.workers.count,
             "slo_s": slo_s,
             "embedder": "hashing" if runtime.embedder.name.startswith("hashing") else "minilm",
-            "profile": asdict(runtime.workers.profile),
+            "profile": asdict(
+                runtime.setting.profiles[0]
+            ),  # as planned: sizes, adapters, intervals
             # the modelled backend runs this many times faster than the profile it plans with
             "speedup": runtime.workers.speedup,
             # what guidance_scale means for this model, its default and range

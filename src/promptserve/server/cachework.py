@@ -16,7 +16,7 @@ from promptserve.server.workers import StoreRefs, Workers
 
 
 def item_for(
-    cache: ApproxCache, workers: Workers, p: Pending, level: int
+    cache: ApproxCache, workers: Workers, p: Pending, level: int, interval: int = 1
 ) -> tuple[GenerationItem, StoreRefs | None]:
     """In-process, the start latent is read here; workers on a shared store get the key to
     read and the entry to write, and the arrays never pass through here. A missing latent:
@@ -36,7 +36,9 @@ def item_for(
         k = level if latent is not None else 0
     wanted = p.handle.partial_images if p.handle is not None else 0
     previews = preview_steps(k, workers.total_steps, wanted)
-    item = GenerationItem(p.prompt, k, latent, seed=p.seed, previews=previews, look=p.look)
+    item = GenerationItem(
+        p.prompt, k, latent, seed=p.seed, previews=previews, look=p.look, interval=interval
+    )
     return item, ref
 
 

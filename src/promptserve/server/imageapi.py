@@ -54,7 +54,7 @@ def served_quality(served: Sequence[Served]) -> str:
     """The official ``quality`` of what was served, on this system's own axis: ``high`` when
     every image was a full generation, ``medium`` when each stayed within the level its prompt
     tolerates (K <= K_opt), ``low`` when any went above it (load pushed it)."""
-    if all(s.level == 0 for s in served):
+    if all(s.level == 0 and s.interval == 1 for s in served):
         return "high"
     if all(s.level <= s.k_opt for s in served):
         return "medium"
@@ -74,6 +74,7 @@ def meta_of(s: Served) -> ImageMeta:
         seed=s.seed,
         guidance_scale=s.guidance,
         lora=[LoraRef(name=n, scale=v) for n, v in s.lora],
+        feature_cache_interval=s.interval,
     )
 
 

@@ -146,6 +146,12 @@ class Metrics:
             ["size"],
             registry=self.registry,
         )
+        self.intervals = Counter(
+            "promptserve_images_by_interval",
+            "Answered images by the feature-cache interval they ran at (1: every step full)",
+            ["interval"],
+            registry=self.registry,
+        )
         for attr, (series, text, labels) in GAUGES.items():
             setattr(self, attr, Gauge(series, text, list(labels), registry=self.registry))
         self._q_sum = 0.0
@@ -172,6 +178,7 @@ class Metrics:
         self.observe_served(outcome.quality, latency_s, late, outcome.level)  # type: ignore[attr-defined]
         if size is not None:
             self.sizes.labels(size).inc()
+        self.intervals.labels(str(getattr(outcome, "interval", 1))).inc()
 
     def observe_served(self, quality: float, latency_s: float, late: bool, level: int) -> None:
         self.requests.labels("late" if late else "served").inc()

@@ -68,6 +68,7 @@ class Served:
     seed: int = 0  # the seed of its start noise
     guidance: float | None = None  # the guidance scale it ran at (None: the model has none)
     lora: tuple[tuple[str, float], ...] = ()  # the adapters it ran with
+    interval: int = 1  # its feature-cache interval: a full step every this many
 
 
 @dataclass

@@ -441,9 +441,12 @@ class LiveRuntime:
 
     # -- the request's way out ------------------------------------------------------------
 
-    def _item_for(self, p: Pending, level: int) -> tuple[GenerationItem, StoreRefs | None]:
-        """One request's item at ``level`` (on the cache thread)."""
-        return item_for(self.cache, self.workers, p, level)
+    def _item_for(
+        self, p: Pending, level: int, interval: int = 1
+    ) -> tuple[GenerationItem, StoreRefs | None]:
+        """One request's item at ``level`` and feature-cache ``interval`` (on the cache
+        thread)."""
+        return item_for(self.cache, self.workers, p, level, interval)
 
     def _serve(self, p: Pending, result: GenerationResult, started: float, now: float) -> None:
         """Answer a request its run finished: on time or late, and cancelled if its caller
@@ -453,17 +456,22 @@ class LiveRuntime:
         self.counters.stage("queue", max(0.0, started - p.queued_at))
         self.counters.stage("run", now - started)
         self.counters.cache_hits += int(p.hit is not None and result.k > 0)
+        interval = p.item.interval if p.item is not None else 1
+        quality = self.quality.q(p.k_opt, result.k)
+        if interval > 1:  # what its interval keeps of the level's quality
+            quality *= self.setting.interval_q[interval - 1] / 100.0
         served = Served(
             result,
             result.k,
             p.hit.similarity if p.hit else None,
-            self.quality.q(p.k_opt, result.k),
+            quality,
             started - p.arrival,
             now - started,
             p.k_opt,
             p.seed,
             self._scale_of(p.look),
             p.look.lora,
+            interval,
         )
         if p.future.done():
             return

@@ -90,6 +90,7 @@ class ImageMeta(BaseModel):
     seed: int = 0  # its start noise's seed (the request's, or the server's own)
     guidance_scale: float | None = None  # the scale it ran at (None: no guidance input)
     lora: list[LoraRef] = []  # the adapters it ran with
+    feature_cache_interval: int = 1  # a full denoiser step every this many (1: every step)
 
 
 class ImageData(BaseModel):

@@ -218,7 +218,7 @@ class StepRuntime(LiveRuntime):
 
     def _join_items(self, joiners: list) -> None:  # noqa: ANN001 - on the cache thread
         for member, p in joiners:
-            p.item, p.ref = self._item_for(p, member.k)
+            p.item, p.ref = self._item_for(p, member.k, member.r)
 
     async def _finish(self, g: int, done: StepDone) -> None:
         """After a step: who finished leaves the scheduler's count before anyone hears of it."""

@@ -12,7 +12,7 @@ from promptserve.cache.index import CacheIndex
 from promptserve.cache.thresholds import Thresholds
 from promptserve.policy import Policy, Setting
 from promptserve.profile import Profile
-from promptserve.quality import PenaltyShape, model_for_levels
+from promptserve.quality import PenaltyShape, interval_quality, model_for_levels
 from promptserve.sim.oracle import DEFAULT_WINDOW_S, earliest_answer_s, oracle_bounds
 from promptserve.sim.simulator import SimInputs, SimResult, simulate
 from promptserve.types import Request
@@ -47,7 +47,12 @@ def sim_inputs(
     quality constants to any profile's levels, the server's too: K_opt on the profile's own
     levels, penalties calibrated on the reference."""
     qm = model_for_levels(profile.levels, profile.quality, config.penalty)
-    setting = Setting(tuple(profile for _ in range(config.gpus)), qm.matrix(), config.slo_s)
+    interval_q = tuple(
+        interval_quality(config.penalty).q_r(r) for r in range(1, profile.feature_r_max + 1)
+    )
+    setting = Setting(
+        tuple(profile for _ in range(config.gpus)), qm.matrix(), config.slo_s, interval_q
+    )
     return SimInputs(
         requests,
         embeddings,

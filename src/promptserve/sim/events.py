@@ -226,7 +226,12 @@ class EventRun:
             rec.finish_s[i] = outcome.time_s
             rec.level[i] = outcome.level
             rec.gpu[i] = outcome.gpu
-            rec.quality[i] = self.inputs.quality.q(outcome.job.k_opt, outcome.level)
+            if rec.interval is not None:
+                rec.interval[i] = outcome.interval
+            q = self.inputs.quality.q(outcome.job.k_opt, outcome.level)
+            if outcome.interval > 1:  # what its feature-cache interval keeps of it
+                q *= self.inputs.setting.interval_q[outcome.interval - 1] / 100.0
+            rec.quality[i] = q
         self.done += 1
         if self.on_progress is not None:
             self.on_progress(1)

@@ -21,6 +21,7 @@ class Records:
     level: np.ndarray  # -1 unless served
     quality: np.ndarray  # percent; 0 unless served
     gpu: np.ndarray  # the GPU that served it; -1 unless served
+    interval: np.ndarray | None = None  # its feature-cache interval (1: every step full)
 
     @classmethod
     def empty(cls, arrival_s: np.ndarray, deadline_s: np.ndarray) -> Records:
@@ -34,6 +35,7 @@ class Records:
             np.full(n, -1),
             np.zeros(n),
             np.full(n, -1),
+            np.ones(n, int),
         )
 
     def summary(self, planner_ms: list[float]) -> dict:

@@ -1,0 +1,103 @@
+"""Feature caching as a second approximation axis: the step policy chooses (K, r) at join by
+the price, the simulator records and scores the interval, and a server runs and reports it."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from factories import client, tiny_app
+from promptserve.policy import Status, get_policy
+from promptserve.policy.estimator import LoadEstimator
+from promptserve.policy.stepwise import StepConfig, StepScheduler, step_profile
+from promptserve.policy.types import Demand
+from promptserve.profile import reference_profile, with_feature_cache
+from promptserve.quality import interval_quality, quality_model
+from promptserve.server.live import LiveServer
+from promptserve.sim.simulator import simulate
+from test_stepwise import poisson
+
+CACHED = with_feature_cache(reference_profile(), r_max=4)
+QM = quality_model(CACHED.levels, CACHED.quality, "mild")
+Q_R = tuple(interval_quality("mild").q_r(r) for r in (1, 2, 3, 4))
+
+
+def scheduler(rule="price") -> StepScheduler:
+    config = StepConfig(rule, shed=True, admission=True)
+    sp = step_profile(CACHED)
+    return StepScheduler(sp, 2, QM.matrix(), config, LoadEstimator(CACHED.levels), Q_R)
+
+
+def test_with_slack_every_request_runs_in_full_and_under_load_the_price_buys_intervals():
+    sched = scheduler()
+    assert sched.options[:4] == [(0, 1), (0, 2), (0, 3), (0, 4)]
+    assert sched.reprice(Demand(10.0, (1.0, 0, 0, 0, 0, 0)), 21.0) == 0.0
+    for o in sched._choice[0]:
+        assert sched.options[o] == (0, 1)  # no price: K = 0 at every step full
+    price = sched.reprice(Demand(140.0, (0.2, 0.4, 0.2, 0.1, 0.05, 0.05)), 21.0)
+    assert price > 0
+    chosen = {sched.options[o] for row in sched._choice for o in row}
+    assert any(r > 1 for _, r in chosen)  # an interval is cheaper in points than a level
+    # the next cheaper options in GPU time, from the preferred one to the fastest
+    cheaper = sched._cheaper(dataclasses.replace(_job(), k_max=25), 0, 1)
+    costs = [(50 - k) * sched.profile.interval_weight(r) for k, r in cheaper]
+    assert cheaper[0] == (0, 1) and costs == sorted(costs, reverse=True)
+    assert cheaper[-1] == (25, 4)
+
+
+def _job():
+    from promptserve.policy.types import Job
+
+    return Job(0, 0.0, 20.0, 0, 0, 0)
+
+
+def test_the_rule_baselines_never_take_an_interval():
+    for rule in ("zero", "max"):
+        assert scheduler(rule).intervals == (1,)
+
+
+@pytest.mark.parametrize("rate", [20, 120])
+def test_the_simulator_records_each_interval_and_scores_it(rate):
+    inputs = poisson(rate, 4, gpus=2)
+    setting = dataclasses.replace(
+        inputs.setting, profiles=(CACHED,) * 2, quality=QM.matrix(), interval_q=Q_R
+    )
+    cached = dataclasses.replace(inputs, setting=setting, quality=QM)
+    res = simulate(get_policy("promptserve-step"), cached)
+    rec = res.records
+    served = rec.status == Status.SERVED
+    assert (rec.status >= Status.SERVED).all()
+    intervals = rec.interval[served]
+    plain = simulate(get_policy("promptserve-step"), inputs).records.summary([])
+    if rate == 20:  # light load: steps full but where a deadline needs a cheaper one
+        assert (intervals == 1).mean() > 0.95
+        assert rec.summary([])["effective_quality"] >= plain["effective_quality"] - 0.01
+    else:
+        assert (intervals > 1).any()
+    for i in np.flatnonzero(served):
+        want = QM.q(int(rec.k_opt[i]), int(rec.level[i])) * Q_R[int(rec.interval[i]) - 1] / 100
+        assert rec.quality[i] == pytest.approx(want)
+    if rate == 120:  # under load the cheaper steps serve more in time
+        assert rec.summary([])["served_in_slo"] > plain["served_in_slo"]
+
+
+def test_a_server_runs_and_reports_the_interval_a_member_joins_at(tmp_path, monkeypatch):
+    """The tiny model, the official client: a member the policy puts at r = 3 runs at it
+    (its image is not the r = 1 image of the same seed) and the answer says so."""
+    app = tiny_app(tmp_path, policy="promptserve-step")
+    profile = app.state.runtime.setting.profiles[0]
+    assert profile.feature_r_max == 4 and 0 < profile.cached_step_share < 1  # measured
+    with LiveServer(app) as url:
+        oai = client(url)
+
+        def image():
+            res = oai.images.generate(prompt="a kite over dunes", extra_body={"seed": 5})
+            return res.data[0].b64_json, res.data[0].model_extra["promptserve"]
+
+        full_png, full = image()
+        assert full["feature_cache_interval"] == 1 and full["level_k"] == 0
+        monkeypatch.setattr(StepScheduler, "preferred", lambda self, job, at: (0, 3))
+        png, meta = image()
+    assert meta["feature_cache_interval"] == 3
+    assert png != full_png
+    assert meta["predicted_quality"] < full["predicted_quality"]

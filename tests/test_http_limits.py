@@ -164,8 +164,9 @@ def test_a_client_that_goes_away_cancels_its_images(tmp_path, policy):
 @pytest.mark.parametrize("policy", ["promptserve", "promptserve-step"])
 def test_n_images_are_admitted_or_refused_whole(tmp_path, policy):
     """One GPU and a 10 s deadline hold a few K = 0 images, not ten: the request is refused,
-    and the images that were queued are cancelled before any finishes."""
-    app = modeled_app(tmp_path, policy=policy)
+    and the images that were queued are cancelled before any finishes. (Feature caching off:
+    with it, ten fit at a cheaper interval and are served, ``test_feature_levels.py``.)"""
+    app = modeled_app(tmp_path, policy=policy, feature_cache=False)
 
     async def ask(url):
         async with httpx.AsyncClient(timeout=60) as c:

@@ -63,6 +63,7 @@ def test_unknown_shape_is_refused():
 
 
 def test_the_feature_cache_interval_costs_quality_by_its_cached_share_and_composes_with_k():
+    from promptserve.errors import InputError
     from promptserve.profile import (
         REFERENCE_CACHED_STEP_SHARE,
         reference_profile,
@@ -80,7 +81,12 @@ def test_the_feature_cache_interval_costs_quality_by_its_cached_share_and_compos
         mild.q_r(0)
     ref = reference_profile()
     assert ref.interval_cost(3) == 1.0  # no feature cache in the profile: every step full
+    fifth = with_feature_cache(ref, share=0.2)  # a cached step at a fifth of a full one
+    assert fifth.interval_cost(3) == pytest.approx(1.4 / 3)  # one full and two cached of 3
+    assert fifth.interval_cost(4) == pytest.approx(1.6 / 4)
     cached = with_feature_cache(ref)
-    assert 1 / cached.interval_cost(3) == pytest.approx(2.6)  # DeepCache's SDXL speed-up
     assert cached.interval_cost(1) == 1.0 and cached.interval_cost(5) < cached.interval_cost(3)
+    for bad in (0.0, 1.0):
+        with pytest.raises(InputError, match="share of a full step"):
+            with_feature_cache(ref, share=bad)
     assert pytest.approx(0.0769, abs=1e-4) == REFERENCE_CACHED_STEP_SHARE

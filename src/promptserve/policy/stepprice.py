@@ -6,6 +6,7 @@ place where load turns into levels."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -46,7 +47,7 @@ class StepPricing:
     from the arrivals' sizes), sets ``price``, the levels it picks and the split
     between them, and gives each joining request the K the price (or the rule) prefers."""
 
-    @property
+    @cached_property
     def options(self) -> list[tuple[int, int]]:
         """The (level index, interval) pairs a request may be served at, by level then
         interval: without feature caching, each level at r = 1."""

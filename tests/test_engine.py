@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 
@@ -8,6 +9,7 @@ from PIL import Image
 from promptserve.engine import GenerationItem, make_engine
 from promptserve.engine.modeled import ModeledEngine
 from promptserve.errors import InputError
+from promptserve.policy.steptime import kind
 from promptserve.profile import reference_profile
 
 
@@ -105,6 +107,15 @@ def test_profile_command_writes_a_profile_the_simulator_loads(tmp_path):
     assert steps.step_s == tuple(written["step_latency_s"])
     assert (steps.join_s, steps.leave_s) == (written["encode_s"], written["decode_s"])
     assert steps != derived_step_profile(prof)
+    # feature caching: a step of members all on cached steps, timed at each count, planned with
+    cached = written["cached_step_latency_s"]
+    assert len(cached) == 2 and all(v > 0 for v in cached)
+    assert prof.cached_step_share == pytest.approx(cached[0] / written["step_latency_s"][0])
+    at_four = dataclasses.replace(steps, r_max=4)
+    # a member at r = 4 in a cached phase 3 steps in 4: its mean step from the two curves
+    mean = (steps.step_s[0] + 3 * cached[0]) / 4
+    assert at_four.mix_s({kind(0, 4): 1}) == pytest.approx(mean)
+    assert at_four.cached_call_s(2) == cached[1]
     bad = CliRunner().invoke(app, ["profile", "--levels", "0,3", "--out", str(out)])
     assert bad.exit_code == 2 and "--levels" in bad.output
     # and the simulator runs on it: K_opt lands on the tiny model's own levels (0 and 10 of 20)

@@ -3,17 +3,22 @@ the price, the simulator records and scores the interval, and a server runs and 
 
 import dataclasses
 
+import httpx
 import numpy as np
+import openai
 import pytest
 
 from factories import client, tiny_app
 from promptserve.policy import Status, get_policy
 from promptserve.policy.estimator import LoadEstimator
+from promptserve.policy.intake import DELIVERY_MARGIN_S
+from promptserve.policy.steptime import kind
 from promptserve.policy.stepwise import StepConfig, StepScheduler, step_profile
 from promptserve.policy.types import Demand
 from promptserve.profile import reference_profile, with_feature_cache
 from promptserve.quality import interval_quality, quality_model
 from promptserve.server.live import LiveServer
+from promptserve.sim.live import profile_from
 from promptserve.sim.simulator import simulate
 from test_stepwise import poisson
 
@@ -101,3 +106,52 @@ def test_a_server_runs_and_reports_the_interval_a_member_joins_at(tmp_path, monk
     assert meta["feature_cache_interval"] == 3
     assert png != full_png
     assert meta["predicted_quality"] < full["predicted_quality"]
+
+
+def alone_ms(url: str) -> dict[int, float]:
+    """A miss's run alone on an idle GPU at each interval, as the server's scheduler plans it
+    (from the profile ``GET /v1/server`` says it plans with), the delivery margin included."""
+    profile = profile_from(httpx.get(f"{url}/v1/server", timeout=30).json()["profile"])
+    sched = StepScheduler(step_profile(profile), 1, QM.matrix(), StepConfig("price", True, True))
+    return {r: (sched.alone_s(0, r) + DELIVERY_MARGIN_S) * 1e3 for r in sched.profile.intervals}
+
+
+def assert_a_tight_deadline_buys_an_interval(url: str) -> None:
+    """A deadline a full run alone just misses: served, at a cheaper interval (no monkeypatch:
+    the deadline check at join takes it), and a deadline below even the fastest interval's
+    run is refused for good, naming the field (on an empty cache: a miss). Then a twin of that prompt, at the same
+    deadline, resumes at K > 0 with every step full (a level is cheaper in points here)."""
+    alone = alone_ms(url)
+    assert alone[4] < alone[1]
+    oai = client(url)
+    with pytest.raises(openai.UnprocessableEntityError, match="deadline_ms"):  # the cache is empty
+        oai.images.generate(prompt="a lantern", extra_body={"deadline_ms": int(alone[4]) - 20})
+    tight = {"seed": 7, "deadline_ms": int(alone[1]) - 1}
+    res = oai.images.generate(prompt="a lantern on a jetty", extra_body=tight)
+    meta = res.data[0].model_extra["promptserve"]
+    assert meta["feature_cache_interval"] > 1 and meta["level_k"] == 0
+    twin = oai.images.generate(prompt="a lantern on a jetty", extra_body=tight)
+    again = twin.data[0].model_extra["promptserve"]
+    assert again["cache_hit"] and again["level_k"] > 0
+    assert (again["level_k"], again["feature_cache_interval"]) != (0, 1)
+
+
+def test_a_tight_deadline_is_met_at_a_cheaper_interval(tmp_path):
+    with LiveServer(tiny_app(tmp_path, policy="promptserve-step")) as url:
+        assert_a_tight_deadline_buys_an_interval(url)
+
+
+def test_a_step_counts_the_full_and_the_cached_call_by_the_chance_each_runs():
+    sp = dataclasses.replace(step_profile(CACHED), r_max=4)
+    share, one = sp.cached_step_share, sp.iteration_s(1)
+    # alone, a member at r pays its mean step: one full step and r - 1 cached ones every r
+    for r in (2, 3, 4):
+        assert sp.mix_s({kind(0, r): 1}) == pytest.approx(one * sp.interval_weight(r))
+    # two at r = 2: each call runs unless both are in the other phase (3 steps in 4), and
+    # then holds 1 / 0.75 members on average
+    want = 0.75 * sp.call_s(1 / 0.75) + 0.75 * share * sp.call_s(1 / 0.75)
+    assert sp.mix_s({kind(0, 2): 2}) == pytest.approx(want)
+    # every member at r = 1: the one call of before, and r = 1 members add no cached call
+    assert sp.mix_s({kind(0, 1): 3}) == sp.iteration_s(3)
+    with_full = sp.mix_s({kind(0, 1): 1, kind(0, 4): 1})
+    assert with_full == pytest.approx(sp.call_s(1.25) + 0.75 * share * one)

@@ -281,3 +281,15 @@ def test_a_killed_replica_s_step_level_members_rejoin_and_all_complete(ray_setti
     assert all(not isinstance(a, Exception) for a in answers), answers
     assert read_metric(url, "promptserve_requests_retried") >= 1
     assert read_metric(url, "promptserve_requests_total", {"outcome": "served"}) == 4
+
+
+def test_on_ray_a_tight_deadline_is_met_at_a_cheaper_interval(ray_settings, tmp_path):
+    """Mixed (K, r) members through Ray: the ingress's scheduler picks the interval, the
+    workers run it (the tiny model, feature caching on by default)."""
+    from test_feature_levels import assert_a_tight_deadline_buys_an_interval
+
+    url = deploy(ray_settings, tmp_path, model="tiny", slo_s=120, policy="promptserve-step")
+    assert httpx.get(f"{url}/v1/server").json()["profile"]["feature_r_max"] == 4
+    assert_a_tight_deadline_buys_an_interval(url)
+    served = read_metric(url, "promptserve_images_by_interval_total", {"interval": "1"})
+    assert served >= 1  # the twin, at r = 1 (K > 0)

@@ -64,6 +64,9 @@ class Profile:
     # the longest interval a request may be served at (1: none)
     cached_step_share: float = 0.0
     feature_r_max: int = 1
+    # a cached step at each ``step_inflight`` count (``promptserve profile``; empty: the share
+    # of a full step, at every count)
+    cached_step_latency_s: tuple[float, ...] = ()
 
     @property
     def max_batch(self) -> int:
@@ -130,6 +133,7 @@ class Profile:
             latency_s=tuple(tuple(t / speedup for t in row) for row in self.latency_s),
             model_load_s=self.model_load_s / speedup,
             step_latency_s=tuple(t / speedup for t in self.step_latency_s),
+            cached_step_latency_s=tuple(t / speedup for t in self.cached_step_latency_s),
             encode_s=self.encode_s / speedup,
             decode_s=self.decode_s / speedup,
         )
@@ -257,16 +261,30 @@ class StepMeasure(BaseModel):
     step_latency_s: list[float] = Field(min_length=1)
     encode_s: float = Field(ge=0.0)
     decode_s: float = Field(ge=0.0)
+    # feature caching: one step with every member on a cached step, at each count (empty:
+    # the engine has no feature cache)
+    cached_step_latency_s: list[float] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> StepMeasure:
         if self.inflight[0] != 1 or any(b <= a for a, b in zip(self.inflight, self.inflight[1:])):
             raise ValueError("inflight must start at 1 and increase")
-        if len(self.step_latency_s) != len(self.inflight):
-            raise ValueError("step_latency_s must have one value per inflight count")
-        if any(not v > 0 for v in self.step_latency_s):
-            raise ValueError("step_latency_s values must be > 0 seconds")
+        for name in ("step_latency_s", "cached_step_latency_s"):
+            values = getattr(self, name)
+            if name == "cached_step_latency_s" and not values:
+                continue
+            if len(values) != len(self.inflight):
+                raise ValueError(f"{name} must have one value per inflight count")
+            if any(not v > 0 for v in values):
+                raise ValueError(f"{name} values must be > 0 seconds")
         return self
+
+    @property
+    def cached_share(self) -> float:
+        """A cached step over a full one with one member in flight (0: not measured)."""
+        if not self.cached_step_latency_s:
+            return 0.0
+        return min(max(self.cached_step_latency_s[0] / self.step_latency_s[0], 0.01), 0.99)
 
 
 class MeasuredProfile(BaseModel):
@@ -333,6 +351,8 @@ class MeasuredProfile(BaseModel):
                     "step_latency_s": tuple(self.step.step_latency_s),
                     "encode_s": self.step.encode_s,
                     "decode_s": self.step.decode_s,
+                    "cached_step_share": self.step.cached_share,
+                    "cached_step_latency_s": tuple(self.step.cached_step_latency_s),
                 }
                 if self.step is not None
                 else {}

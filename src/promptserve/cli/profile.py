@@ -82,9 +82,14 @@ def profile_cmd(
     console.print(table)
     if measured.step is not None:
         steps = Table(title="one denoising step (ms) against requests in flight")
+        steps.add_column("step")
         for n in measured.step.inflight:
             steps.add_column(f"{n}", justify="right")
-        steps.add_row(*(f"{v * 1e3:.1f}" for v in measured.step.step_latency_s))
+        steps.add_row("full", *(f"{v * 1e3:.1f}" for v in measured.step.step_latency_s))
+        if measured.step.cached_step_latency_s:  # feature caching: every member cached
+            steps.add_row(
+                "cached", *(f"{v * 1e3:.1f}" for v in measured.step.cached_step_latency_s)
+            )
         console.print(steps)
         console.print(
             f"per request: encode {measured.step.encode_s * 1e3:.1f} ms at join, "

@@ -7,7 +7,11 @@ members in its denoiser call (``call_s``: the measured curve, linear between the
 the ends), and a batch that holds several sizes runs one call per size (``mix_s``), each paying
 the call's fixed part. A documented scaling, not a measurement per size: the UNet's and the
 transformers' work per member grows with its latent's positions, and the fixed part (weights
-read, launches) is paid once a call.)"""
+read, launches) is paid once a call.)
+
+Feature caching: a size's members on a full step and those on a cached step run as two calls
+(as the engine runs them); a cached call is timed on the curve ``promptserve profile`` measured,
+or as the cached step's share of a full call, and each call counts by the chance it runs."""
 
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ class StepProfile:
     adapter_load_s: float = 0.0  # seconds to load one into a free row, before a first step
     cached_step_share: float = 0.0  # feature caching: a cached step over a full one (0: none)
     r_max: int = 1  # the longest feature-cache interval offered (1: none)
+    cached_s: tuple[float, ...] = ()  # [n - 1]: a cached step of n members, where measured
 
     @property
     def max_inflight(self) -> int:
@@ -74,34 +79,44 @@ class StepProfile:
         """One denoiser call over ``load`` native members' worth of pixels: the measured step
         time at a whole count inside the curve, linear between counts, and past its ends along
         the nearest segment (never below a tenth of one member's step)."""
-        steps, i = self.step_s, int(load)
-        if i == load and 1 <= i <= len(steps):
-            return steps[i - 1]
-        if len(steps) == 1:
-            return steps[0] * max(load, 1.0)
-        j = min(max(i, 1), len(steps) - 1)  # the segment [j, j + 1], 1-based counts
-        slope = steps[j] - steps[j - 1]
-        return max(steps[j - 1] + slope * (load - j), 0.1 * steps[0])
+        return _on_curve(self.step_s, load)
+
+    def cached_call_s(self, load: float) -> float:
+        """One call of members all on a cached step (feature caching): the measured cached
+        curve where ``promptserve profile`` took one, else the share of a full call."""
+        if self.cached_s:
+            return _on_curve(self.cached_s, load)
+        return self.cached_step_share * self.call_s(load)
 
     def mix_s(self, counts: dict[int, int]) -> float:
-        """One iteration of a batch with ``counts[kind]`` members of each kind (``kind``): a
-        call per size present, a member at interval r counted at its mean step's share (the
-        engine runs full and cached steps as two calls; the model folds them into its size's,
-        paying the fixed part once a size)."""
+        """One iteration of a batch with ``counts[kind]`` members of each kind (``kind``), as
+        the engine runs it: per size present, one call of the members on a full step and one
+        of those on a cached step. A member at interval r is on a full step one step in r;
+        with members' phases independent, each call is counted by the chance that it runs
+        times its cost at the members it then holds (so one member at r costs its mean step,
+        ``interval_weight(r)``, and every member at r = 1 is the single call of before)."""
         if len(counts) == 1:
             ((only, n),) = counts.items()
             if only == 0:
                 return self.iteration_s(n) if n else 0.0
         w = self.shape_weights
-        loads: dict[int, float] = {}
+        by_shape: dict[int, list[float]] = {}  # [load full, load cached, P(no full), P(no cached)]
         for key, n in counts.items():
             if n:
                 s, i = divmod(key, KIND)
-                load = n * w[s]
-                if i:
-                    load *= self.interval_weight(i + 1)
-                loads[s] = loads.get(s, 0.0) + load
-        return sum(self.call_s(load) for load in loads.values())
+                r = i + 1
+                acc = by_shape.setdefault(s, [0.0, 0.0, 1.0, 1.0])
+                acc[0] += n * w[s] / r
+                acc[1] += n * w[s] * (r - 1) / r
+                acc[2] *= (1.0 - 1.0 / r) ** n
+                acc[3] *= (1.0 / r) ** n
+        total = 0.0
+        for full, cached, none_full, none_cached in by_shape.values():
+            if full > 0 and none_full < 1.0:
+                total += (1.0 - none_full) * self.call_s(full / (1.0 - none_full))
+            if cached > 0 and none_cached < 1.0:
+                total += (1.0 - none_cached) * self.cached_call_s(cached / (1.0 - none_cached))
+        return total
 
     def member_s(self, n: int, shape: int = 0, r: int = 1) -> float:
         """An iteration of ``n`` members all of one size and interval (the estimate where a
@@ -109,7 +124,21 @@ class StepProfile:
         for)."""
         if shape == 0 and r == 1:
             return self.iteration_s(n)
-        return self.call_s(n * self.shape_weights[shape] * self.interval_weight(r))
+        return self.mix_s({kind(shape, r): n})
+
+
+def _on_curve(steps: Sequence[float], load: float) -> float:
+    """A step curve (``[n - 1]``: seconds at n members) at ``load``: measured at a whole count,
+    linear between counts, along the nearest segment past the ends, never below a tenth of
+    one member's."""
+    i = int(load)
+    if i == load and 1 <= i <= len(steps):
+        return steps[i - 1]
+    if len(steps) == 1:
+        return steps[0] * max(load, 1.0)
+    j = min(max(i, 1), len(steps) - 1)  # the segment [j, j + 1], 1-based counts
+    slope = steps[j] - steps[j - 1]
+    return max(steps[j - 1] + slope * (load - j), 0.1 * steps[0])
 
 
 def step_profile(profile: Profile) -> StepProfile:
@@ -118,19 +147,25 @@ def step_profile(profile: Profile) -> StepProfile:
     only, the equivalent derived from them (``derived_step_profile``)."""
     if not profile.step_latency_s:
         return derived_step_profile(profile)
-    counts, measured = profile.step_inflight, profile.step_latency_s
-    steps = []
-    for n in range(1, counts[-1] + 1):
-        j = bisect.bisect_left(counts, n)
-        if counts[j] == n:
-            steps.append(measured[j])
-        else:
-            n0, n1 = counts[j - 1], counts[j]
-            steps.append(measured[j - 1] + (measured[j] - measured[j - 1]) * (n - n0) / (n1 - n0))
+    counts = profile.step_inflight
+
+    def per_count(measured: Sequence[float]) -> tuple[float, ...]:
+        steps = []
+        for n in range(1, counts[-1] + 1):
+            j = bisect.bisect_left(counts, n)
+            if counts[j] == n:
+                steps.append(measured[j])
+            else:
+                n0, n1 = counts[j - 1], counts[j]
+                slope = (measured[j] - measured[j - 1]) / (n1 - n0)
+                steps.append(measured[j - 1] + slope * (n - n0))
+        return tuple(steps)
+
+    cached = profile.cached_step_latency_s
     return StepProfile(
         profile.total_steps,
         profile.levels,
-        tuple(steps),
+        per_count(profile.step_latency_s),
         profile.encode_s,
         profile.decode_s,
         profile.shape_weights,
@@ -138,6 +173,7 @@ def step_profile(profile: Profile) -> StepProfile:
         profile.adapter_load_s,
         profile.cached_step_share,
         profile.feature_r_max,
+        per_count(cached) if len(cached) == len(counts) else (),
     )
 
 

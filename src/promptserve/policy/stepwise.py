@@ -256,10 +256,12 @@ class StepScheduler(StepPricing):
 
     def can_ever_finish(self, job: Job, now: float) -> bool:
         """Alone on an idle GPU from now, at the fastest level the rule allows it."""
-        k, r = self.fastest(job)
-        steps = self.profile.total_steps - k
-        shapes = [kind(job.shape, r)] if self.profile.mixed else None
-        return finishes(self.profile, now, [steps], 1, shapes)[0] <= job.deadline_s + EPS
+        return now + self.alone_s(*self.fastest(job), job.shape) <= job.deadline_s + EPS
+
+    def alone_s(self, k: int, r: int = 1, shape: int = 0) -> float:
+        """Seconds from arrival to answer of one request alone on an idle GPU at (K, r)."""
+        shapes = [kind(shape, r)] if self.profile.mixed else None
+        return finishes(self.profile, 0.0, [self.profile.total_steps - k], 1, shapes)[0]
 
     def choose_k(
         self, gpu: StepGpu, job: Job, at: float, ahead: Sequence[Job] = (), done: int = -1

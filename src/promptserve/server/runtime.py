@@ -346,12 +346,14 @@ class LiveRuntime:
 
     def _check_meetable(self, slo_s: float, has_neighbour: bool) -> None:
         """Refuse for good (not 429: retrying cannot help) a deadline below the fastest run."""
-        profile = self.setting.profiles[0]
-        level = self.levels[-1] if has_neighbour else 0
-        fastest = profile.batch_latency(level, 1) + DELIVERY_MARGIN_S
+        fastest = self._fastest_s(self.levels[-1] if has_neighbour else 0) + DELIVERY_MARGIN_S
         if slo_s < fastest:
             self.counters.by_outcome["refused"] += 1
             raise Unmeetable(slo_s, fastest)
+
+    def _fastest_s(self, level: int) -> float:
+        """One request's run alone at ``level``, as the policy plans it."""
+        return self.setting.profiles[0].batch_latency(level, 1)
 
     def cancel(self, handle: JobHandle) -> bool:
         """Cancel a request: out of its queue at once, or between two denoising steps."""

@@ -8,7 +8,8 @@ import numpy as np
 import openai
 import pytest
 
-from factories import client, tiny_app
+from factories import client, modeled_app, tiny_app
+from promptserve.loadgen import read_metric
 from promptserve.policy import Status, get_policy
 from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.intake import DELIVERY_MARGIN_S
@@ -16,7 +17,7 @@ from promptserve.policy.steptime import kind
 from promptserve.policy.stepwise import StepConfig, StepScheduler, step_profile
 from promptserve.policy.types import Demand
 from promptserve.profile import reference_profile, with_feature_cache
-from promptserve.quality import interval_quality, quality_model
+from promptserve.quality import interval_quality, kept_by_intervals, quality_model
 from promptserve.server.live import LiveServer
 from promptserve.sim.live import profile_from
 from promptserve.sim.simulator import simulate
@@ -79,9 +80,14 @@ def test_the_simulator_records_each_interval_and_scores_it(rate):
         assert rec.summary([])["effective_quality"] >= plain["effective_quality"] - 0.01
     else:
         assert (intervals > 1).any()
+    between = 0
     for i in np.flatnonzero(served):
-        want = QM.q(int(rec.k_opt[i]), int(rec.level[i])) * Q_R[int(rec.interval[i]) - 1] / 100
-        assert rec.quality[i] == pytest.approx(want)
+        level_q = QM.q(int(rec.k_opt[i]), int(rec.level[i]))
+        at_last = level_q * Q_R[int(rec.interval[i]) - 1] / 100
+        # at its last interval throughout, or raised to it at a burst (then it kept more)
+        assert at_last - 1e-9 <= rec.quality[i] <= level_q + 1e-9
+        between += rec.quality[i] > at_last + 1e-9
+    assert (between > 0) == (rate == 120)  # re-intervalled only under load
     if rate == 120:  # under load the cheaper steps serve more in time
         assert rec.summary([])["served_in_slo"] > plain["served_in_slo"]
 
@@ -155,3 +161,57 @@ def test_a_step_counts_the_full_and_the_cached_call_by_the_chance_each_runs():
     assert sp.mix_s({kind(0, 1): 3}) == sp.iteration_s(3)
     with_full = sp.mix_s({kind(0, 1): 1, kind(0, 4): 1})
     assert with_full == pytest.approx(sp.call_s(1.25) + 0.75 * share * one)
+
+
+def test_at_a_burst_running_members_move_to_the_longest_interval(tmp_path):
+    """One modelled GPU, ten times faster than the reference: the burst's first request
+    joins at every step full; once the burst fills the GPU the scheduler raises the running
+    members' interval at the next boundary (the worker runs it, the answer says what ran at
+    which interval, and its predicted quality counts each part's steps)."""
+    import asyncio
+
+    app = modeled_app(tmp_path, policy="promptserve-step", speedup=10.0)
+    interval_q = app.state.runtime.setting.interval_q
+    body = {"prompt": "", "deadline_ms": 3000}
+
+    async def burst(url):
+        async with httpx.AsyncClient(timeout=60) as c:
+            first = asyncio.create_task(
+                c.post(f"{url}/v1/images/generations", json=body | {"prompt": "ship 0"})
+            )
+            await asyncio.sleep(0.05)  # it has joined, alone, before the rest arrive
+            rest = [
+                c.post(f"{url}/v1/images/generations", json=body | {"prompt": f"ship {i}"})
+                for i in range(1, 12)
+            ]
+            return [await first, *await asyncio.gather(*rest)]
+
+    with LiveServer(app) as url:
+        answers = asyncio.run(burst(url))
+        moved = read_metric(url, "promptserve_reintervals")
+    served = [r.json()["data"][0]["promptserve"] for r in answers if r.status_code == 200]
+    assert moved >= 1
+    raised = [m for m in served if m["feature_cache_earlier"]]
+    assert raised, served
+    for meta in raised:
+        earlier = [tuple(seg) for seg in meta["feature_cache_earlier"]]
+        assert all(r < meta["feature_cache_interval"] for r, _ in earlier)
+        run = 50 - meta["level_k"]
+        kept = kept_by_intervals(interval_q, meta["feature_cache_interval"], earlier, run)
+        assert meta["predicted_quality"] == pytest.approx(
+            QM.q(meta["k_opt"], meta["level_k"]) * kept, abs=1e-3
+        )
+        assert (
+            QM.q(meta["k_opt"], meta["level_k"]) * interval_q[-1] / 100 < meta["predicted_quality"]
+        )
+
+
+def test_a_run_at_two_intervals_keeps_each_part_s_share():
+    q = [100.0, 99.0, 98.0, 97.0]
+    assert kept_by_intervals(q, 1, (), 40) == 1.0
+    assert kept_by_intervals(q, 3, (), 40) == 0.98
+    # 10 steps at r = 1, then 30 at r = 4: a quarter at 100, three quarters at 97
+    assert kept_by_intervals(q, 4, ((1, 10),), 40) == pytest.approx((10 * 100 + 30 * 97) / 4000)
+    assert kept_by_intervals(q, 4, ((1, 10), (2, 10)), 40) == pytest.approx(
+        (10 * 100 + 10 * 99 + 20 * 97) / 4000
+    )

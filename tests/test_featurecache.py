@@ -80,3 +80,31 @@ def test_block_caching_runs_the_model_s_own_blocks_at_a_full_step(family):
     assert torch.abs(again - plain).max() <= 1e-5
     after = engine.generate([item])[0]  # the wrappers stay installed: still the same run
     assert np.array_equal(before.final_latent, after.final_latent)
+
+
+def test_a_running_member_re_intervalled_runs_a_full_step_then_the_new_interval():
+    """A burst raises a running member's interval (``StepRunner.reinterval``): at r = 1 it
+    has no deep feature yet, so its next step is full; then a full step every new interval.
+    Its twin left at r = 1 ends elsewhere; an unknown key is refused."""
+    runner = family_engine("tiny", steps=12, levels=(0, 4)).step_runner()
+    calls: list[tuple[int, bool]] = []  # (members, cached) per denoiser call on features
+    inner = runner.kernel.advance_features
+
+    def counted(latents, steps, rows, feature):
+        calls.append((len(latents) // 2, feature is not None))
+        return inner(latents, steps, rows, feature)
+
+    runner.kernel.advance_features = counted
+    runner.join(
+        [("a", GenerationItem("a harbour", seed=2)), ("b", GenerationItem("a harbour", seed=2))]
+    )
+    for _ in range(4):
+        runner.step()
+    assert calls == []  # every step full: the plain call
+    assert runner.reinterval("a", 3) and not runner.reinterval("nobody", 3)
+    done = {}
+    while runner.slots:
+        done.update(runner.step())
+    # steps 4..11 of "a": full, cached, cached, full, cached, cached, full, cached
+    assert [cached for _, cached in calls] == [False, True, True, False, True, True, False, True]
+    assert np.abs(done["a"].final_latent - done["b"].final_latent).max() > 1e-4

@@ -57,7 +57,9 @@ class TimedWorkers:
         await asyncio.sleep(self.profile.batch_latency(min(i.k for i in items), len(items)))
         return [self._result(gpu, item.seed, item.k) for item in items]
 
-    async def advance(self, gpu, joins, refs, cancels, steps=1, interrupt=None) -> StepDone:  # noqa: ANN001 - one step a call, as a worker may
+    async def advance(
+        self, gpu, joins, refs, cancels, steps=1, interrupt=None, retimes=None
+    ) -> StepDone:  # noqa: ANN001 - one step a call, as a worker may
         members = self.members[gpu]
         for key in cancels:
             members.pop(key, None)

@@ -216,9 +216,9 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    async def advance(self, g, joins, refs, cancels, steps=1, interrupt=None):
+    async def advance(self, g, joins, refs, cancels, steps=1, interrupt=None, retimes=None):
         self.entered.set()
-        done = await self.inner.advance(g, joins, refs, cancels, steps, interrupt)
+        done = await self.inner.advance(g, joins, refs, cancels, steps, interrupt, retimes)
         self.calls.append((g, len(joins), steps, done.ran))
         return done
 

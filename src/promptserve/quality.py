@@ -153,6 +153,21 @@ class IntervalQuality:
         return level_quality * self.q_r(r) / 100.0
 
 
+def kept_by_intervals(
+    interval_q: Sequence[float], r: int, earlier: Sequence[tuple[int, int]], run_steps: int
+) -> float:
+    """The share (0-1) of its level's quality a member keeps that ran its last steps at ``r``
+    after ``earlier`` ((interval, steps) it ran at before a boundary raised it): the step-
+    weighted mean of each interval's ``q_r`` (the loss is linear in the share of cached steps,
+    so a run at two intervals loses what each part's cached steps lose)."""
+    if not earlier:
+        return interval_q[r - 1] / 100.0 if r > 1 else 1.0
+    before = sum(steps for _, steps in earlier)
+    last = max(run_steps - before, 0)
+    kept = sum(steps * interval_q[ri - 1] for ri, steps in earlier) + last * interval_q[r - 1]
+    return kept / (100.0 * max(before + last, 1))
+
+
 def interval_quality(shape: PenaltyShape = "mild") -> IntervalQuality:
     if shape not in INTERVAL_LOSS:
         raise ValueError(f"quality penalty shape {shape!r} is not 'mild' or 'steep'")

@@ -50,7 +50,8 @@ def serve_cmd(
             "pinned to levels, the published method's shape; for engines where one request "
             "fills the GPU), clipper-ha, clipper-ht, nirvana, proteus, argus, continuous-ha, "
             "continuous-ht, each with optional +shed, +admit, +fast (and, step-level, "
-            "+blind: place by member count alone, whatever the sizes)."
+            "+blind: place by member count alone, whatever the sizes; +fixed-r: never raise "
+            "a running member's feature-cache interval at a burst)."
         ),
     ] = None,
     embedder: Annotated[

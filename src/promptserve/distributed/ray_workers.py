@@ -66,12 +66,15 @@ class RayWorkers:
         cancels: set,
         steps: int = 1,
         interrupt: object = None,
+        retimes: dict | None = None,
     ) -> StepDone:
         """Step-level serving: one boundary and one step on the replica's step runner (one
         only: an interrupt cannot reach a replica between its steps, so ``steps`` is not
         taken)."""
         try:
-            return await self.handles[gpu].step.remote(list(joins), refs, set(cancels))
+            return await self.handles[gpu].step.remote(
+                list(joins), refs, set(cancels), dict(retimes or {})
+            )
         except RayActorError as exc:
             raise WorkerLost(gpu, type(exc).__name__) from exc
 

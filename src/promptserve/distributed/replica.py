@@ -99,9 +99,16 @@ class EngineWorker:
             "inflight": len(self._members),
         }
 
-    async def step(self, joins: list, refs: Sequence[StoreRefs] | None, cancels: set) -> StepDone:
+    async def step(
+        self,
+        joins: list,
+        refs: Sequence[StoreRefs] | None,
+        cancels: set,
+        retimes: dict | None = None,
+    ) -> StepDone:
         """Step-level serving: drop the cancelled, join the joiners (their start latents read
-        from the shared store), run one step; the finished members' captures go to the store."""
+        from the shared store), re-interval the members ``retimes`` names, run one step; the
+        finished members' captures go to the store."""
         async with self._engine_lock:
             if self._runner is None:
                 self._runner = await self._compute.run(self.engine.step_runner, self.profile)
@@ -114,7 +121,7 @@ class EngineWorker:
                 self._members.pop(key, None)
             for (key, item), ref in zip(joins, refs or [None] * len(joins), strict=True):
                 self._members[key] = (item, ref)
-            done = await self._compute.run(advance, self._runner, joins, cancels)
+            done = await self._compute.run(advance, self._runner, joins, cancels, 1, None, retimes)
             self.steps += 1
             if done.finished and refs is not None:
                 members = [self._members[key] for key, _ in done.finished]

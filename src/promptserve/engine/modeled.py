@@ -133,6 +133,13 @@ class ModeledStepRunner:
     def cancel(self, key) -> bool:  # noqa: ANN001
         return self._steps.pop(key, None) is not None
 
+    def reinterval(self, key, interval: int) -> bool:  # noqa: ANN001
+        entry = self._steps.get(key)
+        if entry is None:
+            return False
+        entry[1] = replace(entry[1], interval=interval)
+        return True
+
     def step(self) -> list:
         if not self._steps:
             return []

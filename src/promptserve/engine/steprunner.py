@@ -16,6 +16,7 @@ leaving together. The family's ``stepper`` owns the model call and the update
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -23,7 +24,6 @@ import torch
 
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.denoise import Row
-from promptserve.engine.featurecache import is_full_step
 
 
 @dataclass
@@ -35,6 +35,7 @@ class _Slot:
     step: int  # steps done
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     deep: object = None  # feature caching: its share of its last full step's feature
+    last_full: int = -1  # the step its last full step ran at
 
 
 class StepRunner:
@@ -92,7 +93,20 @@ class StepRunner:
 
     @staticmethod
     def _full(slot: _Slot) -> bool:
-        return slot.deep is None or is_full_step(slot.step - slot.item.k, slot.item.interval)
+        """A full step every ``interval`` from the member's last: from its join at a constant
+        interval, ``is_full_step``'s; after a re-interval, the new interval from the last."""
+        return slot.deep is None or slot.step - slot.last_full >= slot.item.interval
+
+    def reinterval(self, key: Hashable, interval: int) -> bool:
+        """A running member's feature-cache interval from its next step (a burst: the
+        scheduler only raises it); a member at r = 1 before runs a full step first."""
+        if interval < 1:
+            raise ValueError(f"feature-cache interval {interval} is not >= 1")
+        for slot in self.slots:
+            if slot.key == key:
+                slot.item = dataclasses.replace(slot.item, interval=interval)
+                return True
+        return False
 
     def _advance_features(self, group, latents, steps, rows):  # noqa: ANN001, ANN202
         """One call of members that all run a full step (keeping their deep features) or all
@@ -104,7 +118,7 @@ class StepRunner:
         if deep is None:  # a full step: each member on an interval keeps its share
             for slot, mine in zip(group, self.kernel.member_features(out, len(group)), strict=True):
                 if slot.item.interval > 1:
-                    slot.deep = mine
+                    slot.deep, slot.last_full = mine, slot.step
         return latents, x0
 
     def cancel(self, key: Hashable) -> bool:

@@ -83,6 +83,7 @@ class Policy:
     switch_s_from_profile: bool = False  # a level change costs the model-load time
     step: str | None = None  # step-level serving's K rule (price, zero, max); None: pinned GPUs
     shape_aware: bool = True  # step-level placement weighs sizes (``+blind``: fewest members)
+    retime: bool = True  # a burst raises running members' interval (``+fixed-r``: never)
     step_type: ClassVar[type[StepScheduler]] = StepScheduler  # a reference's may differ
 
     def estimator(self, levels: tuple[int, ...], slo_s: float) -> LoadEstimator:
@@ -109,6 +110,7 @@ class Policy:
             admission=self.admission,
             cap=self.dispatch.max_batch,
             shape_aware=self.shape_aware,
+            retime=self.retime,
         )
         profile = setting.profiles[0]
         estimator = self.estimator(profile.levels, setting.slo_s)
@@ -262,7 +264,7 @@ POLICIES: dict[str, Policy] = {
     ),
     "continuous-ht": Policy("continuous-ht", "clipper-ht", _BASELINE, None, 60.0, 60.0, step="max"),
 }
-MODIFIERS = ("shed", "admit", "fast", "blind")
+MODIFIERS = ("shed", "admit", "fast", "blind", "fixed-r")
 
 
 def _with(policy: Policy, modifier: str) -> Policy:
@@ -277,6 +279,13 @@ def _with(policy: Policy, modifier: str) -> Policy:
                 "per batch: there is no placement by size to turn off)"
             )
         return replace(policy, shape_aware=False)
+    if modifier == "fixed-r":
+        if policy.step is None:
+            raise InputError(
+                f"modifier +fixed-r is for step-level policies ({policy.name} runs no "
+                "feature-cache intervals)"
+            )
+        return replace(policy, retime=False)
     return replace(
         policy, replan_s=FAST_REPLAN_S, short_s=FAST_SHORT_S, long_s=FAST_LONG_S
     )  # "fast"

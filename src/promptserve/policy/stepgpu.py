@@ -55,6 +55,7 @@ class StepConfig:
     admission: bool  # refuse at arrival what cannot finish
     cap: int = 8  # in-flight cap without shed (with shed, the deadlines set it)
     shape_aware: bool = True  # place by what a size costs where it joins (else: fewest members)
+    retime: bool = True  # at a burst, raise running members' feature-cache interval
 
 
 @dataclass(slots=True)
@@ -63,6 +64,8 @@ class Member:
     k: int
     end_step: int  # the GPU's step count when it leaves
     r: int = 1  # its feature-cache interval: a full step every r (1: every step)
+    since: int = 0  # the GPU's step count when it took ``r`` (it joined, or was re-intervalled)
+    earlier: tuple[tuple[int, int], ...] = ()  # (interval, steps) it ran at before ``r``
 
 
 @dataclass
@@ -82,6 +85,7 @@ class StepGpu:
     left_since: bool = False  # a member left since (the live runtime removes who finished)
     shapes: dict[int, int] = field(default_factory=dict)  # members per kind (size, interval)
     resident: ResidentSet = field(default_factory=ResidentSet)  # its device's LoRA adapters
+    retimed: list[Member] = field(default_factory=list)  # re-intervalled at its last boundary
     loading: int = 0  # adapters the joins of this boundary load before its next step
 
     @property

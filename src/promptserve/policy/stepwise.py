@@ -556,7 +556,8 @@ class StepScheduler(StepPricing):
         # the leavers are decoded together before anyone hears, and before anyone joins (the
         # live runtime's step call returns after the decode): both happen after it
         now += len(leaving) * self.profile.leave_s
-        left = [Outcome(m.job, Status.SERVED, now, m.k, gpu.index, m.r) for m in leaving]
+        left = [Outcome(m.job, Status.SERVED, now, m.k, gpu.index, m.r, m.earlier) for m in leaving]
+        gpu.retimed = self._retime(gpu, now)  # before the joins: they see the cheaper steps
         joined: list[Member] = []
         dropped: list[Outcome] = []
         placed, gpu.joining = gpu.joining, []
@@ -570,6 +571,32 @@ class StepScheduler(StepPricing):
             self._tally(gpu, -1, counted)
             self._tally(gpu, 1)
         return left, joined, dropped
+
+    def _retime(self, gpu: StepGpu, now: float) -> list[Member]:
+        """While the cluster is saturated (a burst arrives, requests wait), the running members
+        move to the longest interval, as the joins of that moment do: it only gets cheaper,
+        and a member is moved only where the model says the GPU's step gets cheaper (a first
+        cached call pays its fixed part). The members moved, for the driver to tell the
+        engine; each keeps what it ran at before (``Member.earlier``) for its quality."""
+        top = self.intervals[-1]
+        if top == 1 or not self.config.retime or not gpu.by_id or not self.saturated(now):
+            return []
+        moved = []
+        for member in gpu.by_id.values():
+            if member.r >= top or member.end_step - gpu.done <= 1:
+                continue
+            old, new = kind(member.job.shape, member.r), kind(member.job.shape, top)
+            after = dict(gpu.shapes)
+            after[old] -= 1
+            after[new] = after.get(new, 0) + 1
+            if self.profile.mix_s(after) >= self.profile.mix_s(gpu.shapes) - EPS:
+                continue
+            gpu.count_shape(old, -1)
+            gpu.count_shape(new, 1)
+            member.earlier += ((member.r, gpu.done - member.since),)
+            member.r, member.since = top, gpu.done
+            moved.append(member)
+        return moved
 
     def _join(self, gpu, job, now, joined, dropped) -> bool:
         """Join ``job`` to ``gpu`` now if a level fits; a job that cannot finish even alone is
@@ -587,7 +614,7 @@ class StepScheduler(StepPricing):
     def _admit_member(
         self, gpu: StepGpu, job: Job, k: int, joined: list[Member], r: int = 1
     ) -> None:
-        member = Member(job, k, gpu.done + self.profile.total_steps - k, r)
+        member = Member(job, k, gpu.done + self.profile.total_steps - k, r, gpu.done)
         gpu.by_id[job.id] = member
         gpu.count_shape(kind(job.shape, r), 1)
         gpu.loading += gpu.resident.use(job.adapters)
@@ -742,6 +769,7 @@ class StepScheduler(StepPricing):
         self._tally(gpu, -1)
         gpu.members.remove((member.end_step, member.job.deadline_s, job_id))
         member.k, member.end_step = k, gpu.done + self.profile.total_steps - k
+        member.since, member.earlier = gpu.done, ()
         bisect.insort(gpu.members, (member.end_step, member.job.deadline_s, job_id))
         self._tally(gpu, 1)
 

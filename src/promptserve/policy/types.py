@@ -82,3 +82,6 @@ class Outcome:
     level: int = -1  # the level it was served at; -1 when not served
     gpu: int = -1  # the GPU that served it; -1 when not served
     interval: int = 1  # the feature-cache interval it was served at (1: every step full)
+    # (interval, steps) it ran at before a boundary raised its interval (a burst): ``interval``
+    # is the one it finished at
+    earlier: tuple[tuple[int, int], ...] = ()

@@ -75,6 +75,7 @@ def meta_of(s: Served) -> ImageMeta:
         guidance_scale=s.guidance,
         lora=[LoraRef(name=n, scale=v) for n, v in s.lora],
         feature_cache_interval=s.interval,
+        feature_cache_earlier=[list(seg) for seg in s.earlier],
     )
 
 

@@ -95,6 +95,11 @@ GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Scheduler, re-plan or planner iterations that raised (logged; the loop went on)",
         (),
     ),
+    "reintervals": (
+        "promptserve_reintervals",
+        "Running members moved to a longer feature-cache interval at a burst (step-level)",
+        (),
+    ),
     "batch_timeouts": (
         "promptserve_batch_timeouts",
         "Batches given up on after 10x their predicted latency (their requests failed)",

@@ -34,6 +34,7 @@ def scrape(runtime: LiveRuntime, metrics: Metrics) -> bytes:
     metrics.cache_failures.set(c.cache_update_failures)
     metrics.loop_errors.set(c.loop_errors)
     metrics.batch_timeouts.set(c.batch_timeouts)
+    metrics.reintervals.set(c.reintervals)
     metrics.write_groups.set(c.write_trips)
     for stage, (seconds, requests) in list(c.stages.items()):
         metrics.stage_seconds.labels(stage).set(seconds)

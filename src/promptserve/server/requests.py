@@ -69,6 +69,7 @@ class Served:
     guidance: float | None = None  # the guidance scale it ran at (None: the model has none)
     lora: tuple[tuple[str, float], ...] = ()  # the adapters it ran with
     interval: int = 1  # its feature-cache interval: a full step every this many
+    earlier: tuple[tuple[int, int], ...] = ()  # (interval, steps) before ``interval`` (a burst)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class Pending:
     started: float | None = None  # when its batch started or it joined a running one
     queued_at: float = 0.0  # when intake placed it (then it waits: the ``queue`` stage)
     item: GenerationItem | None = None  # what it runs with
+    earlier: tuple[tuple[int, int], ...] = ()  # (interval, steps) it ran at before ``item``'s
     ref: StoreRefs | None = None  # on a shared store: its start key and entry
 
 
@@ -104,6 +106,7 @@ class Counters:
     cache_update_failures: int = 0  # served answers whose cache insert or commit failed
     loop_errors: int = 0  # scheduler or re-plan iterations that raised (logged, survived)
     batch_timeouts: int = 0  # batches given up on after a multiple of their prediction
+    reintervals: int = 0  # running members moved to a longer feature-cache interval (a burst)
     write_trips: int = 0  # cache-thread trips that wrote answered runs (one group each)
     # per stage of the request path: [seconds, requests] summed (``stage``)
     stages: dict[str, list[float]] = field(default_factory=dict)

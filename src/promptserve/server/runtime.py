@@ -34,7 +34,7 @@ from promptserve.policy.intake import DELIVERY_MARGIN_S, request_deadline
 from promptserve.policy.planning import first_demand, until_replan
 from promptserve.policy.types import Demand, Job
 from promptserve.profile import for_sizes
-from promptserve.quality import QualityModel
+from promptserve.quality import QualityModel, kept_by_intervals
 from promptserve.server.burst import Burst
 from promptserve.server.cachework import item_for, pinned_by, remember_run
 from promptserve.server.clock import Pause, wall_pause
@@ -460,8 +460,9 @@ class LiveRuntime:
         self.counters.cache_hits += int(p.hit is not None and result.k > 0)
         interval = p.item.interval if p.item is not None else 1
         quality = self.quality.q(p.k_opt, result.k)
-        if interval > 1:  # what its interval keeps of the level's quality
-            quality *= self.setting.interval_q[interval - 1] / 100.0
+        if interval > 1:  # what its intervals keep of the level's quality
+            run = self.workers.total_steps - result.k
+            quality *= kept_by_intervals(self.setting.interval_q, interval, p.earlier, run)
         served = Served(
             result,
             result.k,
@@ -474,6 +475,7 @@ class LiveRuntime:
             self._scale_of(p.look),
             p.look.lora,
             interval,
+            p.earlier,
         )
         if p.future.done():
             return

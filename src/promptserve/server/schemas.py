@@ -91,6 +91,8 @@ class ImageMeta(BaseModel):
     guidance_scale: float | None = None  # the scale it ran at (None: no guidance input)
     lora: list[LoraRef] = []  # the adapters it ran with
     feature_cache_interval: int = 1  # a full denoiser step every this many (1: every step)
+    # [interval, steps] it ran at before ``feature_cache_interval``: a burst raised it mid-run
+    feature_cache_earlier: list[list[int]] = []
 
 
 class ImageData(BaseModel):

@@ -12,6 +12,7 @@ elsewhere; it comes back when its worker answers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import threading
@@ -156,7 +157,10 @@ class StepRuntime(LiveRuntime):
         ahead = self._ahead(g, gpu)
         self._interrupt[g].clear()
         try:
-            done = await self.workers.advance(g, *step, ahead, self._interrupt[g])
+            joins, refs, cancels, retimes = step
+            done = await self.workers.advance(
+                g, joins, refs, cancels, ahead, self._interrupt[g], retimes
+            )
         finally:  # the joiners' start latents are read (or never will be): evictable again
             await self._release(step[1])
         self._started(gpu, done)
@@ -186,11 +190,22 @@ class StepRuntime(LiveRuntime):
             if p is not None and p.item is not None and k != p.item.k and job_id in gpu.by_id:
                 self.sched.restart(gpu, job_id, k)  # before the next boundary counts the step
 
-    async def _join(self, g: int, gpu: StepGpu, steps: int) -> tuple[list, list | None, set] | None:
-        """The boundary's decisions at the clock's now (who leaves, who joins at which K), the
-        joiners' items read from the cache; what the next step runs (None: nothing to run)."""
+    async def _join(
+        self, g: int, gpu: StepGpu, steps: int
+    ) -> tuple[list, list | None, set, dict] | None:
+        """The boundary's decisions at the clock's now (who leaves, who joins at which K, who
+        runs on at a longer interval), the joiners' items read from the cache; what the next
+        step runs (None: nothing to run)."""
         now = self.clock()
         _left, joined, dropped = self.sched.boundary(gpu, now, steps)
+        retimes = {}
+        for member in gpu.retimed:  # a burst: their answers' quality counts what they ran at
+            p = self.pending.get(member.job.id)
+            if p is not None and p.item is not None:
+                p.item = dataclasses.replace(p.item, interval=member.r)
+                p.earlier = member.earlier
+                retimes[member.job.id] = member.r
+        self.counters.reintervals += len(retimes)
         for outcome in dropped:
             self.counters.by_outcome["dropped"] += 1
             self._fail(outcome.job.id, Dropped("the deadline can no longer be met"))
@@ -219,7 +234,7 @@ class StepRuntime(LiveRuntime):
             return None
         joins = [(m.job.id, p.item) for m, p in joiners]
         refs = [p.ref for _, p in joiners] if self.workers.shared_store else None
-        return joins, refs, cancels
+        return joins, refs, cancels, retimes
 
     def _join_items(self, joiners: list) -> None:  # noqa: ANN001 - on the cache thread
         for member, p in joiners:

@@ -7,7 +7,7 @@ comes back."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from promptserve.engine.base import GenerationItem, GenerationResult
@@ -30,15 +30,18 @@ def advance(
     cancels: set,
     steps: int = 1,
     interrupt: threading.Event | None = None,
+    retimes: Mapping[Hashable, int] | None = None,
 ) -> StepDone:
     """One boundary on one runner, in its engine's thread, and up to ``steps`` steps after it:
     more than one only where the caller knows no boundary could change anything before (none
     joins, leaves, is cancelled or hears its steps). It stops early after a step at which a
     member finished, or once ``interrupt`` is set (an arrival or a cancel: the next boundary is
-    wanted now)."""
+    wanted now). ``retimes``: running members' new feature-cache intervals."""
     for key in cancels:
         runner.cancel(key)
     runner.join(joins)
+    for key, interval in (retimes or {}).items():
+        runner.reinterval(key, interval)
     previews: dict[Hashable, bytes] = {}
     ran = 0
     while True:

@@ -10,7 +10,7 @@ mid-batch raises ``WorkerLost``: the runtime requeues the work instead of failin
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -72,8 +72,10 @@ class Workers(Protocol):
         cancels: set,
         steps: int = 1,
         interrupt: threading.Event | None = None,
+        retimes: Mapping[Hashable, int] | None = None,
     ) -> StepDone:
-        """Step-level serving: one boundary (cancels leave, joins join) and one step, or up to
+        """Step-level serving: one boundary (cancels leave, joins join, ``retimes`` re-interval
+        running members) and one step, or up to
         ``steps`` where the workers can stop at ``interrupt`` (``stepworkers.advance``); the
         answer's ``ran`` says how many ran."""
         ...
@@ -122,10 +124,13 @@ class LocalWorkers:
         cancels: set,
         steps: int = 1,
         interrupt: threading.Event | None = None,
+        retimes: Mapping[Hashable, int] | None = None,
     ) -> StepDone:
         """Runner ``gpu`` steps on thread ``gpu``, the one that built its engine."""
         runner = self.runners[gpu]
-        return await self.threads[gpu].run(advance, runner, joins, cancels, steps, interrupt)
+        return await self.threads[gpu].run(
+            advance, runner, joins, cancels, steps, interrupt, retimes
+        )
 
     def prepare_steps(self) -> None:
         """Each engine's step runner, built on the thread that built the engine."""

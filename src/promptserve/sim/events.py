@@ -23,7 +23,7 @@ from promptserve.cache.thresholds import Thresholds
 from promptserve.policy import Demand, Outcome, Plan, Policy, Setting, Status
 from promptserve.policy.contract import Arrival
 from promptserve.policy.planning import first_demand, worth_caching
-from promptserve.quality import QualityModel
+from promptserve.quality import QualityModel, kept_by_intervals
 from promptserve.sim.records import Records
 from promptserve.types import Request
 
@@ -229,8 +229,11 @@ class EventRun:
             if rec.interval is not None:
                 rec.interval[i] = outcome.interval
             q = self.inputs.quality.q(outcome.job.k_opt, outcome.level)
-            if outcome.interval > 1:  # what its feature-cache interval keeps of it
-                q *= self.inputs.setting.interval_q[outcome.interval - 1] / 100.0
+            if outcome.interval > 1:  # what its feature-cache intervals keep of it
+                q *= kept_by_intervals(
+                    self.inputs.setting.interval_q, outcome.interval, outcome.earlier,
+                    self.inputs.setting.profiles[0].total_steps - outcome.level,
+                )  # fmt: skip
             rec.quality[i] = q
         self.done += 1
         if self.on_progress is not None:

@@ -12,7 +12,9 @@
   adapters (target <= 1.15 at rank 16);
 - ``feature_cache``: a cached step's time over a full step's at 1, 4 and 8 in flight
   (target <= 0.6 on the CPU): DeepCache's shallow branch on the UNet shapes (tiny SD-1.x and
-  SDXL), the first block plus the kept residual on the transformer shapes (SD3, Flux).
+  SDXL), the first block plus the kept residual on the transformer shapes (SD3, Flux); and
+  ``*_deep``: the SD-1.x, SD3 and Flux shapes at their published depth with the tiny widths
+  (the two-block toys cannot go below about half a step).
 
     python benchmarks/bench_engine.py [--skip-compile]
 """
@@ -115,16 +117,46 @@ def lora_step_times(pairs: int = 18) -> dict:
     return out
 
 
+def at_published_depth(family: str):  # noqa: ANN201 - a family's components
+    """The tiny shape with the published architecture's depth at the tiny widths: SD 1.5's four
+    UNet levels of two layers (three with cross-attention), SD3 medium's 24 MMDiT blocks, Flux's
+    19 double- and 38 single-stream blocks. What a cached step skips is a share of the depth, so
+    the two-block toys put a floor of about half a step under it that the real models lack."""
+    import dataclasses
+
+    c = build(family)
+    if family == "tiny":
+        from diffusers import UNet2DConditionModel
+
+        from promptserve.engine.tiny import tiny_unet_config
+
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            **tiny_unet_config(
+                layers_per_block=2, block_out_channels=(32, 64, 64, 64),
+                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            )
+        ).eval()  # fmt: skip
+        return dataclasses.replace(c, unet=unet)
+    depth = {"sd3": {"num_layers": 24}, "flux": {"num_layers": 19, "num_single_layers": 38}}
+    model = type(c.transformer).from_config({**c.transformer.config, **depth[family]}).eval()
+    return dataclasses.replace(c, transformer=model)
+
+
 def feature_cache_times(pairs: int = 15) -> dict:
-    """A cached step over a full one, timed in alternating pairs (median), per shape and count."""
+    """A cached step over a full one, timed in alternating pairs (median), per shape and count;
+    ``_deep``: at the published depth (``at_published_depth``)."""
     import statistics
 
     from promptserve.engine.denoise import encode, time_ids
+    from promptserve.engine.diffusers_backend import levels_for
     from promptserve.engine.featurecache import unet_forward
 
     out: dict = {}
-    for family in ("tiny", "sdxl"):
-        c = build(family)
+    for family, c in (
+        ("tiny", build("tiny")), ("sdxl", build("sdxl")), ("tiny_deep", at_published_depth("tiny"))
+    ):  # fmt: skip
         for n in (1, 4, 8):
             x = torch.randn(2 * n, *c.latent_shape)
             t = torch.full((2 * n,), 500)
@@ -143,14 +175,21 @@ def feature_cache_times(pairs: int = 15) -> dict:
                     unet_forward(c.unet, x, t, context, kwargs, deep=deep)
                     ratios.append((time.perf_counter() - t1) / (t1 - t0))
             out[f"{family}_n{n}"] = round(statistics.median(ratios), 3)
-    for family in ("sd3", "flux"):  # block reuse: a step of the step runner's kernel
-        kernel = family_engine(family).step_runner().kernel
+    for family, deep in (("sd3", False), ("flux", False), ("sd3", True), ("flux", True)):
+        # block reuse: a step of the step runner's kernel
+        if deep:
+            comps, guidance = at_published_depth(family), DEFAULT_GUIDANCE.get(family, 7.5)
+            engine = DenoisingEngine(comps, f"{family}-deep", 20, levels_for(20), guidance)
+        else:
+            engine = family_engine(family)
+        kernel = engine.step_runner().kernel
         c = kernel.c
         for n in (1, 4, 8):
             rows = kernel.encode([f"p {i}" for i in range(n)])
             x = torch.cat([c.noise(i) for i in range(n)])
             steps = torch.full((n,), 3)
-            out[f"{family}_n{n}"] = round(cached_ratio(kernel, x, steps, rows, pairs), 3)
+            name = f"{family}_deep" if deep else family
+            out[f"{name}_n{n}"] = round(cached_ratio(kernel, x, steps, rows, pairs), 3)
     return out
 
 

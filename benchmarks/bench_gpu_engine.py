@@ -8,6 +8,9 @@ Per family, in one run:
 - ``mixed_step_max_abs_diff``: a request inside a step-level batch whose other members join at
   other steps (some from cached latents), against its solo run, in the run's dtype;
 - ``step_s_by_inflight``: the step runner's per-step latency at 1 .. 32 requests in flight;
+- ``cached_step_s_by_inflight``, ``cached_over_full_by_inflight``: the same with every member
+  on a cached step (feature caching: DeepCache's shallow branch on the UNets, the first block
+  and the kept residual on SD3 and Flux), and its ratio to the full step;
 - ``options`` (families in ``--options``): per-step latency at 8 in flight with each speed
   option on, over the plain engine's (< 1: faster), and torch.compile's one-off cost.
 
@@ -82,9 +85,13 @@ def exactness(engine: DenoisingEngine) -> dict:
     }
 
 
-def step_latency(engine: DenoisingEngine, n: int, timed: int = 3) -> float:
+def step_latency(engine: DenoisingEngine, n: int, timed: int = 3, cached: bool = False) -> float:
+    """One step of ``n`` members after one untimed; ``cached``: every timed step a cached one
+    (feature caching: the members join at an interval past the steps timed, so the untimed
+    step is their full one)."""
     runner = StepRunner(engine.c, engine.total_steps, engine.levels, engine.guidance)
-    runner.join([(j, GenerationItem(f"p{j}", 0, seed=j)) for j in range(n)])
+    interval = timed + 2 if cached else 1
+    runner.join([(j, GenerationItem(f"p{j}", 0, seed=j, interval=interval)) for j in range(n)])
     clock = synced(engine.c.device)
     runner.step()  # warm-up (and, compiled, the graph for this size)
     t0 = clock()
@@ -155,6 +162,11 @@ def family_figures(name: str, args, profile_out: str | None = None) -> dict:  # 
     counts = [int(n) for n in args.inflight.split(",")]
     per_step = {n: step_latency(engine, n) for n in counts}
     row["step_s_by_inflight"] = {str(n): round(t, 5) for n, t in per_step.items()}
+    cached = {n: step_latency(engine, n, cached=True) for n in counts}  # feature caching
+    row["cached_step_s_by_inflight"] = {str(n): round(t, 5) for n, t in cached.items()}
+    row["cached_over_full_by_inflight"] = {
+        str(n): round(cached[n] / per_step[n], 3) for n in counts
+    }
     if 1 in per_step and counts[-1] > 1:
         row[f"steps_per_s_{counts[-1]}_over_1"] = round(
             counts[-1] * per_step[1] / per_step[counts[-1]], 2

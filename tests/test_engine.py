@@ -166,6 +166,20 @@ def test_calibration_fit_keeps_the_model_shape():
     assert f.cap == pytest.approx(88.0)
 
 
+def test_the_interval_fit_is_least_squares_through_the_origin_on_the_cached_share():
+    from promptserve.engine.calibrate import IntervalSample, fit_intervals
+
+    # r = 2 loses 1 point (share 1/2), r = 4 loses 3 (share 3/4): a = (0.5 + 2.25) / (0.25 + 0.5625)
+    samples = [IntervalSample(0, 2, 99.0), IntervalSample(0, 4, 97.0)]
+    f = fit_intervals([*samples, IntervalSample(6, 4, 90.0, 95.0)])
+    assert f.loss_per_share == pytest.approx(2.75 / 0.8125)
+    assert f.by_interval == {2: 99.0, 4: 97.0}
+    # composition: the pair scored 95 at K = 6, r = 1; the product predicts 95 x q_r(4) / 100
+    assert f.combined_measured == 90.0
+    assert f.combined_predicted == pytest.approx(95.0 * (100 - f.loss_per_share * 0.75) / 100)
+    assert fit_intervals([IntervalSample(0, 3, 100.5)]).loss_per_share == 0.0  # never a gain
+
+
 def test_calibrate_command_measures_pairs_on_the_tiny_model(tmp_path):
     import json
 
@@ -200,6 +214,11 @@ def test_calibrate_command_measures_pairs_on_the_tiny_model(tmp_path):
     q = fitted["level_quality"]
     assert all(b <= a for a, b in zip(q, q[1:])) and all(0 <= v <= 100 for v in q)
     assert fitted["per_level"] >= 0
+    # the tiny model has a feature cache: each interval scored from noise, its loss fitted
+    intervals = fitted["intervals"]
+    assert set(intervals["by_interval"]) == {"2", "3", "4"}
+    assert all(0 <= q <= 100 for q in intervals["by_interval"].values())
+    assert intervals["loss_per_share"] >= 0 and "points lost when every step" in res.output
     bad = CliRunner().invoke(app, ["calibrate", "--prompts", str(prompts), "--scorer", "vibes"])
     assert bad.exit_code == 2 and "scorer 'vibes'" in bad.output
 

@@ -51,10 +51,19 @@ def test_with_slack_every_request_runs_in_full_and_under_load_the_price_buys_int
     assert cheaper[-1] == (25, 4)
 
 
-def _job():
+def _job(exact=False):
     from promptserve.policy.types import Job
 
-    return Job(0, 0.0, 20.0, 0, 0, 0)
+    return Job(0, 0.0, 20.0, 0, 0, 0, exact=exact)
+
+
+def test_a_full_generation_asked_for_takes_no_interval_even_at_the_highest_price():
+    sched = scheduler()
+    sched.reprice(Demand(400.0, (0.2, 0.4, 0.2, 0.1, 0.05, 0.05)), 21.0)
+    assert sched.preferred(_job(), 0.0)[1] > 1  # the price buys an interval for a miss
+    assert sched.preferred(_job(exact=True), 0.0) == (0, 1)
+    assert sched.fastest(_job(exact=True)) == (0, 1)
+    assert sched._cheaper(_job(exact=True), 0, 1) == [(0, 1)]
 
 
 def test_the_rule_baselines_never_take_an_interval():
@@ -140,6 +149,10 @@ def assert_a_tight_deadline_buys_an_interval(url: str) -> None:
     again = twin.data[0].model_extra["promptserve"]
     assert again["cache_hit"] and again["level_k"] > 0
     assert (again["level_k"], again["feature_cache_interval"]) != (0, 1)
+    # a full generation asked for (quality high) runs every step full: that deadline is
+    # below its fastest run, so it is refused for good
+    with pytest.raises(openai.UnprocessableEntityError, match="deadline_ms"):
+        oai.images.generate(prompt="a lantern on a jetty", quality="high", extra_body=tight)
 
 
 def test_a_tight_deadline_is_met_at_a_cheaper_interval(tmp_path):

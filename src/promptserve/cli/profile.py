@@ -114,16 +114,26 @@ def calibrate_cmd(
     thresholds: ThresholdsOpt = "",
     device: DeviceOpt = "cpu",
     cache_dir: CacheDirOpt = Path(".promptserve"),
+    r_max: Annotated[
+        int,
+        typer.Option(
+            help="Feature caching: also score each interval 2..R_MAX and fit its loss "
+            "(1: levels only; ignored for an engine without a feature cache).",
+            min=1,
+            max=16,
+        ),
+    ] = 4,
     out: Annotated[Path, typer.Option(help="Where to write the fitted constants (JSON).")] = Path(
         "quality_fit.json"
     ),
 ) -> None:
-    """Measure q(s, K) on neighbour pairs and fit the quality model's constants."""
+    """Measure q(s, K) on neighbour pairs and fit the quality model's constants (and, where
+    the engine has a feature cache, the interval's)."""
     from promptserve.cache.index import CacheIndex
     from promptserve.cache.replay import replay
     from promptserve.cache.thresholds import embedder_thresholds, load_thresholds
     from promptserve.engine import make_engine
-    from promptserve.engine.calibrate import fit, measure_pairs
+    from promptserve.engine.calibrate import fit, fit_intervals, measure_pairs
     from promptserve.engine.scoring import make_scorer
     from promptserve.workload import load_prompts
 
@@ -148,13 +158,19 @@ def calibrate_cmd(
         triples.append((texts[i], texts[j], float(result.similarity[i])))
     check_device(device)
     engine = make_engine(model, device=device)
+    r_max = r_max if getattr(engine, "feature_cache", False) else 1
+    intervals: list = []
     with progress() as bar:
         task = bar.add_task(f"calibrating ({judge.name})", total=len(triples))
-        samples = measure_pairs(engine, judge, triples, table, on_pair=lambda: bar.advance(task))
+        samples = measure_pairs(
+            engine, judge, triples, table, lambda: bar.advance(task), r_max, intervals
+        )
     fitted = fit(samples, engine.levels)
-    out.write_text(
-        json.dumps({"model": model, "scorer": judge.name, **fitted.to_json()}, indent=2) + "\n"
-    )
+    report = {"model": model, "scorer": judge.name, **fitted.to_json()}
+    by_interval = fit_intervals(intervals) if intervals else None
+    if by_interval is not None:
+        report["intervals"] = by_interval.to_json()
+    out.write_text(json.dumps(report, indent=2) + "\n")
     view = Table(title=f"q(s, K) measured on {fitted.pairs} pairs ({judge.name}; {model})")
     view.add_column("K", justify="right")
     view.add_column("fitted Q[K]", justify="right")
@@ -170,6 +186,22 @@ def calibrate_cmd(
             f"{np.mean(bad):.2f}" if bad else "-",
         )
     console.print(view)
+    if by_interval is not None:
+        view = Table(title="feature caching: K = 0 at each interval r")
+        view.add_column("r", justify="right")
+        view.add_column("measured mean", justify="right")
+        view.add_column("fitted q_r", justify="right")
+        loss = by_interval.loss_per_share
+        for r, q in by_interval.by_interval.items():
+            view.add_row(str(r), f"{q:.2f}", f"{100 - loss * (r - 1) / r:.2f}")
+        console.print(view)
+        line = f"points lost when every step is cached: {loss:.3f}"
+        if by_interval.combined_measured is not None:
+            line += (
+                f"; at (K_opt, r={r_max}): measured {by_interval.combined_measured:.2f}, "
+                f"the product predicts {by_interval.combined_predicted:.2f}"
+            )
+        console.print(line)
     console.print(
         f"per level above K_opt: {fitted.per_level:.3f} points; cap {fitted.cap:.2f}; written to {out}"
     )

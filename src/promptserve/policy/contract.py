@@ -50,10 +50,12 @@ class Scheduler(Protocol):
         has_neighbour: bool,
         shape: int = 0,
         adapters: tuple[int, ...] = (),
+        exact: bool = False,
     ) -> Arrival:
         """``deadline_s``: the request's own, absolute; a request with a cached neighbour may
         run at any level, one without only at K = 0; ``shape``: its size, an index into the
-        profile's ``shape_weights``; ``adapters``: the LoRA adapters it names, as ids."""
+        profile's ``shape_weights``; ``adapters``: the LoRA adapters it names, as ids;
+        ``exact``: it asked for a full generation (no cached latent, every step full)."""
         ...
 
     def remove(self, job_id: int) -> Job | None:

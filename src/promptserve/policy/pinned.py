@@ -37,6 +37,7 @@ class PinnedScheduler:
         has_neighbour: bool,
         shape: int = 0,
         adapters: tuple[int, ...] = (),
+        exact: bool = False,  # pinned GPUs run every step full: nothing to pin
     ) -> Arrival:
         assert self.plan is not None, "a request arrived before the first plan"
         u = float(self.rng.random())

@@ -167,10 +167,13 @@ class ShardedSteps:
         has_neighbour: bool,
         shape: int = 0,
         adapters: tuple[int, ...] = (),
+        exact: bool = False,
     ) -> Arrival:
         s = self.ring.shard_of(self.tenant_of(job_id))
         self.shard_of_job[job_id] = s
-        return self.shards[s].intake(now, job_id, deadline_s, k_opt, has_neighbour, shape, adapters)
+        return self.shards[s].intake(
+            now, job_id, deadline_s, k_opt, has_neighbour, shape, adapters, exact
+        )
 
     def gpus_of(self, job_id: int) -> list[StepGpu]:
         """The GPUs a waiting job of this shard may join (those its shard owns)."""

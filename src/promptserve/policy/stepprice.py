@@ -172,6 +172,8 @@ class StepPricing:
         (without feature caching, ``preferred_k``'s level at r = 1)."""
         if len(self.intervals) == 1:
             return self.preferred_k(job, at), 1
+        if job.exact:  # a full generation asked for: K = 0 (no neighbour), every step full
+            return self.preferred_k(job, at), 1
         return self._preferred(job, at)
 
     def _preferred(self, job: Job, at: float) -> tuple[int, int]:

@@ -252,7 +252,7 @@ class StepScheduler(StepPricing):
 
     def fastest(self, job: Job) -> tuple[int, int]:
         """The fastest (K, interval) the rule lets ``job`` run at."""
-        return self.fastest_k(job), self.intervals[-1]
+        return self.fastest_k(job), 1 if job.exact else self.intervals[-1]
 
     def can_ever_finish(self, job: Job, now: float) -> bool:
         """Alone on an idle GPU from now, at the fastest level the rule allows it."""
@@ -282,7 +282,7 @@ class StepScheduler(StepPricing):
     def _cheaper(self, job: Job, k: int, r: int) -> list[tuple[int, int]]:
         """(K, r) from the preferred one to the fastest the job may run at, in falling GPU
         time: without intervals the levels from K up, as before."""
-        if len(self.intervals) == 1:
+        if len(self.intervals) == 1 or job.exact:
             return [(lv, 1) for lv in self.levels if k <= lv <= job.k_max]
         n, w = self.profile.total_steps, self.profile.interval_weight
         cost = (n - k) * w(r)
@@ -304,6 +304,7 @@ class StepScheduler(StepPricing):
         has_neighbour: bool,
         shape: int = 0,
         adapters: tuple[int, ...] = (),
+        exact: bool = False,
     ) -> Arrival:
         """Tell the estimator, then place the job (the GPU it joins at that GPU's next
         boundary, none while it waits) or end it (refused or, with no level that can finish,
@@ -311,13 +312,15 @@ class StepScheduler(StepPricing):
         assert self.estimator is not None, "intake needs the scheduler's load estimator"
         self.estimator.observe(now, k_opt, self.profile.shape_weights[shape])
         k_max = self.levels[-1] if has_neighbour else 0
-        steps = self.profile.total_steps - k_max
-        if len(self.intervals) > 1:  # at its fastest interval's mean step
-            steps *= self.profile.interval_weight(self.intervals[-1])
-        self.excess.pour(now, steps)
+        job = Job(
+            job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, k_opt, shape, adapters,
+            exact,
+        )  # fmt: skip
+        k, r = self.fastest(job)  # at its fastest interval's mean step
+        steps = self.profile.total_steps - k
+        self.excess.pour(now, steps * self.profile.interval_weight(r) if r > 1 else steps)
         if self.profile.sized:
             self._arrived_by_shape[shape] += 1
-        job = Job(job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, k_opt, shape, adapters)
         gpu, outcome = self.arrive(now, job)
         return Arrival(job, outcome, gpu.index if gpu is not None else None)
 
@@ -583,7 +586,7 @@ class StepScheduler(StepPricing):
             return []
         moved = []
         for member in gpu.by_id.values():
-            if member.r >= top or member.end_step - gpu.done <= 1:
+            if member.r >= top or member.job.exact or member.end_step - gpu.done <= 1:
                 continue
             old, new = kind(member.job.shape, member.r), kind(member.job.shape, top)
             after = dict(gpu.shapes)

@@ -61,6 +61,7 @@ class Job:
     level: int  # the level it was routed to
     shape: int = 0  # its size, as an index into the profile's ``shape_weights`` (0: native)
     adapters: tuple[int, ...] = ()  # the LoRA adapters it names, as ids (``policy.residency``)
+    exact: bool = False  # every step full whatever the load (``quality: high``): r = 1 only
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,9 +149,12 @@ class LiveRuntime:
         has_neighbour: bool,
         shape: int = 0,
         adapters: tuple[int, ...] = (),
+        exact: bool = False,
     ) -> tuple[Job, Exception | None]:
         """Hand the request to the scheduler: the job as placed, or why it ends at once."""
-        arrival = self.sched.intake(now, job_id, deadline_s, k_opt, has_neighbour, shape, adapters)
+        arrival = self.sched.intake(
+            now, job_id, deadline_s, k_opt, has_neighbour, shape, adapters, exact
+        )
         if arrival.ended is None:
             self._placed(arrival)
             return arrival.job, None
@@ -268,7 +271,7 @@ class LiveRuntime:
         self.counters.stage("lookup", looked_up - embedded)
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
         has_neighbour = self._has_neighbour(hit)
-        self._check_meetable(slo_s, has_neighbour)
+        self._check_meetable(slo_s, has_neighbour, exact)
         if handle is not None and handle.cancelled:  # while it was embedded or looked up
             raise Cancelled("cancelled before it was queued")
         job_id = next(self.ids)
@@ -278,7 +281,9 @@ class LiveRuntime:
         self.pending[job_id] = p
         shape = shape_index(self.shapes, look.size)
         adapters = tuple(sorted({self.adapter_ids[name] for name, _ in look.lora}))
-        job, ended = self._place(job_id, now, now + slo_s, k_opt, has_neighbour, shape, adapters)
+        job, ended = self._place(
+            job_id, now, now + slo_s, k_opt, has_neighbour, shape, adapters, exact
+        )
         p.deadline_s = request_deadline(job)
         p.queued_at = self.clock()
         self.counters.stage("intake", p.queued_at - looked_up)
@@ -344,14 +349,15 @@ class LiveRuntime:
             handle.accepted.set_result(job_id)
         handle.emit("queued", {"level_k": level, "similarity": hit.similarity if hit else None})
 
-    def _check_meetable(self, slo_s: float, has_neighbour: bool) -> None:
+    def _check_meetable(self, slo_s: float, has_neighbour: bool, exact: bool = False) -> None:
         """Refuse for good (not 429: retrying cannot help) a deadline below the fastest run."""
-        fastest = self._fastest_s(self.levels[-1] if has_neighbour else 0) + DELIVERY_MARGIN_S
+        level = self.levels[-1] if has_neighbour else 0
+        fastest = self._fastest_s(level, exact) + DELIVERY_MARGIN_S
         if slo_s < fastest:
             self.counters.by_outcome["refused"] += 1
             raise Unmeetable(slo_s, fastest)
 
-    def _fastest_s(self, level: int) -> float:
+    def _fastest_s(self, level: int, exact: bool = False) -> float:
         """One request's run alone at ``level``, as the policy plans it."""
         return self.setting.profiles[0].batch_latency(level, 1)
 

@@ -45,10 +45,10 @@ class StepRuntime(LiveRuntime):
         loops = [self._gpu_loop(g) for g in range(self.workers.count)]
         self._tasks = [asyncio.create_task(c) for c in (*loops, self._replan_loop())]
 
-    def _fastest_s(self, level: int) -> float:
+    def _fastest_s(self, level: int, exact: bool = False) -> float:
         """At the scheduler's fastest interval too: a deadline only feature caching meets is
-        still one this server can meet."""
-        return self.sched.alone_s(level, self.sched.intervals[-1])
+        still one this server can meet (not for a full generation asked for)."""
+        return self.sched.alone_s(level, 1 if exact else self.sched.intervals[-1])
 
     def _placed(self, arrival: Arrival) -> None:
         for flag in self._interrupt:  # any GPU's next boundary may be the one that takes it

@@ -28,8 +28,8 @@ QM = quality_model(CACHED.levels, CACHED.quality, "mild")
 Q_R = tuple(interval_quality("mild").q_r(r) for r in (1, 2, 3, 4))
 
 
-def scheduler(rule="price") -> StepScheduler:
-    config = StepConfig(rule, shed=True, admission=True)
+def scheduler(rule="price", max_r=False) -> StepScheduler:
+    config = StepConfig(rule, shed=True, admission=True, max_r=max_r)
     sp = step_profile(CACHED)
     return StepScheduler(sp, 2, QM.matrix(), config, LoadEstimator(CACHED.levels), Q_R)
 
@@ -66,9 +66,17 @@ def test_a_full_generation_asked_for_takes_no_interval_even_at_the_highest_price
     assert sched._cheaper(_job(exact=True), 0, 1) == [(0, 1)]
 
 
-def test_the_rule_baselines_never_take_an_interval():
+def test_the_rule_baselines_never_take_an_interval_and_the_max_r_rivals_always_do():
     for rule in ("zero", "max"):
         assert scheduler(rule).intervals == (1,)
+    for rule, k in (("zero", 0), ("max", 25), ("price", 0)):
+        rival = scheduler(rule, max_r=True)
+        assert rival.intervals == (4,)
+        rival.reprice(Demand(10.0, (1.0, 0, 0, 0, 0, 0)), 21.0)  # slack: no price
+        job = dataclasses.replace(_job(), k_max=25)
+        assert rival.preferred(job, 0.0) == (k, 4)
+        assert rival._cheaper(job, k, 4) == [(lv, 4) for lv in CACHED.levels if lv >= k]
+        assert rival.preferred(dataclasses.replace(job, exact=True, k_max=0), 0.0) == (0, 1)
 
 
 @pytest.mark.parametrize("rate", [20, 120])

@@ -139,7 +139,7 @@ CacheDirOpt = Annotated[
 PoliciesOpt = Annotated[
     str,
     typer.Option(
-        help="Comma-separated policies, each NAME[+shed][+admit][+fast][+blind][+fixed-r] "
+        help="Comma-separated policies, each NAME[+shed][+admit][+fast][+blind][+fixed-r][+max-r] "
         "(NAME: clipper-ha, clipper-ht, nirvana, proteus, argus, promptserve, "
         "promptserve-step, continuous-ha, continuous-ht)."
     ),

@@ -51,7 +51,8 @@ def serve_cmd(
             "fills the GPU), clipper-ha, clipper-ht, nirvana, proteus, argus, continuous-ha, "
             "continuous-ht, each with optional +shed, +admit, +fast (and, step-level, "
             "+blind: place by member count alone, whatever the sizes; +fixed-r: never raise "
-            "a running member's feature-cache interval at a burst)."
+            "a running member's feature-cache interval at a burst; +max-r: every member at "
+            "the longest interval)."
         ),
     ] = None,
     embedder: Annotated[

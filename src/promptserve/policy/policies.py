@@ -84,6 +84,7 @@ class Policy:
     step: str | None = None  # step-level serving's K rule (price, zero, max); None: pinned GPUs
     shape_aware: bool = True  # step-level placement weighs sizes (``+blind``: fewest members)
     retime: bool = True  # a burst raises running members' interval (``+fixed-r``: never)
+    max_r: bool = False  # every member at the longest interval (``+max-r``: the rival)
     step_type: ClassVar[type[StepScheduler]] = StepScheduler  # a reference's may differ
 
     def estimator(self, levels: tuple[int, ...], slo_s: float) -> LoadEstimator:
@@ -111,6 +112,7 @@ class Policy:
             cap=self.dispatch.max_batch,
             shape_aware=self.shape_aware,
             retime=self.retime,
+            max_r=self.max_r,
         )
         profile = setting.profiles[0]
         estimator = self.estimator(profile.levels, setting.slo_s)
@@ -264,7 +266,7 @@ POLICIES: dict[str, Policy] = {
     ),
     "continuous-ht": Policy("continuous-ht", "clipper-ht", _BASELINE, None, 60.0, 60.0, step="max"),
 }
-MODIFIERS = ("shed", "admit", "fast", "blind", "fixed-r")
+MODIFIERS = ("shed", "admit", "fast", "blind", "fixed-r", "max-r")
 
 
 def _with(policy: Policy, modifier: str) -> Policy:
@@ -286,6 +288,13 @@ def _with(policy: Policy, modifier: str) -> Policy:
                 "feature-cache intervals)"
             )
         return replace(policy, retime=False)
+    if modifier == "max-r":
+        if policy.step is None:
+            raise InputError(
+                f"modifier +max-r is for step-level policies ({policy.name} runs no "
+                "feature-cache intervals)"
+            )
+        return replace(policy, max_r=True)
     return replace(
         policy, replan_s=FAST_REPLAN_S, short_s=FAST_SHORT_S, long_s=FAST_LONG_S
     )  # "fast"

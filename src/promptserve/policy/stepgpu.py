@@ -56,6 +56,7 @@ class StepConfig:
     cap: int = 8  # in-flight cap without shed (with shed, the deadlines set it)
     shape_aware: bool = True  # place by what a size costs where it joins (else: fewest members)
     retime: bool = True  # at a burst, raise running members' feature-cache interval
+    max_r: bool = False  # every member at the longest interval whatever the load (a rival)
 
 
 @dataclass(slots=True)

@@ -171,7 +171,7 @@ class StepPricing:
         """The (K, interval) the rule or the price prefers for ``job`` joining at ``at``
         (without feature caching, ``preferred_k``'s level at r = 1)."""
         if len(self.intervals) == 1:
-            return self.preferred_k(job, at), 1
+            return self.preferred_k(job, at), 1 if job.exact else self.intervals[0]
         if job.exact:  # a full generation asked for: K = 0 (no neighbour), every step full
             return self.preferred_k(job, at), 1
         return self._preferred(job, at)

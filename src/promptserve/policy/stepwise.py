@@ -111,8 +111,11 @@ class StepScheduler(StepPricing):
     ) -> None:
         self.profile, self.config, self.estimator = profile, config, estimator
         self.quality = np.asarray(quality, dtype=float)  # q[K_opt index, K index]
-        # the feature-cache intervals the price may pick (``price`` only; the rules run r = 1)
+        # the feature-cache intervals the price may pick (``price`` only; the rules run r = 1);
+        # ``max_r``, the rival: the longest one only, for every rule
         self.intervals = profile.intervals if config.rule == "price" else (1,)
+        if config.max_r:
+            self.intervals = profile.intervals[-1:]
         self.interval_q = tuple(interval_q) + (100.0,) * (len(self.intervals) - len(interval_q))
         self.levels = profile.levels
         self.index_of = {k: i for i, k in enumerate(self.levels)}
@@ -283,7 +286,8 @@ class StepScheduler(StepPricing):
         """(K, r) from the preferred one to the fastest the job may run at, in falling GPU
         time: without intervals the levels from K up, as before."""
         if len(self.intervals) == 1 or job.exact:
-            return [(lv, 1) for lv in self.levels if k <= lv <= job.k_max]
+            r = 1 if job.exact else self.intervals[0]
+            return [(lv, r) for lv in self.levels if k <= lv <= job.k_max]
         n, w = self.profile.total_steps, self.profile.interval_weight
         cost = (n - k) * w(r)
         options = [

@@ -14,6 +14,10 @@ Two splits, so that a rule tuned on one can be judged on the other:
   from a quarter, a half and three quarters of the way in (one window per seed); Poisson seeds
   101-103.
 
+``--feature-cache``: every run on the reference with DeepCache's cached step and intervals 1-4
+(``profile.with_feature_cache``), for comparing policies that choose an interval with the rivals
+that take the longest for every request (``+max-r``); see ``bench_feature_cache.py``.
+
 No oracle (``bench_policies.py`` has the bounds): this compares step-level serving with its
 strongest rival on the same execution, queue and admission. Prints a table per split on stderr
 and one JSON line: per split, penalty and point the mean effective quality and violation ratio
@@ -35,7 +39,7 @@ import numpy as np
 from promptserve.cache.embed import make_embedder
 from promptserve.cache.thresholds import shipped_thresholds
 from promptserve.policy import parse_policies
-from promptserve.profile import reference_profile
+from promptserve.profile import reference_profile, with_feature_cache
 from promptserve.sim.compare import CompareConfig, sim_inputs
 from promptserve.sim.simulator import simulate
 from promptserve.workload import load_prompts, make_requests
@@ -72,7 +76,10 @@ def run(args: tuple) -> tuple:
     requests = make_requests(chosen, arrivals(kind, rate, seed, split), SLO_S)
     emb = vecs[lo + order][[r.id % half for r in requests]]
     config = CompareConfig(GPUS, SLO_S, penalty, seed)
-    inputs = sim_inputs(requests, emb, reference_profile(), shipped_thresholds("minilm"), config)
+    profile = reference_profile()
+    if STATE.get("feature_cache"):
+        profile = with_feature_cache(profile)
+    inputs = sim_inputs(requests, emb, profile, shipped_thresholds("minilm"), config)
     res = simulate(parse_policies(policy)[0], inputs)
     s = res.records.summary(res.planner_ms)
     return split, penalty, f"{kind}{rate}", policy, s["effective_quality"], s["slo_violation_ratio"]
@@ -84,8 +91,16 @@ def main() -> None:
     parser.add_argument("--splits", default="tune,held-out")
     parser.add_argument("--penalties", default="mild,steep")
     parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument(
+        "--feature-cache", action="store_true", help="intervals 1-4 at DeepCache's SDXL cost"
+    )
+    parser.add_argument("--points", default="", help="KIND:RATE,... (default: all eight)")
     args = parser.parse_args()
     policies = [p.name for p in parse_policies(args.policies)]
+    STATE["feature_cache"] = args.feature_cache
+    points = POINTS
+    if args.points:
+        points = [(k, int(r)) for k, r in (p.split(":") for p in args.points.split(","))]
     STATE["prompts"] = load_prompts(ROOT / "data/diffusiondb_prompts_4k.txt")
     STATE["vecs"] = make_embedder("minilm", ROOT / ".promptserve").embed(STATE["prompts"])
     STATE["trace"] = read_trace_offsets(ROOT / "data/AzureLLMInferenceTrace_conv.csv")
@@ -93,7 +108,7 @@ def main() -> None:
         (p, kind, rate, int(seed), pen, split)
         for split in args.splits.split(",")
         for pen in args.penalties.split(",")
-        for kind, rate in POINTS
+        for kind, rate in points
         for seed in args.seeds.split(",")
         for p in policies
     ]
@@ -131,6 +146,7 @@ def main() -> None:
             {
                 "bench": "bursts",
                 "ours": policies[0],
+                "feature_cache": args.feature_cache,
                 "points": out,
                 "wins": sum(m > TIE for m in margins),
                 "ties": sum(abs(m) <= TIE for m in margins),

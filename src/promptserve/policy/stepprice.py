@@ -96,7 +96,9 @@ class StepPricing:
         if self.config.rule != "price":
             return self.price
         per_s = demand.rate_qpm / 60.0
-        self._busy_at = self.inflight_within(self.profile.total_steps, slo_s)
+        # a GPU is full past the members a full run could share it with, at the longest
+        # interval where feature caching offers one (a run may take it at a burst)
+        self._busy_at = self.inflight_within(self.profile.total_steps, slo_s, self.intervals[-1])
         # what the waiting share of the SLO absorbs: past it, a join below its fastest level
         # takes steps a request of the burst needs to make its deadline
         self._excess_limit = self.excess.capacity_per_s * EXCESS_SHARE * slo_s
@@ -155,12 +157,12 @@ class StepPricing:
         n = self.inflight_within(mean_steps or self.profile.total_steps, slo_s)
         return self.up_count * (n / self.member_s(n))
 
-    def inflight_within(self, steps: float, slo_s: float) -> int:
-        """The largest in-flight count at which ``steps`` steps take at most ``SLO_SHARE`` of
-        the SLO (at least 1)."""
+    def inflight_within(self, steps: float, slo_s: float, r: int = 1) -> int:
+        """The largest in-flight count at which ``steps`` steps (of members at feature-cache
+        interval ``r``) take at most ``SLO_SHARE`` of the SLO (at least 1)."""
         n = 1
         for b in range(1, self.cap + 1):
-            if steps * self.member_s(b) <= SLO_SHARE * slo_s:
+            if steps * self.member_s(b, None, r) <= SLO_SHARE * slo_s:
                 n = b
         return n
 

@@ -375,7 +375,10 @@ class StepScheduler(StepPricing):
         for s, p in enumerate(self.size_shares):
             if p > 0:
                 present = 1.0 - (1.0 - p) ** n
-                total += present * self.profile.call_s(n * p / present * w[s])
+                if r == 1:
+                    total += present * self.profile.call_s(n * p / present * w[s])
+                else:  # its full and cached calls (``StepProfile.mix_s``)
+                    total += present * self.profile.mix_s({kind(s, r): n * p / present})
         return total
 
     # -- decisions -------------------------------------------------------------------------

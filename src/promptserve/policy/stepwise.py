@@ -551,7 +551,8 @@ class StepScheduler(StepPricing):
         self, gpu: StepGpu, now: float, steps: int
     ) -> tuple[list[Outcome], list[Member], list[Outcome]]:
         """``gpu`` has run ``steps`` more steps and stands at a boundary at ``now``: who leaves
-        (served), who joins (with their K), who is dropped from the waiting queue."""
+        (served), who joins (with their K), who is dropped from the waiting queue; the running
+        members it re-intervalled are in ``gpu.retimed``."""
         before = gpu.count
         counted = gpu.members[:]
         gpu.done += steps

@@ -267,6 +267,15 @@ POLICIES: dict[str, Policy] = {
     "continuous-ht": Policy("continuous-ht", "clipper-ht", _BASELINE, None, 60.0, 60.0, step="max"),
 }
 MODIFIERS = ("shed", "admit", "fast", "blind", "fixed-r", "max-r")
+# the step-level policies' modifiers: the field each sets, and why a pinned policy has none
+STEP_ONLY = {
+    "blind": (
+        "shape_aware", False,
+        "batches one size per batch: there is no placement by size to turn off",
+    ),
+    "fixed-r": ("retime", False, "runs no feature-cache intervals"),
+    "max-r": ("max_r", True, "runs no feature-cache intervals"),
+}  # fmt: skip
 
 
 def _with(policy: Policy, modifier: str) -> Policy:
@@ -274,27 +283,13 @@ def _with(policy: Policy, modifier: str) -> Policy:
         return replace(policy, dispatch=replace(SHED, pinned=policy.dispatch.pinned))
     if modifier == "admit":
         return replace(policy, admission=True)
-    if modifier == "blind":
+    if modifier in STEP_ONLY:
+        field, value, why = STEP_ONLY[modifier]
         if policy.step is None:
             raise InputError(
-                f"modifier +blind is for step-level policies ({policy.name} batches one size "
-                "per batch: there is no placement by size to turn off)"
+                f"modifier +{modifier} is for step-level policies ({policy.name} {why})"
             )
-        return replace(policy, shape_aware=False)
-    if modifier == "fixed-r":
-        if policy.step is None:
-            raise InputError(
-                f"modifier +fixed-r is for step-level policies ({policy.name} runs no "
-                "feature-cache intervals)"
-            )
-        return replace(policy, retime=False)
-    if modifier == "max-r":
-        if policy.step is None:
-            raise InputError(
-                f"modifier +max-r is for step-level policies ({policy.name} runs no "
-                "feature-cache intervals)"
-            )
-        return replace(policy, max_r=True)
+        return replace(policy, **{field: value})
     return replace(
         policy, replan_s=FAST_REPLAN_S, short_s=FAST_SHORT_S, long_s=FAST_LONG_S
     )  # "fast"

@@ -1,6 +1,7 @@
 """Small factories shared by the server tests: real servers, real clients."""
 
 import json
+import time
 from functools import cache
 from pathlib import Path
 
@@ -94,3 +95,14 @@ def tiny_server(tmp_path_factory, policy: str, **overrides):  # noqa: ANN001, AN
     app = tiny_app(tmp_path_factory.mktemp("srv"), policy=policy, **overrides)
     with LiveServer(app) as url:
         yield url
+
+
+def until_cached(url: str, entries: int, within_s: float = 60.0) -> None:
+    """Wait until the server's cache holds ``entries``: a served run's entry is committed on
+    the cache thread after its answer went out, so a twin sent at once may race it."""
+    from promptserve.loadgen import read_metric
+
+    deadline = time.monotonic() + within_s
+    while read_metric(url, "promptserve_cache_entries") < entries:
+        assert time.monotonic() < deadline, f"the cache never held {entries} entries"
+        time.sleep(0.05)

@@ -8,7 +8,7 @@ import numpy as np
 import openai
 import pytest
 
-from factories import client, modeled_app, tiny_app
+from factories import client, modeled_app, tiny_app, until_cached
 from promptserve.loadgen import read_metric
 from promptserve.policy import Status, get_policy
 from promptserve.policy.estimator import LoadEstimator
@@ -153,6 +153,7 @@ def assert_a_tight_deadline_buys_an_interval(url: str) -> None:
     res = oai.images.generate(prompt="a lantern on a jetty", extra_body=tight)
     meta = res.data[0].model_extra["promptserve"]
     assert meta["feature_cache_interval"] > 1 and meta["level_k"] == 0
+    until_cached(url, 1)
     twin = oai.images.generate(prompt="a lantern on a jetty", extra_body=tight)
     again = twin.data[0].model_extra["promptserve"]
     assert again["cache_hit"] and again["level_k"] > 0

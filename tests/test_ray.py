@@ -16,6 +16,7 @@ import pytest
 import safetensors.torch
 from PIL import Image
 
+from factories import until_cached
 from promptserve.distributed import RaySettings, run_on_ray
 from promptserve.distributed.chaos import kill_busy_worker, wait_workers_up
 from promptserve.distributed.tenant_router import SESSION_HEADER, SESSION_HEADER_ENV
@@ -101,6 +102,7 @@ def test_openai_client_through_ray_with_replicas_at_two_levels(ray_settings, tmp
     assert len({w["level"] for w in workers}) == 2  # the planner's levels reached them
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     first = client.images.generate(prompt="a red fox in the snow", size="64x64")
+    until_cached(url, 1)
     again = client.images.generate(prompt="a red fox in the snow", size="64x64")
     assert first.data[0].model_extra["promptserve"]["similarity"] is None
     # the latents one replica made are in the index the ingress keeps for all of them
@@ -190,6 +192,7 @@ def test_step_level_serving_on_ray_resumes_from_the_shared_store_and_cancels(
     )
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     first = client.images.generate(prompt="a red fox in the snow", size="64x64")
+    until_cached(url, 1)
     again = client.images.generate(prompt="a red fox in the snow", size="64x64")
     assert first.data[0].model_extra["promptserve"]["level_k"] == 0  # a miss: from noise
     twin = again.data[0].model_extra["promptserve"]

@@ -53,10 +53,10 @@ class StepPricing:
         interval: without feature caching, each level at r = 1."""
         return [(j, r) for j in range(len(self.levels)) for r in self.intervals]
 
-    def _choices(self, price: float) -> list[list[int]]:
+    def _choices(self, price: float, only_r: int | None = None) -> list[list[int]]:
         """Per K_opt index and per k_max index: the option (``options``) the price picks,
         ``q(K_opt, K) x q_r(r) / 100 - price x (N - K) x w(r)`` at its best, ``w(r)`` the
-        interval's mean step over a full one."""
+        interval's mean step over a full one (``only_r``: among the options at that interval)."""
         n, w = self.profile.total_steps, self.profile.interval_weight
         options = self.options
         steps = np.array(
@@ -70,6 +70,8 @@ class StepPricing:
         for i in range(len(self.levels)):
             q = self.quality[i][cols] * q_r if cached else self.quality[i][cols]
             score = q - price * steps
+            if only_r is not None:
+                score = np.where([r == only_r for _, r in options], score, -np.inf)
             out.append([int(np.argmax(score[:c])) for c in upto])
         return out
 
@@ -99,6 +101,7 @@ class StepPricing:
         # a GPU is full past the members a full run could share it with, at the longest
         # interval where feature caching offers one (a run may take it at a burst)
         self._busy_at = self.inflight_within(self.profile.total_steps, slo_s, self.intervals[-1])
+        self._pace_s = SLO_SHARE * slo_s / self.profile.total_steps  # a full run's step
         # what the waiting share of the SLO absorbs: past it, a join below its fastest level
         # takes steps a request of the burst needs to make its deadline
         self._excess_limit = self.excess.capacity_per_s * EXCESS_SHARE * slo_s
@@ -130,25 +133,30 @@ class StepPricing:
                 self._split = min(max((w_lo - UTILISATION * cap) / (w_lo - w_hi), 0.0), 1.0)
         self.price = hi
         self._choice, self._choice_lo = self._choices(hi), self._choices(lo)
-        self._by_shape = self._shape_choices(hi, lo) if self.profile.sized else []
+        factors = self._size_factors() if self.profile.sized else [1.0]
+        if self.profile.sized:
+            self._by_shape = [
+                (self._choice, self._choice_lo)
+                if hi >= PRICE_MAX
+                else (self._choices(hi * f), self._choices(lo * f))
+                for f in factors
+            ]
+        else:
+            self._by_shape = []
+        if len(self.intervals) > 1:  # at a burst (``_preferred``): per size
+            self._at_top = [self._choices(hi * f, self.intervals[-1]) for f in factors]
         return hi
 
-    def _shape_choices(self, hi: float, lo: float) -> list[tuple[list, list]]:
-        """Per size, the levels at the price per step-second: a step of a size costs the GPU
-        ``member_s(n, size)`` against a native one's (at the in-flight count a full run shares a
-        GPU with), normalised over the arrivals' mix so that the mean price is the one found.
-        At ``PRICE_MAX`` every size runs at its fastest level, as without sizes."""
+    def _size_factors(self) -> list[float]:
+        """Per size, its price over the mean price: the levels are chosen at the price per
+        step-second, and a step of a size costs the GPU ``member_s(n, size)`` against a native
+        one's (at the in-flight count a full run shares a GPU with), normalised over the
+        arrivals' mix so that the mean price is the one found. At ``PRICE_MAX`` every size
+        runs at its fastest level, as without sizes."""
         n = max(self._busy_at, 1)
         cost = [self.member_s(n, s) for s in range(len(self.profile.shape_weights))]
         mean = sum(p * c for p, c in zip(self.size_shares, cost, strict=True)) or cost[0]
-        out = []
-        for c in cost:
-            f = c / mean
-            if hi >= PRICE_MAX:
-                out.append((self._choice, self._choice_lo))
-            else:
-                out.append((self._choices(hi * f), self._choices(lo * f)))
-        return out
+        return [c / mean for c in cost]
 
     def steps_capacity(self, slo_s: float, mean_steps: float | None = None) -> float:
         """Steps per second the up GPUs give at the largest in-flight count at which a request
@@ -184,9 +192,17 @@ class StepPricing:
         if self.config.rule == "max":
             return job.k_max, 1
         i, m = self.index_of[job.k_opt], self.index_of[job.k_max]
-        if self.saturated(at):  # the price lags a burst: run at the fastest level meanwhile
-            return job.k_max, self.intervals[-1]
         hi, lo = self._by_shape[job.shape] if self._by_shape else (self._choice, self._choice_lo)
+        if self.saturated(at):  # the price lags a burst: the cheapest lever first
+            top = self.intervals[-1]
+            if (
+                len(self.intervals) == 1 or self.waiting
+            ):  # no interval to take, or it was not enough
+                return job.k_max, top
+            # the longest interval, at the level the price picks there: a K below the price's
+            # costs points a cached step does not
+            j, _ = self.options[self._at_top[job.shape][i][m]]
+            return self.levels[j], top
         o = hi[i][m]
         if lo[i][m] != o and draw(job.id) >= self._split:
             o = lo[i][m]
@@ -202,4 +218,8 @@ class StepPricing:
         if self.waiting or self.excess.now(now) > self._excess_limit:
             return True
         gpu = self.least_loaded()
-        return gpu is None or gpu.count > self._busy_at
+        if gpu is None or gpu.count > self._busy_at:
+            return True
+        # members at different intervals: the count misjudges how full a GPU is; its pace
+        # does not (full where a full run joining now would not finish in ``SLO_SHARE``)
+        return len(self.intervals) > 1 and self.profile.mix_s(gpu.shapes) > self._pace_s

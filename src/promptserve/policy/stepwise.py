@@ -133,7 +133,9 @@ class StepScheduler(StepPricing):
         self.up_count = n_gpus
         self.price = 0.0
         self._busy_at = self.cap  # members past which a GPU is full (set with the price)
+        self._pace_s = float("inf")  # an iteration past which a GPU is full (with the price)
         self._choice = self._choice_lo = self._choices(0.0)
+        self._at_top = [self._choices(0.0, self.intervals[-1])] * len(profile.shape_weights)
         self._by_shape: list[tuple[list, list]] = []  # per size (``_shape_choices``)
         self._split = 0.0  # share of the moving class that takes the cheaper level
         self.excess = ExcessWork()  # the burst signal (``saturated``), drained at the capacity

@@ -28,10 +28,10 @@ QM = quality_model(CACHED.levels, CACHED.quality, "mild")
 Q_R = tuple(interval_quality("mild").q_r(r) for r in (1, 2, 3, 4))
 
 
-def scheduler(rule="price", max_r=False) -> StepScheduler:
+def scheduler(rule="price", max_r=False, gpus=2) -> StepScheduler:
     config = StepConfig(rule, shed=True, admission=True, max_r=max_r)
     sp = step_profile(CACHED)
-    return StepScheduler(sp, 2, QM.matrix(), config, LoadEstimator(CACHED.levels), Q_R)
+    return StepScheduler(sp, gpus, QM.matrix(), config, LoadEstimator(CACHED.levels), Q_R)
 
 
 def test_with_slack_every_request_runs_in_full_and_under_load_the_price_buys_intervals():
@@ -49,6 +49,43 @@ def test_with_slack_every_request_runs_in_full_and_under_load_the_price_buys_int
     costs = [(50 - k) * sched.profile.interval_weight(r) for k, r in cheaper]
     assert cheaper[0] == (0, 1) and costs == sorted(costs, reverse=True)
     assert cheaper[-1] == (25, 4)
+
+
+def test_a_gpu_of_mixed_intervals_is_full_by_its_pace_and_a_burst_takes_the_interval_first():
+    """A GPU slowed by members at short intervals is full by its pace, and the interval is
+    the lever that frees it; a GPU full even at the longest interval needs the level too."""
+    from promptserve.policy.types import Job
+
+    sched = scheduler(gpus=1)
+    sched.reprice(Demand(1.0, (1.0, 0, 0, 0, 0, 0)), 21.0)  # slack: price 0
+    job = Job(0, 0.0, 21.0, 10, 25, 10)
+    assert sched.preferred(job, 0.0) == (0, 1)  # in full, every step full
+    gpu, busy = sched.gpus[0], sched._busy_at
+    # a full run finishes within 90% of the 21 s SLO with up to 7 members at r = 1 (84 ms
+    # x 4.3 x 50), many more at r = 4: by the count alone, 8 members at r = 1 are not full
+    assert busy > 8
+    for i in range(7):
+        sched._admit_member(gpu, Job(i + 1, 0.0, 60.0, 0, 0, 0), 0, [], 1)
+    assert not sched.saturated(0.0)
+    sched._admit_member(gpu, Job(8, 0.0, 60.0, 0, 0, 0), 0, [], 1)
+    assert gpu.count < busy and sched.saturated(0.0)  # their pace: a full run would be late
+    # the burst's first lever is the interval, at the level the price picks there (K = 0:
+    # a cached step costs a fraction of a point, a skipped one more)
+    assert sched.preferred(job, 0.0) == (0, 4)
+    sched.waiting.append((60.0, 9, Job(9, 0.0, 60.0, 0, 0, 0)))  # it was not enough
+    assert sched.preferred(job, 0.0) == (25, 4)  # the fastest level too
+    sched.waiting.clear()
+    # the same members at the longest interval: the pace of a GPU with room
+    for member in list(gpu.by_id.values()):
+        gpu.count_shape(kind(0, 1), -1)
+        gpu.count_shape(kind(0, 4), 1)
+        member.r = 4
+    assert not sched.saturated(0.0) and sched.preferred(job, 0.0) == (0, 1)
+    # more members than even the longest interval lets a full run share the GPU with: the
+    # interval is not enough, the level moves too
+    for i in range(busy - 8 + 1):
+        sched._admit_member(gpu, Job(20 + i, 0.0, 60.0, 0, 0, 0), 0, [], 4)
+    assert sched.saturated(0.0) and sched.preferred(job, 0.0) == (25, 4)
 
 
 def _job(exact=False):

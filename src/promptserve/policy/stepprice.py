@@ -193,14 +193,13 @@ class StepPricing:
             return job.k_max, 1
         i, m = self.index_of[job.k_opt], self.index_of[job.k_max]
         hi, lo = self._by_shape[job.shape] if self._by_shape else (self._choice, self._choice_lo)
-        if self.saturated(at):  # the price lags a burst: the cheapest lever first
+        if self.saturated(at):  # the price lags a burst: the cheapest lever that takes it
             top = self.intervals[-1]
-            if (
-                len(self.intervals) == 1 or self.waiting
-            ):  # no interval to take, or it was not enough
+            if self._full_at_top(at):  # full even counted at the longest interval
                 return job.k_max, top
-            # the longest interval, at the level the price picks there: a K below the price's
-            # costs points a cached step does not
+            # full by its pace only (members at short intervals): the longest interval at the
+            # level the price picks there, as the running members move to it (``_retime``); a
+            # K below the price's costs points that a cached step does not
             j, _ = self.options[self._at_top[job.shape][i][m]]
             return self.levels[j], top
         o = hi[i][m]
@@ -212,14 +211,21 @@ class StepPricing:
     def saturated(self, now: float) -> bool:
         """Whether the cluster is full now: a burst is arriving (``ExcessWork``), requests
         wait, or even the least-loaded GPU holds more members than a full run could share a
-        GPU with and finish in ``SLO_SHARE`` of the SLO. The price follows the load estimate
-        (seconds behind a burst); this follows the arrivals and the running batches, so a
-        burst moves joins to their fastest level from its first requests."""
+        GPU with and finish in ``SLO_SHARE`` of the SLO, or, its members at several intervals
+        (the count misjudges them), runs an iteration slower than such a run's. The price
+        follows the load estimate (seconds behind a burst); this follows the arrivals and the
+        running batches, so a burst moves joins to a faster level from its first requests."""
+        if self._full_at_top(now):
+            return True
+        if len(self.intervals) == 1:
+            return False
+        gpu = self.least_loaded()
+        return gpu is not None and self.profile.mix_s(gpu.shapes) > self._pace_s
+
+    def _full_at_top(self, now: float) -> bool:
+        """``saturated`` with every member counted at the longest interval: the load a burst
+        brings, or the members a GPU holds, beyond what even that interval takes."""
         if self.waiting or self.excess.now(now) > self._excess_limit:
             return True
         gpu = self.least_loaded()
-        if gpu is None or gpu.count > self._busy_at:
-            return True
-        # members at different intervals: the count misjudges how full a GPU is; its pace
-        # does not (full where a full run joining now would not finish in ``SLO_SHARE``)
-        return len(self.intervals) > 1 and self.profile.mix_s(gpu.shapes) > self._pace_s
+        return gpu is None or gpu.count > self._busy_at

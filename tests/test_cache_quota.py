@@ -124,11 +124,10 @@ def test_the_quota_setting_takes_units_and_names_a_bad_value(tmp_path, caplog):
 
 
 def test_metrics_show_the_cache_against_its_quota(tmp_path):
-    import time
 
     import httpx
 
-    from factories import client, modeled_app
+    from factories import client, modeled_app, until_cached
     from promptserve.loadgen import read_metric
     from promptserve.server.live import LiveServer
 
@@ -140,9 +139,7 @@ def test_metrics_show_the_cache_against_its_quota(tmp_path):
     with LiveServer(app) as url:
         images = client(url).images
         images.generate(prompt="a distinct prompt number 0", size="1024x1024")
-        deadline = time.monotonic() + 10  # its commit runs on the cache thread after the answer
-        while cache_bytes(url) == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        until_cached(url, 1)  # its commit runs on the cache thread after the answer
         first_entry = cache_bytes(url)  # a whole entry: nothing to link to, nothing evicted
         for i in range(1, 12):
             images.generate(prompt=f"a distinct prompt number {i}", size="1024x1024")

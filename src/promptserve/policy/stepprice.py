@@ -6,6 +6,7 @@ place where load turns into levels."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from functools import cached_property
 
 import numpy as np
@@ -39,6 +40,14 @@ class ExcessWork:
 
     def pour(self, now: float, steps: float) -> None:
         self.level, self.at = self.now(now) + steps, now
+
+
+class Full(IntEnum):
+    """How full the cluster is (``StepPricing._fullness``), for the lever a burst takes."""
+
+    NO = 0
+    BY_PACE = 1  # only by a GPU's pace (members at short intervals): the interval is enough
+    AT_TOP = 2  # even with every member at the longest interval: the level moves too
 
 
 class StepPricing:
@@ -133,16 +142,14 @@ class StepPricing:
                 self._split = min(max((w_lo - UTILISATION * cap) / (w_lo - w_hi), 0.0), 1.0)
         self.price = hi
         self._choice, self._choice_lo = self._choices(hi), self._choices(lo)
-        factors = self._size_factors() if self.profile.sized else [1.0]
-        if self.profile.sized:
-            self._by_shape = [
-                (self._choice, self._choice_lo)
-                if hi >= PRICE_MAX
-                else (self._choices(hi * f), self._choices(lo * f))
-                for f in factors
-            ]
-        else:
-            self._by_shape = []
+        sized = self.profile.sized
+        factors = self._size_factors() if sized else [1.0]
+        at_max = (self._choice, self._choice_lo)  # at ``PRICE_MAX`` every size at its fastest
+        self._by_shape = [
+            at_max if hi >= PRICE_MAX else (self._choices(hi * f), self._choices(lo * f))
+            for f in factors
+            if sized
+        ]
         if len(self.intervals) > 1:  # at a burst (``_preferred``): per size
             self._at_top = [self._choices(hi * f, self.intervals[-1]) for f in factors]
         return hi
@@ -193,9 +200,10 @@ class StepPricing:
             return job.k_max, 1
         i, m = self.index_of[job.k_opt], self.index_of[job.k_max]
         hi, lo = self._by_shape[job.shape] if self._by_shape else (self._choice, self._choice_lo)
-        if self.saturated(at):  # the price lags a burst: the cheapest lever that takes it
+        full = self._fullness(at)
+        if full:  # the price lags a burst: the cheapest lever that takes it
             top = self.intervals[-1]
-            if self._full_at_top(at):  # full even counted at the longest interval
+            if full is Full.AT_TOP:
                 return job.k_max, top
             # full by its pace only (members at short intervals): the longest interval at the
             # level the price picks there, as the running members move to it (``_retime``); a
@@ -215,17 +223,17 @@ class StepPricing:
         (the count misjudges them), runs an iteration slower than such a run's. The price
         follows the load estimate (seconds behind a burst); this follows the arrivals and the
         running batches, so a burst moves joins to a faster level from its first requests."""
-        if self._full_at_top(now):
-            return True
-        if len(self.intervals) == 1:
-            return False
-        gpu = self.least_loaded()
-        return gpu is not None and self.profile.mix_s(gpu.shapes) > self._pace_s
+        return self._fullness(now) is not Full.NO
 
-    def _full_at_top(self, now: float) -> bool:
-        """``saturated`` with every member counted at the longest interval: the load a burst
-        brings, or the members a GPU holds, beyond what even that interval takes."""
+    def _fullness(self, now: float) -> Full:
+        """``saturated``, and whether the cluster is full even with every member counted at the
+        longest interval (the load a burst brings, or the members a GPU holds) or only by the
+        least-loaded GPU's pace."""
         if self.waiting or self.excess.now(now) > self._excess_limit:
-            return True
+            return Full.AT_TOP
         gpu = self.least_loaded()
-        return gpu is None or gpu.count > self._busy_at
+        if gpu is None or gpu.count > self._busy_at:
+            return Full.AT_TOP
+        if len(self.intervals) > 1 and self.profile.mix_s(gpu.shapes) > self._pace_s:
+            return Full.BY_PACE
+        return Full.NO

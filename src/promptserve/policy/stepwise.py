@@ -38,7 +38,7 @@ shape-aware: besides the least-loaded GPU it weighs the least-loaded one already
 request's size, and takes the one where the request adds less to its batch's finish times
 (``_placement_cost``): an idle GPU while there is one, a GPU of its own size once all are busy.
 The price is then per step-second: a size's steps are priced by what they cost the GPU
-(``StepPricing._shape_choices``).
+(``StepPricing._size_factors``).
 
 The finish-time model: ``n`` members make an iteration of ``step_s(n)`` seconds; a member with
 ``r`` steps left, on a GPU where the members with fewer steps leave on the way, finishes after
@@ -136,7 +136,7 @@ class StepScheduler(StepPricing):
         self._pace_s = float("inf")  # an iteration past which a GPU is full (with the price)
         self._choice = self._choice_lo = self._choices(0.0)
         self._at_top = [self._choices(0.0, self.intervals[-1])] * len(profile.shape_weights)
-        self._by_shape: list[tuple[list, list]] = []  # per size (``_shape_choices``)
+        self._by_shape: list[tuple[list, list]] = []  # per size (``StepPricing._size_factors``)
         self._split = 0.0  # share of the moving class that takes the cheaper level
         self.excess = ExcessWork()  # the burst signal (``saturated``), drained at the capacity
         self._excess_limit = float("inf")  # set with the price

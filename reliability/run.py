@@ -89,7 +89,7 @@ def breaches_of(r: dict) -> list[str]:
         "schemathesis exit code 0": r["schemathesis"]["exit_code"] == 0,
         "hostile ids refused": r["security"]["hostile_ids_served"] == 0,
         # the probe must have run as designed: A's prompts generated, B's refused before it
-        "side channel: probed": r["side_channel"]["statuses"] == [200, 422],
+        "side channel: probed": r["side_channel"]["statuses"] == [200, 400],
         "side channel: tenants' timings apart": not r["side_channel"]["separated"],
         "restart: connections lingered": sum(r["restart"]["lingering_at_restart"].values()) > 0,
         "restart: not refused": not r["restart"]["restart_refused"],

@@ -20,7 +20,7 @@ import httpx
 from reliability.server import start_server, stop
 
 KEYS = {"key-tenant-a-0123456789": "tenant-a", "key-tenant-b-0123456789": "tenant-b"}
-UNMEETABLE_MS = 100  # the least deadline the API takes: refused (422) before generation
+UNMEETABLE_MS = 100  # the least deadline the API takes: refused (400) before generation
 
 
 def sign_test_p(wins: int, pairs: int) -> float:

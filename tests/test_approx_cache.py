@@ -2,6 +2,7 @@ import numpy as np
 
 from promptserve.cache.approx import ApproxCache, audit
 from promptserve.cache.embed import HashingEmbedder
+from promptserve.cache.latents import FOLDER_BYTES, allocated
 from promptserve.cache.thresholds import shipped_thresholds
 
 EMB = HashingEmbedder()
@@ -49,13 +50,14 @@ def test_a_corrupt_latent_drops_its_entry(tmp_path):
 def test_byte_quota_evicts_by_lcbfu_and_deletes_files(tmp_path):
     one = ApproxCache(tmp_path / "probe", EMB.dim, CLIP)
     one.insert("t", "x", vec("x"), latents(9), 0.0)
-    size = one.bytes_used()
-    cache = ApproxCache(tmp_path / "c", EMB.dim, CLIP, quota_bytes=int(size * 2.5))
+    size = one.bytes_used() - FOLDER_BYTES  # one entry's files; the folder is the tenant's
+    quota = int(size * 2.5) + FOLDER_BYTES
+    cache = ApproxCache(tmp_path / "c", EMB.dim, CLIP, quota_bytes=quota)
     a = cache.insert("t", "a lighthouse", vec("a lighthouse"), latents(2), 0.0)
     b = cache.insert("t", "a dragon", vec("a dragon"), latents(3), 1.0)
     cache.record_hit(a.id, 25, 2.0)
     cache.insert("t", "a robot", vec("a robot"), latents(4), 3.0)
-    assert cache.bytes_used() <= size * 2.5
+    assert cache.bytes_used() <= quota
     prompts = {e.prompt for e in cache.index}
     assert "a lighthouse" in prompts and "a dragon" not in prompts
     assert not any(cache.store.path(k).exists() for k in b.latent_keys.values())
@@ -95,7 +97,9 @@ def test_a_resumed_entry_takes_its_neighbours_lower_levels_and_outlives_it(tmp_p
     assert np.array_equal(cache.latent(b, 15), own[15])  # its own from 15 on
     files = cache.bytes_used()
     assert (
-        files == cache.store.bytes_used() == 8 * cache.store.path(a.latent_keys[5]).stat().st_size
+        files
+        == cache.store.bytes_used()
+        == 8 * allocated(cache.store.path(a.latent_keys[5]).stat()) + FOLDER_BYTES
     )
     cache.drop(a.id)  # the neighbour goes: what the entry took from it stays, across a restart
     cache.close()
@@ -103,7 +107,11 @@ def test_a_resumed_entry_takes_its_neighbours_lower_levels_and_outlives_it(tmp_p
     cache = ApproxCache(tmp_path, EMB.dim, CLIP)
     b = cache.lookup("t", vec("a red fox, dusk")).entry
     assert np.array_equal(cache.latent(b, 10), full[10])
-    assert cache.bytes_used() == cache.store.bytes_used() == files * 5 // 8
+    assert (
+        cache.bytes_used()
+        == cache.store.bytes_used()
+        == (files - FOLDER_BYTES) * 5 // 8 + FOLDER_BYTES
+    )
     cache.drop(b.id)
     assert cache.bytes_used() == 0 and cache.store.keys() == set()
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from promptserve.cache.index import latent_key
-from promptserve.cache.latents import LatentStore
+from promptserve.cache.latents import FOLDER_BYTES, LatentStore
 
 
 def test_put_get_round_trip_and_bytes(tmp_path):
@@ -151,7 +151,8 @@ def test_a_link_outlives_its_source_and_copies_where_links_fail(tmp_path, monkey
         monkeypatch.setattr(os, "link", no_links)
     assert store.link(source, twin) == (0 if hard_links else size)  # the bytes it adds
     assert (os.stat(store.path(twin)).st_nlink == 2) is hard_links
-    assert store.bytes_used() == (size if hard_links else 2 * size)  # linked data counts once
+    folder = FOLDER_BYTES  # the tenant's folder
+    assert store.bytes_used() == folder + (size if hard_links else 2 * size)  # linked data once
     assert store.delete_freeing(source) == (0 if hard_links else size)
     assert np.array_equal(store.get(twin), x) and store.keys() == {twin}
     assert store.delete_freeing(twin) == size and store.delete_freeing(twin) == 0

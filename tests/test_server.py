@@ -52,21 +52,21 @@ def test_openai_client_gets_url_images(tiny_url):
 @pytest.mark.parametrize(
     ("method", "path", "body", "status", "param"),
     [
-        ("post", "/v1/images/generations", {"prompt": ""}, 422, "prompt"),
-        ("post", "/v1/images/generations", {"prompt": "x" * 100_000}, 422, "prompt"),
-        ("post", "/v1/images/generations", {"prompt": "x", "n": 0}, 422, "n"),
-        ("post", "/v1/images/generations", {"prompt": "x", "n": 99}, 422, "n"),
+        ("post", "/v1/images/generations", {"prompt": ""}, 400, "prompt"),
+        ("post", "/v1/images/generations", {"prompt": "x" * 100_000}, 400, "prompt"),
+        ("post", "/v1/images/generations", {"prompt": "x", "n": 0}, 400, "n"),
+        ("post", "/v1/images/generations", {"prompt": "x", "n": 99}, 400, "n"),
         ("post", "/v1/images/generations", {"prompt": "x", "size": "1024x1024"}, 400, "size"),
-        ("post", "/v1/images/generations", {"prompt": 5}, 422, "prompt"),
-        ("post", "/v1/images/generations", {"prompt": "x", "n": "two"}, 422, "n"),
+        ("post", "/v1/images/generations", {"prompt": 5}, 400, "prompt"),
+        ("post", "/v1/images/generations", {"prompt": "x", "n": "two"}, 400, "n"),
         (
             "post",
             "/v1/images/generations",
             {"prompt": "x", "response_format": "gif"},
-            422,
+            400,
             "response_format",
         ),
-        ("post", "/v1/images/generations", "{broken json", 422, None),
+        ("post", "/v1/images/generations", "{broken json", 400, None),
         ("get", "/v1/images/" + "0" * 32, None, 404, "image_id"),
         (
             "get",
@@ -118,7 +118,7 @@ def test_models_health_and_metrics_add_up(tiny_url):
     refused = httpx.post(
         tiny_url + "/v1/images/generations", json={"prompt": "a moat", "deadline_ms": 100}
     )
-    assert refused.status_code in (422, 429)  # 100 ms: unmeetable, or overloaded
+    assert refused.status_code in (400, 429)  # 100 ms: unmeetable, or overloaded
     after, observed_after, families = outcome_counts(tiny_url)
     delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     assert sum(delta.values()) == 3  # two images and one refusal: every request counted once
@@ -168,7 +168,7 @@ def test_the_dashboard_page_carries_the_numbers_of_the_moment_for_its_first_pain
 
 
 @pytest.mark.parametrize("feature_cache", [False, True])
-def test_a_deadline_no_level_can_meet_is_422_with_the_least_one_not_a_retry(
+def test_a_deadline_no_level_can_meet_is_400_with_the_least_one_not_a_retry(
     tmp_path, feature_cache
 ):
     app = modeled_app(tmp_path, feature_cache=feature_cache)
@@ -178,7 +178,7 @@ def test_a_deadline_no_level_can_meet_is_422_with_the_least_one_not_a_retry(
             url + "/v1/images/generations", json={"prompt": "a ship", "deadline_ms": 1000}
         )
         job = httpx.post(url + "/v1/jobs", json={"prompt": "a ship", "deadline_ms": 1000})
-    assert r.status_code == 422 and "Retry-After" not in r.headers
+    assert r.status_code == 400 and "Retry-After" not in r.headers
     assert r.json()["error"]["param"] == "deadline_ms"
     message = r.json()["error"]["message"]
     least = int(message.split("the least this server can meet for this prompt is ")[1].split()[0])
@@ -186,7 +186,7 @@ def test_a_deadline_no_level_can_meet_is_422_with_the_least_one_not_a_retry(
     # with feature caching, its 50 steps at the longest interval (a full step in 4)
     run_s = 4.2 * (1 + 3 * REFERENCE_CACHED_STEP_SHARE) / 4 if feature_cache else 4.2
     assert abs(least - (run_s * 1e3 + DELIVERY_MARGIN_S * 1e3)) <= 5
-    assert job.status_code == 422
+    assert job.status_code == 400
 
 
 @pytest.mark.parametrize("policy", ["promptserve", "promptserve-step"])
@@ -277,6 +277,45 @@ def test_key_files_are_validated(tmp_path):
         load_keys(f, env={})
     with pytest.raises(InputError, match="tenant"):
         load_keys(None, env={"PROMPTSERVE_API_KEYS": f"{KEY_A}:../../etc"})
+    # a key given twice would go to the last tenant named: refused, naming the entry
+    f.write_text(f"{KEY_A}:alice\n{KEY_A}:bob\n")
+    with pytest.raises(InputError, match="entry 2 repeats the key of tenant 'alice'"):
+        load_keys(f, env={})
+    with pytest.raises(InputError, match="also given to 'alice'"):
+        load_keys(
+            f.write_text(f"{KEY_A}:bob\n") and f, env={"PROMPTSERVE_API_KEYS": f"{KEY_A}:alice"}
+        )
+    # an entry behind '#' is a key no client can send (a typo, not a comment)
+    f.write_text(f"# the keys\n#{KEY_B}:bob\n")
+    with pytest.raises(InputError, match="entry 2 is a KEY:TENANT behind '#'"):
+        load_keys(f, env={})
+    f.write_text("clé-de-seize-caractères:alice\n")  # never sent as such by a client
+    with pytest.raises(InputError, match="entry 1 .*ASCII"):
+        load_keys(f, env={})
+
+
+def test_keys_are_held_and_looked_up_as_digests():
+    from promptserve.edge.keys import KeyTable, key_digest
+
+    table = KeyTable({KEY_A: "alice", KEY_B: "bob"})
+    assert table.digests == {key_digest(KEY_A): "alice", key_digest(KEY_B): "bob"}
+    assert KEY_A not in repr(vars(table))  # only digests are held
+    assert table.tenant(f"Bearer {KEY_A}") == "alice" and table.tenant(f"bearer  {KEY_B}") == "bob"
+    assert table.tenant(f"Basic {KEY_A}") is None and table.tenant("Bearer ") is None
+    assert KeyTable().tenant(None) == "default"
+
+
+def test_default_seeds_are_random_not_a_count_of_everyones_images(tiny_url):
+    """A seed the server picks tells a tenant nothing of the images made for others."""
+    seeds = [
+        client(tiny_url)
+        .images.generate(prompt=f"a kite {i}")
+        .data[0]
+        .model_extra["promptserve"]["seed"]
+        for i in range(6)
+    ]
+    gaps = {b - a for a, b in zip(seeds, seeds[1:])}
+    assert len(set(seeds)) == 6 and gaps != {1} and max(seeds) > 1000
 
 
 def sse_events(url, job_id, headers=None):
@@ -308,7 +347,7 @@ def test_job_progress_streams_every_step(tiny_url):
     assert httpx.delete(f"{tiny_url}/v1/jobs/{job_id}").status_code == 409
     assert httpx.get(f"{tiny_url}/v1/jobs/{'f' * 32}").status_code == 404
     assert httpx.get(f"{tiny_url}/v1/jobs/nothex").status_code == 400
-    assert httpx.post(tiny_url + "/v1/jobs", json={"prompt": "x", "n": 2}).status_code == 422
+    assert httpx.post(tiny_url + "/v1/jobs", json={"prompt": "x", "n": 2}).status_code == 400
 
 
 def test_a_job_is_cancelled_mid_denoising_and_the_worker_moves_on(tmp_path):
@@ -329,6 +368,23 @@ def test_a_job_is_cancelled_mid_denoising_and_the_worker_moves_on(tmp_path):
         # the worker is free again: the next request is answered
         r = httpx.post(url + "/v1/images/generations", json={"prompt": "a boat"}, timeout=30)
         assert r.status_code == 200
+
+
+def test_an_event_stream_leaves_no_listener_behind_when_it_ends_or_its_client_goes(tmp_path):
+    app = modeled_app(tmp_path)
+    with LiveServer(app) as url:
+        job_id = httpx.post(url + "/v1/jobs", json={"prompt": "a ship"}).json()["id"]
+        state = app.state.jobs.live[job_id]
+        for _ in range(5):  # clients that read one event and hang up mid-job
+            with httpx.stream("GET", f"{url}/v1/jobs/{job_id}/events", timeout=30) as r:
+                next(r.iter_lines())
+        sse_events(url, job_id)  # one that reads to the end
+        for _ in range(20):  # and streams of the finished job
+            sse_events(url, job_id)
+        deadline = time.monotonic() + 10
+        while state.listeners and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state.status == "succeeded" and state.listeners == 0
 
 
 def test_oversized_bodies_get_413(tiny_url):
@@ -483,21 +539,6 @@ def test_one_engine_per_worker_and_one_worker_per_gpu(tmp_path):
     assert modeled.count == 3 and len({id(e) for e in modeled.engines}) == 1  # stateless
 
 
-def test_jobs_beyond_the_cap_forget_only_finished_ones():
-    from collections import OrderedDict
-
-    from promptserve.server.jobs import JobState, forget_finished
-
-    jobs = OrderedDict()
-    for i, status in enumerate(["running", "succeeded", "queued", "failed", "succeeded"]):
-        jobs[str(i)] = JobState(str(i), "t")
-        jobs[str(i)].status = status
-    forget_finished(jobs, keep=3)
-    assert list(jobs) == ["0", "2", "4"]  # the two oldest finished went; running/queued stay
-    forget_finished(jobs, keep=1)
-    assert list(jobs) == ["0", "2"]  # over the cap, but nothing unfinished is dropped
-
-
 def test_every_submitted_image_ends_in_exactly_one_outcome_label(tmp_path):
     import re
 
@@ -516,7 +557,7 @@ def test_every_submitted_image_ends_in_exactly_one_outcome_label(tmp_path):
                 break
             time.sleep(0.05)
         text = httpx.get(f"{url}/metrics").text
-    assert refused.status_code == 422
+    assert refused.status_code == 400
     outcomes = {
         m[0]: float(m[1])
         for m in re.findall(r'promptserve_requests_total\{outcome="(\w+)"\} ([0-9.]+)', text)
@@ -543,7 +584,7 @@ def test_api_conventions_new_users_hit(tiny_url):
         content=b"prompt=a kite",
         headers={"content-type": "application/json"},
     )
-    assert not_json.status_code == 422 and not_json.json()["error"]["param"] == "body"
+    assert not_json.status_code == 400 and not_json.json()["error"]["param"] == "body"
 
 
 def test_bench_compare_sim_reports_the_live_run_beside_the_simulators_prediction(tmp_path):

@@ -45,8 +45,14 @@ from pathlib import Path
 
 import numpy as np
 
-from promptserve.cache.index import CacheEntry, CacheIndex, EvictionPolicy, latent_key
-from promptserve.cache.latents import LatentStore, disk_bytes
+from promptserve.cache.index import (
+    CacheEntry,
+    CacheIndex,
+    EvictionPolicy,
+    latent_key,
+    tenant_namespace,
+)
+from promptserve.cache.latents import FOLDER_BYTES, LatentStore, disk_bytes
 from promptserve.cache.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
@@ -222,7 +228,8 @@ class ApproxCache:
         with self._lock:
             result = self.index.insert(tenant, prompt, embedding, levels, now_s, entry_id=entry_id)
             self.index.pin(result.entry.id)  # the entry just written is never its own victim
-        self._bytes += sum(written.values())
+            opened = self.index.entries_in(tenant) == 1  # its namespace's folder is new
+        self._bytes += sum(written.values()) + (FOLDER_BYTES if opened else 0)
         try:
             for gone in result.evicted:
                 self._forget(gone, evicted=True)
@@ -326,6 +333,11 @@ class ApproxCache:
                 os.kill(os.getpid(), signal.SIGKILL)  # the first eviction from the Nth on
                 # that has a second file: one file deleted, the rest not
             freed += self.store.delete_freeing(key)
+        with self._lock:
+            emptied = self.index.entries_in(entry.tenant) == 0
+        if emptied:  # the namespace's last entry: its folder goes too (and its quota share)
+            self.store.remove_folder(tenant_namespace(entry.tenant))
+            freed += FOLDER_BYTES
         self._bytes -= freed
         if evicted:
             self.evicted_bytes += freed
@@ -349,7 +361,9 @@ class ApproxCache:
             )
             known |= keys
         self.store.remove_orphans(known)
+        self.store.remove_empty_folders()
         self._bytes = disk_bytes(self.store.path(k) for k in known)
+        self._bytes += FOLDER_BYTES * self.index.namespaces
 
 
 def write_latents(

@@ -82,6 +82,7 @@ class CacheIndex:
         self.eviction = eviction
         self._make_vectors = vectors or (lambda d: AutoVectors(d))
         self._tenants: dict[str, Vectors] = {}
+        self._counts: dict[str, int] = {}  # entries per namespace
         self._entries: dict[int, CacheEntry] = {}
         self._heap: list[tuple[float, float, int]] = []
         self._next_id = 0
@@ -143,6 +144,7 @@ class CacheIndex:
         vecs = self._tenants.get(tenant)
         if vecs is None:
             vecs = self._tenants[tenant] = self._make_vectors(self.dim)
+        self._counts[tenant] = self._counts.get(tenant, 0) + 1
         vecs.add(np.array([entry_id], dtype=np.int64), np.asarray(embedding, np.float32)[None, :])
         self._push(entry)
         return InsertResult(entry, evicted)
@@ -185,11 +187,26 @@ class CacheIndex:
         self._push(entry)
 
     def remove(self, entry_id: int) -> CacheEntry | None:
+        """The entry, gone; a namespace whose last entry this was is dropped whole (its
+        vectors' memory with it: a namespace per look would otherwise never be given back)."""
         entry = self._entries.pop(entry_id, None)
         if entry is not None:
             self.version += 1
             self._tenants[entry.tenant].remove(np.array([entry_id], dtype=np.int64))
+            left = self._counts[entry.tenant] - 1
+            if left:
+                self._counts[entry.tenant] = left
+            else:
+                del self._counts[entry.tenant], self._tenants[entry.tenant]
         return entry
+
+    def entries_in(self, tenant: str) -> int:
+        """Entries in a namespace now (0: it holds nothing, and has no vectors)."""
+        return self._counts.get(tenant, 0)
+
+    @property
+    def namespaces(self) -> int:
+        return len(self._counts)
 
     def _key(self, entry: CacheEntry) -> tuple[float, float, int]:
         if self.eviction == "lru":

@@ -29,6 +29,14 @@ from safetensors.numpy import load, save
 KEY = re.compile(r"^[0-9a-f]{16}/[0-9]{12}-k[0-9]{2}$")
 SUFFIX = ".safetensors"
 TMP_SUFFIX = ".tmp"
+BLOCK = 4096  # a file system block: what the smallest file, and a folder, takes on the disk
+FOLDER_BYTES = BLOCK  # one namespace's folder (its directory block)
+
+
+def allocated(st: os.stat_result) -> int:
+    """What a file takes on the disk: its blocks, at least its size rounded up to a block (a
+    file written but not yet flushed may have no blocks counted yet)."""
+    return max(st.st_blocks * 512, -(-st.st_size // BLOCK) * BLOCK)
 
 
 @dataclass
@@ -65,6 +73,13 @@ class LatentStore:
         after the write, and a process killed part-way leaves a file no manifest row names,
         which the next open removes as an orphan (its checksum would refuse it anyway)."""
         final = self.path(key)
+        try:
+            return self._put(final, key, latent)
+        except FileNotFoundError:  # its folder was removed (its namespace emptied) meanwhile
+            self._made.discard(final.parent)
+            return self._put(final, key, latent)
+
+    def _put(self, final: Path, key: str, latent: np.ndarray) -> int:
         self._folder(final.parent)
         data = np.ascontiguousarray(latent)
         tmp = final.with_name(f"{final.name}.{os.getpid()}{TMP_SUFFIX}")
@@ -87,13 +102,33 @@ class LatentStore:
             raise OSError(f"writing latent {key}: {exc}") from exc
         self._sync_dir(final.parent)
         self.stats.writes += 1
-        return len(raw)
+        return allocated(final.stat())
 
     def _folder(self, folder: Path) -> None:
-        """Make a tenant's folder once (a folder is never removed while the store is open)."""
+        """Make a namespace's folder once (``remove_folder`` forgets it)."""
         if folder not in self._made:
             folder.mkdir(parents=True, exist_ok=True)
             self._made.add(folder)
+
+    def remove_folder(self, namespace: str) -> bool:
+        """Remove a namespace's folder once nothing is in it (its last entry left); False
+        where it is not empty (a file another process is writing) or already gone."""
+        folder = self.root / namespace
+        self._made.discard(folder)
+        self._dirs.discard(folder)
+        try:
+            folder.rmdir()
+        except OSError:
+            return False
+        return True
+
+    def remove_empty_folders(self) -> int:
+        """Folders with no file left (a namespace emptied before a crash): removed at open."""
+        gone = 0
+        for folder in self.root.iterdir():
+            if folder.is_dir() and not any(folder.iterdir()):
+                gone += self.remove_folder(folder.name)
+        return gone
 
     def link(self, source: str, key: str) -> int:
         """``key`` names the same file as ``source`` (a hard link; a copy where the file system
@@ -122,7 +157,7 @@ class LatentStore:
                 shutil.copyfile(src, tmp)
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())
-                added = tmp.stat().st_size
+                added = allocated(tmp.stat())
             os.replace(tmp, final)
         except OSError:
             tmp.unlink(missing_ok=True)
@@ -161,7 +196,7 @@ class LatentStore:
         except FileNotFoundError:
             return 0
         path.unlink(missing_ok=True)
-        return st.st_size if st.st_nlink == 1 else 0
+        return allocated(st) if st.st_nlink == 1 else 0
 
     def get(self, key: str) -> np.ndarray | None:
         """The latent, or None when absent, unreadable or corrupt.
@@ -197,8 +232,9 @@ class LatentStore:
         return out
 
     def bytes_used(self) -> int:
-        """The bytes the files take on the disk (linked data counted once)."""
-        return disk_bytes(self.root.glob(f"*/*{SUFFIX}"))
+        """The bytes the files and their folders take on the disk (linked data counted once)."""
+        folders = sum(1 for f in self.root.iterdir() if f.is_dir())
+        return disk_bytes(self.root.glob(f"*/*{SUFFIX}")) + FOLDER_BYTES * folders
 
     def remove_orphans(self, known: set[str]) -> int:
         """Delete files no index entry names (left by a crash between file and manifest)."""
@@ -252,7 +288,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def disk_bytes(paths: Iterable[Path]) -> int:
-    """The bytes ``paths`` take on the disk: hard links to one file count once; a path gone
+    """The bytes ``paths`` take on the disk (their blocks): hard links to one file count once; a path gone
     since it was listed counts nothing."""
     seen: dict[tuple[int, int], int] = {}
     for path in paths:
@@ -260,5 +296,5 @@ def disk_bytes(paths: Iterable[Path]) -> int:
             st = path.stat()
         except FileNotFoundError:
             continue
-        seen[(st.st_dev, st.st_ino)] = st.st_size
+        seen[(st.st_dev, st.st_ino)] = allocated(st)
     return sum(seen.values())

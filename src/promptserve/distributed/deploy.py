@@ -20,8 +20,8 @@ from promptserve.distributed.tenant_router import (
     SESSION_HEADER_ENV,
     STATS_PERIOD_S,
     TenantRouter,
-    key_digest,
 )
+from promptserve.edge.keys import KeyTable
 from promptserve.errors import InputError
 from promptserve.profile import profile_for
 from promptserve.server import ServerConfig, app_for, engine_args, latents_dir
@@ -126,7 +126,7 @@ def deploy_app(config: ServerConfig, settings: RaySettings):
     if shards > 1:
         # Serve's proxy keeps a deployment's router, with its arguments, across a redeploy of
         # the app: the ingress is named for its ring and keys, so a new ring gets its own
-        tenants = {key_digest(k): t for k, t in (config.api_keys or {}).items()}
+        tenants = KeyTable(config.api_keys).digests
         ring = json.dumps([shards, sorted(tenants.items())]).encode()
         name = f"ingress-{hashlib.sha256(ring).hexdigest()[:12]}"
         options["request_router_config"] = RequestRouterConfig(

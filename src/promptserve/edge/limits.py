@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from promptserve.edge.keys import tenant_for
+from promptserve.edge.keys import KeyTable, tenant_for
 
 # paths whose caller is a tenant: everything else is operational or a capability URL
 AUTHENTICATED = ("/v1/images/generations", "/v1/jobs")
@@ -89,7 +89,7 @@ class RequestGate:
     streams in; past the limit the read fails with 413 (FastAPI passes an HTTPException raised
     while it reads the body through unchanged)."""
 
-    def __init__(self, app, max_body_bytes: int, keys: dict[str, str], limits: HttpLimits) -> None:
+    def __init__(self, app, max_body_bytes: int, keys: KeyTable, limits: HttpLimits) -> None:
         self.app, self.max_body_bytes, self.keys, self.limits = app, max_body_bytes, keys, limits
 
     async def __call__(self, scope, receive, send) -> None:

@@ -32,6 +32,9 @@ class Look:
 PLAIN = Look()  # the plain request's look
 
 
+SCALE_STEP = 0.01  # the resolution at which guidance and adapter scales are served
+
+
 def cache_space(tenant: str, look: Look) -> str:
     """The cache namespace a request looks up and writes in: its tenant's, split by look."""
     if look.plain:
@@ -91,9 +94,18 @@ class Guidance:
         lora: tuple[tuple[str, float], ...] = (),
     ) -> Look:
         """A request's look, the default scale spelt out or not being the same look; an adapter
-        at scale 0 adds nothing, so it is left out."""
-        scale = None if scale in (None, self.default) else float(scale)
-        return Look(negative_prompt or "", scale, size, tuple((n, s) for n, s in lora if s))
+        at scale 0 adds nothing, so it is left out. Scales are taken to ``SCALE_STEP``: finer
+        differences change no image anyone can tell apart, and each distinct look is a cache
+        namespace of its own (7.0 + i·1e-9 would be a new one per request)."""
+        scale = None if scale is None else snap(scale)
+        scale = None if scale == self.default else scale
+        adapters = tuple((n, snap(s)) for n, s in lora if snap(s))
+        return Look(negative_prompt or "", scale, size, adapters)
+
+
+def snap(scale: float) -> float:
+    """A guidance or adapter scale to the served resolution, ``SCALE_STEP``."""
+    return round(round(float(scale) / SCALE_STEP) * SCALE_STEP, 6)
 
 
 UNET_GUIDANCE = Guidance("cfg", 7.5)

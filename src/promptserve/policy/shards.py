@@ -26,6 +26,7 @@ from promptserve.policy.stepwise import StepGpu, StepScheduler
 from promptserve.policy.types import Demand, Job, Outcome
 
 VNODES = 64  # points per shard on the ring: the load split's spread falls as 1/sqrt(VNODES)
+MEMO_TENANTS = 4096  # tenants whose shard is remembered (a lookup is a hash and a bisection)
 
 
 def _point(key: str) -> int:
@@ -52,8 +53,15 @@ class ShardRing:
         shard = self._memo.get(tenant)
         if shard is None:
             i = bisect.bisect_left(self._keys, _point(tenant)) % len(self._keys)
-            shard = self._memo[tenant] = self._owners[i]
+            shard = self._owners[i]
+            if len(self._memo) >= MEMO_TENANTS:  # bounded whatever callers send
+                self._memo.clear()
+            self._memo[tenant] = shard
         return shard
+
+    def spread(self, key: str) -> int:
+        """A shard for something that belongs to no tenant (a request id): uniform."""
+        return _point(key) % self.n_shards
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from promptserve.edge.keys import KeyTable
 from promptserve.edge.limits import HttpLimits, RequestGate
 from promptserve.engine.sizes import label
 from promptserve.server.context import Context, error
 from promptserve.server.generations import image_routes
 from promptserve.server.jobroutes import job_routes
+from promptserve.server.jobs import JobBook
 from promptserve.server.metrics import History
 from promptserve.server.observer import record, scrape
 from promptserve.server.runtime import LiveRuntime
@@ -40,10 +42,10 @@ def create_app(
 ) -> FastAPI:
     """``public_url``: where clients reach this server (image links start with it; without it
     they are relative to the API root, never built from a client's Host header)."""
-    keys = keys or {}
+    table = KeyTable(keys)
     limits = limits or HttpLimits()
     names = model_names or (runtime.workers.name,)
-    ctx = Context(runtime, slo_s, keys, public_url, names)
+    ctx = Context(runtime, slo_s, table, public_url, names)
     history = History()
 
     @asynccontextmanager
@@ -57,9 +59,10 @@ def create_app(
     app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan)
     app.state.runtime = runtime  # for operators' tooling and tests: the live policy state
     app.state.http_limits = limits  # the connection's limits, for whoever serves this app
-    app.add_middleware(RequestGate, max_body_bytes=max_body_bytes, keys=keys, limits=limits)
+    app.add_middleware(RequestGate, max_body_bytes=max_body_bytes, keys=table, limits=limits)
     app.include_router(image_routes(ctx))
-    app.include_router(job_routes(ctx))
+    app.state.jobs = JobBook()  # every job it knows, for operators' tooling and tests
+    app.include_router(job_routes(ctx, app.state.jobs))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -71,7 +74,7 @@ def create_app(
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if field == "body" and kind != "application/json":
             message += f" (the body must be JSON sent as application/json, not {kind or 'untyped'})"
-        return error(422, message, field)
+        return error(400, message, field)
 
     @app.api_route("/v1/images/edits", methods=["GET", "POST"], include_in_schema=False)
     @app.api_route("/v1/images/variations", methods=["GET", "POST"], include_in_schema=False)

@@ -3,18 +3,21 @@ they give when a request cannot go on (the API's error shape)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from promptserve.edge.keys import tenant_for
+from promptserve.edge.keys import KeyTable, tenant_for
 from promptserve.engine.base import Look
 from promptserve.engine.sizes import label, parse_size
 from promptserve.server.images import ImageStore
 from promptserve.server.metrics import Metrics
-from promptserve.server.runtime import Dropped, LiveRuntime, Refused, Unmeetable
+from promptserve.server.runtime import Cancelled, Dropped, LiveRuntime, Refused, Unmeetable
 from promptserve.server.schemas import ImageRequest, visible
+
+log = logging.getLogger(__name__)
 
 
 def error(
@@ -33,19 +36,29 @@ def error(
 def outcome_error(exc: BaseException) -> JSONResponse:
     """A refused or failed image as its HTTP answer."""
     if isinstance(exc, Unmeetable):
-        return error(422, str(exc), "deadline_ms")
+        return error(400, str(exc), "deadline_ms")
     if isinstance(exc, Refused):
         return error(429, str(exc), None, {"Retry-After": str(int(exc.retry_after_s + 0.999))})
     if isinstance(exc, Dropped):
         return error(503, str(exc), None, {"Retry-After": "1"})
-    return error(500, f"generation failed: {exc}")
+    return error(500, public_message(exc))
+
+
+def public_message(exc: BaseException) -> str:
+    """What a client may read of a failure: the policy's own answers as they are, anything
+    else (an engine's or a library's error, which can carry paths and internals) as one
+    sentence, the detail going to the server's log."""
+    if isinstance(exc, Refused | Unmeetable | Dropped | Cancelled):
+        return str(exc)
+    log.error("generation failed: %r", exc, exc_info=exc)
+    return "the generation failed on the server (the detail is in its log)"
 
 
 @dataclass
 class Context:
     runtime: LiveRuntime
     slo_s: float  # the default deadline, seconds from arrival
-    keys: dict[str, str]
+    keys: KeyTable
     public_url: str | None  # image links start here; None: relative to the API root
     model_names: tuple[str, ...]  # the served id first, then its aliases: what model= matches
     metrics: Metrics = field(default_factory=Metrics)

@@ -9,7 +9,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from promptserve.server.context import Context, error, outcome_error
+from promptserve.server.context import Context, error, outcome_error, public_message
 from promptserve.server.imageapi import (
     MEDIA_TYPES,
     b64,
@@ -53,13 +53,14 @@ def image_routes(ctx: Context) -> APIRouter:
             return outcomes
         data = []
         media = MEDIA_TYPES[req.output_format or "png"]
-        for s in outcomes:
-            image = encode_image(s.result.png, req.output_format, req.output_compression)
+        # encoding (a WebP of 1024² is seconds) and base64 run off the event loop
+        images = await asyncio.to_thread(encoded, outcomes, req)
+        for s, image in zip(outcomes, images, strict=True):
             if req.response_format == "url":
-                image_id = ctx.images.put(image, time.monotonic(), media)
+                image_id = ctx.images.put(tenant, image, time.monotonic(), media)
                 data.append(image_body(meta_of(s), url=ctx.image_url(image_id)))
             else:
-                data.append(image_body(meta_of(s), b64_json=b64(image)))
+                data.append(image_body(meta_of(s), b64_json=image))
         body = images_body(int(time.time()), data, req, ctx.size_of(req), served_quality(outcomes))
         return JSONResponse(body)
 
@@ -156,22 +157,14 @@ def image_routes(ctx: Context) -> APIRouter:
         async def sse():
             created, sent = int(time.time()), [0]
 
-            def partial(kind: str, data: dict) -> list[str]:
+            async def partial(kind: str, data: dict) -> list[str]:
                 """A preview as the next partial image, if the caller still wants one."""
                 if kind != "preview" or sent[0] >= handle.partial_images:
                     return []
-                image = encode_image(data["png"], req.output_format, req.output_compression)
                 sent[0] += 1
-                return [
-                    event(
-                        "partial_image",
-                        created,
-                        b64(image),
-                        req,
-                        ctx.size_of(req),
-                        index=sent[0] - 1,
-                    )
-                ]
+                index = sent[0] - 1
+                image = await asyncio.to_thread(b64_of, data["png"], req)
+                return [event("partial_image", created, image, req, ctx.size_of(req), index=index)]
 
             try:
                 while not task.done():
@@ -180,21 +173,21 @@ def image_routes(ctx: Context) -> APIRouter:
                     if not get.done():
                         get.cancel()  # the item, if any, stays queued: drained below
                         continue
-                    for body in partial(*get.result()):
+                    for body in await partial(*get.result()):
                         yield body
                 while not events.empty():  # what came in before the answer goes out first
-                    for body in partial(*events.get_nowait()):
+                    for body in await partial(*events.get_nowait()):
                         yield body
                 if task.cancelled() or task.exception() is not None:
                     yield error_event(
-                        str(task.exception() if not task.cancelled() else "cancelled")
+                        public_message(task.exception()) if not task.cancelled() else "cancelled"
                     )
                     return
                 s: Served = task.result()
-                image = encode_image(s.result.png, req.output_format, req.output_compression)
+                image = await asyncio.to_thread(b64_of, s.result.png, req)
                 meta = meta_of(s).model_dump()
                 yield event(
-                    "completed", int(time.time()), b64(image), req, ctx.size_of(req),
+                    "completed", int(time.time()), image, req, ctx.size_of(req),
                     usage=usage(req.prompt), promptserve=meta,
                 )  # fmt: skip
             finally:
@@ -217,6 +210,19 @@ def image_routes(ctx: Context) -> APIRouter:
         return Response(kept[0], media_type=kept[1])
 
     return router
+
+
+def b64_of(png: bytes, req: ImageRequest) -> str:
+    """One image in the format asked for, as base64 text (run it off the event loop)."""
+    return b64(encode_image(png, req.output_format, req.output_compression))
+
+
+def encoded(outcomes: list[Served], req: ImageRequest) -> list:
+    """Each image in the format asked for: bytes for a link, base64 text for ``b64_json``."""
+    images = [
+        encode_image(s.result.png, req.output_format, req.output_compression) for s in outcomes
+    ]
+    return images if req.response_format == "url" else [b64(i) for i in images]
 
 
 def seed_of(req: ImageRequest, i: int) -> int | None:

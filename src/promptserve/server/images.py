@@ -1,20 +1,25 @@
 """Images answered by URL (``response_format="url"``): kept in memory for a while, under an
-unguessable id (a capability URL: whoever holds it may fetch it, see docs/security.md)."""
+unguessable id (a capability URL: whoever holds it may fetch it, see docs/security.md), within
+per-tenant bounds (``kept.TenantShelf``) so that one tenant's images never push out another's.
+
+With several ingress replicas on Ray an id's first two hex digits name the replica that holds
+it (``prefix``), so a replica asked for another's image knows whom to ask."""
 
 from __future__ import annotations
 
 import re
 import secrets
-from collections import OrderedDict
+
+from promptserve.server.kept import Bounds, TenantShelf
 
 IMAGE_ID = re.compile(r"[0-9a-f]{32}")  # matched whole (fullmatch): "$" admits a final "\n"
-KEPT_IMAGES = 512  # the most kept; the oldest go first
-IMAGE_TTL_S = 600.0
+IMAGE_BOUNDS = Bounds(count=256, bytes=256 << 20, ttl_s=600.0)  # per tenant
 
 
-def new_id() -> str:
-    """128 random bits as 32 hex characters (a uuid4 carries only 122): image and job ids."""
-    return secrets.token_hex(16)
+def new_id(prefix: str = "") -> str:
+    """128 random bits as 32 hex characters (a uuid4 carries only 122), the first ones
+    replaced by ``prefix`` where one is given: image and job ids."""
+    return prefix + secrets.token_hex(16)[len(prefix) :]
 
 
 def valid_id(text: str) -> bool:
@@ -22,22 +27,17 @@ def valid_id(text: str) -> bool:
 
 
 class ImageStore:
-    def __init__(self, keep: int = KEPT_IMAGES, ttl_s: float = IMAGE_TTL_S) -> None:
-        self.keep, self.ttl_s = keep, ttl_s
-        self._images: OrderedDict[str, tuple[float, bytes, str]] = OrderedDict()
+    def __init__(self, bounds: Bounds = IMAGE_BOUNDS, prefix: str = "") -> None:
+        self.prefix = prefix
+        self._shelf: TenantShelf[tuple[bytes, str]] = TenantShelf(bounds)
 
-    def put(self, image: bytes, now: float, media_type: str = "image/png") -> str:
-        image_id = new_id()
-        self._images[image_id] = (now, image, media_type)
-        while len(self._images) > self.keep:
-            self._images.popitem(last=False)
+    def put(self, tenant: str, image: bytes, now: float, media_type: str = "image/png") -> str:
+        image_id = new_id(self.prefix)
+        self._shelf.put(tenant, image_id, (image, media_type), now, len(image))
         return image_id
 
     def get(self, image_id: str, now: float) -> tuple[bytes, str] | None:
         """The image and its media type, or None when it was never kept, was pushed out, or
         has expired."""
-        kept = self._images.get(image_id)
-        if kept is None or now - kept[0] > self.ttl_s:
-            self._images.pop(image_id, None)
-            return None
-        return kept[1], kept[2]
+        kept = self._shelf.get(image_id, now)
+        return None if kept is None else kept[1]

@@ -6,36 +6,67 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections import OrderedDict
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from promptserve.edge.keys import tenant_for
-from promptserve.server.context import Context, error
-from promptserve.server.imageapi import b64, meta_of
+from promptserve.server.context import Context, error, outcome_error, public_message
+from promptserve.server.generations import b64_of
+from promptserve.server.imageapi import MEDIA_TYPES, encode_image, meta_of, unsupported
 from promptserve.server.images import new_id, valid_id
-from promptserve.server.jobs import FINAL, KEPT_JOBS, JobState, forget_finished
-from promptserve.server.runtime import Cancelled, JobHandle, Refused, Unmeetable
+from promptserve.server.jobs import FINAL, JobBook, JobState
+from promptserve.server.runtime import Cancelled, JobHandle, Served
 from promptserve.server.schemas import ImageData, ImageRequest
 
+CANCEL_WAIT_S = 10.0  # DELETE waits this long for the job to stop, then answers 202
 
-def job_routes(ctx: Context) -> APIRouter:
+
+def job_refusal(req: ImageRequest) -> tuple[str, str] | None:
+    """(field, why) for a job this server will not pretend to honour: what generations refuse,
+    and what a job has no use for."""
+    if req.n != 1:
+        return "n", "a job makes one image; send one job per image"
+    if req.stream:
+        return (
+            "stream",
+            "a job's progress streams from /v1/jobs/{id}/events; stream is for generations",
+        )
+    return unsupported(req)
+
+
+def accepted(handle: JobHandle) -> bool:
+    future = handle.accepted
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
+def job_routes(ctx: Context, book: JobBook) -> APIRouter:
     router = APIRouter()
-    jobs: OrderedDict[str, JobState] = OrderedDict()
+
+    def image_data(served: Served, req: ImageRequest, tenant: str) -> ImageData:
+        """The job's image as its request asked (format, and a link or base64)."""
+        meta = meta_of(served)
+        if req.response_format == "url":
+            image = encode_image(served.result.png, req.output_format, req.output_compression)
+            media = MEDIA_TYPES[req.output_format or "png"]
+            image_id = ctx.images.put(tenant, image, time.monotonic(), media)
+            return ImageData(url=ctx.image_url(image_id), promptserve=meta)
+        return ImageData(b64_json=b64_of(served.result.png, req), promptserve=meta)
 
     @router.post("/v1/jobs", status_code=202)
     async def create_job(req: ImageRequest, request: Request):
-        if req.n != 1:
-            return error(422, "n: a job makes one image; send one job per image", "n")
         tenant = ctx.checked_tenant(req, request)
         if isinstance(tenant, JSONResponse):
             return tenant
+        refusal = job_refusal(req)
+        if refusal is not None:
+            return error(400, refusal[1], refusal[0])
         state = JobState(new_id(), tenant)
         ctx.metrics.submitted.inc()
         handle = JobHandle(state.emit, asyncio.get_running_loop().create_future())
         state.handle = handle
         deadline_s = ctx.deadline_s(req)
+        book.add(state)
 
         async def run() -> None:
             start = time.monotonic()
@@ -43,37 +74,33 @@ def job_routes(ctx: Context) -> APIRouter:
                 served = await ctx.runtime.submit(
                     req.prompt, tenant, deadline_s, handle, seed=req.seed, look=ctx.look(req)
                 )
+                ctx.metrics.count(served, deadline_s, time.monotonic() - start, ctx.size_of(req))
+                data = await asyncio.to_thread(image_data, served, req, tenant)
+                state.finish("succeeded", data=data)
             except Exception as exc:  # refused, dropped, cancelled or failed: the job says which
                 ctx.metrics.count(exc, deadline_s, time.monotonic() - start)
-                state.finish(
-                    "cancelled" if isinstance(exc, Cancelled) else "failed", error=str(exc)
-                )
-                return
-            ctx.metrics.count(served, deadline_s, time.monotonic() - start, ctx.size_of(req))
-            data = ImageData(b64_json=b64(served.result.png), promptserve=meta_of(served))
-            state.finish("succeeded", data=data)
+                cancelled = isinstance(exc, Cancelled)
+                state.finish("cancelled" if cancelled else "failed", error=public_message(exc))
+            finally:
+                if accepted(handle):
+                    book.ended(state, time.monotonic())
+                else:  # refused before it was queued: the POST answers that, no job remains
+                    book.live.pop(state.id, None)
 
         state.task = asyncio.create_task(run())
         try:
             await handle.accepted
-        except Unmeetable as exc:
-            return error(422, str(exc), "deadline_ms")
-        except Refused as exc:
-            return error(429, str(exc), None, {"Retry-After": str(int(exc.retry_after_s + 0.999))})
-        except Exception as exc:  # failed before it was queued: say so, never hang
-            return error(503, f"the job could not be queued: {exc}", None)
-        jobs[state.id] = state
-        forget_finished(jobs, KEPT_JOBS)
+        except BaseException as exc:
+            return outcome_error(exc)
         return {"id": state.id, "status": state.status}
 
     def find_job(job_id: str, request: Request) -> JobState | JSONResponse:
         if not valid_id(job_id):
             return error(400, "job id must be 32 hex characters", "job_id")
-        state = jobs.get(job_id)
-        if state is None or state.tenant != tenant_for(
-            ctx.keys, request.headers.get("authorization")
-        ):
-            return error(404, f"job {job_id} not found", "job_id")
+        tenant = tenant_for(ctx.keys, request.headers.get("authorization"))
+        state = book.get(job_id, tenant, time.monotonic())
+        if state is None:
+            return error(404, f"job {job_id} not found or expired", "job_id")
         return state
 
     @router.get("/v1/jobs/{job_id}")
@@ -83,13 +110,17 @@ def job_routes(ctx: Context) -> APIRouter:
 
     @router.delete("/v1/jobs/{job_id}")
     async def cancel_job(job_id: str, request: Request):
+        """Cancels between two steps: the job's view once it has stopped, or 202 with its
+        status now where the step it is in outlasts ``CANCEL_WAIT_S`` (it stops after it)."""
         state = find_job(job_id, request)
         if isinstance(state, JSONResponse):
             return state
         if state.status in FINAL:
             return error(409, f"job {job_id} already {state.status}", "job_id")
         ctx.runtime.cancel(state.handle)
-        await asyncio.wait_for(asyncio.shield(state.task), timeout=60)
+        done, _ = await asyncio.wait({state.task}, timeout=CANCEL_WAIT_S)
+        if not done:
+            return JSONResponse({**state.view(), "cancel_requested": True}, status_code=202)
         return state.view()
 
     @router.get("/v1/jobs/{job_id}/events")
@@ -101,15 +132,18 @@ def job_routes(ctx: Context) -> APIRouter:
         async def stream():
             sent = 0
             changed = state.listen()
-            while True:
-                changed.clear()
-                while sent < len(state.events):
-                    kind, data = state.events[sent]
-                    sent += 1
-                    yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
-                if state.status in FINAL:
-                    return
-                await changed.wait()
+            try:
+                while True:
+                    changed.clear()
+                    while sent < len(state.events):
+                        kind, data = state.events[sent]
+                        sent += 1
+                        yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+                    if state.status in FINAL:
+                        return
+                    await changed.wait()
+            finally:  # ended, or the client went away: its listener goes with it
+                state.unlisten(changed)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 

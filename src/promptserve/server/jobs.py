@@ -1,24 +1,19 @@
 """Asynchronous jobs (``/v1/jobs``): each one's status and the event log its SSE subscribers
-replay, and how many finished ones are kept."""
+replay, and which finished ones are kept (per tenant, by count, bytes and age:
+``kept.TenantShelf``), so that one tenant's churn never pushes out another's results."""
 
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
 
+from promptserve.server.kept import Bounds, TenantShelf
 from promptserve.server.runtime import JobHandle
 from promptserve.server.schemas import ImageData
 
 FINAL = ("succeeded", "failed", "cancelled")
-KEPT_JOBS = 512  # finished jobs kept for polling; queued and running ones always stay
-
-
-def forget_finished(jobs: OrderedDict, keep: int) -> None:
-    """Forget the oldest finished jobs beyond ``keep``; a queued or running job stays however
-    many there are (admission bounds those), so its id keeps answering until it ends."""
-    extra = len(jobs) - keep
-    for job_id in [j for j, state in jobs.items() if state.status in FINAL][: max(extra, 0)]:
-        del jobs[job_id]
+# finished jobs kept for polling, per tenant; queued and running ones always stay (admission
+# bounds those)
+JOB_BOUNDS = Bounds(count=256, bytes=256 << 20, ttl_s=3600.0)
 
 
 class JobState:
@@ -33,12 +28,20 @@ class JobState:
         self.error: str | None = None
         self.handle: JobHandle | None = None
         self.task: asyncio.Task | None = None
-        self._listeners: list[asyncio.Event] = []  # one per SSE subscriber
+        self._listeners: set[asyncio.Event] = set()  # one per SSE subscriber while it reads
 
     def listen(self) -> asyncio.Event:
         event = asyncio.Event()
-        self._listeners.append(event)
+        self._listeners.add(event)
         return event
+
+    def unlisten(self, event: asyncio.Event) -> None:
+        """A subscriber's stream ended (read to the end, or its client went away)."""
+        self._listeners.discard(event)
+
+    @property
+    def listeners(self) -> int:
+        return len(self._listeners)
 
     def _notify(self) -> None:
         for event in self._listeners:
@@ -60,6 +63,12 @@ class JobState:
         self.status = status
         self._notify()
 
+    @property
+    def size(self) -> int:
+        """Bytes it holds, roughly: its image (base64) and its event log."""
+        image = len(self.data.b64_json or "") if self.data is not None else 0
+        return image + 64 * len(self.events)
+
     def view(self) -> dict:
         out: dict = {"id": self.id, "status": self.status, "step": self.step}
         if self.data is not None:
@@ -67,3 +76,27 @@ class JobState:
         if self.error is not None:
             out["error"] = {"message": self.error}
         return out
+
+
+class JobBook:
+    """Every job the server knows: the live ones by id, the finished ones on a shelf."""
+
+    def __init__(self, bounds: Bounds = JOB_BOUNDS) -> None:
+        self.live: dict[str, JobState] = {}
+        self.finished: TenantShelf[JobState] = TenantShelf(bounds)
+
+    def add(self, state: JobState) -> None:
+        self.live[state.id] = state
+
+    def ended(self, state: JobState, now: float) -> None:
+        """The job is final: from now on it is kept within its tenant's bounds."""
+        if self.live.pop(state.id, None) is not None:
+            self.finished.put(state.tenant, state.id, state, now, state.size)
+
+    def get(self, job_id: str, tenant: str | None, now: float) -> JobState | None:
+        """The job, if it is ``tenant``'s and still kept."""
+        state = self.live.get(job_id)
+        if state is None:
+            kept = self.finished.get(job_id, now)
+            state = None if kept is None else kept[1]
+        return state if state is not None and state.tenant == tenant else None

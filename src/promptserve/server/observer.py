@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from promptserve.engine.lora import residency_stats
 from promptserve.server.metrics import History, Metrics, exposition
 from promptserve.server.runtime import LiveRuntime
+
+log = logging.getLogger(__name__)
 
 
 def scrape(runtime: LiveRuntime, metrics: Metrics) -> bytes:
@@ -53,5 +56,9 @@ def scrape(runtime: LiveRuntime, metrics: Metrics) -> bytes:
 async def record(runtime: LiveRuntime, metrics: Metrics, history: History) -> None:
     """``/metrics`` once a second into the history the dashboard reloads from."""
     while True:
-        history.record(time.time() * 1000, scrape(runtime, metrics))
+        try:
+            history.record(time.time() * 1000, scrape(runtime, metrics))
+        except Exception:  # one bad reading must not end the history for good
+            log.exception("reading the metrics for the history failed; next try in 1 s")
+            runtime.counters.loop_errors += 1
         await asyncio.sleep(1.0)

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +70,12 @@ __all__ = [
 ]
 
 
+def random_seed() -> int:
+    """A default seed: random, so that a seed tells a tenant nothing of how many images the
+    server made for others (a counter did); the answer carries it, so the image reproduces."""
+    return secrets.randbelow(2**32)
+
+
 class LiveRuntime:
     """The shared core, over the policy's scheduler. A family implements ``_build``, ``start``
     and ``_placed``, runs the work, and answers it through ``_serve``."""
@@ -85,9 +92,11 @@ class LiveRuntime:
         seed: int = 0,
         expected_qpm: float = 1.0,
         pause: Pause = wall_pause,
+        seeds: Callable[[], int] = random_seed,
     ) -> None:
         """``clock`` and ``pause`` are every reading of time and every wait of the loops: a
-        test drives the runtime on a clock of its own by passing both."""
+        test drives the runtime on a clock of its own by passing both. ``seeds`` gives an
+        image's seed where its request names none."""
         self.workers, self.cache = workers, cache
         self.guidance = workers.guidance  # read once: workers without it fail here, not mid-run
         # the sizes as the policy times them: a request's ``shape`` is its size's index here
@@ -97,7 +106,7 @@ class LiveRuntime:
         if len(setting.profiles[0].shape_weights) != len(self.shapes):
             profiles = tuple(for_sizes(p, self.shapes) for p in setting.profiles)
             setting = dataclasses.replace(setting, profiles=profiles)
-        self.pause = pause
+        self.pause, self.seeds = pause, seeds
         self.policy, self.setting, self.quality = policy, setting, quality
         self.clock = clock
         self.levels = setting.profiles[0].levels
@@ -223,9 +232,13 @@ class LiveRuntime:
         with self._later_lock:
             batch, self._later, self._trip_queued = self._later, [], False
         self.counters.write_trips += 1
-        with self.cache.group():
-            for fn, args in batch:
-                fn(*args)
+        try:
+            with self.cache.group():  # writes nested in it commit here, once
+                for fn, args in batch:
+                    fn(*args)
+        except Exception:  # nobody awaits this trip: log and count it, never lose it silently
+            log.exception("cache commit failed for a trip of %d writes", len(batch))
+            self.counters.cache_update_failures += len(batch)
 
     async def submit(
         self,
@@ -276,7 +289,7 @@ class LiveRuntime:
             raise Cancelled("cancelled before it was queued")
         job_id = next(self.ids)
         future = asyncio.get_running_loop().create_future()
-        seed = job_id if seed is None else seed
+        seed = self.seeds() if seed is None else seed
         p = Pending(prompt, space, vec, hit, future, now, seed, handle, k_opt, look)
         self.pending[job_id] = p
         shape = shape_index(self.shapes, look.size)

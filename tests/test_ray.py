@@ -17,6 +17,7 @@ import safetensors.torch
 from PIL import Image
 
 from factories import until_cached
+from promptserve.cache.latents import BLOCK, FOLDER_BYTES, allocated
 from promptserve.distributed import RaySettings, run_on_ray
 from promptserve.distributed.chaos import kill_busy_worker, wait_workers_up
 from promptserve.distributed.tenant_router import SESSION_HEADER, SESSION_HEADER_ENV
@@ -86,8 +87,21 @@ def test_two_ingress_replicas_each_hold_their_tenants_and_their_caches(ray_setti
     # each replica's entries and latents in its own folder
     for shard in (0, 1):
         assert list((tmp_path / f"ingress-{shard}").rglob("*.safetensors"))
-    # requests with no key route too (the router hands them to any replica with room)
-    assert httpx.get(f"{url}/v1/cluster", timeout=30).json()["ingress"]["of"] == 2
+    # requests with no key are spread over the replicas, and an image link reaches the image
+    # whichever replica the router picks (the one asked fetches it from its holder)
+    answered_by = {
+        httpx.get(f"{url}/v1/cluster", timeout=30).json()["ingress"]["shard"] for _ in range(12)
+    }
+    assert answered_by == {0, 1}
+    for tenant in (first, other_shard):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=f"sk-{tenant}", max_retries=0)
+        link = (
+            client.images.generate(prompt="a kite", size="64x64", response_format="url").data[0].url
+        )
+        assert int(link.rsplit("/", 1)[1][:2], 16) == ring.shard_of(tenant)  # its holder
+        fetched = [httpx.get(f"{url}{link}", timeout=30) for _ in range(8)]
+        assert {r.status_code for r in fetched} == {200}
+        assert len({r.content for r in fetched}) == 1
     with pytest.raises(openai.AuthenticationError):  # an unknown key routes, and is refused
         openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).images.generate(
             prompt="a lighthouse at dusk", size="64x64"
@@ -110,7 +124,7 @@ def test_openai_client_through_ray_with_replicas_at_two_levels(ray_settings, tmp
     workers = httpx.get(f"{url}/v1/cluster").json()["workers"]
     assert sum(w["batches"] for w in workers) == 2
     # the replicas wrote the latents to the shared store themselves
-    on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
+    on_disk = sum(allocated(p.stat()) for p in tmp_path.rglob("*.safetensors"))
     assert sum(w["bytes_written"] for w in workers) == on_disk > 0
     assert_streams(client)
     assert_every_size_at_once(client, url)
@@ -221,7 +235,7 @@ def test_step_level_serving_on_ray_resumes_from_the_shared_store_and_cancels(
     assert inked.model_extra["promptserve"]["lora"] == [{"name": "ink", "scale": 1.0}]
     assert inked.b64_json != plain.b64_json
     workers = httpx.get(f"{url}/v1/cluster").json()["workers"]
-    on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
+    on_disk = sum(allocated(p.stat()) for p in tmp_path.rglob("*.safetensors"))
     assert sum(w["bytes_written"] for w in workers) == on_disk > 0
     assert sum(w["steps"] for w in workers) > 0 and sum(w["batches"] for w in workers) == 0
     assert_streams(client)
@@ -232,14 +246,16 @@ def test_on_ray_the_ingress_evicts_what_the_workers_wrote_within_the_quota(ray_s
     from promptserve.cache.approx import audit
     from promptserve.server import cache_root
 
-    # a tiny-model entry is 5 latent files of about 1.2 KB: the quota holds two entries
-    url = deploy(ray_settings, tmp_path, model="tiny", slo_s=120, cache_max_bytes=13_000)
+    # a tiny-model entry is 5 latent files of about 1.2 KB, a 4 KiB block each on the disk,
+    # beside its tenant's folder: the quota holds two entries
+    quota = 2 * 5 * BLOCK + FOLDER_BYTES + 1000
+    url = deploy(ray_settings, tmp_path, model="tiny", slo_s=120, cache_max_bytes=quota)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
     for prompt in ("a red fox", "a blue whale", "a green parrot", "a grey wolf", "a red fox"):
         client.images.generate(prompt=prompt, size="64x64")
     assert read_metric(url, "promptserve_cache_evictions") >= 2
-    on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.safetensors"))
-    assert on_disk == read_metric(url, "promptserve_cache_bytes") <= 13_000
+    on_disk = sum(allocated(p.stat()) for p in tmp_path.rglob("*.safetensors"))
+    assert on_disk + FOLDER_BYTES == read_metric(url, "promptserve_cache_bytes") <= quota
     state = audit(cache_root(tmp_path))
     assert state["orphans"] == 0 and state["dangling"] == 0 and state["rows"] >= 1
 

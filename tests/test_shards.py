@@ -66,6 +66,36 @@ def test_the_ring_spreads_tenants_and_adding_a_shard_moves_only_what_it_takes():
 # -- the controller ----------------------------------------------------------------------------
 
 
+def test_the_tenant_router_routes_keys_by_the_ring_peers_by_name_and_the_rest_spread():
+    from promptserve.distributed.tenant_router import PEER, session_header_trusted, shard_for
+    from promptserve.edge.keys import key_digest
+
+    ring = ShardRing(2)
+    tenants = {key_digest(f"sk-key-of-tenant-{i}"): f"tenant-{i}" for i in range(20)}
+    for i in range(20):  # a tenant's key always lands on its tenant's shard
+        shards = {
+            shard_for(f"Bearer sk-key-of-tenant-{i}", f"r{j}", ring, tenants) for j in range(9)
+        }
+        assert shards == {ring.shard_of(f"tenant-{i}")}
+    assert shard_for(f"{PEER}1", "r", ring, tenants) == 1  # an ingress replica asking a peer
+    # no key, or a key nobody holds: spread by the request id over both shards
+    assert {shard_for("", f"r{j}", ring, tenants) for j in range(40)} == {0, 1}
+    assert {shard_for(f"Bearer wrong-{j}", f"r{j}", ring, tenants) for j in range(40)} == {0, 1}
+    assert shard_for("Bearer sk-key-of-tenant-0", "r", ring, {}) == ring.shard_of("default")
+    assert session_header_trusted("authorization") and session_header_trusted("Authorization")
+    assert not session_header_trusted("x-session-id")  # Serve's default: a client's own header
+
+
+def test_the_ring_remembers_a_bounded_number_of_tenants():
+    from promptserve.policy.shards import MEMO_TENANTS
+
+    ring = ShardRing(3)
+    for i in range(3 * MEMO_TENANTS):
+        ring.shard_of(f"t{i}")
+    assert len(ring._memo) <= MEMO_TENANTS
+    assert ring.shard_of("t5") == ShardRing(3).shard_of("t5")  # forgetting changes nothing
+
+
 def test_targets_follow_the_step_work_and_sum_to_the_pool():
     targets = gpu_targets([load(300.0), load(100.0), load(0.0), load(100.0)], 64)
     assert sum(targets) == 64 and min(targets) >= 1

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from ray.serve.config import RequestRouterConfig
 from promptserve.distributed.ray_workers import RayWorkers
 from promptserve.distributed.replica import EngineWorker
 from promptserve.distributed.tenant_router import (
+    PEER,
     SESSION_HEADER,
     SESSION_HEADER_ENV,
     STATS_PERIOD_S,
@@ -23,11 +25,15 @@ from promptserve.distributed.tenant_router import (
 )
 from promptserve.edge.keys import KeyTable
 from promptserve.errors import InputError
+from promptserve.policy.shards import ShardRing
 from promptserve.profile import profile_for
 from promptserve.server import ServerConfig, app_for, engine_args, latents_dir
+from promptserve.server.context import error
+from promptserve.server.schemas import MAX_DEADLINE_MS
 
 log = logging.getLogger(__name__)
 APP_NAME = "promptserve"
+REQUEST_TIMEOUT_S = MAX_DEADLINE_MS / 1000 + 60.0
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,9 @@ class RaySettings:
     worker_gpus: float | None = None  # None: 1 when the device is CUDA, else 0
     num_cpus: int | None = None  # a local Ray's CPU count (tests use 2)
     ingress_replicas: int = 1  # each owns a slice of the workers and its tenants' caches
+    # the proxy ends any request after this (the longest deadline a request may ask, and a
+    # minute): nothing is held forever, whatever goes wrong behind it
+    request_timeout_s: float = REQUEST_TIMEOUT_S
 
     @classmethod
     def from_settings(cls, s) -> RaySettings:
@@ -78,6 +87,9 @@ class Ingress:
             w = self.workers
             w.profile = profile_for(config.profile, w.name, w.total_steps, w.levels)
         self.api = app_for(config, self.workers)
+        if self.shards > 1:
+            self._share_images()
+            self._own_tenants_only(KeyTable(config.api_keys))
 
         @self.api.get("/v1/cluster")
         async def cluster():
@@ -88,6 +100,45 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         return self.api
+
+    def _share_images(self) -> None:
+        """Image ids start with this replica's shard; one asked for another's image fetches it
+        from that replica (keyless links are spread over the replicas by the router)."""
+        ctx = self.api.state.context
+        ctx.images.prefix = f"{self.shard:02x}"
+        me = serve.get_replica_context().deployment
+
+        async def peer_image(image_id: str) -> tuple[bytes, str] | None:
+            shard = int(image_id[:2], 16)
+            if shard == self.shard or shard >= self.shards:
+                return None
+            peers = serve.get_deployment_handle(me, APP_NAME)
+            call = peers.options(session_id=f"{PEER}{shard}", method_name="image_bytes")
+            return await call.remote(image_id)
+
+        ctx.peer_image = peer_image
+
+    def image_bytes(self, image_id: str) -> tuple[bytes, str] | None:
+        """An image this replica holds, for a peer asked for it."""
+        return self.api.state.context.images.get(image_id, time.monotonic())
+
+    def _own_tenants_only(self, keys: KeyTable) -> None:
+        """A caller whose tenant another replica owns is refused (421), never served here: its
+        cache partition is there. It happens only where the proxy does not route by the key
+        (``RAY_SERVE_SESSION_ID_HEADER_KEY`` unset on a node), which the answer names."""
+        ring = ShardRing(self.shards)
+
+        @self.api.middleware("http")
+        async def misrouted(request, call_next):
+            tenant = keys.tenant(request.headers.get("authorization"))
+            if tenant is not None and ring.shard_of(tenant) != self.shard:
+                return error(
+                    421,
+                    "this ingress replica does not hold your tenant: the cluster's proxies must "
+                    f"route by API key ({SESSION_HEADER_ENV}={SESSION_HEADER} on every node)",
+                    "authorization",
+                )
+            return await call_next(request)
 
     def record_routing_stats(self) -> dict:
         """What ``TenantRouter`` routes by."""
@@ -170,6 +221,12 @@ def run_on_ray(config: ServerConfig, settings: RaySettings) -> str:
             log_to_driver=False,
             configure_logging=False,
         )
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.start(
+        http_options={
+            "host": settings.host,
+            "port": settings.port,
+            "request_timeout_s": settings.request_timeout_s,
+        }
+    )
     serve.run(deploy_app(config, settings), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{settings.host}:{settings.port}"

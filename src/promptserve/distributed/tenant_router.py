@@ -66,6 +66,15 @@ def session_header_trusted(header: str) -> bool:
     return header.lower().replace("_", "-") == SESSION_HEADER
 
 
+def shard_for(session: str, request_id: str, ring: ShardRing, tenants: dict[str, str]) -> int:
+    """The shard a request goes to: a peer's by name, a known tenant's by the ring, any other
+    spread by its request id."""
+    if session.startswith(PEER) and session[len(PEER) :].isdigit():
+        return int(session[len(PEER) :]) % ring.n_shards
+    tenant = tenant_of(session, tenants)
+    return ring.spread(request_id) if tenant is None else ring.shard_of(tenant)
+
+
 class TenantRouter(RequestRouter):
     def initialize_state(self, shards: int = 1, tenants: dict[str, str] | None = None) -> None:
         from ray.serve._private.constants import SERVE_SESSION_ID
@@ -82,16 +91,6 @@ class TenantRouter(RequestRouter):
                 SESSION_HEADER,
             )
 
-    def shard_for(self, session: str, request_id: str) -> int:
-        """The shard a request goes to: a peer's by name, a known tenant's by the ring, any
-        other spread by its request id."""
-        if session.startswith(PEER) and session[len(PEER) :].isdigit():
-            return int(session[len(PEER) :]) % self.ring.n_shards
-        tenant = tenant_of(session, self.tenants) if self.trusted else None
-        if tenant is not None:
-            return self.ring.shard_of(tenant)
-        return self.ring.spread(request_id)
-
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
@@ -100,7 +99,8 @@ class TenantRouter(RequestRouter):
         if pending_request is None:  # the loop below never asks without a request
             return [candidate_replicas]
         meta = pending_request.metadata
-        shard = self.shard_for(meta.session_id or "", meta.internal_request_id)
+        session = (meta.session_id or "") if self.trusted else ""
+        shard = shard_for(session, meta.internal_request_id, self.ring, self.tenants)
         mine = [r for r in candidate_replicas if r.routing_stats.get("shard") == shard]
         # where that replica cannot take it now (or its stats are not polled yet), Serve backs
         # off before asking again, as its own router does on its last tier

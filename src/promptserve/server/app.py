@@ -58,6 +58,7 @@ def create_app(
 
     app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan)
     app.state.runtime = runtime  # for operators' tooling and tests: the live policy state
+    app.state.context = ctx  # what the routes share (a Ray ingress sets where peers' images are)
     app.state.http_limits = limits  # the connection's limits, for whoever serves this app
     app.add_middleware(RequestGate, max_body_bytes=max_body_bytes, keys=table, limits=limits)
     app.include_router(image_routes(ctx))

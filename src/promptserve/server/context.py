@@ -4,6 +4,7 @@ they give when a request cannot go on (the API's error shape)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
@@ -63,6 +64,8 @@ class Context:
     model_names: tuple[str, ...]  # the served id first, then its aliases: what model= matches
     metrics: Metrics = field(default_factory=Metrics)
     images: ImageStore = field(default_factory=ImageStore)
+    # where an image this process does not hold may be (another ingress replica on Ray)
+    peer_image: Callable[[str], Awaitable[tuple[bytes, str] | None]] | None = None
 
     def deadline_s(self, req: ImageRequest) -> float:
         """The request's deadline, seconds from its arrival."""

@@ -205,6 +205,8 @@ def image_routes(ctx: Context) -> APIRouter:
         if not valid_id(image_id):
             return error(400, "image id must be 32 hex characters", "image_id")
         kept = ctx.images.get(image_id, time.monotonic())
+        if kept is None and ctx.peer_image is not None:
+            kept = await ctx.peer_image(image_id)
         if kept is None:
             return error(404, f"image {image_id} not found or expired", "image_id")
         return Response(kept[0], media_type=kept[1])

@@ -32,6 +32,9 @@ def visible(prompt: str) -> bool:
     )
 
 
+MAX_DEADLINE_MS = 3_600_000  # the longest deadline a request may ask (an hour)
+
+
 class LoraRef(BaseModel):
     """One adapter a request runs with (``serve --lora-dir``'s ``NAME.safetensors``)."""
 
@@ -60,7 +63,7 @@ class ImageRequest(BaseModel):
     partial_images: int | None = Field(default=None, ge=0, le=3)
     user: str | None = Field(default=None, max_length=256)
     # extensions
-    deadline_ms: int | None = Field(default=None, ge=100, le=3_600_000)
+    deadline_ms: int | None = Field(default=None, ge=100, le=MAX_DEADLINE_MS)
     # the start noise: the same prompt, seed, level and neighbour give the same image (with
     # n > 1, image i has seed + i); default one of the server's own
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1 - MAX_IMAGES)

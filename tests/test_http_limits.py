@@ -2,6 +2,8 @@
 authentication before validation, invisible prompts, image links and ids, and work for nobody."""
 
 import asyncio
+import contextlib
+import re
 import socket
 import time
 
@@ -74,6 +76,40 @@ def test_one_address_holds_at_most_its_cap_of_connections(guarded):
             s.close()
     time.sleep(0.1)
     assert httpx.get(guarded + "/healthz").status_code == 200  # the count went back down
+
+
+def test_a_client_that_never_reads_its_answer_is_dropped_within_the_send_timeout(tmp_path):
+    """An answer far larger than the kernel may hold for the connection, and a client that
+    reads none of it: after the send timeout the server drops the connection (a client reading
+    later finds the answer cut short), and serves others meanwhile."""
+    limits = HttpLimits(send_timeout_s=1.0, send_buffer_bytes=4096)
+    app = tiny_app(tmp_path, http=limits)
+    body = b'{"prompt": "a kite", "n": 10, "size": "96x64", "response_format": "b64_json"}'
+    with LiveServer(app) as url:
+        with socket.create_connection(("127.0.0.1", port_of(url))) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            s.sendall(
+                b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
+                b"content-type: application/json\r\ncontent-length: "
+                + str(len(body)).encode()
+                + b"\r\n\r\n"
+                + body
+            )
+            assert httpx.get(url + "/healthz").status_code == 200  # others are served
+            deadline = time.monotonic() + 120
+            while app.state.runtime.pending or time.monotonic() < deadline - 119:
+                time.sleep(0.1)  # the images are being made
+                assert time.monotonic() < deadline
+            time.sleep(3 * limits.send_timeout_s)  # the answer sent, and never read
+            got = bytearray()
+            s.settimeout(10.0)
+            with contextlib.suppress(ConnectionResetError):  # a reset, or an early end
+                while chunk := s.recv(65536):
+                    got.extend(chunk)
+        head, _, rest = bytes(got).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))
+        assert len(rest) < length, (len(rest), length)  # cut short: the connection was dropped
 
 
 def test_a_caller_without_a_key_learns_nothing_of_the_schema(guarded):

@@ -22,6 +22,7 @@ max_header_bytes = 16384  # a larger request head: 431
 max_headers = 100         # more header fields: 431
 header_timeout_s = 10.0   # a head slower than this: 408
 body_timeout_s = 30.0     # a body slower than this after its head: 408
+send_timeout_s = 30.0     # an answer left unread this long: the connection is dropped
 max_connections_per_client = 64
 speedup = 1.0             # modelled backend: run this many times faster than the profile
 expected_qpm = 1.0        # the load the first plan is made for, before any arrival
@@ -77,6 +78,7 @@ class ServeFile(BaseModel):
     max_headers: int = Field(default=100, ge=8, le=10_000)
     header_timeout_s: float = Field(default=10.0, gt=0)
     body_timeout_s: float = Field(default=30.0, gt=0)
+    send_timeout_s: float = Field(default=30.0, gt=0)
     max_connections_per_client: int = Field(default=64, ge=1)
     access_log: bool = True  # one INFO line a request (uvicorn's); off under load tests
     speedup: float = Field(default=1.0, gt=0)
@@ -168,6 +170,7 @@ def server_config(s: ServeFile):
             s.body_timeout_s,
             s.max_connections_per_client,
             check_proxies(s.trusted_proxies),
+            s.send_timeout_s,
         ),
         sizes,
         s.lora_dir,

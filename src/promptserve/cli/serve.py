@@ -224,6 +224,14 @@ def serve_cmd(
             help="Seconds a request's body may take after its head, else 408 (default 30).", min=0.1
         ),
     ] = None,
+    send_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds an answer may sit unread by its client before the connection is "
+            "dropped (default 30).",
+            min=0.1,
+        ),
+    ] = None,
     max_connections_per_client: Annotated[
         int | None,
         typer.Option(help="Open connections one client address may hold (default 64).", min=1),
@@ -299,6 +307,7 @@ def serve_cmd(
         "max_headers": max_headers,
         "header_timeout_s": header_timeout,
         "body_timeout_s": body_timeout,
+        "send_timeout_s": send_timeout,
         "max_connections_per_client": max_connections_per_client,
         "access_log": access_log,
     }

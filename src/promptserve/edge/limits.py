@@ -34,6 +34,12 @@ class HttpLimits:
     # proxies whose X-Forwarded-* headers are believed, and which the per-address cap spares
     # (every client behind a proxy shares its address); none by default
     trusted_proxies: tuple[str, ...] = ()
+    # an answer the client leaves unread this long (the send buffer full, not draining): the
+    # connection is dropped, and what it held with it
+    send_timeout_s: float = 30.0
+    # the kernel's send buffer per connection: what a client that never reads holds there (the
+    # rest waits in the server, where the send timeout sees it); 1 MiB keeps a fast link full
+    send_buffer_bytes: int = 1 << 20
 
     def trusts(self, host: str | None) -> bool:
         """Whether ``host`` is one of the trusted proxies (addresses or networks, or ``*``)."""

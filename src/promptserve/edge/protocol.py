@@ -4,12 +4,16 @@ before it carries a request (``HttpLimits``), and the uvicorn config that serves
 uvicorn bounds neither how long a head may take to arrive (a slowloris client holds a
 connection open forever by sending a byte now and then) nor how many connections one address
 holds, and its httptools parser takes a head of any size. These are enforced here, where a head
-that never completes can be seen; every refusal is one short HTTP answer, then the close.
+that never completes can be seen; every refusal is one short HTTP answer, then the close. Nor
+does it bound how long an answer may sit unread: a client that never reads holds its answer
+(and its connection) forever. Here the kernel holds at most ``send_buffer_bytes`` of it, and a
+connection whose writes stay paused for ``send_timeout_s`` is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import Counter
 from http import HTTPStatus
 
@@ -67,6 +71,9 @@ def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
 
         def connection_made(self, transport) -> None:  # noqa: ANN001
             super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, limits.send_buffer_bytes)
             host = self.client[0] if self.client else None
             if host is not None and not limits.trusts(host):
                 if not counts.admit(host, limits.max_connections_per_client):
@@ -76,8 +83,33 @@ def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
                 self._host = host
             self._arm("head")  # a connection that sends nothing is a head that never comes
 
+        _send_timer: asyncio.TimerHandle | None = None
+
+        def pause_writing(self) -> None:
+            """The client reads slower than we write: if it reads nothing more for the send
+            timeout, the connection is dropped with the answer it holds."""
+            super().pause_writing()
+            if self._send_timer is None:
+                self._send_timer = self.loop.call_later(limits.send_timeout_s, self._unread)
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
+
+        def _unread(self) -> None:
+            self._send_timer = None
+            if self.cycle is not None and not self.cycle.response_complete:
+                self.cycle.disconnected = True  # the app writes nothing more
+                self.cycle.message_event.set()
+            self.transport.abort()  # a close would wait for the buffer to drain: never
+
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._send_timer is not None:
+                self._send_timer.cancel()
+                self._send_timer = None
             if self._host is not None:
                 counts.release(self._host)
                 self._host = None

@@ -293,3 +293,26 @@ def test_sdxl_conditioning_runs_and_resumes_exactly():
     assert (
         np.abs(other.final_latent - full.final_latent).max() > 1e-4
     )  # the second encoder steers it
+
+
+def test_finishers_are_decoded_a_few_at_a_time_and_the_same_as_at_once(engine, monkeypatch):
+    import torch
+
+    from promptserve.engine import denoise
+
+    c = engine.c
+    latents = torch.randn(10, *c.latent_shape, generator=torch.Generator().manual_seed(3))
+    at_once = denoise.decode_png(c, latents)
+    calls: list[int] = []
+    vae_decode = c.vae.decode
+
+    def counted(x, *a, **k):
+        calls.append(len(x))
+        return vae_decode(x, *a, **k)
+
+    side = latents.shape[-1] * latents.shape[-2]
+    monkeypatch.setattr(denoise, "DECODE_LATENT_PIXELS", 3 * side)  # three per call here
+    monkeypatch.setattr(c.vae, "decode", counted)
+    chunked = c.decode(latents)
+    assert calls == [3, 3, 3, 1]
+    assert chunked == at_once  # the same PNGs, byte for byte

@@ -13,7 +13,7 @@ coefficients from per-step tables on the device: no host sync inside the loop (d
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -164,8 +164,22 @@ def denoise(
 
 
 def decode_png(c: Components, latents: torch.Tensor) -> list[bytes]:
-    with torch.no_grad():
-        return png_bytes(c.vae.decode(latents / c.vae_scale).sample)
+    def call(part: torch.Tensor) -> list[bytes]:
+        with torch.no_grad():
+            return png_bytes(c.vae.decode(part / c.vae_scale).sample)
+
+    return in_chunks(call, latents)
+
+
+DECODE_LATENT_PIXELS = 2 * 128 * 128  # one VAE call decodes at most two 1024² images' latents
+
+
+def in_chunks(decode: Callable[[torch.Tensor], list[bytes]], latents: torch.Tensor) -> list[bytes]:
+    """``decode`` over ``latents`` a few at a time: a VAE's memory grows with the pixels it
+    decodes at once, and ten finishers of the largest size in one call can exhaust a GPU that
+    runs their steps with room to spare."""
+    per = max(1, DECODE_LATENT_PIXELS // (latents.shape[-2] * latents.shape[-1]))
+    return [png for i in range(0, len(latents), per) for png in decode(latents[i : i + per])]
 
 
 def png_bytes(images: torch.Tensor) -> list[bytes]:

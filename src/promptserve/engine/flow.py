@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from promptserve.engine.base import Guidance, Look
-from promptserve.engine.denoise import Row, latent_shape, png_bytes, rows_of, scales_of
+from promptserve.engine.denoise import Row, in_chunks, latent_shape, png_bytes, rows_of, scales_of
 from promptserve.engine.featurecache import BlockCache, batch_rows, member_rows
 from promptserve.engine.lora import AdapterBank, adapters_on
 
@@ -99,9 +99,13 @@ class FlowComponents:
 
     def decode(self, latents: torch.Tensor) -> list[bytes]:
         config = self.vae.config
-        with torch.no_grad():
-            scaled = latents / config.scaling_factor + (config.shift_factor or 0.0)
-            return png_bytes(self.vae.decode(scaled.to(self.vae.dtype)).sample)
+
+        def call(part: torch.Tensor) -> list[bytes]:
+            with torch.no_grad():
+                scaled = part / config.scaling_factor + (config.shift_factor or 0.0)
+                return png_bytes(self.vae.decode(scaled.to(self.vae.dtype)).sample)
+
+        return in_chunks(call, latents)
 
     @property
     def guidance_spec(self) -> Guidance:

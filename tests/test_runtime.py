@@ -60,9 +60,49 @@ def test_a_job_whose_intake_fails_gets_an_answer_not_a_hang(tmp_path):
     with LiveServer(app) as url:
         res = httpx.post(f"{url}/v1/jobs", json={"prompt": "a red kite"}, timeout=30)
         gen = httpx.post(f"{url}/v1/images/generations", json={"prompt": "a red kite"}, timeout=30)
-    assert res.status_code == 503
-    assert "embedding model unavailable" in res.json()["error"]["message"]
-    assert gen.status_code >= 500  # the synchronous endpoint fails too, and answers
+    assert res.status_code == 500 and gen.status_code == 500  # both answer, neither hangs
+    for answer in (res, gen):  # the internal error stays in the server's log
+        assert "embedding model unavailable" not in answer.json()["error"]["message"]
+        assert answer.json()["error"]["type"] == "server_error"
+
+
+def test_a_batch_that_overruns_fails_none_of_its_requests_that_can_still_finish(
+    tmp_path, monkeypatch
+):
+    """GPU 0's first batch never returns: after the batch timeout its GPU is out and its
+    requests run on GPU 1 (another tenant's among them), each answered once."""
+    import asyncio
+    import threading
+
+    from promptserve.server import pinned
+
+    monkeypatch.setattr(pinned, "BATCH_TIMEOUT_FLOOR_S", 1.0)
+    monkeypatch.setattr(pinned, "BATCH_TIMEOUT_FACTOR", 1.0)
+    app = modeled_app(tmp_path, speedup=50.0, policy="promptserve", workers=2)
+    runtime = app.state.runtime
+    real_run, stuck = runtime.workers.run, threading.Event()
+
+    async def first_batch_on_gpu0_hangs(gpu, items, on_step, refs=None):
+        if gpu == 0 and not stuck.is_set():
+            stuck.set()
+            await asyncio.sleep(3600)
+        return await real_run(gpu, items, on_step, refs)
+
+    runtime.workers.run = first_batch_on_gpu0_hangs
+    with LiveServer(app) as url:
+        oai = client(url, timeout=120)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(
+                pool.map(
+                    lambda i: oai.images.generate(prompt=f"a kite {i}", size="1024x1024", n=1),
+                    range(6),
+                )
+            )
+    assert stuck.is_set() and runtime.counters.batch_timeouts == 1
+    assert len(answers) == 6 and all(a.data[0].b64_json for a in answers)
+    assert runtime.counters.retried >= 1  # the stuck batch's requests ran again elsewhere
 
 
 def test_the_periodic_re_plan_solves_off_the_event_loop(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -37,6 +38,8 @@ class ComputeThread:
 
     def __init__(self, name: str, torch_threads: int) -> None:
         self.torch_threads = torch_threads
+        self._running = 0  # calls submitted and not yet returned (``idle``)
+        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(
             1, thread_name_prefix=name, initializer=_set_torch_threads, initargs=(torch_threads,)
         )
@@ -46,7 +49,22 @@ class ComputeThread:
         return self._pool.submit(fn, *args, **kwargs).result()
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        with self._lock:
+            self._running += 1
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._counted, fn, args)
+
+    def _counted(self, fn: Callable[..., T], args: tuple) -> T:
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or running here: a call its caller gave up on still counts until it
+        returns (a GPU whose batch overran is not back before it is free)."""
+        return self._running == 0
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -183,9 +183,11 @@ class PinnedRuntime(LiveRuntime):
                     results = await self.workers.run(dispatch.gpu, items, on_step, refs)
                 finally:
                     await self._release(refs)
-        except TimeoutError:
+        except TimeoutError:  # its GPU is stuck: out until it answers again, as if lost
             self.counters.batch_timeouts += 1
-            self._fail_batch(dispatch, TimeoutError(f"the batch ran over {timeout_s:.0f} s"))
+            # its requests go back to the queues: those that can still finish elsewhere are
+            # served there, only those whose deadlines it took are dropped (never the others)
+            self._lose(dispatch.gpu, f"its batch ran over {timeout_s:.0f} s")
             return
         except WorkerLost as lost:  # the batch did not run: back to its queues, GPU out
             self._lose(dispatch.gpu, str(lost))

@@ -142,7 +142,8 @@ class LocalWorkers:
         """One engine resumes at any level: nothing to tell it."""
 
     async def alive(self) -> list[bool]:
-        return [True] * self.count
+        """A worker answers once its thread is free (a batch that overran may still run)."""
+        return [t.idle for t in self.threads]
 
 
 def compute_threads(count: int, torch_threads: int) -> list[ComputeThread]:

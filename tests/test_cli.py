@@ -355,3 +355,32 @@ def test_a_device_this_torch_cannot_use_is_one_line_and_exit_2(device):
     assert out.exit_code == 2, out.output
     assert "Traceback" not in out.output and len(out.output.strip().splitlines()) == 1
     assert f"--device {device}" in out.output or repr(device) in out.output
+
+
+def test_version_and_a_busy_port_refused_in_one_line_before_ray_starts():
+    import socket
+
+    out = CliRunner().invoke(app, ["--version"])
+    assert out.exit_code == 0 and re.fullmatch(r"promptserve \d+\.\d+\.\d+\n", out.output)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        res = CliRunner().invoke(
+            app, ["serve", "--ray", "--port", str(port), "--embedder", "hashing"]
+        )
+    assert res.exit_code == 2 and "is not free" in res.output
+    assert len(res.output.strip().splitlines()) == 1  # one line, no traceback
+    import ray
+
+    assert not ray.is_initialized()  # refused before Ray started
+
+
+def test_image_links_default_to_the_configured_address_never_a_request_header():
+    from promptserve.cli.serve import default_public_url
+
+    assert default_public_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    assert default_public_url("::1", 9000) == "http://[::1]:9000"
+    assert default_public_url("0.0.0.0", 80).startswith("http://") and "0.0.0.0" not in (
+        default_public_url("0.0.0.0", 80)
+    )

@@ -431,6 +431,20 @@ def test_config_file_is_validated_and_names_the_field(tmp_path):
     f.write_text("model = \n")
     with pytest.raises(InputError, match="not valid TOML"):
         load_serve_file(f)
+    # the flags' own names are keys too (--slo is slo), lists may be one string, and a key
+    # that is neither names the nearest one
+    f.write_text('slo = 40.0\nheader-timeout = 5\nsizes = ["64x64", "32x32"]\nmodel_name = "a"\n')
+    conf = load_serve_file(f)
+    assert conf.slo_s == 40.0 and conf.header_timeout_s == 5 and conf.sizes == "64x64,32x32"
+    assert conf.model_names == ["a"]
+    f.write_text("slo_seconds = 40\n")
+    with pytest.raises(
+        InputError, match="field slo_seconds: not a setting \\(did you mean 'slo_s'\\?\\)"
+    ):
+        load_serve_file(f)
+    f.write_text("slo = 40\nslo_s = 41\n")
+    with pytest.raises(InputError, match="given twice"):
+        load_serve_file(f)
 
 
 def test_serve_refuses_to_bind_beyond_localhost_without_keys(monkeypatch):

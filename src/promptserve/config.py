@@ -110,8 +110,52 @@ def load_serve_file(path: str | Path) -> ServeFile:
     return validate_settings(raw, f"config file {str(path)!r}")
 
 
+# a flag's name (``--slo`` is ``slo``) where the setting's key differs: either may be used
+FLAG_KEYS = {
+    "slo": "slo_s",
+    "api_keys": "api_keys_file",
+    "address": "ray_address",
+    "worker_cpus": "ray_worker_cpus",
+    "worker_gpus": "ray_worker_gpus",
+    "ingress_replicas": "ray_ingress_replicas",
+    "model_name": "model_names",
+    "header_timeout": "header_timeout_s",
+    "body_timeout": "body_timeout_s",
+    "send_timeout": "send_timeout_s",
+}
+LISTS = ("model_names", "trusted_proxies")  # a list, or one string (comma-separated)
+
+
+def settings_keys(raw: dict, source: str) -> dict:
+    """Keys as the flags name them or as the settings do (``-`` or ``_``), each once; an
+    unknown key is named with the nearest known one."""
+    import difflib
+
+    fields = set(ServeFile.model_fields)
+    out: dict = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        name = FLAG_KEYS.get(name, name)
+        if name not in fields:
+            known = sorted(fields | set(FLAG_KEYS))
+            near = difflib.get_close_matches(str(key).replace("-", "_"), known, n=1, cutoff=0.6)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise InputError(f"{source}: field {key}: not a setting{hint}")
+        if name in out:
+            raise InputError(f"{source}: field {key}: {name} is given twice (as flag and key)")
+        out[name] = value
+    if isinstance(out.get("sizes"), list):  # "sizes" as a list, like model_names
+        out["sizes"] = ",".join(map(str, out["sizes"]))
+    for name in LISTS:
+        if isinstance(out.get(name), str):
+            out[name] = [part.strip() for part in out[name].split(",") if part.strip()]
+    return out
+
+
 def validate_settings(raw: object, source: str) -> ServeFile:
     """Settings from a file or a Serve application's arguments; the bad field is named."""
+    if isinstance(raw, dict):
+        raw = settings_keys(raw, source)
     try:
         return ServeFile.model_validate(raw)
     except ValidationError as exc:

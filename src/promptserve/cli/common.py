@@ -22,6 +22,27 @@ thresholds_app = typer.Typer(help="Similarity -> K thresholds per embedder.", no
 app.add_typer(workload_app, name="workload")
 app.add_typer(thresholds_app, name="thresholds")
 
+
+def _version(shown: bool) -> None:
+    if shown:
+        from importlib.metadata import version
+
+        typer.echo(f"promptserve {version('promptserve')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", callback=_version, is_eager=True
+        ),
+    ] = False,
+) -> None:
+    """Prompt-aware text-to-image serving."""
+
+
 # tables are never cut to a terminal's width: without a TTY (make, CI, a pipe) rich would
 # assume 80 columns and truncate the last ones ("0.0…")
 console = Console(width=None if Console().is_terminal else 200)

@@ -253,8 +253,7 @@ def serve_cmd(
         int | None,
         typer.Option(
             help="With --ray: ingress replicas (default 1), each with its own slice of the "
-            "workers; a tenant's requests all go to one. Experimental: under sustained load "
-            "some requests go unanswered (docs/ray.md).",
+            "workers; a tenant's requests all go to one (docs/ray.md).",
             min=1,
         ),
     ] = None,
@@ -313,39 +312,72 @@ def serve_cmd(
     }
     given = {k: v for k, v in flags.items() if v is not None}
     s = validate_settings({**base.model_dump(), **given}, "serve")  # flags named like the file
+    if s.public_url is None:  # links a client can fetch: never built from a request's Host
+        s = s.model_copy(update={"public_url": default_public_url(s.host, s.port)})
     server = server_config(s)
-    if not s.ray:
-        check_port_free(s.host, s.port)  # before the model loads, not after
+    if not (s.ray and s.ray_address):  # a cluster's own proxy binds elsewhere
+        check_port_free(s.host, s.port)  # before the model loads (or Ray starts), not after
     console.print(
         f"promptserve: loading {s.model} ({s.backend or 'auto'}) with {s.workers} worker(s)…"
     )
+    if s.model == "tiny" and s.backend in (None, "tiny"):
+        console.print(
+            "[yellow]the tiny model has random weights: its images are noise "
+            "(serve a real model with --model FOLDER, see the README)[/yellow]"
+        )
     if s.ray:
         serve_on_ray(server, s)
         return
     app_ = build_app(server)
-    if s.model == "tiny" and s.backend in (None, "tiny"):
-        console.print("[yellow]the tiny model has random weights: its images are noise[/yellow]")
+    console.print(started_line(app_.state.runtime, s))
     http = uvicorn_config(
         app_, s.host, s.port, server.http, log_level="info", access_log=s.access_log
     )
     uvicorn.Server(http).run()
 
 
+def default_public_url(host: str, port: int) -> str:
+    """Where image links point without ``--public-url``: the configured address (this
+    machine's name where it binds every address)."""
+    import socket
+
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.getfqdn()
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def started_line(runtime, s) -> str:  # noqa: ANN001 - LiveRuntime, ServeFile
+    """What an operator needs at start: where, with what policy and deadline, and the links."""
+    base = f"http://{'[' + s.host + ']' if ':' in s.host else s.host}:{s.port}"
+    return (
+        f"promptserve: {runtime.workers.name} on {base}/v1 · policy {runtime.policy.name} · "
+        f"deadline {runtime.setting.slo_s:.0f} s · dashboard {base}/dashboard · "
+        f"image links {s.public_url}/v1/images/…"
+    )
+
+
 def serve_on_ray(server, s) -> None:
-    """Deploy on Ray Serve and keep the driver alive until Ctrl-C (then tear the app down)."""
-    import time
+    """Deploy on Ray Serve and keep the driver alive until Ctrl-C or SIGTERM (then tear the
+    app down, once, with no traceback)."""
+    import signal
+    import threading
 
     from ray import serve
 
     from promptserve.distributed import RaySettings, run_on_ray
 
     url = run_on_ray(server, RaySettings.from_settings(s))
-    console.print(f"promptserve on Ray Serve at {url} (Ctrl-C stops it)")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    console.print(
+        f"promptserve on Ray Serve at {url}/v1 · policy {s.policy} · dashboard {url}/dashboard "
+        f"· image links {s.public_url}/v1/images/… (Ctrl-C or SIGTERM stops it)"
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # both end the same way: one clean shutdown
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(3600):
+        pass
+    console.print("promptserve: stopping Ray Serve…")
+    serve.shutdown()
 
 
 def check_port_free(host: str, port: int) -> None:

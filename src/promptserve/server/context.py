@@ -93,7 +93,13 @@ class Context:
             )
         if req.model is not None and req.model not in self.model_names:
             served = self.model_names[0]
-            return error(404, f"model {req.model!r} is not served here (served: {served})", "model")
+            return error(
+                404,
+                f"model {req.model!r} is not served here (served: {served}); a client that "
+                f"always sends {req.model!r} works once the server adds it as an alias "
+                f"(serve --model-name {served} --model-name {req.model})",
+                "model",
+            )
         refusal = self.runtime.workers.guidance.refusal(req.negative_prompt, req.guidance_scale)
         if refusal is not None:
             return error(400, refusal[1], refusal[0])

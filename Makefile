@@ -42,7 +42,7 @@ serve: $(STAMP)
 # The Argus-shaped comparison (840 minutes compressed 10x, 8 GPUs): the published method as
 # shipped and every rival with promptserve's queue and admission (the simulate defaults).
 simulate: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/promptserve simulate --arrivals argus --time-scale 10 --gpus 8 --out out/simulate
+	HF_HUB_OFFLINE=1 $(BIN)/promptserve simulate --arrivals argus --time-scale 10 --gpus 8 --feature-cache off --out out/simulate
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_planner.py

@@ -70,7 +70,7 @@ def shown_numbers(driver) -> dict[str, float]:
         "return [...document.querySelectorAll('[data-metric]')]"
         ".map(d => [d.dataset.metric, d.querySelector('span').textContent])"
     )
-    return {name: float(value) for name, value in cells}
+    return {name: None if value == "—" else float(value) for name, value in cells}
 
 
 def test_dashboard_draws_live_series_and_shows_what_metrics_says(browser, tmp_path):
@@ -96,12 +96,22 @@ def test_dashboard_draws_live_series_and_shows_what_metrics_says(browser, tmp_pa
                     client.post(f"{url}/v1/images/generations", json={"prompt": f"a boat {i}"})
                     i += 1
 
+        browser.get(f"{url}/dashboard?interval_ms=300")
+        polls = lambda: browser.execute_script("return window.dashboard.polls || 0")  # noqa: E731
+        wait_for(lambda: polls() >= 2)
+        # before any image: no mean quality (a dash, no 0% line), and step-level serving
+        # shows requests in flight per GPU, never "workers" per level
+        idle = shown_numbers(browser)
+        assert idle["mean predicted quality"] is None
+        assert (
+            browser.execute_script("return window.dashboard.series.quality[0].points.length") == 0
+        )
+        assert {"in flight, GPU 0", "in flight, GPU 1"} <= set(idle)
+        assert not [n for n in idle if n.startswith("workers at")]
         loaders = [threading.Thread(target=load) for _ in range(4)]
         for t in loaders:
             t.start()
-        browser.get(f"{url}/dashboard?interval_ms=300")
-        polls = lambda: browser.execute_script("return window.dashboard.polls || 0")  # noqa: E731
-        wait_for(lambda: polls() >= 8)
+        wait_for(lambda: polls() >= 10)
         drawn = browser.execute_script(
             "return Object.fromEntries([...document.querySelectorAll('canvas')]"
             ".map(c => [c.id, Number(c.dataset.points || 0)]))"
@@ -162,10 +172,12 @@ def disagreements(shown: dict[str, float], url: str) -> list:
         kind, _, level = name.partition(" K=")
         if level:
             metric = {
-                "workers": "promptserve_workers_per_level",
+                "workers at": "promptserve_workers_per_level",
                 "queue": "promptserve_queue_length",
             }
             want[name] = read_metric(url, metric[kind], {"level": level})
+        if name.startswith("in flight, GPU "):
+            want[name] = read_metric(url, "promptserve_inflight", {"gpu": name.rsplit(" ", 1)[1]})
     missing = set(want) - set(shown)
     shown_to = {"cache MiB": 0.05, "cache quota MiB": 0.05}  # sizes to a tenth of a MiB
     return [(n, None, want[n]) for n in missing] + [

@@ -207,7 +207,8 @@ FeatureCacheOpt = Annotated[
     typer.Option(
         help="off|on: feature caching as a second approximation axis, a full step every r "
         "(1 to --r-max), chosen per request with K by the step-level price (promptserve-step); "
-        "a cached step at the profile's share of a full one (the reference: DeepCache's SDXL).",
+        "a cached step at the profile's share of a full one (the reference: DeepCache's SDXL). "
+        "Default on, as serve runs.",
     ),
 ]
 RMaxOpt = Annotated[

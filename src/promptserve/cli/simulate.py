@@ -78,7 +78,7 @@ def simulate_cmd(
     ] = 0,
     size_mix: SizeMixOpt = None,
     adapters: AdaptersOpt = None,
-    feature_cache: FeatureCacheOpt = "off",
+    feature_cache: FeatureCacheOpt = "on",
     r_max: RMaxOpt = 4,
     seed: SeedOpt = 0,
     cache_dir: CacheDirOpt = Path(".promptserve"),
@@ -236,7 +236,7 @@ def sweep_cmd(
     cache_dir: CacheDirOpt = Path(".promptserve"),
     size_mix: SizeMixOpt = None,
     adapters: AdaptersOpt = None,
-    feature_cache: FeatureCacheOpt = "off",
+    feature_cache: FeatureCacheOpt = "on",
     r_max: RMaxOpt = 4,
     out: Annotated[
         Path, typer.Option(help="Folder for sweep.json, sweep.md, sweep.png and sweep.html.")

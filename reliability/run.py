@@ -9,12 +9,15 @@ import time
 from reliability import (
     abandoned,
     badinput,
+    edge,
     faults,
     overload,
+    ray_ingress,
     restart,
     security,
     side_channel,
     soak,
+    tenants,
 )
 
 
@@ -26,12 +29,15 @@ def main() -> int:
         ("cache_crash", faults.cache_crashes),
         ("full_disk", faults.full_disk),
         ("security", security.run),
+        ("tenants", tenants.run),
+        ("edge", edge.run),
         ("side_channel", side_channel.run),
         ("restart", restart.run),
         ("abandoned", abandoned.run),
         ("schemathesis", badinput.schemathesis),
         ("parser_fuzz", badinput.parser_fuzz),
         ("worker_kill", faults.worker_kills),
+        ("ray_ingress", ray_ingress.run),
         ("cache_soak", soak.run),
     ]
     for name, stage in stages:
@@ -118,6 +124,24 @@ def breaches_of(r: dict) -> list[str]:
         ]
         == 0,
         "soak: serves after restart": r["cache_soak"]["kill"]["served_after_restart"],
+        "tenants: A's job outlives B's churn": r["tenants"]["churn"]["a_job_kept"],
+        "tenants: A's link outlives B's": r["tenants"]["churn"]["a_image_status"] == 200,
+        "tenants: looks within the quota": r["tenants"]["namespace_flood"][
+            "within_quota_plus_one_entry"
+        ],
+        "tenants: no empty folder": r["tenants"]["namespace_flood"]["empty_folders"] == 0,
+        "tenants: one folder a namespace": r["tenants"]["namespace_flood"]["folders"]
+        == r["tenants"]["namespace_flood"]["namespaces"],
+        "edge: never-reading clients dropped": r["edge"]["never_reading"]["dropped"]
+        == r["edge"]["never_reading"]["clients"],
+        "edge: others served meanwhile": r["edge"]["never_reading"]["served_others_meanwhile"],
+        "ray ingress: none unanswered": r["ray_ingress"]["unanswered"] == 0
+        and r["ray_ingress"]["answered"] > 0
+        and not {
+            c for c in r["ray_ingress"]["errors"] if c in ("0", "499", "500", "502", "503", "504")
+        },
+        "ray ingress: links reach their image": r["ray_ingress"]["image_links_fetched"]
+        == r["ray_ingress"]["image_links_asked"],
         "kill mid-batch and replace": all(
             k["killed_mid_batch"] and k["replica_replaced"] for k in backends(r["worker_kill"])
         ),

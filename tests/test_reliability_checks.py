@@ -33,6 +33,23 @@ GOOD = {
     "schemathesis": {"exit_code": 0},
     "parser_fuzz": {"parsers_failed": 0},
     "worker_kill": {"tiny": {"killed_mid_batch": True, "replica_replaced": True}},
+    "tenants": {
+        "churn": {"a_job_kept": True, "a_image_status": 200},
+        "namespace_flood": {
+            "within_quota_plus_one_entry": True,
+            "empty_folders": 0,
+            "folders": 4,
+            "namespaces": 4,
+        },
+    },
+    "edge": {"never_reading": {"clients": 20, "dropped": 20, "served_others_meanwhile": True}},
+    "ray_ingress": {
+        "answered": 1300,
+        "unanswered": 0,
+        "errors": {},
+        "image_links_fetched": 8,
+        "image_links_asked": 8,
+    },
     "cache_soak": {
         "prompts": 2000,
         "answers": {"200": 2000},
@@ -100,3 +117,24 @@ def test_stages_that_prove_nothing_are_breaches():
     skipped = copy.deepcopy(GOOD)
     skipped["full_disk"] = {"skipped": "no permission to mount a tmpfs"}
     assert "full disk: the stage ran" in breaches_of(skipped)
+
+
+def test_the_new_stages_breach_on_what_the_tenant_probe_found():
+    cases = [
+        (("tenants", "churn", "a_job_kept"), False, "tenants: A's job outlives B's churn"),
+        (("tenants", "churn", "a_image_status"), 404, "tenants: A's link outlives B's"),
+        (("tenants", "namespace_flood", "empty_folders"), 1475, "tenants: no empty folder"),
+        (("tenants", "namespace_flood", "folders"), 1826, "tenants: one folder a namespace"),
+        (("edge", "never_reading", "dropped"), 0, "edge: never-reading clients dropped"),
+        (("ray_ingress", "unanswered"), 16, "ray ingress: none unanswered"),
+        (("ray_ingress", "answered"), 0, "ray ingress: none unanswered"),
+        (("ray_ingress", "errors"), {"499": 4}, "ray ingress: none unanswered"),
+        (("ray_ingress", "image_links_fetched"), 4, "ray ingress: links reach their image"),
+    ]
+    for path, value, breach in cases:
+        report = copy.deepcopy(GOOD)
+        node = report
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        assert breach in breaches_of(report), breach

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections import Counter
 from http import HTTPStatus
 
@@ -103,6 +104,9 @@ def guarded_protocol(limits: HttpLimits) -> type[H11Protocol]:
             if self.cycle is not None and not self.cycle.response_complete:
                 self.cycle.disconnected = True  # the app writes nothing more
                 self.cycle.message_event.set()
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:  # a reset: the kernel drops what it still holds for the client
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.transport.abort()  # a close would wait for the buffer to drain: never
 
         def connection_lost(self, exc: Exception | None) -> None:

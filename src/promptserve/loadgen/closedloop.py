@@ -26,6 +26,7 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     queue_ms: list[float] = field(default_factory=list)  # the answer's own promptserve.queue_ms
     errors: dict[int, int] = field(default_factory=dict)  # status -> count (0: a broken socket)
+    unanswered: int = 0  # requests with no answer within the timeout (their connection closed)
 
     @property
     def requests_per_s(self) -> float:
@@ -63,9 +64,11 @@ async def closed_loop(
     deadline_ms: int = 60000,
     api_key: str | None = None,
     get: str | None = None,
+    timeout_s: float = 120.0,
 ) -> LoadResult:
     """``clients`` connections, each posting distinct prompts back to back for ``seconds``;
-    with ``get``, GETs of that path instead (the HTTP stack's own floor, e.g. ``/healthz``)."""
+    with ``get``, GETs of that path instead (the HTTP stack's own floor, e.g. ``/healthz``).
+    A request with no answer in ``timeout_s`` counts as unanswered."""
     parts = urlsplit(url)
     out = LoadResult(seconds=seconds)
     stop = time.monotonic() + seconds
@@ -83,7 +86,12 @@ async def closed_loop(
                 t0 = time.perf_counter()
                 writer.write(wire)
                 try:
-                    status, data = await read_answer(reader)
+                    status, data = await asyncio.wait_for(read_answer(reader), timeout_s)
+                except TimeoutError:
+                    out.unanswered += 1
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+                    continue
                 except (asyncio.IncompleteReadError, ConnectionError):
                     out.errors[0] = out.errors.get(0, 0) + 1
                     writer.close()
@@ -111,10 +119,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--deadline-ms", type=int, default=60000, help="each request's deadline")
     p.add_argument("--api-key", default=None, help="a bearer key, where the server wants one")
     p.add_argument("--get", default=None, help="GET this path instead (e.g. /healthz)")
+    p.add_argument("--timeout-s", type=float, default=120.0, help="unanswered after this (120)")
     a = p.parse_args(argv)
     if a.clients < 1 or a.seconds <= 0:
         p.error("--clients must be >= 1 and --seconds > 0")
-    result = asyncio.run(closed_loop(a.url, a.clients, a.seconds, a.deadline_ms, a.api_key, a.get))
+    result = asyncio.run(
+        closed_loop(a.url, a.clients, a.seconds, a.deadline_ms, a.api_key, a.get, a.timeout_s)
+    )
     json.dump(asdict(result), sys.stdout)
     sys.stdout.write("\n")
 

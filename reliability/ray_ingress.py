@@ -60,7 +60,8 @@ def run() -> dict:
                 headers={"Authorization": f"Bearer {key}"},
                 timeout=120,
             )
-            r.raise_for_status()
+            if r.status_code != 200:
+                raise RuntimeError(f"warm-up answered {r.status_code}: {r.text}")
             links.append(r.json()["data"][0]["url"])
         procs = [_load(url, key) for key in keys]
         parts = [json.loads(p.communicate(timeout=SECONDS + 3 * TIMEOUT_S)[0]) for p in procs]

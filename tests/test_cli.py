@@ -297,7 +297,7 @@ def test_the_port_check_lets_a_crashed_servers_lingering_connections_be():
     while the client holds on; the restart must bind as uvicorn does, not be refused."""
     import socket
 
-    from promptserve.cli.serve import check_port_free
+    from promptserve.cli.listen import check_port_free
 
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -377,7 +377,7 @@ def test_version_and_a_busy_port_refused_in_one_line_before_ray_starts():
 
 
 def test_image_links_default_to_the_configured_address_never_a_request_header():
-    from promptserve.cli.serve import default_public_url
+    from promptserve.cli.listen import default_public_url
 
     assert default_public_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
     assert default_public_url("::1", 9000) == "http://[::1]:9000"

@@ -297,3 +297,28 @@ def test_the_resident_bytes_bound_the_rows_and_too_few_are_named(adapters):
     assert bounded.c.lora_bank.capacity == 1 and len(bounded.c.lora_bank.index) == 1
     with pytest.raises(InputError, match="--lora-resident-bytes 10"):
         family_engine("tiny", steps=6, levels=(0, 2)).load_adapters(adapters, 8, 10)
+
+
+def test_private_adapters_load_for_every_request_and_draw_the_same_images(adapters, tmp_path):
+    """``--lora-private``: each request naming an adapter copies it in at its join, resident or
+    not (shared: resident from the start, never loaded); the images are the same either way,
+    and the policy is told to count a load every time."""
+    items = {
+        n: GenerationItem("a quiet harbour", seed=3, look=Look(lora=((n, 1.0),)))
+        for n in ("ink", "oil")
+    }
+    order = ("ink", "ink", "oil", "ink")
+    shared = family_engine("tiny", steps=6, levels=(0, 2))
+    shared.load_adapters(adapters, resident=8)
+    private = family_engine("tiny", steps=6, levels=(0, 2))
+    private.load_adapters(adapters, resident=8, private=True)
+    assert private.c.lora_bank.load_s > 0
+    for n in order:
+        a = shared.generate([items[n]])[0].final_latent
+        b = private.generate([items[n]])[0].final_latent
+        assert np.abs(a - b).max() <= 1e-6
+    assert shared.c.lora_bank.stats.loads == 0  # both resident from the start
+    assert private.c.lora_bank.stats.loads == len(order)  # a load per request
+    app = tiny_app(tmp_path, lora_dir=adapters, lora_private=True)
+    profile = app.state.runtime.setting.profiles[0]
+    assert profile.adapter_private and profile.adapter_slots == 8 and profile.adapter_load_s > 0

@@ -66,3 +66,16 @@ def test_a_pinned_batch_names_at_most_the_rows_and_counts_its_loads():
     (batch,), _ = d.step(0.0)
     assert {a for j in batch.jobs for a in j.adapters} == {1, 2}  # 3 waits for a later batch
     assert batch.end_s == pytest.approx(PROFILE.batch_latency(0, 3) + 2 * 0.5)
+
+
+def test_a_private_set_loads_every_joins_adapters_whoever_used_them():
+    """``--lora-private``: a join counts a load for each of its adapters, resident or not, so
+    another tenant's use a moment ago (shared: a hit) changes nothing."""
+    shared, private = ResidentSet(2), ResidentSet(2, private=True)
+    for held in (shared, private):
+        assert held.use([1]) == 1
+        held.release([1])
+    assert shared.missing([1]) == 0 and shared.use([1]) == 0  # another tenant's trace
+    assert private.missing([1]) == 1 and private.use([1]) == 1  # the same for everyone
+    assert private.missing([1, 2, 2]) == 2 and private.use([1, 2]) == 2
+    assert list(private.lru) == [1, 2]  # still held: the bound on rows is unchanged

@@ -71,6 +71,7 @@ class ServeFile(BaseModel):
     lora_dir: Path | None = None  # NAME.safetensors adapters a request may name
     lora_resident: int = Field(default=8, ge=1, le=1024)  # of them, on each device at once
     lora_resident_bytes: ByteSize | None = Field(default=None, gt=0)  # and their rows' bytes
+    lora_private: bool = False  # each adapter on a device only while a member names it
     feature_cache: Literal["off", "on"] = "on"  # where the engine has one (step-level only)
     r_max: int = Field(default=4, ge=1, le=63)  # the longest feature-cache interval
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
@@ -220,6 +221,7 @@ def server_config(s: ServeFile):
         s.lora_dir,
         s.lora_resident,
         int(s.lora_resident_bytes) if s.lora_resident_bytes is not None else None,
+        s.lora_private,
         s.feature_cache == "on",
         s.r_max,
     )

@@ -60,6 +60,7 @@ class Profile:
     # the seconds one takes to load into a free row
     adapter_slots: int = 0
     adapter_load_s: float = 0.0
+    adapter_private: bool = False  # held only while a running member names it (--lora-private)
     # feature caching: a cached step's time over a full one's (0: the engine has none), and
     # the longest interval a request may be served at (1: none)
     cached_step_share: float = 0.0
@@ -148,9 +149,10 @@ def for_sizes(profile: Profile, sizes: Sequence[tuple[int, int]]) -> Profile:
     return replace(profile, shape_weights=tuple(w * h / native for w, h in sizes))
 
 
-def for_adapters(profile: Profile, slots: int, load_s: float) -> Profile:
-    """``profile`` on devices that hold ``slots`` LoRA adapters at once, ``load_s`` a load."""
-    return replace(profile, adapter_slots=slots, adapter_load_s=load_s)
+def for_adapters(profile: Profile, slots: int, load_s: float, private: bool = False) -> Profile:
+    """``profile`` on devices that hold ``slots`` LoRA adapters at once, ``load_s`` a load;
+    ``private``: each held only while a running member names it."""
+    return replace(profile, adapter_slots=slots, adapter_load_s=load_s, adapter_private=private)
 
 
 # The reference's cached step: DeepCache's published 2.6x for SDXL (its README), read at its

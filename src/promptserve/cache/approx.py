@@ -45,13 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from promptserve.cache.index import (
-    CacheEntry,
-    CacheIndex,
-    EvictionPolicy,
-    latent_key,
-    tenant_namespace,
-)
+from promptserve.cache.index import CacheEntry, CacheIndex, EvictionPolicy, latent_key
 from promptserve.cache.latents import FOLDER_BYTES, LatentStore, disk_bytes
 from promptserve.cache.thresholds import Thresholds
 
@@ -336,7 +330,7 @@ class ApproxCache:
         with self._lock:
             emptied = self.index.entries_in(entry.tenant) == 0
         if emptied:  # the namespace's last entry: its folder goes too (and its quota share)
-            self.store.remove_folder(tenant_namespace(entry.tenant))
+            self.store.remove_folder(keys[0].partition("/")[0])  # its keys' folder
             freed += FOLDER_BYTES
         self._bytes -= freed
         if evicted:

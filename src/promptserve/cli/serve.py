@@ -12,7 +12,7 @@ from promptserve.cli.common import (
     console,
     user_errors,
 )
-from promptserve.errors import InputError
+from promptserve.cli.listen import check_port_free, default_public_url, started_line
 
 
 @app.command("serve")
@@ -197,6 +197,16 @@ def serve_cmd(
             "(2GiB, 500MB) or bytes; default no bound but --lora-resident.",
         ),
     ] = None,
+    lora_private: Annotated[
+        bool | None,
+        typer.Option(
+            "--lora-private/--lora-shared",
+            help="Every request naming an adapter loads it at its join, resident or not, and "
+            "admission counts that load: no tenant's timing or admission tells whether another "
+            "used an adapter (default shared: a resident adapter joins without a load; "
+            "docs/security.md).",
+        ),
+    ] = None,
     trusted_proxies: Annotated[
         str | None,
         typer.Option(
@@ -299,6 +309,7 @@ def serve_cmd(
         "lora_dir": lora_dir,
         "lora_resident": lora_resident,
         "lora_resident_bytes": lora_resident_bytes,
+        "lora_private": lora_private,
         "feature_cache": feature_cache,
         "r_max": r_max,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
@@ -336,26 +347,6 @@ def serve_cmd(
     uvicorn.Server(http).run()
 
 
-def default_public_url(host: str, port: int) -> str:
-    """Where image links point without ``--public-url``: the configured address (this
-    machine's name where it binds every address)."""
-    import socket
-
-    if host in ("0.0.0.0", "::", ""):
-        host = socket.getfqdn()
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-def started_line(runtime, s) -> str:  # noqa: ANN001 - LiveRuntime, ServeFile
-    """What an operator needs at start: where, with what policy and deadline, and the links."""
-    base = f"http://{'[' + s.host + ']' if ':' in s.host else s.host}:{s.port}"
-    return (
-        f"promptserve: {runtime.workers.name} on {base}/v1 · policy {runtime.policy.name} · "
-        f"deadline {runtime.setting.slo_s:.0f} s · dashboard {base}/dashboard · "
-        f"image links {s.public_url}/v1/images/…"
-    )
-
-
 def serve_on_ray(server, s) -> None:
     """Deploy on Ray Serve and keep the driver alive until Ctrl-C or SIGTERM (then tear the
     app down, once, with no traceback)."""
@@ -378,17 +369,3 @@ def serve_on_ray(server, s) -> None:
         pass
     console.print("promptserve: stopping Ray Serve…")
     serve.shutdown()
-
-
-def check_port_free(host: str, port: int) -> None:
-    """A port in use is bad input: say so in one line (exit 2) before anything loads. The check
-    binds as uvicorn will (``SO_REUSEADDR``), so the lingering sockets of a crashed server's
-    connections (FIN-WAIT-2, TIME-WAIT) do not refuse the supervisor's restart."""
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            raise InputError(f"port {port} on {host} is not free ({exc.strerror})") from None

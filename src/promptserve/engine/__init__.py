@@ -27,17 +27,19 @@ def make_engine(
     lora_dir: str | None = None,
     lora_resident: int = 8,
     lora_resident_bytes: int | None = None,
+    lora_private: bool = False,
 ) -> Engine:
     """``tiny`` or a local diffusers folder; ``backend="modeled"`` sleeps by the reference profile.
     ``options`` (speed: compile, CUDA graphs, channels-last, attention kernel) apply to the
     models that compute (tiny, diffusers). ``sizes``: what it serves (default its family's);
     ``lora_dir``: the adapters it serves (``engine.lora``), ``lora_resident`` of them (and at
-    most ``lora_resident_bytes`` of their rows) on the device at once."""
+    most ``lora_resident_bytes`` of their rows) on the device at once (``lora_private``: each
+    only while a call names it)."""
     engine = _engine(model, backend, device, dtype, speedup, options)
     if sizes:
         engine.set_sizes(sizes)
     if lora_dir:
-        engine.load_adapters(lora_dir, lora_resident, lora_resident_bytes)
+        engine.load_adapters(lora_dir, lora_resident, lora_resident_bytes, lora_private)
     return engine
 
 

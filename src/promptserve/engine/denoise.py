@@ -22,7 +22,7 @@ import torch
 
 from promptserve.engine.base import UNET_GUIDANCE, Guidance, Look
 from promptserve.engine.featurecache import batch_rows, is_full_step, member_rows, unet_forward
-from promptserve.engine.lora import AdapterBank, adapters_on
+from promptserve.engine.lora import AdapterBank, adapters_on, refresh_on_join
 
 
 @dataclass
@@ -284,7 +284,8 @@ class DDIMStepper:
 
     def encode(self, prompts: Sequence[str], looks: Sequence[Look] | None = None) -> list[Row]:
         """Each prompt's conditioning: the text context and (SDXL) pooled embeds, time ids, for
-        its prompt and its negative prompt."""
+        its prompt and its negative prompt. They join: a private bank loads their adapters."""
+        refresh_on_join([self.c.lora_bank, *self.c.text_lora.values()], looks)
         return rows_of(
             self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native,
             self._text_loras,

@@ -27,7 +27,7 @@ import torch
 from promptserve.engine.base import Guidance, Look
 from promptserve.engine.denoise import Row, in_chunks, latent_shape, png_bytes, rows_of, scales_of
 from promptserve.engine.featurecache import BlockCache, batch_rows, member_rows
-from promptserve.engine.lora import AdapterBank, adapters_on
+from promptserve.engine.lora import AdapterBank, adapters_on, refresh_on_join
 
 FAMILIES = ("sd3", "flux")
 DEFAULT_GUIDANCE = {"sd3": 7.0, "flux": 3.5}  # the diffusers pipelines' defaults
@@ -220,7 +220,9 @@ class FlowStepper:
 
     def encode(self, prompts: Sequence[str], looks: Sequence[Look] | None = None) -> list[Row]:
         """Each prompt's conditioning, and (SD3) its negative prompt's; Flux has no negative
-        pass (the engine refuses one before it gets here)."""
+        pass (the engine refuses one before it gets here). They join: a private bank loads
+        their adapters."""
+        refresh_on_join([self.c.lora_bank], looks)
         return rows_of(
             self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native
         )

@@ -188,6 +188,9 @@ class AdapterBank:
     lru: OrderedDict = field(default_factory=OrderedDict)  # resident names, oldest first
     stats: Residency = field(default_factory=Residency)
     load_s: float = 0.0  # one load, as measured at install
+    # private (``serve --lora-private``): a joining member's adapters are copied in afresh
+    # even where resident (``refresh``), so every join pays the same load whoever used them
+    private: bool = False
 
     def carries(self, name: str) -> bool:
         """Whether adapter ``name`` has weights in this bank's part."""
@@ -220,6 +223,15 @@ class AdapterBank:
             row = self.index.pop(victim)
             del self.lru[victim]
             self.stats.evictions += 1
+        self._copy_in(name, row)
+        self.index[name] = row
+        self.lru[name] = None
+        self.stats.loads += 1
+        self.stats.load_s += time.perf_counter() - t0
+        return row
+
+    def _copy_in(self, name: str, row: int) -> None:
+        """``name``'s pairs into ``row`` of every stack, from host memory."""
         for module, (a_stack, b_stack) in self.stacks.items():
             a_host, b_host = self.host[name].get(module, (None, None))
             if a_host is None:
@@ -227,11 +239,20 @@ class AdapterBank:
             else:
                 a_stack[row].copy_(a_host, non_blocking=True)
                 b_stack[row].copy_(b_host, non_blocking=True)
-        self.index[name] = row
-        self.lru[name] = None
-        self.stats.loads += 1
-        self.stats.load_s += time.perf_counter() - t0
-        return row
+
+    def refresh(self, names: set[str]) -> None:
+        """Members join naming ``names`` (private banks only): each resident one is copied in
+        again, as a load (the same data over its own row, so members running with it see no
+        change); one not resident loads at the next call, as it would anyway. Every join then
+        pays one load per adapter, whoever used it before."""
+        if not self.private:
+            return
+        for name in sorted(n for n in names if n in self.index):
+            t0 = time.perf_counter()
+            self._copy_in(name, self.index[name])
+            self.lru.move_to_end(name)
+            self.stats.loads += 1
+            self.stats.load_s += time.perf_counter() - t0
 
     def install(self, model: torch.nn.Module, part: str, adapters: Sequence[Adapter]) -> None:
         """Wrap ``model``'s layers that ``adapters`` adapt in ``part``; adapters without
@@ -342,6 +363,14 @@ class LoRALinear(torch.nn.Module):
         return acc if x.dim() == 3 else acc.squeeze(1)
 
 
+def refresh_on_join(banks: Sequence[AdapterBank | None], looks: Sequence | None) -> None:
+    """Members join with ``looks``: a private bank copies their adapters in afresh."""
+    names = {name for look in looks or () for name, _ in look.lora}
+    for bank in banks:
+        if bank is not None and names:
+            bank.refresh(names)
+
+
 @contextmanager
 def adapters_on(bank: AdapterBank | None, per_row: Sequence[tuple], device: torch.device):
     """The adapters of each row active for one call (nothing to do without a bank)."""
@@ -397,14 +426,15 @@ def random_adapter(
     return state
 
 
-def residency(engine) -> tuple[int, float]:  # noqa: ANN001 - any engine
-    """(adapters its device holds at once, seconds a load took at start) where it serves more
-    adapters than it holds; (0, 0.0) where every adapter stays resident (nothing to count)."""
+def residency(engine) -> tuple[int, float, bool]:  # noqa: ANN001 - any engine
+    """(adapters its device holds at once, seconds a load took at start, whether every join
+    loads its adapters) where adapters are loaded while serving: it serves more than it holds,
+    or is private; (0, 0.0, False) where every adapter stays resident and nothing loads."""
     c = getattr(engine, "c", None)
     bank = getattr(c, "lora_bank", None)
-    if bank is None or len(bank.host) <= bank.capacity:
-        return 0, 0.0
-    return bank.capacity, bank.load_s
+    if bank is None or (len(bank.host) <= bank.capacity and not bank.private):
+        return 0, 0.0, False
+    return bank.capacity, bank.load_s, bank.private
 
 
 def residency_stats(engines) -> dict[str, int]:  # noqa: ANN001 - engines

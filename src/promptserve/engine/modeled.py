@@ -62,7 +62,7 @@ class ModeledEngine:
     def set_sizes(self, sizes: Sequence[tuple[int, int]]) -> None:
         self.sizes = checked(tuple(sizes), SDXL_MULTIPLE)
 
-    def load_adapters(self, folder, resident: int = 8, resident_bytes=None) -> None:  # noqa: ANN001
+    def load_adapters(self, folder, resident: int = 8, resident_bytes=None, private=False) -> None:  # noqa: ANN001
         """Names only: it computes nothing, so an adapter changes nothing but the cache's
         namespace (load tests of adapter traffic)."""
         from promptserve.engine.lora import adapter_names

@@ -153,7 +153,7 @@ def quick_profile(engine: Engine, max_batch: int = 8) -> Profile:
     c = batch_coefficient(1.65, 8)
     sizes = tuple(b for b in (1, 2, 4, 8, 16, 32) if b <= max_batch)
     levels = tuple(engine.levels)
-    slots, load_s = residency(engine)
+    slots, load_s, private = residency(engine)
     share = cached_step_share(engine) if getattr(engine, "feature_cache", False) else 0.0
     return Profile(
         name=f"{engine.name}@quick",
@@ -167,6 +167,7 @@ def quick_profile(engine: Engine, max_batch: int = 8) -> Profile:
         ),
         adapter_slots=slots,
         adapter_load_s=load_s,
+        adapter_private=private,
         cached_step_share=share,
     )
 

@@ -171,11 +171,18 @@ class DenoisingEngine:
     def adapters(self) -> tuple[str, ...]:
         return self.c.adapter_names
 
-    def load_adapters(self, folder, resident: int = 8, resident_bytes: int | None = None) -> None:  # noqa: ANN001
+    def load_adapters(
+        self,
+        folder,  # noqa: ANN001
+        resident: int = 8,
+        resident_bytes: int | None = None,
+        private: bool = False,
+    ) -> None:
         """Every adapter of ``folder`` (``serve --lora-dir``), checked against the denoiser
         and installed in it, ``resident`` of them (at most ``resident_bytes`` of rows) on the
-        device at once (the rest in host memory, loaded when a call needs one); a bad file is
-        an error naming it, before anything is served."""
+        device at once (the rest in host memory, loaded when a call needs one; ``private``:
+        none kept past the call that names it); a bad file is an error naming it, before
+        anything is served."""
         from promptserve.engine.lora import AdapterBank, load_dir
 
         c = self.c
@@ -189,11 +196,11 @@ class DenoisingEngine:
         adapters = load_dir(folder, c.family, sdxl, models)
         for part, model in models.items():
             if part in ("unet", "transformer"):
-                c.lora_bank = c.lora_bank or AdapterBank(resident, resident_bytes)
+                c.lora_bank = c.lora_bank or AdapterBank(resident, resident_bytes, private=private)
                 c.lora_bank.install(model, part, adapters)
                 resident = c.lora_bank.capacity  # the text encoders hold as many as it does
             elif any(part in a.parts for a in adapters):
-                bank = c.text_lora.setdefault(part, AdapterBank(resident))
+                bank = c.text_lora.setdefault(part, AdapterBank(resident, private=private))
                 bank.install(model, part, adapters)
         c.adapter_names = tuple(sorted({*c.adapter_names, *(a.name for a in adapters)}))
 

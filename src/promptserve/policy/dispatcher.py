@@ -57,7 +57,11 @@ class Dispatcher:
     @classmethod
     def create(cls, profiles: Sequence[Profile], config: DispatchConfig) -> Dispatcher:
         return cls(
-            [GpuState(p, None, resident=ResidentSet(p.adapter_slots)) for p in profiles], config
+            [
+                GpuState(p, None, resident=ResidentSet(p.adapter_slots, p.adapter_private))
+                for p in profiles
+            ],
+            config,
         )
 
     @property

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 @dataclass
 class ResidentSet:
     slots: int = 0  # adapters a device holds at once; 0: no bound (every adapter resident)
+    # private (``serve --lora-private``): every join loads its adapters, resident or not, so
+    # whether another tenant used one lately changes neither a join's time nor admission
+    private: bool = False
     lru: OrderedDict = field(default_factory=OrderedDict)  # adapter ids, oldest first
     refs: dict[int, int] = field(default_factory=dict)  # running members naming each
 
@@ -22,6 +25,8 @@ class ResidentSet:
         """How many of ``adapters`` would have to be loaded (distinct, not held)."""
         if not self.slots:
             return 0
+        if self.private:
+            return len(set(adapters))
         return sum(1 for a in set(adapters) if a not in self.lru)
 
     def room_for(self, adapters: Iterable[int]) -> bool:
@@ -41,6 +46,7 @@ class ResidentSet:
             self.refs[a] = self.refs.get(a, 0) + 1
             if a in self.lru:
                 self.lru.move_to_end(a)
+                loaded += self.private  # copied in afresh all the same
                 continue
             if len(self.lru) >= self.slots:
                 victim = next((v for v in self.lru if not self.refs.get(v)), None)

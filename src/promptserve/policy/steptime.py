@@ -44,6 +44,7 @@ class StepProfile:
     cached_step_share: float = 0.0  # feature caching: a cached step over a full one (0: none)
     r_max: int = 1  # the longest feature-cache interval offered (1: none)
     cached_s: tuple[float, ...] = ()  # [n - 1]: a cached step of n members, where measured
+    adapter_private: bool = False  # an adapter held only while a running member names it
 
     @property
     def max_inflight(self) -> int:
@@ -174,6 +175,7 @@ def step_profile(profile: Profile) -> StepProfile:
         profile.cached_step_share,
         profile.feature_r_max,
         per_count(cached) if len(cached) == len(counts) else (),
+        profile.adapter_private,
     )
 
 
@@ -195,7 +197,7 @@ def derived_step_profile(profile: Profile) -> StepProfile:
     return StepProfile(
         n, profile.levels, tuple(steps), per_request / 2, per_request / 2,
         profile.shape_weights, profile.adapter_slots, profile.adapter_load_s,
-        profile.cached_step_share, profile.feature_r_max,
+        profile.cached_step_share, profile.feature_r_max, adapter_private=profile.adapter_private,
     )  # fmt: skip
 
 

@@ -119,7 +119,10 @@ class StepScheduler(StepPricing):
         self.interval_q = tuple(interval_q) + (100.0,) * (len(self.intervals) - len(interval_q))
         self.levels = profile.levels
         self.index_of = {k: i for i, k in enumerate(self.levels)}
-        self.gpus = [StepGpu(i, resident=ResidentSet(profile.adapter_slots)) for i in range(n_gpus)]
+        self.gpus = [
+            StepGpu(i, resident=ResidentSet(profile.adapter_slots, profile.adapter_private))
+            for i in range(n_gpus)
+        ]
         self.cap = profile.max_inflight if config.shed else min(config.cap, profile.max_inflight)
         self.by_count = [GpuBucket() for _ in range(profile.max_inflight + 2)]
         for g in range(n_gpus):
@@ -759,7 +762,9 @@ class StepScheduler(StepPricing):
         self._tally(gpu, -1)
         held = sorted((m.job for m in gpu.by_id.values()), key=lambda j: j.id) + gpu.joining
         gpu.by_id, gpu.members, gpu.joining, gpu.shapes = {}, [], [], {}
-        gpu.resident = ResidentSet(self.profile.adapter_slots)  # its device's rows went with it
+        gpu.resident = ResidentSet(
+            self.profile.adapter_slots, self.profile.adapter_private
+        )  # its device's rows went with it
         gpu.seg_iter_s = 0.0
         self._rehold(gpu)
         return held

@@ -66,6 +66,7 @@ class ServerConfig:
     lora_dir: Path | None = None  # the LoRA adapters it serves (``engine.lora``)
     lora_resident: int = 8  # adapters on each worker's device at once (the rest in host memory)
     lora_resident_bytes: int | None = None  # and at most this many bytes of their rows
+    lora_private: bool = False  # each adapter on the device only while a member names it
     # feature caching chosen per request with K (step-level policies, engines that have it)
     feature_cache: bool = True
     r_max: int = 4  # the longest interval offered
@@ -120,7 +121,7 @@ def engine_args(config: ServerConfig, device: str) -> tuple:
         config.model, config.backend, device, config.dtype, config.speedup,
         config.engine_options, config.sizes,
         str(config.lora_dir) if config.lora_dir else None, config.lora_resident,
-        config.lora_resident_bytes,
+        config.lora_resident_bytes, config.lora_private,
     )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from factories import client, measured_profile, modeled_app, tiny_app, until_cached
 from promptserve.errors import InputError
+from promptserve.loadgen import read_metric
 from promptserve.policy.intake import DELIVERY_MARGIN_S
 from promptserve.profile import REFERENCE_CACHED_STEP_SHARE
 from promptserve.server.live import LiveServer
@@ -661,3 +662,44 @@ def test_serve_plans_from_a_measured_profile_and_refuses_one_for_another_model(t
     sdxl = Path(__file__).resolve().parents[1] / "data" / "reference_profile_sdxl.json"
     with pytest.raises(InputError, match="measured for 50 steps"):
         tiny_app(tmp_path / "b", profile=sdxl)
+
+
+def test_jobs_validate_as_generations_and_answer_in_the_format_asked(tiny_url):
+    for field, value in (("stream", True), ("style", "vivid"), ("background", "transparent")):
+        r = httpx.post(f"{tiny_url}/v1/jobs", json={"prompt": "a kite", field: value}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+
+    def done(body: dict) -> dict:
+        job_id = httpx.post(f"{tiny_url}/v1/jobs", json=body, timeout=30).json()["id"]
+        for _ in range(600):
+            job = httpx.get(f"{tiny_url}/v1/jobs/{job_id}").json()
+            if job["status"] == "succeeded":
+                return job["data"][0]
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} did not finish")
+
+    jpeg = done({"prompt": "a kite", "output_format": "jpeg"})
+    assert Image.open(io.BytesIO(base64.b64decode(jpeg["b64_json"]))).format == "JPEG"
+    linked = done({"prompt": "a kite at dusk", "response_format": "url"})
+    assert "b64_json" not in linked
+    png = httpx.get(tiny_url + linked["url"].removeprefix(tiny_url), timeout=30).content
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+
+
+def test_a_failed_cache_commit_is_counted_and_the_answer_still_goes_out(tmp_path):
+    app = modeled_app(tmp_path, speedup=50.0)
+    cache = app.state.runtime.cache
+
+    def broken_commit():  # the outermost group's commit (a trip of answered runs' writes)
+        raise OSError("disk I/O error")
+
+    cache._flush = broken_commit
+    with LiveServer(app) as url:
+        res = client(url, timeout=30).images.generate(prompt="a red kite", size="1024x1024")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            failures = read_metric(url, "promptserve_cache_update_failures")
+            if failures:
+                break
+            time.sleep(0.05)
+    assert res.data[0].b64_json and failures >= 1

@@ -703,3 +703,14 @@ def test_a_failed_cache_commit_is_counted_and_the_answer_still_goes_out(tmp_path
                 break
             time.sleep(0.05)
     assert res.data[0].b64_json and failures >= 1
+
+
+def test_the_pixel_bound_reaches_the_policy_in_images_of_the_models_size(tmp_path):
+    from promptserve.config import validate_settings
+
+    assert validate_settings({"max-inflight-megapixels": 2.5}, "f").max_inflight_megapixels == 2.5
+    with pytest.raises(InputError, match="field max_inflight_megapixels"):
+        validate_settings({"max_inflight_megapixels": 0}, "f")
+    app = tiny_app(tmp_path, policy="promptserve-step", max_inflight_megapixels=0.008192)
+    runtime = app.state.runtime
+    assert runtime.sched.profile.max_weight == pytest.approx(2.0)  # two 64x64 images

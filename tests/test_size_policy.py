@@ -203,3 +203,33 @@ def test_the_price_is_per_step_second_so_a_smaller_size_keeps_more_of_its_steps(
     last = len(sp.levels) - 1
     assert all(small[i][last] <= big[i][last] for i in rows)  # never faster for fewer pixels
     assert any(small[i][last] < big[i][last] for i in rows)
+
+
+def test_a_gpu_takes_no_more_pixels_than_its_bound_and_the_rest_wait():
+    """``--max-inflight-megapixels``: on one GPU bounded at two 1024x1024 images, two
+    native joins fit, a third waits; a 512x512 (a quarter) waits too, and everyone joins
+    once the members leave. A request alone always runs, whatever its size."""
+    from promptserve.policy.stepwise import step_profile
+
+    profile = dataclasses.replace(PROFILE, max_inflight_weight=2.0)
+    sp = step_profile(profile)
+    assert sp.max_weight == 2.0
+    config = StepConfig("zero", shed=True, admission=False)
+    sched = StepScheduler(sp, 1, QM.matrix(), config, LoadEstimator(PROFILE.levels))
+    placed = [
+        sched.intake(0.0, i, 600.0, 0, False, shape).gpu for i, shape in enumerate([0, 0, 0, 2])
+    ]
+    assert placed == [0, 0, None, None]  # the third and the small one wait
+    gpu = sched.gpus[0]
+    sched.boundary(gpu, 0.0, 0)
+    assert sorted(gpu.by_id) == [0, 1] and sched.pending() == 4
+    sched.remove(0), sched.remove(1)  # they leave (cancelled): the waiting ones join
+    sched.boundary(gpu, 1.0, 0)
+    assert sorted(j.id for j in gpu.joining) + sorted(gpu.by_id) == [2, 3]
+    unbounded = StepScheduler(
+        step_profile(PROFILE), 1, QM.matrix(), config, LoadEstimator(PROFILE.levels)
+    )
+    assert [unbounded.intake(0.0, i, 600.0, 0, False, 0).gpu for i in range(3)] == [0, 0, 0]
+    huge = dataclasses.replace(PROFILE, max_inflight_weight=0.1)
+    alone = StepScheduler(step_profile(huge), 1, QM.matrix(), config, LoadEstimator(PROFILE.levels))
+    assert alone.intake(0.0, 0, 600.0, 0, False, 0).gpu == 0  # over the bound, but alone

@@ -31,7 +31,11 @@ ray_address = "auto"      # join a running cluster; unset: start a local Ray
 ray_worker_cpus = 1.0     # CPUs reserved per worker replica
 ray_worker_gpus = 1.0     # GPUs per worker replica; unset: 1 on CUDA, else 0
 ray_ingress_replicas = 1  # ingress replicas, tenants routed to one each by a hash ring
+max_inflight_megapixels = 8.4  # step-level: at most this many megapixels running on one GPU
+lora_private = false      # true: every join loads its adapters (residency tells no tenant)
 ```
+
+Each key may also be spelt as its flag is named (``slo``, ``api-keys``, ``header-timeout``).
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ class ServeFile(BaseModel):
     lora_private: bool = False  # each adapter on a device only while a member names it
     feature_cache: Literal["off", "on"] = "on"  # where the engine has one (step-level only)
     r_max: int = Field(default=4, ge=1, le=63)  # the longest feature-cache interval
+    max_inflight_megapixels: float | None = Field(default=None, gt=0)  # per GPU, step-level
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)
     max_headers: int = Field(default=100, ge=8, le=10_000)
@@ -224,4 +229,5 @@ def server_config(s: ServeFile):
         s.lora_private,
         s.feature_cache == "on",
         s.r_max,
+        s.max_inflight_megapixels,
     )

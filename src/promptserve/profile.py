@@ -60,7 +60,10 @@ class Profile:
     # the seconds one takes to load into a free row
     adapter_slots: int = 0
     adapter_load_s: float = 0.0
-    adapter_private: bool = False  # held only while a running member names it (--lora-private)
+    adapter_private: bool = False  # every join loads its adapters (--lora-private)
+    # the most pixels in flight on one GPU, in images of the profile's size (0: no bound;
+    # ``serve --max-inflight-megapixels``)
+    max_inflight_weight: float = 0.0
     # feature caching: a cached step's time over a full one's (0: the engine has none), and
     # the longest interval a request may be served at (1: none)
     cached_step_share: float = 0.0

@@ -190,6 +190,15 @@ def serve_cmd(
         int | None,
         typer.Option(help="The longest feature-cache interval offered (default 4).", min=1, max=63),
     ] = None,
+    max_inflight_megapixels: Annotated[
+        float | None,
+        typer.Option(
+            help="Step-level serving: the most megapixels in flight on one GPU (a 1024x1024 "
+            "image is 1.05); a join past it waits for a member to leave. Default no bound: "
+            "deadlines alone set how many run.",
+            min=0.001,
+        ),
+    ] = None,
     lora_resident_bytes: Annotated[
         str | None,
         typer.Option(
@@ -310,6 +319,7 @@ def serve_cmd(
         "lora_resident": lora_resident,
         "lora_resident_bytes": lora_resident_bytes,
         "lora_private": lora_private,
+        "max_inflight_megapixels": max_inflight_megapixels,
         "feature_cache": feature_cache,
         "r_max": r_max,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,

@@ -44,7 +44,8 @@ class StepProfile:
     cached_step_share: float = 0.0  # feature caching: a cached step over a full one (0: none)
     r_max: int = 1  # the longest feature-cache interval offered (1: none)
     cached_s: tuple[float, ...] = ()  # [n - 1]: a cached step of n members, where measured
-    adapter_private: bool = False  # an adapter held only while a running member names it
+    adapter_private: bool = False  # every join loads its adapters (--lora-private)
+    max_weight: float = 0.0  # pixels in flight on one GPU, in native-size images (0: no bound)
 
     @property
     def max_inflight(self) -> int:
@@ -176,6 +177,7 @@ def step_profile(profile: Profile) -> StepProfile:
         profile.feature_r_max,
         per_count(cached) if len(cached) == len(counts) else (),
         profile.adapter_private,
+        profile.max_inflight_weight,
     )
 
 
@@ -198,6 +200,7 @@ def derived_step_profile(profile: Profile) -> StepProfile:
         n, profile.levels, tuple(steps), per_request / 2, per_request / 2,
         profile.shape_weights, profile.adapter_slots, profile.adapter_load_s,
         profile.cached_step_share, profile.feature_r_max, adapter_private=profile.adapter_private,
+        max_weight=profile.max_inflight_weight,
     )  # fmt: skip
 
 

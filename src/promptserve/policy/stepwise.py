@@ -176,10 +176,25 @@ class StepScheduler(StepPricing):
 
     def _room(self, gpu: StepGpu, job: Job, ahead: Sequence[Job] = ()) -> bool:
         """Whether ``gpu``'s device has rows for the adapters of its members, ``ahead`` and
-        ``job`` together."""
+        ``job`` together, and room for their pixels (``max_weight``)."""
+        if not self._pixels_fit(gpu, job, ahead):
+            return False
         if not (self.profile.adapter_slots and job.adapters):
             return True
         return gpu.resident.room_for([a for j in (*ahead, job) for a in j.adapters])
+
+    def _pixels_fit(self, gpu: StepGpu, job: Job, ahead: Sequence[Job]) -> bool:
+        """Members' pixels (in native-size images) within the device's bound: the step's
+        activations grow with them, a count of members does not see a batch of the largest
+        size. A GPU with nobody on it takes anyone (a request alone always runs)."""
+        bound, w = self.profile.max_weight, self.profile.shape_weights
+        if not bound:
+            return True
+        others = {j.id: j for j in (*gpu.joining, *ahead) if j.id != job.id}
+        held = sum(w[m.job.shape] for m in gpu.by_id.values()) + sum(
+            w[j.shape] for j in others.values()
+        )
+        return held == 0 or held + w[job.shape] <= bound + 1e-9
 
     def _with_new(
         self,

@@ -66,10 +66,12 @@ class ServerConfig:
     lora_dir: Path | None = None  # the LoRA adapters it serves (``engine.lora``)
     lora_resident: int = 8  # adapters on each worker's device at once (the rest in host memory)
     lora_resident_bytes: int | None = None  # and at most this many bytes of their rows
-    lora_private: bool = False  # each adapter on the device only while a member names it
+    lora_private: bool = False  # every join loads its adapters, resident or not
     # feature caching chosen per request with K (step-level policies, engines that have it)
     feature_cache: bool = True
     r_max: int = 4  # the longest interval offered
+    # the most megapixels in flight on one GPU (step-level: a join past it waits); None: none
+    max_inflight_megapixels: float | None = None
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -174,6 +176,10 @@ def runtime_for(
     """The runtime over ``workers``: its cache, embedder, policy and setting as configured;
     ``clock`` and ``pause`` as the runtime's (a test passes a clock of its own)."""
     profile = workers.profile
+    if config.max_inflight_megapixels:  # in images of the model's own size, as sizes weigh
+        native = workers.native[0] * workers.native[1] / 1e6
+        weight = config.max_inflight_megapixels / native
+        profile = dataclasses.replace(profile, max_inflight_weight=weight)
     slo_s = config.slo_s or max(5.0 * profile.batch_latency(0, 1), 30.0)
     qm = model_for_levels(profile.levels, profile.quality)
     policy = get_policy(config.policy)

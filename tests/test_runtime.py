@@ -366,3 +366,34 @@ def test_resumed_entries_hold_every_level_and_a_partial_one_is_no_neighbour(tmp_
     resumed = next(e for e in runtime.cache.index if e.prompt == "a red fox in the snow at dusk")
     assert sorted(resumed.latent_keys) == levels  # 25 its own, 5 to 20 its neighbour's
     assert all(runtime.cache.store.path(key).exists() for key in resumed.latent_keys.values())
+
+
+def test_an_unexpected_failure_answers_json_without_its_internals_and_metrics_go_on(tmp_path):
+    app = modeled_app(tmp_path, speedup=50.0)
+    runtime = app.state.runtime
+    real_load = runtime.load
+
+    def broken_load():
+        raise RuntimeError("/secret/path/to/weights: tensor mismatch")
+
+    runtime.load = broken_load
+    with LiveServer(app) as url:
+        r = httpx.get(f"{url}/metrics", timeout=30)
+        import time
+
+        deadline = time.monotonic() + 10
+        while runtime.counters.loop_errors == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the history recorder met the same failure, once a second
+        runtime.load = real_load
+
+        def samples() -> int:
+            return len(httpx.get(f"{url}/v1/metrics/history", timeout=30).json()["samples"])
+
+        before, deadline = samples(), time.monotonic() + 10
+        while samples() <= before and time.monotonic() < deadline:
+            time.sleep(0.2)
+        after = samples()
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "secret" not in r.text
+    assert runtime.counters.loop_errors >= 1  # logged and counted
+    assert after > before  # and the recorder lives on: the history grows again

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 
@@ -29,6 +30,8 @@ from promptserve.server.metrics import History
 from promptserve.server.observer import record, scrape
 from promptserve.server.runtime import LiveRuntime
 from promptserve.web import page
+
+log = logging.getLogger(__name__)
 
 
 def create_app(
@@ -87,6 +90,13 @@ def create_app(
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:
         return RedirectResponse("dashboard")
+
+    @app.exception_handler(Exception)
+    async def failed(_request: Request, exc: Exception) -> JSONResponse:
+        """Anything a route did not expect: JSON like every other error, its text in the log
+        (an exception's message can carry paths, prompts or internals)."""
+        log.error("a request failed: %r", exc, exc_info=exc)
+        return error(500, "the server failed on this request (the detail is in its log)")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:

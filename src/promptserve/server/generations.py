@@ -12,8 +12,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from promptserve.server.context import Context, error, outcome_error, public_message
 from promptserve.server.imageapi import (
     MEDIA_TYPES,
-    b64,
-    encode_image,
+    b64_of,
+    encoded,
     error_event,
     event,
     image_body,
@@ -212,19 +212,6 @@ def image_routes(ctx: Context) -> APIRouter:
         return Response(kept[0], media_type=kept[1])
 
     return router
-
-
-def b64_of(png: bytes, req: ImageRequest) -> str:
-    """One image in the format asked for, as base64 text (run it off the event loop)."""
-    return b64(encode_image(png, req.output_format, req.output_compression))
-
-
-def encoded(outcomes: list[Served], req: ImageRequest) -> list:
-    """Each image in the format asked for: bytes for a link, base64 text for ``b64_json``."""
-    images = [
-        encode_image(s.result.png, req.output_format, req.output_compression) for s in outcomes
-    ]
-    return images if req.response_format == "url" else [b64(i) for i in images]
 
 
 def seed_of(req: ImageRequest, i: int) -> int | None:

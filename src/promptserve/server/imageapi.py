@@ -145,3 +145,16 @@ def error_event(message: str, kind: str = "server_error") -> str:
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def b64_of(png: bytes, req: ImageRequest) -> str:
+    """One image in the format asked for, as base64 text (run it off the event loop)."""
+    return b64(encode_image(png, req.output_format, req.output_compression))
+
+
+def encoded(outcomes: Sequence[Served], req: ImageRequest) -> list:
+    """Each image in the format asked for: bytes for a link, base64 text for ``b64_json``."""
+    images = [
+        encode_image(s.result.png, req.output_format, req.output_compression) for s in outcomes
+    ]
+    return images if req.response_format == "url" else [b64(i) for i in images]

@@ -12,8 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from promptserve.edge.keys import tenant_for
 from promptserve.server.context import Context, error, outcome_error, public_message
-from promptserve.server.generations import b64_of
-from promptserve.server.imageapi import MEDIA_TYPES, encode_image, meta_of, unsupported
+from promptserve.server.imageapi import MEDIA_TYPES, encoded, meta_of, unsupported
 from promptserve.server.images import new_id, valid_id
 from promptserve.server.jobs import FINAL, JobBook, JobState
 from promptserve.server.runtime import Cancelled, JobHandle, Served
@@ -43,15 +42,16 @@ def accepted(handle: JobHandle) -> bool:
 def job_routes(ctx: Context, book: JobBook) -> APIRouter:
     router = APIRouter()
 
-    def image_data(served: Served, req: ImageRequest, tenant: str) -> ImageData:
-        """The job's image as its request asked (format, and a link or base64)."""
+    async def image_data(served: Served, req: ImageRequest, tenant: str) -> ImageData:
+        """The job's image as its request asked (format, and a link or base64): encoded off
+        the event loop, kept (for a link) on it, where every other route keeps images."""
         meta = meta_of(served)
+        (image,) = await asyncio.to_thread(encoded, [served], req)
         if req.response_format == "url":
-            image = encode_image(served.result.png, req.output_format, req.output_compression)
             media = MEDIA_TYPES[req.output_format or "png"]
             image_id = ctx.images.put(tenant, image, time.monotonic(), media)
             return ImageData(url=ctx.image_url(image_id), promptserve=meta)
-        return ImageData(b64_json=b64_of(served.result.png, req), promptserve=meta)
+        return ImageData(b64_json=image, promptserve=meta)
 
     @router.post("/v1/jobs", status_code=202)
     async def create_job(req: ImageRequest, request: Request):
@@ -75,7 +75,7 @@ def job_routes(ctx: Context, book: JobBook) -> APIRouter:
                     req.prompt, tenant, deadline_s, handle, seed=req.seed, look=ctx.look(req)
                 )
                 ctx.metrics.count(served, deadline_s, time.monotonic() - start, ctx.size_of(req))
-                data = await asyncio.to_thread(image_data, served, req, tenant)
+                data = await image_data(served, req, tenant)
                 state.finish("succeeded", data=data)
             except Exception as exc:  # refused, dropped, cancelled or failed: the job says which
                 ctx.metrics.count(exc, deadline_s, time.monotonic() - start)

@@ -207,3 +207,39 @@ def test_copies_keep_the_per_copy_rate_at_their_own_phase_and_tenants():
     assert view.shape == (3, 3) and np.array_equal(view[[0, 2]], base[[2, 2]])
     with pytest.raises(InputError, match="copies"):
         superposed_arrivals(offsets, 0, 60.0, 1.0, 0)
+
+
+def test_an_ingress_replica_refuses_a_tenant_it_does_not_hold_and_passes_the_rest():
+    import asyncio
+
+    import httpx
+
+    from promptserve.distributed.deploy import OwnTenantsOnly
+    from promptserve.edge.keys import KeyTable
+
+    ring = ShardRing(2)
+    names = [f"tenant-{i}" for i in range(20)]
+    mine = next(t for t in names if ring.shard_of(t) == 0)
+    other = next(t for t in names if ring.shard_of(t) == 1)
+    keys = KeyTable({f"sk-{mine}-0123456789": mine, f"sk-{other}-0123456789": other})
+
+    async def inner(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"served"})
+
+    app = OwnTenantsOnly(inner, keys, ring, shard=0)
+
+    async def ask(key: str | None) -> httpx.Response:
+        headers = {"authorization": f"Bearer {key}"} if key else {}
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.get("/v1/images/x", headers=headers)
+
+    async def all_four() -> list[httpx.Response]:
+        keys = (f"sk-{mine}-0123456789", f"sk-{other}-0123456789", None, "nope")
+        return [await ask(k) for k in keys]
+
+    own, misrouted, keyless, unknown = asyncio.run(all_four())
+    assert own.text == "served" and keyless.text == "served" and unknown.text == "served"
+    assert misrouted.status_code == 421
+    assert "RAY_SERVE_SESSION_ID_HEADER_KEY" in misrouted.json()["error"]["message"]

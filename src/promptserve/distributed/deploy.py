@@ -24,11 +24,11 @@ from promptserve.distributed.tenant_router import (
     TenantRouter,
 )
 from promptserve.edge.keys import KeyTable
+from promptserve.edge.limits import answer
 from promptserve.errors import InputError
 from promptserve.policy.shards import ShardRing
 from promptserve.profile import profile_for
 from promptserve.server import ServerConfig, app_for, engine_args, latents_dir
-from promptserve.server.context import error
 from promptserve.server.schemas import MAX_DEADLINE_MS
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,29 @@ def shard_dir(cache_dir: Path, shard: int, shards: int) -> Path:
     """Ingress replica ``shard``'s cache folder: its own manifest, latents and embeddings
     (one replica: the folder itself, as without Ray)."""
     return cache_dir if shards == 1 else cache_dir / f"ingress-{shard}"
+
+
+class OwnTenantsOnly:
+    """A caller whose tenant another ingress replica owns is refused (421), never served here:
+    its cache partition is there. It happens only where the proxy does not route by the key
+    (``RAY_SERVE_SESSION_ID_HEADER_KEY`` unset on a node), which the answer names. Plain ASGI,
+    so streams and a client's disconnect pass through untouched."""
+
+    def __init__(self, app, keys: KeyTable, ring: ShardRing, shard: int) -> None:  # noqa: ANN001
+        self.app, self.keys, self.ring, self.shard = app, keys, ring, shard
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] == "http":
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            tenant = self.keys.tenant(auth or None)
+            if tenant is not None and self.ring.shard_of(tenant) != self.shard:
+                message = (
+                    "this ingress replica does not hold your tenant: the cluster's proxies must "
+                    f"route by API key ({SESSION_HEADER_ENV}={SESSION_HEADER} on every node)"
+                )
+                await answer(send, 421, message, "authorization")
+                return
+        await self.app(scope, receive, send)
 
 
 @serve.ingress()
@@ -123,22 +146,9 @@ class Ingress:
         return self.api.state.context.images.get(image_id, time.monotonic())
 
     def _own_tenants_only(self, keys: KeyTable) -> None:
-        """A caller whose tenant another replica owns is refused (421), never served here: its
-        cache partition is there. It happens only where the proxy does not route by the key
-        (``RAY_SERVE_SESSION_ID_HEADER_KEY`` unset on a node), which the answer names."""
-        ring = ShardRing(self.shards)
-
-        @self.api.middleware("http")
-        async def misrouted(request, call_next):
-            tenant = keys.tenant(request.headers.get("authorization"))
-            if tenant is not None and ring.shard_of(tenant) != self.shard:
-                return error(
-                    421,
-                    "this ingress replica does not hold your tenant: the cluster's proxies must "
-                    f"route by API key ({SESSION_HEADER_ENV}={SESSION_HEADER} on every node)",
-                    "authorization",
-                )
-            return await call_next(request)
+        self.api.add_middleware(
+            OwnTenantsOnly, keys=keys, ring=ShardRing(self.shards), shard=self.shard
+        )
 
     def record_routing_stats(self) -> dict:
         """What ``TenantRouter`` routes by."""

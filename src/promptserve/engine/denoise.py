@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from promptserve.engine.adapterbank import AdapterBank, adapters_on, refresh_on_join
 from promptserve.engine.base import UNET_GUIDANCE, Guidance, Look
 from promptserve.engine.featurecache import batch_rows, is_full_step, member_rows, unet_forward
-from promptserve.engine.lora import AdapterBank, adapters_on, refresh_on_join
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Components:
     # size/crop time ids condition the UNet as ``added_cond_kwargs``.
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: object | None = None
-    lora_bank: AdapterBank | None = None  # the adapters installed in the UNet (``engine.lora``)
+    lora_bank: AdapterBank | None = None  # the adapters in the UNet (``engine.adapterbank``)
     text_lora: dict[str, AdapterBank] = field(default_factory=dict)  # per text encoder
     adapter_names: tuple[str, ...] = ()  # every adapter loaded (``engine.lora``)
     family = "unet"

@@ -7,8 +7,8 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 
+from promptserve.engine.adapterbank import residency
 from promptserve.engine.base import Engine, GenerationItem
-from promptserve.engine.lora import residency
 from promptserve.profile import (
     MeasuredProfile,
     Profile,

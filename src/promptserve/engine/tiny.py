@@ -183,7 +183,8 @@ class DenoisingEngine:
         device at once (the rest in host memory, loaded when a call needs one; ``private``:
         none kept past the call that names it); a bad file is an error naming it, before
         anything is served."""
-        from promptserve.engine.lora import AdapterBank, load_dir
+        from promptserve.engine.adapterbank import AdapterBank
+        from promptserve.engine.lora import load_dir
 
         c = self.c
         if c.family == "unet":

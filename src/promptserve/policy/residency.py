@@ -1,5 +1,5 @@
 """Which LoRA adapters a GPU holds on its device: the policy's model of each worker's bounded
-resident set (``engine.lora.AdapterBank``: ``slots`` adapters, least recently used out). A job
+resident set (``engine.adapterbank.AdapterBank``: ``slots`` adapters, least recently used out). A job
 that names an adapter its GPU does not hold waits for the copy (``load_s`` each) before its
 first step, and a GPU's running members may name at most ``slots`` distinct adapters (they
 share the device's rows). Kept beside the GPU state of both families, the same on both clocks.

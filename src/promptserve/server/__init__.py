@@ -16,7 +16,7 @@ from promptserve.cache.embed import make_embedder
 from promptserve.cache.thresholds import embedder_thresholds
 from promptserve.edge.limits import HttpLimits
 from promptserve.engine import make_engine
-from promptserve.engine.lora import residency
+from promptserve.engine.adapterbank import residency
 from promptserve.engine.options import EngineOptions
 from promptserve.engine.profiling import cached_step_share, quick_profile
 from promptserve.engine.threads import torch_threads_for

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import time
 
-from promptserve.engine.lora import residency_stats
+from promptserve.engine.adapterbank import residency_stats
 from promptserve.server.metrics import History, Metrics, exposition
 from promptserve.server.runtime import LiveRuntime
 

@@ -42,7 +42,7 @@ def on_time_ratio(profile, k: int, gpus: int, rate_qpm: float, slo_s: float, see
             good += sum(o.time_s <= o.job.deadline_s + 1e-9 for o in d.on_batch_done(now, payload))
         for batch in d.step(now)[0]:
             seq += 1
-            heapq.heappush(events, (batch.end_s, 0, seq, batch))
+            heapq.heappush(events, (batch.until_s, 0, seq, batch))
     return good / len(times)
 
 

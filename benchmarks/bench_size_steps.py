@@ -3,7 +3,7 @@
 On the tiny model (this CPU), a step-level run's step time is measured with members of one
 size (native 64x64 at 1, 2, 4 and 8 in flight: the curve the profile holds; then 32x32, 96x64
 and 64x96 at 1 and 4) and with mixed batches (two and three sizes), each against what
-``policy.steptime`` predicts from the native curve (a size counts by its pixels, a call per
+``steptime`` predicts from the native curve (a size counts by its pixels, a call per
 size present). Also a mixed batch's step against the sum of its sizes' steps run apart (what
 one call per size costs over running the sizes on their own). Medians of interleaved repeats.
 Prints one JSON line: per case the measured and predicted milliseconds and their ratio.
@@ -20,7 +20,7 @@ from promptserve.engine.base import GenerationItem, Look
 from promptserve.engine.sizes import shape_table
 from promptserve.engine.steprunner import StepRunner
 from promptserve.engine.tiny import DenoisingEngine, tiny_engine
-from promptserve.policy.steptime import StepProfile
+from promptserve.steptime import StepProfile
 
 NATIVE = (64, 64)
 SIZES = ((64, 64), (32, 32), (96, 64), (64, 96))

@@ -1,7 +1,7 @@
 """Every size in one server, simulated (issue 32): what a size mix costs and what shape-aware
 placement buys.
 
-Reference SDXL profile with the pixel-count scaling of ``policy.steptime`` (a call per size a
+Reference SDXL profile with the pixel-count scaling of ``steptime`` (a call per size a
 step; each call pays the curve's fixed part), the Azure conversation trace stretched to each
 rate, SLO 21 s, real MiniLM embeddings of the DiffusionDB prompts, seeds 1-3, 20 minutes a
 point, the 60/20/20 mix of 1024x1024, 1152x896 and 896x1152 (the requests' sizes drawn per

@@ -13,10 +13,11 @@ import time
 
 import numpy as np
 
-from promptserve.policy.stepwise import StepConfig, StepScheduler, step_profile
+from promptserve.policy.step import StepConfig, StepScheduler
 from promptserve.policy.types import Demand, Job
 from promptserve.profile import reference_profile
 from promptserve.quality import quality_model
+from promptserve.steptime import step_profile
 
 GPU_COUNTS = (8, 64, 512, 4096)
 DECISIONS = 2000
@@ -35,10 +36,10 @@ def measure(gpus: int, rng: np.random.Generator) -> dict:
     for gpu in sched.gpus:
         for _ in range(8):
             job = Job(next_id, 0.0, 21.0 + rng.random() * 10, 0, 25, 0)
-            sched._admit_member(gpu, job, int(rng.choice(levels)), [])
+            sched.life.admit_member(gpu, job, int(rng.choice(levels)), [])
             next_id += 1
         before = 0
-        sched._recount(gpu, before)
+        sched.cluster.recount(gpu, before)
         gpu.done = int(rng.integers(0, 20))
         gpu.seg_start, gpu.seg_iter_s = 0.0, sched.profile.iteration_s(8)
     times = []
@@ -46,12 +47,12 @@ def measure(gpus: int, rng: np.random.Generator) -> dict:
         k_opt = int(rng.choice(levels, p=np.asarray(MIX) / sum(MIX)))
         job = Job(next_id + i, 1.0, 22.0, k_opt, 25, k_opt)
         t0 = time.perf_counter()
-        gpu, _ = sched.arrive(1.0, job)
+        gpu, _ = sched.placement.arrive(1.0, job)
         times.append(time.perf_counter() - t0)
         if gpu is not None:  # undo, so every decision sees the same load
             sched.remove(job.id)
         else:
-            sched.waiting.clear()
+            sched.queue.clear()
     us = np.asarray(times) * 1e6
     return {
         "gpus": gpus,

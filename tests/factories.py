@@ -106,3 +106,28 @@ def until_cached(url: str, entries: int, within_s: float = 60.0) -> None:
     while read_metric(url, "promptserve_cache_entries") < entries:
         assert time.monotonic() < deadline, f"the cache never held {entries} entries"
         time.sleep(0.05)
+
+
+# -- the step-level scheduler, driven through its contract ---------------------------------
+
+
+def boundary(sched, gpu, now: float, steps: int):  # noqa: ANN001, ANN201 - a StepScheduler, its GPU
+    """``gpu`` reports ``steps`` run and stands at a boundary, as a driver tells it
+    (``update``): who left served, who joined (the work handed out for it), who was dropped."""
+    from promptserve.policy.contract import Report
+    from promptserve.policy.types import Status
+
+    outcomes = sched.update(now, gpu.index, Report(steps=steps))
+    work = [w for w in sched.schedule(now).work if w.gpu == gpu.index and w.joins]
+    joined = list(work[-1].joins) if work else []
+    served = [o for o in outcomes if o.status == Status.SERVED]
+    return served, joined, [o for o in outcomes if o.status != Status.SERVED]
+
+
+def make_asks(n: int, deadline_s: float = 60.0, start: int = 0, **fields):  # noqa: ANN003, ANN201
+    """``n`` asks with ids from ``start``, each due at ``deadline_s`` (the rest as given)."""
+    from promptserve.policy.contract import Ask
+
+    fields.setdefault("k_opt", 0)
+    fields.setdefault("has_neighbour", False)
+    return [Ask(start + i, deadline_s, **fields) for i in range(n)]

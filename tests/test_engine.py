@@ -9,8 +9,8 @@ from PIL import Image
 from promptserve.engine import GenerationItem, make_engine
 from promptserve.engine.modeled import ModeledEngine
 from promptserve.errors import InputError
-from promptserve.policy.steptime import kind
 from promptserve.profile import reference_profile
+from promptserve.steptime import kind
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_profile_command_writes_a_profile_the_simulator_loads(tmp_path):
     assert len({t for row in prof.latency_s for t in row}) == 4
     assert prof.level_quality(10) == reference_profile().level_quality(25)
     # the step-level costs are measured too, and step-level serving plans with them
-    from promptserve.policy.stepwise import derived_step_profile, step_profile
+    from promptserve.steptime import derived_step_profile, step_profile
 
     written = json.loads(out.read_text())["step"]
     assert written["inflight"] == [1, 2] and all(v > 0 for v in written["step_latency_s"])

@@ -13,14 +13,14 @@ from promptserve.loadgen import read_metric
 from promptserve.policy import Status, get_policy
 from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.intake import DELIVERY_MARGIN_S
-from promptserve.policy.steptime import kind
-from promptserve.policy.stepwise import StepConfig, StepScheduler, step_profile
+from promptserve.policy.step import Levels, StepConfig, StepScheduler
 from promptserve.policy.types import Demand
 from promptserve.profile import reference_profile, with_feature_cache
 from promptserve.quality import interval_quality, kept_by_intervals, quality_model
 from promptserve.server.live import LiveServer
 from promptserve.sim.live import profile_from
 from promptserve.sim.simulator import simulate
+from promptserve.steptime import kind, step_profile
 from test_stepwise import poisson
 
 CACHED = with_feature_cache(reference_profile(), r_max=4)
@@ -36,16 +36,16 @@ def scheduler(rule="price", max_r=False, gpus=2) -> StepScheduler:
 
 def test_with_slack_every_request_runs_in_full_and_under_load_the_price_buys_intervals():
     sched = scheduler()
-    assert sched.options[:4] == [(0, 1), (0, 2), (0, 3), (0, 4)]
+    assert sched.pricing.options[:4] == [(0, 1), (0, 2), (0, 3), (0, 4)]
     assert sched.reprice(Demand(10.0, (1.0, 0, 0, 0, 0, 0)), 21.0) == 0.0
-    for o in sched._choice[0]:
-        assert sched.options[o] == (0, 1)  # no price: K = 0 at every step full
+    for o in sched.pricing.choice[0]:
+        assert sched.pricing.options[o] == (0, 1)  # no price: K = 0 at every step full
     price = sched.reprice(Demand(140.0, (0.2, 0.4, 0.2, 0.1, 0.05, 0.05)), 21.0)
     assert price > 0
-    chosen = {sched.options[o] for row in sched._choice for o in row}
+    chosen = {sched.pricing.options[o] for row in sched.pricing.choice for o in row}
     assert any(r > 1 for _, r in chosen)  # an interval is cheaper in points than a level
     # the next cheaper options in GPU time, from the preferred one to the fastest
-    cheaper = sched._cheaper(dataclasses.replace(_job(), k_max=25), 0, 1)
+    cheaper = sched.levels.cheaper(dataclasses.replace(_job(), k_max=25), 0, 1)
     costs = [(50 - k) * sched.profile.interval_weight(r) for k, r in cheaper]
     assert cheaper[0] == (0, 1) and costs == sorted(costs, reverse=True)
     assert cheaper[-1] == (25, 4)
@@ -59,33 +59,33 @@ def test_a_gpu_of_mixed_intervals_is_full_by_its_pace_and_a_burst_takes_the_inte
     sched = scheduler(gpus=1)
     sched.reprice(Demand(1.0, (1.0, 0, 0, 0, 0, 0)), 21.0)  # slack: price 0
     job = Job(0, 0.0, 21.0, 10, 25, 10)
-    assert sched.preferred(job, 0.0) == (0, 1)  # in full, every step full
-    gpu, busy = sched.gpus[0], sched._busy_at
+    assert sched.levels.preferred(job, 0.0) == (0, 1)  # in full, every step full
+    gpu, busy = sched.gpus[0], sched.pricing.busy_at
     # a full run finishes within 90% of the 21 s SLO with up to 7 members at r = 1 (84 ms
     # x 4.3 x 50), many more at r = 4: by the count alone, 8 members at r = 1 are not full
     assert busy > 8
     for i in range(7):
-        sched._admit_member(gpu, Job(i + 1, 0.0, 60.0, 0, 0, 0), 0, [], 1)
-    assert not sched.saturated(0.0)
-    sched._admit_member(gpu, Job(8, 0.0, 60.0, 0, 0, 0), 0, [], 1)
-    assert gpu.count < busy and sched.saturated(0.0)  # their pace: a full run would be late
+        sched.life.admit_member(gpu, Job(i + 1, 0.0, 60.0, 0, 0, 0), 0, [], 1)
+    assert not sched.bursts.saturated(0.0)
+    sched.life.admit_member(gpu, Job(8, 0.0, 60.0, 0, 0, 0), 0, [], 1)
+    assert gpu.count < busy and sched.bursts.saturated(0.0)  # their pace: a full run would be late
     # the burst's first lever is the interval, at the level the price picks there (K = 0:
     # a cached step costs a fraction of a point, a skipped one more)
-    assert sched.preferred(job, 0.0) == (0, 4)
-    sched.waiting.append((60.0, 9, Job(9, 0.0, 60.0, 0, 0, 0)))  # it was not enough
-    assert sched.preferred(job, 0.0) == (25, 4)  # the fastest level too
-    sched.waiting.clear()
+    assert sched.levels.preferred(job, 0.0) == (0, 4)
+    sched.queue.push(Job(9, 0.0, 60.0, 0, 0, 0))  # it was not enough
+    assert sched.levels.preferred(job, 0.0) == (25, 4)  # the fastest level too
+    sched.queue.remove(9)
     # the same members at the longest interval: the pace of a GPU with room
     for member in list(gpu.by_id.values()):
         gpu.count_shape(kind(0, 1), -1)
         gpu.count_shape(kind(0, 4), 1)
         member.r = 4
-    assert not sched.saturated(0.0) and sched.preferred(job, 0.0) == (0, 1)
+    assert not sched.bursts.saturated(0.0) and sched.levels.preferred(job, 0.0) == (0, 1)
     # more members than even the longest interval lets a full run share the GPU with: the
     # interval is not enough, the level moves too
     for i in range(busy - 8 + 1):
-        sched._admit_member(gpu, Job(20 + i, 0.0, 60.0, 0, 0, 0), 0, [], 4)
-    assert sched.saturated(0.0) and sched.preferred(job, 0.0) == (25, 4)
+        sched.life.admit_member(gpu, Job(20 + i, 0.0, 60.0, 0, 0, 0), 0, [], 4)
+    assert sched.bursts.saturated(0.0) and sched.levels.preferred(job, 0.0) == (25, 4)
 
 
 def _job(exact=False):
@@ -97,23 +97,23 @@ def _job(exact=False):
 def test_a_full_generation_asked_for_takes_no_interval_even_at_the_highest_price():
     sched = scheduler()
     sched.reprice(Demand(400.0, (0.2, 0.4, 0.2, 0.1, 0.05, 0.05)), 21.0)
-    assert sched.preferred(_job(), 0.0)[1] > 1  # the price buys an interval for a miss
-    assert sched.preferred(_job(exact=True), 0.0) == (0, 1)
-    assert sched.fastest(_job(exact=True)) == (0, 1)
-    assert sched._cheaper(_job(exact=True), 0, 1) == [(0, 1)]
+    assert sched.levels.preferred(_job(), 0.0)[1] > 1  # the price buys an interval for a miss
+    assert sched.levels.preferred(_job(exact=True), 0.0) == (0, 1)
+    assert sched.spec.fastest(_job(exact=True)) == (0, 1)
+    assert sched.levels.cheaper(_job(exact=True), 0, 1) == [(0, 1)]
 
 
 def test_the_rule_baselines_never_take_an_interval_and_the_max_r_rivals_always_do():
     for rule in ("zero", "max"):
-        assert scheduler(rule).intervals == (1,)
+        assert scheduler(rule).spec.intervals == (1,)
     for rule, k in (("zero", 0), ("max", 25), ("price", 0)):
         rival = scheduler(rule, max_r=True)
-        assert rival.intervals == (4,)
+        assert rival.spec.intervals == (4,)
         rival.reprice(Demand(10.0, (1.0, 0, 0, 0, 0, 0)), 21.0)  # slack: no price
         job = dataclasses.replace(_job(), k_max=25)
-        assert rival.preferred(job, 0.0) == (k, 4)
-        assert rival._cheaper(job, k, 4) == [(lv, 4) for lv in CACHED.levels if lv >= k]
-        assert rival.preferred(dataclasses.replace(job, exact=True, k_max=0), 0.0) == (0, 1)
+        assert rival.levels.preferred(job, 0.0) == (k, 4)
+        assert rival.levels.cheaper(job, k, 4) == [(lv, 4) for lv in CACHED.levels if lv >= k]
+        assert rival.levels.preferred(dataclasses.replace(job, exact=True, k_max=0), 0.0) == (0, 1)
 
 
 @pytest.mark.parametrize("rate", [20, 120])
@@ -161,7 +161,7 @@ def test_a_server_runs_and_reports_the_interval_a_member_joins_at(tmp_path, monk
 
         full_png, full = image()
         assert full["feature_cache_interval"] == 1 and full["level_k"] == 0
-        monkeypatch.setattr(StepScheduler, "preferred", lambda self, job, at: (0, 3))
+        monkeypatch.setattr(Levels, "preferred", lambda self, job, at: (0, 3))
         png, meta = image()
     assert meta["feature_cache_interval"] == 3
     assert png != full_png
@@ -173,7 +173,7 @@ def alone_ms(url: str) -> dict[int, float]:
     (from the profile ``GET /v1/server`` says it plans with), the delivery margin included."""
     profile = profile_from(httpx.get(f"{url}/v1/server", timeout=30).json()["profile"])
     sched = StepScheduler(step_profile(profile), 1, QM.matrix(), StepConfig("price", True, True))
-    return {r: (sched.alone_s(0, r) + DELIVERY_MARGIN_S) * 1e3 for r in sched.profile.intervals}
+    return {r: (sched.fit.alone_s(0, r) + DELIVERY_MARGIN_S) * 1e3 for r in sched.profile.intervals}
 
 
 def assert_a_tight_deadline_buys_an_interval(url: str) -> None:

@@ -10,20 +10,28 @@ threads); the virtual clock only makes the machine infinitely fast between two w
 
 import asyncio
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from promptserve.engine.base import UNET_GUIDANCE, GenerationResult
+from promptserve.engine.base import PLAIN, UNET_GUIDANCE, GenerationResult, Look, cache_space
+from promptserve.engine.sizes import shape_index, shape_table
 from promptserve.policy import POLICIES, get_policy
-from promptserve.policy.steptime import step_profile
+from promptserve.policy.residency import ResidentSet
 from promptserve.policy.types import Status
-from promptserve.profile import reference_profile
+from promptserve.profile import (
+    REFERENCE_CACHED_STEP_SHARE,
+    for_adapters,
+    for_sizes,
+    reference_profile,
+)
 from promptserve.server import ServerConfig, runtime_for
 from promptserve.server.runtime import Dropped, Refused
-from promptserve.server.stepworkers import StepDone
 from promptserve.sim.simulator import SimInputs, simulate
+from promptserve.steptime import KIND, kind, step_profile
 from promptserve.types import Request
+from promptserve.workers.steps import StepDone
 from promptserve.workload import load_prompts
 from virtual_time import VirtualLoop
 
@@ -33,21 +41,27 @@ MODERATE_QPM, OVERLOADED_QPM = 75.0, 240.0  # the setting serves ~100 qpm at its
 
 class TimedWorkers:
     """The executor interface on the loop's clock: a batch takes the profile's batch latency at
-    its slowest member's K, a step the profile's step time (the joiners' encodes first, the
-    finishers' decodes after). Results name the GPU that ran them and carry small stand-in
-    latents at every cache level, so the cache fills as with a real engine."""
+    its slowest member's K, a step the profile's step time (the joiners' encodes and adapter
+    loads first, the finishers' decodes after; members of several sizes or feature-cache
+    intervals as the profile's mixed step). Results name the GPU that ran them and carry
+    small stand-in latents at every cache level, so the cache fills as with a real engine."""
 
     name, shared_store, speedup = "timed", False, 1.0
     guidance = UNET_GUIDANCE
     native = (1024, 1024)
-    sizes = (native,)  # one size: its steps are the profile's
-    adapters = ()
 
-    def __init__(self, count: int) -> None:
-        self.profile, self.count = reference_profile(), count
+    def __init__(self, count: int, profile=None, sizes=None, adapters=()) -> None:  # noqa: ANN001
+        self.profile, self.count = profile or reference_profile(), count
+        self.sizes = sizes or (self.native,)  # one size: its steps are the profile's
+        self.adapters = tuple(adapters)
         self.total_steps, self.levels = self.profile.total_steps, self.profile.levels
-        self.steps = step_profile(self.profile)
-        self.members: list[dict] = [{} for _ in range(count)]  # key -> [steps left, K]
+        self.shapes = shape_table(self.native, self.sizes)
+        self.steps = step_profile(for_sizes(self.profile, self.shapes))
+        self.members: list[dict] = [{} for _ in range(count)]  # key -> [steps left, K, kind, ids]
+        self.resident = [
+            ResidentSet(self.profile.adapter_slots, self.profile.adapter_private)
+            for _ in range(count)
+        ]
 
     def _result(self, gpu: int, key: int, k: int) -> GenerationResult:
         latents = {lv: np.full((4, 8, 8), key, np.float32) for lv in self.levels if lv}
@@ -59,22 +73,41 @@ class TimedWorkers:
 
     async def advance(
         self, gpu, joins, refs, cancels, steps=1, interrupt=None, retimes=None
-    ) -> StepDone:  # noqa: ANN001 - one step a call, as a worker may
-        members = self.members[gpu]
+    ) -> StepDone:  # noqa: ANN001 - as ``workers.steps.advance``: up to ``steps``, one by one
+        members, resident, s = self.members[gpu], self.resident[gpu], self.steps
         for key in cancels:
-            members.pop(key, None)
+            gone = members.pop(key, None)
+            if gone is not None:
+                resident.release(gone[3])
+        first = 0.0
         for key, item in joins:
-            members[key] = [self.total_steps - item.k, item.k]
-        finishing = [key for key, (left, _) in members.items() if left == 1]
-        s = self.steps
-        await asyncio.sleep(
-            len(joins) * s.join_s + s.iteration_s(len(members)) + len(finishing) * s.leave_s
-        )
-        for member in members.values():
-            member[0] -= 1
-        finished = [(key, self._result(gpu, key, members.pop(key)[1])) for key in finishing]
+            ids = tuple(sorted({self.adapters.index(n) + 1 for n, _ in item.look.lora}))
+            first += s.join_s + resident.use(ids) * s.adapter_load_s
+            shape = shape_index(self.shapes, item.look.size)
+            members[key] = [self.total_steps - item.k, item.k, kind(shape, item.interval), ids]
+        for key, r in (retimes or {}).items():
+            members[key][2] = kind(members[key][2] // KIND, r)
+        finished, ran = [], 0
+        while True:
+            counts: dict[int, int] = {}
+            for m in members.values():
+                counts[m[2]] = counts.get(m[2], 0) + 1
+            step_s = s.mix_s(counts) if s.mixed else s.iteration_s(len(members))
+            finishing = [key for key, m in members.items() if m[0] == 1]
+            await asyncio.sleep(first + step_s + len(finishing) * s.leave_s)
+            first, ran = 0.0, ran + 1
+            for member in members.values():
+                member[0] -= 1
+            for key in finishing:
+                _, k, _, ids = members.pop(key)
+                resident.release(ids)
+                finished.append((key, self._result(gpu, key, k)))
+            if finishing or ran >= steps or not members:
+                break
+            if interrupt is not None and interrupt.is_set():
+                break
         left = {key: m[0] for key, m in members.items()}
-        return StepDone(finished, left, {key: item.k for key, item in joins})
+        return StepDone(finished, left, {key: item.k for key, item in joins}, ran=ran)
 
     def prepare_steps(self) -> None: ...
 
@@ -96,26 +129,39 @@ def workload(rate_qpm: float, n: int = 150, seed: int = 0) -> list[Request]:
     ]
 
 
-def live(policy: str, requests: list[Request], cache_dir) -> tuple[dict, object]:
-    """Per request (GPU, level, outcome, finish) from the live runtime, and the runtime."""
+def live(
+    policy: str,
+    requests: list[Request],
+    cache_dir,  # noqa: ANN001
+    workers: TimedWorkers | None = None,
+    looks: dict[int, Look] | None = None,
+    feature_cache: bool = False,
+) -> tuple[dict, object]:
+    """Per request (GPU, level, interval, outcome, finish) from the live runtime, and the
+    runtime; ``looks``: a request's size and adapters."""
     first = sum(r.arrival_s < requests[0].arrival_s + 60.0 for r in requests)
     config = ServerConfig(
-        cache_dir=cache_dir, embedder="hashing", policy=policy, slo_s=SLO_S, expected_qpm=first
-    )
+        cache_dir=cache_dir, embedder="hashing", policy=policy, slo_s=SLO_S, expected_qpm=first,
+        feature_cache=feature_cache,
+    )  # fmt: skip
     loop = VirtualLoop(start=requests[0].arrival_s)
-    runtime = runtime_for(config, TimedWorkers(GPUS), clock=loop.time)
+    workers = workers or TimedWorkers(GPUS)
+    runtime = runtime_for(config, workers, clock=loop.time)
+    workers.steps = step_profile(runtime.setting.profiles[0])  # timed as the policy times them
     out: dict[int, tuple] = {}
 
     async def one(r: Request) -> None:
         await asyncio.sleep(r.arrival_s - loop.time())
+        look = (looks or {}).get(r.id, PLAIN)
         try:
-            served = await runtime.submit(r.prompt, r.tenant, r.deadline_s - r.arrival_s)
+            served = await runtime.submit(r.prompt, "default", SLO_S, look=look)
         except Refused:
-            out[r.id] = (-1, -1, "REFUSED", math.nan)
+            out[r.id] = (-1, -1, 1, "REFUSED", math.nan)
         except Dropped:
-            out[r.id] = (-1, -1, "DROPPED", math.nan)
+            out[r.id] = (-1, -1, 1, "DROPPED", math.nan)
         else:
-            out[r.id] = (int(served.result.png), served.level, "SERVED", loop.time())
+            gpu = int(served.result.png)
+            out[r.id] = (gpu, served.level, served.interval, "SERVED", loop.time())
 
     async def main() -> None:
         runtime.start()
@@ -142,6 +188,7 @@ def simulated(runtime, requests: list[Request]) -> dict:  # noqa: ANN001
         out[r.id] = (
             int(rec.gpu[r.id]),
             int(rec.level[r.id]),
+            int(rec.interval[r.id]) if served and rec.interval is not None else 1,
             status.name,
             float(rec.finish_s[r.id]) if served else math.nan,
         )
@@ -149,9 +196,14 @@ def simulated(runtime, requests: list[Request]) -> dict:  # noqa: ANN001
 
 
 def same(a: tuple, b: tuple) -> bool:
-    if a[:3] != b[:3]:
+    if a[:4] != b[:4]:
         return False
-    return (math.isnan(a[3]) and math.isnan(b[3])) or abs(a[3] - b[3]) < TOLERANCE_S
+    return (math.isnan(a[4]) and math.isnan(b[4])) or abs(a[4] - b[4]) < TOLERANCE_S
+
+
+def compare(sim: dict, got: dict) -> None:
+    differ = [(i, sim[i], got.get(i)) for i in sim if got.get(i) is None or not same(sim[i], got[i])]  # fmt: skip
+    assert not differ, f"{len(differ)} of {len(sim)} differ, first (sim, live): {differ[:4]}"
 
 
 NAMES = sorted({get_policy(f"{base}{mods}").name for base in POLICIES for mods in ("", "+shed+admit")})  # fmt: skip
@@ -165,12 +217,76 @@ def test_every_request_gets_the_same_gpu_level_outcome_and_finish_on_both_clocks
     requests = workload(rate_qpm)
     got, runtime = live(policy, requests, tmp_path)
     sim = simulated(runtime, requests)
-    differ = [(i, sim[i], got.get(i)) for i in sim if got.get(i) is None or not same(sim[i], got[i])]  # fmt: skip
-    assert not differ, f"{len(differ)} of {len(sim)} differ, first (sim, live): {differ[:4]}"
+    compare(sim, got)
     # it decided something: GPUs, and under overload whom to turn away or drop
-    outcomes = {s for _, _, s, _ in sim.values()}
-    assert {0, 1} <= {g for g, _, s, _ in sim.values() if s == "SERVED"}
+    outcomes = {s for _, _, _, s, _ in sim.values()}
+    assert {0, 1} <= {g for g, _, _, s, _ in sim.values() if s == "SERVED"}
     if rate_qpm == OVERLOADED_QPM:
         assert outcomes & {"DROPPED", "REFUSED"} or any(
-            f > requests[i].deadline_s for i, (_, _, s, f) in sim.items() if s == "SERVED"
+            f > requests[i].deadline_s for i, (_, _, _, s, f) in sim.items() if s == "SERVED"
         ), outcomes
+
+
+SIZES = ((1024, 1024), (1152, 896), (768, 768))
+ADAPTERS = tuple(f"adapter{i}" for i in range(6))
+
+
+def looked(kind_: str, requests: list[Request]) -> tuple[TimedWorkers, dict, list[Request]]:
+    """The path users get beyond the reference profile: feature caching on (the serve
+    default), a size mix, or adapters with bounded residency; the workers, each request's
+    look, and the requests as the simulator sees them (each in its look's cache namespace)."""
+    base = reference_profile()
+    rng = np.random.default_rng(7)
+    looks: dict[int, Look] = {}
+    if kind_ == "feature-cache":
+        workers = TimedWorkers(GPUS, replace(base, cached_step_share=REFERENCE_CACHED_STEP_SHARE))
+    elif kind_ == "sizes":
+        workers = TimedWorkers(GPUS, sizes=SIZES)
+        for r in requests:
+            size = SIZES[int(rng.choice(3, p=[0.6, 0.2, 0.2]))]
+            looks[r.id] = Look(size=None if size == SIZES[0] else size)
+    else:
+        workers = TimedWorkers(GPUS, for_adapters(base, 2, 0.4), adapters=ADAPTERS)
+        for r in requests:
+            looks[r.id] = Look(lora=((ADAPTERS[int(rng.integers(0, 6))], 1.0),))
+    shapes = shape_table(workers.native, workers.sizes)
+    seen = []
+    for r in requests:
+        look = looks.get(r.id, PLAIN)
+        adapters = tuple(sorted({ADAPTERS.index(n) + 1 for n, _ in look.lora}))
+        seen.append(
+            replace(
+                r, tenant=cache_space("default", look), shape=shape_index(shapes, look.size),
+                adapters=adapters,
+            )
+        )  # fmt: skip
+    return workers, looks, seen
+
+
+# Found by this test, left as it is (issue 49 keeps the simulator's behaviour): in the
+# simulator, a request placed on a GPU while that GPU's joiners load their adapters joins at
+# the end of the load, before the first step (``StepGpu.next_boundary``); live, the loads and
+# the first step are one worker call, so it joins a step later. Making the simulator wait for
+# the step moves 10 of ``sim_fingerprint --wide``'s 128 runs (every adapter run).
+ADAPTER_LOADS = pytest.mark.xfail(
+    strict=True,
+    reason="a join during another's adapter load: before the step simulated, after it live",
+)
+
+
+@pytest.mark.parametrize("rate_qpm", [MODERATE_QPM, OVERLOADED_QPM])
+@pytest.mark.parametrize(
+    "kind_", ["feature-cache", "sizes", pytest.param("adapters", marks=ADAPTER_LOADS)]
+)
+def test_the_default_path_decides_the_same_on_both_clocks(tmp_path, kind_, rate_qpm):
+    """``promptserve-step`` as users get it: per request the same GPU, K, interval, outcome
+    and finish time live and simulated."""
+    requests = workload(rate_qpm)
+    workers, looks, seen = looked(kind_, requests)
+    got, runtime = live("promptserve-step", requests, tmp_path, workers, looks, True)
+    sim = simulated(runtime, seen)
+    compare(sim, got)
+    served = [v for v in sim.values() if v[3] == "SERVED"]
+    assert {0, 1} <= {g for g, *_ in served}
+    if kind_ == "feature-cache":  # it chose intervals: the axis was exercised
+        assert {r for _, _, r, _, _ in served} - {1}

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from factories import client, modeled_app, tiny_app
-from promptserve.policy.planning import first_demand, wants_plan, worth_caching
+from promptserve.policy.planning import first_demand, worth_caching
 from promptserve.policy.types import Demand
 from promptserve.server.live import LiveServer
 from promptserve.sim.simulator import initial_demand
@@ -28,14 +28,16 @@ def test_a_plan_once_policy_is_not_re_planned_live_for_load(tmp_path):
     for t in range(40):  # a load far from the first plan's
         runtime.estimator.observe(runtime.started + t, 10)
     asyncio.run(
-        runtime._replan(runtime.estimator.estimate(runtime.started + 40, runtime.started), False)
+        runtime.replans.replan(
+            runtime.estimator.estimate(runtime.started + 40, runtime.started), False
+        )
     )
     assert len(runtime.counters.planner_ms) == solved
     periodic = modeled_app(tmp_path / "p", policy="promptserve").state.runtime
     for t in range(40):
         periodic.estimator.observe(periodic.started + t, 10)
     asyncio.run(
-        periodic._replan(
+        periodic.replans.replan(
             periodic.estimator.estimate(periodic.started + 40, periodic.started), False
         )
     )
@@ -47,24 +49,26 @@ def test_wants_plan_reads_the_policy_and_the_demand():
 
     once, every = get_policy("clipper-ha"), get_policy("promptserve")
     old, new = Demand(10.0, (1.0, 0.0)), Demand(40.0, (0.5, 0.5))
-    assert wants_plan(once, None, new, force=False)  # the first plan
-    assert not wants_plan(once, old, new, force=False)
-    assert wants_plan(once, old, new, force=True)  # a worker lost or back
-    assert wants_plan(every, old, new, force=False)
-    assert not wants_plan(every, old, old, force=False)
+    assert once.wants_plan(None, new, force=False)  # the first plan
+    assert not once.wants_plan(old, new, force=False)
+    assert once.wants_plan(old, new, force=True)  # a worker lost or back
+    assert every.wants_plan(old, new, force=False)
+    assert not every.wants_plan(old, old, force=False)
 
 
 def test_a_level_change_costs_the_model_load_live_as_in_the_simulator(tmp_path):
     runtime = modeled_app(tmp_path, policy="proteus", workers=2).state.runtime
     load_s = runtime.setting.profiles[0].model_load_s
     assert load_s > 0
-    before = runtime.clock()
-    current = [g.level for g in runtime.dispatcher.gpus]
+    before, sched = runtime.clock(), runtime.sched
+    current = runtime.load().levels
     moved = [runtime.levels[-1] if level != runtime.levels[-1] else 0 for level in current]
-    plan = dataclasses.replace(runtime.sched.plan, gpu_levels=tuple(moved))
-    runtime._apply([0, 1], plan)
-    ready = [g.ready_at for g in runtime.dispatcher.gpus]
-    assert all(r >= before + load_s for r in ready), (ready, before, load_s)
+    proposal = sched.propose(runtime.planned_for, force=True)
+    plan = dataclasses.replace(sched.solve(proposal), gpu_levels=tuple(moved))
+    assert sched.adopt(before, proposal, plan).plan == plan
+    assert runtime.load().levels == tuple(moved)
+    # no GPU takes work before its new level is loaded: the scheduler looks again only then
+    assert sched.schedule(before).wake_s >= before + load_s
 
 
 @pytest.mark.parametrize("similarity, kept", [(None, True), (0.93, True), (0.99995, False)])
@@ -105,8 +109,8 @@ def test_going_idle_is_a_demand_change_however_small_the_last_rate():
     from promptserve.policy import get_policy
 
     trickle, idle = Demand(0.5, (0.0, 1.0)), Demand(0.0, (1.0, 0.0))
-    assert wants_plan(get_policy("promptserve"), trickle, idle, force=False)
-    assert wants_plan(get_policy("promptserve"), idle, trickle, force=False)
+    assert get_policy("promptserve").wants_plan(trickle, idle, force=False)
+    assert get_policy("promptserve").wants_plan(idle, trickle, force=False)
 
 
 def test_the_re_plan_grid_runs_from_the_first_arrival():
@@ -127,11 +131,11 @@ def test_the_server_starts_its_estimate_and_grid_at_the_first_request(tmp_path, 
     forecast = runtime.planned_for
 
     async def scenario() -> tuple[bool, float, float, bool]:
-        idle = await runtime._until_replan(0.05)  # no request yet: nothing to re-plan for
-        runtime._note_arrival(runtime.clock())
+        idle = await runtime.replans.wait(0.05)  # no request yet: nothing to re-plan for
+        runtime.note_arrival(runtime.clock())
         first = runtime.first_arrival
-        runtime._note_arrival(runtime.clock() + 3.0)  # a later request moves nothing
-        due = await runtime._until_replan(0.05)
+        runtime.note_arrival(runtime.clock() + 3.0)  # a later request moves nothing
+        due = await runtime.replans.wait(0.05)
         return idle, first, runtime.started, due
 
     idle, first, started, due = asyncio.run(scenario())

@@ -161,7 +161,7 @@ def test_dispatcher_batches_edf_and_as_large_as_the_earliest_deadline_allows():
     assert not dropped
     assert batch.jobs[0].id == 1  # earliest deadline first
     # latency(25, b) = 2.1 * (1 + 0.55 (b - 1)) <= 9  ->  b = 6
-    assert len(batch.jobs) == 6 and batch.end_s <= 9.0
+    assert len(batch.jobs) == 6 and batch.until_s <= 9.0
     assert PROFILE.batch_latency(25, 7) > 9.0
 
 
@@ -181,7 +181,7 @@ def test_dispatcher_serves_late_when_told_to():
     d.enqueue(job(0, 1.0))
     (batch,), outcomes = d.step(0.0)
     assert not outcomes
-    served = d.on_batch_done(batch.end_s, batch)
+    served = d.on_batch_done(batch.until_s, batch)
     assert served[0].status == Status.SERVED and served[0].time_s > 1.0
 
 

@@ -87,8 +87,8 @@ def test_profile_that_is_not_json(tmp_path):
 
 
 def test_measured_step_costs_interpolate_between_the_counts_measured(tmp_path):
-    from promptserve.policy.stepwise import step_profile
     from promptserve.profile import load_profile
+    from promptserve.steptime import step_profile
 
     raw = {
         "format": "promptserve-profile/1",

@@ -4,13 +4,16 @@ where an adapter already sits, pinned batches within the rows."""
 
 import pytest
 
+from factories import boundary
+from promptserve.policy.contract import Ask
 from promptserve.policy.dispatcher import DispatchConfig, Dispatcher
 from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.residency import ResidentSet
-from promptserve.policy.stepwise import StepConfig, StepScheduler, step_profile
+from promptserve.policy.step import StepConfig, StepScheduler
 from promptserve.policy.types import Job
 from promptserve.profile import for_adapters, reference_profile
 from promptserve.quality import quality_model
+from promptserve.steptime import step_profile
 
 PROFILE = for_adapters(reference_profile(), slots=2, load_s=0.5)
 QM = quality_model(PROFILE.levels, PROFILE.quality, "steep")
@@ -35,23 +38,23 @@ def scheduler(shed: bool = True) -> StepScheduler:
 
 def test_a_join_waits_for_its_adapters_load_and_placement_prefers_where_it_sits():
     sched = scheduler()
-    sched.intake(0.0, 0, 60.0, 0, False, 0, (1,))  # GPU 0
+    sched.intake(0.0, Ask(0, 60.0, 0, False, 0, (1,)))  # GPU 0
     gpu = sched.gpus[0]
-    sched.boundary(gpu, 0.0, 0)
+    boundary(sched, gpu, 0.0, 0)
     assert gpu.seg_start == pytest.approx(sched.profile.join_s + 0.5)  # its load, then a step
-    sched.intake(0.0, 1, 60.0, 0, False, 0, (2,))  # GPU 1 (fewer members)
-    sched.boundary(sched.gpus[1], 0.0, 0)
+    sched.intake(0.0, Ask(1, 60.0, 0, False, 0, (2,)))  # GPU 1 (fewer members)
+    boundary(sched, sched.gpus[1], 0.0, 0)
     # a third for adapter 1: GPU 0 holds it, GPU 1 would load it and delay its member
-    assert sched.intake(0.0, 2, 60.0, 0, False, 0, (1,)).gpu == 0
+    assert sched.intake(0.0, Ask(2, 60.0, 0, False, 0, (1,))).gpu == 0
 
 
 @pytest.mark.parametrize("shed", [True, False])
 def test_a_gpu_never_runs_more_distinct_adapters_than_its_rows(shed):
     sched = scheduler(shed)
     for i, adapter in enumerate([1, 2, 3, 1, 2, 3]):
-        sched.intake(0.0, i, 600.0, 0, False, 0, (adapter,))
+        sched.intake(0.0, Ask(i, 600.0, 0, False, 0, (adapter,)))
         for gpu in sched.gpus:
-            sched.boundary(gpu, 0.0, 0)
+            boundary(sched, gpu, 0.0, 0)
     for gpu in sched.gpus:
         named = {a for m in gpu.by_id.values() for a in m.job.adapters}
         assert len(named) <= 2
@@ -65,7 +68,7 @@ def test_a_pinned_batch_names_at_most_the_rows_and_counts_its_loads():
         d.enqueue(Job(i, 0.0, 100.0 + i, 0, 0, 0, 0, (adapter,)))
     (batch,), _ = d.step(0.0)
     assert {a for j in batch.jobs for a in j.adapters} == {1, 2}  # 3 waits for a later batch
-    assert batch.end_s == pytest.approx(PROFILE.batch_latency(0, 3) + 2 * 0.5)
+    assert batch.until_s == pytest.approx(PROFILE.batch_latency(0, 3) + 2 * 0.5)
 
 
 def test_a_private_set_loads_every_joins_adapters_whoever_used_them():

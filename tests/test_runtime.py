@@ -14,15 +14,15 @@ from promptserve.server.live import LiveServer
 def test_a_scheduler_step_that_raises_loses_nothing_and_the_loop_goes_on(tmp_path):
     app = modeled_app(tmp_path, speedup=50.0, policy="promptserve")
     runtime = app.state.runtime
-    real_step, calls = runtime.dispatcher.step, []
+    real_schedule, calls = runtime.sched.schedule, []
 
-    def step_that_raises_once(now):
+    def schedule_that_raises_once(now):
         calls.append(now)
         if len(calls) == 1:
             raise RuntimeError("injected scheduler fault")
-        return real_step(now)
+        return real_schedule(now)
 
-    runtime.dispatcher.step = step_that_raises_once
+    runtime.sched.schedule = schedule_that_raises_once
     with LiveServer(app) as url:
         res = client(url, timeout=30).images.generate(prompt="a kite over dunes", size="1024x1024")
         ready = httpx.get(f"{url}/readyz")
@@ -74,10 +74,10 @@ def test_a_batch_that_overruns_fails_none_of_its_requests_that_can_still_finish(
     import asyncio
     import threading
 
-    from promptserve.server import pinned
+    from promptserve.workers import execute
 
-    monkeypatch.setattr(pinned, "BATCH_TIMEOUT_FLOOR_S", 1.0)
-    monkeypatch.setattr(pinned, "BATCH_TIMEOUT_FACTOR", 1.0)
+    monkeypatch.setattr(execute, "BATCH_TIMEOUT_FLOOR_S", 1.0)
+    monkeypatch.setattr(execute, "BATCH_TIMEOUT_FACTOR", 1.0)
     app = modeled_app(tmp_path, speedup=50.0, policy="promptserve", workers=2)
     runtime = app.state.runtime
     real_run, stuck = runtime.workers.run, threading.Event()
@@ -124,7 +124,7 @@ def test_the_periodic_re_plan_solves_off_the_event_loop(tmp_path):
             threads.append(threading.get_ident())
             return self.inner.plan(*args, **kwargs)
 
-    runtime.policy = Recording(runtime.policy)
+    runtime.sched.policy = Recording(runtime.sched.policy)  # what the scheduler solves with
     server = LiveServer(app)
     with server as url:
         loop_thread = server.thread.ident  # uvicorn runs the event loop on this thread
@@ -182,24 +182,23 @@ def test_writes_queued_while_the_cache_thread_is_busy_go_in_one_group(tmp_path):
 
     async def go() -> tuple[list, list]:
         loop, gate = asyncio.get_running_loop(), threading.Event()
-        busy = loop.run_in_executor(runtime._cache_thread, gate.wait, 10)
+        busy = loop.run_in_executor(runtime.io.writer, gate.wait, 10)
         for i in range(5):
-            runtime._on_cache_later(write, i)
-        seen_after = runtime._on_cache(lambda: list(written))  # queued behind the writes
+            runtime.io.later(write, i)
+        seen_after = runtime.io.call(lambda: list(written))  # queued behind the writes
         gate.set()
         await busy
         before = await seen_after
         trips = runtime.counters.write_trips
-        runtime._on_cache_later(write, 5)
-        await asyncio.gather(*runtime._writes)
+        runtime.io.later(write, 5)
+        await asyncio.gather(*runtime.io.writes)
         return before, [trips, runtime.counters.write_trips]
 
     before, trips = asyncio.run(go())
     assert before == [(i, True) for i in range(5)]  # all five, in order, inside one group
     assert trips == [1, 2]
     assert written[-1] == (5, True)
-    runtime._cache_thread.shutdown()
-    runtime._lookup_thread.shutdown()
+    runtime.io.shutdown()
 
 
 def test_a_lookup_does_not_wait_behind_the_cache_threads_writes(tmp_path):
@@ -214,16 +213,16 @@ def test_a_lookup_does_not_wait_behind_the_cache_threads_writes(tmp_path):
 
     async def go():
         gate = threading.Event()
-        busy = asyncio.get_running_loop().run_in_executor(runtime._cache_thread, gate.wait, 30)
-        hit = await asyncio.wait_for(runtime._lookup(DEFAULT_TENANT, vec, exact=False), 10)
+        busy = asyncio.get_running_loop().run_in_executor(runtime.io.writer, gate.wait, 30)
+        lookup = runtime.io.lookup(lambda: [runtime.cache.lookup(DEFAULT_TENANT, vec)])
+        (hit,) = await asyncio.wait_for(lookup, 10)
         gate.set()
         await busy
         return hit
 
     hit = asyncio.run(go())
     assert hit is not None and hit.entry.prompt == "a red kite" and hit.similarity > 0.99
-    runtime._cache_thread.shutdown()
-    runtime._lookup_thread.shutdown()
+    runtime.io.shutdown()
 
 
 def test_a_burst_of_arrivals_is_embedded_in_few_calls(tmp_path):
@@ -272,12 +271,11 @@ def test_the_runtime_reads_time_only_from_its_injected_clock(tmp_path):
     import time
 
     from promptserve.policy import get_policy
-    from promptserve.server.pinned import PinnedRuntime
-    from promptserve.server.runtime import JobHandle
+    from promptserve.server.runtime import JobHandle, LiveRuntime
 
     parts = modeled_app(tmp_path, speedup=50.0).state.runtime
     skew = [1000.0 - time.monotonic()]
-    runtime = PinnedRuntime(
+    runtime = LiveRuntime(
         parts.workers,
         parts.cache,
         parts.embedder,

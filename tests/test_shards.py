@@ -7,17 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from factories import boundary
 from promptserve.cache.embed import HashingEmbedder
 from promptserve.cache.thresholds import shipped_thresholds
 from promptserve.errors import InputError
 from promptserve.policy import Setting, Status, get_policy
 from promptserve.policy.shards import ShardLoad, ShardRing, gpu_targets, plan_moves
-from promptserve.policy.stepwise import StepConfig, StepScheduler, step_profile
+from promptserve.policy.step import StepConfig, StepScheduler
 from promptserve.policy.types import Job
 from promptserve.profile import reference_profile
 from promptserve.quality import quality_model
-from promptserve.sim.sharded import ShardedRun
+from promptserve.sim.events import EventRun
+from promptserve.sim.sharded import sharded_scheduler
 from promptserve.sim.simulator import SimInputs, simulate
+from promptserve.steptime import step_profile
 from promptserve.workload.arrivals import read_trace_offsets
 from promptserve.workload.scaled import Rows, superposed_arrivals, tenant_requests
 
@@ -121,18 +124,18 @@ def test_a_drained_gpu_keeps_its_members_takes_no_one_and_leaves_the_capacity():
     sp = step_profile(PROFILE)
     sched = StepScheduler(sp, 2, QM.matrix(), StepConfig("max", shed=True, admission=True))
     gpu = sched.gpus[0]
-    sched._admit_member(gpu, Job(0, 0.0, 30.0, 25, 25, 25), 25, [])
-    sched._recount(gpu, 0)
-    capacity = sched.steps_capacity(21.0)
+    sched.life.admit_member(gpu, Job(0, 0.0, 30.0, 25, 25, 25), 25, [])
+    sched.cluster.recount(gpu, 0)
+    capacity = sched.pricing.steps_capacity(21.0)
     sched.drain(0)
-    assert sched.steps_capacity(21.0) == pytest.approx(capacity / 2)
-    assert sched.least_loaded() is sched.gpus[1]
+    assert sched.pricing.steps_capacity(21.0) == pytest.approx(capacity / 2)
+    assert sched.cluster.least_loaded() is sched.gpus[1]
     assert list(gpu.by_id) == [0]  # nothing handed back, unlike a lost GPU
-    left, joined, _ = sched.boundary(gpu, 25 * sp.iteration_s(1), 25)
+    left, joined, _ = boundary(sched, gpu, 25 * sp.iteration_s(1), 25)
     assert [o.job.id for o in left] == [0] and joined == [] and gpu.count == 0
     assert sched.set_up(0, False) == []  # already out; back up it takes members again
     sched.set_up(0, True)
-    assert sched.least_loaded() is sched.gpus[0]
+    assert sched.cluster.least_loaded() is sched.gpus[0]
 
 
 # -- the simulated control plane ---------------------------------------------------------------
@@ -142,9 +145,9 @@ def test_one_shard_decides_request_by_request_as_one_global_scheduler():
     inputs = scaled_inputs(8, 60.0, 4.0)
     policy = get_policy("promptserve-step")
     one = simulate(policy, inputs).records
-    run = ShardedRun(policy, inputs, 1)
-    sharded = run.run().records
-    assert len(one.status) > 400 and run.sched.moved == 0
+    sched = sharded_scheduler(policy, inputs, 1)
+    sharded = EventRun(policy, inputs, None, sched).run().records
+    assert len(one.status) > 400 and sched.moved == 0
     assert np.array_equal(one.status, sharded.status)
     assert np.array_equal(one.level, sharded.level) and np.array_equal(one.gpu, sharded.gpu)
     assert np.allclose(one.finish_s, sharded.finish_s, equal_nan=True)
@@ -163,9 +166,9 @@ def test_a_tenant_runs_only_on_its_shards_gpus_and_the_controller_feeds_the_load
     skewed = SimInputs(
         requests, Rows(inputs.embeddings.base, rows), inputs.setting, QM, inputs.thresholds, 1
     )
-    run = ShardedRun(get_policy("promptserve-step"), skewed, 4, controller_s=10.0)
-    records = run.run().records
-    sched = run.sched
+    policy = get_policy("promptserve-step")
+    sched = sharded_scheduler(policy, skewed, 4, controller_s=10.0)
+    records = EventRun(policy, skewed, None, sched).run().records
     assert sched.moved > 0
     assert all(dst == 0 for _, _, _, dst in sched.handovers[:3])  # the loaded shard first
     assert len(sched.owned[0]) > 4

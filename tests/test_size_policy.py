@@ -6,18 +6,20 @@ import dataclasses
 import numpy as np
 import pytest
 
+from factories import boundary
 from promptserve.engine.base import GenerationItem, Look
 from promptserve.engine.modeled import ModeledEngine
 from promptserve.engine.sizes import shape_index, shape_table
 from promptserve.policy import Setting, Status, get_policy
+from promptserve.policy.contract import Ask
 from promptserve.policy.dispatcher import DispatchConfig, Dispatcher
 from promptserve.policy.estimator import LoadEstimator
-from promptserve.policy.steptime import kind
-from promptserve.policy.stepwise import StepConfig, StepProfile, StepScheduler, finishes
+from promptserve.policy.step import StepConfig, StepScheduler
 from promptserve.policy.types import Demand, Job
 from promptserve.profile import for_sizes, reference_profile
 from promptserve.quality import quality_model
 from promptserve.sim.simulator import simulate
+from promptserve.steptime import StepProfile, finishes, kind
 from promptserve.workload.looks import LookMix, sized_profile, with_looks
 from test_stepwise import poisson
 
@@ -54,7 +56,7 @@ def test_a_batch_of_one_size_is_timed_as_its_pixel_count_of_native_images():
 
 
 def scheduler(shape_aware: bool) -> StepScheduler:
-    from promptserve.policy.stepwise import step_profile
+    from promptserve.steptime import step_profile
 
     config = StepConfig("zero", shed=True, admission=False, shape_aware=shape_aware)
     sp = step_profile(for_sizes(reference_profile(), SIZES[:2]))
@@ -69,22 +71,22 @@ def test_placement_weighs_a_gpu_already_running_the_requests_size(aware):
     fewer members."""
     sched = scheduler(aware)
     for i, shape in enumerate([0, 1, 0, 1, 0]):
-        arrival = sched.intake(0.0, i, 60.0, 0, False, shape)
+        arrival = sched.intake(0.0, Ask(i, 60.0, 0, False, shape))
         assert arrival.ended is None
     assert [sorted(j.shape for j in g.joining) for g in sched.gpus] == [[0, 0, 0], [1, 1]]
-    arrival = sched.intake(0.0, 9, 60.0, 0, False, 0)
+    arrival = sched.intake(0.0, Ask(9, 60.0, 0, False, 0))
     assert arrival.gpu == (0 if aware else 1)
     if aware:  # 4 and 2 members now: the other size goes where it runs and fewer are
-        assert sched.intake(0.0, 10, 60.0, 0, False, 1).gpu == 1
+        assert sched.intake(0.0, Ask(10, 60.0, 0, False, 1)).gpu == 1
 
 
 def test_a_running_batch_of_two_sizes_steps_at_the_sum_of_their_calls():
     sched = scheduler(True)
-    sched.intake(0.0, 0, 60.0, 0, False, 0)
-    sched.intake(0.0, 1, 60.0, 0, False, 1)  # GPU 1 (GPU 0 holds one)
-    sched.intake(0.0, 2, 60.0, 0, False, 1)
+    sched.intake(0.0, Ask(0, 60.0, 0, False, 0))
+    sched.intake(0.0, Ask(1, 60.0, 0, False, 1))  # GPU 1 (GPU 0 holds one)
+    sched.intake(0.0, Ask(2, 60.0, 0, False, 1))
     gpu = sched.gpus[1]
-    sched.boundary(gpu, 0.0, 0)
+    boundary(sched, gpu, 0.0, 0)
     sp = sched.profile
     assert gpu.shapes == {kind(1): 2}
     assert gpu.seg_iter_s == pytest.approx(sp.call_s(2 * sp.shape_weights[1]))
@@ -100,9 +102,9 @@ def test_a_pinned_batch_holds_one_size_and_is_timed_for_it():
     dispatches, _ = d.step(0.0)
     (batch,) = dispatches
     assert {j.shape for j in batch.jobs} == {2} and len(batch.jobs) == 3  # the head's size
-    assert batch.end_s == pytest.approx(PROFILE.sized_latency(0, 3, 2))
-    d.on_batch_done(batch.end_s, batch)
-    (second,), _ = d.step(batch.end_s)
+    assert batch.until_s == pytest.approx(PROFILE.sized_latency(0, 3, 2))
+    d.on_batch_done(batch.until_s, batch)
+    (second,), _ = d.step(batch.until_s)
     assert {j.shape for j in second.jobs} == {0} and len(second.jobs) == 2
 
 
@@ -171,34 +173,34 @@ def test_blind_is_only_for_step_level_policies():
 def test_a_waiting_job_is_left_to_the_gpu_running_its_size_while_it_has_slack(slack):
     sched = scheduler(True)
     for i, shape in enumerate([0, 1]):  # GPU 0 runs a 1024x1024 member, GPU 1 a 1152x896
-        sched.intake(0.0, i, 60.0, 0, False, shape)
+        sched.intake(0.0, Ask(i, 60.0, 0, False, shape))
     for gpu in sched.gpus:
-        sched.boundary(gpu, 0.0, 0)
+        boundary(sched, gpu, 0.0, 0)
     assert [g.shapes for g in sched.gpus] == [{0: 1}, {kind(1): 1}]
     # a 1152x896 job waits: its whole SLO ahead (21 s), or just its run on GPU 0 and a little
     sp = sched.profile
     run = 50 * (sp.call_s(1.0) + sp.call_s(sp.shape_weights[1]))
     deadline = 21.0 if slack else run + 0.5
-    sched._wait(Job(5, 0.0, deadline, 0, 0, 0, 1))
-    _, joined, _ = sched.boundary(sched.gpus[0], 0.0, 0)
+    sched.queue.push(Job(5, 0.0, deadline, 0, 0, 0, 1))
+    _, joined, _ = boundary(sched, sched.gpus[0], 0.0, 0)
     if slack:  # GPU 0 leaves it to GPU 1, which takes it at its own boundary
-        assert joined == [] and len(sched.waiting) == 1
-        _, joined, _ = sched.boundary(sched.gpus[1], 0.0, 0)
+        assert joined == [] and len(sched.queue) == 1
+        _, joined, _ = boundary(sched, sched.gpus[1], 0.0, 0)
     assert [m.job.id for m in joined] == [5]
 
 
 def test_the_price_is_per_step_second_so_a_smaller_size_keeps_more_of_its_steps():
     config = StepConfig("price", shed=True, admission=True)
-    from promptserve.policy.stepwise import step_profile
+    from promptserve.steptime import step_profile
 
     sp = step_profile(for_sizes(reference_profile(), ((1024, 1024), (512, 512))))
     sched = StepScheduler(sp, 2, QM.matrix(), config, LoadEstimator(PROFILE.levels))
     for i in range(40):  # half of each size
-        sched.intake(float(i), i, float(i) + 21.0, 0, True, i % 2)
+        sched.intake(float(i), Ask(i, float(i) + 21.0, 0, True, i % 2))
     mix = (0.2, 0.2, 0.2, 0.2, 0.1, 0.1)
     price = sched.reprice(Demand(100.0, mix), 21.0)
     assert 0 < price < 50
-    (big, _), (small, _) = sched._by_shape
+    (big, _), (small, _) = sched.pricing.by_shape
     rows = range(len(sp.levels))
     last = len(sp.levels) - 1
     assert all(small[i][last] <= big[i][last] for i in rows)  # never faster for fewer pixels
@@ -209,7 +211,7 @@ def test_a_gpu_takes_no_more_pixels_than_its_bound_and_the_rest_wait():
     """``--max-inflight-megapixels``: on one GPU bounded at two 1024x1024 images, two
     native joins fit, a third waits; a 512x512 (a quarter) waits too, and everyone joins
     once the members leave. A request alone always runs, whatever its size."""
-    from promptserve.policy.stepwise import step_profile
+    from promptserve.steptime import step_profile
 
     profile = dataclasses.replace(PROFILE, max_inflight_weight=2.0)
     sp = step_profile(profile)
@@ -217,19 +219,20 @@ def test_a_gpu_takes_no_more_pixels_than_its_bound_and_the_rest_wait():
     config = StepConfig("zero", shed=True, admission=False)
     sched = StepScheduler(sp, 1, QM.matrix(), config, LoadEstimator(PROFILE.levels))
     placed = [
-        sched.intake(0.0, i, 600.0, 0, False, shape).gpu for i, shape in enumerate([0, 0, 0, 2])
+        sched.intake(0.0, Ask(i, 600.0, 0, False, shape)).gpu
+        for i, shape in enumerate([0, 0, 0, 2])
     ]
     assert placed == [0, 0, None, None]  # the third and the small one wait
     gpu = sched.gpus[0]
-    sched.boundary(gpu, 0.0, 0)
+    boundary(sched, gpu, 0.0, 0)
     assert sorted(gpu.by_id) == [0, 1] and sched.pending() == 4
     sched.remove(0), sched.remove(1)  # they leave (cancelled): the waiting ones join
-    sched.boundary(gpu, 1.0, 0)
+    boundary(sched, gpu, 1.0, 0)
     assert sorted(j.id for j in gpu.joining) + sorted(gpu.by_id) == [2, 3]
     unbounded = StepScheduler(
         step_profile(PROFILE), 1, QM.matrix(), config, LoadEstimator(PROFILE.levels)
     )
-    assert [unbounded.intake(0.0, i, 600.0, 0, False, 0).gpu for i in range(3)] == [0, 0, 0]
+    assert [unbounded.intake(0.0, Ask(i, 600.0, 0, False, 0)).gpu for i in range(3)] == [0, 0, 0]
     huge = dataclasses.replace(PROFILE, max_inflight_weight=0.1)
     alone = StepScheduler(step_profile(huge), 1, QM.matrix(), config, LoadEstimator(PROFILE.levels))
-    assert alone.intake(0.0, 0, 600.0, 0, False, 0).gpu == 0  # over the bound, but alone
+    assert alone.intake(0.0, Ask(0, 600.0, 0, False, 0)).gpu == 0  # over the bound, but alone

@@ -10,13 +10,12 @@ import pytest
 from factories import client, modeled_app, tiny_app
 from promptserve.loadgen import read_metric
 from promptserve.server.live import LiveServer
-from promptserve.server.stepruntime import StepRuntime
 
 
 def test_promptserve_step_serves_the_tiny_model_and_reports_real_steps(tmp_path):
     app = tiny_app(tmp_path, policy="promptserve-step")
     runtime = app.state.runtime
-    assert isinstance(runtime, StepRuntime)
+    assert runtime.sched.stepwise  # one running batch per GPU
     with LiveServer(app) as url:
         c = client(url, timeout=120)
         first = c.images.generate(prompt="a lighthouse at dusk", size="64x64")
@@ -130,7 +129,7 @@ class LosesWorker:
 
     async def advance(self, g, joins, refs, cancels, *ahead):
         if g == 1 and not self.lost:
-            from promptserve.server.workers import WorkerLost
+            from promptserve.workers.base import WorkerLost
 
             self.lost = True
             raise WorkerLost(1, "killed")
@@ -144,7 +143,7 @@ def test_a_step_level_server_that_loses_a_worker_says_so_and_prices_without_it(t
     app = modeled_app(tmp_path, policy="promptserve-step", speedup=20.0, workers=2)
     runtime = app.state.runtime
     runtime.workers = workers = LosesWorker(runtime.workers)
-    both = runtime.sched.steps_capacity(runtime.setting.slo_s)
+    both = runtime.sched.pricing.steps_capacity(runtime.setting.slo_s)
 
     def up_count(url):
         return read_metric(url, "promptserve_workers_up")
@@ -164,7 +163,9 @@ def test_a_step_level_server_that_loses_a_worker_says_so_and_prices_without_it(t
         assert up_count(url) == 1
         ready = httpx.get(url + "/readyz").json()
         assert ready["workers"] == 2 and ready["workers_up"] == 1
-        assert runtime.sched.steps_capacity(runtime.setting.slo_s) == pytest.approx(both / 2)
+        assert runtime.sched.pricing.steps_capacity(runtime.setting.slo_s) == pytest.approx(
+            both / 2
+        )
         workers.back.set()
         deadline = time.monotonic() + 10
         while up_count(url) < 2 and time.monotonic() < deadline:
@@ -183,17 +184,17 @@ def test_a_request_cancelled_while_its_join_reads_the_cache_never_joins_the_runn
 
     app = modeled_app(tmp_path, policy="promptserve-step", speedup=20.0)
     runtime = app.state.runtime
-    real, handle = runtime._join_items, JobHandle(lambda kind, data: None)
+    real, handle = runtime.item_for, JobHandle(lambda kind, data: None)
 
     async def scenario():
         loop = asyncio.get_running_loop()
 
-        def join_items(joiners):  # on the cache thread: the caller cancels meanwhile
+        def item_for(p, level, interval=1):  # on the cache thread: the caller cancels meanwhile
             loop.call_soon_threadsafe(runtime.cancel, handle)
             time.sleep(0.2)
-            return real(joiners)
+            return real(p, level, interval)
 
-        runtime._join_items = join_items
+        runtime.item_for = item_for
         runtime.start()
         try:
             with pytest.raises(Cancelled):

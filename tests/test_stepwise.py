@@ -1,22 +1,19 @@
-"""Step-level serving's policy (``policy/stepwise.py``) and its simulator."""
+"""Step-level serving's policy (``policy/step/``) and its simulator."""
 
 import numpy as np
 import pytest
 
+from factories import boundary
 from promptserve.cache.embed import HashingEmbedder
 from promptserve.cache.thresholds import shipped_thresholds
 from promptserve.policy import Setting, Status, get_policy
-from promptserve.policy.stepwise import (
-    StepConfig,
-    StepProfile,
-    StepScheduler,
-    finishes,
-    step_profile,
-)
+from promptserve.policy.contract import Ask, Report
+from promptserve.policy.step import StepConfig, StepScheduler
 from promptserve.policy.types import Demand, Job
 from promptserve.profile import reference_profile
 from promptserve.quality import quality_model
 from promptserve.sim.simulator import SimInputs, simulate
+from promptserve.steptime import StepProfile, finishes, step_profile
 from promptserve.types import Request
 
 PROFILE = reference_profile()
@@ -70,14 +67,14 @@ def test_a_join_that_would_make_a_member_late_is_not_made():
     )
     gpu = sched.gpus[0]
     first = Job(0, 0.0, 10.5, 0, 0, 0)  # alone: 10 steps x 1 s, due at 10.5
-    assert sched.choose_k(gpu, first, 0.0) == (0, 1)
-    sched._admit_member(gpu, first, 0, [])
+    assert sched.levels.choose_k(gpu, first, 0.0) == (0, 1)
+    sched.life.admit_member(gpu, first, 0, [])
     second = Job(1, 0.0, 100.0, 0, 0, 0)  # would make every step 2 s: the first would be late
-    assert sched.choose_k(gpu, second, 0.0) is None
+    assert sched.levels.choose_k(gpu, second, 0.0) is None
     relaxed = Job(0, 0.0, 25.0, 0, 0, 0)
     gpu.by_id.clear(), gpu.members.clear()
-    sched._admit_member(gpu, relaxed, 0, [])
-    assert sched.choose_k(gpu, second, 0.0) == (0, 1)  # 10 steps x 2 s = 20 s <= 25 s
+    sched.life.admit_member(gpu, relaxed, 0, [])
+    assert sched.levels.choose_k(gpu, second, 0.0) == (0, 1)  # 10 steps x 2 s = 20 s <= 25 s
 
 
 def test_with_slack_the_price_is_zero_and_every_request_runs_in_full():
@@ -95,18 +92,18 @@ def test_a_saturated_cluster_joins_at_the_fastest_level_whatever_the_price():
     )
     sched.reprice(Demand(1.0, (1.0, 0, 0, 0, 0, 0)), 21.0)  # slack: price 0
     job = Job(0, 0.0, 21.0, 10, 25, 10)
-    assert sched.price == 0.0 and sched.preferred_k(job, 0.0) == 0  # in full, 100%
+    assert sched.price == 0.0 and sched.levels.preferred_k(job, 0.0) == 0  # in full, 100%
     gpu = sched.gpus[0]
     # a full run finishes within 90% of the 21 s SLO with up to 7 members (84 ms x 4.3 x 50)
-    assert sched._busy_at == 7
+    assert sched.pricing.busy_at == 7
     for i in range(7):
-        sched._admit_member(gpu, Job(i + 1, 0.0, 60.0, 0, 0, 0), 0, [])
-    assert not sched.saturated(0.0) and sched.preferred_k(job, 0.0) == 0
-    sched._admit_member(gpu, Job(8, 0.0, 60.0, 0, 0, 0), 0, [])
-    assert sched.saturated(0.0) and sched.preferred_k(job, 0.0) == 25
+        sched.life.admit_member(gpu, Job(i + 1, 0.0, 60.0, 0, 0, 0), 0, [])
+    assert not sched.bursts.saturated(0.0) and sched.levels.preferred_k(job, 0.0) == 0
+    sched.life.admit_member(gpu, Job(8, 0.0, 60.0, 0, 0, 0), 0, [])
+    assert sched.bursts.saturated(0.0) and sched.levels.preferred_k(job, 0.0) == 25
     gpu.by_id.clear(), gpu.members.clear()
-    sched.waiting.append((60.0, 9, Job(9, 0.0, 60.0, 0, 0, 0)))  # a request waits to join
-    assert sched.saturated(0.0) and sched.preferred_k(job, 0.0) == 25
+    sched.queue.push(Job(9, 0.0, 60.0, 0, 0, 0))  # a request waits to join
+    assert sched.bursts.saturated(0.0) and sched.levels.preferred_k(job, 0.0) == 25
 
 
 def test_a_burst_moves_joins_to_the_fastest_level_from_its_first_requests_and_back():
@@ -122,24 +119,27 @@ def test_a_burst_moves_joins_to_the_fastest_level_from_its_first_requests_and_ba
     )
     sched.reprice(Demand(1.0, (1.0, 0, 0, 0, 0, 0)), 21.0)  # slack: price 0
     cap = sched.excess.capacity_per_s
-    assert cap == pytest.approx(sched.steps_capacity(21.0, 25))
+    assert cap == pytest.approx(sched.pricing.steps_capacity(21.0, 25))
     limit = cap * 0.1 * 21.0  # the waiting share of the SLO's worth of capacity
     probe = Job(10_000, 0.0, 21.0, 10, 25, 10)
     sizes = []
     for i in range(40):  # 40 requests in one second: far beyond one GPU
-        sched.intake(i / 40, i, i / 40 + 21.0, 10, True)
+        sched.intake(i / 40, Ask(i, i / 40 + 21.0, 10, True))
         sizes.append(sched.excess.now(i / 40))
-        if sched.saturated(i / 40):
+        if sched.bursts.saturated(i / 40):
             break
-    assert not sched.waiting  # the signal came before any queue
+    assert not sched.queue  # the signal came before any queue
     assert sizes[-1] > limit >= sizes[-2]
-    assert sched.preferred_k(probe, i / 40) == 25
+    assert sched.levels.preferred_k(probe, i / 40) == 25
     quiet = i / 40 + sizes[-1] / cap  # drained
     for gpu in sched.gpus:  # the burst's members have left
         before = gpu.count
         gpu.by_id.clear(), gpu.members.clear(), gpu.joining.clear()
-        sched._recount(gpu, before)
-    assert not sched.saturated(quiet + 1e-6) and sched.preferred_k(probe, quiet + 1e-6) == 0
+        sched.cluster.recount(gpu, before)
+    assert (
+        not sched.bursts.saturated(quiet + 1e-6)
+        and sched.levels.preferred_k(probe, quiet + 1e-6) == 0
+    )
 
 
 def test_under_load_the_price_rises_and_requests_move_above_their_k_opt():
@@ -181,9 +181,9 @@ def test_the_price_splits_the_class_that_moves_so_work_meets_capacity():
     assert sched.reprice(Demand(10.0, mix), 21.0) == 0.0
     price = sched.reprice(Demand(70.0, mix), 21.0)
     assert 0.0 < price < 50.0
-    assert 0.0 <= sched._split <= 1.0
+    assert 0.0 <= sched.pricing.split <= 1.0
     jobs = [Job(i, 0.0, 21.0, 5, 25, 5) for i in range(2000)]
-    ks = {sched.preferred_k(j, 0.0) for j in jobs}
+    ks = {sched.levels.preferred_k(j, 0.0) for j in jobs}
     assert len(ks) >= 1 and all(k in PROFILE.levels for k in ks)
 
 
@@ -223,18 +223,12 @@ def test_the_simulators_re_plan_grid_can_be_moved_against_the_arrivals(name):
     re-plan grid at another phase; every re-plan (plan or price) lands on the moved grid."""
     import dataclasses
 
-    from promptserve.sim.stepsim import StepRun
-
     inputs = poisson(120, 2, gpus=2, seed=4)
     start, period = inputs.requests[0].arrival_s, get_policy(name).replan_s
     for phase in (0.0, 1.25):
         moved = dataclasses.replace(inputs, replan_phase_s=phase)
-        if name == "promptserve-step":
-            step_run = StepRun(get_policy(name), moved, None)
-            step_run.run()
-            times = [t for t, _ in step_run.prices[1:]]
-        else:
-            times = [t for t, _ in simulate(get_policy(name), moved).plans[1:]]
+        result = simulate(get_policy(name), moved)
+        times = [t for t, _ in (result.prices or result.plans)[1:]]
         assert len(times) >= 3
         offsets = [((t - start - phase) % period) for t in times]
         assert all(min(o, period - o) < 1e-6 for o in offsets), (phase, offsets[:5])
@@ -260,25 +254,25 @@ def test_a_lost_gpu_hands_back_its_jobs_leaves_the_capacity_and_takes_no_one():
     sched = get_policy("promptserve-step").step_scheduler(
         Setting((PROFILE,) * 2, QM.matrix(), 21.0)
     )
-    both = sched.steps_capacity(21.0)
+    both = sched.pricing.steps_capacity(21.0)
     jobs = [Job(i, 0.0, 21.0, 0, 25, 0) for i in range(3)]
     for job in jobs:
-        sched.arrive(0.0, job)
+        sched.placement.arrive(0.0, job)
     for gpu in sched.gpus:
-        sched.boundary(gpu, 0.0, 0)
+        boundary(sched, gpu, 0.0, 0)
     held = {j.id for j in sched.gpus[1].joining} | set(sched.gpus[1].by_id)
     assert held  # the least-loaded placement put work on GPU 1
     back = sched.set_up(1, False)
     assert {j.id for j in back} == held and sched.gpus[1].count == 0
-    assert sched.steps_capacity(21.0) == pytest.approx(both / 2)
+    assert sched.pricing.steps_capacity(21.0) == pytest.approx(both / 2)
     for i in range(3, 8):  # every new arrival goes to GPU 0 or waits, never to the lost one
-        gpu, _ = sched.arrive(0.0, Job(i, 0.0, 21.0, 0, 25, 0))
+        gpu, _ = sched.placement.arrive(0.0, Job(i, 0.0, 21.0, 0, 25, 0))
         assert gpu is None or gpu.index == 0
-    sched.boundary(sched.gpus[1], 1.0, 0)  # a boundary on it pulls no one from the queue
+    boundary(sched, sched.gpus[1], 1.0, 0)  # a boundary on it pulls no one from the queue
     assert not sched.gpus[1].by_id and sched.set_up(1, False) == []
     sched.set_up(1, True)
-    assert sched.steps_capacity(21.0) == pytest.approx(both)
-    assert sched.least_loaded().index == 1  # empty again, it is where the next one goes
+    assert sched.pricing.steps_capacity(21.0) == pytest.approx(both)
+    assert sched.cluster.least_loaded().index == 1  # empty again, it is where the next one goes
 
 
 def overloaded(seconds=40.0, factor=10.0, seed=0, slo=20.0):
@@ -306,12 +300,12 @@ def test_a_fresh_arrival_queues_behind_waiting_jobs_instead_of_taking_their_slot
     sp = StepProfile(10, (0, 5), (1.0, 1.0, 1.0))
     sched = StepScheduler(sp, 1, QM.matrix()[:2, :2], StepConfig("max", shed=True, admission=False))
     waiting = Job(0, 0.0, 100.0, 0, 0, 0)
-    sched._wait(waiting)
-    assert sched.waiting_steps == 10 and sched.waiting_full == 1
-    gpu, outcome = sched.arrive(0.0, Job(1, 0.0, 100.0, 5, 5, 5))  # would fit the idle GPU
-    assert gpu is None and outcome is None and len(sched.waiting) == 2
-    assert sched.waiting_steps == 15 and sched.waiting_full == 1
-    assert sched.remove(0) is waiting and sched.waiting_steps == 5 and sched.waiting_full == 0
+    sched.queue.push(waiting)
+    assert sched.queue.steps == 10 and sched.queue.full == 1
+    gpu, outcome = sched.placement.arrive(0.0, Job(1, 0.0, 100.0, 5, 5, 5))  # would fit the idle GPU
+    assert gpu is None and outcome is None and len(sched.queue) == 2
+    assert sched.queue.steps == 15 and sched.queue.full == 1
+    assert sched.remove(0) is waiting and sched.queue.steps == 5 and sched.queue.full == 0
 
 
 def test_a_join_is_checked_against_the_jobs_joining_before_it_at_the_same_boundary():
@@ -321,17 +315,17 @@ def test_a_join_is_checked_against_the_jobs_joining_before_it_at_the_same_bounda
     )
     gpu = sched.gpus[0]
     first, second = Job(0, 0.0, 10.5, 0, 0, 0), Job(1, 0.0, 10.5, 0, 0, 0)
-    assert sched.choose_k(gpu, second, 0.0) == (0, 1)  # alone: 10 steps x 1 s
-    assert sched.choose_k(gpu, second, 0.0, ahead=[first]) is None  # together: 2 s steps
+    assert sched.levels.choose_k(gpu, second, 0.0) == (0, 1)  # alone: 10 steps x 1 s
+    assert sched.levels.choose_k(gpu, second, 0.0, ahead=[first]) is None  # together: 2 s steps
 
 
 def running(sched, gpu, left):
     """Put members with ``left`` steps to go on ``gpu``, as a boundary would."""
-    sched._tally(gpu, -1)
+    sched.admission.tally(gpu, -1)
     for i, r in enumerate(left):
         job = Job(1000 + 100 * gpu.index + i, 0.0, 1e9, 25, 25, 25)
-        sched._admit_member(gpu, job, sched.profile.total_steps - r, [])
-    sched._tally(gpu, 1)
+        sched.life.admit_member(gpu, job, sched.profile.total_steps - r, [])
+    sched.admission.tally(gpu, 1)
 
 
 def test_admission_gives_a_queued_request_the_slot_that_frees_after_the_queue_took_its_own():
@@ -341,20 +335,20 @@ def test_admission_gives_a_queued_request_the_slot_that_frees_after_the_queue_to
         step_profile(PROFILE), 2, QM.matrix(), StepConfig("max", shed=True, admission=True)
     )
     sched.reprice(Demand(1.0, (1.0, 0, 0, 0, 0, 0)), 21.0)
-    sp, n = sched.profile, sched._inflight_for[25]
+    sp, n = sched.profile, sched.pricing.inflight_for[25]
     for gpu in sched.gpus:  # both GPUs full at the capacity count, members spread out
         running(sched, gpu, [2 + 3 * i + gpu.index for i in range(n)])
-        sched._recount(gpu, 0)
-    assert sum(sched.steps_left) == 2 * n
+        sched.cluster.recount(gpu, 0)
+    assert sum(sched.admission.steps_left) == 2 * n
     for i in range(3):
-        sched._wait(Job(100 + i, 0.0, 21.0, 25, 25, 25))
+        sched.queue.push(Job(100 + i, 0.0, 21.0, 25, 25, 25))
     leaves = sorted(2 + 3 * i + g for i in range(n) for g in (0, 1))
     start = leaves[3] * sp.iteration_s(n) + sp.leave_s
-    assert sched._slot_frees(0.0, n, n) == pytest.approx(start)
+    assert sched.admission.slot_frees(0.0, n, n) == pytest.approx(start)
     gpu = sched.gpus[0]
     run = sp.join_s + 25 * sp.iteration_s(n) + sp.leave_s
-    assert sched._after_queue(gpu, Job(1, 0.0, start + run + 0.01, 25, 25, 25), 0.0)
-    assert not sched._after_queue(gpu, Job(2, 0.0, start + run - 0.01, 25, 25, 25), 0.0)
+    assert sched.admission.after_queue(gpu, Job(1, 0.0, start + run + 0.01, 25, 25, 25), 0.0)
+    assert not sched.admission.after_queue(gpu, Job(2, 0.0, start + run - 0.01, 25, 25, 25), 0.0)
 
 
 def test_behind_more_jobs_than_run_admission_counts_all_the_work_ahead_at_the_capacity():
@@ -362,14 +356,14 @@ def test_behind_more_jobs_than_run_admission_counts_all_the_work_ahead_at_the_ca
         step_profile(PROFILE), 1, QM.matrix(), StepConfig("max", shed=True, admission=True)
     )
     sched.reprice(Demand(1.0, (1.0, 0, 0, 0, 0, 0)), 21.0)
-    sp, n = sched.profile, sched._inflight_for[25]
+    sp, n = sched.profile, sched.pricing.inflight_for[25]
     gpu = sched.gpus[0]
     running(sched, gpu, [10, 20])
-    sched._recount(gpu, 0)
+    sched.cluster.recount(gpu, 0)
     for i in range(n + 2):  # more than the free slots and the running members together
-        sched._wait(Job(100 + i, 0.0, 21.0, 25, 25, 25))
+        sched.queue.push(Job(100 + i, 0.0, 21.0, 25, 25, 25))
     work = 30 + 25 * (n + 2)
-    assert sched._slot_frees(0.0, n, n) == pytest.approx(work / sp.steps_per_s(n))
+    assert sched.admission.slot_frees(0.0, n, n) == pytest.approx(work / sp.steps_per_s(n))
 
 
 def test_the_steps_left_tally_follows_joins_leaves_cancels_restarts_and_lost_gpus():
@@ -385,19 +379,23 @@ def test_the_steps_left_tally_follows_joins_leaves_cancels_restarts_and_lost_gpu
         return out
 
     for i in range(12):
-        sched.arrive(0.0, Job(i, 0.0, 60.0, 25, 25, 25 if i % 3 else 0))
+        sched.placement.arrive(0.0, Job(i, 0.0, 60.0, 25, 25, 25 if i % 3 else 0))
     for step, gpu in enumerate(sched.gpus * 6):
-        sched.boundary(gpu, float(step), 5)
-        assert sched.steps_left == recount()
+        boundary(sched, gpu, float(step), 5)
+        assert sched.admission.steps_left == recount()
     quiet = sched.gpus[0]
     assert quiet.members[0][0] - quiet.done > 1  # no one leaves at the next step
-    at, tallied = list(sched.steps_left), quiet.tallied
-    sched.boundary(quiet, 40.0, 1)  # no join, no leave: counted as before, on both clocks
-    assert sched.steps_left == at == recount() and quiet.tallied == tallied < quiet.done
-    member = next(iter(sched.gpus[0].by_id))
-    sched.restart(sched.gpus[0], member, 0)
-    assert sched.steps_left == recount()
+    at, tallied = list(sched.admission.steps_left), quiet.tallied
+    boundary(sched, quiet, 40.0, 1)  # no join, no leave: counted as before, on both clocks
+    assert sched.admission.steps_left == at == recount() and quiet.tallied == tallied < quiet.done
+    # it started at another K than it was given (its start latent was gone: from 0)
+    member, running = next(iter(sched.gpus[0].by_id.items()))
+    started = 0 if running.k else 25
+    sched.update(41.0, 0, Report(started=((member, started),)))
+    assert sched.gpus[0].by_id[member].k == started and sched.admission.steps_left == recount()
     sched.remove(next(iter(sched.gpus[1].by_id)))
-    assert sched.steps_left == recount()
+    assert sched.admission.steps_left == recount()
     sched.set_up(0, False)
-    assert sched.steps_left == recount() and sum(sched.steps_left) == len(sched.gpus[1].by_id)
+    assert sched.admission.steps_left == recount() and sum(sched.admission.steps_left) == len(
+        sched.gpus[1].by_id
+    )

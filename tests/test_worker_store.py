@@ -10,7 +10,7 @@ from promptserve.cache.embed import HashingEmbedder
 from promptserve.cache.thresholds import shipped_thresholds
 from promptserve.distributed.replica import EngineWorker
 from promptserve.engine.base import GenerationItem
-from promptserve.server.workers import StoreRefs
+from promptserve.workers.base import StoreRefs
 
 
 def run(worker, items, refs):

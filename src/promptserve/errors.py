@@ -3,3 +3,7 @@
 
 class InputError(ValueError):
     """Bad user input (a file, a column, a spec, a flag); the message names what is wrong."""
+
+
+class Cancelled(Exception):
+    """The caller cancelled the request."""

@@ -49,7 +49,7 @@ class Profile:
     latency_s: tuple[tuple[float, ...], ...]  # [level index][batch-size index], seconds
     model_load_s: float = 0.0  # seconds to load the model onto a device
     # measured for step-level serving (``promptserve profile``); empty: derived from the batch
-    # latencies (``policy.stepwise.step_profile``)
+    # latencies (``steptime.step_profile``)
     step_inflight: tuple[int, ...] = ()  # in-flight counts measured, ascending from 1
     step_latency_s: tuple[float, ...] = ()  # seconds of one denoiser step at each count
     encode_s: float = 0.0  # per request, at join: its text encoding
@@ -95,7 +95,7 @@ class Profile:
 
     def sized_latency(self, k: int, batch: int, shape: int = 0) -> float:
         """Seconds of one batch of ``batch`` images of one size: as ``batch x weight`` native
-        images (``policy.steptime`` has the scaling and why), linear past the curve's ends."""
+        images (``steptime`` has the scaling and why), linear past the curve's ends."""
         if shape == 0:
             return self.batch_latency(k, batch)
         load = batch * self.shape_weights[shape]

@@ -168,6 +168,23 @@ def kept_by_intervals(
     return kept / (100.0 * max(before + last, 1))
 
 
+def served_quality(
+    model: QualityModel,
+    interval_q: Sequence[float],
+    total_steps: int,
+    k_opt: int,
+    level: int,
+    interval: int = 1,
+    earlier: Sequence[tuple[int, int]] = (),
+) -> float:
+    """A served request's quality (percent): its level's against its K_opt, times what its
+    feature-cache intervals keep of it. The one count both clocks make."""
+    q = model.q(k_opt, level)
+    if interval > 1:
+        q *= kept_by_intervals(interval_q, interval, earlier, total_steps - level)
+    return q
+
+
 def interval_quality(shape: PenaltyShape = "mild") -> IntervalQuality:
     if shape not in INTERVAL_LOSS:
         raise ValueError(f"quality penalty shape {shape!r} is not 'mild' or 'steep'")

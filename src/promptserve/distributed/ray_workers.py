@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from ray.exceptions import RayActorError
 
 from promptserve.engine.base import Guidance
+from promptserve.errors import Cancelled
 from promptserve.profile import Profile
-from promptserve.server.runtime import Cancelled
-from promptserve.server.stepworkers import Joins, StepDone
-from promptserve.server.workers import Items, OnStep, Refs, Results, WorkerLost
+from promptserve.workers.base import Items, OnStep, Refs, Results, WorkerLost
+from promptserve.workers.steps import Joins, StepDone
 
 PING_TIMEOUT_S = 2.0
 

@@ -22,9 +22,9 @@ from promptserve.engine.options import EngineOptions
 from promptserve.engine.profiling import quick_profile
 from promptserve.engine.runner import latents_to_keep
 from promptserve.engine.threads import ComputeThread, torch_threads_for
-from promptserve.server.runtime import Cancelled
-from promptserve.server.stepworkers import StepDone, advance
-from promptserve.server.workers import StoreRefs
+from promptserve.errors import Cancelled
+from promptserve.workers.base import StoreRefs
+from promptserve.workers.steps import StepDone, advance
 
 
 class EngineWorker:

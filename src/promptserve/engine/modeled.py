@@ -74,8 +74,8 @@ class ModeledEngine:
         return shape_index(shape_table(self.native, self.sizes), item.look.size)
 
     def step_runner(self, profile: Profile) -> ModeledStepRunner:
-        from promptserve.policy.stepwise import step_profile
         from promptserve.profile import for_sizes
+        from promptserve.steptime import step_profile
 
         sized = for_sizes(profile, shape_table(self.native, self.sizes))
         return ModeledStepRunner(step_profile(sized), self.speedup, shape_of=self.shape_of)
@@ -143,7 +143,7 @@ class ModeledStepRunner:
     def step(self) -> list:
         if not self._steps:
             return []
-        from promptserve.policy.steptime import kind
+        from promptserve.steptime import kind
 
         counts: dict[int, int] = {}
         for _, item in self._steps.values():

@@ -9,12 +9,12 @@ from promptserve.policy.intake import intake
 from promptserve.policy.joint import plan_joint
 from promptserve.policy.policies import POLICIES, Policy, Setting, get_policy, parse_policies
 from promptserve.policy.router import route
-from promptserve.policy.types import Demand, Dispatch, Job, Outcome, Plan, Status
+from promptserve.policy.types import BatchWork, Demand, Job, Outcome, Plan, Status
 
 __all__ = [
     "POLICIES",
     "Demand",
-    "Dispatch",
+    "BatchWork",
     "DispatchConfig",
     "Dispatcher",
     "Job",

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from promptserve.policy.residency import ResidentSet
-from promptserve.policy.types import Dispatch, Job, Outcome, Status
+from promptserve.policy.types import BatchWork, Job, Outcome, Status
 from promptserve.profile import Profile
 
 
@@ -43,7 +43,7 @@ class GpuState:
     level: int | None  # pinned level; None takes any
     busy_until: float = 0.0
     ready_at: float = 0.0  # a GPU loading a model variant is not ready before this
-    running: Dispatch | None = None
+    running: BatchWork | None = None
     up: bool = True  # False: its worker is gone; it takes no work and counts for no level
     resident: ResidentSet = field(default_factory=ResidentSet)  # its device's LoRA adapters
 
@@ -130,14 +130,14 @@ class Dispatcher:
         start = free[min(waves, len(free) - 1)] + rounds * profile.batch_latency(level, batch)
         return start + profile.sized_latency(run_level, min(slot % batch + 1, batch), shape)
 
-    def step(self, now: float) -> tuple[list[Dispatch], list[Outcome]]:
+    def step(self, now: float) -> tuple[list[BatchWork], list[Outcome]]:
         """Hand a batch to every idle GPU that has work; report jobs given up on.
 
         Work-conserving: when it returns, no up, ready, idle GPU has a non-empty queue it may
         serve. Shedding can empty the level an idle GPU chose, or move jobs onto a level whose
         GPU was already passed over, so it repeats until a pass changes nothing.
         """
-        dispatches: list[Dispatch] = []
+        dispatches: list[BatchWork] = []
         outcomes: list[Outcome] = []
         changed = True
         while changed:
@@ -150,13 +150,13 @@ class Dispatcher:
                 outcomes.extend(shed)
                 changed = changed or dispatch is not None or self._queue_lengths() != before
                 if dispatch is not None:
-                    gpu.running, gpu.busy_until = dispatch, dispatch.end_s
+                    gpu.running, gpu.busy_until = dispatch, dispatch.until_s
                     dispatches.append(dispatch)
         return dispatches, outcomes
 
     def _serve(
         self, index: int, gpu: GpuState, now: float
-    ) -> tuple[list[Outcome], Dispatch | None]:
+    ) -> tuple[list[Outcome], BatchWork | None]:
         """One idle GPU: its level's batch (pinned), or the most urgent level's batch that still
         has work once its late jobs are shed (unpinned)."""
         shed: list[Outcome] = []
@@ -171,7 +171,7 @@ class Dispatcher:
             if dispatch is not None or self.config.pinned:
                 return shed, dispatch
 
-    def on_batch_done(self, now: float, dispatch: Dispatch) -> list[Outcome]:
+    def on_batch_done(self, now: float, dispatch: BatchWork) -> list[Outcome]:
         gpu = self.gpus[dispatch.gpu]
         gpu.running = None
         gpu.busy_until = now
@@ -234,7 +234,7 @@ class Dispatcher:
                 return k
         return None
 
-    def _form_batch(self, index: int, gpu: GpuState, level: int, now: float) -> Dispatch | None:
+    def _form_batch(self, index: int, gpu: GpuState, level: int, now: float) -> BatchWork | None:
         queue = self.queues.get(level)
         if not queue:
             return None
@@ -266,4 +266,4 @@ class Dispatcher:
             latency += gpu.resident.missing(named) * gpu.profile.adapter_load_s
             gpu.resident.use(named)
             gpu.resident.release(named)  # held until pushed out; a batch runs whole
-        return Dispatch(index, run_level, batch, now, now + latency)
+        return BatchWork(index, run_level, batch, now, now + latency)

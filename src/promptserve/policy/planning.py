@@ -1,7 +1,8 @@
 """What both clocks decide the same way around a plan: what the first plan is for, when to
 re-plan, what a level change costs, and which served prompts the cache keeps.
 
-The simulator and the live runtime each call these; only where the numbers come from differs
+The simulator and the live runtime each call these (when to plan and what a level change
+costs are the policy's own: ``Policy.wants_plan``, ``Policy.switch_s``); only where the numbers come from differs
 (the simulator's operator forecast is the trace's first minute, the server's is its
 ``expected_qpm`` setting).
 """
@@ -11,11 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from promptserve.policy.dispatcher import Dispatcher
-from promptserve.policy.estimator import demand_changed
-from promptserve.policy.policies import Policy
 from promptserve.policy.types import Demand
-from promptserve.profile import Profile
 
 EXACT_REPEAT = 0.9999  # a prompt this close to its neighbour adds nothing to the cache
 HEALTH_PERIOD_S = 5.0  # how often a plan-once policy still looks at its workers
@@ -24,16 +21,6 @@ HEALTH_PERIOD_S = 5.0  # how often a plan-once policy still looks at its workers
 def first_demand(expected_qpm: float, levels: Sequence[int]) -> Demand:
     """The first plan's demand, before any arrival is seen: the expected rate, all misses."""
     return Demand(float(expected_qpm), tuple(float(i == 0) for i in range(len(levels))))
-
-
-def wants_plan(policy: Policy, planned_for: Demand | None, demand: Demand, force: bool) -> bool:
-    """Whether to plan now. A plan-once policy plans at start and when its GPUs change
-    (``force``), never again for load; a periodic one when the demand moved."""
-    if force or planned_for is None:
-        return True
-    if policy.replan_s is None:
-        return False
-    return demand_changed(planned_for, demand)
 
 
 def until_replan(now: float, first_arrival: float | None, period: float) -> float:
@@ -47,21 +34,6 @@ def until_replan(now: float, first_arrival: float | None, period: float) -> floa
         return period
     ticks = math.floor((now - first_arrival) / period + 1e-9) + 1
     return min(max(first_arrival + ticks * period - now, 0.0), period)
-
-
-def switch_s(policy: Policy, profile: Profile) -> float:
-    """What a GPU's level change costs: the model-load time for a policy that reloads a
-    variant (proteus), nothing for the rest (a level is a runtime setting)."""
-    return profile.model_load_s if policy.switch_s_from_profile else 0.0
-
-
-def apply_levels(
-    dispatcher: Dispatcher, now: float, levels: Sequence[int | None], switch: float
-) -> list[float]:
-    """Set each GPU's level; the times, after ``now``, when a switching GPU is ready again
-    (a driver wakes its scheduler then)."""
-    dispatcher.set_levels(now, levels, switch)
-    return sorted({g.ready_at for g in dispatcher.gpus if g.ready_at > now})
 
 
 def worth_caching(similarity: float | None) -> bool:

@@ -44,12 +44,13 @@ from promptserve.policy.aligner import align
 from promptserve.policy.allocation import allocate
 from promptserve.policy.contract import Scheduler
 from promptserve.policy.dispatcher import DispatchConfig, Dispatcher
-from promptserve.policy.estimator import LoadEstimator
+from promptserve.policy.estimator import LoadEstimator, demand_changed
 from promptserve.policy.joint import assign_levels, plan_joint
 from promptserve.policy.pinned import PinnedScheduler
-from promptserve.policy.stepwise import StepConfig, StepScheduler, step_profile
-from promptserve.policy.types import Demand, Plan
+from promptserve.policy.step import Levels, StepConfig, StepScheduler
+from promptserve.policy.types import Demand, Plan, Setting
 from promptserve.profile import Profile
+from promptserve.steptime import step_profile
 
 BASELINE_BATCH = 8  # the batch the Argus artifact's 1.65x refers to in our profile
 
@@ -57,18 +58,6 @@ BASELINE_BATCH = 8  # the batch the Argus artifact's 1.65x refers to in our prof
 def baseline_batch(profile: Profile) -> int:
     """The batch the published planners assume: 8, or the profile's largest if smaller."""
     return min(BASELINE_BATCH, profile.max_batch)
-
-
-@dataclass(frozen=True)
-class Setting:
-    """What every policy plans against."""
-
-    profiles: tuple[Profile, ...]  # one per GPU
-    quality: np.ndarray  # q[K_opt index, K index], percent
-    slo_s: float
-    # q_r per feature-cache interval r = 1, 2, ... (percent; ``quality.IntervalQuality``):
-    # what an interval keeps of a level's quality, for profiles with a feature cache
-    interval_q: tuple[float, ...] = (100.0,)
 
 
 @dataclass(frozen=True)
@@ -85,7 +74,7 @@ class Policy:
     shape_aware: bool = True  # step-level placement weighs sizes (``+blind``: fewest members)
     retime: bool = True  # a burst raises running members' interval (``+fixed-r``: never)
     max_r: bool = False  # every member at the longest interval (``+max-r``: the rival)
-    step_type: ClassVar[type[StepScheduler]] = StepScheduler  # a reference's may differ
+    step_levels: ClassVar[type[Levels]] = Levels  # how joins pick levels (a reference's differs)
 
     def estimator(self, levels: tuple[int, ...], slo_s: float) -> LoadEstimator:
         short_s = slo_s if self.short_s is None else self.short_s
@@ -99,7 +88,7 @@ class Policy:
             return self.step_scheduler(setting)
         estimator = self.estimator(setting.profiles[0].levels, setting.slo_s)
         dispatcher = Dispatcher.create(setting.profiles, self.dispatch)
-        return PinnedScheduler(dispatcher, estimator, self.admission, np.random.default_rng(seed))
+        return PinnedScheduler(self, setting, dispatcher, estimator, np.random.default_rng(seed))
 
     def step_scheduler(self, setting: Setting) -> StepScheduler:
         """Step-level serving's scheduler over ``setting``'s GPUs: ``+shed`` gives EDF and
@@ -116,10 +105,24 @@ class Policy:
         )
         profile = setting.profiles[0]
         estimator = self.estimator(profile.levels, setting.slo_s)
-        return self.step_type(
+        return StepScheduler(
             step_profile(profile), len(setting.profiles), setting.quality, config, estimator,
-            setting.interval_q,
+            setting.interval_q, setting.slo_s, self.step_levels,
         )  # fmt: skip
+
+    def wants_plan(self, planned_for: Demand | None, demand: Demand, force: bool) -> bool:
+        """Whether to plan now. A plan-once policy plans at start and when its GPUs change
+        (``force``), never again for load; a periodic one when the demand moved."""
+        if force or planned_for is None:
+            return True
+        if self.replan_s is None:
+            return False
+        return demand_changed(planned_for, demand)
+
+    def switch_s(self, profile: Profile) -> float:
+        """What a GPU's level change costs: the model-load time for a policy that reloads a
+        variant (proteus), nothing for the rest (a level is a runtime setting)."""
+        return profile.model_load_s if self.switch_s_from_profile else 0.0
 
     def plan(
         self, demand: Demand, setting: Setting, current: Sequence[int | None] | None = None

@@ -20,10 +20,10 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from promptserve.policy.contract import Arrival, LoadSnapshot
+from promptserve.policy.contract import Arrival, Ask, LoadSnapshot, Replan, Report, Schedule
 from promptserve.policy.estimator import LoadEstimator
-from promptserve.policy.stepwise import StepGpu, StepScheduler
-from promptserve.policy.types import Demand, Job, Outcome
+from promptserve.policy.step import StepGpu, StepScheduler
+from promptserve.policy.types import Demand, Job, Outcome, Status
 
 VNODES = 64  # points per shard on the ring: the load split's spread falls as 1/sqrt(VNODES)
 MEMO_TENANTS = 4096  # tenants whose shard is remembered (a lookup is a hash and a bisection)
@@ -127,9 +127,10 @@ def plan_moves(
 class ShardedSteps:
     """``n_shards`` step-level schedulers over one pool of GPUs, tenants routed by the ring.
     Every shard holds every GPU's slot (so indices are global and a GPU can move), with the
-    GPUs it does not own down. The driver calls ``intake`` (routed by ``tenant_of``),
-    ``boundary`` and ``next_steps`` per GPU as for one ``StepScheduler``, ``reprice`` on the
-    re-plan period and ``control`` on the controller's."""
+    GPUs it does not own down; they share one ``Boundaries``, so a GPU's timing moves with it.
+    It keeps the contract of one scheduler (``policy.contract``): ``intake`` routes by
+    ``tenant_of``, ``update`` goes to the GPU's owner, ``replan`` prices each shard from its own
+    estimate and, every ``every``-th time, runs the global controller."""
 
     def __init__(
         self,
@@ -137,6 +138,7 @@ class ShardedSteps:
         n_gpus: int,
         n_shards: int,
         tenant_of: Callable[[int], str],
+        every: int = 1,  # re-plans per controller run
     ) -> None:
         if n_gpus < n_shards:
             raise ValueError(f"{n_shards} shards need at least as many GPUs, got {n_gpus}")
@@ -144,6 +146,9 @@ class ShardedSteps:
         self.tenant_of = tenant_of
         self.shards = [make() for _ in range(n_shards)]
         first = self.shards[0]
+        self.boundaries = first.boundaries
+        for s, shard in enumerate(self.shards):
+            shard.boundaries, shard.queue_key = self.boundaries, s
         self.config, self.profile = first.config, first.profile
         self.owner = [g * n_shards // n_gpus for g in range(n_gpus)]
         self.owned: list[set[int]] = [set() for _ in range(n_shards)]
@@ -159,6 +164,8 @@ class ShardedSteps:
         # the contract's estimator; each shard's own (told of its arrivals) drives its price
         # and the controller, so the driver's estimate is only ever shard 0's
         self.estimator: LoadEstimator = first.estimator  # type: ignore[assignment]
+        self.every, self.ticks = every, 0
+        self.start_s: float | None = None  # the first arrival: the shards' estimates start there
 
     @property
     def price(self) -> float:
@@ -166,59 +173,51 @@ class ShardedSteps:
 
     # -- the driver's calls --------------------------------------------------------------------
 
-    def intake(
-        self,
-        now: float,
-        job_id: int,
-        deadline_s: float,
-        k_opt: int,
-        has_neighbour: bool,
-        shape: int = 0,
-        adapters: tuple[int, ...] = (),
-        exact: bool = False,
-    ) -> Arrival:
-        s = self.ring.shard_of(self.tenant_of(job_id))
-        self.shard_of_job[job_id] = s
-        return self.shards[s].intake(
-            now, job_id, deadline_s, k_opt, has_neighbour, shape, adapters, exact
-        )
+    def intake(self, now: float, ask: Ask) -> Arrival:
+        if self.start_s is None:
+            self.start_s = now
+        s = self.ring.shard_of(self.tenant_of(ask.id))
+        self.shard_of_job[ask.id] = s
+        return self.shards[s].intake(now, ask)
 
-    def gpus_of(self, job_id: int) -> list[StepGpu]:
-        """The GPUs a waiting job of this shard may join (those its shard owns)."""
-        return [self.gpus[g] for g in sorted(self.owned[self.shard_of_job[job_id]])]
-
-    def boundary(
-        self, gpu: StepGpu, now: float, steps: int
-    ) -> tuple[list[Outcome], list, list[Outcome]]:
-        out = self.shards[self.owner[gpu.index]].boundary(gpu, now, steps)
-        if gpu.index in self.draining and gpu.count == 0:  # free once its leavers are decoded
-            self._hand_over(gpu.index, max((o.time_s for o in out[0]), default=now))
-        return out
-
-    def next_steps(self, gpu: StepGpu) -> int:
-        return self.shards[self.owner[gpu.index]].next_steps(gpu)
-
-    def idle_while_waiting(self) -> list[StepGpu]:
-        out: list[StepGpu] = []
+    def schedule(self, now: float) -> Schedule:
         for shard in self.shards:
-            if shard.waiting:
-                out.extend(shard.idle_while_waiting())
+            if shard.queue:
+                for gpu in shard.idle_while_waiting():
+                    self.boundaries.idle(gpu, now)
+        return self.boundaries.hand_out()
+
+    def update(self, now: float, gpu: int, report: Report) -> list[Outcome]:
+        out = self.shards[self.owner[gpu]].update(now, gpu, report)
+        if gpu in self.draining and self.gpus[gpu].count == 0:
+            # free once its leavers are decoded
+            served = [o.time_s for o in out if o.status == Status.SERVED and o.gpu == gpu]
+            self._hand_over(gpu, max(served, default=now))
         return out
 
-    def reprice(
-        self, now: float, start_s: float, slo_s: float, forecast: Demand | None = None
-    ) -> float:
-        """Each shard's price from its own load estimate and its own GPUs; before any
-        arrival, from ``forecast`` (the whole cluster's) split by the shards' GPUs."""
+    def replan(self, now: float, demand: Demand, force: bool = False) -> Replan:
+        """Each shard's price from its own load estimate and its own GPUs; the first time
+        (before any arrival is seen), from ``demand`` (the whole cluster's forecast) split by
+        the shards' GPUs; every ``every``-th time after, the global controller's moves too."""
+        start = now if self.start_s is None else self.start_s
         for s, shard in enumerate(self.shards):
-            if forecast is not None:
+            if self.ticks == 0:
                 share = len(self.owned[s]) / len(self.gpus)
-                demand = Demand(forecast.rate_qpm * share, forecast.mix)
+                part = Demand(demand.rate_qpm * share, demand.mix)
             else:
                 assert shard.estimator is not None
-                demand = shard.estimator.estimate(now, start_s)
-            shard.reprice(demand, slo_s)
-        return self.price
+                part = shard.estimator.estimate(now, start)
+            shard.reprice(part, shard.slo_s)
+        if self.ticks % self.every == 0 and self.ticks > 0:
+            self.control(now, start)  # its handovers are in ``handovers``
+        self.ticks += 1
+        return Replan(price=self.price)
+
+    def set_up(self, gpu: int, up: bool, now: float) -> list[Job]:
+        return self.shards[self.owner[gpu]].set_up(gpu, up, now)
+
+    def backlog_s(self, now: float) -> float:
+        return min(shard.backlog_s(now) for shard in self.shards)
 
     def control(self, now: float, start_s: float) -> list[tuple[int, int]]:
         """The global controller: GPUs towards each shard's share of the step work. Returns
@@ -229,7 +228,7 @@ class ShardedSteps:
             est = shard.estimator
             assert est is not None
             demand = est.estimate(now, start_s)
-            loads.append(shard_load(demand, shard.levels, total_steps, est.seen))
+            loads.append(shard_load(demand, shard.spec.levels, total_steps, est.seen))
         counts = [
             len(self.owned[s]) - self._leaving(s) + self._arriving(s)
             for s in range(len(self.shards))
@@ -272,7 +271,7 @@ class ShardedSteps:
     def _pick(self, s: int) -> int | None:
         """The GPU of shard ``s`` that drains first: the one with the fewest members."""
         shard = self.shards[s]
-        for bucket in shard.by_count:
+        for bucket in shard.cluster.by_count:
             free = [g for g in bucket if g not in self.draining]
             if free:
                 return min(free)

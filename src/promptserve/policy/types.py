@@ -7,6 +7,8 @@ from enum import IntEnum
 
 import numpy as np
 
+from promptserve.profile import Profile
+
 
 class Status(IntEnum):
     """Ordered: everything from SERVED on is final."""
@@ -65,14 +67,14 @@ class Job:
 
 
 @dataclass(frozen=True, slots=True)
-class Dispatch:
-    """A batch handed to a worker."""
+class BatchWork:
+    """Pinned: one batch, run whole on ``gpu`` at ``level`` (``policy.contract``)."""
 
     gpu: int
     level: int
     jobs: tuple[Job, ...]
     start_s: float
-    end_s: float  # predicted by the profile
+    until_s: float  # its end as the profile predicts it
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,3 +88,15 @@ class Outcome:
     # (interval, steps) it ran at before a boundary raised its interval (a burst): ``interval``
     # is the one it finished at
     earlier: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What every policy plans against."""
+
+    profiles: tuple[Profile, ...]  # one per GPU
+    quality: np.ndarray  # q[K_opt index, K index], percent
+    slo_s: float
+    # q_r per feature-cache interval r = 1, 2, ... (percent; ``quality.IntervalQuality``):
+    # what an interval keeps of a level's quality, for profiles with a feature cache
+    interval_q: tuple[float, ...] = (100.0,)

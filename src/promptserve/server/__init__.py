@@ -31,10 +31,9 @@ from promptserve.profile import (
 from promptserve.quality import interval_quality, model_for_levels
 from promptserve.server.app import create_app
 from promptserve.server.clock import Pause, wall_pause
-from promptserve.server.pinned import PinnedRuntime
 from promptserve.server.runtime import LiveRuntime
-from promptserve.server.stepruntime import StepRuntime
-from promptserve.server.workers import LocalWorkers, Workers, compute_threads
+from promptserve.workers.base import Workers
+from promptserve.workers.local import LocalWorkers, compute_threads
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +200,7 @@ def runtime_for(
         root, embedder.dim, table, quota_bytes=quota, total_steps=workers.total_steps
     )
     setting = Setting(tuple(profile for _ in range(workers.count)), qm.matrix(), slo_s, interval_q)
-    # step-level serving: one running batch per GPU; else GPUs at levels
-    runtime_class = StepRuntime if policy.step else PinnedRuntime
-    return runtime_class(
+    return LiveRuntime(
         workers, cache, embedder, policy, setting, qm, clock=clock,
         expected_qpm=config.expected_qpm, pause=pause,
     )  # fmt: skip

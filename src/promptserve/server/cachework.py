@@ -5,14 +5,18 @@ its one cache thread."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 
 from promptserve.cache.approx import ApproxCache
 from promptserve.engine.base import GenerationItem, GenerationResult, preview_steps
 from promptserve.engine.runner import remember, resumed_from
 from promptserve.policy.planning import worth_caching
-from promptserve.server.requests import Pending
-from promptserve.server.workers import StoreRefs, Workers
+from promptserve.server.requests import Counters, Pending
+from promptserve.workers.base import StoreRefs, Workers
+
+log = logging.getLogger(__name__)
 
 
 def item_for(
@@ -69,3 +73,26 @@ def remember_run(
     elif result.stored and keep:
         source = resumed_from(p.hit, result)
         cache.commit(p.tenant, p.prompt, p.embedding, ref.entry_id, result.stored, now, source)
+
+
+def remember_all(
+    cache: ApproxCache,
+    counters: Counters,
+    answered: list[tuple[Pending, GenerationItem, GenerationResult, StoreRefs | None]],
+    now: float,
+) -> None:
+    """The cache updates of answered runs, on the cache thread, committed as one group: a
+    failure is logged and counted (the cache is an optimisation: the answers went out)."""
+    t0 = time.perf_counter()  # the cache thread's own time, whatever the runtime's clock
+    try:
+        with cache.group():
+            for p, item, result, ref in answered:
+                try:
+                    remember_run(cache, p, item, result, ref, now)
+                except Exception:
+                    log.exception("cache update failed for a served request")
+                    counters.cache_update_failures += 1
+    except Exception:  # the group's commit
+        log.exception("cache commit failed for %d served requests", len(answered))
+        counters.cache_update_failures += len(answered)
+    counters.stage("cache_write", time.perf_counter() - t0, len(answered))

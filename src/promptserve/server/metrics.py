@@ -6,7 +6,8 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from promptserve.server.requests import Cancelled, Dropped, Refused, Unmeetable
+from promptserve.errors import Cancelled
+from promptserve.server.requests import Dropped, Refused, Unmeetable
 
 HISTORY_S = 600  # what a reloaded dashboard gets back: the last 10 minutes at one sample a second
 

@@ -8,10 +8,22 @@ import logging
 import time
 
 from promptserve.engine.adapterbank import residency_stats
+from promptserve.engine.sizes import label
 from promptserve.server.metrics import History, Metrics, exposition
 from promptserve.server.runtime import LiveRuntime
 
 log = logging.getLogger(__name__)
+
+
+def running_by_size(runtime: LiveRuntime) -> dict[str, int]:
+    """Requests running now per size (every listed size, 0 where none runs)."""
+    workers = runtime.workers
+    counts = {label(s): 0 for s in workers.sizes}
+    for p in list(runtime.pending.values()):
+        if p.started is not None:
+            size = label(p.look.size or workers.native)
+            counts[size] = counts.get(size, 0) + 1
+    return counts
 
 
 def scrape(runtime: LiveRuntime, metrics: Metrics) -> bytes:
@@ -24,7 +36,7 @@ def scrape(runtime: LiveRuntime, metrics: Metrics) -> bytes:
     for gpu, count in enumerate(load.inflight):
         metrics.inflight.labels(str(gpu)).set(count)
     metrics.workers_up.set(load.gpus_up)
-    for size, count in runtime.running_by_size().items():
+    for size, count in running_by_size(runtime).items():
         metrics.running_by_size.labels(size).set(count)
     engines = getattr(runtime.workers, "engines", ())
     if runtime.workers.adapters and engines:

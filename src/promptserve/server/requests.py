@@ -12,7 +12,7 @@ import numpy as np
 
 from promptserve.cache.approx import CacheHit
 from promptserve.engine.base import PLAIN, GenerationItem, GenerationResult, Look
-from promptserve.server.workers import StoreRefs
+from promptserve.workers.base import StoreRefs
 
 
 class Refused(Exception):
@@ -38,10 +38,6 @@ class Dropped(Exception):
     """Accepted, then given up: it could no longer meet its deadline."""
 
 
-class Cancelled(Exception):
-    """The caller cancelled the request."""
-
-
 @dataclass
 class JobHandle:
     """A caller's view of one request in flight: its events, its acceptance, its cancellation."""
@@ -54,6 +50,13 @@ class JobHandle:
     # nobody hears its step and preview events (a whole answer, not a stream or a job): the
     # worker sends none, rather than one wake-up of the event loop per member and step
     quiet: bool = False
+
+    def accept(self, job_id: int, level: int, similarity: float | None) -> None:
+        """Queued: its id, and the level it was routed to."""
+        self.job_id = job_id
+        if self.accepted is not None:
+            self.accepted.set_result(job_id)
+        self.emit("queued", {"level_k": level, "similarity": similarity})
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The simulator's clock: one heap of (time, order, seq, event), one loop, one conservation check.
 
-The loop is the same for both policy families; what an arrival, a finished piece of work and a
-re-plan do is the family's (``pinned.py``: GPUs at levels, batches; ``stepsim.py``: one running
-batch per GPU, joins between steps). K_opt comes from the real cache index and real embeddings
+The loop is the same for both policy families: the scheduler's contract (``policy.contract``)
+says what work starts and when it ends, whether a batch on a GPU at a level or a run of steps
+between two boundaries (a run with nobody joining or leaving is one event, not one per step). K_opt comes from the real cache index and real embeddings
 as the cache grows: a request looks up its tenant's nearest entry when it arrives, and a served
 prompt is inserted when it leaves (an exact repeat only counts a hit). A served entry keeps
 latents at every cache level (levels at or below the K it ran at alias its neighbour's), so any
@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import heapq
 import math
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from promptserve.cache.index import CacheIndex
 from promptserve.cache.thresholds import Thresholds
 from promptserve.policy import Demand, Outcome, Plan, Policy, Setting, Status
-from promptserve.policy.contract import Arrival
+from promptserve.policy.contract import Ask, Scheduler, Work, ran
 from promptserve.policy.planning import first_demand, worth_caching
-from promptserve.quality import QualityModel, kept_by_intervals
+from promptserve.quality import QualityModel, served_quality
 from promptserve.sim.records import Records
 from promptserve.types import Request
 
@@ -50,7 +51,8 @@ class SimResult:
     policy: str
     records: Records
     planner_ms: list[float]
-    plans: list[tuple[float, Plan]]
+    plans: list[tuple[float, Plan]]  # pinned: each plan made, with its time
+    prices: list[tuple[float, float]] = field(default_factory=list)  # step-level: each price
 
 
 def initial_demand(requests: Sequence[Request], levels: tuple[int, ...]) -> Demand:
@@ -61,17 +63,23 @@ def initial_demand(requests: Sequence[Request], levels: tuple[int, ...]) -> Dema
 
 
 class EventRun:
-    """One simulated run of one policy, over its scheduler (``policy.contract``). A family
-    fills in ``_first_plan``, ``_placed``, ``_done``, ``_replan``, ``_after_event`` and
-    ``_next_finish``."""
+    """One simulated run of one policy, over its scheduler (``policy.contract``): arrivals go
+    in through ``intake``, every piece of work the scheduler hands out ends at the time it
+    carries and is reported through ``update``, re-plans come on the policy's period. The
+    latest work handed out for a GPU replaces an earlier one not yet ended (a boundary moved
+    earlier), as the contract has it."""
 
     def __init__(
-        self, policy: Policy, inputs: SimInputs, on_progress: Callable[[int], None] | None
+        self,
+        policy: Policy,
+        inputs: SimInputs,
+        on_progress: Callable[[int], None] | None,
+        scheduler: Scheduler | None = None,  # default: the policy's own over the setting
     ) -> None:
         self.policy, self.inputs, self.on_progress = policy, inputs, on_progress
         profiles = inputs.setting.profiles
         self.levels = profiles[0].levels
-        self.sched = policy.scheduler(inputs.setting, inputs.seed)
+        self.sched = scheduler or policy.scheduler(inputs.setting, inputs.seed)
         self.estimator = self.sched.estimator
         self.index = CacheIndex(dim=inputs.embeddings.shape[1], total_steps=profiles[0].total_steps)
         self.cache_levels = tuple(k for k in self.levels if k > 0)
@@ -84,6 +92,9 @@ class EventRun:
         self.seq = 0
         self.planner_ms: list[float] = []
         self.plans: list[tuple[float, Plan]] = []
+        self.prices: list[tuple[float, float]] = []
+        self.current: dict[int, Work] = {}  # per GPU: the work it runs now
+        self.wakes: set[float] = set()  # the times a WAKE is pushed for
         # request -> (index version, similarity, entry): lookups made ahead, in one call
         self.prefetched: dict[int, tuple[int, float, int]] = {}
         self.done = 0
@@ -97,7 +108,8 @@ class EventRun:
         reqs = self.inputs.requests
         self._warm()
         self.start = reqs[0].arrival_s if reqs else 0.0
-        self._first_plan(self.start)
+        if reqs:  # planned for the first minute's rate, as an operator's forecast
+            self._replan(self.start, initial_demand(reqs, self.levels))
         for i, r in enumerate(reqs):
             self.push(r.arrival_s, ARRIVAL, i)
         if self.policy.replan_s:
@@ -107,56 +119,65 @@ class EventRun:
             if kind == ARRIVAL:
                 self._arrive(now, payload)  # type: ignore[arg-type]
             elif kind == DONE:
-                self._done(now, payload)
-            elif kind == REPLAN and self.done < len(reqs) and (self.heap or self._pending()):
+                self._done(now, payload)  # type: ignore[arg-type]
+            elif kind == REPLAN and self.done < len(reqs) and (self.heap or self.sched.pending()):
                 self._replan(now, self.estimator.estimate(now, self.start))
                 self.push(now + self.policy.replan_s, REPLAN, None)  # type: ignore[operator]
-            self._after_event(now)
+            self._start_work(now)
         self._check_conservation()
-        return SimResult(self.policy.name, self.records, self.planner_ms, self.plans)
-
-    # what a family does
-    def _first_plan(self, start: float) -> None:
-        raise NotImplementedError
+        return SimResult(self.policy.name, self.records, self.planner_ms, self.plans, self.prices)
 
     def _arrive(self, now: float, i: int) -> None:
         k_opt, has_neighbour = self._classify(i)
-        deadline = self.inputs.requests[i].deadline_s
         r = self.inputs.requests[i]
-        arrival = self.sched.intake(now, i, deadline, k_opt, has_neighbour, r.shape, r.adapters)
+        arrival = self.sched.intake(
+            now, Ask(i, r.deadline_s, k_opt, has_neighbour, r.shape, r.adapters)
+        )
         if arrival.ended is not None:
             self._end(arrival.ended)
-        else:
-            self._placed(now, arrival)
 
-    def _placed(self, now: float, arrival: Arrival) -> None:
-        """What the family starts for a request the scheduler took in."""
-
-    def _done(self, now: float, payload: object) -> None:
-        raise NotImplementedError
+    def _done(self, now: float, work: Work) -> None:
+        if self.current.get(work.gpu) is not work:
+            return  # a later work replaced it (its GPU's boundary moved)
+        del self.current[work.gpu]
+        for outcome in self.sched.update(now, work.gpu, ran(work)):
+            if outcome.status == Status.SERVED:
+                self._served(now, outcome)
+            else:
+                self._end(outcome)
 
     def _replan(self, now: float, demand: Demand) -> None:
-        raise NotImplementedError
+        t0 = time.perf_counter()
+        replan = self.sched.replan(now, demand)
+        if replan.plan is None and replan.price is None:
+            return  # the same demand gives the same plan
+        self.planner_ms.append((time.perf_counter() - t0) * 1e3)
+        if replan.plan is not None:
+            self.plans.append((now, replan.plan))
+        if replan.price is not None:
+            self.prices.append((now, replan.price))
 
-    def _after_event(self, now: float) -> None:
-        """Whatever the family starts at ``now`` once the event is handled."""
-
-    def _pending(self) -> int:
-        return self.sched.pending()
-
-    def _next_finish(self) -> float:
-        """The earliest time the cache index can change (lookups up to it are made at once)."""
-        return math.inf
+    def _start_work(self, now: float) -> None:
+        """What the scheduler hands out once an event is handled: work ends at its time."""
+        decided = self.sched.schedule(now)
+        for outcome in decided.ended:
+            self._end(outcome)
+        for work in decided.work:
+            self.current[work.gpu] = work
+            self.push(work.until_s, DONE, work)
+        if decided.wake_s < math.inf and decided.wake_s not in self.wakes:
+            self.wakes.add(decided.wake_s)
+            self.push(decided.wake_s, WAKE, None)
 
     # shared by both families
     def _check_conservation(self) -> None:
         """Every request ends exactly once: a job left queued or running when no event is left
         is a policy defect, reported here rather than counted as a silent ``lost``."""
         unended = int((self.records.status < Status.SERVED).sum())
-        if unended or self._pending():
+        if unended or self.sched.pending():
             raise RuntimeError(
                 f"policy {self.policy.name!r} left {unended} requests unended "
-                f"({self._pending()} queued, waiting or running) when the run ran out of events"
+                f"({self.sched.pending()} queued, waiting or running) when the run ran out of events"
             )
 
     def _warm(self) -> None:
@@ -179,23 +200,17 @@ class EventRun:
     def _lookup(self, i: int) -> tuple[float, int]:
         """Nearest cached entry of request i's tenant: (similarity, entry id or -1).
 
-        The index only changes when a request leaves, so the arrivals before the next finish
-        are looked up together in one call; a finish in between (the index version moved)
-        makes the next arrival look up again.
+        The index only changes when a request leaves, so the next arrivals are looked up
+        together in one call; a finish in between (the index version moved) makes the next
+        arrival look up again.
         """
         done = self.prefetched.pop(i, None)
         if done is not None and done[0] == self.index.version:
             return done[1], done[2]
         reqs = self.inputs.requests
-        next_finish = self._next_finish()
         ids = [i]
         j = i + 1
-        while (
-            j < len(reqs)
-            and len(ids) < 256
-            and reqs[j].arrival_s < next_finish
-            and reqs[j].tenant == reqs[i].tenant
-        ):
+        while j < len(reqs) and len(ids) < 256 and reqs[j].tenant == reqs[i].tenant:
             ids.append(j)
             j += 1
         sims, entries = self.index.nearest_many(reqs[i].tenant, self.inputs.embeddings[ids])
@@ -228,12 +243,11 @@ class EventRun:
             rec.gpu[i] = outcome.gpu
             if rec.interval is not None:
                 rec.interval[i] = outcome.interval
-            q = self.inputs.quality.q(outcome.job.k_opt, outcome.level)
-            if outcome.interval > 1:  # what its feature-cache intervals keep of it
-                q *= kept_by_intervals(
-                    self.inputs.setting.interval_q, outcome.interval, outcome.earlier,
-                    self.inputs.setting.profiles[0].total_steps - outcome.level,
-                )  # fmt: skip
+            setting = self.inputs.setting
+            q = served_quality(
+                self.inputs.quality, setting.interval_q, setting.profiles[0].total_steps,
+                outcome.job.k_opt, outcome.level, outcome.interval, outcome.earlier,
+            )  # fmt: skip
             rec.quality[i] = q
         self.done += 1
         if self.on_progress is not None:

@@ -4,7 +4,7 @@ through the same step simulator as the online policies.
 The oracle (``oracle.py``) bounds a point from above; this brackets it from below with a
 schedule that is achievable: the simulator runs it, with promptserve-step's queue, admission
 and deadline-checked joins, only the K each request joins at is fixed in advance
-(``PlannedSteps``). The plan is found by local search on the trace (``search``): start from
+(``PlannedLevels``). The plan is found by local search on the trace (``search``): start from
 the best of the online run's own levels and a few one-price plans, then move whole blocks of
 requests, by arrival time, one level faster or slower, coarse blocks first, keeping a move
 when the effective quality rises. Nothing online could see these moves coming; a policy
@@ -20,7 +20,7 @@ from typing import ClassVar
 import numpy as np
 
 from promptserve.policy import Policy, Setting
-from promptserve.policy.stepwise import StepScheduler
+from promptserve.policy.step import Levels, StepScheduler
 from promptserve.policy.types import Job
 from promptserve.sim.events import SimInputs
 from promptserve.sim.simulator import simulate
@@ -30,27 +30,27 @@ PRICES = (0.0, 0.05, 0.1, 0.2, 0.4, 1.0)  # one-price starts: q(K_opt, K) - pric
 STARTS = 1 + len(PRICES)  # simulations before the first move: the online levels, each price
 
 
-class PlannedSteps(StepScheduler):
-    """promptserve-step with the K a request prefers fixed by a plan (a level index per
-    request id); it still joins at a faster level where its preferred one would break a
+class PlannedLevels(Levels):
+    """promptserve-step's levels with the K a request prefers fixed by a plan (a level index
+    per request id); it still joins at a faster level where its preferred one would break a
     deadline (``choose_k``), and one without a neighbour runs at K = 0."""
 
     plan: np.ndarray
 
     def preferred_k(self, job: Job, at: float) -> int:
-        return min(self.levels[int(self.plan[job.id])], job.k_max)
+        return min(self.spec.levels[int(self.plan[job.id])], job.k_max)
 
 
 @dataclass(frozen=True)
 class PlannedPolicy(Policy):
-    """A step-level policy whose scheduler follows ``plan`` (``PlannedSteps``)."""
+    """A step-level policy whose scheduler follows ``plan`` (``PlannedLevels``)."""
 
     plan: np.ndarray = field(default_factory=lambda: np.zeros(0, int), compare=False)
-    step_type: ClassVar[type[StepScheduler]] = PlannedSteps
+    step_levels: ClassVar[type[Levels]] = PlannedLevels
 
     def step_scheduler(self, setting: Setting) -> StepScheduler:
         sched = super().step_scheduler(setting)
-        sched.plan = self.plan  # type: ignore[attr-defined]
+        sched.levels.plan = self.plan  # type: ignore[attr-defined]
         return sched
 
 

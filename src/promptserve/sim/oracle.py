@@ -88,7 +88,7 @@ def step_cost(profile: Profile, k: int, window_s: float) -> float:
     leave (GPU time, its time too). The least over every mix of counts is a two-row LP
     (steps; time) whose optimum uses at most two counts: the best of the single counts that
     fit and of the pairs that straddle the time per step allowed."""
-    from promptserve.policy.stepwise import step_profile
+    from promptserve.steptime import step_profile
 
     sp = step_profile(profile)
     steps = profile.total_steps - k
@@ -115,7 +115,7 @@ def step_cost(profile: Profile, k: int, window_s: float) -> float:
 def earliest_answer_s(profiles: Sequence[Profile]) -> float:
     """The soonest any request can be answered after it arrives: alone, at the fastest level,
     on the fastest GPU, as a batch or as a step-level member."""
-    from promptserve.policy.stepwise import finishes, step_profile
+    from promptserve.steptime import finishes, step_profile
 
     out = math.inf
     for p in profiles:

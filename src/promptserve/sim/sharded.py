@@ -1,5 +1,5 @@
-"""The simulator's sharded control plane: ``policy.shards.ShardedSteps`` on the step GPUs'
-event loop (``stepsim.py``), with the global controller on the re-plan grid.
+"""The simulator's sharded control plane: ``policy.shards.ShardedSteps`` driven by the one
+event loop (``events.py``), its global controller on the re-plan grid.
 
 Everything else is the one-scheduler run's: the same arrivals, the same cache index (tenants
 never share entries, so one index answers as per-shard indexes would), the same records, so
@@ -8,14 +8,11 @@ a sharded run and a global one on the same inputs differ only by the control pla
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from promptserve.policy import Policy
 from promptserve.policy.shards import ShardedSteps
-from promptserve.policy.stepwise import StepGpu, StepScheduler
-from promptserve.sim.events import SimInputs, SimResult
-from promptserve.sim.stepsim import StepRun
+from promptserve.sim.events import EventRun, SimInputs, SimResult
 
 # the global controller's period: two of the shards' 5 s re-plans. Measured (bench_shards,
 # conversation trace scaled up, 2 minutes): 30 s left the ring's uneven first split in place
@@ -24,46 +21,21 @@ from promptserve.sim.stepsim import StepRun
 CONTROLLER_S = 10.0
 
 
-class ShardedRun(StepRun):
-    def __init__(
-        self,
-        policy: Policy,
-        inputs: SimInputs,
-        shards: int,
-        controller_s: float = CONTROLLER_S,
-        on_progress: Callable[[int], None] | None = None,
-    ) -> None:
-        assert policy.step is not None, f"{policy.name} is not a step-level policy"
-        super().__init__(policy, inputs, on_progress)
-        replan = policy.replan_s or 5.0
-        self.every = max(1, round(controller_s / replan))  # controller ticks per re-plan
-        self.ticks = 0
-        requests = inputs.requests
-        self.sched = ShardedSteps(  # type: ignore[assignment]
-            lambda: policy.step_scheduler(inputs.setting),
-            len(inputs.setting.profiles),
-            shards,
-            lambda i: requests[i].tenant,
-        )
-        self.estimator = self.sched.estimator
-
-    def _joinable(self, job_id: int) -> tuple[int, StepScheduler, list[StepGpu]]:
-        sched: ShardedSteps = self.sched  # type: ignore[assignment]
-        s = sched.shard_of_job[job_id]
-        return s, sched.shards[s], sched.gpus_of(job_id)
-
-    def _replan(self, now: float, demand) -> None:  # noqa: ANN001 - a Demand
-        """Each shard's price from its own estimate (the first plan: the forecast
-        ``demand``, split); every ``every``-th re-plan, the global controller's moves too."""
-        sched: ShardedSteps = self.sched  # type: ignore[assignment]
-        t0 = time.perf_counter()
-        forecast = demand if self.ticks == 0 else None
-        price = sched.reprice(now, self.start, self.inputs.setting.slo_s, forecast)
-        if self.ticks % self.every == 0 and self.ticks > 0:
-            sched.control(now, self.start)  # its handovers are logged in ``sched.handovers``
-        self.ticks += 1
-        self.planner_ms.append((time.perf_counter() - t0) * 1e3)
-        self.prices.append((now, price))
+def sharded_scheduler(
+    policy: Policy, inputs: SimInputs, shards: int, controller_s: float = CONTROLLER_S
+) -> ShardedSteps:
+    """``shards`` of ``policy``'s step scheduler over the setting's GPUs, the controller every
+    ``controller_s`` seconds (a whole number of re-plans)."""
+    if policy.step is None:
+        raise ValueError(f"{policy.name} is not a step-level policy")
+    requests = inputs.requests
+    return ShardedSteps(
+        lambda: policy.step_scheduler(inputs.setting),
+        len(inputs.setting.profiles),
+        shards,
+        lambda i: requests[i].tenant,
+        every=max(1, round(controller_s / (policy.replan_s or 5.0))),
+    )
 
 
 def simulate_sharded(
@@ -74,9 +46,9 @@ def simulate_sharded(
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[SimResult, int]:
     """One sharded run: its result and the GPUs the controller moved."""
-    run = ShardedRun(policy, inputs, shards, controller_s, on_progress)
-    result = run.run()
-    return result, run.sched.moved  # type: ignore[attr-defined]
+    sched = sharded_scheduler(policy, inputs, shards, controller_s)
+    result = EventRun(policy, inputs, on_progress, sched).run()
+    return result, sched.moved
 
 
-__all__ = ["CONTROLLER_S", "ShardedRun", "simulate_sharded"]
+__all__ = ["CONTROLLER_S", "sharded_scheduler", "simulate_sharded"]

@@ -1,7 +1,7 @@
 """A discrete-event simulator of one policy on one workload: the virtual clock's driver.
 
-``events.py`` holds the loop and what both policy families share (the cache index, the
-records, conservation); ``pinned.py`` and ``stepsim.py`` are the two families' GPUs.
+``events.py`` holds the loop, the cache index, the records and conservation; the scheduler is
+the policy's own (``policy.contract``), whichever family it is.
 """
 
 from __future__ import annotations
@@ -9,9 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from promptserve.policy import Policy
-from promptserve.sim.events import SimInputs, SimResult, initial_demand
-from promptserve.sim.pinned import PinnedRun
-from promptserve.sim.stepsim import StepRun
+from promptserve.sim.events import EventRun, SimInputs, SimResult, initial_demand
 
 __all__ = ["SimInputs", "SimResult", "initial_demand", "simulate"]
 
@@ -19,5 +17,4 @@ __all__ = ["SimInputs", "SimResult", "initial_demand", "simulate"]
 def simulate(
     policy: Policy, inputs: SimInputs, on_progress: Callable[[int], None] | None = None
 ) -> SimResult:
-    run = StepRun if policy.step else PinnedRun  # step-level serving: no GPU has a level
-    return run(policy, inputs, on_progress).run()
+    return EventRun(policy, inputs, on_progress).run()

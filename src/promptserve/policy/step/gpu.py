@@ -1,17 +1,15 @@
-"""One GPU's running batch under step-level serving, and the scheduler's configuration."""
+"""One GPU's running batch under step-level serving: its members, its step count and the
+timing of its current run of steps."""
 
 from __future__ import annotations
 
 import heapq
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 from promptserve.policy.residency import ResidentSet
-from promptserve.policy.steptime import EPS, KIND
 from promptserve.policy.types import Job
-
-KRule = Literal["price", "zero", "max"]
+from promptserve.steptime import EPS, KIND
 
 
 class GpuBucket:
@@ -46,17 +44,6 @@ class GpuBucket:
         while self.heap[0] not in self.members:
             self.queued.discard(heapq.heappop(self.heap))
         return self.heap[0]
-
-
-@dataclass(frozen=True)
-class StepConfig:
-    rule: KRule  # price: promptserve-step; zero: continuous-ha; max: continuous-ht
-    shed: bool  # EDF, deadline-checked joins, drop what cannot finish
-    admission: bool  # refuse at arrival what cannot finish
-    cap: int = 8  # in-flight cap without shed (with shed, the deadlines set it)
-    shape_aware: bool = True  # place by what a size costs where it joins (else: fewest members)
-    retime: bool = True  # at a burst, raise running members' feature-cache interval
-    max_r: bool = False  # every member at the longest interval whatever the load (a rival)
 
 
 @dataclass(slots=True)

@@ -1,0 +1,122 @@
+"""Finish-time fit: whether a join keeps every member of a GPU within its deadline, by the
+step-time model (``steptime.finishes``), and whether the device has room for it (adapter rows,
+pixels in flight)."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+from promptserve.policy.step.config import StepSpec
+from promptserve.policy.step.gpu import StepGpu
+from promptserve.policy.types import Job
+from promptserve.steptime import EPS, finishes, kind
+
+
+class Fit:
+    def __init__(self, spec: StepSpec) -> None:
+        self.spec = spec
+
+    def room(self, gpu: StepGpu, job: Job, ahead: Sequence[Job] = ()) -> bool:
+        """Whether ``gpu``'s device has rows for the adapters of its members, ``ahead`` and
+        ``job`` together, and room for their pixels (``max_weight``)."""
+        if not self.pixels_fit(gpu, job, ahead):
+            return False
+        if not (self.spec.profile.adapter_slots and job.adapters):
+            return True
+        return gpu.resident.room_for([a for j in (*ahead, job) for a in j.adapters])
+
+    def pixels_fit(self, gpu: StepGpu, job: Job, ahead: Sequence[Job]) -> bool:
+        """Members' pixels (in native-size images) within the device's bound: the step's
+        activations grow with them, a count of members does not see a batch of the largest
+        size. A GPU with nobody on it takes anyone (a request alone always runs)."""
+        bound, w = self.spec.profile.max_weight, self.spec.profile.shape_weights
+        if not bound:
+            return True
+        others = {j.id: j for j in (*gpu.joining, *ahead) if j.id != job.id}
+        held = sum(w[m.job.shape] for m in gpu.by_id.values()) + sum(
+            w[j.shape] for j in others.values()
+        )
+        return held == 0 or held + w[job.shape] <= bound + 1e-9
+
+    def with_new(
+        self,
+        gpu: StepGpu,
+        job: Job,
+        k: int,
+        at: float,
+        ahead: Sequence[Job],
+        done: int,
+        r: int = 1,
+    ) -> tuple[list[float], list[float], list[float] | None, int]:
+        """The deadlines of ``gpu``'s members (and ``ahead``, the jobs joining at the same
+        boundary before ``job``, at their fastest level), their finish times after ``job``
+        joins at level K and interval ``r`` (``job``'s at ``pos``), and before (None without
+        members)."""
+        r_new = self.spec.profile.total_steps - k
+        done = gpu.done if done < 0 else done
+        mixed = self.spec.profile.mixed
+        by_id = gpu.by_id
+
+        def member_kind(jid: int) -> int:
+            m = by_id[jid]
+            return kind(m.job.shape, m.r)
+
+        held = [(end - done, d, member_kind(jid) if mixed else 0) for end, d, jid in gpu.members]
+        if self.spec.profile.adapter_slots:  # the adapters it and those ahead load first
+            named = [a for j in (*ahead, job) for a in j.adapters]
+            at += gpu.resident.missing(named) * self.spec.profile.adapter_load_s
+        if ahead:
+            total = self.spec.profile.total_steps
+            fast = [(j, *self.spec.fastest(j)) for j in ahead]
+            held = sorted(
+                held + [(total - fk, j.deadline_s, kind(j.shape, fr)) for j, fk, fr in fast]
+            )
+        rem = [left for left, _, _ in held]
+        deadlines = [d for _, d, _ in held]
+        pos = bisect.bisect_right(rem, r_new)
+        with_new = rem[:pos] + [r_new] + rem[pos:]
+        shapes = [s for _, _, s in held] if mixed else None
+        new_shapes = (
+            shapes[:pos] + [kind(job.shape, r)] + shapes[pos:] if shapes is not None else None
+        )
+        after = finishes(self.spec.profile, at, with_new, 1 + len(ahead), new_shapes)
+        before = finishes(self.spec.profile, at, rem, len(ahead), shapes) if rem else None
+        return deadlines, after, before, pos
+
+    def fits(
+        self,
+        gpu: StepGpu,
+        job: Job,
+        k: int,
+        at: float,
+        ahead: Sequence[Job] = (),
+        done: int = -1,
+        r: int = 1,
+    ) -> bool:
+        """Whether ``job`` joining ``gpu`` at ``at`` with level K keeps every member of it
+        (itself included) within its deadline, or no later than it would be anyway. ``ahead``:
+        the jobs that join at the same boundary before it, counted as members at their fastest
+        level (their K is chosen when they join). ``done``: the GPU's step count at ``at``
+        (default: now, at a boundary); ``r``: its feature-cache interval."""
+        if not self.room(gpu, job, ahead):
+            return False
+        deadlines, after, before, pos = self.with_new(gpu, job, k, at, ahead, done, r)
+        if after[pos] > job.deadline_s + EPS:
+            return False
+        if before is None:
+            return True
+        for i, d in enumerate(deadlines):
+            f = after[i if i < pos else i + 1]
+            if f > d + EPS and f > before[i] + EPS:
+                return False
+        return True
+
+    def can_ever_finish(self, job: Job, now: float) -> bool:
+        """Alone on an idle GPU from now, at the fastest level the rule allows it."""
+        return now + self.alone_s(*self.spec.fastest(job), job.shape) <= job.deadline_s + EPS
+
+    def alone_s(self, k: int, r: int = 1, shape: int = 0) -> float:
+        """Seconds from arrival to answer of one request alone on an idle GPU at (K, r)."""
+        shapes = [kind(shape, r)] if self.spec.profile.mixed else None
+        return finishes(self.spec.profile, 0.0, [self.spec.profile.total_steps - k], 1, shapes)[0]

@@ -1,0 +1,174 @@
+"""The price on step-slots: one cluster-wide number, points of quality per step, set from the
+load estimate so that the step work asked for fits the cluster's step capacity (0 with slack:
+every request in full). The one place where load turns into levels: the choice tables it
+builds are what ``levels.Levels`` reads for each join."""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import numpy as np
+
+from promptserve.policy.step.cluster import Cluster
+from promptserve.policy.step.config import StepSpec
+from promptserve.policy.step.excess import ExcessWork
+from promptserve.policy.step.sizemix import SizeMix
+from promptserve.policy.types import Demand
+
+# the share of the estimated step capacity the price plans to fill: above 1, because the
+# estimate is a full run's in-flight limit and a burst it misjudges is caught by ``saturated``
+# (Poisson 2 GPUs, mild, 3 seeds: 1.0 / 1.1 / 1.25 gave 94.8 / 95.2 / 95.5 at 60 qpm and
+# 87.2 / 87.1 / 85.4 at 100)
+UTILISATION = 1.1
+SLO_SHARE = 0.9  # of the SLO, what running may take (the rest: waiting to join)
+EXCESS_SHARE = 1.0 - SLO_SHARE  # of the SLO, the excess work a burst may pour in (see ExcessWork)
+PRICE_MAX = 50.0  # points per step: above any quality difference, every request at its fastest
+
+
+class Pricing:
+    """Sets ``price``, the options it picks per K_opt and neighbour (``choice``, and
+    ``choice_lo`` for the share ``split`` of the class that moves), per size (``by_shape``)
+    and at a burst (``at_top``), and what a full GPU is (``busy_at``, ``pace_s``)."""
+
+    def __init__(
+        self, spec: StepSpec, cluster: Cluster, sizes: SizeMix, excess: ExcessWork
+    ) -> None:
+        self.spec, self.cluster, self.sizes, self.excess = spec, cluster, sizes, excess
+        self.price = 0.0
+        self.busy_at = spec.cap  # members past which a GPU is full (set with the price)
+        self.pace_s = math.inf  # an iteration past which a GPU is full (with the price)
+        self.choice = self.choice_lo = self.choices(0.0)
+        self.at_top = [self.choices(0.0, spec.intervals[-1])] * len(spec.profile.shape_weights)
+        self.by_shape: list[tuple[list, list]] = []  # per size (``size_factors``)
+        self.split = 0.0  # share of the moving class that takes the cheaper level
+        self.excess_limit = math.inf  # set with the price
+        self.inflight_for: list[int] = []  # per run length in steps (``reprice``)
+        self.inflight_slo: tuple | None = None  # the SLO and size mix it is built for
+
+    @cached_property
+    def options(self) -> list[tuple[int, int]]:
+        """The (level index, interval) pairs a request may be served at, by level then
+        interval: without feature caching, each level at r = 1."""
+        return [(j, r) for j in range(len(self.spec.levels)) for r in self.spec.intervals]
+
+    def choices(self, price: float, only_r: int | None = None) -> list[list[int]]:
+        """Per K_opt index and per k_max index: the option (``options``) the price picks,
+        ``q(K_opt, K) x q_r(r) / 100 - price x (N - K) x w(r)`` at its best, ``w(r)`` the
+        interval's mean step over a full one (``only_r``: among the options at that interval)."""
+        n, w = self.spec.profile.total_steps, self.spec.profile.interval_weight
+        options = self.options
+        steps = np.array(
+            [(n - self.spec.levels[j]) * (w(r) if r > 1 else 1) for j, r in options], dtype=float
+        )
+        q_r = np.array([self.spec.interval_q[r - 1] / 100.0 for _, r in options])
+        cols = [j for j, _ in options]
+        upto = [sum(1 for j, _ in options if j <= m) for m in range(len(self.spec.levels))]
+        cached = len(self.spec.intervals) > 1
+        out = []
+        for i in range(len(self.spec.levels)):
+            q = self.spec.quality[i][cols] * q_r if cached else self.spec.quality[i][cols]
+            score = q - price * steps
+            if only_r is not None:
+                score = np.where([r == only_r for _, r in options], score, -np.inf)
+            out.append([int(np.argmax(score[:c])) for c in upto])
+        return out
+
+    def option_work(self, o: int) -> float:
+        """Steps of GPU time option ``o`` asks for, in full steps."""
+        j, r = self.options[o]
+        steps = self.spec.profile.total_steps - self.spec.levels[j]
+        return steps * self.spec.profile.interval_weight(r) if r > 1 else steps
+
+    def reprice(self, demand: Demand, slo_s: float) -> float:
+        """The price at which the step work asked for fits the step capacity; 0 with slack.
+
+        The work asked for falls with the price in steps (a whole K_opt class moves at once),
+        so at the price found the class that moves is split: a share ``split`` of its
+        requests (drawn per request, deterministically) takes the cheaper level, so that the
+        work matches the capacity instead of undershooting it."""
+        fastest = self.spec.profile.total_steps - self.spec.levels[-1]
+        self.excess.capacity_per_s = self.steps_capacity(slo_s, fastest)
+        key = (slo_s, tuple(round(p, 2) for p in self.sizes.shares))
+        if self.inflight_slo != key:  # a table of the profile, the SLO and the sizes
+            steps = range(self.spec.profile.total_steps + 1)
+            self.inflight_for = [self.inflight_within(max(r, 1), slo_s) for r in steps]
+            self.inflight_slo = key
+        if self.spec.config.rule != "price":
+            return self.price
+        per_s = demand.rate_qpm / 60.0
+        # a GPU is full past the members a full run could share it with, at the longest
+        # interval where feature caching offers one (a run may take it at a burst)
+        self.busy_at = self.inflight_within(
+            self.spec.profile.total_steps, slo_s, self.spec.intervals[-1]
+        )
+        self.pace_s = SLO_SHARE * slo_s / self.spec.profile.total_steps  # a full run's step
+        # what the waiting share of the SLO absorbs: past it, a join below its fastest level
+        # takes steps a request of the burst needs to make its deadline
+        self.excess_limit = self.excess.capacity_per_s * EXCESS_SHARE * slo_s
+        last = len(self.spec.levels) - 1
+
+        def work(choice: list[list[int]]) -> tuple[float, float]:
+            steps = 0.0
+            for i, share in enumerate(demand.mix):
+                o = choice[i][last if i > 0 else 0]  # a miss (K_opt 0) may have no neighbour
+                steps += share * self.option_work(o)
+            return per_s * steps, self.steps_capacity(slo_s, steps)
+
+        def over(price: float, share: float = UTILISATION) -> bool:
+            asked, capacity = work(self.choices(price))
+            return asked > share * capacity
+
+        self.split = 0.0
+        if not over(0.0):
+            lo = hi = 0.0
+        elif over(PRICE_MAX, 1.0):  # more than the cluster can do even at the fastest levels
+            lo = hi = PRICE_MAX
+        else:
+            lo, hi = 0.0, PRICE_MAX
+            for _ in range(40):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if over(mid) else (lo, mid)
+            (w_lo, cap), (w_hi, _) = work(self.choices(lo)), work(self.choices(hi))
+            if w_lo > w_hi:
+                self.split = min(max((w_lo - UTILISATION * cap) / (w_lo - w_hi), 0.0), 1.0)
+        self.price = hi
+        self.choice, self.choice_lo = self.choices(hi), self.choices(lo)
+        sized = self.spec.profile.sized
+        factors = self.size_factors() if sized else [1.0]
+        at_max = (self.choice, self.choice_lo)  # at ``PRICE_MAX`` every size at its fastest
+        self.by_shape = [
+            at_max if hi >= PRICE_MAX else (self.choices(hi * f), self.choices(lo * f))
+            for f in factors
+            if sized
+        ]
+        if len(self.spec.intervals) > 1:  # at a burst (``_preferred``): per size
+            self.at_top = [self.choices(hi * f, self.spec.intervals[-1]) for f in factors]
+        return hi
+
+    def size_factors(self) -> list[float]:
+        """Per size, its price over the mean price: the levels are chosen at the price per
+        step-second, and a step of a size costs the GPU ``member_s(n, size)`` against a native
+        one's (at the in-flight count a full run shares a GPU with), normalised over the
+        arrivals' mix so that the mean price is the one found. At ``PRICE_MAX`` every size
+        runs at its fastest level, as without sizes."""
+        n = max(self.busy_at, 1)
+        cost = [self.sizes.member_s(n, s) for s in range(len(self.spec.profile.shape_weights))]
+        mean = sum(p * c for p, c in zip(self.sizes.shares, cost, strict=True)) or cost[0]
+        return [c / mean for c in cost]
+
+    def steps_capacity(self, slo_s: float, mean_steps: float | None = None) -> float:
+        """Steps per second the up GPUs give at the largest in-flight count at which a request
+        of ``mean_steps`` (default: a full one) finishes within ``SLO_SHARE`` of the SLO (the
+        rest is left for waiting to join)."""
+        n = self.inflight_within(mean_steps or self.spec.profile.total_steps, slo_s)
+        return self.cluster.up_count * (n / self.sizes.member_s(n))
+
+    def inflight_within(self, steps: float, slo_s: float, r: int = 1) -> int:
+        """The largest in-flight count at which ``steps`` steps (of members at feature-cache
+        interval ``r``) take at most ``SLO_SHARE`` of the SLO (at least 1)."""
+        n = 1
+        for b in range(1, self.spec.cap + 1):
+            if steps * self.sizes.member_s(b, None, r) <= SLO_SHARE * slo_s:
+                n = b
+        return n

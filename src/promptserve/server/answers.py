@@ -1,0 +1,64 @@
+"""A served request's answer: what it ran, and its progress as its steps run."""
+
+from __future__ import annotations
+
+from promptserve.engine.base import GenerationResult, Guidance
+from promptserve.errors import Cancelled
+from promptserve.policy.types import Outcome
+from promptserve.server.requests import Pending, Served
+from promptserve.workers.execute import Executed
+
+
+def served(
+    p: Pending,
+    result: GenerationResult,
+    started: float,
+    now: float,
+    outcome: Outcome,
+    quality: float,
+    guidance: Guidance,
+) -> Served:
+    scale = None  # the guidance scale it ran at (None: the model has no guidance input)
+    if guidance.kind != "none":
+        scale = guidance.default if p.look.guidance is None else p.look.guidance
+    return Served(
+        result,
+        result.k,
+        p.hit.similarity if p.hit else None,
+        quality,
+        started - p.arrival,
+        now - started,
+        p.k_opt,
+        p.seed,
+        scale,
+        p.look.lora,
+        outcome.interval,
+        outcome.earlier,
+    )
+
+
+def deliver(p: Pending, answer: Served) -> None:
+    """The answer to its caller, or Cancelled where the caller asked meanwhile (the result is
+    discarded; its latents still go to the cache)."""
+    if p.future.done():
+        return
+    if p.handle is not None and p.handle.cancelled:
+        p.future.set_exception(Cancelled("cancelled while denoising"))
+    else:
+        p.future.set_result(answer)
+
+
+def report_steps(pending: dict[int, Pending], executed: Executed, total_steps: int) -> None:
+    """Each member's own step after a step-level call (those that finished are at the last),
+    and the previews asked for; a batch told its callers as it ran."""
+    for job_id, png in executed.previews.items():
+        p = pending.get(job_id)
+        if p is not None and p.handle is not None:
+            p.handle.emit("preview", {"png": png})
+    if not executed.steps_left and not executed.report.finished:
+        return
+    left_by_id = executed.steps_left | dict.fromkeys(executed.report.finished, 0)
+    for job_id, left in left_by_id.items():
+        p = pending.get(job_id)
+        if p is not None and p.handle is not None and not p.handle.quiet:
+            p.handle.emit("step", {"step": total_steps - left, "of": total_steps})

@@ -1,0 +1,72 @@
+"""One call for any work a scheduler hands out: ``execute(workers, gpu, work, prepared)``.
+
+A batch runs whole (``Workers.run``); a step-level boundary's work runs as one worker call
+(``Workers.advance``): the cancelled leave, the joiners join, the moved members take their
+interval, then steps up to the next boundary. Either way what comes back is the scheduler's
+``Report`` and the results of whoever finished. The runtime prepares the items (start latents
+read on its cache thread) and owns the answers.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.policy.contract import BatchWork, Report, Work
+from promptserve.workers.base import OnStep, StoreRefs, Workers
+
+BATCH_TIMEOUT_FACTOR = 10.0  # a batch running this many times its predicted latency ...
+BATCH_TIMEOUT_FLOOR_S = 60.0  # ... and at least this long is given up on (as if lost)
+
+
+@dataclass
+class Prepared:
+    """What the runtime readied for a work."""
+
+    items: dict[int, GenerationItem]  # per job that starts in it (``policy.contract.starts``)
+    refs: dict[int, StoreRefs] | None = None  # per such job, for workers on the shared store
+    cancels: set[int] = field(default_factory=set)  # step-level: dropped before anything runs
+    most_steps: int | None = None  # step-level: stop by then (a member hears each step)
+    interrupt: threading.Event | None = None  # step-level: set, it stops after this step
+    on_step: OnStep | None = None  # a batch's per-step callback (streams, cancels)
+
+
+@dataclass
+class Executed:
+    report: Report
+    results: dict[int, GenerationResult]  # whoever finished, by job id
+    steps_left: dict[int, int] = field(default_factory=dict)  # step-level: who runs on
+    previews: dict[int, bytes] = field(default_factory=dict)  # step-level: asked-for previews
+
+
+def timeout_s(work: Work) -> float | None:
+    """How long a work may take before its GPU counts as stuck (None: no bound; a step-level
+    call is bounded by its steps)."""
+    if isinstance(work, BatchWork):
+        return max(BATCH_TIMEOUT_FACTOR * (work.until_s - work.start_s), BATCH_TIMEOUT_FLOOR_S)
+    return None
+
+
+async def execute(workers: Workers, gpu: int, work: Work, prepared: Prepared) -> Executed:
+    if isinstance(work, BatchWork):
+        ids = [job.id for job in work.jobs]
+        items = [prepared.items[i] for i in ids]
+        refs = [prepared.refs[i] for i in ids] if prepared.refs is not None else None
+        results = await workers.run(gpu, items, prepared.on_step, refs)  # type: ignore[arg-type]
+        return Executed(Report(), dict(zip(ids, results, strict=True)))
+    joining = [m.job.id for m in work.joins]
+    joins = [(i, prepared.items[i]) for i in joining]
+    refs = [prepared.refs[i] for i in joining] if prepared.refs is not None else None
+    steps = work.steps if prepared.most_steps is None else min(work.steps, prepared.most_steps)
+    retimes = {m.job.id: m.r for m in work.retimed}
+    done = await workers.advance(
+        gpu, joins, refs, prepared.cancels, max(steps, 1), prepared.interrupt, retimes
+    )
+    finished = dict(done.finished)
+    report = Report(
+        steps=done.ran,
+        started=tuple(done.started.items()),  # type: ignore[arg-type]
+        finished=tuple(finished),  # type: ignore[arg-type]
+    )
+    return Executed(report, finished, dict(done.steps_left), dict(done.previews))  # type: ignore[arg-type]

@@ -302,7 +302,9 @@ def test_a_fresh_arrival_queues_behind_waiting_jobs_instead_of_taking_their_slot
     waiting = Job(0, 0.0, 100.0, 0, 0, 0)
     sched.queue.push(waiting)
     assert sched.queue.steps == 10 and sched.queue.full == 1
-    gpu, outcome = sched.placement.arrive(0.0, Job(1, 0.0, 100.0, 5, 5, 5))  # would fit the idle GPU
+    gpu, outcome = sched.placement.arrive(
+        0.0, Job(1, 0.0, 100.0, 5, 5, 5)
+    )  # would fit the idle GPU
     assert gpu is None and outcome is None and len(sched.queue) == 2
     assert sched.queue.steps == 15 and sched.queue.full == 1
     assert sched.remove(0) is waiting and sched.queue.steps == 5 and sched.queue.full == 0

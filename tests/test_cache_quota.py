@@ -187,7 +187,8 @@ def test_a_namespace_flood_stays_within_the_quota_and_leaves_no_folder_behind(tm
 
 
 def test_guidance_and_adapter_scales_are_served_at_a_hundredth():
-    from promptserve.engine.base import UNET_GUIDANCE, cache_space
+    from promptserve.cache.spaces import cache_space
+    from promptserve.engine.base import UNET_GUIDANCE
 
     looks = {UNET_GUIDANCE.look(None, 7.0 + i * 1e-9) for i in range(500)}
     assert len(looks) == 1 and next(iter(looks)).guidance == 7.0

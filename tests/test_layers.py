@@ -99,3 +99,60 @@ def test_the_edge_knows_nothing_of_serving():
         if module.startswith("promptserve.edge"):
             assert not [d for d in deps if d.startswith(below)], module
     assert any(m.startswith("promptserve.edge.") for m in graph())
+
+
+# what each package offers, pinned: a name added or dropped is a decision, made here too
+EXPORTS = {
+    "cache": "CacheEntry CacheIndex DiskCachedEmbedder Embedder HashingEmbedder InsertResult "
+    "Match Thresholds kopt_mix latent_key load_thresholds make_embedder shipped_thresholds",
+    "cli": "app main",
+    "distributed": "RaySettings deploy_app run_on_ray",
+    "engine": "Engine GenerationItem GenerationResult make_engine",
+    "policy": "POLICIES Arrival Ask BatchWork Demand DispatchConfig Dispatcher Job LoadEstimator "
+    "LoadSnapshot Outcome Plan Policy Replan Report Schedule Scheduler Setting Status StepWork "
+    "Work admit align allocate get_policy intake parse_policies plan_joint route",
+    "policy.step": "EXCESS_SHARE PRICE_MAX SLO_SHARE UTILISATION ExcessWork KRule Levels Member "
+    "Repricing StepConfig StepGpu StepScheduler StepSpec",
+    "server": "ServerConfig app_for build_app cache_quota cache_root engine_args latents_dir "
+    "local_workers runtime_for served_name worker_devices",
+    "sim": "Records SimInputs SimResult oracle_bounds simulate",
+    "workers": "Executed LocalWorkers Prepared StepDone StoreRefs WorkerLost Workers advance "
+    "compute_threads execute",
+    "workload": "ARGUS_GPUS ArrivalSpec RateSegment argus_segments generate_arrivals "
+    "load_prompts make_requests parse_arrival_spec poisson_arrivals trace_arrivals",
+}
+
+
+def test_each_package_exports_what_it_says_and_every_name_resolves():
+    import importlib
+
+    for package, names in EXPORTS.items():
+        module = importlib.import_module(f"promptserve.{package}")
+        assert sorted(module.__all__) == sorted(names.split()), package
+        assert all(hasattr(module, name) for name in module.__all__), package
+
+
+def test_the_policy_core_is_pure_code():
+    """No clock, no event loop, no thread, no device, no web or cluster framework: both clocks
+    drive the same decisions, and a test drives them by hand."""
+    banned = {"asyncio", "time", "threading", "torch", "fastapi", "ray", "httpx"}
+    for path in (SRC / "policy").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            assert not roots & banned, (path.name, roots & banned)
+
+
+def test_the_drivers_keep_to_the_contract():
+    """The simulator and the server reach a scheduler only through ``policy.contract``: no
+    family's internals, no class per family."""
+    internals = ("boundary(", "restart(", "next_steps", "dispatcher", ".plan =", "by_id")
+    for package in ("server", "sim"):
+        for path in (SRC / package).rglob("*.py"):
+            text = path.read_text()
+            found = [name for name in internals if name in text]
+            assert not found, (path.name, found)

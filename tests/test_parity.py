@@ -15,7 +15,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from promptserve.engine.base import PLAIN, UNET_GUIDANCE, GenerationResult, Look, cache_space
+from promptserve.cache.spaces import cache_space
+from promptserve.engine.base import PLAIN, UNET_GUIDANCE, GenerationResult, Look
 from promptserve.engine.sizes import shape_index, shape_table
 from promptserve.policy import POLICIES, get_policy
 from promptserve.policy.residency import ResidentSet

@@ -145,7 +145,8 @@ def test_requests_pair_prompts_in_order_and_wrap():
 def test_sizes_and_adapters_split_requests_into_the_server_s_cache_namespaces():
     from collections import Counter
 
-    from promptserve.engine.base import Look, cache_space
+    from promptserve.cache.spaces import cache_space
+    from promptserve.engine.base import Look
     from promptserve.errors import InputError
     from promptserve.workload import make_requests
     from promptserve.workload.looks import LookMix, parse_adapters, parse_size_mix, with_looks

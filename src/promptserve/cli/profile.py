@@ -158,7 +158,7 @@ def calibrate_cmd(
         triples.append((texts[i], texts[j], float(result.similarity[i])))
     check_device(device)
     engine = make_engine(model, device=device)
-    r_max = r_max if getattr(engine, "feature_cache", False) else 1
+    r_max = r_max if engine.caps.feature_cache else 1
     intervals: list = []
     with progress() as bar:
         task = bar.add_task(f"calibrating ({judge.name})", total=len(triples))

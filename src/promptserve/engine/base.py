@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -33,14 +32,6 @@ PLAIN = Look()  # the plain request's look
 
 
 SCALE_STEP = 0.01  # the resolution at which guidance and adapter scales are served
-
-
-def cache_space(tenant: str, look: Look) -> str:
-    """The cache namespace a request looks up and writes in: its tenant's, split by look."""
-    if look.plain:
-        return tenant
-    digest = hashlib.sha256(look.negative_prompt.encode("utf-8")).hexdigest()[:16]
-    return f"{tenant}\x1flook:{digest}:{look.guidance!r}:{look.size!r}:{look.lora!r}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +150,18 @@ if TYPE_CHECKING:
     from promptserve.profile import Profile
 
 
+@dataclass(frozen=True)
+class EngineCaps:
+    """What an engine can do, named where a server decides by it (not probed)."""
+
+    feature_cache: bool = False  # runs members at feature-cache intervals above 1
+    stateless: bool = False  # one instance may stand for every worker (it keeps no state)
+    modelled: bool = False  # it sleeps its profile's times: no components to time a step on
+
+
 class Engine(Protocol):
     name: str
+    caps: EngineCaps
     total_steps: int
     levels: tuple[int, ...]  # the cache levels K it captures and can resume from (0 included)
     native: tuple[int, int]  # its own (width, height): what a look without a size makes

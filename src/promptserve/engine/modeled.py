@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from promptserve.engine.base import UNET_GUIDANCE, GenerationItem, GenerationResult
+from promptserve.engine.base import UNET_GUIDANCE, EngineCaps, GenerationItem, GenerationResult
 from promptserve.engine.sizes import checked, default_sizes, shape_index, shape_table
 from promptserve.profile import Profile
 
@@ -37,10 +37,11 @@ PLACEHOLDER_PNG = bytes.fromhex(
 
 
 class ModeledEngine:
-    stateless = True  # it only sleeps: one instance may serve every worker at once
+    # it only sleeps (one instance may serve every worker at once); intervals above 1 sleep
+    # their steps' share (``mix_s``)
+    caps = EngineCaps(feature_cache=True, stateless=True, modelled=True)
     guidance_spec = UNET_GUIDANCE  # what it stands for: the SDXL reference's guidance
     adapters: tuple[str, ...] = ()  # names only (``load_adapters``)
-    feature_cache = True  # intervals above 1 sleep their steps' share (``mix_s``)
 
     def __init__(
         self, profile: Profile, sleep: Callable[[float], None] = time.sleep, speedup: float = 1.0

@@ -88,7 +88,7 @@ def measure_steps(
     if engine.total_steps < STEPS_TIMED + 2:
         raise ValueError(f"{engine.total_steps} steps are too few to time a step")
     runner = StepRunner(comps, engine.total_steps, engine.levels, getattr(engine, "guidance", 7.5))
-    cache = getattr(engine, "feature_cache", False)
+    cache = engine.caps.feature_cache
     latencies, cached = [], []
 
     def timed(n: int, interval: int) -> float:
@@ -154,7 +154,7 @@ def quick_profile(engine: Engine, max_batch: int = 8) -> Profile:
     sizes = tuple(b for b in (1, 2, 4, 8, 16, 32) if b <= max_batch)
     levels = tuple(engine.levels)
     slots, load_s, private = residency(engine)
-    share = cached_step_share(engine) if getattr(engine, "feature_cache", False) else 0.0
+    share = cached_step_share(engine) if engine.caps.feature_cache else 0.0
     return Profile(
         name=f"{engine.name}@quick",
         total_steps=engine.total_steps,

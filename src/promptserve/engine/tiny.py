@@ -14,7 +14,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from promptserve.engine.base import GenerationItem, GenerationResult, Guidance
+from promptserve.engine.base import EngineCaps, GenerationItem, GenerationResult, Guidance
 from promptserve.engine.denoise import Components, denoise
 from promptserve.engine.sizes import checked, default_sizes
 
@@ -130,7 +130,7 @@ class DenoisingEngine:
     """Runs batches on a family's components (``denoise.Components``: the tiny model, SD 1.x/2.x
     and SDXL; ``flow.FlowComponents``: SD3 and Flux), from noise or a cached latent at K."""
 
-    feature_cache = True  # members at an interval above 1: DeepCache (UNets), block reuse
+    caps = EngineCaps(feature_cache=True)  # intervals above 1: DeepCache (UNets), block reuse
 
     def __init__(
         self,

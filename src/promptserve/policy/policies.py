@@ -33,9 +33,8 @@ A plain name keeps its published behaviour, so the published method stays reprod
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import ClassVar
 
 import numpy as np
 
@@ -74,7 +73,6 @@ class Policy:
     shape_aware: bool = True  # step-level placement weighs sizes (``+blind``: fewest members)
     retime: bool = True  # a burst raises running members' interval (``+fixed-r``: never)
     max_r: bool = False  # every member at the longest interval (``+max-r``: the rival)
-    step_levels: ClassVar[type[Levels]] = Levels  # how joins pick levels (a reference's differs)
 
     def estimator(self, levels: tuple[int, ...], slo_s: float) -> LoadEstimator:
         short_s = slo_s if self.short_s is None else self.short_s
@@ -90,7 +88,9 @@ class Policy:
         dispatcher = Dispatcher.create(setting.profiles, self.dispatch)
         return PinnedScheduler(self, setting, dispatcher, estimator, np.random.default_rng(seed))
 
-    def step_scheduler(self, setting: Setting) -> StepScheduler:
+    def step_scheduler(
+        self, setting: Setting, levels: Callable[..., Levels] = Levels
+    ) -> StepScheduler:
         """Step-level serving's scheduler over ``setting``'s GPUs: ``+shed`` gives EDF and
         deadline-checked joins, ``+admit`` refusal at arrival."""
         assert self.step is not None, f"{self.name} is not a step-level policy"
@@ -107,7 +107,7 @@ class Policy:
         estimator = self.estimator(profile.levels, setting.slo_s)
         return StepScheduler(
             step_profile(profile), len(setting.profiles), setting.quality, config, estimator,
-            setting.interval_q, setting.slo_s, self.step_levels,
+            setting.interval_q, setting.slo_s, levels,
         )  # fmt: skip
 
     def wants_plan(self, planned_for: Demand | None, demand: Demand, force: bool) -> bool:

@@ -57,8 +57,8 @@ def report_steps(pending: dict[int, Pending], executed: Executed, total_steps: i
             p.handle.emit("preview", {"png": png})
     if not executed.steps_left and not executed.report.finished:
         return
-    left_by_id = executed.steps_left | dict.fromkeys(executed.report.finished, 0)
-    for job_id, left in left_by_id.items():
+    left_of = executed.steps_left | dict.fromkeys(executed.report.finished, 0)
+    for job_id, left in left_of.items():
         p = pending.get(job_id)
         if p is not None and p.handle is not None and not p.handle.quiet:
             p.handle.emit("step", {"step": total_steps - left, "of": total_steps})

@@ -24,7 +24,8 @@ import numpy as np
 
 from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
-from promptserve.engine.base import PLAIN, GenerationItem, GenerationResult, Look, cache_space
+from promptserve.cache.spaces import cache_space
+from promptserve.engine.base import PLAIN, GenerationItem, GenerationResult, Look
 from promptserve.engine.runner import engine_level
 from promptserve.engine.sizes import shape_index, shape_table
 from promptserve.errors import Cancelled

@@ -13,9 +13,9 @@ within a few tenths of this reference has little left to find at that point.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import ClassVar
 
 import numpy as np
 
@@ -35,10 +35,12 @@ class PlannedLevels(Levels):
     per request id); it still joins at a faster level where its preferred one would break a
     deadline (``choose_k``), and one without a neighbour runs at K = 0."""
 
-    plan: np.ndarray
+    def __init__(self, *parts: object, plan: np.ndarray) -> None:
+        super().__init__(*parts)  # type: ignore[arg-type]
+        self.planned = plan  # a level index per request id
 
     def preferred_k(self, job: Job, at: float) -> int:
-        return min(self.spec.levels[int(self.plan[job.id])], job.k_max)
+        return min(self.spec.levels[int(self.planned[job.id])], job.k_max)
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,11 @@ class PlannedPolicy(Policy):
     """A step-level policy whose scheduler follows ``plan`` (``PlannedLevels``)."""
 
     plan: np.ndarray = field(default_factory=lambda: np.zeros(0, int), compare=False)
-    step_levels: ClassVar[type[Levels]] = PlannedLevels
 
-    def step_scheduler(self, setting: Setting) -> StepScheduler:
-        sched = super().step_scheduler(setting)
-        sched.levels.plan = self.plan  # type: ignore[attr-defined]
-        return sched
+    def step_scheduler(
+        self, setting: Setting, levels: Callable[..., Levels] = Levels
+    ) -> StepScheduler:
+        return super().step_scheduler(setting, functools.partial(PlannedLevels, plan=self.plan))
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from promptserve.engine.base import Look, cache_space
+from promptserve.cache.spaces import cache_space
+from promptserve.engine.base import Look
 from promptserve.engine.sizes import Size, parse_size
 from promptserve.errors import InputError
 from promptserve.profile import Profile, for_adapters, for_sizes

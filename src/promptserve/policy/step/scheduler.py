@@ -15,7 +15,7 @@ up to a cap), and what happens at each boundary (``lifecycle``). This class is t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,7 +64,9 @@ class StepScheduler:
         estimator: LoadEstimator | None = None,  # needed by ``intake`` only
         interval_q: Sequence[float] = (100.0,),  # q_r per feature-cache interval r (from 1)
         slo_s: float | None = None,  # what ``replan`` prices for (``reprice`` takes its own)
-        levels: type[Levels] = Levels,  # how a join's level is chosen (a plan's, in hindsight)
+        levels: Callable[
+            ..., Levels
+        ] = Levels,  # how a join's level is chosen (in hindsight: a plan's)
     ) -> None:
         self.spec = spec = StepSpec.of(profile, config, quality, interval_q)
         self.profile, self.config, self.estimator, self.slo_s = profile, config, estimator, slo_s

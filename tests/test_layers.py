@@ -116,7 +116,7 @@ EXPORTS = {
     "server": "ServerConfig app_for build_app cache_quota cache_root engine_args latents_dir "
     "local_workers runtime_for served_name worker_devices",
     "sim": "Records SimInputs SimResult oracle_bounds simulate",
-    "workers": "Executed LocalWorkers Prepared StepDone StoreRefs WorkerLost Workers advance "
+    "workers": "Executed LocalWorkers Prepared StepCall StepDone StoreRefs WorkerLost Workers advance "
     "compute_threads execute",
     "workload": "ARGUS_GPUS ArrivalSpec RateSegment argus_segments generate_arrivals "
     "load_prompts make_requests parse_arrival_spec poisson_arrivals trace_arrivals",

@@ -32,7 +32,7 @@ from promptserve.server.runtime import Dropped, Refused
 from promptserve.sim.simulator import SimInputs, simulate
 from promptserve.steptime import KIND, kind, step_profile
 from promptserve.types import Request
-from promptserve.workers.steps import StepDone
+from promptserve.workers.steps import StepCall, StepDone
 from promptserve.workload import load_prompts
 from virtual_time import VirtualLoop
 
@@ -72,10 +72,10 @@ class TimedWorkers:
         await asyncio.sleep(self.profile.batch_latency(min(i.k for i in items), len(items)))
         return [self._result(gpu, item.seed, item.k) for item in items]
 
-    async def advance(
-        self, gpu, joins, refs, cancels, steps=1, interrupt=None, retimes=None
-    ) -> StepDone:  # noqa: ANN001 - as ``workers.steps.advance``: up to ``steps``, one by one
+    async def advance(self, gpu: int, call: StepCall) -> StepDone:
+        """As ``workers.steps.advance``: up to ``call.steps``, one by one."""
         members, resident, s = self.members[gpu], self.resident[gpu], self.steps
+        joins, cancels, steps, interrupt = call.joins, call.cancels, call.steps, call.interrupt
         for key in cancels:
             gone = members.pop(key, None)
             if gone is not None:
@@ -86,7 +86,7 @@ class TimedWorkers:
             first += s.join_s + resident.use(ids) * s.adapter_load_s
             shape = shape_index(self.shapes, item.look.size)
             members[key] = [self.total_steps - item.k, item.k, kind(shape, item.interval), ids]
-        for key, r in (retimes or {}).items():
+        for key, r in call.retimes.items():
             members[key][2] = kind(members[key][2] // KIND, r)
         finished, ran = [], 0
         while True:

@@ -1,5 +1,6 @@
 """Step-level serving live: the tiny model end to end through the official client."""
 
+import dataclasses
 import json
 import threading
 import time
@@ -67,13 +68,14 @@ class ForgetsOnce:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    async def advance(self, g, joins, refs, cancels, *_ahead):
+    async def advance(self, g, call):
         self.calls += 1
         if self.calls == self.at_call:
             runner = self.inner.runners[g]
             for key in list(runner.steps_left()):
                 runner.cancel(key)
-        return await self.inner.advance(g, joins, refs, cancels)  # one step a call, as on Ray
+        one = dataclasses.replace(call, steps=1, interrupt=None)  # one step a call, as on Ray
+        return await self.inner.advance(g, one)
 
 
 def test_members_a_worker_lost_between_steps_rejoin_and_are_served(tmp_path):
@@ -127,13 +129,13 @@ class LosesWorker:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    async def advance(self, g, joins, refs, cancels, *ahead):
+    async def advance(self, g, call):
         if g == 1 and not self.lost:
             from promptserve.workers.base import WorkerLost
 
             self.lost = True
             raise WorkerLost(1, "killed")
-        return await self.inner.advance(g, joins, refs, cancels, *ahead)
+        return await self.inner.advance(g, call)
 
     async def alive(self):
         return [True, self.back.is_set()]
@@ -217,10 +219,10 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    async def advance(self, g, joins, refs, cancels, steps=1, interrupt=None, retimes=None):
+    async def advance(self, g, call):
         self.entered.set()
-        done = await self.inner.advance(g, joins, refs, cancels, steps, interrupt, retimes)
-        self.calls.append((g, len(joins), steps, done.ran))
+        done = await self.inner.advance(g, call)
+        self.calls.append((g, len(call.joins), call.steps, done.ran))
         return done
 
 

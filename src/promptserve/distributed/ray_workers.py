@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import replace
 
 from ray.exceptions import RayActorError
 
@@ -22,7 +23,7 @@ from promptserve.engine.base import Guidance
 from promptserve.errors import Cancelled
 from promptserve.profile import Profile
 from promptserve.workers.base import Items, OnStep, Refs, Results, WorkerLost
-from promptserve.workers.steps import Joins, StepDone
+from promptserve.workers.steps import StepCall, StepDone
 
 PING_TIMEOUT_S = 2.0
 
@@ -58,23 +59,13 @@ class RayWorkers:
             raise WorkerLost(gpu, type(exc).__name__) from exc
         raise WorkerLost(gpu, "the stream ended without a result")
 
-    async def advance(
-        self,
-        gpu: int,
-        joins: Joins,
-        refs: Refs,
-        cancels: set,
-        steps: int = 1,
-        interrupt: object = None,
-        retimes: dict | None = None,
-    ) -> StepDone:
+    async def advance(self, gpu: int, call: StepCall) -> StepDone:
         """Step-level serving: one boundary and one step on the replica's step runner (one
         only: an interrupt cannot reach a replica between its steps, so ``steps`` is not
-        taken)."""
+        taken, nor the interrupt sent)."""
+        remote = replace(call, joins=list(call.joins), steps=1, interrupt=None)
         try:
-            return await self.handles[gpu].step.remote(
-                list(joins), refs, set(cancels), dict(retimes or {})
-            )
+            return await self.handles[gpu].step.remote(remote)
         except RayActorError as exc:
             raise WorkerLost(gpu, type(exc).__name__) from exc
 

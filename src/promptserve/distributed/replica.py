@@ -24,7 +24,7 @@ from promptserve.engine.runner import latents_to_keep
 from promptserve.engine.threads import ComputeThread, torch_threads_for
 from promptserve.errors import Cancelled
 from promptserve.workers.base import StoreRefs
-from promptserve.workers.steps import StepDone, advance
+from promptserve.workers.steps import StepCall, StepDone, advance
 
 
 class EngineWorker:
@@ -100,16 +100,11 @@ class EngineWorker:
             "inflight": len(self._members),
         }
 
-    async def step(
-        self,
-        joins: list,
-        refs: Sequence[StoreRefs] | None,
-        cancels: set,
-        retimes: dict | None = None,
-    ) -> StepDone:
+    async def step(self, call: StepCall) -> StepDone:
         """Step-level serving: drop the cancelled, join the joiners (their start latents read
         from the shared store), re-interval the members ``retimes`` names, run one step; the
         finished members' captures go to the store."""
+        joins, refs = call.joins, call.refs
         async with self._engine_lock:
             if self._runner is None:
                 self._runner = await self._compute.run(self.engine.step_runner, self.profile)
@@ -118,11 +113,12 @@ class EngineWorker:
                     self._read_starts, [item for _, item in joins], refs
                 )
                 joins = [(key, item) for (key, _), item in zip(joins, items, strict=True)]
-            for key in cancels:  # first: a rejoining member is cancelled and joins anew
+            for key in call.cancels:  # first: a rejoining member is cancelled and joins anew
                 self._members.pop(key, None)
             for (key, item), ref in zip(joins, refs or [None] * len(joins), strict=True):
                 self._members[key] = (item, ref)
-            done = await self._compute.run(advance, self._runner, joins, cancels, 1, None, retimes)
+            one = replace(call, joins=joins, steps=1, interrupt=None)
+            done = await self._compute.run(advance, self._runner, one)
             self.steps += 1
             if done.finished and refs is not None:
                 members = [self._members[key] for key, _ in done.finished]

@@ -5,12 +5,13 @@ hands out (``execute.py``)."""
 from promptserve.workers.base import StoreRefs, WorkerLost, Workers
 from promptserve.workers.execute import Executed, Prepared, execute
 from promptserve.workers.local import LocalWorkers, compute_threads
-from promptserve.workers.steps import StepDone, advance
+from promptserve.workers.steps import StepCall, StepDone, advance
 
 __all__ = [
     "Executed",
     "LocalWorkers",
     "Prepared",
+    "StepCall",
     "StepDone",
     "StoreRefs",
     "WorkerLost",

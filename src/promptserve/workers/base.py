@@ -10,14 +10,13 @@ work again instead of failing it.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from promptserve.engine.base import GenerationItem, GenerationResult, Guidance
 from promptserve.profile import Profile
-from promptserve.workers.steps import Joins, StepDone
+from promptserve.workers.steps import StepCall, StepDone
 
 # called once per denoising step, with the previews of that step by row when any were asked
 # for (``GenerationItem.previews``); raising stops the batch
@@ -64,20 +63,10 @@ class Workers(Protocol):
 
     async def run(self, gpu: int, items: Items, on_step: OnStep, refs: Refs = None) -> Results: ...
 
-    async def advance(
-        self,
-        gpu: int,
-        joins: Joins,
-        refs: Refs,
-        cancels: set,
-        steps: int = 1,
-        interrupt: threading.Event | None = None,
-        retimes: Mapping[Hashable, int] | None = None,
-    ) -> StepDone:
-        """Step-level serving: one boundary (cancels leave, joins join, ``retimes`` re-interval
-        running members) and one step, or up to
-        ``steps`` where the workers can stop at ``interrupt`` (``stepworkers.advance``); the
-        answer's ``ran`` says how many ran."""
+    async def advance(self, gpu: int, call: StepCall) -> StepDone:
+        """Step-level serving: one boundary (cancels leave, joins join, retimes re-interval
+        running members) and one step, or up to ``call.steps`` where the workers can stop at
+        its interrupt (``steps.advance``); the answer's ``ran`` says how many ran."""
         ...
 
     def prepare_steps(self) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.policy.contract import BatchWork, Report, Work
 from promptserve.workers.base import OnStep, StoreRefs, Workers
+from promptserve.workers.steps import StepCall
 
 BATCH_TIMEOUT_FACTOR = 10.0  # a batch running this many times its predicted latency ...
 BATCH_TIMEOUT_FLOOR_S = 60.0  # ... and at least this long is given up on (as if lost)
@@ -55,14 +56,13 @@ async def execute(workers: Workers, gpu: int, work: Work, prepared: Prepared) ->
         refs = [prepared.refs[i] for i in ids] if prepared.refs is not None else None
         results = await workers.run(gpu, items, prepared.on_step, refs)  # type: ignore[arg-type]
         return Executed(Report(), dict(zip(ids, results, strict=True)))
-    joining = [m.job.id for m in work.joins]
+    joining = [m.job.id for m in work.joins if m.job.id in prepared.items]  # not cancelled
     joins = [(i, prepared.items[i]) for i in joining]
     refs = [prepared.refs[i] for i in joining] if prepared.refs is not None else None
     steps = work.steps if prepared.most_steps is None else min(work.steps, prepared.most_steps)
     retimes = {m.job.id: m.r for m in work.retimed}
-    done = await workers.advance(
-        gpu, joins, refs, prepared.cancels, max(steps, 1), prepared.interrupt, retimes
-    )
+    call = StepCall(joins, prepared.cancels, max(steps, 1), prepared.interrupt, retimes, refs)
+    done = await workers.advance(gpu, call)
     finished = dict(done.finished)
     report = Report(
         steps=done.ran,

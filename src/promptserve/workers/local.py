@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 
 from promptserve.engine.base import Engine
 from promptserve.engine.threads import ComputeThread, torch_threads_for
 from promptserve.profile import Profile
 from promptserve.workers.base import Items, OnStep, Refs, Results
-from promptserve.workers.steps import Joins, StepDone, advance
+from promptserve.workers.steps import StepCall, StepDone, advance
 
 
 class LocalWorkers:
@@ -39,21 +38,9 @@ class LocalWorkers:
     async def run(self, gpu: int, items: Items, on_step: OnStep, refs: Refs = None) -> Results:
         return await self.threads[gpu].run(self.engines[gpu].generate, items, on_step)
 
-    async def advance(
-        self,
-        gpu: int,
-        joins: Joins,
-        refs: Refs,
-        cancels: set,
-        steps: int = 1,
-        interrupt: threading.Event | None = None,
-        retimes: Mapping[Hashable, int] | None = None,
-    ) -> StepDone:
+    async def advance(self, gpu: int, call: StepCall) -> StepDone:
         """Runner ``gpu`` steps on thread ``gpu``, the one that built its engine."""
-        runner = self.runners[gpu]
-        return await self.threads[gpu].run(
-            advance, runner, joins, cancels, steps, interrupt, retimes
-        )
+        return await self.threads[gpu].run(advance, self.runners[gpu], call)
 
     def prepare_steps(self) -> None:
         """Each engine's step runner, built on the thread that built the engine."""

@@ -24,23 +24,26 @@ class StepDone:
     ran: int = 1  # steps run in the call
 
 
-def advance(
-    runner,  # noqa: ANN001 - any step runner
-    joins: Joins,
-    cancels: set,
-    steps: int = 1,
-    interrupt: threading.Event | None = None,
-    retimes: Mapping[Hashable, int] | None = None,
-) -> StepDone:
-    """One boundary on one runner, in its engine's thread, and up to ``steps`` steps after it:
-    more than one only where the caller knows no boundary could change anything before (none
-    joins, leaves, is cancelled or hears its steps). It stops early after a step at which a
-    member finished, or once ``interrupt`` is set (an arrival or a cancel: the next boundary is
-    wanted now). ``retimes``: running members' new feature-cache intervals."""
-    for key in cancels:
+@dataclass
+class StepCall:
+    """One step-level call: who leaves, who joins, who moves interval, and how far to go."""
+
+    joins: Joins  # (key, item): joining before the first step
+    cancels: set = field(default_factory=set)  # keys dropped before anything runs
+    steps: int = 1  # the most steps (more than one only where no boundary could matter)
+    interrupt: threading.Event | None = None  # set: it stops after the step it is on
+    retimes: Mapping[Hashable, int] = field(default_factory=dict)  # key -> new interval
+    refs: Sequence | None = None  # per joiner, for workers on the shared store (``StoreRefs``)
+
+
+def advance(runner, call: StepCall) -> StepDone:  # noqa: ANN001 - any step runner
+    """One boundary on one runner, in its engine's thread, and up to ``call.steps`` steps
+    after it. It stops early after a step at which a member finished, or once the interrupt
+    is set (an arrival or a cancel: the next boundary is wanted now)."""
+    for key in call.cancels:
         runner.cancel(key)
-    runner.join(joins)
-    for key, interval in (retimes or {}).items():
+    runner.join(call.joins)
+    for key, interval in call.retimes.items():
         runner.reinterval(key, interval)
     previews: dict[Hashable, bytes] = {}
     ran = 0
@@ -48,9 +51,9 @@ def advance(
         finished = runner.step()
         ran += 1
         previews.update(runner.previews)
-        if finished or ran >= steps or not len(runner):
+        if finished or ran >= call.steps or not len(runner):
             break
-        if interrupt is not None and interrupt.is_set():
+        if call.interrupt is not None and call.interrupt.is_set():
             break
-    started = {key: item.k for key, item in joins}
+    started = {key: item.k for key, item in call.joins}
     return StepDone(finished, runner.steps_left(), started, previews, ran)

@@ -88,6 +88,10 @@ class TimedWorkers:
             members[key] = [self.total_steps - item.k, item.k, kind(shape, item.interval), ids]
         for key, r in call.retimes.items():
             members[key][2] = kind(members[key][2] // KIND, r)
+        started = {key: item.k for key, item in joins}
+        if steps == 0:  # the joins only: their encodes and loads
+            await asyncio.sleep(first)
+            return StepDone([], {key: m[0] for key, m in members.items()}, started, ran=0)
         finished, ran = [], 0
         while True:
             counts: dict[int, int] = {}
@@ -108,7 +112,7 @@ class TimedWorkers:
             if interrupt is not None and interrupt.is_set():
                 break
         left = {key: m[0] for key, m in members.items()}
-        return StepDone(finished, left, {key: item.k for key, item in joins}, ran=ran)
+        return StepDone(finished, left, started, ran=ran)
 
     def prepare_steps(self) -> None: ...
 
@@ -264,21 +268,8 @@ def looked(kind_: str, requests: list[Request]) -> tuple[TimedWorkers, dict, lis
     return workers, looks, seen
 
 
-# Found by this test, left as it is (issue 49 keeps the simulator's behaviour): in the
-# simulator, a request placed on a GPU while that GPU's joiners load their adapters joins at
-# the end of the load, before the first step (``StepGpu.next_boundary``); live, the loads and
-# the first step are one worker call, so it joins a step later. Making the simulator wait for
-# the step moves 10 of ``sim_fingerprint --wide``'s 128 runs (every adapter run).
-ADAPTER_LOADS = pytest.mark.xfail(
-    strict=True,
-    reason="a join during another's adapter load: before the step simulated, after it live",
-)
-
-
 @pytest.mark.parametrize("rate_qpm", [MODERATE_QPM, OVERLOADED_QPM])
-@pytest.mark.parametrize(
-    "kind_", ["feature-cache", "sizes", pytest.param("adapters", marks=ADAPTER_LOADS)]
-)
+@pytest.mark.parametrize("kind_", ["feature-cache", "sizes", "adapters"])
 def test_the_default_path_decides_the_same_on_both_clocks(tmp_path, kind_, rate_qpm):
     """``promptserve-step`` as users get it: per request the same GPU, K, interval, outcome
     and finish time live and simulated."""

@@ -63,7 +63,7 @@ class RayWorkers:
         """Step-level serving: one boundary and one step on the replica's step runner (one
         only: an interrupt cannot reach a replica between its steps, so ``steps`` is not
         taken, nor the interrupt sent)."""
-        remote = replace(call, joins=list(call.joins), steps=1, interrupt=None)
+        remote = replace(call, joins=list(call.joins), steps=min(call.steps, 1), interrupt=None)
         try:
             return await self.handles[gpu].step.remote(remote)
         except RayActorError as exc:

@@ -117,7 +117,7 @@ class EngineWorker:
                 self._members.pop(key, None)
             for (key, item), ref in zip(joins, refs or [None] * len(joins), strict=True):
                 self._members[key] = (item, ref)
-            one = replace(call, joins=joins, steps=1, interrupt=None)
+            one = replace(call, joins=joins, steps=min(call.steps, 1), interrupt=None)
             done = await self._compute.run(advance, self._runner, one)
             self.steps += 1
             if done.finished and refs is not None:

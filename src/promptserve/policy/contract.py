@@ -62,8 +62,11 @@ class StepWork:
     joins: tuple[Member, ...]  # joining now, each at its K and interval
     retimed: tuple[Member, ...]  # running members moved to a longer interval (a burst)
     steps: int  # steps until the next boundary (0: a boundary now, nothing runs first)
-    start_s: float  # the segment these steps belong to began here
+    start_s: float  # the segment these steps belong to began here (after the joins' encodes
+    # and adapter loads: a join placed on the GPU before then joins at ``start_s``, a step
+    # sooner than one placed after it)
     until_s: float  # when they end, as the profile times them (the simulator's clock)
+    at_s: float = 0.0  # the boundary it was handed out at
 
 
 Work = BatchWork | StepWork

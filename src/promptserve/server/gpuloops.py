@@ -114,9 +114,13 @@ class GpuLoops:
                 await self._run(g, work)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # one failed report must not end the loop
+            except Exception as exc:  # its jobs fail, once; the loop goes on
                 log.exception("loop of GPU %d failed", g)
                 self.rt.counters.loop_errors += 1
+                try:
+                    self._failed(g, work, exc)
+                except Exception:
+                    log.exception("GPU %d could not fail its jobs", g)
             finally:
                 self.running[g] = False
 

@@ -10,7 +10,7 @@ read on its cache thread) and owns the answers.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.policy.contract import BatchWork, Report, Work
@@ -62,11 +62,21 @@ async def execute(workers: Workers, gpu: int, work: Work, prepared: Prepared) ->
     steps = work.steps if prepared.most_steps is None else min(work.steps, prepared.most_steps)
     retimes = {m.job.id: m.r for m in work.retimed}
     call = StepCall(joins, prepared.cancels, max(steps, 1), prepared.interrupt, retimes, refs)
+    started: dict = {}
+    if joins and work.start_s > work.at_s:
+        # its joiners encode and load before the first step: a join placed meanwhile joins
+        # them there, a boundary before any step (as the scheduler times it), not a step on
+        joined = await workers.advance(gpu, replace(call, steps=0))
+        started = joined.started
+        if prepared.interrupt is not None and prepared.interrupt.is_set():
+            report = Report(steps=0, started=tuple(started.items()))
+            return Executed(report, {}, dict(joined.steps_left))  # type: ignore[arg-type]
+        call = StepCall((), set(), call.steps, prepared.interrupt)
     done = await workers.advance(gpu, call)
     finished = dict(done.finished)
     report = Report(
         steps=done.ran,
-        started=tuple(done.started.items()),  # type: ignore[arg-type]
+        started=tuple((started or done.started).items()),  # type: ignore[arg-type]
         finished=tuple(finished),  # type: ignore[arg-type]
     )
     return Executed(report, finished, dict(done.steps_left), dict(done.previews))  # type: ignore[arg-type]

@@ -30,7 +30,8 @@ class StepCall:
 
     joins: Joins  # (key, item): joining before the first step
     cancels: set = field(default_factory=set)  # keys dropped before anything runs
-    steps: int = 1  # the most steps (more than one only where no boundary could matter)
+    steps: int = 1  # the most steps (more than one only where no boundary could matter; 0:
+    # the joins only, their encodes and adapter loads, and a boundary before the first step)
     interrupt: threading.Event | None = None  # set: it stops after the step it is on
     retimes: Mapping[Hashable, int] = field(default_factory=dict)  # key -> new interval
     refs: Sequence | None = None  # per joiner, for workers on the shared store (``StoreRefs``)
@@ -45,6 +46,9 @@ def advance(runner, call: StepCall) -> StepDone:  # noqa: ANN001 - any step runn
     runner.join(call.joins)
     for key, interval in call.retimes.items():
         runner.reinterval(key, interval)
+    started = {key: item.k for key, item in call.joins}
+    if call.steps == 0:
+        return StepDone([], runner.steps_left(), started, {}, 0)
     previews: dict[Hashable, bytes] = {}
     ran = 0
     while True:
@@ -55,5 +59,4 @@ def advance(runner, call: StepCall) -> StepDone:  # noqa: ANN001 - any step runn
             break
         if call.interrupt is not None and call.interrupt.is_set():
             break
-    started = {key: item.k for key, item in call.joins}
     return StepDone(finished, runner.steps_left(), started, previews, ran)

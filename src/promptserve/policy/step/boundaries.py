@@ -24,10 +24,13 @@ class Boundaries:
         self.ended: list[Outcome] = []  # given up on outside an update (a lost GPU's members)
         self.cut_epoch: dict[int, int] = {}  # per queue: its wait epoch at the last full cut
 
-    def due(self, gpu: StepGpu, at: float, steps: int, joins=(), retimed=()) -> None:  # noqa: ANN001
+    def due(  # noqa: ANN001 - the boundary's members
+        self, gpu: StepGpu, at: float, steps: int, joins=(), retimed=(), now: float = 0.0
+    ) -> None:
+        """``gpu``'s next ``steps`` steps end at ``at`` (``now``: the boundary it stands at)."""
         self.next_at[gpu.index] = at
         self.owed.append(
-            StepWork(gpu.index, tuple(joins), tuple(retimed), steps, gpu.seg_start, at)
+            StepWork(gpu.index, tuple(joins), tuple(retimed), steps, gpu.seg_start, at, now)
         )
 
     def cut(self, gpu: StepGpu, now: float) -> None:

@@ -162,7 +162,7 @@ class StepScheduler:
         left, joined, dropped = self.life.boundary(g, now, report.steps)
         m = self.life.next_steps(g)
         if m > 0:
-            self.boundaries.due(g, g.seg_start + m * g.seg_iter_s, m, joined, g.retimed)
+            self.boundaries.due(g, g.seg_start + m * g.seg_iter_s, m, joined, g.retimed, now)
         return ended + left + dropped
 
     def replan(self, now: float, demand: Demand, force: bool = False) -> Replan:

@@ -260,5 +260,7 @@ def test_a_gpu_with_nothing_to_change_runs_to_its_next_finish_in_one_call(tmp_pa
     assert sum(ran for *_, ran in alone) == total + before
     assert len(alone) < total // 4  # far fewer calls than steps
     assert alone[joined - 1][3] < alone[joined - 1][2], alone  # the arrival cut that run short
-    assert rec.calls and all(steps_allowed == 1 for _, _, steps_allowed, _ in rec.calls)
+    # one step a call (a join's own call, its encode before the first step, runs none)
+    assert rec.calls and all(steps_allowed <= 1 for _, _, steps_allowed, _ in rec.calls)
+    assert any(steps_allowed == 1 for _, _, steps_allowed, _ in rec.calls)
     assert steps  # the stream got its events

@@ -79,7 +79,8 @@ class Bursts:
                 continue
             gpu.count_shape(old, -1)
             gpu.count_shape(new, 1)
-            member.earlier += ((member.r, gpu.done - member.since),)
+            if gpu.done > member.since:  # a part of no steps keeps nothing to count
+                member.earlier += ((member.r, gpu.done - member.since),)
             member.r, member.since = top, gpu.done
             moved.append(member)
         return moved

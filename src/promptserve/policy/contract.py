@@ -206,3 +206,9 @@ def moved(work: Work) -> tuple[Start, ...]:
     if isinstance(work, StepWork):
         return tuple(Start(m.job, m.k, m.r) for m in work.retimed)
     return ()
+
+
+def served_by(work: Work) -> float:
+    """The earliest a driver knows ``work`` answers anyone: a batch's end; a step-level work
+    may or may not end a member (unknown: never, for the simulator's lookahead)."""
+    return work.until_s if isinstance(work, BatchWork) else math.inf

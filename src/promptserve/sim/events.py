@@ -22,7 +22,7 @@ import numpy as np
 from promptserve.cache.index import CacheIndex
 from promptserve.cache.thresholds import Thresholds
 from promptserve.policy import Demand, Outcome, Plan, Policy, Setting, Status
-from promptserve.policy.contract import Ask, Scheduler, Work, ran
+from promptserve.policy.contract import Ask, Scheduler, Work, ran, served_by
 from promptserve.policy.planning import first_demand, worth_caching
 from promptserve.quality import QualityModel, served_quality
 from promptserve.sim.records import Records
@@ -200,17 +200,23 @@ class EventRun:
     def _lookup(self, i: int) -> tuple[float, int]:
         """Nearest cached entry of request i's tenant: (similarity, entry id or -1).
 
-        The index only changes when a request leaves, so the next arrivals are looked up
-        together in one call; a finish in between (the index version moved) makes the next
-        arrival look up again.
+        The index only changes when a request leaves, so the arrivals before the next known
+        finish are looked up together in one call; a finish in between (the index version
+        moved) makes the next arrival look up again.
         """
         done = self.prefetched.pop(i, None)
         if done is not None and done[0] == self.index.version:
             return done[1], done[2]
         reqs = self.inputs.requests
+        next_finish = min((served_by(w) for w in self.current.values()), default=math.inf)
         ids = [i]
         j = i + 1
-        while j < len(reqs) and len(ids) < 256 and reqs[j].tenant == reqs[i].tenant:
+        while (
+            j < len(reqs)
+            and len(ids) < 256
+            and reqs[j].arrival_s < next_finish
+            and reqs[j].tenant == reqs[i].tenant
+        ):
             ids.append(j)
             j += 1
         sims, entries = self.index.nearest_many(reqs[i].tenant, self.inputs.embeddings[ids])

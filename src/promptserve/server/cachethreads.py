@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from promptserve.cache.approx import ApproxCache
 from promptserve.server.cachework import pinned_by
 from promptserve.server.requests import Counters
+from promptserve.workers.base import StoreRefs
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +68,9 @@ class CacheThreads:
             await asyncio.gather(*list(self.writes), return_exceptions=True)
         return await asyncio.get_running_loop().run_in_executor(self.reader, fn)
 
-    async def unpin(self, refs: object) -> None:
-        """Unpin the cache entries a finished (or failed) run read its start latents from
-        (``refs``: its StoreRefs, as a list or by job)."""
-        ids = pinned_by(list(refs.values()) if isinstance(refs, dict) else refs)  # type: ignore[arg-type]
+    async def unpin(self, refs: Sequence[StoreRefs | None]) -> None:
+        """Unpin the cache entries a finished (or failed) run read its start latents from."""
+        ids = pinned_by(refs)
         if ids:
             await self.call(lambda: [self.cache.unpin(i) for i in ids])
 

@@ -140,7 +140,7 @@ class GpuLoops:
                     try:
                         executed = await execute(rt.workers, g, work, prepared)
                     finally:  # the start latents are read (or never will be): evictable again
-                        await rt.io.unpin(prepared.refs)
+                        await rt.io.unpin(list((prepared.refs or {}).values()))
             except TimeoutError:  # its GPU is stuck: out until it answers again, as if lost
                 rt.counters.batch_timeouts += 1
                 rt.lose(g, f"its batch ran over {limit:.0f} s")
@@ -253,10 +253,9 @@ class GpuLoops:
         jobs = self.holds[g] | {s.job.id for s in starts(work)}
         for job_id in sorted(jobs):
             rt.sched.remove(job_id)
-            self.cancels[g].add(job_id)
             rt.fail(job_id, exc)
         self.forget(g)
-        self.cancels[g] = jobs
+        self.cancels[g] = jobs  # its worker drops them before its next step
         self.running[g] = False
         rt.sched.update(rt.clock(), g, Report(failed=True))
         rt.hand_out()

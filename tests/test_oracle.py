@@ -209,3 +209,31 @@ def test_a_member_mixing_counts_beats_every_batch_that_fits_and_the_bound_allows
     assert cheapest_member(STEPPY, 0, 5.4) == pytest.approx(mixed)
     assert batch_cost(STEPPY, 0, 5.4) == pytest.approx(2.5)
     assert per_image_cost(STEPPY, 0, 5.4) == step_cost(STEPPY, 0, 5.4) <= mixed
+
+
+@pytest.mark.parametrize("window", [2.0, 3.0, 4.2, 6.0])
+@pytest.mark.parametrize("r", [1, 2, 3])
+def test_no_member_at_an_interval_costs_less_than_the_relaxed_step_cost(r, window):
+    """By enumeration: every sequence of in-flight counts for a member's steps, one step in r
+    full (the rest cached at 0.3 of a full one) and in any order, that fits its window."""
+    from dataclasses import replace
+    from itertools import product as every
+
+    from promptserve.sim.oracle import relaxed_step_cost
+
+    prof = replace(STEPPY, cached_step_share=0.3, feature_r_max=3)
+    for k in (0, 2):
+        steps, step_s = prof.total_steps - k, prof.step_latency_s
+        full = -(-steps // r)  # a run's first step is full, then one in r
+        fixed, best = prof.encode_s + prof.decode_s, float("inf")
+        for counts in every(range(1, len(step_s) + 1), repeat=steps):
+            for kinds in set(permutations([1] * full + [0] * (steps - full))):
+                share = [1.0 if f else 0.3 for f in kinds]
+                took = sum(step_s[n - 1] * c for n, c in zip(counts, share)) + fixed
+                if took <= window + 1e-9:
+                    spent = sum(step_s[n - 1] * c / n for n, c in zip(counts, share)) + fixed
+                    best = min(best, spent)
+        bound = relaxed_step_cost(prof, k, r, window)
+        assert bound <= best + 1e-9, (k, bound, best)
+        if best == float("inf"):
+            assert bound == float("inf") or full * step_s[0] + fixed > window

@@ -82,3 +82,30 @@ def test_clipper_baselines_serve_at_their_one_level():
     assert set(ha.records.level.tolist()) == {0}
     # requests with no cached neighbour at all cannot skip steps, everyone else runs at 25
     assert set(ht.records.level.tolist()) <= {0, 25} and np.mean(ht.records.level == 25) > 0.9
+
+
+@pytest.mark.parametrize("rate", [60, 200])
+def test_oracle_bounds_every_policy_with_feature_caching_and_sizes(rate):
+    """The bound extended to cached steps (at their own cost, a member answered as early as
+    a cached-step run can be) and to sizes (each at its own cost) holds for every policy,
+    at a moderate load and past capacity."""
+    from promptserve.profile import for_sizes, with_feature_cache
+    from promptserve.workload.looks import LookMix, with_looks
+
+    reqs, emb = workload(n_minutes=4, rate=rate, seed=2)
+    sizes = ((1024, 1024), (1152, 896), (768, 768), (1280, 1280))
+    reqs = with_looks(reqs, LookMix(sizes=sizes, size_weights=(0.4, 0.2, 0.2, 0.2)), 2)
+    assert len({r.shape for r in reqs}) == 4
+    profile = for_sizes(with_feature_cache(PROFILE), sizes)
+    config = CompareConfig(2, 21.0, "mild", 2)
+    inputs = sim_inputs(reqs, emb, profile, shipped_thresholds("clip"), config)
+    names = [*POLICIES, "promptserve-step+fixed-r", "continuous-ha+shed+admit+max-r"]
+    names += ["continuous-ht+shed+admit+max-r", "promptserve-step+blind"]
+    rows, oracle, _, _ = compare([get_policy(p) for p in names], inputs, config)
+    for name, row in rows.items():
+        assert row["effective_quality"] <= oracle["effective_quality_upper_bound"] + 1e-6, name
+        assert row["slo_violation_ratio"] >= oracle["slo_violation_ratio_lower_bound"] - 1e-6, name
+    if rate == 200:  # past capacity the cached steps carry a policy past the full-step bound
+        plain = sim_inputs(reqs, emb, for_sizes(PROFILE, sizes), shipped_thresholds("clip"), config)
+        full_step_bound = compare([], plain, config)[1]["effective_quality_upper_bound"]
+        assert rows["promptserve-step"]["effective_quality"] > full_step_bound

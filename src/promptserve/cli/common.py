@@ -158,11 +158,20 @@ CacheDirOpt = Annotated[
 
 
 PoliciesOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         help="Comma-separated policies, each NAME[+shed][+admit][+fast][+blind][+fixed-r][+max-r] "
         "(NAME: clipper-ha, clipper-ht, nirvana, proteus, argus, promptserve, "
-        "promptserve-step, continuous-ha, continuous-ht)."
+        "promptserve-step, continuous-ha, continuous-ht). Default: the fair set (the published "
+        "method as shipped, every rival with promptserve's queue and admission and, with "
+        "feature caching on, each step-level rival also at +max-r)."
+    ),
+]
+SplitOpt = Annotated[
+    str,
+    typer.Option(
+        help="all|tune|held-out: the whole prompt file and trace, or one half of each "
+        "(docs/comparison.md); a seed picks where the replay of the prompts and a trace starts.",
     ),
 ]
 ProfileOpt = Annotated[
@@ -176,14 +185,6 @@ SloOpt = Annotated[
     ),
 ]
 PenaltyOpt = Annotated[str, typer.Option(help="Penalty shape above K_opt: mild or steep.")]
-
-# The fair comparison: the published method as shipped, and every rival with promptserve's queue
-# and admission (a baseline without them collapses under load; beating it proves nothing).
-FAIR_POLICIES = (
-    "argus,argus+shed+admit+fast,clipper-ha+shed+admit,clipper-ht+shed+admit,"
-    "nirvana+shed+admit,promptserve,continuous-ht+shed+admit,promptserve-step"
-)
-
 
 def _int_list(text: str, flag: str) -> list[int]:
     try:

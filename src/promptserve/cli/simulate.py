@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from promptserve.cli.common import (
-    FAIR_POLICIES,
     AdaptersOpt,
     ArrivalsOpt,
     CacheDirOpt,
@@ -24,6 +23,7 @@ from promptserve.cli.common import (
     RMaxOpt,
     SeedOpt,
     SizeMixOpt,
+    SplitOpt,
     SloOpt,
     TimeScaleOpt,
     _int_list,
@@ -35,6 +35,7 @@ from promptserve.cli.common import (
     user_errors,
 )
 from promptserve.errors import InputError
+from promptserve.policy.policies import fair_policies
 
 # short headers, so an 80-column terminal keeps the policy names whole
 SHORT = {
@@ -61,7 +62,7 @@ def for_people(column: str, value: object) -> str:
 @app.command("simulate")
 @user_errors
 def simulate_cmd(
-    policies: PoliciesOpt = FAIR_POLICIES,
+    policies: PoliciesOpt = None,
     prompts: PromptsOpt = Path("data/diffusiondb_prompts_4k.txt"),
     arrivals: ArrivalsOpt = "argus",
     rate: RateOpt = None,
@@ -81,6 +82,7 @@ def simulate_cmd(
     feature_cache: FeatureCacheOpt = "on",
     r_max: RMaxOpt = 4,
     seed: SeedOpt = 0,
+    split: SplitOpt = "all",
     cache_dir: CacheDirOpt = Path(".promptserve"),
     out: Annotated[
         Path, typer.Option(help="Folder for report.json, report.md and timeline.png.")
@@ -105,13 +107,16 @@ def simulate_cmd(
         parse_arrival_spec,
     )
     from promptserve.workload.looks import sized_profile, with_looks
+    from promptserve.workload.splits import check_split, prompt_order
 
-    chosen = parse_policies(policies)
+    chosen = parse_policies(policies or fair_policies(feature_cache == "on"))
     prof, slo_s = _profile_slo_penalty(profile, slo, quality_penalty, feature_cache, r_max)
     spec = parse_arrival_spec(arrivals)
-    texts = load_prompts(prompts)
+    part = check_split(split)
+    loaded = load_prompts(prompts)
+    texts = [loaded[i] for i in prompt_order(len(loaded), part, seed)]
     times = generate_arrivals(
-        spec, rate_qpm=rate, minutes=minutes, time_scale=time_scale, seed=seed
+        spec, rate_qpm=rate, minutes=minutes, time_scale=time_scale, seed=seed, split=part
     )
     if len(times) == 0:
         raise InputError("the arrival spec produced no requests")
@@ -205,7 +210,7 @@ def _profile_slo_penalty(
 @app.command("sweep")
 @user_errors
 def sweep_cmd(
-    policies: PoliciesOpt = FAIR_POLICIES,
+    policies: PoliciesOpt = None,
     prompts: PromptsOpt = Path("data/diffusiondb_prompts_4k.txt"),
     arrivals: ArrivalsOpt = "poisson",
     rates: Annotated[
@@ -226,6 +231,7 @@ def sweep_cmd(
     ] = None,
     time_scale: TimeScaleOpt = 1.0,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds; one run each.")] = "1,2,3",
+    split: SplitOpt = "all",
     profile: ProfileOpt = None,
     slo: SloOpt = None,
     quality_penalty: PenaltyOpt = "steep",
@@ -248,8 +254,9 @@ def sweep_cmd(
     from promptserve.policy import parse_policies
     from promptserve.sim.sweep import SweepConfig, parse_rates, run_sweep, write_sweep
     from promptserve.workload import load_prompts, parse_arrival_spec
+    from promptserve.workload.splits import check_split
 
-    chosen = parse_policies(policies)
+    chosen = parse_policies(policies or fair_policies(feature_cache == "on"))
     prof, slo_s = _profile_slo_penalty(profile, slo, quality_penalty, feature_cache, r_max)
     spec = parse_arrival_spec(arrivals)
     if rates is None and spec.kind == "poisson":
@@ -263,7 +270,7 @@ def sweep_cmd(
     thresholds = embedder_thresholds(embedder)
     config = SweepConfig(
         arrivals, rate_list, seed_list, gpus, slo_s, quality_penalty, minutes, time_scale,
-        oracle_window, looks=look_mix(size_mix, adapters),
+        oracle_window, looks=look_mix(size_mix, adapters), split=check_split(split),
     )  # fmt: skip
     with progress() as bar:
         task = bar.add_task("sweep points", total=len(rate_list) * len(seed_list))

@@ -316,6 +316,39 @@ def get_policy(name: str) -> Policy:
     return replace(policy, name="+".join([base, *[m for m in MODIFIERS if m in mods]]))
 
 
+LEAD = "promptserve-step"  # the default of ``serve``: the policy the comparisons lead with
+# The fair comparison: the published method as shipped (for reference, not a rival) and every
+# rival with promptserve's queue and admission (without them a baseline collapses under load,
+# and beating it proves nothing).
+_FAIR = (
+    "argus",
+    "argus+shed+admit+fast",
+    "clipper-ha+shed+admit",
+    "clipper-ht+shed+admit",
+    "nirvana+shed+admit",
+    "promptserve",
+    "continuous-ha+shed+admit",
+    "continuous-ht+shed+admit",
+)
+
+
+def fair_policies(feature_cache: bool) -> str:
+    """The fair set, ``promptserve-step`` last. With feature caching on, each step-level rival
+    also runs at the longest interval for every request (``+max-r``): a rival that cannot
+    choose an interval should still have the capacity the cache gives."""
+    step_rivals = [p for p in _FAIR if p.startswith("continuous-")]
+    extra = [f"{p}+max-r" for p in step_rivals] if feature_cache else []
+    return ",".join([*_FAIR, *extra, LEAD])
+
+
+def is_fair_rival(name: str, lead: str = LEAD) -> bool:
+    """A policy the lead is judged against: any other with the same queue and admission (the
+    pinned ``promptserve`` has them built in); ``argus`` as shipped has neither."""
+    base = name.split("+")[0]
+    mods = name.split("+")[1:]
+    return name != lead and (base == "promptserve" or ("shed" in mods and "admit" in mods))
+
+
 def parse_policies(text: str) -> list[Policy]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:

@@ -97,9 +97,10 @@ def compare(
         setting.profiles,
         setting.quality,
     )
-    oracle = oracle_bounds(*bound_args, config.oracle_window_s, ~found)
+    looks = (setting.interval_q, np.array([r.shape for r in requests], dtype=int))
+    oracle = oracle_bounds(*bound_args, config.oracle_window_s, ~found, *looks)
     if config.coarse_window_s is not None:
-        oracle["coarse"] = oracle_bounds(*bound_args, config.coarse_window_s, ~found)
+        oracle["coarse"] = oracle_bounds(*bound_args, config.coarse_window_s, ~found, *looks)
     return rows, oracle, timelines, results
 
 

@@ -39,6 +39,21 @@ under any schedule, so it runs from noise: its bucket may only use level 0.
                y, z >= 0;  y[b, l, p] = 0 unless level l fits the bucket's window alone,
                            and unless l = 0 for a bucket of requests with no neighbour
 
+*Feature caching and sizes.* With intervals offered (``interval_q``) a column is a (level l,
+interval r) pair, worth q[i, l] x q_r(r) / 100 (``quality.IntervalQuality``), and with sizes
+buckets are split by size too. Every call of an iteration (the full call and the cached call
+of each size present, ``steptime.StepProfile.mix_s``) takes at least a_f (a_c for a cached
+call) GPU-seconds per unit of load, the least over every load of its curve; a member of size
+weight w at interval r puts w / r of load on the full call and w (r - 1) / r on the cached
+call per step, so its N - K steps cost at least (N - K) w (a_f / r + a_c (r - 1) / r), plus its
+join and leave (``relaxed_step_cost``; it needs the run to fit its window alone). That cost
+and the interval's quality are both linear in the share of steps run at each interval, so a
+member whose interval a boundary raised is a mix of columns the LP already allows. A pinned
+batch is one size at r = 1, at that size's batch latency. The first request is answered no
+sooner than alone at the fastest level and interval of the smallest size
+(``earliest_answer_s``). This form drops each step's time (beyond fitting alone), so without
+intervals and sizes the tighter ``step_cost`` is used and the bound is unchanged.
+
 W_b is the longest window in bucket b (no shorter than each member's). The violation bound
 maximises sum y instead. Slack left by the relaxation: batches are perfectly full (cost at the
 best batch size; a step-level member at the best mix of counts), work is divisible across GPUs
@@ -71,12 +86,13 @@ def per_image_cost(profile: Profile, k: int, window_s: float) -> float:
     return min(batch_cost(profile, k, window_s), step_cost(profile, k, window_s))
 
 
-def batch_cost(profile: Profile, k: int, window_s: float) -> float:
-    """Fewest GPU-seconds per image at level K in a batch that fits ``window_s`` (inf if none)."""
+def batch_cost(profile: Profile, k: int, window_s: float, shape: int = 0) -> float:
+    """Fewest GPU-seconds per image at level K in a batch of one size that fits ``window_s``
+    (inf if none)."""
     costs = [
-        profile.batch_latency(k, b) / b
+        profile.sized_latency(k, b, shape) / b
         for b in range(1, profile.max_batch + 1)
-        if profile.batch_latency(k, b) <= window_s
+        if profile.sized_latency(k, b, shape) <= window_s
     ]
     return min(costs) if costs else math.inf
 
@@ -112,16 +128,54 @@ def step_cost(profile: Profile, k: int, window_s: float) -> float:
     return steps * best + fixed
 
 
+def relaxed_step_cost(profile: Profile, k: int, r: int, window_s: float, shape: int = 0) -> float:
+    """Fewest GPU-seconds an image at level K, feature-cache interval ``r`` and size ``shape``
+    can take as a step-level member inside ``window_s`` (inf if it cannot finish even alone):
+    every one of its N - K steps at the least GPU time per unit of load any call has (one full
+    step in r, the rest cached), plus its join and leave. It drops the time a member's steps
+    take (beyond fitting alone), so it holds for any mix of counts, sizes and intervals
+    (``step_cost`` is the tighter form for one size without feature caching)."""
+    from promptserve.steptime import step_profile
+
+    sp = step_profile(profile)
+    w = sp.shape_weights[shape]
+    steps, fixed = profile.total_steps - k, sp.join_s + sp.leave_s
+    cached = (r - 1) / r
+    alone = steps * (sp.call_s(w) / r + cached * sp.cached_call_s(w)) + fixed
+    if alone > window_s + 1e-9:
+        return math.inf
+    full_a = _least_per_load(sp.call_s, sp.max_inflight)
+    cached_a = _least_per_load(sp.cached_call_s, sp.max_inflight) if r > 1 else 0.0
+    return steps * w * (full_a / r + cached * cached_a) + fixed
+
+
+def _least_per_load(call_s, counts: int) -> float:  # noqa: ANN001 - a call's seconds at a load
+    """The least seconds per unit of load of a step curve, over every load from 1 up: at a
+    measured count, or the last segment's slope (the limit past the curve's end)."""
+    ratios = [call_s(float(n)) / n for n in range(1, counts + 1)]
+    if counts >= 2:
+        slope = call_s(float(counts)) - call_s(float(counts - 1))
+        ratios.append(max(slope, 0.0))
+    return min(ratios)
+
+
 def earliest_answer_s(profiles: Sequence[Profile]) -> float:
     """The soonest any request can be answered after it arrives: alone, at the fastest level,
-    on the fastest GPU, as a batch or as a step-level member."""
+    on the fastest GPU, as a batch or as a step-level member (at any interval and size)."""
     from promptserve.steptime import finishes, step_profile
 
     out = math.inf
     for p in profiles:
         fastest = p.levels[-1]
-        step = finishes(step_profile(p), 0.0, [p.total_steps - fastest], joined=1)[0]
+        sp = step_profile(p)
+        step = finishes(sp, 0.0, [p.total_steps - fastest], joined=1)[0]
         out = min(out, p.batch_latency(fastest, 1), step)
+        if p.feature_r_max > 1 or len(p.shape_weights) > 1:
+            w = min(p.shape_weights)
+            steps, fixed = p.total_steps - fastest, sp.join_s + sp.leave_s
+            for r in range(1, p.feature_r_max + 1):
+                per = sp.call_s(w) / r + (r - 1) / r * sp.cached_call_s(w)
+                out = min(out, steps * per + fixed)
     return out
 
 
@@ -133,9 +187,13 @@ def oracle_bounds(
     quality: np.ndarray,
     window_s: float = DEFAULT_WINDOW_S,
     no_neighbour: np.ndarray | None = None,
+    interval_q: Sequence[float] = (),
+    shapes: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Upper bound on effective quality (percent) and lower bound on the SLO-violation ratio.
-    ``no_neighbour``: the requests that cannot have a cached neighbour (level 0 only)."""
+    ``no_neighbour``: the requests that cannot have a cached neighbour (level 0 only);
+    ``interval_q``: quality kept at each feature-cache interval (``Setting.interval_q``; the
+    profiles' ``feature_r_max`` intervals are offered); ``shapes``: each request's size."""
     n = len(arrival_s)
     if n == 0:
         return _result(0.0, 0.0, window_s)
@@ -143,6 +201,9 @@ def oracle_bounds(
         raise ValueError(f"window_s must be > 0, got {window_s}")
     levels = profiles[0].levels
     groups = group_gpus(profiles)
+    r_max = min(p.feature_r_max for p in profiles) if len(interval_q) else 1
+    shapes = np.zeros(n, dtype=int) if shapes is None else np.asarray(shapes, dtype=int)
+    relaxed = r_max > 1 or bool(shapes.any())
     budget = (deadline_s - arrival_s).astype(float)
     t0 = float(arrival_s.min())
     first = ((arrival_s - t0) // window_s).astype(int)
@@ -153,18 +214,34 @@ def oracle_bounds(
     if no_neighbour is not None:  # a class of its own past the K_opt classes: level 0 only
         cls = np.where(no_neighbour, len(levels), cls)
         quality = np.vstack([quality, quality[0]])
+    # a column per (level, interval): the level's quality times what the interval keeps
+    kept = np.array([1.0, *[q / 100.0 for q in interval_q[1:r_max]]])
+    quality = (quality[:, :, None] * kept[None, None, :]).reshape(len(quality), -1)
+    columns = [(k, r) for k in levels for r in range(1, r_max + 1)]
     keys, bucket, counts = np.unique(
-        np.stack([first, last, cls], axis=1), axis=0, return_inverse=True, return_counts=True
+        np.stack([first, last, cls, shapes], axis=1),
+        axis=0,
+        return_inverse=True,
+        return_counts=True,
     )
     spans, bucket_span = np.unique(keys[:, :2], axis=0, return_inverse=True)
     bucket_budget = np.zeros(len(keys))
     np.maximum.at(bucket_budget, bucket.ravel(), budget)
+
+    def cost(p: Profile, k: int, r: int, w: float, shape: int) -> float:
+        if not relaxed:
+            return per_image_cost(p, k, w)
+        batch = batch_cost(p, k, w, shape) if r == 1 else math.inf
+        return min(batch, relaxed_step_cost(p, k, r, w, shape))
+
     # a bucket's requests are costed at its longest window: no less than each one's own
-    windows, window_of = np.unique(bucket_budget, return_inverse=True)
-    cost = np.array(
-        [[[per_image_cost(p, k, w) for k in levels] for p, _ in groups] for w in windows]
-    )[window_of.ravel()]  # [bucket, group, level]
-    lp = _Lp(keys, counts, spans, bucket_span.ravel(), groups, cost)
+    pairs, pair_of = np.unique(
+        np.stack([bucket_budget, keys[:, 3]], axis=1), axis=0, return_inverse=True
+    )
+    table = np.array(
+        [[[cost(p, k, r, w, int(s)) for k, r in columns] for p, _ in groups] for w, s in pairs]
+    )[pair_of.ravel()]  # [bucket, group, column]
+    lp = _Lp(keys, counts, spans, bucket_span.ravel(), groups, table, r_max, len(levels))
     lp.build(window_s)
     q = quality[keys[lp.y_bucket, 2], lp.y_level]
     best_q = lp.solve(q)
@@ -183,10 +260,12 @@ def _result(quality: float, violation: float, window_s: float) -> dict[str, floa
 class _Lp:
     """The sparse LP of the module docstring; y columns first, then z columns."""
 
-    def __init__(self, keys, counts, spans, bucket_span, groups, cost):
+    def __init__(self, keys, counts, spans, bucket_span, groups, cost, r_max=1, levels=0):
         self.keys, self.counts, self.spans = keys, counts, spans
         self.bucket_span = bucket_span
-        self.groups, self.cost = groups, cost  # cost: [bucket, group, level], inf: cannot fit
+        self.groups, self.cost = groups, cost  # cost: [bucket, group, column], inf: cannot fit
+        self.r_max = r_max  # columns per level (feature-cache intervals)
+        self.levels = levels or cost.shape[2] // r_max
 
     def build(self, window_s: float) -> None:
         _, n_groups, m = self.cost.shape
@@ -196,7 +275,8 @@ class _Lp:
             for p in range(n_groups)
             for lv in range(m)
             if np.isfinite(self.cost[b, p, lv])
-            and (lv == 0 or self.keys[b, 2] < m)  # past the K_opt classes: no neighbour
+            # past the K_opt classes: no neighbour, level 0 only (at any interval)
+            and (lv < self.r_max or self.keys[b, 2] < self.levels)
         ]
         yb = np.array([y[0] for y in ys], dtype=int)
         yl = np.array([y[1] for y in ys], dtype=int)

@@ -27,6 +27,7 @@ from promptserve.sim.oracle import DEFAULT_WINDOW_S
 from promptserve.sim.simulator import SimInputs
 from promptserve.workload import generate_arrivals, make_requests, parse_arrival_spec
 from promptserve.workload.looks import LookMix, sized_profile, with_looks
+from promptserve.workload.splits import Split, prompt_order
 
 OURS = "promptserve"  # its family: baselines are the other policies
 LEAD = "promptserve-step"  # the recommended policy, drawn as the lead line
@@ -46,6 +47,7 @@ class SweepConfig:
     oracle_window_s: float = DEFAULT_WINDOW_S
     coarse_window_s: float | None = None  # also bound each point at this slot (the old 10 s)
     looks: LookMix = LookMix()  # sizes and adapters per request (``workload.looks``)
+    split: Split = "all"  # which half of the prompts and trace (``workload.splits``)
 
 
 def parse_rates(text: str) -> tuple[float, ...]:
@@ -75,11 +77,14 @@ def point_inputs(
         minutes=config.minutes,
         time_scale=config.time_scale,
         seed=seed,
+        split=config.split,
     )
     if len(times) == 0:
         raise InputError(f"the arrival spec produced no requests at rate {rate}")
-    requests = with_looks(make_requests(prompts, times, config.slo_s), config.looks, seed)
-    emb = prompt_embeddings[[r.id % len(prompts) for r in requests]]
+    order = prompt_order(len(prompts), config.split, seed)
+    chosen = [prompts[i] for i in order]
+    requests = with_looks(make_requests(chosen, times, config.slo_s), config.looks, seed)
+    emb = prompt_embeddings[order][[r.id % len(chosen) for r in requests]]
     cmp = CompareConfig(
         config.gpus,
         config.slo_s,

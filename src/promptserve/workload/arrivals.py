@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 
 from promptserve.errors import InputError
+from promptserve.workload.splits import Split, arrival_seed, phase, trace_window
 
 ArrivalKind = Literal["poisson", "argus", "trace", "rates"]
 
@@ -131,20 +132,28 @@ def read_trace_offsets(path: Path) -> np.ndarray:
 
 
 def trace_arrivals(
-    offsets_s: np.ndarray, rate_qpm: float | None, minutes: float | None
+    offsets_s: np.ndarray, rate_qpm: float | None, minutes: float | None, phase: float = 0.0
 ) -> np.ndarray:
     """Replay a trace, stretched in time so that its mean rate is ``rate_qpm``.
 
     Stretching keeps the burst shape (peak over mean, burst lengths relative to the whole).
-    The trace loops when ``minutes`` is longer than the stretched trace.
+    The replay starts ``phase`` (0 <= phase < 1) of the way through the trace and loops, so
+    that a run shorter than the stretched trace sees a different window per phase
+    (``workload.splits.phase`` turns a seed into one).
     """
     span_s = float(offsets_s[-1])
     if span_s <= 0:
         raise InputError("trace spans zero seconds")
+    if not 0.0 <= phase < 1.0:
+        raise InputError(f"trace phase must be in [0, 1), got {phase}")
     own_qpm = len(offsets_s) / (span_s / 60.0)
     stretch = 1.0 if rate_qpm is None else own_qpm / rate_qpm
     scaled = offsets_s * stretch
     period_s = span_s * stretch * len(offsets_s) / max(len(offsets_s) - 1, 1)
+    if phase > 0.0:  # rotate: the arrivals from the phase on, then the wrapped head
+        cut = int(phase * len(scaled))
+        start = scaled[cut]
+        scaled = np.concatenate([scaled[cut:] - start, scaled[:cut] + (period_s - start)])
     if minutes is None:
         return scaled
     horizon_s = minutes * 60.0
@@ -160,8 +169,13 @@ def generate_arrivals(
     minutes: float | None = None,
     time_scale: float = 1.0,
     seed: int = 0,
+    split: Split = "all",
 ) -> np.ndarray:
-    """Arrival times in seconds for a parsed spec; see the module docstring for the flags."""
+    """Arrival times in seconds for a parsed spec; see the module docstring for the flags.
+
+    A seed draws a Poisson or rate-shaped process; on a trace it picks the replay's start
+    (``splits.phase``). ``split`` keeps a trace to its half and moves a held-out Poisson seed
+    off the tune split's (``workload.splits``)."""
     if rate_qpm is not None and rate_qpm <= 0:
         raise InputError(f"--rate must be > 0 queries/minute, got {rate_qpm}")
     if minutes is not None and minutes <= 0:
@@ -171,10 +185,12 @@ def generate_arrivals(
     if spec.kind == "poisson":
         if rate_qpm is None:
             raise InputError("arrivals 'poisson' need --rate QPM")
-        return poisson_arrivals(rate_qpm, minutes if minutes is not None else 10.0, seed)
+        minutes = minutes if minutes is not None else 10.0
+        return poisson_arrivals(rate_qpm, minutes, arrival_seed(split, seed))
     if spec.kind == "trace":
         assert spec.path is not None
-        return trace_arrivals(read_trace_offsets(spec.path), rate_qpm, minutes)
+        offsets = trace_window(read_trace_offsets(spec.path), split)
+        return trace_arrivals(offsets, rate_qpm, minutes, phase(seed))
     if rate_qpm is not None:
         raise InputError(f"--rate applies to poisson and trace:, not to {spec.kind}")
     if spec.kind == "argus":
@@ -187,7 +203,7 @@ def generate_arrivals(
         ]
     if minutes is not None:
         segments = _clip(segments, minutes)
-    return piecewise_arrivals(segments, seed)
+    return piecewise_arrivals(segments, arrival_seed(split, seed))
 
 
 def _clip(segments: list[RateSegment], minutes: float) -> list[RateSegment]:

@@ -6,13 +6,10 @@ both quality-penalty presets, seeds 1-3, 20 minutes per point:
 * ``conv``: the Azure conversation trace's arrivals stretched to 40-120 queries/minute mean;
 * ``poisson``: Poisson arrivals at 60, 80 and 100 queries/minute.
 
-Two splits, so that a rule tuned on one can be judged on the other:
-
-* ``tune``: the first half of the prompt file in file order; the trace from its start; Poisson
-  seeds 1-3;
-* ``held-out``: the second half of the prompt file, rotated by 400 prompts per seed; the trace
-  from a quarter, a half and three quarters of the way in (one window per seed); Poisson seeds
-  101-103.
+Two splits (``workload.splits``), so that a rule tuned on one can be judged on the other:
+``tune`` (the first half of the prompt file and of the trace's span, Poisson seeds 1-3) and
+``held-out`` (the second halves, Poisson seeds 1001-1003); a seed picks where the replay of the
+prompts and the trace starts, so each seed is a different run.
 
 ``--feature-cache``: every run on the reference with DeepCache's cached step and intervals 1-4
 (``profile.with_feature_cache``), for comparing policies that choose an interval with the rivals
@@ -44,6 +41,7 @@ from promptserve.sim.compare import CompareConfig, sim_inputs
 from promptserve.sim.simulator import simulate
 from promptserve.workload import load_prompts, make_requests
 from promptserve.workload.arrivals import poisson_arrivals, read_trace_offsets, trace_arrivals
+from promptserve.workload.splits import arrival_seed, phase, prompt_order, trace_window
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = "promptserve-step"
@@ -55,26 +53,18 @@ STATE: dict = {}
 
 def arrivals(kind: str, rate: float, seed: int, split: str) -> np.ndarray:
     if kind == "poisson":
-        return poisson_arrivals(rate, MINUTES, seed + (100 if split == "held-out" else 0))
-    offsets = STATE["trace"]
-    if split == "held-out":  # a later window of the trace, one per seed
-        start = len(offsets) // 4 * seed
-        offsets = offsets[start:] - offsets[start]
-    times = trace_arrivals(offsets, rate, None)
-    return times[times < MINUTES * 60.0]
+        return poisson_arrivals(rate, MINUTES, arrival_seed(split, seed))  # type: ignore[arg-type]
+    offsets = trace_window(STATE["trace"], split)  # type: ignore[arg-type]
+    return trace_arrivals(offsets, rate, MINUTES, phase(seed))
 
 
 def run(args: tuple) -> tuple:
     policy, kind, rate, seed, penalty, split = args
     prompts, vecs = STATE["prompts"], STATE["vecs"]
-    half = len(prompts) // 2
-    lo = 0 if split == "tune" else half
-    order = np.arange(half)
-    if split == "held-out":
-        order = np.roll(order, -seed * 400)
-    chosen = [prompts[lo + i] for i in order]
+    order = prompt_order(len(prompts), split, seed)
+    chosen = [prompts[i] for i in order]
     requests = make_requests(chosen, arrivals(kind, rate, seed, split), SLO_S)
-    emb = vecs[lo + order][[r.id % half for r in requests]]
+    emb = vecs[order][[r.id % len(chosen) for r in requests]]
     config = CompareConfig(GPUS, SLO_S, penalty, seed)
     profile = reference_profile()
     if STATE.get("feature_cache"):

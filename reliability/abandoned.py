@@ -33,13 +33,18 @@ def computed(counts: dict[str, float]) -> int:
 
 
 def until_settled(url: str, images: int, timeout_s: float = 120.0) -> dict[str, float]:
-    """The outcome counts once every one of ``images`` has its end."""
+    """The outcome counts once every one of ``images`` has its end; a count short of them at
+    the timeout is returned too, and ``settled`` says which (the check fails on it)."""
     deadline = time.monotonic() + timeout_s
     while True:
         counts = outcomes(url)
         if sum(counts.values()) >= images or time.monotonic() > deadline:
             return counts
         time.sleep(0.2)
+
+
+def settled(counts: dict[str, float], images: int) -> bool:
+    return sum(counts.values()) >= images
 
 
 async def dropping_clients(url: str, requests: int, n: int, after_s: float) -> int:
@@ -77,6 +82,7 @@ def run(requests: int = 20, n: int = 10, after_s: float = 0.5) -> dict:
             "answered_before_the_drop": answered,
             "computed_for_nobody": computed(dropped),
             "cancelled": int(dropped["cancelled"]),
+            "every_image_ended": settled(dropped, requests * n),
         },
         "partly_refused": {
             "status": whole.status_code,
@@ -84,6 +90,7 @@ def run(requests: int = 20, n: int = 10, after_s: float = 0.5) -> dict:
             "computed_for_nobody": computed(after) - computed(dropped)
             if whole.status_code != 200
             else 0,
+            "every_image_ended": settled(after, requests * n + n),
         },
     }
 

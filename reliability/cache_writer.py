@@ -5,8 +5,6 @@ whole entry from a torn one."""
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from promptserve.cache.approx import ApproxCache
@@ -32,8 +30,14 @@ def main(root: str) -> None:
 
 
 def audit(root: str) -> dict:
-    """Reopen after a crash: entries whose files all read back whole, torn entries served
-    (a latent returned that is not what its entry wrote), and whether index and files agree."""
+    """After a crash, first as the files lie (nothing repaired yet): rows naming a missing file
+    (``dangling``: the write order, files before the row, promises none) and files no row names
+    (``orphans``: a crash between the two leaves some). Then reopened: entries whose files all
+    read back whole, torn entries served (a latent returned that is not what its entry wrote),
+    committed rows the reopen lost, and whether index and files agree after the repair."""
+    from promptserve.cache.approx import audit as on_disk
+
+    before = on_disk(root)
     cache = open_cache(root)
     torn = whole = 0
     for entry in list(cache.index):
@@ -46,8 +50,12 @@ def audit(root: str) -> dict:
     indexed = {key for e in cache.index for key in e.latent_keys.values()}
     matches = indexed == cache.store.keys()
     cache.close()
-    return {"entries": whole, "torn_served": torn, "index_matches_files": matches}
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])
+    after = on_disk(root)
+    return {
+        "entries": whole,
+        "torn_served": torn,
+        "dangling_before_repair": before["dangling"],
+        "orphans_before_repair": before["orphans"],
+        "rows_lost_on_reopen": before["rows"] - before["dangling"] - whole,
+        "index_matches_files": matches and after["orphans"] == 0 and after["dangling"] == 0,
+    }

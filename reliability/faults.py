@@ -89,7 +89,15 @@ def worker_kills(requests: int = 8) -> dict:
 
 def cache_crashes(rounds: int = 3) -> dict:
     root = tempfile.mkdtemp(prefix="crash-")
-    totals = {"rounds": rounds, "entries": 0, "torn_served": 0, "index_matches_files": True}
+    totals = {
+        "rounds": rounds,
+        "entries": 0,
+        "torn_served": 0,
+        "index_matches_files": True,
+        "dangling_before_repair": 0,
+        "orphans_before_repair": 0,
+        "rows_lost_on_reopen": 0,
+    }
     for _ in range(rounds):
         proc = subprocess.Popen(
             [sys.executable, "-m", "reliability.cache_writer", root], stderr=subprocess.DEVNULL
@@ -101,6 +109,8 @@ def cache_crashes(rounds: int = 3) -> dict:
         totals["entries"] = seen["entries"]
         totals["torn_served"] += seen["torn_served"]
         totals["index_matches_files"] &= seen["index_matches_files"]
+        for key in ("dangling_before_repair", "orphans_before_repair", "rows_lost_on_reopen"):
+            totals[key] += seen[key]
     shutil.rmtree(root, ignore_errors=True)
     return totals
 

@@ -79,6 +79,12 @@ def breaches_of(r: dict) -> list[str]:
         "5xx": t["5xx_seen"] == 0,
         "torn entries served": t["torn_entries_served"] == 0,
         "index matches files": r["cache_crash"]["index_matches_files"],
+        # read before the reopen repairs anything: files go before their row, so no row may
+        # name a missing file, and no committed row may vanish on reopen
+        "cache crash: no dangling row before repair": r["cache_crash"]["dangling_before_repair"]
+        == 0,
+        "cache crash: no committed row lost": r["cache_crash"]["rows_lost_on_reopen"] == 0,
+        "overload: memory growth bounded": o["rss_growth_mb"] <= o["rss_growth_bound_mb"],
         "429 without Retry-After": o["refused_without_retry_after"] == 0,
         "accepted on time >= 99%": (o["accepted_on_time_ratio"] or 0) >= 0.99,
         "server up after the burst": o["server_up_after"],
@@ -112,6 +118,9 @@ def breaches_of(r: dict) -> list[str]:
         "abandoned: refused whole": r["abandoned"]["partly_refused"]["status"] in (429, 503)
         and r["abandoned"]["partly_refused"]["computed_for_nobody"] == 0,
         "parsers": r["parser_fuzz"]["parsers_failed"] == 0,
+        "parsers: cases ran": r["parser_fuzz"]["parsers_tested"] > 0,
+        "abandoned: every image ended": r["abandoned"]["dropping_clients"]["every_image_ended"]
+        and r["abandoned"]["partly_refused"]["every_image_ended"],
         "soak: every request answered": r["cache_soak"]["answers"].get("200")
         == r["cache_soak"]["prompts"],
         "soak: disk within quota + one entry": r["cache_soak"]["within_quota_plus_one_entry"],
@@ -142,7 +151,8 @@ def breaches_of(r: dict) -> list[str]:
         },
         "ray ingress: links reach their image": r["ray_ingress"]["image_links_fetched"]
         == r["ray_ingress"]["image_links_asked"],
-        "kill mid-batch and replace": all(
+        "kill mid-batch and replace": bool(backends(r["worker_kill"]))
+        and all(
             k["killed_mid_batch"] and k["replica_replaced"] for k in backends(r["worker_kill"])
         ),
     }

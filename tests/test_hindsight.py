@@ -37,7 +37,7 @@ def test_replaying_the_online_runs_levels_reproduces_its_result():
     plan = np.where(served, levels, len(PROFILE.levels) - 1)
     replay = simulate(planned(BASE, plan), inputs).records
     assert np.array_equal(replay.level[served], online.level[served])
-    assert replay.summary([])["effective_quality"] >= online.summary([])["effective_quality"] - 0.5
+    assert replay.summary([])["effective_quality"] >= online.summary([])["effective_quality"]
 
 
 def test_the_search_is_never_below_the_online_policy_and_keeps_to_its_budget():
@@ -46,7 +46,7 @@ def test_the_search_is_never_below_the_online_policy_and_keeps_to_its_budget():
     seen = []
     found = search(BASE, inputs, budget=12, on_progress=lambda runs, eq: seen.append(eq))
     assert found.simulations == len(seen) <= 12
-    assert found.effective_quality >= online["effective_quality"] - 0.5
+    assert found.effective_quality >= online["effective_quality"]
     assert found.effective_quality == max(seen)
     again = simulate(planned(BASE, found.plan), inputs).records.summary([])
     assert again["effective_quality"] == found.effective_quality  # the plan is the result

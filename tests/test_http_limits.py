@@ -56,10 +56,9 @@ def test_too_many_or_too_large_header_fields_are_431(guarded):
 
 
 def test_a_head_or_body_that_trickles_in_is_408_and_closed(guarded):
-    t0 = time.monotonic()
-    answer = raw(guarded, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1")  # never ends
+    # never ends; ``raw`` reads until the server closes (its own timeout would raise)
+    answer = raw(guarded, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1")
     assert answer.startswith(b"HTTP/1.1 408 ") and b'"param": "head"' in answer
-    assert time.monotonic() - t0 < 5  # closed by the server, not by this side's timeout
     head = b"POST /v1/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
     head += b"\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{"
     assert raw(guarded, head).startswith(b"HTTP/1.1 408 ")

@@ -91,7 +91,6 @@ def test_no_schedule_beats_the_bound(requests, gpus, window, misses):
     n = len(requests)
     assert bound["effective_quality_upper_bound"] >= best_q / n - 1e-3
     assert bound["slo_violation_ratio_lower_bound"] <= 1 - best_n / n + 1e-4
-    assert bound["window_s"] == window
 
 
 def test_gpu_groups_are_bounded_separately_not_by_their_average_cost():
@@ -108,12 +107,10 @@ def test_fine_slots_do_not_let_work_spill_past_deadlines():
     # (one batch of 3 in 2 s, then a second in 2 s more: 6 images, all at quality 80 or 90)
     arrival = np.zeros(40)
     deadline = arrival + 4.0
-    classes = np.ones(40, dtype=int)
     fine = oracle_bounds(arrival, deadline, np.full(40, 5), [FAST], Q, window_s=0.5)
     coarse = oracle_bounds(arrival, deadline, np.full(40, 5), [FAST], Q, window_s=10.0)
     assert fine["effective_quality_upper_bound"] == pytest.approx(6 * Q[1, 1] / 40, abs=0.01)
     assert coarse["effective_quality_upper_bound"] > fine["effective_quality_upper_bound"]
-    assert len(classes) == 40
 
 
 def test_a_request_with_no_neighbour_runs_from_noise_in_the_bound():

@@ -10,8 +10,16 @@ GOOD = {
         "refused_without_retry_after": 0,
         "accepted_on_time_ratio": 1.0,
         "server_up_after": True,
+        "rss_growth_mb": 80.0,
+        "rss_growth_bound_mb": 512.0,
     },
-    "cache_crash": {"index_matches_files": True, "entries": 315},
+    "cache_crash": {
+        "index_matches_files": True,
+        "entries": 315,
+        "dangling_before_repair": 0,
+        "orphans_before_repair": 3,
+        "rows_lost_on_reopen": 0,
+    },
     "full_disk": {"sent": 4, "answered_200": 4, "errors_logged": 1},
     "security": {
         "keys_enforced": True,
@@ -27,11 +35,15 @@ GOOD = {
         "served_in_time": True,
     },
     "abandoned": {
-        "dropping_clients": {"answered_before_the_drop": 0, "computed_for_nobody": 0},
-        "partly_refused": {"status": 429, "computed_for_nobody": 0},
+        "dropping_clients": {
+            "answered_before_the_drop": 0,
+            "computed_for_nobody": 0,
+            "every_image_ended": True,
+        },
+        "partly_refused": {"status": 429, "computed_for_nobody": 0, "every_image_ended": True},
     },
     "schemathesis": {"exit_code": 0},
-    "parser_fuzz": {"parsers_failed": 0},
+    "parser_fuzz": {"parsers_failed": 0, "parsers_tested": 1200},
     "worker_kill": {"tiny": {"killed_mid_batch": True, "replica_replaced": True}},
     "tenants": {
         "churn": {"a_job_kept": True, "a_image_status": 200},
@@ -82,14 +94,26 @@ def test_stages_that_prove_nothing_are_breaches():
         (("restart", "restart_refused"), True, "restart: not refused"),
         (("cache_soak", "end_hit_ratio"), 0.0, "soak: hit ratio > 0 at the end"),
         (
+            ("cache_crash", "dangling_before_repair"),
+            1,
+            "cache crash: no dangling row before repair",
+        ),
+        (("cache_crash", "rows_lost_on_reopen"), 2, "cache crash: no committed row lost"),
+        (("overload", "rss_growth_mb"), 900.0, "overload: memory growth bounded"),
+        (("parser_fuzz", "parsers_tested"), 0, "parsers: cases ran"),
+        (("worker_kill",), {}, "kill mid-batch and replace"),
+        (
             ("cache_soak", "within_quota_plus_one_entry"),
             False,
             "soak: disk within quota + one entry",
         ),
     ]
-    for (stage, field), value, breach in cases:
+    for path, value, breach in cases:
         report = copy.deepcopy(GOOD)
-        report[stage][field] = value
+        if len(path) == 1:
+            report[path[0]] = value
+        else:
+            report[path[0]][path[1]] = value
         assert breach in breaches_of(report), breach
     torn = copy.deepcopy(GOOD)
     torn["cache_soak"]["kill"]["after_restart"]["orphans"] = 2
@@ -110,6 +134,8 @@ def test_stages_that_prove_nothing_are_breaches():
         ),
         ("partly_refused", "computed_for_nobody", 9, "abandoned: refused whole"),
         ("partly_refused", "status", 200, "abandoned: refused whole"),
+        ("dropping_clients", "every_image_ended", False, "abandoned: every image ended"),
+        ("partly_refused", "every_image_ended", False, "abandoned: every image ended"),
     ):
         report = copy.deepcopy(GOOD)
         report["abandoned"][part][field] = value

@@ -297,7 +297,9 @@ def test_the_runtime_reads_time_only_from_its_injected_clock(tmp_path):
             await runtime.stop()
 
     served = asyncio.run(serve())
-    assert 100.0 <= served.compute_s < 130.0 and 0.0 <= served.queue_s < 30.0
+    # the jump is in the compute time; a time read from the wall clock against the injected
+    # one would be off by the 1000 s skew (no bound on how long the run really took)
+    assert 100.0 <= served.compute_s < 1000.0 and 0.0 <= served.queue_s < 1000.0
     assert runtime.counters.by_outcome["late"] == 1 and runtime.counters.by_outcome["served"] == 0
 
 

@@ -20,10 +20,25 @@ MINILM = shipped_thresholds("minilm")
 
 
 def test_shipped_tables_carry_the_published_and_mapped_thresholds():
-    assert CLIP.levels == (25, 20, 15, 10, 5)
-    assert CLIP.min_similarity == (0.95, 0.90, 0.85, 0.75, 0.65)
-    assert MINILM.min_similarity == pytest.approx((0.973, 0.93, 0.859, 0.644, 0.43))
-    assert "isotonic" in MINILM.provenance
+    """The CLIP table is the reference profile's own; the MiniLM one is that table carried
+    through the isotonic map fitted in data/ (its last threshold, below the logged pairs,
+    extrapolated under the one before)."""
+    import json
+
+    from promptserve.paths import data_file
+    from promptserve.profile import reference_profile
+
+    raw = json.loads(data_file("reference_profile_sdxl.json").read_text())
+    text = json.dumps(raw)
+    for s in CLIP.min_similarity:  # each published threshold appears in the reference file
+        assert f"{s}" in text or f"{s:.2f}" in text, s
+    mapped = json.loads(data_file("embedder_threshold_map.json").read_text())
+    iso = mapped["clip_threshold_to_minilm"]["isotonic_regression"]
+    for clip_s, minilm_s in zip(CLIP.min_similarity, MINILM.min_similarity, strict=True):
+        fitted = iso[f"{clip_s:.2f}"]
+        assert fitted is None or minilm_s == pytest.approx(fitted)
+    assert CLIP.levels == MINILM.levels == tuple(sorted(reference_profile().levels[1:])[::-1])
+    assert list(MINILM.min_similarity) == sorted(MINILM.min_similarity, reverse=True)
 
 
 @pytest.mark.parametrize(

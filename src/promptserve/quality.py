@@ -124,14 +124,18 @@ def model_for_levels(
 
 
 # Feature caching's second axis (issue 34): a full denoiser step every r steps, cached steps
-# between. Points lost per unit of cached share (the share (r - 1) / r of a run's steps that
-# are cached), one preset each, from the published figures:
+# between. One preset each, from published fixed-interval figures:
 #   mild: DeepCache (Ma et al., CVPR 2024, its README): Stable Diffusion 1.5 2.3x faster with a
 #     0.05 decline in CLIP score (of about 30: 0.17%), read at its examples' interval 3
-#     (cached share 2/3): 0.25 points per unit share;
-#   steep: cache-dit on FLUX.1-dev, DrawBench200: 2.47x fewer FLOPs at ImageReward 1.013
-#     against 1.041 (2.7% lower), about interval 3 at the cached step's cost below: 4.0.
-INTERVAL_LOSS: Mapping[str, float] = {"mild": 0.25, "steep": 4.0}
+#     (cached share 2/3): 0.25 points per unit of cached share, (r - 1) / r of a run's steps;
+#   steep: FORA (Selvaraju et al., 2024, fixed interval N = 3 on PixArt-alpha): ImageReward
+#     1.2% lower with 2 of every 3 steps cached, and its loss grows much faster than the cached
+#     share past N = 3: each cached step reuses features one step staler than the last, so the
+#     loss is taken per cached step in a run, 0.6 points each: 0.6 (r - 1) (1.8 at r = 4).
+#     (It was 4.0 per unit share, read off cache-dit's FLOPs ratio for a threshold cache, not a
+#     fixed interval.)
+INTERVAL_LOSS: Mapping[str, float] = {"mild": 0.25, "steep": 0.0}
+INTERVAL_LOSS_PER_RUN: Mapping[str, float] = {"mild": 0.0, "steep": 0.6}
 
 
 @dataclass(frozen=True)
@@ -143,11 +147,12 @@ class IntervalQuality:
 
     loss_per_share: float  # points lost when every step is cached
     shape: str = "custom"
+    loss_per_run_step: float = 0.0  # points lost per cached step between two full ones
 
     def q_r(self, r: int) -> float:
         if r < 1:
             raise ValueError(f"a feature-cache interval is >= 1, got {r}")
-        return 100.0 - self.loss_per_share * (r - 1) / r
+        return 100.0 - self.loss_per_share * (r - 1) / r - self.loss_per_run_step * (r - 1)
 
     def combined(self, level_quality: float, r: int) -> float:
         return level_quality * self.q_r(r) / 100.0
@@ -188,4 +193,4 @@ def served_quality(
 def interval_quality(shape: PenaltyShape = "mild") -> IntervalQuality:
     if shape not in INTERVAL_LOSS:
         raise ValueError(f"quality penalty shape {shape!r} is not 'mild' or 'steep'")
-    return IntervalQuality(INTERVAL_LOSS[shape], shape)
+    return IntervalQuality(INTERVAL_LOSS[shape], shape, INTERVAL_LOSS_PER_RUN[shape])

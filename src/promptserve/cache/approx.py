@@ -384,6 +384,8 @@ def audit(root: str | Path) -> dict[str, int]:
     db = sqlite3.connect(str(root / "manifest.sqlite"))
     try:
         rows = db.execute("SELECT id, tenant, levels FROM entries").fetchall()
+    except sqlite3.OperationalError:  # killed before the manifest had its table: no rows
+        rows = []
     finally:
         db.close()
     named: set[str] = set()

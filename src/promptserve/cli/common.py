@@ -186,6 +186,7 @@ SloOpt = Annotated[
 ]
 PenaltyOpt = Annotated[str, typer.Option(help="Penalty shape above K_opt: mild or steep.")]
 
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -210,6 +211,15 @@ FeatureCacheOpt = Annotated[
         "(1 to --r-max), chosen per request with K by the step-level price (promptserve-step); "
         "a cached step at the profile's share of a full one (the reference: DeepCache's SDXL). "
         "Default on, as serve runs.",
+    ),
+]
+CachedShareOpt = Annotated[
+    str,
+    typer.Option(
+        "--cached-step-share",
+        help="With --feature-cache on and a profile that has none: a cached step's time over a "
+        "full one's, as a family's published figure (sdxl 0.077, sd1 0.29, sd3 and flux 0.16; "
+        "docs/feature-cache.md has the sources) or a number in (0, 1).",
     ),
 ]
 RMaxOpt = Annotated[

@@ -12,6 +12,7 @@ from promptserve.cli.common import (
     AdaptersOpt,
     ArrivalsOpt,
     CacheDirOpt,
+    CachedShareOpt,
     EmbedderOpt,
     FeatureCacheOpt,
     MinutesOpt,
@@ -23,8 +24,8 @@ from promptserve.cli.common import (
     RMaxOpt,
     SeedOpt,
     SizeMixOpt,
-    SplitOpt,
     SloOpt,
+    SplitOpt,
     TimeScaleOpt,
     _int_list,
     app,
@@ -81,6 +82,7 @@ def simulate_cmd(
     adapters: AdaptersOpt = None,
     feature_cache: FeatureCacheOpt = "on",
     r_max: RMaxOpt = 4,
+    cached_step_share: CachedShareOpt = "sdxl",
     seed: SeedOpt = 0,
     split: SplitOpt = "all",
     cache_dir: CacheDirOpt = Path(".promptserve"),
@@ -110,7 +112,9 @@ def simulate_cmd(
     from promptserve.workload.splits import check_split, prompt_order
 
     chosen = parse_policies(policies or fair_policies(feature_cache == "on"))
-    prof, slo_s = _profile_slo_penalty(profile, slo, quality_penalty, feature_cache, r_max)
+    prof, slo_s = _profile_slo_penalty(
+        profile, slo, quality_penalty, feature_cache, r_max, cached_step_share
+    )
     spec = parse_arrival_spec(arrivals)
     part = check_split(split)
     loaded = load_prompts(prompts)
@@ -181,12 +185,13 @@ def _profile_slo_penalty(
     penalty: str,
     feature_cache: str = "off",
     r_max: int = 1,
+    cached_share: str = "sdxl",
 ):
     """The profile (default: the SDXL reference) and the SLO (default: 5x its full-quality
     latency), the penalty shape checked; with ``feature_cache`` on, its cached step (the
-    profile's own share, else the reference's)."""
+    profile's own share, else ``--cached-step-share``'s)."""
     from promptserve.profile import (
-        REFERENCE_CACHED_STEP_SHARE,
+        cached_share_of,
         load_profile,
         reference_profile,
         with_feature_cache,
@@ -199,7 +204,7 @@ def _profile_slo_penalty(
         raise InputError(f"--feature-cache {feature_cache!r} is not off or on")
     prof = load_profile(profile) if profile else reference_profile()
     if feature_cache == "on":
-        share = prof.cached_step_share or REFERENCE_CACHED_STEP_SHARE
+        share = prof.cached_step_share or cached_share_of(cached_share)
         prof = with_feature_cache(prof, share, r_max)
     slo_s = slo if slo is not None else default_slo(prof)
     if slo_s <= 0:
@@ -244,6 +249,7 @@ def sweep_cmd(
     adapters: AdaptersOpt = None,
     feature_cache: FeatureCacheOpt = "on",
     r_max: RMaxOpt = 4,
+    cached_step_share: CachedShareOpt = "sdxl",
     out: Annotated[
         Path, typer.Option(help="Folder for sweep.json, sweep.md, sweep.png and sweep.html.")
     ] = Path("out/sweep"),
@@ -257,7 +263,9 @@ def sweep_cmd(
     from promptserve.workload.splits import check_split
 
     chosen = parse_policies(policies or fair_policies(feature_cache == "on"))
-    prof, slo_s = _profile_slo_penalty(profile, slo, quality_penalty, feature_cache, r_max)
+    prof, slo_s = _profile_slo_penalty(
+        profile, slo, quality_penalty, feature_cache, r_max, cached_step_share
+    )
     spec = parse_arrival_spec(arrivals)
     if rates is None and spec.kind == "poisson":
         raise InputError("arrivals 'poisson' need --rates (for example --rates 20,40,60)")

@@ -264,10 +264,14 @@ POLICIES: dict[str, Policy] = {
         admission=True,
         step="price",
     ),
+    # the step-level rules re-price as often as promptserve-step, from the same load and size
+    # estimates: their admission and capacity see the arrivals' size mix as ours does
     "continuous-ha": Policy(
-        "continuous-ha", "clipper-ha", _BASELINE, None, 60.0, 60.0, step="zero"
+        "continuous-ha", "clipper-ha", _BASELINE, FAST_REPLAN_S, None, FAST_LONG_S, step="zero"
     ),
-    "continuous-ht": Policy("continuous-ht", "clipper-ht", _BASELINE, None, 60.0, 60.0, step="max"),
+    "continuous-ht": Policy(
+        "continuous-ht", "clipper-ht", _BASELINE, FAST_REPLAN_S, None, FAST_LONG_S, step="max"
+    ),
 }
 MODIFIERS = ("shed", "admit", "fast", "blind", "fixed-r", "max-r")
 # the step-level policies' modifiers: the field each sets, and why a pinned policy has none

@@ -201,7 +201,7 @@ def oracle_bounds(
         raise ValueError(f"window_s must be > 0, got {window_s}")
     levels = profiles[0].levels
     groups = group_gpus(profiles)
-    r_max = min(p.feature_r_max for p in profiles) if len(interval_q) else 1
+    r_max = max(p.feature_r_max for p in profiles) if len(interval_q) > 1 else 1
     shapes = np.zeros(n, dtype=int) if shapes is None else np.asarray(shapes, dtype=int)
     relaxed = r_max > 1 or bool(shapes.any())
     budget = (deadline_s - arrival_s).astype(float)
@@ -231,6 +231,8 @@ def oracle_bounds(
     def cost(p: Profile, k: int, r: int, w: float, shape: int) -> float:
         if not relaxed:
             return per_image_cost(p, k, w)
+        if r > p.feature_r_max:  # a GPU type that offers fewer intervals
+            return math.inf
         batch = batch_cost(p, k, w, shape) if r == 1 else math.inf
         return min(batch, relaxed_step_cost(p, k, r, w, shape))
 

@@ -20,6 +20,7 @@ import numpy as np
 from promptserve.cache.thresholds import Thresholds
 from promptserve.errors import InputError
 from promptserve.policy import Policy
+from promptserve.policy.policies import LEAD, is_fair_rival
 from promptserve.profile import Profile
 from promptserve.quality import PenaltyShape
 from promptserve.sim.compare import CompareConfig, compare, sim_inputs
@@ -29,8 +30,6 @@ from promptserve.workload import generate_arrivals, make_requests, parse_arrival
 from promptserve.workload.looks import LookMix, sized_profile, with_looks
 from promptserve.workload.splits import Split, prompt_order
 
-OURS = "promptserve"  # its family: baselines are the other policies
-LEAD = "promptserve-step"  # the recommended policy, drawn as the lead line
 LEAD_COLOUR = "#111111"  # near-black, solid: no default-cycle colour; the oracle is dashed
 
 
@@ -132,7 +131,8 @@ def run_sweep(
 
 def summarise(result: dict) -> list[dict]:
     """Per rate: each policy's effective quality and violation ratio (mean, min, max over seeds),
-    the oracle's, and the best baseline with the full queue layer (``+shed+admit``)."""
+    the oracle's, and the best fair rival of ``promptserve-step`` (``policies.is_fair_rival``:
+    every other policy with the same queue and admission)."""
     by_rate: dict[float | None, list[dict]] = {}
     for point in result["points"]:
         by_rate.setdefault(point["rate_qpm"], []).append(point)
@@ -168,7 +168,7 @@ def summarise(result: dict) -> list[dict]:
         fair = {
             n: v["effective_quality"]["mean"]
             for n, v in row["policies"].items()
-            if "+shed" in n and "+admit" in n and not n.startswith(OURS)
+            if is_fair_rival(n)
         }
         if fair:
             best = max(fair, key=lambda n: fair[n])
@@ -201,10 +201,10 @@ def write_sweep(out: Path, result: dict) -> list[dict]:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    """Effective quality (mean over seeds) per policy and rate, the best fair baseline and the
-    oracle bound; violation ratios in brackets."""
+    """Effective quality (mean over seeds) per policy and rate, the best fair rival of
+    ``promptserve-step`` and the oracle bound; violation ratios in brackets."""
     names = list(summary[0]["policies"]) if summary else []
-    head = "| qpm | " + " | ".join(names) + " | best +shed+admit baseline | oracle bound |"
+    head = "| qpm | " + " | ".join(names) + " | best fair rival | oracle bound |"
     lines = [head, "|---" * (len(names) + 3) + "|"]
     for row in summary:
         cells = [

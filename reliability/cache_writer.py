@@ -5,6 +5,8 @@ whole entry from a torn one."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from promptserve.cache.approx import ApproxCache
@@ -59,3 +61,7 @@ def audit(root: str) -> dict:
         "rows_lost_on_reopen": before["rows"] - before["dangling"] - whole,
         "index_matches_files": matches and after["orphans"] == 0 and after["dangling"] == 0,
     }
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -87,6 +87,10 @@ def worker_kills(requests: int = 8) -> dict:
     return out
 
 
+def _files(root: str) -> int:
+    return sum(1 for _ in Path(root).glob("**/*.safetensors"))
+
+
 def cache_crashes(rounds: int = 3) -> dict:
     root = tempfile.mkdtemp(prefix="crash-")
     totals = {
@@ -97,12 +101,20 @@ def cache_crashes(rounds: int = 3) -> dict:
         "dangling_before_repair": 0,
         "orphans_before_repair": 0,
         "rows_lost_on_reopen": 0,
+        "writer_failed": 0,
     }
     for _ in range(rounds):
+        before = _files(root)
         proc = subprocess.Popen(
             [sys.executable, "-m", "reliability.cache_writer", root], stderr=subprocess.DEVNULL
         )
-        time.sleep(random.uniform(1.0, 2.0))
+        started = time.monotonic()  # killed mid-write: once it writes, not while it imports
+        while _files(root) <= before and time.monotonic() - started < 60 and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.2, 1.0))
+        if proc.poll() is not None:  # it stopped by itself: a crash of the writer, not ours
+            totals["writer_failed"] += 1
+            continue
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         seen = audit(root)

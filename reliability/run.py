@@ -84,6 +84,7 @@ def breaches_of(r: dict) -> list[str]:
         "cache crash: no dangling row before repair": r["cache_crash"]["dangling_before_repair"]
         == 0,
         "cache crash: no committed row lost": r["cache_crash"]["rows_lost_on_reopen"] == 0,
+        "cache crash: the writer ran until killed": r["cache_crash"]["writer_failed"] == 0,
         "overload: memory growth bounded": o["rss_growth_mb"] <= o["rss_growth_bound_mb"],
         "429 without Retry-After": o["refused_without_retry_after"] == 0,
         "accepted on time >= 99%": (o["accepted_on_time_ratio"] or 0) >= 0.99,

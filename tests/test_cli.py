@@ -221,6 +221,9 @@ def test_sweep_rejects_bad_flags(tmp_path):
         (["--rates", "20", "--seeds", "x"], "--seeds"),
         (["--rates", "20", "--policies", "argus+slow"], "modifier 'slow'"),
         (["--rates", "20", "--quality-penalty", "harsh"], "not mild or steep"),
+        (["--rates", "20", "--split", "half"], "--split 'half' is not one of"),
+        (["--rates", "20", "--cached-step-share", "sd9"], "--cached-step-share 'sd9'"),
+        (["--rates", "20", "--cached-step-share", "1.5"], "must be in (0, 1)"),
     ]
     for extra, message in cases:
         out = run(*base, *extra)

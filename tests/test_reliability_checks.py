@@ -19,6 +19,7 @@ GOOD = {
         "dangling_before_repair": 0,
         "orphans_before_repair": 3,
         "rows_lost_on_reopen": 0,
+        "writer_failed": 0,
     },
     "full_disk": {"sent": 4, "answered_200": 4, "errors_logged": 1},
     "security": {
@@ -99,6 +100,7 @@ def test_stages_that_prove_nothing_are_breaches():
             "cache crash: no dangling row before repair",
         ),
         (("cache_crash", "rows_lost_on_reopen"), 2, "cache crash: no committed row lost"),
+        (("cache_crash", "writer_failed"), 1, "cache crash: the writer ran until killed"),
         (("overload", "rss_growth_mb"), 900.0, "overload: memory growth bounded"),
         (("parser_fuzz", "parsers_tested"), 0, "parsers: cases ran"),
         (("worker_kill",), {}, "kill mid-batch and replace"),

@@ -62,7 +62,9 @@ def headline(data: dict, split: str = "held-out") -> str:
             f"feature caching {fc}: {t['wins']} wins, {t['ties']} ties, {t['losses']} losses"
             for fc, t in totals.items()
         )
-        + f". No policy beat the bound at any seed ({data['oracle_breaches']} breaches)."
+        + ". The oracle column is an upper bound with feature caching off and on alike (cached"
+        " steps at their own cost, `sim/oracle.py`); no policy beat it at any seed "
+        f"({data['oracle_breaches']} breaches)."
     )
     return "\n".join(lines) + "\n"
 

@@ -18,6 +18,8 @@ every rival with promptserve's queue and admission, and with feature caching on 
 step-level rival also at ``+max-r``. The best fair rival is taken per point. Each point is
 bounded by the oracle, which holds with feature caching too (``sim/oracle.py``).
 
+``--penalty mild`` runs the other quality preset into ``policies-mild.json``.
+
 Writes ``docs/figures/policies.json``; ``--docs`` rewrites the README's and
 docs/comparison.md's figure blocks from it (``sim/figures.py``). Prints one JSON line.
 """
@@ -45,7 +47,8 @@ from promptserve.sim.sweep import SweepConfig, run_sweep, summarise
 from promptserve.workload import load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
-SLO_S, GPUS, MINUTES, PENALTY = 21.0, 2, 20.0, "steep"
+SLO_S, GPUS, MINUTES = 21.0, 2, 20.0
+STATE: dict = {"penalty": "steep"}  # --penalty and the data; the workers read it after the fork
 SWEEPS = {
     "poisson-2gpu": ("poisson", (40, 60, 80, 100)),
     "conversation-2gpu": (
@@ -53,7 +56,6 @@ SWEEPS = {
         (40, 60, 80, 100, 120),
     ),
 }
-STATE: dict = {}
 
 
 def _job(args: tuple[str, str, str, float, tuple[int, ...]]) -> tuple[tuple, dict]:
@@ -65,7 +67,7 @@ def _job(args: tuple[str, str, str, float, tuple[int, ...]]) -> tuple[tuple, dic
         seeds,
         GPUS,
         SLO_S,
-        PENALTY,
+        STATE["penalty"],
         MINUTES,
         split=split,  # type: ignore[arg-type]
     )
@@ -113,11 +115,18 @@ def main() -> None:
     parser.add_argument("--feature-cache", default="off,on", help="off, on or off,on")
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help="of: " + ", ".join(SWEEPS))
     parser.add_argument(
+        "--penalty",
+        default="steep",
+        choices=("steep", "mild"),
+        help="quality penalty above K_opt; mild writes policies-mild.json",
+    )
+    parser.add_argument(
         "--docs", action="store_true", help="write docs/figures/policies.json and the doc blocks"
     )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     seeds = tuple(int(s) for s in args.seeds.split(","))
+    STATE["penalty"] = args.penalty
     STATE["prompts"] = load_prompts(ROOT / "data/diffusiondb_prompts_4k.txt")
     STATE["vecs"] = make_embedder("minilm", ROOT / ".promptserve").embed(STATE["prompts"])
     jobs = [
@@ -135,7 +144,7 @@ def main() -> None:
     out: dict = {
         "bench": "policies",
         "command": "python benchmarks/bench_policies.py --docs",
-        "penalty": PENALTY,
+        "penalty": args.penalty,
         "gpus": GPUS,
         "slo_s": SLO_S,
         "minutes": MINUTES,
@@ -161,9 +170,10 @@ def main() -> None:
     out["seconds"] = round(time.perf_counter() - t0, 1)
     if args.docs:
         (ROOT / FIGURES).mkdir(parents=True, exist_ok=True)
-        (ROOT / FIGURES / "policies.json").write_text(json.dumps(out, indent=1) + "\n")
+        stem = "policies" if args.penalty == "steep" else f"policies-{args.penalty}"
+        (ROOT / FIGURES / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
         if "held-out" in out["results"]:
-            (ROOT / FIGURES / "policies.png").write_bytes(plot_headline(out))
+            (ROOT / FIGURES / f"{stem}.png").write_bytes(plot_headline(out))
         for doc in (ROOT / "README.md", ROOT / "docs/comparison.md"):
             print(f"{doc.name}: rewrote {rewrite(doc, ROOT)}", file=sys.stderr)
     print(json.dumps({k: v for k, v in out.items() if k != "results"}))

@@ -172,6 +172,8 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "policies-held-out": ("policies.json", lambda d: full_tables(d, "held-out")),
     "policies-tune": ("policies.json", lambda d: full_tables(d, "tune")),
     "headline-tune": ("policies.json", lambda d: headline(d, "tune")),
+    "headline-mild": ("policies-mild.json", headline),
+    "policies-mild-held-out": ("policies-mild.json", lambda d: full_tables(d, "held-out")),
 }
 
 

@@ -171,6 +171,8 @@ def test_serve_application_builder_validates_its_arguments():
         app_builder({"bogus": "1"})
     with pytest.raises(InputError, match="localhost only"):
         app_builder({"host": "0.0.0.0"})
+    with pytest.raises(InputError, match=r"\+select runs in the simulator only"):
+        app_builder({"policy": "promptserve-step+select"})
 
 
 def test_sweep_writes_every_point_and_the_plot(tmp_path):

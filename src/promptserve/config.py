@@ -181,7 +181,11 @@ def server_config(s: ServeFile):
     from promptserve.profile import load_profile
     from promptserve.server import ServerConfig
 
-    get_policy(s.policy)
+    if get_policy(s.policy).select:
+        raise InputError(
+            f"policy {s.policy!r}: +select runs in the simulator only so far (simulate, sweep); "
+            "the server serves a fixed rule"
+        )
     if s.backend != "modeled":  # the modelled engine computes nothing on a device
         check_device(s.device)
     if s.profile is not None:

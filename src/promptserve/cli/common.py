@@ -160,7 +160,8 @@ CacheDirOpt = Annotated[
 PoliciesOpt = Annotated[
     str | None,
     typer.Option(
-        help="Comma-separated policies, each NAME[+shed][+admit][+fast][+blind][+fixed-r][+max-r] "
+        help="Comma-separated policies, each "
+        "NAME[+shed][+admit][+fast][+blind][+fixed-r][+max-r][+select] "
         "(NAME: clipper-ha, clipper-ht, nirvana, proteus, argus, promptserve, "
         "promptserve-step, continuous-ha, continuous-ht). Default: the fair set (the published "
         "method as shipped, every rival with promptserve's queue and admission and, with "

@@ -73,6 +73,7 @@ class Policy:
     shape_aware: bool = True  # step-level placement weighs sizes (``+blind``: fewest members)
     retime: bool = True  # a burst raises running members' interval (``+fixed-r``: never)
     max_r: bool = False  # every member at the longest interval (``+max-r``: the rival)
+    select: bool = False  # the rule chosen online by replaying the traffic (``+select``)
 
     def estimator(self, levels: tuple[int, ...], slo_s: float) -> LoadEstimator:
         short_s = slo_s if self.short_s is None else self.short_s
@@ -273,7 +274,7 @@ POLICIES: dict[str, Policy] = {
         "continuous-ht", "clipper-ht", _BASELINE, FAST_REPLAN_S, None, FAST_LONG_S, step="max"
     ),
 }
-MODIFIERS = ("shed", "admit", "fast", "blind", "fixed-r", "max-r")
+MODIFIERS = ("shed", "admit", "fast", "blind", "fixed-r", "max-r", "select")
 # the step-level policies' modifiers: the field each sets, and why a pinned policy has none
 STEP_ONLY = {
     "blind": (
@@ -282,6 +283,7 @@ STEP_ONLY = {
     ),
     "fixed-r": ("retime", False, "runs no feature-cache intervals"),
     "max-r": ("max_r", True, "runs no feature-cache intervals"),
+    "select": ("select", True, "has no step rule to choose"),
 }  # fmt: skip
 
 

@@ -24,6 +24,7 @@ from promptserve.cache.thresholds import Thresholds
 from promptserve.policy import Demand, Outcome, Plan, Policy, Setting, Status
 from promptserve.policy.contract import Ask, Scheduler, Work, ran, served_by
 from promptserve.policy.planning import first_demand, worth_caching
+from promptserve.policy.selector import Choice, Selector, candidates
 from promptserve.quality import QualityModel, served_quality
 from promptserve.sim.records import Records
 from promptserve.types import Request
@@ -53,6 +54,7 @@ class SimResult:
     planner_ms: list[float]
     plans: list[tuple[float, Plan]]  # pinned: each plan made, with its time
     prices: list[tuple[float, float]] = field(default_factory=list)  # step-level: each price
+    choices: list[Choice] = field(default_factory=list)  # ``+select``: each selection
 
 
 def initial_demand(requests: Sequence[Request], levels: tuple[int, ...]) -> Demand:
@@ -99,6 +101,13 @@ class EventRun:
         self.prefetched: dict[int, tuple[int, float, int]] = {}
         self.done = 0
         self.start = 0.0
+        self.selector: Selector | None = None
+        if policy.select:
+            setting = inputs.setting
+            config = self.sched.config  # type: ignore[attr-defined]
+            self.selector = Selector(
+                candidates(config, setting.profiles[0].feature_r_max > 1), self._value
+            )
 
     def push(self, t: float, kind: int, payload: object) -> None:
         self.seq += 1
@@ -121,18 +130,30 @@ class EventRun:
             elif kind == DONE:
                 self._done(now, payload)  # type: ignore[arg-type]
             elif kind == REPLAN and self.done < len(reqs) and (self.heap or self.sched.pending()):
+                if self.selector is not None and self.selector.due(now):
+                    period = self.policy.replan_s
+                    self.selector.decide(  # type: ignore[arg-type]
+                        now,
+                        self.sched,
+                        self.current,
+                        (now + period, period, self.start),  # type: ignore[operator]
+                    )
                 self._replan(now, self.estimator.estimate(now, self.start))
                 self.push(now + self.policy.replan_s, REPLAN, None)  # type: ignore[operator]
             self._start_work(now)
         self._check_conservation()
-        return SimResult(self.policy.name, self.records, self.planner_ms, self.plans, self.prices)
+        choices = self.selector.history if self.selector is not None else []
+        return SimResult(
+            self.policy.name, self.records, self.planner_ms, self.plans, self.prices, choices
+        )
 
     def _arrive(self, now: float, i: int) -> None:
         k_opt, has_neighbour = self._classify(i)
         r = self.inputs.requests[i]
-        arrival = self.sched.intake(
-            now, Ask(i, r.deadline_s, k_opt, has_neighbour, r.shape, r.adapters)
-        )
+        ask = Ask(i, r.deadline_s, k_opt, has_neighbour, r.shape, r.adapters)
+        if self.selector is not None:
+            self.selector.observe(now, ask)
+        arrival = self.sched.intake(now, ask)
         if arrival.ended is not None:
             self._end(arrival.ended)
 
@@ -238,6 +259,14 @@ class EventRun:
                 req.tenant, req.prompt, self.inputs.embeddings[i], self.cache_levels, now
             )
 
+    def _value(self, outcome: Outcome) -> float:
+        """A served outcome's quality, as the records count it."""
+        setting = self.inputs.setting
+        return served_quality(
+            self.inputs.quality, setting.interval_q, setting.profiles[0].total_steps,
+            outcome.job.k_opt, outcome.level, outcome.interval, outcome.earlier,
+        )  # fmt: skip
+
     def _end(self, outcome: Outcome) -> None:
         i = outcome.job.id
         rec = self.records
@@ -249,12 +278,7 @@ class EventRun:
             rec.gpu[i] = outcome.gpu
             if rec.interval is not None:
                 rec.interval[i] = outcome.interval
-            setting = self.inputs.setting
-            q = served_quality(
-                self.inputs.quality, setting.interval_q, setting.profiles[0].total_steps,
-                outcome.job.k_opt, outcome.level, outcome.interval, outcome.earlier,
-            )  # fmt: skip
-            rec.quality[i] = q
+            rec.quality[i] = self._value(outcome)
         self.done += 1
         if self.on_progress is not None:
             self.on_progress(1)

@@ -92,6 +92,17 @@ class StepScheduler:
         self.boundaries = Boundaries(n_gpus)  # what the driver was handed (shards share one)
         self.queue_key = 0  # its waiting queue among the shards that share ``boundaries``
 
+    def use(self, config: StepConfig) -> None:
+        """Serve the joins from now on by ``config`` (``policy.selector``): running members
+        keep the (K, r) they joined at; every part reads the new spec from its next call."""
+        if config == self.config:
+            return
+        spec = StepSpec.of(self.profile, config, self.spec.quality, self.spec.interval_q)
+        parts = (self.cluster, self.queue, self.bursts, self.pricing, self.fit, self.levels)
+        for part in (*parts, self.admission, self.placement, self.life):
+            part.spec = spec
+        self.spec, self.config = spec, config
+
     gpus = property(lambda self: self.cluster.gpus)
     price = property(lambda self: self.pricing.price)
 

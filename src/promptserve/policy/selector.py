@@ -1,0 +1,141 @@
+"""The step policy choosing its own rule from the traffic it serves (model-predictive control).
+
+Which rule serves best (the price, every request at its fastest pair, every request in full)
+depends on the next minutes of a deployment's own traffic, and the rules that win on one trace
+lose on another. The selector replays the recent arrivals, as the scheduler saw them (K_opt,
+neighbour, size, adapters, deadline), from a copy of the scheduler's state at the window's
+start under each candidate (``replay.py``), and serves with the one that did best. It never
+sees the future: a replay holds only arrivals already seen. Both clocks call it at their
+re-plan ticks, so simulated figures include its effect.
+
+The constants, with their reason:
+
+* ``window_s`` = 60 s, about three SLOs of the reference: a burst that moves the choice is in
+  it within a minute, and at 40 queries/minute it holds 40 requests to compare;
+* ``period_s`` = 10 s, two re-prices: a choice lives through at least two prices;
+* ``margin`` = 0.25 points: a switch must win by more than a replay's own noise (a request
+  more or less in time in a 60 s window of 100 is about 1 point; half of that for two
+  candidates that share most decisions, half again to keep the switch responsive).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+from promptserve.policy.contract import Ask, Work
+from promptserve.policy.replay import replay
+from promptserve.policy.step import StepScheduler
+from promptserve.policy.step.config import StepConfig
+from promptserve.policy.types import Outcome
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    config: StepConfig
+
+
+def candidates(base: StepConfig, feature_cache: bool) -> tuple[Candidate, ...]:
+    """The price as configured, every request at its fastest pair, every request in full (at
+    the longest interval where feature caching offers one), and with feature caching the price
+    at the longest interval: the corners of the space the price moves between."""
+    out = [
+        Candidate("price", base),
+        Candidate("fastest", replace(base, rule="max", max_r=feature_cache)),
+        Candidate("full", replace(base, rule="zero", max_r=feature_cache)),
+    ]
+    if feature_cache:
+        out.append(Candidate("price+max-r", replace(base, max_r=True)))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class SelectorConfig:
+    window_s: float = 60.0
+    period_s: float = 10.0
+    margin: float = 0.25
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One selection: when, what each candidate's replay scored, and what serves now."""
+
+    at_s: float
+    scores: dict[str, float]
+    chosen: str
+    switched: bool
+
+
+@dataclass
+class Selector:
+    cands: Sequence[Candidate]
+    value: Callable[[Outcome], float]  # a served outcome's quality (percent)
+    config: SelectorConfig = SelectorConfig()
+    current: int = 0
+    next_at: float = -math.inf
+    history: list[Choice] = field(default_factory=list)
+    _asks: deque[tuple[float, Ask]] = field(default_factory=deque)
+    # (time, (scheduler, the work its GPUs had been handed)): copies, a later window's start
+    _states: deque[tuple[float, tuple[StepScheduler, dict]]] = field(default_factory=deque)
+
+    @property
+    def chosen(self) -> Candidate:
+        return self.cands[self.current]
+
+    def observe(self, now: float, ask: Ask) -> None:
+        """An arrival as the scheduler was asked it."""
+        self._asks.append((now, ask))
+
+    def due(self, now: float) -> bool:
+        return now >= self.next_at
+
+    def decide(
+        self,
+        now: float,
+        sched: StepScheduler,
+        running: dict[int, Work],
+        replans: tuple[float, float, float] | None,
+    ) -> Choice | None:
+        """Replay the window under every candidate; switch ``sched`` to the best where it beats
+        the one serving by ``margin``. Then keep a copy of ``sched`` and of ``running`` (the
+        work its GPUs were handed and have not reported) as a later window's start.
+        ``replans``: the next re-plan's time, the period and the run's first arrival."""
+        self.next_at = now + self.config.period_s
+        while len(self._states) > 1 and self._states[1][0] <= now - self.config.window_s:
+            self._states.popleft()  # the newest state at or before the window's start stays
+        choice = None
+        if self._states:
+            start, state = self._states[0]
+            while self._asks and self._asks[0][0] < start:
+                self._asks.popleft()
+            arrivals = list(self._asks)
+            if arrivals:
+                choice = self._choose(now, start, state, arrivals, replans)
+                if choice.switched:
+                    sched.use(self.chosen.config)
+        self._states.append((now, copy.deepcopy((sched, running))))
+        return choice
+
+    def _choose(self, now, start, state, arrivals, replans) -> Choice:  # noqa: ANN001
+        period = replans[1] if replans else None
+        scores = {}
+        first = (start + period, period, replans[2]) if replans and period else None
+        horizon = now + self.config.window_s  # every arrival of the window ends well before
+        for cand in self.cands:
+            trial, running = copy.deepcopy(state)
+            trial.use(cand.config)
+            scores[cand.name] = replay(
+                trial, start, arrivals, self.value, first, horizon, running
+            ).value
+        best = max(range(len(self.cands)), key=lambda i: scores[self.cands[i].name])
+        gain = scores[self.cands[best].name] - scores[self.chosen.name]
+        switched = best != self.current and gain > self.config.margin
+        if switched:
+            self.current = best
+        choice = Choice(now, scores, self.chosen.name, switched)
+        self.history.append(choice)
+        return choice

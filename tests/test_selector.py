@@ -1,0 +1,90 @@
+"""The replay (``policy/replay.py``) is the simulator's own run on a virtual clock, and the
+selector (``policy/selector.py``) switches to the rule that replays best, past its margin."""
+
+from dataclasses import replace
+
+import numpy as np
+from tests.test_stepwise import poisson
+
+from promptserve.policy import get_policy
+from promptserve.policy.contract import Ask
+from promptserve.policy.replay import replay
+from promptserve.policy.selector import Selector, SelectorConfig, candidates
+from promptserve.sim.events import EventRun, initial_demand
+from promptserve.sim.simulator import simulate
+
+STEP = get_policy("promptserve-step")
+
+
+def run_with_asks(policy, inputs):
+    """A simulated run, and the asks its scheduler was given (K_opt and neighbour included)."""
+    run = EventRun(policy, inputs, None)
+    result = run.run()
+    asks = [
+        (r.arrival_s, Ask(i, r.deadline_s, int(result.records.k_opt[i]), i in run.match))
+        for i, r in enumerate(inputs.requests)
+    ]
+    return run, result, asks
+
+
+def test_a_replay_from_the_start_is_the_simulated_run():
+    inputs = poisson(90, 3, gpus=2, seed=4)
+    run, result, asks = run_with_asks(STEP, inputs)
+    sched = STEP.scheduler(inputs.setting, inputs.seed)
+    start = inputs.requests[0].arrival_s
+    sched.replan(start, initial_demand(inputs.requests, sched.spec.levels))
+    period = STEP.replan_s
+    got = replay(sched, start, asks, run._value, (start + period, period, start))
+    summary = result.records.summary([])
+    assert got.ended == len(asks)
+    assert got.value == np.float64(got.value)  # a number, and the run's own:
+    assert abs(got.value - summary["effective_quality"]) < 1e-3
+    assert got.in_time == summary["served_in_slo"]
+
+
+def test_switching_the_rule_changes_the_joins_that_follow():
+    inputs = poisson(30, 2, gpus=1, seed=1)
+    zero = replace(STEP.step_scheduler(inputs.setting).config, rule="zero")
+    plain = simulate(STEP, inputs).records
+    sched = STEP.scheduler(inputs.setting, inputs.seed)
+    sched.use(zero)
+    assert sched.config.rule == "zero" and sched.levels.spec.config.rule == "zero"
+    switched = EventRun(STEP, inputs, None, scheduler=sched).run().records
+    assert (switched.level[switched.level >= 0] == 0).all()  # every join in full
+    assert (plain.level > 0).any()  # where the price had some skip steps
+
+
+def test_the_selector_switches_only_past_its_margin():
+    inputs = poisson(150, 4, gpus=2, seed=2)  # past capacity: the fastest rule serves more
+    base = STEP.step_scheduler(inputs.setting).config
+    cands = candidates(base, feature_cache=False)
+    assert [c.name for c in cands] == ["price", "fastest", "full"]
+    chose = {}
+    for margin in (0.25, 1e9):
+        _, result, asks = run_with_asks(STEP, inputs)
+        sched = STEP.scheduler(inputs.setting, inputs.seed)
+        start = inputs.requests[0].arrival_s
+        sched.replan(start, initial_demand(inputs.requests, sched.spec.levels))
+        sel = Selector(cands, EventRun(STEP, inputs, None)._value, SelectorConfig(margin=margin))
+        assert sel.decide(start, sched, {}, None) is None  # no window yet: a first state kept
+        for t, ask in asks[: len(asks) // 2]:
+            sel.observe(t, ask)
+        choice = sel.decide(asks[len(asks) // 2][0], sched, {}, None)
+        assert choice is not None and set(choice.scores) == {"price", "fastest", "full"}
+        chose[margin] = choice
+    best = max(chose[0.25].scores, key=chose[0.25].scores.get)
+    assert chose[0.25].scores["full"] < chose[0.25].scores["fastest"]  # past capacity
+    assert chose[1e9].chosen == "price" and not chose[1e9].switched  # never past the margin
+    if chose[0.25].scores[best] > chose[0.25].scores["price"] + 0.25:
+        assert chose[0.25].switched and chose[0.25].chosen == best
+    else:
+        assert chose[0.25].chosen == "price"
+
+
+def test_select_in_the_simulator_records_its_choices_and_ends_every_request():
+    inputs = poisson(120, 3, gpus=2, seed=3)
+    result = simulate(get_policy("promptserve-step+select"), inputs)
+    assert result.choices and all(c.chosen in {"price", "fastest", "full"} for c in result.choices)
+    times = [c.at_s for c in result.choices]
+    assert all(b - a >= 10.0 - 1e-9 for a, b in zip(times, times[1:]))  # once a period
+    assert (result.records.status >= 0).all()

@@ -48,7 +48,8 @@ from promptserve.workload import load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 SLO_S, GPUS, MINUTES = 21.0, 2, 20.0
-STATE: dict = {"penalty": "steep"}  # --penalty and the data; the workers read it after the fork
+# --penalty, --extra and the data; the workers read it after the fork
+STATE: dict = {"penalty": "steep", "extra": []}
 SWEEPS = {
     "poisson-2gpu": ("poisson", (40, 60, 80, 100)),
     "conversation-2gpu": (
@@ -74,7 +75,7 @@ def _job(args: tuple[str, str, str, float, tuple[int, ...]]) -> tuple[tuple, dic
     profile = reference_profile()
     if fc == "on":
         profile = with_feature_cache(profile)
-    policies = parse_policies(fair_policies(fc == "on"))
+    policies = parse_policies(",".join([fair_policies(fc == "on"), *STATE["extra"]]))
     result = run_sweep(
         policies, STATE["prompts"], STATE["vecs"], profile, shipped_thresholds("minilm"), config
     )
@@ -95,6 +96,13 @@ def row_of(result: dict) -> dict:
             pols[LEAD]["effective_quality"]["mean"] - pols[rival]["effective_quality"]["mean"], 2
         ),
         "oracle": summary["oracle"]["effective_quality"]["mean"],
+        # each --extra policy against the same best fair rival
+        "extra_margin": {
+            n: round(
+                pols[n]["effective_quality"]["mean"] - pols[rival]["effective_quality"]["mean"], 2
+            )
+            for n in STATE["extra"]
+        },
     }
 
 
@@ -115,6 +123,10 @@ def main() -> None:
     parser.add_argument("--feature-cache", default="off,on", help="off, on or off,on")
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help="of: " + ", ".join(SWEEPS))
     parser.add_argument(
+        "--extra", default="", help="policies to run beside the fair set (not rivals), e.g. +select"
+    )
+    parser.add_argument("--stem", default="", help="the JSON's name (default: by the penalty)")
+    parser.add_argument(
         "--penalty",
         default="steep",
         choices=("steep", "mild"),
@@ -127,6 +139,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     seeds = tuple(int(s) for s in args.seeds.split(","))
     STATE["penalty"] = args.penalty
+    STATE["extra"] = [p.name for p in parse_policies(args.extra)] if args.extra else []
     STATE["prompts"] = load_prompts(ROOT / "data/diffusiondb_prompts_4k.txt")
     STATE["vecs"] = make_embedder("minilm", ROOT / ".promptserve").embed(STATE["prompts"])
     jobs = [
@@ -170,7 +183,7 @@ def main() -> None:
     out["seconds"] = round(time.perf_counter() - t0, 1)
     if args.docs:
         (ROOT / FIGURES).mkdir(parents=True, exist_ok=True)
-        stem = "policies" if args.penalty == "steep" else f"policies-{args.penalty}"
+        stem = args.stem or ("policies" if args.penalty == "steep" else f"policies-{args.penalty}")
         (ROOT / FIGURES / f"{stem}.json").write_text(json.dumps(out, indent=1) + "\n")
         if "held-out" in out["results"]:
             (ROOT / FIGURES / f"{stem}.png").write_bytes(plot_headline(out))

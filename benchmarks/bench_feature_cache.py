@@ -2,7 +2,7 @@
 interval r per request with K buys under load, and what it costs at light load.
 
 Reference SDXL profile with DeepCache's published SDXL cost (a cached step at 0.077 of a full
-one, ``profile.REFERENCE_CACHED_STEP_SHARE``) and quality (``quality.IntervalQuality``: mild
+one, ``cachedstep.REFERENCE_CACHED_STEP_SHARE``) and quality (``quality.IntervalQuality``: mild
 and steep presets), intervals 1 to 4, 2 GPUs, SLO 21 s, MiniLM embeddings of the DiffusionDB
 prompts, seeds 1-3, 20 minutes a point:
 

@@ -16,17 +16,13 @@ import numpy as np
 import pytest
 
 from promptserve.cache.spaces import cache_space
+from promptserve.cachedstep import REFERENCE_CACHED_STEP_SHARE
 from promptserve.engine.base import PLAIN, UNET_GUIDANCE, GenerationResult, Look
 from promptserve.engine.sizes import shape_index, shape_table
 from promptserve.policy import POLICIES, get_policy
 from promptserve.policy.residency import ResidentSet
 from promptserve.policy.types import Status
-from promptserve.profile import (
-    REFERENCE_CACHED_STEP_SHARE,
-    for_adapters,
-    for_sizes,
-    reference_profile,
-)
+from promptserve.profile import for_adapters, for_sizes, reference_profile
 from promptserve.server import ServerConfig, runtime_for
 from promptserve.server.runtime import Dropped, Refused
 from promptserve.sim.simulator import SimInputs, simulate

@@ -64,12 +64,9 @@ def test_unknown_shape_is_refused():
 
 
 def test_the_feature_cache_interval_costs_quality_by_its_cached_share_and_composes_with_k():
+    from promptserve.cachedstep import REFERENCE_CACHED_STEP_SHARE
     from promptserve.errors import InputError
-    from promptserve.profile import (
-        REFERENCE_CACHED_STEP_SHARE,
-        reference_profile,
-        with_feature_cache,
-    )
+    from promptserve.profile import reference_profile, with_feature_cache
     from promptserve.quality import interval_quality
 
     mild, steep = interval_quality("mild"), interval_quality("steep")
@@ -99,7 +96,7 @@ def test_the_feature_cache_interval_costs_quality_by_its_cached_share_and_compos
         with pytest.raises(InputError, match="share of a full step"):
             with_feature_cache(ref, share=bad)
     # each family's share gives back the speedup its source reports at the source's interval
-    from promptserve.profile import CACHED_STEP_SHARES
+    from promptserve.cachedstep import CACHED_STEP_SHARES
 
     for family, src in CACHED_STEP_SHARES.items():
         faster = with_feature_cache(ref, share=src.share, r_max=64 - 1)

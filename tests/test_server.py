@@ -14,10 +14,10 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from factories import client, measured_profile, modeled_app, tiny_app, until_cached
+from promptserve.cachedstep import REFERENCE_CACHED_STEP_SHARE
 from promptserve.errors import InputError
 from promptserve.loadgen import read_metric
 from promptserve.policy.intake import DELIVERY_MARGIN_S
-from promptserve.profile import REFERENCE_CACHED_STEP_SHARE
 from promptserve.server.live import LiveServer
 
 

@@ -190,12 +190,8 @@ def _profile_slo_penalty(
     """The profile (default: the SDXL reference) and the SLO (default: 5x its full-quality
     latency), the penalty shape checked; with ``feature_cache`` on, its cached step (the
     profile's own share, else ``--cached-step-share``'s)."""
-    from promptserve.profile import (
-        cached_share_of,
-        load_profile,
-        reference_profile,
-        with_feature_cache,
-    )
+    from promptserve.cachedstep import cached_share_of
+    from promptserve.profile import load_profile, reference_profile, with_feature_cache
     from promptserve.sim.compare import default_slo
 
     if penalty not in ("mild", "steep"):

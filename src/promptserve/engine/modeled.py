@@ -46,7 +46,7 @@ class ModeledEngine:
     def __init__(
         self, profile: Profile, sleep: Callable[[float], None] = time.sleep, speedup: float = 1.0
     ) -> None:
-        from promptserve.profile import REFERENCE_CACHED_STEP_SHARE
+        from promptserve.cachedstep import REFERENCE_CACHED_STEP_SHARE
 
         # what it stands for: SDXL, whose DeepCache cached step is the reference's
         self.profile = profile if profile.cached_step_share else replace(

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from promptserve.cache.approx import ApproxCache
 from promptserve.cache.embed import make_embedder
 from promptserve.cache.thresholds import embedder_thresholds
+from promptserve.cachedstep import REFERENCE_CACHED_STEP_SHARE
 from promptserve.edge.limits import HttpLimits
 from promptserve.engine import make_engine
 from promptserve.engine.adapterbank import residency
@@ -22,12 +23,7 @@ from promptserve.engine.profiling import cached_step_share, quick_profile
 from promptserve.engine.threads import torch_threads_for
 from promptserve.errors import InputError
 from promptserve.policy import Setting, get_policy
-from promptserve.profile import (
-    REFERENCE_CACHED_STEP_SHARE,
-    for_adapters,
-    profile_for,
-    with_feature_cache,
-)
+from promptserve.profile import for_adapters, profile_for, with_feature_cache
 from promptserve.quality import interval_quality, model_for_levels
 from promptserve.server.app import create_app
 from promptserve.server.clock import Pause, wall_pause

@@ -141,12 +141,17 @@ def relaxed_step_cost(profile: Profile, k: int, r: int, window_s: float, shape: 
     w = sp.shape_weights[shape]
     steps, fixed = profile.total_steps - k, sp.join_s + sp.leave_s
     cached = (r - 1) / r
-    alone = steps * (sp.call_s(w) / r + cached * sp.cached_call_s(w)) + fixed
-    if alone > window_s + 1e-9:
+    if steps * _alone_step_s(sp, w, r) + fixed > window_s + 1e-9:
         return math.inf
     full_a = _least_per_load(sp.call_s, sp.max_inflight)
     cached_a = _least_per_load(sp.cached_call_s, sp.max_inflight) if r > 1 else 0.0
     return steps * w * (full_a / r + cached * cached_a) + fixed
+
+
+def _alone_step_s(sp, w: float, r: int) -> float:  # noqa: ANN001 - a StepProfile
+    """A member's mean step alone, of size weight ``w`` at interval ``r``: one full call in r,
+    the rest cached (the fastest a member's steps can go)."""
+    return sp.call_s(w) / r + (r - 1) / r * sp.cached_call_s(w)
 
 
 def _least_per_load(call_s, counts: int) -> float:  # noqa: ANN001 - a call's seconds at a load
@@ -174,8 +179,7 @@ def earliest_answer_s(profiles: Sequence[Profile]) -> float:
             w = min(p.shape_weights)
             steps, fixed = p.total_steps - fastest, sp.join_s + sp.leave_s
             for r in range(1, p.feature_r_max + 1):
-                per = sp.call_s(w) / r + (r - 1) / r * sp.cached_call_s(w)
-                out = min(out, steps * per + fixed)
+                out = min(out, steps * _alone_step_s(sp, w, r) + fixed)
     return out
 
 

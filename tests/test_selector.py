@@ -4,12 +4,14 @@ selector (``policy/selector.py``) switches to the rule that replays best, past i
 from dataclasses import replace
 
 import numpy as np
+import pytest
 from tests.test_stepwise import poisson
 
 from promptserve.policy import get_policy
 from promptserve.policy.contract import Ask
 from promptserve.policy.replay import replay
 from promptserve.policy.selector import Selector, SelectorConfig, candidates
+from promptserve.policy.types import Demand, Job
 from promptserve.sim.events import EventRun, initial_demand
 from promptserve.sim.simulator import simulate
 
@@ -58,7 +60,7 @@ def test_the_selector_switches_only_past_its_margin():
     inputs = poisson(150, 4, gpus=2, seed=2)  # past capacity: the fastest rule serves more
     base = STEP.step_scheduler(inputs.setting).config
     cands = candidates(base, feature_cache=False)
-    assert [c.name for c in cands] == ["price", "fastest", "full"]
+    assert [c.name for c in cands] == ["price", "fastest"]
     chose = {}
     for margin in (0.25, 1e9):
         _, result, asks = run_with_asks(STEP, inputs)
@@ -70,10 +72,11 @@ def test_the_selector_switches_only_past_its_margin():
         for t, ask in asks[: len(asks) // 2]:
             sel.observe(t, ask)
         choice = sel.decide(asks[len(asks) // 2][0], sched, {}, None)
-        assert choice is not None and set(choice.scores) == {"price", "fastest", "full"}
+        assert choice is not None and set(choice.scores) == {"price", "fastest"}
         chose[margin] = choice
     best = max(chose[0.25].scores, key=chose[0.25].scores.get)
-    assert chose[0.25].scores["full"] < chose[0.25].scores["fastest"]  # past capacity
+    # past capacity the price is at its cap and picks every fastest pair: the same joins
+    assert chose[0.25].scores["price"] == chose[0.25].scores["fastest"]
     assert chose[1e9].chosen == "price" and not chose[1e9].switched  # never past the margin
     if chose[0.25].scores[best] > chose[0.25].scores["price"] + 0.25:
         assert chose[0.25].switched and chose[0.25].chosen == best
@@ -84,7 +87,32 @@ def test_the_selector_switches_only_past_its_margin():
 def test_select_in_the_simulator_records_its_choices_and_ends_every_request():
     inputs = poisson(120, 3, gpus=2, seed=3)
     result = simulate(get_policy("promptserve-step+select"), inputs)
-    assert result.choices and all(c.chosen in {"price", "fastest", "full"} for c in result.choices)
+    assert result.choices and all(c.chosen in {"price", "fastest"} for c in result.choices)
     times = [c.at_s for c in result.choices]
     assert all(b - a >= 10.0 - 1e-9 for a, b in zip(times, times[1:]))  # once a period
     assert (result.records.status >= 0).all()
+
+
+def test_value_shedding_floors_at_the_class_worth_least_per_step():
+    """Over capacity even at the fastest levels, ``+value`` refuses by quality per step: a
+    miss (50 steps for 100 points) before any hit (25 steps for at least 89.6)."""
+    policy = get_policy("promptserve-step+shed+admit+value")
+    inputs = poisson(30, 1, gpus=1)
+    sched = policy.step_scheduler(inputs.setting)
+    levels = sched.spec.levels
+    mix = (0.5,) + (0.5 / (len(levels) - 1),) * (len(levels) - 1)
+    sched.replan(0.0, Demand(60.0, mix))  # the hits fit one GPU, the misses do not
+    pricing = sched.pricing
+    assert pricing.price >= 50.0
+    assert pricing.density(0, 0) == pytest.approx(100.0 / 50)
+    assert pricing.density(1, len(levels) - 1) > pricing.density(0, 0)
+    assert pricing.floor == pytest.approx(pricing.density(0, 0)) and pricing.floor_split < 1
+    misses = [Job(i, 0.0, 21.0, 0, 0, 0) for i in range(200)]
+    admitted = sum(pricing.worth(j) for j in misses) / len(misses)
+    assert admitted == pytest.approx(pricing.floor_split, abs=0.1)  # the marginal share
+    assert all(pricing.worth(Job(i, 0.0, 21.0, 5, levels[-1], 5)) for i in range(200))
+    sched.replan(0.0, Demand(400.0, mix))  # even the hits do not fit: floor among them
+    assert pricing.floor > pricing.density(0, 0)
+    assert not any(pricing.worth(j) for j in misses)
+    sched.replan(0.0, Demand(10.0, mix))  # slack: no floor
+    assert pricing.floor == 0.0 and all(pricing.worth(j) for j in misses)

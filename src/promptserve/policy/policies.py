@@ -74,6 +74,7 @@ class Policy:
     retime: bool = True  # a burst raises running members' interval (``+fixed-r``: never)
     max_r: bool = False  # every member at the longest interval (``+max-r``: the rival)
     select: bool = False  # the rule chosen online by replaying the traffic (``+select``)
+    value_shed: bool = False  # overloaded, refuse the least quality per GPU-second (``+value``)
 
     def estimator(self, levels: tuple[int, ...], slo_s: float) -> LoadEstimator:
         short_s = slo_s if self.short_s is None else self.short_s
@@ -103,6 +104,7 @@ class Policy:
             shape_aware=self.shape_aware,
             retime=self.retime,
             max_r=self.max_r,
+            value_shed=self.value_shed,
         )
         profile = setting.profiles[0]
         estimator = self.estimator(profile.levels, setting.slo_s)
@@ -274,7 +276,7 @@ POLICIES: dict[str, Policy] = {
         "continuous-ht", "clipper-ht", _BASELINE, FAST_REPLAN_S, None, FAST_LONG_S, step="max"
     ),
 }
-MODIFIERS = ("shed", "admit", "fast", "blind", "fixed-r", "max-r", "select")
+MODIFIERS = ("shed", "admit", "fast", "blind", "fixed-r", "max-r", "value", "select")
 # the step-level policies' modifiers: the field each sets, and why a pinned policy has none
 STEP_ONLY = {
     "blind": (
@@ -283,6 +285,7 @@ STEP_ONLY = {
     ),
     "fixed-r": ("retime", False, "runs no feature-cache intervals"),
     "max-r": ("max_r", True, "runs no feature-cache intervals"),
+    "value": ("value_shed", True, "refuses by its queue's pace, not by a price"),
     "select": ("select", True, "has no step rule to choose"),
 }  # fmt: skip
 

@@ -24,6 +24,9 @@ class StepConfig:
     shape_aware: bool = True  # place by what a size costs where it joins (else: fewest members)
     retime: bool = True  # at a burst, raise running members' feature-cache interval
     max_r: bool = False  # every member at the longest interval whatever the load (a rival)
+    # overloaded even at the fastest levels: refuse the requests worth least quality per
+    # GPU-second first (``price.ValueFloor``), not whichever arrive when the queue is full
+    value_shed: bool = False
 
 
 @dataclass(frozen=True, eq=False)

@@ -33,6 +33,12 @@ class Placement:
         when it waits; an outcome when it is refused or dropped."""
         gpu = self.place(now, job)
         config = self.spec.config
+        if (
+            config.value_shed
+            and not self.levels.pricing.worth(job)
+            and self.levels.bursts.saturated(now)
+        ):
+            return None, Outcome(job, Status.REFUSED, now)
         if config.admission and not self.admission.admissible(gpu, job, now):
             return None, Outcome(job, Status.REFUSED, now)
         if config.shed and not self.fit.can_ever_finish(job, now):

@@ -14,7 +14,8 @@ from promptserve.policy.step.cluster import Cluster
 from promptserve.policy.step.config import StepSpec
 from promptserve.policy.step.excess import ExcessWork
 from promptserve.policy.step.sizemix import SizeMix
-from promptserve.policy.types import Demand
+from promptserve.policy.types import Demand, Job
+from promptserve.steptime import draw
 
 # the share of the estimated step capacity the price plans to fill: above 1, because the
 # estimate is a full run's in-flight limit and a burst it misjudges is caught by ``saturated``
@@ -45,6 +46,10 @@ class Pricing:
         self.excess_limit = math.inf  # set with the price
         self.inflight_for: list[int] = []  # per run length in steps (``reprice``)
         self.inflight_slo: tuple | None = None  # the SLO and size mix it is built for
+        # ``value_shed``: overloaded at the fastest levels, the quality per full step below
+        # which an arrival is refused while the cluster is full, and the share of the class
+        # at the floor that is still admitted (0: no floor)
+        self.floor, self.floor_split = 0.0, 1.0
 
     @cached_property
     def options(self) -> list[tuple[int, int]]:
@@ -134,6 +139,9 @@ class Pricing:
                 self.split = min(max((w_lo - UTILISATION * cap) / (w_lo - w_hi), 0.0), 1.0)
         self.price = hi
         self.choice, self.choice_lo = self.choices(hi), self.choices(lo)
+        self.floor, self.floor_split = 0.0, 1.0
+        if hi >= PRICE_MAX and self.spec.config.value_shed:
+            self.value_floor(per_s * np.asarray(demand.mix), slo_s)
         sized = self.spec.profile.sized
         factors = self.size_factors() if sized else [1.0]
         at_max = (self.choice, self.choice_lo)  # at ``PRICE_MAX`` every size at its fastest
@@ -145,6 +153,51 @@ class Pricing:
         if len(self.spec.intervals) > 1:  # at a burst (``_preferred``): per size
             self.at_top = [self.choices(hi * f, self.spec.intervals[-1]) for f in factors]
         return hi
+
+    def density(self, i: int, m: int) -> float:
+        """Quality points per full step of GPU time of a K_opt class (index ``i``, fastest
+        level index ``m``) at the option the price picks for it."""
+        o = self.choice[i][m]
+        j, r = self.options[o]
+        q = self.spec.quality[i][j] * self.spec.interval_q[r - 1] / 100.0
+        return q / max(self.option_work(o), 1e-9)
+
+    def value_floor(self, per_s: np.ndarray, slo_s: float) -> None:
+        """More is asked than the GPUs do even at the fastest levels, so some requests will
+        not be served in time; the most quality in time comes from serving the classes worth
+        most per step first (a fractional knapsack over the K_opt classes, by the load
+        estimate's mix): the floor is the density of the class at which the capacity runs
+        out, and ``floor_split`` the share of that class that still fits."""
+        last = len(self.spec.levels) - 1
+        groups: dict[float, list[int]] = {}  # classes of one density share the floor's split
+        for i in range(len(per_s)):
+            groups.setdefault(round(self.density(i, last if i > 0 else 0), 9), []).append(i)
+        asked = rate = 0.0  # steps per second and requests per second of the classes above
+        for dens in sorted(groups, reverse=True):
+            members = groups[dens]
+            more = sum(
+                per_s[i] * self.option_work(self.choice[i][last if i else 0]) for i in members
+            )
+            if more <= 0:
+                continue
+            n = sum(per_s[i] for i in members)
+            # the capacity at the admitted classes' mean run (a shorter run shares a GPU more)
+            capacity = UTILISATION * self.steps_capacity(slo_s, (asked + more) / (rate + n))
+            if asked + more > capacity:
+                self.floor = dens
+                self.floor_split = max(capacity - asked, 0.0) / more
+                return
+            asked, rate = asked + more, rate + n
+
+    def worth(self, job: Job) -> bool:
+        """Whether ``job`` is worth its steps under the floor (``value_floor``)."""
+        if self.floor <= 0.0:
+            return True
+        i, m = self.spec.index_of[job.k_opt], self.spec.index_of[job.k_max]
+        dens = round(self.density(i, m), 9)
+        if dens != self.floor:
+            return dens > self.floor
+        return draw(job.id) < self.floor_split
 
     def size_factors(self) -> list[float]:
         """Per size, its price over the mean price: the levels are chosen at the price per

@@ -227,13 +227,15 @@ def finishes(
         for s in shapes:
             counts[s] = counts.get(s, 0) + 1
     n, t, prev, out = len(remaining), start + joined * profile.join_s, 0, []
+    step_s, top, leave_s = profile.step_s, len(profile.step_s), profile.leave_s
     i = 0
     while i < n:
         r, j = remaining[i], i
         while j < n and remaining[j] == r:
             j += 1
-        step = profile.iteration_s(n - i) if counts is None else profile.mix_s(counts)
-        t += (r - prev) * step + (j - i) * profile.leave_s
+        # ``iteration_s(n - i)``, inlined: the walk is the policy's innermost loop
+        step = step_s[min(n - i, top) - 1] if counts is None else profile.mix_s(counts)
+        t += (r - prev) * step + (j - i) * leave_s
         out.extend([t] * (j - i))
         if counts is not None:
             for s in shapes[i:j]:  # type: ignore[index]

@@ -161,6 +161,10 @@ class CacheIndex:
             vecs = ExactVectors(self.dim)
         return vecs.search(np.asarray(embeddings, np.float32))
 
+    def exact(self, tenant: str) -> bool:
+        """Whether the tenant's lookups scan every entry (no approximate index yet)."""
+        return not getattr(self._tenants.get(tenant), "approximate", False)
+
     def pin(self, entry_id: int) -> None:
         """A run is about to read this entry's latents (a worker, from the shared store):
         eviction passes it over until every pin is released."""

@@ -26,6 +26,7 @@ from promptserve.policy.contract import Ask, Scheduler, Work, ran, served_by
 from promptserve.policy.planning import first_demand, worth_caching
 from promptserve.policy.selector import Choice, Selector, candidates
 from promptserve.quality import QualityModel, served_quality
+from promptserve.sim.lookups import Lookups
 from promptserve.sim.records import Records
 from promptserve.types import Request
 
@@ -97,8 +98,7 @@ class EventRun:
         self.prices: list[tuple[float, float]] = []
         self.current: dict[int, Work] = {}  # per GPU: the work it runs now
         self.wakes: set[float] = set()  # the times a WAKE is pushed for
-        # request -> (index version, similarity, entry): lookups made ahead, in one call
-        self.prefetched: dict[int, tuple[int, float, int]] = {}
+        self.lookups = Lookups(self.index, reqs, inputs.embeddings)
         self.done = 0
         self.start = 0.0
         self.selector: Selector | None = None
@@ -207,7 +207,7 @@ class EventRun:
         for prompt, vec in zip(
             self.inputs.warm_prompts, emb if emb is not None else [], strict=False
         ):
-            self.index.insert(tenant, prompt, vec, self.cache_levels, now_s=0.0)
+            self.lookups.insert(tenant, prompt, vec, self.cache_levels, 0.0)
 
     def _classify(self, i: int) -> tuple[int, bool]:
         """Request i's K_opt from its tenant's nearest cached entry, and whether it has one."""
@@ -219,32 +219,9 @@ class EventRun:
         return k_opt, entry_id >= 0
 
     def _lookup(self, i: int) -> tuple[float, int]:
-        """Nearest cached entry of request i's tenant: (similarity, entry id or -1).
-
-        The index only changes when a request leaves, so the arrivals before the next known
-        finish are looked up together in one call; a finish in between (the index version
-        moved) makes the next arrival look up again.
-        """
-        done = self.prefetched.pop(i, None)
-        if done is not None and done[0] == self.index.version:
-            return done[1], done[2]
-        reqs = self.inputs.requests
+        """Nearest cached entry of request i's tenant: (similarity, entry id or -1)."""
         next_finish = min((served_by(w) for w in self.current.values()), default=math.inf)
-        ids = [i]
-        j = i + 1
-        while (
-            j < len(reqs)
-            and len(ids) < 256
-            and reqs[j].arrival_s < next_finish
-            and reqs[j].tenant == reqs[i].tenant
-        ):
-            ids.append(j)
-            j += 1
-        sims, entries = self.index.nearest_many(reqs[i].tenant, self.inputs.embeddings[ids])
-        version = self.index.version
-        for k, sim, entry in zip(ids[1:], sims[1:], entries[1:], strict=True):
-            self.prefetched[k] = (version, float(sim), int(entry))
-        return float(sims[0]), int(entries[0])
+        return self.lookups.nearest(i, next_finish)
 
     def _served(self, now: float, outcome: Outcome) -> None:
         """A request answered: its record, its neighbour's hit, its own cache entry."""
@@ -255,7 +232,7 @@ class EventRun:
             self.index.record_hit(entry_id, outcome.level, now)
         if worth_caching(sim if entry_id >= 0 else None):
             req = self.inputs.requests[i]
-            self.index.insert(
+            self.lookups.insert(
                 req.tenant, req.prompt, self.inputs.embeddings[i], self.cache_levels, now
             )
 

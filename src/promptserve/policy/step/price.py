@@ -6,7 +6,6 @@ builds are what ``levels.Levels`` reads for each join."""
 from __future__ import annotations
 
 import math
-from functools import cached_property
 
 import numpy as np
 
@@ -36,6 +35,7 @@ class Pricing:
         self, spec: StepSpec, cluster: Cluster, sizes: SizeMix, excess: ExcessWork
     ) -> None:
         self.spec, self.cluster, self.sizes, self.excess = spec, cluster, sizes, excess
+        self._built_for: StepSpec | None = None  # the spec ``_tables`` were built for
         self.price = 0.0
         self.busy_at = spec.cap  # members past which a GPU is full (set with the price)
         self.pace_s = math.inf  # an iteration past which a GPU is full (with the price)
@@ -51,33 +51,41 @@ class Pricing:
         # at the floor that is still admitted (0: no floor)
         self.floor, self.floor_split = 0.0, 1.0
 
-    @cached_property
+    @property
     def options(self) -> list[tuple[int, int]]:
         """The (level index, interval) pairs a request may be served at, by level then
         interval: without feature caching, each level at r = 1."""
-        return [(j, r) for j in range(len(self.spec.levels)) for r in self.spec.intervals]
+        return self._tables()[0]
+
+    def _tables(self) -> tuple:
+        """``options``, and each one's steps, q_r and level column, and the options up to
+        each level: fixed by the spec, built again when the rule changes (``use``)."""
+        if self._built_for is not self.spec:
+            n, w = self.spec.profile.total_steps, self.spec.profile.interval_weight
+            levels = self.spec.levels
+            options = [(j, r) for j in range(len(levels)) for r in self.spec.intervals]
+            steps = np.array([(n - levels[j]) * (w(r) if r > 1 else 1) for j, r in options])
+            q_r = np.array([self.spec.interval_q[r - 1] / 100.0 for _, r in options])
+            cols = [j for j, _ in options]
+            upto = [sum(1 for j, _ in options if j <= m) for m in range(len(levels))]
+            self._table = (options, steps.astype(float), q_r, cols, upto)
+            self._built_for = self.spec
+        return self._table
 
     def choices(self, price: float, only_r: int | None = None) -> list[list[int]]:
         """Per K_opt index and per k_max index: the option (``options``) the price picks,
         ``q(K_opt, K) x q_r(r) / 100 - price x (N - K) x w(r)`` at its best, ``w(r)`` the
         interval's mean step over a full one (``only_r``: among the options at that interval)."""
-        n, w = self.spec.profile.total_steps, self.spec.profile.interval_weight
-        options = self.options
-        steps = np.array(
-            [(n - self.spec.levels[j]) * (w(r) if r > 1 else 1) for j, r in options], dtype=float
-        )
-        q_r = np.array([self.spec.interval_q[r - 1] / 100.0 for _, r in options])
-        cols = [j for j, _ in options]
-        upto = [sum(1 for j, _ in options if j <= m) for m in range(len(self.spec.levels))]
+        options, steps, q_r, cols, upto = self._tables()
         cached = len(self.spec.intervals) > 1
-        out = []
-        for i in range(len(self.spec.levels)):
-            q = self.spec.quality[i][cols] * q_r if cached else self.spec.quality[i][cols]
-            score = q - price * steps
-            if only_r is not None:
-                score = np.where([r == only_r for _, r in options], score, -np.inf)
-            out.append([int(np.argmax(score[:c])) for c in upto])
-        return out
+        q = self.spec.quality[:, cols] * q_r if cached else self.spec.quality[:, cols]
+        score = q - price * steps
+        if only_r is not None:
+            score = np.where([r == only_r for _, r in options], score, -np.inf)
+        # per k_max index: each K_opt row's best among the options up to that level (one
+        # argmax per prefix, over every row at once)
+        best = np.stack([np.argmax(score[:, :c], axis=1) for c in upto], axis=1)
+        return best.tolist()
 
     def option_work(self, o: int) -> float:
         """Steps of GPU time option ``o`` asks for, in full steps."""

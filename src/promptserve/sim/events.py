@@ -56,6 +56,7 @@ class SimResult:
     plans: list[tuple[float, Plan]]  # pinned: each plan made, with its time
     prices: list[tuple[float, float]] = field(default_factory=list)  # step-level: each price
     choices: list[Choice] = field(default_factory=list)  # ``+select``: each selection
+    selector_cpu_s: float = 0.0  # ``+select``: the CPU its selections took (thread time)
 
 
 def initial_demand(requests: Sequence[Request], levels: tuple[int, ...]) -> Demand:
@@ -102,6 +103,7 @@ class EventRun:
         self.done = 0
         self.start = 0.0
         self.selector: Selector | None = None
+        self.selector_cpu_s = 0.0
         if policy.select:
             setting = inputs.setting
             config = self.sched.config  # type: ignore[attr-defined]
@@ -132,20 +134,23 @@ class EventRun:
             elif kind == REPLAN and self.done < len(reqs) and (self.heap or self.sched.pending()):
                 if self.selector is not None and self.selector.due(now):
                     period = self.policy.replan_s
+                    t0 = time.thread_time()
                     self.selector.decide(  # type: ignore[arg-type]
                         now,
                         self.sched,
                         self.current,
                         (now + period, period, self.start),  # type: ignore[operator]
                     )
+                    self.selector_cpu_s += time.thread_time() - t0
                 self._replan(now, self.estimator.estimate(now, self.start))
                 self.push(now + self.policy.replan_s, REPLAN, None)  # type: ignore[operator]
             self._start_work(now)
         self._check_conservation()
         choices = self.selector.history if self.selector is not None else []
         return SimResult(
-            self.policy.name, self.records, self.planner_ms, self.plans, self.prices, choices
-        )
+            self.policy.name, self.records, self.planner_ms, self.plans, self.prices, choices,
+            self.selector_cpu_s,
+        )  # fmt: skip
 
     def _arrive(self, now: float, i: int) -> None:
         k_opt, has_neighbour = self._classify(i)

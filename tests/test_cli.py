@@ -171,8 +171,11 @@ def test_serve_application_builder_validates_its_arguments():
         app_builder({"bogus": "1"})
     with pytest.raises(InputError, match="localhost only"):
         app_builder({"host": "0.0.0.0"})
-    with pytest.raises(InputError, match=r"\+select runs in the simulator only"):
-        app_builder({"policy": "promptserve-step+select"})
+    with pytest.raises(InputError, match="policy 'nope' is not one of"):
+        app_builder({"policy": "nope"})
+    with pytest.raises(InputError, match="field select_cpu"):
+        app_builder({"policy": "promptserve-step+select", "select_cpu": "0"})
+    assert isinstance(app_builder({"policy": "promptserve-step+select"}), Application)
 
 
 def test_sweep_writes_every_point_and_the_plot(tmp_path):

@@ -278,3 +278,22 @@ def test_the_default_path_decides_the_same_on_both_clocks(tmp_path, kind_, rate_
     assert {0, 1} <= {g for g, *_ in served}
     if kind_ == "feature-cache":  # it chose intervals: the axis was exercised
         assert {r for _, _, r, _, _ in served} - {1}
+
+
+@pytest.mark.parametrize("rate_qpm", [MODERATE_QPM, OVERLOADED_QPM])
+def test_the_selector_chooses_the_same_on_both_clocks(tmp_path, rate_qpm):
+    """``+select``: the live runtime's selections (replays on a thread) are the simulator's,
+    at the same times with the same replayed scores, so every request is decided the same."""
+    requests = workload(rate_qpm, n=300)
+    got, runtime = live("promptserve-step+select", requests, tmp_path)
+    compare(simulated(runtime, requests), got)
+    embeddings = runtime.embedder.embed([r.prompt for r in requests])
+    inputs = SimInputs(
+        requests, embeddings, runtime.setting, runtime.quality, runtime.cache.thresholds
+    )
+    sim = [(c.at_s, c.chosen, c.scores) for c in simulate(runtime.policy, inputs).choices]
+    history = runtime.selection.selector.history
+    assert [(c.at_s, c.chosen, c.scores) for c in history] == sim
+    stats = runtime.selection.stats
+    assert stats.selections == len(sim) >= 5 and set(stats.scores) == {"price", "fastest"}
+    assert stats.cpu_s > 0 and stats.skipped["budget"] == 0

@@ -79,6 +79,7 @@ class ServeFile(BaseModel):
     feature_cache: Literal["off", "on"] = "on"  # where the engine has one (step-level only)
     r_max: int = Field(default=4, ge=1, le=63)  # the longest feature-cache interval
     max_inflight_megapixels: float | None = Field(default=None, gt=0)  # per GPU, step-level
+    select_cpu: float = Field(default=0.10, gt=0, le=1)  # ``+select``: its replays' core share
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)
     max_headers: int = Field(default=100, ge=8, le=10_000)
@@ -181,11 +182,7 @@ def server_config(s: ServeFile):
     from promptserve.profile import load_profile
     from promptserve.server import ServerConfig
 
-    if get_policy(s.policy).select:
-        raise InputError(
-            f"policy {s.policy!r}: +select runs in the simulator only so far (simulate, sweep); "
-            "the server serves a fixed rule"
-        )
+    get_policy(s.policy)  # a name it does not know is refused here, naming the choices
     if s.backend != "modeled":  # the modelled engine computes nothing on a device
         check_device(s.device)
     if s.profile is not None:
@@ -234,4 +231,5 @@ def server_config(s: ServeFile):
         s.feature_cache == "on",
         s.r_max,
         s.max_inflight_megapixels,
+        s.select_cpu,
     )

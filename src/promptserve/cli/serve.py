@@ -190,6 +190,15 @@ def serve_cmd(
         int | None,
         typer.Option(help="The longest feature-cache interval offered (default 4).", min=1, max=63),
     ] = None,
+    select_cpu: Annotated[
+        float | None,
+        typer.Option(
+            help="With a +select policy: the share of one core the selector's replays may take "
+            "(default 0.1); a selection past it, or due while the last still runs, is skipped.",
+            min=0.001,
+            max=1.0,
+        ),
+    ] = None,
     max_inflight_megapixels: Annotated[
         float | None,
         typer.Option(
@@ -322,6 +331,7 @@ def serve_cmd(
         "max_inflight_megapixels": max_inflight_megapixels,
         "feature_cache": feature_cache,
         "r_max": r_max,
+        "select_cpu": select_cpu,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
         "max_header_bytes": max_header_bytes,
         "max_headers": max_headers,

@@ -105,39 +105,67 @@ class Selector:
         """Replay the window under every candidate; switch ``sched`` to the best where it beats
         the one serving by ``margin``. Then keep a copy of ``sched`` and of ``running`` (the
         work its GPUs were handed and have not reported) as a later window's start.
-        ``replans``: the next re-plan's time, the period and the run's first arrival."""
+        ``replans``: the next re-plan's time, the period and the run's first arrival. The
+        live runtime calls the three parts itself, the replays off its event loop."""
+        window = self.window(now)
+        choice = self.score(now, window, replans) if window is not None else None
+        self.adopt(choice, sched)
+        self.keep(now, sched, running)
+        return choice
+
+    def window(self, now: float) -> Window | None:
+        """The state at the window's start and the arrivals since (None: nothing to replay);
+        the next selection is due a period on."""
         self.next_at = now + self.config.period_s
         while len(self._states) > 1 and self._states[1][0] <= now - self.config.window_s:
             self._states.popleft()  # the newest state at or before the window's start stays
-        choice = None
-        if self._states:
-            start, state = self._states[0]
-            while self._asks and self._asks[0][0] < start:
-                self._asks.popleft()
-            arrivals = list(self._asks)
-            if arrivals:
-                choice = self._choose(now, start, state, arrivals, replans)
-                if choice.switched:
-                    sched.use(self.chosen.config)
-        self._states.append((now, copy.deepcopy((sched, running))))
-        return choice
+        if not self._states:
+            return None
+        start, state = self._states[0]
+        while self._asks and self._asks[0][0] < start:
+            self._asks.popleft()
+        arrivals = list(self._asks)
+        return Window(start, state, arrivals) if arrivals else None
 
-    def _choose(self, now, start, state, arrivals, replans) -> Choice:  # noqa: ANN001
+    def keep(self, now: float, sched: StepScheduler, running: dict[int, Work]) -> None:
+        """A copy of the scheduler and of the work its GPUs run, a later window's start."""
+        self._states.append((now, copy.deepcopy((sched, running))))
+
+    def adopt(self, choice: Choice | None, sched: StepScheduler) -> None:
+        """Serve by the chosen candidate from now on, where the choice switched."""
+        if choice is not None and choice.switched:
+            self.current = [c.name for c in self.cands].index(choice.chosen)
+            sched.use(self.chosen.config)
+
+    def score(
+        self, now: float, window: Window, replans: tuple[float, float, float] | None
+    ) -> Choice:
+        """Each candidate's replay of ``window`` and the choice it makes (touches nothing the
+        serving scheduler reads: the live runtime runs it on a thread)."""
         period = replans[1] if replans else None
         scores = {}
-        first = (start + period, period, replans[2]) if replans and period else None
+        first = (window.start + period, period, replans[2]) if replans and period else None
         horizon = now + self.config.window_s  # every arrival of the window ends well before
         for cand in self.cands:
-            trial, running = copy.deepcopy(state)
+            trial, running = copy.deepcopy(window.state)
             trial.use(cand.config)
             scores[cand.name] = replay(
-                trial, start, arrivals, self.value, first, horizon, running
+                trial, window.start, window.arrivals, self.value, first, horizon, running
             ).value
         best = max(range(len(self.cands)), key=lambda i: scores[self.cands[i].name])
         gain = scores[self.cands[best].name] - scores[self.chosen.name]
         switched = best != self.current and gain > self.config.margin
-        if switched:
-            self.current = best
-        choice = Choice(now, scores, self.chosen.name, switched)
+        chosen = self.cands[best].name if switched else self.chosen.name
+        choice = Choice(now, scores, chosen, switched)
         self.history.append(choice)
         return choice
+
+
+@dataclass(frozen=True)
+class Window:
+    """What a selection replays: a copy of the scheduler and of its GPUs' work at ``start``,
+    and the arrivals since, as they were asked."""
+
+    start: float
+    state: tuple[StepScheduler, dict]
+    arrivals: list[tuple[float, Ask]]

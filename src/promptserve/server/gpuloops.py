@@ -63,6 +63,7 @@ class GpuLoops:
         self.rt = runtime
         self.next: list[Work | None] = [None] * count  # handed out, not yet taken
         self.running = [False] * count  # took a work, has not reported it
+        self.taken: dict[int, Work] = {}  # per GPU: the work it took and has not reported
         self.wake = [asyncio.Event() for _ in range(count)]
         # set when a boundary is wanted now: a GPU running several steps in one call stops
         # after the step it is on
@@ -78,6 +79,15 @@ class GpuLoops:
             return
         self.next[g] = work
         self.wake[g].set()
+
+    def unreported(self) -> dict[int, Work]:
+        """Per GPU, the work it was handed and has not reported (taken or waiting to be), as
+        the simulator's ``current``: the state a replay starts from (``+select``)."""
+        out = dict(self.taken)
+        for g, work in enumerate(self.next):
+            if work is not None and g not in out:
+                out[g] = work
+        return out
 
     def cancel(self, job_id: int) -> None:
         """A cancelled member: its worker drops it before its next step."""
@@ -109,6 +119,7 @@ class GpuLoops:
                 await self.rt.pause(math.inf, self.wake[g])
                 continue
             self.running[g] = True
+            self.taken[g] = work
             self.interrupt[g].clear()
             try:
                 await self._run(g, work)
@@ -123,6 +134,7 @@ class GpuLoops:
                     log.exception("GPU %d could not fail its jobs", g)
             finally:
                 self.running[g] = False
+                self.taken.pop(g, None)
 
     async def _run(self, g: int, work: Work) -> None:
         rt = self.rt

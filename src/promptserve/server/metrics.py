@@ -117,6 +117,27 @@ GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "and adapters pushed out (eviction), summed over the in-process workers",
         ("event",),
     ),
+    "selector_chosen": (
+        "promptserve_selector_chosen",
+        "+select: 1 for the rule serving now, 0 for each other candidate",
+        ("candidate",),
+    ),
+    "selector_score": (
+        "promptserve_selector_replayed_quality",
+        "+select: each candidate's effective quality in the last selection's replay (percent)",
+        ("candidate",),
+    ),
+    "selector_events": (
+        "promptserve_selector_selections",
+        "+select: selections made, switches of rule, and selections skipped (budget: the "
+        "replays used their CPU share; busy: the last was still running)",
+        ("event",),
+    ),
+    "selector_cpu": (
+        "promptserve_selector_cpu_seconds",
+        "+select: thread CPU seconds the replays took, all together",
+        (),
+    ),
     "inflight": (
         "promptserve_inflight",
         "Requests in a GPU's running batch (step-level serving)",

@@ -11,6 +11,7 @@ from promptserve.engine.adapterbank import residency_stats
 from promptserve.engine.sizes import label
 from promptserve.server.metrics import History, Metrics, exposition
 from promptserve.server.runtime import LiveRuntime
+from promptserve.server.selection import SelectionStats
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,22 @@ def scrape(runtime: LiveRuntime, metrics: Metrics) -> bytes:
     metrics.evictions.set(stats["evictions"])
     metrics.evicted_bytes.set(stats["evicted_bytes"])
     metrics.embed_rows.set(getattr(runtime.embedder, "rows", 0))  # a cached embedder's
+    if runtime.selection is not None:
+        selection(runtime.selection.stats, metrics)
     return exposition(metrics)
+
+
+def selection(stats: SelectionStats, metrics: Metrics) -> None:
+    """``+select``: the rule serving, each candidate's last replay, what the selector did."""
+    for name in stats.candidates:
+        metrics.selector_chosen.labels(name).set(int(name == stats.chosen))
+        if name in stats.scores:
+            metrics.selector_score.labels(name).set(stats.scores[name])
+    metrics.selector_events.labels("selection").set(stats.selections)
+    metrics.selector_events.labels("switch").set(stats.switches)
+    for reason, n in stats.skipped.items():
+        metrics.selector_events.labels(f"skipped_{reason}").set(n)
+    metrics.selector_cpu.set(stats.cpu_s)
 
 
 async def record(runtime: LiveRuntime, metrics: Metrics, history: History) -> None:

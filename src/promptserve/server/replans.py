@@ -10,19 +10,21 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from promptserve.policy.contract import Scheduler
+from promptserve.policy.contract import Scheduler, Work
 from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.planning import until_replan
 from promptserve.policy.policies import Policy
 from promptserve.policy.types import Demand
 from promptserve.server.clock import Pause
 from promptserve.server.requests import Counters
+from promptserve.server.selection import LiveSelection
 from promptserve.workers.base import Workers
 
 log = logging.getLogger(__name__)
 
 
-class Forgets(Protocol):
+class GpuWork(Protocol):
+    def unreported(self) -> dict[int, Work]: ...
     def forget(self, g: int) -> None: ...
 
 
@@ -40,7 +42,8 @@ class Host(Protocol):
     first_arrival: float | None
     arrived: asyncio.Event
     planned_for: Demand | None  # the demand of the last plan or price
-    gpus: Forgets
+    gpus: GpuWork
+    selection: LiveSelection | None
 
     def hand_out(self) -> None: ...
 
@@ -66,10 +69,20 @@ class Replans:
                 continue
             try:
                 back = await self.take_back() if down else []
+                await self.select(period)
                 await self.replan(rt.estimator.estimate(rt.clock(), rt.started), bool(back))
             except Exception:  # one failed iteration must not end the loop
                 log.exception("re-plan iteration failed")
                 rt.counters.loop_errors += 1
+
+    async def select(self, period: float) -> None:
+        """``+select``: a selection when due, before the re-price as in the simulator; its
+        replays run on a thread (``selection.py``)."""
+        rt, now = self.rt, self.rt.clock()
+        if rt.selection is None or not rt.selection.due(now):
+            return
+        replans = (now + period, period, rt.started)
+        await rt.selection.tick(now, rt.sched, rt.gpus.unreported, replans, rt.clock)  # type: ignore[arg-type]
 
     async def replan(self, demand: Demand, force: bool = False) -> None:
         """The policy's plan or price for ``demand`` (``force``: GPUs came back, even for a

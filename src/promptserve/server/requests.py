@@ -12,6 +12,8 @@ import numpy as np
 
 from promptserve.cache.approx import CacheHit
 from promptserve.engine.base import PLAIN, GenerationItem, GenerationResult, Look
+from promptserve.policy.contract import Arrival
+from promptserve.policy.types import Status
 from promptserve.workers.base import StoreRefs
 
 
@@ -120,3 +122,18 @@ class Counters:
         total = self.stages.setdefault(name, [0.0, 0])
         total[0] += seconds
         total[1] += requests
+
+
+def ended_at_once(
+    arrival: Arrival, slo_s: float, counters: Counters, backlog_s: Callable[[], float]
+) -> Exception:
+    """Why a request ends at intake: a deadline no run can meet (for good), a refusal (retry
+    after the backlog, at least a second) or a drop."""
+    if arrival.unmeetable_s is not None:
+        counters.by_outcome["refused"] += 1
+        return Unmeetable(slo_s, arrival.unmeetable_s)
+    if arrival.ended is not None and arrival.ended.status == Status.REFUSED:
+        counters.by_outcome["refused"] += 1
+        return Refused(retry_after_s=max(1.0, backlog_s()))
+    counters.by_outcome["dropped"] += 1
+    return Dropped("the deadline cannot be met at any level")

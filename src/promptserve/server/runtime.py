@@ -30,7 +30,7 @@ from promptserve.engine.runner import engine_level
 from promptserve.engine.sizes import shape_index, shape_table
 from promptserve.errors import Cancelled
 from promptserve.policy import Policy, Setting, Status
-from promptserve.policy.contract import Arrival, Ask, LoadSnapshot, Scheduler
+from promptserve.policy.contract import Ask, LoadSnapshot, Scheduler
 from promptserve.policy.intake import request_deadline
 from promptserve.policy.planning import first_demand
 from promptserve.policy.types import Demand, Outcome
@@ -52,7 +52,9 @@ from promptserve.server.requests import (
     Refused,
     Served,
     Unmeetable,
+    ended_at_once,
 )
+from promptserve.server.selection import DEFAULT_CPU_SHARE, LiveSelection
 from promptserve.workers.base import StoreRefs, Workers
 from promptserve.workers.execute import Executed
 
@@ -96,6 +98,7 @@ class LiveRuntime:
         expected_qpm: float = 1.0,
         pause: Pause = wall_pause,
         seeds: Callable[[], int] = random_seed,
+        select_cpu: float = DEFAULT_CPU_SHARE,
     ) -> None:
         """``clock`` and ``pause`` are every reading of time and every wait of the loops: a
         test drives the runtime on a clock of its own by passing both. ``seeds`` gives an
@@ -138,6 +141,9 @@ class LiveRuntime:
         # that cannot be made here stops the server from starting
         self.planned_for: Demand | None = first_demand(expected_qpm, self.levels)
         self.sched.replan(clock(), self.planned_for)
+        self.selection = LiveSelection.of(  # ``+select``: the rule chosen online
+            policy, self.sched, setting, quality, workers.total_steps, select_cpu, self.started
+        )
 
     def start(self) -> None:
         loops = [self.gpus.loop(g) for g in range(self.workers.count)]
@@ -257,29 +263,19 @@ class LiveRuntime:
         shape = shape_index(self.shapes, look.size)
         adapters = tuple(sorted({self.adapter_ids[name] for name, _ in look.lora}))
         ask = Ask(job_id, now + slo_s, k_opt, self._has_neighbour(hit), shape, adapters, exact)
+        if self.selection is not None:
+            self.selection.observe(now, ask)
         arrival = self.sched.intake(now, ask)
         p.deadline_s = request_deadline(arrival.job)
         p.queued_at = self.clock()
         self.counters.stage("intake", p.queued_at - looked_up)
         if arrival.ended is not None:
             del self.pending[job_id]
-            raise self._ended_at_once(arrival, slo_s, now)
+            raise ended_at_once(arrival, slo_s, self.counters, lambda: self.sched.backlog_s(now))
         self.hand_out()
         if handle is not None:  # a job's caller hears it is queued, and where it was routed
             handle.accept(job_id, arrival.job.level, hit.similarity if hit else None)
         return future
-
-    def _ended_at_once(self, arrival: Arrival, slo_s: float, now: float) -> Exception:
-        """Why a request ends at intake: a deadline no run can meet (for good), a refusal
-        (retry later) or a drop."""
-        if arrival.unmeetable_s is not None:
-            self.counters.by_outcome["refused"] += 1
-            return Unmeetable(slo_s, arrival.unmeetable_s)
-        if arrival.ended is not None and arrival.ended.status == Status.REFUSED:
-            self.counters.by_outcome["refused"] += 1
-            return Refused(retry_after_s=max(1.0, self.sched.backlog_s(now)))
-        self.counters.by_outcome["dropped"] += 1
-        return Dropped("the deadline cannot be met at any level")
 
     async def _lookup(self, tenant: str, vec: np.ndarray, exact: bool) -> CacheHit | None:
         """Its cached neighbour (None for an exact request: it runs as a miss does)."""

@@ -67,6 +67,7 @@ class ServerConfig:
     r_max: int = 4  # the longest interval offered
     # the most megapixels in flight on one GPU (step-level: a join past it waits); None: none
     max_inflight_megapixels: float | None = None
+    select_cpu: float = 0.10  # ``+select``: the share of one core its replays may take
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -198,7 +199,7 @@ def runtime_for(
     setting = Setting(tuple(profile for _ in range(workers.count)), qm.matrix(), slo_s, interval_q)
     return LiveRuntime(
         workers, cache, embedder, policy, setting, qm, clock=clock,
-        expected_qpm=config.expected_qpm, pause=pause,
+        expected_qpm=config.expected_qpm, pause=pause, select_cpu=config.select_cpu,
     )  # fmt: skip
 
 

@@ -110,7 +110,7 @@ def test_simulate_writes_the_report_files(tmp_path):
     out = run(
         "simulate",
         "--policies",
-        "argus+shed+admit,promptserve",
+        "argus+shed+admit,promptserve,promptserve-step+select",
         "--prompts",
         str(prompts),
         "--arrivals",
@@ -128,7 +128,9 @@ def test_simulate_writes_the_report_files(tmp_path):
     )
     assert out.exit_code == 0, out.output
     report = json.loads((out_dir / "report.json").read_text())
-    assert set(report["policies"]) == {"argus+shed+admit", "promptserve"}
+    assert set(report["policies"]) == {"argus+shed+admit", "promptserve", "promptserve-step+select"}
+    sel = report["policies"]["promptserve-step+select"]["selector"]
+    assert sel["selections"] >= 10 and abs(sum(sel["chosen_share"].values()) - 1.0) < 0.01
     assert set(report["oracle"]) == {
         "effective_quality_upper_bound",
         "slo_violation_ratio_lower_bound",
@@ -142,6 +144,7 @@ def test_simulate_writes_the_report_files(tmp_path):
     assert (out_dir / "timeline.png").read_bytes()[:4] == b"\x89PNG"
     md = (out_dir / "report.md").read_text()
     assert "| promptserve |" in md
+    assert f"promptserve-step+select: {sel['selections']} selections" in md
     assert "## Glossary" in md and "- **oracle bound**:" in md  # the report explains itself
     assert md.splitlines()[2].startswith("Run: ") and "{" not in md  # no raw config JSON
 

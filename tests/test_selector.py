@@ -116,3 +116,40 @@ def test_value_shedding_floors_at_the_class_worth_least_per_step():
     assert not any(pricing.worth(j) for j in misses)
     sched.replan(0.0, Demand(10.0, mix))  # slack: no floor
     assert pricing.floor == 0.0 and all(pricing.worth(j) for j in misses)
+
+
+def test_metrics_show_the_rule_serving_its_replays_and_what_the_selector_did():
+    from promptserve.server.metrics import Metrics, exposition
+    from promptserve.server.observer import selection
+    from promptserve.server.selection import SelectionStats
+
+    stats = SelectionStats(
+        chosen="fastest", scores={"price": 91.5, "fastest": 93.25}, selections=7, switches=2,
+        skipped={"budget": 3}, cpu_s=0.75, candidates=("price", "fastest"),
+    )  # fmt: skip
+    metrics = Metrics()
+    selection(stats, metrics)
+    text = exposition(metrics).decode()
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert float(lines['promptserve_selector_chosen{candidate="fastest"}']) == 1.0
+    assert float(lines['promptserve_selector_chosen{candidate="price"}']) == 0.0
+    assert float(lines['promptserve_selector_replayed_quality{candidate="fastest"}']) == 93.25
+    assert float(lines['promptserve_selector_selections{event="switch"}']) == 2.0
+    assert float(lines['promptserve_selector_selections{event="skipped_budget"}']) == 3.0
+    assert float(lines["promptserve_selector_cpu_seconds"]) == 0.75
+
+
+def test_a_selection_past_its_cpu_budget_is_skipped_and_keeps_a_state():
+    import asyncio
+
+    from promptserve.server.selection import LiveSelection
+
+    inputs = poisson(60, 2, gpus=2, seed=5)
+    sched = STEP.scheduler(inputs.setting, inputs.seed)
+    sched.replan(0.0, initial_demand(inputs.requests, sched.spec.levels))
+    live = LiveSelection(sched, EventRun(STEP, inputs, None)._value, False, cpu_share=0.1)
+    live.stats.cpu_s = 5.0  # already past 10% of the 20 s since start
+    got = asyncio.run(live.tick(20.0, sched, dict, None, lambda: 20.0))
+    assert got is None and live.stats.skipped["budget"] == 1 and live.stats.selections == 0
+    assert not live.due(25.0) and live.due(30.0)  # the next one a period on
+    assert len(live.selector._states) == 1  # a later window starts from here

@@ -83,6 +83,16 @@ def compare(
         )
         results.append(res)
         rows[policy.name] = res.records.summary(res.planner_ms)
+        if res.choices:  # ``+select``: what it served with, and what choosing cost
+            chosen = [c.chosen for c in res.choices]
+            rows[policy.name]["selector"] = {
+                "selections": len(chosen),
+                "switches": sum(c.switched for c in res.choices),
+                "chosen_share": {
+                    n: round(chosen.count(n) / len(chosen), 3) for n in sorted(set(chosen))
+                },
+                "cpu_s": round(res.selector_cpu_s, 3),
+            }
         timeline = res.records.per_minute()
         minutes = len(timeline["offered_qpm"])
         timeline["gpus_per_level"] = gpus_per_minute(res.plans, levels, minutes)

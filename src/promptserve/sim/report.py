@@ -96,6 +96,15 @@ def markdown(report: dict, title: str = "Simulated comparison") -> str:
     lines.append("|---" * (len(COLUMNS) + 1) + "|")
     for name, row in report["policies"].items():
         lines.append(f"| {name} | " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
+    for name, row in report["policies"].items():
+        if "selector" in row:
+            sel = row["selector"]
+            shares = ", ".join(f"{n} {s:.0%}" for n, s in sel["chosen_share"].items())
+            lines += [
+                "",
+                f"{name}: {sel['selections']} selections, {sel['switches']} switches; serving "
+                f"by {shares} of them; its replays took {sel['cpu_s']} s of CPU.",
+            ]
     o = report["oracle"]
     if o.get("effective_quality_upper_bound") is None:
         lines += [

@@ -225,8 +225,11 @@ class EventRun:
 
     def _lookup(self, i: int) -> tuple[float, int]:
         """Nearest cached entry of request i's tenant: (similarity, entry id or -1)."""
-        next_finish = min((served_by(w) for w in self.current.values()), default=math.inf)
-        return self.lookups.nearest(i, next_finish)
+        return self.lookups.nearest(i, self._next_finish)
+
+    def _next_finish(self) -> float:
+        """When the cache index next changes: the earliest a running work serves anyone."""
+        return min((served_by(w) for w in self.current.values()), default=math.inf)
 
     def _served(self, now: float, outcome: Outcome) -> None:
         """A request answered: its record, its neighbour's hit, its own cache entry."""

@@ -13,7 +13,7 @@ sends the arrival back to a full scan.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -41,10 +41,10 @@ class Lookups:
             self.removed_at = self.index.version
         self.inserts.setdefault(tenant, _Journal(self.index.dim)).add(result.entry.id, vec)
 
-    def nearest(self, i: int, until_s: float | None = None) -> tuple[float, int]:
+    def nearest(self, i: int, until_s: Callable[[], float] | None = None) -> tuple[float, int]:
         """Request ``i``'s nearest entry of its tenant: (similarity, entry id or -1).
-        ``until_s``: when the index next changes, if known (arrivals before it are looked up
-        with ``i``, at no extra cost to bring up to date)."""
+        ``until_s``: when the index next changes, if known (an approximate index looks up
+        ahead only the arrivals before it: its answers cannot be brought up to date)."""
         tenant = self.requests[i].tenant
         done = self.ahead.pop(i, None)
         if done is not None:
@@ -65,11 +65,11 @@ class Lookups:
             return float(sims[best]), journal.ids[seen + best]
         return sim, entry
 
-    def _scan(self, i: int, tenant: str, until_s: float | None) -> tuple[float, int]:
+    def _scan(self, i: int, tenant: str, until_s: Callable[[], float] | None) -> tuple[float, int]:
         reqs = self.requests
         ids = [i]
         j = i + 1
-        limit = until_s if until_s is not None and not self.index.exact(tenant) else np.inf
+        limit = until_s() if until_s is not None and not self.index.exact(tenant) else np.inf
         while j < len(reqs) and len(ids) < AHEAD and reqs[j].tenant == tenant:
             if reqs[j].arrival_s >= limit:
                 break

@@ -53,7 +53,16 @@ class Fit:
         boundary before ``job``, at their fastest level), their finish times after ``job``
         joins at level K and interval ``r`` (``job``'s at ``pos``), and before (None without
         members)."""
-        r_new = self.spec.profile.total_steps - k
+        held = self.held(gpu, job, at, ahead, done)
+        deadlines, after, pos = self.after(held, job, k, r)
+        return deadlines, after, self.before(held), pos
+
+    def held(
+        self, gpu: StepGpu, job: Job, at: float, ahead: Sequence[Job], done: int
+    ) -> tuple[float, list[int], list[float], list[int] | None, int]:
+        """What a join to ``gpu`` at ``at`` meets: the time its steps start (after the adapter
+        loads of ``job`` and ``ahead``), the steps left, deadlines and kinds of the members
+        and of ``ahead`` (at their fastest), ascending by steps left, and how many join."""
         done = gpu.done if done < 0 else done
         mixed = self.spec.profile.mixed
         by_id = gpu.by_id
@@ -62,27 +71,37 @@ class Fit:
             m = by_id[jid]
             return kind(m.job.shape, m.r)
 
-        held = [(end - done, d, member_kind(jid) if mixed else 0) for end, d, jid in gpu.members]
+        members = [(end - done, d, member_kind(jid) if mixed else 0) for end, d, jid in gpu.members]
         if self.spec.profile.adapter_slots:  # the adapters it and those ahead load first
             named = [a for j in (*ahead, job) for a in j.adapters]
             at += gpu.resident.missing(named) * self.spec.profile.adapter_load_s
         if ahead:
             total = self.spec.profile.total_steps
             fast = [(j, *self.spec.fastest(j)) for j in ahead]
-            held = sorted(
-                held + [(total - fk, j.deadline_s, kind(j.shape, fr)) for j, fk, fr in fast]
+            members = sorted(
+                members + [(total - fk, j.deadline_s, kind(j.shape, fr)) for j, fk, fr in fast]
             )
-        rem = [left for left, _, _ in held]
-        deadlines = [d for _, d, _ in held]
+        rem = [left for left, _, _ in members]
+        deadlines = [d for _, d, _ in members]
+        shapes = [s for _, _, s in members] if mixed else None
+        return at, rem, deadlines, shapes, len(ahead)
+
+    def after(self, held: tuple, job: Job, k: int, r: int) -> tuple[list[float], list[float], int]:
+        """The members' deadlines, every finish time once ``job`` joins at (K, r) (its own at
+        the position returned)."""
+        at, rem, deadlines, shapes, ahead = held
+        r_new = self.spec.profile.total_steps - k
         pos = bisect.bisect_right(rem, r_new)
         with_new = rem[:pos] + [r_new] + rem[pos:]
-        shapes = [s for _, _, s in held] if mixed else None
         new_shapes = (
             shapes[:pos] + [kind(job.shape, r)] + shapes[pos:] if shapes is not None else None
         )
-        after = finishes(self.spec.profile, at, with_new, 1 + len(ahead), new_shapes)
-        before = finishes(self.spec.profile, at, rem, len(ahead), shapes) if rem else None
-        return deadlines, after, before, pos
+        return deadlines, finishes(self.spec.profile, at, with_new, 1 + ahead, new_shapes), pos
+
+    def before(self, held: tuple) -> list[float] | None:
+        """The members' finish times without the join (None without members)."""
+        at, rem, _, shapes, ahead = held
+        return finishes(self.spec.profile, at, rem, ahead, shapes) if rem else None
 
     def fits(
         self,
@@ -101,15 +120,18 @@ class Fit:
         (default: now, at a boundary); ``r``: its feature-cache interval."""
         if not self.room(gpu, job, ahead):
             return False
-        deadlines, after, before, pos = self.with_new(gpu, job, k, at, ahead, done, r)
+        held = self.held(gpu, job, at, ahead, done)
+        deadlines, after, pos = self.after(held, job, k, r)
         if after[pos] > job.deadline_s + EPS:
             return False
-        if before is None:
-            return True
+        before: list[float] | None = None  # only where a member would be late
         for i, d in enumerate(deadlines):
             f = after[i if i < pos else i + 1]
-            if f > d + EPS and f > before[i] + EPS:
-                return False
+            if f > d + EPS:
+                if before is None:
+                    before = self.before(held)
+                if f > before[i] + EPS:  # type: ignore[index]
+                    return False
         return True
 
     def can_ever_finish(self, job: Job, now: float) -> bool:

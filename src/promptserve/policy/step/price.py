@@ -36,6 +36,7 @@ class Pricing:
     ) -> None:
         self.spec, self.cluster, self.sizes, self.excess = spec, cluster, sizes, excess
         self._built_for: StepSpec | None = None  # the spec ``_tables`` were built for
+        self._member_table: dict[int, tuple[tuple, list[float]]] = {}  # per interval
         self.price = 0.0
         self.busy_at = spec.cap  # members past which a GPU is full (set with the price)
         self.pace_s = math.inf  # an iteration past which a GPU is full (with the price)
@@ -229,7 +230,17 @@ class Pricing:
         """The largest in-flight count at which ``steps`` steps (of members at feature-cache
         interval ``r``) take at most ``SLO_SHARE`` of the SLO (at least 1)."""
         n = 1
-        for b in range(1, self.spec.cap + 1):
-            if steps * self.sizes.member_s(b, None, r) <= SLO_SHARE * slo_s:
+        for b, member_s in enumerate(self._member_s(r), start=1):
+            if steps * member_s <= SLO_SHARE * slo_s:
                 n = b
         return n
+
+    def _member_s(self, r: int) -> list[float]:
+        """``sizes.member_s(b, None, r)`` for b = 1 .. cap, kept while the size mix and the
+        spec stay (a re-price asks for it at every step of its search)."""
+        key = (self.spec, self.sizes.shares)
+        held = self._member_table.get(r)
+        if held is None or held[0] != key:
+            times = [self.sizes.member_s(b, None, r) for b in range(1, self.spec.cap + 1)]
+            held = self._member_table[r] = (key, times)
+        return held[1]

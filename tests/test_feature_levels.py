@@ -279,3 +279,17 @@ def test_a_run_at_two_intervals_keeps_each_part_s_share():
     assert kept_by_intervals(q, 4, ((1, 10), (2, 10)), 40) == pytest.approx(
         (10 * 100 + 10 * 99 + 20 * 97) / 4000
     )
+
+
+def test_a_rule_switch_rebuilds_the_price_tables_for_the_new_options():
+    """``use`` (the selector) to the price at the longest interval: the options and the
+    tables that index them change together, so every choice names an option at r = 4."""
+    sched = scheduler()
+    demand = Demand(140.0, (0.2, 0.4, 0.2, 0.1, 0.05, 0.05))
+    sched.reprice(demand, 21.0)
+    assert len(sched.pricing.options) == 24  # 6 levels x 4 intervals
+    sched.use(dataclasses.replace(sched.config, max_r=True))
+    assert sched.pricing.options == [(j, 4) for j in range(6)]
+    for table in (sched.pricing.choice, sched.pricing.choice_lo, *sched.pricing.at_top):
+        assert all(0 <= o < 6 for row in table for o in row)
+    assert sched.levels.preferred(dataclasses.replace(_job(), k_max=25), 0.0)[1] == 4

@@ -37,6 +37,7 @@ class Pricing:
         self.spec, self.cluster, self.sizes, self.excess = spec, cluster, sizes, excess
         self._built_for: StepSpec | None = None  # the spec ``_tables`` were built for
         self._member_table: dict[int, tuple[tuple, list[float]]] = {}  # per interval
+        self.last: tuple[Demand, float] | None = None  # what it last priced for
         self.price = 0.0
         self.busy_at = spec.cap  # members past which a GPU is full (set with the price)
         self.pace_s = math.inf  # an iteration past which a GPU is full (with the price)
@@ -101,6 +102,7 @@ class Pricing:
         so at the price found the class that moves is split: a share ``split`` of its
         requests (drawn per request, deterministically) takes the cheaper level, so that the
         work matches the capacity instead of undershooting it."""
+        self.last = (demand, slo_s)
         fastest = self.spec.profile.total_steps - self.spec.levels[-1]
         self.excess.capacity_per_s = self.steps_capacity(slo_s, fastest)
         key = (slo_s, tuple(round(p, 2) for p in self.sizes.shares))

@@ -102,6 +102,8 @@ class StepScheduler:
         for part in (*parts, self.admission, self.placement, self.life):
             part.spec = spec
         self.spec, self.config = spec, config
+        if self.pricing.last is not None:  # its tables index the new rule's options
+            self.pricing.reprice(*self.pricing.last)
 
     gpus = property(lambda self: self.cluster.gpus)
     price = property(lambda self: self.pricing.price)

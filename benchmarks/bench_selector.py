@@ -8,6 +8,9 @@ fastest pair (``continuous-ht+shed+admit``, ``+max-r`` with feature caching), an
 caching the price at the longest interval (``promptserve-step+max-r``); the best fair rival is
 ``policies.is_fair_rival``'s, as in the headline.
 
+``--sweeps argus-8gpu`` adds the published Argus shape at 10x on 8 GPUs (long: about 19,600
+requests a run).
+
 Then the selector's CPU: thread CPU of its replays per simulated minute, Poisson at 50
 queries/minute per GPU for 5 minutes, at 2 and 64 GPUs (``--cpu-gpus``).
 
@@ -30,10 +33,11 @@ import bench_policies as bp
 from promptserve.cache.embed import make_embedder
 from promptserve.cache.thresholds import shipped_thresholds
 from promptserve.policy import parse_policies
-from promptserve.profile import reference_profile
+from promptserve.policy.policies import fair_policies
+from promptserve.profile import reference_profile, with_feature_cache
 from promptserve.sim.figures import FIGURES
 from promptserve.sim.simulator import simulate
-from promptserve.sim.sweep import SweepConfig, point_inputs
+from promptserve.sim.sweep import SweepConfig, point_inputs, run_sweep
 from promptserve.workload import load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +45,36 @@ SELECT = "promptserve-step+select"
 FIXED = {"off": ["continuous-ht+shed+admit"], "on": ["promptserve-step+max-r"]}
 
 
+ARGUS = "argus-8gpu"  # the published shape at 10x, 8 GPUs (``--sweeps`` names it to run it)
+
+
 def _run(args: tuple) -> tuple[tuple, dict]:
     penalty, fc, sweep, rate, seeds = args
     bp.STATE["penalty"] = penalty
     bp.STATE["extra"] = [SELECT, *FIXED[fc]] if fc == "on" else [SELECT]
+    if sweep == ARGUS:
+        return (penalty, fc, sweep, rate), _argus(penalty, fc, seeds)
     return (penalty, fc, sweep, rate), bp._job(("held-out", fc, sweep, rate, seeds))[1]
+
+
+def _argus(penalty: str, fc: str, seeds: tuple[int, ...]) -> dict:
+    config = SweepConfig(
+        "argus",
+        (None,),
+        seeds,
+        8,
+        bp.SLO_S,
+        penalty,
+        None,
+        10.0,
+        split="held-out",  # type: ignore[arg-type]
+    )
+    profile = with_feature_cache(reference_profile()) if fc == "on" else reference_profile()
+    policies = parse_policies(",".join([fair_policies(fc == "on"), *bp.STATE["extra"]]))
+    return run_sweep(
+        policies, bp.STATE["prompts"], bp.STATE["vecs"], profile, shipped_thresholds("minilm"),
+        config,
+    )  # fmt: skip
 
 
 def point(result: dict, fc: str) -> dict:
@@ -108,7 +137,7 @@ def main() -> None:
         for pen in args.penalty.split(",")
         for fc in args.feature_cache.split(",")
         for sweep in args.sweeps.split(",")
-        for rate in bp.SWEEPS[sweep][1]
+        for rate in (bp.SWEEPS[sweep][1] if sweep != ARGUS else (0,))
     ]
     jobs.sort(key=lambda j: -j[3])
     t0 = time.perf_counter()

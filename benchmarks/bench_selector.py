@@ -14,7 +14,7 @@ requests a run).
 Then the selector's CPU: thread CPU of its replays per simulated minute, Poisson at 50
 queries/minute per GPU for 5 minutes, at 2 and 64 GPUs (``--cpu-gpus``).
 
-``--docs`` writes ``docs/figures/selector.json``. Prints one JSON line.
+``--docs`` writes ``docs/figures/selector.json``, ``--out FILE`` the same JSON anywhere. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--sweeps", default=",".join(bp.SWEEPS))
     parser.add_argument("--cpu-gpus", default="2,64")
     parser.add_argument("--docs", action="store_true", help="write docs/figures/selector.json")
+    parser.add_argument("--out", default=None, help="also write the whole JSON here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     seeds = tuple(int(s) for s in args.seeds.split(","))
@@ -152,7 +154,7 @@ def main() -> None:
     ]
     out = {
         "bench": "selector",
-        "command": "python benchmarks/bench_selector.py --penalty steep,mild --docs",
+        "command": " ".join(["python", "benchmarks/bench_selector.py", *sys.argv[1:]]),
         "split": "held-out",
         "seeds": list(seeds),
         "results": results,
@@ -169,6 +171,8 @@ def main() -> None:
     }
     if args.docs:
         (ROOT / FIGURES / "selector.json").write_text(json.dumps(out, indent=1) + "\n")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "results"}))
 
 

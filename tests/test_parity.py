@@ -297,3 +297,30 @@ def test_the_selector_chooses_the_same_on_both_clocks(tmp_path, rate_qpm):
     stats = runtime.selection.stats
     assert stats.selections == len(sim) >= 5 and set(stats.scores) == {"price", "fastest"}
     assert stats.cpu_s > 0 and stats.skipped["budget"] == 0
+
+
+def test_a_failing_selection_keeps_the_rule_and_the_re_price(tmp_path, monkeypatch):
+    """Replays that raise cost nothing but a logged loop error: the rule serving stays and
+    the re-price still comes, so every request is decided as plain ``promptserve-step``."""
+    from promptserve.server.selection import LiveSelection
+
+    def broken(self, now, window, replans):  # noqa: ANN001, ANN202
+        raise RuntimeError("a replay failed")
+
+    monkeypatch.setattr(LiveSelection, "_score", broken)
+    requests = workload(MODERATE_QPM, n=200)
+    got, runtime = live("promptserve-step+select", requests, tmp_path)
+    assert runtime.counters.loop_errors >= 5 and runtime.selection.stats.selections == 0
+    embeddings = runtime.embedder.embed([r.prompt for r in requests])
+    inputs = SimInputs(
+        requests, embeddings, runtime.setting, runtime.quality, runtime.cache.thresholds
+    )
+    rec = simulate(get_policy("promptserve-step"), inputs).records
+    plain = {
+        r.id: (
+            int(rec.gpu[r.id]), int(rec.level[r.id]), 1, Status(int(rec.status[r.id])).name,
+            float(rec.finish_s[r.id]) if rec.status[r.id] == Status.SERVED else math.nan,
+        )
+        for r in requests
+    }  # fmt: skip
+    compare(plain, got)

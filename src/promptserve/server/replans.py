@@ -82,7 +82,11 @@ class Replans:
         if rt.selection is None or not rt.selection.due(now):
             return
         replans = (now + period, period, rt.started)
-        await rt.selection.tick(now, rt.sched, rt.gpus.unreported, replans, rt.clock)  # type: ignore[arg-type]
+        try:  # a failed selection keeps the rule serving; the re-price still comes
+            await rt.selection.tick(now, rt.sched, rt.gpus.unreported, replans, rt.clock)  # type: ignore[arg-type]
+        except Exception:
+            log.exception("selection failed; the rule serving stays")
+            rt.counters.loop_errors += 1
 
     async def replan(self, demand: Demand, force: bool = False) -> None:
         """The policy's plan or price for ``demand`` (``force``: GPUs came back, even for a

@@ -49,7 +49,7 @@ def test_an_edit_equals_the_diffusers_img2img_pipeline(family):
     pipe.set_progress_bar_config(disable=True)
     image, steps, seed = picture(), 6, 11
     for strength in (0.3, 0.6, 1.0):
-        k, start = edit_start(c, image, strength, seed, steps)
+        k, start, _ = edit_start(c, image, strength, seed, steps)
         assert k == start_step(steps, strength, c.family)
         ours, _ = denoise(c, start, ["a red fox"], k, steps, [], guidance)
         kwargs = {"max_sequence_length": c.max_sequence_length} if c.family != "unet" else {}
@@ -68,3 +68,65 @@ def test_an_edit_equals_the_diffusers_img2img_pipeline(family):
     assert torch.abs(edit_start(c, image, 0.6, seed + 1, steps)[1] - base).max() > 1e-2
     # the image is where it starts: another image, another start latent at the same seed
     assert torch.abs(edit_start(c, picture(1), 0.6, seed, steps)[1] - base).max() > 1e-2
+
+
+INPAINT = {
+    "tiny": diffusers.StableDiffusionInpaintPipeline,
+    "sdxl": diffusers.StableDiffusionXLInpaintPipeline,
+    "sd3": diffusers.StableDiffusion3InpaintPipeline,
+    "flux": diffusers.FluxInpaintPipeline,
+}
+
+
+def hole() -> Image.Image:
+    """White (paint) in a rectangle, black (keep) elsewhere: diffusers' convention."""
+    m = np.zeros((64, 64), dtype=np.uint8)
+    m[16:48, 8:40] = 255
+    return Image.fromarray(m)
+
+
+@pytest.mark.parametrize("family", sorted(INPAINT))
+def test_an_inpainting_equals_the_diffusers_inpaint_pipeline(family):
+    c = build(family)
+    guidance = 7.5 if c.family == "unet" else 3.5
+    pipe = INPAINT[family](**pipeline_for(c, guidance).components, **IMG2IMG[family][1])
+    pipe.set_progress_bar_config(disable=True)
+    image, steps, seed = picture(), 6, 11
+    for strength in (0.3, 0.6, 1.0):
+        k, start, member = edit_start(c, image, strength, seed, steps, hole())
+        ours, _ = denoise(c, start, ["a red fox"], k, steps, [], guidance, inpaint=[member])
+        kwargs = {"max_sequence_length": c.max_sequence_length} if c.family != "unet" else {}
+        theirs = pipe(
+            ["a red fox"], image=image, mask_image=hole(), strength=strength,
+            num_inference_steps=steps, guidance_scale=guidance,
+            generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+            height=64, width=64, **kwargs,
+        ).images  # fmt: skip
+        if c.family == "flux":
+            theirs = unpack(theirs, 8, 8)
+        scale = max(1.0, float(theirs.abs().max()))
+        assert torch.abs(ours - theirs).max() <= 1e-5 * scale, (family, strength)
+
+
+def test_two_seeds_differ_inside_the_mask_and_keep_the_image_outside_it():
+    c = build("tiny")
+    image, steps = picture(), 6
+    runs = []
+    for seed in (1, 2):
+        k, start, member = edit_start(c, image, 0.8, seed, steps, hole())
+        runs.append((denoise(c, start, ["a red fox"], k, steps, [], inpaint=[member])[0], member))
+    (a, member_a), (b, member_b) = runs
+    inside = member_a.mask.bool().expand_as(a)
+    assert torch.abs(a - b)[inside].max() > 1e-2  # the model painted there, per seed
+    # outside, each run ends on its own input's latent (its posterior sample, per seed)
+    assert torch.equal(a[~inside], member_a.clean[~inside])
+    assert torch.equal(b[~inside], member_b.clean[~inside])
+    # and a mixed batch: an inpainting and a plain edit side by side, each as alone
+    k, start_p, _ = edit_start(c, image, 0.8, 1, steps)
+    both, _ = denoise(
+        c, torch.cat([edit_start(c, image, 0.8, 1, steps, hole())[1], start_p]),
+        ["a red fox", "a red fox"], k, steps, [], inpaint=[member_a, None],
+    )  # fmt: skip
+    alone, _ = denoise(c, start_p, ["a red fox"], k, steps, [])
+    tol = 1e-5 * max(1.0, float(a.abs().max()), float(alone.abs().max()))  # a batch's rounding
+    assert torch.abs(both[:1] - a).max() <= tol and torch.abs(both[1:] - alone).max() <= tol

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ import torch
 from promptserve.engine.adapterbank import AdapterBank, adapters_on, refresh_on_join
 from promptserve.engine.base import UNET_GUIDANCE, Guidance, Look
 from promptserve.engine.featurecache import batch_rows, is_full_step, member_rows, unet_forward
+
+if TYPE_CHECKING:
+    from promptserve.engine.edits import Inpaint
 
 
 @dataclass
@@ -128,6 +132,7 @@ def denoise(
     previews: Sequence[Sequence[int]] = (),
     looks: Sequence[Look] | None = None,
     interval: int = 1,
+    inpaint: Sequence[Inpaint | None] = (),
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Run steps ``start_step .. total_steps - 1`` on a batch that shares its start step.
 
@@ -136,6 +141,7 @@ def denoise(
     predicted clean image is decoded and passed to ``on_step(step, {row: png})``.
     ``looks[row]``: its negative prompt and guidance scale (default: ``guidance``).
     ``interval`` > 1: DeepCache, a full step every ``interval`` steps (UNet families).
+    ``inpaint[row]``: an inpainting member's input, blended in after every step.
     """
     stepper = c.stepper(total_steps, guidance)
     rows = stepper.encode(prompts, looks)  # one size for the batch: its latents' shape
@@ -151,6 +157,9 @@ def denoise(
         else:
             latents, x0 = stepper.advance(latents, steps, rows)
         steps += 1
+        for row, member in enumerate(inpaint):
+            if member is not None:
+                latents[row : row + 1] = member.blend(latents[row : row + 1], step + 1)
         if step + 1 in capture:
             captured[step + 1] = latents.clone()
         if on_step is None:

@@ -10,6 +10,8 @@ sample, then the noise), so a run equals the pipeline's at the same seed and str
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image
@@ -35,14 +37,54 @@ def pixels_of(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(rgb).permute(2, 0, 1)[None] * 2.0 - 1.0
 
 
+def mask_of(mask: Image.Image, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Where the model paints, at the latent's size: (1, 1, h, w), 1 to paint and 0 to keep,
+    as diffusers' mask processor makes it (grayscale, binarised at one half, then the
+    nearest latent pixel). ``mask`` is white where the model paints (diffusers' convention;
+    the API's transparent pixels are turned into white before)."""
+    gray = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    full = torch.from_numpy(gray)[None, None]
+    full = torch.where(full < 0.5, 0.0, 1.0)
+    return torch.nn.functional.interpolate(full, size=latent_hw)
+
+
+@dataclass
+class Inpaint:
+    """An inpainting member's input, carried through its run: after every step the kept
+    region is set back to the input's latent noised to the step that follows (the blending
+    of diffusers' inpaint pipelines for a model without inpainting channels)."""
+
+    clean: torch.Tensor  # the input's latent, (1, C, h, w)
+    noise: torch.Tensor  # the noise its start was drawn with
+    mask: torch.Tensor  # (1, 1, h, w): 1 where the model paints
+    total_steps: int
+    scheduler: object  # DDIM's ``add_noise`` (UNet families)
+    sigmas: torch.Tensor | None = None  # flow families: the run's sigmas
+
+    def blend(self, latents: torch.Tensor, step: int) -> torch.Tensor:
+        """``latents`` (this member's row) after ``step`` steps, its kept region restored."""
+        if self.sigmas is not None:
+            sigma = self.sigmas[step].to(self.clean.dtype)
+            kept = sigma * self.noise + (1.0 - sigma) * self.clean
+        elif step < self.total_steps:
+            at = self.scheduler.timesteps[step : step + 1]  # type: ignore[attr-defined]
+            kept = self.scheduler.add_noise(self.clean, self.noise, at)  # type: ignore[attr-defined]
+        else:
+            kept = self.clean
+        return (1 - self.mask) * kept + self.mask * latents
+
+
 def edit_start(
     c,  # noqa: ANN001 - a family's components
     image: Image.Image,
     strength: float,
     seed: int,
     total_steps: int,
-) -> tuple[int, torch.Tensor]:
-    """The step an edit starts at and its start latent (the family's unpacked shape)."""
+    mask: Image.Image | None = None,
+) -> tuple[int, torch.Tensor, Inpaint | None]:
+    """The step an edit starts at, its start latent (the family's unpacked shape) and, with a
+    ``mask`` (white where the model paints), what its steps blend with. At full strength an
+    inpainting starts from the noise alone, as the inpaint pipelines do."""
     k = start_step(total_steps, strength, c.family)
     gen = torch.Generator("cpu").manual_seed(seed)
     pixels = pixels_of(image).to(c.device, c.dtype)
@@ -50,14 +92,23 @@ def edit_start(
         posterior = c.vae.encode(pixels).latent_dist
         if c.family == "unet":  # DDIM: the clean latent noised to the start step's timestep
             clean = posterior.sample(gen) * c.vae.config.scaling_factor
-            noise = torch.randn(clean.shape, generator=gen, dtype=clean.dtype).to(c.device)
-            c.scheduler.set_timesteps(total_steps)
-            return k, c.scheduler.add_noise(clean, noise, c.scheduler.timesteps[k : k + 1])
-        # flow matching (SD3, Flux): the straight line from the clean latent to the noise, at
-        # the start step's sigma of the run's own schedule (Flux's shifted by the size)
-        shift = c.vae.config.shift_factor or 0.0
-        clean = (posterior.sample(gen) - shift) * c.vae.config.scaling_factor
+            sigmas = None
+        else:  # flow matching (SD3, Flux): the line from the clean latent to the noise
+            shift = c.vae.config.shift_factor or 0.0
+            clean = (posterior.sample(gen) - shift) * c.vae.config.scaling_factor
+            sigmas, _ = sigma_schedule(c, total_steps, tuple(clean.shape[2:]))
         noise = torch.randn(clean.shape, generator=gen, dtype=clean.dtype).to(c.device)
-        sigmas, _ = sigma_schedule(c, total_steps, tuple(clean.shape[2:]))
-        sigma = sigmas[k].to(clean.dtype)
-        return k, sigma * noise + (1.0 - sigma) * clean
+        if sigmas is not None:  # at the start step's sigma of the run's own schedule
+            sigma = sigmas[k].to(clean.dtype)
+            start = sigma * noise + (1.0 - sigma) * clean
+        elif mask is not None and k == 0:
+            start = noise * c.scheduler.init_noise_sigma
+        else:
+            c.scheduler.set_timesteps(total_steps)
+            start = c.scheduler.add_noise(clean, noise, c.scheduler.timesteps[k : k + 1])
+    if mask is None:
+        return k, start, None
+    if sigmas is None:
+        c.scheduler.set_timesteps(total_steps)
+    where = mask_of(mask, tuple(clean.shape[2:])).to(c.device, clean.dtype)
+    return k, start, Inpaint(clean, noise, where, total_steps, c.scheduler, sigmas)

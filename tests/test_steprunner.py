@@ -75,3 +75,53 @@ def test_bad_joins_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="not one of"):
         runner.join([("a", GenerationItem("p", 3))])
     assert len(runner) == 0
+
+
+@pytest.mark.parametrize("make", [tiny_engine, lambda: family_engine("flux")], ids=["sd", "flux"])
+def test_edits_join_a_running_batch_each_at_its_own_start_and_equal_their_solo_runs(make):
+    """An image-to-image member and an inpainting one (``engine.edits``) join generations
+    mid-run, each at the step its strength gives: every final latent equals its run alone."""
+    from PIL import Image
+
+    from promptserve.engine.base import EditInput
+    from promptserve.engine.denoise import denoise
+    from promptserve.engine.edits import edit_start, start_step
+
+    engine = make()
+    c, n = engine.c, engine.total_steps
+    w, h = c.native
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), dtype=np.uint8)
+    mask[h // 4 : 3 * h // 4, : w // 2] = 255
+    gen = GenerationItem("a lighthouse at dusk", 0, seed=1)
+    i2i = GenerationItem("a lighthouse, oil", seed=4, edit=EditInput(image, 0.6))
+    inp = GenerationItem("a red door", seed=5, edit=EditInput(image, 0.8, mask))
+
+    def alone(item: GenerationItem) -> np.ndarray:
+        if item.edit is None:
+            return engine.generate([item])[0].final_latent
+        m = Image.fromarray(item.edit.mask) if item.edit.mask is not None else None
+        k, start, member = edit_start(
+            c, Image.fromarray(image), item.edit.strength, item.seed, n, m
+        )
+        out, _ = denoise(c, start, [item.prompt], k, n, [], engine.guidance, inpaint=[member])
+        return out[0].float().numpy()
+
+    runner = StepRunner(c, n, engine.levels, engine.guidance)
+    runner.join([("gen", gen)])
+    runner.step()
+    runner.join([("i2i", i2i), ("inp", inp)])
+    steps = runner.steps_left()
+    assert steps["i2i"] == n - start_step(n, 0.6, c.family)  # each at its own start
+    assert steps["inp"] == n - start_step(n, 0.8, c.family) > steps["i2i"]
+    done = run_until(runner, ["gen", "i2i", "inp"])
+    for key, item in (("gen", gen), ("i2i", i2i), ("inp", inp)):
+        assert np.abs(done[key].final_latent - alone(item)).max() < TOL, key
+        assert done[key].latents == {} or item.edit is None  # an edit writes no cache level
+    assert done["i2i"].k == n - steps["i2i"] and done["inp"].k == n - steps["inp"]
+    # the batch runner too: the three in one call of generate, each as alone
+    batch = engine.generate([gen, i2i, inp])
+    for res, item in zip(batch, (gen, i2i, inp), strict=True):
+        assert np.abs(res.final_latent - alone(item)).max() < TOL
+    assert batch[2].k == start_step(n, 0.8, c.family) and batch[2].latents == {}

@@ -121,6 +121,18 @@ class GenerationItem:
     previews: tuple[int, ...] = ()
     look: Look = PLAIN
     interval: int = 1  # feature caching: a full step every ``interval`` steps (1: every step)
+    edit: EditInput | None = None  # an edit: it starts from its own image (``engine.edits``)
+
+
+@dataclass(frozen=True)
+class EditInput:
+    """An edit's input, as it travels to the worker that runs it (where the VAE is): the
+    image and the mask as decoded RGB and L pixels of the served size (the mask white where
+    the model paints), and the strength. Its start step and latent are made at its join."""
+
+    image: np.ndarray  # (H, W, 3) uint8
+    strength: float
+    mask: np.ndarray | None = None  # (H, W) uint8; None: image-to-image
 
 
 @dataclass

@@ -21,9 +21,11 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.denoise import Row
+from promptserve.engine.edits import Inpaint, edit_start
 
 
 @dataclass
@@ -36,6 +38,7 @@ class _Slot:
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     deep: object = None  # feature caching: its share of its last full step's feature
     last_full: int = -1  # the step its last full step ran at
+    inpaint: Inpaint | None = None  # an inpainting member: its kept region, blended per step
 
 
 class StepRunner:
@@ -64,6 +67,8 @@ class StepRunner:
         if not members:
             return
         for _, item in members:
+            if item.edit is not None:
+                continue  # its start step follows from its strength (``edits.start_step``)
             if item.k not in self.levels:
                 raise ValueError(f"level K={item.k} is not one of {self.levels}")
             if item.k > 0 and item.start_latent is None:
@@ -74,6 +79,9 @@ class StepRunner:
             [item.prompt for _, item in members], [item.look for _, item in members]
         )
         for (key, item), row in zip(members, rows, strict=True):
+            if item.edit is not None:
+                self.slots.append(self._edit_slot(key, item, row))
+                continue
             if item.k == 0:
                 latent = self.c.noise(item.seed, item.look.size)
             else:
@@ -81,6 +89,17 @@ class StepRunner:
                     item.start_latent, dtype=self.c.dtype, device=self.c.device
                 )[None]
             self.slots.append(_Slot(key, item, latent, row, item.k))
+
+    def _edit_slot(self, key: Hashable, item: GenerationItem, row: Row) -> _Slot:
+        """An edit's member: its start step and latent from its own image and seed."""
+        edit = item.edit
+        assert edit is not None
+        mask = Image.fromarray(edit.mask) if edit.mask is not None else None
+        k, latent, inpaint = edit_start(
+            self.c, Image.fromarray(edit.image), edit.strength, item.seed, self.total_steps, mask
+        )
+        slot = _Slot(key, dataclasses.replace(item, k=k), latent, row, k, inpaint=inpaint)
+        return slot
 
     def _calls(self) -> list[list[_Slot]]:
         """The members grouped into denoiser calls, in join order within each: by latent shape,
@@ -146,10 +165,12 @@ class StepRunner:
             self.previews.update({group[j].key: png for j, png in zip(rows, pngs, strict=True)})
             for j, slot in enumerate(group):
                 slot.latent = latents[j : j + 1]
+                if slot.inpaint is not None:
+                    slot.latent = slot.inpaint.blend(slot.latent, slot.step + 1)
         done: list[_Slot] = []
         for slot in self.slots:
             slot.step += 1
-            if slot.step in self.levels and slot.step > slot.item.k:
+            if slot.step in self.levels and slot.step > slot.item.k and slot.item.edit is None:
                 slot.captured[slot.step] = slot.latent.clone()
             if slot.step >= self.total_steps:
                 done.append(slot)

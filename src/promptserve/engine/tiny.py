@@ -13,9 +13,11 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+from PIL import Image
 
 from promptserve.engine.base import EngineCaps, GenerationItem, GenerationResult, Guidance
 from promptserve.engine.denoise import Components, denoise
+from promptserve.engine.edits import edit_start, start_step
 from promptserve.engine.sizes import checked, default_sizes
 
 MAX_TOKENS = 77
@@ -211,14 +213,54 @@ class DenoisingEngine:
     def generate(self, items: Sequence[GenerationItem], on_step=None) -> list[GenerationResult]:
         """Each level's items of each size run together: one latent shape per denoiser call."""
         results: list[GenerationResult | None] = [None] * len(items)
-        for key in sorted({(it.k, self.size_of(it), it.interval) for it in items}):
-            idx = [i for i, it in enumerate(items) if (it.k, self.size_of(it), it.interval) == key]
-            k = key[0]
+        keys = [self._key(it) for it in items]
+        for key in sorted(set(keys)):
+            idx = [i for i, k in enumerate(keys) if k == key]
+            run = self._run_edits if key[3] else self._run_level
             for i, res in zip(
-                idx, self._run_level(k, [items[i] for i in idx], rows_of(on_step, idx)), strict=True
+                idx, run(key[0], [items[i] for i in idx], rows_of(on_step, idx)), strict=True
             ):
                 results[i] = res
         return results  # type: ignore[return-value]
+
+    def _key(self, it: GenerationItem) -> tuple[int, tuple[int, int], int, bool]:
+        """What a batch shares: its start step, size and interval, and whether it edits."""
+        if it.edit is None:
+            return it.k, self.size_of(it), it.interval, False
+        k = start_step(self.total_steps, it.edit.strength, self.c.family)
+        return k, self.size_of(it), it.interval, True
+
+    def _run_edits(
+        self, k: int, items: Sequence[GenerationItem], on_step
+    ) -> list[GenerationResult]:
+        """Edits that start at step ``k``: each from its own image (``engine.edits``), blended
+        per step where it inpaints; none is captured for the cache."""
+        starts, inpaint = [], []
+        for it in items:
+            edit = it.edit
+            assert edit is not None
+            mask = Image.fromarray(edit.mask) if edit.mask is not None else None
+            image = Image.fromarray(edit.image)
+            _, start, member = edit_start(
+                self.c, image, edit.strength, it.seed, self.total_steps, mask
+            )
+            starts.append(start)
+            inpaint.append(member)
+        final, _ = denoise(
+            self.c, torch.cat(starts), [it.prompt for it in items], k, self.total_steps, [],
+            self.guidance, on_step, [it.previews for it in items], [it.look for it in items],
+            items[0].interval, inpaint,
+        )  # fmt: skip
+        pngs = self.c.decode(final)
+        return [
+            GenerationResult(
+                png=pngs[j],
+                k=k,
+                final_latent=final[j].float().cpu().numpy(),
+                placeholder=self.placeholder,
+            )  # fmt: skip
+            for j in range(len(items))
+        ]
 
     def _run_level(
         self, k: int, items: Sequence[GenerationItem], on_step

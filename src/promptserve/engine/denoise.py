@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -25,8 +25,11 @@ from promptserve.engine.adapterbank import AdapterBank, adapters_on, refresh_on_
 from promptserve.engine.base import UNET_GUIDANCE, Guidance, Look
 from promptserve.engine.featurecache import batch_rows, is_full_step, member_rows, unet_forward
 
-if TYPE_CHECKING:
-    from promptserve.engine.edits import Inpaint
+
+class Blend(Protocol):
+    """A member's per-step blend (an inpainting one's kept region: ``edits.Inpaint``)."""
+
+    def blend(self, latents: torch.Tensor, step: int) -> torch.Tensor: ...
 
 
 @dataclass
@@ -132,7 +135,7 @@ def denoise(
     previews: Sequence[Sequence[int]] = (),
     looks: Sequence[Look] | None = None,
     interval: int = 1,
-    inpaint: Sequence[Inpaint | None] = (),
+    inpaint: Sequence[Blend | None] = (),
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Run steps ``start_step .. total_steps - 1`` on a batch that shares its start step.
 

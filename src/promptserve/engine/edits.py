@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from promptserve.engine.base import EditInput
 from promptserve.engine.flow import sigma_schedule
 from promptserve.errors import InputError
 
@@ -59,6 +60,7 @@ class Inpaint:
     mask: torch.Tensor  # (1, 1, h, w): 1 where the model paints
     total_steps: int
     scheduler: object  # DDIM's ``add_noise`` (UNet families)
+    timesteps: torch.Tensor | None = None  # UNet families: the run's, as its start saw them
     sigmas: torch.Tensor | None = None  # flow families: the run's sigmas
 
     def blend(self, latents: torch.Tensor, step: int) -> torch.Tensor:
@@ -67,7 +69,7 @@ class Inpaint:
             sigma = self.sigmas[step].to(self.clean.dtype)
             kept = sigma * self.noise + (1.0 - sigma) * self.clean
         elif step < self.total_steps:
-            at = self.scheduler.timesteps[step : step + 1]  # type: ignore[attr-defined]
+            at = self.timesteps[step : step + 1]  # type: ignore[index]
             kept = self.scheduler.add_noise(self.clean, self.noise, at)  # type: ignore[attr-defined]
         else:
             kept = self.clean
@@ -90,9 +92,11 @@ def edit_start(
     pixels = pixels_of(image).to(c.device, c.dtype)
     with torch.no_grad():
         posterior = c.vae.encode(pixels).latent_dist
+        timesteps = sigmas = None
         if c.family == "unet":  # DDIM: the clean latent noised to the start step's timestep
             clean = posterior.sample(gen) * c.vae.config.scaling_factor
-            sigmas = None
+            c.scheduler.set_timesteps(total_steps)
+            timesteps = c.scheduler.timesteps.clone()
         else:  # flow matching (SD3, Flux): the line from the clean latent to the noise
             shift = c.vae.config.shift_factor or 0.0
             clean = (posterior.sample(gen) - shift) * c.vae.config.scaling_factor
@@ -104,11 +108,15 @@ def edit_start(
         elif mask is not None and k == 0:
             start = noise * c.scheduler.init_noise_sigma
         else:
-            c.scheduler.set_timesteps(total_steps)
-            start = c.scheduler.add_noise(clean, noise, c.scheduler.timesteps[k : k + 1])
+            start = c.scheduler.add_noise(clean, noise, timesteps[k : k + 1])  # type: ignore[index]
     if mask is None:
         return k, start, None
-    if sigmas is None:
-        c.scheduler.set_timesteps(total_steps)
     where = mask_of(mask, tuple(clean.shape[2:])).to(c.device, clean.dtype)
-    return k, start, Inpaint(clean, noise, where, total_steps, c.scheduler, sigmas)
+    return k, start, Inpaint(clean, noise, where, total_steps, c.scheduler, timesteps, sigmas)
+
+
+def item_start(c, edit: EditInput, seed: int, total_steps: int):  # noqa: ANN001, ANN201
+    """``edit_start`` for an item's ``EditInput`` (pixels, as a worker receives them): the
+    step, the start latent and the inpainting blend, as both runners join an edit."""
+    mask = Image.fromarray(edit.mask) if edit.mask is not None else None
+    return edit_start(c, Image.fromarray(edit.image), edit.strength, seed, total_steps, mask)

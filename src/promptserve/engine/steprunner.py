@@ -21,11 +21,10 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.denoise import Row
-from promptserve.engine.edits import Inpaint, edit_start
+from promptserve.engine.edits import Inpaint, item_start
 
 
 @dataclass
@@ -92,14 +91,9 @@ class StepRunner:
 
     def _edit_slot(self, key: Hashable, item: GenerationItem, row: Row) -> _Slot:
         """An edit's member: its start step and latent from its own image and seed."""
-        edit = item.edit
-        assert edit is not None
-        mask = Image.fromarray(edit.mask) if edit.mask is not None else None
-        k, latent, inpaint = edit_start(
-            self.c, Image.fromarray(edit.image), edit.strength, item.seed, self.total_steps, mask
-        )
-        slot = _Slot(key, dataclasses.replace(item, k=k), latent, row, k, inpaint=inpaint)
-        return slot
+        assert item.edit is not None
+        k, latent, inpaint = item_start(self.c, item.edit, item.seed, self.total_steps)
+        return _Slot(key, dataclasses.replace(item, k=k), latent, row, k, inpaint=inpaint)
 
     def _calls(self) -> list[list[_Slot]]:
         """The members grouped into denoiser calls, in join order within each: by latent shape,

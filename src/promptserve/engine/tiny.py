@@ -13,11 +13,10 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from PIL import Image
 
 from promptserve.engine.base import EngineCaps, GenerationItem, GenerationResult, Guidance
 from promptserve.engine.denoise import Components, denoise
-from promptserve.engine.edits import edit_start, start_step
+from promptserve.engine.edits import item_start, start_step
 from promptserve.engine.sizes import checked, default_sizes
 
 MAX_TOKENS = 77
@@ -237,13 +236,8 @@ class DenoisingEngine:
         per step where it inpaints; none is captured for the cache."""
         starts, inpaint = [], []
         for it in items:
-            edit = it.edit
-            assert edit is not None
-            mask = Image.fromarray(edit.mask) if edit.mask is not None else None
-            image = Image.fromarray(edit.image)
-            _, start, member = edit_start(
-                self.c, image, edit.strength, it.seed, self.total_steps, mask
-            )
+            assert it.edit is not None
+            _, start, member = item_start(self.c, it.edit, it.seed, self.total_steps)
             starts.append(start)
             inpaint.append(member)
         final, _ = denoise(

@@ -180,18 +180,19 @@ class Pricing:
         estimate's mix): the floor is the density of the class at which the capacity runs
         out, and ``floor_split`` the share of that class that still fits."""
         last = len(self.spec.levels) - 1
-        groups: dict[float, list[int]] = {}  # classes of one density share the floor's split
-        for i in range(len(per_s)):
-            groups.setdefault(round(self.density(i, last if i > 0 else 0), 9), []).append(i)
+        # per density, its classes' (requests per second, steps each): classes of one density
+        # share the floor's split; a miss (K_opt 0) may have no neighbour, as ``work`` counts
+        groups: dict[float, list[tuple[float, float]]] = {}
+        for i, rate_i in enumerate(per_s):
+            m = last if i > 0 else 0
+            work = self.option_work(self.choice[i][m])
+            groups.setdefault(round(self.density(i, m), 9), []).append((rate_i, work))
         asked = rate = 0.0  # steps per second and requests per second of the classes above
         for dens in sorted(groups, reverse=True):
-            members = groups[dens]
-            more = sum(
-                per_s[i] * self.option_work(self.choice[i][last if i else 0]) for i in members
-            )
+            more = sum(r * w for r, w in groups[dens])
             if more <= 0:
                 continue
-            n = sum(per_s[i] for i in members)
+            n = sum(r for r, _ in groups[dens])
             # the capacity at the admitted classes' mean run (a shorter run shares a GPU more)
             capacity = UTILISATION * self.steps_capacity(slo_s, (asked + more) / (rate + n))
             if asked + more > capacity:

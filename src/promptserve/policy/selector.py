@@ -31,6 +31,7 @@ from promptserve.policy.replay import replay
 from promptserve.policy.step import StepScheduler
 from promptserve.policy.step.config import StepConfig
 from promptserve.policy.types import Outcome
+from promptserve.quality import QualityModel, served_quality
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def candidates(base: StepConfig, feature_cache: bool) -> tuple[Candidate, ...]:
     a quiet window replays it best, then the burst that follows meets a full queue before the
     next selection (held out, steep, 2 GPUs, 3 seeds: Poisson 40 qpm 98.55 against the price's
     99.10; without it 99.10). ``+value`` (refusal by quality per step) replayed no better than
-    the price and is not one (``docs/selector.md``)."""
+    the price and is not one (``docs/policies.md``)."""
     out = [
         Candidate("price", base),
         Candidate("fastest", replace(base, rule="max", max_r=feature_cache)),
@@ -53,6 +54,17 @@ def candidates(base: StepConfig, feature_cache: bool) -> tuple[Candidate, ...]:
     if feature_cache:
         out.append(Candidate("price+max-r", replace(base, max_r=True)))
     return tuple(out)
+
+
+def outcome_quality(
+    model: QualityModel, interval_q: Sequence[float], total_steps: int, outcome: Outcome
+) -> float:
+    """A served outcome's quality (percent), as both clocks' records count it and the
+    selector's replays score it."""
+    return served_quality(
+        model, interval_q, total_steps, outcome.job.k_opt, outcome.level, outcome.interval,
+        outcome.earlier,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -106,7 +118,7 @@ class Selector:
         the one serving by ``margin``. Then keep a copy of ``sched`` and of ``running`` (the
         work its GPUs were handed and have not reported) as a later window's start.
         ``replans``: the next re-plan's time, the period and the run's first arrival. The
-        live runtime calls the three parts itself, the replays off its event loop."""
+        live runtime calls the four parts itself, the replays off its event loop."""
         window = self.window(now)
         choice = self.score(now, window, replans) if window is not None else None
         self.adopt(choice, sched)

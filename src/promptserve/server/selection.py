@@ -13,6 +13,7 @@ keeps to its grid).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -20,10 +21,10 @@ from dataclasses import dataclass, field
 
 from promptserve.policy import Policy, Setting
 from promptserve.policy.contract import Ask, Scheduler, Work
-from promptserve.policy.selector import Choice, Selector, candidates
+from promptserve.policy.selector import Choice, Selector, candidates, outcome_quality
 from promptserve.policy.step import StepScheduler
 from promptserve.policy.types import Outcome
-from promptserve.quality import QualityModel, served_quality
+from promptserve.quality import QualityModel
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +80,7 @@ class LiveSelection:
         """The runtime's selection, where its policy has ``+select`` (step-level only)."""
         if not policy.select or not isinstance(sched, StepScheduler):
             return None
-
-        def value(outcome: Outcome) -> float:  # as the simulator's records count it
-            return served_quality(
-                quality, setting.interval_q, total_steps, outcome.job.k_opt, outcome.level,
-                outcome.interval, outcome.earlier,
-            )  # fmt: skip
-
+        value = functools.partial(outcome_quality, quality, setting.interval_q, total_steps)
         feature_cache = setting.profiles[0].feature_r_max > 1
         return cls(sched, value, feature_cache, cpu_share, started_s)
 

@@ -24,8 +24,8 @@ from promptserve.cache.thresholds import Thresholds
 from promptserve.policy import Demand, Outcome, Plan, Policy, Setting, Status
 from promptserve.policy.contract import Ask, Scheduler, Work, ran, served_by
 from promptserve.policy.planning import first_demand, worth_caching
-from promptserve.policy.selector import Choice, Selector, candidates
-from promptserve.quality import QualityModel, served_quality
+from promptserve.policy.selector import Choice, Selector, candidates, outcome_quality
+from promptserve.quality import QualityModel
 from promptserve.sim.lookups import Lookups
 from promptserve.sim.records import Records
 from promptserve.types import Request
@@ -247,10 +247,9 @@ class EventRun:
     def _value(self, outcome: Outcome) -> float:
         """A served outcome's quality, as the records count it."""
         setting = self.inputs.setting
-        return served_quality(
-            self.inputs.quality, setting.interval_q, setting.profiles[0].total_steps,
-            outcome.job.k_opt, outcome.level, outcome.interval, outcome.earlier,
-        )  # fmt: skip
+        return outcome_quality(
+            self.inputs.quality, setting.interval_q, setting.profiles[0].total_steps, outcome
+        )
 
     def _end(self, outcome: Outcome) -> None:
         i = outcome.job.id

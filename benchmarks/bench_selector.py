@@ -43,7 +43,11 @@ from promptserve.workload import load_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 SELECT = "promptserve-step+select"
-FIXED = {"off": ["continuous-ht+shed+admit"], "on": ["promptserve-step+max-r"]}
+# the selector's candidates as fixed policies, per feature caching (``selector.candidates``)
+FIXED = {
+    "off": ["promptserve-step", "continuous-ht+shed+admit"],
+    "on": ["promptserve-step", "continuous-ht+shed+admit+max-r", "promptserve-step+max-r"],
+}
 
 
 ARGUS = "argus-8gpu"  # the published shape at 10x, 8 GPUs (``--sweeps`` names it to run it)
@@ -52,7 +56,8 @@ ARGUS = "argus-8gpu"  # the published shape at 10x, 8 GPUs (``--sweeps`` names i
 def _run(args: tuple) -> tuple[tuple, dict]:
     penalty, fc, sweep, rate, seeds = args
     bp.STATE["penalty"] = penalty
-    bp.STATE["extra"] = [SELECT, *FIXED[fc]] if fc == "on" else [SELECT]
+    fair = fair_policies(fc == "on").split(",")
+    bp.STATE["extra"] = [SELECT, *(p for p in FIXED[fc] if p not in fair)]
     if sweep == ARGUS:
         return (penalty, fc, sweep, rate), _argus(penalty, fc, seeds)
     return (penalty, fc, sweep, rate), bp._job(("held-out", fc, sweep, rate, seeds))[1]
@@ -83,12 +88,10 @@ def point(result: dict, fc: str) -> dict:
     eq = row["effective_quality"]
     mean = {n: v["mean"] for n, v in eq.items()}
     rival = row["best_rival"]
-    fixed = ["promptserve-step", *(["continuous-ht+shed+admit+max-r"] if fc == "on" else []),
-             *FIXED[fc]]  # fmt: skip
     return {
         "rate_qpm": row["rate_qpm"],
         "select": mean[SELECT],
-        "candidates": {n: mean[n] for n in fixed if n in mean},
+        "candidates": {n: mean[n] for n in FIXED[fc]},
         "best_rival": rival,
         "rival": mean[rival],
         "select_minus_rival": round(mean[SELECT] - mean[rival], 2),

@@ -181,12 +181,16 @@ def served_quality(
     level: int,
     interval: int = 1,
     earlier: Sequence[tuple[int, int]] = (),
+    start: int | None = None,
 ) -> float:
     """A served request's quality (percent): its level's against its K_opt, times what its
-    feature-cache intervals keep of it. The one count both clocks make."""
-    q = model.q(k_opt, level)
+    feature-cache intervals keep of it. The one count both clocks make. An edit (``start``,
+    its own start step) keeps a full run's quality: no cached latent stands in for its steps,
+    so only its intervals cost it."""
+    q = model.q(k_opt, level) if start is None else model.q(model.levels[0], model.levels[0])
     if interval > 1:
-        q *= kept_by_intervals(interval_q, interval, earlier, total_steps - level)
+        steps = total_steps - (level if start is None else start)
+        q *= kept_by_intervals(interval_q, interval, earlier, steps)
     return q
 
 

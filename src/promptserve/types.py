@@ -16,6 +16,9 @@ class Request:
     deadline_s: float  # absolute: the time by which the answer must be out
     shape: int = 0  # its size, as an index into the served sizes (0: the model's own)
     adapters: tuple[int, ...] = ()  # the LoRA adapters it names, as ids
+    strength: float | None = (
+        None  # an edit's strength (``promptserve.strength``); None: a generation
+    )
 
     @property
     def slo_s(self) -> float:

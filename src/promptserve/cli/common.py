@@ -205,6 +205,14 @@ SizeMixOpt = Annotated[
         "first the model's own): a request resumes only from a neighbour of its size.",
     ),
 ]
+EditsOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="SHARE:LO-HI: that share of requests are edits (image-to-image), each at a "
+        "strength uniform in [LO, HI], e.g. 0.3:0.3-0.8; an edit runs from its own start step "
+        "and never uses the cache.",
+    ),
+]
 FeatureCacheOpt = Annotated[
     str,
     typer.Option(

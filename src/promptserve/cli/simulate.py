@@ -13,6 +13,7 @@ from promptserve.cli.common import (
     ArrivalsOpt,
     CacheDirOpt,
     CachedShareOpt,
+    EditsOpt,
     EmbedderOpt,
     FeatureCacheOpt,
     MinutesOpt,
@@ -51,6 +52,8 @@ SHORT = {
 
 def for_people(column: str, value: object) -> str:
     """97.7, not 97.7411; 0, not 0.000; ratios to three places."""
+    if value is None:
+        return "n/a"
     if isinstance(value, bool) or not isinstance(value, float | int):
         return str(value)
     if column.endswith("ratio"):
@@ -80,6 +83,7 @@ def simulate_cmd(
     ] = 0,
     size_mix: SizeMixOpt = None,
     adapters: AdaptersOpt = None,
+    edits: EditsOpt = None,
     feature_cache: FeatureCacheOpt = "on",
     r_max: RMaxOpt = 4,
     cached_step_share: CachedShareOpt = "sdxl",
@@ -108,6 +112,7 @@ def simulate_cmd(
         make_requests,
         parse_arrival_spec,
     )
+    from promptserve.workload.edits import parse_edits, with_edits
     from promptserve.workload.looks import sized_profile, with_looks
     from promptserve.workload.splits import check_split, prompt_order
 
@@ -126,6 +131,7 @@ def simulate_cmd(
         raise InputError("the arrival spec produced no requests")
     mix = look_mix(size_mix, adapters)
     requests = with_looks(make_requests(texts, times, slo_s), mix, seed)
+    requests = with_edits(requests, parse_edits(edits) if edits else None, seed)
     prof = sized_profile(prof, mix)
     distinct = list(dict.fromkeys([r.prompt for r in requests] + texts[:warm]))
     vecs = embed_with_progress(embedder, distinct, cache_dir)
@@ -155,6 +161,7 @@ def simulate_cmd(
         "size_mix": size_mix,
         "feature_cache": feature_cache,
         "adapters": adapters,
+        "edits": edits,
     }
     write_report(out, config_dict(config, **extra), rows, oracle, timelines, html=html)
     table = Table(
@@ -243,6 +250,7 @@ def sweep_cmd(
     cache_dir: CacheDirOpt = Path(".promptserve"),
     size_mix: SizeMixOpt = None,
     adapters: AdaptersOpt = None,
+    edits: EditsOpt = None,
     feature_cache: FeatureCacheOpt = "on",
     r_max: RMaxOpt = 4,
     cached_step_share: CachedShareOpt = "sdxl",
@@ -256,6 +264,7 @@ def sweep_cmd(
     from promptserve.policy import parse_policies
     from promptserve.sim.sweep import SweepConfig, parse_rates, run_sweep, write_sweep
     from promptserve.workload import load_prompts, parse_arrival_spec
+    from promptserve.workload.edits import parse_edits
     from promptserve.workload.splits import check_split
 
     chosen = parse_policies(policies or fair_policies(feature_cache == "on"))
@@ -275,6 +284,7 @@ def sweep_cmd(
     config = SweepConfig(
         arrivals, rate_list, seed_list, gpus, slo_s, quality_penalty, minutes, time_scale,
         oracle_window, looks=look_mix(size_mix, adapters), split=check_split(split),
+        edits=parse_edits(edits) if edits else None,
     )  # fmt: skip
     with progress() as bar:
         task = bar.add_task("sweep points", total=len(rate_list) * len(seed_list))
@@ -294,7 +304,11 @@ def sweep_cmd(
             p.name, *(f"{r['policies'][p.name]['effective_quality']['mean']:.1f}" for r in summary)
         )
     table.add_row(
-        "oracle bound", *(f"{r['oracle']['effective_quality']['mean']:.1f}" for r in summary)
+        "oracle bound",
+        *(
+            for_people("effective_quality", r["oracle"]["effective_quality"]["mean"])
+            for r in summary
+        ),
     )
     console.print(table)
     console.print(f"sweep written to {out}/: sweep.json, sweep.md, sweep.png, sweep.html")

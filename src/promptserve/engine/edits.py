@@ -18,18 +18,7 @@ from PIL import Image
 
 from promptserve.engine.base import EditInput
 from promptserve.engine.flow import sigma_schedule
-from promptserve.errors import InputError
-
-
-def start_step(total_steps: int, strength: float, family: str = "unet") -> int:
-    """The step an edit at ``strength`` starts from, as the family's img2img pipeline counts
-    it: the UNet pipelines run the last int(N s) steps; SD3's and Flux's start at
-    int(N - N s), so they run one more where N s is not whole."""
-    if not 0.0 < strength <= 1.0:
-        raise InputError(f"strength must be in (0, 1], got {strength}")
-    if family == "unet":
-        return total_steps - min(int(total_steps * strength), total_steps)
-    return int(max(total_steps - min(total_steps * strength, total_steps), 0))
+from promptserve.strength import start_step
 
 
 def pixels_of(image: Image.Image) -> torch.Tensor:

@@ -38,6 +38,9 @@ class Ask:
     shape: int = 0  # its size, an index into the profile's ``shape_weights`` (0: native)
     adapters: tuple[int, ...] = ()  # the LoRA adapters it names, as ids
     exact: bool = False  # a full generation asked for: no cached latent, every step full
+    # an edit: the step it starts at from its own image (``promptserve.strength``); it costs
+    # the steps from there, its quality is its interval's, and it has no neighbour
+    start: int | None = None
 
 
 @dataclass(frozen=True)

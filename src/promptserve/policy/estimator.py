@@ -3,7 +3,8 @@
 The rate is the larger of the rate over a short window and over a long one: a burst shows in
 the short window within seconds and is planned for at once, while a lull has to last the long
 window before capacity is taken away. The K_opt mix and the mean size weight (what a pinned
-plan scales the rate by) come from the long window.
+plan scales the rate by) come from the long window, as do the edits' share and mean steps (an
+edit has no K_opt: it counts in the rate, not in the mix).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 
 from promptserve.policy.types import Demand
 
+EDIT = -1  # an edit's place in the window (it has no K_opt class)
+
 
 @dataclass
 class LoadEstimator:
@@ -24,9 +27,16 @@ class LoadEstimator:
     _seen: deque[tuple[float, int]] = field(default_factory=deque)
     _weights: deque[float] = field(default_factory=deque)  # beside ``_seen``, when sized
     _weight_sum: float = 0.0
+    _edits: deque[tuple[float, int]] = field(default_factory=deque)  # (time, steps) per edit
 
-    def observe(self, now: float, k_opt: int, weight: float = 1.0) -> None:
-        """``weight``: the request's pixels against the native size's (1: native)."""
+    def observe(
+        self, now: float, k_opt: int, weight: float = 1.0, edit_steps: int | None = None
+    ) -> None:
+        """``weight``: the request's pixels against the native size's (1: native);
+        ``edit_steps``: an edit's, the steps it runs from its own start."""
+        if edit_steps is not None:
+            self._edits.append((now, edit_steps))
+            k_opt = EDIT
         if weight != 1.0 and not self._weights:
             self._weights.extend([1.0] * len(self._seen))
             self._weight_sum = float(len(self._seen))
@@ -41,6 +51,8 @@ class LoadEstimator:
             self._seen.popleft()
             if self._weights:
                 self._weight_sum -= self._weights.popleft()
+        while self._edits and self._edits[0][0] < now - self.long_s:
+            self._edits.popleft()
 
     @property
     def seen(self) -> int:
@@ -57,10 +69,15 @@ class LoadEstimator:
         rate = 60.0 * max(n_long / long_span, n_short / short_span)
         counts = np.zeros(len(self.levels))
         for _, k in self._seen:
-            counts[self.levels.index(k)] += 1
+            if k != EDIT:
+                counts[self.levels.index(k)] += 1
         mix = counts / counts.sum() if counts.sum() else np.eye(len(self.levels))[0]
         weight = self._weight_sum / len(self._weights) if self._weights else 1.0
-        return Demand(rate, tuple(float(x) for x in mix), size_weight=weight)
+        if not self._edits:
+            return Demand(rate, tuple(float(x) for x in mix), size_weight=weight)
+        edits = len(self._edits) / max(n_long, 1)
+        steps = sum(s for _, s in self._edits) / len(self._edits)
+        return Demand(rate, tuple(float(x) for x in mix), (), weight, edits, steps)
 
 
 def demand_changed(
@@ -75,5 +92,7 @@ def demand_changed(
     if (old.rate_qpm <= 0) != (new.rate_qpm <= 0):
         return True  # the server went idle, or woke: re-plan (an idle one runs at K = 0)
     if abs(new.rate_qpm - old.rate_qpm) > max(rate_tol * old.rate_qpm, 1.0):
+        return True
+    if abs(new.edits - old.edits) > mix_tol:
         return True
     return float(np.abs(np.asarray(new.mix) - np.asarray(old.mix)).sum()) > mix_tol

@@ -26,6 +26,14 @@ def request_deadline(job: Job) -> float:
     return job.deadline_s + DELIVERY_MARGIN_S
 
 
+def edit_class(levels: tuple[int, ...], start: int) -> int:
+    """The level a pinned plan counts an edit at: the highest its start step reaches. A batch
+    at that level or below runs at least the edit's own steps (the engine runs it from its
+    start), so a plan's times hold for it; what the plan expects of its quality is a
+    generation's at that class, a pinned plan's one approximation of an edit."""
+    return max(k for k in levels if k <= start)
+
+
 def intake(
     job_id: int,
     now: float,
@@ -39,17 +47,24 @@ def intake(
     u: float,
     shape: int = 0,
     adapters: tuple[int, ...] = (),
+    start: int | None = None,
 ) -> tuple[Job, bool]:
     """The job as routed (and as moved by admission), and whether it was queued (False: refused).
 
     ``now`` and ``deadline_s`` (the request's) are seconds on the driver's clock; a request
     with a cached neighbour may run at any level (its neighbour keeps latents at every cache
-    level), one without only at K = 0; ``u`` is the router's uniform draw in [0, 1).
+    level), one without only at K = 0; ``u`` is the router's uniform draw in [0, 1). An edit
+    (``start``) is planned and routed as the class its start reaches (``edit_class``).
     """
-    estimator.observe(now, k_opt, dispatcher.gpus[0].profile.shape_weights[shape])
     k_max = dispatcher.levels[-1] if has_neighbour else 0
+    if start is not None:
+        k_opt = k_max = edit_class(dispatcher.levels, start)
+    estimator.observe(now, k_opt, dispatcher.gpus[0].profile.shape_weights[shape])
     level = route(plan, k_opt, u)
-    job = Job(job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, level, shape, adapters)
+    job = Job(
+        job_id, now, deadline_s - DELIVERY_MARGIN_S, k_opt, k_max, level, shape, adapters,
+        start=start,
+    )  # fmt: skip
     if admission:
         admitted = admit(dispatcher, job, now)
         if admitted is None:

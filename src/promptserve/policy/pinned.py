@@ -19,7 +19,7 @@ import numpy as np
 from promptserve.policy.contract import Arrival, Ask, LoadSnapshot, Replan, Report, Schedule
 from promptserve.policy.dispatcher import Dispatcher
 from promptserve.policy.estimator import LoadEstimator
-from promptserve.policy.intake import DELIVERY_MARGIN_S, intake
+from promptserve.policy.intake import DELIVERY_MARGIN_S, edit_class, intake
 from promptserve.policy.types import Demand, Job, Outcome, Plan, Setting, Status
 from promptserve.profile import Profile
 
@@ -78,18 +78,26 @@ class PinnedScheduler:
         least_s = self.fastest_s(ask) + DELIVERY_MARGIN_S
         if ask.deadline_s - now < least_s:  # even idle: refused for good, not for now
             k_max = self.dispatcher.levels[-1] if ask.has_neighbour else 0
-            job = Job(ask.id, now, ask.deadline_s - DELIVERY_MARGIN_S, ask.k_opt, k_max, 0)
+            if ask.start is not None:
+                k_max = edit_class(self.dispatcher.levels, ask.start)
+            job = Job(
+                ask.id, now, ask.deadline_s - DELIVERY_MARGIN_S, ask.k_opt, k_max, 0,
+                start=ask.start,
+            )  # fmt: skip
             return Arrival(job, Outcome(job, Status.REFUSED, now), unmeetable_s=least_s)
         u = float(self.rng.random())
         job, queued = intake(
             ask.id, now, ask.deadline_s, ask.k_opt, ask.has_neighbour, self.plan,
             self.dispatcher, self.estimator, self.policy.admission, u, ask.shape, ask.adapters,
+            ask.start,
         )  # fmt: skip
         return Arrival(job, None if queued else Outcome(job, Status.REFUSED, now))
 
     def fastest_s(self, ask: Ask) -> float:
         """Its run alone at the fastest level it may run at, as the plans time it."""
         level = self.dispatcher.levels[-1] if ask.has_neighbour else 0
+        if ask.start is not None:
+            level = edit_class(self.dispatcher.levels, ask.start)
         return self.setting.profiles[0].batch_latency(level, 1)
 
     def schedule(self, now: float) -> Schedule:

@@ -63,7 +63,7 @@ def outcome_quality(
     selector's replays score it."""
     return served_quality(
         model, interval_q, total_steps, outcome.job.k_opt, outcome.level, outcome.interval,
-        outcome.earlier,
+        outcome.earlier, outcome.job.start,
     )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ import bisect
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from promptserve.policy.contract import Arrival, Ask, LoadSnapshot, Replan, Report, Schedule
 from promptserve.policy.estimator import LoadEstimator
@@ -203,7 +203,7 @@ class ShardedSteps:
         for s, shard in enumerate(self.shards):
             if self.ticks == 0:
                 share = len(self.owned[s]) / len(self.gpus)
-                part = Demand(demand.rate_qpm * share, demand.mix)
+                part = replace(demand, rate_qpm=demand.rate_qpm * share, backlog=())
             else:
                 assert shard.estimator is not None
                 part = shard.estimator.estimate(now, start)

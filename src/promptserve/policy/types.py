@@ -30,6 +30,10 @@ class Demand:
     ]  # share of requests per K_opt class, over the profile's levels (sums to 1)
     backlog: tuple[int, ...] = ()  # requests waiting per level now (optional)
     size_weight: float = 1.0  # the requests' mean pixels against the native size's
+    # the share of requests that are edits (``mix`` is over the generations), and the mean
+    # steps an edit runs from its own start: a step-level price counts them at that cost
+    edits: float = 0.0
+    edit_steps: float = 0.0
 
     def per_class_qpm(self) -> np.ndarray:
         return self.rate_qpm * np.asarray(self.mix, dtype=float)
@@ -64,6 +68,7 @@ class Job:
     shape: int = 0  # its size, as an index into the profile's ``shape_weights`` (0: native)
     adapters: tuple[int, ...] = ()  # the LoRA adapters it names, as ids (``policy.residency``)
     exact: bool = False  # every step full whatever the load (``quality: high``): r = 1 only
+    start: int | None = None  # an edit's own start step (``contract.Ask``); None: a generation
 
 
 @dataclass(frozen=True, slots=True)

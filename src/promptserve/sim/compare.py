@@ -97,6 +97,8 @@ def compare(
         minutes = len(timeline["offered_qpm"])
         timeline["gpus_per_level"] = gpus_per_minute(res.plans, levels, minutes)
         timelines[policy.name] = timeline
+    if any(r.strength is not None for r in requests):
+        return rows, NO_BOUND_WITH_EDITS, timelines, results
     k_opt, found = oracle_neighbours(
         requests, embeddings, thresholds, warm, earliest_answer_s(setting.profiles)
     )
@@ -112,6 +114,15 @@ def compare(
     if config.coarse_window_s is not None:
         oracle["coarse"] = oracle_bounds(*bound_args, config.coarse_window_s, ~found, *looks)
     return rows, oracle, timelines, results
+
+
+# the oracle's LP has a level per request, each a generation's cost and quality: an edit's
+# (its own steps, a full run's quality) is neither, so with edits there is no bound to print
+NO_BOUND_WITH_EDITS = {
+    "effective_quality_upper_bound": None,
+    "slo_violation_ratio_lower_bound": None,
+    "note": "No oracle line: the offline bound does not model edits (run without --edits for one).",
+}
 
 
 def gpus_per_minute(plans, levels: Sequence[int], minutes: int) -> dict[str, list[int]]:

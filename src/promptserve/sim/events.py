@@ -28,6 +28,7 @@ from promptserve.policy.selector import Choice, Selector, candidates, outcome_qu
 from promptserve.quality import QualityModel
 from promptserve.sim.lookups import Lookups
 from promptserve.sim.records import Records
+from promptserve.strength import start_step
 from promptserve.types import Request
 
 ARRIVAL, DONE, REPLAN, WAKE = 1, 0, 2, 3  # at equal times: finish work, then arrivals, then plans
@@ -46,6 +47,7 @@ class SimInputs:
     # the re-plan grid's offset from the first arrival's: a live server's grid is the same up
     # to its loops' timing (tens of ms), to which a periodic plan can be sensitive
     replan_phase_s: float = 0.0
+    family: str = "unet"  # how an edit's strength turns into its start step (``strength``)
 
 
 @dataclass
@@ -87,6 +89,7 @@ class EventRun:
         self.estimator = self.sched.estimator
         self.index = CacheIndex(dim=inputs.embeddings.shape[1], total_steps=profiles[0].total_steps)
         self.cache_levels = tuple(k for k in self.levels if k > 0)
+        self.profile_steps = profiles[0].total_steps
         reqs = inputs.requests
         self.records = Records.empty(
             np.array([r.arrival_s for r in reqs]), np.array([r.deadline_s for r in reqs])
@@ -153,9 +156,15 @@ class EventRun:
         )  # fmt: skip
 
     def _arrive(self, now: float, i: int) -> None:
-        k_opt, has_neighbour = self._classify(i)
         r = self.inputs.requests[i]
-        ask = Ask(i, r.deadline_s, k_opt, has_neighbour, r.shape, r.adapters)
+        start = None
+        if r.strength is None:
+            k_opt, has_neighbour = self._classify(i)
+        else:  # an edit: from its own image, no neighbour looked up
+            k_opt, has_neighbour = 0, False
+            start = start_step(self.profile_steps, r.strength, self.inputs.family)
+            self.records.edit[i] = True  # type: ignore[index]
+        ask = Ask(i, r.deadline_s, k_opt, has_neighbour, r.shape, r.adapters, start=start)
         if self.selector is not None:
             self.selector.observe(now, ask)
         arrival = self.sched.intake(now, ask)
@@ -234,6 +243,8 @@ class EventRun:
     def _served(self, now: float, outcome: Outcome) -> None:
         """A request answered: its record, its neighbour's hit, its own cache entry."""
         self._end(outcome)
+        if outcome.job.start is not None:
+            return  # an edit: its image is its own, never a neighbour's or the cache's
         i = outcome.job.id
         entry_id, sim = self.match.get(i, (-1, 0.0))
         if entry_id >= 0 and outcome.level > 0:

@@ -31,7 +31,7 @@ def cache_mix(recs: Records) -> dict:
     n = int(served.sum())
     levels, counts = np.unique(recs.level[served], return_counts=True)
     return {
-        "hit_ratio": round(float((recs.level[served] > 0).sum() / n), 4) if n else 0.0,
+        "hit_ratio": round(float(recs.hit()[served].sum() / n), 4) if n else 0.0,
         "k_mix": {str(int(k)): int(c) for k, c in zip(levels, counts, strict=True)},
     }
 

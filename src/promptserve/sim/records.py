@@ -22,6 +22,7 @@ class Records:
     quality: np.ndarray  # percent; 0 unless served
     gpu: np.ndarray  # the GPU that served it; -1 unless served
     interval: np.ndarray | None = None  # its feature-cache interval (1: every step full)
+    edit: np.ndarray | None = None  # an edit (from its own image: never a cache hit)
 
     @classmethod
     def empty(cls, arrival_s: np.ndarray, deadline_s: np.ndarray) -> Records:
@@ -36,7 +37,13 @@ class Records:
             np.zeros(n),
             np.full(n, -1),
             np.ones(n, int),
+            np.zeros(n, bool),
         )
+
+    def hit(self) -> np.ndarray:
+        """Per request: started from a cached latent (an edit's start is its own image)."""
+        hit = self.level > 0
+        return hit & ~self.edit if self.edit is not None else hit
 
     def summary(self, planner_ms: list[float]) -> dict:
         n = len(self.arrival_s)
@@ -72,7 +79,7 @@ class Records:
         q_sum = np.bincount(minute, weights=np.where(served, self.quality, 0), minlength=m)
         n_served = np.bincount(minute, weights=served, minlength=m)
         q_good = np.bincount(minute, weights=np.where(in_slo, self.quality, 0), minlength=m)
-        hits = np.bincount(minute, weights=served & (self.level > 0), minlength=m)
+        hits = np.bincount(minute, weights=served & self.hit(), minlength=m)
         return {
             "effective_quality": (q_good / np.maximum(offered, 1)).tolist(),
             "hit_ratio": np.where(n_served > 0, hits / np.maximum(n_served, 1), np.nan).tolist(),

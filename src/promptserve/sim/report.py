@@ -109,8 +109,11 @@ def markdown(report: dict, title: str = "Simulated comparison") -> str:
     if o.get("effective_quality_upper_bound") is None:
         lines += [
             "",
-            "No oracle line: a live run has no offline bound (run `promptserve simulate` on the "
-            "same arrivals for one).",
+            o.get(
+                "note",
+                "No oracle line: a live run has no offline bound (run `promptserve simulate` "
+                "on the same arrivals for one).",
+            ),
             "",
         ]
         return "\n".join(lines + glossary_lines())

@@ -27,6 +27,7 @@ from promptserve.sim.compare import CompareConfig, compare, sim_inputs
 from promptserve.sim.oracle import DEFAULT_WINDOW_S
 from promptserve.sim.simulator import SimInputs
 from promptserve.workload import generate_arrivals, make_requests, parse_arrival_spec
+from promptserve.workload.edits import EditMix, with_edits
 from promptserve.workload.looks import LookMix, sized_profile, with_looks
 from promptserve.workload.splits import Split, prompt_order
 
@@ -46,6 +47,7 @@ class SweepConfig:
     oracle_window_s: float = DEFAULT_WINDOW_S
     coarse_window_s: float | None = None  # also bound each point at this slot (the old 10 s)
     looks: LookMix = LookMix()  # sizes and adapters per request (``workload.looks``)
+    edits: EditMix | None = None  # a share of edits (``workload.edits``)
     split: Split = "all"  # which half of the prompts and trace (``workload.splits``)
 
 
@@ -83,6 +85,7 @@ def point_inputs(
     order = prompt_order(len(prompts), config.split, seed)
     chosen = [prompts[i] for i in order]
     requests = with_looks(make_requests(chosen, times, config.slo_s), config.looks, seed)
+    requests = with_edits(requests, config.edits, seed)
     emb = prompt_embeddings[order][[r.id % len(chosen) for r in requests]]
     cmp = CompareConfig(
         config.gpus,
@@ -178,6 +181,8 @@ def summarise(result: dict) -> list[dict]:
 
 
 def _stats(values: list[float], digits: int = 2) -> dict:
+    if any(v is None for v in values):  # no bound (edits: ``compare.NO_BOUND_WITH_EDITS``)
+        return {"mean": None, "min": None, "max": None}
     return {
         "mean": round(float(np.mean(values)), digits),
         "min": round(float(np.min(values)), digits),
@@ -215,6 +220,7 @@ def markdown_table(summary: list[dict]) -> str:
         best = row.get("best_fair_baseline")
         best_cell = f"{best['policy']} {best['effective_quality']:.1f}" if best else "—"
         bound = row["oracle"]["effective_quality"]["mean"]
+        bound = "—" if bound is None else bound
         lines.append(
             f"| {row['rate_qpm']:g} | " + " | ".join(cells) + f" | {best_cell} | {bound} |"
         )
@@ -249,7 +255,8 @@ def plot_sweep(summary: list[dict], config: dict) -> bytes:
                 alpha=0.15,
             )
         bound = [row["oracle"][metric]["mean"] for row in summary]
-        ax.plot(rates, bound, "k--", lw=1.5, label="oracle bound")
+        if None not in bound:
+            ax.plot(rates, bound, "k--", lw=1.5, label="oracle bound")
         ax.set_xlabel("offered load (queries/minute)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

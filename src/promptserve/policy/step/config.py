@@ -70,7 +70,10 @@ class StepSpec:
         return self.profile.levels
 
     def fastest_k(self, job: Job) -> int:
-        """The fastest level the rule lets ``job`` run at."""
+        """The fastest level the rule lets ``job`` run at (an edit: its own start, whatever
+        the rule: that is not an approximation, the request asks for it)."""
+        if job.start is not None:
+            return job.start
         return 0 if self.config.rule == "zero" else job.k_max
 
     def fastest(self, job: Job) -> tuple[int, int]:

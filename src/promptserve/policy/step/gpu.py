@@ -75,6 +75,7 @@ class StepGpu:
     resident: ResidentSet = field(default_factory=ResidentSet)  # its device's LoRA adapters
     retimed: list[Member] = field(default_factory=list)  # re-intervalled at its last boundary
     loading: int = 0  # adapters the joins of this boundary load before its next step
+    encoding: int = 0  # edits joining at this boundary: each a VAE encode before the step
 
     @property
     def count(self) -> int:

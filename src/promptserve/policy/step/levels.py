@@ -32,6 +32,11 @@ class Levels:
         return self._preferred(job, at)
 
     def _preferred(self, job: Job, at: float) -> tuple[int, int]:
+        if job.start is not None:  # an edit: its own start, the price picks its interval
+            top = self.spec.intervals[-1]
+            if self.bursts.fullness(at):
+                return job.start, top
+            return job.start, self.pricing.edit_interval(job, self.pricing.price)
         if self.spec.config.rule == "zero":
             return 0, 1
         if self.spec.config.rule == "max":
@@ -77,13 +82,16 @@ class Levels:
     def cheaper(self, job: Job, k: int, r: int) -> list[tuple[int, int]]:
         """(K, r) from the preferred one to the fastest the job may run at, in falling GPU
         time: without intervals the levels from K up, as before."""
+        # an edit runs from its own start only: its choice is the interval alone
+        levels = (job.start,) if job.start is not None else self.spec.levels
+        fastest = self.spec.fastest_k(job)
         if len(self.spec.intervals) == 1 or job.exact:
             r = 1 if job.exact else self.spec.intervals[0]
-            return [(lv, r) for lv in self.spec.levels if k <= lv <= job.k_max]
+            return [(lv, r) for lv in levels if k <= lv <= fastest]
         n, w = self.spec.profile.total_steps, self.spec.profile.interval_weight
         cost = (n - k) * w(r)
         options = [
-            ((n - lv) * w(ri), lv, ri) for lv in self.spec.levels if lv <= job.k_max
+            ((n - lv) * w(ri), lv, ri) for lv in levels if lv <= fastest
             for ri in self.spec.intervals if (n - lv) * w(ri) <= cost + EPS
         ]  # fmt: skip
         options.sort(key=lambda o: (-o[0], o[1], o[2]))

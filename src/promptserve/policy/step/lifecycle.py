@@ -95,6 +95,7 @@ class Lifecycle:
         gpu.by_id[job.id] = member
         gpu.count_shape(kind(job.shape, r), 1)
         gpu.loading += gpu.resident.use(job.adapters)
+        gpu.encoding += job.start is not None
         bisect.insort(gpu.members, (member.end_step, job.deadline_s, job.id))
         joined.append(member)
 
@@ -135,6 +136,9 @@ class Lifecycle:
         if gpu.loading:  # the joiners' adapters copied in before the step
             gpu.seg_start += gpu.loading * self.spec.profile.adapter_load_s
             gpu.loading = 0
+        if gpu.encoding:  # the joining edits' images through the VAE: timed as its decode
+            gpu.seg_start += gpu.encoding * self.spec.profile.leave_s
+            gpu.encoding = 0
         gpu.seg_iter_s = self.cluster.iteration_s(gpu)
 
     def next_steps(self, gpu: StepGpu) -> int:

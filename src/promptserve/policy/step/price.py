@@ -52,6 +52,7 @@ class Pricing:
         # which an arrival is refused while the cluster is full, and the share of the class
         # at the floor that is still admitted (0: no floor)
         self.floor, self.floor_split = 0.0, 1.0
+        self.factors = [1.0]  # per size, its price over the mean (``size_factors``)
 
     @property
     def options(self) -> list[tuple[int, int]]:
@@ -124,15 +125,19 @@ class Pricing:
         self.excess_limit = self.excess.capacity_per_s * EXCESS_SHARE * slo_s
         last = len(self.spec.levels) - 1
 
-        def work(choice: list[list[int]]) -> tuple[float, float]:
-            steps = 0.0
+        def work(price: float) -> tuple[float, float]:
+            choice, steps = self.choices(price), 0.0
             for i, share in enumerate(demand.mix):
                 o = choice[i][last if i > 0 else 0]  # a miss (K_opt 0) may have no neighbour
                 steps += share * self.option_work(o)
+            if demand.edits:  # the mix is the generations'; an edit runs from its own start
+                r = self.edit_interval_for(demand.edit_steps, price)
+                edit = demand.edit_steps * self.spec.profile.interval_weight(r)
+                steps = (1.0 - demand.edits) * steps + demand.edits * edit
             return per_s * steps, self.steps_capacity(slo_s, steps)
 
         def over(price: float, share: float = UTILISATION) -> bool:
-            asked, capacity = work(self.choices(price))
+            asked, capacity = work(price)
             return asked > share * capacity
 
         self.split = 0.0
@@ -145,7 +150,7 @@ class Pricing:
             for _ in range(40):
                 mid = (lo + hi) / 2
                 lo, hi = (mid, hi) if over(mid) else (lo, mid)
-            (w_lo, cap), (w_hi, _) = work(self.choices(lo)), work(self.choices(hi))
+            (w_lo, cap), (w_hi, _) = work(lo), work(hi)
             if w_lo > w_hi:
                 self.split = min(max((w_lo - UTILISATION * cap) / (w_lo - w_hi), 0.0), 1.0)
         self.price = hi
@@ -155,6 +160,7 @@ class Pricing:
             self.value_floor(per_s * np.asarray(demand.mix), slo_s)
         sized = self.spec.profile.sized
         factors = self.size_factors() if sized else [1.0]
+        self.factors = factors
         at_max = (self.choice, self.choice_lo)  # at ``PRICE_MAX`` every size at its fastest
         self.by_shape = [
             at_max if hi >= PRICE_MAX else (self.choices(hi * f), self.choices(lo * f))
@@ -201,10 +207,32 @@ class Pricing:
                 return
             asked, rate = asked + more, rate + n
 
+    def edit_interval(self, job: Job, price: float) -> int:
+        """The interval an edit (``job.start``) runs at under ``price``, its size's share of it."""
+        assert job.start is not None
+        factor = self.factors[job.shape] if len(self.factors) > job.shape else 1.0
+        return self.edit_interval_for(self.spec.profile.total_steps - job.start, price * factor)
+
+    def edit_interval_for(self, steps: float, price: float) -> int:
+        """The interval at which an edit of ``steps`` steps is worth most under ``price``: its
+        quality is its interval's alone (K does not apply: it starts from its own image), so
+        ``q_r x 100 / 100 - price x steps x w(r)``, the shortest interval at a tie."""
+        w = self.spec.profile.interval_weight
+        return max(
+            self.spec.intervals,
+            key=lambda r: self.spec.interval_q[r - 1] - price * steps * (w(r) if r > 1 else 1),
+        )
+
     def worth(self, job: Job) -> bool:
         """Whether ``job`` is worth its steps under the floor (``value_floor``)."""
         if self.floor <= 0.0:
             return True
+        if job.start is not None:  # an edit: its interval's quality over its own steps
+            r = self.edit_interval(job, self.price)
+            steps = (self.spec.profile.total_steps - job.start) * (
+                self.spec.profile.interval_weight(r) if r > 1 else 1
+            )
+            return self.spec.interval_q[r - 1] / max(steps, 1e-9) > self.floor
         i, m = self.spec.index_of[job.k_opt], self.spec.index_of[job.k_max]
         dens = round(self.density(i, m), 9)
         if dens != self.floor:

@@ -115,15 +115,17 @@ class StepScheduler:
         then) or end it; a job that waits under ``shed`` has every running GPU hold a boundary
         at its next step, where it may fit (``Lifecycle.next_steps``)."""
         assert self.estimator is not None, "intake needs the scheduler's load estimator"
-        k_max = self.spec.levels[-1] if ask.has_neighbour else 0
+        k_max = self.spec.levels[-1] if ask.has_neighbour and ask.start is None else 0
+        level = ask.k_opt if ask.start is None else ask.start
         job = Job(
-            ask.id, now, ask.deadline_s - DELIVERY_MARGIN_S, ask.k_opt, k_max, ask.k_opt,
-            ask.shape, ask.adapters, ask.exact,
+            ask.id, now, ask.deadline_s - DELIVERY_MARGIN_S, ask.k_opt, k_max, level,
+            ask.shape, ask.adapters, ask.exact, ask.start,
         )  # fmt: skip
         least_s = self.fit.alone_s(*self.spec.fastest(job), ask.shape) + DELIVERY_MARGIN_S
         if ask.deadline_s - now < least_s:  # even idle: refused for good, not for now
             return Arrival(job, Outcome(job, Status.REFUSED, now), unmeetable_s=least_s)
-        self.estimator.observe(now, ask.k_opt, self.profile.shape_weights[ask.shape])
+        edit_steps = None if ask.start is None else self.profile.total_steps - ask.start
+        self.estimator.observe(now, ask.k_opt, self.profile.shape_weights[ask.shape], edit_steps)
         k, r = self.spec.fastest(job)  # at its fastest interval's mean step
         steps = self.profile.total_steps - k
         self.excess.pour(now, steps * self.profile.interval_weight(r) if r > 1 else steps)

@@ -40,6 +40,7 @@ class RayWorkers:
         self.profile: Profile = info["profile"]
         self.speedup: float = info.get("speedup", 1.0)
         self.guidance: Guidance = info["guidance"]
+        self.edit_family: str = info.get("edit_family", "unet")
         self.native: tuple[int, int] = info["native"]
         self.sizes: tuple[tuple[int, int], ...] = tuple(info["sizes"])
         self.adapters: tuple[str, ...] = tuple(info["adapters"])

@@ -82,6 +82,7 @@ class EngineWorker:
             "adapters": tuple(e.adapters),
             "speedup": e.speedup,
             "guidance": e.guidance_spec,
+            "edit_family": e.edit_family,
         }
 
     def set_level(self, level: int | None) -> None:

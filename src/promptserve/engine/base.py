@@ -180,6 +180,7 @@ class Engine(Protocol):
     sizes: tuple[tuple[int, int], ...]  # (width, height) it serves; the first is ``auto``'s
     speedup: float  # how many times faster than its profile it runs (1 but for the modelled one)
     guidance_spec: Guidance  # what ``guidance_scale`` means for it, and the range it serves
+    edit_family: str  # how an edit's strength becomes its start step (``strength.start_step``)
 
     def generate(self, items: Sequence[GenerationItem]) -> list[GenerationResult]: ...
 

@@ -41,6 +41,7 @@ class ModeledEngine:
     # their steps' share (``mix_s``)
     caps = EngineCaps(feature_cache=True, stateless=True, modelled=True)
     guidance_spec = UNET_GUIDANCE  # what it stands for: the SDXL reference's guidance
+    edit_family = "unet"  # and its img2img pipeline's count of an edit's steps
     adapters: tuple[str, ...] = ()  # names only (``load_adapters``)
 
     def __init__(

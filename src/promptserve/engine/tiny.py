@@ -159,6 +159,10 @@ class DenoisingEngine:
     def guidance_spec(self) -> Guidance:
         return replace(self.c.guidance_spec, default=self.guidance)
 
+    @property
+    def edit_family(self) -> str:
+        return self.c.family
+
     def step_runner(self, profile=None):  # noqa: ANN001, ANN201 - the profile is the modelled one's
         from promptserve.engine.steprunner import StepRunner
 

@@ -34,6 +34,7 @@ def served(
         p.look.lora,
         outcome.interval,
         outcome.earlier,
+        p.edit,
     )
 
 

@@ -80,7 +80,6 @@ def create_app(
             message += f" (the body must be JSON sent as application/json, not {kind or 'untyped'})"
         return error(400, message, field)
 
-    @app.api_route("/v1/images/edits", methods=["GET", "POST"], include_in_schema=False)
     @app.api_route("/v1/images/variations", methods=["GET", "POST"], include_in_schema=False)
     async def not_served(request: Request) -> JSONResponse:
         """The Images API's other endpoints: named, not a bare 405."""

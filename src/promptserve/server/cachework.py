@@ -9,11 +9,14 @@ import logging
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from promptserve.cache.approx import ApproxCache
 from promptserve.engine.base import GenerationItem, GenerationResult, preview_steps
 from promptserve.engine.runner import remember, resumed_from
 from promptserve.policy.planning import worth_caching
 from promptserve.server.requests import Counters, Pending
+from promptserve.strength import start_step
 from promptserve.workers.base import StoreRefs, Workers
 
 log = logging.getLogger(__name__)
@@ -24,7 +27,17 @@ def item_for(
 ) -> tuple[GenerationItem, StoreRefs | None]:
     """In-process, the start latent is read here; workers on a shared store get the key to
     read and the entry to write, and the arrays never pass through here. A missing latent:
-    from noise (K = 0)."""
+    from noise (K = 0). An edit reads and writes nothing: it starts from its own image."""
+    if p.edit is not None:
+        start = start_step(workers.total_steps, p.edit.strength, workers.edit_family)
+        ref = StoreRefs(None, p.tenant, None) if workers.shared_store else None
+        wanted = p.handle.partial_images if p.handle is not None else 0
+        previews = preview_steps(start, workers.total_steps, wanted)
+        item = GenerationItem(
+            p.prompt, start, None, seed=p.seed, previews=previews, look=p.look,
+            interval=interval, edit=p.edit,
+        )  # fmt: skip
+        return item, ref
     at_level = p.hit is not None and level > 0
     ref = None
     if workers.shared_store:
@@ -44,6 +57,17 @@ def item_for(
         p.prompt, k, latent, seed=p.seed, previews=previews, look=p.look, interval=interval
     )
     return item, ref
+
+
+NO_VECTOR = np.zeros(0, dtype=np.float32)  # an edit's embedding: it looks up and inserts nothing
+
+
+def edit_start(p: Pending, workers: Workers) -> int | None:
+    """The step an edit starts at, as its engine's family counts its strength (None: not an
+    edit); the policy prices it and the engine runs it from there."""
+    if p.edit is None:
+        return None
+    return start_step(workers.total_steps, p.edit.strength, workers.edit_family)
 
 
 def pinned_by(refs: Sequence[StoreRefs | None] | None) -> list[int]:

@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 from PIL import Image
 
+from promptserve.engine.base import EditInput
 from promptserve.errors import InputError
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # an image or a mask, as uploaded
@@ -83,3 +84,17 @@ def fit_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     if (mask.shape[1], mask.shape[0]) == size:
         return mask
     return np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+
+
+def overlay(png: bytes, edit: EditInput) -> bytes:
+    """An inpainting answer with the input's own pixels outside the mask, as an editor expects:
+    the model's VAE decodes the whole latent, so pixels it was told to keep come back close to
+    the input, not equal (diffusers' ``apply_overlay`` does this where it crops). Image-to-image
+    answers are the model's alone."""
+    if edit.mask is None:
+        return png
+    made = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    kept = np.where(edit.mask[:, :, None] > 127, made, edit.image)
+    out = io.BytesIO()
+    Image.fromarray(kept.astype(np.uint8)).save(out, format="PNG")
+    return out.getvalue()

@@ -1,15 +1,22 @@
-"""The images routes: ``POST /v1/images/generations`` (whole answers and streams) and the
-images kept for ``response_format: url``."""
+"""The images routes: ``POST /v1/images/generations`` and ``POST /v1/images/edits`` (whole
+answers and streams: an edit is a generation from its own image) and the images kept for
+``response_format: url``."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from promptserve.engine.base import EditInput
+from promptserve.engine.sizes import label, parse_size
+from promptserve.errors import InputError
 from promptserve.server.context import Context, error, outcome_error, public_message
+from promptserve.server.editform import edit_input, read_form
+from promptserve.server.editinput import overlay
 from promptserve.server.imageapi import (
     MEDIA_TYPES,
     b64_of,
@@ -39,6 +46,28 @@ def image_routes(ctx: Context) -> APIRouter:
 
     @router.post("/v1/images/generations", response_model=ImagesResponse)
     async def generations(req: ImageRequest, request: Request):
+        return await answer(req, request)
+
+    @router.post("/v1/images/edits", response_model=ImagesResponse)
+    async def edits(request: Request):
+        """An edit: the generations' request and answer, from its own image (``editform``)."""
+        try:
+            form = await read_form(request)
+        except InputError as exc:
+            return error(400, str(exc), str(exc).split(":")[0])
+        req = form.req
+        if req.size not in (None, "auto") and req.size not in ctx.size_labels:
+            return await answer(req, request)  # refused as a generation is, naming the size
+        asked = None if req.size in (None, "auto") else parse_size(req.size)
+        served = ctx.runtime.workers.sizes
+        try:
+            edit, size = await asyncio.to_thread(edit_input, form, served, asked)
+        except InputError as exc:
+            return error(400, str(exc), str(exc).split(":")[0].removeprefix("field "))
+        return await answer(req.model_copy(update={"size": label(size)}), request, edit)
+
+    async def answer(req: ImageRequest, request: Request, edit: EditInput | None = None):
+        """A generation's or an edit's answer: whole, or streamed."""
         tenant = ctx.checked_tenant(req, request)
         if isinstance(tenant, JSONResponse):
             return tenant
@@ -47,10 +76,12 @@ def image_routes(ctx: Context) -> APIRouter:
             return error(400, refusal[1], refusal[0])
         deadline_s = ctx.deadline_s(req)
         if req.stream:
-            return await stream_generation(req, tenant, deadline_s)
-        outcomes = await generate(req, tenant, deadline_s, request)
+            return await stream_generation(req, tenant, deadline_s, edit)
+        outcomes = await generate(req, tenant, deadline_s, request, edit)
         if isinstance(outcomes, JSONResponse):
             return outcomes
+        if edit is not None and edit.mask is not None:  # the input's pixels outside the mask
+            outcomes = await asyncio.to_thread(overlaid, outcomes, edit)
         data = []
         media = MEDIA_TYPES[req.output_format or "png"]
         # encoding (a WebP of 1024² is seconds) and base64 run off the event loop
@@ -65,7 +96,7 @@ def image_routes(ctx: Context) -> APIRouter:
         return JSONResponse(body)
 
     async def generate(
-        req: ImageRequest, tenant: str, deadline_s: float, request: Request
+        req: ImageRequest, tenant: str, deadline_s: float, request: Request, edit: EditInput | None
     ) -> list[Served] | JSONResponse:
         """The request's ``n`` images, served or refused whole: the first image refused,
         dropped or failed cancels the others (queued ones at once, running ones between two
@@ -85,6 +116,7 @@ def image_routes(ctx: Context) -> APIRouter:
                     exact=req.exact,
                     seed=seed_of(req, i),
                     look=look,
+                    edit=edit,
                 )  # fmt: skip
             )
             for i, h in enumerate(handles)
@@ -119,11 +151,14 @@ def image_routes(ctx: Context) -> APIRouter:
             except Exception:
                 return
 
-    async def stream_generation(req: ImageRequest, tenant: str, deadline_s: float):
+    async def stream_generation(
+        req: ImageRequest, tenant: str, deadline_s: float, edit: EditInput | None
+    ):
         """``stream: true``: previews decoded from intermediate steps as
         ``image_generation.partial_image`` events, then ``image_generation.completed``. A
         refusal before it is queued is an HTTP error; closing the stream cancels it."""
         events: asyncio.Queue = asyncio.Queue()
+        api = "image_generation" if edit is None else "image_edit"
         loop = asyncio.get_running_loop()
         handle = JobHandle(
             lambda kind, data: events.put_nowait((kind, data)),
@@ -141,6 +176,7 @@ def image_routes(ctx: Context) -> APIRouter:
                 exact=req.exact,
                 seed=req.seed,
                 look=ctx.look(req),
+                edit=edit,
             )  # fmt: skip
         )
 
@@ -164,7 +200,17 @@ def image_routes(ctx: Context) -> APIRouter:
                 sent[0] += 1
                 index = sent[0] - 1
                 image = await asyncio.to_thread(b64_of, data["png"], req)
-                return [event("partial_image", created, image, req, ctx.size_of(req), index=index)]
+                return [
+                    event(
+                        "partial_image",
+                        created,
+                        image,
+                        req,
+                        ctx.size_of(req),
+                        index=index,
+                        api=api,
+                    )  # fmt: skip
+                ]
 
             try:
                 while not task.done():
@@ -184,11 +230,13 @@ def image_routes(ctx: Context) -> APIRouter:
                     )
                     return
                 s: Served = task.result()
+                if edit is not None and edit.mask is not None:
+                    (s,) = await asyncio.to_thread(overlaid, [s], edit)
                 image = await asyncio.to_thread(b64_of, s.result.png, req)
                 meta = meta_of(s).model_dump()
                 yield event(
                     "completed", int(time.time()), image, req, ctx.size_of(req),
-                    usage=usage(req.prompt), promptserve=meta,
+                    usage=usage(req.prompt), promptserve=meta, api=api,
                 )  # fmt: skip
             finally:
                 if not task.done():  # the caller closed the stream: stop the generation
@@ -217,3 +265,8 @@ def image_routes(ctx: Context) -> APIRouter:
 def seed_of(req: ImageRequest, i: int) -> int | None:
     """Image ``i``'s seed: the request's plus ``i`` (None: the server picks)."""
     return None if req.seed is None else req.seed + i
+
+
+def overlaid(outcomes: list[Served], edit: EditInput) -> list[Served]:
+    """Inpainting answers with the input's pixels outside the mask (``editinput.overlay``)."""
+    return [replace(s, result=replace(s.result, png=overlay(s.result.png, edit))) for s in outcomes]

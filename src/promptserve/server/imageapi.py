@@ -54,9 +54,9 @@ def served_quality(served: Sequence[Served]) -> str:
     """The official ``quality`` of what was served, on this system's own axis: ``high`` when
     every image was a full generation, ``medium`` when each stayed within the level its prompt
     tolerates (K <= K_opt), ``low`` when any went above it (load pushed it)."""
-    if all(s.level == 0 and s.interval == 1 for s in served):
-        return "high"
-    if all(s.level <= s.k_opt for s in served):
+    if all((s.level == 0 or s.edit is not None) and s.interval == 1 for s in served):
+        return "high"  # an edit's start is its own image's, not a cached latent's
+    if all(s.level <= s.k_opt or s.edit is not None for s in served):
         return "medium"
     return "low"
 
@@ -65,7 +65,8 @@ def meta_of(s: Served) -> ImageMeta:
     return ImageMeta(
         level_k=s.level,
         k_opt=s.k_opt,
-        cache_hit=s.level > 0,
+        cache_hit=s.level > 0 and s.edit is None,
+        edit_start=s.level if s.edit is not None else None,
         similarity=s.similarity,
         predicted_quality=round(s.quality, 3),
         queue_ms=round(s.queue_s * 1e3, 1),
@@ -118,6 +119,7 @@ def event(
     req: ImageRequest,
     size: str,
     index: int | None = None,
+    api: str = "image_generation",
     **extra,
 ) -> str:
     """One server-sent event in the official shape (``ImageGenPartialImageEvent`` with its
@@ -126,7 +128,7 @@ def event(
     if index is not None:
         extra["partial_image_index"] = index
     data = {
-        "type": f"image_generation.{kind}",
+        "type": f"{api}.{kind}",  # image_generation or image_edit
         "b64_json": b64,
         "created_at": created,
         "size": size if size in OFFICIAL_SIZES else "auto",

@@ -5,13 +5,14 @@ is pending, and the counts and load the metrics read."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from promptserve.cache.approx import CacheHit
-from promptserve.engine.base import PLAIN, GenerationItem, GenerationResult, Look
+from promptserve.engine.base import PLAIN, EditInput, GenerationItem, GenerationResult, Look
 from promptserve.policy.contract import Arrival
 from promptserve.policy.types import Status
 from promptserve.workers.base import StoreRefs
@@ -75,6 +76,7 @@ class Served:
     lora: tuple[tuple[str, float], ...] = ()  # the adapters it ran with
     interval: int = 1  # its feature-cache interval: a full step every this many
     earlier: tuple[tuple[int, int], ...] = ()  # (interval, steps) before ``interval`` (a burst)
+    edit: EditInput | None = None  # an edit's input: ``level`` is its own start step
 
 
 @dataclass
@@ -98,6 +100,7 @@ class Pending:
     item: GenerationItem | None = None  # what it runs with
     earlier: tuple[tuple[int, int], ...] = ()  # (interval, steps) it ran at before ``item``'s
     ref: StoreRefs | None = None  # on a shared store: its start key and entry
+    edit: EditInput | None = None  # an edit: its own image (and mask) and strength
 
 
 @dataclass
@@ -137,3 +140,9 @@ def ended_at_once(
         return Refused(retry_after_s=max(1.0, backlog_s()))
     counters.by_outcome["dropped"] += 1
     return Dropped("the deadline cannot be met at any level")
+
+
+def random_seed() -> int:
+    """A default seed: random, so that a seed tells a tenant nothing of how many images the
+    server made for others (a counter did); the answer carries it, so the image reproduces."""
+    return secrets.randbelow(2**32)

@@ -16,7 +16,6 @@ import dataclasses
 import itertools
 import logging
 import math
-import secrets
 import time
 from collections.abc import Callable, Iterable
 
@@ -25,7 +24,7 @@ import numpy as np
 from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
 from promptserve.cache.spaces import cache_space
-from promptserve.engine.base import PLAIN, GenerationItem, GenerationResult, Look
+from promptserve.engine.base import PLAIN, EditInput, GenerationItem, GenerationResult, Look
 from promptserve.engine.runner import engine_level
 from promptserve.engine.sizes import shape_index, shape_table
 from promptserve.errors import Cancelled
@@ -39,7 +38,7 @@ from promptserve.quality import QualityModel, served_quality
 from promptserve.server.answers import deliver, served
 from promptserve.server.burst import Burst
 from promptserve.server.cachethreads import CacheThreads
-from promptserve.server.cachework import item_for, remember_all
+from promptserve.server.cachework import NO_VECTOR, edit_start, item_for, remember_all
 from promptserve.server.clock import Pause, wall_pause
 from promptserve.server.embedding import BurstEmbedder
 from promptserve.server.gpuloops import GpuLoops
@@ -53,6 +52,7 @@ from promptserve.server.requests import (
     Served,
     Unmeetable,
     ended_at_once,
+    random_seed,
 )
 from promptserve.server.selection import DEFAULT_CPU_SHARE, LiveSelection
 from promptserve.workers.base import StoreRefs, Workers
@@ -74,12 +74,6 @@ __all__ = [
     "Served",
     "Unmeetable",
 ]
-
-
-def random_seed() -> int:
-    """A default seed: random, so that a seed tells a tenant nothing of how many images the
-    server made for others (a counter did); the answer carries it, so the image reproduces."""
-    return secrets.randbelow(2**32)
 
 
 class LiveRuntime:
@@ -219,13 +213,15 @@ class LiveRuntime:
         exact: bool = False,
         seed: int | None = None,
         look: Look = PLAIN,
+        edit: EditInput | None = None,
     ) -> Served:
         """One image, due ``slo_s`` from now; ``exact``: a full generation, never started from
         a cached latent (the API's ``quality: high``); it still leaves its latents to the
         cache. ``look``: its negative prompt, guidance, size and adapters; it resumes only
-        from neighbours made with the same look."""
+        from neighbours made with the same look. ``edit``: an edit of its own image, which
+        neither reads nor writes the cache."""
         try:
-            future = await self._intake(prompt, tenant, slo_s, handle, exact, seed, look)
+            future = await self._intake(prompt, tenant, slo_s, handle, exact, seed, look, edit)
         except Exception as exc:  # refused, or failed before queueing: a job hears it too
             if handle is not None and handle.accepted is not None and not handle.accepted.done():
                 handle.accepted.set_exception(exc)
@@ -241,15 +237,17 @@ class LiveRuntime:
         exact: bool = False,
         seed: int | None = None,
         look: Look = PLAIN,
+        edit: EditInput | None = None,
     ) -> asyncio.Future:
         """Embed, look up, admit and place; the future the answer will come on."""
         now = self.clock()
         self.note_arrival(now)
-        vec = await self._embed.embed(prompt, tenant)
+        # an edit starts from its own image: no neighbour to look up, no entry to embed
+        vec = await self._embed.embed(prompt, tenant) if edit is None else NO_VECTOR
         embedded = self.clock()
         self.counters.stage("embed", embedded - now)
         space = cache_space(tenant, look)  # where it looks up, and where its entry goes
-        hit = await self._lookup(space, vec, exact)
+        hit = await self._lookup(space, vec, exact or edit is not None)
         looked_up = self.clock()
         self.counters.stage("lookup", looked_up - embedded)
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
@@ -258,11 +256,14 @@ class LiveRuntime:
         job_id = next(self.ids)
         future = asyncio.get_running_loop().create_future()
         seed = self.seeds() if seed is None else seed
-        p = Pending(prompt, space, vec, hit, future, now, seed, handle, k_opt, look)
+        p = Pending(prompt, space, vec, hit, future, now, seed, handle, k_opt, look, edit=edit)
         self.pending[job_id] = p
         shape = shape_index(self.shapes, look.size)
         adapters = tuple(sorted({self.adapter_ids[name] for name, _ in look.lora}))
-        ask = Ask(job_id, now + slo_s, k_opt, self._has_neighbour(hit), shape, adapters, exact)
+        has = self._has_neighbour(hit)
+        ask = Ask(
+            job_id, now + slo_s, k_opt, has, shape, adapters, exact, edit_start(p, self.workers)
+        )
         if self.selection is not None:
             self.selection.observe(now, ask)
         arrival = self.sched.intake(now, ask)
@@ -368,7 +369,8 @@ class LiveRuntime:
                 self.fail(job_id, RuntimeError("the run ended without a result"))
                 continue
             item = p.item or GenerationItem(p.prompt, result.k, None, seed=p.seed, look=p.look)
-            answered.append((p, item, result, p.ref))
+            if p.edit is None:  # an edit's latents are its own image's: never cached
+                answered.append((p, item, result, p.ref))
             self._serve(p, result, p.started if p.started is not None else p.arrival, now, outcome)
         if answered:
             self.io.later(remember_all, self.cache, self.counters, answered, now)
@@ -384,7 +386,7 @@ class LiveRuntime:
         self.counters.cache_hits += int(p.hit is not None and result.k > 0)
         quality = served_quality(
             self.quality, self.setting.interval_q, self.workers.total_steps, p.k_opt, result.k,
-            outcome.interval, outcome.earlier,
+            outcome.interval, outcome.earlier, None if p.edit is None else result.k,
         )  # fmt: skip
         deliver(p, served(p, result, started, now, outcome, quality, self.guidance))
 

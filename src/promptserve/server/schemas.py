@@ -96,6 +96,7 @@ class ImageMeta(BaseModel):
     feature_cache_interval: int = 1  # a full denoiser step every this many (1: every step)
     # [interval, steps] it ran at before ``feature_cache_interval``: a burst raised it mid-run
     feature_cache_earlier: list[list[int]] = []
+    edit_start: int | None = None  # an edit: the step it started at from its own image
 
 
 class ImageData(BaseModel):

@@ -57,6 +57,7 @@ class Workers(Protocol):
     shared_store: bool  # True: runs take StoreRefs and move latents through the store
     speedup: float  # the engines run this many times faster than ``profile`` (modelled only)
     guidance: Guidance  # what a request's guidance scale means for the model, and its range
+    edit_family: str  # how an edit's strength becomes its start step (``strength.start_step``)
     native: tuple[int, int]  # the model's own (width, height): a look without a size
     sizes: tuple[tuple[int, int], ...]  # (width, height) served; the first is ``auto``'s
     adapters: tuple[str, ...]  # the LoRA adapters a request may name

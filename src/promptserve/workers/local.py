@@ -32,6 +32,7 @@ class LocalWorkers:
         first = self.engines[0]
         self.name, self.total_steps, self.levels = first.name, first.total_steps, first.levels
         self.speedup, self.guidance = first.speedup, first.guidance_spec
+        self.edit_family = first.edit_family
         self.native, self.sizes, self.adapters = first.native, first.sizes, first.adapters
         self.runners: dict[int, object] = {}  # step runners (``prepare_steps``)
 

@@ -52,7 +52,7 @@ def official(name: str) -> jsonschema.Draft202012Validator:
 def check_official(response: httpx.Response) -> None:
     """Every successful JSON answer of the images endpoint must be an official
     ``ImagesResponse`` (streams are checked event by event where they are read)."""
-    if not response.request.url.path.endswith("/images/generations"):
+    if not response.request.url.path.endswith(("/images/generations", "/images/edits")):
         return
     if response.status_code != 200 or "json" not in response.headers.get("content-type", ""):
         return

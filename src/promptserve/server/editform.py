@@ -9,16 +9,28 @@ official client sends them (``extra_body`` fields become form fields; a list of 
 
 from __future__ import annotations
 
+import asyncio
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from promptserve.engine.base import EditInput
+from promptserve.engine.sizes import label, parse_size
 from promptserve.errors import InputError
-from promptserve.server.editinput import MAX_UPLOAD_BYTES, fit, fit_mask, paint_mask, read_image
+from promptserve.server.context import Context, error
+from promptserve.server.editinput import (
+    MAX_UPLOAD_BYTES,
+    fit,
+    fit_mask,
+    overlay,
+    paint_mask,
+    read_image,
+)
+from promptserve.server.requests import Served
 from promptserve.server.schemas import ImageRequest
 from promptserve.strength import DEFAULT_MASKED_STRENGTH, DEFAULT_STRENGTH
 
@@ -155,6 +167,28 @@ def _first_error(exc: Exception) -> str:
     return f"{field}: {first.get('msg', 'invalid')}"
 
 
+async def read_edit(
+    ctx: Context, request: Request
+) -> tuple[ImageRequest, EditInput] | JSONResponse:
+    """The request and the edit's input, or the error to answer: the form's, then the
+    caller's key, prompt and size (as a generation's), then the image's, in that order, so
+    that nothing is decoded for a caller who may not ask."""
+    try:
+        form = await read_form(request)
+    except InputError as exc:
+        return error(400, str(exc), str(exc).split(":")[0])
+    req = form.req
+    checked = ctx.checked_tenant(req, request)
+    if isinstance(checked, JSONResponse):
+        return checked
+    asked = None if req.size in (None, "auto") else parse_size(req.size)
+    try:
+        edit, size = await asyncio.to_thread(edit_input, form, ctx.runtime.workers.sizes, asked)
+    except InputError as exc:
+        return error(400, str(exc), str(exc).split(":")[0].removeprefix("field "))
+    return req.model_copy(update={"size": label(size)}), edit
+
+
 def edit_input(
     form: EditForm, served: tuple[tuple[int, int], ...], size: tuple[int, int] | None
 ) -> tuple[EditInput, tuple[int, int]]:
@@ -183,3 +217,8 @@ def nearest_size(served: tuple[tuple[int, int], ...], own: tuple[int, int]) -> t
             abs(s[0] * s[1] - own[0] * own[1]),
         ),
     )
+
+
+def overlaid(outcomes: list[Served], edit: EditInput) -> list[Served]:
+    """Inpainting answers with the input's pixels outside the mask (``editinput.overlay``)."""
+    return [replace(s, result=replace(s.result, png=overlay(s.result.png, edit))) for s in outcomes]

@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from promptserve.engine.base import EditInput
-from promptserve.engine.sizes import label, parse_size
-from promptserve.errors import InputError
 from promptserve.server.context import Context, error, outcome_error, public_message
-from promptserve.server.editform import edit_input, read_form
-from promptserve.server.editinput import overlay
+from promptserve.server.editform import overlaid, read_edit
 from promptserve.server.imageapi import (
     MEDIA_TYPES,
     b64_of,
@@ -46,27 +42,15 @@ def image_routes(ctx: Context) -> APIRouter:
 
     @router.post("/v1/images/generations", response_model=ImagesResponse)
     async def generations(req: ImageRequest, request: Request):
-        return await answer(req, request)
+        return await answer(req, None, request)
 
     @router.post("/v1/images/edits", response_model=ImagesResponse)
     async def edits(request: Request):
         """An edit: the generations' request and answer, from its own image (``editform``)."""
-        try:
-            form = await read_form(request)
-        except InputError as exc:
-            return error(400, str(exc), str(exc).split(":")[0])
-        req = form.req
-        if req.size not in (None, "auto") and req.size not in ctx.size_labels:
-            return await answer(req, request)  # refused as a generation is, naming the size
-        asked = None if req.size in (None, "auto") else parse_size(req.size)
-        served = ctx.runtime.workers.sizes
-        try:
-            edit, size = await asyncio.to_thread(edit_input, form, served, asked)
-        except InputError as exc:
-            return error(400, str(exc), str(exc).split(":")[0].removeprefix("field "))
-        return await answer(req.model_copy(update={"size": label(size)}), request, edit)
+        read = await read_edit(ctx, request)
+        return read if isinstance(read, JSONResponse) else await answer(*read, request)
 
-    async def answer(req: ImageRequest, request: Request, edit: EditInput | None = None):
+    async def answer(req: ImageRequest, edit: EditInput | None, request: Request):
         """A generation's or an edit's answer: whole, or streamed."""
         tenant = ctx.checked_tenant(req, request)
         if isinstance(tenant, JSONResponse):
@@ -265,8 +249,3 @@ def image_routes(ctx: Context) -> APIRouter:
 def seed_of(req: ImageRequest, i: int) -> int | None:
     """Image ``i``'s seed: the request's plus ``i`` (None: the server picks)."""
     return None if req.seed is None else req.seed + i
-
-
-def overlaid(outcomes: list[Served], edit: EditInput) -> list[Served]:
-    """Inpainting answers with the input's pixels outside the mask (``editinput.overlay``)."""
-    return [replace(s, result=replace(s.result, png=overlay(s.result.png, edit))) for s in outcomes]

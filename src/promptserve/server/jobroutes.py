@@ -11,7 +11,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from promptserve.edge.keys import tenant_for
+from promptserve.engine.base import EditInput
 from promptserve.server.context import Context, error, outcome_error, public_message
+from promptserve.server.editform import overlaid, read_edit
 from promptserve.server.imageapi import MEDIA_TYPES, encoded, meta_of, unsupported
 from promptserve.server.images import new_id, valid_id
 from promptserve.server.jobs import FINAL, JobBook, JobState
@@ -55,6 +57,15 @@ def job_routes(ctx: Context, book: JobBook) -> APIRouter:
 
     @router.post("/v1/jobs", status_code=202)
     async def create_job(req: ImageRequest, request: Request):
+        return await start_job(req, None, request)
+
+    @router.post("/v1/jobs/edits", status_code=202)
+    async def create_edit_job(request: Request):
+        """An edit as a job: the form of ``POST /v1/images/edits``."""
+        read = await read_edit(ctx, request)
+        return read if isinstance(read, JSONResponse) else await start_job(*read, request)
+
+    async def start_job(req: ImageRequest, edit: EditInput | None, request: Request):
         tenant = ctx.checked_tenant(req, request)
         if isinstance(tenant, JSONResponse):
             return tenant
@@ -72,8 +83,11 @@ def job_routes(ctx: Context, book: JobBook) -> APIRouter:
             start = time.monotonic()
             try:
                 served = await ctx.runtime.submit(
-                    req.prompt, tenant, deadline_s, handle, seed=req.seed, look=ctx.look(req)
-                )
+                    req.prompt, tenant, deadline_s, handle, seed=req.seed, look=ctx.look(req),
+                    edit=edit,
+                )  # fmt: skip
+                if edit is not None and edit.mask is not None:
+                    (served,) = await asyncio.to_thread(overlaid, [served], edit)
                 ctx.metrics.count(served, deadline_s, time.monotonic() - start, ctx.size_of(req))
                 data = await image_data(served, req, tenant)
                 state.finish("succeeded", data=data)

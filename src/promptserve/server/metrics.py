@@ -179,6 +179,12 @@ class Metrics:
             ["interval"],
             registry=self.registry,
         )
+        self.kinds = Counter(
+            "promptserve_images_by_kind",
+            "Answered images by kind: generation, edit (image-to-image) or inpaint",
+            ["kind"],
+            registry=self.registry,
+        )
         for attr, (series, text, labels) in GAUGES.items():
             setattr(self, attr, Gauge(series, text, list(labels), registry=self.registry))
         self._q_sum = 0.0
@@ -202,14 +208,22 @@ class Metrics:
             self.requests.labels(label).inc()
             return
         late = outcome.queue_s + outcome.compute_s > deadline_s  # type: ignore[attr-defined]
-        self.observe_served(outcome.quality, latency_s, late, outcome.level)  # type: ignore[attr-defined]
+        edit = getattr(outcome, "edit", None)
+        kind = "generation" if edit is None else "edit" if edit.mask is None else "inpaint"
+        self.kinds.labels(kind).inc()
+        # an edit's start is its own image's, not a level: the K mix counts generations only
+        level = outcome.level if edit is None else None  # type: ignore[attr-defined]
+        self.observe_served(outcome.quality, latency_s, late, level)  # type: ignore[attr-defined]
         if size is not None:
             self.sizes.labels(size).inc()
         self.intervals.labels(str(getattr(outcome, "interval", 1))).inc()
 
-    def observe_served(self, quality: float, latency_s: float, late: bool, level: int) -> None:
+    def observe_served(
+        self, quality: float, latency_s: float, late: bool, level: int | None
+    ) -> None:
         self.requests.labels("late" if late else "served").inc()
-        self.levels.labels(str(level)).inc()
+        if level is not None:
+            self.levels.labels(str(level)).inc()
         self.latency.observe(latency_s)
         self._q_sum += quality
         self._q_n += 1

@@ -61,8 +61,14 @@ class Replans:
         rt = self.rt
         period = rt.policy.replan_s or 5.0
         while True:
-            await self.sync_workers()  # first, so a new server's workers hear the first plan
-            down = rt.sched.snapshot().gpus_up < rt.workers.count
+            try:  # one failed iteration must not end the loop, the snapshot's included
+                await self.sync_workers()  # first, so a new server's workers hear the first plan
+                down = rt.sched.snapshot().gpus_up < rt.workers.count
+            except Exception:
+                log.exception("re-plan iteration failed")
+                rt.counters.loop_errors += 1
+                await rt.pause(period, None)
+                continue
             if down:
                 await rt.pause(min(period, DOWN_POLL_S), None)
             elif not await self.wait(period):

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import safetensors.torch
@@ -240,6 +241,43 @@ def test_step_level_serving_on_ray_resumes_from_the_shared_store_and_cancels(
     assert sum(w["steps"] for w in workers) > 0 and sum(w["batches"] for w in workers) == 0
     assert_streams(client)
     assert_every_size_at_once(client, url)
+    assert_edits(client, url)
+
+
+def assert_edits(client: openai.OpenAI, url: str) -> None:
+    """Edits on the replicas: reproduced by seed, kept outside a mask, streamed, and never
+    written to the shared store."""
+    rng = np.random.default_rng(3)
+    picture = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.full((64, 64, 4), 255, np.uint8)
+    mask[16:48, 16:48, 3] = 0
+
+    def png(pixels: np.ndarray) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="PNG")
+        return out.getvalue()
+
+    def edit(seed: int, **fields) -> np.ndarray:
+        answer = client.images.edit(
+            image=("in.png", png(picture), "image/png"), prompt="a fox", size="64x64",
+            extra_body={"seed": seed}, **fields,
+        )  # fmt: skip
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.data[0].b64_json))))
+
+    written = sum(w["bytes_written"] for w in httpx.get(f"{url}/v1/cluster").json()["workers"])
+    assert (edit(5) == edit(5)).all() and (edit(5) != edit(6)).any()
+    a = edit(1, mask=("m.png", png(mask), "image/png"))
+    b = edit(2, mask=("m.png", png(mask), "image/png"))
+    assert (a[:16] == picture[:16]).all() and (a[16:48, 16:48] != b[16:48, 16:48]).any()
+    events = list(
+        client.images.edit(
+            image=("in.png", png(picture), "image/png"), prompt="a fox", stream=True,
+            partial_images=1,
+        )
+    )  # fmt: skip
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    after = sum(w["bytes_written"] for w in httpx.get(f"{url}/v1/cluster").json()["workers"])
+    assert after == written  # an edit's latents are its own image's: nothing to cache
 
 
 def test_on_ray_the_ingress_evicts_what_the_workers_wrote_within_the_quota(ray_settings, tmp_path):

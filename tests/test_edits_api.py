@@ -207,3 +207,14 @@ def test_an_edit_runs_as_a_job_and_its_answer_equals_the_direct_ones(url):
     assert (pixels(state["data"][0]["b64_json"]) == direct).all()
     bad = httpx.post(f"{url}/v1/jobs/edits", data={"prompt": "x"}, files={"x": ("a", b"a")})
     assert bad.status_code == 400 and "image" in bad.json()["error"]["message"]
+
+
+def test_an_upload_may_be_larger_than_a_json_body_but_not_without_bound(url):
+    big = np.random.default_rng(1).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    data = png(big)
+    assert len(data) > 1 << 20  # over the JSON routes' 1 MiB body limit
+    r = post(url, files={"image": ("big.png", data, "image/png")}, data={"prompt": "x"})
+    assert r.status_code == 200, r.text
+    huge = {"image": ("huge.png", bytes(42 * 1024 * 1024), "image/png")}
+    r = post(url, files=huge, data={"prompt": "x"})
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body"

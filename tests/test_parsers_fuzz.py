@@ -1,15 +1,20 @@
 """Every public parser answers any input with a value or a clean ``InputError``, never a crash."""
 
+import io
 import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from starlette.datastructures import FormData, UploadFile
 
 from promptserve.config import load_serve_file
 from promptserve.errors import InputError
 from promptserve.profile import load_profile
+from promptserve.server.editform import parse_edit_form
+from promptserve.server.editinput import paint_mask, read_image
 from promptserve.workload.arrivals import generate_arrivals, parse_arrival_spec
 from promptserve.workload.prompts import load_prompts
 
@@ -110,3 +115,30 @@ def test_arrival_spec_and_its_file(spec, content):
         if parsed is not None:
             times = clean(lambda p=parsed: generate_arrivals(p, rate_qpm=30, minutes=1))
             assert times is None or (len(times) == 0 or times.min() >= 0)
+
+
+PNG_HEAD = b"\x89PNG\r\n\x1a\n"
+
+
+@FUZZ
+@given(st.binary(max_size=400), st.booleans())
+def test_an_uploaded_image_and_mask(raw, as_png):
+    data = PNG_HEAD + raw if as_png else raw
+    image = clean(read_image, data)
+    assert image is None or image.size[0] * image.size[1] > 0
+    mask = clean(paint_mask, data, (8, 8))
+    assert mask is None or set(np.unique(mask)) <= {0, 255}
+
+
+@FUZZ
+@given(
+    st.dictionaries(
+        st.sampled_from(["prompt", "n", "size", "strength", "seed", "stream", "lora", "lora[][name]",
+                         "lora[][scale]", "guidance_scale", "deadline_ms", "input_fidelity", "x"]),
+        st.text(max_size=20), max_size=8,
+    )
+)  # fmt: skip
+def test_an_edit_form(fields):
+    form = FormData([("image", UploadFile(io.BytesIO(b"x"), filename="a.png")), *fields.items()])
+    parsed = clean(parse_edit_form, form)
+    assert parsed is None or (parsed.req.prompt and parsed.image == b"x")

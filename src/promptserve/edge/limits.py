@@ -87,6 +87,12 @@ class BodyTooLarge(StarletteHTTPException):
     param = "body"
 
 
+# the routes that take an upload (an edit's image and mask, each at most 20 MiB:
+# ``server.editinput.MAX_UPLOAD_BYTES``), and their body's limit with the form's text
+UPLOADS = frozenset({"/v1/images/edits", "/v1/jobs/edits"})
+UPLOAD_BODY_BYTES = 41 * 1024 * 1024
+
+
 class RequestGate:
     """Refuses, in this order and before any route reads the body: a head with too many or too
     large header fields (431), a protected path without a valid key (401: a caller with no key
@@ -98,6 +104,15 @@ class RequestGate:
     def __init__(self, app, max_body_bytes: int, keys: KeyTable, limits: HttpLimits) -> None:
         self.app, self.max_body_bytes, self.keys, self.limits = app, max_body_bytes, keys, limits
 
+    def limit(self, scope) -> int:
+        """An edit's form carries an image and a mask (``UPLOAD_BODY_BYTES``); any other
+        body, the configured limit."""
+        return (
+            max(UPLOAD_BODY_BYTES, self.max_body_bytes)
+            if scope["path"] in UPLOADS
+            else self.max_body_bytes
+        )
+
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -107,15 +122,15 @@ class RequestGate:
             status, message, param = refusal
             await answer(send, status, message, param)
             return
-        seen = 0
+        seen, limit = 0, self.limit(scope)
 
         async def counted():
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
-                    raise BodyTooLarge(413, f"request body over {self.max_body_bytes} bytes")
+                if seen > limit:
+                    raise BodyTooLarge(413, f"request body over {limit} bytes")
             return message
 
         await self.app(scope, counted, send)
@@ -136,9 +151,9 @@ class RequestGate:
                     "a valid API key is required (Authorization: Bearer KEY)",
                     "authorization",
                 )
-        length = values.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            return 413, f"request body over {self.max_body_bytes} bytes", "body"
+        length, limit = values.get(b"content-length"), self.limit(scope)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return 413, f"request body over {limit} bytes", "body"
         return None
 
 

@@ -44,6 +44,40 @@ REFUSED = {
     "svg": "SVG output is not served",
 }
 INTS = ("n", "output_compression", "partial_images", "seed", "deadline_ms")
+# the form as the OpenAPI document describes it (what schemathesis sends in
+# ``make reliability``): the upload and the text fields, each as a form carries it
+_TEXT = {"type": "string"}
+EDIT_FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image", "prompt"],
+                    "properties": {
+                        "image": {"type": "string", "format": "binary"},
+                        "mask": {"type": "string", "format": "binary"},
+                        "prompt": _TEXT,
+                        "n": {"type": "integer"},
+                        "size": _TEXT,
+                        "response_format": _TEXT,
+                        "output_format": _TEXT,
+                        "stream": {"type": "boolean"},
+                        "partial_images": {"type": "integer"},
+                        "user": _TEXT,
+                        "strength": {"type": "number"},
+                        "seed": {"type": "integer"},
+                        "negative_prompt": _TEXT,
+                        "guidance_scale": {"type": "number"},
+                        "lora": _TEXT,
+                        "deadline_ms": {"type": "integer"},
+                    },
+                }
+            }
+        },
+    }
+}
 FLOATS = ("guidance_scale",)
 BOOLS = ("stream",)
 MAX_FIELDS = 64  # text fields in one form: a request has a few dozen at most
@@ -71,12 +105,13 @@ async def read_form(request: Request) -> EditForm:
     except Exception as exc:  # a malformed body, or a part over the limit
         raise InputError(f"body: not a readable multipart form ({exc})") from None
     try:
-        return _parse(form)
+        return parse_edit_form(form)
     finally:
         await form.close()
 
 
-def _parse(form: FormData) -> EditForm:
+def parse_edit_form(form: FormData) -> EditForm:
+    """A read form's fields, typed and checked (``read_form`` reads it first)."""
     images = [v for k in ("image", "image[]") for v in form.getlist(k)]
     if not images:
         raise InputError("image: an image file is required")

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from promptserve.engine.base import EditInput
 from promptserve.server.context import Context, error, outcome_error, public_message
-from promptserve.server.editform import overlaid, read_edit
+from promptserve.server.editform import EDIT_FORM, overlaid, read_edit
 from promptserve.server.imageapi import (
     MEDIA_TYPES,
     b64_of,
@@ -44,7 +44,7 @@ def image_routes(ctx: Context) -> APIRouter:
     async def generations(req: ImageRequest, request: Request):
         return await answer(req, None, request)
 
-    @router.post("/v1/images/edits", response_model=ImagesResponse)
+    @router.post("/v1/images/edits", response_model=ImagesResponse, openapi_extra=EDIT_FORM)
     async def edits(request: Request):
         """An edit: the generations' request and answer, from its own image (``editform``)."""
         read = await read_edit(ctx, request)

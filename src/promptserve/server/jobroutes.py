@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from promptserve.edge.keys import tenant_for
 from promptserve.engine.base import EditInput
 from promptserve.server.context import Context, error, outcome_error, public_message
-from promptserve.server.editform import overlaid, read_edit
+from promptserve.server.editform import EDIT_FORM, overlaid, read_edit
 from promptserve.server.imageapi import MEDIA_TYPES, encoded, meta_of, unsupported
 from promptserve.server.images import new_id, valid_id
 from promptserve.server.jobs import FINAL, JobBook, JobState
@@ -59,7 +59,7 @@ def job_routes(ctx: Context, book: JobBook) -> APIRouter:
     async def create_job(req: ImageRequest, request: Request):
         return await start_job(req, None, request)
 
-    @router.post("/v1/jobs/edits", status_code=202)
+    @router.post("/v1/jobs/edits", status_code=202, openapi_extra=EDIT_FORM)
     async def create_edit_job(request: Request):
         """An edit as a job: the form of ``POST /v1/images/edits``."""
         read = await read_edit(ctx, request)

@@ -130,3 +130,109 @@ def test_two_seeds_differ_inside_the_mask_and_keep_the_image_outside_it():
     alone, _ = denoise(c, start_p, ["a red fox"], k, steps, [])
     tol = 1e-5 * max(1.0, float(a.abs().max()), float(alone.abs().max()))  # a batch's rounding
     assert torch.abs(both[:1] - a).max() <= tol and torch.abs(both[1:] - alone).max() <= tol
+
+
+MASK_CHANNELS = {
+    "tiny-inpaint": (diffusers.StableDiffusionInpaintPipeline, {}),
+    "sdxl-inpaint": (diffusers.StableDiffusionXLInpaintPipeline, IMG2IMG["sdxl"][1]),
+    "flux-fill": (diffusers.FluxFillPipeline, {}),
+}
+
+
+def their_pipeline(cls, c, guidance: float, extra: dict):  # noqa: ANN001, ANN201
+    """``cls`` over our modules, given the components its constructor takes."""
+    import inspect
+
+    wanted = inspect.signature(cls.__init__).parameters
+    parts = {k: v for k, v in pipeline_for(c, guidance).components.items() if k in wanted}
+    pipe = cls(**parts, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("family", sorted(MASK_CHANNELS))
+def test_a_model_with_mask_channels_inpaints_as_its_diffusers_pipeline(family):
+    """A 9-channel inpainting UNet (SD 1.x, SDXL) and Flux Fill: the mask and the masked
+    image's latent beside the latent in every call, nothing blended; equal to the dedicated
+    pipeline at every strength, and its generations run with every pixel painted."""
+    c = build(family)
+    assert c.extra_channels == (5 if c.family == "unet" else 80)
+    cls, extra = MASK_CHANNELS[family]
+    guidance = 7.5 if c.family == "unet" else 3.5
+    pipe = their_pipeline(cls, c, guidance, extra)
+    image, steps, seed = picture(), 6, 11
+    for strength in (0.3, 0.6, 1.0):
+        k, start, member = edit_start(c, image, strength, seed, steps, hole())
+        assert member is not None and member.extra is not None
+        ours, _ = denoise(c, start, ["a red fox"], k, steps, [], guidance, inpaint=[member])
+        kwargs = {"max_sequence_length": c.max_sequence_length} if c.family != "unet" else {}
+        theirs = pipe(
+            ["a red fox"], image=image, mask_image=hole(), strength=strength,
+            num_inference_steps=steps, guidance_scale=guidance,
+            generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+            height=64, width=64, **kwargs,
+        ).images  # fmt: skip
+        if c.family == "flux":
+            theirs = unpack(theirs, 8, 8)
+        scale = max(1.0, float(theirs.abs().max()))
+        assert torch.abs(ours - theirs).max() <= 1e-5 * scale, (family, strength)
+    # a generation on it: every pixel painted; an image-to-image edit too (no mask: the
+    # plain channels), each the same alone as in a batch with an inpainting member
+    noise = c.noise(3)
+    alone, _ = denoise(c, noise, ["a boat"], 0, steps, [], guidance)
+    k, start, member = edit_start(c, image, 1.0, seed, steps, hole())
+    both, _ = denoise(
+        c, torch.cat([noise, start]), ["a boat", "a red fox"], 0, steps, [], guidance,
+        inpaint=[None, member],
+    )  # fmt: skip
+    tol = 1e-5 * max(1.0, float(alone.abs().max()))
+    assert torch.abs(both[:1] - alone).max() <= tol
+    assert torch.isfinite(alone).all() and torch.abs(alone - noise).max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["tiny-inpaint", "flux-fill"])
+def test_a_saved_inpainting_folder_is_served_with_its_mask_channels(family, tmp_path):
+    """A folder whose pipeline is a dedicated inpainting one is served: generations (every
+    pixel painted) and edits through the official client, its mask channels in every call."""
+    import base64
+    import io
+
+    from factories import client
+    from promptserve.engine.diffusers_backend import family_of
+    from promptserve.server import ServerConfig, build_app
+    from promptserve.server.live import LiveServer
+
+    c = build(family)
+    cls, extra = MASK_CHANNELS[family]
+    extra = {"requires_safety_checker": False} if c.family == "unet" else extra
+    their_pipeline(cls, c, 3.5, extra).save_pretrained(tmp_path / "model")
+    assert family_of(str(tmp_path / "model")) == c.family
+    config = ServerConfig(
+        model=str(tmp_path / "model"), embedder="hashing", cache_dir=tmp_path / "c", slo_s=300,
+        sizes=((64, 64),),
+    )  # fmt: skip
+    out = io.BytesIO()
+    picture().save(out, format="PNG")
+    mask = np.full((64, 64, 4), 255, np.uint8)
+    mask[16:48, 16:48, 3] = 0
+    hole_png = io.BytesIO()
+    Image.fromarray(mask).save(hole_png, format="PNG")
+    with LiveServer(build_app(config)) as url:
+        images = client(url).images
+        made = images.generate(prompt="a red fox", size="64x64")
+        painted = [
+            images.edit(
+                image=("in.png", out.getvalue(), "image/png"), prompt="a red door",
+                mask=("m.png", hole_png.getvalue(), "image/png"), size="64x64",
+                extra_body={"seed": seed},
+            )
+            for seed in (1, 2)
+        ]  # fmt: skip
+    assert made.data[0].b64_json
+    a, b = (
+        np.asarray(Image.open(io.BytesIO(base64.b64decode(p.data[0].b64_json))), dtype=float)
+        for p in painted
+    )
+    assert np.abs(a[16:48, 16:48] - b[16:48, 16:48]).mean() > 1.0  # painted per seed
+    assert (a[:16] == np.asarray(picture())[:16]).all()  # kept outside the mask
+    assert painted[0].data[0].model_extra["promptserve"]["edit_start"] == 0

@@ -77,10 +77,17 @@ def test_bad_joins_are_refused_with_the_reason():
     assert len(runner) == 0
 
 
-@pytest.mark.parametrize("make", [tiny_engine, lambda: family_engine("flux")], ids=["sd", "flux"])
+@pytest.mark.parametrize(
+    "make",
+    [tiny_engine, lambda: family_engine("flux"), lambda: family_engine("tiny-inpaint"),
+     lambda: family_engine("flux-fill")],
+    ids=["sd", "flux", "sd-inpainting-unet", "flux-fill"],
+)  # fmt: skip
 def test_edits_join_a_running_batch_each_at_its_own_start_and_equal_their_solo_runs(make):
     """An image-to-image member and an inpainting one (``engine.edits``) join generations
-    mid-run, each at the step its strength gives: every final latent equals its run alone."""
+    mid-run, each at the step its strength gives: every final latent equals its run alone.
+    On a model with mask channels (an inpainting UNet, Flux Fill) the inpainting member's go
+    beside its latent, the others' are the plain ones."""
     from PIL import Image
 
     from promptserve.engine.base import EditInput

@@ -13,6 +13,7 @@ coefficients from per-step tables on the device: no host sync inside the loop (d
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -27,7 +28,10 @@ from promptserve.engine.featurecache import batch_rows, is_full_step, member_row
 
 
 class Blend(Protocol):
-    """A member's per-step blend (an inpainting one's kept region: ``edits.Inpaint``)."""
+    """A member's per-step blend (an inpainting one's kept region: ``edits.Inpaint``), or
+    for a model with mask channels its ``extra`` input and no blend (``edits.MaskChannels``)."""
+
+    extra: torch.Tensor | None
 
     def blend(self, latents: torch.Tensor, step: int) -> torch.Tensor: ...
 
@@ -50,7 +54,13 @@ class Components:
     lora_bank: AdapterBank | None = None  # the adapters in the UNet (``engine.adapterbank``)
     text_lora: dict[str, AdapterBank] = field(default_factory=dict)  # per text encoder
     adapter_names: tuple[str, ...] = ()  # every adapter loaded (``engine.lora``)
+    plain_extras: dict = field(default_factory=dict)  # per size (``edits.plain_extra``)
     family = "unet"
+
+    @property
+    def extra_channels(self) -> int:
+        """Input channels beside the latent's: 5 for an inpainting UNet (mask, masked image)."""
+        return self.unet.config.in_channels - self.latent_shape[0]
 
     # -- the family interface the engine and the step runner call (``flow.FlowComponents``
     # -- is the other family): noise, decode, and a per-sample stepper (``denoise`` runs it)
@@ -147,7 +157,7 @@ def denoise(
     ``inpaint[row]``: an inpainting member's input, blended in after every step.
     """
     stepper = c.stepper(total_steps, guidance)
-    rows = stepper.encode(prompts, looks)  # one size for the batch: its latents' shape
+    rows = with_extras(c, stepper.encode(prompts, looks), inpaint)  # one size: its latents
     captured: dict[int, torch.Tensor] = {}
     steps = torch.full((latents.shape[0],), start_step, device=latents.device, dtype=torch.long)
     deep = None
@@ -173,6 +183,22 @@ def denoise(
         else:
             on_step(step + 1)
     return latents, captured
+
+
+def with_extras(c, rows: list[Row], members: Sequence[Blend | None] = ()) -> list[Row]:  # noqa: ANN001
+    """``rows`` with each member's extra input on a model with mask channels: an inpainting
+    member's own, any other's the plain one (``edits.plain_extra``); unchanged elsewhere."""
+    if not getattr(c, "extra_channels", 0):
+        return rows
+    from promptserve.engine.edits import plain_extra
+
+    members = list(members) + [None] * (len(rows) - len(members))
+    return [
+        dataclasses.replace(
+            r, extra=m.extra if m is not None and m.extra is not None else plain_extra(c, r.size)
+        )
+        for r, m in zip(rows, members, strict=True)
+    ]
 
 
 def decode_png(c: Components, latents: torch.Tensor) -> list[bytes]:
@@ -220,6 +246,9 @@ class Row:
     scale: float
     size: tuple[int, int]  # (width, height) in pixels
     lora: tuple[tuple[str, float], ...] = ()  # its adapters (``engine.lora``)
+    # a model with mask channels (a 9-channel inpainting UNet, Flux Fill): what goes into
+    # every call beside its latent, (1, E, h, w) unpacked (``edits.mask_channels``)
+    extra: torch.Tensor | None = None
 
 
 def rows_of(
@@ -298,10 +327,11 @@ class DDIMStepper:
         """Each prompt's conditioning: the text context and (SDXL) pooled embeds, time ids, for
         its prompt and its negative prompt. They join: a private bank loads their adapters."""
         refresh_on_join([self.c.lora_bank, *self.c.text_lora.values()], looks)
-        return rows_of(
+        rows = rows_of(
             self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native,
             self._text_loras,
         )  # fmt: skip
+        return with_extras(self.c, rows)  # a model with mask channels: the plain ones
 
     def _text_loras(self, look: Look) -> tuple:
         banks = self.c.text_lora.values()
@@ -353,6 +383,9 @@ class DDIMStepper:
             for name in self.uncond
         }
         context = both.pop("context")
+        x = latents  # a model with mask channels takes each member's beside its latent
+        if rows[0].extra is not None:
+            x = torch.cat([latents, torch.cat([r.extra for r in rows])], dim=1)
         if both:  # SDXL: each row's size, for its negative and its text pass alike
             ids = time_ids([r.size for r in rows], latents.device, context.dtype)
             both["time_ids"] = torch.cat([ids, ids])
@@ -361,14 +394,14 @@ class DDIMStepper:
         with torch.no_grad(), adapters_on(self.c.lora_bank, loras, latents.device):
             if plain:  # the UNet's own forward: what every run without feature caching is
                 out = self.c.unet(
-                    torch.cat([latents, latents]),
+                    torch.cat([x, x]),
                     torch.cat([t, t]),
                     encoder_hidden_states=context,
                     added_cond_kwargs=both or None,
                 ).sample
             else:
                 out, deep = unet_forward(
-                    self.c.unet, torch.cat([latents, latents]), torch.cat([t, t]), context,
+                    self.c.unet, torch.cat([x, x]), torch.cat([t, t]), context,
                     both or None, deep,
                 )  # fmt: skip
             uncond, cond = out.chunk(2)

@@ -30,6 +30,10 @@ PIPELINE_FAMILIES = {
     "StableDiffusionXLPipeline": "unet",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    # dedicated inpainting models: their mask channels beside the latent (``edits``)
+    "StableDiffusionInpaintPipeline": "unet",
+    "StableDiffusionXLInpaintPipeline": "unet",
+    "FluxFillPipeline": "flux",
 }
 DEFAULT_STEPS = {"unet": 50, "sd3": 28, "flux": 28}
 REFERENCE_LEVELS = (0, 5, 10, 15, 20, 25)  # K of 50
@@ -119,7 +123,7 @@ def _unet_components(pipe, device: str, dtype: torch.dtype) -> Components:  # no
         tokenizer=_Tokenizer(pipe.tokenizer),
         scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
         vae_scale=pipe.vae.config.scaling_factor,
-        latent_shape=(pipe.unet.config.in_channels, size, size),
+        latent_shape=(pipe.vae.config.latent_channels, size, size),  # an inpainting UNet takes more
         device=device,
         dtype=dtype,
         text_encoder_2=second,
@@ -136,7 +140,7 @@ def _flow_components(family: str, pipe, device: str, dtype: torch.dtype) -> Flow
     else:
         encoders = (pipe.text_encoder, pipe.text_encoder_2)
         tokenizers = (pipe.tokenizer, pipe.tokenizer_2)
-        channels = config.in_channels // 4  # packed 2x2 patches
+        channels = pipe.vae.config.latent_channels  # Flux Fill's transformer takes more
     size = pipe.default_sample_size  # latent pixels: 128 for both (1024 px images)
     return FlowComponents(
         family, pipe.transformer, pipe.vae, encoders, tokenizers, pipe.scheduler,

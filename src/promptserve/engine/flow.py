@@ -26,7 +26,15 @@ import torch
 
 from promptserve.engine.adapterbank import AdapterBank, adapters_on, refresh_on_join
 from promptserve.engine.base import Guidance, Look
-from promptserve.engine.denoise import Row, in_chunks, latent_shape, png_bytes, rows_of, scales_of
+from promptserve.engine.denoise import (
+    Row,
+    in_chunks,
+    latent_shape,
+    png_bytes,
+    rows_of,
+    scales_of,
+    with_extras,
+)
 from promptserve.engine.featurecache import BlockCache, batch_rows, member_rows
 
 FAMILIES = ("sd3", "flux")
@@ -63,6 +71,15 @@ class FlowComponents:
     adapter_names: tuple[str, ...] = ()  # every adapter loaded (``engine.lora``)
     text_lora: dict = field(default_factory=dict)  # none: text-encoder LoRA is UNet-only
     block_cache: BlockCache | None = None  # feature caching's block wrappers, once used
+    plain_extras: dict = field(default_factory=dict)  # per size (``edits.plain_extra``)
+
+    @property
+    def extra_channels(self) -> int:
+        """Input channels beside the latent's (unpacked): Flux Fill's 80 (the masked image's
+        latent and the mask as 8x8 patches); 0 otherwise."""
+        if self.family != "flux":
+            return 0
+        return self.transformer.config.in_channels // 4 - self.latent_shape[0]
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -223,9 +240,10 @@ class FlowStepper:
         pass (the engine refuses one before it gets here). They join: a private bank loads
         their adapters."""
         refresh_on_join([self.c.lora_bank], looks)
-        return rows_of(
+        rows = rows_of(
             self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native
         )
+        return with_extras(self.c, rows)  # Flux Fill: the plain mask channels
 
     def _conditioning(
         self, prompts: Sequence[str], loras: Sequence[tuple] | None = None
@@ -295,8 +313,11 @@ class FlowStepper:
         guidance = None
         if model.config.guidance_embeds:
             guidance = torch.tensor([r.scale for r in rows], device=x.device, dtype=torch.float32)
+        hidden = x  # Flux Fill: each member's mask channels beside its latent
+        if rows[0].extra is not None:
+            hidden = torch.cat([x, torch.cat([r.extra for r in rows])], dim=1)
         v = model(
-            hidden_states=pack(x), timestep=t.to(x.dtype) / 1000, guidance=guidance,
+            hidden_states=pack(hidden), timestep=t.to(x.dtype) / 1000, guidance=guidance,
             txt_ids=self.txt_ids, img_ids=self.img_ids(x.shape[2] // 2, x.shape[3] // 2),
             return_dict=False, **cond,
         )[0]  # fmt: skip

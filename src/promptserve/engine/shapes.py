@@ -236,7 +236,39 @@ def flux_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> FlowC
     )  # fmt: skip
 
 
-BUILDERS = {"tiny": sd_shaped, "sdxl": sdxl_shaped, "sd3": sd3_shaped, "flux": flux_shaped}
+def with_mask_channels(builder):  # noqa: ANN001, ANN201 - a builder; its inpainting variant
+    """A family's dedicated inpainting model: the same parts, the denoiser taking mask
+    channels beside the latent (a 9-channel UNet as SD's and SDXL's inpainting checkpoints;
+    Flux Fill's transformer over the latent, the masked image's and 64 mask channels, packed)."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    def build_inpainting(scale: str, device: str, dtype: torch.dtype, size: int):  # noqa: ANN202
+        c = builder(scale, device, dtype, size)
+        torch.manual_seed(7)
+        if isinstance(c, FlowComponents):
+            channels = c.latent_shape[0]
+            config = {k: v for k, v in c.transformer.config.items() if not k.startswith("_")}
+            config.update(in_channels=4 * (2 * channels + 64), out_channels=4 * channels)
+            model = _cast(FluxTransformer2DModel.from_config(config), dtype)
+            _finish((model,), device, dtype)
+            return dataclasses.replace(c, transformer=model)
+        config = {k: v for k, v in c.unet.config.items() if not k.startswith("_")}
+        unet = UNet2DConditionModel.from_config({**config, "in_channels": 9})
+        _finish((unet,), device, dtype)
+        return dataclasses.replace(c, unet=unet)
+
+    return build_inpainting
+
+
+BUILDERS = {
+    "tiny": sd_shaped,
+    "sdxl": sdxl_shaped,
+    "sd3": sd3_shaped,
+    "flux": flux_shaped,
+    "tiny-inpaint": with_mask_channels(sd_shaped),
+    "sdxl-inpaint": with_mask_channels(sdxl_shaped),
+    "flux-fill": with_mask_channels(flux_shaped),
+}
 
 
 def build(

@@ -24,7 +24,7 @@ import torch
 
 from promptserve.engine.base import GenerationItem, GenerationResult
 from promptserve.engine.denoise import Row
-from promptserve.engine.edits import Inpaint, item_start
+from promptserve.engine.edits import Inpaint, MaskChannels, item_start
 
 
 @dataclass
@@ -37,7 +37,7 @@ class _Slot:
     captured: dict[int, torch.Tensor] = field(default_factory=dict)
     deep: object = None  # feature caching: its share of its last full step's feature
     last_full: int = -1  # the step its last full step ran at
-    inpaint: Inpaint | None = None  # an inpainting member: its kept region, blended per step
+    inpaint: Inpaint | MaskChannels | None = None  # an inpainting member (blended per step)
 
 
 class StepRunner:
@@ -93,6 +93,8 @@ class StepRunner:
         """An edit's member: its start step and latent from its own image and seed."""
         assert item.edit is not None
         k, latent, inpaint = item_start(self.c, item.edit, item.seed, self.total_steps)
+        if inpaint is not None and inpaint.extra is not None:  # its mask channels, its own
+            row = dataclasses.replace(row, extra=inpaint.extra)
         return _Slot(key, dataclasses.replace(item, k=k), latent, row, k, inpaint=inpaint)
 
     def _calls(self) -> list[list[_Slot]]:

@@ -25,11 +25,12 @@ import torch
 from promptserve.engine.adapterbank import AdapterBank, adapters_on, refresh_on_join
 from promptserve.engine.base import UNET_GUIDANCE, Guidance, Look
 from promptserve.engine.featurecache import batch_rows, is_full_step, member_rows, unet_forward
+from promptserve.engine.maskchannels import plain_extra
 
 
 class Blend(Protocol):
     """A member's per-step blend (an inpainting one's kept region: ``edits.Inpaint``), or
-    for a model with mask channels its ``extra`` input and no blend (``edits.MaskChannels``)."""
+    for a model with mask channels its ``extra`` input and no blend (``maskchannels.MaskChannels``)."""
 
     extra: torch.Tensor | None
 
@@ -54,7 +55,7 @@ class Components:
     lora_bank: AdapterBank | None = None  # the adapters in the UNet (``engine.adapterbank``)
     text_lora: dict[str, AdapterBank] = field(default_factory=dict)  # per text encoder
     adapter_names: tuple[str, ...] = ()  # every adapter loaded (``engine.lora``)
-    plain_extras: dict = field(default_factory=dict)  # per size (``edits.plain_extra``)
+    plain_extras: dict = field(default_factory=dict)  # per size (``maskchannels.plain_extra``)
     family = "unet"
 
     @property
@@ -187,11 +188,9 @@ def denoise(
 
 def with_extras(c, rows: list[Row], members: Sequence[Blend | None] = ()) -> list[Row]:  # noqa: ANN001
     """``rows`` with each member's extra input on a model with mask channels: an inpainting
-    member's own, any other's the plain one (``edits.plain_extra``); unchanged elsewhere."""
+    member's own, any other's the plain one (``maskchannels.plain_extra``); unchanged elsewhere."""
     if not getattr(c, "extra_channels", 0):
         return rows
-    from promptserve.engine.edits import plain_extra
-
     members = list(members) + [None] * (len(rows) - len(members))
     return [
         dataclasses.replace(
@@ -247,7 +246,7 @@ class Row:
     size: tuple[int, int]  # (width, height) in pixels
     lora: tuple[tuple[str, float], ...] = ()  # its adapters (``engine.lora``)
     # a model with mask channels (a 9-channel inpainting UNet, Flux Fill): what goes into
-    # every call beside its latent, (1, E, h, w) unpacked (``edits.mask_channels``)
+    # every call beside its latent, (1, E, h, w) unpacked (``maskchannels.mask_channels``)
     extra: torch.Tensor | None = None
 
 

@@ -71,7 +71,7 @@ class FlowComponents:
     adapter_names: tuple[str, ...] = ()  # every adapter loaded (``engine.lora``)
     text_lora: dict = field(default_factory=dict)  # none: text-encoder LoRA is UNet-only
     block_cache: BlockCache | None = None  # feature caching's block wrappers, once used
-    plain_extras: dict = field(default_factory=dict)  # per size (``edits.plain_extra``)
+    plain_extras: dict = field(default_factory=dict)  # per size (``maskchannels.plain_extra``)
 
     @property
     def extra_channels(self) -> int:

@@ -82,9 +82,11 @@ def create_app(
 
     @app.api_route("/v1/images/variations", methods=["GET", "POST"], include_in_schema=False)
     async def not_served(request: Request) -> JSONResponse:
-        """The Images API's other endpoints: named, not a bare 405."""
+        """The Images API's other endpoint: named, not a bare 405."""
         name = request.url.path.rsplit("/", 1)[-1]
-        return error(404, f"images/{name} is not served yet: only images/generations", None)
+        return error(
+            404, f"images/{name} is not served yet: images/generations and images/edits are", None
+        )
 
     @app.get("/", include_in_schema=False)
     async def root() -> RedirectResponse:

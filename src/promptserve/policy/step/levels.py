@@ -84,7 +84,7 @@ class Levels:
         time: without intervals the levels from K up, as before."""
         # an edit runs from its own start only: its choice is the interval alone
         levels = (job.start,) if job.start is not None else self.spec.levels
-        fastest = self.spec.fastest_k(job)
+        fastest = job.start if job.start is not None else job.k_max
         if len(self.spec.intervals) == 1 or job.exact:
             r = 1 if job.exact else self.spec.intervals[0]
             return [(lv, r) for lv in levels if k <= lv <= fastest]

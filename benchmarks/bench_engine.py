@@ -2,7 +2,7 @@
 
 - ``resume``: a resumed run's time at each K over the full run's, beside (N - K) / N;
 - ``images_per_s``: batch throughput at 1, 2, 4 and 8;
-- ``vs_diffusers``: per family shape (tiny SD-1.x, SDXL, SD3, Flux: random weights, 64 px, 20
+- ``vs_diffusers``: per family shape (tiny SD-1.x, SDXL, SD3, Flux, Z-Image: random weights, 64 px, 20
   steps, batch 1), diffusers' pipeline ``__call__`` time over ours on the same modules in the
   same run (> 1: ours is faster); the target is >= 0.95 on the CPU;
 - ``options``: each speed option (``engine.options``) on the tiny model, its time over the
@@ -43,8 +43,9 @@ def timed(fn, repeats: int = 3) -> float:
 def family_engine(family: str, steps: int = 20) -> DenoisingEngine:
     from promptserve.engine.diffusers_backend import levels_for
 
-    guidance = DEFAULT_GUIDANCE.get(family, 7.5)
-    return DenoisingEngine(build(family), f"{family}-shaped", steps, levels_for(steps), guidance)
+    c = build(family)
+    guidance = c.guidance_spec.default  # the family's pipeline's (Z-Image Turbo's: 0, no CFG)
+    return DenoisingEngine(c, f"{family}-shaped", steps, levels_for(steps), guidance)
 
 
 def option_times(skip_compile: bool) -> dict:
@@ -213,7 +214,9 @@ def main() -> None:
         throughput[f"batch_{b}"] = round(
             b / timed(lambda items=items: engine.generate(items), 2), 2
         )
-    versus = {family: vs_diffusers(family_engine(family), repeats=9) for family in FAMILIES}
+    versus = {
+        family: vs_diffusers(family_engine(family), repeats=9) for family in (*FAMILIES, "zimage")
+    }
     print(
         json.dumps(
             {

@@ -21,6 +21,7 @@ IMG2IMG = {
     ),
     "sd3": (diffusers.StableDiffusion3Img2ImgPipeline, {}),
     "flux": (diffusers.FluxImg2ImgPipeline, {}),
+    "zimage": (diffusers.ZImageImg2ImgPipeline, {}),
 }
 
 
@@ -75,6 +76,7 @@ INPAINT = {
     "sdxl": diffusers.StableDiffusionXLInpaintPipeline,
     "sd3": diffusers.StableDiffusion3InpaintPipeline,
     "flux": diffusers.FluxInpaintPipeline,
+    "zimage": diffusers.ZImageInpaintPipeline,
 }
 
 

@@ -22,6 +22,8 @@ import torch
 from promptserve.engine.denoise import Components
 from promptserve.engine.flow import DEFAULT_GUIDANCE, FlowComponents
 from promptserve.engine.tiny import DenoisingEngine
+from promptserve.engine.zimage import DEFAULT_STEPS as ZIMAGE_STEPS
+from promptserve.engine.zimage import ZImageComponents
 from promptserve.errors import InputError
 
 # pipeline class in model_index.json -> the family that serves it
@@ -34,8 +36,9 @@ PIPELINE_FAMILIES = {
     "StableDiffusionInpaintPipeline": "unet",
     "StableDiffusionXLInpaintPipeline": "unet",
     "FluxFillPipeline": "flux",
+    "ZImagePipeline": "zimage",
 }
-DEFAULT_STEPS = {"unet": 50, "sd3": 28, "flux": 28}
+DEFAULT_STEPS = {"unet": 50, "sd3": 28, "flux": 28, "zimage": ZIMAGE_STEPS}
 REFERENCE_LEVELS = (0, 5, 10, 15, 20, 25)  # K of 50
 
 
@@ -84,7 +87,7 @@ class _Tokenizer:
 
 def load_diffusers(
     model: str, device: str = "cpu", dtype: str = "float32"
-) -> Components | FlowComponents:
+) -> Components | FlowComponents | ZImageComponents:
     from diffusers import DiffusionPipeline
 
     torch_dtype = {
@@ -108,6 +111,11 @@ def load_diffusers(
     pipe = pipe.to(device)
     if family == "unet":
         return _unet_components(pipe, device, torch_dtype)
+    if family == "zimage":
+        return ZImageComponents(
+            pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
+            (pipe.vae.config.latent_channels, 128, 128), device=device, dtype=torch_dtype,
+        )  # fmt: skip
     return _flow_components(family, pipe, device, torch_dtype)
 
 
@@ -156,10 +164,15 @@ def diffusers_engine(
     levels: Sequence[int] | None = None,
 ) -> DenoisingEngine:
     """The folder's model with its family's schedule: 50 DDIM steps for a UNet, 28 for a flow
-    transformer, and the reference levels mapped onto it (``levels_for``)."""
+    transformer, 8 for Z-Image (Turbo's), and the reference levels mapped onto it
+    (``levels_for``)."""
     comps = load_diffusers(model, device, dtype)
     total_steps = total_steps or DEFAULT_STEPS[comps.family]
-    guidance = DEFAULT_GUIDANCE.get(comps.family, 7.5)
+    guidance = (
+        comps.guidance_spec.default
+        if comps.family == "zimage"
+        else DEFAULT_GUIDANCE.get(comps.family, 7.5)
+    )
     return DenoisingEngine(
         comps, f"diffusers:{model}", total_steps, levels or levels_for(total_steps), guidance
     )

@@ -27,6 +27,7 @@ from promptserve.engine.tiny import (
     tiny_unet_config,
     vae_config,
 )
+from promptserve.engine.zimage import ZImageComponents
 
 FAMILIES = ("tiny", "sdxl", "sd3", "flux")  # "tiny" is the SD-1.x-shaped one
 
@@ -236,6 +237,56 @@ def flux_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> FlowC
     )  # fmt: skip
 
 
+# Qwen3's chat turn, as Z-Image's pipeline wraps a prompt (its tokenizer's template, shortened)
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def zimage_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> ZImageComponents:
+    """Z-Image: a single-stream DiT over 2x2 patches of 16-channel latents and a Qwen3 text
+    encoder's penultimate states (Turbo's scheduler: a fixed shift of 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    torch.manual_seed(4)
+    latent = size // 8
+    if scale == "tiny":
+        model = ZImageTransformer2DModel(
+            in_channels=16, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+            cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64],
+        )  # fmt: skip
+        text = Qwen3Model(
+            Qwen3Config(
+                vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=512,
+            )
+        )  # fmt: skip
+        sequence = 64
+    else:
+        model = _cast(ZImageTransformer2DModel(), dtype)
+        text = _cast(
+            Qwen3Model(
+                Qwen3Config(
+                    hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                )
+            ),
+            dtype,
+        )  # fmt: skip
+        sequence = 512
+    vae = _flow_vae(scale, size, 0.3611, 0.1159)
+    _finish((model, vae, text), device, dtype)
+    tokenizer = byte_tokenizer(sequence)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return ZImageComponents(
+        model, vae, text, tokenizer, FlowMatchEulerDiscreteScheduler(shift=3.0),
+        (16, latent, latent), device=device, dtype=dtype, max_sequence_length=sequence,
+    )  # fmt: skip
+
+
 def with_mask_channels(builder):  # noqa: ANN001, ANN201 - a builder; its inpainting variant
     """A family's dedicated inpainting model: the same parts, the denoiser taking mask
     channels beside the latent (a 9-channel UNet as SD's and SDXL's inpainting checkpoints;
@@ -265,6 +316,7 @@ BUILDERS = {
     "sdxl": sdxl_shaped,
     "sd3": sd3_shaped,
     "flux": flux_shaped,
+    "zimage": zimage_shaped,
     "tiny-inpaint": with_mask_channels(sd_shaped),
     "sdxl-inpaint": with_mask_channels(sdxl_shaped),
     "flux-fill": with_mask_channels(flux_shaped),
@@ -289,7 +341,12 @@ def pipeline_for(c, guidance: float):  # noqa: ANN001, ANN201 - components; a di
     """diffusers' own pipeline over the same modules (byte tokenizers that give our ids)."""
     import diffusers
 
-    if isinstance(c, FlowComponents):
+    if isinstance(c, ZImageComponents):
+        pipe = diffusers.ZImagePipeline(
+            scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer, transformer=c.transformer,
+        )  # fmt: skip
+    elif isinstance(c, FlowComponents):
         if c.family == "sd3":
             l_enc, g_enc, t5 = c.text_encoders
             l_tok, g_tok, t5_tok = c.tokenizers
@@ -324,7 +381,7 @@ def pipeline_for(c, guidance: float):  # noqa: ANN001, ANN201 - components; a di
 def pipeline_call(pipe, c, prompts, latents: torch.Tensor, steps: int, guidance: float):  # noqa: ANN001
     """The pipeline's ``__call__`` from the given start latents (our unpacked shape), to images."""
     kwargs: dict = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "pil"}
-    if isinstance(c, FlowComponents):
+    if isinstance(c, FlowComponents | ZImageComponents):
         kwargs["max_sequence_length"] = c.max_sequence_length
         if c.family == "flux":
             from promptserve.engine.flow import pack

@@ -18,6 +18,7 @@ from promptserve.engine.base import EngineCaps, GenerationItem, GenerationResult
 from promptserve.engine.denoise import Components, denoise
 from promptserve.engine.edits import item_start, start_step
 from promptserve.engine.sizes import checked, default_sizes
+from promptserve.errors import InputError
 
 MAX_TOKENS = 77
 BOS, EOS, PAD = 256, 257, 258
@@ -131,7 +132,10 @@ class DenoisingEngine:
     """Runs batches on a family's components (``denoise.Components``: the tiny model, SD 1.x/2.x
     and SDXL; ``flow.FlowComponents``: SD3 and Flux), from noise or a cached latent at K."""
 
-    caps = EngineCaps(feature_cache=True)  # intervals above 1: DeepCache (UNets), block reuse
+    @property
+    def caps(self) -> EngineCaps:
+        """Intervals above 1: DeepCache (UNets), block reuse (SD3, Flux); none for Z-Image."""
+        return EngineCaps(feature_cache=getattr(self.c, "feature_cache", True))
 
     def __init__(
         self,
@@ -192,6 +196,8 @@ class DenoisingEngine:
         from promptserve.engine.lora import load_dir
 
         c = self.c
+        if c.family == "zimage":
+            raise InputError("LoRA adapters are not served for Z-Image yet (issue 53)")
         if c.family == "unet":
             models = {"unet": c.unet, "text_encoder": c.text_encoder}
             if c.text_encoder_2 is not None:

@@ -1,0 +1,142 @@
+"""Z-Image (``ZImagePipeline``): a single-stream diffusion transformer over the latent's 2x2
+patches and the prompt's tokens, a Qwen3 text encoder reading the prompt through its chat
+template, flow matching on sigmas 1 .. 1/N (shifted), and few steps for the Turbo model.
+
+It runs in the same loop as every family (``denoise.denoise``, the step runner): a per-sample
+Euler step on the velocity, so members at different steps, sizes and start levels share one
+transformer call; a request resumes at K from a cached latent as for Flux. What differs is its
+conditioning, one variable-length token list per prompt (the transformer takes lists, so a
+batch pads nothing), and its guidance: ``pos + s * (pos - neg)`` against the negative prompt
+(the empty one by default), skipped where every member's scale is 0 (the Turbo model's).
+Feature caching is not offered for it (its blocks are not the ones ``featurecache`` wraps).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from promptserve.engine.base import Guidance, Look
+from promptserve.engine.denoise import Row, rows_of, with_extras
+from promptserve.engine.flow import FlowComponents, sigma_schedule
+
+DEFAULT_GUIDANCE = 0.0  # Z-Image-Turbo's: distilled, no guidance pass (the base model: ~5)
+DEFAULT_STEPS = 8  # Z-Image-Turbo's eight function evaluations
+# the pipeline's chat turn around a prompt (Qwen3's template, thinking enabled)
+MESSAGE = "user"
+
+
+@dataclass
+class ZImageComponents:
+    """A Z-Image model's parts, as loaded or built from configs."""
+
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object  # a transformers tokenizer with a chat template
+    scheduler: object  # FlowMatchEulerDiscreteScheduler
+    latent_shape: tuple[int, int, int]  # channels, height, width
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    max_sequence_length: int = 512
+    lora_bank: object = None  # no adapters yet: refused at load
+    adapter_names: tuple[str, ...] = ()
+    text_lora: dict = field(default_factory=dict)
+    plain_extras: dict = field(default_factory=dict)
+    family = "zimage"
+    extra_channels = 0
+    feature_cache = False  # the engine offers no interval above 1
+
+    noise = FlowComponents.noise
+    decode = FlowComponents.decode
+    native = FlowComponents.native
+    multiple = FlowComponents.multiple
+
+    @property
+    def sizes_family(self) -> str:
+        return "zimage"
+
+    @property
+    def guidance_spec(self) -> Guidance:
+        return Guidance("cfg", DEFAULT_GUIDANCE, 0.0, 20.0)
+
+    def stepper(self, total_steps: int, guidance: float) -> ZImageStepper:
+        return ZImageStepper(self, total_steps, guidance)
+
+    def encode(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Each prompt's token states, (L, D) with L its own length: the chat-templated text
+        through the encoder's penultimate layer, the padding dropped (``_encode_prompt``)."""
+        tok = self.tokenizer
+        texts = [
+            tok.apply_chat_template(  # type: ignore[attr-defined]
+                [{"role": MESSAGE, "content": p}], tokenize=False, add_generation_prompt=True,
+                enable_thinking=True,
+            )
+            for p in prompts
+        ]  # fmt: skip
+        ids = tok(  # type: ignore[operator]
+            texts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+            return_tensors="pt",
+        )  # fmt: skip
+        mask = ids.attention_mask.to(self.device).bool()
+        with torch.no_grad():
+            states = self.text_encoder(
+                input_ids=ids.input_ids.to(self.device), attention_mask=mask,
+                output_hidden_states=True,
+            ).hidden_states[-2]  # fmt: skip
+        return [states[i][mask[i]].to(self.dtype) for i in range(len(prompts))]
+
+
+class ZImageStepper:
+    """One Euler step per sample on the velocity (the transformer predicts its negative)."""
+
+    def __init__(self, c: ZImageComponents, total_steps: int, guidance: float) -> None:
+        self.c, self.guidance, self.total_steps = c, guidance, total_steps
+        self._schedules: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        (self.uncond,) = self._conditioning([""])
+
+    def schedule(self, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if shape not in self._schedules:
+            self._schedules[shape] = sigma_schedule(self.c, self.total_steps, shape)  # type: ignore[arg-type]
+        return self._schedules[shape]
+
+    def encode(self, prompts: Sequence[str], looks: Sequence[Look] | None = None) -> list[Row]:
+        rows = rows_of(
+            self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native
+        )
+        return with_extras(self.c, rows)
+
+    def _conditioning(
+        self, prompts: Sequence[str], loras: Sequence[tuple] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        return [{"tokens": states} for states in self.c.encode(prompts)]
+
+    def advance(
+        self, latents: torch.Tensor, steps: torch.Tensor, rows: Sequence[Row]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next latents of every row and the predicted clean ones (x - sigma * v)."""
+        sigmas, timesteps = self.schedule(tuple(latents.shape[2:]))
+        t = (1000 - timesteps[steps]) / 1000  # the transformer's time runs from 0 (noise)
+        n, scales = len(rows), [r.scale for r in rows]
+        guided = any(s > 0 for s in scales)
+        x = list(latents.to(self.c.transformer.dtype).unsqueeze(2).unbind(0))
+        tokens = [r.text["tokens"] for r in rows]
+        if guided:
+            x, t = x + x, torch.cat([t, t])
+            tokens = tokens + [r.uncond["tokens"] for r in rows]  # type: ignore[index]
+        with torch.no_grad():
+            out = self.c.transformer(x, t, tokens, return_dict=False)[0]
+        preds = []
+        for j in range(n):
+            pos = out[j].float()
+            preds.append(pos + scales[j] * (pos - out[n + j].float()) if guided else pos)
+        v = -torch.stack(preds).squeeze(2)
+        shape = (-1,) + (1,) * (latents.dim() - 1)
+        sigma, sigma_next = sigmas[steps].view(shape), sigmas[steps + 1].view(shape)
+        x0 = latents.float()
+        return (x0 + (sigma_next - sigma) * v).to(latents.dtype), (x0 - sigma * v).to(latents.dtype)
+
+    def advance_features(self, latents, steps, rows, feature):  # noqa: ANN001, ANN201
+        raise ValueError("feature caching is not offered for Z-Image")

@@ -105,11 +105,16 @@ def test_a_saved_zimage_folder_is_served_with_its_turbo_schedule(c, tmp_path):
             image=("in.png", png(), "image/png"), prompt="a boat", size="64x64",
             extra_body={"strength": 0.5},
         )  # fmt: skip
+        card = client(url).models.list().data[0].model_extra
     assert first.data[0].model_extra["promptserve"]["level_k"] == 0
     twin = again.data[0].model_extra["promptserve"]
     assert twin["cache_hit"] and twin["level_k"] > 0  # resumed from its neighbour at K
     assert Image.open(io.BytesIO(base64.b64decode(wide.data[0].b64_json))).size == (96, 64)
     assert edit.data[0].model_extra["promptserve"]["edit_start"] == 4
+    # the model says what it runs and takes
+    assert card["family"] == "zimage" and card["steps"] == 8 and card["levels"] == [0, 1, 2, 3, 4]
+    assert card["guidance"]["kind"] == "cfg" and card["guidance"]["default"] == 0.0
+    assert card["accepts"] == {"negative_prompt": True, "guidance_scale": True, "edits": True}
 
 
 def png() -> bytes:
@@ -117,3 +122,30 @@ def png() -> bytes:
     pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(out, format="PNG")
     return out.getvalue()
+
+
+def test_model_tiny_writes_a_folder_serve_reads_and_refuses_bad_flags(tmp_path):
+    from typer.testing import CliRunner
+
+    from promptserve.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["model", "tiny", "--family", "zimage", "--out", str(tmp_path / "z")])
+    assert ok.exit_code == 0, ok.output
+    assert family_of(str(tmp_path / "z")) == "zimage"
+    engine = diffusers_engine(str(tmp_path / "z"))
+    engine.set_sizes([(64, 64)])
+    item = GenerationItem("a red fox", 0, seed=1, look=Look(size=(64, 64)))
+    assert engine.generate([item])[0].final_latent.shape == (16, 8, 8)
+    fill = runner.invoke(
+        app, ["model", "tiny", "--family", "flux-fill", "--out", str(tmp_path / "f")]
+    )
+    assert fill.exit_code == 0 and family_of(str(tmp_path / "f")) == "flux"
+    assert diffusers_engine(str(tmp_path / "f")).c.extra_channels == 80
+    for args, named in (
+        (["--family", "kandinsky", "--out", str(tmp_path / "k")], "--family"),
+        (["--family", "zimage", "--out", str(tmp_path / "z")], "--out"),  # not empty
+        (["--family", "zimage", "--out", str(tmp_path / "s"), "--size", "72"], "--size"),
+    ):
+        bad = runner.invoke(app, ["model", "tiny", *args])
+        assert bad.exit_code == 2 and named in bad.output, bad.output

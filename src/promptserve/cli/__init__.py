@@ -8,7 +8,7 @@ from importlib import import_module
 
 from promptserve.cli.common import app
 
-for _group in ("simulate", "serve", "bench", "profile", "workload", "lora"):
+for _group in ("simulate", "serve", "bench", "profile", "workload", "lora", "model"):
     import_module(f"promptserve.cli.{_group}")
 
 

@@ -112,6 +112,16 @@ def create_app(
         # an extension: the sizes a request may ask for (the first is what ``auto`` gives)
         "sizes": [label(s) for s in runtime.workers.sizes],
         "adapters": list(runtime.workers.adapters),  # LoRA names a request may give
+        # what it runs and accepts: its family, schedule and levels K, its guidance input
+        "family": runtime.workers.edit_family,
+        "steps": runtime.workers.total_steps,
+        "levels": list(runtime.workers.levels),
+        "guidance": asdict(runtime.workers.guidance),
+        "accepts": {
+            "negative_prompt": runtime.workers.guidance.negative,
+            "guidance_scale": runtime.workers.guidance.kind != "none",
+            "edits": True,  # /v1/images/edits: image-to-image and inpainting
+        },
     }
 
     @app.get("/v1/models")

@@ -13,7 +13,6 @@ coefficients from per-step tables on the device: no host sync inside the loop (d
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ import torch
 from promptserve.engine.adapterbank import AdapterBank, adapters_on, refresh_on_join
 from promptserve.engine.base import UNET_GUIDANCE, Guidance, Look
 from promptserve.engine.featurecache import batch_rows, is_full_step, member_rows, unet_forward
-from promptserve.engine.maskchannels import plain_extra
+from promptserve.engine.maskchannels import with_extras
+from promptserve.engine.rows import Row, rows_of, scales_of
 
 
 class Blend(Protocol):
@@ -186,20 +186,6 @@ def denoise(
     return latents, captured
 
 
-def with_extras(c, rows: list[Row], members: Sequence[Blend | None] = ()) -> list[Row]:  # noqa: ANN001
-    """``rows`` with each member's extra input on a model with mask channels: an inpainting
-    member's own, any other's the plain one (``maskchannels.plain_extra``); unchanged elsewhere."""
-    if not getattr(c, "extra_channels", 0):
-        return rows
-    members = list(members) + [None] * (len(rows) - len(members))
-    return [
-        dataclasses.replace(
-            r, extra=m.extra if m is not None and m.extra is not None else plain_extra(c, r.size)
-        )
-        for r, m in zip(rows, members, strict=True)
-    ]
-
-
 def decode_png(c: Components, latents: torch.Tensor) -> list[bytes]:
     def call(part: torch.Tensor) -> list[bytes]:
         with torch.no_grad():
@@ -232,64 +218,6 @@ def png_bytes(images: torch.Tensor) -> list[bytes]:
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(buf, format="PNG")
         out.append(buf.getvalue())
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One member's conditioning: its text's, its negative prompt's (the stepper's shared
-    empty-prompt rows unless it has one; None where the family has no negative pass), and its
-    guidance scale."""
-
-    text: dict[str, torch.Tensor]
-    uncond: dict[str, torch.Tensor] | None
-    scale: float
-    size: tuple[int, int]  # (width, height) in pixels
-    lora: tuple[tuple[str, float], ...] = ()  # its adapters (``engine.lora``)
-    # a model with mask channels (a 9-channel inpainting UNet, Flux Fill): what goes into
-    # every call beside its latent, (1, E, h, w) unpacked (``maskchannels.mask_channels``)
-    extra: torch.Tensor | None = None
-
-
-def rows_of(
-    encode_batch,  # noqa: ANN001 - prompts -> list of each prompt's conditioning dict
-    prompts: Sequence[str],
-    looks: Sequence[Look] | None,
-    default_scale: float,
-    empty: dict[str, torch.Tensor] | None,
-    native: tuple[int, int],
-    text_loras=lambda look: (),  # noqa: ANN001 - a look's adapters with text-encoder weights
-) -> list[Row]:
-    """Each prompt's ``Row``; the distinct negative prompts are encoded once, together, per
-    set of text-encoder adapters (``text_loras``: the adapters of a look that change its text
-    encoding; the empty prompt without any is the shared ``empty``)."""
-    looks = list(looks) if looks is not None else [Look()] * len(prompts)
-    te = [text_loras(look) for look in looks]
-    wanted = {(lk.negative_prompt, t) for lk, t in zip(looks, te, strict=True)}
-    negatives = sorted(n for n in wanted if n[0] or n[1])
-    uncond = {}
-    if negatives:
-        encoded = encode_batch([n for n, _ in negatives], [t for _, t in negatives])
-        uncond = dict(zip(negatives, encoded, strict=True))
-    return [
-        Row(
-            text,
-            uncond.get((look.negative_prompt, t), empty),
-            default_scale if look.guidance is None else look.guidance,
-            look.size or native,
-            look.lora,
-        )
-        for text, look, t in zip(encode_batch(prompts, te), looks, te, strict=True)
-    ]
-
-
-def scales_of(rows: Sequence[Row], like: torch.Tensor) -> float | torch.Tensor:
-    """The rows' guidance scales: one number when they share it (the plain batch computes
-    exactly as before), else one per row, shaped to broadcast over ``like``."""
-    first = rows[0].scale
-    if all(r.scale == first for r in rows):
-        return first
-    shape = (-1,) + (1,) * (like.dim() - 1)
-    return torch.tensor([r.scale for r in rows], device=like.device, dtype=like.dtype).view(shape)
 
 
 class DDIMStepper:

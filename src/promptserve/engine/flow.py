@@ -26,16 +26,10 @@ import torch
 
 from promptserve.engine.adapterbank import AdapterBank, adapters_on, refresh_on_join
 from promptserve.engine.base import Guidance, Look
-from promptserve.engine.denoise import (
-    Row,
-    in_chunks,
-    latent_shape,
-    png_bytes,
-    rows_of,
-    scales_of,
-    with_extras,
-)
+from promptserve.engine.denoise import in_chunks, latent_shape, png_bytes
 from promptserve.engine.featurecache import BlockCache, batch_rows, member_rows
+from promptserve.engine.maskchannels import with_extras
+from promptserve.engine.rows import Row, rows_of, scales_of
 
 FAMILIES = ("sd3", "flux")
 DEFAULT_GUIDANCE = {"sd3": 7.0, "flux": 3.5}  # the diffusers pipelines' defaults

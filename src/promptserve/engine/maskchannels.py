@@ -5,6 +5,8 @@ families' steppers read it without importing one another."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,3 +67,17 @@ def plain_extra(c, size: tuple[int, int]) -> torch.Tensor:  # noqa: ANN001
         pixels = torch.zeros((1, 3, height, width), device=c.device, dtype=c.dtype)
         c.plain_extras[size] = mask_channels(c, pixels, torch.ones_like(pixels[:, :1]), None)
     return c.plain_extras[size]
+
+
+def with_extras(c, rows: list, members: Sequence = ()) -> list:  # noqa: ANN001 - components, Rows, Blends
+    """``rows`` with each member's extra input on a model with mask channels: an inpainting
+    member's own, any other's the plain one (``maskchannels.plain_extra``); unchanged elsewhere."""
+    if not getattr(c, "extra_channels", 0):
+        return rows
+    members = list(members) + [None] * (len(rows) - len(members))
+    return [
+        dataclasses.replace(
+            r, extra=m.extra if m is not None and m.extra is not None else plain_extra(c, r.size)
+        )
+        for r, m in zip(rows, members, strict=True)
+    ]

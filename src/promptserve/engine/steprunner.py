@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from promptserve.engine.base import GenerationItem, GenerationResult
-from promptserve.engine.denoise import Row
 from promptserve.engine.edits import Inpaint, MaskChannels, item_start
+from promptserve.engine.rows import Row
 
 
 @dataclass

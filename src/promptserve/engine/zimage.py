@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from promptserve.engine.base import Guidance, Look
-from promptserve.engine.denoise import Row, rows_of, with_extras
 from promptserve.engine.flow import FlowComponents, sigma_schedule
+from promptserve.engine.maskchannels import with_extras
+from promptserve.engine.rows import Row, rows_of
 
 DEFAULT_GUIDANCE = 0.0  # Z-Image-Turbo's: distilled, no guidance pass (the base model: ~5)
 DEFAULT_STEPS = 8  # Z-Image-Turbo's eight function evaluations

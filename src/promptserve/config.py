@@ -80,6 +80,7 @@ class ServeFile(BaseModel):
     r_max: int = Field(default=4, ge=1, le=63)  # the longest feature-cache interval
     max_inflight_megapixels: float | None = Field(default=None, gt=0)  # per GPU, step-level
     select_cpu: float = Field(default=0.10, gt=0, le=1)  # ``+select``: its replays' core share
+    steps: int | None = Field(default=None, ge=1, le=1000)  # None: the family's default
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)
     max_headers: int = Field(default=100, ge=8, le=10_000)
@@ -232,4 +233,5 @@ def server_config(s: ServeFile):
         s.r_max,
         s.max_inflight_megapixels,
         s.select_cpu,
+        s.steps,
     )

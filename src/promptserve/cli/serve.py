@@ -190,6 +190,16 @@ def serve_cmd(
         int | None,
         typer.Option(help="The longest feature-cache interval offered (default 4).", min=1, max=63),
     ] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Denoising steps per image (default the family's: 50 for a UNet, 28 for SD3 "
+            "and Flux, 8 for Z-Image); a few-step checkpoint is served with its own (4 for "
+            "FLUX.1-schnell or SDXL-Lightning). The levels K follow it.",
+            min=1,
+            max=1000,
+        ),
+    ] = None,
     select_cpu: Annotated[
         float | None,
         typer.Option(
@@ -332,6 +342,7 @@ def serve_cmd(
         "feature_cache": feature_cache,
         "r_max": r_max,
         "select_cpu": select_cpu,
+        "steps": steps,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
         "max_header_bytes": max_header_bytes,
         "max_headers": max_headers,

@@ -42,6 +42,7 @@ class EngineWorker:
         lora_resident: int = 8,
         lora_resident_bytes: int | None = None,
         lora_private: bool = False,
+        steps: int | None = None,
         store_root: str | None = None,
     ) -> None:
         self.index = index
@@ -49,7 +50,7 @@ class EngineWorker:
         self._compute = ComputeThread("promptserve-engine", torch_threads_for(1))
         self.engine = self._compute.call(
             make_engine, model, backend, device, dtype, speedup, options, sizes, lora_dir,
-            lora_resident, lora_resident_bytes, lora_private,
+            lora_resident, lora_resident_bytes, lora_private, steps,
         )  # fmt: skip
         # the latent store every node reaches (a shared folder); the ingress owns its manifest
         self.store = LatentStore(store_root, clean_temporaries=False) if store_root else None

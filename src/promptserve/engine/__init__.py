@@ -28,14 +28,16 @@ def make_engine(
     lora_resident: int = 8,
     lora_resident_bytes: int | None = None,
     lora_private: bool = False,
+    steps: int | None = None,
 ) -> Engine:
     """``tiny`` or a local diffusers folder; ``backend="modeled"`` sleeps by the reference profile.
     ``options`` (speed: compile, CUDA graphs, channels-last, attention kernel) apply to the
     models that compute (tiny, diffusers). ``sizes``: what it serves (default its family's);
     ``lora_dir``: the adapters it serves (``engine.lora``), ``lora_resident`` of them (and at
     most ``lora_resident_bytes`` of their rows) on the device at once (``lora_private``: each
-    only while a call names it)."""
-    engine = _engine(model, backend, device, dtype, speedup, options)
+    only while a call names it). ``steps``: the schedule's length (default the family's: a
+    few-step checkpoint is served with its own, e.g. 4 or 8); the levels follow it."""
+    engine = _engine(model, backend, device, dtype, speedup, options, steps)
     if sizes:
         engine.set_sizes(sizes)
     if lora_dir:
@@ -43,17 +45,20 @@ def make_engine(
     return engine
 
 
-def _engine(model, backend, device, dtype, speedup, options) -> Engine:  # noqa: ANN001
+def _engine(model, backend, device, dtype, speedup, options, steps=None) -> Engine:  # noqa: ANN001
     backend = backend or ("tiny" if model == "tiny" else "diffusers")
+    if backend == "modeled" and steps:
+        raise InputError("--steps: the modelled backend runs the SDXL reference's 50 steps")
     if backend in ("tiny", "diffusers"):
         if backend == "tiny":
+            from promptserve.engine.diffusers_backend import levels_for
             from promptserve.engine.tiny import tiny_engine
 
-            engine = tiny_engine()
+            engine = tiny_engine(steps, levels_for(steps)) if steps else tiny_engine()
         else:
             from promptserve.engine.diffusers_backend import diffusers_engine
 
-            engine = diffusers_engine(model, device, resolved_dtype(dtype, device))
+            engine = diffusers_engine(model, device, resolved_dtype(dtype, device), steps)
         if options is not None and options != EngineOptions():
             from promptserve.engine.options import apply_options
 

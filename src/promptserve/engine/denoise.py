@@ -56,6 +56,7 @@ class Components:
     text_lora: dict[str, AdapterBank] = field(default_factory=dict)  # per text encoder
     adapter_names: tuple[str, ...] = ()  # every adapter loaded (``engine.lora``)
     plain_extras: dict = field(default_factory=dict)  # per size (``maskchannels.plain_extra``)
+    stepper_type: type | None = None  # None: DDIM (the default update of the UNet loop)
     family = "unet"
 
     @property
@@ -90,7 +91,9 @@ class Components:
         return UNET_GUIDANCE
 
     def stepper(self, total_steps: int, guidance: float) -> DDIMStepper:
-        return DDIMStepper(self, total_steps, guidance)
+        """DDIM, unless the folder's scheduler asks for another update (``stepper_type``:
+        ``euler.EulerStepper`` for a few-step distillation's trailing Euler)."""
+        return (self.stepper_type or DDIMStepper)(self, total_steps, guidance)
 
 
 def encode(
@@ -226,19 +229,25 @@ class DDIMStepper:
     classifier-free guidance per member, against its negative prompt (by default the empty
     prompt, encoded once) at its own scale."""
 
+    scheduler_name = "DDIMScheduler"  # the diffusers scheduler whose update this is
+
     def __init__(self, c: Components, total_steps: int, guidance: float) -> None:
         scheduler = c.scheduler
-        if type(scheduler).__name__ != "DDIMScheduler":
-            raise ValueError(
-                f"the UNet loop needs a DDIM scheduler, not {type(scheduler).__name__}"
-            )
+        name = type(scheduler).__name__
+        if name != self.scheduler_name:
+            raise ValueError(f"this UNet loop needs a {self.scheduler_name}, not {name}")
         config = scheduler.config
         if config.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"DDIM with {config.prediction_type} prediction is not supported")
-        if config.clip_sample or config.thresholding:
-            raise ValueError("DDIM with clip_sample or thresholding is not supported")
+            raise ValueError(f"{name} with {config.prediction_type} prediction is not supported")
+        if config.get("clip_sample") or config.get("thresholding"):
+            raise ValueError(f"{name} with clip_sample or thresholding is not supported")
         self.c, self.guidance = c, guidance
         self.v_prediction = config.prediction_type == "v_prediction"
+        self._schedule(scheduler, total_steps)
+        (self.uncond,) = self._conditioning([""])
+
+    def _schedule(self, scheduler, total_steps: int) -> None:  # noqa: ANN001 - a DDIMScheduler
+        c, config = self.c, scheduler.config
         scheduler.set_timesteps(total_steps)
         timesteps = scheduler.timesteps.cpu()
         alphas = scheduler.alphas_cumprod.cpu().to(torch.float32)
@@ -248,7 +257,25 @@ class DDIMStepper:
         self.timesteps = timesteps.to(c.device)
         self.a_t = alphas[timesteps].to(c.device)
         self.a_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final).to(c.device)
-        (self.uncond,) = self._conditioning([""])
+
+    def _model_input(self, latents: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        return latents  # DDIM scales nothing (``scale_model_input`` is the identity)
+
+    def _update(
+        self, latents: torch.Tensor, guided: torch.Tensor, steps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next latents and the predicted clean ones, from the guided prediction."""
+        shape = (-1,) + (1,) * (latents.dim() - 1)
+        dtype = latents.dtype
+        a_t = self.a_t[steps].view(shape).to(dtype)
+        a_prev = self.a_prev[steps].view(shape).to(dtype)
+        if self.v_prediction:
+            x0 = a_t.sqrt() * latents - (1 - a_t).sqrt() * guided
+            eps = a_t.sqrt() * guided + (1 - a_t).sqrt() * latents
+        else:
+            eps = guided
+            x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0
 
     def encode(self, prompts: Sequence[str], looks: Sequence[Look] | None = None) -> list[Row]:
         """Each prompt's conditioning: the text context and (SDXL) pooled embeds, time ids, for
@@ -310,9 +337,9 @@ class DDIMStepper:
             for name in self.uncond
         }
         context = both.pop("context")
-        x = latents  # a model with mask channels takes each member's beside its latent
-        if rows[0].extra is not None:
-            x = torch.cat([latents, torch.cat([r.extra for r in rows])], dim=1)
+        x = self._model_input(latents, steps)
+        if rows[0].extra is not None:  # a model with mask channels: each member's beside it
+            x = torch.cat([x, torch.cat([r.extra for r in rows])], dim=1)
         if both:  # SDXL: each row's size, for its negative and its text pass alike
             ids = time_ids([r.size for r in rows], latents.device, context.dtype)
             both["time_ids"] = torch.cat([ids, ids])
@@ -333,14 +360,4 @@ class DDIMStepper:
                 )  # fmt: skip
             uncond, cond = out.chunk(2)
             guided = uncond + scales_of(rows, uncond) * (cond - uncond)
-            shape = (-1,) + (1,) * (latents.dim() - 1)
-            dtype = latents.dtype
-            a_t = self.a_t[steps].view(shape).to(dtype)
-            a_prev = self.a_prev[steps].view(shape).to(dtype)
-            if self.v_prediction:
-                x0 = a_t.sqrt() * latents - (1 - a_t).sqrt() * guided
-                eps = a_t.sqrt() * guided + (1 - a_t).sqrt() * latents
-            else:
-                eps = guided
-                x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-            return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0, deep
+            return (*self._update(latents, guided, steps), deep)

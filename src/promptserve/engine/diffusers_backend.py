@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from promptserve.engine.denoise import Components
+from promptserve.engine.euler import EulerStepper, takes_euler
 from promptserve.engine.flow import DEFAULT_GUIDANCE, FlowComponents
 from promptserve.engine.tiny import DenoisingEngine
 from promptserve.engine.zimage import DEFAULT_STEPS as ZIMAGE_STEPS
@@ -124,18 +125,23 @@ def _unet_components(pipe, device: str, dtype: torch.dtype) -> Components:  # no
 
     size = pipe.unet.config.sample_size
     second = getattr(pipe, "text_encoder_2", None)
+    # a few-step distillation's trailing Euler is kept (its path is the one it learned);
+    # anything else runs on DDIM from its config, as before
+    euler = takes_euler(pipe.scheduler)
+    scheduler = pipe.scheduler if euler else DDIMScheduler.from_config(pipe.scheduler.config)
     return Components(
         unet=pipe.unet,
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
         tokenizer=_Tokenizer(pipe.tokenizer),
-        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+        scheduler=scheduler,
         vae_scale=pipe.vae.config.scaling_factor,
         latent_shape=(pipe.vae.config.latent_channels, size, size),  # an inpainting UNet takes more
         device=device,
         dtype=dtype,
         text_encoder_2=second,
         tokenizer_2=_Tokenizer(pipe.tokenizer_2) if second is not None else None,
+        stepper_type=EulerStepper if euler else None,
     )
 
 

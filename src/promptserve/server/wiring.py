@@ -68,6 +68,7 @@ class ServerConfig:
     # the most megapixels in flight on one GPU (step-level: a join past it waits); None: none
     max_inflight_megapixels: float | None = None
     select_cpu: float = 0.10  # ``+select``: the share of one core its replays may take
+    steps: int | None = None  # denoising steps (None: the family's default; levels follow)
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -119,7 +120,7 @@ def engine_args(config: ServerConfig, device: str) -> tuple:
         config.model, config.backend, device, config.dtype, config.speedup,
         config.engine_options, config.sizes,
         str(config.lora_dir) if config.lora_dir else None, config.lora_resident,
-        config.lora_resident_bytes, config.lora_private,
+        config.lora_resident_bytes, config.lora_private, config.steps,
     )  # fmt: skip
 
 

@@ -22,6 +22,7 @@ import torch
 from promptserve.engine.denoise import Components
 from promptserve.engine.euler import EulerStepper, takes_euler
 from promptserve.engine.flow import DEFAULT_GUIDANCE, FlowComponents
+from promptserve.engine.qwenimage import QwenImageComponents
 from promptserve.engine.tiny import DenoisingEngine
 from promptserve.engine.zimage import DEFAULT_STEPS as ZIMAGE_STEPS
 from promptserve.engine.zimage import ZImageComponents
@@ -38,8 +39,9 @@ PIPELINE_FAMILIES = {
     "StableDiffusionXLInpaintPipeline": "unet",
     "FluxFillPipeline": "flux",
     "ZImagePipeline": "zimage",
+    "QwenImagePipeline": "qwenimage",
 }
-DEFAULT_STEPS = {"unet": 50, "sd3": 28, "flux": 28, "zimage": ZIMAGE_STEPS}
+DEFAULT_STEPS = {"unet": 50, "sd3": 28, "flux": 28, "zimage": ZIMAGE_STEPS, "qwenimage": 50}
 REFERENCE_LEVELS = (0, 5, 10, 15, 20, 25)  # K of 50
 
 
@@ -88,7 +90,7 @@ class _Tokenizer:
 
 def load_diffusers(
     model: str, device: str = "cpu", dtype: str = "float32"
-) -> Components | FlowComponents | ZImageComponents:
+) -> Components | FlowComponents | ZImageComponents | QwenImageComponents:
     from diffusers import DiffusionPipeline
 
     torch_dtype = {
@@ -112,10 +114,12 @@ def load_diffusers(
     pipe = pipe.to(device)
     if family == "unet":
         return _unet_components(pipe, device, torch_dtype)
-    if family == "zimage":
-        return ZImageComponents(
+    if family in ("zimage", "qwenimage"):  # their pipelines' own 1024 px by default
+        channels = getattr(pipe.vae.config, "latent_channels", None) or pipe.vae.config.z_dim
+        parts = ZImageComponents if family == "zimage" else QwenImageComponents
+        return parts(
             pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-            (pipe.vae.config.latent_channels, 128, 128), device=device, dtype=torch_dtype,
+            (channels, 128, 128), device=device, dtype=torch_dtype,
         )  # fmt: skip
     return _flow_components(family, pipe, device, torch_dtype)
 
@@ -169,16 +173,13 @@ def diffusers_engine(
     total_steps: int | None = None,
     levels: Sequence[int] | None = None,
 ) -> DenoisingEngine:
-    """The folder's model with its family's schedule: 50 DDIM steps for a UNet, 28 for a flow
-    transformer, 8 for Z-Image (Turbo's), and the reference levels mapped onto it
+    """The folder's model with its family's schedule: 50 DDIM steps for a UNet, 28 for SD3 and
+    Flux, 8 for Z-Image (Turbo's), 50 for Qwen-Image, and the reference levels mapped onto it
     (``levels_for``)."""
     comps = load_diffusers(model, device, dtype)
     total_steps = total_steps or DEFAULT_STEPS[comps.family]
-    guidance = (
-        comps.guidance_spec.default
-        if comps.family == "zimage"
-        else DEFAULT_GUIDANCE.get(comps.family, 7.5)
-    )
+    own = comps.family in ("zimage", "qwenimage")  # their guidance's own default
+    guidance = comps.guidance_spec.default if own else DEFAULT_GUIDANCE.get(comps.family, 7.5)
     return DenoisingEngine(
         comps, f"diffusers:{model}", total_steps, levels or levels_for(total_steps), guidance
     )

@@ -179,7 +179,7 @@ def sigma_schedule(
     h, w = shape or c.latent_shape[1:]
     tokens = (h // 2) * (w // 2)
     config = scheduler.config
-    if c.family in ("flux", "zimage"):  # Z-Image's pipeline sets the same sigmas
+    if c.family in ("flux", "zimage", "qwenimage"):  # their pipelines set the same sigmas
         kwargs["sigmas"] = np.linspace(1.0, 1 / total_steps, total_steps)
     if config.get("use_dynamic_shifting", False):
         base, top = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)

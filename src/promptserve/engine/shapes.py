@@ -15,6 +15,7 @@ import torch
 
 from promptserve.engine.denoise import Components
 from promptserve.engine.flow import FlowComponents
+from promptserve.engine.qwenimage import QwenImageComponents
 from promptserve.engine.tiny import (
     BOS,
     EOS,
@@ -287,6 +288,53 @@ def zimage_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> ZIm
     )  # fmt: skip
 
 
+def qwenimage_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> QwenImageComponents:
+    """Qwen-Image: an MMDiT over 2x2 patches of 16-channel latents, a Qwen2.5-VL text encoder
+    (its language model read; the vision tower idle), a video VAE with one frame."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(5)
+    if scale != "tiny":
+        raise ValueError("Qwen-Image is built at tiny scale only (real weights are the user's)")
+    model = QwenImageTransformer2DModel(
+        in_channels=64, out_channels=16, num_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+    text = Qwen2_5_VLForConditionalGeneration(
+        Qwen2_5_VLConfig(
+            text_config=dict(
+                vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+                bos_token_id=None, eos_token_id=None,
+            ),
+            vision_config=dict(
+                depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32
+            ),
+            vocab_size=260, hidden_size=32, bos_token_id=None, eos_token_id=None,
+        )
+    )  # fmt: skip
+    vae = AutoencoderKLQwenImage(
+        base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )  # fmt: skip
+    _finish((model, vae, text), device, dtype)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192,
+    )  # fmt: skip
+    latent = size // 8
+    return QwenImageComponents(
+        model, vae, text, byte_tokenizer(1100), scheduler, (16, latent, latent), device=device,
+        dtype=dtype,
+    )  # fmt: skip
+
+
 def with_mask_channels(builder):  # noqa: ANN001, ANN201 - a builder; its inpainting variant
     """A family's dedicated inpainting model: the same parts, the denoiser taking mask
     channels beside the latent (a 9-channel UNet as SD's and SDXL's inpainting checkpoints;
@@ -317,6 +365,7 @@ BUILDERS = {
     "sd3": sd3_shaped,
     "flux": flux_shaped,
     "zimage": zimage_shaped,
+    "qwenimage": qwenimage_shaped,
     "tiny-inpaint": with_mask_channels(sd_shaped),
     "sdxl-inpaint": with_mask_channels(sdxl_shaped),
     "flux-fill": with_mask_channels(flux_shaped),
@@ -341,7 +390,12 @@ def pipeline_for(c, guidance: float):  # noqa: ANN001, ANN201 - components; a di
     """diffusers' own pipeline over the same modules (byte tokenizers that give our ids)."""
     import diffusers
 
-    if isinstance(c, ZImageComponents):
+    if isinstance(c, QwenImageComponents):
+        pipe = diffusers.QwenImagePipeline(
+            scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer, transformer=c.transformer,
+        )  # fmt: skip
+    elif isinstance(c, ZImageComponents):
         pipe = diffusers.ZImagePipeline(
             scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder,
             tokenizer=c.tokenizer, transformer=c.transformer,

@@ -196,8 +196,8 @@ class DenoisingEngine:
         from promptserve.engine.lora import load_dir
 
         c = self.c
-        if c.family == "zimage":
-            raise InputError("LoRA adapters are not served for Z-Image yet (issue 53)")
+        if c.family in ("zimage", "qwenimage"):
+            raise InputError(f"LoRA adapters are not served for {c.family} yet (issue 53)")
         if c.family == "unet":
             models = {"unet": c.unet, "text_encoder": c.text_encoder}
             if c.text_encoder_2 is not None:

@@ -1,0 +1,168 @@
+"""Qwen-Image (``QwenImagePipeline``): an MMDiT over 2x2 patches of a 16-channel latent and the
+prompt's tokens from a Qwen2.5-VL text encoder (its last layer, read through the pipeline's
+system template, whose first 34 tokens are dropped), flow matching on sigmas 1 .. 1/N shifted by
+the image's token count, and "true" classifier-free guidance: a second pass on the negative
+prompt, combined as ``neg + s (pos - neg)`` and rescaled per token to the positive pass's norm.
+As its pipeline, a member runs that pass only where it has a negative prompt and a scale
+above 1.
+
+It runs in the same loop as every family: per-sample Euler on the velocity, members at their
+own steps in one call per size (their prompts padded to the longest, with the attention mask),
+a request resumable at K from a cached latent. Its latents are kept unpacked, (16, H/8, W/8),
+as Flux's; its VAE is a video one (a frame axis of 1, per-channel mean and scale).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from promptserve.engine.base import Guidance, Look
+from promptserve.engine.denoise import in_chunks, png_bytes
+from promptserve.engine.flow import FlowComponents, pack, sigma_schedule, unpack
+from promptserve.engine.maskchannels import with_extras
+from promptserve.engine.rows import Row, rows_of
+
+DEFAULT_GUIDANCE = 4.0  # the pipeline's true_cfg_scale (applied with a negative prompt)
+DEFAULT_STEPS = 50
+# the pipeline's prompt template and the tokens of its system part, dropped from the states
+TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, "
+    "quantity, text, spatial relationships of the objects and background:<|im_end|>\n"
+    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
+DROP = 34
+MAX_TOKENS = 1024
+
+
+@dataclass
+class QwenImageComponents:
+    transformer: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object  # FlowMatchEulerDiscreteScheduler (dynamic shift)
+    latent_shape: tuple[int, int, int]
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    lora_bank: object = None  # no adapters yet: refused at load
+    adapter_names: tuple[str, ...] = ()
+    text_lora: dict = field(default_factory=dict)
+    plain_extras: dict = field(default_factory=dict)
+    family = "qwenimage"
+    extra_channels = 0
+    feature_cache = False  # the engine offers no interval above 1 for it
+    edits = False  # its video VAE encodes a frame axis: edits are not served yet
+
+    noise = FlowComponents.noise
+    native = FlowComponents.native
+    multiple = FlowComponents.multiple
+
+    @property
+    def sizes_family(self) -> str:
+        return "qwenimage"
+
+    @property
+    def guidance_spec(self) -> Guidance:
+        return Guidance("cfg", DEFAULT_GUIDANCE, 1.0, 20.0)
+
+    def stepper(self, total_steps: int, guidance: float) -> QwenImageStepper:
+        return QwenImageStepper(self, total_steps, guidance)
+
+    def encode(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Each prompt's token states, (L, D): the template's system part dropped."""
+        ids = self.tokenizer(  # type: ignore[operator]
+            [TEMPLATE.format(p) for p in prompts], max_length=MAX_TOKENS + DROP, padding=True,
+            truncation=True, return_tensors="pt",
+        )  # fmt: skip
+        mask = ids.attention_mask.to(self.device)
+        with torch.no_grad():
+            states = self.text_encoder(
+                input_ids=ids.input_ids.to(self.device), attention_mask=mask,
+                output_hidden_states=True,
+            ).hidden_states[-1]  # fmt: skip
+        return [states[i][mask[i].bool()][DROP:].to(self.dtype) for i in range(len(prompts))]
+
+    def decode(self, latents: torch.Tensor) -> list[bytes]:
+        config = self.vae.config
+
+        def call(part: torch.Tensor) -> list[bytes]:
+            shape = (1, config.z_dim, 1, 1, 1)
+            mean = torch.tensor(config.latents_mean).view(shape).to(part.device, part.dtype)
+            std = torch.tensor(config.latents_std).view(shape).to(part.device, part.dtype)
+            with torch.no_grad():
+                frames = self.vae.decode((part[:, :, None] * std + mean).to(self.vae.dtype))
+            return png_bytes(frames.sample[:, :, 0])
+
+        return in_chunks(call, latents)
+
+
+class QwenImageStepper:
+    def __init__(self, c: QwenImageComponents, total_steps: int, guidance: float) -> None:
+        self.c, self.guidance, self.total_steps = c, guidance, total_steps
+        self._schedules: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        (self.uncond,) = self._conditioning([""])
+
+    def schedule(self, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if shape not in self._schedules:
+            self._schedules[shape] = sigma_schedule(self.c, self.total_steps, shape)  # type: ignore[arg-type]
+        return self._schedules[shape]
+
+    def encode(self, prompts: Sequence[str], looks: Sequence[Look] | None = None) -> list[Row]:
+        rows = rows_of(
+            self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native
+        )
+        return with_extras(self.c, rows)
+
+    def _conditioning(
+        self, prompts: Sequence[str], loras: Sequence[tuple] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        return [{"tokens": states} for states in self.c.encode(prompts)]
+
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor, tokens: list[torch.Tensor]):  # noqa: ANN202
+        """The transformer's prediction on packed latents, the prompts padded to the longest."""
+        longest = max(len(s) for s in tokens)
+        states = torch.stack(
+            [torch.nn.functional.pad(s, (0, 0, 0, longest - len(s))) for s in tokens]
+        )
+        mask = torch.stack([torch.arange(longest, device=x.device) < len(s) for s in tokens]).long()
+        h, w = x.shape[2] // 2, x.shape[3] // 2
+        model = self.c.transformer
+        guidance = None
+        if model.config.guidance_embeds:
+            guidance = torch.full((len(tokens),), self.guidance, device=x.device)
+        with torch.no_grad():
+            return model(
+                hidden_states=pack(x), timestep=t.to(x.dtype) / 1000, guidance=guidance,
+                encoder_hidden_states_mask=mask, encoder_hidden_states=states,
+                img_shapes=[[(1, h, w)]] * len(tokens), return_dict=False,
+            )[0]  # fmt: skip
+
+    def advance(
+        self, latents: torch.Tensor, steps: torch.Tensor, rows: Sequence[Row]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sigmas, timesteps = self.schedule(tuple(latents.shape[2:]))
+        t = timesteps[steps]
+        v = self._velocity(latents, t, [r.text["tokens"] for r in rows])
+        # true CFG for the members with a negative prompt and a scale above 1, as the pipeline
+        guided = [j for j, r in enumerate(rows) if r.scale > 1 and r.uncond is not self.uncond]
+        if guided:
+            negs = [rows[j].uncond["tokens"] for j in guided]  # type: ignore[index]
+            neg = self._velocity(latents[guided], t[guided], negs)
+            pos = v[guided]
+            scale = torch.tensor([rows[j].scale for j in guided], device=v.device).view(-1, 1, 1)
+            comb = neg + scale.to(v.dtype) * (pos - neg)
+            rescale = torch.norm(pos, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True)
+            v = v.clone()
+            v[guided] = comb * rescale
+        v = unpack(v, latents.shape[2], latents.shape[3])
+        shape = (-1,) + (1,) * (latents.dim() - 1)
+        sigma, sigma_next = sigmas[steps].view(shape), sigmas[steps + 1].view(shape)
+        x = latents.float()
+        out = (x + (sigma_next - sigma) * v.float()).to(latents.dtype)
+        return out, (x - sigma * v.float()).to(latents.dtype)
+
+    def advance_features(self, latents, steps, rows, feature):  # noqa: ANN001, ANN201
+        raise ValueError("feature caching is not offered for Qwen-Image")

@@ -2,7 +2,7 @@
 
 - ``resume``: a resumed run's time at each K over the full run's, beside (N - K) / N;
 - ``images_per_s``: batch throughput at 1, 2, 4 and 8;
-- ``vs_diffusers``: per family shape (tiny SD-1.x, SDXL, SD3, Flux, Z-Image: random weights, 64 px, 20
+- ``vs_diffusers``: per family shape (tiny SD-1.x, SDXL, SD3, Flux, Z-Image, Qwen-Image: random weights, 64 px, 20
   steps, batch 1), diffusers' pipeline ``__call__`` time over ours on the same modules in the
   same run (> 1: ours is faster); the target is >= 0.95 on the CPU;
 - ``options``: each speed option (``engine.options``) on the tiny model, its time over the
@@ -215,7 +215,8 @@ def main() -> None:
             b / timed(lambda items=items: engine.generate(items), 2), 2
         )
     versus = {
-        family: vs_diffusers(family_engine(family), repeats=9) for family in (*FAMILIES, "zimage")
+        family: vs_diffusers(family_engine(family), repeats=9)
+        for family in (*FAMILIES, "zimage", "qwenimage")
     }
     print(
         json.dumps(

@@ -350,3 +350,27 @@ def test_on_ray_a_tight_deadline_is_met_at_a_cheaper_interval(ray_settings, tmp_
     assert_a_tight_deadline_buys_an_interval(url)
     served = read_metric(url, "promptserve_images_by_interval_total", {"interval": "1"})
     assert served >= 1  # the twin, at r = 1 (K > 0)
+
+
+@pytest.mark.parametrize("family", ["zimage", "qwenimage"])
+def test_the_new_families_serve_on_ray(ray_settings, tmp_path, family):
+    """A Z-Image and a Qwen-Image folder on worker replicas: generations, a stream, a twin
+    resumed from the shared store, and the model card naming the family."""
+    from promptserve.engine.shapes import pipeline_for
+
+    c = build(family)
+    folder = tmp_path.parent / f"{tmp_path.name}-{family}"
+    pipeline_for(c, c.guidance_spec.default).save_pretrained(folder)
+    url = deploy(
+        ray_settings, tmp_path, model=str(folder), slo_s=300, policy="continuous-ht",
+        sizes=((64, 64),), steps=4,
+    )  # fmt: skip
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    first = client.images.generate(prompt="a red fox in the snow", size="64x64")
+    until_cached(url, 1)
+    twin = client.images.generate(prompt="a red fox in the snow", size="64x64")
+    assert first.data[0].model_extra["promptserve"]["level_k"] == 0
+    assert twin.data[0].model_extra["promptserve"]["cache_hit"] is True
+    assert_streams(client)
+    card = client.models.list().data[0].model_extra
+    assert card["family"] == family and card["steps"] == 4

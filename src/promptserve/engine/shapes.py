@@ -435,7 +435,12 @@ def pipeline_for(c, guidance: float):  # noqa: ANN001, ANN201 - components; a di
 def pipeline_call(pipe, c, prompts, latents: torch.Tensor, steps: int, guidance: float):  # noqa: ANN001
     """The pipeline's ``__call__`` from the given start latents (our unpacked shape), to images."""
     kwargs: dict = {"num_inference_steps": steps, "guidance_scale": guidance, "output_type": "pil"}
-    if isinstance(c, FlowComponents | ZImageComponents):
+    if isinstance(c, QwenImageComponents):  # true CFG: one pass without a negative prompt
+        from promptserve.engine.flow import pack
+
+        kwargs["true_cfg_scale"] = kwargs.pop("guidance_scale")
+        latents = pack(latents)
+    elif isinstance(c, FlowComponents | ZImageComponents):
         kwargs["max_sequence_length"] = c.max_sequence_length
         if c.family == "flux":
             from promptserve.engine.flow import pack

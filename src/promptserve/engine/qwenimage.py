@@ -127,7 +127,10 @@ class QwenImageStepper:
         states = torch.stack(
             [torch.nn.functional.pad(s, (0, 0, 0, longest - len(s))) for s in tokens]
         )
-        mask = torch.stack([torch.arange(longest, device=x.device) < len(s) for s in tokens]).long()
+        mask = None  # none where no prompt is padded (the pipeline's too: a faster attention)
+        if any(len(s) < longest for s in tokens):
+            mask = torch.stack([torch.arange(longest, device=x.device) < len(s) for s in tokens])
+            mask = mask.long()
         h, w = x.shape[2] // 2, x.shape[3] // 2
         model = self.c.transformer
         guidance = None

@@ -22,6 +22,7 @@ IMG2IMG = {
     "sd3": (diffusers.StableDiffusion3Img2ImgPipeline, {}),
     "flux": (diffusers.FluxImg2ImgPipeline, {}),
     "zimage": (diffusers.ZImageImg2ImgPipeline, {}),
+    "qwenimage": (diffusers.QwenImageImg2ImgPipeline, {}),
 }
 
 
@@ -59,7 +60,7 @@ def test_an_edit_equals_the_diffusers_img2img_pipeline(family):
             guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(seed),
             output_type="latent", height=64, width=64, **kwargs,
         ).images  # fmt: skip
-        if c.family == "flux":
+        if c.family in ("flux", "qwenimage"):  # packed 2x2 patches
             theirs = unpack(theirs, 8, 8)
         # 1e-5, against the latents' own scale (a full-strength run ends near 18)
         scale = max(1.0, float(theirs.abs().max()))
@@ -77,6 +78,7 @@ INPAINT = {
     "sd3": diffusers.StableDiffusion3InpaintPipeline,
     "flux": diffusers.FluxInpaintPipeline,
     "zimage": diffusers.ZImageInpaintPipeline,
+    "qwenimage": diffusers.QwenImageInpaintPipeline,
 }
 
 
@@ -101,7 +103,7 @@ def assert_inpaints_as(pipe, c, guidance: float) -> None:  # noqa: ANN001 - a pi
             generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
             height=64, width=64, **kwargs,
         ).images  # fmt: skip
-        if c.family == "flux":
+        if c.family in ("flux", "qwenimage"):  # packed 2x2 patches
             theirs = unpack(theirs, 8, 8)
         scale = max(1.0, float(theirs.abs().max()))
         assert torch.abs(ours - theirs).max() <= 1e-5 * scale, strength

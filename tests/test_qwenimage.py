@@ -70,7 +70,7 @@ def test_a_run_resumed_at_k_equals_the_full_run_and_members_equal_their_runs_alo
         assert np.abs(done[i].final_latent - latent).max() <= 1e-5 * max(1.0, np.abs(latent).max())
 
 
-def test_a_saved_qwenimage_folder_is_served_and_refuses_edits_by_name(c, tmp_path):
+def test_a_saved_qwenimage_folder_is_served_generations_and_edits(c, tmp_path):
     from promptserve.server import ServerConfig, build_app
     from promptserve.server.live import LiveServer
 
@@ -89,13 +89,14 @@ def test_a_saved_qwenimage_folder_is_served_and_refuses_edits_by_name(c, tmp_pat
         )
         card = oai.models.list().data[0].model_extra
         out = io.BytesIO()
-        Image.new("RGB", (64, 64)).save(out, format="PNG")
-        import openai
-
-        with pytest.raises(openai.BadRequestError, match="edits are not served"):
-            oai.images.edit(image=("a.png", out.getvalue(), "image/png"), prompt="x")
+        Image.new("RGB", (64, 64), (200, 40, 40)).save(out, format="PNG")
+        edit = oai.images.edit(
+            image=("a.png", out.getvalue(), "image/png"), prompt="a boat",
+            extra_body={"strength": 0.5},
+        )  # fmt: skip
     png = base64.b64decode(first.data[0].b64_json)
     assert Image.open(io.BytesIO(png)).size == (64, 64)
     assert again.data[0].model_extra["promptserve"]["guidance_scale"] == 4.0
     assert card["family"] == "qwenimage" and card["steps"] == STEPS
-    assert card["accepts"]["edits"] is False and card["accepts"]["negative_prompt"] is True
+    assert card["accepts"]["edits"] is True and card["accepts"]["negative_prompt"] is True
+    assert edit.data[0].model_extra["promptserve"]["edit_start"] == STEPS // 2

@@ -85,15 +85,19 @@ def edit_start(
     pixels = pixels_of(image).to(c.device, c.dtype)
     channels = mask is not None and c.extra_channels > 0
     with torch.no_grad():
-        posterior = c.vae.encode(pixels).latent_dist
         timesteps = sigmas = None
-        if c.family == "unet":  # DDIM: the clean latent noised to the start step's timestep
+        if hasattr(c, "image_latent"):  # a family with its own VAE's normalisation (Qwen-Image)
+            clean = c.image_latent(pixels, gen)
+            sigmas, _ = sigma_schedule(c, total_steps, tuple(clean.shape[2:]))
+        elif c.family == "unet":  # DDIM: the clean latent noised to the start step's timestep
+            posterior = c.vae.encode(pixels).latent_dist
             drawn = not (channels and k == 0)  # the pipeline encodes no image to start from
             clean = posterior.sample(gen) if drawn else posterior.mode()
             clean = clean * c.vae.config.scaling_factor
             c.scheduler.set_timesteps(total_steps)
             timesteps = c.scheduler.timesteps.clone()
-        else:  # flow matching (SD3, Flux): the line from the clean latent to the noise
+        else:  # flow matching (SD3, Flux, Z-Image): the line from the clean latent to the noise
+            posterior = c.vae.encode(pixels).latent_dist
             shift = c.vae.config.shift_factor or 0.0
             clean = (posterior.sample(gen) - shift) * c.vae.config.scaling_factor
             sigmas, _ = sigma_schedule(c, total_steps, tuple(clean.shape[2:]))

@@ -47,6 +47,7 @@ class QwenImageComponents:
     latent_shape: tuple[int, int, int]
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
+    max_sequence_length: int = 512  # prompt tokens kept (the pipeline's default)
     lora_bank: object = None  # no adapters yet: refused at load
     adapter_names: tuple[str, ...] = ()
     text_lora: dict = field(default_factory=dict)
@@ -54,7 +55,6 @@ class QwenImageComponents:
     family = "qwenimage"
     extra_channels = 0
     feature_cache = False  # the engine offers no interval above 1 for it
-    edits = False  # its video VAE encodes a frame axis: edits are not served yet
 
     noise = FlowComponents.noise
     native = FlowComponents.native
@@ -83,20 +83,33 @@ class QwenImageComponents:
                 input_ids=ids.input_ids.to(self.device), attention_mask=mask,
                 output_hidden_states=True,
             ).hidden_states[-1]  # fmt: skip
-        return [states[i][mask[i].bool()][DROP:].to(self.dtype) for i in range(len(prompts))]
+        keep = self.max_sequence_length
+        return [states[i][mask[i].bool()][DROP:][:keep].to(self.dtype) for i in range(len(prompts))]
+
+    def _scale(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VAE's per-channel mean and scale, shaped for its (B, C, frames, H, W) latents."""
+        config, shape = self.vae.config, (1, self.vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(config.latents_mean).view(shape).to(like.device, like.dtype)
+        return mean, torch.tensor(config.latents_std).view(shape).to(like.device, like.dtype)
 
     def decode(self, latents: torch.Tensor) -> list[bytes]:
-        config = self.vae.config
-
         def call(part: torch.Tensor) -> list[bytes]:
-            shape = (1, config.z_dim, 1, 1, 1)
-            mean = torch.tensor(config.latents_mean).view(shape).to(part.device, part.dtype)
-            std = torch.tensor(config.latents_std).view(shape).to(part.device, part.dtype)
+            mean, std = self._scale(part)
             with torch.no_grad():
                 frames = self.vae.decode((part[:, :, None] * std + mean).to(self.vae.dtype))
             return png_bytes(frames.sample[:, :, 0])
 
         return in_chunks(call, latents)
+
+    def image_latent(self, pixels: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+        """An image (1, 3, H, W) in [-1, 1] as a clean latent (1, 16, H/8, W/8): one frame
+        through the video VAE (a posterior sample from ``gen``; None: its mean), normalised
+        per channel, as its Img2Img and Inpaint pipelines encode it."""
+        with torch.no_grad():
+            posterior = self.vae.encode(pixels[:, :, None]).latent_dist
+            z = posterior.sample(gen) if gen is not None else posterior.mode()
+        mean, std = self._scale(z)
+        return ((z - mean) / std)[:, :, 0]
 
 
 class QwenImageStepper:

@@ -23,7 +23,6 @@ from promptserve.edge.keys import KeyTable
 from promptserve.edge.limits import HttpLimits, RequestGate
 from promptserve.engine.sizes import label
 from promptserve.server.context import Context, error
-from promptserve.server.editform import NO_EDITS
 from promptserve.server.generations import image_routes
 from promptserve.server.jobroutes import job_routes
 from promptserve.server.jobs import JobBook
@@ -121,8 +120,7 @@ def create_app(
         "accepts": {
             "negative_prompt": runtime.workers.guidance.negative,
             "guidance_scale": runtime.workers.guidance.kind != "none",
-            # /v1/images/edits: image-to-image and inpainting
-            "edits": runtime.workers.edit_family not in NO_EDITS,
+            "edits": True,  # /v1/images/edits: image-to-image and inpainting
         },
     }
 

@@ -44,7 +44,6 @@ REFUSED = {
     "svg": "SVG output is not served",
 }
 INTS = ("n", "output_compression", "partial_images", "seed", "deadline_ms")
-NO_EDITS = frozenset({"qwenimage"})  # its video VAE's encode is not in the edit path yet
 # the form as the OpenAPI document describes it (what schemathesis sends in
 # ``make reliability``): the upload and the text fields, each as a form carries it
 _TEXT = {"type": "string"}
@@ -217,9 +216,6 @@ async def read_edit(
     checked = ctx.checked_tenant(req, request)
     if isinstance(checked, JSONResponse):
         return checked
-    if ctx.runtime.workers.edit_family in NO_EDITS:
-        family = ctx.runtime.workers.edit_family
-        return error(400, f"image: edits are not served for this model ({family}) yet", "image")
     asked = None if req.size in (None, "auto") else parse_size(req.size)
     try:
         edit, size = await asyncio.to_thread(edit_input, form, ctx.runtime.workers.sizes, asked)

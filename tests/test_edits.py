@@ -233,3 +233,85 @@ def test_a_saved_inpainting_folder_is_served_with_its_mask_channels(family, tmp_
     assert np.abs(a[16:48, 16:48] - b[16:48, 16:48]).mean() > 1.0  # painted per seed
     assert (a[:16] == np.asarray(picture())[:16]).all()  # kept outside the mask
     assert painted[0].data[0].model_extra["promptserve"]["edit_start"] == 0
+
+
+def test_an_instruction_edit_equals_flux_kontext_and_joins_a_running_batch():
+    """Flux Kontext: the edit runs every step from its seed's noise, its image's tokens beside
+    its own; equal to ``FluxKontextPipeline``; in a step-level run beside a generation (another
+    sequence length: another call) each equals its run alone."""
+    from promptserve.engine.base import EditInput, GenerationItem
+    from promptserve.engine.steprunner import StepRunner
+    from promptserve.engine.tiny import DenoisingEngine
+
+    c = build("flux-kontext")
+    pipe = pipeline_for(c, 3.5)
+    assert type(pipe).__name__ == "FluxKontextPipeline"
+    image, steps, seed = picture(), 6, 11
+    k, start, member = edit_start(c, image, 0.6, seed, steps)  # the strength changes nothing
+    assert k == 0 and member is not None and member.context is not None
+    ours, _ = denoise(c, start, ["make it red"], k, steps, [], 3.5, inpaint=[member])
+    theirs = pipe(
+        image=image, prompt=["make it red"], num_inference_steps=steps, guidance_scale=3.5,
+        generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", height=64,
+        width=64, max_sequence_length=c.max_sequence_length, _auto_resize=False,
+        max_area=64 * 64,
+    ).images  # fmt: skip
+    theirs = unpack(theirs, 8, 8)
+    assert torch.abs(ours - theirs).max() <= 1e-5 * max(1.0, float(theirs.abs().max()))
+    engine = DenoisingEngine(c, "tiny-kontext", steps, (0, 2), 3.5)
+    assert engine.edit_family == "kontext"
+    gen = GenerationItem("a lighthouse", 0, seed=1)
+    edit = GenerationItem("make it red", seed=seed, edit=EditInput(np.asarray(image), 0.6))
+    alone = engine.generate([gen])[0].final_latent
+    runner = StepRunner(c, steps, (0, 2), 3.5)
+    runner.join([("gen", gen)])
+    runner.step()
+    runner.join([("edit", edit)])
+    done = {}
+    while runner.slots:
+        done.update(runner.step())
+    tol = 1e-5 * max(1.0, float(theirs.abs().max()))
+    assert np.abs(done["gen"].final_latent - alone).max() <= tol
+    assert np.abs(done["edit"].final_latent - ours[0].numpy()).max() <= tol
+    batch = engine.generate([gen, edit])  # the batch engine: each as alone too
+    assert np.abs(batch[1].final_latent - ours[0].numpy()).max() <= tol and batch[1].k == 0
+
+
+def test_a_saved_kontext_folder_serves_instruction_edits_and_refuses_a_mask(tmp_path):
+    import base64
+    import io
+
+    import openai
+
+    from factories import client
+    from promptserve.engine.diffusers_backend import family_of
+    from promptserve.server import ServerConfig, build_app
+    from promptserve.server.live import LiveServer
+
+    pipeline_for(build("flux-kontext"), 3.5).save_pretrained(tmp_path / "model")
+    assert family_of(str(tmp_path / "model")) == "flux"
+    config = ServerConfig(
+        model=str(tmp_path / "model"), embedder="hashing", cache_dir=tmp_path / "c", slo_s=300,
+        sizes=((64, 64),), steps=4,
+    )  # fmt: skip
+    out = io.BytesIO()
+    picture().save(out, format="PNG")
+    with LiveServer(build_app(config)) as url:
+        images = client(url).images
+        edits = [
+            images.edit(
+                image=("in.png", out.getvalue(), "image/png"), prompt="make the sky red",
+                extra_body={"seed": seed},
+            )
+            for seed in (1, 1, 2)
+        ]  # fmt: skip
+        with pytest.raises(openai.BadRequestError, match="mask"):
+            images.edit(
+                image=("in.png", out.getvalue(), "image/png"), prompt="x",
+                mask=("m.png", out.getvalue(), "image/png"),
+            )  # fmt: skip
+        made = images.generate(prompt="a red fox", size="64x64")
+    pngs = [base64.b64decode(e.data[0].b64_json) for e in edits]
+    assert pngs[0] == pngs[1] != pngs[2]  # the seed's, whatever else ran
+    assert edits[0].data[0].model_extra["promptserve"]["edit_start"] == 0  # every step
+    assert made.data[0].b64_json

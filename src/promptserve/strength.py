@@ -14,9 +14,12 @@ DEFAULT_MASKED_STRENGTH = 1.0
 def start_step(total_steps: int, strength: float, family: str = "unet") -> int:
     """The step an edit at ``strength`` starts from, as the family's img2img pipeline counts
     it: the UNet pipelines run the last int(N s) steps; SD3's and Flux's start at
-    int(N - N s), so they run one more where N s is not whole."""
+    int(N - N s), so they run one more where N s is not whole; an instruction-edit model's
+    (Flux Kontext) from step 0, its image a condition, not a start."""
     if not 0.0 < strength <= 1.0:
         raise InputError(f"strength must be in (0, 1], got {strength}")
+    if family == "kontext":  # an instruction edit: every step, its image a condition
+        return 0
     if family == "unet":
         return total_steps - min(int(total_steps * strength), total_steps)
     return int(max(total_steps - min(total_steps * strength, total_steps), 0))

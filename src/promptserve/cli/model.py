@@ -22,6 +22,8 @@ TINY_FAMILIES = {
     "sd3": "sd3",
     "flux": "flux",
     "zimage": "zimage",
+    "qwenimage": "qwenimage",
+    "flux-kontext": "flux-kontext",
     "sd-inpaint": "tiny-inpaint",
     "sdxl-inpaint": "sdxl-inpaint",
     "flux-fill": "flux-fill",

@@ -38,6 +38,7 @@ PIPELINE_FAMILIES = {
     "StableDiffusionInpaintPipeline": "unet",
     "StableDiffusionXLInpaintPipeline": "unet",
     "FluxFillPipeline": "flux",
+    "FluxKontextPipeline": "flux",  # instruction edits: the image as tokens (``edits``)
     "ZImagePipeline": "zimage",
     "QwenImagePipeline": "qwenimage",
 }
@@ -163,6 +164,7 @@ def _flow_components(family: str, pipe, device: str, dtype: torch.dtype) -> Flow
     return FlowComponents(
         family, pipe.transformer, pipe.vae, encoders, tokenizers, pipe.scheduler,
         (channels, size, size), device=device, dtype=dtype,
+        kontext=type(pipe).__name__ == "FluxKontextPipeline",
     )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from promptserve.engine.base import EditInput
-from promptserve.engine.flow import sigma_schedule
+from promptserve.engine.flow import pack, sigma_schedule
 from promptserve.engine.maskchannels import MaskChannels, mask_channels, paint_of
 from promptserve.strength import start_step
 
@@ -67,6 +67,35 @@ class Inpaint:
         return (1 - self.mask) * kept + self.mask * latents
 
 
+@dataclass
+class ContextTokens:
+    """An instruction edit's image on Flux Kontext: its latent (the VAE's mean, shifted and
+    scaled), packed into tokens whose position ids carry 1 in their first coordinate, attended
+    beside the member's own tokens at every step; nothing is blended."""
+
+    context: tuple[torch.Tensor, torch.Tensor]  # (1, T, 64) tokens and their (T, 3) ids
+    extra = None
+
+    def blend(self, latents: torch.Tensor, step: int) -> torch.Tensor:
+        return latents
+
+
+def kontext_start(c, pixels: torch.Tensor, seed: int) -> tuple[int, torch.Tensor, ContextTokens]:  # noqa: ANN001
+    """Kontext's start: step 0 from the seed's noise (the pipeline draws nothing before it:
+    its image latent is the posterior's mode), the image a condition (``ContextTokens``)."""
+    with torch.no_grad():
+        mode = c.vae.encode(pixels).latent_dist.mode()
+    clean = (mode - (c.vae.config.shift_factor or 0.0)) * c.vae.config.scaling_factor
+    h, w = clean.shape[2] // 2, clean.shape[3] // 2
+    ids = torch.zeros(h, w, 3)
+    ids[..., 0] = 1  # the latent's own ids with the first coordinate 1
+    ids[..., 1] += torch.arange(h)[:, None]
+    ids[..., 2] += torch.arange(w)[None, :]
+    context = (pack(clean), ids.reshape(h * w, 3).to(c.device, c.dtype))
+    size = (pixels.shape[3], pixels.shape[2])
+    return 0, c.noise(seed, size), ContextTokens(context)
+
+
 def edit_start(
     c,  # noqa: ANN001 - a family's components
     image: Image.Image,
@@ -74,15 +103,17 @@ def edit_start(
     seed: int,
     total_steps: int,
     mask: Image.Image | None = None,
-) -> tuple[int, torch.Tensor, Inpaint | MaskChannels | None]:
+) -> tuple[int, torch.Tensor, Inpaint | MaskChannels | ContextTokens | None]:
     """The step an edit starts at, its start latent (the family's unpacked shape) and, with a
     ``mask`` (white where the model paints), what its steps blend with (a model with mask
     channels: what goes beside its latent). At full strength an inpainting starts from the
     noise alone, as the inpaint pipelines do; a 9-channel UNet's draws no image latent then.
     """
+    pixels = pixels_of(image).to(c.device, c.dtype)
+    if getattr(c, "kontext", False):  # an instruction edit: the image conditions, from step 0
+        return kontext_start(c, pixels, seed)
     k = start_step(total_steps, strength, c.family)
     gen = torch.Generator("cpu").manual_seed(seed)
-    pixels = pixels_of(image).to(c.device, c.dtype)
     channels = mask is not None and c.extra_channels > 0
     with torch.no_grad():
         timesteps = sigmas = None

@@ -66,6 +66,7 @@ class FlowComponents:
     text_lora: dict = field(default_factory=dict)  # none: text-encoder LoRA is UNet-only
     block_cache: BlockCache | None = None  # feature caching's block wrappers, once used
     plain_extras: dict = field(default_factory=dict)  # per size (``maskchannels.plain_extra``)
+    kontext: bool = False  # Flux Kontext: an edit's image conditions it as tokens (``edits``)
 
     @property
     def extra_channels(self) -> int:
@@ -310,9 +311,13 @@ class FlowStepper:
         hidden = x  # Flux Fill: each member's mask channels beside its latent
         if rows[0].extra is not None:
             hidden = torch.cat([x, torch.cat([r.extra for r in rows])], dim=1)
+        tokens, ids = pack(hidden), self.img_ids(x.shape[2] // 2, x.shape[3] // 2)
+        n = tokens.shape[1]
+        if rows[0].context is not None:  # Kontext: each member's image tokens after its own
+            tokens = torch.cat([tokens, torch.cat([r.context[0] for r in rows])], dim=1)
+            ids = torch.cat([ids, rows[0].context[1]])
         v = model(
-            hidden_states=pack(hidden), timestep=t.to(x.dtype) / 1000, guidance=guidance,
-            txt_ids=self.txt_ids, img_ids=self.img_ids(x.shape[2] // 2, x.shape[3] // 2),
-            return_dict=False, **cond,
+            hidden_states=tokens, timestep=t.to(x.dtype) / 1000, guidance=guidance,
+            txt_ids=self.txt_ids, img_ids=ids, return_dict=False, **cond,
         )[0]  # fmt: skip
-        return unpack(v, x.shape[2], x.shape[3])
+        return unpack(v[:, :n], x.shape[2], x.shape[3])

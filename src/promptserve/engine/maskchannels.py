@@ -71,10 +71,15 @@ def plain_extra(c, size: tuple[int, int]) -> torch.Tensor:  # noqa: ANN001
 
 def with_extras(c, rows: list, members: Sequence = ()) -> list:  # noqa: ANN001 - components, Rows, Blends
     """``rows`` with each member's extra input on a model with mask channels: an inpainting
-    member's own, any other's the plain one (``maskchannels.plain_extra``); unchanged elsewhere."""
+    member's own, any other's the plain one (``maskchannels.plain_extra``); and an instruction
+    edit's context tokens (``edits.ContextTokens``). Unchanged elsewhere."""
+    members = list(members) + [None] * (len(rows) - len(members))
+    rows = [
+        dataclasses.replace(r, context=m.context) if getattr(m, "context", None) is not None else r
+        for r, m in zip(rows, members, strict=True)
+    ]
     if not getattr(c, "extra_channels", 0):
         return rows
-    members = list(members) + [None] * (len(rows) - len(members))
     return [
         dataclasses.replace(
             r, extra=m.extra if m is not None and m.extra is not None else plain_extra(c, r.size)

@@ -25,6 +25,9 @@ class Row:
     # a model with mask channels (a 9-channel inpainting UNet, Flux Fill): what goes into
     # every call beside its latent, (1, E, h, w) unpacked (``maskchannels.mask_channels``)
     extra: torch.Tensor | None = None
+    # an instruction edit (Flux Kontext): its image's packed latent tokens and their position
+    # ids, attended beside its own tokens in every call
+    context: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def rows_of(

@@ -366,6 +366,9 @@ BUILDERS = {
     "flux": flux_shaped,
     "zimage": zimage_shaped,
     "qwenimage": qwenimage_shaped,
+    "flux-kontext": lambda scale, device, dtype, size: dataclasses.replace(
+        flux_shaped(scale, device, dtype, size), kontext=True
+    ),
     "tiny-inpaint": with_mask_channels(sd_shaped),
     "sdxl-inpaint": with_mask_channels(sdxl_shaped),
     "flux-fill": with_mask_channels(flux_shaped),
@@ -412,7 +415,8 @@ def pipeline_for(c, guidance: float):  # noqa: ANN001, ANN201 - components; a di
         else:
             clip, t5 = c.text_encoders
             clip_tok, t5_tok = c.tokenizers
-            pipe = diffusers.FluxPipeline(
+            kind = diffusers.FluxKontextPipeline if c.kontext else diffusers.FluxPipeline
+            pipe = kind(
                 scheduler=c.scheduler, vae=c.vae, text_encoder=clip, tokenizer=clip_tok,
                 text_encoder_2=t5, tokenizer_2=t5_tok, transformer=c.transformer,
             )  # fmt: skip

@@ -95,15 +95,20 @@ class StepRunner:
         k, latent, inpaint = item_start(self.c, item.edit, item.seed, self.total_steps)
         if inpaint is not None and inpaint.extra is not None:  # its mask channels, its own
             row = dataclasses.replace(row, extra=inpaint.extra)
+        if getattr(inpaint, "context", None) is not None:  # Kontext: its image's tokens
+            row = dataclasses.replace(row, context=inpaint.context)
         return _Slot(key, dataclasses.replace(item, k=k), latent, row, k, inpaint=inpaint)
 
     def _calls(self) -> list[list[_Slot]]:
         """The members grouped into denoiser calls, in join order within each: by latent shape,
-        and the members on a cached step (feature caching) apart from those on a full one."""
+        the members on a cached step (feature caching) apart from those on a full one, and
+        Kontext's instruction edits by their image's token count (one sequence length a call)."""
         groups: dict[tuple, list[_Slot]] = {}
         for slot in self.slots:
             cached = not self._full(slot)
-            groups.setdefault((tuple(slot.latent.shape), cached), []).append(slot)
+            context = slot.cond.context
+            tokens = context[0].shape[1] if context is not None else 0
+            groups.setdefault((tuple(slot.latent.shape), cached, tokens), []).append(slot)
         return list(groups.values())
 
     @staticmethod

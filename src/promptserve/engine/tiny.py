@@ -165,7 +165,9 @@ class DenoisingEngine:
 
     @property
     def edit_family(self) -> str:
-        return self.c.family
+        """How an edit's strength becomes its start (``strength.start_step``): the family's
+        count, or ``kontext`` (an instruction edit runs every step)."""
+        return "kontext" if getattr(self.c, "kontext", False) else self.c.family
 
     def step_runner(self, profile=None):  # noqa: ANN001, ANN201 - the profile is the modelled one's
         from promptserve.engine.steprunner import StepRunner
@@ -236,7 +238,7 @@ class DenoisingEngine:
         """What a batch shares: its start step, size and interval, and whether it edits."""
         if it.edit is None:
             return it.k, self.size_of(it), it.interval, False
-        k = start_step(self.total_steps, it.edit.strength, self.c.family)
+        k = start_step(self.total_steps, it.edit.strength, self.edit_family)
         return k, self.size_of(it), it.interval, True
 
     def _run_edits(

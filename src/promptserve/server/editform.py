@@ -216,6 +216,9 @@ async def read_edit(
     checked = ctx.checked_tenant(req, request)
     if isinstance(checked, JSONResponse):
         return checked
+    if form.mask is not None and ctx.runtime.workers.edit_family == "kontext":
+        why = "an instruction-edit model (Flux Kontext) edits the whole image as the prompt says"
+        return error(400, f"mask: not served: {why}", "mask")
     asked = None if req.size in (None, "auto") else parse_size(req.size)
     try:
         edit, size = await asyncio.to_thread(edit_input, form, ctx.runtime.workers.sizes, asked)

@@ -322,3 +322,49 @@ def test_private_adapters_load_for_every_request_and_draw_the_same_images(adapte
     app = tiny_app(tmp_path, lora_dir=adapters, lora_private=True)
     profile = app.state.runtime.setting.profiles[0]
     assert profile.adapter_private and profile.adapter_slots == 8 and profile.adapter_load_s > 0
+
+
+@pytest.mark.parametrize("family", ["zimage", "qwenimage"])
+def test_the_new_families_take_per_sample_lora_as_diffusers_fuses_it(family, tmp_path):
+    """Z-Image (guided: both passes through the adapter) and Qwen-Image: a batch on one
+    adapter equals diffusers' fused pipeline; a member equals itself alone beside members of
+    other adapters and none."""
+    from promptserve.engine.diffusers_backend import levels_for
+    from promptserve.engine.tiny import DenoisingEngine
+
+    ours_c, theirs_c = build(family), build(family)
+    path = write_adapter(ours_c, tmp_path, "ink", seed=1)
+    write_adapter(ours_c, tmp_path, "oil", seed=2)
+    guidance = 2.0 if family == "zimage" else 4.0
+    engine = DenoisingEngine(ours_c, f"tiny-{family}", 4, levels_for(4), guidance)
+    engine.load_adapters(tmp_path)
+    start = torch.cat([ours_c.noise(5), ours_c.noise(6)])
+    prompts, looks = ["a red fox", "a castle"], [Look(lora=(("ink", 0.7),))] * 2
+    ours, _ = denoise(ours_c, start, prompts, 0, 4, [], guidance, looks=looks)
+    pipe = pipeline_for(theirs_c, guidance)
+    pipe.load_lora_weights(str(tmp_path), weight_name=path.name, adapter_name="ink")
+    pipe.fuse_lora(lora_scale=0.7)
+    if family == "zimage":
+        theirs = pipe(
+            prompts, latents=start, num_inference_steps=4, guidance_scale=guidance,
+            output_type="latent", height=64, width=64,
+            max_sequence_length=theirs_c.max_sequence_length,
+        ).images  # fmt: skip
+    else:
+        theirs = unpack(
+            pipe(
+                prompts, latents=pack(start), num_inference_steps=4, true_cfg_scale=guidance,
+                output_type="latent", height=64, width=64,
+            ).images,
+            8, 8,
+        )  # fmt: skip
+    assert torch.abs(ours - theirs).max() <= 1e-4
+    items = [
+        GenerationItem("a quiet harbour", seed=3, look=look)
+        for look in (Look(), Look(lora=(("ink", 1.0),)), Look("fog", lora=(("oil", 0.5),)))
+    ]
+    batch = engine.generate(items)
+    for item, got in zip(items, batch, strict=True):
+        alone = engine.generate([item])[0]
+        assert np.abs(got.final_latent - alone.final_latent).max() <= 1e-4
+    assert len({b.final_latent.tobytes() for b in batch}) == 3

@@ -31,7 +31,13 @@ from promptserve.errors import InputError
 MAX_ADAPTERS_PER_REQUEST = 4
 SCALE_RANGE = (0.0, 2.0)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-PREFIX = {"unet": "unet.", "sd3": "transformer.", "flux": "transformer."}
+PREFIX = {
+    "unet": "unet.",
+    "sd3": "transformer.",
+    "flux": "transformer.",
+    "zimage": "transformer.",
+    "qwenimage": "transformer.",
+}
 # (down, up) suffix pairs of the layouts diffusers' converters leave
 SUFFIXES = (
     (".lora_A.weight", ".lora_B.weight"),
@@ -59,6 +65,10 @@ def _loader(family: str, sdxl: bool):  # noqa: ANN202 - a diffusers LoRA loader 
         return lp.FluxLoraLoaderMixin
     if family == "sd3":
         return lp.SD3LoraLoaderMixin
+    if family == "zimage":
+        return lp.ZImageLoraLoaderMixin
+    if family == "qwenimage":
+        return lp.QwenImageLoraLoaderMixin
     return lp.StableDiffusionXLLoraLoaderMixin if sdxl else lp.StableDiffusionLoraLoaderMixin
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from promptserve.engine.adapterbank import adapters_on, refresh_on_join
 from promptserve.engine.base import Guidance, Look
 from promptserve.engine.denoise import in_chunks, png_bytes
 from promptserve.engine.flow import FlowComponents, pack, sigma_schedule, unpack
@@ -48,7 +49,7 @@ class QwenImageComponents:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     max_sequence_length: int = 512  # prompt tokens kept (the pipeline's default)
-    lora_bank: object = None  # no adapters yet: refused at load
+    lora_bank: object = None  # the adapters installed in the transformer (``engine.lora``)
     adapter_names: tuple[str, ...] = ()
     text_lora: dict = field(default_factory=dict)
     plain_extras: dict = field(default_factory=dict)
@@ -124,6 +125,7 @@ class QwenImageStepper:
         return self._schedules[shape]
 
     def encode(self, prompts: Sequence[str], looks: Sequence[Look] | None = None) -> list[Row]:
+        refresh_on_join([self.c.lora_bank], looks)  # a private bank loads their adapters
         rows = rows_of(
             self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native
         )
@@ -134,7 +136,7 @@ class QwenImageStepper:
     ) -> list[dict[str, torch.Tensor]]:
         return [{"tokens": states} for states in self.c.encode(prompts)]
 
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, tokens: list[torch.Tensor]):  # noqa: ANN202
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor, tokens: list, loras: list):  # noqa: ANN202
         """The transformer's prediction on packed latents, the prompts padded to the longest."""
         longest = max(len(s) for s in tokens)
         states = torch.stack(
@@ -149,7 +151,7 @@ class QwenImageStepper:
         guidance = None
         if model.config.guidance_embeds:
             guidance = torch.full((len(tokens),), self.guidance, device=x.device)
-        with torch.no_grad():
+        with torch.no_grad(), adapters_on(self.c.lora_bank, loras, x.device):
             return model(
                 hidden_states=pack(x), timestep=t.to(x.dtype) / 1000, guidance=guidance,
                 encoder_hidden_states_mask=mask, encoder_hidden_states=states,
@@ -161,12 +163,12 @@ class QwenImageStepper:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         sigmas, timesteps = self.schedule(tuple(latents.shape[2:]))
         t = timesteps[steps]
-        v = self._velocity(latents, t, [r.text["tokens"] for r in rows])
+        v = self._velocity(latents, t, [r.text["tokens"] for r in rows], [r.lora for r in rows])
         # true CFG for the members with a negative prompt and a scale above 1, as the pipeline
         guided = [j for j, r in enumerate(rows) if r.scale > 1 and r.uncond is not self.uncond]
         if guided:
             negs = [rows[j].uncond["tokens"] for j in guided]  # type: ignore[index]
-            neg = self._velocity(latents[guided], t[guided], negs)
+            neg = self._velocity(latents[guided], t[guided], negs, [rows[j].lora for j in guided])
             pos = v[guided]
             scale = torch.tensor([rows[j].scale for j in guided], device=v.device).view(-1, 1, 1)
             comb = neg + scale.to(v.dtype) * (pos - neg)

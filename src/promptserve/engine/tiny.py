@@ -18,7 +18,6 @@ from promptserve.engine.base import EngineCaps, GenerationItem, GenerationResult
 from promptserve.engine.denoise import Components, denoise
 from promptserve.engine.edits import item_start, start_step
 from promptserve.engine.sizes import checked, default_sizes
-from promptserve.errors import InputError
 
 MAX_TOKENS = 77
 BOS, EOS, PAD = 256, 257, 258
@@ -198,8 +197,6 @@ class DenoisingEngine:
         from promptserve.engine.lora import load_dir
 
         c = self.c
-        if c.family in ("zimage", "qwenimage"):
-            raise InputError(f"LoRA adapters are not served for {c.family} yet (issue 53)")
         if c.family == "unet":
             models = {"unet": c.unet, "text_encoder": c.text_encoder}
             if c.text_encoder_2 is not None:

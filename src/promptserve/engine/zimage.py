@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from promptserve.engine.adapterbank import adapters_on, refresh_on_join
 from promptserve.engine.base import Guidance, Look
 from promptserve.engine.flow import FlowComponents, sigma_schedule
 from promptserve.engine.maskchannels import with_extras
@@ -42,7 +43,7 @@ class ZImageComponents:
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     max_sequence_length: int = 512
-    lora_bank: object = None  # no adapters yet: refused at load
+    lora_bank: object = None  # the adapters installed in the transformer (``engine.lora``)
     adapter_names: tuple[str, ...] = ()
     text_lora: dict = field(default_factory=dict)
     plain_extras: dict = field(default_factory=dict)
@@ -104,6 +105,7 @@ class ZImageStepper:
         return self._schedules[shape]
 
     def encode(self, prompts: Sequence[str], looks: Sequence[Look] | None = None) -> list[Row]:
+        refresh_on_join([self.c.lora_bank], looks)  # a private bank loads their adapters
         rows = rows_of(
             self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native
         )
@@ -127,7 +129,8 @@ class ZImageStepper:
         if guided:
             x, t = x + x, torch.cat([t, t])
             tokens = tokens + [r.uncond["tokens"] for r in rows]  # type: ignore[index]
-        with torch.no_grad():
+        loras = [r.lora for r in rows] * (2 if guided else 1)  # each pass carries its adapters
+        with torch.no_grad(), adapters_on(self.c.lora_bank, loras, latents.device):
             out = self.c.transformer(x, t, tokens, return_dict=False)[0]
         preds = []
         for j in range(n):

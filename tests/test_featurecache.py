@@ -46,7 +46,7 @@ def test_a_member_at_an_interval_approximates_the_full_run():
     assert [is_full_step(i, 3) for i in range(7)] == [True, False, False, True, False, False, True]
 
 
-@pytest.mark.parametrize("family", ["tiny", "sd3", "flux"])
+@pytest.mark.parametrize("family", ["tiny", "sd3", "flux", "qwenimage"])
 def test_a_member_is_the_same_alone_and_beside_other_intervals_and_phases(family):
     engine = family_engine(family, steps=12, levels=(0, 4))
     items = [
@@ -62,7 +62,7 @@ def test_a_member_is_the_same_alone_and_beside_other_intervals_and_phases(family
     assert np.abs(done[0].final_latent - done[1].final_latent).max() > 1e-4  # same seed, r=3
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwenimage"])
 def test_block_caching_runs_the_model_s_own_blocks_at_a_full_step(family):
     """The wrappers are transparent at a full step (bit for bit), and a cached step on the
     residual of the same step gives the full step back; the model's forward is its own."""
@@ -108,3 +108,24 @@ def test_a_running_member_re_intervalled_runs_a_full_step_then_the_new_interval(
     # steps 4..11 of "a": full, cached, cached, full, cached, cached, full, cached
     assert [cached for _, cached in calls] == [False, True, True, False, True, True, False, True]
     assert np.abs(done["a"].final_latent - done["b"].final_latent).max() > 1e-4
+
+
+def test_qwen_image_s_guided_members_cache_both_passes_and_equal_their_runs_alone():
+    """Qwen-Image's true CFG runs a second call for the members with a negative prompt: each
+    keeps a residual per pass, so a guided member on an interval is the same alone and beside
+    unguided members on other intervals and phases."""
+    from promptserve.engine.base import Look
+
+    engine = family_engine("qwenimage", steps=12, levels=(0, 4))
+    items = [
+        GenerationItem("a harbour", seed=2, interval=3, look=Look(negative_prompt="fog")),
+        GenerationItem("a harbour", seed=2, interval=2),
+        GenerationItem("a kite at dusk", seed=3, interval=3, look=Look(negative_prompt="rain")),
+        GenerationItem("a kite", seed=4),
+    ]
+    alone = [engine.generate([item])[0] for item in items]
+    done = staggered(engine, items)
+    for key, solo in enumerate(alone):
+        assert np.abs(done[key].final_latent - solo.final_latent).max() <= 1e-4, key
+    plain = engine.generate([GenerationItem("a harbour", seed=2, look=items[0].look)])[0]
+    assert np.abs(plain.final_latent - alone[0].final_latent).max() > 1e-4  # r = 3 differs

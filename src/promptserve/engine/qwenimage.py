@@ -22,6 +22,7 @@ import torch
 from promptserve.engine.adapterbank import adapters_on, refresh_on_join
 from promptserve.engine.base import Guidance, Look
 from promptserve.engine.denoise import in_chunks, png_bytes
+from promptserve.engine.featurecache import BlockCache, batch_rows, member_rows
 from promptserve.engine.flow import FlowComponents, pack, sigma_schedule, unpack
 from promptserve.engine.maskchannels import with_extras
 from promptserve.engine.rows import Row, rows_of
@@ -55,7 +56,8 @@ class QwenImageComponents:
     plain_extras: dict = field(default_factory=dict)
     family = "qwenimage"
     extra_channels = 0
-    feature_cache = False  # the engine offers no interval above 1 for it
+    feature_cache = True  # block reuse on its double-stream blocks (``featurecache``)
+    block_cache: object = None  # feature caching's block wrappers, once used
 
     noise = FlowComponents.noise
     native = FlowComponents.native
@@ -136,8 +138,23 @@ class QwenImageStepper:
     ) -> list[dict[str, torch.Tensor]]:
         return [{"tokens": states} for states in self.c.encode(prompts)]
 
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, tokens: list, loras: list):  # noqa: ANN202
-        """The transformer's prediction on packed latents, the prompts padded to the longest."""
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor, tokens: list, loras: list, cached=None):  # noqa: ANN001, ANN202
+        """The transformer's prediction on packed latents, the prompts padded to the longest;
+        with feature caching (``cached``: ``("record", None)`` or ``("replay", residual)``)
+        also the later blocks' residual (``featurecache.BlockCache``)."""
+        cache = self.c.block_cache
+        if cached is None or cache is None:
+            return self._call(x, t, tokens, loras), None
+        cache.mode, cache.residual = cached
+        try:
+            out = self._call(x, t, tokens, loras)
+            # the image stream's residual only: the text stream is read by no layer after the
+            # blocks, and its length is the call's longest prompt, not the member's
+            return out, (None, cache.residual[1]) if cache.residual is not None else None
+        finally:
+            cache.mode, cache.residual = None, None
+
+    def _call(self, x: torch.Tensor, t: torch.Tensor, tokens: list, loras: list):  # noqa: ANN202
         longest = max(len(s) for s in tokens)
         states = torch.stack(
             [torch.nn.functional.pad(s, (0, 0, 0, longest - len(s))) for s in tokens]
@@ -161,14 +178,54 @@ class QwenImageStepper:
     def advance(
         self, latents: torch.Tensor, steps: torch.Tensor, rows: Sequence[Row]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, x0, _ = self._advance(latents, steps, rows, None)
+        return out, x0
+
+    def advance_features(self, latents, steps, rows, feature):  # noqa: ANN001, ANN201
+        """``advance`` with block caching: ``feature`` None, a full step that also returns the
+        later blocks' residual of each pass (the positive one, and the negative one of the
+        members it guides); given, a cached step on them."""
+        if self.c.block_cache is None:  # installed at first use: after the adapters' paths
+            self.c.block_cache = BlockCache(self.c.transformer)
+        return self._advance(latents, steps, rows, feature or (None, None))
+
+    def member_features(self, feature, n: int) -> list:  # noqa: ANN001
+        """Each member's (positive, negative or None) residuals of a full step."""
+        pos, neg, guided = feature
+        pos_rows = list(zip(*(member_rows(part, n, False) for part in pos), strict=True))
+        neg_of = {j: i for i, j in enumerate(guided)}
+        neg_rows = (
+            list(zip(*(member_rows(part, len(guided), False) for part in neg))) if neg else []
+        )
+        return [(pos_rows[j], neg_rows[neg_of[j]] if j in neg_of else None) for j in range(n)]
+
+    def batch_features(self, members: list):  # noqa: ANN201
+        pos = tuple(batch_rows([m[0][k] for m in members], False) for k in range(2))
+        negs = [m[1] for m in members if m[1] is not None]
+        neg = tuple(batch_rows([m[k] for m in negs], False) for k in range(2)) if negs else None
+        return pos, neg
+
+    def _advance(self, latents, steps, rows, feature):  # noqa: ANN001, ANN202
         sigmas, timesteps = self.schedule(tuple(latents.shape[2:]))
         t = timesteps[steps]
-        v = self._velocity(latents, t, [r.text["tokens"] for r in rows], [r.lora for r in rows])
+        record = feature is not None and feature[0] is None  # a full step that keeps residuals
+        cached_pos = (
+            None if feature is None else ("record", None) if record else ("replay", feature[0])
+        )
+        v, pos_res = self._velocity(
+            latents, t, [r.text["tokens"] for r in rows], [r.lora for r in rows], cached_pos
+        )
         # true CFG for the members with a negative prompt and a scale above 1, as the pipeline
         guided = [j for j, r in enumerate(rows) if r.scale > 1 and r.uncond is not self.uncond]
+        neg_res = None
         if guided:
             negs = [rows[j].uncond["tokens"] for j in guided]  # type: ignore[index]
-            neg = self._velocity(latents[guided], t[guided], negs, [rows[j].lora for j in guided])
+            cached_neg = (
+                None if feature is None else ("record", None) if record else ("replay", feature[1])
+            )
+            neg, neg_res = self._velocity(
+                latents[guided], t[guided], negs, [rows[j].lora for j in guided], cached_neg
+            )
             pos = v[guided]
             scale = torch.tensor([rows[j].scale for j in guided], device=v.device).view(-1, 1, 1)
             comb = neg + scale.to(v.dtype) * (pos - neg)
@@ -180,7 +237,5 @@ class QwenImageStepper:
         sigma, sigma_next = sigmas[steps].view(shape), sigmas[steps + 1].view(shape)
         x = latents.float()
         out = (x + (sigma_next - sigma) * v.float()).to(latents.dtype)
-        return out, (x - sigma * v.float()).to(latents.dtype)
-
-    def advance_features(self, latents, steps, rows, feature):  # noqa: ANN001, ANN201
-        raise ValueError("feature caching is not offered for Qwen-Image")
+        residuals = (pos_res, neg_res, guided) if record else feature  # replayed: kept as given
+        return out, (x - sigma * v.float()).to(latents.dtype), residuals

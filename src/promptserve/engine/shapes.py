@@ -302,7 +302,7 @@ def qwenimage_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> 
     if scale != "tiny":
         raise ValueError("Qwen-Image is built at tiny scale only (real weights are the user's)")
     model = QwenImageTransformer2DModel(
-        in_channels=64, out_channels=16, num_layers=1, attention_head_dim=16,
+        in_channels=64, out_channels=16, num_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6),
     )  # fmt: skip
     text = Qwen2_5_VLForConditionalGeneration(

@@ -48,9 +48,8 @@ def ray_settings():
 
 def deploy(settings, tmp_path: Path, **config) -> str:
     serve.delete("promptserve", _blocking=True)
-    return run_on_ray(
-        ServerConfig(embedder="hashing", workers=2, cache_dir=tmp_path, **config), settings
-    )
+    config.setdefault("workers", 2)
+    return run_on_ray(ServerConfig(embedder="hashing", cache_dir=tmp_path, **config), settings)
 
 
 def test_two_ingress_replicas_each_hold_their_tenants_and_their_caches(ray_settings, tmp_path):
@@ -363,7 +362,7 @@ def test_the_new_families_serve_on_ray(ray_settings, tmp_path, family):
     pipeline_for(c, c.guidance_spec.default).save_pretrained(folder)
     url = deploy(
         ray_settings, tmp_path, model=str(folder), slo_s=300, policy="continuous-ht",
-        sizes=((64, 64),), steps=4,
+        sizes=((64, 64),), steps=4, workers=1,
     )  # fmt: skip
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
     first = client.images.generate(prompt="a red fox in the snow", size="64x64")

@@ -129,3 +129,24 @@ def test_qwen_image_s_guided_members_cache_both_passes_and_equal_their_runs_alon
         assert np.abs(done[key].final_latent - solo.final_latent).max() <= 1e-4, key
     plain = engine.generate([GenerationItem("a harbour", seed=2, look=items[0].look)])[0]
     assert np.abs(plain.final_latent - alone[0].final_latent).max() > 1e-4  # r = 3 differs
+
+
+def test_a_kontext_edit_on_an_interval_is_the_same_alone_and_beside_generations():
+    """Flux Kontext's instruction edits carry their image's tokens through block reuse: one on
+    an interval is the same alone and beside a generation on another interval."""
+    from promptserve.engine.base import EditInput
+    from promptserve.engine.tiny import DenoisingEngine
+
+    engine = DenoisingEngine(build("flux-kontext"), "tiny-kontext", 12, (0, 4), 3.5)
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    items = [
+        GenerationItem("make it red", seed=1, interval=3, edit=EditInput(image, 0.6)),
+        GenerationItem("a fox", seed=2, interval=2),
+        GenerationItem("make it blue", seed=3, edit=EditInput(image, 0.6)),
+    ]
+    alone = [engine.generate([item])[0] for item in items]
+    done = staggered(engine, items)
+    for key, solo in enumerate(alone):
+        assert np.abs(done[key].final_latent - solo.final_latent).max() <= 1e-4, key
+    full = engine.generate([GenerationItem("make it red", seed=1, edit=EditInput(image, 0.6))])
+    assert np.abs(full[0].final_latent - alone[0].final_latent).max() > 1e-4  # r = 3 differs

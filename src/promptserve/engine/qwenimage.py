@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from promptserve.engine.adapterbank import adapters_on, refresh_on_join
-from promptserve.engine.base import Guidance, Look
+from promptserve.engine.adapterbank import adapters_on
+from promptserve.engine.base import Guidance
 from promptserve.engine.denoise import in_chunks, png_bytes
 from promptserve.engine.featurecache import BlockCache, batch_rows, member_rows
-from promptserve.engine.flow import FlowComponents, pack, sigma_schedule, unpack
-from promptserve.engine.maskchannels import with_extras
-from promptserve.engine.rows import Row, rows_of
+from promptserve.engine.flow import FlowComponents, pack, unpack
+from promptserve.engine.rows import Row
+from promptserve.engine.tokensteps import TokenListStepper
 
 DEFAULT_GUIDANCE = 4.0  # the pipeline's true_cfg_scale (applied with a negative prompt)
 DEFAULT_STEPS = 50
@@ -115,28 +115,8 @@ class QwenImageComponents:
         return ((z - mean) / std)[:, :, 0]
 
 
-class QwenImageStepper:
-    def __init__(self, c: QwenImageComponents, total_steps: int, guidance: float) -> None:
-        self.c, self.guidance, self.total_steps = c, guidance, total_steps
-        self._schedules: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        (self.uncond,) = self._conditioning([""])
-
-    def schedule(self, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if shape not in self._schedules:
-            self._schedules[shape] = sigma_schedule(self.c, self.total_steps, shape)  # type: ignore[arg-type]
-        return self._schedules[shape]
-
-    def encode(self, prompts: Sequence[str], looks: Sequence[Look] | None = None) -> list[Row]:
-        refresh_on_join([self.c.lora_bank], looks)  # a private bank loads their adapters
-        rows = rows_of(
-            self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native
-        )
-        return with_extras(self.c, rows)
-
-    def _conditioning(
-        self, prompts: Sequence[str], loras: Sequence[tuple] | None = None
-    ) -> list[dict[str, torch.Tensor]]:
-        return [{"tokens": states} for states in self.c.encode(prompts)]
+class QwenImageStepper(TokenListStepper):
+    """Per-sample Euler on its velocity; true CFG for the members it guides (a call of its own)."""
 
     def _velocity(self, x: torch.Tensor, t: torch.Tensor, tokens: list, loras: list, cached=None):  # noqa: ANN001, ANN202
         """The transformer's prediction on packed latents, the prompts padded to the longest;

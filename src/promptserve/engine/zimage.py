@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from promptserve.engine.adapterbank import adapters_on, refresh_on_join
-from promptserve.engine.base import Guidance, Look
-from promptserve.engine.flow import FlowComponents, sigma_schedule
-from promptserve.engine.maskchannels import with_extras
-from promptserve.engine.rows import Row, rows_of
+from promptserve.engine.adapterbank import adapters_on
+from promptserve.engine.base import Guidance
+from promptserve.engine.flow import FlowComponents
+from promptserve.engine.rows import Row
+from promptserve.engine.tokensteps import TokenListStepper
 
 DEFAULT_GUIDANCE = 0.0  # Z-Image-Turbo's: distilled, no guidance pass (the base model: ~5)
 DEFAULT_STEPS = 8  # Z-Image-Turbo's eight function evaluations
@@ -91,30 +91,8 @@ class ZImageComponents:
         return [states[i][mask[i]].to(self.dtype) for i in range(len(prompts))]
 
 
-class ZImageStepper:
+class ZImageStepper(TokenListStepper):
     """One Euler step per sample on the velocity (the transformer predicts its negative)."""
-
-    def __init__(self, c: ZImageComponents, total_steps: int, guidance: float) -> None:
-        self.c, self.guidance, self.total_steps = c, guidance, total_steps
-        self._schedules: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        (self.uncond,) = self._conditioning([""])
-
-    def schedule(self, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        if shape not in self._schedules:
-            self._schedules[shape] = sigma_schedule(self.c, self.total_steps, shape)  # type: ignore[arg-type]
-        return self._schedules[shape]
-
-    def encode(self, prompts: Sequence[str], looks: Sequence[Look] | None = None) -> list[Row]:
-        refresh_on_join([self.c.lora_bank], looks)  # a private bank loads their adapters
-        rows = rows_of(
-            self._conditioning, prompts, looks, self.guidance, self.uncond, self.c.native
-        )
-        return with_extras(self.c, rows)
-
-    def _conditioning(
-        self, prompts: Sequence[str], loras: Sequence[tuple] | None = None
-    ) -> list[dict[str, torch.Tensor]]:
-        return [{"tokens": states} for states in self.c.encode(prompts)]
 
     def advance(
         self, latents: torch.Tensor, steps: torch.Tensor, rows: Sequence[Row]

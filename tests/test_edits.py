@@ -10,7 +10,8 @@ from PIL import Image
 from promptserve.engine.denoise import denoise
 from promptserve.engine.edits import MaskChannels, edit_start, start_step
 from promptserve.engine.flow import unpack
-from promptserve.engine.shapes import build, pipeline_for
+from promptserve.engine.pipelines import pipeline_for
+from promptserve.engine.shapes import build
 from promptserve.errors import InputError
 
 IMG2IMG = {

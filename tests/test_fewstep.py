@@ -14,7 +14,8 @@ from promptserve.engine.base import GenerationItem
 from promptserve.engine.denoise import DDIMStepper, denoise
 from promptserve.engine.diffusers_backend import diffusers_engine, levels_for
 from promptserve.engine.euler import EulerStepper, takes_euler
-from promptserve.engine.shapes import build, pipeline_for
+from promptserve.engine.pipelines import pipeline_for
+from promptserve.engine.shapes import build
 from promptserve.engine.steprunner import StepRunner
 from promptserve.errors import InputError
 

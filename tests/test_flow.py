@@ -14,7 +14,8 @@ from promptserve.engine.base import GenerationItem
 from promptserve.engine.denoise import denoise
 from promptserve.engine.diffusers_backend import diffusers_engine, family_of, levels_for
 from promptserve.engine.flow import DEFAULT_GUIDANCE, pack, unpack
-from promptserve.engine.shapes import build, byte_tokenizer, pipeline_for
+from promptserve.engine.pipelines import pipeline_for
+from promptserve.engine.shapes import build, byte_tokenizer
 from promptserve.engine.tiny import ByteTokenizer
 from promptserve.errors import InputError
 from test_engine import family_engine

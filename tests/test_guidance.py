@@ -13,7 +13,8 @@ from factories import client, tiny_app, tiny_server
 from promptserve.engine.base import PLAIN, UNET_GUIDANCE, GenerationItem, Guidance, Look
 from promptserve.engine.denoise import denoise
 from promptserve.engine.flow import DEFAULT_GUIDANCE, pack, unpack
-from promptserve.engine.shapes import build, pipeline_for
+from promptserve.engine.pipelines import pipeline_for
+from promptserve.engine.shapes import build
 from promptserve.server.live import LiveServer
 from test_engine import family_engine
 

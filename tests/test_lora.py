@@ -15,7 +15,8 @@ from promptserve.engine.base import GenerationItem, Look
 from promptserve.engine.denoise import denoise
 from promptserve.engine.flow import DEFAULT_GUIDANCE, pack, unpack
 from promptserve.engine.lora import PREFIX, random_adapter
-from promptserve.engine.shapes import build, pipeline_for
+from promptserve.engine.pipelines import pipeline_for
+from promptserve.engine.shapes import build
 from promptserve.errors import InputError
 from promptserve.server.live import LiveServer
 from test_engine import family_engine

@@ -15,7 +15,8 @@ from promptserve.engine.base import GenerationItem, Look
 from promptserve.engine.denoise import denoise
 from promptserve.engine.diffusers_backend import family_of
 from promptserve.engine.flow import pack, unpack
-from promptserve.engine.shapes import build, pipeline_for
+from promptserve.engine.pipelines import pipeline_for
+from promptserve.engine.shapes import build
 from promptserve.engine.steprunner import StepRunner
 from promptserve.engine.tiny import DenoisingEngine
 

@@ -355,7 +355,7 @@ def test_on_ray_a_tight_deadline_is_met_at_a_cheaper_interval(ray_settings, tmp_
 def test_the_new_families_serve_on_ray(ray_settings, tmp_path, family):
     """A Z-Image and a Qwen-Image folder on worker replicas (4 steps): generations, a stream,
     a twin resumed from the shared store, and the model card naming the family."""
-    from promptserve.engine.shapes import pipeline_for
+    from promptserve.engine.pipelines import pipeline_for
 
     c = build(family)
     folder = tmp_path.parent / f"{tmp_path.name}-{family}"

@@ -16,7 +16,8 @@ from factories import client, staggered, tiny_app, tiny_server
 from promptserve.engine.base import GenerationItem, Look
 from promptserve.engine.denoise import denoise
 from promptserve.engine.flow import DEFAULT_GUIDANCE, pack, unpack
-from promptserve.engine.shapes import build, pipeline_for
+from promptserve.engine.pipelines import pipeline_for
+from promptserve.engine.shapes import build
 from promptserve.engine.sizes import checked, default_sizes, parse_size, parse_sizes
 from promptserve.errors import InputError
 from promptserve.server.live import LiveServer

@@ -13,7 +13,8 @@ from factories import client, until_cached
 from promptserve.engine.base import GenerationItem, Look
 from promptserve.engine.denoise import denoise
 from promptserve.engine.diffusers_backend import diffusers_engine, family_of
-from promptserve.engine.shapes import build, pipeline_for
+from promptserve.engine.pipelines import pipeline_for
+from promptserve.engine.shapes import build
 from promptserve.engine.steprunner import StepRunner
 from promptserve.engine.tiny import DenoisingEngine
 

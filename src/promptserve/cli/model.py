@@ -40,7 +40,8 @@ def model_tiny(
     """Write a diffusers folder of a family's model at tiny scale, random weights (seeded):
     the pipeline class `serve --model` reads, the family's parts and schedule. Its images are
     noise; it runs on a CPU in seconds, for trying a recipe or testing a deployment."""
-    from promptserve.engine.shapes import build, pipeline_for
+    from promptserve.engine.pipelines import pipeline_for
+    from promptserve.engine.shapes import build
     from promptserve.errors import InputError
 
     if family not in TINY_FAMILIES:

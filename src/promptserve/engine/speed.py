@@ -3,7 +3,7 @@
 Both sides do the same work: text encoding, the denoising loop from the same start latents,
 VAE decode and PNG files out. Ours is ``DenoisingEngine.generate`` (which also keeps the
 latents at every cache level, as it does when serving); theirs is diffusers' pipeline
-``__call__`` on the same modules and scheduler (``shapes.pipeline_for``) with its images saved
+``__call__`` on the same modules and scheduler (``pipelines.pipeline_for``) with its images saved
 as PNG. The two alternate, first one then the other leading, and each side's best of
 ``repeats`` counts, so a noisy neighbour or a clock ramp slows both rather than one.
 """
@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from promptserve.engine.base import GenerationItem
-from promptserve.engine.shapes import pipeline_call, pipeline_for
+from promptserve.engine.pipelines import pipeline_call, pipeline_for
 from promptserve.engine.tiny import DenoisingEngine
 
 

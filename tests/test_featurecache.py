@@ -46,7 +46,7 @@ def test_a_member_at_an_interval_approximates_the_full_run():
     assert [is_full_step(i, 3) for i in range(7)] == [True, False, False, True, False, False, True]
 
 
-@pytest.mark.parametrize("family", ["tiny", "sd3", "flux", "qwenimage"])
+@pytest.mark.parametrize("family", ["tiny", "sd3", "flux", "qwenimage", "zimage"])
 def test_a_member_is_the_same_alone_and_beside_other_intervals_and_phases(family):
     engine = family_engine(family, steps=12, levels=(0, 4))
     items = [
@@ -110,18 +110,20 @@ def test_a_running_member_re_intervalled_runs_a_full_step_then_the_new_interval(
     assert np.abs(done["a"].final_latent - done["b"].final_latent).max() > 1e-4
 
 
-def test_qwen_image_s_guided_members_cache_both_passes_and_equal_their_runs_alone():
-    """Qwen-Image's true CFG runs a second call for the members with a negative prompt: each
-    keeps a residual per pass, so a guided member on an interval is the same alone and beside
-    unguided members on other intervals and phases."""
+@pytest.mark.parametrize("family", ["qwenimage", "zimage"])
+def test_guided_members_cache_both_passes_and_equal_their_runs_alone(family):
+    """Qwen-Image's and Z-Image's guided members run a negative pass the unguided ones do not:
+    each keeps a residual per pass, so a guided member on an interval is the same alone and
+    beside unguided members on other intervals and phases."""
     from promptserve.engine.base import Look
 
-    engine = family_engine("qwenimage", steps=12, levels=(0, 4))
+    engine = family_engine(family, steps=12, levels=(0, 4))
+    plain = Look(guidance=0.0) if family == "zimage" else Look()  # Z-Image: scale 0 unguided
     items = [
         GenerationItem("a harbour", seed=2, interval=3, look=Look(negative_prompt="fog")),
-        GenerationItem("a harbour", seed=2, interval=2),
+        GenerationItem("a harbour", seed=2, interval=2, look=plain),
         GenerationItem("a kite at dusk", seed=3, interval=3, look=Look(negative_prompt="rain")),
-        GenerationItem("a kite", seed=4),
+        GenerationItem("a kite", seed=4, look=plain),
     ]
     alone = [engine.generate([item])[0] for item in items]
     done = staggered(engine, items)

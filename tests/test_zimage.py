@@ -80,7 +80,7 @@ def test_members_at_different_steps_sizes_and_scales_equal_their_runs_alone(c):
         done.update(runner.step())
     for i, latent in enumerate(alone):
         assert np.abs(done[i].final_latent - latent).max() <= 1e-5 * max(1.0, np.abs(latent).max())
-    assert engine.caps.feature_cache is False  # no interval above 1 is offered for it
+    assert engine.caps.feature_cache is True  # layer reuse offers intervals above 1
 
 
 def test_a_saved_zimage_folder_is_served_with_its_turbo_schedule(c, tmp_path):

@@ -177,3 +177,46 @@ def batch_rows(members: list[torch.Tensor | None], doubled: bool) -> torch.Tenso
     if not doubled:
         return torch.cat(members)
     return torch.cat([m[0:1] for m in members] + [m[1:2] for m in members])
+
+
+class LayerCache:
+    """Block reuse for a single-stream transformer over one sequence per member, image tokens
+    first (Z-Image's main layers): the first layer always runs; on a cached step the later
+    ones are skipped and the image tokens' output is the first layer's plus the residual the
+    later ones added at the member's last full step. Only the first ``image_tokens`` positions
+    are kept (the text tokens after them are read by no layer after these, and their count is
+    the call's longest prompt, not the member's). ``mode`` and ``residual`` as ``BlockCache``."""
+
+    def __init__(self, layers: torch.nn.ModuleList) -> None:
+        if len(layers) < 2:
+            raise ValueError("block caching needs at least two transformer layers")
+        self.mode: str | None = None
+        self.residual: torch.Tensor | None = None
+        self.image_tokens = 0  # set per call: the latent's patch count
+        self._start: torch.Tensor | None = None
+        for i, layer in enumerate(layers):
+            role = "first" if i == 0 else ("last" if i == len(layers) - 1 else "middle")
+            layers[i] = _CachedLayer(layer, self, role)
+
+
+class _CachedLayer(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module, cache: LayerCache, role: str) -> None:
+        super().__init__()
+        self.layer, self.role = layer, role
+        self.__dict__["cache"] = cache
+
+    def forward(self, x, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN201
+        cache, n = self.cache, self.cache.image_tokens
+        if cache.mode == "replay" and self.role != "first":
+            if self.role == "middle":
+                return x
+            out = x.clone()
+            out[:, :n] = x[:, :n] + cache.residual
+            return out
+        out = self.layer(x, *args, **kwargs)
+        if cache.mode == "record":
+            if self.role == "first":
+                cache._start = out[:, :n]
+            elif self.role == "last":
+                cache.residual = out[:, :n] - cache._start
+        return out

@@ -255,7 +255,7 @@ def zimage_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> ZIm
     latent = size // 8
     if scale == "tiny":
         model = ZImageTransformer2DModel(
-            in_channels=16, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
+            in_channels=16, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=2,
             cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64],
         )  # fmt: skip
         text = Qwen3Model(

@@ -7,8 +7,8 @@ Euler step on the velocity, so members at different steps, sizes and start level
 transformer call; a request resumes at K from a cached latent as for Flux. What differs is its
 conditioning, one variable-length token list per prompt (the transformer takes lists, so a
 batch pads nothing), and its guidance: ``pos + s * (pos - neg)`` against the negative prompt
-(the empty one by default), skipped where every member's scale is 0 (the Turbo model's).
-Feature caching is not offered for it (its blocks are not the ones ``featurecache`` wraps).
+(the empty one by default), run only for the members whose scale is above 0 (the Turbo
+model's is 0). Feature caching reuses its main layers (``featurecache.LayerCache``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from promptserve.engine.adapterbank import adapters_on
 from promptserve.engine.base import Guidance
+from promptserve.engine.featurecache import LayerCache
 from promptserve.engine.flow import FlowComponents
 from promptserve.engine.rows import Row
 from promptserve.engine.tokensteps import TokenListStepper
@@ -49,7 +50,8 @@ class ZImageComponents:
     plain_extras: dict = field(default_factory=dict)
     family = "zimage"
     extra_channels = 0
-    feature_cache = False  # the engine offers no interval above 1
+    feature_cache = True  # layer reuse on its main layers (``featurecache.LayerCache``)
+    layer_cache: object = None  # the layer wrappers, once used
 
     noise = FlowComponents.noise
     decode = FlowComponents.decode
@@ -98,27 +100,66 @@ class ZImageStepper(TokenListStepper):
         self, latents: torch.Tensor, steps: torch.Tensor, rows: Sequence[Row]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The next latents of every row and the predicted clean ones (x - sigma * v)."""
+        out, x0, _ = self._advance(latents, steps, rows, None)
+        return out, x0
+
+    def advance_features(self, latents, steps, rows, feature):  # noqa: ANN001, ANN201
+        """``advance`` with layer reuse (``featurecache.LayerCache``): ``feature`` None, a full
+        step that also returns the later layers' residual on each pass's image tokens (the
+        members' own passes, then the negative passes of those it guides); given, a cached
+        step on them."""
+        if self.c.layer_cache is None:  # installed at first use: after the adapters' paths
+            self.c.layer_cache = LayerCache(self.c.transformer.layers)
+        return self._advance(latents, steps, rows, feature or (None, None))
+
+    def member_features(self, feature, n: int) -> list:  # noqa: ANN001
+        """Each member's (own pass, negative pass or None) residual of a full step."""
+        residual, guided = feature
+        neg_of = {j: n + i for i, j in enumerate(guided)}
+        return [
+            (residual[j : j + 1], residual[neg_of[j] : neg_of[j] + 1] if j in neg_of else None)
+            for j in range(n)
+        ]
+
+    def batch_features(self, members: list):  # noqa: ANN201
+        negs = [m[1] for m in members if m[1] is not None]
+        guided = [j for j, m in enumerate(members) if m[1] is not None]
+        return torch.cat([m[0] for m in members] + negs), guided
+
+    def _advance(self, latents, steps, rows, feature):  # noqa: ANN001, ANN202
         sigmas, timesteps = self.schedule(tuple(latents.shape[2:]))
         t = (1000 - timesteps[steps]) / 1000  # the transformer's time runs from 0 (noise)
         n, scales = len(rows), [r.scale for r in rows]
-        guided = any(s > 0 for s in scales)
+        guided = [j for j, s in enumerate(scales) if s > 0]  # a negative pass each, after all
         x = list(latents.to(self.c.transformer.dtype).unsqueeze(2).unbind(0))
+        x, t = x + [x[j] for j in guided], torch.cat([t, t[guided]])
         tokens = [r.text["tokens"] for r in rows]
-        if guided:
-            x, t = x + x, torch.cat([t, t])
-            tokens = tokens + [r.uncond["tokens"] for r in rows]  # type: ignore[index]
-        loras = [r.lora for r in rows] * (2 if guided else 1)  # each pass carries its adapters
-        with torch.no_grad(), adapters_on(self.c.lora_bank, loras, latents.device):
-            out = self.c.transformer(x, t, tokens, return_dict=False)[0]
+        tokens = tokens + [rows[j].uncond["tokens"] for j in guided]  # type: ignore[index]
+        loras = [r.lora for r in rows] + [rows[j].lora for j in guided]  # each pass's adapters
+        cache, record = self.c.layer_cache, feature is not None and feature[0] is None
+        if feature is not None:
+            cache.image_tokens = (latents.shape[2] // 2) * (latents.shape[3] // 2)
+            cache.mode, cache.residual = ("record", None) if record else ("replay", feature[0])
+        try:
+            with torch.no_grad(), adapters_on(self.c.lora_bank, loras, latents.device):
+                out = self.c.transformer(x, t, tokens, return_dict=False)[0]
+            residual = cache.residual if record else None
+        finally:
+            if feature is not None:
+                cache.mode, cache.residual = None, None
+        neg_of = {j: n + i for i, j in enumerate(guided)}
         preds = []
         for j in range(n):
             pos = out[j].float()
-            preds.append(pos + scales[j] * (pos - out[n + j].float()) if guided else pos)
+            neg = out[neg_of[j]].float() if j in neg_of else pos
+            preds.append(pos + scales[j] * (pos - neg))
         v = -torch.stack(preds).squeeze(2)
         shape = (-1,) + (1,) * (latents.dim() - 1)
         sigma, sigma_next = sigmas[steps].view(shape), sigmas[steps + 1].view(shape)
         x0 = latents.float()
-        return (x0 + (sigma_next - sigma) * v).to(latents.dtype), (x0 - sigma * v).to(latents.dtype)
-
-    def advance_features(self, latents, steps, rows, feature):  # noqa: ANN001, ANN201
-        raise ValueError("feature caching is not offered for Z-Image")
+        kept = (residual, guided) if record else feature  # replayed: kept as given
+        return (
+            (x0 + (sigma_next - sigma) * v).to(latents.dtype),
+            (x0 - sigma * v).to(latents.dtype),
+            kept,
+        )

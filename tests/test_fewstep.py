@@ -83,3 +83,30 @@ def test_steps_sets_the_schedule_and_its_levels_and_the_modelled_backend_refuses
     assert len(engine.generate([GenerationItem("a fox", 0, seed=1)])[0].latents) == 4
     with pytest.raises(InputError, match="--steps"):
         make_engine("tiny", backend="modeled", steps=4)
+
+
+def test_a_schnell_shaped_flux_runs_four_steps_without_guidance_as_its_pipeline():
+    """FLUX.1-schnell: no guidance input (the transformer has no guidance embedding), a fixed
+    shift of 1, four steps; equal to ``FluxPipeline`` and resumable at K."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    from promptserve.engine.flow import pack, unpack
+
+    c = build("flux")
+    config = {k: v for k, v in c.transformer.config.items() if not k.startswith("_")}
+    torch.manual_seed(9)
+    model = FluxTransformer2DModel.from_config({**config, "guidance_embeds": False}).eval()
+    c = dataclasses.replace(
+        c, transformer=model, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0)
+    )
+    assert c.guidance_spec.kind == "none"
+    noise = c.noise(2)
+    ours, captured = denoise(c, noise, ["a red fox"], 0, STEPS, [2], 0.0)
+    theirs = pipeline_for(c, 0.0)(
+        ["a red fox"], latents=pack(noise), num_inference_steps=STEPS, guidance_scale=0.0,
+        output_type="latent", height=64, width=64, max_sequence_length=c.max_sequence_length,
+    ).images  # fmt: skip
+    theirs = unpack(theirs, 8, 8)
+    assert torch.abs(ours - theirs).max() <= 1e-5 * max(1.0, float(theirs.abs().max()))
+    resumed, _ = denoise(c, captured[2], ["a red fox"], 2, STEPS, [], 0.0)
+    assert torch.abs(resumed - ours).max() <= 1e-5 * max(1.0, float(ours.abs().max()))

@@ -15,7 +15,7 @@ as Flux's; its VAE is a video one (a frame axis of 1, per-channel mean and scale
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -23,9 +23,9 @@ from promptserve.engine.adapterbank import adapters_on
 from promptserve.engine.base import Guidance
 from promptserve.engine.denoise import in_chunks, png_bytes
 from promptserve.engine.featurecache import BlockCache, batch_rows, member_rows
-from promptserve.engine.flow import FlowComponents, pack, unpack
+from promptserve.engine.flow import pack, unpack
 from promptserve.engine.rows import Row
-from promptserve.engine.tokensteps import TokenListStepper
+from promptserve.engine.tokensteps import TokenListComponents, TokenListStepper
 
 DEFAULT_GUIDANCE = 4.0  # the pipeline's true_cfg_scale (applied with a negative prompt)
 DEFAULT_STEPS = 50
@@ -40,32 +40,12 @@ MAX_TOKENS = 1024
 
 
 @dataclass
-class QwenImageComponents:
-    transformer: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    scheduler: object  # FlowMatchEulerDiscreteScheduler (dynamic shift)
-    latent_shape: tuple[int, int, int]
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    max_sequence_length: int = 512  # prompt tokens kept (the pipeline's default)
-    lora_bank: object = None  # the adapters installed in the transformer (``engine.lora``)
-    adapter_names: tuple[str, ...] = ()
-    text_lora: dict = field(default_factory=dict)
-    plain_extras: dict = field(default_factory=dict)
+class QwenImageComponents(TokenListComponents):
+    """A Qwen-Image model's parts (its VAE a video one, read one frame at a time)."""
+
     family = "qwenimage"
-    extra_channels = 0
     feature_cache = True  # block reuse on its double-stream blocks (``featurecache``)
     block_cache: object = None  # feature caching's block wrappers, once used
-
-    noise = FlowComponents.noise
-    native = FlowComponents.native
-    multiple = FlowComponents.multiple
-
-    @property
-    def sizes_family(self) -> str:
-        return "qwenimage"
 
     @property
     def guidance_spec(self) -> Guidance:

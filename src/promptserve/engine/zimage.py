@@ -14,7 +14,7 @@ model's is 0). Feature caching reuses its main layers (``featurecache.LayerCache
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -23,7 +23,7 @@ from promptserve.engine.base import Guidance
 from promptserve.engine.featurecache import LayerCache
 from promptserve.engine.flow import FlowComponents
 from promptserve.engine.rows import Row
-from promptserve.engine.tokensteps import TokenListStepper
+from promptserve.engine.tokensteps import TokenListComponents, TokenListStepper
 
 DEFAULT_GUIDANCE = 0.0  # Z-Image-Turbo's: distilled, no guidance pass (the base model: ~5)
 DEFAULT_STEPS = 8  # Z-Image-Turbo's eight function evaluations
@@ -32,35 +32,14 @@ MESSAGE = "user"
 
 
 @dataclass
-class ZImageComponents:
-    """A Z-Image model's parts, as loaded or built from configs."""
+class ZImageComponents(TokenListComponents):
+    """A Z-Image model's parts (its tokenizer carries Qwen3's chat template)."""
 
-    transformer: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object  # a transformers tokenizer with a chat template
-    scheduler: object  # FlowMatchEulerDiscreteScheduler
-    latent_shape: tuple[int, int, int]  # channels, height, width
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    max_sequence_length: int = 512
-    lora_bank: object = None  # the adapters installed in the transformer (``engine.lora``)
-    adapter_names: tuple[str, ...] = ()
-    text_lora: dict = field(default_factory=dict)
-    plain_extras: dict = field(default_factory=dict)
     family = "zimage"
-    extra_channels = 0
     feature_cache = True  # layer reuse on its main layers (``featurecache.LayerCache``)
     layer_cache: object = None  # the layer wrappers, once used
 
-    noise = FlowComponents.noise
     decode = FlowComponents.decode
-    native = FlowComponents.native
-    multiple = FlowComponents.multiple
-
-    @property
-    def sizes_family(self) -> str:
-        return "zimage"
 
     @property
     def guidance_spec(self) -> Guidance:

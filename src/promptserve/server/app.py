@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from promptserve.edge.keys import KeyTable
 from promptserve.edge.limits import HttpLimits, RequestGate
 from promptserve.engine.sizes import label
-from promptserve.server.context import Context, error
+from promptserve.server.context import Context, error, first_problem
 from promptserve.server.generations import image_routes
 from promptserve.server.jobroutes import job_routes
 from promptserve.server.jobs import JobBook
@@ -70,11 +70,8 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
         # a body that is not JSON at all has a character offset where a field name would be
-        parts = [str(p) for p in first["loc"] if p != "body" and not isinstance(p, int)]
-        field = ".".join(parts) or "body"
-        message = f"{field}: {first['msg']}"
+        field, message = first_problem(exc.errors())
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if field == "body" and kind != "application/json":
             message += f" (the body must be JSON sent as application/json, not {kind or 'untyped'})"

@@ -21,6 +21,15 @@ from promptserve.server.schemas import ImageRequest, visible
 log = logging.getLogger(__name__)
 
 
+def first_problem(errors: list) -> tuple[str, str]:
+    """A validation's first error as every route words it: (the field, "field: what is
+    wrong"); a list item's index and pydantic's ``body`` prefix are not part of the name."""
+    first = errors[0]
+    parts = [str(p) for p in first["loc"] if p != "body" and not isinstance(p, int)]
+    field = ".".join(parts) or "body"
+    return field, f"{field}: {first['msg']}"
+
+
 def error(
     status: int, message: str, param: str | None = None, headers: dict | None = None
 ) -> JSONResponse:

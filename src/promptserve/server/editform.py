@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, replace
 
 import numpy as np
+from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -21,7 +22,7 @@ from starlette.responses import JSONResponse
 from promptserve.engine.base import EditInput
 from promptserve.engine.sizes import label, parse_size
 from promptserve.errors import InputError
-from promptserve.server.context import Context, error
+from promptserve.server.context import Context, error, first_problem
 from promptserve.server.editinput import (
     MAX_UPLOAD_BYTES,
     fit,
@@ -142,8 +143,8 @@ def parse_edit_form(form: FormData) -> EditForm:
     strength = fields.pop("strength", None)
     try:
         req = ImageRequest.model_validate(fields)
-    except Exception as exc:
-        raise InputError(_first_error(exc)) from None
+    except ValidationError as exc:  # worded as the generations route words it
+        raise InputError(first_problem(exc.errors())[1]) from None
     return EditForm(req, image, mask, strength)  # type: ignore[arg-type]
 
 
@@ -188,18 +189,6 @@ def _number(value: str, key: str) -> float:
     if not np.isfinite(number):
         raise InputError(f"{key}: {value!r} is not a finite number")
     return number
-
-
-def _first_error(exc: Exception) -> str:
-    """A pydantic error as the generations route words it: the field, then what is wrong."""
-    errors = getattr(exc, "errors", lambda: [])()
-    if not errors:
-        return str(exc)
-    first = errors[0]
-    field = ".".join(str(p) for p in first.get("loc", ())) or "body"
-    if first.get("type") == "extra_forbidden":
-        return f"{field}: not a field of an edit"
-    return f"{field}: {first.get('msg', 'invalid')}"
 
 
 async def read_edit(

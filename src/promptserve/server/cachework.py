@@ -29,7 +29,8 @@ def item_for(
     read and the entry to write, and the arrays never pass through here. A missing latent:
     from noise (K = 0). An edit reads and writes nothing: it starts from its own image."""
     if p.edit is not None:
-        start = start_step(workers.total_steps, p.edit.strength, workers.edit_family)
+        start = edit_start(p, workers)
+        assert start is not None
         ref = StoreRefs(None, p.tenant, None) if workers.shared_store else None
         wanted = p.handle.partial_images if p.handle is not None else 0
         previews = preview_steps(start, workers.total_steps, wanted)

@@ -2,7 +2,9 @@
 start it again at once on the same port and cache folder, and time until it serves.
 
 The killed server's side of each held connection lingers (FIN-WAIT-2, then TIME-WAIT) for tens
-of seconds; a bind without ``SO_REUSEADDR`` is refused while it does.
+of seconds; a bind without ``SO_REUSEADDR`` is refused while it does. The restart is timed against
+this machine's own cold start of the same server (a slow CI machine imports torch slowly too):
+it may take that plus ``margin_s``, well under the 60 s a lingering socket holds the port.
 """
 
 from __future__ import annotations
@@ -59,13 +61,15 @@ def hold_connections(port: int, idle: int, in_flight: int) -> list[socket.socket
     return held
 
 
-def run(idle: int = 8, in_flight: int = 4, within_s: float = 10.0) -> dict:
+def run(idle: int = 8, in_flight: int = 4, margin_s: float = 10.0) -> dict:
     cache = Path(tempfile.mkdtemp(prefix="restart-"))
     port = free_port()
+    started = time.monotonic()
     proc, url = start_server(ARGS, cache, port=port)
     held: list[socket.socket] = []
     try:
         httpx.post(f"{url}/v1/images/generations", json={"prompt": "before"}, timeout=60)
+        cold_s = time.monotonic() - started
         held = hold_connections(port, idle, in_flight)
         time.sleep(0.3)  # the in-flight requests are in the server's hands
         proc.send_signal(signal.SIGKILL)
@@ -85,8 +89,10 @@ def run(idle: int = 8, in_flight: int = 4, within_s: float = 10.0) -> dict:
             s.close()
         if proc.poll() is None:
             stop(proc)
+    within_s = round(cold_s + margin_s, 2)
     return {
         "held_connections": idle + in_flight,
+        "cold_start_serving_s": round(cold_s, 2),
         "lingering_at_restart": lingering,
         "restart_refused": error is not None,
         "error": error,

@@ -32,7 +32,7 @@ from promptserve.engine.flow import DEFAULT_GUIDANCE
 from promptserve.engine.options import EngineOptions, apply_options
 from promptserve.engine.profiling import cached_ratio
 from promptserve.engine.shapes import FAMILIES, build
-from promptserve.engine.speed import best_of, vs_diffusers
+from promptserve.engine.speed import best_of, edit_vs_diffusers, vs_diffusers
 from promptserve.engine.tiny import DenoisingEngine, tiny_engine
 
 
@@ -218,6 +218,8 @@ def main() -> None:
         family: vs_diffusers(family_engine(family), repeats=9)
         for family in (*FAMILIES, "zimage", "qwenimage")
     }
+    # an instruction edit of two images (each read at about 1024x1024 by the VAE: slower)
+    versus["qwenimage-edit"] = edit_vs_diffusers(family_engine("qwenimage-edit"), repeats=3)
     print(
         json.dumps(
             {

@@ -23,6 +23,7 @@ TINY_FAMILIES = {
     "flux": "flux",
     "zimage": "zimage",
     "qwenimage": "qwenimage",
+    "qwenimage-edit": "qwenimage-edit",
     "flux-kontext": "flux-kontext",
     "sd-inpaint": "tiny-inpaint",
     "sdxl-inpaint": "sdxl-inpaint",
@@ -40,7 +41,7 @@ def model_tiny(
     """Write a diffusers folder of a family's model at tiny scale, random weights (seeded):
     the pipeline class `serve --model` reads, the family's parts and schedule. Its images are
     noise; it runs on a CPU in seconds, for trying a recipe or testing a deployment."""
-    from promptserve.engine.pipelines import pipeline_for
+    from promptserve.engine.pipelines import pipeline_for, save_pipeline
     from promptserve.engine.shapes import build
     from promptserve.errors import InputError
 
@@ -55,7 +56,7 @@ def model_tiny(
     if family.endswith(("-inpaint", "-fill")):
         pipe = inpainting_pipeline(family, pipe)
     out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(out)
+    save_pipeline(pipe, out)
     console.print(f"wrote {out}: a tiny {type(pipe).__name__} ({size}x{size}, random weights)")
 
 

@@ -133,6 +133,9 @@ class EditInput:
     image: np.ndarray  # (H, W, 3) uint8
     strength: float
     mask: np.ndarray | None = None  # (H, W) uint8; None: image-to-image
+    # an instruction edit reading several images (Qwen-Image-Edit): those after ``image``,
+    # each at its own size
+    more: tuple[np.ndarray, ...] = ()
 
 
 @dataclass

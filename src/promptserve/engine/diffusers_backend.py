@@ -22,6 +22,7 @@ import torch
 from promptserve.engine.denoise import Components
 from promptserve.engine.euler import EulerStepper, takes_euler
 from promptserve.engine.flow import DEFAULT_GUIDANCE, FlowComponents
+from promptserve.engine.qwenedit import QwenEditComponents
 from promptserve.engine.qwenimage import QwenImageComponents
 from promptserve.engine.tiny import DenoisingEngine
 from promptserve.engine.zimage import DEFAULT_STEPS as ZIMAGE_STEPS
@@ -41,6 +42,7 @@ PIPELINE_FAMILIES = {
     "FluxKontextPipeline": "flux",  # instruction edits: the image as tokens (``edits``)
     "ZImagePipeline": "zimage",
     "QwenImagePipeline": "qwenimage",
+    "QwenImageEditPlusPipeline": "qwenimage",  # instruction edits of 1-3 images (``qwenedit``)
 }
 DEFAULT_STEPS = {"unet": 50, "sd3": 28, "flux": 28, "zimage": ZIMAGE_STEPS, "qwenimage": 50}
 REFERENCE_LEVELS = (0, 5, 10, 15, 20, 25)  # K of 50
@@ -53,6 +55,12 @@ def levels_for(total_steps: int) -> tuple[int, ...]:
 
 def family_of(model: str) -> str:
     """The family serving a local diffusers folder, from its ``model_index.json``."""
+    return PIPELINE_FAMILIES[pipeline_class(model)]
+
+
+def pipeline_class(model: str) -> str:
+    """A local diffusers folder's pipeline class, one promptserve serves (else refused, naming
+    those it does)."""
     import json
 
     path = Path(model).expanduser()
@@ -72,7 +80,7 @@ def family_of(model: str) -> str:
             f"model {model!r} is a {name}, which promptserve does not serve "
             f"(served: {', '.join(PIPELINE_FAMILIES)})"
         )
-    return PIPELINE_FAMILIES[name]
+    return name
 
 
 class _Tokenizer:
@@ -107,9 +115,14 @@ def load_diffusers(
             f"model folder {model!r} not found (give a local diffusers folder with "
             "model_index.json: nothing is downloaded)"
         )
-    family = family_of(model)
+    name = pipeline_class(model)
+    family = PIPELINE_FAMILIES[name]
+    # Qwen-Image-Edit's processor: its image processor is read alone (``qwen_image_processor``)
+    edit = {"processor": None} if name == "QwenImageEditPlusPipeline" else {}
     try:
-        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype)
+        pipe = DiffusionPipeline.from_pretrained(model, dtype=torch_dtype, **edit)
+        if edit:
+            edit = {"image_processor": qwen_image_processor(Path(model) / "processor")}
     except (OSError, ValueError) as exc:
         raise InputError(f"cannot load diffusers model {model!r}: {exc}") from None
     pipe = pipe.to(device)
@@ -118,11 +131,23 @@ def load_diffusers(
     if family in ("zimage", "qwenimage"):  # their pipelines' own 1024 px by default
         channels = getattr(pipe.vae.config, "latent_channels", None) or pipe.vae.config.z_dim
         parts = ZImageComponents if family == "zimage" else QwenImageComponents
+        if edit:
+            parts = QwenEditComponents
         return parts(
             pipe.transformer, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler,
-            (channels, 128, 128), device=device, dtype=torch_dtype,
+            (channels, 128, 128), device=device, dtype=torch_dtype, **edit,
         )  # fmt: skip
     return _flow_components(family, pipe, device, torch_dtype)
+
+
+def qwen_image_processor(folder: Path):  # noqa: ANN201 - a transformers image processor
+    """Qwen2-VL's image processor from a processor folder: its PIL implementation (the default
+    one needs torchvision, which does not install beside this torch)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    return Qwen2VLImageProcessorPil.from_pretrained(str(folder))
 
 
 def _unet_components(pipe, device: str, dtype: torch.dtype) -> Components:  # noqa: ANN001

@@ -10,15 +10,17 @@ sample, then the noise), so a run equals the pipeline's at the same seed and str
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 
-from promptserve.engine.base import EditInput
+from promptserve.engine.base import GenerationItem
 from promptserve.engine.flow import pack, sigma_schedule
 from promptserve.engine.maskchannels import MaskChannels, mask_channels, paint_of
+from promptserve.engine.rows import Row
 from promptserve.strength import start_step
 
 
@@ -79,6 +81,15 @@ class ContextTokens:
     def blend(self, latents: torch.Tensor, step: int) -> torch.Tensor:
         return latents
 
+    def conditioned(self, row: Row) -> Row:
+        return dataclasses.replace(row, context=self.context)
+
+
+def conditioned(row: Row, member: object) -> Row:
+    """``row`` as an edit member's conditioning changes it (an instruction edit's image tokens,
+    and on Qwen-Image-Edit its prompt read with its images); unchanged for any other."""
+    return member.conditioned(row) if hasattr(member, "conditioned") else row  # type: ignore[attr-defined]
+
 
 def kontext_start(c, pixels: torch.Tensor, seed: int) -> tuple[int, torch.Tensor, ContextTokens]:  # noqa: ANN001
     """Kontext's start: step 0 from the seed's noise (the pipeline draws nothing before it:
@@ -103,12 +114,20 @@ def edit_start(
     seed: int,
     total_steps: int,
     mask: Image.Image | None = None,
+    prompt: str = "",
+    negative: str | None = None,
+    more: tuple[Image.Image, ...] = (),
 ) -> tuple[int, torch.Tensor, Inpaint | MaskChannels | ContextTokens | None]:
     """The step an edit starts at, its start latent (the family's unpacked shape) and, with a
     ``mask`` (white where the model paints), what its steps blend with (a model with mask
     channels: what goes beside its latent). At full strength an inpainting starts from the
     noise alone, as the inpaint pipelines do; a 9-channel UNet's draws no image latent then.
+    An instruction edit starts at step 0, its image (and on Qwen-Image-Edit the ``more``
+    images after it, read with the ``prompt`` and ``negative`` prompt) its conditioning.
     """
+    if getattr(c, "reads_images", False):  # Qwen-Image-Edit
+        size = (image.width, image.height)
+        return c.instruction_start((image, *more), prompt, negative, seed, size)
     pixels = pixels_of(image).to(c.device, c.dtype)
     if getattr(c, "kontext", False):  # an instruction edit: the image conditions, from step 0
         return kontext_start(c, pixels, seed)
@@ -152,8 +171,15 @@ def edit_start(
     return k, start, Inpaint(clean, noise, where, total_steps, c.scheduler, timesteps, sigmas)
 
 
-def item_start(c, edit: EditInput, seed: int, total_steps: int):  # noqa: ANN001, ANN201
-    """``edit_start`` for an item's ``EditInput`` (pixels, as a worker receives them): the
-    step, the start latent and the inpainting blend, as both runners join an edit."""
+def item_start(c, item: GenerationItem, total_steps: int):  # noqa: ANN001, ANN201
+    """``edit_start`` for an edit item (its ``EditInput`` pixels, as a worker receives them):
+    the step, the start latent and the member's blend or conditioning, as both runners join
+    an edit."""
+    edit = item.edit
+    assert edit is not None
     mask = Image.fromarray(edit.mask) if edit.mask is not None else None
-    return edit_start(c, Image.fromarray(edit.image), edit.strength, seed, total_steps, mask)
+    more = tuple(Image.fromarray(image) for image in edit.more)
+    return edit_start(
+        c, Image.fromarray(edit.image), edit.strength, item.seed, total_steps, mask,
+        item.prompt, item.look.negative_prompt, more,
+    )  # fmt: skip

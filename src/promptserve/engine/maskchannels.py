@@ -74,8 +74,9 @@ def with_extras(c, rows: list, members: Sequence = ()) -> list:  # noqa: ANN001 
     member's own, any other's the plain one (``maskchannels.plain_extra``); and an instruction
     edit's context tokens (``edits.ContextTokens``). Unchanged elsewhere."""
     members = list(members) + [None] * (len(rows) - len(members))
+    # ``edits.conditioned``'s rule (imported there: edits imports this module)
     rows = [
-        dataclasses.replace(r, context=m.context) if getattr(m, "context", None) is not None else r
+        m.conditioned(r) if hasattr(m, "conditioned") else r
         for r, m in zip(rows, members, strict=True)
     ]
     if not getattr(c, "extra_channels", 0):

@@ -3,9 +3,14 @@ timed against: ``tests/``, ``engine.speed``), and their call from our start late
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from unittest import mock
+
 import torch
 
 from promptserve.engine.flow import FlowComponents
+from promptserve.engine.qwenedit import QwenEditComponents
 from promptserve.engine.qwenimage import QwenImageComponents
 from promptserve.engine.shapes import byte_tokenizer
 from promptserve.engine.zimage import ZImageComponents
@@ -15,7 +20,12 @@ def pipeline_for(c, guidance: float):  # noqa: ANN001, ANN201 - components; a di
     """diffusers' own pipeline over the same modules (byte tokenizers that give our ids)."""
     import diffusers
 
-    if isinstance(c, QwenImageComponents):
+    if isinstance(c, QwenEditComponents):
+        pipe = diffusers.QwenImageEditPlusPipeline(
+            scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder,
+            tokenizer=c.tokenizer, processor=vl_processor(c), transformer=c.transformer,
+        )  # fmt: skip
+    elif isinstance(c, QwenImageComponents):
         pipe = diffusers.QwenImagePipeline(
             scheduler=c.scheduler, vae=c.vae, text_encoder=c.text_encoder,
             tokenizer=c.tokenizer, transformer=c.transformer,
@@ -56,6 +66,39 @@ def pipeline_for(c, guidance: float):  # noqa: ANN001, ANN201 - components; a di
         )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def vl_processor(c: QwenEditComponents):  # noqa: ANN201 - transformers' Qwen2VLProcessor
+    """The pipeline's processor over our tokenizer and image processor. Its video half needs
+    torchvision, which does not install beside this torch; an edit reads images only, so it is
+    built without one (the class check that asks for it skipped for this call alone)."""
+    from transformers import Qwen2VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    with mock.patch.object(ProcessorMixin, "check_argument_for_proper_class", lambda *a: None):
+        return Qwen2VLProcessor(
+            image_processor=c.image_processor, tokenizer=c.tokenizer, video_processor=None
+        )
+
+
+def save_pipeline(pipe, out: Path) -> None:  # noqa: ANN001 - a diffusers pipeline
+    """``pipe.save_pretrained(out)``; a Qwen-Image-Edit pipeline's processor is written as its
+    tokenizer and image processor (what ``diffusers_backend`` reads back), named in
+    ``model_index.json`` as a real folder names it."""
+    processor = getattr(pipe, "processor", None)
+    if processor is None:
+        pipe.save_pretrained(out)
+        return
+    pipe.register_modules(processor=None)
+    try:
+        pipe.save_pretrained(out)
+    finally:
+        pipe.register_modules(processor=processor)
+    processor.tokenizer.save_pretrained(out / "processor")
+    processor.image_processor.save_pretrained(out / "processor")
+    index = json.loads((out / "model_index.json").read_text())
+    index["processor"] = ["transformers", "Qwen2VLProcessor"]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
 def pipeline_call(pipe, c, prompts, latents: torch.Tensor, steps: int, guidance: float):  # noqa: ANN001

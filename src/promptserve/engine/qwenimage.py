@@ -98,23 +98,24 @@ class QwenImageComponents(TokenListComponents):
 class QwenImageStepper(TokenListStepper):
     """Per-sample Euler on its velocity; true CFG for the members it guides (a call of its own)."""
 
-    def _velocity(self, x: torch.Tensor, t: torch.Tensor, tokens: list, loras: list, cached=None):  # noqa: ANN001, ANN202
-        """The transformer's prediction on packed latents, the prompts padded to the longest;
-        with feature caching (``cached``: ``("record", None)`` or ``("replay", residual)``)
+    def _velocity(self, x: torch.Tensor, t: torch.Tensor, tokens: list, rows: list, cached=None):  # noqa: ANN001, ANN202
+        """The transformer's prediction on packed latents, the prompts padded to the longest
+        (``rows``: each member's adapters and, an instruction edit, its images' tokens); with
+        feature caching (``cached``: ``("record", None)`` or ``("replay", residual)``)
         also the later blocks' residual (``featurecache.BlockCache``)."""
         cache = self.c.block_cache
         if cached is None or cache is None:
-            return self._call(x, t, tokens, loras), None
+            return self._call(x, t, tokens, rows), None
         cache.mode, cache.residual = cached
         try:
-            out = self._call(x, t, tokens, loras)
+            out = self._call(x, t, tokens, rows)
             # the image stream's residual only: the text stream is read by no layer after the
             # blocks, and its length is the call's longest prompt, not the member's
             return out, (None, cache.residual[1]) if cache.residual is not None else None
         finally:
             cache.mode, cache.residual = None, None
 
-    def _call(self, x: torch.Tensor, t: torch.Tensor, tokens: list, loras: list):  # noqa: ANN202
+    def _call(self, x: torch.Tensor, t: torch.Tensor, tokens: list, rows: list):  # noqa: ANN202
         longest = max(len(s) for s in tokens)
         states = torch.stack(
             [torch.nn.functional.pad(s, (0, 0, 0, longest - len(s))) for s in tokens]
@@ -128,12 +129,18 @@ class QwenImageStepper(TokenListStepper):
         guidance = None
         if model.config.guidance_embeds:
             guidance = torch.full((len(tokens),), self.guidance, device=x.device)
+        hidden, shapes = pack(x), [(1, h, w)]
+        n = hidden.shape[1]
+        if rows[0].context is not None:  # Qwen-Image-Edit: each member's images' tokens after
+            hidden = torch.cat([hidden, torch.cat([r.context[0] for r in rows])], dim=1)
+            shapes += rows[0].context[1]  # a call's members share their shapes (``calls``)
+        loras = [r.lora for r in rows]
         with torch.no_grad(), adapters_on(self.c.lora_bank, loras, x.device):
             return model(
-                hidden_states=pack(x), timestep=t.to(x.dtype) / 1000, guidance=guidance,
+                hidden_states=hidden, timestep=t.to(x.dtype) / 1000, guidance=guidance,
                 encoder_hidden_states_mask=mask, encoder_hidden_states=states,
-                img_shapes=[[(1, h, w)]] * len(tokens), return_dict=False,
-            )[0]  # fmt: skip
+                img_shapes=[shapes] * len(tokens), return_dict=False,
+            )[0][:, :n]  # fmt: skip
 
     def advance(
         self, latents: torch.Tensor, steps: torch.Tensor, rows: Sequence[Row]
@@ -172,9 +179,7 @@ class QwenImageStepper(TokenListStepper):
         cached_pos = (
             None if feature is None else ("record", None) if record else ("replay", feature[0])
         )
-        v, pos_res = self._velocity(
-            latents, t, [r.text["tokens"] for r in rows], [r.lora for r in rows], cached_pos
-        )
+        v, pos_res = self._velocity(latents, t, [r.text["tokens"] for r in rows], rows, cached_pos)
         # true CFG for the members with a negative prompt and a scale above 1, as the pipeline
         guided = [j for j, r in enumerate(rows) if r.scale > 1 and r.uncond is not self.uncond]
         neg_res = None
@@ -184,7 +189,7 @@ class QwenImageStepper(TokenListStepper):
                 None if feature is None else ("record", None) if record else ("replay", feature[1])
             )
             neg, neg_res = self._velocity(
-                latents[guided], t[guided], negs, [rows[j].lora for j in guided], cached_neg
+                latents[guided], t[guided], negs, [rows[j] for j in guided], cached_neg
             )
             pos = v[guided]
             scale = torch.tensor([rows[j].scale for j in guided], device=v.device).view(-1, 1, 1)

@@ -25,9 +25,18 @@ class Row:
     # a model with mask channels (a 9-channel inpainting UNet, Flux Fill): what goes into
     # every call beside its latent, (1, E, h, w) unpacked (``maskchannels.mask_channels``)
     extra: torch.Tensor | None = None
-    # an instruction edit (Flux Kontext): its image's packed latent tokens and their position
-    # ids, attended beside its own tokens in every call
-    context: tuple[torch.Tensor, torch.Tensor] | None = None
+    # an instruction edit: its image's packed latent tokens, attended beside its own in every
+    # call, and their position ids (Flux Kontext) or each image's (frames, h, w) (Qwen-Image-Edit)
+    context: tuple[torch.Tensor, torch.Tensor | tuple] | None = None
+
+
+def context_key(context: tuple | None) -> tuple | None:
+    """What members must share to be in one call with their context tokens: the token count,
+    and each image's shape where the positions are made from them (Kontext's ids follow the
+    latent's shape, which a call shares already)."""
+    if context is None:
+        return None
+    return context[0].shape[1], context[1] if isinstance(context[1], tuple) else None
 
 
 def rows_of(

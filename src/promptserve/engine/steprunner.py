@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from promptserve.engine.base import GenerationItem, GenerationResult
-from promptserve.engine.edits import Inpaint, MaskChannels, item_start
-from promptserve.engine.rows import Row
+from promptserve.engine.edits import Inpaint, MaskChannels, conditioned, item_start
+from promptserve.engine.rows import Row, context_key
 
 
 @dataclass
@@ -92,23 +92,21 @@ class StepRunner:
     def _edit_slot(self, key: Hashable, item: GenerationItem, row: Row) -> _Slot:
         """An edit's member: its start step and latent from its own image and seed."""
         assert item.edit is not None
-        k, latent, inpaint = item_start(self.c, item.edit, item.seed, self.total_steps)
+        k, latent, inpaint = item_start(self.c, item, self.total_steps)
         if inpaint is not None and inpaint.extra is not None:  # its mask channels, its own
             row = dataclasses.replace(row, extra=inpaint.extra)
-        if getattr(inpaint, "context", None) is not None:  # Kontext: its image's tokens
-            row = dataclasses.replace(row, context=inpaint.context)
+        row = conditioned(row, inpaint)  # an instruction edit's images
         return _Slot(key, dataclasses.replace(item, k=k), latent, row, k, inpaint=inpaint)
 
     def _calls(self) -> list[list[_Slot]]:
         """The members grouped into denoiser calls, in join order within each: by latent shape,
         the members on a cached step (feature caching) apart from those on a full one, and
-        Kontext's instruction edits by their image's token count (one sequence length a call)."""
+        instruction edits by their images' tokens (``rows.context_key``)."""
         groups: dict[tuple, list[_Slot]] = {}
         for slot in self.slots:
             cached = not self._full(slot)
-            context = slot.cond.context
-            tokens = context[0].shape[1] if context is not None else 0
-            groups.setdefault((tuple(slot.latent.shape), cached, tokens), []).append(slot)
+            key = (tuple(slot.latent.shape), cached, context_key(slot.cond.context))
+            groups.setdefault(key, []).append(slot)
         return list(groups.values())
 
     @staticmethod

@@ -165,7 +165,9 @@ class DenoisingEngine:
     @property
     def edit_family(self) -> str:
         """How an edit's strength becomes its start (``strength.start_step``): the family's
-        count, or ``kontext`` (an instruction edit runs every step)."""
+        count, or an instruction-edit model's (``kontext``, ``qwen-edit``: every step)."""
+        if getattr(self.c, "reads_images", False):
+            return "qwen-edit"
         return "kontext" if getattr(self.c, "kontext", False) else self.c.family
 
     def step_runner(self, profile=None):  # noqa: ANN001, ANN201 - the profile is the modelled one's
@@ -236,6 +238,9 @@ class DenoisingEngine:
         if it.edit is None:
             return it.k, self.size_of(it), it.interval, False
         k = start_step(self.total_steps, it.edit.strength, self.edit_family)
+        if getattr(self.c, "reads_images", False):  # one call's members share image shapes
+            images = tuple(image.shape[:2] for image in (it.edit.image, *it.edit.more))
+            return k, self.size_of(it), it.interval, images
         return k, self.size_of(it), it.interval, True
 
     def _run_edits(
@@ -246,7 +251,7 @@ class DenoisingEngine:
         starts, inpaint = [], []
         for it in items:
             assert it.edit is not None
-            _, start, member = item_start(self.c, it.edit, it.seed, self.total_steps)
+            _, start, member = item_start(self.c, it, self.total_steps)
             starts.append(start)
             inpaint.append(member)
         final, _ = denoise(

@@ -29,6 +29,7 @@ from promptserve.server.jobs import JobBook
 from promptserve.server.metrics import History
 from promptserve.server.observer import record, scrape
 from promptserve.server.runtime import LiveRuntime
+from promptserve.strength import EDITS_ONLY, INSTRUCTION_EDITS, images_taken
 from promptserve.web import page
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,9 @@ def create_app(
             "negative_prompt": runtime.workers.guidance.negative,
             "guidance_scale": runtime.workers.guidance.kind != "none",
             "edits": True,  # /v1/images/edits: image-to-image and inpainting
+            "generations": runtime.workers.edit_family not in EDITS_ONLY,
+            "mask": runtime.workers.edit_family not in INSTRUCTION_EDITS,
+            "images_per_edit": images_taken(runtime.workers.edit_family),
         },
     }
 

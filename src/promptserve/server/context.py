@@ -17,6 +17,7 @@ from promptserve.server.images import ImageStore
 from promptserve.server.metrics import Metrics
 from promptserve.server.runtime import Cancelled, Dropped, LiveRuntime, Refused, Unmeetable
 from promptserve.server.schemas import ImageRequest, visible
+from promptserve.strength import EDITS_ONLY
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +85,12 @@ class Context:
         path = f"/v1/images/{image_id}"
         return self.public_url.rstrip("/") + path if self.public_url else path
 
-    def checked_tenant(self, req: ImageRequest, request: Request) -> str | JSONResponse:
+    def checked_tenant(
+        self, req: ImageRequest, request: Request, editing: bool = False
+    ) -> str | JSONResponse:
         """The caller's tenant, or the error to answer: no valid key (401), a prompt with
-        nothing to draw, an unknown size or a guidance the model cannot serve (400), another
-        model (404)."""
+        nothing to draw, an unknown size, a guidance the model cannot serve or a generation
+        asked of a model that only edits (400), another model (404)."""
         tenant = tenant_for(self.keys, request.headers.get("authorization"))
         if tenant is None:
             return error(
@@ -109,6 +112,11 @@ class Context:
                 f"(serve --model-name {served} --model-name {req.model})",
                 "model",
             )
+        if not editing and self.runtime.workers.edit_family in EDITS_ONLY:
+            return error(
+                400, "prompt: this model edits images and makes none from a prompt alone: "
+                "POST /v1/images/edits (or /v1/jobs/edits) with an image", "prompt",
+            )  # fmt: skip
         refusal = self.runtime.workers.guidance.refusal(req.negative_prompt, req.guidance_scale)
         if refusal is not None:
             return error(400, refusal[1], refusal[0])

@@ -33,7 +33,12 @@ from promptserve.server.editinput import (
 )
 from promptserve.server.requests import Served
 from promptserve.server.schemas import ImageRequest
-from promptserve.strength import DEFAULT_MASKED_STRENGTH, DEFAULT_STRENGTH
+from promptserve.strength import (
+    DEFAULT_MASKED_STRENGTH,
+    DEFAULT_STRENGTH,
+    INSTRUCTION_EDITS,
+    images_taken,
+)
 
 # the official edit fields that have no counterpart here: named, never ignored
 REFUSED = {
@@ -90,6 +95,7 @@ class EditForm:
     image: bytes
     mask: bytes | None
     strength: float | None  # None: the default (``DEFAULT_STRENGTH``, masked or not)
+    more: tuple[bytes, ...] = ()  # images after the first (a model that reads several)
 
 
 async def read_form(request: Request) -> EditForm:
@@ -116,9 +122,7 @@ def parse_edit_form(form: FormData) -> EditForm:
     images = [v for k in ("image", "image[]") for v in form.getlist(k)]
     if not images:
         raise InputError("image: an image file is required")
-    if len(images) > 1:
-        raise InputError("image: one image per edit (several are not served by this model)")
-    image = _file(images[0], "image")
+    image, *more = (_file(one, "image") for one in images)  # how many: ``read_edit`` checks
     mask = _file(form["mask"], "mask") if "mask" in form else None
     fields: dict[str, object] = {}
     lora: list[dict[str, object]] = []
@@ -145,7 +149,7 @@ def parse_edit_form(form: FormData) -> EditForm:
         req = ImageRequest.model_validate(fields)
     except ValidationError as exc:  # worded as the generations route words it
         raise InputError(first_problem(exc.errors())[1]) from None
-    return EditForm(req, image, mask, strength)  # type: ignore[arg-type]
+    return EditForm(req, image, mask, strength, tuple(more))  # type: ignore[arg-type]
 
 
 def _file(value: object, field: str) -> bytes:
@@ -202,12 +206,19 @@ async def read_edit(
     except InputError as exc:
         return error(400, str(exc), str(exc).split(":")[0])
     req = form.req
-    checked = ctx.checked_tenant(req, request)
+    checked = ctx.checked_tenant(req, request, editing=True)
     if isinstance(checked, JSONResponse):
         return checked
-    if form.mask is not None and ctx.runtime.workers.edit_family == "kontext":
-        why = "an instruction-edit model (Flux Kontext) edits the whole image as the prompt says"
+    family = ctx.runtime.workers.edit_family
+    if form.mask is not None and family in INSTRUCTION_EDITS:
+        why = "an instruction-edit model edits the whole image as the prompt says"
         return error(400, f"mask: not served: {why}", "mask")
+    if 1 + len(form.more) > images_taken(family):
+        taken = images_taken(family)
+        return error(
+            400, f"image: {1 + len(form.more)} images given; this model takes {taken} per edit",
+            "image",
+        )  # fmt: skip
     asked = None if req.size in (None, "auto") else parse_size(req.size)
     try:
         edit, size = await asyncio.to_thread(edit_input, form, ctx.runtime.workers.sizes, asked)
@@ -231,7 +242,9 @@ def edit_input(
     if strength is None:
         strength = DEFAULT_MASKED_STRENGTH if mask is not None else DEFAULT_STRENGTH
     pixels = np.asarray(fit(image, size, 1))
-    return EditInput(pixels, strength, fit_mask(mask, size) if mask is not None else None), size
+    more = tuple(np.asarray(read_image(data).convert("RGB")) for data in form.more)  # own sizes
+    masked = fit_mask(mask, size) if mask is not None else None
+    return EditInput(pixels, strength, masked, more), size
 
 
 def nearest_size(served: tuple[tuple[int, int], ...], own: tuple[int, int]) -> tuple[int, int]:

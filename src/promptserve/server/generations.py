@@ -52,7 +52,7 @@ def image_routes(ctx: Context) -> APIRouter:
 
     async def answer(req: ImageRequest, edit: EditInput | None, request: Request):
         """A generation's or an edit's answer: whole, or streamed."""
-        tenant = ctx.checked_tenant(req, request)
+        tenant = ctx.checked_tenant(req, request, editing=edit is not None)
         if isinstance(tenant, JSONResponse):
             return tenant
         refusal = unsupported(req)

@@ -66,7 +66,7 @@ def job_routes(ctx: Context, book: JobBook) -> APIRouter:
         return read if isinstance(read, JSONResponse) else await start_job(*read, request)
 
     async def start_job(req: ImageRequest, edit: EditInput | None, request: Request):
-        tenant = ctx.checked_tenant(req, request)
+        tenant = ctx.checked_tenant(req, request, editing=edit is not None)
         if isinstance(tenant, JSONResponse):
             return tenant
         refusal = job_refusal(req)

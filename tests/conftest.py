@@ -9,6 +9,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
 
 
+# the files that take longest, first: run in parallel (``make test``), a long file started
+# last would run alone at the end; a file's tests stay together and in their order
+LONGEST_FIRST = ("test_ray.py", "test_kopt_mix.py", "test_qwenimage.py", "test_edits.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    def rank(item) -> int:  # noqa: ANN001
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within each file and among the rest is kept
+
+
 @pytest.fixture
 def data_dir() -> Path:
     return DATA

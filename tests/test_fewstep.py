@@ -110,3 +110,30 @@ def test_a_schnell_shaped_flux_runs_four_steps_without_guidance_as_its_pipeline(
     assert torch.abs(ours - theirs).max() <= 1e-5 * max(1.0, float(theirs.abs().max()))
     resumed, _ = denoise(c, captured[2], ["a red fox"], 2, STEPS, [], 0.0)
     assert torch.abs(resumed - ours).max() <= 1e-5 * max(1.0, float(ours.abs().max()))
+
+
+@pytest.mark.parametrize("latent_cache", [True, False])
+def test_the_latent_cache_off_runs_every_step_and_writes_nothing(tmp_path, latent_cache):
+    """``serve --latent-cache off`` (the README's advice where a few-step model's levels buy
+    too little): a repeated prompt runs every step again and the cache stays empty; on, the
+    same repeat resumes from the first."""
+    from factories import client, tiny_app, until_cached
+    from promptserve.loadgen import read_metric
+    from promptserve.server.live import LiveServer
+
+    app = tiny_app(tmp_path, steps=8, latent_cache=latent_cache, policy="continuous-ht")
+    with LiveServer(app) as url:
+        images = client(url).images
+        first = images.generate(prompt="a lighthouse at dusk", size="64x64")
+        if latent_cache:
+            until_cached(url, 1)
+        again = images.generate(prompt="a lighthouse at dusk", size="64x64")
+        entries = read_metric(url, "promptserve_cache_entries")
+        written = read_metric(url, "promptserve_cache_bytes")
+    meta = [r.data[0].model_extra["promptserve"] for r in (first, again)]
+    assert meta[0]["level_k"] == 0
+    if latent_cache:
+        assert meta[1]["cache_hit"] and meta[1]["level_k"] > 0 and entries >= 1
+    else:
+        assert not meta[1]["cache_hit"] and meta[1]["level_k"] == 0
+        assert entries == 0 and written == 0

@@ -81,6 +81,7 @@ class ServeFile(BaseModel):
     max_inflight_megapixels: float | None = Field(default=None, gt=0)  # per GPU, step-level
     select_cpu: float = Field(default=0.10, gt=0, le=1)  # ``+select``: its replays' core share
     steps: int | None = Field(default=None, ge=1, le=1000)  # None: the family's default
+    latent_cache: Literal["off", "on"] = "on"  # approximate caching (off: every step, always)
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)
     max_headers: int = Field(default=100, ge=8, le=10_000)
@@ -234,4 +235,5 @@ def server_config(s: ServeFile):
         s.max_inflight_megapixels,
         s.select_cpu,
         s.steps,
+        s.latent_cache == "on",
     )

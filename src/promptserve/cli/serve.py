@@ -201,6 +201,14 @@ def serve_cmd(
             max=1000,
         ),
     ] = None,
+    latent_cache: Annotated[
+        str | None,
+        typer.Option(
+            help="on|off (default on): approximate caching, a request resumed at K from a "
+            "similar earlier prompt's latent. Off: every request runs every step and nothing "
+            "is embedded, looked up or written (see the README on few-step models).",
+        ),
+    ] = None,
     select_cpu: Annotated[
         float | None,
         typer.Option(
@@ -343,6 +351,7 @@ def serve_cmd(
         "feature_cache": feature_cache,
         "r_max": r_max,
         "select_cpu": select_cpu,
+        "latent_cache": latent_cache,
         "steps": steps,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
         "max_header_bytes": max_header_bytes,

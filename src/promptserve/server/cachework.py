@@ -43,7 +43,8 @@ def item_for(
     ref = None
     if workers.shared_store:
         key = p.hit.entry.latent_keys.get(level) if at_level else None
-        keep = worth_caching(p.hit.similarity if p.hit else None)
+        # nothing is written for a request that was not embedded (the latent cache off)
+        keep = p.embedding.size > 0 and worth_caching(p.hit.similarity if p.hit else None)
         pinned = p.hit.entry.id if key else None
         if pinned is not None:  # the worker reads it later: eviction must wait for it
             cache.pin(pinned)

@@ -93,11 +93,14 @@ class LiveRuntime:
         pause: Pause = wall_pause,
         seeds: Callable[[], int] = random_seed,
         select_cpu: float = DEFAULT_CPU_SHARE,
+        latent_cache: bool = True,
     ) -> None:
         """``clock`` and ``pause`` are every reading of time and every wait of the loops: a
         test drives the runtime on a clock of its own by passing both. ``seeds`` gives an
-        image's seed where its request names none."""
+        image's seed where its request names none. ``latent_cache`` off: no request is
+        embedded, looked up or written to the cache (each runs every step)."""
         self.workers = workers
+        self.latent_cache = latent_cache
         self.guidance = workers.guidance  # read once: workers without it fail here, not mid-run
         # the sizes as the policy times them: a request's ``shape`` is its size's index here
         self.shapes = shape_table(workers.native, workers.sizes)
@@ -242,12 +245,14 @@ class LiveRuntime:
         """Embed, look up, admit and place; the future the answer will come on."""
         now = self.clock()
         self.note_arrival(now)
-        # an edit starts from its own image: no neighbour to look up, no entry to embed
-        vec = await self._embed.embed(prompt, tenant) if edit is None else NO_VECTOR
+        # an edit starts from its own image: no neighbour to look up, no entry to embed (nor
+        # any request with the latent cache off)
+        cached = edit is None and self.latent_cache
+        vec = await self._embed.embed(prompt, tenant) if cached else NO_VECTOR
         embedded = self.clock()
         self.counters.stage("embed", embedded - now)
         space = cache_space(tenant, look)  # where it looks up, and where its entry goes
-        hit = await self._lookup(space, vec, exact or edit is not None)
+        hit = await self._lookup(space, vec, exact or not cached)
         looked_up = self.clock()
         self.counters.stage("lookup", looked_up - embedded)
         k_opt = engine_level(hit.k_opt, self.workers) if hit else 0
@@ -369,7 +374,7 @@ class LiveRuntime:
                 self.fail(job_id, RuntimeError("the run ended without a result"))
                 continue
             item = p.item or GenerationItem(p.prompt, result.k, None, seed=p.seed, look=p.look)
-            if p.edit is None:  # an edit's latents are its own image's: never cached
+            if p.embedding.size:  # an edit's latents are its own image's: never cached
                 answered.append((p, item, result, p.ref))
             self._serve(p, result, p.started if p.started is not None else p.arrival, now, outcome)
         if answered:

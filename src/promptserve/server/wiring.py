@@ -69,6 +69,9 @@ class ServerConfig:
     max_inflight_megapixels: float | None = None
     select_cpu: float = 0.10  # ``+select``: the share of one core its replays may take
     steps: int | None = None  # denoising steps (None: the family's default; levels follow)
+    # approximate caching: a request resumes at K from a neighbour's latent and leaves its own
+    # (off: every request runs every step, nothing is embedded, looked up or written)
+    latent_cache: bool = True
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -201,6 +204,7 @@ def runtime_for(
     return LiveRuntime(
         workers, cache, embedder, policy, setting, qm, clock=clock,
         expected_qpm=config.expected_qpm, pause=pause, select_cpu=config.select_cpu,
+        latent_cache=config.latent_cache,
     )  # fmt: skip
 
 

@@ -61,6 +61,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_step_decision.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_engine.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_size_steps.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_fewstep.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_http.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_request_path.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_ray.py

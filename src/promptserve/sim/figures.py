@@ -206,6 +206,25 @@ def interval_losses(_: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def few_step_savings(data: dict) -> str:
+    """``bench_fewstep.py``: per schedule, the share of a run no level skips and what each
+    level saved end to end, against K/N."""
+    names = {"sd_50": "SD 1.x", "zimage_8": "Z-Image-Turbo", "flux_schnell_4": "FLUX.1-schnell"}
+    lines = [
+        "| schedule | work no level skips | saved at each level (ideal K/N) |",
+        "|---|---|---|",
+    ]
+    for key in ("sd_50", "zimage_8", "flux_schnell_4"):
+        run = data[key]
+        saved = ", ".join(
+            f"K{k[1:]} {v:.2f} ({run['ideal'][k]:.2f})" for k, v in run["saved"].items()
+        )
+        lines.append(
+            f"| {run['steps']} steps ({names[key]}) | {run['fixed_share']:.2f} | {saved} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # a block's file under docs/figures ("": rendered from the code's own constants)
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "cached-shares": ("", cached_shares),
@@ -217,6 +236,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "headline-tune": ("policies.json", lambda d: headline(d, "tune")),
     "headline-mild": ("policies-mild.json", headline),
     "policies-mild-held-out": ("policies-mild.json", lambda d: full_tables(d, "held-out")),
+    "few-step": ("fewstep.json", few_step_savings),
 }
 
 

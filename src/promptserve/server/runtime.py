@@ -97,10 +97,8 @@ class LiveRuntime:
     ) -> None:
         """``clock`` and ``pause`` are every reading of time and every wait of the loops: a
         test drives the runtime on a clock of its own by passing both. ``seeds`` gives an
-        image's seed where its request names none. ``latent_cache`` off: no request is
-        embedded, looked up or written to the cache (each runs every step)."""
-        self.workers = workers
-        self.latent_cache = latent_cache
+        image's seed where its request names none; ``latent_cache`` off, none is cached."""
+        self.workers, self.latent_cache = workers, latent_cache
         self.guidance = workers.guidance  # read once: workers without it fail here, not mid-run
         # the sizes as the policy times them: a request's ``shape`` is its size's index here
         self.shapes = shape_table(workers.native, workers.sizes)
@@ -245,8 +243,7 @@ class LiveRuntime:
         """Embed, look up, admit and place; the future the answer will come on."""
         now = self.clock()
         self.note_arrival(now)
-        # an edit starts from its own image: no neighbour to look up, no entry to embed (nor
-        # any request with the latent cache off)
+        # an edit starts from its own image: no neighbour to look up, no entry to embed
         cached = edit is None and self.latent_cache
         vec = await self._embed.embed(prompt, tenant) if cached else NO_VECTOR
         embedded = self.clock()

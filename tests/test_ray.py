@@ -375,3 +375,27 @@ def test_the_new_families_serve_on_ray(ray_settings, tmp_path, family):
     assert kinds[-1] == "ImageGenCompletedEvent" and "ImageGenPartialImageEvent" in kinds
     card = client.models.list().data[0].model_extra
     assert card["family"] == family and card["steps"] == 4
+
+
+def test_a_qwen_image_edit_folder_edits_two_images_on_ray(ray_settings, tmp_path):
+    """Qwen-Image-Edit on a worker replica: an edit of two images (both travel to the worker,
+    each at its own size) from step 0, and a generation refused at the ingress."""
+    from promptserve.engine.pipelines import pipeline_for, save_pipeline
+
+    folder = tmp_path.parent / f"{tmp_path.name}-qwen-edit"
+    save_pipeline(pipeline_for(build("qwenimage-edit"), 4.0), folder)
+    url = deploy(
+        ray_settings, tmp_path, model=str(folder), slo_s=300, sizes=((64, 64),), steps=2,
+        workers=1,
+    )  # fmt: skip
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+    files = []
+    for shade, size in ((40, (64, 64)), (200, (48, 32))):
+        out = io.BytesIO()
+        Image.new("RGB", size, (shade, 90, 30)).save(out, format="PNG")
+        files.append((f"{shade}.png", out.getvalue(), "image/png"))
+    edit = client.images.edit(image=files, prompt="put them side by side")
+    assert edit.data[0].model_extra["promptserve"]["edit_start"] == 0
+    assert Image.open(io.BytesIO(base64.b64decode(edit.data[0].b64_json))).size == (64, 64)
+    with pytest.raises(openai.BadRequestError, match="/v1/images/edits"):
+        client.images.generate(prompt="a red fox")

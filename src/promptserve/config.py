@@ -82,6 +82,7 @@ class ServeFile(BaseModel):
     select_cpu: float = Field(default=0.10, gt=0, le=1)  # ``+select``: its replays' core share
     steps: int | None = Field(default=None, ge=1, le=1000)  # None: the family's default
     latent_cache: Literal["off", "on"] = "on"  # approximate caching (off: every step, always)
+    jobs_dir: Path | None = None  # the durable job store's folder (None: cache_dir)
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)
     max_headers: int = Field(default=100, ge=8, le=10_000)
@@ -236,4 +237,5 @@ def server_config(s: ServeFile):
         s.select_cpu,
         s.steps,
         s.latent_cache == "on",
+        s.jobs_dir,
     )

@@ -201,6 +201,14 @@ def serve_cmd(
             max=1000,
         ),
     ] = None,
+    jobs_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the durable job store, jobs.sqlite (default the cache folder): "
+            "every job answered 202 is written there first, and a restart runs the "
+            "unfinished ones again and keeps the finished ones retrievable.",
+        ),
+    ] = None,
     latent_cache: Annotated[
         str | None,
         typer.Option(
@@ -352,6 +360,7 @@ def serve_cmd(
         "r_max": r_max,
         "select_cpu": select_cpu,
         "latent_cache": latent_cache,
+        "jobs_dir": jobs_dir,
         "steps": steps,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
         "max_header_bytes": max_header_bytes,

@@ -109,7 +109,9 @@ class Ingress:
         if config.profile is not None:  # plan with the measured profile, not the quick one
             w = self.workers
             w.profile = profile_for(config.profile, w.name, w.total_steps, w.levels)
-        self.api = app_for(config, self.workers)
+        # jobs in memory: ingress replicas on one cache folder must not each run the others'
+        # unfinished jobs again after a restart
+        self.api = app_for(config, self.workers, durable_jobs=False)
         if self.shards > 1:
             self._share_images()
             self._own_tenants_only(KeyTable(config.api_keys))

@@ -24,8 +24,9 @@ from promptserve.edge.limits import HttpLimits, RequestGate
 from promptserve.engine.sizes import label
 from promptserve.server.context import Context, error, first_problem
 from promptserve.server.generations import image_routes
-from promptserve.server.jobroutes import job_routes
+from promptserve.server.jobroutes import job_routes, restore_jobs
 from promptserve.server.jobs import JobBook
+from promptserve.server.jobstore import JobStore
 from promptserve.server.metrics import History
 from promptserve.server.observer import record, scrape
 from promptserve.server.runtime import LiveRuntime
@@ -43,18 +44,23 @@ def create_app(
     public_url: str | None = None,
     limits: HttpLimits | None = None,
     model_names: tuple[str, ...] = (),
+    jobs: JobStore | None = None,
 ) -> FastAPI:
     """``public_url``: where clients reach this server (image links start with it; without it
-    they are relative to the API root, never built from a client's Host header)."""
+    they are relative to the API root, never built from a client's Host header). ``jobs``: the
+    durable job store (None: jobs live in memory only)."""
     table = KeyTable(keys)
     limits = limits or HttpLimits()
     names = model_names or (runtime.workers.name,)
     ctx = Context(runtime, slo_s, table, public_url, names)
     history = History()
+    book = JobBook(store=jobs)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         runtime.start()
+        if book.store is not None:  # a restart: the jobs it had accepted
+            await restore_jobs(ctx, book)
         recorder = asyncio.create_task(record(runtime, ctx.metrics, history))
         yield
         recorder.cancel()
@@ -66,8 +72,8 @@ def create_app(
     app.state.http_limits = limits  # the connection's limits, for whoever serves this app
     app.add_middleware(RequestGate, max_body_bytes=max_body_bytes, keys=table, limits=limits)
     app.include_router(image_routes(ctx))
-    app.state.jobs = JobBook()  # every job it knows, for operators' tooling and tests
-    app.include_router(job_routes(ctx, app.state.jobs))
+    app.state.jobs = book  # every job it knows, for operators' tooling and tests
+    app.include_router(job_routes(ctx, book))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -31,8 +31,15 @@ class ImageStore:
         self.prefix = prefix
         self._shelf: TenantShelf[tuple[bytes, str]] = TenantShelf(bounds)
 
-    def put(self, tenant: str, image: bytes, now: float, media_type: str = "image/png") -> str:
-        image_id = new_id(self.prefix)
+    def put(
+        self,
+        tenant: str,
+        image: bytes,
+        now: float,
+        media_type: str = "image/png",
+        image_id: str | None = None,  # a restored job's link keeps its id
+    ) -> str:
+        image_id = image_id or new_id(self.prefix)
         self._shelf.put(tenant, image_id, (image, media_type), now, len(image))
         return image_id
 

@@ -1,5 +1,7 @@
 """The asynchronous jobs' routes (``/v1/jobs``): one image each, polled, streamed as events or
-cancelled; a job is its tenant's alone (another key's ids answer 404)."""
+cancelled; a job is its tenant's alone (another key's ids answer 404). With a job store
+(``jobstore``) a job is on the disk before its 202, and a restart runs the unfinished again
+(``restore_jobs``)."""
 
 from __future__ import annotations
 
@@ -41,19 +43,96 @@ def accepted(handle: JobHandle) -> bool:
     return future.done() and not future.cancelled() and future.exception() is None
 
 
+async def image_data(
+    ctx: Context, served: Served, req: ImageRequest, tenant: str
+) -> tuple[ImageData, tuple[str, bytes, str] | None]:
+    """The job's image as its request asked (format, and a link or base64): encoded off the
+    event loop, kept (for a link) on it, where every other route keeps images; and a link's
+    image id, bytes and media type (the job store keeps them)."""
+    meta = meta_of(served)
+    (image,) = await asyncio.to_thread(encoded, [served], req)
+    if req.response_format == "url":
+        media = MEDIA_TYPES[req.output_format or "png"]
+        image_id = ctx.images.put(tenant, image, time.monotonic(), media)
+        return ImageData(url=ctx.image_url(image_id), promptserve=meta), (image_id, image, media)
+    return ImageData(b64_json=image, promptserve=meta), None
+
+
+async def run_job(
+    ctx: Context,
+    book: JobBook,
+    state: JobState,
+    req: ImageRequest,
+    edit: EditInput | None,
+    deadline_s: float,
+    restored: bool = False,
+) -> None:
+    """Submit the job and record how it ended. A job refused before it was queued leaves no
+    trace (its POST answers the refusal), unless a restart ran it again: it was accepted once,
+    so it ends failed, saying why."""
+    start, image = time.monotonic(), None
+    try:
+        served = await ctx.runtime.submit(
+            req.prompt, state.tenant, deadline_s, state.handle, seed=req.seed,
+            look=ctx.look(req), edit=edit,
+        )  # fmt: skip
+        if edit is not None and edit.mask is not None:
+            (served,) = await asyncio.to_thread(overlaid, [served], edit)
+        ctx.metrics.count(served, deadline_s, time.monotonic() - start, ctx.size_of(req))
+        data, image = await image_data(ctx, served, req, state.tenant)
+        state.finish("succeeded", data=data)
+    except Exception as exc:  # refused, dropped, cancelled or failed: the job says which
+        ctx.metrics.count(exc, deadline_s, time.monotonic() - start)
+        cancelled = isinstance(exc, Cancelled)
+        state.finish("cancelled" if cancelled else "failed", error=public_message(exc))
+    finally:
+        if restored or accepted(state.handle):  # type: ignore[arg-type]
+            book.ended(state, time.monotonic())
+            # a job stopped by a shutdown (not final) stays unfinished on the disk: run again
+            if book.store is not None and state.status in FINAL:
+                view, gone = state.view(), book.let_go()
+                await asyncio.to_thread(book.store.forget, gone)  # pushed out by this one
+                await asyncio.to_thread(book.store.finish, state.id, view, time.time(), image)
+        else:  # refused before it was queued: the POST answers that, no job remains
+            book.live.pop(state.id, None)
+            if book.store is not None:
+                await asyncio.to_thread(book.store.forget, [state.id])
+
+
+async def restore_jobs(ctx: Context, book: JobBook) -> None:
+    """After a restart: every finished job back on its tenant's shelf (its age counted from
+    when it ended, a linked image under its old id), every unfinished one run again with the
+    time its deadline leaves, or ended as expired where none is left."""
+    assert book.store is not None
+    rows = await asyncio.to_thread(book.store.load)
+    wall, now = time.time(), time.monotonic()
+    for row in rows:
+        if row.view is not None:
+            state = JobState.ended_as(row.id, row.tenant, row.view)
+            at = now - (wall - (row.finished or wall))
+            if row.image is not None:
+                image_id, data, media = row.image
+                ctx.images.put(row.tenant, data, at, media, image_id=image_id)
+            book.finished.put(row.tenant, row.id, state, at, state.size)
+            continue
+        state = JobState(row.id, row.tenant)
+        state.handle = JobHandle(state.emit, asyncio.get_running_loop().create_future())
+        book.add(state)
+        left = row.deadline - wall
+        if left <= 0:  # its deadline passed while the server was down
+            state.finish("failed", error="expired: its deadline passed before a restart")
+            book.ended(state, now)
+            await asyncio.to_thread(book.store.finish, state.id, state.view(), wall)
+            continue
+        book.restored += 1
+        ctx.metrics.jobs_restored.inc()
+        task = run_job(ctx, book, state, row.request, row.edit, left, restored=True)
+        state.task = asyncio.create_task(task)
+    await asyncio.to_thread(book.store.forget, book.let_go())  # aged out while it was down
+
+
 def job_routes(ctx: Context, book: JobBook) -> APIRouter:
     router = APIRouter()
-
-    async def image_data(served: Served, req: ImageRequest, tenant: str) -> ImageData:
-        """The job's image as its request asked (format, and a link or base64): encoded off
-        the event loop, kept (for a link) on it, where every other route keeps images."""
-        meta = meta_of(served)
-        (image,) = await asyncio.to_thread(encoded, [served], req)
-        if req.response_format == "url":
-            media = MEDIA_TYPES[req.output_format or "png"]
-            image_id = ctx.images.put(tenant, image, time.monotonic(), media)
-            return ImageData(url=ctx.image_url(image_id), promptserve=meta)
-        return ImageData(b64_json=image, promptserve=meta)
 
     @router.post("/v1/jobs", status_code=202)
     async def create_job(req: ImageRequest, request: Request):
@@ -77,31 +156,12 @@ def job_routes(ctx: Context, book: JobBook) -> APIRouter:
         handle = JobHandle(state.emit, asyncio.get_running_loop().create_future())
         state.handle = handle
         deadline_s = ctx.deadline_s(req)
+        if book.store is not None:  # on the disk before it runs: a job answered 202 is kept
+            wall = time.time()
+            row = (state.id, tenant, req, edit, wall, wall + deadline_s)
+            await asyncio.to_thread(book.store.accept, *row)
         book.add(state)
-
-        async def run() -> None:
-            start = time.monotonic()
-            try:
-                served = await ctx.runtime.submit(
-                    req.prompt, tenant, deadline_s, handle, seed=req.seed, look=ctx.look(req),
-                    edit=edit,
-                )  # fmt: skip
-                if edit is not None and edit.mask is not None:
-                    (served,) = await asyncio.to_thread(overlaid, [served], edit)
-                ctx.metrics.count(served, deadline_s, time.monotonic() - start, ctx.size_of(req))
-                data = await image_data(served, req, tenant)
-                state.finish("succeeded", data=data)
-            except Exception as exc:  # refused, dropped, cancelled or failed: the job says which
-                ctx.metrics.count(exc, deadline_s, time.monotonic() - start)
-                cancelled = isinstance(exc, Cancelled)
-                state.finish("cancelled" if cancelled else "failed", error=public_message(exc))
-            finally:
-                if accepted(handle):
-                    book.ended(state, time.monotonic())
-                else:  # refused before it was queued: the POST answers that, no job remains
-                    book.live.pop(state.id, None)
-
-        state.task = asyncio.create_task(run())
+        state.task = asyncio.create_task(run_job(ctx, book, state, req, edit, deadline_s))
         try:
             await handle.accepted
         except BaseException as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+from promptserve.server.jobstore import JobStore
 from promptserve.server.kept import Bounds, TenantShelf
 from promptserve.server.runtime import JobHandle
 from promptserve.server.schemas import ImageData
@@ -57,6 +58,16 @@ class JobState:
         self.events.append((kind, data))
         self._notify()
 
+    @classmethod
+    def ended_as(cls, job_id: str, tenant: str, view: dict) -> JobState:
+        """A finished job as its stored view gives it (a restart: ``jobstore``)."""
+        state = cls(job_id, tenant)
+        state.step = view.get("step", 0)
+        data = view.get("data")
+        error = view.get("error", {}).get("message")
+        state.finish(view["status"], ImageData.model_validate(data[0]) if data else None, error)
+        return state
+
     def finish(self, status: str, data: ImageData | None = None, error: str | None = None) -> None:
         self.data, self.error = data, error
         self.events.append(("done", {"status": status, **({"error": error} if error else {})}))
@@ -79,11 +90,21 @@ class JobState:
 
 
 class JobBook:
-    """Every job the server knows: the live ones by id, the finished ones on a shelf."""
+    """Every job the server knows: the live ones by id, the finished ones on a shelf; with a
+    ``store``, each one on the disk too, and a job the shelf lets go deleted there."""
 
-    def __init__(self, bounds: Bounds = JOB_BOUNDS) -> None:
+    def __init__(self, bounds: Bounds = JOB_BOUNDS, store: JobStore | None = None) -> None:
         self.live: dict[str, JobState] = {}
-        self.finished: TenantShelf[JobState] = TenantShelf(bounds)
+        self.store = store
+        self.dropped: list[str] = []  # let go by the shelf, not yet deleted from the store
+        drop = None if store is None else self.dropped.append
+        self.finished: TenantShelf[JobState] = TenantShelf(bounds, on_drop=drop)
+        self.restored = 0  # unfinished jobs a restart ran again
+
+    def let_go(self) -> list[str]:
+        """The jobs the shelf let go since the last call (to delete from the store)."""
+        gone, self.dropped[:] = list(self.dropped), []
+        return gone
 
     def add(self, state: JobState) -> None:
         self.live[state.id] = state

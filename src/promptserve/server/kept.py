@@ -5,6 +5,7 @@ another's results, and nothing stays forever."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -22,8 +23,9 @@ class TenantShelf(Generic[V]):
     """Items by id, each a tenant's; a tenant over its bounds loses its own oldest first, and
     an item older than ``ttl_s`` is gone. Time is an argument (seconds, any monotonic clock)."""
 
-    def __init__(self, bounds: Bounds) -> None:
+    def __init__(self, bounds: Bounds, on_drop: Callable[[str], None] | None = None) -> None:
         self.bounds = bounds
+        self.on_drop = on_drop  # told of every item that goes (pushed out, expired or popped)
         self._items: dict[str, tuple[str, float, int, V]] = {}  # id -> tenant, put at, size
         self._order: dict[str, OrderedDict[str, None]] = {}  # tenant -> its ids, oldest first
         self._bytes: dict[str, int] = {}
@@ -62,6 +64,8 @@ class TenantShelf(Generic[V]):
         self._bytes[tenant] -= size
         if not order:
             del self._order[tenant], self._bytes[tenant]
+        if self.on_drop is not None:
+            self.on_drop(item_id)
         return value
 
     def expire(self, now: float) -> int:

@@ -33,6 +33,11 @@ GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         (),
     ),
     "workers_up": ("promptserve_workers_up", "Workers whose replica answers", ()),
+    "jobs_restored": (
+        "promptserve_jobs_restored",
+        "Unfinished jobs a restart ran again from the job store",
+        (),
+    ),
     "submitted": (
         "promptserve_requests_submitted",
         "Images asked for (offered load); each ends in one outcome of promptserve_requests",

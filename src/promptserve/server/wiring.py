@@ -27,6 +27,7 @@ from promptserve.profile import for_adapters, profile_for, with_feature_cache
 from promptserve.quality import interval_quality, model_for_levels
 from promptserve.server.app import create_app
 from promptserve.server.clock import Pause, wall_pause
+from promptserve.server.jobstore import JobStore
 from promptserve.server.runtime import LiveRuntime
 from promptserve.workers.base import Workers
 from promptserve.workers.local import LocalWorkers, compute_threads
@@ -72,6 +73,8 @@ class ServerConfig:
     # approximate caching: a request resumes at K from a neighbour's latent and leaves its own
     # (off: every request runs every step, nothing is embedded, looked up or written)
     latent_cache: bool = True
+    # the durable job store's folder (None: the cache folder); its file is jobs.sqlite
+    jobs_dir: Path | None = None
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -146,9 +149,13 @@ def worker_devices(device: str, workers: int) -> list[str]:
     return [f"cuda:{i}" for i in range(workers)]
 
 
-def app_for(config: ServerConfig, workers: Workers) -> FastAPI:
-    """The API over any workers (in-process or Ray replicas): cache, planner, runtime."""
+def app_for(config: ServerConfig, workers: Workers, durable_jobs: bool = True) -> FastAPI:
+    """The API over any workers (in-process or Ray replicas): cache, planner, runtime, and
+    (``durable_jobs``) the job store in ``jobs_dir``."""
     runtime = runtime_for(config, workers)
+    jobs = None
+    if durable_jobs:
+        jobs = JobStore(Path(config.jobs_dir or config.cache_dir) / "jobs.sqlite")
     return create_app(
         runtime,
         runtime.setting.slo_s,
@@ -157,6 +164,7 @@ def app_for(config: ServerConfig, workers: Workers) -> FastAPI:
         config.public_url,
         config.http,
         config.model_names or (served_name(workers.name),),
+        jobs,
     )
 
 

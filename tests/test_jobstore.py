@@ -1,0 +1,120 @@
+"""The durable job store (``server/jobstore.py``): a job answered 202 is a row on the disk; after
+a SIGKILL and a restart on the same folder the unfinished ones run again and end, the finished
+ones answer as before (a link's image too), an expired one says so, and a tenant's bounds delete
+its own rows only."""
+
+import signal
+import time
+
+import httpx
+import numpy as np
+
+from factories import tiny_app
+from promptserve.engine.base import EditInput
+from promptserve.server.jobs import JobBook, JobState
+from promptserve.server.jobstore import JobStore
+from promptserve.server.kept import Bounds
+from promptserve.server.live import LiveServer, start_server
+from promptserve.server.schemas import ImageRequest
+
+KEYS = {"key-a": "tenant-a", "key-b": "tenant-b"}
+
+
+def wait_final(url: str, job_id: str, key: str, within_s: float = 120.0) -> dict:
+    deadline = time.monotonic() + within_s
+    while True:
+        view = httpx.get(f"{url}/v1/jobs/{job_id}", headers=auth(key), timeout=30).json()
+        if view.get("status") in ("succeeded", "failed", "cancelled"):
+            return view
+        assert time.monotonic() < deadline, f"job {job_id} never ended: {view}"
+        time.sleep(0.2)
+
+
+def auth(key: str) -> dict:
+    return {"authorization": f"Bearer {key}"}
+
+
+def test_a_row_keeps_the_request_and_an_edits_images_across_a_reopen(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    rng = np.random.default_rng(0)
+    image, more = (
+        rng.integers(0, 255, (8, 8, 3), np.uint8),
+        rng.integers(0, 255, (4, 6, 3), np.uint8),
+    )
+    mask = rng.integers(0, 255, (8, 8), np.uint8)
+    req = ImageRequest(prompt="a boat", seed=3, output_format="webp")
+    store.accept("a" * 32, "t", req, EditInput(image, 0.4, mask, (more,)), 10.0, 40.0)
+    store.accept("b" * 32, "t", req, None, 11.0, 41.0)
+    store.finish("b" * 32, {"id": "b" * 32, "status": "failed", "step": 2}, 12.0)
+    (first, second) = JobStore(tmp_path / "jobs.sqlite").load()  # another connection: on disk
+    assert first.request == req and first.view is None and first.deadline == 40.0
+    assert np.array_equal(first.edit.image, image) and np.array_equal(first.edit.mask, mask)
+    assert first.edit.strength == 0.4 and np.array_equal(first.edit.more[0], more)
+    assert second.view["status"] == "failed" and second.edit is None and second.finished == 12.0
+
+
+def test_a_tenants_bounds_delete_its_own_rows_only(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite")
+    book = JobBook(Bounds(count=2, bytes=1 << 20, ttl_s=3600), store)
+    req = ImageRequest(prompt="x")
+    for i, tenant in enumerate(["a", "b", "a", "a", "a"]):
+        job_id = f"{i:032x}"
+        store.accept(job_id, tenant, req, None, i, i + 60)
+        state = JobState(job_id, tenant)
+        state.finish("succeeded")
+        book.live[job_id] = state
+        book.ended(state, float(i))
+        store.forget(book.let_go())  # as the route does once a job has ended
+    kept = {(row.tenant, row.id[-1]) for row in store.load()}
+    assert kept == {("b", "1"), ("a", "3"), ("a", "4")}  # a's oldest two went, b's one stayed
+
+
+def test_finished_jobs_answer_after_a_restart_and_an_expired_one_says_so(tmp_path):
+    app = tiny_app(tmp_path, api_keys=KEYS)
+    with LiveServer(app) as url:
+        b64 = httpx.post(
+            f"{url}/v1/jobs", json={"prompt": "a fox", "seed": 4}, headers=auth("key-a")
+        )
+        link = httpx.post(
+            f"{url}/v1/jobs", json={"prompt": "a kite", "response_format": "url"},
+            headers=auth("key-a"),
+        )  # fmt: skip
+        assert b64.status_code == link.status_code == 202
+        before = [wait_final(url, r.json()["id"], "key-a") for r in (b64, link)]
+        image = httpx.get(f"{url}{before[1]['data'][0]['url']}", headers=auth("key-a"))
+    store = JobStore(tmp_path / "jobs.sqlite")  # a job accepted, then the server went down
+    store.accept("c" * 32, "tenant-a", ImageRequest(prompt="late"), None, 1.0, time.time() - 1)
+    with LiveServer(tiny_app(tmp_path, api_keys=KEYS)) as url:
+        after = [wait_final(url, v["id"], "key-a") for v in before]
+        again = httpx.get(f"{url}{after[1]['data'][0]['url']}", headers=auth("key-a"))
+        expired = wait_final(url, "c" * 32, "key-a")
+        other = httpx.get(f"{url}/v1/jobs/{before[0]['id']}", headers=auth("key-b"))
+    assert after == before and before[0]["status"] == "succeeded"
+    assert again.status_code == 200 and again.content == image.content
+    assert expired["status"] == "failed" and "expired" in expired["error"]["message"]
+    assert other.status_code == 404  # still its tenant's alone
+
+
+def test_jobs_accepted_before_a_sigkill_end_after_the_restart(tmp_path):
+    """Six jobs on one CPU worker, the server killed as soon as they are accepted (most still
+    queued), started again on the same folder: every one ends succeeded."""
+    args = ["--model", "tiny", "--embedder", "hashing", "--workers", "1", "--slo", "600"]
+    proc, url = start_server(args, tmp_path)
+    try:
+        ids = []
+        for i in range(6):
+            r = httpx.post(f"{url}/v1/jobs", json={"prompt": f"a harbour {i}"}, timeout=60)
+            assert r.status_code == 202
+            ids.append(r.json()["id"])
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        unfinished = [row for row in JobStore(tmp_path / "jobs.sqlite").load() if row.view is None]
+        assert unfinished  # the kill came before they ended
+        proc, url = start_server(args, tmp_path)
+        views = [wait_final(url, job_id, "unused") for job_id in ids]
+        metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        proc.kill()
+    assert [v["status"] for v in views] == ["succeeded"] * 6
+    assert all(v["data"][0]["b64_json"] for v in views)
+    assert f"promptserve_jobs_restored {float(len(unfinished))}" in metrics

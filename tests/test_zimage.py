@@ -115,7 +115,10 @@ def test_a_saved_zimage_folder_is_served_with_its_turbo_schedule(c, tmp_path):
     # the model says what it runs and takes
     assert card["family"] == "zimage" and card["steps"] == 8 and card["levels"] == [0, 1, 2, 3, 4]
     assert card["guidance"]["kind"] == "cfg" and card["guidance"]["default"] == 0.0
-    assert card["accepts"] == {"negative_prompt": True, "guidance_scale": True, "edits": True}
+    assert card["accepts"] == {
+        "negative_prompt": True, "guidance_scale": True, "edits": True, "generations": True,
+        "mask": True, "images_per_edit": 1,
+    }  # fmt: skip
 
 
 def png() -> bytes:

@@ -26,6 +26,7 @@ class JobState:
         self.step = 0  # the last denoising step done
         self.events: list[tuple[str, dict]] = []
         self.data: ImageData | None = None
+        self.kept_data: list[dict] | None = None  # a restored job's ``data``, as it was viewed
         self.error: str | None = None
         self.handle: JobHandle | None = None
         self.task: asyncio.Task | None = None
@@ -63,9 +64,8 @@ class JobState:
         """A finished job as its stored view gives it (a restart: ``jobstore``)."""
         state = cls(job_id, tenant)
         state.step = view.get("step", 0)
-        data = view.get("data")
-        error = view.get("error", {}).get("message")
-        state.finish(view["status"], ImageData.model_validate(data[0]) if data else None, error)
+        state.kept_data = view.get("data")  # answered as written (its None fields left out)
+        state.finish(view["status"], None, view.get("error", {}).get("message"))
         return state
 
     def finish(self, status: str, data: ImageData | None = None, error: str | None = None) -> None:
@@ -78,12 +78,16 @@ class JobState:
     def size(self) -> int:
         """Bytes it holds, roughly: its image (base64) and its event log."""
         image = len(self.data.b64_json or "") if self.data is not None else 0
+        if self.kept_data:
+            image = len(self.kept_data[0].get("b64_json") or "")
         return image + 64 * len(self.events)
 
     def view(self) -> dict:
         out: dict = {"id": self.id, "status": self.status, "step": self.step}
         if self.data is not None:
             out["data"] = [self.data.model_dump(exclude_none=True)]  # no "url": null
+        elif self.kept_data is not None:
+            out["data"] = self.kept_data
         if self.error is not None:
             out["error"] = {"message": self.error}
         return out

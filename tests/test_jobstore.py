@@ -45,7 +45,7 @@ def test_a_row_keeps_the_request_and_an_edits_images_across_a_reopen(tmp_path):
     req = ImageRequest(prompt="a boat", seed=3, output_format="webp")
     store.accept("a" * 32, "t", req, EditInput(image, 0.4, mask, (more,)), 10.0, 40.0)
     store.accept("b" * 32, "t", req, None, 11.0, 41.0)
-    store.finish("b" * 32, {"id": "b" * 32, "status": "failed", "step": 2}, 12.0)
+    store.finish("b" * 32, {"id": "b" * 32, "status": "failed", "step": 2}, 12.0, [])
     (first, second) = JobStore(tmp_path / "jobs.sqlite").load()  # another connection: on disk
     assert first.request == req and first.view is None and first.deadline == 40.0
     assert np.array_equal(first.edit.image, image) and np.array_equal(first.edit.mask, mask)
@@ -76,21 +76,24 @@ def test_finished_jobs_answer_after_a_restart_and_an_expired_one_says_so(tmp_pat
             f"{url}/v1/jobs", json={"prompt": "a fox", "seed": 4}, headers=auth("key-a")
         )
         link = httpx.post(
-            f"{url}/v1/jobs", json={"prompt": "a kite", "response_format": "url"},
+            f"{url}/v1/jobs", json={"prompt": "a kite", "response_format": "url", "n": 2},
             headers=auth("key-a"),
         )  # fmt: skip
         assert b64.status_code == link.status_code == 202
         before = [wait_final(url, r.json()["id"], "key-a") for r in (b64, link)]
-        image = httpx.get(f"{url}{before[1]['data'][0]['url']}", headers=auth("key-a"))
+        links = [d["url"] for d in before[1]["data"]]
+        images = [httpx.get(f"{url}{link}", headers=auth("key-a")).content for link in links]
     store = JobStore(tmp_path / "jobs.sqlite")  # a job accepted, then the server went down
     store.accept("c" * 32, "tenant-a", ImageRequest(prompt="late"), None, 1.0, time.time() - 1)
     with LiveServer(tiny_app(tmp_path, api_keys=KEYS)) as url:
         after = [wait_final(url, v["id"], "key-a") for v in before]
-        again = httpx.get(f"{url}{after[1]['data'][0]['url']}", headers=auth("key-a"))
+        again = [httpx.get(f"{url}{link}", headers=auth("key-a")) for link in links]
         expired = wait_final(url, "c" * 32, "key-a")
         other = httpx.get(f"{url}/v1/jobs/{before[0]['id']}", headers=auth("key-b"))
     assert after == before and before[0]["status"] == "succeeded"
-    assert again.status_code == 200 and again.content == image.content
+    assert len(images) == 2 and images[0] != images[1]  # n = 2: two seeds
+    assert [r.status_code for r in again] == [200, 200]
+    assert [r.content for r in again] == images
     assert expired["status"] == "failed" and "expired" in expired["error"]["message"]
     assert other.status_code == 404  # still its tenant's alone
 

@@ -348,7 +348,8 @@ def test_job_progress_streams_every_step(tiny_url):
     assert httpx.delete(f"{tiny_url}/v1/jobs/{job_id}").status_code == 409
     assert httpx.get(f"{tiny_url}/v1/jobs/{'f' * 32}").status_code == 404
     assert httpx.get(f"{tiny_url}/v1/jobs/nothex").status_code == 400
-    assert httpx.post(tiny_url + "/v1/jobs", json={"prompt": "x", "n": 2}).status_code == 400
+    refused = httpx.post(tiny_url + "/v1/jobs", json={"prompt": "x", "stream": True})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream"
 
 
 def test_a_job_is_cancelled_mid_denoising_and_the_worker_moves_on(tmp_path):

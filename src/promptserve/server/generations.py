@@ -22,6 +22,7 @@ from promptserve.server.imageapi import (
     image_body,
     images_body,
     meta_of,
+    seed_of,
     served_quality,
     unsupported,
     usage,
@@ -244,8 +245,3 @@ def image_routes(ctx: Context) -> APIRouter:
         return Response(kept[0], media_type=kept[1])
 
     return router
-
-
-def seed_of(req: ImageRequest, i: int) -> int | None:
-    """Image ``i``'s seed: the request's plus ``i`` (None: the server picks)."""
-    return None if req.seed is None else req.seed + i

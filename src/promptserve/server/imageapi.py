@@ -160,3 +160,8 @@ def encoded(outcomes: Sequence[Served], req: ImageRequest) -> list:
         encode_image(s.result.png, req.output_format, req.output_compression) for s in outcomes
     ]
     return images if req.response_format == "url" else [b64(i) for i in images]
+
+
+def seed_of(req: ImageRequest, i: int) -> int | None:
+    """Image ``i``'s seed: the request's plus ``i`` (None: the server picks)."""
+    return None if req.seed is None else req.seed + i

@@ -1,4 +1,4 @@
-"""The asynchronous jobs' routes (``/v1/jobs``): one image each, polled, streamed as events or
+"""The asynchronous jobs' routes (``/v1/jobs``): ``n`` images each, polled, streamed as events or
 cancelled; a job is its tenant's alone (another key's ids answer 404). With a job store
 (``jobstore``) a job is on the disk before its 202, and a restart runs the unfinished again
 (``restore_jobs``)."""
@@ -16,9 +16,10 @@ from promptserve.edge.keys import tenant_for
 from promptserve.engine.base import EditInput
 from promptserve.server.context import Context, error, outcome_error, public_message
 from promptserve.server.editform import EDIT_FORM, overlaid, read_edit
-from promptserve.server.imageapi import MEDIA_TYPES, encoded, meta_of, unsupported
+from promptserve.server.imageapi import MEDIA_TYPES, encoded, meta_of, seed_of, unsupported
 from promptserve.server.images import new_id, valid_id
 from promptserve.server.jobs import FINAL, JobBook, JobState
+from promptserve.server.jobstore import Image
 from promptserve.server.runtime import Cancelled, JobHandle, Served
 from promptserve.server.schemas import ImageData, ImageRequest
 
@@ -28,8 +29,6 @@ CANCEL_WAIT_S = 10.0  # DELETE waits this long for the job to stop, then answers
 def job_refusal(req: ImageRequest) -> tuple[str, str] | None:
     """(field, why) for a job this server will not pretend to honour: what generations refuse,
     and what a job has no use for."""
-    if req.n != 1:
-        return "n", "a job makes one image; send one job per image"
     if req.stream:
         return (
             "stream",
@@ -45,7 +44,7 @@ def accepted(handle: JobHandle) -> bool:
 
 async def image_data(
     ctx: Context, served: Served, req: ImageRequest, tenant: str
-) -> tuple[ImageData, tuple[str, bytes, str] | None]:
+) -> tuple[ImageData, Image | None]:
     """The job's image as its request asked (format, and a link or base64): encoded off the
     event loop, kept (for a link) on it, where every other route keeps images; and a link's
     image id, bytes and media type (the job store keeps them)."""
@@ -67,36 +66,66 @@ async def run_job(
     deadline_s: float,
     restored: bool = False,
 ) -> None:
-    """Submit the job and record how it ended. A job refused before it was queued leaves no
-    trace (its POST answers the refusal), unless a restart ran it again: it was accepted once,
-    so it ends failed, saying why."""
-    start, image = time.monotonic(), None
+    """Submit the job's ``n`` images and record how it ended: every image served, or the job
+    ended as a whole by the first that was not (the others cancelled: queued ones at once,
+    running ones between two steps). A job refused before it was queued leaves no trace (its
+    POST answers the refusal), unless a restart ran it again: it was accepted once, so it ends
+    failed, saying why."""
+    start, images = time.monotonic(), []
+    look = ctx.look(req)
+    tasks = [
+        asyncio.ensure_future(
+            ctx.runtime.submit(
+                req.prompt,
+                state.tenant,
+                deadline_s,
+                handle,
+                seed=seed_of(req, i),
+                look=look,
+                edit=edit,
+            )  # fmt: skip
+        )
+        for i, handle in enumerate(state.handles)
+    ]
     try:
-        served = await ctx.runtime.submit(
-            req.prompt, state.tenant, deadline_s, state.handle, seed=req.seed,
-            look=ctx.look(req), edit=edit,
-        )  # fmt: skip
+        try:
+            served = list(await asyncio.gather(*tasks))
+        except BaseException:
+            for handle in state.handles:
+                ctx.runtime.cancel(handle)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         if edit is not None and edit.mask is not None:
-            (served,) = await asyncio.to_thread(overlaid, [served], edit)
-        ctx.metrics.count(served, deadline_s, time.monotonic() - start, ctx.size_of(req))
-        data, image = await image_data(ctx, served, req, state.tenant)
-        state.finish("succeeded", data=data)
+            served = await asyncio.to_thread(overlaid, served, edit)
+        for one in served:
+            ctx.metrics.count(one, deadline_s, time.monotonic() - start, ctx.size_of(req))
+        made = [await image_data(ctx, one, req, state.tenant) for one in served]
+        images = [kept for _, kept in made if kept is not None]
+        state.finish("succeeded", data=[data for data, _ in made])
     except Exception as exc:  # refused, dropped, cancelled or failed: the job says which
-        ctx.metrics.count(exc, deadline_s, time.monotonic() - start)
+        for _ in tasks:
+            ctx.metrics.count(exc, deadline_s, time.monotonic() - start)
         cancelled = isinstance(exc, Cancelled)
         state.finish("cancelled" if cancelled else "failed", error=public_message(exc))
     finally:
-        if restored or accepted(state.handle):  # type: ignore[arg-type]
+        if restored or all(accepted(handle) for handle in state.handles):
             book.ended(state, time.monotonic())
             # a job stopped by a shutdown (not final) stays unfinished on the disk: run again
             if book.store is not None and state.status in FINAL:
                 view, gone = state.view(), book.let_go()
                 await asyncio.to_thread(book.store.forget, gone)  # pushed out by this one
-                await asyncio.to_thread(book.store.finish, state.id, view, time.time(), image)
+                await asyncio.to_thread(book.store.finish, state.id, view, time.time(), images)
         else:  # refused before it was queued: the POST answers that, no job remains
             book.live.pop(state.id, None)
             if book.store is not None:
                 await asyncio.to_thread(book.store.forget, [state.id])
+
+
+def handles_for(state: JobState, n: int) -> list[JobHandle]:
+    """One handle per image; the first one's events are the job's (its progress)."""
+    loop = asyncio.get_running_loop()
+    quiet = lambda kind, data: None  # noqa: E731 - the other images' events go nowhere
+    return [JobHandle(state.emit if i == 0 else quiet, loop.create_future()) for i in range(n)]
 
 
 async def restore_jobs(ctx: Context, book: JobBook) -> None:
@@ -110,19 +139,18 @@ async def restore_jobs(ctx: Context, book: JobBook) -> None:
         if row.view is not None:
             state = JobState.ended_as(row.id, row.tenant, row.view)
             at = now - (wall - (row.finished or wall))
-            if row.image is not None:
-                image_id, data, media = row.image
+            for image_id, data, media in row.images:
                 ctx.images.put(row.tenant, data, at, media, image_id=image_id)
             book.finished.put(row.tenant, row.id, state, at, state.size)
             continue
         state = JobState(row.id, row.tenant)
-        state.handle = JobHandle(state.emit, asyncio.get_running_loop().create_future())
+        state.handles = handles_for(state, row.request.n)
         book.add(state)
         left = row.deadline - wall
         if left <= 0:  # its deadline passed while the server was down
             state.finish("failed", error="expired: its deadline passed before a restart")
             book.ended(state, now)
-            await asyncio.to_thread(book.store.finish, state.id, state.view(), wall)
+            await asyncio.to_thread(book.store.finish, state.id, state.view(), wall, [])
             continue
         book.restored += 1
         ctx.metrics.jobs_restored.inc()
@@ -152,9 +180,8 @@ def job_routes(ctx: Context, book: JobBook) -> APIRouter:
         if refusal is not None:
             return error(400, refusal[1], refusal[0])
         state = JobState(new_id(), tenant)
-        ctx.metrics.submitted.inc()
-        handle = JobHandle(state.emit, asyncio.get_running_loop().create_future())
-        state.handle = handle
+        ctx.metrics.submitted.inc(req.n)
+        state.handles = handles_for(state, req.n)
         deadline_s = ctx.deadline_s(req)
         if book.store is not None:  # on the disk before it runs: a job answered 202 is kept
             wall = time.time()
@@ -162,8 +189,8 @@ def job_routes(ctx: Context, book: JobBook) -> APIRouter:
             await asyncio.to_thread(book.store.accept, *row)
         book.add(state)
         state.task = asyncio.create_task(run_job(ctx, book, state, req, edit, deadline_s))
-        try:
-            await handle.accepted
+        try:  # every image queued (one refused: the others are cancelled, no job remains)
+            await asyncio.gather(*(handle.accepted for handle in state.handles))
         except BaseException as exc:
             return outcome_error(exc)
         return {"id": state.id, "status": state.status}
@@ -191,7 +218,8 @@ def job_routes(ctx: Context, book: JobBook) -> APIRouter:
             return state
         if state.status in FINAL:
             return error(409, f"job {job_id} already {state.status}", "job_id")
-        ctx.runtime.cancel(state.handle)
+        for handle in state.handles:
+            ctx.runtime.cancel(handle)
         done, _ = await asyncio.wait({state.task}, timeout=CANCEL_WAIT_S)
         if not done:
             return JSONResponse({**state.view(), "cancel_requested": True}, status_code=202)

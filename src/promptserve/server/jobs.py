@@ -25,10 +25,10 @@ class JobState:
         self.status = "queued"
         self.step = 0  # the last denoising step done
         self.events: list[tuple[str, dict]] = []
-        self.data: ImageData | None = None
+        self.data: list[ImageData] = []  # its ``n`` images, once it succeeded
         self.kept_data: list[dict] | None = None  # a restored job's ``data``, as it was viewed
         self.error: str | None = None
-        self.handle: JobHandle | None = None
+        self.handles: list[JobHandle] = []  # one per image; the first's events are the job's
         self.task: asyncio.Task | None = None
         self._listeners: set[asyncio.Event] = set()  # one per SSE subscriber while it reads
 
@@ -65,11 +65,13 @@ class JobState:
         state = cls(job_id, tenant)
         state.step = view.get("step", 0)
         state.kept_data = view.get("data")  # answered as written (its None fields left out)
-        state.finish(view["status"], None, view.get("error", {}).get("message"))
+        state.finish(view["status"], [], view.get("error", {}).get("message"))
         return state
 
-    def finish(self, status: str, data: ImageData | None = None, error: str | None = None) -> None:
-        self.data, self.error = data, error
+    def finish(
+        self, status: str, data: list[ImageData] | None = None, error: str | None = None
+    ) -> None:
+        self.data, self.error = data or [], error
         self.events.append(("done", {"status": status, **({"error": error} if error else {})}))
         self.status = status
         self._notify()
@@ -77,15 +79,15 @@ class JobState:
     @property
     def size(self) -> int:
         """Bytes it holds, roughly: its image (base64) and its event log."""
-        image = len(self.data.b64_json or "") if self.data is not None else 0
-        if self.kept_data:
-            image = len(self.kept_data[0].get("b64_json") or "")
-        return image + 64 * len(self.events)
+        images = [d.b64_json for d in self.data] or [
+            d.get("b64_json") for d in self.kept_data or ()
+        ]
+        return sum(len(b or "") for b in images) + 64 * len(self.events)
 
     def view(self) -> dict:
         out: dict = {"id": self.id, "status": self.status, "step": self.step}
-        if self.data is not None:
-            out["data"] = [self.data.model_dump(exclude_none=True)]  # no "url": null
+        if self.data:
+            out["data"] = [d.model_dump(exclude_none=True) for d in self.data]  # no "url": null
         elif self.kept_data is not None:
             out["data"] = self.kept_data
         if self.error is not None:

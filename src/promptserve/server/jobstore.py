@@ -22,10 +22,16 @@ import numpy as np
 from promptserve.engine.base import EditInput
 from promptserve.server.schemas import ImageRequest
 
-SCHEMA = """CREATE TABLE IF NOT EXISTS jobs (
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, status TEXT NOT NULL,
     created REAL NOT NULL, deadline REAL NOT NULL, request TEXT NOT NULL, edit BLOB,
-    view TEXT, image_id TEXT, image BLOB, media TEXT, finished REAL)"""
+    view TEXT, finished REAL)""",
+    """CREATE TABLE IF NOT EXISTS job_images (
+    job_id TEXT NOT NULL, image_id TEXT NOT NULL, image BLOB NOT NULL, media TEXT NOT NULL,
+    PRIMARY KEY (job_id, image_id))""",
+)
+Image = tuple[str, bytes, str]  # a linked result: its image id, bytes and media type
 
 
 @dataclass(frozen=True)
@@ -38,8 +44,8 @@ class StoredJob:
     request: ImageRequest
     edit: EditInput | None
     view: dict | None  # a finished job's answer to GET /v1/jobs/{id}
-    image: tuple[str, bytes, str] | None  # a linked result: its image id, bytes and media type
     finished: float | None
+    images: list[Image]  # its linked results
 
 
 def edit_bytes(edit: EditInput) -> bytes:
@@ -70,7 +76,8 @@ class JobStore:
         self._db = sqlite3.connect(str(path), check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")  # a 202 stands for a row on the disk
-        self._db.execute(SCHEMA)
+        for table in SCHEMA:
+            self._db.execute(table)
         self._db.commit()
         self._lock = threading.Lock()
 
@@ -94,51 +101,49 @@ class JobStore:
                 row,
             )
 
-    def finish(
-        self,
-        job_id: str,
-        view: dict,
-        now: float,
-        image: tuple[str, bytes, str] | None = None,
-    ) -> None:
-        """The job's final view, and a linked image's id, bytes and media type."""
-        image_id, data, media = image if image is not None else (None, None, None)
+    def finish(self, job_id: str, view: dict, now: float, images: list[Image]) -> None:
+        """The job's final view, and its linked images (their ids, bytes and media types)."""
         with self._lock, self._db:
-            self._db.execute(
-                "UPDATE jobs SET status = ?, view = ?, image_id = ?, image = ?, media = ?, "
-                "finished = ?, edit = NULL WHERE id = ?",
-                (view["status"], json.dumps(view), image_id, data, media, now, job_id),
+            done = self._db.execute(
+                "UPDATE jobs SET status = ?, view = ?, finished = ?, edit = NULL WHERE id = ?",
+                (view["status"], json.dumps(view), now, job_id),
             )
+            if done.rowcount:  # not pushed out meanwhile
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO job_images VALUES (?, ?, ?, ?)",
+                    [(job_id, *image) for image in images],
+                )
 
     def forget(self, job_ids: list[str]) -> None:
         """Jobs no longer kept (their tenant's bounds, their age, refused before queued)."""
         if job_ids:
+            rows = [(i,) for i in job_ids]
             with self._lock, self._db:
-                self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in job_ids])
+                self._db.executemany("DELETE FROM jobs WHERE id = ?", rows)
+                self._db.executemany("DELETE FROM job_images WHERE job_id = ?", rows)
 
     def load(self) -> list[StoredJob]:
-        """Every row, oldest first."""
+        """Every row, oldest first, with its linked images."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, tenant, status, created, deadline, request, edit, view, image_id, "
-                "image, media, finished FROM jobs ORDER BY created"
+                "SELECT id, tenant, status, created, deadline, request, edit, view, finished "
+                "FROM jobs ORDER BY created"
             ).fetchall()
-        return [
-            StoredJob(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                ImageRequest.model_validate_json(r[5]),
-                None if r[6] is None else edit_of(r[6]),
-                None if r[7] is None else json.loads(r[7]),
-                None if r[8] is None else (r[8], r[9], r[10]),
-                r[11],
-            )  # fmt: skip
-            for r in rows
-        ]
+            images: dict[str, list[Image]] = {}
+            for job_id, *image in self._db.execute("SELECT * FROM job_images"):
+                images.setdefault(job_id, []).append(tuple(image))  # type: ignore[arg-type]
+        return [stored(r, images.get(r[0], [])) for r in rows]
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def stored(r: tuple, images: list[Image]) -> StoredJob:
+    """A ``jobs`` row as ``load`` selects it."""
+    job_id, tenant, status, created, deadline, request, edit, view, finished = r
+    return StoredJob(
+        job_id, tenant, status, created, deadline, ImageRequest.model_validate_json(request),
+        None if edit is None else edit_of(edit), None if view is None else json.loads(view),
+        finished, images,
+    )  # fmt: skip

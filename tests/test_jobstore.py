@@ -121,3 +121,27 @@ def test_jobs_accepted_before_a_sigkill_end_after_the_restart(tmp_path):
     assert [v["status"] for v in views] == ["succeeded"] * 6
     assert all(v["data"][0]["b64_json"] for v in views)
     assert f"promptserve_jobs_restored {float(len(unfinished))}" in metrics
+
+
+def test_the_sweep_deletes_jobs_past_their_age_from_the_store(tmp_path):
+    """A quiet tenant's finished jobs leave the disk when they age out, read or not."""
+    import asyncio
+
+    from promptserve.server.jobroutes import sweep_jobs
+
+    store = JobStore(tmp_path / "jobs.sqlite")
+    book = JobBook(Bounds(count=8, bytes=1 << 20, ttl_s=0.05), store)
+    store.accept("d" * 32, "quiet", ImageRequest(prompt="x"), None, 0.0, 60.0)
+    state = JobState("d" * 32, "quiet")
+    state.finish("succeeded")
+    book.live[state.id] = state
+    book.ended(state, time.monotonic())
+    assert len(store.load()) == 1
+
+    async def run() -> None:
+        sweeper = asyncio.create_task(sweep_jobs(book, period_s=0.1))
+        await asyncio.sleep(0.5)
+        sweeper.cancel()
+
+    asyncio.run(run())
+    assert store.load() == [] and len(book.finished) == 0

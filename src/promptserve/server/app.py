@@ -24,7 +24,7 @@ from promptserve.edge.limits import HttpLimits, RequestGate
 from promptserve.engine.sizes import label
 from promptserve.server.context import Context, error, first_problem
 from promptserve.server.generations import image_routes
-from promptserve.server.jobroutes import job_routes, restore_jobs
+from promptserve.server.jobroutes import job_routes, restore_jobs, sweep_jobs
 from promptserve.server.jobs import JobBook
 from promptserve.server.jobstore import JobStore
 from promptserve.server.metrics import History
@@ -62,8 +62,11 @@ def create_app(
         if book.store is not None:  # a restart: the jobs it had accepted
             await restore_jobs(ctx, book)
         recorder = asyncio.create_task(record(runtime, ctx.metrics, history))
+        sweeper = asyncio.create_task(sweep_jobs(book)) if book.store is not None else None
         yield
         recorder.cancel()
+        if sweeper is not None:
+            sweeper.cancel()
         await runtime.stop()
 
     app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan)

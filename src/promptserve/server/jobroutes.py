@@ -159,6 +159,19 @@ async def restore_jobs(ctx: Context, book: JobBook) -> None:
     await asyncio.to_thread(book.store.forget, book.let_go())  # aged out while it was down
 
 
+SWEEP_S = 60.0  # how often finished jobs past their age are deleted from the store
+
+
+async def sweep_jobs(book: JobBook, period_s: float = SWEEP_S) -> None:
+    """Delete from the store, every ``period_s``, the finished jobs past their age: a shelf
+    drops them only when it is next read or written, and a quiet tenant's may never be."""
+    assert book.store is not None
+    while True:
+        await asyncio.sleep(period_s)
+        book.finished.expire(time.monotonic())
+        await asyncio.to_thread(book.store.forget, book.let_go())
+
+
 def job_routes(ctx: Context, book: JobBook) -> APIRouter:
     router = APIRouter()
 

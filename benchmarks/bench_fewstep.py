@@ -18,7 +18,6 @@ GPU it was profiled on; these CPU figures show the shape, not a GPU's values.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,19 +29,6 @@ from promptserve.engine.diffusers_backend import levels_for
 from promptserve.engine.shapes import build
 from promptserve.engine.speed import best_of
 from promptserve.engine.tiny import DenoisingEngine
-
-
-def schnell():  # noqa: ANN201 - FLUX.1-schnell-shaped components
-    """The tiny Flux without a guidance embedding, a fixed shift of 1 (schnell's config)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-
-    c = build("flux")
-    config = {k: v for k, v in c.transformer.config.items() if not k.startswith("_")}
-    torch.manual_seed(9)
-    model = FluxTransformer2DModel.from_config({**config, "guidance_embeds": False}).eval()
-    return dataclasses.replace(
-        c, transformer=model, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0)
-    )
 
 
 def levels_saved(name: str, c, steps: int, guidance: float, repeats: int = 15) -> dict:  # noqa: ANN001
@@ -82,7 +68,7 @@ def main() -> None:
     torch.set_num_threads(1)  # one core each time: the ratios, not the machine's parallelism
     runs = {
         "zimage_8": levels_saved("zimage", build("zimage"), 8, 0.0),
-        "flux_schnell_4": levels_saved("schnell", schnell(), 4, 0.0),
+        "flux_schnell_4": levels_saved("schnell", build("flux-schnell"), 4, 0.0),
         "sd_50": levels_saved("sd", build("tiny"), 50, 7.5, repeats=5),
     }
     out = {"bench": "fewstep", "device": "cpu", "model": "tiny", **runs}

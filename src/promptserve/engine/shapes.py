@@ -181,6 +181,20 @@ def flux_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> FlowC
     )  # fmt: skip
 
 
+def schnell_shaped(scale: str, device: str, dtype: torch.dtype, size: int) -> FlowComponents:
+    """FLUX.1-schnell: Flux without a guidance embedding, a fixed shift of 1 (its config)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    c = flux_shaped(scale, device, dtype, size)
+    config = {k: v for k, v in c.transformer.config.items() if not k.startswith("_")}
+    torch.manual_seed(9)
+    model = cast(FluxTransformer2DModel.from_config({**config, "guidance_embeds": False}), dtype)
+    finish((model,), device, dtype)
+    return dataclasses.replace(
+        c, transformer=model, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0)
+    )
+
+
 def with_mask_channels(builder):  # noqa: ANN001, ANN201 - a builder; its inpainting variant
     """A family's dedicated inpainting model: the same parts, the denoiser taking mask
     channels beside the latent (a 9-channel UNet as SD's and SDXL's inpainting checkpoints;
@@ -210,6 +224,7 @@ BUILDERS = {
     "sdxl": sdxl_shaped,
     "sd3": sd3_shaped,
     "flux": flux_shaped,
+    "flux-schnell": schnell_shaped,
     "zimage": zimage_shaped,
     "qwenimage": qwenimage_shaped,
     "qwenimage-edit": qwenedit_shaped,

@@ -19,6 +19,7 @@ class Request:
     strength: float | None = (
         None  # an edit's strength (``promptserve.strength``); None: a generation
     )
+    batch: bool = False  # background work (``priority: batch``): on what interactive work leaves
 
     @property
     def slo_s(self) -> float:

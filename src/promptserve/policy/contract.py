@@ -41,6 +41,10 @@ class Ask:
     # an edit: the step it starts at from its own image (``promptserve.strength``); it costs
     # the steps from there, its quality is its interval's, and it has no neighbour
     start: int | None = None
+    # background work (``priority: batch``): it runs on the capacity interactive requests
+    # leave, is paused at a step boundary when they need its GPU and resumes where it stopped;
+    # it pays no price and interactive admission never counts it (``step.background``)
+    batch: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,9 @@ class StepWork:
     # sooner than one placed after it)
     until_s: float  # when they end, as the profile times them (the simulator's clock)
     at_s: float = 0.0  # the boundary it was handed out at
+    # background members written down and let go at this boundary, before anyone joins (each
+    # resumes later, on any GPU, as a join whose ``Member.from_step`` is the step it reached)
+    pauses: tuple[int, ...] = ()
 
 
 Work = BatchWork | StepWork
@@ -120,6 +127,8 @@ class LoadSnapshot:
     up: tuple[bool, ...] = ()  # per GPU: taking work
     levels: tuple[int | None, ...] = ()  # pinned: each GPU's level (empty for step-level)
     edits: int = 0  # step-level: members that are edits (in no level of ``per_level``)
+    batch_running: int = 0  # step-level: background members running
+    batch_waiting: int = 0  # step-level: background jobs queued or paused
 
 
 class Proposal(Protocol):

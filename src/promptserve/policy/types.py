@@ -69,6 +69,7 @@ class Job:
     adapters: tuple[int, ...] = ()  # the LoRA adapters it names, as ids (``policy.residency``)
     exact: bool = False  # every step full whatever the load (``quality: high``): r = 1 only
     start: int | None = None  # an edit's own start step (``contract.Ask``); None: a generation
+    batch: bool = False  # background work: runs on what interactive work leaves (``background``)
 
 
 @dataclass(frozen=True, slots=True)

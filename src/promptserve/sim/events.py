@@ -94,6 +94,7 @@ class EventRun:
         self.records = Records.empty(
             np.array([r.arrival_s for r in reqs]), np.array([r.deadline_s for r in reqs])
         )
+        self.records.batch = np.array([r.batch for r in reqs], dtype=bool)
         self.match: dict[int, tuple[int, float]] = {}
         self.heap: list[tuple[float, int, int, object]] = []
         self.seq = 0
@@ -164,7 +165,10 @@ class EventRun:
             k_opt, has_neighbour = 0, False
             start = start_step(self.profile_steps, r.strength, self.inputs.family)
             self.records.edit[i] = True  # type: ignore[index]
-        ask = Ask(i, r.deadline_s, k_opt, has_neighbour, r.shape, r.adapters, start=start)
+        ask = Ask(
+            i, r.deadline_s, k_opt, has_neighbour, r.shape, r.adapters, start=start,
+            batch=r.batch,
+        )  # fmt: skip
         if self.selector is not None:
             self.selector.observe(now, ask)
         arrival = self.sched.intake(now, ask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ class Records:
     gpu: np.ndarray  # the GPU that served it; -1 unless served
     interval: np.ndarray | None = None  # its feature-cache interval (1: every step full)
     edit: np.ndarray | None = None  # an edit (from its own image: never a cache hit)
+    batch: np.ndarray | None = None  # background work (``priority: batch``)
 
     @classmethod
     def empty(cls, arrival_s: np.ndarray, deadline_s: np.ndarray) -> Records:
@@ -38,7 +40,13 @@ class Records:
             np.full(n, -1),
             np.ones(n, int),
             np.zeros(n, bool),
+            np.zeros(n, bool),
         )
+
+    def subset(self, mask: np.ndarray) -> Records:
+        """The rows ``mask`` keeps, as records of their own."""
+        cols = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return Records(*(None if col is None else col[mask] for col in cols))
 
     def hit(self) -> np.ndarray:
         """Per request: started from a cached latent (an edit's start is its own image)."""
@@ -46,6 +54,32 @@ class Records:
         return hit & ~self.edit if self.edit is not None else hit
 
     def summary(self, planner_ms: list[float]) -> dict:
+        """The run's figures; with background work, those of the interactive requests and,
+        under ``background``, the background jobs' own."""
+        if self.batch is None or not self.batch.any():
+            return self._summary(planner_ms)
+        out = self.subset(~self.batch)._summary(planner_ms)
+        out["background"] = self.background()
+        return out
+
+    def background(self) -> dict:
+        """The background jobs: how many, how they ended, and when the last finished."""
+        assert self.batch is not None
+        status, finish = self.status[self.batch], self.finish_s[self.batch]
+        served = status == Status.SERVED
+        return {
+            "jobs": int(self.batch.sum()),
+            "served": int(served.sum()),
+            "served_late": int((served & (finish > self.deadline_s[self.batch] + 1e-9)).sum()),
+            "refused": int((status == Status.REFUSED).sum()),
+            "dropped": int((status == Status.DROPPED).sum()),
+            "mean_quality": round(float(self.quality[self.batch][served].mean()), 3)
+            if served.any()
+            else 0.0,
+            "last_finish_s": round(float(np.nanmax(finish)), 3) if served.any() else None,
+        }
+
+    def _summary(self, planner_ms: list[float]) -> dict:
         n = len(self.arrival_s)
         served = self.status == Status.SERVED
         in_slo = served & (self.finish_s <= self.deadline_s + 1e-9)

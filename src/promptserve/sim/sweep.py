@@ -27,6 +27,7 @@ from promptserve.sim.compare import CompareConfig, compare, sim_inputs
 from promptserve.sim.oracle import DEFAULT_WINDOW_S
 from promptserve.sim.simulator import SimInputs
 from promptserve.workload import generate_arrivals, make_requests, parse_arrival_spec
+from promptserve.workload.batch import BatchMix, with_batch
 from promptserve.workload.edits import EditMix, with_edits
 from promptserve.workload.looks import LookMix, sized_profile, with_looks
 from promptserve.workload.splits import Split, prompt_order
@@ -49,6 +50,7 @@ class SweepConfig:
     looks: LookMix = LookMix()  # sizes and adapters per request (``workload.looks``)
     edits: EditMix | None = None  # a share of edits (``workload.edits``)
     split: Split = "all"  # which half of the prompts and trace (``workload.splits``)
+    batch: BatchMix | None = None  # a background stream beside them (``workload.batch``)
 
 
 def parse_rates(text: str) -> tuple[float, ...]:
@@ -86,7 +88,9 @@ def point_inputs(
     chosen = [prompts[i] for i in order]
     requests = with_looks(make_requests(chosen, times, config.slo_s), config.looks, seed)
     requests = with_edits(requests, config.edits, seed)
-    emb = prompt_embeddings[order][[r.id % len(chosen) for r in requests]]
+    requests = with_batch(requests, config.batch, chosen, seed)
+    row = {p: i for i, p in enumerate(chosen)}
+    emb = prompt_embeddings[order][[row[r.prompt] for r in requests]]
     cmp = CompareConfig(
         config.gpus,
         config.slo_s,

@@ -25,12 +25,19 @@ class Boundaries:
         self.cut_epoch: dict[int, int] = {}  # per queue: its wait epoch at the last full cut
 
     def due(  # noqa: ANN001 - the boundary's members
-        self, gpu: StepGpu, at: float, steps: int, joins=(), retimed=(), now: float = 0.0
+        self,
+        gpu: StepGpu,
+        at: float,
+        steps: int,
+        joins=(),
+        retimed=(),
+        now: float = 0.0,
+        pauses: tuple[int, ...] = (),
     ) -> None:
         """``gpu``'s next ``steps`` steps end at ``at`` (``now``: the boundary it stands at)."""
         self.next_at[gpu.index] = at
         self.owed.append(
-            StepWork(gpu.index, tuple(joins), tuple(retimed), steps, gpu.seg_start, at, now)
+            StepWork(gpu.index, tuple(joins), tuple(retimed), steps, gpu.seg_start, at, now, pauses)
         )
 
     def cut(self, gpu: StepGpu, now: float) -> None:
@@ -39,7 +46,7 @@ class Boundaries:
         if self.next_at[gpu.index] <= at + EPS:
             return  # it stops there or sooner anyway
         steps = 0
-        if gpu.by_id and gpu.seg_iter_s > 0:
+        if gpu.running and gpu.seg_iter_s > 0:
             steps = max(round((at - gpu.seg_start) / gpu.seg_iter_s), 0)
         self.due(gpu, at, steps)
 

@@ -54,6 +54,9 @@ class Member:
     r: int = 1  # its feature-cache interval: a full step every r (1: every step)
     since: int = 0  # the GPU's step count when it took ``r`` (it joined, or was re-intervalled)
     earlier: tuple[tuple[int, int], ...] = ()  # (interval, steps) it ran at before ``r``
+    # a resumed background member: the step it was paused at, where it joins again (None: it
+    # starts at its K, or an edit at its own start)
+    from_step: int | None = None
 
 
 @dataclass
@@ -76,14 +79,22 @@ class StepGpu:
     retimed: list[Member] = field(default_factory=list)  # re-intervalled at its last boundary
     loading: int = 0  # adapters the joins of this boundary load before its next step
     encoding: int = 0  # edits joining at this boundary: each a VAE encode before the step
+    # background members (``step.background``): never beside an interactive one, and apart
+    # from ``by_id`` so that placement, fits and admission never see them
+    batch: dict[int, Member] = field(default_factory=dict)
+    paused: tuple[int, ...] = ()  # background members it wrote down at its last boundary
 
     @property
     def count(self) -> int:
         return len(self.by_id) + len(self.joining)
 
+    @property
+    def running(self) -> bool:
+        return bool(self.by_id or self.batch)
+
     def next_boundary(self, now: float) -> float:
         """When it can next take a member: now if idle, else the end of the running step."""
-        if not self.by_id or self.seg_iter_s <= 0 or now <= self.seg_start:
+        if not self.running or self.seg_iter_s <= 0 or now <= self.seg_start:
             return max(now, self.seg_start)
         done = math.ceil((now - self.seg_start) / self.seg_iter_s - EPS)
         return self.seg_start + done * self.seg_iter_s
@@ -91,7 +102,7 @@ class StepGpu:
     def done_at(self, at: float) -> int:
         """Its step count at boundary ``at`` of the running segment (the boundaries in between
         are not held, so ``done`` counts only to the segment's start)."""
-        if not self.by_id or self.seg_iter_s <= 0 or at <= self.seg_start:
+        if not self.running or self.seg_iter_s <= 0 or at <= self.seg_start:
             return self.done
         return self.done + round((at - self.seg_start) / self.seg_iter_s)
 

@@ -8,6 +8,7 @@ import bisect
 
 from promptserve.policy.residency import ResidentSet
 from promptserve.policy.step.admission import Admission
+from promptserve.policy.step.background import Background
 from promptserve.policy.step.bursts import Bursts
 from promptserve.policy.step.cluster import Cluster
 from promptserve.policy.step.config import StepSpec
@@ -33,18 +34,22 @@ class Lifecycle:
         bursts: Bursts,
         admission: Admission,
         placement: Placement,
+        background: Background,
     ) -> None:
         self.spec, self.cluster, self.queue, self.fit = spec, cluster, queue, fit
         self.levels, self.bursts, self.admission, self.placement = (
             levels, bursts, admission, placement,
         )  # fmt: skip
+        self.background = background
 
     def boundary(
         self, gpu: StepGpu, now: float, steps: int
     ) -> tuple[list[Outcome], list[Member], list[Outcome]]:
         """``gpu`` has run ``steps`` more steps and stands at a boundary at ``now``: who leaves
         (served), who joins (with their K), who is dropped from the waiting queue; the running
-        members it re-intervalled are in ``gpu.retimed``."""
+        members it re-intervalled are in ``gpu.retimed``, the background members it paused in
+        ``gpu.paused``. Background members run on it only while no interactive one does
+        (``background``): they are paused when one joins, and fill it when none is left."""
         before = gpu.count
         counted = gpu.members[:]
         gpu.done += steps
@@ -54,6 +59,7 @@ class Lifecycle:
             leaving.append(gpu.by_id.pop(jid))
             gpu.count_shape(kind(leaving[-1].job.shape, leaving[-1].r), -1)
             gpu.resident.release(leaving[-1].job.adapters)
+        leaving += self.background.leaving(gpu)
         self.cluster.recount(gpu, before)  # as the live runtime's removals do, before anyone joins
         before = gpu.count
         # the leavers are decoded together before anyone hears, and before anyone joins (the
@@ -68,6 +74,8 @@ class Lifecycle:
             self.join(gpu, job, now, joined, dropped)
         if gpu.up:  # a lost GPU finishes what it reports, and takes no one new
             self.pull_waiting(gpu, now, joined, dropped)
+        waiting = bool(self.queue) and self.spec.config.shed
+        gpu.paused = self.background.settle(gpu, now, waiting, joined, dropped)
         self.cluster.recount(gpu, before)
         self.start_segment(gpu, now, len(joined))
         if leaving or joined or gpu.left_since:
@@ -139,18 +147,23 @@ class Lifecycle:
         if gpu.encoding:  # the joining edits' images through the VAE: timed as its decode
             gpu.seg_start += gpu.encoding * self.spec.profile.leave_s
             gpu.encoding = 0
-        gpu.seg_iter_s = self.cluster.iteration_s(gpu)
+        gpu.seg_iter_s = (
+            self.background.iteration_s(gpu) if gpu.batch else self.cluster.iteration_s(gpu)
+        )
 
     def next_steps(self, gpu: StepGpu) -> int:
         """How many steps the GPU runs before something must happen on it: the next leave, or
         one step when a join is waiting for it, or while requests wait under ``shed`` (a join
         that would make a member late may fit a few steps later, when the members have fewer
         steps left; the live runtime holds a boundary at every step) (0: idle)."""
-        if not gpu.by_id:
+        if not gpu.running:
             return 0
         if gpu.joining or (self.spec.config.shed and self.queue):
             return 1
-        return gpu.steps_to_next_leave()
+        ahead = [m.end_step - gpu.done for m in gpu.batch.values()]
+        if gpu.by_id:
+            ahead.append(gpu.steps_to_next_leave())
+        return min(ahead)  # the next to leave, interactive or background
 
     def restart(self, gpu: StepGpu, job_id: int, k: int) -> None:
         """A member that could not start at its K (its cached latent was gone) runs from K."""
@@ -188,6 +201,7 @@ class Lifecycle:
         self.cluster.take_out(gpu)
         self.admission.tally(gpu, -1)
         held = sorted((m.job for m in gpu.by_id.values()), key=lambda j: j.id) + gpu.joining
+        self.background.lose(gpu)
         gpu.by_id, gpu.members, gpu.joining, gpu.shapes = {}, [], [], {}
         gpu.resident = ResidentSet(
             self.spec.profile.adapter_slots, self.spec.profile.adapter_private

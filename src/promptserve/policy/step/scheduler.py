@@ -24,6 +24,7 @@ from promptserve.policy.contract import Arrival, Ask, LoadSnapshot, Replan, Repo
 from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.intake import DELIVERY_MARGIN_S
 from promptserve.policy.step.admission import Admission
+from promptserve.policy.step.background import Background
 from promptserve.policy.step.boundaries import Boundaries
 from promptserve.policy.step.bursts import Bursts
 from promptserve.policy.step.cluster import Cluster
@@ -85,9 +86,10 @@ class StepScheduler:
         self.placement = Placement(
             spec, self.cluster, self.fit, self.levels, self.queue, self.admission
         )
+        self.background = Background(spec, self.cluster, self.pricing)
         self.life = Lifecycle(
             spec, self.cluster, self.queue, self.fit, self.levels, self.bursts,
-            self.admission, self.placement,
+            self.admission, self.placement, self.background,
         )  # fmt: skip
         self.boundaries = Boundaries(n_gpus)  # what the driver was handed (shards share one)
         self.queue_key = 0  # its waiting queue among the shards that share ``boundaries``
@@ -99,7 +101,7 @@ class StepScheduler:
             return
         spec = StepSpec.of(self.profile, config, self.spec.quality, self.spec.interval_q)
         parts = (self.cluster, self.queue, self.bursts, self.pricing, self.fit, self.levels)
-        for part in (*parts, self.admission, self.placement, self.life):
+        for part in (*parts, self.admission, self.placement, self.life, self.background):
             part.spec = spec
         self.spec, self.config = spec, config
         if self.pricing.last is not None:  # its tables index the new rule's options
@@ -119,8 +121,10 @@ class StepScheduler:
         level = ask.k_opt if ask.start is None else ask.start
         job = Job(
             ask.id, now, ask.deadline_s - DELIVERY_MARGIN_S, ask.k_opt, k_max, level,
-            ask.shape, ask.adapters, ask.exact, ask.start,
+            ask.shape, ask.adapters, ask.exact, ask.start, ask.batch,
         )  # fmt: skip
+        if ask.batch:  # the lane: no price, no load estimate, no interactive admission
+            return self.intake_background(now, job)
         least_s = self.fit.alone_s(*self.spec.fastest(job), ask.shape) + DELIVERY_MARGIN_S
         if ask.deadline_s - now < least_s:  # even idle: refused for good, not for now
             return Arrival(job, Outcome(job, Status.REFUSED, now), unmeetable_s=least_s)
@@ -141,9 +145,19 @@ class StepScheduler:
             if epochs.get(self.queue_key) != self.queue.epoch:
                 epochs[self.queue_key] = self.queue.epoch
                 for running in self.gpus:
-                    if running.by_id:
+                    if running.running:
                         self.boundaries.cut(running, now)
         return Arrival(job, outcome, gpu.index if gpu is not None else None)
+
+    def intake_background(self, now: float, job: Job) -> Arrival:
+        """A background job into its lane (``background``), refused only if even alone on an
+        idle GPU it would miss its deadline; an idle GPU takes it at a boundary now."""
+        k = self.background.level(job)
+        least_s = self.fit.alone_s(k, 1, job.shape) + DELIVERY_MARGIN_S
+        if job.deadline_s + DELIVERY_MARGIN_S - now < least_s:
+            return Arrival(job, Outcome(job, Status.REFUSED, now), unmeetable_s=least_s)
+        self.background.arrive(job)
+        return Arrival(job)
 
     def schedule(self, now: float) -> Schedule:
         """The boundaries due: each GPU's after its last, those moved earlier by an arrival,
@@ -167,17 +181,19 @@ class StepScheduler:
             if job is not None:
                 ended.extend(self.readmit(now, [job]))
         for job_id in report.finished:
-            member = g.by_id.get(job_id)
+            member = g.by_id.get(job_id) or g.batch.get(job_id)
             if member is not None:
                 self.remove(job_id)
                 ended.append(
                     Outcome(member.job, Status.SERVED, now, member.k, gpu, member.r, member.earlier)
                 )
         self.boundaries.reached(g, now)
+        self.background.ledger.add(g, report.steps, now)
         left, joined, dropped = self.life.boundary(g, now, report.steps)
         m = self.life.next_steps(g)
         if m > 0:
-            self.boundaries.due(g, g.seg_start + m * g.seg_iter_s, m, joined, g.retimed, now)
+            at = g.seg_start + m * g.seg_iter_s
+            self.boundaries.due(g, at, m, joined, g.retimed, now, g.paused)
         return ended + left + dropped
 
     def replan(self, now: float, demand: Demand, force: bool = False) -> Replan:
@@ -212,7 +228,10 @@ class StepScheduler:
 
     def remove(self, job_id: int) -> Job | None:
         """A cancelled request: out of the waiting queue, the joining list or its batch."""
-        return self.queue.remove(job_id) or self.life.leave(job_id)
+        return (
+            self.queue.remove(job_id) or self.life.leave(job_id)
+            or self.background.remove(job_id)
+        )  # fmt: skip
 
     def set_up(self, gpu_index: int, up: bool, now: float = 0.0) -> list[Job]:
         """A GPU lost or back. Down, it takes no one, leaves the step capacity the price is set
@@ -237,7 +256,7 @@ class StepScheduler:
         self.cluster.take_out(self.gpus[gpu_index])
 
     def pending(self) -> int:
-        return len(self.queue) + sum(g.count for g in self.gpus)
+        return len(self.queue) + sum(g.count for g in self.gpus) + self.background.pending()
 
     def snapshot(self) -> LoadSnapshot:
         mix, edits = dict.fromkeys(self.spec.levels, 0), 0
@@ -251,7 +270,10 @@ class StepScheduler:
         waiting = {k: (len(self.queue) if k == first else 0) for k in self.spec.levels}
         inflight = tuple(len(g.by_id) for g in self.gpus)
         up = tuple(g.up for g in self.gpus)
-        return LoadSnapshot(waiting, mix, inflight, len(self.gpus), sum(up), up, edits=edits)
+        return LoadSnapshot(
+            waiting, mix, inflight, len(self.gpus), sum(up), up, edits=edits,
+            batch_running=self.background.running(), batch_waiting=len(self.background),
+        )  # fmt: skip
 
     def backlog_s(self, now: float) -> float:
         """Until the first member of an up GPU leaves (its slot frees)."""
@@ -261,6 +283,8 @@ class StepScheduler:
         )
 
     def idle_while_waiting(self) -> list[StepGpu]:
-        """GPUs with nothing to run while requests wait: each stands at a boundary now (it
-        pulls from the queue)."""
-        return self.cluster.idle() if self.queue else []
+        """GPUs with nothing to run while requests wait, interactive or background: each
+        stands at a boundary now (it pulls from the queue, else from the lane)."""
+        if not (self.queue or self.background):
+            return []
+        return [g for g in self.cluster.idle() if not g.batch]

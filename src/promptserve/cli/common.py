@@ -213,6 +213,16 @@ EditsOpt = Annotated[
         "and never uses the cache.",
     ),
 ]
+BatchOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="SHARE:DEADLINE_S: a background stream (priority batch) beside the requests, "
+        "SHARE of all of them, submitted evenly over their span, each due DEADLINE_S after; "
+        "it runs on what the interactive requests leave (step-level policies; a pinned one "
+        "serves it as interactive work with a long deadline). The figures are the "
+        "interactive requests', the stream's under 'background'.",
+    ),
+]
 FeatureCacheOpt = Annotated[
     str,
     typer.Option(

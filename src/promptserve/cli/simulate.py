@@ -11,6 +11,7 @@ from rich.table import Table
 from promptserve.cli.common import (
     AdaptersOpt,
     ArrivalsOpt,
+    BatchOpt,
     CacheDirOpt,
     CachedShareOpt,
     EditsOpt,
@@ -84,6 +85,7 @@ def simulate_cmd(
     size_mix: SizeMixOpt = None,
     adapters: AdaptersOpt = None,
     edits: EditsOpt = None,
+    batch: BatchOpt = None,
     feature_cache: FeatureCacheOpt = "on",
     r_max: RMaxOpt = 4,
     cached_step_share: CachedShareOpt = "sdxl",
@@ -112,6 +114,7 @@ def simulate_cmd(
         make_requests,
         parse_arrival_spec,
     )
+    from promptserve.workload.batch import parse_batch, with_batch
     from promptserve.workload.edits import parse_edits, with_edits
     from promptserve.workload.looks import sized_profile, with_looks
     from promptserve.workload.splits import check_split, prompt_order
@@ -132,6 +135,7 @@ def simulate_cmd(
     mix = look_mix(size_mix, adapters)
     requests = with_looks(make_requests(texts, times, slo_s), mix, seed)
     requests = with_edits(requests, parse_edits(edits) if edits else None, seed)
+    requests = with_batch(requests, parse_batch(batch) if batch else None, texts, seed)
     prof = sized_profile(prof, mix)
     distinct = list(dict.fromkeys([r.prompt for r in requests] + texts[:warm]))
     vecs = embed_with_progress(embedder, distinct, cache_dir)
@@ -162,11 +166,14 @@ def simulate_cmd(
         "feature_cache": feature_cache,
         "adapters": adapters,
         "edits": edits,
+        "batch": batch,
     }
     write_report(out, config_dict(config, **extra), rows, oracle, timelines, html=html)
-    table = Table(
-        title=f"{len(requests)} requests, {gpus} GPUs, SLO {slo_s} s, penalty {quality_penalty}"
+    background = sum(r.batch for r in requests)
+    counted = f"{len(requests) - background} requests" + (
+        f" (+{background} background)" if background else ""
     )
+    table = Table(title=f"{counted}, {gpus} GPUs, SLO {slo_s} s, penalty {quality_penalty}")
     # names must stay whole on an 80-column terminal; the short headers may wrap instead
     table.add_column("policy", no_wrap=True, min_width=max(len(n) for n in [*rows, "oracle bound"]))
     shown = COLUMNS[:7]  # goodput and latencies are in report.md
@@ -182,6 +189,13 @@ def simulate_cmd(
         *[""] * 4,
     )
     console.print(table)
+    for name, r in rows.items():
+        if "background" in r:
+            bg = r["background"]
+            console.print(
+                f"{name}: background {bg['served']}/{bg['jobs']} served, {bg['dropped']} "
+                f"expired, the last at {bg['last_finish_s']} s (the table: interactive only)"
+            )
     written = "report.json, report.md, timeline.png" + (", report.html" if html else "")
     console.print(f"report written to {out}/: {written}")
 
@@ -251,6 +265,7 @@ def sweep_cmd(
     size_mix: SizeMixOpt = None,
     adapters: AdaptersOpt = None,
     edits: EditsOpt = None,
+    batch: BatchOpt = None,
     feature_cache: FeatureCacheOpt = "on",
     r_max: RMaxOpt = 4,
     cached_step_share: CachedShareOpt = "sdxl",
@@ -264,6 +279,7 @@ def sweep_cmd(
     from promptserve.policy import parse_policies
     from promptserve.sim.sweep import SweepConfig, parse_rates, run_sweep, write_sweep
     from promptserve.workload import load_prompts, parse_arrival_spec
+    from promptserve.workload.batch import parse_batch
     from promptserve.workload.edits import parse_edits
     from promptserve.workload.splits import check_split
 
@@ -284,7 +300,7 @@ def sweep_cmd(
     config = SweepConfig(
         arrivals, rate_list, seed_list, gpus, slo_s, quality_penalty, minutes, time_scale,
         oracle_window, looks=look_mix(size_mix, adapters), split=check_split(split),
-        edits=parse_edits(edits) if edits else None,
+        edits=parse_edits(edits) if edits else None, batch=parse_batch(batch) if batch else None,
     )  # fmt: skip
     with progress() as bar:
         task = bar.add_task("sweep points", total=len(rate_list) * len(seed_list))

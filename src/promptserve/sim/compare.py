@@ -99,6 +99,10 @@ def compare(
         timelines[policy.name] = timeline
     if any(r.strength is not None for r in requests):
         return rows, NO_BOUND_WITH_EDITS, timelines, results
+    if any(r.batch for r in requests):  # background work only takes from the interactive
+        # requests' capacity: their bound alone bounds them beside it too
+        kept = np.array([not r.batch for r in requests])
+        requests, embeddings = [r for r in requests if not r.batch], embeddings[kept]
     k_opt, found = oracle_neighbours(
         requests, embeddings, thresholds, warm, earliest_answer_s(setting.profiles)
     )

@@ -97,6 +97,15 @@ def markdown(report: dict, title: str = "Simulated comparison") -> str:
     for name, row in report["policies"].items():
         lines.append(f"| {name} | " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
     for name, row in report["policies"].items():
+        if "background" in row:
+            bg = row["background"]
+            lines += [
+                "",
+                f"{name}, background stream (the figures above are the interactive requests'): "
+                f"{bg['served']} of {bg['jobs']} jobs served ({bg['served_late']} late, "
+                f"{bg['dropped']} expired, {bg['refused']} refused), mean quality "
+                f"{bg['mean_quality']}, the last at {bg['last_finish_s']} s.",
+            ]
         if "selector" in row:
             sel = row["selector"]
             shares = ", ".join(f"{n} {s:.0%}" for n, s in sel["chosen_share"].items())

@@ -1,5 +1,7 @@
 """The step runner: a request inside a changing mixed batch equals its solo run."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -132,3 +134,72 @@ def test_edits_join_a_running_batch_each_at_its_own_start_and_equal_their_solo_r
     for res, item in zip(batch, (gen, i2i, inp), strict=True):
         assert np.abs(res.final_latent - alone(item)).max() < TOL
     assert batch[2].k == start_step(n, 0.8, c.family) and batch[2].latents == {}
+
+
+@pytest.mark.parametrize("make", [tiny_engine, lambda: family_engine("flux")], ids=["sd", "flux"])
+def test_a_paused_member_resumed_on_another_runner_ends_in_the_same_bytes(make):
+    """Background work (``StepRunner.pause``): a member written down between two steps and
+    joined again later, on another GPU's runner and beside other members, ends in the bytes of
+    its run without the pause, with the same cache levels captured; an inpainting edit too.
+    Beside other members before and after, its latents are its run's within the tolerance a
+    mixed batch keeps (a batch of another size may round differently)."""
+    import pickle
+
+    from promptserve.engine.base import EditInput
+
+    engine = make()
+    c, n = engine.c, engine.total_steps
+    w, h = c.native
+    image = np.random.default_rng(7).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), dtype=np.uint8)
+    mask[: h // 2] = 255
+    gen = GenerationItem("a lighthouse at dusk", 0, seed=11)
+    inp = GenerationItem("a red door", seed=12, edit=EditInput(image, 0.8, mask))
+
+    def uninterrupted(item):
+        runner = StepRunner(c, n, engine.levels, engine.guidance)
+        runner.join([("x", item)])
+        return run_until(runner, ["x"])["x"]
+
+    for item, beside in ((gen, False), (inp, False), (gen, True)):
+        whole = uninterrupted(item)
+        first = StepRunner(c, n, engine.levels, engine.guidance)
+        first.join([("x", item)] + [("other", GenerationItem("a fox", 0, seed=2))] * beside)
+        for _ in range(3):
+            first.step()
+        paused = first.pause("x")
+        assert paused is not None and first.pause("x") is None and len(first) == beside
+        paused = pickle.loads(pickle.dumps(paused))  # as it travels to a store or a replica
+        second = StepRunner(c, n, engine.levels, engine.guidance)  # another GPU's worker
+        if beside:
+            second.join([("y", GenerationItem("a fox", 0, seed=3))])
+            second.step()
+        second.join([("x", dataclasses.replace(item, resume=paused))])
+        assert second.steps_left()["x"] == whole_steps(item, n) - 3
+        again = run_until(second, ["x"])["x"]
+        if not beside:
+            assert again.png == whole.png  # the same bytes
+        assert np.abs(again.final_latent - whole.final_latent).max() <= TOL
+        assert set(again.latents) == set(whole.latents)
+        for level, latent in whole.latents.items():
+            assert np.abs(again.latents[level] - latent).max() <= TOL
+
+
+def whole_steps(item, n):
+    from promptserve.strength import start_step
+
+    return n if item.edit is None else n - start_step(n, item.edit.strength, "unet")
+
+
+def test_a_resume_into_another_dtype_or_past_the_last_step_is_refused():
+    from promptserve.engine.base import Paused
+
+    engine = tiny_engine()
+    runner = StepRunner(engine.c, engine.total_steps, engine.levels, engine.guidance)
+    latent = np.zeros((4, 8, 8), np.float32)
+    for paused, says in [
+        (Paused(3, latent, "torch.bfloat16"), "cannot resume in"),
+        (Paused(engine.total_steps, latent, str(engine.c.dtype)), "paused at step"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            runner.join([("x", GenerationItem("a", resume=paused))])

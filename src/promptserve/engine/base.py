@@ -122,6 +122,21 @@ class GenerationItem:
     look: Look = PLAIN
     interval: int = 1  # feature caching: a full step every ``interval`` steps (1: every step)
     edit: EditInput | None = None  # an edit: it starts from its own image (``engine.edits``)
+    # a paused member going on (background work): it joins at the step it was written down
+    # at, from its latent, and runs as it would have without the pause
+    resume: Paused | None = None
+
+
+@dataclass(frozen=True)
+class Paused:
+    """A member written down between two steps (``StepRunner.pause``): its latent after
+    ``step`` steps and the cache levels it had captured, what a resume needs to go on exactly
+    (on this worker or another; arrays, so it travels and is stored as it is)."""
+
+    step: int
+    latent: np.ndarray  # (C, H, W), in the runner's dtype but for bfloat16 (kept as float32)
+    dtype: str  # the runner's torch dtype, to put it back in
+    captured: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

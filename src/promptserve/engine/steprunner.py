@@ -20,9 +20,10 @@ import dataclasses
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.engine.base import GenerationItem, GenerationResult, Paused
 from promptserve.engine.edits import Inpaint, MaskChannels, conditioned, item_start
 from promptserve.engine.rows import Row, context_key
 
@@ -66,8 +67,8 @@ class StepRunner:
         if not members:
             return
         for _, item in members:
-            if item.edit is not None:
-                continue  # its start step follows from its strength (``edits.start_step``)
+            if item.edit is not None or item.resume is not None:
+                continue  # its start follows from its strength or its pause
             if item.k not in self.levels:
                 raise ValueError(f"level K={item.k} is not one of {self.levels}")
             if item.k > 0 and item.start_latent is None:
@@ -78,16 +79,36 @@ class StepRunner:
             [item.prompt for _, item in members], [item.look for _, item in members]
         )
         for (key, item), row in zip(members, rows, strict=True):
-            if item.edit is not None:
-                self.slots.append(self._edit_slot(key, item, row))
-                continue
-            if item.k == 0:
-                latent = self.c.noise(item.seed, item.look.size)
+            if item.edit is not None:  # an edit's blend and images, made as at its first join
+                slot = self._edit_slot(key, item, row)
+            elif item.resume is not None:  # its latent is the pause's (``_resume``)
+                slot = _Slot(key, item, torch.empty(0), row, item.k)
             else:
-                latent = torch.as_tensor(
-                    item.start_latent, dtype=self.c.dtype, device=self.c.device
-                )[None]
-            self.slots.append(_Slot(key, item, latent, row, item.k))
+                slot = self._slot(key, item, row)
+            if item.resume is not None:
+                self._resume(slot, item.resume)
+            self.slots.append(slot)
+
+    def _slot(self, key: Hashable, item: GenerationItem, row: Row) -> _Slot:
+        """A generation's member: from its seed's noise at K = 0, else its start latent."""
+        if item.k == 0:
+            latent = self.c.noise(item.seed, item.look.size)
+        else:
+            latent = torch.as_tensor(item.start_latent, dtype=self.c.dtype, device=self.c.device)
+            latent = latent[None]
+        return _Slot(key, item, latent, row, item.k)
+
+    def _resume(self, slot: _Slot, paused: Paused) -> None:
+        """``slot`` goes on from where it was written down (its conditioning, an edit's blend,
+        made as at its first join)."""
+        if str(self.c.dtype) != paused.dtype:
+            raise ValueError(f"a member paused in {paused.dtype} cannot resume in {self.c.dtype}")
+        if not 0 <= paused.step < self.total_steps:
+            raise ValueError(f"a member paused at step {paused.step} of {self.total_steps}")
+        to = {"dtype": self.c.dtype, "device": self.c.device}
+        slot.latent = torch.as_tensor(paused.latent, **to)[None]
+        slot.step = paused.step
+        slot.captured = {lv: torch.as_tensor(a, **to)[None] for lv, a in paused.captured.items()}
 
     def _edit_slot(self, key: Hashable, item: GenerationItem, row: Row) -> _Slot:
         """An edit's member: its start step and latent from its own image and seed."""
@@ -138,6 +159,21 @@ class StepRunner:
                 if slot.item.interval > 1:
                     slot.deep, slot.last_full = mine, slot.step
         return latents, x0
+
+    def pause(self, key: Hashable) -> Paused | None:
+        """Write a member down and take it out (None: not here); ``join`` with the item's
+        ``resume`` set to what this returns goes on exactly where it stopped. A member on a
+        feature-cache interval resumes with a full step (its deep features are not kept)."""
+        for slot in self.slots:
+            if slot.key == key:
+                self.cancel(key)
+                return Paused(
+                    slot.step,
+                    _array(slot.latent[0]),
+                    str(self.c.dtype),
+                    {lv: _array(lat[0]) for lv, lat in slot.captured.items()},
+                )
+        return None
 
     def cancel(self, key: Hashable) -> bool:
         """Take a member out; its slot is free for the next step."""
@@ -194,3 +230,9 @@ class StepRunner:
             )
             for s, png in zip(done, pngs, strict=True)
         ]
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """A latent as an array: exact in its dtype (bfloat16, which numpy lacks, as float32)."""
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()

@@ -17,7 +17,14 @@ import pytest
 
 from promptserve.cache.spaces import cache_space
 from promptserve.cachedstep import REFERENCE_CACHED_STEP_SHARE
-from promptserve.engine.base import PLAIN, UNET_GUIDANCE, EditInput, GenerationResult, Look
+from promptserve.engine.base import (
+    PLAIN,
+    UNET_GUIDANCE,
+    EditInput,
+    GenerationResult,
+    Look,
+    Paused,
+)
 from promptserve.engine.sizes import shape_index, shape_table
 from promptserve.policy import POLICIES, get_policy
 from promptserve.policy.residency import ResidentSet
@@ -31,6 +38,7 @@ from promptserve.strength import start_step
 from promptserve.types import Request
 from promptserve.workers.steps import StepCall, StepDone
 from promptserve.workload import load_prompts
+from promptserve.workload.batch import BatchMix, with_batch
 from promptserve.workload.edits import EditMix, with_edits
 from virtual_time import VirtualLoop
 
@@ -74,6 +82,12 @@ class TimedWorkers:
         """As ``workers.steps.advance``: up to ``call.steps``, one by one."""
         members, resident, s = self.members[gpu], self.resident[gpu], self.steps
         joins, cancels, steps, interrupt = call.joins, call.cancels, call.steps, call.interrupt
+        paused = {}
+        for key in call.pauses:  # written down: the step it reached
+            gone = members.pop(key, None)
+            if gone is not None:
+                resident.release(gone[3])
+                paused[key] = Paused(self.total_steps - gone[0], np.zeros(0, np.float32), "timed")
         for key in cancels:
             gone = members.pop(key, None)
             if gone is not None:
@@ -84,13 +98,15 @@ class TimedWorkers:
             first += s.join_s + resident.use(ids) * s.adapter_load_s
             first += s.leave_s if item.edit is not None else 0.0  # its image through the VAE
             shape = shape_index(self.shapes, item.look.size)
-            members[key] = [self.total_steps - item.k, item.k, kind(shape, item.interval), ids]
+            at = item.k if item.resume is None else item.resume.step
+            members[key] = [self.total_steps - at, item.k, kind(shape, item.interval), ids]
         for key, r in call.retimes.items():
             members[key][2] = kind(members[key][2] // KIND, r)
-        started = {key: item.k for key, item in joins}
+        started = {key: item.k if item.resume is None else item.resume.step for key, item in joins}
         if steps == 0:  # the joins only: their encodes and loads
             await asyncio.sleep(first)
-            return StepDone([], {key: m[0] for key, m in members.items()}, started, ran=0)
+            left = {key: m[0] for key, m in members.items()}
+            return StepDone([], left, started, ran=0, paused=paused)
         finished, ran = [], 0
         while True:
             counts: dict[int, int] = {}
@@ -111,7 +127,7 @@ class TimedWorkers:
             if interrupt is not None and interrupt.is_set():
                 break
         left = {key: m[0] for key, m in members.items()}
-        return StepDone(finished, left, started, ran=ran)
+        return StepDone(finished, left, started, ran=ran, paused=paused)
 
     def prepare_steps(self) -> None: ...
 
@@ -119,6 +135,9 @@ class TimedWorkers:
 
     async def alive(self) -> list[bool]:
         return [True] * self.count
+
+
+PROMPTS = load_prompts("data/diffusiondb_prompts_4k.txt")[60:120]  # the stream's own
 
 
 def workload(rate_qpm: float, n: int = 150, seed: int = 0) -> list[Request]:
@@ -160,7 +179,9 @@ def live(
         look = (looks or {}).get(r.id, PLAIN)
         try:
             edit = (edits or {}).get(r.id)
-            served = await runtime.submit(r.prompt, "default", SLO_S, look=look, edit=edit)
+            served = await runtime.submit(
+                r.prompt, r.tenant, r.slo_s, look=look, edit=edit, batch=r.batch
+            )
         except Refused:
             out[r.id] = (-1, -1, 1, "REFUSED", math.nan)
         except Dropped:
@@ -307,6 +328,22 @@ def test_an_edit_mix_decides_the_same_on_both_clocks(tmp_path, rate_qpm):
         i: k for i, k in starts.items() if i in served
     }
     assert len([i for i in starts if i in served]) > len(starts) // 2
+
+
+@pytest.mark.parametrize("rate_qpm", [MODERATE_QPM, OVERLOADED_QPM])
+def test_a_background_stream_decides_the_same_on_both_clocks(tmp_path, rate_qpm):
+    """A background stream beside the requests (``--batch 0.4:3600``): every request and job
+    the same GPU, level, outcome and finish on both clocks, the jobs paused where interactive
+    requests join and resumed from the step they reached."""
+    requests = with_batch(workload(rate_qpm, 100), BatchMix(0.4, 3600.0), PROMPTS, seed=2)
+    got, runtime = live("promptserve-step", requests, tmp_path)
+    sim = simulated(runtime, requests)
+    compare(sim, got)
+    jobs = [r.id for r in requests if r.batch]
+    assert all(sim[i][3] == "SERVED" for i in jobs)
+    assert runtime.counters.resumes == runtime.counters.pauses
+    if rate_qpm == MODERATE_QPM:  # overloaded, the interactive requests hold every GPU
+        assert runtime.counters.pauses > 0
 
 
 @pytest.mark.parametrize("rate_qpm", [MODERATE_QPM, OVERLOADED_QPM])

@@ -115,7 +115,7 @@ class EngineWorker:
                     self._read_starts, [item for _, item in joins], refs
                 )
                 joins = [(key, item) for (key, _), item in zip(joins, items, strict=True)]
-            for key in call.cancels:  # first: a rejoining member is cancelled and joins anew
+            for key in (*call.cancels, *call.pauses):  # first: a rejoining member joins anew
                 self._members.pop(key, None)
             for (key, item), ref in zip(joins, refs or [None] * len(joins), strict=True):
                 self._members[key] = (item, ref)
@@ -192,6 +192,9 @@ class EngineWorker:
         """Start latents from the store; a missing or corrupt one runs from noise (K = 0)."""
         out = []
         for item, ref in zip(items, refs, strict=True):
+            if item.resume is not None:  # it goes on from its pause, not from a cached latent
+                out.append(item)
+                continue
             latent = self._store().get(ref.start_key) if ref.start_key and item.k > 0 else None
             out.append(replace(item, start_latent=latent, k=item.k if latent is not None else 0))
         return out

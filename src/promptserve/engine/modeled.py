@@ -11,7 +11,13 @@ from dataclasses import replace
 
 import numpy as np
 
-from promptserve.engine.base import UNET_GUIDANCE, EngineCaps, GenerationItem, GenerationResult
+from promptserve.engine.base import (
+    UNET_GUIDANCE,
+    EngineCaps,
+    GenerationItem,
+    GenerationResult,
+    Paused,
+)
 from promptserve.engine.sizes import checked, default_sizes, shape_index, shape_table
 from promptserve.profile import Profile
 
@@ -128,12 +134,18 @@ class ModeledStepRunner:
 
     def join(self, members) -> None:  # noqa: ANN001
         for key, item in members:
-            self._steps[key] = [item.k, item]
+            at = item.k if item.resume is None else item.resume.step
+            self._steps[key] = [at, item]
         if members:
             self._sleep(len(members) * self.profile.join_s / self.speedup)
 
     def cancel(self, key) -> bool:  # noqa: ANN001
         return self._steps.pop(key, None) is not None
+
+    def pause(self, key) -> Paused | None:  # noqa: ANN001
+        """Its step written down (no latent: nothing is computed here)."""
+        entry = self._steps.pop(key, None)
+        return None if entry is None else Paused(entry[0], np.zeros(0, np.float32), "modelled")
 
     def reinterval(self, key, interval: int) -> bool:  # noqa: ANN001
         entry = self._steps.get(key)

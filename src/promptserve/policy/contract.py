@@ -88,8 +88,9 @@ class Report:
 
     steps: int = 0  # step-level: steps run since the last boundary
     # step-level: members that started at another K than they were given (their start
-    # latent was gone: they run from there), and members the worker no longer holds (a
-    # replaced worker: they are placed again)
+    # latent was gone: they run from there; a resumed background member: at another step
+    # than it was paused at), and members the worker no longer holds (a replaced worker:
+    # they are placed again)
     started: tuple[tuple[int, int], ...] = ()
     lost: tuple[int, ...] = ()
     # step-level, live: members the worker finished and decoded (the time is in ``now``);
@@ -205,12 +206,13 @@ class Start:
     job: Job
     k: int
     r: int = 1
+    from_step: int | None = None  # background work resumed: the step it was paused at
 
 
 def starts(work: Work) -> tuple[Start, ...]:
     """The jobs that start in ``work``: a batch's, or a boundary's joiners."""
     if isinstance(work, StepWork):
-        return tuple(Start(m.job, m.k, m.r) for m in work.joins)
+        return tuple(Start(m.job, m.k, m.r, m.from_step) for m in work.joins)
     return tuple(Start(job, work.level) for job in work.jobs)
 
 

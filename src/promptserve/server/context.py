@@ -16,7 +16,7 @@ from promptserve.engine.sizes import label, parse_size
 from promptserve.server.images import ImageStore
 from promptserve.server.metrics import Metrics
 from promptserve.server.runtime import Cancelled, Dropped, LiveRuntime, Refused, Unmeetable
-from promptserve.server.schemas import ImageRequest, visible
+from promptserve.server.schemas import BATCH_DEADLINE_MS, ImageRequest, visible
 from promptserve.strength import EDITS_ONLY
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,12 @@ class Context:
     # where an image this process does not hold may be (another ingress replica on Ray)
     peer_image: Callable[[str], Awaitable[tuple[bytes, str] | None]] | None = None
 
-    def deadline_s(self, req: ImageRequest) -> float:
-        """The request's deadline, seconds from its arrival."""
-        return req.deadline_ms / 1000.0 if req.deadline_ms else self.slo_s
+    def deadline_s(self, req: ImageRequest, job: bool = False) -> float:
+        """The request's deadline, seconds from its arrival: its own, else background work's
+        (hours) or the server's SLO."""
+        if req.deadline_ms:
+            return req.deadline_ms / 1000.0
+        return BATCH_DEADLINE_MS / 1000.0 if req.batch(job) else self.slo_s
 
     def image_url(self, image_id: str) -> str:
         path = f"/v1/images/{image_id}"

@@ -78,6 +78,7 @@ EDIT_FORM = {
                         "guidance_scale": {"type": "number"},
                         "lora": _TEXT,
                         "deadline_ms": {"type": "integer"},
+                        "priority": _TEXT,
                     },
                 }
             }

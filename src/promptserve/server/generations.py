@@ -102,6 +102,7 @@ def image_routes(ctx: Context) -> APIRouter:
                     seed=seed_of(req, i),
                     look=look,
                     edit=edit,
+                    batch=req.batch(job=False),
                 )  # fmt: skip
             )
             for i, h in enumerate(handles)
@@ -162,6 +163,7 @@ def image_routes(ctx: Context) -> APIRouter:
                 seed=req.seed,
                 look=ctx.look(req),
                 edit=edit,
+                batch=req.batch(job=False),
             )  # fmt: skip
         )
 

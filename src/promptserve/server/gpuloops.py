@@ -16,9 +16,10 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Protocol
 
-from promptserve.engine.base import GenerationItem
+from promptserve.engine.base import GenerationItem, Paused
 from promptserve.errors import Cancelled
 from promptserve.policy.contract import Outcome, Report, Scheduler, StepWork, Work, moved, starts
 from promptserve.server.answers import report_steps
@@ -145,24 +146,13 @@ class GpuLoops:
             self._failed(g, work, exc)
             return
         executed = None
-        if prepared is not None:
-            limit = timeout_s(work)
-            try:
-                async with asyncio.timeout(limit):
-                    try:
-                        executed = await execute(rt.workers, g, work, prepared)
-                    finally:  # the start latents are read (or never will be): evictable again
-                        await rt.io.unpin(list((prepared.refs or {}).values()))
-            except TimeoutError:  # its GPU is stuck: out until it answers again, as if lost
-                rt.counters.batch_timeouts += 1
-                rt.lose(g, f"its batch ran over {limit:.0f} s")
-                return
-            except WorkerLost as lost:  # its jobs' progress is gone with it: they start again
-                rt.lose(g, str(lost))
-                return
-            except Exception as exc:  # a worker failure: these requests fail explicitly, once
-                self._failed(g, work, exc)
-                return
+        try:
+            if prepared is not None:
+                executed = await self._execute(g, work, prepared)
+        finally:  # whoever waits to resume a member paused here may read it now (or never)
+            self._written(work, executed.paused if executed is not None else {})
+        if executed is None and prepared is not None:
+            return  # lost, stuck or failed: dealt with
         report = self._report(g, executed) if executed is not None else Report()
         self.running[g] = False
         now = rt.clock()
@@ -171,6 +161,44 @@ class GpuLoops:
             rt.retrying(report.lost, "the worker restarted without its members")
         rt.answer(outcomes, executed, now)
         rt.hand_out()
+
+    async def _execute(self, g: int, work: Work, prepared: Prepared) -> Executed | None:
+        """The work on its worker; None where it could not end (its GPU lost or stuck, its
+        jobs failed: each dealt with here)."""
+        rt = self.rt
+        limit = timeout_s(work)
+        try:
+            async with asyncio.timeout(limit):
+                try:
+                    return await execute(rt.workers, g, work, prepared)
+                finally:  # the start latents are read (or never will be): evictable again
+                    await rt.io.unpin(list((prepared.refs or {}).values()))
+        except TimeoutError:  # its GPU is stuck: out until it answers again, as if lost
+            rt.counters.batch_timeouts += 1
+            rt.lose(g, f"its batch ran over {limit:.0f} s")
+        except WorkerLost as lost:  # its jobs' progress is gone with it: they start again
+            rt.lose(g, str(lost))
+        except Exception as exc:  # a worker failure: these requests fail explicitly, once
+            self._failed(g, work, exc)
+        return None
+
+    def _written(self, work: Work, states: dict[int, Paused]) -> None:
+        """The members ``work`` paused, each with its state as its worker wrote it (none where
+        the work did not get that far: a resume then starts it again, ``Report.started`` says
+        where); once per work, as soon as they are written or the work ended."""
+        fresh = {}
+        for job_id in work.pauses if isinstance(work, StepWork) else ():
+            p = self.rt.pending.get(job_id)
+            if p is not None and p.writing is not None and not p.writing.is_set():
+                p.paused = fresh[job_id] = states.get(job_id)
+                p.writing.set()
+        for job_id, state in fresh.items():
+            if state is None:
+                continue
+            self.rt.counters.pauses += 1
+            p = self.rt.pending.get(job_id)
+            if p is not None and p.handle is not None:
+                p.handle.emit("paused", {"step": state.step})
 
     def _report(self, g: int, executed: Executed) -> Report:
         """The worker's report, with the members it no longer holds though the GPU gave
@@ -196,7 +224,17 @@ class GpuLoops:
             if p is None:  # cancelled meanwhile
                 rt.sched.remove(start.job.id)
                 continue
+            if start.from_step is None:
+                p.paused = None  # it starts afresh (a lost GPU's, or a first join)
+            elif p.writing is not None:
+                await p.writing.wait()  # paused on a GPU whose call is still running
             joining.append((start.job.id, start.k, start.r, p))
+        pauses = set(work.pauses) if isinstance(work, StepWork) else set()
+        for job_id in pauses:  # written down by this call, read by the resume that waits
+            p = rt.pending.get(job_id)
+            if p is not None:
+                p.paused, p.writing = None, asyncio.Event()
+            self.done_with(job_id)
         if joining:
             await rt.io.call(self._read_items, joining)
             gone = [p for job_id, _, _, p in joining if job_id not in rt.pending]
@@ -210,7 +248,7 @@ class GpuLoops:
                 rt.counters.reintervals += 1
         cancels, self.cancels[g] = self.cancels[g], set()
         self.holds[g] -= cancels
-        if not joining and not self.holds[g] and not cancels:
+        if not joining and not self.holds[g] and not cancels and not pauses:
             return None
         now = rt.clock()
         handles = []
@@ -232,10 +270,17 @@ class GpuLoops:
             1 if heard or self.cancels[g] else None,  # a cancel since: stop after a step
             self.interrupt[g],
             self._on_step(handles),
+            partial(self._written, work),
         )
 
     def _read_items(self, joining: list) -> None:  # noqa: ANN001 - on the cache thread
         for _, k, r, p in joining:
+            if p.paused is not None and p.item is not None:  # it goes on from its pause
+                self.rt.counters.resumes += 1
+                p.item = dataclasses.replace(p.item, resume=p.paused)
+                if p.ref is not None:  # nothing to read or to pin: the entry to write stays
+                    p.ref = dataclasses.replace(p.ref, start_key=None, pinned=None)
+                continue
             p.item, p.ref = self.rt.item_for(p, k, r)
 
     def _on_step(self, handles: list) -> object:

@@ -11,15 +11,28 @@ import re
 from collections.abc import Sequence
 
 from promptserve.server.runtime import Served
-from promptserve.server.schemas import OFFICIAL_SIZES, ImageMeta, ImageRequest, LoraRef
+from promptserve.server.schemas import (
+    MAX_DEADLINE_MS,
+    OFFICIAL_SIZES,
+    ImageMeta,
+    ImageRequest,
+    LoraRef,
+)
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 DEFAULT_COMPRESSION = 100  # the official default of ``output_compression``
 TOKEN = re.compile(r"\w+|[^\w\s]")
 
 
-def unsupported(req: ImageRequest) -> tuple[str, str] | None:
-    """(field, why) for a request this server will not pretend to honour, else None."""
+def unsupported(req: ImageRequest, job: bool = False) -> tuple[str, str] | None:
+    """(field, why) for a request (``job``: a job) this server will not pretend to honour,
+    else None."""
+    if req.deadline_ms is not None and req.deadline_ms > MAX_DEADLINE_MS and not req.batch(job):
+        return (
+            "deadline_ms",
+            f"deadline_ms over {MAX_DEADLINE_MS} (an hour) is for background work: a job "
+            "with priority batch (the default for POST /v1/jobs)",
+        )
     if req.style is not None:
         return "style", "style (DALL-E 3's vivid/natural) has no counterpart in diffusion serving"
     if req.background == "transparent":

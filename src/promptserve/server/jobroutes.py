@@ -34,7 +34,7 @@ def job_refusal(req: ImageRequest) -> tuple[str, str] | None:
             "stream",
             "a job's progress streams from /v1/jobs/{id}/events; stream is for generations",
         )
-    return unsupported(req)
+    return unsupported(req, job=True)
 
 
 def accepted(handle: JobHandle) -> bool:
@@ -83,6 +83,7 @@ async def run_job(
                 seed=seed_of(req, i),
                 look=look,
                 edit=edit,
+                batch=req.batch(job=True),
             )  # fmt: skip
         )
         for i, handle in enumerate(state.handles)
@@ -195,7 +196,7 @@ def job_routes(ctx: Context, book: JobBook) -> APIRouter:
         state = JobState(new_id(), tenant)
         ctx.metrics.submitted.inc(req.n)
         state.handles = handles_for(state, req.n)
-        deadline_s = ctx.deadline_s(req)
+        deadline_s = ctx.deadline_s(req, job=True)
         if book.store is not None:  # on the disk before it runs: a job answered 202 is kept
             wall = time.time()
             row = (state.id, tenant, req, edit, wall, wall + deadline_s)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from promptserve.cache.approx import CacheHit
-from promptserve.engine.base import PLAIN, EditInput, GenerationItem, GenerationResult, Look
+from promptserve.engine.base import PLAIN, EditInput, GenerationItem, GenerationResult, Look, Paused
 from promptserve.policy.contract import Arrival
 from promptserve.policy.types import Status
 from promptserve.workers.base import StoreRefs
@@ -101,6 +101,10 @@ class Pending:
     earlier: tuple[tuple[int, int], ...] = ()  # (interval, steps) it ran at before ``item``'s
     ref: StoreRefs | None = None  # on a shared store: its start key and entry
     edit: EditInput | None = None  # an edit: its own image (and mask) and strength
+    # background work: where it was last written down (``StepRunner.pause``), and set once the
+    # call that pauses it has ended (a resume on another GPU waits for it)
+    paused: Paused | None = None
+    writing: asyncio.Event | None = None
 
 
 @dataclass
@@ -115,6 +119,8 @@ class Counters:
     loop_errors: int = 0  # scheduler or re-plan iterations that raised (logged, survived)
     batch_timeouts: int = 0  # batches given up on after a multiple of their prediction
     reintervals: int = 0  # running members moved to a longer feature-cache interval (a burst)
+    pauses: int = 0  # background members written down at a boundary
+    resumes: int = 0  # background members that went on from where they were written down
     write_trips: int = 0  # cache-thread trips that wrote answered runs (one group each)
     # per stage of the request path: [seconds, requests] summed (``stage``)
     stages: dict[str, list[float]] = field(default_factory=dict)

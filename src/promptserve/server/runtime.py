@@ -215,14 +215,16 @@ class LiveRuntime:
         seed: int | None = None,
         look: Look = PLAIN,
         edit: EditInput | None = None,
+        batch: bool = False,
     ) -> Served:
         """One image, due ``slo_s`` from now; ``exact``: a full generation, never started from
         a cached latent (the API's ``quality: high``); it still leaves its latents to the
         cache. ``look``: its negative prompt, guidance, size and adapters; it resumes only
         from neighbours made with the same look. ``edit``: an edit of its own image, which
-        neither reads nor writes the cache."""
+        neither reads nor writes the cache. ``batch``: background work (``priority``)."""
         try:
-            future = await self._intake(prompt, tenant, slo_s, handle, exact, seed, look, edit)
+            args = (exact, seed, look, edit, batch)
+            future = await self._intake(prompt, tenant, slo_s, handle, *args)
         except Exception as exc:  # refused, or failed before queueing: a job hears it too
             if handle is not None and handle.accepted is not None and not handle.accepted.done():
                 handle.accepted.set_exception(exc)
@@ -239,6 +241,7 @@ class LiveRuntime:
         seed: int | None = None,
         look: Look = PLAIN,
         edit: EditInput | None = None,
+        batch: bool = False,
     ) -> asyncio.Future:
         """Embed, look up, admit and place; the future the answer will come on."""
         now = self.clock()
@@ -263,9 +266,8 @@ class LiveRuntime:
         shape = shape_index(self.shapes, look.size)
         adapters = tuple(sorted({self.adapter_ids[name] for name, _ in look.lora}))
         has = self._has_neighbour(hit)
-        ask = Ask(
-            job_id, now + slo_s, k_opt, has, shape, adapters, exact, edit_start(p, self.workers)
-        )
+        start = edit_start(p, self.workers)
+        ask = Ask(job_id, now + slo_s, k_opt, has, shape, adapters, exact, start, batch)
         if self.selection is not None:
             self.selection.observe(now, ask)
         arrival = self.sched.intake(now, ask)
@@ -288,15 +290,13 @@ class LiveRuntime:
         self.counters.lookups += 1
         return hit
 
-    async def _lookup_many(self, batch: list[tuple[str, np.ndarray]]) -> list[CacheHit | None]:
+    async def _lookup_many(self, burst: list[tuple[str, np.ndarray]]) -> list[CacheHit | None]:
         """A burst of lookups in one trip to the lookup thread (``Burst``)."""
-        cache = self.cache
-        return await self.io.lookup(lambda: [cache.lookup(t, v) for t, v in batch])
+        return await self.io.lookup(lambda: [self.cache.lookup(t, v) for t, v in burst])
 
     def _has_neighbour(self, hit: CacheHit | None) -> bool:
-        """Whether the request may start from its neighbour at any level, as the policy assumes
-        of a neighbour; one that lacks a level (written before entries took their neighbour's
-        lower levels, or whose neighbour was evicted meanwhile) counts as none."""
+        """Whether it may start from its neighbour at any level, as the policy assumes; one
+        that lacks a level (an older entry, or its neighbour evicted meanwhile) counts as none."""
         return hit is not None and self.cache.holds_every(hit.entry, self.workers.levels)
 
     def cancel(self, handle: JobHandle) -> bool:

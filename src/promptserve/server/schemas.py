@@ -32,7 +32,9 @@ def visible(prompt: str) -> bool:
     )
 
 
-MAX_DEADLINE_MS = 3_600_000  # the longest deadline a request may ask (an hour)
+MAX_DEADLINE_MS = 3_600_000  # the longest deadline an interactive request may ask (an hour)
+MAX_BATCH_DEADLINE_MS = 7 * 24 * 3_600_000  # a background job's (a week)
+BATCH_DEADLINE_MS = 24 * 3_600_000  # a background job's when it names none (a day)
 
 
 class LoraRef(BaseModel):
@@ -63,7 +65,11 @@ class ImageRequest(BaseModel):
     partial_images: int | None = Field(default=None, ge=0, le=3)
     user: str | None = Field(default=None, max_length=256)
     # extensions
-    deadline_ms: int | None = Field(default=None, ge=100, le=MAX_DEADLINE_MS)
+    deadline_ms: int | None = Field(default=None, ge=100, le=MAX_BATCH_DEADLINE_MS)
+    # interactive: someone waits (the default for generations and edits); batch: background
+    # work on what interactive requests leave, paused when they need the GPU (the default
+    # for jobs; a deadline of hours)
+    priority: Literal["interactive", "batch"] | None = None
     # the start noise: the same prompt, seed, level and neighbour give the same image (with
     # n > 1, image i has seed + i); default one of the server's own
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1 - MAX_IMAGES)
@@ -74,6 +80,10 @@ class ImageRequest(BaseModel):
     # LoRA adapters by name, each at its scale; none repeated (a request resumes only from
     # neighbours made with the same adapters and scales)
     lora: list[LoraRef] | None = Field(default=None, max_length=MAX_ADAPTERS_PER_REQUEST)
+
+    def batch(self, job: bool) -> bool:
+        """Background work: asked for, or a job that did not ask to be interactive."""
+        return self.priority == "batch" if not job else self.priority != "interactive"
 
     @property
     def exact(self) -> bool:

@@ -10,9 +10,10 @@ read on its cache thread) and owns the answers.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.engine.base import GenerationItem, GenerationResult, Paused
 from promptserve.policy.contract import BatchWork, Report, Work
 from promptserve.workers.base import OnStep, StoreRefs, Workers
 from promptserve.workers.steps import StepCall
@@ -31,6 +32,9 @@ class Prepared:
     most_steps: int | None = None  # step-level: stop by then (a member hears each step)
     interrupt: threading.Event | None = None  # step-level: set, it stops after this step
     on_step: OnStep | None = None  # a batch's per-step callback (streams, cancels)
+    # step-level: told the members paused at the boundary as soon as they are written down
+    # (a resume on another GPU waits for them, not for this call's steps)
+    on_paused: Callable[[dict[int, Paused]], None] | None = None
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Executed:
     results: dict[int, GenerationResult]  # whoever finished, by job id
     steps_left: dict[int, int] = field(default_factory=dict)  # step-level: who runs on
     previews: dict[int, bytes] = field(default_factory=dict)  # step-level: asked-for previews
+    paused: dict[int, Paused] = field(default_factory=dict)  # step-level: written down
 
 
 def timeout_s(work: Work) -> float | None:
@@ -61,16 +66,23 @@ async def execute(workers: Workers, gpu: int, work: Work, prepared: Prepared) ->
     refs = [prepared.refs[i] for i in joining] if prepared.refs is not None else None
     steps = work.steps if prepared.most_steps is None else min(work.steps, prepared.most_steps)
     retimes = {m.job.id: m.r for m in work.retimed}
-    call = StepCall(joins, prepared.cancels, max(steps, 1), prepared.interrupt, retimes, refs)
+    pauses = set(work.pauses) - prepared.cancels
+    call = StepCall(
+        joins, prepared.cancels, max(steps, 1), prepared.interrupt, retimes, refs, pauses
+    )
     started: dict = {}
-    if joins and work.start_s > work.at_s:
+    paused: dict = {}
+    if (joins and work.start_s > work.at_s) or pauses:
         # its joiners encode and load before the first step: a join placed meanwhile joins
-        # them there, a boundary before any step (as the scheduler times it), not a step on
+        # them there, a boundary before any step (as the scheduler times it), not a step on;
+        # the members it pauses are written down before any step, for whoever resumes them
         joined = await workers.advance(gpu, replace(call, steps=0))
-        started = joined.started
+        started, paused = joined.started, joined.paused
+        if prepared.on_paused is not None:
+            prepared.on_paused(paused)
         if prepared.interrupt is not None and prepared.interrupt.is_set():
             report = Report(steps=0, started=tuple(started.items()))
-            return Executed(report, {}, dict(joined.steps_left))  # type: ignore[arg-type]
+            return Executed(report, {}, dict(joined.steps_left), {}, paused)  # type: ignore[arg-type]
         call = StepCall((), set(), call.steps, prepared.interrupt)
     done = await workers.advance(gpu, call)
     finished = dict(done.finished)
@@ -79,4 +91,5 @@ async def execute(workers: Workers, gpu: int, work: Work, prepared: Prepared) ->
         started=tuple((started or done.started).items()),  # type: ignore[arg-type]
         finished=tuple(finished),  # type: ignore[arg-type]
     )
-    return Executed(report, finished, dict(done.steps_left), dict(done.previews))  # type: ignore[arg-type]
+    paused = paused or done.paused
+    return Executed(report, finished, dict(done.steps_left), dict(done.previews), paused)  # type: ignore[arg-type]

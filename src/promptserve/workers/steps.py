@@ -10,7 +10,7 @@ import threading
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from promptserve.engine.base import GenerationItem, GenerationResult
+from promptserve.engine.base import GenerationItem, GenerationResult, Paused
 
 Joins = Sequence[tuple[Hashable, GenerationItem]]
 
@@ -22,6 +22,7 @@ class StepDone:
     started: dict[Hashable, int]  # each joiner's K as it started (0: its latent was missing)
     previews: dict[Hashable, bytes] = field(default_factory=dict)  # asked for at these steps
     ran: int = 1  # steps run in the call
+    paused: dict[Hashable, Paused] = field(default_factory=dict)  # written down, then let go
 
 
 @dataclass
@@ -35,20 +36,24 @@ class StepCall:
     interrupt: threading.Event | None = None  # set: it stops after the step it is on
     retimes: Mapping[Hashable, int] = field(default_factory=dict)  # key -> new interval
     refs: Sequence | None = None  # per joiner, for workers on the shared store (``StoreRefs``)
+    pauses: set = field(default_factory=set)  # keys written down and let go before anything
 
 
 def advance(runner, call: StepCall) -> StepDone:  # noqa: ANN001 - any step runner
     """One boundary on one runner, in its engine's thread, and up to ``call.steps`` steps
     after it. It stops early after a step at which a member finished, or once the interrupt
     is set (an arrival or a cancel: the next boundary is wanted now)."""
+    paused = {key: runner.pause(key) for key in call.pauses}
+    paused = {key: state for key, state in paused.items() if state is not None}
     for key in call.cancels:
         runner.cancel(key)
     runner.join(call.joins)
     for key, interval in call.retimes.items():
         runner.reinterval(key, interval)
-    started = {key: item.k for key, item in call.joins}
+    # each joiner's K as it started, or a resumed one's step (``policy.contract.Report``)
+    started = {key: item.k if item.resume is None else item.resume.step for key, item in call.joins}
     if call.steps == 0:
-        return StepDone([], runner.steps_left(), started, {}, 0)
+        return StepDone([], runner.steps_left(), started, {}, 0, paused)
     previews: dict[Hashable, bytes] = {}
     ran = 0
     while True:
@@ -59,4 +64,4 @@ def advance(runner, call: StepCall) -> StepDone:  # noqa: ANN001 - any step runn
             break
         if call.interrupt is not None and call.interrupt.is_set():
             break
-    return StepDone(finished, runner.steps_left(), started, previews, ran)
+    return StepDone(finished, runner.steps_left(), started, previews, ran, paused)

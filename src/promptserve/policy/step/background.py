@@ -70,6 +70,8 @@ class Ledger:
             return
         share = min(max((self.until_s - (now - busy)) / busy, 0.0), 1.0)
         n, lane = len(gpu.by_id), len(gpu.batch)
+        if not n + lane:
+            return
         self.interactive_s += share * busy * n / (n + lane)  # a shared step, by its members
         self.interactive_steps += share * steps * n
         self.background_s += share * busy * lane / (n + lane)
@@ -196,6 +198,15 @@ class Background:
             gpu.encoding += job.start is not None and step is None  # an edit's image, once
             self.ledger.resumes += step is not None
             joined.append(member)
+
+    def restart(self, gpu: StepGpu, member: Member, step: int) -> None:
+        """A member that started at another step than planned (its written-down state was
+        gone, or its start latent: it runs from ``step``)."""
+        total = self.spec.profile.total_steps
+        member.end_step = gpu.done + total - step
+        member.from_step = None if step <= member.k else step
+        if step < member.k:
+            member.k = step
 
     def remove(self, job_id: int) -> Job | None:
         """A cancelled background job out of the lane or its GPU (None: not here)."""

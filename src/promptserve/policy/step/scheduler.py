@@ -171,10 +171,14 @@ class StepScheduler:
         those its worker lost are placed again, those it finished leave; then the boundary
         (``Lifecycle.boundary``), and the GPU's next run of steps is due."""
         g = self.gpus[gpu]
+        self.background.ledger.add(g, report.steps, now)  # before anyone leaves
         for job_id, k in report.started:
             member = g.by_id.get(job_id)
             if member is not None and member.k != k:
                 self.life.restart(g, job_id, k)
+            lane = g.batch.get(job_id)
+            if lane is not None and (lane.k if lane.from_step is None else lane.from_step) != k:
+                self.background.restart(g, lane, k)
         ended: list[Outcome] = []
         for job_id in report.lost:
             job = self.remove(job_id)
@@ -188,7 +192,6 @@ class StepScheduler:
                     Outcome(member.job, Status.SERVED, now, member.k, gpu, member.r, member.earlier)
                 )
         self.boundaries.reached(g, now)
-        self.background.ledger.add(g, report.steps, now)
         left, joined, dropped = self.life.boundary(g, now, report.steps)
         m = self.life.next_steps(g)
         if m > 0:
@@ -219,6 +222,9 @@ class StepScheduler:
         finish now are dropped. Their GPUs stop at their next boundary to take them."""
         out = []
         for job in jobs:
+            if job.batch:  # back in the lane, from its start
+                self.background.arrive(job)
+                continue
             gpu, outcome = self.placement.arrive(now, job)
             if outcome is not None:
                 out.append(outcome)

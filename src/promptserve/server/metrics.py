@@ -106,6 +106,13 @@ GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Running members moved to a longer feature-cache interval at a burst (step-level)",
         (),
     ),
+    "background": (
+        "promptserve_background",
+        "Background work (priority batch): members running now (running), jobs waiting or "
+        "paused in the lane (waiting), members written down at a boundary for interactive "
+        "work (paused) and members that went on from there (resumed), both summed",
+        ("state",),
+    ),
     "batch_timeouts": (
         "promptserve_batch_timeouts",
         "Batches given up on after 10x their predicted latency (their requests failed)",

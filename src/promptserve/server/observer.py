@@ -51,6 +51,11 @@ def scrape(runtime: LiveRuntime, metrics: Metrics) -> bytes:
     metrics.loop_errors.set(c.loop_errors)
     metrics.batch_timeouts.set(c.batch_timeouts)
     metrics.reintervals.set(c.reintervals)
+    for state, n in (
+        ("running", load.batch_running), ("waiting", load.batch_waiting),
+        ("paused", c.pauses), ("resumed", c.resumes),
+    ):  # fmt: skip
+        metrics.background.labels(state).set(n)
     metrics.write_groups.set(c.write_trips)
     for stage, (seconds, requests) in list(c.stages.items()):
         metrics.stage_seconds.labels(stage).set(seconds)

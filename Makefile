@@ -54,6 +54,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_policies.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_selector.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_edits.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_batch.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_hindsight.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_bursts.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_sizes.py

@@ -23,7 +23,8 @@ What is measured, over the interactive requests' span (``Ledger.until_s``):
   depends on its kind, so member-steps are not a capacity);
 - ``images_per_gpu_hour``: background images finished within the span, per GPU-hour.
 
-Writes ``docs/figures/batch.json`` with ``--docs``. Prints one JSON line.
+Writes ``docs/figures/batch.json`` and rewrites the table in ``docs/batch.md`` with ``--docs``.
+Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from promptserve.policy.step.background import width
 from promptserve.policy.types import Status
 from promptserve.profile import reference_profile, with_feature_cache
 from promptserve.sim.events import EventRun
+from promptserve.sim.figures import rewrite
 from promptserve.sim.sweep import SweepConfig, point_inputs
 from promptserve.steptime import step_profile
 from promptserve.workload import load_prompts
@@ -184,6 +186,7 @@ def main() -> None:
     }
     if args.docs:
         (ROOT / "docs/figures/batch.json").write_text(json.dumps(out, indent=1) + "\n")
+        rewrite(ROOT / "docs/batch.md", ROOT)
     print(json.dumps(out))
 
 

@@ -45,7 +45,8 @@ def test_cancelling_a_running_member_frees_its_slot(tmp_path):
             target=lambda: client(url, timeout=120).images.generate(prompt="a calm sea"),
         )
         kept.start()
-        job = httpx.post(f"{url}/v1/jobs", json={"prompt": "a storm"}, timeout=30).json()
+        body = {"prompt": "a storm", "priority": "interactive"}  # beside the other, not apart
+        job = httpx.post(f"{url}/v1/jobs", json=body, timeout=30).json()
         deadline = time.monotonic() + 20
         while sum(runtime.load().inflight) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)

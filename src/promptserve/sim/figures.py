@@ -225,6 +225,27 @@ def few_step_savings(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def background_lane(data: dict) -> str:
+    """``bench_batch.py``: per point, the interactive effective quality alone and its change
+    beside the background stream, and what the stream got of what they left, for each lane."""
+    lines = [
+        "| feature caching | qpm | alone | lane | with the stream | violations | GPU-time left"
+        " | of it used | step slots used | images per GPU-hour |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in data["points"]:
+        for lane in ("apart", "beside"):
+            row = p[lane]
+            slots = "—" if row["slots_used"] is None else f"{row['slots_used']:.2f}"
+            lines.append(
+                f"| {p['feature_cache']} | {p['rate_qpm']:g} | {p['alone']:.2f} | {lane} | "
+                f"{row['effective_quality']:.2f} ({row['change']:+.2f}) | {row['violations']:.3f}"
+                f" | {row['left_share']:.1%} | {row['left_used']:.2f} | {slots} | "
+                f"{row['images_per_gpu_hour']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 # a block's file under docs/figures ("": rendered from the code's own constants)
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "cached-shares": ("", cached_shares),
@@ -237,6 +258,7 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "headline-mild": ("policies-mild.json", headline),
     "policies-mild-held-out": ("policies-mild.json", lambda d: full_tables(d, "held-out")),
     "few-step": ("fewstep.json", few_step_savings),
+    "background": ("batch.json", background_lane),
 }
 
 

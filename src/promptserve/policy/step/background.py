@@ -13,7 +13,7 @@ Beside interactive members the lane runs only by choice (``beside_share`` > 0, o
 default): then also while no interactive request waits, the price is 0, and each interactive
 member still finishes within that share of its slack (its deadline less its finish without the
 lane). Measured (``bench_batch.py``, ``docs/batch.md``), half the slack gives the lane 3.7x the
-images at 60 queries/minute and costs the interactive requests half a point: a member kept
+images at 60 queries/minute and costs the interactive requests 0.57 points: a member kept
 longer meets more joiners, whose fits then pick faster levels. Off, the cost is within 0.05.
 
 A background job runs at its own K_opt (the level its neighbour's similarity keeps at full

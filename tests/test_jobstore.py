@@ -145,3 +145,38 @@ def test_the_sweep_deletes_jobs_past_their_age_from_the_store(tmp_path):
 
     asyncio.run(run())
     assert store.load() == [] and len(book.finished) == 0
+
+
+def test_a_background_job_killed_mid_run_resumes_from_its_last_written_step(tmp_path):
+    """A background job (a jobs' default) is written down every ``CHECKPOINT_STEPS``; the
+    server SIGKILLed once a step is on the disk, then started again on the same folder: the
+    job resumes there and ends in the bytes of its run without the kill."""
+    args = ["--model", "tiny", "--embedder", "hashing", "--workers", "1", "--slo", "600"]
+    body = {"prompt": "a catalogue photo of a teapot", "seed": 5, "size": "96x64"}
+    proc, url = start_server(args, tmp_path / "once")
+    try:
+        whole = wait_final(url, httpx.post(f"{url}/v1/jobs", json=body).json()["id"], "unused")
+    finally:
+        proc.kill()
+    proc, url = start_server(args, tmp_path)
+    store = JobStore(tmp_path / "jobs.sqlite")
+    try:
+        job_id = httpx.post(f"{url}/v1/jobs", json=body, timeout=60).json()["id"]
+        deadline = time.monotonic() + 120
+        while not (written := store._db.execute("SELECT step FROM job_pauses").fetchall()):
+            assert time.monotonic() < deadline, "no step was written down"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        (row,) = [r for r in store.load() if r.id == job_id]
+        assert row.view is None and 0 < row.pauses[0].step < 50  # killed mid-run
+        assert row.pauses[0].step % 10 == 0 and written
+        proc, url = start_server(args, tmp_path)
+        view = wait_final(url, job_id, "unused")
+        metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        proc.kill()
+        store.close()
+    assert view["status"] == "succeeded"
+    assert 'promptserve_background{state="resumed"} 1.0' in metrics  # from its written step
+    assert view["data"][0]["b64_json"] == whole["data"][0]["b64_json"]

@@ -142,10 +142,15 @@ class ModeledStepRunner:
     def cancel(self, key) -> bool:  # noqa: ANN001
         return self._steps.pop(key, None) is not None
 
-    def pause(self, key) -> Paused | None:  # noqa: ANN001
+    def snapshot(self, key) -> Paused | None:  # noqa: ANN001
         """Its step written down (no latent: nothing is computed here)."""
-        entry = self._steps.pop(key, None)
+        entry = self._steps.get(key)
         return None if entry is None else Paused(entry[0], np.zeros(0, np.float32), "modelled")
+
+    def pause(self, key) -> Paused | None:  # noqa: ANN001
+        state = self.snapshot(key)
+        self._steps.pop(key, None)
+        return state
 
     def reinterval(self, key, interval: int) -> bool:  # noqa: ANN001
         entry = self._steps.get(key)

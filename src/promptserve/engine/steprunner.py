@@ -160,20 +160,22 @@ class StepRunner:
                     slot.deep, slot.last_full = mine, slot.step
         return latents, x0
 
-    def pause(self, key: Hashable) -> Paused | None:
-        """Write a member down and take it out (None: not here); ``join`` with the item's
-        ``resume`` set to what this returns goes on exactly where it stopped. A member on a
-        feature-cache interval resumes with a full step (its deep features are not kept)."""
+    def snapshot(self, key: Hashable) -> Paused | None:
+        """A member written down where it stands (None: not here); ``join`` with the item's
+        ``resume`` set to it goes on exactly from there. A member on a feature-cache interval
+        resumes with a full step (its deep features are not kept)."""
         for slot in self.slots:
             if slot.key == key:
-                self.cancel(key)
-                return Paused(
-                    slot.step,
-                    _array(slot.latent[0]),
-                    str(self.c.dtype),
-                    {lv: _array(lat[0]) for lv, lat in slot.captured.items()},
-                )
+                captured = {lv: _array(lat[0]) for lv, lat in slot.captured.items()}
+                return Paused(slot.step, _array(slot.latent[0]), str(self.c.dtype), captured)
         return None
+
+    def pause(self, key: Hashable) -> Paused | None:
+        """A member written down and taken out (None: not here)."""
+        state = self.snapshot(key)
+        if state is not None:
+            self.cancel(key)
+        return state
 
     def cancel(self, key: Hashable) -> bool:
         """Take a member out; its slot is free for the next step."""

@@ -45,6 +45,8 @@ class Ask:
     # leave, is paused at a step boundary when they need its GPU and resumes where it stopped;
     # it pays no price and interactive admission never counts it (``step.background``)
     batch: bool = False
+    # background work found written down by a restart: it resumes at this step (a join there)
+    resume_at: int | None = None
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from promptserve.engine.base import GenerationResult, Guidance
 from promptserve.errors import Cancelled
-from promptserve.policy.types import Outcome
-from promptserve.server.requests import Pending, Served
+from promptserve.policy.types import Outcome, Setting
+from promptserve.quality import QualityModel, served_quality
+from promptserve.server.requests import Counters, Pending, Served
+from promptserve.workers.base import Workers
 from promptserve.workers.execute import Executed
+
+
+class Serving(Protocol):
+    """What an answer reads of the runtime that serves it."""
+
+    quality: QualityModel
+    setting: Setting
+    workers: Workers
+    guidance: Guidance
 
 
 def served(
@@ -15,9 +28,20 @@ def served(
     started: float,
     now: float,
     outcome: Outcome,
-    quality: float,
-    guidance: Guidance,
+    counters: Counters,
+    rt: Serving,
 ) -> Served:
+    """A request its run finished, counted (on time or late, its stages, its hit), and the
+    answer it gets, with its predicted quality."""
+    counters.by_outcome["late" if now > p.deadline_s else "served"] += 1
+    counters.stage("queue", max(0.0, started - p.queued_at))
+    counters.stage("run", now - started)
+    counters.cache_hits += int(p.hit is not None and result.k > 0)
+    quality = served_quality(
+        rt.quality, rt.setting.interval_q, rt.workers.total_steps, p.k_opt, result.k,
+        outcome.interval, outcome.earlier, None if p.edit is None else result.k,
+    )  # fmt: skip
+    guidance = rt.guidance
     scale = None  # the guidance scale it ran at (None: the model has no guidance input)
     if guidance.kind != "none":
         scale = guidance.default if p.look.guidance is None else p.look.guidance

@@ -25,7 +25,7 @@ from promptserve.policy.contract import Outcome, Report, Scheduler, StepWork, Wo
 from promptserve.server.answers import report_steps
 from promptserve.server.cachethreads import CacheThreads
 from promptserve.server.clock import Pause
-from promptserve.server.requests import Counters, Pending
+from promptserve.server.requests import Counters, JobHandle, Pending
 from promptserve.workers.base import StoreRefs, WorkerLost, Workers
 from promptserve.workers.execute import Executed, Prepared, execute, timeout_s
 
@@ -153,6 +153,8 @@ class GpuLoops:
             self._written(work, executed.paused if executed is not None else {})
         if executed is None and prepared is not None:
             return  # lost, stuck or failed: dealt with
+        if executed is not None:
+            self._kept(executed.snapshots)
         report = self._report(g, executed) if executed is not None else Report()
         self.running[g] = False
         now = rt.clock()
@@ -199,6 +201,14 @@ class GpuLoops:
             p = self.rt.pending.get(job_id)
             if p is not None and p.handle is not None:
                 p.handle.emit("paused", {"step": state.step})
+        self._kept(fresh)
+
+    def _kept(self, states: dict[int, Paused | None]) -> None:
+        """Members written down, to their jobs' store (durable background jobs)."""
+        for job_id, state in states.items():
+            p = self.rt.pending.get(job_id)
+            if state is not None and p is not None and p.handle is not None and p.handle.keep:
+                p.handle.keep(state)
 
     def _report(self, g: int, executed: Executed) -> Report:
         """The worker's report, with the members it no longer holds though the GPU gave
@@ -219,6 +229,7 @@ class GpuLoops:
         the members' new intervals, the cancels to tell; None: nothing to run (a boundary)."""
         rt = self.rt
         joining: list[tuple[int, int, int, Pending]] = []
+        resuming: set[int] = set()
         for start in starts(work):
             p = rt.pending.get(start.job.id)
             if p is None:  # cancelled meanwhile
@@ -226,8 +237,10 @@ class GpuLoops:
                 continue
             if start.from_step is None:
                 p.paused = None  # it starts afresh (a lost GPU's, or a first join)
-            elif p.writing is not None:
-                await p.writing.wait()  # paused on a GPU whose call is still running
+            else:
+                resuming.add(start.job.id)
+                if p.writing is not None:
+                    await p.writing.wait()  # paused on a GPU whose call is still running
             joining.append((start.job.id, start.k, start.r, p))
         pauses = set(work.pauses) if isinstance(work, StepWork) else set()
         for job_id in pauses:  # written down by this call, read by the resume that waits
@@ -236,7 +249,7 @@ class GpuLoops:
                 p.paused, p.writing = None, asyncio.Event()
             self.done_with(job_id)
         if joining:
-            await rt.io.call(self._read_items, joining)
+            await rt.io.call(self._read_items, joining, resuming)
             gone = [p for job_id, _, _, p in joining if job_id not in rt.pending]
             if gone:  # cancelled while its latent was read: it has left the scheduler
                 await rt.io.unpin([p.ref for p in gone])
@@ -271,17 +284,25 @@ class GpuLoops:
             self.interrupt[g],
             self._on_step(handles),
             partial(self._written, work),
+            {j for j in self.holds[g] if (h := self._handle(j)) is not None and h.keep},
         )
 
-    def _read_items(self, joining: list) -> None:  # noqa: ANN001 - on the cache thread
-        for _, k, r, p in joining:
-            if p.paused is not None and p.item is not None:  # it goes on from its pause
-                self.rt.counters.resumes += 1
-                p.item = dataclasses.replace(p.item, resume=p.paused)
-                if p.ref is not None:  # nothing to read or to pin: the entry to write stays
-                    p.ref = dataclasses.replace(p.ref, start_key=None, pinned=None)
+    def _read_items(self, joining: list, resuming: set[int]) -> None:  # on the cache thread
+        for job_id, k, r, p in joining:
+            if job_id not in resuming or p.paused is None:
+                p.item, p.ref = self.rt.item_for(p, k, r)
                 continue
-            p.item, p.ref = self.rt.item_for(p, k, r)
+            self.rt.counters.resumes += 1  # it goes on from where it was written down
+            if p.item is None:  # a restart's: its item as at K = 0 (nothing read), at its K
+                p.item, p.ref = self.rt.item_for(p, 0, r)
+                p.item = dataclasses.replace(p.item, k=k)
+            p.item = dataclasses.replace(p.item, resume=p.paused)
+            if p.ref is not None:  # nothing to read or to pin: the entry to write stays
+                p.ref = dataclasses.replace(p.ref, start_key=None, pinned=None)
+
+    def _handle(self, job_id: int) -> JobHandle | None:
+        p = self.rt.pending.get(job_id)
+        return p.handle if p is not None else None
 
     def _on_step(self, handles: list) -> object:
         """A batch's per-step callback, on its worker's thread: stop once every caller has

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
+from functools import partial
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -19,9 +21,11 @@ from promptserve.server.editform import EDIT_FORM, overlaid, read_edit
 from promptserve.server.imageapi import MEDIA_TYPES, encoded, meta_of, seed_of, unsupported
 from promptserve.server.images import new_id, valid_id
 from promptserve.server.jobs import FINAL, JobBook, JobState
-from promptserve.server.jobstore import Image
+from promptserve.server.jobstore import Image, JobStore
 from promptserve.server.runtime import Cancelled, JobHandle, Served
 from promptserve.server.schemas import ImageData, ImageRequest
+
+log = logging.getLogger(__name__)
 
 CANCEL_WAIT_S = 10.0  # DELETE waits this long for the job to stop, then answers 202
 
@@ -129,6 +133,36 @@ def handles_for(state: JobState, n: int) -> list[JobHandle]:
     return [JobHandle(state.emit if i == 0 else quiet, loop.create_future()) for i in range(n)]
 
 
+def durable(handles: list[JobHandle], job_id: str, store: JobStore, found: dict) -> None:
+    """A background job's images written to ``store`` as their members are written down
+    (paused, or every ``CHECKPOINT_STEPS``), each resuming from where a restart ``found``
+    it. The writes run on a thread, one at a time per image, the latest kept."""
+    loop = asyncio.get_running_loop()
+    for i, handle in enumerate(handles):
+        handle.resume = found.get(i)
+        handle.keep = partial(keep_latest, loop, store, job_id, i, {})
+
+
+def keep_latest(loop, store: JobStore, job_id: str, image: int, slot: dict, state) -> None:  # noqa: ANN001
+    """Write ``state`` unless a write of this image is under way (then the latest waiting
+    state is written after it): a slow disk never queues more than one write per image."""
+    slot["next"] = state
+    if slot.get("busy"):
+        return
+    slot["busy"] = True
+
+    async def drain() -> None:
+        try:
+            while "next" in slot:
+                await asyncio.to_thread(store.keep_pause, job_id, image, slot.pop("next"))
+        except Exception:  # the store is a best effort for a pause: the job still runs
+            log.exception("job %s: could not write image %d down", job_id, image)
+        finally:
+            slot["busy"] = False
+
+    loop.create_task(drain())
+
+
 async def restore_jobs(ctx: Context, book: JobBook) -> None:
     """After a restart: every finished job back on its tenant's shelf (its age counted from
     when it ended, a linked image under its old id), every unfinished one run again with the
@@ -146,6 +180,8 @@ async def restore_jobs(ctx: Context, book: JobBook) -> None:
             continue
         state = JobState(row.id, row.tenant)
         state.handles = handles_for(state, row.request.n)
+        if row.request.batch(job=True):  # it goes on from where it was last written down
+            durable(state.handles, row.id, book.store, row.pauses)
         book.add(state)
         left = row.deadline - wall
         if left <= 0:  # its deadline passed while the server was down
@@ -196,6 +232,8 @@ def job_routes(ctx: Context, book: JobBook) -> APIRouter:
         state = JobState(new_id(), tenant)
         ctx.metrics.submitted.inc(req.n)
         state.handles = handles_for(state, req.n)
+        if book.store is not None and req.batch(job=True):
+            durable(state.handles, state.id, book.store, {})
         deadline_s = ctx.deadline_s(req, job=True)
         if book.store is not None:  # on the disk before it runs: a job answered 202 is kept
             wall = time.time()

@@ -14,12 +14,12 @@ import io
 import json
 import sqlite3
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from promptserve.engine.base import EditInput
+from promptserve.engine.base import EditInput, Paused
 from promptserve.server.schemas import ImageRequest
 
 SCHEMA = (
@@ -30,6 +30,11 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS job_images (
     job_id TEXT NOT NULL, image_id TEXT NOT NULL, image BLOB NOT NULL, media TEXT NOT NULL,
     PRIMARY KEY (job_id, image_id))""",
+    # a background job's image as last written down (paused, or every CHECKPOINT_STEPS): a
+    # restart resumes it from there
+    """CREATE TABLE IF NOT EXISTS job_pauses (
+    job_id TEXT NOT NULL, image INTEGER NOT NULL, step INTEGER NOT NULL, state BLOB NOT NULL,
+    PRIMARY KEY (job_id, image))""",
 )
 Image = tuple[str, bytes, str]  # a linked result: its image id, bytes and media type
 
@@ -46,6 +51,7 @@ class StoredJob:
     view: dict | None  # a finished job's answer to GET /v1/jobs/{id}
     finished: float | None
     images: list[Image]  # its linked results
+    pauses: dict[int, Paused] = field(default_factory=dict)  # per image: where it was written
 
 
 def edit_bytes(edit: EditInput) -> bytes:
@@ -57,6 +63,21 @@ def edit_bytes(edit: EditInput) -> bytes:
     out = io.BytesIO()
     np.savez(out, **arrays)
     return out.getvalue()
+
+
+def paused_bytes(paused: Paused) -> bytes:
+    """A written-down member as one ``.npz``: its latent, dtype and captured levels."""
+    arrays = {"latent": paused.latent, "dtype": np.asarray(paused.dtype)}
+    arrays.update({f"level{k}": latent for k, latent in paused.captured.items()})
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    return out.getvalue()
+
+
+def paused_of(step: int, data: bytes) -> Paused:
+    with np.load(io.BytesIO(data)) as z:
+        levels = {int(k[5:]): z[k] for k in z.files if k.startswith("level")}
+        return Paused(step, z["latent"], str(z["dtype"]), levels)
 
 
 def edit_of(data: bytes) -> EditInput:
@@ -113,6 +134,20 @@ class JobStore:
                     "INSERT OR REPLACE INTO job_images VALUES (?, ?, ?, ?)",
                     [(job_id, *image) for image in images],
                 )
+            self._db.execute("DELETE FROM job_pauses WHERE job_id = ?", (job_id,))
+
+    def keep_pause(self, job_id: str, image: int, paused: Paused) -> None:
+        """Image ``image`` of a running job, written down at ``paused.step`` (a later write
+        replaces it; none once the job has ended or was deleted)."""
+        with self._lock, self._db:
+            alive = self._db.execute(
+                "SELECT 1 FROM jobs WHERE id = ? AND view IS NULL", (job_id,)
+            ).fetchone()
+            if alive:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO job_pauses VALUES (?, ?, ?, ?)",
+                    (job_id, image, paused.step, paused_bytes(paused)),
+                )
 
     def forget(self, job_ids: list[str]) -> None:
         """Jobs no longer kept (their tenant's bounds, their age, refused before queued)."""
@@ -121,6 +156,7 @@ class JobStore:
             with self._lock, self._db:
                 self._db.executemany("DELETE FROM jobs WHERE id = ?", rows)
                 self._db.executemany("DELETE FROM job_images WHERE job_id = ?", rows)
+                self._db.executemany("DELETE FROM job_pauses WHERE job_id = ?", rows)
 
     def load(self) -> list[StoredJob]:
         """Every row, oldest first, with its linked images."""
@@ -132,18 +168,21 @@ class JobStore:
             images: dict[str, list[Image]] = {}
             for job_id, *image in self._db.execute("SELECT * FROM job_images"):
                 images.setdefault(job_id, []).append(tuple(image))  # type: ignore[arg-type]
-        return [stored(r, images.get(r[0], [])) for r in rows]
+            pauses: dict[str, dict[int, Paused]] = {}
+            for job_id, image, step, state in self._db.execute("SELECT * FROM job_pauses"):
+                pauses.setdefault(job_id, {})[image] = paused_of(step, state)
+        return [stored(r, images.get(r[0], []), pauses.get(r[0], {})) for r in rows]
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
-def stored(r: tuple, images: list[Image]) -> StoredJob:
+def stored(r: tuple, images: list[Image], pauses: dict[int, Paused]) -> StoredJob:
     """A ``jobs`` row as ``load`` selects it."""
     job_id, tenant, status, created, deadline, request, edit, view, finished = r
     return StoredJob(
         job_id, tenant, status, created, deadline, ImageRequest.model_validate_json(request),
         None if edit is None else edit_of(edit), None if view is None else json.loads(view),
-        finished, images,
+        finished, images, pauses,
     )  # fmt: skip

@@ -53,6 +53,10 @@ class JobHandle:
     # nobody hears its step and preview events (a whole answer, not a stream or a job): the
     # worker sends none, rather than one wake-up of the event loop per member and step
     quiet: bool = False
+    # a durable background job's image: where its member is written down to (the job store),
+    # and where a restart found it written (it resumes from there)
+    keep: Callable[[Paused], None] | None = None
+    resume: Paused | None = None
 
     def accept(self, job_id: int, level: int, similarity: float | None) -> None:
         """Queued: its id, and the level it was routed to."""

@@ -24,7 +24,7 @@ import numpy as np
 from promptserve.cache.approx import ApproxCache, CacheHit
 from promptserve.cache.embed import Embedder
 from promptserve.cache.spaces import cache_space
-from promptserve.engine.base import PLAIN, EditInput, GenerationItem, GenerationResult, Look
+from promptserve.engine.base import PLAIN, EditInput, GenerationItem, Look
 from promptserve.engine.runner import engine_level
 from promptserve.engine.sizes import shape_index, shape_table
 from promptserve.errors import Cancelled
@@ -34,7 +34,7 @@ from promptserve.policy.intake import request_deadline
 from promptserve.policy.planning import first_demand
 from promptserve.policy.types import Demand, Outcome
 from promptserve.profile import for_sizes
-from promptserve.quality import QualityModel, served_quality
+from promptserve.quality import QualityModel
 from promptserve.server.answers import deliver, served
 from promptserve.server.burst import Burst
 from promptserve.server.cachethreads import CacheThreads
@@ -267,7 +267,9 @@ class LiveRuntime:
         adapters = tuple(sorted({self.adapter_ids[name] for name, _ in look.lora}))
         has = self._has_neighbour(hit)
         start = edit_start(p, self.workers)
-        ask = Ask(job_id, now + slo_s, k_opt, has, shape, adapters, exact, start, batch)
+        p.paused = handle.resume if handle is not None else None  # a restart found it written
+        at = None if p.paused is None else p.paused.step
+        ask = Ask(job_id, now + slo_s, k_opt, has, shape, adapters, exact, start, batch, at)
         if self.selection is not None:
             self.selection.observe(now, ask)
         arrival = self.sched.intake(now, ask)
@@ -373,24 +375,10 @@ class LiveRuntime:
             item = p.item or GenerationItem(p.prompt, result.k, None, seed=p.seed, look=p.look)
             if p.embedding.size:  # an edit's latents are its own image's: never cached
                 answered.append((p, item, result, p.ref))
-            self._serve(p, result, p.started if p.started is not None else p.arrival, now, outcome)
+            started = p.started if p.started is not None else p.arrival
+            deliver(p, served(p, result, started, now, outcome, self.counters, self))
         if answered:
             self.io.later(remember_all, self.cache, self.counters, answered, now)
-
-    def _serve(
-        self, p: Pending, result: GenerationResult, started: float, now: float, outcome: Outcome
-    ) -> None:
-        """Answer a request its run finished: on time or late, and cancelled if its caller
-        asked meanwhile (the result is discarded; its latents still go to the cache)."""
-        self.counters.by_outcome["late" if now > p.deadline_s else "served"] += 1
-        self.counters.stage("queue", max(0.0, started - p.queued_at))
-        self.counters.stage("run", now - started)
-        self.counters.cache_hits += int(p.hit is not None and result.k > 0)
-        quality = served_quality(
-            self.quality, self.setting.interval_q, self.workers.total_steps, p.k_opt, result.k,
-            outcome.interval, outcome.earlier, None if p.edit is None else result.k,
-        )  # fmt: skip
-        deliver(p, served(p, result, started, now, outcome, quality, self.guidance))
 
     def fail(self, job_id: int, exc: Exception) -> None:
         self.gpus.done_with(job_id)

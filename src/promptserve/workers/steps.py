@@ -23,6 +23,7 @@ class StepDone:
     previews: dict[Hashable, bytes] = field(default_factory=dict)  # asked for at these steps
     ran: int = 1  # steps run in the call
     paused: dict[Hashable, Paused] = field(default_factory=dict)  # written down, then let go
+    snapshots: dict[Hashable, Paused] = field(default_factory=dict)  # written down, running on
 
 
 @dataclass
@@ -37,6 +38,10 @@ class StepCall:
     retimes: Mapping[Hashable, int] = field(default_factory=dict)  # key -> new interval
     refs: Sequence | None = None  # per joiner, for workers on the shared store (``StoreRefs``)
     pauses: set = field(default_factory=set)  # keys written down and let go before anything
+    # keys written down where they stand each time their step is a multiple of ``every``
+    # (durable background jobs: ``jobroutes``)
+    checkpoints: set = field(default_factory=set)
+    every: int = 0
 
 
 def advance(runner, call: StepCall) -> StepDone:  # noqa: ANN001 - any step runner
@@ -55,13 +60,19 @@ def advance(runner, call: StepCall) -> StepDone:  # noqa: ANN001 - any step runn
     if call.steps == 0:
         return StepDone([], runner.steps_left(), started, {}, 0, paused)
     previews: dict[Hashable, bytes] = {}
+    snapshots: dict[Hashable, Paused] = {}
     ran = 0
     while True:
         finished = runner.step()
         ran += 1
         previews.update(runner.previews)
+        if call.every and call.checkpoints:
+            left = runner.steps_left()
+            for key in call.checkpoints:
+                if key in left and (runner.total_steps - left[key]) % call.every == 0:
+                    snapshots[key] = runner.snapshot(key)
         if finished or ran >= call.steps or not len(runner):
             break
         if call.interrupt is not None and call.interrupt.is_set():
             break
-    return StepDone(finished, runner.steps_left(), started, previews, ran, paused)
+    return StepDone(finished, runner.steps_left(), started, previews, ran, paused, snapshots)

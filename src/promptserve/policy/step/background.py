@@ -106,8 +106,9 @@ class Background:
             return job.start
         return job.k_opt if job.k_max > 0 and job.k_opt in self.spec.index_of else 0
 
-    def arrive(self, job: Job) -> None:
-        heapq.heappush(self.waiting, (job.deadline_s, job.id, job, self.level(job), None))
+    def arrive(self, job: Job, step: int | None = None) -> None:
+        """Into the lane, from its start or (``step``) where it was written down."""
+        heapq.heappush(self.waiting, (job.deadline_s, job.id, job, self.level(job), step))
 
     def leaving(self, gpu: StepGpu) -> list[Member]:
         """The members done by ``gpu``'s step count, out of it."""

@@ -124,7 +124,7 @@ class StepScheduler:
             ask.shape, ask.adapters, ask.exact, ask.start, ask.batch,
         )  # fmt: skip
         if ask.batch:  # the lane: no price, no load estimate, no interactive admission
-            return self.intake_background(now, job)
+            return self.intake_background(now, job, ask.resume_at)
         least_s = self.fit.alone_s(*self.spec.fastest(job), ask.shape) + DELIVERY_MARGIN_S
         if ask.deadline_s - now < least_s:  # even idle: refused for good, not for now
             return Arrival(job, Outcome(job, Status.REFUSED, now), unmeetable_s=least_s)
@@ -149,14 +149,15 @@ class StepScheduler:
                         self.boundaries.cut(running, now)
         return Arrival(job, outcome, gpu.index if gpu is not None else None)
 
-    def intake_background(self, now: float, job: Job) -> Arrival:
-        """A background job into its lane (``background``), refused only if even alone on an
-        idle GPU it would miss its deadline; an idle GPU takes it at a boundary now."""
+    def intake_background(self, now: float, job: Job, step: int | None = None) -> Arrival:
+        """A background job into its lane (``background``; ``step``: it resumes there),
+        refused only if even alone on an idle GPU it would miss its deadline; an idle GPU
+        takes it at a boundary now."""
         k = self.background.level(job)
-        least_s = self.fit.alone_s(k, 1, job.shape) + DELIVERY_MARGIN_S
+        least_s = self.fit.alone_s(k if step is None else step, 1, job.shape) + DELIVERY_MARGIN_S
         if job.deadline_s + DELIVERY_MARGIN_S - now < least_s:
             return Arrival(job, Outcome(job, Status.REFUSED, now), unmeetable_s=least_s)
-        self.background.arrive(job)
+        self.background.arrive(job, step)
         return Arrival(job)
 
     def schedule(self, now: float) -> Schedule:

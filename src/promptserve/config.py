@@ -83,6 +83,7 @@ class ServeFile(BaseModel):
     steps: int | None = Field(default=None, ge=1, le=1000)  # None: the family's default
     latent_cache: Literal["off", "on"] = "on"  # approximate caching (off: every step, always)
     jobs_dir: Path | None = None  # the durable job store's folder (None: cache_dir)
+    webhook_allow: list[str] = Field(default_factory=list, max_length=256)  # hosts, CIDRs
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)
     max_headers: int = Field(default=100, ge=8, le=10_000)
@@ -133,7 +134,11 @@ FLAG_KEYS = {
     "body_timeout": "body_timeout_s",
     "send_timeout": "send_timeout_s",
 }
-LISTS = ("model_names", "trusted_proxies")  # a list, or one string (comma-separated)
+LISTS = (
+    "model_names",
+    "trusted_proxies",
+    "webhook_allow",
+)  # a list, or one string (comma-separated)
 
 
 def settings_keys(raw: dict, source: str) -> dict:
@@ -176,7 +181,7 @@ def validate_settings(raw: object, source: str) -> ServeFile:
 
 def server_config(s: ServeFile):
     """The server's settings, API keys loaded, the policy checked; no keys means localhost."""
-    from promptserve.edge.keys import load_keys
+    from promptserve.edge.keys import load_keys, webhook_secrets
     from promptserve.edge.limits import HttpLimits, check_proxies
     from promptserve.engine.devices import check_device
     from promptserve.engine.options import EngineOptions
@@ -184,6 +189,7 @@ def server_config(s: ServeFile):
     from promptserve.policy import get_policy
     from promptserve.profile import load_profile
     from promptserve.server import ServerConfig
+    from promptserve.server.webhooks import parse_allow
 
     get_policy(s.policy)  # a name it does not know is refused here, naming the choices
     if s.backend != "modeled":  # the modelled engine computes nothing on a device
@@ -193,6 +199,7 @@ def server_config(s: ServeFile):
     sizes = parse_sizes(s.sizes) if s.sizes else None  # their multiples: when the model loads
 
     keys = load_keys(s.api_keys_file)
+    allow = parse_allow(s.webhook_allow)  # a bad entry is named before the model loads
     if not keys and s.host not in ("127.0.0.1", "localhost", "::1"):
         raise InputError(
             "with no API keys configured the server binds to localhost only (see --api-keys)"
@@ -238,4 +245,6 @@ def server_config(s: ServeFile):
         s.steps,
         s.latent_cache == "on",
         s.jobs_dir,
+        allow,
+        webhook_secrets(s.api_keys_file),
     )

@@ -261,3 +261,22 @@ def look_mix(size_mix: str | None, adapters: str | None):  # noqa: ANN201 - a Lo
     sizes, weights = parse_size_mix(size_mix) if size_mix else ((), ())
     count, alpha, resident, load_s = parse_adapters(adapters) if adapters else (0, 1.0, 0, 0.0)
     return LookMix(sizes, weights, count, alpha, resident, load_s)
+
+
+JobsDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Folder of the durable job store, jobs.sqlite (default the cache folder): every "
+        "job answered 202 is written there first, and a restart runs the unfinished ones "
+        "again (a background job from its last written step) and keeps the finished ones "
+        "retrievable.",
+    ),
+]
+WebhookAllowOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="A host name or an address/CIDR jobs' webhook_url may point at (repeatable; "
+        "none: webhooks are off). A listed name resolving to a private, loopback or "
+        "link-local address must have that network listed too.",
+    ),
+]

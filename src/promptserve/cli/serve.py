@@ -8,6 +8,8 @@ from typing import Annotated
 import typer
 
 from promptserve.cli.common import (
+    JobsDirOpt,
+    WebhookAllowOpt,
     app,
     console,
     user_errors,
@@ -201,14 +203,8 @@ def serve_cmd(
             max=1000,
         ),
     ] = None,
-    jobs_dir: Annotated[
-        Path | None,
-        typer.Option(
-            help="Folder of the durable job store, jobs.sqlite (default the cache folder): "
-            "every job answered 202 is written there first, and a restart runs the "
-            "unfinished ones again and keeps the finished ones retrievable.",
-        ),
-    ] = None,
+    jobs_dir: JobsDirOpt = None,
+    webhook_allow: WebhookAllowOpt = None,
     latent_cache: Annotated[
         str | None,
         typer.Option(
@@ -361,6 +357,7 @@ def serve_cmd(
         "select_cpu": select_cpu,
         "latent_cache": latent_cache,
         "jobs_dir": jobs_dir,
+        "webhook_allow": webhook_allow,
         "steps": steps,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
         "max_header_bytes": max_header_bytes,

@@ -1,7 +1,8 @@
 """API keys: each key names a tenant, and the tenant selects the cache namespace.
 
 Keys come from ``PROMPTSERVE_API_KEYS`` (``key:tenant`` pairs separated by commas) or a file
-with one ``key:tenant`` a line (``--api-keys FILE``; a line starting with ``#`` is a comment).
+with one ``key:tenant`` a line (``--api-keys FILE``; a line starting with ``#`` is a comment;
+a third column, ``key:tenant:secret``, is the tenant's webhook signing secret).
 A key is a bearer token (RFC 6750: ASCII letters, digits and ``- . _ ~ + /``, then ``=``
 padding), so it can never start with ``#`` nor carry a character no client sends; a key given
 twice is refused rather than handed to the last tenant. With no keys configured every request
@@ -33,7 +34,8 @@ def key_digest(token: str) -> str:
 
 
 def _entry_error(item: str) -> str | None:
-    key, sep, tenant = item.partition(":")
+    key, sep, rest = item.partition(":")
+    tenant, _, secret = rest.partition(":")
     if not sep:
         return "must be KEY:TENANT"
     if not key.isascii() or not KEY.match(key):
@@ -42,6 +44,8 @@ def _entry_error(item: str) -> str | None:
         return f"key: {MIN_KEY_CHARS}+ characters"
     if not TENANT.match(tenant):
         return "tenant: 1-64 letters, digits, _ . -"
+    if rest.count(":") > 1 or (":" in rest and len(secret) < MIN_KEY_CHARS):
+        return f"webhook secret: {MIN_KEY_CHARS}+ characters, no ':'"
     return None
 
 
@@ -65,12 +69,26 @@ def parse_keys(text: str, source: str) -> dict[str, str]:
         if problem is not None:
             raise InputError(f"{source}: entry {n} must be KEY:TENANT ({problem})")
         key, _, tenant = item.partition(":")
+        tenant = tenant.partition(":")[0]  # a third column is the tenant's webhook secret
         if key in keys:
             raise InputError(
                 f"{source}: entry {n} repeats the key of tenant {keys[key]!r}: one key, one tenant"
             )
         keys[key] = tenant
     return keys
+
+
+def webhook_secrets(path: str | Path | None) -> dict[str, str]:
+    """Each tenant's webhook signing secret, the third column of a keys file entry
+    (``KEY:TENANT:SECRET``; ``load_keys`` has checked the file)."""
+    if path is None or not Path(path).is_file():
+        return {}
+    out: dict[str, str] = {}
+    for raw in re.split(r"[,\n]", Path(path).read_text(encoding="utf-8")):
+        parts = raw.strip().split(":")
+        if len(parts) == 3 and not parts[0].startswith("#"):
+            out[parts[1]] = parts[2]
+    return out
 
 
 def load_keys(path: str | Path | None = None, env: dict[str, str] | None = None) -> dict[str, str]:

@@ -30,6 +30,7 @@ from promptserve.server.jobstore import JobStore
 from promptserve.server.metrics import History
 from promptserve.server.observer import record, scrape
 from promptserve.server.runtime import LiveRuntime
+from promptserve.server.webhooks import Allow, Hooks, Sender, new_secret
 from promptserve.strength import EDITS_ONLY, INSTRUCTION_EDITS, images_taken
 from promptserve.web import page
 
@@ -45,6 +46,7 @@ def create_app(
     limits: HttpLimits | None = None,
     model_names: tuple[str, ...] = (),
     jobs: JobStore | None = None,
+    webhooks: tuple[Allow, dict[str, str]] | None = None,
 ) -> FastAPI:
     """``public_url``: where clients reach this server (image links start with it; without it
     they are relative to the API root, never built from a client's Host header). ``jobs``: the
@@ -55,6 +57,8 @@ def create_app(
     ctx = Context(runtime, slo_s, table, public_url, names)
     history = History()
     book = JobBook(store=jobs)
+    if jobs is not None and webhooks is not None:
+        book.hooks = hooks_for(jobs, *webhooks, ctx.metrics)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -63,10 +67,13 @@ def create_app(
             await restore_jobs(ctx, book)
         recorder = asyncio.create_task(record(runtime, ctx.metrics, history))
         sweeper = asyncio.create_task(sweep_jobs(book)) if book.store is not None else None
+        sender = book.hooks.sender if book.hooks is not None else None
+        sending = asyncio.create_task(sender.run()) if sender is not None else None
         yield
         recorder.cancel()
-        if sweeper is not None:
-            sweeper.cancel()
+        for task in (sweeper, sending):
+            if task is not None:
+                task.cancel()
         await runtime.stop()
 
     app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan)
@@ -195,3 +202,18 @@ def create_app(
         return {"samples": history.since(since_ms)}
 
     return app
+
+
+def hooks_for(store: JobStore, allow: Allow, secrets: dict[str, str], metrics) -> Hooks:  # noqa: ANN001
+    """The webhooks of a server with a job store: a sender over the store's pending
+    deliveries, signing with the keys file's secret of a tenant or the one the store keeps."""
+
+    def secret_of(tenant: str) -> str:
+        return secrets.get(tenant) or store.secret(tenant, new_secret)[0]
+
+    def counted(counts: dict[str, int]) -> None:
+        for outcome, n in counts.items():
+            metrics.webhooks.labels(outcome).set(n)
+
+    sender = Sender(allow, secret_of, store.deliveries, store.attempted, on_count=counted)
+    return Hooks(allow, secrets, sender if allow else None)

@@ -33,6 +33,8 @@ def unsupported(req: ImageRequest, job: bool = False) -> tuple[str, str] | None:
             f"deadline_ms over {MAX_DEADLINE_MS} (an hour) is for background work: a job "
             "with priority batch (the default for POST /v1/jobs)",
         )
+    if req.webhook_url is not None and not job:
+        return "webhook_url", "webhook_url is for jobs (POST /v1/jobs): an answer here is the reply"
     if req.style is not None:
         return "style", "style (DALL-E 3's vivid/natural) has no counterpart in diffusion serving"
     if req.background == "transparent":

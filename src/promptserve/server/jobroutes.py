@@ -24,6 +24,7 @@ from promptserve.server.jobs import FINAL, JobBook, JobState
 from promptserve.server.jobstore import Image, JobStore
 from promptserve.server.runtime import Cancelled, JobHandle, Served
 from promptserve.server.schemas import ImageData, ImageRequest
+from promptserve.server.webhooks import Delivery, new_secret, payload, refusal
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,20 @@ def job_refusal(req: ImageRequest) -> tuple[str, str] | None:
             "a job's progress streams from /v1/jobs/{id}/events; stream is for generations",
         )
     return unsupported(req, job=True)
+
+
+def webhook_refusal(url: str, book: JobBook) -> str | None:
+    if book.store is None or book.hooks is None:
+        return "webhooks need the durable job store (not served on serve --ray)"
+    return refusal(url, book.hooks.allow)
+
+
+def hook_for(state: JobState, req: ImageRequest, view: dict) -> Delivery | None:
+    """A finished job's webhook delivery (one per job: its id is the message's)."""
+    if req.webhook_url is None:
+        return None
+    body = payload(view, time.time())
+    return Delivery(f"msg_{state.id}", state.id, state.tenant, req.webhook_url, body)
 
 
 def accepted(handle: JobHandle) -> bool:
@@ -119,7 +134,12 @@ async def run_job(
             if book.store is not None and state.status in FINAL:
                 view, gone = state.view(), book.let_go()
                 await asyncio.to_thread(book.store.forget, gone)  # pushed out by this one
-                await asyncio.to_thread(book.store.finish, state.id, view, time.time(), images)
+                hook = hook_for(state, req, view)
+                await asyncio.to_thread(
+                    book.store.finish, state.id, view, time.time(), images, hook
+                )
+                if hook is not None and book.hooks is not None and book.hooks.sender:
+                    book.hooks.sender.wake.set()
         else:  # refused before it was queued: the POST answers that, no job remains
             book.live.pop(state.id, None)
             if book.store is not None:
@@ -187,7 +207,8 @@ async def restore_jobs(ctx: Context, book: JobBook) -> None:
         if left <= 0:  # its deadline passed while the server was down
             state.finish("failed", error="expired: its deadline passed before a restart")
             book.ended(state, now)
-            await asyncio.to_thread(book.store.finish, state.id, state.view(), wall, [])
+            hook = hook_for(state, row.request, state.view())
+            await asyncio.to_thread(book.store.finish, state.id, state.view(), wall, [], hook)
             continue
         book.restored += 1
         ctx.metrics.jobs_restored.inc()
@@ -229,6 +250,16 @@ def job_routes(ctx: Context, book: JobBook) -> APIRouter:
         refusal = job_refusal(req)
         if refusal is not None:
             return error(400, refusal[1], refusal[0])
+        answer: dict = {}
+        if req.webhook_url is not None:
+            why = webhook_refusal(req.webhook_url, book)
+            if why is not None:
+                return error(400, why, "webhook_url")
+            assert book.store is not None and book.hooks is not None
+            if tenant not in book.hooks.secrets:  # made once and shown once, then kept
+                secret, made = await asyncio.to_thread(book.store.secret, tenant, new_secret)
+                if made:
+                    answer["webhook_secret"] = secret
         state = JobState(new_id(), tenant)
         ctx.metrics.submitted.inc(req.n)
         state.handles = handles_for(state, req.n)
@@ -245,7 +276,7 @@ def job_routes(ctx: Context, book: JobBook) -> APIRouter:
             await asyncio.gather(*(handle.accepted for handle in state.handles))
         except BaseException as exc:
             return outcome_error(exc)
-        return {"id": state.id, "status": state.status}
+        return {"id": state.id, "status": state.status} | answer
 
     def find_job(job_id: str, request: Request) -> JobState | JSONResponse:
         if not valid_id(job_id):

@@ -10,6 +10,7 @@ from promptserve.server.jobstore import JobStore
 from promptserve.server.kept import Bounds, TenantShelf
 from promptserve.server.runtime import JobHandle
 from promptserve.server.schemas import ImageData
+from promptserve.server.webhooks import Hooks
 
 FINAL = ("succeeded", "failed", "cancelled")
 # finished jobs kept for polling, per tenant; queued and running ones always stay (admission
@@ -106,6 +107,7 @@ class JobBook:
         drop = None if store is None else self.dropped.append
         self.finished: TenantShelf[JobState] = TenantShelf(bounds, on_drop=drop)
         self.restored = 0  # unfinished jobs a restart ran again
+        self.hooks: Hooks | None = None  # webhooks (a job store's; ``webhooks``)
 
     def let_go(self) -> list[str]:
         """The jobs the shelf let go since the last call (to delete from the store)."""

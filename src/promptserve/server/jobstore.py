@@ -14,6 +14,7 @@ import io
 import json
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 
 from promptserve.engine.base import EditInput, Paused
 from promptserve.server.schemas import ImageRequest
+from promptserve.server.webhooks import Delivery
 
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS jobs (
@@ -32,6 +34,13 @@ SCHEMA = (
     PRIMARY KEY (job_id, image_id))""",
     # a background job's image as last written down (paused, or every CHECKPOINT_STEPS): a
     # restart resumes it from there
+    # a finished job's webhook, written with its end (``webhooks``): sent until delivered
+    """CREATE TABLE IF NOT EXISTS webhooks (
+    msg_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, tenant TEXT NOT NULL, url TEXT NOT NULL,
+    body BLOB NOT NULL, attempts INTEGER NOT NULL, next_at REAL NOT NULL, status TEXT NOT NULL,
+    error TEXT)""",
+    # a tenant's webhook signing secret where the keys file gives none (made once, kept)
+    """CREATE TABLE IF NOT EXISTS secrets (tenant TEXT PRIMARY KEY, secret TEXT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS job_pauses (
     job_id TEXT NOT NULL, image INTEGER NOT NULL, step INTEGER NOT NULL, state BLOB NOT NULL,
     PRIMARY KEY (job_id, image))""",
@@ -122,9 +131,17 @@ class JobStore:
                 row,
             )
 
-    def finish(self, job_id: str, view: dict, now: float, images: list[Image]) -> None:
-        """The job's final view, and its linked images (their ids, bytes and media types)."""
+    def finish(
+        self, job_id: str, view: dict, now: float, images: list[Image], hook: Delivery | None = None
+    ) -> None:
+        """The job's final view, its linked images (their ids, bytes and media types) and its
+        webhook's delivery, in one transaction."""
         with self._lock, self._db:
+            if hook is not None:
+                self._db.execute(
+                    "INSERT OR IGNORE INTO webhooks VALUES (?, ?, ?, ?, ?, 0, 0, 'pending', NULL)",
+                    (hook.msg_id, hook.job_id, hook.tenant, hook.url, hook.body),
+                )
             done = self._db.execute(
                 "UPDATE jobs SET status = ?, view = ?, finished = ?, edit = NULL WHERE id = ?",
                 (view["status"], json.dumps(view), now, job_id),
@@ -135,6 +152,36 @@ class JobStore:
                     [(job_id, *image) for image in images],
                 )
             self._db.execute("DELETE FROM job_pauses WHERE job_id = ?", (job_id,))
+
+    def deliveries(self) -> list[Delivery]:
+        """The webhooks not yet delivered nor given up on."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT msg_id, job_id, tenant, url, body, attempts, next_at FROM webhooks "
+                "WHERE status = 'pending'"
+            ).fetchall()
+        return [Delivery(*row) for row in rows]
+
+    def attempted(
+        self, msg_id: str, attempts: int, next_at: float, status: str, error: str | None
+    ) -> None:
+        with self._lock, self._db:
+            self._db.execute(
+                "UPDATE webhooks SET attempts = ?, next_at = ?, status = ?, error = ? "
+                "WHERE msg_id = ?",
+                (attempts, next_at, status, error, msg_id),
+            )
+
+    def secret(self, tenant: str, make: Callable[[], str]) -> tuple[str, bool]:
+        """The tenant's kept signing secret, made now if it has none (True: made now)."""
+        with self._lock, self._db:
+            row = self._db.execute("SELECT secret FROM secrets WHERE tenant = ?", (tenant,))
+            found = row.fetchone()
+            if found is not None:
+                return found[0], False
+            secret = make()
+            self._db.execute("INSERT INTO secrets VALUES (?, ?)", (tenant, secret))
+            return secret, True
 
     def keep_pause(self, job_id: str, image: int, paused: Paused) -> None:
         """Image ``image`` of a running job, written down at ``paused.step`` (a later write

@@ -106,6 +106,12 @@ GAUGES: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Running members moved to a longer feature-cache interval at a burst (step-level)",
         (),
     ),
+    "webhooks": (
+        "promptserve_webhooks",
+        "Jobs' webhook attempts since start: delivered, retried (a failed attempt to try "
+        "again) and failed (given up on after the last attempt)",
+        ("outcome",),
+    ),
     "background": (
         "promptserve_background",
         "Background work (priority batch): members running now (running), jobs waiting or "

@@ -70,6 +70,8 @@ class ImageRequest(BaseModel):
     # work on what interactive requests leave, paused when they need the GPU (the default
     # for jobs; a deadline of hours)
     priority: Literal["interactive", "batch"] | None = None
+    # a job's: told how it ended, signed (``server.webhooks``), to a host the server allows
+    webhook_url: str | None = Field(default=None, min_length=1, max_length=2048)
     # the start noise: the same prompt, seed, level and neighbour give the same image (with
     # n > 1, image i has seed + i); default one of the server's own
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1 - MAX_IMAGES)

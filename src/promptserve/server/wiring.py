@@ -29,6 +29,7 @@ from promptserve.server.app import create_app
 from promptserve.server.clock import Pause, wall_pause
 from promptserve.server.jobstore import JobStore
 from promptserve.server.runtime import LiveRuntime
+from promptserve.server.webhooks import Allow
 from promptserve.workers.base import Workers
 from promptserve.workers.local import LocalWorkers, compute_threads
 
@@ -75,6 +76,8 @@ class ServerConfig:
     latent_cache: bool = True
     # the durable job store's folder (None: the cache folder); its file is jobs.sqlite
     jobs_dir: Path | None = None
+    webhook_allow: Allow = Allow()  # where jobs' webhooks may go (none: webhooks off)
+    webhook_secrets: dict[str, str] | None = None  # per tenant, from the keys file
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -165,6 +168,7 @@ def app_for(config: ServerConfig, workers: Workers, durable_jobs: bool = True) -
         config.http,
         config.model_names or (served_name(workers.name),),
         jobs,
+        (config.webhook_allow, config.webhook_secrets or {}) if jobs is not None else None,
     )
 
 

@@ -11,6 +11,7 @@ from reliability import (
     badinput,
     edge,
     faults,
+    jobs,
     overload,
     ray_ingress,
     restart,
@@ -33,6 +34,7 @@ def main() -> int:
         ("edge", edge.run),
         ("side_channel", side_channel.run),
         ("restart", restart.run),
+        ("jobs", jobs.run),
         ("abandoned", abandoned.run),
         ("schemathesis", badinput.schemathesis),
         ("parser_fuzz", badinput.parser_fuzz),
@@ -135,6 +137,13 @@ def breaches_of(r: dict) -> list[str]:
         == 0,
         "soak: serves after restart": r["cache_soak"]["kill"]["served_after_restart"],
         "tenants: A's job outlives B's churn": r["tenants"]["churn"]["a_job_kept"],
+        "jobs: every accepted job ended": r["jobs"]["every_job_ended"],
+        "jobs: killed mid-run": min(r["jobs"]["ended_before_each_kill"], default=0) > 0
+        and max(r["jobs"]["ended_before_each_kill"], default=0) < r["jobs"]["accepted"],
+        "jobs: every job's webhook arrived": r["jobs"]["jobs_told"] == r["jobs"]["accepted"],
+        "jobs: every signature valid": r["jobs"]["invalid_signatures"] == 0,
+        "jobs: repeats only under their id": r["jobs"]["repeats_under_another_id"] == 0,
+        "jobs: no cross-tenant read": r["jobs"]["cross_tenant_reads"] == 0,
         "tenants: A's link outlives B's": r["tenants"]["churn"]["a_image_status"] == 200,
         "tenants: looks within the quota": r["tenants"]["namespace_flood"][
             "within_quota_plus_one_entry"

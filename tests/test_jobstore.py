@@ -11,7 +11,7 @@ import numpy as np
 
 from factories import tiny_app
 from promptserve.engine.base import EditInput
-from promptserve.server.jobs import JobBook, JobState
+from promptserve.server.jobs import JOB_BOUNDS, JobBook, JobState
 from promptserve.server.jobstore import JobStore
 from promptserve.server.kept import Bounds
 from promptserve.server.live import LiveServer, start_server
@@ -180,3 +180,32 @@ def test_a_background_job_killed_mid_run_resumes_from_its_last_written_step(tmp_
     assert view["status"] == "succeeded"
     assert 'promptserve_background{state="resumed"} 1.0' in metrics  # from its written step
     assert view["data"][0]["b64_json"] == whole["data"][0]["b64_json"]
+
+
+def test_ten_thousand_jobs_made_and_cancelled_by_one_tenant_leave_anothers_job(tmp_path):
+    """Tenant B makes and cancels 10,000 jobs through the job book and its store, as the
+    routes do (accepted on the disk, ended, pushed out of B's shelf and deleted): A's
+    finished job still answers A, from the book and from the disk after a reopen."""
+    store = JobStore(tmp_path / "jobs.sqlite")
+    book = JobBook(store=store)
+    req = ImageRequest(prompt="x")
+    mine = JobState("job-a", "tenant-a")
+    store.accept(mine.id, "tenant-a", req, None, 0.0, 3600.0)
+    book.add(mine)
+    mine.finish("succeeded", [])
+    book.ended(mine, 0.0)
+    store.finish(mine.id, mine.view(), 0.0, [])
+    for i in range(10_000):
+        state = JobState(f"job-b-{i}", "tenant-b")
+        store.accept(state.id, "tenant-b", req, None, float(i), 3600.0)
+        book.add(state)
+        state.finish("cancelled", error="cancelled")
+        book.ended(state, i * 1e-3)
+        store.forget(book.let_go())
+        store.finish(state.id, state.view(), float(i), [])
+    assert book.get("job-a", "tenant-a", 10.0) is mine  # within A's own bounds
+    assert book.get("job-a", "tenant-b", 10.0) is None  # and never B's
+    kept = {row.id: row for row in JobStore(tmp_path / "jobs.sqlite").load()}
+    assert kept["job-a"].view["status"] == "succeeded"
+    assert sum(row.tenant == "tenant-b" for row in kept.values()) <= JOB_BOUNDS.count
+    store.close()

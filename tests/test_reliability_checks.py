@@ -56,6 +56,15 @@ GOOD = {
         },
     },
     "edge": {"never_reading": {"clients": 20, "dropped": 20, "served_others_meanwhile": True}},
+    "jobs": {
+        "accepted": 200,
+        "ended_before_each_kill": [66, 134],
+        "every_job_ended": True,
+        "jobs_told": 200,
+        "invalid_signatures": 0,
+        "repeats_under_another_id": 0,
+        "cross_tenant_reads": 0,
+    },
     "ray_ingress": {
         "answered": 1300,
         "unanswered": 0,
@@ -93,6 +102,11 @@ def test_stages_that_prove_nothing_are_breaches():
         (("side_channel", "statuses"), [400], "side channel: probed"),
         (("restart", "lingering_at_restart"), {}, "restart: connections lingered"),
         (("restart", "restart_refused"), True, "restart: not refused"),
+        (("jobs", "ended_before_each_kill"), [0, 200], "jobs: killed mid-run"),
+        (("jobs", "jobs_told"), 199, "jobs: every job's webhook arrived"),
+        (("jobs", "invalid_signatures"), 1, "jobs: every signature valid"),
+        (("jobs", "repeats_under_another_id"), 1, "jobs: repeats only under their id"),
+        (("jobs", "cross_tenant_reads"), 1, "jobs: no cross-tenant read"),
         (("cache_soak", "end_hit_ratio"), 0.0, "soak: hit ratio > 0 at the end"),
         (
             ("cache_crash", "dangling_before_repair"),

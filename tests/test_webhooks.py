@@ -3,16 +3,13 @@ backoff after a failure, sent again under the same id after a restart, only to h
 operator lists; each tenant's secret from the keys file or made once and shown once."""
 
 import base64
-import hashlib
-import hmac
 import json
 import signal
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
+from reliability.hooks import Receiver
 
 from promptserve.errors import InputError
 from promptserve.server.live import start_server
@@ -22,49 +19,15 @@ from promptserve.server.webhooks import (
     refusal,
     resolved_refusal,
     signature,
+    verify,
 )
 
 KEY_A, KEY_B = "key-aaaaaaaaaaaaaaaa", "key-bbbbbbbbbbbbbbbb"
 SECRET_A = "whsec_" + base64.b64encode(b"tenant a's own secret!!!").decode()
 
 
-class Receiver:
-    """A local webhook receiver: it verifies each delivery's signature against the tenant's
-    secret it is told, and answers 500 to the first ``fail_first`` attempts."""
-
-    def __init__(self, fail_first: int = 0) -> None:
-        self.got: list[dict] = []
-        self.fail_left = fail_first
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
-                body = self.rfile.read(int(self.headers["content-length"]))
-                with outer.lock:
-                    failing = outer.fail_left > 0
-                    outer.fail_left -= failing
-                    outer.got.append({"headers": dict(self.headers), "body": body})
-                self.send_response(500 if failing else 204)
-                self.end_headers()
-
-            def log_message(self, *args) -> None:  # noqa: ANN002
-                pass
-
-        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/hook"
-        threading.Thread(target=self.http.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.http.shutdown()
-
-
 def valid(delivery: dict, secret: str) -> bool:
-    h = {k.lower(): v for k, v in delivery["headers"].items()}
-    signed = f"{h['webhook-id']}.{h['webhook-timestamp']}.".encode() + delivery["body"]
-    key = base64.b64decode(secret[6:]) if secret.startswith("whsec_") else secret.encode()
-    mac = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-    return h["webhook-signature"] == f"v1,{mac}"
+    return verify(delivery["headers"], delivery["body"], secret)
 
 
 def test_the_signature_is_standard_webhooks_and_the_allow_list_is_strict():

@@ -119,6 +119,18 @@ def signature(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
+def verify(headers: dict[str, str], body: bytes, secret: str) -> bool:
+    """What a receiver checks: the delivery's ``webhook-signature`` is the secret's over its
+    id, timestamp and body (any of several space-separated signatures may match)."""
+    h = {k.lower(): v for k, v in headers.items()}
+    try:
+        stamp = int(h["webhook-timestamp"])
+        expected = signature(secret, h["webhook-id"], stamp, body)
+    except (KeyError, ValueError):
+        return False
+    return any(hmac.compare_digest(s, expected) for s in h.get("webhook-signature", "").split())
+
+
 def payload(view: dict, now: float) -> bytes:
     """The body: the job's view as an event, its images left out past ``MAX_BODY_BYTES``."""
     event = {"type": f"job.{view['status']}", "timestamp": int(now), "data": view}

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from factories import client, tiny_app
+from factories import client, modeled_app, tiny_app
 from promptserve.server.live import LiveServer
 
 
@@ -87,3 +87,25 @@ def test_priority_is_checked_and_a_long_deadline_is_for_background_work(tmp_path
         job = httpx.post(f"{url}/v1/jobs", json={"prompt": "a teapot", "deadline_ms": day})
         assert job.status_code == 202
         assert wait_final(url, job.json()["id"])["status"] == "succeeded"
+
+
+def test_a_tenant_past_its_jobs_in_flight_is_refused_and_its_kept_results_are_bounded(tmp_path):
+    from promptserve.server.kept import Bounds
+
+    app = modeled_app(
+        tmp_path, policy="promptserve-step", speedup=1.0, jobs_in_flight=2,
+        jobs_kept=Bounds(3, 1 << 20, 3600.0),
+    )  # fmt: skip
+    with LiveServer(app) as url:
+        made = [httpx.post(f"{url}/v1/jobs", json={"prompt": f"slow {i}"}) for i in range(3)]
+        assert [m.status_code for m in made] == [202, 202, 429]
+        assert made[2].headers["retry-after"] and "jobs-in-flight" in made[2].text
+        for m in made[:2]:  # cancelled: their slots free again
+            httpx.delete(f"{url}/v1/jobs/{m.json()['id']}", timeout=60)
+        ids = [httpx.post(f"{url}/v1/jobs", json={"prompt": f"k {i}"}).json()["id"] for i in (0, 1)]
+        for job_id in ids:
+            httpx.delete(f"{url}/v1/jobs/{job_id}", timeout=60)
+        # four finished jobs, three kept: the oldest is gone
+        answers = [httpx.get(f"{url}/v1/jobs/{m.json()['id']}").status_code for m in made[:2]]
+        answers += [httpx.get(f"{url}/v1/jobs/{job_id}").status_code for job_id in ids]
+    assert answers == [404, 200, 200, 200]

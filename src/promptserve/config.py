@@ -84,6 +84,10 @@ class ServeFile(BaseModel):
     latent_cache: Literal["off", "on"] = "on"  # approximate caching (off: every step, always)
     jobs_dir: Path | None = None  # the durable job store's folder (None: cache_dir)
     webhook_allow: list[str] = Field(default_factory=list, max_length=256)  # hosts, CIDRs
+    jobs_in_flight: int = Field(default=1000, ge=1)  # per tenant, queued or running
+    jobs_kept: int = Field(default=256, ge=1)  # finished jobs per tenant ...
+    jobs_kept_bytes: ByteSize = Field(default=ByteSize(256 << 20), gt=0)  # ... their bytes ...
+    jobs_kept_s: float = Field(default=3600.0, ge=1.0)  # ... and for how long
     trusted_proxies: list[str] = Field(default_factory=list, max_length=256)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024, le=1 << 20)
     max_headers: int = Field(default=100, ge=8, le=10_000)
@@ -189,6 +193,7 @@ def server_config(s: ServeFile):
     from promptserve.policy import get_policy
     from promptserve.profile import load_profile
     from promptserve.server import ServerConfig
+    from promptserve.server.kept import Bounds
     from promptserve.server.webhooks import parse_allow
 
     get_policy(s.policy)  # a name it does not know is refused here, naming the choices
@@ -247,4 +252,6 @@ def server_config(s: ServeFile):
         s.jobs_dir,
         allow,
         webhook_secrets(s.api_keys_file),
+        s.jobs_in_flight,
+        Bounds(s.jobs_kept, int(s.jobs_kept_bytes), s.jobs_kept_s),
     )

@@ -280,3 +280,25 @@ WebhookAllowOpt = Annotated[
         "link-local address must have that network listed too.",
     ),
 ]
+JobsInFlightOpt = Annotated[
+    int | None,
+    typer.Option(
+        help="Jobs a tenant may have queued or running at once (default 1000); past it a new "
+        "job is 429 with Retry-After.",
+        min=1,
+    ),
+]
+JobsKeptOpt = Annotated[
+    int | None, typer.Option(help="Finished jobs kept per tenant (default 256).", min=1)
+]
+JobsKeptBytesOpt = Annotated[
+    str | None,
+    typer.Option(help="Their results' bytes kept per tenant, e.g. 256MiB (the default)."),
+]
+JobsKeptForOpt = Annotated[
+    float | None,
+    typer.Option(
+        help="Seconds a finished job is kept (default 3600); then deleted, from the disk too.",
+        min=1,
+    ),
+]

@@ -36,3 +36,14 @@ def check_port_free(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as exc:
             raise InputError(f"port {port} on {host} is not free ({exc.strerror})") from None
+
+
+def loading_lines(s) -> str:  # noqa: ANN001 - ServeFile
+    """What ``serve`` says while the model loads (the tiny model: that its images are noise)."""
+    line = f"promptserve: loading {s.model} ({s.backend or 'auto'}) with {s.workers} worker(s)…"
+    if s.model == "tiny" and s.backend in (None, "tiny"):
+        line += (
+            "\n[yellow]the tiny model has random weights: its images are noise "
+            "(serve a real model with --model FOLDER, see the README)[/yellow]"
+        )
+    return line

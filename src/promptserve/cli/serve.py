@@ -9,12 +9,16 @@ import typer
 
 from promptserve.cli.common import (
     JobsDirOpt,
+    JobsInFlightOpt,
+    JobsKeptBytesOpt,
+    JobsKeptForOpt,
+    JobsKeptOpt,
     WebhookAllowOpt,
     app,
     console,
     user_errors,
 )
-from promptserve.cli.listen import check_port_free, default_public_url, started_line
+from promptserve.cli.listen import check_port_free, default_public_url, loading_lines, started_line
 from promptserve.cli.rayserve import serve_on_ray
 
 
@@ -205,6 +209,10 @@ def serve_cmd(
     ] = None,
     jobs_dir: JobsDirOpt = None,
     webhook_allow: WebhookAllowOpt = None,
+    jobs_in_flight: JobsInFlightOpt = None,
+    jobs_kept: JobsKeptOpt = None,
+    jobs_kept_bytes: JobsKeptBytesOpt = None,
+    jobs_kept_for: JobsKeptForOpt = None,
     latent_cache: Annotated[
         str | None,
         typer.Option(
@@ -358,6 +366,10 @@ def serve_cmd(
         "latent_cache": latent_cache,
         "jobs_dir": jobs_dir,
         "webhook_allow": webhook_allow,
+        "jobs_in_flight": jobs_in_flight,
+        "jobs_kept": jobs_kept,
+        "jobs_kept_bytes": jobs_kept_bytes,
+        "jobs_kept_s": jobs_kept_for,
         "steps": steps,
         "trusted_proxies": trusted_proxies.split(",") if trusted_proxies else None,
         "max_header_bytes": max_header_bytes,
@@ -375,14 +387,7 @@ def serve_cmd(
     server = server_config(s)
     if not (s.ray and s.ray_address):  # a cluster's own proxy binds elsewhere
         check_port_free(s.host, s.port)  # before the model loads (or Ray starts), not after
-    console.print(
-        f"promptserve: loading {s.model} ({s.backend or 'auto'}) with {s.workers} worker(s)…"
-    )
-    if s.model == "tiny" and s.backend in (None, "tiny"):
-        console.print(
-            "[yellow]the tiny model has random weights: its images are noise "
-            "(serve a real model with --model FOLDER, see the README)[/yellow]"
-        )
+    console.print(loading_lines(s))
     if s.ray:
         serve_on_ray(server, s)
         return

@@ -25,8 +25,9 @@ from promptserve.engine.sizes import label
 from promptserve.server.context import Context, error, first_problem
 from promptserve.server.generations import image_routes
 from promptserve.server.jobroutes import job_routes, restore_jobs, sweep_jobs
-from promptserve.server.jobs import JobBook
+from promptserve.server.jobs import JOB_BOUNDS, JobBook
 from promptserve.server.jobstore import JobStore
+from promptserve.server.kept import Bounds
 from promptserve.server.metrics import History
 from promptserve.server.observer import record, scrape
 from promptserve.server.runtime import LiveRuntime
@@ -47,6 +48,7 @@ def create_app(
     model_names: tuple[str, ...] = (),
     jobs: JobStore | None = None,
     webhooks: tuple[Allow, dict[str, str]] | None = None,
+    job_limits: tuple[int, Bounds] = (1000, JOB_BOUNDS),
 ) -> FastAPI:
     """``public_url``: where clients reach this server (image links start with it; without it
     they are relative to the API root, never built from a client's Host header). ``jobs``: the
@@ -56,7 +58,7 @@ def create_app(
     names = model_names or (runtime.workers.name,)
     ctx = Context(runtime, slo_s, table, public_url, names)
     history = History()
-    book = JobBook(store=jobs)
+    book = JobBook(job_limits[1], store=jobs, in_flight=job_limits[0])
     if jobs is not None and webhooks is not None:
         book.hooks = hooks_for(jobs, *webhooks, ctx.metrics)
 

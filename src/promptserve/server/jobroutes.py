@@ -250,6 +250,9 @@ def job_routes(ctx: Context, book: JobBook) -> APIRouter:
         refusal = job_refusal(req)
         if refusal is not None:
             return error(400, refusal[1], refusal[0])
+        if book.full(tenant):
+            why = f"this key has {book.in_flight} jobs queued or running (serve --jobs-in-flight)"
+            return error(429, why, None, {"Retry-After": "10"})
         answer: dict = {}
         if req.webhook_url is not None:
             why = webhook_refusal(req.webhook_url, book)

@@ -100,8 +100,11 @@ class JobBook:
     """Every job the server knows: the live ones by id, the finished ones on a shelf; with a
     ``store``, each one on the disk too, and a job the shelf lets go deleted there."""
 
-    def __init__(self, bounds: Bounds = JOB_BOUNDS, store: JobStore | None = None) -> None:
+    def __init__(
+        self, bounds: Bounds = JOB_BOUNDS, store: JobStore | None = None, in_flight: int = 1000
+    ) -> None:
         self.live: dict[str, JobState] = {}
+        self.in_flight = in_flight  # per tenant: a new job past it is refused (429)
         self.store = store
         self.dropped: list[str] = []  # let go by the shelf, not yet deleted from the store
         drop = None if store is None else self.dropped.append
@@ -116,6 +119,11 @@ class JobBook:
 
     def add(self, state: JobState) -> None:
         self.live[state.id] = state
+
+    def full(self, tenant: str) -> bool:
+        """Whether ``tenant`` has its most jobs queued or running (one tenant's bulk work never
+        takes every slot of the book)."""
+        return sum(s.tenant == tenant for s in self.live.values()) >= self.in_flight
 
     def ended(self, state: JobState, now: float) -> None:
         """The job is final: from now on it is kept within its tenant's bounds."""

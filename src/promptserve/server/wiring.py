@@ -27,7 +27,9 @@ from promptserve.profile import for_adapters, profile_for, with_feature_cache
 from promptserve.quality import interval_quality, model_for_levels
 from promptserve.server.app import create_app
 from promptserve.server.clock import Pause, wall_pause
+from promptserve.server.jobs import JOB_BOUNDS
 from promptserve.server.jobstore import JobStore
+from promptserve.server.kept import Bounds
 from promptserve.server.runtime import LiveRuntime
 from promptserve.server.webhooks import Allow
 from promptserve.workers.base import Workers
@@ -78,6 +80,8 @@ class ServerConfig:
     jobs_dir: Path | None = None
     webhook_allow: Allow = Allow()  # where jobs' webhooks may go (none: webhooks off)
     webhook_secrets: dict[str, str] | None = None  # per tenant, from the keys file
+    jobs_in_flight: int = 1000  # per tenant, queued or running
+    jobs_kept: Bounds = JOB_BOUNDS  # finished jobs per tenant: count, bytes, age
 
 
 def build_app(config: ServerConfig) -> FastAPI:
@@ -169,6 +173,7 @@ def app_for(config: ServerConfig, workers: Workers, durable_jobs: bool = True) -
         config.model_names or (served_name(workers.name),),
         jobs,
         (config.webhook_allow, config.webhook_secrets or {}) if jobs is not None else None,
+        (config.jobs_in_flight, config.jobs_kept),
     )
 
 

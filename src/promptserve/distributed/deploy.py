@@ -101,7 +101,11 @@ class Ingress:
         context = serve.get_replica_context()
         self.shard, self.shards = context.rank.rank, context.world_size
         handles = handles[self.shard :: self.shards]
-        config = replace(config, cache_dir=shard_dir(config.cache_dir, self.shard, self.shards))
+        jobs_dir = shard_dir(config.jobs_dir or config.cache_dir, self.shard, self.shards)
+        config = replace(
+            config, cache_dir=shard_dir(config.cache_dir, self.shard, self.shards),
+            jobs_dir=jobs_dir,
+        )  # fmt: skip
         infos = await asyncio.gather(*(h.describe.remote() for h in handles))
         if len({(i["name"], i["total_steps"], i["levels"]) for i in infos}) != 1:
             raise RuntimeError("the workers do not run the same model and levels")
@@ -109,9 +113,9 @@ class Ingress:
         if config.profile is not None:  # plan with the measured profile, not the quick one
             w = self.workers
             w.profile = profile_for(config.profile, w.name, w.total_steps, w.levels)
-        # jobs in memory: ingress replicas on one cache folder must not each run the others'
-        # unfinished jobs again after a restart
-        self.api = app_for(config, self.workers, durable_jobs=False)
+        # each ingress replica its own job store (its tenants' jobs: a tenant always reaches
+        # the replica whose shard holds it), restored by the replica Ray starts in its place
+        self.api = app_for(config, self.workers)
         if self.shards > 1:
             self._share_images()
             self._own_tenants_only(KeyTable(config.api_keys))

@@ -156,13 +156,11 @@ def worker_devices(device: str, workers: int) -> list[str]:
     return [f"cuda:{i}" for i in range(workers)]
 
 
-def app_for(config: ServerConfig, workers: Workers, durable_jobs: bool = True) -> FastAPI:
+def app_for(config: ServerConfig, workers: Workers) -> FastAPI:
     """The API over any workers (in-process or Ray replicas): cache, planner, runtime, and
-    (``durable_jobs``) the job store in ``jobs_dir``."""
+    the job store in ``jobs_dir``."""
     runtime = runtime_for(config, workers)
-    jobs = None
-    if durable_jobs:
-        jobs = JobStore(Path(config.jobs_dir or config.cache_dir) / "jobs.sqlite")
+    jobs = JobStore(Path(config.jobs_dir or config.cache_dir) / "jobs.sqlite")
     return create_app(
         runtime,
         runtime.setting.slo_s,
@@ -172,7 +170,7 @@ def app_for(config: ServerConfig, workers: Workers, durable_jobs: bool = True) -
         config.http,
         config.model_names or (served_name(workers.name),),
         jobs,
-        (config.webhook_allow, config.webhook_secrets or {}) if jobs is not None else None,
+        (config.webhook_allow, config.webhook_secrets or {}),
         (config.jobs_in_flight, config.jobs_kept),
     )
 

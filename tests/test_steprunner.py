@@ -140,7 +140,8 @@ def test_edits_join_a_running_batch_each_at_its_own_start_and_equal_their_solo_r
 def test_a_paused_member_resumed_on_another_runner_ends_in_the_same_bytes(make):
     """Background work (``StepRunner.pause``): a member written down between two steps and
     joined again later, on another GPU's runner and beside other members, ends in the bytes of
-    its run without the pause, with the same cache levels captured; an inpainting edit too.
+    its run without the pause, with the same cache levels captured; an inpainting edit too;
+    and so does the batch runner going on from it.
     Beside other members before and after, its latents are its run's within the tolerance a
     mixed batch keeps (a batch of another size may round differently)."""
     import pickle
@@ -179,6 +180,9 @@ def test_a_paused_member_resumed_on_another_runner_ends_in_the_same_bytes(make):
         again = run_until(second, ["x"])["x"]
         if not beside:
             assert again.png == whole.png  # the same bytes
+            # the batch runner (a pinned GPU's) goes on from the same state to the same bytes
+            batch = engine.generate([dataclasses.replace(item, resume=paused)])[0]
+            assert batch.png == whole.png and set(batch.latents) == set(whole.latents)
         assert np.abs(again.final_latent - whole.final_latent).max() <= TOL
         assert set(again.latents) == set(whole.latents)
         for level, latent in whole.latents.items():

@@ -226,22 +226,66 @@ class DenoisingEngine:
         keys = [self._key(it) for it in items]
         for key in sorted(set(keys)):
             idx = [i for i, k in enumerate(keys) if k == key]
-            run = self._run_edits if key[3] else self._run_level
+            run = self._run_resumed if key[4] else self._run_edits if key[3] else self._run_level
             for i, res in zip(
                 idx, run(key[0], [items[i] for i in idx], rows_of(on_step, idx)), strict=True
             ):
                 results[i] = res
         return results  # type: ignore[return-value]
 
-    def _key(self, it: GenerationItem) -> tuple[int, tuple[int, int], int, bool]:
-        """What a batch shares: its start step, size and interval, and whether it edits."""
+    def _key(self, it: GenerationItem) -> tuple:
+        """What a batch shares: its start step, size and interval, whether it edits, and
+        whether it goes on from where it was written down (``GenerationItem.resume``)."""
+        resumed = it.resume is not None
         if it.edit is None:
-            return it.k, self.size_of(it), it.interval, False
+            k = it.resume.step if it.resume is not None else it.k
+            return k, self.size_of(it), it.interval, False, resumed
         k = start_step(self.total_steps, it.edit.strength, self.edit_family)
+        k = it.resume.step if it.resume is not None else k
         if getattr(self.c, "reads_images", False):  # one call's members share image shapes
             images = tuple(image.shape[:2] for image in (it.edit.image, *it.edit.more))
-            return k, self.size_of(it), it.interval, images
-        return k, self.size_of(it), it.interval, True
+            return k, self.size_of(it), it.interval, images, resumed
+        return k, self.size_of(it), it.interval, True, resumed
+
+    def _run_resumed(
+        self, step: int, items: Sequence[GenerationItem], on_step
+    ) -> list[GenerationResult]:
+        """Members written down at ``step`` (``StepRunner.pause``), run on from there as their
+        runs would have gone on: an edit blended as it was, a generation capturing the levels
+        past ``step`` beside those it had."""
+        to = {"dtype": self.c.dtype, "device": self.c.device}
+        starts, inpaint = [], []
+        for it in items:
+            assert it.resume is not None
+            if it.resume.dtype != str(self.c.dtype):
+                raise ValueError(
+                    f"a member paused in {it.resume.dtype} cannot resume in {self.c.dtype}"
+                )
+            starts.append(torch.as_tensor(it.resume.latent, **to)[None])
+            inpaint.append(item_start(self.c, it, self.total_steps)[2] if it.edit else None)
+        edits = items[0].edit is not None
+        capture = [] if edits else [lv for lv in self.levels if lv > step]
+        final, captured = denoise(
+            self.c, torch.cat(starts), [it.prompt for it in items], step, self.total_steps,
+            capture, self.guidance, on_step, [it.previews for it in items],
+            [it.look for it in items], items[0].interval, inpaint if edits else (),
+        )  # fmt: skip
+        pngs = self.c.decode(final)
+        return [
+            GenerationResult(
+                png=pngs[j],
+                k=it.k,
+                latents={}
+                if edits
+                else {
+                    **it.resume.captured,  # type: ignore[union-attr]
+                    **{lv: captured[lv][j].float().cpu().numpy() for lv in captured},
+                },
+                final_latent=final[j].float().cpu().numpy(),
+                placeholder=self.placeholder,
+            )  # fmt: skip
+            for j, it in enumerate(items)
+        ]
 
     def _run_edits(
         self, k: int, items: Sequence[GenerationItem], on_step

@@ -184,12 +184,12 @@ class Sender:
         client = client or httpx.AsyncClient(timeout=TIMEOUT_S, follow_redirects=False)
         try:
             while True:
+                self.wake.clear()  # before reading: a delivery written from now on wakes it
                 due = await asyncio.to_thread(self.pending)
                 now = time.time()
                 for delivery in [d for d in due if d.next_at <= now]:
                     await self.attempt(client, delivery)
                 later = [d.next_at for d in due if d.next_at > now]
-                self.wake.clear()
                 wait = min(later, default=now + 60.0) - time.time()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), max(wait, 0.05))

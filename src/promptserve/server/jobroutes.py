@@ -180,7 +180,7 @@ def keep_latest(loop, store: JobStore, job_id: str, image: int, slot: dict, stat
         finally:
             slot["busy"] = False
 
-    loop.create_task(drain())
+    slot["task"] = loop.create_task(drain())  # held: the loop keeps only a weak reference
 
 
 async def restore_jobs(ctx: Context, book: JobBook) -> None:

@@ -185,10 +185,14 @@ class Sender:
         try:
             while True:
                 self.wake.clear()  # before reading: a delivery written from now on wakes it
-                due = await asyncio.to_thread(self.pending)
-                now = time.time()
-                for delivery in [d for d in due if d.next_at <= now]:
-                    await self.attempt(client, delivery)
+                try:
+                    due = await asyncio.to_thread(self.pending)
+                    now = time.time()
+                    for delivery in [d for d in due if d.next_at <= now]:
+                        await self.attempt(client, delivery)
+                except Exception:  # the store or a write failed: logged, tried again later
+                    log.exception("webhook deliveries failed; trying again in a minute")
+                    due, now = [], time.time()
                 later = [d.next_at for d in due if d.next_at > now]
                 wait = min(later, default=now + 60.0) - time.time()
                 with contextlib.suppress(TimeoutError):

@@ -9,7 +9,8 @@ the GPUs: as many jobs per minute as the GPUs finish at the lane's width
 allows (``fill_qpm``), each due an hour after it is submitted.
 
 Two lanes are run side by side: ``apart`` (the shipped rule: a GPU runs background members
-only with no interactive one) and ``beside`` (``Background.beside_share`` = 0.5: background
+only with no interactive one, and interactive joins pack onto GPUs already busy with
+interactive members while each keeps half the SLO to spare, ``Placement.packed``) and ``beside`` (``Background.beside_share`` = 0.5: background
 members also fill GPUs whose interactive members keep half their slack, while the price is 0
 and nobody waits).
 
@@ -18,8 +19,8 @@ What is measured, over the interactive requests' span (``Ledger.until_s``):
 - ``left_share``: the GPU-seconds the interactive members did not take (a shared step split
   by its members), of all; ``left_used``: the share of those the background members took
   (both pooled over the seeds: at a busy point a seed leaves a few seconds only);
-- ``slots_used``: the background member-steps against the member-steps the GPUs run at the
-  lane's width less the interactive ones (feature caching off only: with it a step's cost
+- ``slots_left``: the member-steps the GPUs run at the lane's width less the interactive
+  ones, of all; ``slots_used``: the background member-steps against those (feature caching off only: with it a step's cost
   depends on its kind, so member-steps are not a capacity);
 - ``images_per_gpu_hour``: background images finished within the span, per GPU-hour.
 
@@ -107,6 +108,7 @@ def run(fc: str, rate: float, seed: int, lane: str | None) -> dict:
         "gpu_s": gpu_s,
         "left_s": gpu_s - ledger.interactive_s,
         "used_s": ledger.background_s,
+        "slots": full_rate * gpu_s,
         "left_slots": full_rate * gpu_s - ledger.interactive_steps,
         "used_slots": ledger.background_steps,
         "images": float(done.sum()),
@@ -166,6 +168,7 @@ def main() -> None:
                     "violations": mean(rows, "violations"),
                     "left_share": pooled(rows, "left_s", "gpu_s"),
                     "left_used": pooled(rows, "used_s", "left_s"),
+                    "slots_left": pooled(rows, "left_slots", "slots") if fc == "off" else None,
                     "slots_used": pooled(rows, "used_slots", "left_slots") if fc == "off" else None,
                     "images_per_gpu_hour": round(
                         sum(r["images"] for r in rows) / (sum(r["gpu_s"] for r in rows) / 3600), 1

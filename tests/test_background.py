@@ -109,13 +109,42 @@ def test_interactive_admission_and_the_price_never_count_the_lane():
             plain.intake(1.0 + i, Ask(i, 22.0 + i, 10, True)),
             busy.intake(1.0 + i, Ask(i, 22.0 + i, 10, True)),
         )
-        assert (a.ended, a.gpu) == (b.ended, b.gpu)
+        assert a.ended == b.ended  # where it joins may differ: with a lane, joins pack
     assert busy.estimator.estimate(7.0, 0.0) == plain.estimator.estimate(7.0, 0.0)
     demand = Demand(60.0, (0.5, 0.5, 0, 0, 0, 0))
     assert busy.reprice(demand, 21.0) == plain.reprice(demand, 21.0)
     snap = busy.snapshot()
     assert snap.batch_running == sum(len(g.batch) for g in busy.gpus) and snap.batch_waiting > 0
     assert snap.inflight == plain.snapshot().inflight
+
+
+def test_with_background_work_interactive_joins_pack_while_each_keeps_half_its_slo():
+    """With the lane busy, a request joins the GPU already running an interactive member
+    where every member there keeps half the SLO to spare, leaving the other GPU whole to the
+    lane; one that would not keep it goes where it loads least. Without a lane, it spreads."""
+    profile = step_profile(PROFILE)
+    alone, two = N * profile.iteration_s(1), N * profile.iteration_s(2)
+    runs = {}
+    for lane in (False, True):
+        sched, gpus = scheduler(2), []
+        if lane:
+            for i in range(40):
+                sched.intake(0.0, Ask(1000 + i, 3600.0, 0, False, batch=True))
+        now, _, works = advance(sched, 0.0, 1.0, {})
+        gpus.append(sched.intake(now, Ask(1, now + 600.0, 0, False)).gpu)
+        now, _, works = advance(sched, now, now + 1.0, {}, works)
+        assert 1 in sched.gpus[gpus[0]].by_id
+        gpus.append(sched.intake(now, Ask(2, now + 600.0, 0, False)).gpu)
+        now, _, works = advance(sched, now, now + 1.0, {}, works)
+        # its SLO's half lies between its time alone and its time beside two members
+        slo = alone + two
+        gpus.append(sched.intake(now, Ask(3, now + slo, 0, False)).gpu)
+        runs[lane] = gpus, [len(g.batch) for g in sched.gpus]
+    (spread, _), (packed, lanes) = runs[False], runs[True]
+    assert spread[1] != spread[0]  # no lane: the least-loaded GPU
+    assert packed[1] == packed[0]  # a lane: beside the first, with time to spare
+    assert lanes[1 - packed[0]] > 0  # the other GPU still runs the lane
+    assert packed[2] != packed[0]  # packed, it would keep less than half its SLO
 
 
 def test_a_background_job_past_its_deadline_ends_dropped_and_one_that_never_could_is_refused():

@@ -230,13 +230,17 @@ def background_lane(data: dict) -> str:
     beside the background stream, and what the stream got of what they left, for each lane."""
     lines = [
         "| feature caching | qpm | alone | lane | with the stream | violations | GPU-time left"
-        " | of it used | step slots used | images per GPU-hour |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " | of it used | step slots left | of them used | images per GPU-hour |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in data["points"]:
         for lane in ("apart", "beside"):
             row = p[lane]
-            slots = "—" if row["slots_used"] is None else f"{row['slots_used']:.2f}"
+            slots = (
+                "— | —"
+                if row["slots_used"] is None
+                else f"{row['slots_left']:.1%} | {row['slots_used']:.2f}"
+            )
             lines.append(
                 f"| {p['feature_cache']} | {p['rate_qpm']:g} | {p['alone']:.2f} | {lane} | "
                 f"{row['effective_quality']:.2f} ({row['change']:+.2f}) | {row['violations']:.3f}"

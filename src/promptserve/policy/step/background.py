@@ -2,10 +2,13 @@
 leave, paused at a step boundary when those need it and resumed later from the step they
 reached, on any GPU.
 
-Interactive work decides as if the lane were not there: its fits, placement, admission and
-the price count no background member (they are kept apart from ``StepGpu.by_id``), and the
-estimator never hears of one. The lane takes what is left at each boundary: a GPU with no
-interactive member runs up to ``width`` background members. Where an interactive request
+Interactive work decides as if the lane were not there: its fits, admission and the price
+count no background member (they are kept apart from ``StepGpu.by_id``), and the estimator
+never hears of one. Only where an interactive request joins moves while the lane has work: it
+packs onto a GPU already running interactive members where each keeps half the SLO to spare
+(``Placement.packed``), not the least-loaded one, so fewer GPUs hold interactive members. The
+lane takes what is left at each boundary: a GPU with no interactive member runs up to
+``width`` background members. Where an interactive request
 joins, the background members are written down (``StepWork.pauses``) and go back to the lane,
 so an interactive request waits at most the step it finds running.
 
@@ -86,15 +89,20 @@ class Background:
         # (deadline, id, job, its K, the step it resumes at: None, from its start)
         self.waiting: list[tuple[float, int, Job, int, int | None]] = []
         self.ledger = Ledger()
+        self.held = 0  # members on the GPUs
 
     def __bool__(self) -> bool:
         return bool(self.waiting)
+
+    def busy(self) -> bool:
+        """Whether the lane has work, waiting or on a GPU (interactive joins pack then)."""
+        return self.held > 0 or bool(self.waiting)
 
     def __len__(self) -> int:
         return len(self.waiting)
 
     def running(self) -> int:
-        return sum(len(g.batch) for g in self.cluster.gpus)
+        return self.held
 
     def pending(self) -> int:
         """Background jobs waiting, paused or running."""
@@ -115,6 +123,7 @@ class Background:
         done = [m for m in gpu.batch.values() if m.end_step <= gpu.done]
         for member in done:
             del gpu.batch[member.job.id]
+            self.held -= 1
             gpu.resident.release(member.job.adapters)
         return done
 
@@ -124,6 +133,7 @@ class Background:
         total = self.spec.profile.total_steps
         for member in members:
             del gpu.batch[member.job.id]
+            self.held -= 1
             gpu.resident.release(member.job.adapters)
             step = total - (member.end_step - gpu.done)
             heapq.heappush(
@@ -195,6 +205,7 @@ class Background:
                 return
             heapq.heappop(self.waiting)
             gpu.batch[job.id] = member
+            self.held += 1
             gpu.loading += gpu.resident.use(job.adapters)
             gpu.encoding += job.start is not None and step is None  # an edit's image, once
             self.ledger.resumes += step is not None
@@ -219,6 +230,7 @@ class Background:
         for gpu in self.cluster.gpus:
             member = gpu.batch.pop(job_id, None)
             if member is not None:
+                self.held -= 1
                 gpu.resident.release(member.job.adapters)
                 return member.job
         return None
@@ -231,6 +243,7 @@ class Background:
                 self.waiting,
                 (member.job.deadline_s, member.job.id, member.job, member.k, member.from_step),
             )
+        self.held -= len(gpu.batch)
         gpu.batch = {}
 
     def iteration_s(self, gpu: StepGpu) -> float:

@@ -1,8 +1,11 @@
 """Where a request joins: the least-loaded GPU, or, serving several sizes or bounded adapter
 residency, the GPU where it adds least to the finish times (an idle GPU while there is one, a
-GPU of its own size or holding its adapters once all are busy)."""
+GPU of its own size or holding its adapters once all are busy); while background work waits
+or runs, a GPU already busy with interactive members where it fits with time to spare."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from promptserve.policy.step.admission import Admission
 from promptserve.policy.step.cluster import Cluster
@@ -13,6 +16,14 @@ from promptserve.policy.step.levels import Levels
 from promptserve.policy.step.price import EXCESS_SHARE
 from promptserve.policy.step.queue import WaitQueue
 from promptserve.policy.types import Job, Outcome, Status
+
+if TYPE_CHECKING:
+    from promptserve.policy.step.background import Background
+
+# of its SLO, what a request packed onto a busy GPU keeps to spare: a burst that doubles that
+# GPU's members (about doubling its step) still meets every deadline there
+PACK_SPARE = 0.5
+PACK_TRIES = 8  # the fullest GPUs a packed join is tried on: a placement's cost stays bounded
 
 
 class Placement:
@@ -27,6 +38,7 @@ class Placement:
     ) -> None:
         self.spec, self.cluster, self.fit, self.levels = spec, cluster, fit, levels
         self.queue, self.admission = queue, admission
+        self.lane: Background | None = None  # while it has work, joins pack (``packed``)
 
     def arrive(self, now: float, job: Job) -> tuple[StepGpu | None, Outcome | None]:
         """Place an arriving job: the GPU it will join at that GPU's next boundary, or None
@@ -64,6 +76,10 @@ class Placement:
         its size, or holding its adapters, where the job adds less to the finish times there
         (``cost``: a load delays every member's next step)."""
         least = self.cluster.least_loaded()
+        if least is not None and self.lane is not None and self.lane.busy():
+            packed = self.packed(now, job)
+            if packed is not None:
+                return packed
         named = bool(self.spec.profile.adapter_slots and job.adapters)
         if least is None or not (
             (self.spec.profile.sized or named) and self.spec.config.shape_aware
@@ -88,6 +104,31 @@ class Placement:
             return least
         costs = [(self.cost(g, job, now), i) for i, g in enumerate(candidates)]
         return candidates[min(costs)[1]]
+
+    def packed(self, now: float, job: Job) -> StepGpu | None:
+        """With background work to run, the fullest GPU running interactive members that takes
+        ``job`` at the level it prefers with every member still ``PACK_SPARE`` of the SLO
+        within its deadline: packed onto fewer GPUs, interactive members leave the others whole
+        to the lane, whose rate at its width is nearly twice a lone member's. One packed join
+        per GPU and boundary (joins at one boundary are fitted one by one, each seeing those
+        before it at their own level, not the fastest). None: no GPU takes it so."""
+        fit, tried = self.fit, 0
+        spare = PACK_SPARE * (job.deadline_s - job.arrival_s)
+        for count in range(min(self.spec.cap, len(self.cluster.by_count)) - 1, 0, -1):
+            for i in sorted(self.cluster.by_count[count]):
+                gpu = self.cluster.gpus[i]
+                if not gpu.by_id or gpu.joining or not fit.room(gpu, job):
+                    continue
+                if tried == PACK_TRIES:
+                    return None
+                tried += 1
+                at = gpu.next_boundary(now)
+                k, r = self.levels.preferred(job, at)
+                dls, after, _, pos = fit.with_new(gpu, job, k, at, (), gpu.done_at(at), r)
+                dls = [*dls[:pos], job.deadline_s, *dls[pos:]]
+                if all(f + spare <= d for f, d in zip(after, dls, strict=True)):
+                    return gpu
+        return None
 
     def cost(self, gpu: StepGpu, job: Job, now: float) -> float:
         """Seconds ``job`` adds to the sum of the finish times on ``gpu``: its own time to

@@ -87,6 +87,7 @@ class StepScheduler:
             spec, self.cluster, self.fit, self.levels, self.queue, self.admission
         )
         self.background = Background(spec, self.cluster, self.pricing)
+        self.placement.lane = self.background
         self.life = Lifecycle(
             spec, self.cluster, self.queue, self.fit, self.levels, self.bursts,
             self.admission, self.placement, self.background,

@@ -15,9 +15,9 @@ so an interactive request waits at most the step it finds running.
 Beside interactive members the lane runs only by choice (``beside_share`` > 0, off by
 default): then also while no interactive request waits, the price is 0, and each interactive
 member still finishes within that share of its slack (its deadline less its finish without the
-lane). Measured (``bench_batch.py``, ``docs/batch.md``), half the slack gives the lane 3.7x the
-images at 60 queries/minute and costs the interactive requests 0.57 points: a member kept
-longer meets more joiners, whose fits then pick faster levels. Off, the cost is within 0.05.
+lane). Measured (``bench_batch.py``, ``docs/batch.md``), half the slack gives the lane 2.2x the
+images at 60 queries/minute and costs the interactive requests 0.59 points: a member kept
+longer meets more joiners, whose fits then pick faster levels. Off, the cost is within 0.12.
 
 A background job runs at its own K_opt (the level its neighbour's similarity keeps at full
 quality; an edit from its own start), every step full: it has hours, so nothing is traded for

@@ -4,13 +4,13 @@ reached, on any GPU.
 
 Interactive work decides as if the lane were not there: its fits, admission and the price
 count no background member (they are kept apart from ``StepGpu.by_id``), and the estimator
-never hears of one. Only where an interactive request joins moves while the lane has work: it
-packs onto a GPU already running interactive members where each keeps half the SLO to spare
-(``Placement.packed``), not the least-loaded one, so fewer GPUs hold interactive members. The
-lane takes what is left at each boundary: a GPU with no interactive member runs up to
-``width`` background members. Where an interactive request
-joins, the background members are written down (``StepWork.pauses``) and go back to the lane,
-so an interactive request waits at most the step it finds running.
+never hears of one. The lane changes one thing, where an interactive request joins: while it
+has work, a request packs onto a GPU already running interactive members if each keeps half
+the SLO to spare (``Placement.packed``), instead of the least-loaded GPU, so fewer GPUs hold
+interactive members. The lane takes what is left at each boundary: a GPU with no interactive
+member runs up to ``width`` background members. Where an interactive request joins, the
+background members are written down (``StepWork.pauses``) and go back to the lane, so an
+interactive request waits at most the step it finds running.
 
 Beside interactive members the lane runs only by choice (``beside_share`` > 0, off by
 default): then also while no interactive request waits, the price is 0, and each interactive

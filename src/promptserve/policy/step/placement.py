@@ -109,7 +109,7 @@ class Placement:
         """With background work to run, the fullest GPU running interactive members that takes
         ``job`` at the level it prefers with every member still ``PACK_SPARE`` of the SLO
         within its deadline: packed onto fewer GPUs, interactive members leave the others whole
-        to the lane, whose rate at its width is nearly twice a lone member's. One packed join
+        to the lane, whose rate at its width is 1.7 times a lone member's (SDXL reference). One packed join
         per GPU and boundary (joins at one boundary are fitted one by one, each seeing those
         before it at their own level, not the fastest). None: no GPU takes it so."""
         fit, tried = self.fit, 0

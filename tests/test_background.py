@@ -133,14 +133,15 @@ def test_with_background_work_interactive_joins_pack_while_each_keeps_half_its_s
         now, _, works = advance(sched, 0.0, 1.0, {})
         gpus.append(sched.intake(now, Ask(1, now + 600.0, 0, False)).gpu)
         now, _, works = advance(sched, now, now + 1.0, {}, works)
-        assert 1 in sched.gpus[gpus[0]].by_id
+        first_on = [i for i, g in enumerate(sched.gpus) if 1 in g.by_id]  # joined, running
         gpus.append(sched.intake(now, Ask(2, now + 600.0, 0, False)).gpu)
         now, _, works = advance(sched, now, now + 1.0, {}, works)
         # its SLO's half lies between its time alone and its time beside two members
         slo = alone + two
         gpus.append(sched.intake(now, Ask(3, now + slo, 0, False)).gpu)
-        runs[lane] = gpus, [len(g.batch) for g in sched.gpus]
-    (spread, _), (packed, lanes) = runs[False], runs[True]
+        runs[lane] = gpus, [len(g.batch) for g in sched.gpus], first_on
+    (spread, _, _), (packed, lanes, first_on) = runs[False], runs[True]
+    assert first_on == [packed[0]]  # the first runs where it was placed when the second comes
     assert spread[1] != spread[0]  # no lane: the least-loaded GPU
     assert packed[1] == packed[0]  # a lane: beside the first, with time to spare
     assert lanes[1 - packed[0]] > 0  # the other GPU still runs the lane

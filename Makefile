@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install test lint serve simulate bench reliability clean
+.PHONY: install native test lint serve simulate bench reliability clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,7 +19,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) native
+
+# The scheduler's hot path compiled with mypyc into build/native (about a minute; again only
+# when its sources change). PROMPTSERVE_NATIVE=0 skips it and runs the Python.
+native: $(STAMP)
+	$(BIN)/python -c "from promptserve import native; raise SystemExit(native.main(['build']))"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks reliability
@@ -34,19 +39,19 @@ $(CHROMEDRIVER):
 
 # Test files run in parallel, each whole in one worker (a module's fixtures, test_ray's one Ray
 # cluster): most tests wait on a server or a modelled GPU, so 2 cores run about 1.6x as fast.
-test: lint $(CHROMEDRIVER)
+test: lint native $(CHROMEDRIVER)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -n auto --maxprocesses=4 --dist loadfile
 
 # The embedded default: tiny model on the CPU, cache in ./.promptserve, 127.0.0.1:8000.
-serve: $(STAMP)
+serve: $(STAMP) native
 	HF_HUB_OFFLINE=1 $(BIN)/promptserve serve
 
 # The Argus-shaped comparison (840 minutes compressed 10x, 8 GPUs): the published method as
 # shipped and every rival with promptserve's queue and admission (the simulate defaults).
-simulate: $(STAMP)
+simulate: $(STAMP) native
 	HF_HUB_OFFLINE=1 $(BIN)/promptserve simulate --arrivals argus --time-scale 10 --gpus 8 --feature-cache off --out out/simulate
 
-bench: $(STAMP)
+bench: $(STAMP) native
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_planner.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_sim.py
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/sim_fingerprint.py
@@ -73,8 +78,8 @@ bench: $(STAMP)
 # Overload, faults, bad input and security against the real server (under 5 minutes); one JSON
 # line of figures; fails on any lost, twice-answered, 5xx or torn-entry figure. Needs root for
 # the full-disk tmpfs (else that stage reports itself skipped and the run fails).
-reliability: $(STAMP)
+reliability: $(STAMP) native
 	HF_HUB_OFFLINE=1 $(BIN)/python -m reliability.run
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) build .pytest_cache .ruff_cache

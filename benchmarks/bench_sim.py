@@ -7,7 +7,9 @@ real cache index (a lookup per arrival, an insert per served prompt) and the pol
 ``--policies a,b`` times those only (default: every policy). ``--against REV`` also times the
 same policies on the code of git revision REV (a temporary worktree, run by this interpreter
 with that tree's ``src`` first on the path), alternating old and new ``--repeats`` times, so
-the ratio is measured side by side on one machine. Prints one JSON line.
+the ratio is measured side by side on one machine. ``native`` says whether each ran the
+compiled hot path (``make native``; ``PROMPTSERVE_NATIVE=0`` times the Python). Prints one
+JSON line.
 """
 
 from __future__ import annotations
@@ -52,12 +54,21 @@ def measure(policies: list[str]) -> dict[str, int]:
     inputs = SimInputs(
         requests, emb, Setting((profile,) * 8, qm.matrix(), 21.0), qm, shipped_thresholds("minilm")
     )
-    out = {"requests": len(requests)}
+    out: dict = {"requests": len(requests), "native": native_state()}
     for name in policies:
         t0 = time.perf_counter()
         simulate(get_policy(name), inputs)
         out[name] = round(len(requests) / (time.perf_counter() - t0))
     return out
+
+
+def native_state() -> str:
+    """Whether the compiled hot path ran (``promptserve.native``; absent before it existed)."""
+    try:
+        from promptserve import native
+    except ImportError:
+        return "absent"
+    return native.ACTIVE
 
 
 def elsewhere(tree: Path, policies: list[str]) -> dict[str, int]:
@@ -86,7 +97,7 @@ def main() -> None:
     out: dict = {"bench": "sim", "gpus": 8}
     if args.against is None:
         got = measure(policies)
-        out["requests"] = got.pop("requests")
+        out["requests"], out["native"] = got.pop("requests"), got.pop("native")
         out |= {f"{n}_requests_per_s": v for n, v in got.items()}
         out["min_requests_per_s"] = min(got.values())
     else:
@@ -108,6 +119,7 @@ def main() -> None:
                 )  # fmt: skip
         out["against"] = args.against
         out["requests"] = runs["new"][0]["requests"]
+        out["native"] = {"old": runs["old"][0]["native"], "new": runs["new"][0]["native"]}
         for name in policies:
             old = max(r[name] for r in runs["old"])
             new = max(r[name] for r in runs["new"])

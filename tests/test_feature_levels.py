@@ -13,7 +13,7 @@ from promptserve.loadgen import read_metric
 from promptserve.policy import Status, get_policy
 from promptserve.policy.estimator import LoadEstimator
 from promptserve.policy.intake import DELIVERY_MARGIN_S
-from promptserve.policy.step import Levels, StepConfig, StepScheduler
+from promptserve.policy.step import StepConfig, StepScheduler
 from promptserve.policy.types import Demand
 from promptserve.profile import reference_profile, with_feature_cache
 from promptserve.quality import interval_quality, kept_by_intervals, quality_model
@@ -146,24 +146,25 @@ def test_the_simulator_records_each_interval_and_scores_it(rate):
         assert rec.summary([])["served_in_slo"] > plain["served_in_slo"]
 
 
-def test_a_server_runs_and_reports_the_interval_a_member_joins_at(tmp_path, monkeypatch):
-    """The tiny model, the official client: a member the policy puts at r = 3 runs at it
-    (its image is not the r = 1 image of the same seed) and the answer says so."""
+def test_a_server_runs_and_reports_the_interval_a_member_joins_at(tmp_path):
+    """The tiny model, the official client: a member whose deadline the policy meets at a
+    cheaper interval runs at it (its image is not the full generation of the same seed, asked
+    for with ``quality="high"``) and the answer says so."""
     app = tiny_app(tmp_path, policy="promptserve-step")
     profile = app.state.runtime.setting.profiles[0]
     assert profile.feature_r_max == 4 and 0 < profile.cached_step_share < 1  # measured
     with LiveServer(app) as url:
         oai = client(url)
+        tight = {"seed": 5, "deadline_ms": int(alone_ms(url)[1]) - 1}
 
-        def image():
-            res = oai.images.generate(prompt="a kite over dunes", extra_body={"seed": 5})
+        def image(**extra):
+            res = oai.images.generate(prompt="a kite over dunes", **extra)
             return res.data[0].b64_json, res.data[0].model_extra["promptserve"]
 
-        full_png, full = image()
-        assert full["feature_cache_interval"] == 1 and full["level_k"] == 0
-        monkeypatch.setattr(Levels, "preferred", lambda self, job, at: (0, 3))
-        png, meta = image()
-    assert meta["feature_cache_interval"] == 3
+        png, meta = image(extra_body=tight)
+        full_png, full = image(quality="high", extra_body={"seed": 5})
+    assert meta["feature_cache_interval"] > 1 and meta["level_k"] == 0
+    assert full["feature_cache_interval"] == 1 and full["level_k"] == 0
     assert png != full_png
     assert meta["predicted_quality"] < full["predicted_quality"]
 

@@ -16,7 +16,7 @@ or as the cached step's share of a full call, and each call counts by the chance
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from promptserve.profile import Profile
@@ -90,7 +90,7 @@ class StepProfile:
             return _on_curve(self.cached_s, load)
         return self.cached_step_share * self.call_s(load)
 
-    def mix_s(self, counts: dict[int, int]) -> float:
+    def mix_s(self, counts: Mapping[int, float]) -> float:
         """One iteration of a batch with ``counts[kind]`` members of each kind (``kind``), as
         the engine runs it: per size present, one call of the members on a full step and one
         of those on a cached step. A member at interval r is on a full step one step in r;
@@ -100,7 +100,7 @@ class StepProfile:
         if len(counts) == 1:
             ((only, n),) = counts.items()
             if only == 0:
-                return self.iteration_s(n) if n else 0.0
+                return self.iteration_s(int(n)) if n else 0.0  # a count: whole
         w = self.shape_weights
         by_shape: dict[int, list[float]] = {}  # [load full, load cached, P(no full), P(no cached)]
         for key, n in counts.items():

@@ -13,12 +13,14 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from promptserve.policy.types import Demand
 
 EDIT = -1  # an edit's place in the window (it has no K_opt class)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 @dataclass
 class LoadEstimator:
     levels: tuple[int, ...]

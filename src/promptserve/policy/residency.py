@@ -11,7 +11,10 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from mypy_extensions import mypyc_attr
 
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 @dataclass
 class ResidentSet:
     slots: int = 0  # adapters a device holds at once; 0: no bound (every adapter resident)

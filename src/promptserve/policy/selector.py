@@ -29,9 +29,29 @@ from dataclasses import dataclass, field, replace
 from promptserve.policy.contract import Ask, Work
 from promptserve.policy.replay import replay
 from promptserve.policy.step import StepScheduler
-from promptserve.policy.step.config import StepConfig
-from promptserve.policy.types import Outcome
+from promptserve.policy.step.config import StepConfig, StepSpec
+from promptserve.policy.step.scheduler import Repricing
+from promptserve.policy.types import BatchWork, Demand, Job, Outcome, Plan, Setting
 from promptserve.quality import QualityModel, served_quality
+from promptserve.steptime import StepProfile
+
+# the frozen dataclasses of the scheduler's state: a snapshot (``copy.deepcopy``) shares them,
+# as they never change, and a compiled one (``promptserve.native``) cannot be rebuilt field by
+# field (every frozen dataclass of a compiled module is here: ``tests/test_native.py``)
+SHARED = (
+    StepProfile,
+    StepConfig,
+    StepSpec,
+    Repricing,
+    BatchWork,
+    Demand,
+    Job,
+    Outcome,
+    Plan,
+    Setting,
+)
+for _cls in SHARED:
+    copy._deepcopy_dispatch[_cls] = copy._deepcopy_atomic  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

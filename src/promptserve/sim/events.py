@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from promptserve.policy import Demand, Outcome, Plan, Policy, Setting, Status
 from promptserve.policy.contract import Ask, Scheduler, Work, ran, served_by
 from promptserve.policy.planning import first_demand, worth_caching
 from promptserve.policy.selector import Choice, Selector, candidates, outcome_quality
+from promptserve.policy.step import StepScheduler
 from promptserve.quality import QualityModel
 from promptserve.sim.lookups import Lookups
 from promptserve.sim.records import Records
@@ -32,6 +34,9 @@ from promptserve.strength import start_step
 from promptserve.types import Request
 
 ARRIVAL, DONE, REPLAN, WAKE = 1, 0, 2, 3  # at equal times: finish work, then arrivals, then plans
+# read once: compiled (``promptserve.native``), an enum member read per event goes through the
+# enum class's ``__getattr__``
+SERVED, QUEUED = Status.SERVED, Status.QUEUED
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ class EventRun:
         self.selector_cpu_s = 0.0
         if policy.select:
             setting = inputs.setting
-            config = self.sched.config  # type: ignore[attr-defined]
+            config = cast(StepScheduler, self.sched).config  # ``+select``: step-level only
             self.selector = Selector(
                 candidates(config, setting.profiles[0].feature_r_max > 1), self._value
             )
@@ -137,13 +142,11 @@ class EventRun:
                 self._done(now, payload)  # type: ignore[arg-type]
             elif kind == REPLAN and self.done < len(reqs) and (self.heap or self.sched.pending()):
                 if self.selector is not None and self.selector.due(now):
-                    period = self.policy.replan_s
+                    period = self.policy.replan_s or 0.0  # set: the selector runs at re-plans
                     t0 = time.thread_time()
-                    self.selector.decide(  # type: ignore[arg-type]
-                        now,
-                        self.sched,
-                        self.current,
-                        (now + period, period, self.start),  # type: ignore[operator]
+                    sched = cast(StepScheduler, self.sched)  # ``+select``: step-level only
+                    self.selector.decide(
+                        now, sched, self.current, (now + period, period, self.start)
                     )
                     self.selector_cpu_s += time.thread_time() - t0
                 self._replan(now, self.estimator.estimate(now, self.start))
@@ -180,7 +183,7 @@ class EventRun:
             return  # a later work replaced it (its GPU's boundary moved)
         del self.current[work.gpu]
         for outcome in self.sched.update(now, work.gpu, ran(work)):
-            if outcome.status == Status.SERVED:
+            if outcome.status == SERVED:
                 self._served(now, outcome)
             else:
                 self._end(outcome)
@@ -269,9 +272,9 @@ class EventRun:
     def _end(self, outcome: Outcome) -> None:
         i = outcome.job.id
         rec = self.records
-        assert rec.status[i] == Status.QUEUED, f"request {i} ended twice"
+        assert rec.status[i] == QUEUED, f"request {i} ended twice"
         rec.status[i] = int(outcome.status)
-        if outcome.status == Status.SERVED:
+        if outcome.status == SERVED:
             rec.finish_s[i] = outcome.time_s
             rec.level[i] = outcome.level
             rec.gpu[i] = outcome.gpu

@@ -60,7 +60,7 @@ class Lookups:
         if journal is None or journal.n == seen:
             return sim, entry
         sims = journal.vecs[seen : journal.n] @ self.embeddings[i]
-        best = int(np.argmax(sims))
+        best = int(sims.argmax())  # the method: no dispatch wrapper per lookup
         if entry < 0 or float(sims[best]) > sim:
             return float(sims[best]), journal.ids[seen + best]
         return sim, entry
@@ -88,7 +88,7 @@ class _Journal:
 
     def __init__(self, dim: int) -> None:
         self.ids: list[int] = []
-        self.vecs = np.zeros((64, dim), dtype=np.float32)
+        self.vecs: np.ndarray = np.zeros((64, dim), dtype=np.float32)
         self.n = 0
 
     def add(self, entry: int, vec: np.ndarray) -> None:

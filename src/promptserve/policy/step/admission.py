@@ -5,6 +5,8 @@ GPU, the same on both clocks)."""
 
 from __future__ import annotations
 
+from mypy_extensions import mypyc_attr
+
 from promptserve.policy.step.cluster import Cluster
 from promptserve.policy.step.config import StepSpec
 from promptserve.policy.step.fit import Fit
@@ -16,6 +18,7 @@ from promptserve.policy.types import Job
 from promptserve.steptime import EPS, finishes
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 class Admission:
     def __init__(
         self,

@@ -32,6 +32,8 @@ import heapq
 import math
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 from promptserve.policy.step.cluster import Cluster
 from promptserve.policy.step.config import StepSpec
 from promptserve.policy.step.gpu import Member, StepGpu
@@ -52,6 +54,7 @@ def width(profile: StepProfile) -> int:
     return next(n for n, rate in enumerate(rates, start=1) if rate >= NEAR_BEST * best)
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 @dataclass
 class Ledger:
     """What ran, for ``bench_batch`` and ``/metrics``: GPU-seconds and member-steps by kind
@@ -81,6 +84,7 @@ class Ledger:
         self.background_steps += share * steps * lane
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 class Background:
     def __init__(self, spec: StepSpec, cluster: Cluster, pricing: Pricing) -> None:
         self.spec, self.cluster, self.pricing = spec, cluster, pricing

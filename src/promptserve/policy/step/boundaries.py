@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import math
 
+from mypy_extensions import mypyc_attr
+
 from promptserve.policy.contract import Schedule, StepWork
 from promptserve.policy.step.gpu import StepGpu
 from promptserve.policy.types import Outcome
 from promptserve.steptime import EPS
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 class Boundaries:
     """Each GPU's next boundary as last handed to its driver, and what is not handed out yet.
     Apart from a scheduler so that the shards of one pool share it: a GPU moves between them

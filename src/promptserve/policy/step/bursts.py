@@ -7,6 +7,8 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
+from mypy_extensions import mypyc_attr
+
 from promptserve.policy.step.cluster import Cluster
 from promptserve.policy.step.config import StepSpec
 from promptserve.policy.step.excess import ExcessWork
@@ -26,6 +28,7 @@ class Full(IntEnum):
     AT_TOP = 2  # even with every member at the longest interval: the level moves too
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 class Bursts:
     def __init__(
         self, spec: StepSpec, cluster: Cluster, queue: WaitQueue, excess: ExcessWork

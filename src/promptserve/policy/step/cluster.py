@@ -3,11 +3,14 @@ choice does not grow with the GPU count) and by the sizes each holds."""
 
 from __future__ import annotations
 
+from mypy_extensions import mypyc_attr
+
 from promptserve.policy.residency import ResidentSet
 from promptserve.policy.step.config import StepSpec
 from promptserve.policy.step.gpu import GpuBucket, StepGpu
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 class Cluster:
     def __init__(self, spec: StepSpec, n_gpus: int) -> None:
         self.spec = spec

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
 
+
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 @dataclass
 class ExcessWork:
     """The step work that arrived beyond the step capacity, as a leaky bucket: each arrival

@@ -7,15 +7,21 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 
+from mypy_extensions import mypyc_attr
+
 from promptserve.policy.step.config import StepSpec
 from promptserve.policy.step.gpu import StepGpu
 from promptserve.policy.types import Job
-from promptserve.steptime import EPS, finishes, kind
+from promptserve.steptime import EPS, StepProfile, finishes, kind
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 class Fit:
     def __init__(self, spec: StepSpec) -> None:
         self.spec = spec
+        # ``alone_s`` per (K, r, size) of one profile: asked at every arrival and drop check
+        self._alone: dict[tuple[int, int, int], float] = {}
+        self._alone_of: StepProfile | None = None
 
     def room(self, gpu: StepGpu, job: Job, ahead: Sequence[Job] = ()) -> bool:
         """Whether ``gpu``'s device has rows for the adapters of its members, ``ahead`` and
@@ -34,8 +40,9 @@ class Fit:
         if not bound:
             return True
         others = {j.id: j for j in (*gpu.joining, *ahead) if j.id != job.id}
-        held = sum(w[m.job.shape] for m in gpu.by_id.values()) + sum(
-            w[j.shape] for j in others.values()
+        # float starts: compiled (``promptserve.native``), a sum's start fixes its type
+        held = sum((w[m.job.shape] for m in gpu.by_id.values()), 0.0) + sum(
+            (w[j.shape] for j in others.values()), 0.0
         )
         return held == 0 or held + w[job.shape] <= bound + 1e-9
 
@@ -66,21 +73,22 @@ class Fit:
         done = gpu.done if done < 0 else done
         mixed = self.spec.profile.mixed
         by_id = gpu.by_id
-
-        def member_kind(jid: int) -> int:
-            m = by_id[jid]
-            return kind(m.job.shape, m.r)
-
-        members = [(end - done, d, member_kind(jid) if mixed else 0) for end, d, jid in gpu.members]
         if self.spec.profile.adapter_slots:  # the adapters it and those ahead load first
             named = [a for j in (*ahead, job) for a in j.adapters]
             at += gpu.resident.missing(named) * self.spec.profile.adapter_load_s
-        if ahead:
-            total = self.spec.profile.total_steps
-            fast = [(j, *self.spec.fastest(j)) for j in ahead]
-            members = sorted(
-                members + [(total - fk, j.deadline_s, kind(j.shape, fr)) for j, fk, fr in fast]
-            )
+        if not ahead:  # the members alone, already in order: the common case, built directly
+            own = gpu.members
+            kinds = [kind(by_id[j].job.shape, by_id[j].r) for _, _, j in own] if mixed else None
+            return at, [end - done for end, _, _ in own], [d for _, d, _ in own], kinds, 0
+        members = [
+            (end - done, d, kind(by_id[jid].job.shape, by_id[jid].r) if mixed else 0)
+            for end, d, jid in gpu.members
+        ]
+        total = self.spec.profile.total_steps
+        fast = [(j, *self.spec.fastest(j)) for j in ahead]
+        members = sorted(
+            members + [(total - fk, j.deadline_s, kind(j.shape, fr)) for j, fk, fr in fast]
+        )
         rem = [left for left, _, _ in members]
         deadlines = [d for _, d, _ in members]
         shapes = [s for _, _, s in members] if mixed else None
@@ -140,5 +148,13 @@ class Fit:
 
     def alone_s(self, k: int, r: int = 1, shape: int = 0) -> float:
         """Seconds from arrival to answer of one request alone on an idle GPU at (K, r)."""
-        shapes = [kind(shape, r)] if self.spec.profile.mixed else None
-        return finishes(self.spec.profile, 0.0, [self.spec.profile.total_steps - k], 1, shapes)[0]
+        profile = self.spec.profile
+        if profile is not self._alone_of:  # a new spec (``StepScheduler.use``) may bring one
+            self._alone, self._alone_of = {}, profile
+        key = (k, r, shape)
+        seconds = self._alone.get(key)
+        if seconds is None:
+            shapes = [kind(shape, r)] if profile.mixed else None
+            seconds = finishes(profile, 0.0, [profile.total_steps - k], 1, shapes)[0]
+            self._alone[key] = seconds
+        return seconds

@@ -7,11 +7,14 @@ import heapq
 import math
 from dataclasses import dataclass, field
 
+from mypy_extensions import mypyc_attr
+
 from promptserve.policy.residency import ResidentSet
 from promptserve.policy.types import Job
 from promptserve.steptime import EPS, KIND
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 class GpuBucket:
     """GPU indices with one member count; ``first`` is the lowest, in O(log n). Ties between
     equally loaded GPUs go by index, not by the order of past joins and leaves, so both clocks
@@ -46,6 +49,7 @@ class GpuBucket:
         return self.heap[0]
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 @dataclass(slots=True)
 class Member:
     job: Job
@@ -59,6 +63,7 @@ class Member:
     from_step: int | None = None
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 @dataclass
 class StepGpu:
     """One GPU's running batch; its step count and the timing of the current segment."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mypy_extensions import mypyc_attr
+
 from promptserve.policy.step.bursts import Bursts, Full
 from promptserve.policy.step.config import StepSpec
 from promptserve.policy.step.fit import Fit
@@ -15,6 +17,7 @@ from promptserve.policy.types import Job
 from promptserve.steptime import EPS, draw
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 class Levels:
     def __init__(self, spec: StepSpec, pricing: Pricing, bursts: Bursts, fit: Fit) -> None:
         self.spec, self.pricing, self.bursts, self.fit = spec, pricing, bursts, fit

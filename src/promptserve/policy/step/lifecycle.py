@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import bisect
 
+from mypy_extensions import mypyc_attr
+
 from promptserve.policy.residency import ResidentSet
 from promptserve.policy.step.admission import Admission
 from promptserve.policy.step.background import Background
@@ -23,6 +25,7 @@ from promptserve.steptime import kind
 PULL_LOOKAHEAD = 8  # waiting jobs a boundary looks at past ones that do not fit
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 class Lifecycle:
     def __init__(
         self,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from mypy_extensions import mypyc_attr
+
 from promptserve.policy.step.admission import Admission
 from promptserve.policy.step.cluster import Cluster
 from promptserve.policy.step.config import StepSpec
@@ -26,6 +28,7 @@ PACK_SPARE = 0.5
 PACK_TRIES = 8  # the fullest GPUs a packed join is tried on: a placement's cost stays bounded
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 class Placement:
     def __init__(
         self,

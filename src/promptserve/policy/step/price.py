@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from promptserve.policy.step.cluster import Cluster
 from promptserve.policy.step.config import StepSpec
@@ -26,6 +27,7 @@ EXCESS_SHARE = 1.0 - SLO_SHARE  # of the SLO, the excess work a burst may pour i
 PRICE_MAX = 50.0  # points per step: above any quality difference, every request at its fastest
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 class Pricing:
     """Sets ``price``, the options it picks per K_opt and neighbour (``choice``, and
     ``choice_lo`` for the share ``split`` of the class that moves), per size (``by_shape``)

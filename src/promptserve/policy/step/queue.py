@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import heapq
 
+from mypy_extensions import mypyc_attr
+
 from promptserve.policy.step.config import StepSpec
 from promptserve.policy.types import Job
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 class WaitQueue:
     def __init__(self, spec: StepSpec) -> None:
         self.spec = spec

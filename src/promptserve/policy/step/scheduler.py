@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from mypy_extensions import mypyc_attr
 
 from promptserve.policy.contract import Arrival, Ask, LoadSnapshot, Replan, Report, Schedule
 from promptserve.policy.estimator import LoadEstimator
@@ -50,6 +51,7 @@ class Repricing:
     slow: bool = False
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 class StepScheduler:
     """The step-level policy over ``n_gpus`` GPUs, behind the contract of ``policy.contract``.
     Its parts are public for reading (tests, benchmarks); a driver uses the contract only."""
@@ -108,8 +110,13 @@ class StepScheduler:
         if self.pricing.last is not None:  # its tables index the new rule's options
             self.pricing.reprice(*self.pricing.last)
 
-    gpus = property(lambda self: self.cluster.gpus)
-    price = property(lambda self: self.pricing.price)
+    @property
+    def gpus(self) -> list[StepGpu]:
+        return self.cluster.gpus
+
+    @property
+    def price(self) -> float:
+        return self.pricing.price
 
     # -- the contract (``policy.contract.Scheduler``) -----------------------------------------
 

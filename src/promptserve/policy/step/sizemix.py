@@ -3,9 +3,12 @@ queue's estimates count on when the sizes of future batches are not known."""
 
 from __future__ import annotations
 
+from mypy_extensions import mypyc_attr
+
 from promptserve.steptime import StepProfile, kind
 
 
+@mypyc_attr(serializable=True, allow_interpreted_subclasses=True)  # copyable (``native``)
 class SizeMix:
     def __init__(self, profile: StepProfile) -> None:
         self.profile = profile

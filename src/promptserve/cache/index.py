@@ -60,7 +60,12 @@ def tenant_namespace(tenant: str) -> str:
 
 
 def latent_key(tenant: str, entry_id: int, k: int) -> str:
-    return f"{tenant_namespace(tenant)}/{entry_id:012d}-k{k:02d}"
+    return f"{latent_prefix(tenant, entry_id)}{k:02d}"
+
+
+def latent_prefix(tenant: str, entry_id: int) -> str:
+    """An entry's keys up to the level's digits: formatted once for all its levels."""
+    return f"{tenant_namespace(tenant)}/{entry_id:012d}-k"
 
 
 class CacheIndex:
@@ -128,12 +133,13 @@ class CacheIndex:
         evicted = self._evict(len(self._entries) + 1 - self.capacity)
         entry_id = self._next_id if entry_id is None else entry_id
         self._next_id = max(self._next_id, entry_id + 1)
+        prefix = latent_prefix(tenant, entry_id)
         entry = CacheEntry(
             id=entry_id,
             tenant=tenant,
             prompt=prompt,
             levels=tuple(levels),
-            latent_keys={k: latent_key(tenant, entry_id, k) for k in levels},
+            latent_keys={k: f"{prefix}{k:02d}" for k in levels},
             inserted_s=now_s,
             last_used_s=now_s,
             hits=hits,

@@ -87,10 +87,16 @@ class Pricing:
         score = q - price * steps
         if only_r is not None:
             score = np.where([r == only_r for _, r in options], score, -np.inf)
-        # per k_max index: each K_opt row's best among the options up to that level (one
-        # argmax per prefix, over every row at once)
-        best = np.stack([np.argmax(score[:, :c], axis=1) for c in upto], axis=1)
-        return best.tolist()
+        # per k_max index: each K_opt row's best among the options up to that level, as
+        # ``argmax`` over each prefix would pick it (the first of equal scores), for all the
+        # prefixes in one pass: the column of the running best, moved only by a strictly higher
+        # score
+        n = score.shape[1]
+        above = np.empty_like(score, dtype=bool)
+        above[:, 0] = True
+        above[:, 1:] = score[:, 1:] > np.maximum.accumulate(score, axis=1)[:, :-1]
+        first = np.maximum.accumulate(np.where(above, np.arange(n), 0), axis=1)
+        return first[:, [c - 1 for c in upto]].tolist()
 
     def option_work(self, o: int) -> float:
         """Steps of GPU time option ``o`` asks for, in full steps."""

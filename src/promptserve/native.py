@@ -159,7 +159,11 @@ def build(out: Path = BUILD, src: Path = SRC, jobs: int = 0) -> Path:
             text=True,
         )
         if done.returncode != 0:
-            raise RuntimeError(f"mypyc failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+            raise RuntimeError(
+                f"mypyc failed (PROMPTSERVE_NATIVE=0 skips the build and runs the Python):\n"
+                f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+            )
+        (out / MANIFEST).unlink(missing_ok=True)  # no build is used while it is replaced
         for old in out.rglob("*.so"):
             old.unlink()
         for so in [*stage.glob("*.so"), *(stage / "promptserve").rglob("*.so")]:

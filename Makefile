@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) native
 
-# The scheduler's hot path compiled with mypyc into build/native (about a minute; again only
+# The scheduler's hot path compiled with mypyc into build/native (about 40 s here; again only
 # when its sources change). PROMPTSERVE_NATIVE=0 skips it and runs the Python.
 native: $(STAMP)
 	$(BIN)/python -c "from promptserve import native; raise SystemExit(native.main(['build']))"

@@ -57,10 +57,14 @@ def digests(native_on: bool, policies: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def built():
-    if native.status() != "on":
-        if os.environ.get("CI"):  # make test builds it: its absence there is a defect
-            pytest.fail(f"the compiled hot path is {native.status()} (make native builds it)")
-        pytest.skip(f"the compiled hot path is {native.status()}: run make native")
+    """The build, current for these sources. ``make test`` builds it first, so under CI its
+    absence fails; a bare ``pytest`` after an edit to a compiled module has no build of that
+    source to compare, and says so."""
+    state = native.current()
+    if state != "on":
+        if os.environ.get("CI"):
+            pytest.fail(f"the compiled hot path is {state} (make native builds it)")
+        pytest.skip(f"no build of these sources to compare ({state}): run make native")
     return native.BUILD
 
 
@@ -73,30 +77,37 @@ def test_the_compiled_and_the_python_scheduler_decide_alike(built):
     assert compiled == python
 
 
-def test_compiled_modules_are_the_ones_loaded(built):
+def test_compiled_modules_are_the_ones_loaded_unless_the_python_is_asked_for(built):
+    compiled = native.ACTIVE == "on"  # this process: off only under PROMPTSERVE_NATIVE=0
+    assert compiled == (os.environ.get("PROMPTSERVE_NATIVE", "1") != "0")
     for name in native.MODULES:
         module = importlib.import_module(name)
-        assert module.__file__.startswith(str(built)), name
+        assert module.__file__.startswith(str(built)) == compiled, name
+        assert module.__file__.endswith(".py") != compiled, name
 
 
-def test_a_build_is_used_only_with_the_sources_it_was_built_from(tmp_path):
+def test_a_build_is_used_only_with_the_sources_it_was_built_from(tmp_path, monkeypatch):
     src = tmp_path / "src"
     for m in native.MODULES:
         path = native.source(m, src)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"# {m}\n")
     build = tmp_path / "build"
-    assert native.status(build, src) == "absent"
+    assert native.current(build, src) == "absent"
     build.mkdir()
     manifest = {"stamp": native.stamp(), "sources": native.digests(src)}
     (build / native.MANIFEST).write_text(json.dumps(manifest))
-    assert native.status(build, src) == "on"
+    assert native.current(build, src) == "on"
     native.source(native.MODULES[3], src).write_text("# edited\n")
-    assert native.status(build, src) == "stale"  # an edited module runs as Python
+    assert native.current(build, src) == "stale"  # an edited module runs as Python
     manifest["sources"] = native.digests(src)
     manifest["stamp"] = {**native.stamp(), "python": "3.0.0"}
     (build / native.MANIFEST).write_text(json.dumps(manifest))
-    assert native.status(build, src) == "stale"  # another interpreter's build
+    assert native.current(build, src) == "stale"  # another interpreter's build
+    manifest["stamp"] = native.stamp()
+    (build / native.MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setenv("PROMPTSERVE_NATIVE", "0")
+    assert native.current(build, src) == "on" and native.status(build, src) == "off"
 
 
 def test_every_frozen_dataclass_of_a_compiled_module_is_shared_by_snapshots():

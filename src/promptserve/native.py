@@ -88,6 +88,12 @@ def status(build: Path = BUILD, src: Path = SRC) -> str:
     source or the interpreter changed since the build)."""
     if os.environ.get("PROMPTSERVE_NATIVE", "1") == "0":
         return "off"
+    return current(build, src)
+
+
+def current(build: Path = BUILD, src: Path = SRC) -> str:
+    """Whether the build matches these sources and this interpreter (``on``, ``absent`` or
+    ``stale``), whatever ``PROMPTSERVE_NATIVE`` asks of this process."""
     try:
         manifest = json.loads((build / MANIFEST).read_text())
     except (OSError, ValueError):

@@ -12,7 +12,9 @@ caching the price at the longest interval (``promptserve-step+max-r``); the best
 requests a run).
 
 Then the selector's CPU: thread CPU of its replays per simulated minute, Poisson at 50
-queries/minute per GPU for 5 minutes, at 2 and 64 GPUs (``--cpu-gpus``).
+queries/minute per GPU for 5 minutes, at 2 and 64 GPUs, and for 2 minutes at 4,096 GPUs in 64
+shards of 64, where the selector replays one shard's traffic and switches every shard
+(``--cpu-gpus``).
 
 ``--docs`` writes ``docs/figures/selector.json``, ``--out FILE`` the same JSON anywhere. Prints one JSON line.
 """
@@ -26,6 +28,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,7 @@ from promptserve.policy import parse_policies
 from promptserve.policy.policies import fair_policies
 from promptserve.profile import reference_profile, with_feature_cache
 from promptserve.sim.figures import FIGURES
+from promptserve.sim.sharded import simulate_sharded
 from promptserve.sim.simulator import simulate
 from promptserve.sim.sweep import SweepConfig, point_inputs, run_sweep
 from promptserve.workload import load_prompts
@@ -50,6 +54,7 @@ FIXED = {
 }
 
 
+SHARD_GPUS = 64  # GPUs per shard of the CPU measure's sharded runs (``bench_shards.py``'s)
 ARGUS = "argus-8gpu"  # the published shape at 10x, 8 GPUs (``--sweeps`` names it to run it)
 
 
@@ -102,18 +107,27 @@ def point(result: dict, fc: str) -> dict:
 
 
 def cpu(gpus: int, prompts: list[str], vecs: np.ndarray) -> dict:
-    """The selector's replays: CPU seconds per simulated minute at ``gpus`` GPUs."""
-    rate = 50.0 * gpus
-    config = SweepConfig("poisson", (rate,), (1,), gpus, 21.0, "steep", 5.0, split="held-out")
+    """The selector's replays: CPU seconds per simulated minute at ``gpus`` GPUs. Past
+    ``SHARD_GPUS``, sharded (a shard per ``SHARD_GPUS``, a tenant per two GPUs, as
+    ``bench_shards.py``), the selector replaying one shard; for 2 minutes there, 5 below."""
+    rate, shards = 50.0 * gpus, gpus // SHARD_GPUS
+    minutes = 2.0 if shards > 1 else 5.0
+    config = SweepConfig("poisson", (rate,), (1,), gpus, 21.0, "steep", minutes, split="held-out")
     inputs, _ = point_inputs(
         prompts, vecs, reference_profile(), shipped_thresholds("minilm"), config, rate, 1
     )
+    policy = parse_policies(SELECT)[0]
     t0 = time.thread_time()
-    result = simulate(parse_policies(SELECT)[0], inputs)
+    if shards > 1:
+        tenants = [replace(r, tenant=f"tenant-{r.id % (gpus // 2)}") for r in inputs.requests]
+        result, _ = simulate_sharded(policy, replace(inputs, requests=tenants), shards)
+    else:
+        result = simulate(policy, inputs)
     run = time.thread_time() - t0
     span_min = (inputs.requests[-1].arrival_s - inputs.requests[0].arrival_s) / 60.0
     return {
         "gpus": gpus,
+        "shards": max(shards, 1),
         "rate_qpm": rate,
         "selections": len(result.choices),
         "selector_cpu_s_per_sim_minute": round(result.selector_cpu_s / span_min, 3),
@@ -128,7 +142,7 @@ def main() -> None:
     parser.add_argument("--penalty", default="steep", help="steep, mild or steep,mild")
     parser.add_argument("--feature-cache", default="off,on")
     parser.add_argument("--sweeps", default=",".join(bp.SWEEPS))
-    parser.add_argument("--cpu-gpus", default="2,64")
+    parser.add_argument("--cpu-gpus", default="2,64,4096", help="past 64: sharded, 64 a shard")
     parser.add_argument("--docs", action="store_true", help="write docs/figures/selector.json")
     parser.add_argument("--out", default=None, help="also write the whole JSON here")
     args = parser.parse_args()

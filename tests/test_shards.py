@@ -246,3 +246,48 @@ def test_an_ingress_replica_refuses_a_tenant_it_does_not_hold_and_passes_the_res
     assert own.text == "served" and keyless.text == "served" and unknown.text == "served"
     assert misrouted.status_code == 421
     assert "RAY_SERVE_SESSION_ID_HEADER_KEY" in misrouted.json()["error"]["message"]
+
+
+# -- the selector over shards (``+select``) ----------------------------------------------------
+
+
+def test_one_shard_selects_as_one_global_scheduler():
+    inputs = scaled_inputs(8, 60.0, 3.0)
+    policy = get_policy("promptserve-step+select")
+    one = simulate(policy, inputs)
+    sched = sharded_scheduler(policy, inputs, 1)
+    sharded = EventRun(policy, inputs, None, sched).run()
+    assert len(one.choices) > 10
+    assert [(c.at_s, c.scores, c.chosen) for c in one.choices] == [
+        (c.at_s, c.scores, c.chosen) for c in sharded.choices
+    ]
+    assert np.array_equal(one.records.level, sharded.records.level)
+
+
+def test_a_sharded_selector_replays_one_shard_and_its_shared_slots_change_nothing():
+    import copy
+    from dataclasses import replace
+
+    inputs = scaled_inputs(16, 70.0, 3.0)
+    policy = get_policy("promptserve-step+select")
+    runs = []
+    for copier in ("shared", "deep"):
+        sched = sharded_scheduler(policy, inputs, 4, controller_s=10.0)
+        run = EventRun(policy, inputs, None, sched)
+        if copier == "deep":  # every slot copied again
+            run.selector.copier = copy.deepcopy  # type: ignore[union-attr]
+        runs.append((run.run(), sched, run.selector))
+    (shared, sched, selector), (deep, _, _) = runs
+    assert len(shared.choices) > 10 and sched._still  # slots it does not own, shared
+    assert [(c.at_s, c.scores) for c in shared.choices] == [
+        (c.at_s, c.scores) for c in deep.choices
+    ]
+    assert np.array_equal(shared.records.level, deep.records.level)
+    # the window holds the sampled shard's arrivals only
+    assert selector._asks and all(sched.in_sample(ask) for _, ask in selector._asks)
+    tenants = {inputs.requests[ask.id].tenant for _, ask in selector._asks}
+    assert {sched.ring.shard_of(t) for t in tenants} == {sched.sampled}
+    # a choice is every shard's
+    fastest = replace(sched.config, rule="max")
+    sched.use(fastest)
+    assert all(shard.config == fastest for shard in sched.shards)

@@ -25,6 +25,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from promptserve.policy.contract import Ask, Work
 from promptserve.policy.replay import replay
@@ -52,6 +53,12 @@ SHARED = (
 )
 for _cls in SHARED:
     copy._deepcopy_dispatch[_cls] = copy._deepcopy_atomic  # type: ignore[attr-defined]
+
+
+class Adopter(Protocol):
+    """What a choice switches: a step scheduler, or every shard of a sharded one."""
+
+    def use(self, config: StepConfig) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,9 @@ class Selector:
     _asks: deque[tuple[float, Ask]] = field(default_factory=deque)
     # (time, (scheduler, the work its GPUs had been handed)): copies, a later window's start
     _states: deque[tuple[float, tuple[StepScheduler, dict]]] = field(default_factory=deque)
+    # how a state is copied: a sharded scheduler's shard shares the slots of the GPUs it
+    # does not own (``ShardedSteps.copier``)
+    copier: Callable[[object], object] = copy.deepcopy
 
     @property
     def chosen(self) -> Candidate:
@@ -133,15 +143,17 @@ class Selector:
         sched: StepScheduler,
         running: dict[int, Work],
         replans: tuple[float, float, float] | None,
+        serving: Adopter | None = None,
     ) -> Choice | None:
-        """Replay the window under every candidate; switch ``sched`` to the best where it beats
-        the one serving by ``margin``. Then keep a copy of ``sched`` and of ``running`` (the
-        work its GPUs were handed and have not reported) as a later window's start.
-        ``replans``: the next re-plan's time, the period and the run's first arrival. The
-        live runtime calls the four parts itself, the replays off its event loop."""
+        """Replay the window under every candidate; switch ``serving`` (default ``sched``) to
+        the best where it beats the one serving by ``margin``. Then keep a copy of ``sched``
+        and of ``running`` (the work its GPUs were handed and have not reported) as a later
+        window's start. ``replans``: the next re-plan's time, the period and the run's first
+        arrival. The live runtime calls the four parts itself, the replays off its event
+        loop; a sharded one replays one shard and switches every shard (``shards``)."""
         window = self.window(now)
         choice = self.score(now, window, replans) if window is not None else None
-        self.adopt(choice, sched)
+        self.adopt(choice, serving if serving is not None else sched)
         self.keep(now, sched, running)
         return choice
 
@@ -161,9 +173,9 @@ class Selector:
 
     def keep(self, now: float, sched: StepScheduler, running: dict[int, Work]) -> None:
         """A copy of the scheduler and of the work its GPUs run, a later window's start."""
-        self._states.append((now, copy.deepcopy((sched, running))))
+        self._states.append((now, self.copier((sched, running))))  # type: ignore[arg-type]
 
-    def adopt(self, choice: Choice | None, sched: StepScheduler) -> None:
+    def adopt(self, choice: Choice | None, sched: Adopter) -> None:
         """Serve by the chosen candidate from now on, where the choice switched."""
         if choice is not None and choice.switched:
             self.current = [c.name for c in self.cands].index(choice.chosen)
@@ -179,7 +191,7 @@ class Selector:
         first = (window.start + period, period, replans[2]) if replans and period else None
         horizon = now + self.config.window_s  # every arrival of the window ends well before
         for cand in self.cands:
-            trial, running = copy.deepcopy(window.state)
+            trial, running = self.copier(window.state)  # type: ignore[misc]
             trial.use(cand.config)
             scores[cand.name] = replay(
                 trial, window.start, window.arrivals, self.value, first, horizon, running

@@ -15,14 +15,15 @@ the ring keeps most tenants where they were when shards are added or removed.
 from __future__ import annotations
 
 import bisect
+import copy
 import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from promptserve.policy.contract import Arrival, Ask, LoadSnapshot, Replan, Report, Schedule
+from promptserve.policy.contract import Arrival, Ask, LoadSnapshot, Replan, Report, Schedule, Work
 from promptserve.policy.estimator import LoadEstimator
-from promptserve.policy.step import StepGpu, StepScheduler
+from promptserve.policy.step import StepConfig, StepGpu, StepScheduler
 from promptserve.policy.types import Demand, Job, Outcome, Status
 
 VNODES = 64  # points per shard on the ring: the load split's spread falls as 1/sqrt(VNODES)
@@ -166,6 +167,10 @@ class ShardedSteps:
         self.estimator: LoadEstimator = first.estimator  # type: ignore[assignment]
         self.every, self.ticks = every, 0
         self.start_s: float | None = None  # the first arrival: the shards' estimates start there
+        # ``+select``: the shard whose traffic the selector replays, and a still copy of each
+        # slot it does not own (a replay never touches a GPU that is down in its shard)
+        self.sampled = 0
+        self._still: dict[int, StepGpu] = {}
 
     @property
     def price(self) -> float:
@@ -215,6 +220,37 @@ class ShardedSteps:
 
     def set_up(self, gpu: int, up: bool, now: float) -> list[Job]:
         return self.shards[self.owner[gpu]].set_up(gpu, up, now)
+
+    # -- the selector (``+select``) --------------------------------------------------------------
+
+    def use(self, config: StepConfig) -> None:
+        """Every shard serves by ``config`` from now on (the selector's choice is one rule)."""
+        for shard in self.shards:
+            shard.use(config)
+
+    def sample(self, running: dict[int, Work]) -> tuple[StepScheduler, dict[int, Work]]:
+        """The shard the selector replays, and the work its own GPUs run. One shard and not
+        every one: a selection replays its window under each candidate, several times what
+        serving it took, and the ring spreads tenants so that shards see alike traffic; so the
+        cost of choosing stays one shard's at any number of GPUs."""
+        s = self.sampled
+        return self.shards[s], {g: w for g, w in running.items() if self.owner[g] == s}
+
+    def in_sample(self, ask: Ask) -> bool:
+        return self.ring.shard_of(self.tenant_of(ask.id)) == self.sampled
+
+    def copier(self, state: object) -> object:
+        """A copy of the sampled shard's state (``sample``) that shares one still copy of each
+        slot the shard does not own instead of copying it again: a shard holds every GPU's
+        slot, and copying 4,096 of them took 220 ms against 4 ms for 64."""
+        shard, memo = self.shards[self.sampled], {}
+        for g, live in enumerate(shard.gpus):
+            if self.owner[g] != self.sampled and not live.up:
+                still = self._still.get(g)
+                if still is None:
+                    still = self._still[g] = copy.deepcopy(live)
+                memo[id(live)] = memo[id(still)] = still
+        return copy.deepcopy(state, memo)
 
     def backlog_s(self, now: float) -> float:
         return min(shard.backlog_s(now) for shard in self.shards)
@@ -283,6 +319,7 @@ class ShardedSteps:
 
     def _hand_over(self, g: int, now: float) -> None:
         dst = self.draining.pop(g)
+        self._still.pop(g, None)  # it changes hands: its slot in the sampled shard may too
         self.handovers.append((now, g, self.owner[g], dst))
         self.owned[self.owner[g]].discard(g)
         self.owner[g] = dst

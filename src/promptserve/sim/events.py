@@ -26,6 +26,7 @@ from promptserve.policy import Demand, Outcome, Plan, Policy, Setting, Status
 from promptserve.policy.contract import Ask, Scheduler, Work, ran, served_by
 from promptserve.policy.planning import first_demand, worth_caching
 from promptserve.policy.selector import Choice, Selector, candidates, outcome_quality
+from promptserve.policy.shards import ShardedSteps
 from promptserve.policy.step import StepScheduler
 from promptserve.quality import QualityModel
 from promptserve.sim.lookups import Lookups
@@ -119,6 +120,8 @@ class EventRun:
             self.selector = Selector(
                 candidates(config, setting.profiles[0].feature_r_max > 1), self._value
             )
+            if isinstance(self.sched, ShardedSteps):  # it replays one shard's traffic
+                self.selector.copier = self.sched.copier
 
     def push(self, t: float, kind: int, payload: object) -> None:
         self.seq += 1
@@ -144,10 +147,7 @@ class EventRun:
                 if self.selector is not None and self.selector.due(now):
                     period = self.policy.replan_s or 0.0  # set: the selector runs at re-plans
                     t0 = time.thread_time()
-                    sched = cast(StepScheduler, self.sched)  # ``+select``: step-level only
-                    self.selector.decide(
-                        now, sched, self.current, (now + period, period, self.start)
-                    )
+                    self._select(now, (now + period, period, self.start))
                     self.selector_cpu_s += time.thread_time() - t0
                 self._replan(now, self.estimator.estimate(now, self.start))
                 self.push(now + self.policy.replan_s, REPLAN, None)  # type: ignore[operator]
@@ -172,11 +172,23 @@ class EventRun:
             i, r.deadline_s, k_opt, has_neighbour, r.shape, r.adapters, start=start,
             batch=r.batch,
         )  # fmt: skip
-        if self.selector is not None:
+        if self.selector is not None and (
+            not isinstance(self.sched, ShardedSteps) or self.sched.in_sample(ask)
+        ):
             self.selector.observe(now, ask)
         arrival = self.sched.intake(now, ask)
         if arrival.ended is not None:
             self._end(arrival.ended)
+
+    def _select(self, now: float, replans: tuple[float, float, float]) -> None:
+        """``+select``: a selection at a re-plan tick; a sharded scheduler's replays one shard
+        and switches them all (``ShardedSteps.sample``)."""
+        assert self.selector is not None
+        if isinstance(self.sched, ShardedSteps):
+            shard, running = self.sched.sample(self.current)
+            self.selector.decide(now, shard, running, replans, self.sched)
+        else:  # ``+select``: step-level only
+            self.selector.decide(now, cast(StepScheduler, self.sched), self.current, replans)
 
     def _done(self, now: float, work: Work) -> None:
         if self.current.get(work.gpu) is not work:

@@ -28,8 +28,8 @@ import os
 import sys
 from pathlib import Path
 
-# the per-request path of both clocks: the step policy, the step-time model, the simulator's
-# loop and lookups, the cache index (``policy/contract.py`` stays Python: its scheduler
+# the per-request path of both clocks: the step policy (and its shards), the step-time model,
+# the simulator's loop and lookups, the cache index (``policy/contract.py`` stays Python: its scheduler
 # protocol is checked at run time)
 MODULES = (
     "promptserve.steptime",
@@ -38,6 +38,7 @@ MODULES = (
     "promptserve.policy.estimator",
     "promptserve.policy.residency",
     "promptserve.policy.planning",
+    "promptserve.policy.shards",
     *(
         f"promptserve.policy.step.{m}"
         for m in (

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from promptserve.policy.contract import Ask, Work
 from promptserve.policy.replay import replay
+from promptserve.policy.shards import ShardLoad
 from promptserve.policy.step import StepScheduler
 from promptserve.policy.step.config import StepConfig, StepSpec
 from promptserve.policy.step.scheduler import Repricing
@@ -50,6 +51,7 @@ SHARED = (
     Outcome,
     Plan,
     Setting,
+    ShardLoad,
 )
 for _cls in SHARED:
     copy._deepcopy_dispatch[_cls] = copy._deepcopy_atomic  # type: ignore[attr-defined]

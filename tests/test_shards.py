@@ -1,7 +1,9 @@
 """The sharded control plane (``policy/shards.py``, ``sim/sharded.py``) and the scaled-up
 workload it is measured on (``workload/scaled.py``)."""
 
+import copy
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -265,9 +267,6 @@ def test_one_shard_selects_as_one_global_scheduler():
 
 
 def test_a_sharded_selector_replays_one_shard_and_its_shared_slots_change_nothing():
-    import copy
-    from dataclasses import replace
-
     inputs = scaled_inputs(16, 70.0, 3.0)
     policy = get_policy("promptserve-step+select")
     runs = []

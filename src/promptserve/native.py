@@ -29,8 +29,8 @@ import sys
 from pathlib import Path
 
 # the per-request path of both clocks: the step policy (and its shards), the step-time model,
-# the simulator's loop and lookups, the cache index (``policy/contract.py`` stays Python: its scheduler
-# protocol is checked at run time)
+# the simulator's loop and lookups, the cache index (``policy/contract.py`` stays Python: its
+# scheduler protocol is checked at run time)
 MODULES = (
     "promptserve.steptime",
     "promptserve.strength",

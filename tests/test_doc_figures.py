@@ -59,3 +59,16 @@ def test_the_policies_file_is_held_out_with_three_seeds_and_the_best_fair_rival(
                     assert row["best_rival"] == max(fair, key=fair.__getitem__)
                     assert row["margin"] == pytest.approx(eq[LEAD] - fair[row["best_rival"]])
                     assert all(v <= row["oracle"] + 1e-6 for v in eq.values())
+
+
+@pytest.mark.parametrize("name", sorted(n for n in RENDERERS if n.startswith("hindsight-")))
+def test_a_hindsight_file_brackets_each_run_and_names_the_better_rival(name):
+    data = json.loads((ROOT / FIGURES / RENDERERS[name][0]).read_text())
+    assert data["split"] == "held-out" and len({r["seed"] for r in data["runs"]}) == 3
+    for run in data["runs"]:  # the search starts from the online run: never below it
+        assert run["online"] <= run["hindsight"] <= run["oracle"] + 1e-9
+    for point, mean in data["points"].items():
+        runs = [r for r in data["runs"] if r["point"] == point]
+        means = {n: sum(r["rivals"][n] for r in runs) / len(runs) for n in runs[0]["rivals"]}
+        assert mean["rival_name"] == max(means, key=means.__getitem__)
+        assert mean["rival"] == pytest.approx(means[mean["rival_name"]], abs=1e-3)

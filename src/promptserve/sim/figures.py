@@ -250,6 +250,41 @@ def background_lane(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+HINDSIGHT_POINTS = {
+    "poisson-80": "Poisson 80",
+    "poisson-100": "Poisson 100",
+    "conv-100": "conversation trace 100",
+    "conv-120": "conversation trace 120",
+}
+
+
+def hindsight_bracket(data: dict) -> str:
+    """``bench_hindsight.py``: per point, the online policy between the hindsight reference (a
+    level per request chosen knowing the whole trace) and the bound, beside the better rival."""
+    lines = [
+        f"{data['split']} split, {data['penalty']} penalty, feature caching "
+        f"{data.get('feature_cache', 'off')}, means of seeds "
+        f"{', '.join(str(r) for r in sorted({r['seed'] for r in data['runs']}))}, "
+        f"{data['budget']} simulations a search",
+        "",
+        "| point (qpm) | online | hindsight | oracle bound | rival | online − rival "
+        "| hindsight − rival |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in data["points"].items():
+        lines.append(
+            f"| {HINDSIGHT_POINTS.get(name, name)} | {m['online']:.2f} | {m['hindsight']:.2f} "
+            f"| {m['oracle']:.2f} | {m['rival']:.2f} `{m['rival_name']}` "
+            f"| {m['online'] - m['rival']:+.2f} "
+            f"| {m['hindsight_minus_rival']:+.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def hindsight_file(split: str, penalty: str, feature_cache: str) -> str:
+    return f"hindsight-{split}-{penalty}-{feature_cache}.json"
+
+
 # a block's file under docs/figures ("": rendered from the code's own constants)
 RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "cached-shares": ("", cached_shares),
@@ -263,6 +298,10 @@ RENDERERS: dict[str, tuple[str, Callable[[dict], str]]] = {
     "policies-mild-held-out": ("policies-mild.json", lambda d: full_tables(d, "held-out")),
     "few-step": ("fewstep.json", few_step_savings),
     "background": ("batch.json", background_lane),
+    **{
+        f"hindsight-held-out-{pen}-{fc}": (hindsight_file("held-out", pen, fc), hindsight_bracket)
+        for pen, fc in (("steep", "off"), ("mild", "off"), ("steep", "on"))
+    },
 }
 
 

@@ -4,18 +4,22 @@ For each point: ``promptserve-step`` as it runs online, the hindsight reference
 (``sim/hindsight.py``: every request's level chosen knowing the whole trace, by local search,
 run through the same step simulator with the same queue and admission) and the oracle
 (``sim/oracle.py``), and beside them the better of the two continuous rivals with the same queue
-and admission (every request at its fastest level, ``continuous-ht+shed+admit``, or at its
-best, ``continuous-ha+shed+admit``: the best fair rivals at these loads). The points are
-``bench_policies``' (reference SDXL profile, DiffusionDB prompts, MiniLM embeddings, SLO 21 s,
-2 GPUs, 20 min): Poisson 80 and 100 and the conversation trace at 100 and 120 queries/minute
-(the first three by default), mild penalty, on the whole prompt file and trace or one half of
-them (``--split``), feature caching off or on (``--feature-cache``: the rivals then at their
-longest interval too, ``+max-r``). Prints one JSON line: per point and seed the four figures, and per point
-their means, ``online_minus_hindsight`` (issue 29's target: within 0.3 points at the Poisson
-points) and ``hindsight_minus_rival`` (what a level per request chosen in hindsight leads the
-rival by: issue 51 asks the online policy for 1.0 at the bursty points); ``--out FILE`` writes
-the same JSON to a file too, ``--docs`` to ``docs/figures/hindsight-SPLIT-PENALTY-FC.json`` and
-rewrites its table in ``docs/policies.md`` (the held-out points of issue 51's bar).
+and admission: every request at its fastest level (``continuous-ht+shed+admit``) or at its best
+(``continuous-ha+shed+admit``); at the points where issue 51's bar is not met the best fair
+rival is one of them.
+
+The points are ``bench_policies``' (reference SDXL profile, DiffusionDB prompts, MiniLM
+embeddings, SLO 21 s, 2 GPUs, 20 min): Poisson 80 and 100 and the conversation trace at 100
+and 120 queries/minute (the first three by default), mild penalty by default, on the whole
+prompt file and trace or one half of them (``--split``), feature caching off or on
+(``--feature-cache``: the rivals then at their longest interval too, ``+max-r``).
+
+Prints one JSON line: per point and seed the four figures, and per point their means,
+``online_minus_hindsight`` (issue 29's target: within 0.3 points at the Poisson points) and
+``hindsight_minus_rival`` (what a level per request chosen in hindsight leads the rival by:
+issue 51 asks the online policy for 1.0 at the bursty points). ``--out FILE`` writes the same
+JSON to a file too; ``--docs`` writes it to ``docs/figures/hindsight-SPLIT-PENALTY-FC.json``
+and rewrites its table in ``docs/policies.md`` (held out: the points of issue 51's bar).
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ def hindsight_bracket(data: dict) -> str:
     level per request chosen knowing the whole trace) and the bound, beside the better rival."""
     lines = [
         f"{data['split']} split, {data['penalty']} penalty, feature caching "
-        f"{data.get('feature_cache', 'off')}, means of seeds "
+        f"{data['feature_cache']}, means of seeds "
         f"{', '.join(str(r) for r in sorted({r['seed'] for r in data['runs']}))}, "
         f"{data['budget']} simulations a search",
         "",
